@@ -1,0 +1,107 @@
+"""``hpcsif`` entry point: global flags, command modules, error to exit-code mapping.
+
+Each command group lives in ``hpcsif/cli/<name>.py`` with ``register(subparsers)``; those
+modules import only the standard library at top level so that ``hpcsif exec`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from hpcsif import __version__
+
+# command modules, in the order their commands appear in --help
+COMMAND_MODULES = ["build", "inspect", "sif"]
+
+log = logging.getLogger("hpcsif")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every command registered."""
+    parser = argparse.ArgumentParser(
+        prog="hpcsif",
+        description="Docker/OCI containers as Apptainer-compatible SIF images on HPC clusters.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpcsif version {__version__}")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("-d", "--debug", action="store_true", help="print debugging information")
+    level.add_argument("-v", "--verbose", action="store_true", help="print additional information")
+    level.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    level.add_argument("-s", "--silent", action="store_true", help="print nothing, not even errors")
+    parser.add_argument("-c", "--config", metavar="FILE", help="extra configuration file (TOML)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"hpcsif.cli.{name}").register(sub)
+    return parser
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Map -d/-v/-q/-s to log levels; messages go to stderr as Apptainer formats them."""
+    if args.debug:
+        level = logging.DEBUG
+    elif args.verbose:
+        level = logging.INFO
+    elif args.quiet or args.silent:
+        level = logging.ERROR
+    else:
+        level = logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("hpcsif")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # a quieter hpcsif also silences chatty libraries
+    logging.getLogger("urllib3").setLevel(max(level, logging.WARNING))
+    logging.getLogger("paramiko").setLevel(max(level, logging.WARNING))
+
+
+class _Formatter(logging.Formatter):
+    _NAMES = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR", "CRITICAL": "FATAL"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = self._NAMES.get(record.levelname, record.levelname)
+        return f"{name + ':':<9}{record.getMessage()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns (and, as a console script, exits with) the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    from hpcsif.errors import HpcsifError
+
+    try:
+        if args.config:
+            from pathlib import Path
+
+            from hpcsif.config import Config, set_config
+
+            set_config(Config.load([Path(args.config)]))
+        return int(args.func(args) or 0)
+    except HpcsifError as exc:
+        if not args.silent:
+            print(f"FATAL:   {exc}", file=sys.stderr)
+        if args.debug:
+            log.debug("traceback", exc_info=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("FATAL:   interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `hpcsif … | head`); do not print a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def run_singularity_main() -> int:
+    """``run-singularity SIF ARGS…``: what a SIF's launch line ``#!/usr/bin/env run-singularity`` calls."""
+    return main(["run", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Typed exceptions raised by library code.
+
+Only :mod:`hpcsif.cli` turns these into ``FATAL: …`` lines and exit codes; every
+other module raises one of these classes with a message that names the problem
+(the file, the reference, the layer, the descriptor) in one line.
+"""
+
+from __future__ import annotations
+
+
+class HpcsifError(Exception):
+    """Base of every error hpcsif raises on purpose."""
+
+    #: process exit status the CLI uses for this class of error
+    exit_code = 255
+
+
+class UsageError(HpcsifError):
+    """The command line or an argument combination is invalid."""
+
+    exit_code = 2
+
+
+class ConfigError(HpcsifError):
+    """A configuration file or environment variable holds an invalid value."""
+
+
+class ReferenceError(HpcsifError):  # noqa: A001 - the name the design card uses
+    """An image reference cannot be parsed or names an unknown transport."""
+
+
+class SourceError(HpcsifError):
+    """A source (archive, layout, registry, daemon) cannot provide the image."""
+
+
+class NotFoundError(SourceError):
+    """The named image, tag, file or blob does not exist."""
+
+
+class AmbiguousImageError(SourceError):
+    """A layout or archive holds several images and no reference chose one."""
+
+
+class AuthError(SourceError):
+    """The registry refused our credentials or asked for some we lack."""
+
+
+class RegistryError(SourceError):
+    """The registry answered with an error we cannot recover from."""
+
+
+class NetworkError(SourceError):
+    """A connection failed after the configured retries."""
+
+
+class IntegrityError(HpcsifError):
+    """Content does not match its digest, size or declared format."""
+
+
+class LayerError(HpcsifError):
+    """A layer is malformed or tries to escape the root filesystem."""
+
+
+class SIFError(HpcsifError):
+    """A file is not a SIF, or its header or descriptors are corrupt."""
+
+
+class SquashfsError(HpcsifError):
+    """Creating or reading a squashfs image failed."""
+
+
+class BuildError(HpcsifError):
+    """Building an image (conversion or definition file) failed."""
+
+
+class DefinitionError(BuildError):
+    """A definition file is malformed; the message carries the line number."""
+
+
+class CacheError(HpcsifError):
+    """The cache is unusable (permissions, corrupt entry, quota)."""
+
+
+class CacheBusy(CacheError):
+    """Waiting for another process's conversion timed out."""
+
+
+class OfflineError(CacheError):
+    """The image is not cached and offline mode forbids the network."""
+
+
+class TrustError(HpcsifError):
+    """An image or directory is not trusted (writable by others, unsigned)."""
+
+
+class SignatureError(TrustError):
+    """Signing or verification failed."""
+
+
+class EngineError(HpcsifError):
+    """The container engine cannot start the container."""
+
+
+class MissingToolError(EngineError):
+    """A required host program is not installed; names the Debian package."""
+
+    def __init__(self, tool: str, package: str, hint: str = "") -> None:
+        msg = f"{tool} not found: install the Debian package '{package}'"
+        super().__init__(msg + (f" ({hint})" if hint else ""))
+        self.tool = tool
+        self.package = package
+
+
+class SlurmError(HpcsifError):
+    """Talking to Slurm failed or a Slurm value could not be parsed."""
+
+
+class RemoteError(HpcsifError):
+    """SSH fan-out or a remote transfer failed."""

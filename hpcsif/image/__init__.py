@@ -1,0 +1,1 @@
+"""OCI image model, blob store and layer flattening."""

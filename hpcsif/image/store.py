@@ -1,0 +1,217 @@
+"""An OCI image layout used as a content-addressed blob store.
+
+The layout (``oci-layout``, ``index.json``, ``blobs/sha256/…``) is the blob cache that all
+images share, as Singularity's cache does. Blobs are written to a temporary file in the
+same directory, verified against their digest while streaming, fsynced and renamed into
+place, so a reader never sees a partial or wrong blob. ``index.json`` is only rewritten
+under a file lock and atomically, and entries are never duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from filelock import FileLock
+
+from hpcsif.errors import IntegrityError, NotFoundError
+from hpcsif.image import mediatypes as mt
+from hpcsif.image.digest import CHUNK, check_digest
+from hpcsif.image.model import Descriptor
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Compact, key-sorted JSON bytes, as registries and umoci write them."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def atomic_write_bytes(dest: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``dest`` through a temp file in the same directory, fsync and rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class BlobWriter:
+    """A file-like sink for one blob: hashes while writing, publishes on :meth:`commit`."""
+
+    def __init__(self, store: OCIStore, expected_digest: str | None, expected_size: int | None) -> None:
+        self._store = store
+        self.expected_digest = check_digest(expected_digest) if expected_digest else None
+        self.expected_size = expected_size
+        fd, self.tmp_path = tempfile.mkstemp(prefix=".ingest-", suffix=".tmp", dir=store.blobs_dir)
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        """Append ``data`` to the blob being written."""
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def commit(self) -> str:
+        """Verify digest and size, fsync and rename into ``blobs/``; return the digest."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = "sha256:" + self._hash.hexdigest()
+        try:
+            if self.expected_size is not None and self.size != self.expected_size:
+                raise IntegrityError(
+                    f"blob {self.expected_digest or digest}: size {self.size} does not match "
+                    f"the expected {self.expected_size}"
+                )
+            if self.expected_digest and digest != self.expected_digest:
+                raise IntegrityError(f"blob digest mismatch: expected {self.expected_digest}, got {digest}")
+            os.chmod(self.tmp_path, 0o644)
+            os.replace(self.tmp_path, self._store.blob_path(digest))
+        finally:
+            self.discard()
+        return digest
+
+    def discard(self) -> None:
+        """Drop the temporary file (no-op after a successful commit)."""
+        if not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp_path)
+
+
+class OCIStore:
+    """A directory holding an OCI image layout; blobs are shared by every image in it."""
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        layout = self.root / "oci-layout"
+        if create:
+            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+            if not layout.exists():
+                atomic_write_bytes(layout, json.dumps({"imageLayoutVersion": mt.OCI_LAYOUT_VERSION}).encode())
+            if not (self.root / "index.json").exists():
+                with self._index_lock():
+                    if not (self.root / "index.json").exists():
+                        self._write_index({"schemaVersion": 2, "manifests": []})
+        elif not layout.is_file():
+            raise NotFoundError(f"{self.root}: not an OCI image layout (no oci-layout file)")
+
+    # -- blobs -------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob with ``digest`` lives (it may not exist)."""
+        return self.blobs_dir / check_digest(digest).split(":", 1)[1]
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        """True if the blob is present (and has ``size`` bytes when given)."""
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def read_blob(self, digest: str) -> bytes:
+        """Read a (small) blob whole, verifying its digest."""
+        path = self.blob_path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is missing from {self.root}") from None
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise IntegrityError(f"blob {digest} in {self.root} is corrupt (content hashes to {actual})")
+        return data
+
+    def read_json(self, digest: str) -> Any:
+        """Read and parse a JSON blob (manifest, index, config)."""
+        try:
+            return json.loads(self.read_blob(digest))
+        except ValueError as exc:
+            raise IntegrityError(f"blob {digest} is not valid JSON: {exc}") from None
+
+    @contextlib.contextmanager
+    def blob_writer(self, digest: str | None = None, size: int | None = None) -> Iterator[BlobWriter]:
+        """Context manager yielding a :class:`BlobWriter`; commits on success, discards on error."""
+        writer = BlobWriter(self, digest, size)
+        try:
+            yield writer
+        except BaseException:
+            writer.discard()
+            raise
+        writer.commit()
+
+    def put_stream(self, stream: BinaryIO, digest: str | None = None, size: int | None = None) -> str:
+        """Copy a stream into the store (verified when ``digest``/``size`` are given)."""
+        if digest and self.has_blob(digest, size):
+            return digest
+        with self.blob_writer(digest, size) as w:
+            while block := stream.read(CHUNK):
+                w.write(block)
+        return "sha256:" + w._hash.hexdigest()
+
+    def put_bytes(self, data: bytes, digest: str | None = None) -> str:
+        """Store ``data``; returns its digest."""
+        with self.blob_writer(digest, len(data)) as w:
+            w.write(data)
+        return "sha256:" + w._hash.hexdigest()
+
+    def put_json(self, obj: Any, media_type: str) -> Descriptor:
+        """Store a JSON document canonically and return its descriptor."""
+        data = canonical_json(obj)
+        digest = self.put_bytes(data)
+        return Descriptor(media_type=media_type, digest=digest, size=len(data))
+
+    # -- index.json ----------------------------------------------------------------------------
+    def _index_lock(self) -> FileLock:
+        return FileLock(str(self.root / ".index.json.lock"))
+
+    def _write_index(self, index: dict[str, Any]) -> None:
+        atomic_write_bytes(self.root / "index.json", json.dumps(index, indent=1).encode())
+
+    def index(self) -> dict[str, Any]:
+        """The parsed ``index.json``."""
+        try:
+            return json.loads((self.root / "index.json").read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.root}: OCI layout has no index.json") from None
+        except ValueError as exc:
+            raise IntegrityError(f"{self.root}/index.json is not valid JSON: {exc}") from None
+
+    def add_to_index(self, desc: Descriptor, ref_name: str | None = None) -> None:
+        """Record ``desc`` in ``index.json`` (optionally tagged), replacing an entry with the same tag."""
+        annotations = dict(desc.annotations)
+        if ref_name:
+            annotations[mt.REF_NAME] = ref_name
+        entry = Descriptor(desc.media_type, desc.digest, desc.size, annotations, desc.platform).to_json()
+        with self._index_lock():
+            index = self.index()
+            kept = []
+            for m in index.get("manifests", []):
+                same_tag = ref_name and (m.get("annotations") or {}).get(mt.REF_NAME) == ref_name
+                if same_tag or m == entry:
+                    continue
+                kept.append(m)
+            kept.append(entry)
+            index["manifests"] = kept
+            self._write_index(index)
+
+    def blobs(self) -> Iterator[tuple[str, int]]:
+        """Every stored blob as (digest, size)."""
+        for p in self.blobs_dir.iterdir():
+            if not p.name.startswith("."):
+                yield "sha256:" + p.name, p.stat().st_size

@@ -1,0 +1,177 @@
+"""Parse image references for every transport hpcsif knows.
+
+``docker://[registry[:port]/][namespace/]repo[:tag|@digest]`` and its relatives
+(``docker-daemon://``, ``oras://``), file transports (``docker-archive://FILE``,
+``oci-archive://FILE[:REF]``, ``oci://DIR[:REF]``), remote files (``http(s)://`` and
+any fsspec protocol) and bare local paths (a SIF file or a sandbox directory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+
+from hpcsif.errors import ReferenceError
+
+DOCKER_HUB = "index.docker.io"
+_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+
+REGISTRY_TRANSPORTS = ("docker", "oras")
+FILE_TRANSPORTS = ("docker-archive", "oci-archive", "oci")
+DAEMON_TRANSPORTS = ("docker-daemon",)
+URL_TRANSPORTS = ("http", "https")
+KNOWN = (*REGISTRY_TRANSPORTS, *FILE_TRANSPORTS, *DAEMON_TRANSPORTS, *URL_TRANSPORTS, "sif", "sandbox")
+
+# repository path components and tags, per the distribution spec
+_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed image reference. Which fields are set depends on ``transport``."""
+
+    transport: str
+    raw: str
+    path: str | None = None  # file transports, sif, sandbox; the URL for http(s)/fsspec
+    name: str | None = None  # the ref inside an OCI layout/archive or docker archive
+    registry: str | None = None
+    repository: str | None = None
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def is_registry(self) -> bool:
+        """True for references resolved against a registry (docker://, oras://)."""
+        return self.transport in REGISTRY_TRANSPORTS
+
+    @property
+    def reference(self) -> str:
+        """The tag or digest part (``latest`` if neither was given)."""
+        return self.digest or self.tag or "latest"
+
+    def with_digest(self, digest: str) -> Reference:
+        """The same reference pinned to ``digest`` (the tag is kept for naming)."""
+        return replace(self, digest=digest)
+
+    def short_name(self) -> str:
+        """``repo_tag`` as Apptainer names pulled files (``lolcow_latest``)."""
+        if self.repository:
+            base = self.repository.rsplit("/", 1)[-1]
+            return f"{base}_{self.tag or 'latest'}" if not self.digest or self.tag else f"{base}_{self.digest[7:19]}"
+        if self.path:
+            base = os.path.basename(self.path.rstrip("/"))
+            for ext in (".tar.gz", ".tgz", ".tar", ".sif"):
+                if base.endswith(ext):
+                    base = base[: -len(ext)]
+            return base or "image"
+        return "image"
+
+    def __str__(self) -> str:
+        if self.is_registry or self.transport == "docker-daemon":
+            host = "" if self.transport == "docker-daemon" else f"{self.registry}/"
+            tail = f":{self.tag}" if self.tag else ""
+            tail += f"@{self.digest}" if self.digest else ""
+            return f"{self.transport}://{host}{self.repository}{tail}"
+        if self.transport in FILE_TRANSPORTS:
+            return f"{self.transport}://{self.path}" + (f":{self.name}" if self.name else "")
+        return self.raw
+
+
+def _split_tag_digest(text: str, raw: str) -> tuple[str, str | None, str | None]:
+    digest = None
+    if "@" in text:
+        text, digest = text.split("@", 1)
+        if not _DIGEST.match(digest):
+            raise ReferenceError(f"invalid digest {digest!r} in {raw!r}")
+    tag = None
+    last = text.rsplit("/", 1)[-1]
+    if ":" in last:
+        text, tag = text.rsplit(":", 1)
+        if not _TAG.match(tag):
+            raise ReferenceError(f"invalid tag {tag!r} in {raw!r}")
+    return text, tag, digest
+
+
+def parse_docker_name(text: str, raw: str, *, transport: str = "docker", default_tag: bool = True) -> Reference:
+    """Parse ``[registry[:port]/][namespace/]repo[:tag|@digest]``."""
+    if not text or text.startswith("/") or text.endswith("/"):
+        raise ReferenceError(f"invalid image reference {raw!r}: no repository name")
+    name, tag, digest = _split_tag_digest(text, raw)
+    parts = name.split("/")
+    first = parts[0]
+    if len(parts) > 1 and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        registry, parts = first, parts[1:]
+    else:
+        registry = DOCKER_HUB
+    if registry in _HUB_ALIASES:
+        registry = DOCKER_HUB
+    if registry == DOCKER_HUB and len(parts) == 1:
+        parts = ["library", *parts]
+    for comp in parts:
+        if not _COMPONENT.match(comp):
+            raise ReferenceError(f"invalid repository name component {comp!r} in {raw!r}")
+    if tag is None and digest is None and default_tag:
+        tag = "latest"
+    return Reference(
+        transport=transport, raw=raw, registry=registry, repository="/".join(parts), tag=tag, digest=digest
+    )
+
+
+def _split_path_ref(body: str) -> tuple[str, str | None]:
+    """Split ``PATH[:REF]``; a path that exists as written keeps its colons."""
+    if os.path.exists(body) or ":" not in body:
+        return body, None
+    path, ref = body.rsplit(":", 1)
+    if "/" in ref or not ref:
+        return body, None
+    return path, ref
+
+
+def parse(text: str) -> Reference:
+    """Parse any reference string; raise :class:`ReferenceError` naming the problem."""
+    if not text:
+        raise ReferenceError("empty image reference")
+    if "://" in text:
+        scheme, body = text.split("://", 1)
+        scheme = scheme.lower()
+    elif re.match(r"^(docker|oras|oci|oci-archive|docker-archive|docker-daemon):", text):
+        # the single-colon spellings Apptainer also accepts (oci:DIR:TAG, docker-archive:FILE)
+        scheme, body = text.split(":", 1)
+    else:
+        return _parse_local(text)
+    if scheme in REGISTRY_TRANSPORTS:
+        return parse_docker_name(body, text, transport=scheme)
+    if scheme == "docker-daemon":
+        ref = parse_docker_name(body, text, transport=scheme, default_tag=False)
+        if not ref.tag and not ref.digest:
+            raise ReferenceError(f"{text!r}: docker-daemon references need a tag (e.g. {text}:latest)")
+        return ref
+    if scheme in FILE_TRANSPORTS:
+        if not body:
+            raise ReferenceError(f"{text!r}: missing path")
+        if scheme == "docker-archive" and os.path.exists(body):
+            return Reference(transport=scheme, raw=text, path=body)
+        path, name = _split_path_ref(body)
+        return Reference(transport=scheme, raw=text, path=path, name=name)
+    if scheme in URL_TRANSPORTS:
+        return Reference(transport=scheme, raw=text, path=text)
+    if scheme in ("library", "shub"):
+        raise ReferenceError(f"{scheme}:// is not supported by hpcsif (use docker://, oras:// or https://)")
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        raise ReferenceError(f"unknown transport {scheme!r} in {text!r}") from None
+    return Reference(transport="fsspec", raw=text, path=text)
+
+
+def _parse_local(text: str) -> Reference:
+    if os.path.isdir(text):
+        return Reference(transport="sandbox", raw=text, path=text)
+    if os.path.exists(text):
+        return Reference(transport="sif", raw=text, path=text)
+    raise ReferenceError(f"{text!r}: no such file or directory, and not a URI (docker://, oci-archive://, …)")
