@@ -1,0 +1,390 @@
+"""Write SIF files atomically: create, append objects, remove objects.
+
+Everything is written to a temp file in the destination's directory (name starting with
+``.``), fsynced and renamed into place, so a reader never sees a half-written image and a
+failure leaves nothing behind. Object content given as a path is copied by the kernel
+(``copy_file_range``, falling back to ``sendfile``) and never read into Python memory.
+
+Object placement follows sylabs/sif: objects follow the descriptor table in order, each
+at the next offset satisfying its alignment (4096 for partitions, none otherwise); object
+ids are the 1-based index of the descriptor slot.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcsif.errors import SIFError
+from hpcsif.sif.format import (
+    DEFAULT_DESCRIPTOR_CAPACITY,
+    DEFAULT_GROUP,
+    DESCRIPTOR_SIZE,
+    DESCRIPTORS_OFFSET,
+    PARTITION_ALIGNMENT,
+    DataType,
+    Descriptor,
+    FSType,
+    HashType,
+    Header,
+    PartType,
+    arch_code,
+    encode_name,
+    next_aligned,
+    partition_extra,
+    signature_extra,
+)
+from hpcsif.sif.reader import SIFImage
+
+log = logging.getLogger(__name__)
+
+_COPY_CHUNK = 1 << 30
+_SIF_MODE = 0o755  # a SIF is executable through its launch line
+
+
+@dataclass
+class ObjectSpec:
+    """A data object to write: its content (bytes or a file) and descriptor fields."""
+
+    datatype: DataType
+    data: bytes | None = None  # either in-memory bytes …
+    path: Path | None = None  # … or a file whose whole content is copied by the kernel
+    name: str = ""
+    group_id: int = DEFAULT_GROUP  # 0 = no group
+    link_id: int = 0  # 0 = no link
+    link_is_group: bool = False  # link_id names a group (signatures of a whole group)
+    fstype: FSType | None = None  # partitions only; default SQUASHFS
+    parttype: PartType | None = None  # partitions only; default PRIMSYS
+    arch: str | None = None  # GOARCH name, partitions only; default: the writer's arch
+    hashtype: HashType | None = None  # signatures only
+    entity: bytes = b""  # signatures only: the signer's key fingerprint
+    alignment: int = 0  # 0 → default (4096 for partitions, like Apptainer)
+
+    @property
+    def label(self) -> str:
+        """Short description for error messages."""
+        kind = self.datatype.label if isinstance(self.datatype, DataType) else hex(self.datatype)
+        return f"{kind} object {self.name!r}" if self.name else f"{kind} object"
+
+
+class SIFWriter:
+    """Builds a SIF image in a temp file next to *dest*; :meth:`commit` renames it into place.
+
+    Use :func:`write_sif`, :func:`add_objects` or :func:`remove_objects` for the common cases;
+    use this class directly to let an external program write an object in place (see
+    :meth:`add_external`). As a context manager it aborts (removes the temp file) unless
+    :meth:`commit` ran.
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike,
+        *,
+        arch: str = "amd64",
+        uuid: uuidlib.UUID | None = None,
+        created: int | None = None,
+        capacity: int = DEFAULT_DESCRIPTOR_CAPACITY,
+        _base: SIFImage | None = None,
+    ) -> None:
+        self.dest = Path(dest)
+        arch_code(arch)  # validate early
+        self.arch = arch
+        self._committed = False
+        now = int(time.time()) if created is None else created
+        self._fd, tmp = self._create_temp()
+        self.temp_path = Path(tmp)
+        try:
+            if _base is None:
+                self._init_new(uuid, now, capacity)
+            else:
+                self._init_from(_base, now)
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _create_temp(self) -> tuple[int, str]:
+        try:
+            return tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent)
+        except OSError as exc:
+            raise SIFError(f"cannot create {self.dest}: {exc.strerror} ({self.dest.parent})") from exc
+
+    def _init_new(self, uuid: uuidlib.UUID | None, now: int, capacity: int) -> None:
+        if capacity < 1:
+            raise SIFError(f"descriptor capacity must be positive, not {capacity}")
+        table = capacity * DESCRIPTOR_SIZE
+        self.header = Header(
+            arch="unknown",
+            uuid=uuid or uuidlib.uuid4(),
+            ctime=now,
+            mtime=now,
+            descriptors_free=capacity,
+            descriptors_total=capacity,
+            descriptors_offset=DESCRIPTORS_OFFSET,
+            descriptors_size=table,
+            data_offset=DESCRIPTORS_OFFSET + table,
+            data_size=0,
+        )
+        self.slots: list[Descriptor | None] = [None] * capacity
+        self._raw_slots: list[bytes] = [bytes(DESCRIPTOR_SIZE)] * capacity
+        self._time = now
+        self._mode = _SIF_MODE
+        self._cursor = self.header.data_offset
+
+    def _init_from(self, base: SIFImage, now: int) -> None:
+        """Start from a copy of the existing image *base* (for adding or removing objects)."""
+        _copy_into(self._fd, base.fd, 0, base.path)
+        self.header = base.header
+        self.header.mtime = now
+        self.slots = [d if d.used else None for d in base.slots]
+        raw = os.pread(base.fd, len(base.slots) * DESCRIPTOR_SIZE, self.header.descriptors_offset)
+        # untouched slots are rewritten byte for byte, whatever their quirks
+        self._raw_slots = [
+            raw[i * DESCRIPTOR_SIZE : (i + 1) * DESCRIPTOR_SIZE] for i in range(len(base.slots))
+        ]
+        self._time = now
+        self._mode = os.fstat(base.fd).st_mode & 0o7777
+        self._cursor = self._data_end()
+        primary = [d for d in base.descriptors if d.parttype == PartType.PRIMSYS]
+        if primary and primary[0].arch and primary[0].arch != "unknown":
+            self.arch = primary[0].arch
+
+    def _data_end(self) -> int:
+        ends = [d.offset + d.size for d in self.slots if d is not None]
+        return max([self.header.data_offset, *ends])
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def add(self, spec: ObjectSpec) -> Descriptor:
+        """Write the object *spec* (its ``data`` or ``path``) and record its descriptor."""
+        if (spec.data is None) == (spec.path is None):
+            raise SIFError(f"{spec.label}: give exactly one of data or path")
+        return self._place(spec, self._write_content)
+
+    def add_external(self, spec: ObjectSpec, fill: Callable[[Path, int], None]) -> Descriptor:
+        """Let ``fill(temp_path, offset)`` write the object's content into the temp file.
+
+        *fill* must write the whole object starting at byte *offset* and nothing after it
+        (for example ``mksquashfs DIR temp_path -noappend -o offset``); the object's size is
+        whatever lies between *offset* and the end of the file afterwards. Nothing else may be
+        written to the image between this call and :meth:`commit` except further objects.
+        """
+        if spec.data is not None or spec.path is not None:
+            raise SIFError(f"{spec.label}: an external object takes neither data nor path")
+
+        def run_fill(_spec: ObjectSpec, offset: int) -> int:
+            os.fsync(self._fd)  # the external writer opens the file itself
+            fill(self.temp_path, offset)
+            end = os.fstat(self._fd).st_size
+            if end <= offset:
+                raise SIFError(f"{spec.label}: the external writer wrote nothing at offset {offset}")
+            return end - offset
+
+        return self._place(spec, run_fill)
+
+    def _write_content(self, spec: ObjectSpec, offset: int) -> int:
+        if spec.data is not None:
+            _pwrite_all(self._fd, spec.data, offset)
+            return len(spec.data)
+        try:
+            src = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SIFError(f"{spec.label}: cannot read {spec.path}: {exc.strerror}") from exc
+        try:
+            return _copy_into(self._fd, src, offset, Path(spec.path))
+        finally:
+            os.close(src)
+
+    def _place(self, spec: ObjectSpec, write: Callable[[ObjectSpec, int], int]) -> Descriptor:
+        """Check *spec*, pick its slot and offset, have *write* store the content, record it."""
+        extra = self._extra(spec)
+        slot = next((i for i, d in enumerate(self.slots) if d is None), None)
+        if slot is None:
+            raise SIFError(f"{spec.label}: no free descriptor slot left ({len(self.slots)} in the table)")
+        alignment = spec.alignment or (PARTITION_ALIGNMENT if spec.datatype == DataType.PARTITION else 0)
+        offset = next_aligned(self._cursor, alignment)
+        size = write(spec, offset)
+        desc = Descriptor(
+            datatype=spec.datatype,
+            id=slot + 1,
+            group_id=spec.group_id,
+            link_id=spec.link_id,
+            link_is_group=spec.link_is_group,
+            offset=offset,
+            size=size,
+            size_with_padding=offset - self._cursor + size,
+            ctime=self._time,
+            mtime=self._time,
+            name=spec.name,
+            extra=extra,
+        )
+        self._raw_slots[slot] = desc.pack()
+        self.slots[slot] = desc
+        self._cursor = offset + size
+        self.header.descriptors_free -= 1
+        self.header.data_size = self._cursor - self.header.data_offset
+        if desc.parttype == PartType.PRIMSYS:
+            self.header.arch = desc.arch or "unknown"
+        log.debug("%s: %s at %d, %d bytes", self.dest, spec.label, offset, size)
+        return desc
+
+    def _extra(self, spec: ObjectSpec) -> bytes:
+        """Validate the type-specific fields of *spec* and encode its descriptor extra bytes."""
+        is_part = spec.datatype == DataType.PARTITION
+        if not is_part and (spec.fstype or spec.parttype or spec.arch):
+            raise SIFError(f"{spec.label}: fstype, parttype and arch apply to partitions only")
+        if spec.datatype != DataType.SIGNATURE and (spec.hashtype or spec.entity):
+            raise SIFError(f"{spec.label}: hashtype and entity apply to signatures only")
+        encode_name(spec.name)
+        if is_part:
+            parttype = spec.parttype or PartType.PRIMSYS
+            if parttype == PartType.PRIMSYS and any(
+                d is not None and d.parttype == PartType.PRIMSYS for d in self.slots
+            ):
+                raise SIFError(f"{spec.label}: the image already has a primary system partition")
+            return partition_extra(spec.fstype or FSType.SQUASHFS, parttype, spec.arch or self.arch)
+        if spec.datatype == DataType.SIGNATURE:
+            if spec.hashtype is None:
+                raise SIFError(f"{spec.label}: a signature needs a hashtype")
+            return signature_extra(spec.hashtype, spec.entity)
+        return b""
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Drop the objects with *ids* from the table; their bytes stay unless at the end."""
+        wanted = set(ids)
+        for i, desc in enumerate(self.slots):
+            if desc is not None and desc.id in wanted:
+                wanted.discard(desc.id)
+                if desc.parttype == PartType.PRIMSYS:
+                    self.header.arch = "unknown"
+                self.slots[i] = None
+                self._raw_slots[i] = bytes(DESCRIPTOR_SIZE)
+                self.header.descriptors_free += 1
+        if wanted:
+            raise SIFError(f"{self.dest}: no data object with id {', '.join(map(str, sorted(wanted)))}")
+        # drop trailing dead space, as sylabs/sif does when compacting
+        self._cursor = self._data_end()
+        self.header.data_size = self._cursor - self.header.data_offset
+        os.ftruncate(self._fd, self._cursor)
+
+    # -- finishing ---------------------------------------------------------------------------
+
+    def commit(self) -> Path:
+        """Write header and table, fsync, and atomically rename the image to *dest*."""
+        try:
+            _pwrite_all(self._fd, b"".join(self._raw_slots), self.header.descriptors_offset)
+            _pwrite_all(self._fd, self.header.pack(), 0)
+            if os.fstat(self._fd).st_size < self._cursor:  # an empty last object still ends here
+                os.ftruncate(self._fd, self._cursor)
+            os.fchmod(self._fd, self._mode)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.temp_path, self.dest)
+            _fsync_dir(self.dest.parent)
+        except OSError as exc:
+            self.abort()
+            raise SIFError(f"cannot write {self.dest}: {exc.strerror}") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self._committed = True
+        return self.dest
+
+    def abort(self) -> None:
+        """Close and remove the temp file (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if not self._committed:
+            self.temp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SIFWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            self.abort()
+
+
+def write_sif(
+    dest: str | os.PathLike,
+    objects: Sequence[ObjectSpec],
+    *,
+    arch: str = "amd64",
+    uuid: uuidlib.UUID | None = None,
+    created: int | None = None,
+) -> Path:
+    """Write a new SIF at *dest* holding *objects* in order; returns *dest* as a Path.
+
+    *arch* is the GOARCH of partitions that name none; the header's architecture is that of
+    the primary partition, as in sylabs/sif. *uuid* defaults to a random one and *created*
+    (Unix seconds) to now. Atomic: on error nothing appears at *dest*.
+    """
+    capacity = max(DEFAULT_DESCRIPTOR_CAPACITY, len(objects))
+    with SIFWriter(dest, arch=arch, uuid=uuid, created=created, capacity=capacity) as writer:
+        for spec in objects:
+            writer.add(spec)
+        return writer.commit()
+
+
+def add_objects(path: str | os.PathLike, objects: Sequence[ObjectSpec]) -> list[Descriptor]:
+    """Append *objects* to the existing SIF at *path* (atomically: copy, modify, rename).
+
+    Returns the new descriptors. Raises :class:`SIFError` when the table has no free slot.
+    """
+    with SIFImage.open(path) as base, SIFWriter(path, _base=base) as writer:
+        added = [writer.add(spec) for spec in objects]
+        writer.commit()
+    return added
+
+
+def remove_objects(path: str | os.PathLike, ids: Sequence[int]) -> None:
+    """Remove the objects with *ids* from the SIF at *path* (atomically), e.g. old signatures."""
+    with SIFImage.open(path) as base, SIFWriter(path, _base=base) as writer:
+        writer.remove(ids)
+        writer.commit()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_into(dst: int, src: int, offset: int, src_path: Path) -> int:
+    """Copy all of *src* into *dst* at *offset* inside the kernel; returns the byte count."""
+    copied = 0
+    try:
+        try:
+            while n := os.copy_file_range(src, dst, _COPY_CHUNK, copied, offset + copied):
+                copied += n
+            return copied
+        except OSError as exc:
+            # cross-device on old kernels, special files, or file systems without support
+            if copied or exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+        os.lseek(dst, offset, os.SEEK_SET)
+        while n := os.sendfile(dst, src, copied, _COPY_CHUNK):
+            copied += n
+        return copied
+    except OSError as exc:
+        raise SIFError(f"cannot copy {src_path} into the image: {exc.strerror}") from exc
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in *directory* durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
