@@ -59,13 +59,13 @@ class ObjectSpec:
     name: str = ""
     group_id: int = DEFAULT_GROUP  # 0 = no group
     link_id: int = 0  # 0 = no link
-    link_is_group: bool = False  # link_id names a group (signatures of a whole group)
     fstype: FSType | None = None  # partitions only; default SQUASHFS
     parttype: PartType | None = None  # partitions only; default PRIMSYS
     arch: str | None = None  # GOARCH name, partitions only; default: the writer's arch
-    hashtype: HashType | None = None  # signatures only
-    entity: bytes = b""  # signatures only: the signer's key fingerprint
     alignment: int = 0  # 0 → default (4096 for partitions, like Apptainer)
+    link_is_group: bool = False  # link_id names a group (a signature over a whole group)
+    hashtype: HashType | None = None  # signatures only
+    entity: bytes = b""  # signatures only: the signer's key fingerprint (20 bytes for PGP)
 
     @property
     def label(self) -> str:
@@ -181,7 +181,6 @@ class SIFWriter:
             raise SIFError(f"{spec.label}: an external object takes neither data nor path")
 
         def run_fill(_spec: ObjectSpec, offset: int) -> int:
-            os.fsync(self._fd)  # the external writer opens the file itself
             fill(self.temp_path, offset)
             end = os.fstat(self._fd).st_size
             if end <= offset:
