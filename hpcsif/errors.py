@@ -25,7 +25,7 @@ class ConfigError(HpcsifError):
     """A configuration file or environment variable holds an invalid value."""
 
 
-class ReferenceError(HpcsifError):  # noqa: A001 - the name the design card uses
+class ReferenceError(HpcsifError):
     """An image reference cannot be parsed or names an unknown transport."""
 
 

@@ -60,7 +60,9 @@ class Reference:
         """``repo_tag`` as Apptainer names pulled files (``lolcow_latest``)."""
         if self.repository:
             base = self.repository.rsplit("/", 1)[-1]
-            return f"{base}_{self.tag or 'latest'}" if not self.digest or self.tag else f"{base}_{self.digest[7:19]}"
+            if self.digest and not self.tag:
+                return f"{base}_{self.digest[7:19]}"
+            return f"{base}_{self.tag or 'latest'}"
         if self.path:
             base = os.path.basename(self.path.rstrip("/"))
             for ext in (".tar.gz", ".tgz", ".tar", ".sif"):
@@ -95,7 +97,9 @@ def _split_tag_digest(text: str, raw: str) -> tuple[str, str | None, str | None]
     return text, tag, digest
 
 
-def parse_docker_name(text: str, raw: str, *, transport: str = "docker", default_tag: bool = True) -> Reference:
+def parse_docker_name(
+    text: str, raw: str, *, transport: str = "docker", default_tag: bool = True
+) -> Reference:
     """Parse ``[registry[:port]/][namespace/]repo[:tag|@digest]``."""
     if not text or text.startswith("/") or text.endswith("/"):
         raise ReferenceError(f"invalid image reference {raw!r}: no repository name")
@@ -121,9 +125,16 @@ def parse_docker_name(text: str, raw: str, *, transport: str = "docker", default
 
 
 def _split_path_ref(body: str) -> tuple[str, str | None]:
-    """Split ``PATH[:REF]``; a path that exists as written keeps its colons."""
+    """Split ``PATH[:REF]`` where REF may itself hold colons (``file.tar:team/app:1.2``).
+
+    The shortest prefix that exists on disk is the path; when none exists, the text after
+    the last colon is the ref unless it looks like part of a path.
+    """
     if os.path.exists(body) or ":" not in body:
         return body, None
+    for i, ch in enumerate(body):
+        if ch == ":" and os.path.exists(body[:i]):
+            return body[:i], body[i + 1 :] or None
     path, ref = body.rsplit(":", 1)
     if "/" in ref or not ref:
         return body, None
@@ -152,8 +163,6 @@ def parse(text: str) -> Reference:
     if scheme in FILE_TRANSPORTS:
         if not body:
             raise ReferenceError(f"{text!r}: missing path")
-        if scheme == "docker-archive" and os.path.exists(body):
-            return Reference(transport=scheme, raw=text, path=body)
         path, name = _split_path_ref(body)
         return Reference(transport=scheme, raw=text, path=path, name=name)
     if scheme in URL_TRANSPORTS:

@@ -66,12 +66,17 @@ class BlobWriter:
         self.size += len(data)
         return len(data)
 
+    @property
+    def digest(self) -> str:
+        """The digest of what has been written so far."""
+        return "sha256:" + self._hash.hexdigest()
+
     def commit(self) -> str:
         """Verify digest and size, fsync and rename into ``blobs/``; return the digest."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        digest = "sha256:" + self._hash.hexdigest()
+        digest = self.digest
         try:
             if self.expected_size is not None and self.size != self.expected_size:
                 raise IntegrityError(
@@ -162,13 +167,13 @@ class OCIStore:
         with self.blob_writer(digest, size) as w:
             while block := stream.read(CHUNK):
                 w.write(block)
-        return "sha256:" + w._hash.hexdigest()
+        return w.digest
 
     def put_bytes(self, data: bytes, digest: str | None = None) -> str:
         """Store ``data``; returns its digest."""
         with self.blob_writer(digest, len(data)) as w:
             w.write(data)
-        return "sha256:" + w._hash.hexdigest()
+        return w.digest
 
     def put_json(self, obj: Any, media_type: str) -> Descriptor:
         """Store a JSON document canonically and return its descriptor."""

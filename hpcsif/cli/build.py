@@ -1,0 +1,98 @@
+"""``hpcsif build``: convert any source (or a definition file) to a SIF or a sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("hpcsif")
+
+
+def add_convert_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``build`` and ``pull`` that shape the produced SIF."""
+    p.add_argument(
+        "--compression",
+        choices=("zstd", "gzip", "lz4", "xz"),
+        help="squashfs compression (default zstd level 3; gzip for old kernels)",
+    )
+    p.add_argument("--compression-level", type=int, dest="level", help="compressor level")
+    p.add_argument("--arch", help="architecture to pick from a multi-arch image (e.g. arm64)")
+    p.add_argument("--tmpdir", help="directory for temporary files (default: next to the output)")
+    p.add_argument("-F", "--force", action="store_true", help="overwrite an existing target")
+    p.add_argument("--disable-cache", action="store_true", help="use no blob cache (a temporary one)")
+
+
+def convert_options(args: argparse.Namespace):  # -> ConvertOptions (imported lazily)
+    """ConvertOptions from flags layered over the configuration."""
+    from hpcsif.config import get_config
+    from hpcsif.convert import ConvertOptions
+
+    cfg = get_config()
+    tmpdir = args.tmpdir or cfg.get("convert.tmpdir") or None
+    return ConvertOptions(
+        compression=args.compression or cfg.get("convert.compression") or "zstd",
+        level=args.level if args.level is not None else (cfg.get("convert.level") or None),
+        jobs=cfg.get("convert.jobs") or None,
+        tmpdir=Path(tmpdir) if tmpdir else None,
+        arch=args.arch,
+    )
+
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse to replace an existing target unless forced; the old one goes only once the new is ready."""
+    from hpcsif.errors import BuildError
+
+    if not target.exists() and not target.is_symlink():
+        if not target.parent.is_dir():
+            raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
+        return
+    if not force:
+        raise BuildError(f"build target {target} already exists; use --force to overwrite it")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``build`` command."""
+    p = sub.add_parser("build", help="build a SIF image or sandbox from a source or definition file")
+    p.add_argument("--sandbox", action="store_true", help="build a writable directory tree instead of a SIF")
+    p.add_argument("-T", "--notest", action="store_true", help="skip the %%test section")
+    add_convert_flags(p)
+    p.add_argument("target", help="SIF file or sandbox directory to create")
+    p.add_argument("source", help="docker://, oci://, oci-archive://, docker-archive://, SIF, sandbox, .def")
+    p.set_defaults(func=run)
+
+
+def blob_store(args: argparse.Namespace):  # -> OCIStore | None
+    """The shared blob cache, or None for a temporary one (--disable-cache / *_DISABLE_CACHE)."""
+    from hpcsif.config import get_config
+    from hpcsif.image.store import OCIStore
+
+    cfg = get_config()
+    if getattr(args, "disable_cache", False) or cfg.cache_disabled():
+        return None
+    root = cfg.cache_dir() / "oci"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return OCIStore(root)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build ``target`` from ``source``."""
+    from hpcsif.cli.progress import progress_bar
+    from hpcsif.convert import convert_ref
+    from hpcsif.refs import parse
+
+    target = Path(args.target)
+    ref = parse(args.source)
+    check_target(target, args.force)
+    log.info("Starting build of %s from %s", target, args.source)
+    convert_ref(
+        ref,
+        target,
+        options=convert_options(args),
+        store=blob_store(args),
+        sandbox=args.sandbox,
+        progress=progress_bar(not (args.quiet or args.silent)),
+    )
+    if not (args.quiet or args.silent):
+        print(f"INFO:    Build complete: {target}", flush=True)
+    return 0

@@ -1,0 +1,288 @@
+"""Source → OCI image → flattened root filesystem → squashfs → SIF (or a sandbox directory).
+
+The flattened layers stream straight into ``tar2sqfs``; no root tree is unpacked to disk.
+The squashfs is written next to the destination (or in ``convert.tmpdir``) and copied into
+the SIF by the kernel, then the SIF appears at its destination by an atomic rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcsif.errors import BuildError, SourceError
+from hpcsif.image.model import Image, Platform
+from hpcsif.image.store import OCIStore
+from hpcsif.refs import Reference, parse
+from hpcsif.sif import metadata as md
+from hpcsif.sif.format import DataType, FSType, PartType
+
+log = logging.getLogger(__name__)
+
+#: bump when the produced SIF changes for the same input, so cache keys change with it
+FORMAT_VERSION = 1
+COMPRESSIONS = ("zstd", "gzip", "lz4", "xz")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Choices that shape the produced SIF (and so its cache key), plus where to work."""
+
+    compression: str = "zstd"
+    level: int | None = None
+    jobs: int | None = None
+    tmpdir: Path | None = None
+    arch: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise BuildError(
+                f"unknown compression {self.compression!r}: choose one of {', '.join(COMPRESSIONS)}"
+            )
+
+    def key(self) -> str:
+        """A short hash of the options that change the output (not tmpdir or jobs)."""
+        doc = {"v": FORMAT_VERSION, "c": self.compression, "l": self.level, "a": self.arch}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def platform(self) -> Platform:
+        """The platform to pick from multi-arch images."""
+        return Platform(architecture=self.arch) if self.arch else Platform()
+
+
+def bootstrap_of(ref: Reference) -> str:
+    """The ``bootstrap`` agent Apptainer would name for this reference."""
+    return {"sif": "localimage", "sandbox": "localimage"}.get(ref.transport, ref.transport)
+
+
+def from_of(ref: Reference) -> str:
+    """The ``from`` value Apptainer records (the reference without its transport)."""
+    if ref.is_registry or ref.transport == "docker-daemon":
+        return str(ref).split("://", 1)[1]
+    if ref.transport in ("oci", "oci-archive", "docker-archive"):
+        return ref.path + (f":{ref.name}" if ref.name else "") if ref.path else ref.raw
+    return ref.path or ref.raw
+
+
+def image_metadata(image: Image, ref: Reference | None) -> md.Metadata:
+    """The ``/.singularity.d`` metadata for an image fetched from ``ref``."""
+    bootstrap = bootstrap_of(ref) if ref else "oci"
+    source = from_of(ref) if ref else image.source
+    return md.for_image(image.config, bootstrap=bootstrap, source=source, arch=image.architecture)
+
+
+def _work_dir(dest: Path, options: ConvertOptions) -> Path:
+    base = options.tmpdir or dest.parent
+    try:
+        return Path(tempfile.mkdtemp(prefix=".hpcsif-build-", dir=base))
+    except OSError as exc:
+        raise BuildError(f"cannot create a temporary directory in {base}: {exc.strerror}") from None
+
+
+def image_to_sif(
+    image: Image,
+    dest: str | os.PathLike[str],
+    options: ConvertOptions | None = None,
+    *,
+    meta: md.Metadata | None = None,
+    ref: Reference | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert ``image`` to a SIF at ``dest`` atomically; returns ``dest``."""
+    from hpcsif.image.layers import flatten
+    from hpcsif.sif.squashfs import squashfs_from_tar
+    from hpcsif.sif.writer import ObjectSpec, write_sif
+
+    options = options or ConvertOptions()
+    dest = Path(dest)
+    meta = meta or image_metadata(image, ref)
+    layers = image.layer_blobs()
+    work = _work_dir(dest, options)
+    try:
+        squash = work / "rootfs.squashfs"
+        total = sum(d.size for d in image.layers)
+        report = (lambda done, _t: progress("layers", done, total)) if progress else None
+        log.info("Creating squashfs (%s) from %d layer(s)", options.compression, len(layers))
+        squashfs_from_tar(
+            lambda out: flatten(layers, out, extra=meta.files(), progress=report),
+            squash,
+            compression=options.compression,
+            level=options.level,
+            jobs=options.jobs,
+            tmpdir=work,
+        )
+        objects = [
+            ObjectSpec(DataType.DEFFILE, data=meta.deffile.encode()),
+            ObjectSpec(DataType.GENERIC_JSON, data=meta.inspect_json(), name="inspect-metadata.json"),
+            ObjectSpec(DataType.GENERIC_JSON, data=meta.oci_config_json(), name="oci-config.json"),
+            ObjectSpec(
+                DataType.PARTITION,
+                path=squash,
+                fstype=FSType.SQUASHFS,
+                parttype=PartType.PRIMSYS,
+                arch=image.architecture,
+            ),
+        ]
+        log.info("Creating SIF file %s", dest)
+        return write_sif(dest, objects, arch=image.architecture)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def image_to_sandbox(
+    image: Image,
+    dest: str | os.PathLike[str],
+    options: ConvertOptions | None = None,
+    *,
+    meta: md.Metadata | None = None,
+    ref: Reference | None = None,
+) -> Path:
+    """Unpack ``image`` into a new writable directory tree at ``dest`` (built aside, then renamed)."""
+    from hpcsif.image.layers import extract_tree
+
+    meta = meta or image_metadata(image, ref)
+
+    def fill(tmp: Path) -> None:
+        extract_tree(image.layer_blobs(), tmp, extra=meta.files())
+
+    return _build_dir(Path(dest), fill)
+
+
+def _build_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Create a directory tree aside with ``fill(tmp)`` and swap it in for ``dest`` at the end.
+
+    An existing ``dest`` directory is replaced only after the new tree is complete.
+    """
+    if dest.exists() and not dest.is_dir():
+        raise BuildError(f"{dest} exists and is not a directory")
+    parent = dest.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
+    old = None
+    try:
+        os.rmdir(tmp)  # fill() gets a path that does not exist yet
+        fill(tmp)
+        os.chmod(tmp, 0o755)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=parent))
+            os.replace(dest, old / "tree")
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dest.exists():
+            os.replace(old / "tree", dest)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def sandbox_to_sif(
+    src: str | os.PathLike[str], dest: str | os.PathLike[str], options: ConvertOptions
+) -> Path:
+    """Pack a sandbox directory into a SIF; mksquashfs writes straight into the SIF file."""
+    from hpcsif.sif.squashfs import squashfs_from_dir
+    from hpcsif.sif.writer import ObjectSpec, SIFWriter
+
+    src, dest = Path(src), Path(dest)
+    if not (src / ".singularity.d").is_dir():
+        log.warning("%s has no /.singularity.d: the image will have no runscript or environment", src)
+    deffile = f"bootstrap: localimage\nfrom: {src}\n"
+    arch = options.arch or Platform().architecture
+    with SIFWriter(dest, arch=arch) as writer:
+        writer.add(ObjectSpec(DataType.DEFFILE, data=deffile.encode()))
+        labels = _read_json(src / ".singularity.d" / "labels.json")
+        attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
+        runscript = src / ".singularity.d" / "runscript"
+        if runscript.is_file():
+            attrs["runscript"] = runscript.read_text(errors="replace")
+        inspect = json.dumps({"data": {"attributes": attrs}, "type": "container"}).encode()
+        writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
+        writer.add_external(
+            ObjectSpec(DataType.PARTITION, fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS, arch=arch),
+            lambda path, offset: squashfs_from_dir(
+                src,
+                path,
+                compression=options.compression,
+                level=options.level,
+                jobs=options.jobs,
+                offset=offset,
+            ),
+        )
+        return writer.commit()
+
+
+def sif_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Unpack a SIF's primary partition into a new directory."""
+    from hpcsif.sif.reader import SIFImage
+    from hpcsif.sif.squashfs import unsquash_to_dir
+
+    with SIFImage.open(src) as img:
+        offset = img.primary_partition().offset
+        path = img.path
+    return _build_dir(Path(dest), lambda tmp: unsquash_to_dir(path, tmp, offset=offset))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return {}
+
+
+def fetch_image(
+    ref: Reference, store: OCIStore, options: ConvertOptions, source_options: dict[str, Any] | None = None
+) -> Image:
+    """Fetch ``ref`` into ``store`` with the source for its transport."""
+    from hpcsif.sources import get_source
+
+    source = get_source(ref, platform=options.platform, **(source_options or {}))
+    return source.fetch(ref, store)
+
+
+def convert_ref(
+    ref: str | Reference,
+    dest: str | os.PathLike[str],
+    *,
+    options: ConvertOptions | None = None,
+    store: OCIStore | None = None,
+    sandbox: bool = False,
+    source_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Fetch and convert any reference to a SIF (or a sandbox) at ``dest``, without the SIF cache.
+
+    ``store`` is the blob cache to fetch into; without one, a temporary store is used and
+    removed afterwards. Local SIFs and sandboxes convert between each other.
+    """
+    options = options or ConvertOptions()
+    ref = parse(ref) if isinstance(ref, str) else ref
+    if ref.transport == "sandbox":
+        if sandbox:
+            raise BuildError(f"{ref.path} is already a sandbox")
+        return sandbox_to_sif(ref.path or "", dest, options)
+    if ref.transport == "sif":
+        if not sandbox:
+            raise BuildError(f"{ref.path} is already a SIF (build --sandbox to unpack it)")
+        return sif_to_sandbox(ref.path or "", dest)
+    if ref.transport in ("http", "https", "fsspec", "oras"):
+        raise SourceError(f"{ref.raw}: use `hpcsif pull` for {ref.transport} sources")
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpcsif-blobs-", dir=options.tmpdir))
+            store = OCIStore(tmp)
+        image = fetch_image(ref, store, options, source_options)
+        if sandbox:
+            return image_to_sandbox(image, dest, options, ref=ref)
+        return image_to_sif(image, dest, options, ref=ref, progress=progress)

@@ -1,0 +1,110 @@
+"""Stream a tar archive (plain or compressed) into an OCI blob store in one pass.
+
+Archives are read sequentially, so a gzip-compressed ``docker save`` file is decompressed
+once and nothing is held in memory but the small JSON documents.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from hpcsif.errors import IntegrityError, NotFoundError, SourceError
+from hpcsif.image.digest import CHUNK, sha256_file
+from hpcsif.image.store import OCIStore
+
+_SMALL = 4 << 20  # JSON documents (manifests, configs, index) are kept in memory up to this size
+_BLOB_NAME = re.compile(r"^(?:\./)?blobs/sha256/([a-f0-9]{64})$")
+
+
+@dataclass
+class ArchiveContents:
+    """What one pass over an archive found: small documents by name and stored blobs by name."""
+
+    documents: dict[str, bytes] = field(default_factory=dict)
+    blobs: dict[str, str] = field(default_factory=dict)  # member name -> digest in the store
+
+    def document(self, name: str, where: str) -> bytes:
+        """A small member's bytes; NotFoundError naming the archive if absent."""
+        try:
+            return self.documents[name.removeprefix("./")]
+        except KeyError:
+            raise NotFoundError(f"{where}: archive has no {name}") from None
+
+
+def input_digest(path: str | os.PathLike[str]) -> str:
+    """The digest of an input file's bytes (the cache key for archives)."""
+    try:
+        return sha256_file(str(path))
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SourceError(f"{path}: is a directory, expected an archive file") from None
+
+
+def ingest_archive(path: str | os.PathLike[str], store: OCIStore, where: str) -> ArchiveContents:
+    """Read every regular member of the archive file at ``path`` into ``store``."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after streaming
+    except FileNotFoundError:
+        raise NotFoundError(f"{where}: no such file {path}") from None
+    except IsADirectoryError:
+        raise SourceError(f"{where}: {path} is a directory, expected an archive file") from None
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    with f:
+        return ingest_fileobj(f, store, where)
+
+
+def ingest_fileobj(stream: IO[bytes], store: OCIStore, where: str) -> ArchiveContents:
+    """Read every regular member of a tar stream (plain, gzip, bzip2 or xz) into ``store``.
+
+    Members named ``blobs/sha256/<hex>`` are verified against their name. Every other
+    member is stored under the digest of its content; members up to a few MiB are also
+    kept in memory so that manifests and configs can be parsed.
+    """
+    out = ArchiveContents()
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    _ingest_member(tar, member, store, out, where)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{where}: {exc}") from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise SourceError(f"{where}: not a readable tar archive, or truncated ({exc})") from None
+    except OSError as exc:
+        raise SourceError(f"{where}: read error: {exc}") from None
+    return out
+
+
+def _ingest_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, store: OCIStore, out: ArchiveContents, where: str
+) -> None:
+    name = member.name.removeprefix("./")
+    src = tar.extractfile(member)
+    assert src is not None  # regular files always have data
+    m = _BLOB_NAME.match(name)
+    expected = f"sha256:{m.group(1)}" if m else None
+    if member.size <= _SMALL:
+        data = src.read()
+        if len(data) != member.size:
+            raise SourceError(f"{where}: archive is truncated (in {name})")
+        out.documents[name] = data
+        have = expected is not None and store.has_blob(expected)
+        out.blobs[name] = expected if have else store.put_bytes(data, expected)
+    elif expected and store.has_blob(expected, member.size):
+        out.blobs[name] = expected  # repeat blob: the tar reader skips its data
+    else:
+        with store.blob_writer(expected, member.size) as w:
+            while block := src.read(CHUNK):
+                w.write(block)
+        if w.size != member.size:
+            raise SourceError(f"{where}: archive is truncated (in {name})")
+        out.blobs[name] = w.digest

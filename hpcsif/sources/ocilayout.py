@@ -1,0 +1,58 @@
+"""``oci://DIR[:REF]`` and ``oci-archive://FILE[:REF]`` sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hpcsif.errors import IntegrityError, NotFoundError
+from hpcsif.image.model import Descriptor, Image
+from hpcsif.image.select import load_image, resolve_manifest, select_from_index
+from hpcsif.image.store import OCIStore
+from hpcsif.refs import Reference
+from hpcsif.sources import Source
+from hpcsif.sources.archive import ingest_archive, input_digest
+
+
+class OCILayoutSource(Source):
+    """An OCI image layout directory; its blobs are used in place, not copied."""
+
+    def _layout(self, ref: Reference) -> OCIStore:
+        path = Path(ref.path or "")
+        if not path.is_dir():
+            raise NotFoundError(f"{ref.raw}: no such directory {path}")
+        return OCIStore(path, create=False)
+
+    def _select(self, ref: Reference, layout: OCIStore) -> Descriptor:
+        return select_from_index(layout.index(), ref.name, f"oci://{ref.path}")
+
+    def resolve(self, ref: Reference) -> str:
+        """The digest of the selected image manifest."""
+        layout = self._layout(ref)
+        desc, _ = resolve_manifest(
+            self._select(ref, layout), lambda d: layout.read_json(d.digest), self.platform, ref.raw
+        )
+        return desc.digest
+
+    def fetch(self, ref: Reference, store: OCIStore) -> Image:
+        """Load the image from the layout itself (``store`` is not needed)."""
+        layout = self._layout(ref)
+        return load_image(layout, self._select(ref, layout), self.platform, str(ref))
+
+
+class OCIArchiveSource(Source):
+    """A tar of an OCI image layout (``skopeo copy … oci-archive:…``), plain or compressed."""
+
+    def resolve(self, ref: Reference) -> str:
+        """The digest of the archive's bytes."""
+        return input_digest(ref.path or "")
+
+    def fetch(self, ref: Reference, store: OCIStore) -> Image:
+        """Stream the archive's blobs into ``store`` and load the selected image."""
+        where = f"oci-archive://{ref.path}"
+        contents = ingest_archive(ref.path or "", store, where)
+        try:
+            index = json.loads(contents.document("index.json", where))
+        except ValueError as exc:
+            raise IntegrityError(f"{where}: index.json is not valid JSON: {exc}") from None
+        return load_image(store, select_from_index(index, ref.name, where), self.platform, str(ref))
