@@ -366,11 +366,15 @@ class Descriptor:
     extra: bytes = b""
     used: bool = True
 
+    def __post_init__(self) -> None:
+        # keep extra at its on-disk size so that written and read-back descriptors compare equal
+        if len(self.extra) > EXTRA_LEN:
+            raise SIFError(f"descriptor extra data too long ({len(self.extra)} bytes, at most {EXTRA_LEN})")
+        self.extra = self.extra.ljust(EXTRA_LEN, b"\x00")
+
     def pack(self) -> bytes:
         """Encode as the 585 on-disk bytes."""
         name = encode_name(self.name)
-        if len(self.extra) > EXTRA_LEN:
-            raise SIFError(f"descriptor extra data too long ({len(self.extra)} bytes, at most {EXTRA_LEN})")
         link = self.link_id | (GROUP_MASK if self.link_is_group else 0)
         return _DESCRIPTOR.pack(
             int(self.datatype),
@@ -416,7 +420,7 @@ class Descriptor:
     def _partition(self) -> tuple[int, int, bytes] | None:
         if self.datatype != DataType.PARTITION:
             return None
-        return _PARTITION_EXTRA.unpack_from(self.extra.ljust(EXTRA_LEN, b"\x00"))
+        return _PARTITION_EXTRA.unpack_from(self.extra)
 
     @property
     def fstype(self) -> FSType | int | None:
@@ -439,7 +443,7 @@ class Descriptor:
     def _signature(self) -> tuple[int, bytes] | None:
         if self.datatype != DataType.SIGNATURE:
             return None
-        return _SIGNATURE_EXTRA.unpack_from(self.extra.ljust(EXTRA_LEN, b"\x00"))
+        return _SIGNATURE_EXTRA.unpack_from(self.extra)
 
     @property
     def hashtype(self) -> HashType | int | None:
@@ -458,7 +462,7 @@ class Descriptor:
     def _pair(self, datatype: DataType, first: type[IntEnum], second: type[IntEnum]) -> tuple | None:
         if self.datatype != datatype:
             return None
-        a, b = _PAIR_EXTRA.unpack_from(self.extra.ljust(EXTRA_LEN, b"\x00"))
+        a, b = _PAIR_EXTRA.unpack_from(self.extra)
         return _enum_or_int(first, a), _enum_or_int(second, b)
 
     @property
@@ -471,7 +475,7 @@ class Descriptor:
         """Format of an SBOM object; None otherwise."""
         if self.datatype != DataType.SBOM:
             return None
-        return _enum_or_int(SBOMFormat, _SINGLE_EXTRA.unpack_from(self.extra.ljust(EXTRA_LEN, b"\x00"))[0])
+        return _enum_or_int(SBOMFormat, _SINGLE_EXTRA.unpack_from(self.extra)[0])
 
     @property
     def oci_digest(self) -> str | None:

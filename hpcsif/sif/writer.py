@@ -12,8 +12,10 @@ ids are the 1-based index of the descriptor slot.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import math
 import os
 import tempfile
 import time
@@ -46,6 +48,7 @@ from hpcsif.sif.reader import SIFImage
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 30
+_FALLOC_FL_INSERT_RANGE = 0x20  # linux/falloc.h
 _SIF_MODE = 0o755  # a SIF is executable through its launch line
 
 
@@ -97,6 +100,7 @@ class SIFWriter:
         arch_code(arch)  # validate early
         self.arch = arch
         self._committed = False
+        self._sealed = False  # set once an object was adopted: nothing may follow it
         now = int(time.time()) if created is None else created
         self._fd, tmp = self._create_temp()
         self.temp_path = Path(tmp)
@@ -189,6 +193,61 @@ class SIFWriter:
 
         return self._place(spec, run_fill)
 
+    def adopt(self, spec: ObjectSpec) -> Descriptor:
+        """Turn the file ``spec.path`` itself into the image, as its last object, without copying it.
+
+        Meant for a squashfs a tool (e.g. ``tar2sqfs``, which cannot write at an offset) has
+        just written next to *dest*: everything written so far is inserted in front of the
+        file's data with ``fallocate(FALLOC_FL_INSERT_RANGE)`` (ext4, XFS), so the partition's
+        bytes never move. The file is consumed: it becomes *dest* on :meth:`commit` and is
+        removed on :meth:`abort`. Where the file system cannot insert ranges, or the file lies
+        on another file system than *dest*, the content is copied instead and the file removed.
+        No object may be added after this one.
+        """
+        if spec.path is None or spec.data is not None:
+            raise SIFError(f"{spec.label}: adopt takes a path and no data")
+        src = Path(spec.path)
+        try:
+            src_fd = os.open(src, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SIFError(f"{spec.label}: cannot open {src}: {exc.strerror}") from exc
+        st = os.fstat(src_fd)
+        default = PARTITION_ALIGNMENT if spec.datatype == DataType.PARTITION else 0
+        # an inserted range must be a whole number of file-system blocks
+        alignment = math.lcm(spec.alignment or default or 1, st.st_blksize)
+
+        def insert_in_front(_spec: ObjectSpec, offset: int) -> int:
+            try:
+                if st.st_size == 0 or st.st_dev != os.stat(self.dest.parent).st_dev:
+                    raise OSError(errno.EXDEV, "not on the destination's file system")
+                _insert_range(src_fd, offset)
+            except OSError as exc:
+                raise _NoInsertRange(exc.strerror) from exc
+            # the file now starts with a hole of *offset* bytes: fill in what precedes the object
+            _copy_into(src_fd, self._fd, 0, self.temp_path, length=self._cursor)
+            return st.st_size
+
+        try:
+            desc = self._place(dataclasses.replace(spec, alignment=alignment), insert_in_front)
+        except _NoInsertRange as exc:
+            os.close(src_fd)
+            log.debug("%s: cannot insert in front of %s (%s); copying it", self.dest, src, exc)
+            try:
+                desc = self.add(spec)
+            finally:
+                src.unlink(missing_ok=True)
+        except BaseException:
+            os.close(src_fd)
+            src.unlink(missing_ok=True)
+            raise
+        else:
+            # from now on the adopted file is the image under construction
+            os.close(self._fd)
+            self.temp_path.unlink()
+            self._fd, self.temp_path = src_fd, src
+        self._sealed = True
+        return desc
+
     def _write_content(self, spec: ObjectSpec, offset: int) -> int:
         if spec.data is not None:
             _pwrite_all(self._fd, spec.data, offset)
@@ -204,6 +263,8 @@ class SIFWriter:
 
     def _place(self, spec: ObjectSpec, write: Callable[[ObjectSpec, int], int]) -> Descriptor:
         """Check *spec*, pick its slot and offset, have *write* store the content, record it."""
+        if self._sealed:
+            raise SIFError(f"{spec.label}: no object can follow an adopted one")
         extra = self._extra(spec)
         slot = next((i for i, d in enumerate(self.slots) if d is None), None)
         if slot is None:
@@ -360,12 +421,16 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _copy_into(dst: int, src: int, offset: int, src_path: Path) -> int:
-    """Copy all of *src* into *dst* at *offset* inside the kernel; returns the byte count."""
+def _copy_into(dst: int, src: int, offset: int, src_path: Path, length: int | None = None) -> int:
+    """Copy *src* (all of it, or its first *length* bytes) into *dst* at *offset*, in the kernel."""
     copied = 0
+
+    def count() -> int:
+        return _COPY_CHUNK if length is None else min(_COPY_CHUNK, length - copied)
+
     try:
         try:
-            while n := os.copy_file_range(src, dst, _COPY_CHUNK, copied, offset + copied):
+            while count() and (n := os.copy_file_range(src, dst, count(), copied, offset + copied)):
                 copied += n
             return copied
         except OSError as exc:
@@ -373,11 +438,26 @@ def _copy_into(dst: int, src: int, offset: int, src_path: Path) -> int:
             if copied or exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
         os.lseek(dst, offset, os.SEEK_SET)
-        while n := os.sendfile(dst, src, copied, _COPY_CHUNK):
+        while count() and (n := os.sendfile(dst, src, copied, count())):
             copied += n
         return copied
     except OSError as exc:
         raise SIFError(f"cannot copy {src_path} into the image: {exc.strerror}") from exc
+
+
+class _NoInsertRange(Exception):
+    """The file system cannot insert a range into the file (nothing was changed)."""
+
+
+def _insert_range(fd: int, length: int) -> None:
+    """Shift all data of *fd* up by *length* bytes, leaving a hole at the start (no copy)."""
+    import ctypes  # only the in-place conversion needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _fsync_dir(directory: Path) -> None:

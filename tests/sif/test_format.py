@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -106,7 +107,8 @@ def test_descriptor_pack_masks_and_extras() -> None:
     assert int.from_bytes(raw[9:13], "little") == GROUP_MASK  # "no group" still carries the mask
     assert int.from_bytes(raw[13:17], "little") == GROUP_MASK | 1  # link to group 1
     back = Descriptor.unpack(raw)
-    assert back == Descriptor(**{**d.__dict__, "extra": d.extra.ljust(384, b"\x00")})
+    assert back == d
+    assert len(back.extra) == 384
     assert back.hashtype == HashType.SHA384
     assert back.entity == bytes(range(20))
     assert back.fstype is None and back.arch is None
@@ -393,16 +395,23 @@ def _mounted_read(sif: Path, offset: int, mnt: Path, name: str) -> bytes:
 
 @needs_squashfs
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["path", "external"])
+@pytest.mark.parametrize("how", ["path", "external", "adopt"])
 def test_squashfs_partition_mounts(tmp_path: Path, how: str) -> None:
     root = tmp_path / "root"
     _squashfs_tree(root)
     sif = tmp_path / "img.sif"
     mksquashfs = ["mksquashfs", str(root), "-noappend", "-quiet", "-no-progress", "-comp", "gzip"]
     deffile = ObjectSpec(DataType.DEFFILE, data=b"bootstrap: scratch\n")
-    if how == "path":
+    if how in ("path", "adopt"):
         subprocess.run([*mksquashfs[:2], str(tmp_path / "fs.sqfs"), *mksquashfs[2:]], check=True)
-        write_sif(sif, [deffile, ObjectSpec(DataType.PARTITION, path=tmp_path / "fs.sqfs")])
+        fs_spec = ObjectSpec(DataType.PARTITION, path=tmp_path / "fs.sqfs")
+    if how == "path":
+        write_sif(sif, [deffile, fs_spec])
+    elif how == "adopt":
+        with SIFWriter(sif) as w:
+            w.add(deffile)
+            w.adopt(fs_spec)
+            w.commit()
     else:
         with SIFWriter(sif) as w:
             w.add(deffile)
@@ -420,6 +429,48 @@ def test_squashfs_partition_mounts(tmp_path: Path, how: str) -> None:
         assert img.file_size == part.offset + part.size
     assert _mounted_read(sif, part.offset, tmp_path / "mnt", "etc/motd") == b"hello from the SIF\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["in-place", "other-fs"])
+def test_adopt_inserts_in_front_without_copying(tmp_path: Path, elsewhere: bool) -> None:
+    content = os.urandom(3 * 4096 + 123)
+    where = Path(tempfile.mkdtemp(dir="/dev/shm")) if elsewhere else tmp_path
+    src = where / "fs.sqfs"
+    src.write_bytes(content)
+    inode = src.stat().st_ino
+    try:
+        with SIFWriter(tmp_path / "img.sif", created=FIXED_TIME) as w:
+            w.add(ObjectSpec(DataType.DEFFILE, data=b"bootstrap: x\n"))
+            w.add(ObjectSpec(DataType.GENERIC_JSON, data=b"{}" * 3000, name="inspect-metadata.json"))
+            part = w.adopt(ObjectSpec(DataType.PARTITION, path=src))
+            with pytest.raises(SIFError, match="no object can follow an adopted one"):
+                w.add(ObjectSpec(DataType.GENERIC, data=b"late"))
+            dest = w.commit()
+        assert not src.exists()  # consumed either way
+        # on ext4/XFS the partition file itself became the image; elsewhere it was copied
+        assert (dest.stat().st_ino == inode) is not elsewhere
+        assert dest.stat().st_mode & 0o777 == 0o755
+        with SIFImage.open(dest) as img:
+            assert [d.id for d in img.descriptors] == [1, 2, 3]
+            assert img.primary_partition() == part and part.offset % 4096 == 0
+            assert img.read_object(part) == content
+            assert img.read_object(img.get(2)) == b"{}" * 3000
+            assert img.file_size == part.offset + len(content)
+            assert img.header.data_size == img.file_size - DATA_OFFSET
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["img.sif"]
+    finally:
+        if elsewhere:
+            shutil.rmtree(where)
+
+
+def test_adopt_failure_leaves_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "fs.sqfs"
+    src.write_bytes(b"hsqs" * 2000)
+    with SIFWriter(tmp_path / "img.sif") as w:
+        w.add(ObjectSpec(DataType.PARTITION, data=b"first"))
+        with pytest.raises(SIFError, match="already has a primary system partition"):
+            w.adopt(ObjectSpec(DataType.PARTITION, path=src))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_readable_size() -> None:

@@ -16,7 +16,7 @@ import pytest
 from hpcsif.sif.format import DataType, FSType, PartType
 from hpcsif.sif.listing import format_header, format_info, format_list
 from hpcsif.sif.reader import SIFImage
-from hpcsif.sif.writer import ObjectSpec, add_objects, write_sif
+from hpcsif.sif.writer import ObjectSpec, SIFWriter, add_objects, write_sif
 
 APPTAINER = shutil.which("apptainer") or shutil.which("peer-apptainer")
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -88,6 +88,18 @@ def test_apptainer_inspects_and_runs_our_sif(our_sif: Path) -> None:
     assert apptainer("exec", our_sif, "/bin/busybox", "cat", "/hello.txt").stdout == "hello from hpcsif\n"
     failing = apptainer("exec", our_sif, "/bin/busybox", "false", check=False)
     assert failing.returncode == 1
+
+
+def test_apptainer_runs_sif_built_around_its_partition(tmp_path: Path) -> None:
+    """The zero-copy path (SIFWriter.adopt) yields a SIF Apptainer runs."""
+    fs = _squashfs(tmp_path)
+    with SIFWriter(tmp_path / "adopted.sif") as writer:
+        writer.add(ObjectSpec(DataType.DEFFILE, data=b"bootstrap: scratch\n"))
+        writer.adopt(ObjectSpec(DataType.PARTITION, path=fs))
+        sif = writer.commit()
+    with SIFImage.open(sif) as img:
+        assert apptainer("sif", "list", sif).stdout == format_list(img)
+    assert apptainer("exec", sif, "/bin/busybox", "cat", "/hello.txt").stdout == "hello from hpcsif\n"
 
 
 def test_we_read_objects_apptainer_adds(our_sif: Path, tmp_path: Path) -> None:
