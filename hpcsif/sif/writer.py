@@ -83,8 +83,8 @@ class SIFWriter:
     Use :func:`write_sif`, :func:`add_objects` or :func:`remove_objects` for the common cases;
     use this class directly to let an external program write an object in place
     (:meth:`add_external`, e.g. ``mksquashfs -o OFFSET``) or to build the image around a
-    squashfs file without copying it (:meth:`adopt`, e.g. after ``tar2sqfs``). As a context manager it aborts (removes the temp file) unless
-    :meth:`commit` ran.
+    squashfs file without copying it (:meth:`adopt`, e.g. after ``tar2sqfs``). As a context
+    manager it aborts (removes the temp file) unless :meth:`commit` ran.
     """
 
     def __init__(
