@@ -1,0 +1,107 @@
+"""Registry credentials: where they come from, in Apptainer's order, and how they stay secret.
+
+Order: explicit credentials (``--docker-login`` prompt, passed in by the CLI), then
+``HPCSIF_DOCKER_USERNAME``/``HPCSIF_DOCKER_PASSWORD``, ``APPTAINER_DOCKER_*``,
+``SINGULARITY_DOCKER_*``, then the ``auths`` of ``$DOCKER_CONFIG/config.json`` (default
+``~/.docker/config.json``) for the registry. Passwords are never logged, printed or written:
+:class:`Credentials` hides the password from ``repr`` and log lines name only where the
+credentials came from.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcsif.refs import DOCKER_HUB
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIXES = ("HPCSIF", "APPTAINER", "SINGULARITY")
+#: keys Docker Hub credentials may be stored under in config.json
+_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and password (or identity token) for one registry; ``source`` says where from."""
+
+    username: str
+    password: str = field(repr=False)
+    source: str = "explicit"
+
+    def __str__(self) -> str:
+        return f"user {self.username!r} from {self.source}"
+
+
+def from_env(environ: dict[str, str] | None = None) -> Credentials | None:
+    """Credentials from ``{HPCSIF,APPTAINER,SINGULARITY}_DOCKER_USERNAME/PASSWORD``, first pair set."""
+    env = os.environ if environ is None else environ
+    for prefix in ENV_PREFIXES:
+        user, password = env.get(f"{prefix}_DOCKER_USERNAME"), env.get(f"{prefix}_DOCKER_PASSWORD")
+        if user and password is not None:
+            return Credentials(user, password, f"${prefix}_DOCKER_USERNAME/PASSWORD")
+        if user or password:
+            log.warning(
+                "%s_DOCKER_USERNAME and %s_DOCKER_PASSWORD must both be set; ignoring", prefix, prefix
+            )
+    return None
+
+
+def docker_config_path() -> Path:
+    """``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def _config_keys(registry: str) -> tuple[str, ...]:
+    if registry == DOCKER_HUB:
+        return _HUB_KEYS
+    return (registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/")
+
+
+def from_docker_config(registry: str, path: Path | None = None) -> Credentials | None:
+    """Credentials for ``registry`` from a Docker ``config.json`` ``auths`` entry."""
+    path = path or docker_config_path()
+    try:
+        auths = json.loads(path.read_text()).get("auths") or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("ignoring unreadable Docker config %s: %s", path, exc)
+        return None
+    for key in _config_keys(registry):
+        entry = auths.get(key)
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("identitytoken"):
+            # an OAuth refresh token: the token server takes it with the "<token>" user name
+            return Credentials("<token>", entry["identitytoken"], f"{path} (identity token)")
+        if entry.get("auth"):
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                log.warning("ignoring malformed auth entry for %s in %s", key, path)
+                continue
+            return Credentials(user, password, str(path))
+        if entry.get("username") and entry.get("password") is not None:
+            return Credentials(entry["username"], entry["password"], str(path))
+    return None
+
+
+def find_credentials(registry: str, explicit: Credentials | None = None) -> Credentials | None:
+    """The credentials to use for ``registry``, in the documented order (None: anonymous)."""
+    creds = explicit or from_env() or from_docker_config(registry)
+    if creds:
+        log.debug("using registry credentials for %s: %s", registry, creds)
+    return creds
+
+
+def auth_hint() -> str:
+    """How a user provides credentials (for 'authentication required' messages)."""
+    return "set HPCSIF_DOCKER_USERNAME and HPCSIF_DOCKER_PASSWORD or use --docker-login"

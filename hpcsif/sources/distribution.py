@@ -1,0 +1,460 @@
+"""A client for the OCI distribution API (``/v2/``) on one :class:`requests.Session`.
+
+* ``/v2/`` ping, then Basic auth or the Bearer token flow from the ``WWW-Authenticate``
+  challenge, anonymous or with credentials, one token per repository scope, reused until
+  it expires;
+* manifests by tag or digest (verified), blobs streamed into an
+  :class:`~hpcsif.image.store.OCIStore` and verified while streaming, uploads for ``push``;
+* retries with exponential backoff on connection errors, 5xx and 429 (``Retry-After`` is
+  honoured), resume of an interrupted blob with ``Range``, and a blob that ends short or
+  hashes wrong is discarded and fetched again, never kept;
+* redirects (to blob storage) are followed by requests, which drops the ``Authorization``
+  header when the host changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from hpcsif import __version__
+from hpcsif.errors import AuthError, IntegrityError, NetworkError, NotFoundError, RegistryError
+from hpcsif.image import mediatypes as mt
+from hpcsif.image.digest import CHUNK, check_digest
+from hpcsif.image.model import Descriptor
+from hpcsif.image.store import BlobWriter, OCIStore
+from hpcsif.refs import DOCKER_HUB
+from hpcsif.sources.credentials import Credentials, auth_hint
+
+log = logging.getLogger(__name__)
+
+MANIFEST_ACCEPT = ", ".join(
+    [
+        mt.OCI_INDEX,
+        mt.OCI_MANIFEST,
+        mt.DOCKER_MANIFEST_LIST,
+        mt.DOCKER_MANIFEST,
+        # accepted only so that a schema 1 image is refused with a clear message
+        mt.DOCKER_MANIFEST_V1_SIGNED,
+        mt.DOCKER_MANIFEST_V1,
+    ]
+)
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_MANIFEST = 4 << 20
+_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+#: a request body: bytes, or a callable that opens a fresh file-like body for each try
+Body = bytes | Callable[[], Any] | None
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+def api_host(registry: str) -> str:
+    """The host serving the API for a registry name (Docker Hub's API is on registry-1)."""
+    return "registry-1.docker.io" if registry == DOCKER_HUB else registry
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """Split ``Bearer realm="…",service="…"`` into ("bearer", {realm, service, …})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+def retry_after(resp: requests.Response, cap: float = 60.0) -> float | None:
+    """The delay a 429/503 ``Retry-After`` header asks for (seconds or an HTTP date), capped."""
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        delay = float(value)
+    except ValueError:
+        try:
+            delay = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, min(delay, cap))
+
+
+def error_text(resp: requests.Response) -> str:
+    """The registry's error message(s) from a JSON error body, else the HTTP reason."""
+    try:
+        errors = resp.json().get("errors") or []
+        text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
+    except (ValueError, AttributeError):
+        text = ""
+    return text or f"HTTP {resp.status_code} {resp.reason}"
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float
+
+
+class _RestartBlob(Exception):
+    """The server ignored our Range request; the partial download must start over."""
+
+
+class RegistryClient:
+    """Talks to one registry endpoint. Thread-safe for parallel blob downloads."""
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+        endpoint: str | None = None,
+        retries: int = 5,
+        timeout: float = 60.0,
+        backoff: float = 0.5,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.registry = registry
+        self.base = (endpoint or f"{'http' if insecure else 'https'}://{api_host(registry)}").rstrip("/")
+        self.credentials = credentials
+        self.retries = retries
+        self.timeout = timeout
+        self.backoff = backoff
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = f"hpcsif/{__version__}"
+        self._lock = threading.Lock()
+        self._challenge: tuple[str, dict[str, str]] | None = None
+        self._pinged = False
+        self._tokens: dict[str, _Token] = {}
+
+    # -- low level ---------------------------------------------------------------------------
+    def _sleep(self, attempt: int, resp: requests.Response | None = None) -> None:
+        delay = retry_after(resp) if resp is not None else None
+        if delay is None:
+            delay = min(self.backoff * (2**attempt), 30.0)
+        log.debug("retrying in %.1f s", delay)
+        time.sleep(delay)
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        data: Body = None,
+        auth_header: str | None = None,
+    ) -> requests.Response:
+        """One request with retries on connection errors, 429 and 5xx.
+
+        ``data`` is bytes or a callable that opens a fresh body (a file) for every try.
+        """
+        hdrs = dict(headers or {})
+        if auth_header:
+            hdrs["Authorization"] = auth_header
+        for attempt in range(self.retries + 1):
+            try:
+                body = data() if callable(data) else data
+                try:
+                    resp = self.session.request(
+                        method, url, headers=hdrs, stream=stream, data=body, timeout=self.timeout
+                    )
+                finally:
+                    if hasattr(body, "close"):
+                        body.close()
+            except _TRANSIENT as exc:
+                if attempt >= self.retries:
+                    raise NetworkError(f"{method} {_redact(url)}: {exc}") from None
+                log.warning("%s %s failed (%s); retrying", method, _redact(url), type(exc).__name__)
+                self._sleep(attempt)
+                continue
+            if resp.status_code in RETRY_STATUS and attempt < self.retries:
+                log.warning(
+                    "%s %s: HTTP %d; retrying (%d/%d)",
+                    method,
+                    _redact(url),
+                    resp.status_code,
+                    attempt + 1,
+                    self.retries,
+                )
+                self._sleep(attempt, resp)
+                resp.close()
+                continue
+            return resp
+        raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _ping(self) -> None:
+        """``GET /v2/`` once, to learn how this registry wants to be authenticated."""
+        if self._pinged:
+            return
+        resp = self._send("GET", f"{self.base}/v2/")
+        if resp.status_code == 401:
+            header = resp.headers.get("WWW-Authenticate", "")
+            self._challenge = parse_challenge(header) if header else ("basic", {})
+        elif resp.status_code == 404:
+            raise RegistryError(f"{self.base}: not a registry (GET /v2/ answered 404)")
+        elif resp.status_code >= 400:
+            raise RegistryError(f"{self.base}/v2/: {error_text(resp)}")
+        resp.close()
+        self._pinged = True
+
+    def _auth_header(self, scope: str, *, fresh: bool = False) -> str | None:
+        self._ping()
+        if self._challenge is None:
+            return None
+        scheme, params = self._challenge
+        if scheme == "basic":
+            if not self.credentials:
+                return None
+            raw = f"{self.credentials.username}:{self.credentials.password}".encode()
+            return "Basic " + base64.b64encode(raw).decode()
+        if scheme == "bearer":
+            return "Bearer " + self._token(scope, params, fresh=fresh)
+        raise RegistryError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
+
+    def _token(self, scope: str, params: dict[str, str], *, fresh: bool) -> str:
+        with self._lock:
+            tok = self._tokens.get(scope)
+            if tok and not fresh and tok.expires > time.monotonic():
+                return tok.value
+        realm = params.get("realm")
+        if not realm:
+            raise AuthError(f"{self.registry}: Bearer challenge without a realm")
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        auth = (self.credentials.username, self.credentials.password) if self.credentials else None
+        log.debug("requesting a token for %s from %s", scope, realm)
+        try:
+            resp = self.session.get(realm, params=query, auth=auth, timeout=self.timeout)
+        except _TRANSIENT as exc:
+            raise NetworkError(f"token request to {realm} failed: {exc}") from None
+        if resp.status_code in (401, 403):
+            raise self._auth_error(scope)
+        if resp.status_code >= 400:
+            raise RegistryError(f"token request to {realm} failed: {error_text(resp)}")
+        try:
+            body = resp.json()
+            value = body.get("token") or body["access_token"]
+            lifetime = float(body.get("expires_in") or 60)
+        except (ValueError, KeyError, TypeError):
+            raise RegistryError(f"token server {realm} sent an unreadable answer") from None
+        with self._lock:
+            # renew a little before the server's expiry
+            self._tokens[scope] = _Token(value, time.monotonic() + max(lifetime - 10, lifetime / 2))
+        return value
+
+    def _auth_error(self, scope: str) -> AuthError:
+        name = scope.split(":")[1] if scope.count(":") >= 2 else scope
+        where = f"{self.registry}/{name}"
+        if self.credentials:
+            return AuthError(
+                f"authentication failed for {where}: the registry refused {self.credentials} "
+                "(check the user name and password, and that the repository exists)"
+            )
+        return AuthError(f"authentication required for {where}: {auth_hint()}")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        data: Body = None,
+        absolute: bool = False,
+    ) -> requests.Response:
+        """An authenticated request to ``path`` (under ``/v2/``); renews the auth once on 401."""
+        url = path if absolute else f"{self.base}/v2/{path}"
+        resp = self._send(
+            method, url, headers=headers, stream=stream, data=data, auth_header=self._auth_header(scope)
+        )
+        if resp.status_code == 401:
+            resp.close()
+            header = resp.headers.get("WWW-Authenticate", "")
+            if header:
+                # the challenge may differ per repository (a new realm or scope)
+                self._challenge = parse_challenge(header)
+            if self._challenge and (self.credentials or self._challenge[0] == "bearer"):
+                resp = self._send(
+                    method,
+                    url,
+                    headers=headers,
+                    stream=stream,
+                    data=data,
+                    auth_header=self._auth_header(scope, fresh=True),
+                )
+        if resp.status_code in (401, 403):
+            resp.close()
+            raise self._auth_error(scope)
+        return resp
+
+    # -- manifests -----------------------------------------------------------------------------
+    def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str]:
+        """Fetch a manifest or index by tag or digest; returns (bytes, media type, digest)."""
+        resp = self.request(
+            "GET",
+            f"{repo}/manifests/{reference}",
+            scope=f"repository:{repo}:pull",
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        where = f"{self.registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+        if resp.status_code == 404:
+            raise NotFoundError(f"{where}: manifest unknown ({error_text(resp)})")
+        if resp.status_code >= 400:
+            raise RegistryError(f"{where}: {error_text(resp)}")
+        data = resp.content
+        if len(data) > MAX_MANIFEST:
+            raise RegistryError(f"{where}: manifest of {len(data)} bytes is implausibly large")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise IntegrityError(f"{where}: manifest content hashes to {digest}")
+        header_digest = resp.headers.get("Docker-Content-Digest")
+        if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
+            raise IntegrityError(f"{where}: manifest hashes to {digest}, the registry says {header_digest}")
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        return data, media_type, digest
+
+    def head_manifest(self, repo: str, reference: str) -> tuple[str | None, str]:
+        """(digest the registry reports or None, media type) for a tag or digest, without the body."""
+        resp = self.request(
+            "HEAD",
+            f"{repo}/manifests/{reference}",
+            scope=f"repository:{repo}:pull",
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if resp.status_code == 404:
+            raise NotFoundError(f"{self.registry}/{repo}:{reference}: manifest unknown")
+        if resp.status_code >= 400:
+            raise RegistryError(f"{self.registry}/{repo}:{reference}: HTTP {resp.status_code}")
+        digest = resp.headers.get("Docker-Content-Digest")
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        return (digest if digest and digest.startswith("sha256:") else None), media_type
+
+    def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
+        """Upload a manifest under a tag (or its digest); returns its digest."""
+        resp = self.request(
+            "PUT",
+            f"{repo}/manifests/{reference}",
+            scope=f"repository:{repo}:pull,push",
+            headers={"Content-Type": media_type},
+            data=data,
+        )
+        if resp.status_code not in (200, 201, 202):
+            raise RegistryError(
+                f"{self.registry}/{repo}:{reference}: manifest upload failed: {error_text(resp)}"
+            )
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    # -- blobs ---------------------------------------------------------------------------------
+    def fetch_blob(self, repo: str, desc: Descriptor, store: OCIStore) -> None:
+        """Bring one blob into ``store``, verified; a present blob is skipped."""
+        check_digest(desc.digest)
+        if store.has_blob(desc.digest, desc.size):
+            log.info("Skipping fetch of repeat blob %s", desc.digest)
+            return
+        log.info("Copying blob %s", desc.digest)
+        where = f"{self.registry}/{repo}@{desc.digest}"
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                with store.blob_writer(desc.digest, desc.size) as writer:
+                    self._download(repo, desc, writer, where)
+                return
+            except (IntegrityError, _RestartBlob) as exc:
+                last = exc
+                log.warning("%s: discarding the download (%s); fetching it again", where, exc)
+                if attempt < self.retries:
+                    self._sleep(attempt)
+        raise IntegrityError(f"{where}: giving up after {self.retries + 1} downloads: {last}")
+
+    def _download(self, repo: str, desc: Descriptor, writer: BlobWriter, where: str) -> None:
+        """Stream the blob into ``writer``, resuming with ``Range`` after a broken connection."""
+        failures = 0
+        while True:
+            headers = {"Range": f"bytes={writer.size}-"} if writer.size else {}
+            resp = self.request(
+                "GET",
+                f"{repo}/blobs/{desc.digest}",
+                scope=f"repository:{repo}:pull",
+                headers=headers,
+                stream=True,
+            )
+            try:
+                if resp.status_code == 404:
+                    raise NotFoundError(f"{where}: blob unknown to the registry")
+                if resp.status_code >= 400:
+                    raise RegistryError(f"{where}: {error_text(resp)}")
+                if writer.size and resp.status_code != 206:
+                    raise _RestartBlob("the server does not support resuming with Range")
+                if writer.size and not resp.headers.get("Content-Range", "").startswith(
+                    f"bytes {writer.size}-"
+                ):
+                    raise _RestartBlob(
+                        f"the server resumed at the wrong offset ({resp.headers.get('Content-Range')})"
+                    )
+                for block in resp.iter_content(CHUNK):
+                    writer.write(block)
+                    if writer.size > desc.size:
+                        raise IntegrityError(f"{where}: more than the expected {desc.size} bytes")
+                return
+            except _TRANSIENT as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise NetworkError(f"{where}: download failed after {failures} tries: {exc}") from None
+                log.warning(
+                    "%s: connection lost after %d bytes (%s); resuming",
+                    where,
+                    writer.size,
+                    type(exc).__name__,
+                )
+                self._sleep(failures - 1)
+            finally:
+                resp.close()
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        """True if the registry already holds ``digest`` in ``repo``."""
+        resp = self.request("HEAD", f"{repo}/blobs/{digest}", scope=f"repository:{repo}:pull,push")
+        resp.close()
+        return resp.status_code == 200
+
+    def push_blob(self, repo: str, digest: str, size: int, data: Body) -> None:
+        """Upload one blob (monolithic POST then PUT), unless the registry has it already.
+
+        ``data`` is the bytes, or a callable opening the content afresh (retries re-read it).
+        """
+        if self.has_blob(repo, digest):
+            log.info("Skipping upload of repeat blob %s", digest)
+            return
+        scope = f"repository:{repo}:pull,push"
+        resp = self.request("POST", f"{repo}/blobs/uploads/", scope=scope)
+        resp.close()
+        if resp.status_code != 202 or not resp.headers.get("Location"):
+            raise RegistryError(f"{self.registry}/{repo}: cannot start a blob upload: {error_text(resp)}")
+        location = requests.compat.urljoin(f"{self.base}/v2/", resp.headers["Location"])
+        sep = "&" if "?" in location else "?"
+        resp = self.request(
+            "PUT",
+            f"{location}{sep}digest={digest}",
+            scope=scope,
+            absolute=True,
+            data=data,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
+        resp.close()
+        if resp.status_code not in (201, 204):
+            raise RegistryError(f"{self.registry}/{repo}: upload of {digest} failed: {error_text(resp)}")
+
+
+def _redact(url: str) -> str:
+    """A URL without its query string (upload URLs and signed redirects carry secrets there)."""
+    return url.split("?", 1)[0]

@@ -1,0 +1,180 @@
+"""``docker://[registry[:port]/][namespace/]repo[:tag|@digest]``: images from a registry.
+
+Manifests, indexes and config are stored byte-exact in the blob store; layers are fetched in
+parallel (``registry.parallel_downloads``, default 4). Plain HTTP is used only for registries
+listed in ``registry.insecure``, for loopback registries (as Docker does), or with
+``--nohttps`` (``insecure=True``), and never silently: an info line says so. Mirrors come from
+the ``registry.mirrors`` table (``"index.docker.io" = ["https://mirror.example"]``); each is
+tried in order before the registry itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from hpcsif.config import get_config
+from hpcsif.errors import SourceError
+from hpcsif.image import mediatypes as mt
+from hpcsif.image.model import Descriptor, Image
+from hpcsif.image.select import load_image, resolve_manifest
+from hpcsif.image.store import OCIStore
+from hpcsif.refs import Reference
+from hpcsif.sources import Source
+from hpcsif.sources.credentials import Credentials, find_credentials
+from hpcsif.sources.distribution import RegistryClient
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(registry: str) -> bool:
+    """True for ``localhost[:port]``, ``127.x.x.x[:port]`` and ``[::1]:port``."""
+    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_clients(
+    registry: str, *, credentials: Credentials | None = None, insecure: bool = False, **kwargs: Any
+) -> list[RegistryClient]:
+    """Clients for the configured mirrors of ``registry`` (in order), then the registry itself."""
+    cfg = get_config()
+    creds = find_credentials(registry, credentials)
+    plain = insecure or registry in (cfg.get("registry.insecure") or []) or is_loopback(registry)
+    if plain:
+        why = "--nohttps" if insecure else ("registry.insecure" if not is_loopback(registry) else "loopback")
+        log.info("using plain HTTP for registry %s (%s)", registry, why)
+    opts = {
+        "retries": int(cfg.get("registry.retries", 5)),
+        "timeout": float(cfg.get("registry.timeout", 60)),
+        **kwargs,
+    }
+    clients = [
+        RegistryClient(
+            registry,
+            credentials=find_credentials(mirror.split("://")[-1], credentials),
+            endpoint=mirror,
+            **opts,
+        )
+        for mirror in (cfg.get("registry.mirrors") or {}).get(registry, [])
+    ]
+    clients.append(RegistryClient(registry, credentials=creds, insecure=plain, **opts))
+    return clients
+
+
+class RegistrySource(Source):
+    """Fetches images from a registry through the distribution API.
+
+    Options: ``credentials`` (:class:`Credentials`, e.g. from ``--docker-login``),
+    ``insecure`` (``--nohttps``), ``parallel_downloads``, ``retries``, ``timeout``.
+    """
+
+    def _clients(self, ref: Reference) -> list[RegistryClient]:
+        """The clients for ``ref``'s registry, kept so that resolve and fetch share tokens."""
+        cache: dict[str, list[RegistryClient]] = self.__dict__.setdefault("_client_cache", {})
+        registry = ref.registry or ""
+        if registry not in cache:
+            extra = {k: self.options[k] for k in ("retries", "timeout", "backoff") if k in self.options}
+            cache[registry] = make_clients(
+                registry,
+                credentials=self.options.get("credentials"),  # type: ignore[arg-type]
+                insecure=bool(self.options.get("insecure")),
+                **extra,
+            )
+        return cache[registry]
+
+    def _with_fallback(self, ref: Reference, fn: Any) -> Any:
+        """Run ``fn(client)`` on each mirror, then the registry; the first success wins."""
+        clients = self._clients(ref)
+        for client in clients[:-1]:
+            try:
+                return fn(client)
+            except SourceError as exc:
+                log.info("mirror %s failed for %s (%s); trying the next", client.base, ref, exc)
+        return fn(clients[-1])
+
+    def _manifest(
+        self, client: RegistryClient, ref: Reference, store: OCIStore | None
+    ) -> tuple[Descriptor, dict[str, Any]]:
+        """The platform's image manifest; manifests and indexes are stored when ``store`` is given.
+
+        The tag is resolved first, so every nested document is fetched and verified by digest.
+        """
+        repo, where = ref.repository or "", str(ref)
+        docs: dict[str, dict[str, Any]] = {}
+
+        def get(reference: str) -> Descriptor:
+            data, media_type, digest = client.get_manifest(repo, reference)
+            try:
+                doc = json.loads(data)
+            except ValueError as exc:
+                raise SourceError(f"{where}: manifest {digest} is not valid JSON: {exc}") from None
+            if not isinstance(doc, dict):
+                raise SourceError(f"{where}: manifest {digest} is not a JSON object")
+            if store is not None and not store.has_blob(digest, len(data)):
+                store.put_bytes(data, digest)
+            docs[digest] = doc
+            return Descriptor(media_type=doc.get("mediaType") or media_type, digest=digest, size=len(data))
+
+        def read(desc: Descriptor) -> dict[str, Any]:
+            if desc.digest not in docs:
+                get(desc.digest)
+            return docs[desc.digest]
+
+        return resolve_manifest(get(ref.digest or ref.reference), read, self.platform, where)
+
+    def resolve(self, ref: Reference) -> str:
+        """The digest of the image manifest for our platform (indexes are followed)."""
+        if ref.digest:
+            desc, _ = self._with_fallback(ref, lambda c: self._manifest(c, ref, None))
+            return desc.digest
+
+        # a tag that names a single-platform manifest resolves with one HEAD request
+        def head_or_get(client: RegistryClient) -> str:
+            digest, media_type = client.head_manifest(ref.repository or "", ref.reference)
+            if digest and media_type in mt.MANIFEST_TYPES:
+                return digest
+            return self._manifest(client, ref, None)[0].digest
+
+        return self._with_fallback(ref, head_or_get)
+
+    def fetch(self, ref: Reference, store: OCIStore) -> Image:
+        """Fetch manifest, config and layers (in parallel) into ``store``."""
+        return self._with_fallback(ref, lambda client: self._fetch(client, ref, store))
+
+    def _fetch(self, client: RegistryClient, ref: Reference, store: OCIStore) -> Image:
+        repo = ref.repository or ""
+        mdesc, manifest = self._manifest(client, ref, store)
+        config = Descriptor.from_json(manifest["config"])
+        layers = [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
+        for layer in layers:
+            if layer.media_type in (mt.SIF_LAYER,) or config.media_type == mt.SIF_CONFIG:
+                raise SourceError(f"{ref}: this is a SIF pushed as an ORAS artifact; pull it with oras://")
+        workers = int(
+            self.options.get("parallel_downloads") or get_config().get("registry.parallel_downloads", 4)
+        )
+        blobs = [config, *sorted(layers, key=lambda d: -d.size)]  # biggest first: shortest wall time
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hpcsif-blob") as pool:
+            futures = [pool.submit(client.fetch_blob, repo, d, store) for d in blobs]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        name = (
+            f"{ref.registry}/{repo}"
+            + (f":{ref.tag}" if ref.tag else "")
+            + (f"@{ref.digest}" if ref.digest else "")
+        )
+        store.add_to_index(Descriptor(mdesc.media_type or mt.OCI_MANIFEST, mdesc.digest, mdesc.size), name)
+        return load_image(store, mdesc, self.platform, str(ref))
