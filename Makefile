@@ -1,0 +1,38 @@
+# Two entry points for a fresh Debian 12 machine (run as root, or with sudo for the apt step):
+#   make demo   installs what is missing, builds a demo image from local files, converts it through
+#               the cache and runs it (offline)
+#   make test   installs what is missing and runs the whole test suite (starts its own services)
+
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+PYTEST_ARGS ?=
+
+# Debian packages the runtime, the demo and the tests need
+APT_PACKAGES = squashfs-tools squashfs-tools-ng squashfuse fuse3 bubblewrap busybox-static \
+	skopeo umoci zstd pigz docker-registry apache2-utils podman \
+	slurm-wlm slurm-client munge libslurm-dev gcc make \
+	openssh-server openssh-client debootstrap util-linux procps psmisc iproute2
+
+.PHONY: deps apt-deps py-deps demo test lint bench
+
+apt-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+py-deps:
+	$(PIP) install -q -e '.[test]'
+
+deps: apt-deps py-deps
+
+demo: deps
+	$(PYTHON) -m hpcsif.demo
+
+test: deps
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+lint:
+	ruff check hpcsif tests benchmarks
+	ruff format --check hpcsif tests benchmarks

@@ -1,0 +1,83 @@
+"""Generated runscripts and environment scripts, executed by a real /bin/sh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcsif.sif import metadata as md
+
+ECHO_ARGS = 'for a in "$@"; do printf "[%s]" "$a"; done'
+
+
+def run_script(tmp_path: Path, script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    path = tmp_path / "script"
+    path.write_text(script)
+    path.chmod(0o755)
+    return subprocess.run(
+        ["/bin/sh", str(path), *args], capture_output=True, text=True, check=True, env=env
+    ).stdout
+
+
+# ENTRYPOINT/CMD combinations: (entrypoint, cmd, args, expected words)
+CASES = [
+    (["/bin/sh", "-c", ECHO_ARGS, "ep"], None, [], ""),
+    (["/bin/sh", "-c", ECHO_ARGS, "ep"], None, ["a b", "c"], "[a b][c]"),
+    (None, ["/bin/sh", "-c", ECHO_ARGS, "cmd", "x y"], [], "[x y]"),
+    (
+        None,
+        ["/bin/sh", "-c", "exit 9"],
+        ["/bin/sh", "-c", ECHO_ARGS, "s", "q'uote", 'd"q', "$HOME"],
+        "[q'uote][d\"q][$HOME]",
+    ),
+    (["/bin/sh", "-c", ECHO_ARGS, "ep"], ["default arg", "two"], [], "[default arg][two]"),
+    (["/bin/sh", "-c", ECHO_ARGS, "ep"], ["default"], ["given", "it's"], "[given][it's]"),
+    ("echo shell-form $0", None, [], "shell-form /bin/sh"),
+]
+
+
+@pytest.mark.parametrize(("entrypoint", "cmd", "args", "expected"), CASES)
+def test_runscript_precedence(tmp_path: Path, entrypoint, cmd, args, expected) -> None:
+    out = run_script(tmp_path, md.runscript_for(entrypoint, cmd), *args)
+    assert out.strip() == expected
+
+
+def test_runscript_without_entrypoint_or_cmd_runs_a_shell(tmp_path: Path) -> None:
+    assert run_script(tmp_path, md.runscript_for(None, None), "-c", "echo from-shell").strip() == "from-shell"
+
+
+def test_env_script_defaults_host_wins_path_from_image(tmp_path: Path) -> None:
+    env = ["PATH=/img/bin:/bin", "SPACED=a b  c", 'QUOTED=it\'s "q" $x', "HOSTWINS=image", "EMPTY=", "9BAD=x"]
+    script = (
+        md.env_script(env)
+        + 'printf "%s|%s|%s|%s|%s" "$PATH" "$SPACED" "$QUOTED" "$HOSTWINS" "${EMPTY-unset}"\n'
+    )
+    out = run_script(tmp_path, script, env={"PATH": "/usr/bin:/bin", "HOSTWINS": "host"})
+    assert out == '/img/bin:/bin|a b  c|it\'s "q" $x|host|'
+
+
+def test_metadata_objects_match_apptainers_shape() -> None:
+    config = {
+        "architecture": "amd64",
+        "config": {
+            "Env": ["A=1"],
+            "Entrypoint": ["/e"],
+            "Cmd": ["c"],
+            "Labels": {"x.y": "z"},
+            "WorkingDir": "/w",
+        },
+    }
+    meta = md.for_image(config, bootstrap="oci-archive", source="/in.tar", arch="amd64", now=0)
+    attrs = json.loads(meta.inspect_json())["data"]["attributes"]
+    assert set(attrs) >= {"environment", "labels", "runscript", "deffile", "startscript"}
+    assert attrs["labels"]["x.y"] == "z"
+    assert attrs["labels"]["org.label-schema.usage.singularity.deffile.bootstrap"] == "oci-archive"
+    assert attrs["labels"]["org.label-schema.build-date"] == "Thursday_01_January_1970_00:00:00_UTC"
+    assert meta.deffile == "bootstrap: oci-archive\nfrom: /in.tar\n"
+    assert json.loads(meta.oci_config_json())["WorkingDir"] == "/w"
+    paths = {f.path for f in meta.files()}
+    for name in ("runscript", "labels.json", "Singularity", "actions/run", "actions/exec", "env/99-base.sh"):
+        assert f"/.singularity.d/{name}" in paths
