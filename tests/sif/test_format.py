@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hpcsif.errors import SIFError
 from hpcsif.sif.format import (
@@ -121,6 +123,30 @@ def test_descriptor_pack_masks_and_extras() -> None:
     assert (part.fstype, part.parttype, part.arch) == (FSType.SQUASHFS, PartType.PRIMSYS, "s390x")
     assert part.group_id == 1 and not part.link_is_group
     assert part.hashtype is None
+
+
+@given(
+    datatype=st.sampled_from(list(DataType)),
+    ids=st.tuples(*[st.integers(0, 0x0FFFFFFF)] * 3),
+    link_is_group=st.booleans(),
+    numbers=st.tuples(*[st.integers(-(2**63), 2**63 - 1)] * 7),
+    name=st.text(max_size=32),
+    extra=st.binary(max_size=384),
+)
+def test_descriptor_round_trip_property(
+    datatype: DataType,
+    ids: tuple[int, int, int],
+    link_is_group: bool,
+    numbers: tuple[int, ...],
+    name: str,
+    extra: bytes,
+) -> None:
+    d = Descriptor(datatype, ids[0], ids[1], ids[2], link_is_group and ids[2] != 0, *numbers, name, extra)
+    raw = d.pack()
+    assert len(raw) == DESCRIPTOR_SIZE
+    back = Descriptor.unpack(raw)
+    assert back.name == name.rstrip("\x00")
+    assert back == Descriptor(**{**d.__dict__, "name": back.name})
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -353,12 +379,9 @@ def test_large_object_is_copied_by_the_kernel(tmp_path: Path) -> None:
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script],
-        check=True,
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True, text=True
     )
+    assert out.returncode == 0, out.stderr
     peak_kib = int(out.stdout)
     assert peak_kib < 100 * 1024, f"writer peak RSS {peak_kib} KiB for a {size >> 20} MiB object"
     big.unlink()
