@@ -77,9 +77,13 @@ class RegistrySource(Source):
     ``insecure`` (``--nohttps``), ``parallel_downloads``, ``retries``, ``timeout``.
     """
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._client_cache: dict[str, list[RegistryClient]] = {}
+
     def _clients(self, ref: Reference) -> list[RegistryClient]:
         """The clients for ``ref``'s registry, kept so that resolve and fetch share tokens."""
-        cache: dict[str, list[RegistryClient]] = self.__dict__.setdefault("_client_cache", {})
+        cache = self._client_cache
         registry = ref.registry or ""
         if registry not in cache:
             extra = {k: self.options[k] for k in ("retries", "timeout", "backoff") if k in self.options}

@@ -1,0 +1,117 @@
+"""Remote files: ``http(s)://`` with requests, every other scheme through fsspec.
+
+A download goes to a temporary file beside the destination, is fsynced and renamed into
+place, so a broken transfer never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from hpcsif.errors import NetworkError, NotFoundError, SourceError
+from hpcsif.image.digest import CHUNK
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@contextlib.contextmanager
+def atomic_output(dest: Path, mode: int = 0o644):  # -> Iterator[IO[bytes]]
+    """A temp file beside ``dest``; on success it is fsynced and renamed to ``dest``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _copy(src: IO[bytes], out: IO[bytes], total: int, progress: Progress | None) -> int:
+    done = 0
+    while block := src.read(CHUNK):
+        out.write(block)
+        done += len(block)
+        if progress:
+            progress("download", done, total or done)
+    return done
+
+
+def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, timeout: float) -> int:
+    import requests
+
+    from hpcsif.sources.distribution import RETRY_STATUS, retry_after
+
+    for attempt in range(retries + 1):
+        out.seek(0)
+        out.truncate()
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as resp:
+                if resp.status_code == 404:
+                    raise NotFoundError(f"{url}: not found (HTTP 404)")
+                if resp.status_code in RETRY_STATUS and attempt < retries:
+                    delay = retry_after(resp) or 0.5 * 2**attempt
+                    log.warning("%s: HTTP %d; retrying in %.1f s", url, resp.status_code, delay)
+                    time.sleep(delay)
+                    continue
+                if resp.status_code >= 400:
+                    raise SourceError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+                total = int(resp.headers.get("Content-Length") or 0)
+                resp.raw.decode_content = True
+                return _copy(resp.raw, out, total, progress)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if attempt >= retries:
+                raise NetworkError(f"{url}: download failed: {exc}") from None
+            log.warning("%s: %s; retrying", url, type(exc).__name__)
+    raise NetworkError(f"{url}: download failed after {retries + 1} tries")
+
+
+def _fsspec(url: str, out: IO[bytes], progress: Progress | None) -> int:
+    try:
+        import fsspec
+    except ImportError:
+        raise SourceError(f"{url}: fsspec is not installed (pip install fsspec)") from None
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        total = int(fs.size(path) or 0)
+        with fs.open(path, "rb") as src:
+            return _copy(src, out, total, progress)
+    except FileNotFoundError:
+        raise NotFoundError(f"{url}: no such file") from None
+    except ImportError as exc:
+        raise SourceError(f"{url}: the fsspec backend needs a missing package ({exc})") from None
+    except OSError as exc:
+        raise NetworkError(f"{url}: {exc}") from None
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+) -> Path:
+    """Copy the file at ``url`` to ``dest`` atomically; returns ``dest``."""
+    dest = Path(dest)
+    log.info("Downloading %s to %s", url, dest)
+    with atomic_output(dest) as out:
+        if url.split("://", 1)[0].lower() in ("http", "https"):
+            size = _http(url, out, progress, retries, timeout)
+        else:
+            size = _fsspec(url, out, progress)
+    log.info("Downloaded %d bytes", size)
+    return dest
