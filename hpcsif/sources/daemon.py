@@ -60,10 +60,7 @@ def connect(host: str | None = None, timeout: float = 300.0) -> http.client.HTTP
 def image_name(ref: Reference) -> str:
     """The name the daemon knows the image by (``busybox:latest``, ``team/app:1.2``)."""
     repo = ref.repository or ""
-    if ref.registry == DOCKER_HUB:
-        repo = repo.removeprefix("library/")
-    else:
-        repo = f"{ref.registry}/{repo}"
+    repo = repo.removeprefix("library/") if ref.registry == DOCKER_HUB else f"{ref.registry}/{repo}"
     return repo + (f"@{ref.digest}" if ref.digest else f":{ref.tag or 'latest'}")
 
 
