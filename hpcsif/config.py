@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "tag_ttl": 300,  # seconds a tag -> digest resolution is reused
         "lock_timeout": 3600,  # seconds to wait for another process's conversion
         "lock_mode": "fcntl",  # fcntl | excl (O_EXCL lock files + heartbeat, for NFS/Lustre)
+        "shared_lock_mode": "excl",  # lock mode on the shared tier (cache.shared_dir)
         "stale_lock_seconds": 120,
         "require_signed": False,
         "trusted_keys": [],

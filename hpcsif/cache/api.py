@@ -1,0 +1,258 @@
+"""``ensure_image`` and ``leased_image``: a cached SIF for any reference, converted once.
+
+A warm hit parses the reference, finds its digest (for tags: a record younger than
+``cache.tag_ttl``; for archives: a record keyed on the file's identity), stats the entry and
+checks it is trusted, with no network request. ``HPCSIF_OFFLINE=1`` (or ``offline=True``)
+never touches the network; ``cache_first`` uses a remembered tag at any age when there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcsif.cache.layout import CacheLayout, CacheRoot, cache_layout
+from hpcsif.cache.leases import acquire_lease
+from hpcsif.cache.store import Entry, Producer, SIFStore
+from hpcsif.cache.trust import check_trusted_path
+from hpcsif.config import env_flag, get_config
+from hpcsif.convert import ConvertOptions
+from hpcsif.errors import CacheError, OfflineError
+from hpcsif.image.store import atomic_write_bytes
+from hpcsif.refs import Reference, parse
+
+log = logging.getLogger(__name__)
+
+_LOCAL_FILES = ("docker-archive", "oci-archive")  # keyed on the input file's bytes
+_NO_NETWORK = ("oci", *_LOCAL_FILES)  # resolving these reads only local files
+
+
+@dataclass(frozen=True)
+class Request:
+    """One resolved request: what to build and under which key."""
+
+    ref: Reference
+    options: ConvertOptions
+    source_options: dict[str, Any]
+    digest: str
+    key: str
+    name: str
+
+    @property
+    def what(self) -> str:
+        """How messages name the image."""
+        return str(self.ref)
+
+
+def _record_path(root: CacheRoot, ident: str) -> Path:
+    return root.tags / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json")
+
+
+def _read_record(layout: CacheLayout, ident: str) -> dict[str, Any] | None:
+    for root in (layout.user, *([layout.system] if layout.system else [])):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(_record_path(root, ident).read_text())
+            if record.get("ident") == ident:
+                return record
+    return None
+
+
+def _write_record(root: CacheRoot, ident: str, digest: str) -> None:
+    record = {"ident": ident, "digest": digest, "resolved": time.time()}
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(_record_path(root, ident), json.dumps(record).encode())
+
+
+def _identity(ref: Reference, options: ConvertOptions, source_options: dict[str, Any]) -> str:
+    """What a tag record is keyed on: the reference, platform, and for local files their identity."""
+    ident: dict[str, Any] = {"ref": str(ref), "platform": str(options.platform)}
+    if source_options:
+        ident["source"] = sorted((k, repr(v)) for k, v in source_options.items())
+    if ref.transport in _LOCAL_FILES:
+        st = os.stat(ref.path or "")
+        ident["file"] = [os.path.realpath(ref.path or ""), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    return json.dumps(ident, sort_keys=True)
+
+
+def _resolve_digest(
+    layout: CacheLayout,
+    ref: Reference,
+    options: ConvertOptions,
+    source_options: dict[str, Any],
+    *,
+    offline: bool,
+    cache_first: bool,
+) -> str:
+    """The content digest of ``ref``, from a record when one is fresh enough, else from its source."""
+    from hpcsif.sources import get_source
+
+    if ref.is_registry and ref.digest:
+        return ref.digest
+    if ref.transport == "oci":  # reading the layout's index is as cheap as a record
+        return get_source(ref, platform=options.platform, **source_options).resolve(ref)
+    try:
+        ident = _identity(ref, options, source_options)
+    except FileNotFoundError:
+        raise CacheError(f"{ref.raw}: no such file {ref.path}") from None
+    record = _read_record(layout, ident)
+    if record:
+        # local files: the record is valid as long as the file is unchanged (it is in the ident)
+        age = time.time() - float(record.get("resolved", 0))
+        if (
+            ref.transport in _LOCAL_FILES
+            or offline
+            or cache_first
+            or age <= float(get_config().get("cache.tag_ttl"))
+        ):
+            return str(record["digest"])
+    if offline and ref.transport not in _NO_NETWORK:
+        raise OfflineError(f"{ref}: not in the cache, and offline mode forbids asking the registry")
+    digest = get_source(ref, platform=options.platform, **source_options).resolve(ref)
+    _write_record(layout.user, ident, digest)
+    return digest
+
+
+def _request(
+    layout: CacheLayout,
+    ref: Reference,
+    options: ConvertOptions | None,
+    source_options: dict[str, Any] | None,
+    offline: bool,
+    cache_first: bool,
+) -> Request:
+    options = options or ConvertOptions()
+    source_options = dict(source_options or {})
+    digest = _resolve_digest(layout, ref, options, source_options, offline=offline, cache_first=cache_first)
+    key = f"{digest.split(':', 1)[-1]}-{options.key()}"
+    return Request(ref, options, source_options, digest, key, f"{ref.short_name()}.sif")
+
+
+def _converter(layout: CacheLayout, req: Request) -> Producer:
+    """Fetch into the blob cache and convert; the producer the store calls under the key's lock."""
+
+    def convert(dest: Path) -> dict[str, Any]:
+        from hpcsif.convert import fetch_image, image_to_sif
+        from hpcsif.image.store import OCIStore
+
+        # a registry tag is pinned to the digest it resolved to, so the key names what is built
+        ref = req.ref.with_digest(req.digest) if req.ref.is_registry else req.ref
+        log.info("converting %s (%s)", req.what, req.digest)
+        image = fetch_image(ref, OCIStore(layout.user.oci), req.options, req.source_options)
+        image_to_sif(image, dest, req.options, ref=req.ref)
+        return {
+            "via": "convert",
+            "ref": str(req.ref),
+            "digest": req.digest,
+            "options": req.options.key(),
+            "transport": req.ref.transport,
+        }
+
+    if layout.shared:
+        from hpcsif.cache.shared import shared_store, tiered_producer
+
+        return tiered_producer(shared_store(layout.shared), req.key, req.name, convert, req.what)
+    return convert
+
+
+def _lookup(layout: CacheLayout, key: str) -> Entry | None:
+    for root in layout.lookup_roots:
+        if entry := SIFStore(root).lookup(key):
+            return entry
+    return None
+
+
+def _obtain(layout: CacheLayout, req: Request, offline: bool) -> Entry:
+    """The entry for ``req``: a hit in any root, else built once in the user root."""
+    entry = _lookup(layout, req.key)
+    if entry is None:
+        if offline:
+            raise OfflineError(f"{req.what}: not in the cache, and offline mode forbids fetching it")
+        store = SIFStore(layout.user)
+        entry, built = store.get_or_create(req.key, req.name, _converter(layout, req), what=req.what)
+        if built:
+            _collect_after_publish(layout.user, req.key)
+    check_trusted_path(entry.path)
+    SIFStore(entry.root).touch(entry)
+    return entry
+
+
+def _collect_after_publish(root: CacheRoot, key: str) -> None:
+    """Keep the user cache within its quota; a failure here must not fail the request."""
+    from hpcsif.cache.eviction import collect_garbage
+
+    try:
+        collect_garbage(root, protect={key})
+    except CacheError as exc:
+        log.warning("cache garbage collection failed: %s", exc)
+
+
+def _prepare(
+    ref: str,
+    options: ConvertOptions | None,
+    offline: bool | None,
+    cache_first: bool,
+    source_options: dict | None,
+) -> tuple[CacheLayout, Request, bool] | Path:
+    parsed = parse(ref)
+    if parsed.transport in ("sif", "sandbox"):
+        return check_trusted_path(parsed.path or ref)
+    offline = env_flag("HPCSIF_OFFLINE") if offline is None else offline
+    layout = cache_layout()
+    return layout, _request(layout, parsed, options, source_options, offline, cache_first), offline
+
+
+def ensure_image(
+    ref: str,
+    *,
+    options: ConvertOptions | None = None,
+    offline: bool | None = None,
+    cache_first: bool = False,
+    source_options: dict[str, Any] | None = None,
+) -> Path:
+    """The path of a cached, trusted SIF for ``ref``, converting it exactly once across processes.
+
+    Local SIF files (and sandbox directories) are returned as they are, after the trust check.
+    ``offline`` (default: ``HPCSIF_OFFLINE``) forbids network access and raises
+    :class:`OfflineError` when the image is not cached; ``cache_first`` reuses a remembered
+    tag resolution regardless of its age. ``source_options`` go to the source (credentials …).
+    """
+    prepared = _prepare(ref, options, offline, cache_first, source_options)
+    if isinstance(prepared, Path):
+        return prepared
+    layout, req, off = prepared
+    return _obtain(layout, req, off).path
+
+
+@contextlib.contextmanager
+def leased_image(
+    ref: str,
+    *,
+    holder: str | None = None,
+    options: ConvertOptions | None = None,
+    offline: bool | None = None,
+    cache_first: bool = False,
+    source_options: dict[str, Any] | None = None,
+) -> Iterator[Path]:
+    """Like :func:`ensure_image`, holding a lease (this process, or ``holder="job:ID"``) meanwhile.
+
+    While the lease is held, eviction leaves the image alone.
+    """
+    prepared = _prepare(ref, options, offline, cache_first, source_options)
+    if isinstance(prepared, Path):
+        yield prepared
+        return
+    layout, req, off = prepared
+    entry = _obtain(layout, req, off)
+    root = entry.root if os.access(entry.root.lease_dir(req.key).parent, os.W_OK) else layout.user
+    with acquire_lease(root, req.key, holder=holder, ref=req.what):
+        # eviction may have run between finding the entry and taking the lease
+        entry = _obtain(layout, req, off)
+        yield entry.path

@@ -1,0 +1,304 @@
+"""Per-key locks that make a conversion happen exactly once.
+
+Two modes, chosen by ``cache.lock_mode``:
+
+``fcntl``
+    :class:`filelock.FileLock` (``flock``). The kernel drops the lock when the holder dies,
+    even by SIGKILL. Right for node-local disks.
+``excl``
+    A lock file created with ``O_CREAT|O_EXCL`` holding the holder's pid, host and a
+    random token, kept fresh by a heartbeat thread that touches it. A waiter takes over a
+    lock whose heartbeat stopped for ``cache.stale_lock_seconds`` (or whose holder is a dead
+    process on this host). For NFS and Lustre, where ``fcntl`` locks are unreliable.
+
+Either way a waiter logs one "waiting for conversion of … (held by pid P on HOST)" line and
+raises :class:`~hpcsif.errors.CacheBusy` when ``cache.lock_timeout`` runs out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from hpcsif.cache.layout import hostname
+from hpcsif.config import get_config
+from hpcsif.errors import CacheBusy, CacheError
+from hpcsif.image.store import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (None if it does not exist)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: fields restart after the last ')'
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """True if ``pid`` runs on this host (and, when ``start`` is given, is the same process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    if start is None:
+        return True
+    actual = process_start_time(pid)
+    return actual is None or actual == start
+
+
+def holder_record(what: str) -> dict[str, Any]:
+    """Who holds a lock or lease: this process, on this host."""
+    pid = os.getpid()
+    return {
+        "pid": pid,
+        "host": hostname(),
+        "start": process_start_time(pid),
+        "what": what,
+        "time": time.time(),
+    }
+
+
+def _describe(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "held by another process"
+    return f"held by pid {info.get('pid', '?')} on {info.get('host', '?')}"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class KeyLock(ABC):
+    """An exclusive lock on one cache key; a context manager."""
+
+    def __init__(self, path: Path, what: str, timeout: float) -> None:
+        self.path = path
+        self.what = what
+        self.timeout = timeout
+
+    @abstractmethod
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; True on success. Never waits."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lock back (idempotent)."""
+
+    @abstractmethod
+    def holder(self) -> dict[str, Any] | None:
+        """What is known about the current holder (pid, host …), if anything."""
+
+    def still_held(self) -> bool:
+        """False if the lock was lost while held (only the ``excl`` mode can lose it)."""
+        return True
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Take the lock, waiting up to ``timeout`` seconds (default: the configured timeout)."""
+        timeout = self.timeout if timeout is None else timeout
+        if self.try_acquire():
+            return
+        log.warning("waiting for conversion of %s (%s)", self.what, _describe(self.holder()))
+        deadline = time.monotonic() + timeout
+        pause = 0.01
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                raise CacheBusy(
+                    f"gave up waiting for {self.what} after {timeout:g}s ({_describe(self.holder())}); "
+                    "raise cache.lock_timeout or try again later"
+                )
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.25)
+
+    def __enter__(self) -> KeyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class FcntlLock(KeyLock):
+    """``flock``-based lock with a side file naming the holder."""
+
+    def __init__(self, path: Path, what: str, timeout: float) -> None:
+        super().__init__(path, what, timeout)
+        self._lock = FileLock(str(path), thread_local=False, preserve_lock_file=True)
+        self._info_path = path.with_name(path.name + ".holder")
+
+    def try_acquire(self) -> bool:
+        """Take the ``flock`` if free and record this process as its holder."""
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        except OSError as exc:
+            raise CacheError(f"cannot lock {self.path}: {exc.strerror}") from None
+        atomic_write_bytes(self._info_path, json.dumps(holder_record(self.what)).encode())
+        return True
+
+    def release(self) -> None:
+        """Drop the ``flock``."""
+        if self._lock.is_locked:
+            self._lock.release(force=True)
+
+    def holder(self) -> dict[str, Any] | None:
+        """The last recorded holder."""
+        return _read_json(self._info_path)
+
+
+class ExclLock(KeyLock):
+    """``O_EXCL`` lock file with a heartbeat and stale-holder takeover (NFS/Lustre)."""
+
+    def __init__(self, path: Path, what: str, timeout: float, stale_seconds: float) -> None:
+        super().__init__(path, what, timeout)
+        self.stale_seconds = stale_seconds
+        self._token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost = False
+
+    def try_acquire(self) -> bool:
+        """Create the lock file; when it exists, take it over if its holder is stale or dead."""
+        if self._try_create():
+            return True
+        info, age = self._observe()
+        if info is not None and self._is_stale(info, age):
+            self._take_over(info, age)
+            return self._try_create()
+        return False
+
+    def _try_create(self) -> bool:
+        token = secrets.token_hex(8)
+        record = {**holder_record(self.what), "token": token}
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise CacheError(f"cannot create lock {self.path}: {exc.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        self._token, self._lost = token, False
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._heartbeat, name=f"hpcsif-lock-{self.path.name}", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _observe(self) -> tuple[dict[str, Any] | None, float]:
+        """The holder record and seconds since its last heartbeat (None if no lock file)."""
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None, 0.0
+        # a lock file being written right now may still be empty: treat it as fresh
+        return _read_json(self.path) or {}, time.time() - mtime
+
+    def _is_stale(self, info: dict[str, Any], age: float) -> bool:
+        if age > self.stale_seconds:
+            return True
+        pid = info.get("pid")
+        return (
+            info.get("host") == hostname()
+            and isinstance(pid, int)
+            and not process_alive(pid, info.get("start"))
+        )
+
+    def _take_over(self, info: dict[str, Any], age: float) -> None:
+        """Remove a stale lock file; a ``.break`` file makes sure only one waiter does it."""
+        breaker = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - breaker.stat().st_mtime > self.stale_seconds:
+                    breaker.unlink()  # a breaker that died mid-takeover
+            return
+        os.close(fd)
+        try:
+            current, current_age = self._observe()
+            # only remove the very lock file we judged stale, not a fresh one created since
+            if (
+                current is not None
+                and current.get("token") == info.get("token")
+                and self._is_stale(current, current_age)
+            ):
+                log.warning(
+                    "taking over the lock on %s from pid %s on %s (no heartbeat for %.0fs)",
+                    self.what,
+                    info.get("pid", "?"),
+                    info.get("host", "?"),
+                    current_age,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                breaker.unlink()
+
+    def _heartbeat(self) -> None:
+        interval = max(self.stale_seconds / 4, 0.05)
+        while not self._stop.wait(interval):
+            info = _read_json(self.path)
+            if info is None or info.get("token") != self._token:
+                self._lost = True
+                log.error("lost the lock on %s: another process took it over", self.what)
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path)
+
+    def still_held(self) -> bool:
+        """False if another process took the lock over (our heartbeat was too late)."""
+        return self._token is not None and not self._lost
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock file if it is still ours."""
+        if self._token is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        info = _read_json(self.path)
+        if info is not None and info.get("token") == self._token:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self._token = None
+
+    def holder(self) -> dict[str, Any] | None:
+        """The record in the lock file."""
+        return _read_json(self.path)
+
+
+def key_lock(path: Path, what: str, *, mode: str | None = None) -> KeyLock:
+    """A lock on ``path`` in the configured (or given) mode, with the configured timeouts."""
+    cfg = get_config()
+    mode = mode or cfg.get("cache.lock_mode", "fcntl")
+    timeout = float(cfg.get("cache.lock_timeout", 3600))
+    if mode == "fcntl":
+        return FcntlLock(path, what, timeout)
+    if mode == "excl":
+        return ExclLock(path, what, timeout, float(cfg.get("cache.stale_lock_seconds", 120)))
+    raise CacheError(f"cache.lock_mode {mode!r} is not one of: fcntl, excl")

@@ -1,0 +1,238 @@
+"""Content-addressed SIF store with exactly-once publication.
+
+``sif/<key>/`` holds ``<name>.sif``, ``meta.json`` and ``last_used`` (its mtime is the last
+use). The key is the image's content digest plus a hash of the conversion options. An entry
+is built in a private directory under ``tmp/``, validated (SIF header and descriptors,
+squashfs superblock), fsynced and renamed into ``sif/`` in one step, under the key's lock,
+so a reader sees a complete entry or none. A builder killed mid-way leaves only ``tmp/``
+garbage, which the next holder of the key's lock removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcsif.cache.layout import CacheRoot, hostname
+from hpcsif.cache.locking import KeyLock, key_lock
+from hpcsif.errors import CacheError, SIFError
+from hpcsif.image.store import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+LAST_USED = "last_used"
+
+#: ``produce(dest)`` writes the SIF at ``dest`` and returns extra meta.json fields;
+#: its ``via`` field ("convert", "copy" …) names the journal event
+Producer = Callable[[Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A published image."""
+
+    root: CacheRoot
+    key: str
+    meta: dict[str, Any]
+
+    @property
+    def dir(self) -> Path:
+        """The entry's directory."""
+        return self.root.entry_dir(self.key)
+
+    @property
+    def path(self) -> Path:
+        """The SIF file."""
+        return self.dir / self.meta["name"]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the SIF file."""
+        return int(self.meta.get("size", 0))
+
+    @property
+    def last_used(self) -> float:
+        """Unix time of the last use (publication if never used since)."""
+        try:
+            return (self.dir / LAST_USED).stat().st_mtime
+        except OSError:
+            return float(self.meta.get("created", 0))
+
+
+def validate_sif(path: Path) -> None:
+    """Raise :class:`SIFError` unless ``path`` is a SIF whose primary squashfs partition is sound."""
+    from hpcsif.sif.reader import SIFImage
+    from hpcsif.sif.squashfs import superblock_ok
+
+    with SIFImage.open(path) as img:
+        part = img.primary_partition()
+    if not superblock_ok(path, part.offset):
+        raise SIFError(f"{path}: the primary partition has no valid squashfs superblock")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SIFStore:
+    """The ``sif/`` part of one cache root."""
+
+    def __init__(self, root: CacheRoot, *, lock_mode: str | None = None) -> None:
+        self.root = root
+        self.lock_mode = lock_mode
+
+    def lock(self, key: str, what: str) -> KeyLock:
+        """The lock that guards building and removing ``key``."""
+        return key_lock(self.root.lock_path(key), what, mode=self.lock_mode)
+
+    def lookup(self, key: str) -> Entry | None:
+        """The published entry for ``key``, or None."""
+        try:
+            meta = json.loads((self.root.entry_dir(key) / META).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cache entry {self.root.entry_dir(key)} is unreadable: {exc}") from None
+        entry = Entry(self.root, key, meta)
+        return entry if entry.path.is_file() else None
+
+    def entries(self) -> Iterator[Entry]:
+        """Every published entry."""
+        with contextlib.suppress(FileNotFoundError):
+            for child in sorted((self.root.path / "sif").iterdir()):
+                with contextlib.suppress(CacheError):
+                    if entry := self.lookup(child.name):
+                        yield entry
+
+    def touch(self, entry: Entry) -> None:
+        """Record a use of ``entry`` (read-only roots are left alone)."""
+        with contextlib.suppress(OSError):
+            os.utime(entry.dir / LAST_USED)
+
+    def get_or_create(self, key: str, name: str, produce: Producer, *, what: str) -> tuple[Entry, bool]:
+        """The entry for ``key``, built by ``produce`` exactly once; True if this call built it."""
+        if entry := self.lookup(key):
+            return entry, False
+        if not self.root.writable:
+            raise CacheError(f"{self.root.path} is read-only: cannot add {what}")
+        with self.lock(key, what) as lock:
+            if entry := self.lookup(key):
+                return entry, False
+            self.clean_tmp(key)
+            return self._build(key, name, produce, lock, what), True
+
+    def _build(self, key: str, name: str, produce: Producer, lock: KeyLock, what: str) -> Entry:
+        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.root.tmp))
+        try:
+            started = time.time()
+            info = produce(work / name)
+            validate_sif(work / name)
+            meta = {
+                **info,
+                "key": key,
+                "name": name,
+                "size": (work / name).stat().st_size,
+                "created": time.time(),
+                "seconds": round(time.time() - started, 3),
+                "host": hostname(),
+                "pid": os.getpid(),
+            }
+            _fsync_file(work / name)
+            atomic_write_bytes(work / META, json.dumps(meta, indent=1, sort_keys=True).encode())
+            (work / LAST_USED).touch()
+            os.chmod(work, 0o755)
+            _fsync_dir(work)
+            if not lock.still_held():
+                raise CacheError(f"lost the lock on {what} while building it; not publishing")
+            os.rename(work, self.root.entry_dir(key))
+            _fsync_dir(self.root.path / "sif")
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        self.root.journal(meta.get("via", "publish"), key=key, name=name, what=what, seconds=meta["seconds"])
+        log.info("cached %s as %s", what, self.root.entry_dir(key) / name)
+        return Entry(self.root, key, meta)
+
+    def clean_tmp(self, key: str) -> None:
+        """Remove what dead builders of ``key`` left in ``tmp/`` (call with the key's lock held)."""
+        with contextlib.suppress(FileNotFoundError):
+            for leftover in self.root.tmp.glob(f"{key}.*"):
+                log.info("removing leftovers of an interrupted build: %s", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def clean_all_tmp(self) -> int:
+        """Remove ``tmp/`` leftovers of every key whose lock is free; returns how many."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for key in {p.name.split(".", 1)[0] for p in self.root.tmp.iterdir()}:
+                lock = self.lock(key, f"cleanup of {key}")
+                if lock.try_acquire():
+                    try:
+                        before = len(list(self.root.tmp.glob(f"{key}.*")))
+                        self.clean_tmp(key)
+                        removed += before
+                    finally:
+                        lock.release()
+        return removed
+
+    def remove(self, key: str, *, respect_leases: bool = True, reason: str = "remove") -> bool:
+        """Remove ``key`` unless it is being built or (by default) leased; True if removed."""
+        from hpcsif.cache.leases import active_leases
+
+        lock = self.lock(key, f"removal of {key}")
+        if not lock.try_acquire():
+            return False
+        try:
+            if respect_leases and active_leases(self.root, key):
+                return False
+            src = self.root.entry_dir(key)
+            if not src.exists():
+                return False
+            # rename first: readers see the whole entry or nothing, never a half-deleted one
+            doomed = Path(tempfile.mkdtemp(prefix=f"{key}.remove-", dir=self.root.tmp))
+            try:
+                os.rename(src, doomed / "entry")
+            except OSError as exc:
+                shutil.rmtree(doomed, ignore_errors=True)
+                raise CacheError(f"cannot remove {src}: {exc.strerror}") from None
+            shutil.rmtree(doomed, ignore_errors=True)
+            self.root.journal(reason, key=key)
+            return True
+        finally:
+            lock.release()
+
+
+def produce_copy(entry: Entry) -> Producer:
+    """A producer that copies ``entry`` (from another cache tier), keeping its provenance."""
+
+    def produce(dest: Path) -> dict[str, Any]:
+        try:
+            shutil.copyfile(entry.path, dest)
+        except OSError as exc:
+            raise CacheError(f"cannot copy {entry.path} into the cache: {exc.strerror}") from None
+        kept = {k: v for k, v in entry.meta.items() if k in ("ref", "digest", "options", "transport")}
+        return {**kept, "via": "copy", "origin": str(entry.root.path)}
+
+    return produce
