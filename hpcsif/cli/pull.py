@@ -1,0 +1,171 @@
+"""``hpcsif pull`` and ``hpcsif push``: images from registries, daemons and URLs to local files.
+
+``pull docker://…`` (and docker-daemon://, oci-archive:// …) converts to a SIF through the
+shared blob cache; ``pull oras://…`` fetches a SIF artifact; ``pull http(s)://…`` and other
+fsspec URLs copy the file as it is. ``push SIF oras://…`` uploads a SIF as Apptainer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("hpcsif")
+
+COPY_TRANSPORTS = ("http", "https", "fsspec")
+
+
+def add_registry_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for talking to registries (shared by pull, push and, if the lead wires it, build)."""
+    p.add_argument("--docker-login", action="store_true", help="prompt for a registry user name and password")
+    p.add_argument(
+        "--nohttps", "--no-https", action="store_true", dest="nohttps", help="use plain HTTP for the registry"
+    )
+
+
+def registry_options(args: argparse.Namespace) -> dict[str, object]:
+    """``source_options`` for registry sources from the flags (prompts for --docker-login)."""
+    opts: dict[str, object] = {"insecure": bool(getattr(args, "nohttps", False))}
+    if getattr(args, "docker_login", False):
+        opts["credentials"] = prompt_credentials()
+    return opts
+
+
+def prompt_credentials():  # -> Credentials
+    """Ask for a user name and (unechoed) password on the terminal, as Apptainer does."""
+    import getpass
+
+    from hpcsif.errors import UsageError
+    from hpcsif.sources.credentials import Credentials
+
+    try:
+        sys.stderr.write("Enter Docker Username: ")
+        sys.stderr.flush()
+        user = sys.stdin.readline().strip()
+        password = getpass.getpass("Enter Docker Password: ", stream=sys.stderr)
+    except (EOFError, OSError):
+        raise UsageError("--docker-login needs a terminal or credentials on stdin") from None
+    if not user:
+        raise UsageError("--docker-login: no user name given")
+    return Credentials(user, password, "--docker-login")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``pull`` and ``push`` commands."""
+    from hpcsif.cli.build import add_convert_flags
+
+    p = sub.add_parser("pull", help="pull an image from a registry or URL into a local SIF file")
+    p.add_argument("--name", help="name of the file to write (default: <repo>_<tag>.sif)")
+    p.add_argument("--dir", help="directory to write the file in (default: the current directory)")
+    add_convert_flags(p)
+    add_registry_flags(p)
+    p.add_argument(
+        "args", nargs="+", metavar="[OUTPUT] URI", help="docker://, oras://, https://, … reference"
+    )
+    p.set_defaults(func=run_pull)
+
+    q = sub.add_parser("push", help="upload a SIF file to an oras:// registry reference")
+    add_registry_flags(q)
+    q.add_argument("sif", help="SIF file to upload")
+    q.add_argument("uri", help="oras://registry/repository:tag")
+    q.set_defaults(func=run_push)
+
+
+def _target(args: argparse.Namespace, ref) -> Path:  # ref: Reference
+    from hpcsif.errors import UsageError
+
+    if len(args.args) > 2:
+        raise UsageError("pull takes at most two arguments: [OUTPUT] URI")
+    if len(args.args) == 2 and args.name:
+        raise UsageError("give the output name either as --name or as an argument, not both")
+    name = args.name or (args.args[0] if len(args.args) == 2 else None)
+    if not name:
+        if ref.transport in COPY_TRANSPORTS:
+            name = os.path.basename(ref.path.split("?", 1)[0].rstrip("/")) or "download"
+        else:
+            name = ref.short_name() + ".sif"
+    target = Path(name)
+    if args.dir and not target.is_absolute():
+        target = Path(args.dir) / target
+    return target
+
+
+def _check_target(target: Path, force: bool) -> None:
+    from hpcsif.errors import BuildError
+
+    if not target.parent.is_dir():
+        raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise BuildError(f"image file already exists: {target} - will not overwrite (use --force)")
+    if target.is_dir():
+        raise BuildError(f"{target} is a directory")
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    """Pull ``URI`` to the output file."""
+    from hpcsif.cli.build import blob_store, convert_options
+    from hpcsif.cli.progress import progress_bar
+    from hpcsif.refs import parse
+
+    ref = parse(args.args[-1])
+    target = _target(args, ref)
+    _check_target(target, args.force)
+    progress = progress_bar(not (args.quiet or args.silent))
+    if ref.transport in COPY_TRANSPORTS:
+        from hpcsif.sources.remote import download
+
+        download(ref.path or ref.raw, target, progress=progress)
+    elif ref.transport == "oras":
+        _pull_oras(ref, target, args)
+    elif ref.transport in ("sif", "sandbox"):
+        from hpcsif.errors import UsageError
+
+        raise UsageError(f"{ref.raw} is a local file; pull needs a URI (docker://, oras://, https:// …)")
+    else:
+        from hpcsif.convert import convert_ref
+
+        log.info("Converting %s to %s", ref, target)
+        convert_ref(
+            ref,
+            target,
+            options=convert_options(args),
+            store=blob_store(args),
+            source_options=registry_options(args),
+            progress=progress,
+        )
+    log.info("Pulled %s to %s", ref.raw, target)
+    return 0
+
+
+def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Reference
+    import tempfile
+
+    from hpcsif.cli.build import blob_store
+    from hpcsif.image.store import OCIStore
+    from hpcsif.sources.oras import pull_sif
+
+    opts = registry_options(args)
+    store = blob_store(args)
+    if store is not None:
+        pull_sif(ref, target, store, **opts)  # type: ignore[arg-type]
+        return
+    with tempfile.TemporaryDirectory(prefix="hpcsif-blobs-", dir=target.parent) as tmp:
+        pull_sif(ref, target, OCIStore(tmp), **opts)  # type: ignore[arg-type]
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Push a SIF to ``oras://…``."""
+    from hpcsif.errors import UsageError
+    from hpcsif.refs import parse
+    from hpcsif.sources.oras import push_sif
+
+    ref = parse(args.uri)
+    if ref.transport != "oras":
+        raise UsageError(f"{args.uri}: push supports oras:// references only")
+    digest = push_sif(args.sif, ref, **registry_options(args))  # type: ignore[arg-type]
+    if not (args.quiet or args.silent):
+        print(f"INFO:    Upload complete: {ref} ({digest})", flush=True)
+    return 0
