@@ -1,0 +1,202 @@
+"""Verify the signatures of a SIF image, and the admin policy "only signed images".
+
+Verification follows Apptainer: every non-signature object must belong to an object group;
+every group needs at least one (non-legacy) signature linked to it; each signature we hold the
+key for must be valid and its metadata must match the header, every descriptor and every
+object of the group exactly. A signature by a key we do not hold is reported and skipped, but
+a group none of whose signatures we can check fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcsif.config import Config, get_config
+from hpcsif.errors import ConfigError, SignatureError
+from hpcsif.sif.format import DataType, Descriptor
+from hpcsif.sif.reader import SIFImage
+from hpcsif.signing import dsse, pgp
+from hpcsif.signing.keys import KeyInfo, Keyring, describe_file
+from hpcsif.signing.metadata import check_metadata, describe, group_ids, group_label
+
+log = logging.getLogger(__name__)
+
+#: key files looked for in a directory named in cache.trusted_keys
+_KEY_SUFFIXES = (".pub", ".pem", ".asc", ".gpg")
+
+
+@dataclass
+class SignatureResult:
+    """One verified signature."""
+
+    signature: Descriptor
+    group_id: int
+    key: KeyInfo
+    objects: list[Descriptor]
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_image` found."""
+
+    path: Path
+    verified: list[SignatureResult] = field(default_factory=list)
+    #: signatures skipped: (descriptor, why) — unknown signer or legacy format
+    skipped: list[tuple[Descriptor, str]] = field(default_factory=list)
+
+
+def _fail(message: str) -> SignatureError:
+    return SignatureError(f"verification failed: {message}")
+
+
+def _check_signature(
+    img: SIFImage, sig: Descriptor, group: int, keys: list[KeyInfo]
+) -> SignatureResult | str:
+    """Verify *sig*; returns its result, or why it was skipped; raises when it is invalid."""
+    data = img.read_object(sig)
+    where = f"signature {describe(sig)}"
+    if dsse.is_envelope(data):
+        pems = [k for k in keys if k.scheme == "dsse"]
+        try:
+            opened = dsse.open_envelope(data, [k.public_pem() for k in pems], sig.hashtype or 0)
+        except SignatureError as exc:
+            raise _fail(f"{where}: {exc}") from None
+        if opened is None:
+            return "DSSE signature by a key not given (import the signer's public key or pass --key)"
+        signer = next(k for k in pems if k.fingerprint == opened.key_id)
+        payload = opened.payload
+    elif pgp.is_clearsigned(data):
+        pgps = [k for k in keys if k.scheme == "pgp"]
+        try:
+            checked = pgp.verify(data, [k.public_bytes() for k in pgps])
+        except SignatureError as exc:
+            raise _fail(f"{where}: {exc}") from None
+        if checked is None:
+            fpr = sig.entity.hex().upper() if sig.entity else "unknown"
+            return f"OpenPGP signature by key {fpr}, which is not in the keyring"
+        payload, fpr = checked
+        if sig.entity and sig.entity.hex().upper() != fpr:
+            raise _fail(f"{where}: fingerprint in descriptor does not correspond to signing entity")
+        signer = next(k for k in pgps if k.fingerprint == fpr)
+    else:
+        raise _fail(f"{where}: signature format not recognized")
+    try:
+        objects = check_metadata(img, group, payload)
+    except SignatureError as exc:
+        raise _fail(f"{exc} (signed by {signer.label})") from None
+    return SignatureResult(sig, group, signer, objects)
+
+
+def verify_image(path: str | os.PathLike, keys: list[KeyInfo]) -> VerifyReport:
+    """Verify every object group of the SIF at *path* against the public *keys*.
+
+    Raises :class:`SignatureError` ("verification failed: …") naming the group without a
+    signature, the invalid signature, or the header/descriptor/object that changed.
+    """
+    report = VerifyReport(Path(path))
+    with SIFImage.open(path) as img:
+        for desc in img.descriptors:
+            if desc.group_id == 0 and desc.datatype != DataType.SIGNATURE:
+                raise _fail(f"{describe(desc)} is not in an object group, so no signature can cover it")
+        groups = group_ids(img)
+        if not groups:
+            raise _fail(f"{path}: the image has no object groups")
+        for group in groups:
+            label = group_label(img, group)
+            sigs = [
+                d
+                for d in img.find(DataType.SIGNATURE)
+                if d.link_is_group and d.link_id == group and not pgp.is_legacy(img.read_object(d))
+            ]
+            report.skipped += [
+                (d, "legacy (pre-1.1) signature, not checked")
+                for d in img.find(DataType.SIGNATURE)
+                if d.link_is_group and d.link_id == group and d not in sigs
+            ]
+            if not sigs:
+                what = "system partition" if "system partition" in label else label
+                raise _fail(
+                    f"integrity: signature not found for object group {group}: no signatures found for {what}"
+                )
+            checked = 0
+            for sig in sigs:
+                result = _check_signature(img, sig, group, keys)
+                if isinstance(result, str):
+                    report.skipped.append((sig, result))
+                else:
+                    report.verified.append(result)
+                    checked += 1
+            if not checked:
+                reasons = "; ".join(why for d, why in report.skipped if d in sigs)
+                raise _fail(f"{label}: no signature could be checked: {reasons}")
+    return report
+
+
+def keys_from_paths(paths: list[str | os.PathLike]) -> list[KeyInfo]:
+    """Describe the key files in *paths* (files, or directories holding ``*.pub``/``*.pem``/``*.asc``)."""
+    keys = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            files = sorted(p for p in entry.iterdir() if p.suffix in _KEY_SUFFIXES and p.is_file())
+            keys += [describe_file(p) for p in files]
+        else:
+            keys.append(describe_file(entry))
+    return keys
+
+
+def trusted_keys(config: Config) -> list[KeyInfo]:
+    """The keys named by ``cache.trusted_keys``: key files, directories of them, or fingerprints.
+
+    A fingerprint (``SHA256:…`` for PEM keys, 40 hex digits for OpenPGP keys) must match a
+    key in one of the listed files or in the keyring; an entry that resolves to nothing is a
+    :class:`ConfigError`, so a typo never silently trusts nothing or everything.
+    """
+    entries = config.get("cache.trusted_keys") or []
+    if isinstance(entries, str):
+        entries = [entries]
+    paths = [e for e in entries if "/" in e or Path(e).exists()]
+    fingerprints = [e for e in entries if e not in paths]
+    try:
+        keys = keys_from_paths(paths)
+    except SignatureError as exc:
+        raise ConfigError(f"cache.trusted_keys: {exc}") from None
+    for fpr in fingerprints:
+        want = fpr.upper().replace(" ", "")
+        if any(k.fingerprint.upper() == want for k in keys):
+            continue
+        try:
+            keys.append(Keyring().get(fpr))
+        except SignatureError:
+            raise ConfigError(
+                f"cache.trusted_keys: key {fpr!r} is neither a key file nor in keyring {Keyring().root}"
+            ) from None
+    return keys
+
+
+def require_trusted(sif_path: str | os.PathLike, config: Config | None = None) -> None:
+    """Refuse (:class:`SignatureError`) an image not signed by a trusted key when the config asks.
+
+    With ``cache.require_signed = true`` every object group of *sif_path* must carry a valid
+    signature by one of ``cache.trusted_keys`` covering the unchanged image; otherwise this
+    returns at once. Called by the cache before it publishes a staged image and by the engine
+    before it runs one.
+    """
+    config = config or get_config()
+    if not config.get("cache.require_signed"):
+        return
+    keys = trusted_keys(config)
+    if not keys:
+        raise SignatureError(
+            f"{sif_path}: cache.require_signed is set but cache.trusted_keys names no key: refusing the image"
+        )
+    try:
+        report = verify_image(sif_path, keys)
+    except SignatureError as exc:
+        raise SignatureError(
+            f"{sif_path}: not signed by a trusted key (cache.require_signed): {exc}"
+        ) from None
+    signers = ", ".join(sorted({r.key.label for r in report.verified}))
+    log.info("%s: signed by trusted key(s) %s", sif_path, signers)
