@@ -1,0 +1,88 @@
+"""Exactly-once conversion across separate processes, and recovery from a killed converter."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcsif.cache.api import ensure_image
+from hpcsif.cache.store import validate_sif
+from hpcsif.errors import CacheBusy
+from tests.cache.conftest import CacheEnv, unblock
+
+pytestmark = pytest.mark.slow
+
+# each child imports everything first, reports ready, then waits for the gate: a real stampede
+CHILD = """
+import os, sys, time
+from hpcsif.cache.api import ensure_image
+ref, ready, gate = sys.argv[1:4]
+open(ready, "w").close()
+while not os.path.exists(gate):
+    time.sleep(0.002)
+print(ensure_image(ref))
+"""
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_64_processes_one_conversion(cache_env: CacheEnv, busybox_ref: str, tmp_path: Path) -> None:
+    n = 64
+    gate = tmp_path / "go"
+    procs = [cache_env.spawn(CHILD, busybox_ref, str(tmp_path / f"ready{i}"), str(gate)) for i in range(n)]
+    _wait_for(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 120, "children to start")
+    gate.touch()
+    results = [p.communicate(timeout=300) for p in procs]
+    failed = [(p.returncode, err) for p, (_, err) in zip(procs, results, strict=True) if p.returncode != 0]
+    assert not failed, failed[0]
+    paths = {out.strip() for out, _ in results}
+    assert len(paths) == 1
+    path = Path(paths.pop())
+    assert path.is_file() and path.is_relative_to(cache_env.cache)
+    validate_sif(path)
+    assert len(cache_env.conversions()) == 1
+    # the others waited visibly while the one conversion ran
+    assert any("waiting for conversion of" in err and "held by pid" in err for _, err in results)
+    assert not list((cache_env.cache / "tmp").iterdir())
+
+
+def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_layout, caplog) -> None:
+    layout, fifo, data = blocking_layout
+    ref = f"oci://{layout}:latest"
+    child = cache_env.spawn(
+        "import sys; from hpcsif.cache.api import ensure_image; ensure_image(sys.argv[1])", ref
+    )
+    tmp = cache_env.cache / "tmp"
+    # the child is blocked reading the FIFO layer, inside its build directory
+    _wait_for(lambda: tmp.is_dir() and any(tmp.iterdir()), 60, "the conversion to start")
+    time.sleep(0.2)
+    assert child.poll() is None
+
+    # meanwhile another requester waits for it, says so, and gives up at the timeout
+    cache_env.configure(lock_timeout=1)
+    caplog.set_level(logging.WARNING, logger="hpcsif")
+    with pytest.raises(CacheBusy, match=f"held by pid {child.pid}"):
+        ensure_image(ref)
+    assert f"waiting for conversion of oci://{layout}:latest (held by pid {child.pid}" in caplog.text
+
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not any((cache_env.cache / "sif").iterdir()), "a killed conversion must publish nothing"
+    assert any(tmp.iterdir()), "the killed converter's work directory is expected as garbage"
+
+    unblock(fifo, data)
+    cache_env.configure()
+    path = ensure_image(ref)
+    validate_sif(path)
+    assert len(cache_env.conversions()) == 1
+    assert not list(tmp.iterdir()), "the next lock holder removes the leftovers"
