@@ -1,0 +1,97 @@
+"""``hpcsif run|exec|shell|test``: start a container with Apptainer's flags.
+
+Only the standard library is imported here; the engine is imported inside the handler, and
+for a local SIF nothing of the cache or registry code is loaded at all (startup time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``run``, ``exec``, ``shell`` and ``test`` commands."""
+    helps = {
+        "exec": "run a command in a container",
+        "run": "run the container's runscript with arguments",
+        "shell": "start an interactive shell in a container",
+        "test": "run the container's test script",
+    }
+    for action, text in helps.items():
+        p = subparsers.add_parser(action, help=text, description=text)
+        _add_flags(p)
+        p.add_argument("image", help="SIF file, sandbox directory or URI (docker://, oras://, oci-archive:// …)")
+        p.add_argument("args", nargs=argparse.REMAINDER, help="command and arguments" if action == "exec" else "arguments")
+        p.set_defaults(func=handle, action=action)
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("-B", "--bind", action="append", default=[], metavar="SPEC", help="src[:dst[:ro|rw]], comma-separated")
+    a("--pwd", help="working directory inside the container")
+    a("-e", "--cleanenv", action="store_true", help="do not pass the host environment")
+    a("--env", action="append", default=[], metavar="KEY=VALUE", help="set a variable inside (wins over the image)")
+    a("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines to set inside")
+    a("-c", "--contain", action="store_true", help="private /tmp and home, minimal /dev, no current directory")
+    a("-C", "--containall", action="store_true", help="--contain plus --cleanenv and private PID/IPC namespaces")
+    a("--writable-tmpfs", action="store_true", help="writable root file system; changes are discarded")
+    a("-H", "--home", metavar="SRC[:DST]", help="home directory to bind (and set as $HOME)")
+    a("--no-home", action="store_true", help="do not bind the home directory")
+    a("--nv", action="store_true", help="NVIDIA GPU devices and driver libraries")
+    a("--rocm", action="store_true", help="AMD GPU devices and ROCm libraries")
+    a("--mpi", metavar="PROFILE", help="MPI profile (conf/mpi/PROFILE.toml or a path); default per partition")
+    a("--app", metavar="NAME", help="SCIF app to run")
+    a("--engine", choices=("auto", "bwrap", "apptainer", "singularity"), help="container engine (default: config)")
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Resolve the image, then launch it with the selected engine."""
+    from hpcsif.engine.base import LaunchOptions, select_engine
+
+    opts = LaunchOptions(
+        action=args.action,
+        command=list(args.args),
+        binds=args.bind,
+        pwd=args.pwd,
+        cleanenv=args.cleanenv,
+        env=args.env,
+        env_files=args.env_file,
+        contain=args.contain,
+        containall=args.containall,
+        writable_tmpfs=args.writable_tmpfs,
+        home=args.home,
+        no_home=args.no_home,
+        nv=args.nv,
+        rocm=args.rocm,
+        mpi=args.mpi,
+        app=args.app,
+    )
+    engine = select_engine(args.engine)
+    image = args.image
+    if os.path.isdir(image):
+        from pathlib import Path
+
+        opts.sandbox = True
+        return engine.launch(Path(os.path.abspath(image)), opts)
+    if os.path.exists(image):
+        from pathlib import Path
+
+        path = Path(os.path.abspath(image))
+        _check_trusted(path)
+        return engine.launch(path, opts)
+    from hpcsif.cache.api import leased_image
+
+    # the lease keeps the cached image from eviction for the whole run
+    with leased_image(image) as path:
+        opts.sandbox = path.is_dir()
+        return engine.launch(path, opts)
+
+
+def _check_trusted(path: os.PathLike) -> None:
+    """Refuse a SIF that another user could have replaced (the cache helper's check, when present)."""
+    try:
+        from hpcsif.cache.trust import check_trusted_path
+    except ImportError:
+        return
+    check_trusted_path(path)

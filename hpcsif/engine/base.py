@@ -1,0 +1,151 @@
+"""The engine interface shared by the bwrap and Apptainer engines.
+
+:class:`LaunchOptions` holds Apptainer's launch flags in one place so that each option means the
+same in every engine; an :class:`Engine` turns an image path plus options into a running
+container and returns the payload's exit status.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcsif.errors import EngineError, UsageError
+
+ACTIONS = ("exec", "run", "shell", "test")
+ENGINE_NAMES = ("auto", "bwrap", "apptainer", "singularity")
+
+
+@dataclass
+class LaunchOptions:
+    """What to run and how: the flags of ``apptainer exec|run|shell|test``."""
+
+    action: str = "exec"  # exec | run | shell | test
+    command: list[str] = field(default_factory=list)  # exec: program + args; run/test: args
+    binds: list[str] = field(default_factory=list)  # -B specs: src[:dst[:ro|rw]][,…]
+    pwd: str | None = None  # --pwd: working directory inside
+    cleanenv: bool = False  # -e/--cleanenv: start from an empty host environment
+    env: list[str] = field(default_factory=list)  # --env KEY=VALUE (override the image)
+    env_files: list[str] = field(default_factory=list)  # --env-file FILE
+    contain: bool = False  # -c/--contain: private /tmp, home, minimal /dev, no cwd bind
+    containall: bool = False  # -C/--containall: contain + cleanenv + private PID and IPC
+    writable_tmpfs: bool = False  # --writable-tmpfs: root file system writable, changes discarded
+    home: str | None = None  # --home SRC[:DST]
+    no_home: bool = False  # --no-home: do not bind the home directory
+    nv: bool = False  # --nv: NVIDIA devices and driver libraries
+    rocm: bool = False  # --rocm: AMD devices and ROCm libraries
+    mpi: str | None = None  # --mpi PROFILE (name in conf/mpi or a .toml path)
+    app: str | None = None  # --app NAME (SCIF app)
+    sandbox: bool = False  # the image is a directory (set by the caller when it is)
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise UsageError(f"unknown action {self.action!r} (expected one of {', '.join(ACTIONS)})")
+        if self.containall:
+            self.contain = True
+            self.cleanenv = True
+        if self.action == "exec" and not self.command:
+            raise UsageError("exec needs a command to run in the container")
+
+
+@dataclass
+class HostContribution:
+    """What a GPU or MPI profile adds to a container: binds, environment, library paths."""
+
+    binds: list = field(default_factory=list)  # list[hpcsif.engine.binds.Bind]
+    env: dict[str, str] = field(default_factory=dict)  # set inside, over the image's values
+    ld_paths: list[str] = field(default_factory=list)  # container dirs put on LD_LIBRARY_PATH
+    pass_prefixes: tuple[str, ...] = ()  # host variables kept even with --cleanenv
+    #: checks run against the mounted root before launch; each returns warning lines
+    checks: list = field(default_factory=list)
+
+    def merge(self, other: HostContribution) -> None:
+        """Add *other*'s parts to this one."""
+        self.binds += other.binds
+        self.env.update(other.env)
+        self.ld_paths += [p for p in other.ld_paths if p not in self.ld_paths]
+        self.pass_prefixes += tuple(p for p in other.pass_prefixes if p not in self.pass_prefixes)
+        self.checks += other.checks
+
+
+def host_contributions(opts: LaunchOptions) -> HostContribution:
+    """The GPU (``--nv``/``--rocm``) and MPI (``--mpi`` or the partition default) additions."""
+    total = HostContribution()
+    if opts.nv or opts.rocm:
+        from hpcsif.engine import gpu
+
+        if opts.nv:
+            total.merge(gpu.nvidia())
+        if opts.rocm:
+            total.merge(gpu.rocm())
+    from hpcsif.engine.mpi import profile_for
+
+    profile = profile_for(opts.mpi)
+    if profile is not None:
+        total.merge(profile.contribution())
+    return total
+
+
+class Engine(ABC):
+    """A way to start a container from an image file or sandbox directory."""
+
+    name = ""
+
+    @classmethod
+    @abstractmethod
+    def available(cls) -> bool:
+        """True when the host programs this engine needs are installed."""
+
+    @abstractmethod
+    def launch(self, image: Path, opts: LaunchOptions) -> int:
+        """Run the container in the foreground; returns the payload's exit status (128+N on signal N)."""
+
+
+def select_engine(name: str | None = None) -> Engine:
+    """The engine for ``--engine NAME`` (``None``: config ``engine.default``; ``auto``: bwrap if usable).
+
+    ``auto`` prefers the built-in bwrap engine when bubblewrap and squashfuse are installed,
+    then Apptainer, then Singularity.
+    """
+    if not name:
+        from hpcsif.config import get_config
+
+        name = str(get_config().get("engine.default") or "auto")
+    if name not in ENGINE_NAMES:
+        raise UsageError(f"unknown engine {name!r} (expected one of {', '.join(ENGINE_NAMES)})")
+    from hpcsif.engine.apptainer import ApptainerEngine
+    from hpcsif.engine.bwrap import BwrapEngine
+
+    if name == "bwrap":
+        return BwrapEngine()
+    if name in ("apptainer", "singularity"):
+        return ApptainerEngine(name)
+    if BwrapEngine.available():
+        return BwrapEngine()
+    for prog in ("apptainer", "singularity"):
+        if ApptainerEngine.find_program(prog):
+            return ApptainerEngine(prog)
+    # nothing usable: let the bwrap engine name the missing Debian package
+    return BwrapEngine()
+
+
+def which(program: str) -> str | None:
+    """The full path of *program* on ``$PATH`` (or *program* itself when it is a path), else None.
+
+    A few lines instead of ``shutil.which`` keep ``hpcsif exec`` from importing shutil.
+    """
+    if os.sep in program:
+        return program if os.access(program, os.X_OK) else None
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        cand = os.path.join(d or ".", program)
+        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+            return cand
+    return None
+
+
+def require_dir(path: str, what: str) -> None:
+    """Raise :class:`EngineError` unless *path* is an existing directory."""
+    if not os.path.isdir(path):
+        raise EngineError(f"{what} {path} does not exist or is not a directory")

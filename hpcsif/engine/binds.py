@@ -1,0 +1,91 @@
+"""Bind mounts: parse ``-B src[:dst[:ro|rw]]`` and compute the default binds of a launch.
+
+Apptainer's defaults are kept: ``$HOME``, the current directory, ``/tmp`` and ``/var/tmp`` from
+the host, plus ``/etc/hosts`` and ``/etc/localtime``; ``--contain`` replaces home and the temp
+directories with private empty ones and drops the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hpcsif.errors import EngineError, UsageError
+
+
+@dataclass(frozen=True)
+class Bind:
+    """One bind mount: host *src* at container *dst*."""
+
+    src: str
+    dst: str
+    readonly: bool = False
+    dev: bool = False  # a device node (bwrap --dev-bind)
+    optional: bool = False  # skip silently when *src* is missing (defaults, GPU files)
+
+
+def parse_bind(spec: str) -> list[Bind]:
+    """Parse one ``-B`` value (comma-separated ``src[:dst[:opts]]`` entries) into binds.
+
+    Options are ``ro`` and ``rw`` (Apptainer's), separated by commas inside the third field
+    is not supported; ``dst`` defaults to ``src``. Relative sources are made absolute.
+    """
+    binds = []
+    for entry in spec.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        parts = entry.split(":")
+        if len(parts) > 3:
+            raise UsageError(f"invalid bind {entry!r} (expected src[:dst[:ro|rw]])")
+        src = parts[0]
+        dst = parts[1] if len(parts) > 1 and parts[1] else src
+        opt = parts[2] if len(parts) > 2 else "rw"
+        if opt not in ("ro", "rw"):
+            raise UsageError(f"invalid bind option {opt!r} in {entry!r} (expected ro or rw)")
+        if not src:
+            raise UsageError(f"invalid bind {entry!r}: empty source")
+        if not dst.startswith("/"):
+            raise UsageError(f"invalid bind {entry!r}: the destination must be an absolute path")
+        binds.append(Bind(os.path.abspath(src), os.path.normpath(dst), readonly=opt == "ro"))
+    return binds
+
+
+def check_sources(binds: list[Bind]) -> list[Bind]:
+    """Binds whose source exists; a missing required source raises :class:`EngineError`."""
+    kept = []
+    for b in binds:
+        if os.path.exists(b.src):
+            kept.append(b)
+        elif not b.optional:
+            raise EngineError(f"bind source {b.src} does not exist on the host (bind {b.src}:{b.dst})")
+    return kept
+
+
+def parse_home(spec: str | None, default_home: str) -> tuple[str, str]:
+    """``--home SRC[:DST]`` → (host source, container home); default: the user's home twice."""
+    if not spec:
+        return default_home, default_home
+    src, _, dst = spec.partition(":")
+    src = os.path.abspath(os.path.expanduser(src))
+    return src, os.path.normpath(dst) if dst else src
+
+
+def default_binds(
+    home_src: str, home_dst: str, *, contain: bool, no_home: bool, home_given: bool, cwd: str | None
+) -> list[Bind]:
+    """Apptainer's default host binds (see module docstring); *cwd* None: do not bind it.
+
+    Under ``--contain`` the home directory is bound only when ``--home`` named one (*home_given*).
+    """
+    binds = [
+        Bind("/etc/hosts", "/etc/hosts", readonly=True, optional=True),
+        Bind("/etc/localtime", "/etc/localtime", readonly=True, optional=True),
+    ]
+    if not contain:
+        binds += [Bind("/tmp", "/tmp", optional=True), Bind("/var/tmp", "/var/tmp", optional=True)]
+    if not no_home and (home_given or not contain):
+        binds.append(Bind(home_src, home_dst, optional=not home_given))
+    if cwd and not contain:
+        binds.append(Bind(cwd, cwd, optional=True))
+    return binds

@@ -1,0 +1,399 @@
+"""The built-in engine: ``squashfuse`` (shared mount) + ``bwrap`` in a user namespace.
+
+The user inside is the user outside (``--unshare-user`` maps the caller's uid to itself; no
+setuid helper, no capabilities on the host). The image's squashfs partition is mounted once
+per node (:mod:`hpcsif.engine.mounts`); destinations the read-only image lacks (a home under
+``/home``, the current directory, ``/etc/resolv.conf``) are made possible with an *underlay*,
+as Apptainer does: the parent directory becomes a tmpfs holding binds of the image's entries.
+
+Python stays the parent of ``bwrap``: it forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2
+to the payload, returns the payload's exit status (128+N when killed by signal N) and
+releases the mount. If Python itself is SIGKILLed, ``--die-with-parent`` ends the container
+and the mount watchdog unmounts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+from pathlib import Path
+
+from hpcsif.engine.base import Engine, HostContribution, LaunchOptions, host_contributions, which
+from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home
+from hpcsif.errors import EngineError, MissingToolError
+
+log = logging.getLogger(__name__)
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+#: tty-generated signals reach an interactive shell directly; forwarding them would double them
+_TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
+_NOT_UNDERLAID = ("/proc", "/dev", "/sys")
+
+
+class BwrapEngine(Engine):
+    """squashfuse + bubblewrap, unprivileged."""
+
+    name = "bwrap"
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when bwrap and squashfuse are installed."""
+        from hpcsif.config import get_config
+
+        cfg = get_config()
+        return bool(which(cfg.get("engine.bwrap") or "bwrap") and which(cfg.get("engine.squashfuse") or "squashfuse"))
+
+    def launch(self, image: Path, opts: LaunchOptions) -> int:
+        """Mount *image* (SIF file or sandbox directory) and run the action; returns the exit status."""
+        from hpcsif.config import get_config
+
+        cfg = get_config()
+        bwrap = which(cfg.get("engine.bwrap") or "bwrap")
+        if not bwrap:
+            raise MissingToolError("bwrap", "bubblewrap")
+        check_user_namespaces()
+        contrib = host_contributions(opts)
+        mounts = []
+        try:
+            if opts.sandbox:
+                root = image
+            else:
+                from hpcsif.engine.mounts import squashfs_mount
+
+                if not which(cfg.get("engine.squashfuse") or "squashfuse"):
+                    raise MissingToolError("squashfuse", "squashfuse")
+                mounts.append(squashfs_mount(str(image), squashfs_offset(image)))
+                root = mounts[-1].acquire()
+            if opts.writable_tmpfs:
+                from hpcsif.engine.mounts import overlay_mount
+
+                if not which("fuse-overlayfs"):
+                    raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", "needed for --writable-tmpfs")
+                mounts.append(overlay_mount(root))
+                root = mounts[-1].acquire()
+            for check in contrib.checks:
+                for line in check(str(root)):
+                    log.warning("%s", line)
+            plan = _Plan(root, image, opts, contrib)
+            return _run(bwrap, plan.argv(), plan.env, plan.fds, interactive=plan.interactive, pidns=opts.containall)
+        finally:
+            for m in reversed(mounts):
+                m.release()
+
+
+def squashfs_offset(image: Path) -> int:
+    """Byte offset of the primary squashfs partition in the SIF *image* (SIFError if none)."""
+    from hpcsif.errors import SIFError
+    from hpcsif.sif.format import FSType
+    from hpcsif.sif.reader import SIFImage
+
+    with SIFImage.open(image) as sif:
+        part = sif.primary_partition()
+    if part.fstype != FSType.SQUASHFS:
+        raise SIFError(f"{image}: primary partition is not squashfs (fstype {part.fstype}); use --engine apptainer")
+    return part.offset
+
+
+def check_user_namespaces() -> None:
+    """Raise :class:`EngineError` when this host forbids unprivileged user namespaces."""
+    checks = [("/proc/sys/user/max_user_namespaces", "0")]
+    if os.getuid() != 0:
+        checks += [
+            ("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+            ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1"),
+        ]
+    for path, bad in checks:
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value == bad:
+            raise EngineError(
+                f"user namespaces are disabled on this host ({path} = {value}); "
+                "the bwrap engine needs them: use --engine apptainer (setuid install) or ask the admin"
+            )
+
+
+class _Plan:
+    """The bwrap command line, environment and data file descriptors of one launch."""
+
+    def __init__(self, root: Path, image: Path, opts: LaunchOptions, contrib: HostContribution) -> None:
+        import pwd
+
+        self.root = str(root)
+        self.opts = opts
+        self.fds: list[int] = []
+        self.interactive = opts.action == "shell" and os.isatty(0)
+        user = pwd.getpwuid(os.getuid())
+        self.user = user
+        home_src, self.home = parse_home(opts.home, os.environ.get("HOME") or user.pw_dir)
+        try:
+            cwd: str | None = os.getcwd()
+        except OSError:
+            cwd = None
+        self.cwd = cwd
+        binds = default_binds(
+            home_src, self.home, contain=opts.contain, no_home=opts.no_home, home_given=bool(opts.home), cwd=cwd
+        )
+        if os.path.exists("/etc/resolv.conf"):
+            binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
+        for spec in opts.binds:
+            binds += parse_bind(spec)
+        # parents before children, so that a bind inside another bind's destination stays visible
+        self.binds = sorted(check_sources(binds + contrib.binds), key=lambda b: b.dst.count("/"))
+        self.contrib = contrib
+        if not os.path.lexists(os.path.join(self.root, "bin/sh")):
+            raise EngineError(f"{image}: the image has no /bin/sh, which the launcher needs")
+        from hpcsif.engine.environment import build_env
+
+        self.env = build_env(
+            dict(os.environ),
+            action=opts.action,
+            cleanenv=opts.cleanenv,
+            env=opts.env,
+            env_files=opts.env_files,
+            image=str(image),
+            home=self.home,
+            app=opts.app,
+            pass_prefixes=contrib.pass_prefixes,
+            extra=contrib.env,
+            ld_paths=contrib.ld_paths,
+        )
+
+    # -- command line --------------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        opts = self.opts
+        args = ["bwrap", "--unshare-user", "--die-with-parent"]
+        if opts.containall:
+            args += ["--unshare-pid", "--unshare-ipc"]
+        if not self.interactive:
+            # the payload cannot push characters into our terminal (TIOCSTI)
+            args.append("--new-session")
+        dests = ["/etc/passwd", "/etc/group", *(b.dst for b in self.binds)]
+        if opts.contain:
+            dests += [self.home, "/tmp", "/var/tmp"]
+        workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
+        dests.append(workdir)
+        args += self._root(dests)
+        args += ["--proc", "/proc", "--ro-bind", "/sys", "/sys"]
+        args += ["--dev", "/dev"] if opts.contain else ["--dev-bind", "/dev", "/dev"]
+        if opts.contain:
+            args += ["--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
+            if not opts.no_home and not opts.home:
+                args += ["--tmpfs", self.home]
+        for b in self.binds:
+            kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
+            args += [kind, b.src, b.dst]
+        args += ["--ro-bind-data", self._data(self._passwd()), "/etc/passwd"]
+        args += ["--ro-bind-data", self._data(self._group()), "/etc/group"]
+        if self.underlaid and not opts.writable_tmpfs:
+            for d in sorted(self.underlaid, key=len):
+                if not any(b.dst == d or d.startswith(b.dst.rstrip("/") + "/") for b in self.binds):
+                    args += ["--remount-ro", d]
+        args += ["--chdir", workdir]
+        from hpcsif.engine.environment import LAUNCHER
+
+        return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
+
+    def _root(self, dests: list[str]) -> list[str]:
+        """Mount the image at / with tmpfs underlays where a destination is missing in it."""
+        if self.opts.writable_tmpfs:
+            # the overlay is writable: bwrap creates missing mount points in its upper layer
+            self.underlaid: set[str] = set()
+            return ["--bind", self.root, "/"]
+        need = set()
+        # below these the path comes from the host or a tmpfs, where bwrap can create mount points
+        covered = [b.dst for b in self.binds] + (["/tmp", "/var/tmp", self.home] if self.opts.contain else [])
+        covered += list(_NOT_UNDERLAID)
+        for dest in dests:
+            if any(dest.startswith(c.rstrip("/") + "/") for c in covered):
+                continue
+            parent = _missing_parent(self.root, dest)
+            if parent is not None:
+                need.add(parent)
+        self.underlaid = need
+        args = [] if "/" in need else ["--ro-bind", self.root, "/"]
+        for d in sorted(need, key=lambda p: (p.count("/"), p)):
+            if d != "/":
+                args += ["--tmpfs", d]
+            args += _entries(self.root, d)
+        return args
+
+    def _data(self, text: str) -> str:
+        """A memfd holding *text* for ``--ro-bind-data``; returns its number as a string."""
+        fd = os.memfd_create("hpcsif-data", 0)
+        os.write(fd, text.encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        self.fds.append(fd)
+        return str(fd)
+
+    def _image_lines(self, rel: str, skip) -> list[str]:
+        try:
+            with open(os.path.join(self.root, rel), encoding="utf-8", errors="replace") as f:
+                return [ln for ln in f.read().splitlines() if ln and not skip(ln.split(":"))]
+        except OSError:
+            return []
+
+    def _passwd(self) -> str:
+        """The image's /etc/passwd with the calling user's entry (home and shell adjusted)."""
+        u = self.user
+        lines = self._image_lines("etc/passwd", lambda f: f[0] == u.pw_name or (len(f) > 2 and f[2] == str(u.pw_uid)))
+        lines.append(f"{u.pw_name}:x:{u.pw_uid}:{u.pw_gid}:{u.pw_gecos}:{self.home}:/bin/sh")
+        return "\n".join(lines) + "\n"
+
+    def _group(self) -> str:
+        """The image's /etc/group with the caller's primary group."""
+        import grp
+
+        gid = self.user.pw_gid
+        try:
+            name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            name = str(gid)
+        lines = self._image_lines("etc/group", lambda f: f[0] == name or (len(f) > 2 and f[2] == str(gid)))
+        lines.append(f"{name}:x:{gid}:{self.user.pw_name}")
+        return "\n".join(lines) + "\n"
+
+
+def _missing_parent(root: str, dest: str) -> str | None:
+    """The deepest directory of *dest*'s path that exists in the image when *dest* itself does not.
+
+    Symbolic links in the image are followed inside the image (as bwrap will); None when
+    *dest* exists (a mount point is already there).
+    """
+    parts = [p for p in dest.split("/") if p]
+    cur = "/"
+    hops = 0
+    while parts:
+        comp = parts.pop(0)
+        cand = os.path.join(cur, comp)
+        host = root + cand
+        try:
+            st = os.lstat(host)
+        except OSError:
+            return cur
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(host)
+            base = "/" if target.startswith("/") else cur
+            parts = [p for p in os.path.normpath(os.path.join(base, target)).split("/") if p] + parts
+            cur = "/"
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        cur = cand
+    return None
+
+
+def _entries(root: str, d: str) -> list[str]:
+    """bwrap arguments re-creating the image directory *d*'s entries inside a tmpfs at *d*."""
+    args = []
+    host_dir = root + d if d != "/" else root
+    for name in sorted(os.listdir(host_dir)):
+        host = os.path.join(host_dir, name)
+        dest = os.path.join(d, name)
+        st = os.lstat(host)
+        if stat.S_ISLNK(st.st_mode):
+            args += ["--symlink", os.readlink(host), dest]
+        elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            args += ["--ro-bind", host, dest]
+    return args
+
+
+def _run(bwrap: str, argv: list[str], env: dict[str, str], fds: list[int], *, interactive: bool, pidns: bool) -> int:
+    """Start bwrap, forward signals to the payload, wait; returns its exit status."""
+    info_r, info_w = os.pipe()
+    argv = [argv[0], "--info-fd", str(info_w), *argv[1:]]
+    for fd in [info_w, *fds]:
+        os.set_inheritable(fd, True)
+    state: dict[str, int] = {}
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if interactive and signum in _TTY_SIGNALS:
+            return
+        if "child" not in state:
+            pending.append(signum)
+            return
+        _signal_payload(state["child"], signum, pidns)
+
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        try:
+            # non-interactive: bwrap gets its own process group, so a terminal's Ctrl-C reaches only
+            # us (and we forward it) rather than killing bwrap's monitor process
+            pid = os.posix_spawn(bwrap, argv, env, setpgroup=None if interactive else 0)
+        except OSError as exc:
+            raise EngineError(f"cannot start {bwrap}: {exc.strerror}") from None
+        finally:
+            for fd in [info_w, *fds]:
+                os.close(fd)
+        info = _read_all(info_r)
+        child = _child_pid(info)
+        if child:
+            state["child"] = child
+            for signum in pending:
+                _signal_payload(child, signum, pidns)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if interactive:
+            _reclaim_terminal()
+    code = os.waitstatus_to_exitcode(status)
+    if not child:
+        raise EngineError("bwrap could not set up the container (see its message above)")
+    return 128 - code if code < 0 else code
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _child_pid(info: bytes) -> int:
+    if not info:
+        return 0
+    import json
+
+    return int(json.loads(info).get("child-pid", 0))
+
+
+def _signal_payload(child: int, signum: int, pidns: bool) -> None:
+    """Send *signum* to the payload: bwrap's child, or its children when bwrap runs a PID-1 reaper."""
+    targets = [child]
+    if pidns:
+        try:
+            with open(f"/proc/{child}/task/{child}/children") as f:
+                targets = [int(p) for p in f.read().split()] or [child]
+        except OSError:
+            pass
+    for pid in targets:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _reclaim_terminal() -> None:
+    """Make our process group the terminal's foreground again after an interactive shell."""
+    try:
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(0, os.getpgrp())
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+    except OSError:
+        pass

@@ -1,0 +1,167 @@
+"""The container's environment with Apptainer's semantics, and the in-container launcher.
+
+The host environment is passed in (all of it, or only a few safe keys with ``--cleanenv``),
+minus ``PATH``/``LD_LIBRARY_PATH``/``PS1``, which the image decides. Inside, :data:`LAUNCHER`
+runs under the image's ``/bin/sh``: it sources ``/.singularity.d/env/*.sh`` in order (image
+values are written as ``${VAR:-default}``, so a host value wins), then applies the explicit
+overrides (``--env``, ``--env-file``, ``APPTAINERENV_*``/``SINGULARITYENV_*``), which win over
+the image, and finally execs the action: the command, the runscript, the test or a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from hpcsif.errors import UsageError
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: kept by --cleanenv, as Apptainer does
+CLEANENV_KEEP = ("TERM", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy")
+#: never taken from the host: the image (or the launcher) sets them
+NOT_FROM_HOST = ("PATH", "LD_LIBRARY_PATH", "PS1", "PROMPT_COMMAND")
+_PREFIXES = ("APPTAINERENV_", "SINGULARITYENV_")
+_OVERRIDE = "__HPCSIF_SET"
+
+# Runs as `/bin/sh -c LAUNCHER hpcsif ARGS…` inside the container. Override values are passed
+# in variables named __HPCSIF_SET_<KEY> and only ever expanded inside double quotes, so spaces,
+# quotes and `$` in them survive untouched; the key names are checked by Python beforehand.
+LAUNCHER = r"""
+for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
+if [ -n "$__HPCSIF_APP" ]; then
+  for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done
+fi
+for __k in $__HPCSIF_SET; do eval "export $__k=\"\${__HPCSIF_SET_$__k}\""; unset "__HPCSIF_SET_$__k"; done
+[ -n "$__HPCSIF_PREPEND_PATH" ] && PATH="$__HPCSIF_PREPEND_PATH:$PATH"
+[ -n "$__HPCSIF_APPEND_PATH" ] && PATH="$PATH:$__HPCSIF_APPEND_PATH"
+LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}${__HPCSIF_LD_PATH:+$__HPCSIF_LD_PATH:}/.singularity.d/libs"
+export PATH LD_LIBRARY_PATH
+__a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
+unset __f __k __HPCSIF_SET __HPCSIF_ACTION __HPCSIF_APP __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
+case $__a in
+exec) unset __a __app; exec "$@" ;;
+run)
+  if [ -n "$__app" ]; then __r="/scif/apps/$__app/scif/runscript"; else __r=/.singularity.d/runscript; fi
+  unset __a __app
+  if [ -x "$__r" ]; then exec "$__r" "$@"; fi
+  if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
+  echo "hpcsif: no runscript ($__r) in the container, starting /bin/sh" >&2
+  exec /bin/sh "$@" ;;
+test)
+  if [ -n "$__app" ]; then __r="/scif/apps/$__app/scif/test"; else __r=/.singularity.d/test; fi
+  unset __a __app
+  if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
+  echo "hpcsif: no test script found in the container ($__r)" >&2; exit 0 ;;
+shell)
+  unset __a __app
+  if [ -n "$SINGULARITY_SHELL" ] && [ -x "$SINGULARITY_SHELL" ]; then exec "$SINGULARITY_SHELL" "$@"; fi
+  if [ -x /bin/bash ]; then exec /bin/bash --norc "$@"; fi
+  exec /bin/sh "$@" ;;
+esac
+"""
+
+
+def parse_assignments(items: list[str], what: str = "--env") -> dict[str, str]:
+    """``KEY=VALUE`` strings (also comma-free values with spaces) into a dict, names checked."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _NAME.match(key):
+            raise UsageError(f"invalid {what} value {item!r} (expected NAME=VALUE)")
+        out[key] = value
+    return out
+
+
+def parse_env_file(path: str) -> dict[str, str]:
+    """Read ``--env-file``: ``[export ]KEY=VALUE`` lines with shell quoting; ``#`` comments."""
+    import shlex
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read env file {path}: {exc.strerror}") from None
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, raw = line.partition("=")
+        try:
+            words = shlex.split(raw, comments=True)
+        except ValueError as exc:
+            raise UsageError(f"{path}:{lineno}: {exc}") from None
+        if not sep or len(words) > 1:
+            raise UsageError(f"{path}:{lineno}: expected NAME=VALUE (quote values with spaces)")
+        items.append(f"{key}={words[0] if words else ''}")
+    return parse_assignments(items, f"{path}")
+
+
+def build_env(
+    host: dict[str, str],
+    *,
+    action: str,
+    cleanenv: bool,
+    env: list[str],
+    env_files: list[str],
+    image: str,
+    home: str,
+    app: str | None = None,
+    pass_prefixes: tuple[str, ...] = (),
+    extra: dict[str, str] | None = None,
+    ld_paths: list[str] | None = None,
+) -> dict[str, str]:
+    """The environment the launcher starts with (see the module docstring for precedence).
+
+    *pass_prefixes* are kept even with ``--cleanenv`` (MPI profiles: ``SLURM_``, ``PMIX_``…);
+    *extra* are engine-provided values (GPU, MPI) that the image may not override;
+    *ld_paths* go on ``LD_LIBRARY_PATH`` before ``/.singularity.d/libs``.
+    """
+    result: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+    for key, value in host.items():
+        if key.startswith(_PREFIXES):
+            name = key.split("ENV_", 1)[1]
+            if _NAME.match(name):
+                overrides[name] = value
+            continue
+        if key.startswith("__HPCSIF") or key in NOT_FROM_HOST:
+            continue
+        if not cleanenv or key in CLEANENV_KEEP or key.startswith(pass_prefixes):
+            result[key] = value
+    for path in env_files:
+        overrides.update(parse_env_file(path))
+    overrides.update(parse_assignments(env))
+    overrides.update(extra or {})
+    base = os.path.basename(image)
+    result.update(
+        PATH=DEFAULT_PATH,
+        HOME=home,
+        APPTAINER_CONTAINER=image,
+        SINGULARITY_CONTAINER=image,
+        APPTAINER_NAME=base,
+        SINGULARITY_NAME=base,
+        APPTAINER_COMMAND=action,
+        SINGULARITY_COMMAND=action,
+        APPTAINER_ENVIRONMENT="/.singularity.d/env/91-environment.sh",
+        SINGULARITY_ENVIRONMENT="/.singularity.d/env/91-environment.sh",
+        __HPCSIF_ACTION=action,
+    )
+    if action == "shell":
+        result["PS1"] = f"hpcsif {base}:\\w> "
+    if app:
+        result["__HPCSIF_APP"] = app
+        result["APPTAINER_APPNAME"] = result["SINGULARITY_APPNAME"] = app
+    for special in ("PREPEND_PATH", "APPEND_PATH"):
+        if special in overrides:
+            result[f"__HPCSIF_{special}"] = overrides.pop(special)
+    if ld_paths:
+        result["__HPCSIF_LD_PATH"] = ":".join(ld_paths)
+    if overrides:
+        result[_OVERRIDE] = " ".join(overrides)
+        for key, value in overrides.items():
+            result[f"{_OVERRIDE}_{key}"] = value
+    return result

@@ -1,0 +1,287 @@
+"""Node-local FUSE mounts shared by concurrent containers, reference counted, crash safe.
+
+Every mount lives in its own directory under the per-user runtime directory
+(``engine.mount_dir``, else ``$XDG_RUNTIME_DIR/hpcsif``, else ``/tmp/hpcsif-$UID``)::
+
+    <key>/lock          flock(2) taken around every state change
+    <key>/mnt/          the mount point
+    <key>/holders/      one empty file ``<pid>.<starttime>`` per process using the mount
+
+The key of a SIF mount is the image file's identity (device, inode, mtime, size) and the
+partition offset, so all containers of one image on a node share one ``squashfuse``. The last
+holder to leave unmounts. A holder that dies without leaving (SIGKILL) is covered by a small
+watchdog process started with the mount: it wakes on every mount-table change and every half
+second, and unmounts once no holder is alive (pid reuse is ruled out by the start time).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hpcsif.errors import EngineError, MissingToolError
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 500
+#: after this many failed (busy) unmounts the watchdog detaches the mount lazily
+_LAZY_AFTER = 20
+
+
+def runtime_dir() -> Path:
+    """The per-user directory holding mount points (created 0700; must be owned by the caller)."""
+    from hpcsif.config import get_config
+
+    configured = get_config().get("engine.mount_dir")
+    if configured:
+        base = Path(os.path.expanduser(configured))
+    elif os.environ.get("XDG_RUNTIME_DIR") and os.access(os.environ["XDG_RUNTIME_DIR"], os.W_OK):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "hpcsif"
+    else:
+        base = Path(f"/tmp/hpcsif-{os.getuid()}")
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = base.lstat()
+    except OSError as exc:
+        raise EngineError(f"cannot create the mount directory {base}: {exc.strerror}") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        # someone else made it (e.g. /tmp squatting): never mount or run from there
+        raise EngineError(f"mount directory {base} is not private to uid {os.getuid()}; remove it or set engine.mount_dir")
+    return base
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of *pid*, None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name may contain spaces and parentheses: fields start after the last ')'
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def _mount_state(mnt: Path) -> str:
+    """``mounted``, ``absent`` or ``stale`` (a FUSE mount whose daemon is gone)."""
+    try:
+        inner = os.stat(mnt).st_dev
+    except OSError:
+        return "stale" if os.path.lexists(mnt) else "absent"
+    return "mounted" if inner != os.stat(mnt.parent).st_dev else "absent"
+
+
+def unmount(mnt: Path, *, lazy: bool = False) -> bool:
+    """Unmount the FUSE mount at *mnt*; True on success (False: busy or not mounted)."""
+    import subprocess
+
+    for prog in ("fusermount3", "fusermount"):
+        cmd = [prog, "-u", "-q", *(["-z"] if lazy else []), str(mnt)]
+        try:
+            res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        except FileNotFoundError:
+            continue
+        if res.returncode == 0:
+            return True
+        log.debug("%s: %s", " ".join(cmd), res.stderr.strip())
+        return False
+    raise MissingToolError("fusermount3", "fuse3")
+
+
+class SharedMount:
+    """A reference-counted mount; :meth:`acquire` mounts if needed, :meth:`release` unmounts if last.
+
+    *mount_cmd* builds the mount command line for a mount point; *private* mounts (an overlay
+    of one container) have their directory removed when released.
+    """
+
+    def __init__(self, key: str, mount_cmd: Callable[[Path], list[str]], *, private: bool = False) -> None:
+        self.dir = runtime_dir() / key
+        self.mnt = self.dir / "mnt"
+        self._mount_cmd = mount_cmd
+        self.private = private
+        self._holder: Path | None = None
+
+    # -- locking -----------------------------------------------------------------------------
+    def _locked(self) -> int:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def live_holders(self) -> list[str]:
+        """Names of holder files whose process is alive; removes those of dead processes."""
+        alive = []
+        try:
+            names = os.listdir(self.dir / "holders")
+        except FileNotFoundError:
+            return []
+        for name in names:
+            pid, _, start = name.partition(".")
+            if pid.isdigit() and str(process_start_time(int(pid))) == start:
+                alive.append(name)
+            else:
+                _unlink(self.dir / "holders" / name)
+        return alive
+
+    # -- public --------------------------------------------------------------------------------
+    def acquire(self, pid: int | None = None) -> Path:
+        """Register *pid* (default: this process) as a user and make sure the mount exists."""
+        pid = pid or os.getpid()
+        fd = self._locked()
+        try:
+            state = _mount_state(self.mnt)
+            if state == "stale":
+                unmount(self.mnt, lazy=True)
+            if state != "mounted":
+                self._mount()
+            (self.dir / "holders").mkdir(exist_ok=True)
+            holder = self.dir / "holders" / f"{pid}.{process_start_time(pid)}"
+            holder.touch()
+            self._holder = holder
+        finally:
+            os.close(fd)
+        return self.mnt
+
+    def release(self) -> None:
+        """Drop this process's registration; unmount when no live holder remains."""
+        if self._holder is None:
+            return
+        fd = self._locked()
+        try:
+            _unlink(self._holder)
+            self._holder = None
+            if not self.live_holders() and _mount_state(self.mnt) != "absent":
+                if not unmount(self.mnt):
+                    log.debug("%s busy; the watchdog will unmount it", self.mnt)
+                    return
+            if self.private:
+                _remove_tree(self.dir)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Path:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _mount(self) -> None:
+        import subprocess
+
+        self.mnt.mkdir(exist_ok=True)
+        cmd = self._mount_cmd(self.mnt)
+        try:
+            res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise _missing(cmd[0]) from None
+        if res.returncode != 0:
+            msg = res.stderr.strip().splitlines()
+            hint = ""
+            if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+                hint = " (/dev/fuse is not usable by this user: an admin must make it mode 0666)"
+            raise EngineError(f"{cmd[0]} failed to mount {self.dir.name}: {msg[-1] if msg else res.returncode}{hint}")
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """A detached ``python -m hpcsif.engine.mounts --watch DIR`` that cleans up after crashes."""
+        import hpcsif
+
+        env = dict(os.environ)
+        pkg_parent = str(Path(hpcsif.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-m", "hpcsif.engine.mounts", "--watch", str(self.dir)],
+                env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, devnull, i) for i in (0, 1, 2)],
+                setsid=True,
+            )
+        finally:
+            os.close(devnull)
+
+
+def _missing(tool: str) -> MissingToolError:
+    name = os.path.basename(tool)
+    package = {"squashfuse": "squashfuse", "squashfuse_ll": "squashfuse", "fuse-overlayfs": "fuse-overlayfs"}
+    return MissingToolError(name, package.get(name, name))
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def squashfs_mount(image: str, offset: int) -> SharedMount:
+    """The shared read-only ``squashfuse`` mount of the squashfs at *offset* in *image*."""
+    from hpcsif.config import get_config
+
+    st = os.stat(image)
+    key = f"sif-{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}-{offset:x}"
+    prog = str(get_config().get("engine.squashfuse") or "squashfuse")
+    return SharedMount(key, lambda mnt: [prog, "-o", f"ro,offset={offset}", image, str(mnt)])
+
+
+def overlay_mount(lower: Path) -> SharedMount:
+    """A private writable ``fuse-overlayfs`` over *lower* whose changes live in the runtime dir."""
+    key = f"overlay-{os.getpid()}-{time.monotonic_ns():x}"
+
+    def cmd(mnt: Path) -> list[str]:
+        upper, work = mnt.parent / "upper", mnt.parent / "work"
+        upper.mkdir(exist_ok=True)
+        work.mkdir(exist_ok=True)
+        return ["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)]
+
+    return SharedMount(key, cmd, private=True)
+
+
+def watch(directory: Path) -> int:
+    """Watchdog loop: unmount *directory*'s mount once no holder is alive, then exit."""
+    import select
+
+    mount = SharedMount.__new__(SharedMount)
+    mount.dir, mount.mnt, mount._holder = directory, directory / "mnt", None
+    mount.private = directory.name.startswith("overlay-")
+    poller = select.poll()
+    mounts_fd = os.open("/proc/self/mounts", os.O_RDONLY)
+    poller.register(mounts_fd, select.POLLPRI | select.POLLERR)
+    failures = 0
+    while True:
+        poller.poll(_POLL_MS)
+        os.lseek(mounts_fd, 0, os.SEEK_SET)
+        os.read(mounts_fd, 1 << 20)  # re-arm the change notification
+        if not directory.exists() or _mount_state(mount.mnt) == "absent":
+            return 0
+        fd = mount._locked()
+        try:
+            if mount.live_holders():
+                failures = 0
+                continue
+            if unmount(mount.mnt, lazy=failures >= _LAZY_AFTER):
+                if mount.private:
+                    _remove_tree(directory)
+                return 0
+            failures += 1
+        finally:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--watch":
+        sys.exit(watch(Path(sys.argv[2])))
+    sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR")
