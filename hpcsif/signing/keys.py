@@ -141,7 +141,7 @@ def describe_file(path: Path, name: str = "") -> KeyInfo:
         data = path.read_bytes()
     except OSError as exc:
         raise SignatureError(f"cannot read key {path}: {exc.strerror}") from None
-    name = name or path.name.removesuffix(".pub").removesuffix(".key").removesuffix(".pem")
+    name = name or re.sub(r"(\.(pub|key|pem|asc|gpg))+$", "", path.name)
     if pgp.is_pgp_key(data):
         key = pgp.describe_keys(data)[0]
         return KeyInfo(
