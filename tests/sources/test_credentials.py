@@ -1,0 +1,84 @@
+"""Credential lookup order and secrecy (no services needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+import pytest
+
+from hpcsif.refs import DOCKER_HUB
+from hpcsif.sources.credentials import Credentials, find_credentials, from_docker_config, from_env
+
+SECRET = "pw-should-never-show"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    for prefix in ("HPCSIF", "APPTAINER", "SINGULARITY"):
+        monkeypatch.delenv(f"{prefix}_DOCKER_USERNAME", raising=False)
+        monkeypatch.delenv(f"{prefix}_DOCKER_PASSWORD", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+
+def _docker_config(tmp_path, auths: dict) -> None:
+    (tmp_path / "docker").mkdir(exist_ok=True)
+    (tmp_path / "docker" / "config.json").write_text(json.dumps({"auths": auths}))
+
+
+def test_env_order_hpcsif_then_apptainer_then_singularity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SINGULARITY_DOCKER_USERNAME", "sing")
+    monkeypatch.setenv("SINGULARITY_DOCKER_PASSWORD", "p1")
+    assert from_env().username == "sing"
+    monkeypatch.setenv("APPTAINER_DOCKER_USERNAME", "app")
+    monkeypatch.setenv("APPTAINER_DOCKER_PASSWORD", "p2")
+    assert from_env().username == "app"
+    monkeypatch.setenv("HPCSIF_DOCKER_USERNAME", "hpc")
+    monkeypatch.setenv("HPCSIF_DOCKER_PASSWORD", "p3")
+    creds = from_env()
+    assert (creds.username, creds.password) == ("hpc", "p3")
+    assert "HPCSIF_DOCKER" in creds.source
+
+
+def test_half_set_env_pair_is_ignored_with_a_warning(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("HPCSIF_DOCKER_USERNAME", "only-user")
+    with caplog.at_level(logging.WARNING):
+        assert from_env() is None
+    assert "must both be set" in caplog.text
+
+
+def test_docker_config_auths(tmp_path) -> None:
+    token = base64.b64encode(b"alice:" + SECRET.encode()).decode()
+    _docker_config(
+        tmp_path, {"https://index.docker.io/v1/": {"auth": token}, "reg.example:5000": {"auth": token}}
+    )
+    hub = from_docker_config(DOCKER_HUB)
+    assert (hub.username, hub.password) == ("alice", SECRET)
+    assert from_docker_config("reg.example:5000").username == "alice"
+    assert from_docker_config("other.example") is None
+
+
+def test_explicit_beats_env_beats_docker_config(monkeypatch, tmp_path) -> None:
+    _docker_config(tmp_path, {"reg.example": {"auth": base64.b64encode(b"cfg:x").decode()}})
+    assert find_credentials("reg.example").username == "cfg"
+    monkeypatch.setenv("APPTAINER_DOCKER_USERNAME", "env")
+    monkeypatch.setenv("APPTAINER_DOCKER_PASSWORD", "y")
+    assert find_credentials("reg.example").username == "env"
+    assert find_credentials("reg.example", Credentials("flag", "z", "--docker-login")).username == "flag"
+
+
+def test_malformed_docker_config_is_ignored(tmp_path, caplog) -> None:
+    (tmp_path / "docker").mkdir()
+    (tmp_path / "docker" / "config.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert from_docker_config("reg.example") is None
+    assert "ignoring unreadable Docker config" in caplog.text
+
+
+def test_password_not_in_repr_str_or_debug_log(caplog) -> None:
+    creds = Credentials("bob", SECRET, "test")
+    with caplog.at_level(logging.DEBUG):
+        find_credentials("reg.example", creds)
+    assert SECRET not in repr(creds) and SECRET not in str(creds)
+    assert SECRET not in caplog.text and "bob" in caplog.text
