@@ -103,7 +103,7 @@ def image_to_sif(
     """Convert ``image`` to a SIF at ``dest`` atomically; returns ``dest``."""
     from hpcsif.image.layers import flatten
     from hpcsif.sif.squashfs import squashfs_from_tar
-    from hpcsif.sif.writer import ObjectSpec, write_sif
+    from hpcsif.sif.writer import ObjectSpec, SIFWriter
 
     options = options or ConvertOptions()
     dest = Path(dest)
@@ -123,20 +123,23 @@ def image_to_sif(
             jobs=options.jobs,
             tmpdir=work,
         )
-        objects = [
-            ObjectSpec(DataType.DEFFILE, data=meta.deffile.encode()),
-            ObjectSpec(DataType.GENERIC_JSON, data=meta.inspect_json(), name="inspect-metadata.json"),
-            ObjectSpec(DataType.GENERIC_JSON, data=meta.oci_config_json(), name="oci-config.json"),
-            ObjectSpec(
+        log.info("Creating SIF file %s", dest)
+        with SIFWriter(dest, arch=image.architecture) as writer:
+            writer.add(ObjectSpec(DataType.DEFFILE, data=meta.deffile.encode()))
+            writer.add(
+                ObjectSpec(DataType.GENERIC_JSON, data=meta.inspect_json(), name="inspect-metadata.json")
+            )
+            writer.add(ObjectSpec(DataType.GENERIC_JSON, data=meta.oci_config_json(), name="oci-config.json"))
+            # the squashfs becomes the SIF in place (no copy) when it lies on dest's file system
+            part = ObjectSpec(
                 DataType.PARTITION,
                 path=squash,
                 fstype=FSType.SQUASHFS,
                 parttype=PartType.PRIMSYS,
                 arch=image.architecture,
-            ),
-        ]
-        log.info("Creating SIF file %s", dest)
-        return write_sif(dest, objects, arch=image.architecture)
+            )
+            writer.adopt(part)
+            return writer.commit()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
