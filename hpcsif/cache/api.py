@@ -71,11 +71,10 @@ def _write_record(root: CacheRoot, ident: str, digest: str) -> None:
         atomic_write_bytes(_record_path(root, ident), json.dumps(record).encode())
 
 
-def _identity(ref: Reference, options: ConvertOptions, source_options: dict[str, Any]) -> str:
+def _identity(ref: Reference, options: ConvertOptions) -> str:
     """What a tag record is keyed on: the reference, platform, and for local files their identity."""
+    # source options (credentials …) do not change what a tag names, and must never be written
     ident: dict[str, Any] = {"ref": str(ref), "platform": str(options.platform)}
-    if source_options:
-        ident["source"] = sorted((k, repr(v)) for k, v in source_options.items())
     if ref.transport in _LOCAL_FILES:
         st = os.stat(ref.path or "")
         ident["file"] = [os.path.realpath(ref.path or ""), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
@@ -99,7 +98,7 @@ def _resolve_digest(
     if ref.transport == "oci":  # reading the layout's index is as cheap as a record
         return get_source(ref, platform=options.platform, **source_options).resolve(ref)
     try:
-        ident = _identity(ref, options, source_options)
+        ident = _identity(ref, options)
     except FileNotFoundError:
         raise CacheError(f"{ref.raw}: no such file {ref.path}") from None
     record = _read_record(layout, ident)

@@ -16,6 +16,7 @@ import pytest
 
 from hpcsif.cache.layout import CacheRoot
 from hpcsif.config import set_config
+from tests.services.registry import registry_open  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +57,7 @@ class CacheEnv:
         return subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), *args],
             env=self.env(**env),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
