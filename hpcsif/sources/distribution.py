@@ -30,7 +30,7 @@ import requests
 from hpcsif import __version__
 from hpcsif.errors import AuthError, IntegrityError, NetworkError, NotFoundError, RegistryError
 from hpcsif.image import mediatypes as mt
-from hpcsif.image.digest import CHUNK, check_digest
+from hpcsif.image.digest import check_digest
 from hpcsif.image.model import Descriptor
 from hpcsif.image.store import BlobWriter, OCIStore
 from hpcsif.refs import DOCKER_HUB
@@ -51,6 +51,8 @@ MANIFEST_ACCEPT = ", ".join(
 )
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_MANIFEST = 4 << 20
+# small enough that little is lost when a connection breaks (urllib3 drops a partial read)
+STREAM_CHUNK = 256 << 10
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 #: a request body: bytes, or a callable that opens a fresh file-like body for each try
 Body = bytes | Callable[[], Any] | None
@@ -402,7 +404,7 @@ class RegistryClient:
                     raise _RestartBlob(
                         f"the server resumed at the wrong offset ({resp.headers.get('Content-Range')})"
                     )
-                for block in resp.iter_content(CHUNK):
+                for block in resp.iter_content(STREAM_CHUNK):
                     writer.write(block)
                     if writer.size > desc.size:
                         raise IntegrityError(f"{where}: more than the expected {desc.size} bytes")

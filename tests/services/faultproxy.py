@@ -3,7 +3,7 @@
 :class:`FaultProxy` forwards every request to the upstream registry and, for the first N
 matching requests of each armed fault, misbehaves instead:
 
-* ``reset``: send the blob's headers and half its body, then drop the connection;
+* ``reset``: send a large (> 64 KiB) blob's headers and half its body, then reset the connection;
 * ``short``: send a blob body that is 100 bytes short with a matching Content-Length;
 * ``wrong``: send a blob body of the right length with flipped bytes;
 * ``error500``: answer 500 to any request;
@@ -24,6 +24,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -185,7 +186,7 @@ class FaultProxy(_Base):
                 data = resp.raw.read(decode_content=False) if self.command != "HEAD" else b""
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP | {"content-length"}}
                 if blob and resp.status_code in (200, 206) and len(data) > 200:
-                    if proxy._take("reset"):
+                    if len(data) > 65536 and proxy._take("reset"):
                         self._reset(resp.status_code, out, data)
                         return
                     if proxy._take("short"):
@@ -209,6 +210,7 @@ class FaultProxy(_Base):
                 self.end_headers()
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
+                time.sleep(0.2)  # let the client read what was sent: a reset discards unread data
                 # SO_LINGER 0: close with a TCP reset, as a dying load balancer would
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.close_connection = True

@@ -1,0 +1,111 @@
+"""docker:// through a fault-injecting proxy: the pull succeeds with verified content or fails clearly,
+and the blob store never holds a blob whose content does not match its digest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcsif.errors import IntegrityError, NetworkError, SourceError
+from hpcsif.image.store import OCIStore
+from hpcsif.refs import parse
+from hpcsif.sources import get_source
+from hpcsif.sources.credentials import Credentials
+from tests.services.faultproxy import FaultProxy, fault_proxy
+from tests.services.images import TestImage
+from tests.services.registry import PASSWORD, USER
+from tests.sources.helpers import assert_store_sound
+
+pytestmark = pytest.mark.slow
+
+REPO = "private/busybox:1"
+
+
+@pytest.fixture(scope="module")
+def proxy(registry_basic, busybox_image: TestImage) -> Iterator[FaultProxy]:
+    """A fault proxy before the Basic-auth registry, with a blob host on 127.0.0.2."""
+    registry_basic.push(busybox_image.oci_ref, REPO)
+    blobs_dir = busybox_image.layout / "blobs" / "sha256"
+    blobs = {"sha256:" + p.name: p.read_bytes() for p in blobs_dir.iterdir()}
+    yield from fault_proxy(registry_basic.url, blobs)
+
+
+def _pull(proxy: FaultProxy, store: Path, retries: int = 4):
+    ref = parse(f"docker://{proxy.host}/{REPO}")
+    source = get_source(ref, credentials=Credentials(USER, PASSWORD, "test"), retries=retries, backoff=0.01)
+    return source.fetch(ref, OCIStore(store))
+
+
+def _assert_complete(image, busybox_image: TestImage, store: Path) -> None:
+    assert image.manifest_digest == busybox_image.manifest_digest
+    assert assert_store_sound(store) == 2 + len(busybox_image.layer_digests)
+
+
+def test_reset_mid_blob_resumes_with_range(proxy, busybox_image, tmp_path) -> None:
+    proxy.arm(reset=2)
+    image = _pull(proxy, tmp_path)
+    assert proxy.fired["reset"] == 2
+    assert proxy.ranges and all(r.startswith("bytes=") and not r.startswith("bytes=0-") for r in proxy.ranges)
+    _assert_complete(image, busybox_image, tmp_path)
+
+
+def test_server_errors_are_retried(proxy, busybox_image, tmp_path) -> None:
+    proxy.arm(error500=3)
+    image = _pull(proxy, tmp_path)
+    assert proxy.fired["error500"] == 3
+    _assert_complete(image, busybox_image, tmp_path)
+
+
+def test_429_honours_retry_after(proxy, busybox_image, tmp_path) -> None:
+    proxy.arm(throttle=1)
+    start = time.monotonic()
+    image = _pull(proxy, tmp_path)
+    assert proxy.fired["throttle"] == 1
+    assert time.monotonic() - start >= 1.0  # Retry-After: 1, although our own backoff is 10 ms
+    _assert_complete(image, busybox_image, tmp_path)
+
+
+@pytest.mark.parametrize("fault", ["wrong", "short"])
+def test_bad_blob_is_discarded_and_refetched(proxy, busybox_image, tmp_path, fault) -> None:
+    proxy.arm(**{fault: 1})
+    image = _pull(proxy, tmp_path)
+    assert proxy.fired[fault] == 1
+    _assert_complete(image, busybox_image, tmp_path)
+
+
+def test_persistently_wrong_blob_fails_clearly_and_keeps_nothing(proxy, busybox_image, tmp_path) -> None:
+    proxy.arm(wrong=100)
+    with pytest.raises(IntegrityError, match=r"giving up after 3 downloads: blob digest mismatch"):
+        _pull(proxy, tmp_path, retries=2)
+    # every blob the proxy corrupts (those over 200 bytes) was downloaded three times, never kept
+    blobs = [busybox_image.layout / "blobs" / "sha256" / d[7:] for d in busybox_image.layer_digests]
+    big = sum(1 for p in blobs if p.stat().st_size > 200) + 1  # + the config
+    assert proxy.fired["wrong"] == 3 * big
+    assert_store_sound(tmp_path)
+    assert not OCIStore(tmp_path).has_blob(busybox_image.layer_digests[0])
+
+
+def test_persistent_resets_fail_clearly(proxy, tmp_path) -> None:
+    proxy.arm(reset=100)
+    with pytest.raises(NetworkError, match=r"download failed after 3 tries"):
+        _pull(proxy, tmp_path, retries=2)
+    assert_store_sound(tmp_path)
+
+
+def test_redirect_to_other_host_does_not_leak_authorization(proxy, busybox_image, tmp_path) -> None:
+    proxy.blob_host.seen.clear()
+    proxy.arm(redirect=100)
+    image = _pull(proxy, tmp_path)
+    assert proxy.fired["redirect"] == 1 + len(busybox_image.layer_digests)  # config and layers
+    assert len(proxy.blob_host.seen) == proxy.fired["redirect"]
+    assert all("Authorization" not in h for h in proxy.blob_host.seen)
+    _assert_complete(image, busybox_image, tmp_path)
+
+
+def test_schema1_manifest_is_refused(proxy, tmp_path) -> None:
+    proxy.arm(schema1=1)
+    with pytest.raises(SourceError, match="Docker schema 1 manifests are not supported"):
+        _pull(proxy, tmp_path)
