@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: key files looked for in a directory named in cache.trusted_keys
 _KEY_SUFFIXES = (".pub", ".pem", ".asc", ".gpg")
+#: a DSSE key id (OpenSSH SHA256 fingerprint) or an OpenPGP fingerprint / long key id
+_FINGERPRINT = re.compile(r"^(SHA256:[A-Za-z0-9+/]{43}|[0-9A-Fa-f ]{16,50})$")
 
 
 @dataclass
@@ -157,8 +160,8 @@ def trusted_keys(config: Config) -> list[KeyInfo]:
     entries = config.get("cache.trusted_keys") or []
     if isinstance(entries, str):
         entries = [entries]
-    paths = [e for e in entries if "/" in e or Path(e).exists()]
-    fingerprints = [e for e in entries if e not in paths]
+    fingerprints = [e for e in entries if _FINGERPRINT.match(e)]
+    paths = [e for e in entries if e not in fingerprints]
     try:
         keys = keys_from_paths(paths)
     except SignatureError as exc:

@@ -1,0 +1,247 @@
+"""Signing and verifying SIF images: round trips, tampering, keyring, CLI and the trusted-cache policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from hpcsif.config import Config
+from hpcsif.errors import ConfigError, SignatureError
+from hpcsif.sif.format import DESCRIPTOR_SIZE, DataType, Descriptor
+from hpcsif.sif.reader import SIFImage
+from hpcsif.sif.writer import ObjectSpec, add_objects
+from hpcsif.signing import dsse
+from hpcsif.signing.keys import Keyring, describe_file
+from hpcsif.signing.metadata import image_metadata
+from hpcsif.signing.sign import sign_image
+from hpcsif.signing.verify import require_trusted, verify_image
+from tests.conftest import run_cli
+from tests.signing.conftest import needs_gpg
+
+UNSIGNED = "no signatures found for system partition"
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Invert one byte of *path* in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _object(path: Path, datatype: DataType) -> Descriptor:
+    with SIFImage.open(path) as img:
+        return img.find(datatype)[0]
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "ecdsa-p256", "rsa-3072"])
+def test_dsse_round_trip(sif: Path, keysdir: Path, algorithm: str) -> None:
+    key = Keyring().newpair("me", algorithm)
+    (sig,) = sign_image(sif, key)
+    with SIFImage.open(sif) as img:
+        assert sig.datatype == DataType.SIGNATURE and sig.group_id == 0
+        assert sig.link_is_group and sig.link_id == 1
+        envelope = json.loads(img.read_object(img.get(sig.id)))
+    assert envelope["payloadType"] == dsse.PAYLOAD_TYPE
+    assert envelope["signatures"][0]["keyid"] == key.fingerprint
+    report = verify_image(sif, [describe_file(key.public_path)])
+    (result,) = report.verified
+    assert [o.id for o in result.objects] == [1, 2, 3, 4]
+    assert result.key.fingerprint == key.fingerprint
+    assert not report.skipped
+
+
+def test_signed_metadata_covers_the_group(sif: Path) -> None:
+    with SIFImage.open(sif) as img:
+        doc = json.loads(image_metadata(img, 1))
+    assert doc["version"] == 1 and doc["header"]["digest"].startswith("sha256:")
+    assert [o["relativeId"] for o in doc["objects"]] == [0, 1, 2, 3]
+    part = _object(sif, DataType.PARTITION)
+    with SIFImage.open(sif) as img:
+        import hashlib
+
+        want = hashlib.sha256(img.read_object(part)).hexdigest()
+    assert doc["objects"][3]["objectDigest"] == f"sha256:{want}"
+
+
+@needs_gpg
+def test_pgp_round_trip(sif: Path, keysdir: Path) -> None:
+    key = Keyring().newpair("pgpkey", "pgp", "Test Signer <signer@example.org>")
+    assert len(key.fingerprint) == 40 and key.uid == "Test Signer <signer@example.org>"
+    (sig,) = sign_image(sif, key)
+    assert sig.entity == bytes.fromhex(key.fingerprint)
+    with SIFImage.open(sif) as img:
+        assert img.read_object(img.get(sig.id)).startswith(b"-----BEGIN PGP SIGNED MESSAGE-----")
+    (result,) = verify_image(sif, Keyring().list()).verified
+    assert result.key.name == "pgpkey"
+    other = Keyring(keysdir / "other").newpair("other", "pgp", "Other <o@example.org>")
+    with pytest.raises(SignatureError, match="no signature could be checked"):
+        verify_image(sif, [other])
+
+
+@pytest.mark.parametrize(
+    ("what", "datatype", "expect"),
+    [
+        ("partition", DataType.PARTITION, r"data object integrity compromised: object 4 \(FS \*System\)"),
+        ("labels", DataType.LABELS, r"data object integrity compromised: object 2 \(JSON.Labels\)"),
+        (
+            "generic json",
+            DataType.GENERIC_JSON,
+            r"data object integrity compromised: object 3 \(JSON.Generic 'inspect-metadata.json'\)",
+        ),
+        ("def file", DataType.DEFFILE, r"data object integrity compromised: object 1 \(Def.FILE\)"),
+    ],
+)
+def test_tampered_object_fails_naming_it(
+    sif: Path, keysdir: Path, what: str, datatype: DataType, expect: str
+) -> None:
+    key = Keyring().newpair("me")
+    sign_image(sif, key)
+    verify_image(sif, [key])
+    desc = _object(sif, datatype)
+    _flip(sif, desc.offset + desc.size // 2)
+    with pytest.raises(SignatureError, match=expect) as err:
+        verify_image(sif, [key])
+    assert str(err.value).startswith("verification failed: ")
+
+
+def test_tampered_descriptor_and_header(sif: Path, keysdir: Path, tmp_path: Path) -> None:
+    key = Keyring().newpair("me")
+    sign_image(sif, key)
+    pristine = sif.read_bytes()
+    with SIFImage.open(sif) as img:
+        table = img.header.descriptors_offset
+    # the name field of descriptor 3 (JSON.Generic) starts 73 bytes into its record
+    _flip(sif, table + 2 * DESCRIPTOR_SIZE + 73)
+    with pytest.raises(SignatureError, match=r"descriptor integrity compromised: object 3 \(JSON.Generic"):
+        verify_image(sif, [key])
+    sif.write_bytes(pristine)
+    _flip(sif, 50)  # inside the image UUID
+    with pytest.raises(SignatureError, match="header integrity compromised"):
+        verify_image(sif, [key])
+
+
+def test_object_added_after_signing(sif: Path, keysdir: Path) -> None:
+    key = Keyring().newpair("me")
+    sign_image(sif, key)
+    add_objects(sif, [ObjectSpec(DataType.GENERIC_JSON, data=b"{}", name="late.json")])
+    with pytest.raises(SignatureError, match=r"object 6 \(JSON.Generic 'late.json'\): object not signed"):
+        verify_image(sif, [key])
+
+
+def test_unsigned_and_unknown_key(sif: Path, keysdir: Path) -> None:
+    with pytest.raises(SignatureError, match=f"^verification failed: .*{UNSIGNED}$"):
+        verify_image(sif, [])
+    sign_image(sif, Keyring().newpair("signer"))
+    stranger = Keyring(keysdir / "elsewhere").newpair("stranger", "ecdsa-p256")
+    unknown = "no signature could be checked: DSSE signature by a key not given"
+    with pytest.raises(SignatureError, match=unknown):
+        verify_image(sif, [stranger])
+
+
+def test_cli_sign_verify(sif: Path, keysdir: Path) -> None:
+    proc = run_cli("verify", str(sif), check=False)
+    assert proc.returncode != 0
+    assert proc.stdout.startswith(f"Verifying image: {sif}\n")
+    assert f"FATAL:   verification failed: integrity: signature not found for object group 1: {UNSIGNED}" in (
+        proc.stderr
+    )
+    run_cli("key", "newpair", "--name", "alice")
+    run_cli("sign", str(sif))
+    out = run_cli("verify", str(sif)).stdout
+    assert out.startswith(f"Verifying image: {sif}\n")
+    assert "Signing entity: alice" in out and f"Container verified: {sif}" in out
+    assert "4   |1       |NONE    |FS" in out
+    desc = _object(sif, DataType.LABELS)
+    _flip(sif, desc.offset)
+    proc = run_cli("verify", str(sif), check=False)
+    assert proc.returncode != 0 and "object 2 (JSON.Labels)" in proc.stderr
+
+
+def test_cli_sign_with_key_file(sif: Path, tmp_path: Path) -> None:
+    keyring = Keyring(tmp_path / "k")
+    keyring.newpair("x", "ecdsa-p384")
+    priv, pub = tmp_path / "x.pem", tmp_path / "x.pub.pem"
+    keyring.export("x", priv, private=True)
+    keyring.export("x", pub)
+    run_cli("sign", "--key", str(priv), str(sif))
+    assert "Container verified" in run_cli("verify", "--key", str(pub), str(sif)).stdout
+
+
+def test_cli_key_round_trip(tmp_path: Path) -> None:
+    env_a = {"HPCSIF_KEYSDIR": str(tmp_path / "a")}
+    env_b = {"HPCSIF_KEYSDIR": str(tmp_path / "b")}
+    out = run_cli("key", "newpair", "-N", "alice", "-t", "ecdsa-p256", env=env_a).stdout
+    fpr = out.split("fingerprint ")[1].split()[0]
+    assert fpr.startswith("SHA256:")
+    keys = tmp_path / "a"
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert stat.S_IMODE((keys / "alice.key").stat().st_mode) == 0o600
+    listing = run_cli("key", "list", env=env_a).stdout
+    assert "alice  [default]" in listing and fpr in listing and "key pair" in listing
+    run_cli("key", "export", "alice", str(tmp_path / "alice.pub"), env=env_a)
+    run_cli("key", "export", "--secret", "alice", str(tmp_path / "alice.pem"), env=env_a)
+    assert b"PUBLIC KEY" in (tmp_path / "alice.pub").read_bytes()
+    assert stat.S_IMODE((tmp_path / "alice.pem").stat().st_mode) == 0o600
+    run_cli("key", "import", str(tmp_path / "alice.pub"), env=env_b)
+    listing = run_cli("key", "list", env=env_b).stdout
+    assert "alice" in listing and fpr in listing and "public key" in listing
+    proc = run_cli("key", "import", str(tmp_path / "alice.pub"), env=env_b, check=False)
+    assert proc.returncode != 0 and "already exists" in proc.stderr
+    run_cli("key", "import", "--name", "alice2", str(tmp_path / "alice.pem"), env=env_b)
+    assert "alice2  [default]" in run_cli("key", "list", env=env_b).stdout
+    run_cli("key", "remove", fpr, env=env_a)
+    assert "No keys" in run_cli("key", "list", env=env_a).stdout
+    assert not (keys / "alice.key").exists() and not (keys / "default").exists()
+
+
+def _config(tmp_path: Path, **cache: object) -> Config:
+    cfg = Config.load()
+    for key, value in cache.items():
+        cfg.override(f"cache.{key}", value)
+    return cfg
+
+
+def test_require_trusted(sif: Path, tmp_path: Path, keysdir: Path) -> None:
+    require_trusted(sif, _config(tmp_path))  # policy off: unsigned images pass
+    trusted = Keyring(tmp_path / "admin").newpair("site", "ed25519")
+    cfg = _config(tmp_path, require_signed=True, trusted_keys=[str(trusted.public_path)])
+    with pytest.raises(SignatureError, match=f"not signed by a trusted key.*{UNSIGNED}"):
+        require_trusted(sif, cfg)
+    sign_image(sif, Keyring().newpair("user"))  # signed, but by an untrusted key
+    with pytest.raises(SignatureError, match="not signed by a trusted key"):
+        require_trusted(sif, cfg)
+    sign_image(sif, trusted)
+    require_trusted(sif, cfg)
+    # a directory of keys, and a fingerprint of a keyring key, work too
+    require_trusted(sif, _config(tmp_path, require_signed=True, trusted_keys=[str(tmp_path / "admin")]))
+    Keyring().import_file(trusted.public_path, "site")
+    require_trusted(sif, _config(tmp_path, require_signed=True, trusted_keys=[trusted.fingerprint]))
+    with pytest.raises(ConfigError, match="SHA256:xxxx"):
+        require_trusted(sif, _config(tmp_path, require_signed=True, trusted_keys=["SHA256:" + "x" * 43]))
+    with pytest.raises(SignatureError, match="names no key"):
+        require_trusted(sif, _config(tmp_path, require_signed=True, trusted_keys=[]))
+
+
+def test_private_keys_are_never_readable_by_others(keysdir: Path) -> None:
+    old = os.umask(0)
+    try:
+        Keyring().newpair("k")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((keysdir / "k.key").stat().st_mode) == 0o600
+    assert not list(keysdir.glob(".*tmp"))
+
+
+def test_converted_image_is_unsigned(busybox_oci_layout: Path, tmp_path: Path) -> None:
+    pytest.importorskip("hpcsif.sif.squashfs", reason="conversion (hpcsif.sif.squashfs) not landed yet")
+    from hpcsif.convert import convert_ref
+
+    out = convert_ref(f"oci:{busybox_oci_layout}:latest", tmp_path / "conv.sif")
+    with pytest.raises(SignatureError, match=UNSIGNED):
+        verify_image(out, [])
