@@ -1,0 +1,950 @@
+"""Reading OCI/Docker layer blobs and merging them into one root filesystem.
+
+:func:`flatten` streams the merged root filesystem of an image as a single POSIX (PAX)
+tar archive — the input of ``tar2sqfs`` — and :func:`extract_tree` writes the same merge
+into a directory (``build --sandbox``). Neither ever holds a whole layer in memory.
+
+Merge model (overlayfs semantics, what Docker's overlay2 and Podman show at run time):
+layers are read **top-down**. A path emitted by an upper layer hides the same path in
+lower layers; an upper non-directory at ``P`` hides everything below ``P``; an upper
+directory merges with a lower one (the upper attributes win); ``.wh.NAME`` hides ``NAME``
+and ``.wh..wh..opq`` hides all lower children of its directory. Whiteouts apply only to
+lower layers and never appear in the output. A layer that has ``a/b`` but no ``a`` turns
+``a`` into a directory in the merged view, hiding a lower non-directory ``a`` (e.g. a
+usr-merge symlink ``lib -> usr/lib``), exactly as overlayfs would. Directories are
+written last, once each, with the attributes of the topmost layer that has them.
+
+Duplicates inside one layer: the last entry wins, like tar extraction. Entries without
+content (directories, symlinks, FIFOs, empty files, hard links) are held back until the
+end of their layer so they can be replaced; a regular file *with content* that a later
+entry of the same layer replaces cannot be taken back from the stream, so the conversion
+fails with :class:`~hpcsif.errors.LayerError` naming the layer and the entry.
+
+Hard links: a link whose target is earlier in the same layer becomes a hard link in the
+output; if that target is hidden by an upper layer, the layer is read again to give the
+link the hidden target's content. A link whose target is not in its own layer resolves to
+the nearest lower layer that has the target.
+
+Permissions (like Apptainer's fix-perms): every file becomes readable by all (and
+executable by all where any execute bit is set), every directory readable and traversable
+by all; setuid and setgid bits are removed (they are never usable in a container),
+sticky bits are kept. Character and block devices are dropped (counted in
+``FlattenStats.skipped["device"]``); FIFOs are kept. Extended attributes (file
+capabilities, SELinux labels) are dropped like setuid bits. Owners and mtimes are kept.
+
+Hostile layers, decided per case:
+
+* absolute names and leading ``./`` are normalised into the root (``/etc/x`` is ``etc/x``);
+* a name or hard-link target whose ``..`` components leave the root -> ``LayerError``;
+* an entry below a symlink or other non-directory of the *same* layer (writing through a
+  symlink) -> ``LayerError``; below a non-directory of an *upper* layer it is hidden;
+* a hard link to a missing target, to a directory or to itself -> ``LayerError``;
+* symlink targets are kept verbatim: absolute targets resolve inside the container at run
+  time, and :func:`extract_tree` never follows a symlink while writing (``O_NOFOLLOW`` and
+  directory file descriptors), so no entry can be written outside ``dest``.
+
+Integrity: :func:`open_layer` hashes the compressed bytes (the blob digest) and the
+decompressed bytes (the config's ``diff_id``) while streaming and raises
+:class:`~hpcsif.errors.IntegrityError` at end of stream when either differs or the
+compressed stream is truncated. The compression is detected from the magic bytes
+(gzip, zstd, bzip2, xz or plain tar), whatever the media type says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from hpcsif.errors import IntegrityError, LayerError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+BLOCK = tarfile.BLOCKSIZE
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_BZIP2_MAGIC = b"BZh"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A layer blob on disk, with the digests to verify while reading it."""
+
+    path: Path
+    media_type: str
+    digest: str | None
+    diff_id: str | None
+
+    @property
+    def label(self) -> str:
+        """How messages name this layer: its digest, or its file name."""
+        return self.digest or str(self.path)
+
+
+@dataclass(frozen=True)
+class ExtraFile:
+    """A file, directory (``data is None``) or symlink laid over all layers."""
+
+    path: str
+    data: bytes | None = None
+    mode: int = 0o644
+    symlink: str | None = None
+
+
+@dataclass
+class FlattenStats:
+    """What :func:`flatten` / :func:`extract_tree` wrote and skipped."""
+
+    entries: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        """Count one entry left out for ``reason``."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+# ---------------------------------------------------------------------------------------
+# reading one layer
+
+
+class _HashingReader:
+    """Reads a blob file, hashing and counting the (compressed) bytes."""
+
+    def __init__(self, path: Path, hashed: bool) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.hash = hashlib.sha256() if hashed else None
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size if size is not None and size >= 0 else -1)
+        self.count += len(data)
+        if self.hash is not None:
+            self.hash.update(data)
+        return data
+
+    def peek(self, size: int) -> bytes:
+        """The first ``size`` bytes of the file, without consuming them (before any read)."""
+        head = self._f.read(size)
+        self._f.seek(0)
+        return head
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _GzipReader:
+    """Multi-member gzip decoding with bounded output (zlib checks each member's CRC).
+
+    Faster than :class:`gzip.GzipFile`, which checks the CRC in a second pass.
+    """
+
+    def __init__(self, raw: _HashingReader) -> None:
+        self._raw = raw
+        self._dec = zlib.decompressobj(31)
+        self._fed = False
+
+    def read(self, size: int) -> bytes:
+        while True:
+            dec = self._dec
+            data = dec.unconsumed_tail
+            if dec.eof:  # next member, if any
+                data = dec.unused_data
+                dec = self._dec = zlib.decompressobj(31)
+                self._fed = False
+            data = data or self._raw.read(CHUNK // 4)
+            if not data:
+                if self._fed and not dec.eof:
+                    raise EOFError("compressed stream ended before the end-of-stream marker")
+                return b""
+            self._fed = True
+            out = dec.decompress(data, size)
+            if out:
+                return out
+
+
+def _decoder(raw: _HashingReader):
+    """A reader of the decompressed bytes, chosen by the blob's magic bytes."""
+    head = raw.peek(8)
+    if head.startswith(_GZIP_MAGIC):
+        return _GzipReader(raw)
+    if head.startswith(_ZSTD_MAGIC):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(
+            raw, read_size=CHUNK // 4, read_across_frames=True, closefd=False
+        )
+    if head.startswith(_BZIP2_MAGIC):
+        import bz2
+
+        return bz2.BZ2File(raw)
+    if head.startswith(_XZ_MAGIC):
+        import lzma
+
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+class _LayerStream(io.RawIOBase):
+    """Decompressed bytes of a layer blob; verifies digest and diff_id at end of stream.
+
+    Supports ``tell`` and forward ``seek`` so :mod:`tarfile` can read it in its
+    random-access mode, which copies far less than its stream mode.
+    """
+
+    def __init__(self, layer: LayerBlob, verify: bool = True) -> None:
+        super().__init__()
+        self.layer = layer
+        try:
+            self._raw = _HashingReader(layer.path, verify and layer.digest is not None)
+        except OSError as e:
+            raise LayerError(f"layer {layer.label}: cannot open blob {layer.path}: {e.strerror}") from e
+        self._diff_hash = hashlib.sha256() if verify and layer.diff_id else None
+        self._dec = _decoder(self._raw)
+        self._buf = b""
+        self._pos = 0  # position in _buf
+        self._offset = 0  # stream position of _buf[0]
+        self._eof = False
+
+    @property
+    def bytes_in(self) -> int:
+        """Compressed bytes read so far."""
+        return self._raw.count
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._offset + self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        """Move forward only (skipping is reading)."""
+        if whence == io.SEEK_CUR:
+            pos += self.tell()
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("a layer stream seeks forward only")
+        skip = pos - self.tell()
+        if skip < 0:
+            raise io.UnsupportedOperation("a layer stream seeks forward only")
+        while skip:
+            n = len(self.read(min(skip, CHUNK)))
+            if not n:
+                break
+            skip -= n
+        return self.tell()
+
+    def _fill(self) -> bool:
+        """Refill the buffer; False at end of stream (after verification)."""
+        if self._eof:
+            return False
+        try:
+            out = self._dec.read(CHUNK)
+        except Exception as e:  # EOFError, zlib.error, ZstdError, LZMAError, OSError
+            raise IntegrityError(
+                f"layer {self.layer.label}: corrupt or truncated compressed data ({e})"
+            ) from e
+        self._offset += len(self._buf)
+        self._buf, self._pos = out, 0
+        if out:
+            if self._diff_hash is not None:
+                self._diff_hash.update(out)
+            return True
+        self._eof = True
+        for kind, want, h in (
+            ("blob digest", self.layer.digest, self._raw.hash),
+            ("diff_id", self.layer.diff_id, self._diff_hash),
+        ):
+            if h is not None and (got := "sha256:" + h.hexdigest()) != want:
+                raise IntegrityError(f"layer {self.layer.label}: {kind} mismatch: expected {want}, got {got}")
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes: fewer only at end of stream (tarfile relies on that)."""
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        if self._pos >= len(self._buf) and not self._fill():
+            return b""
+        if self._pos == 0 and size == len(self._buf):
+            self._pos = len(self._buf)
+            return self._buf
+        data = self._buf[self._pos : self._pos + size]
+        self._pos += len(data)
+        if len(data) == size:
+            return data
+        parts = [data]
+        need = size - len(data)
+        while need and self._fill():
+            part = self._buf[:need]
+            self._pos = len(part)
+            parts.append(part)
+            need -= len(part)
+        return b"".join(parts)
+
+    def read_some(self, size: int) -> bytes:
+        """Up to ``size`` bytes without copying across buffers (short reads allowed)."""
+        if self._pos >= len(self._buf) and not self._fill():
+            return b""
+        if self._pos == 0 and size >= len(self._buf):
+            self._pos = len(self._buf)
+            return self._buf
+        data = self._buf[self._pos : self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Read to the end of the stream, which verifies the digests."""
+        while self.read(CHUNK):
+            pass
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_layer(layer: LayerBlob) -> BinaryIO:
+    """Open ``layer`` as a stream of uncompressed tar bytes.
+
+    The blob digest and the diff_id (when given) are verified as the bytes go by; reading
+    to the end raises :class:`IntegrityError` on a mismatch or a truncated stream.
+    """
+    return _LayerStream(layer)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------
+# names and modes
+
+
+def _normalise(name: str, layer: LayerBlob, what: str = "entry") -> str:
+    """``name`` relative to the root ("" is the root); raises if ``..`` leaves the root."""
+    parts: list[str] = []
+    for comp in name.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not parts:
+                raise LayerError(f"layer {layer.label}: {what} {name!r} points outside the root filesystem")
+            parts.pop()
+        else:
+            parts.append(comp)
+    return "/".join(parts)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """The strict ancestors of ``path`` from the top: "a", "a/b" for "a/b/c"."""
+    i = path.find("/")
+    while i != -1:
+        yield path[:i]
+        i = path.find("/", i + 1)
+
+
+def _fix_mode(mode: int, is_dir: bool) -> int:
+    """Readable (and traversable) by all, no setuid/setgid; sticky bits stay."""
+    mode &= 0o1777
+    if is_dir:
+        return mode | 0o555
+    mode |= 0o444
+    return mode | 0o111 if mode & 0o111 else mode
+
+
+_REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
+
+
+def _kind(ti: tarfile.TarInfo) -> str:
+    """One of "reg", "dir", "sym", "lnk", "fifo", "dev" for a tar member."""
+    t = ti.type
+    if t in _REG_TYPES:
+        return "reg"
+    if t == tarfile.DIRTYPE:
+        return "dir"
+    if t == tarfile.SYMTYPE:
+        return "sym"
+    if t == tarfile.LNKTYPE:
+        return "lnk"
+    if t == tarfile.FIFOTYPE:
+        return "fifo"
+    return "dev"
+
+
+# ---------------------------------------------------------------------------------------
+# output sinks: a tar stream or a directory
+
+
+class _TarSink:
+    """Writes the merged entries as one PAX tar archive."""
+
+    def __init__(self, out: BinaryIO, stats: FlattenStats) -> None:
+        self._out = out
+        self._stats = stats
+        self._buf = bytearray()
+
+    def _write(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._out.write(bytes(self._buf))
+            self._stats.bytes_out += len(self._buf)
+            self._buf.clear()
+
+    def _header(self, name: str, src: tarfile.TarInfo, kind: str) -> None:
+        ti = tarfile.TarInfo(name or ".")
+        ti.type = {"reg": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE}.get(
+            kind, tarfile.FIFOTYPE
+        )
+        ti.mode = 0o777 if kind == "sym" else _fix_mode(src.mode, kind == "dir")
+        ti.uid, ti.gid = src.uid, src.gid
+        ti.uname = ti.gname = ""
+        ti.mtime = int(src.mtime)
+        ti.size = src.size if kind == "reg" else 0
+        ti.linkname = src.linkname if kind == "sym" else ""
+        self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._stats.entries += 1
+
+    def emit(self, name: str, src: tarfile.TarInfo, kind: str, data: BinaryIO | None, layer: str) -> None:
+        """Write one entry (``data`` holds ``src.size`` bytes for regular files)."""
+        self._header(name, src, kind)
+        if kind != "reg" or not src.size:
+            return
+        remaining = src.size
+        while remaining:
+            chunk = data.read(min(CHUNK, remaining))
+            if not chunk:
+                raise LayerError(f"layer {layer}: tar data of {name!r} is truncated")
+            remaining -= len(chunk)
+            if len(chunk) >= BLOCK * 64:
+                self._flush()
+                self._out.write(chunk)
+                self._stats.bytes_out += len(chunk)
+            else:
+                self._write(chunk)
+        if src.size % BLOCK:
+            self._write(bytes(BLOCK - src.size % BLOCK))
+
+    def link(self, name: str, target: str) -> None:
+        """Write a hard link ``name`` -> ``target`` (both root-relative)."""
+        ti = tarfile.TarInfo(name)
+        ti.type = tarfile.LNKTYPE
+        ti.linkname = target
+        ti.uname = ti.gname = ""
+        self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._stats.entries += 1
+
+    def close(self) -> None:
+        """End the archive (two zero blocks) and flush."""
+        self._write(bytes(BLOCK * 2))
+        self._flush()
+        self._out.flush()
+
+
+class _DirSink:
+    """Writes the merged entries below ``dest`` without ever following a symlink."""
+
+    _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self, dest: Path, stats: FlattenStats) -> None:
+        self._stats = stats
+        self._root = os.open(dest, self._DIR_FLAGS)
+        self._cached: tuple[str, int] | None = None
+        self._chown = os.geteuid() == 0
+
+    def _dir_fd(self, path: str, create: bool) -> int:
+        """An fd of directory ``path`` (root-relative), created 0700 where missing."""
+        if not path:
+            return self._root
+        if self._cached and self._cached[0] == path:
+            return self._cached[1]
+        fd = self._root
+        for comp in path.split("/"):
+            try:
+                nfd = os.open(comp, self._DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(comp, 0o700, dir_fd=fd)
+                nfd = os.open(comp, self._DIR_FLAGS, dir_fd=fd)
+            if fd != self._root:
+                os.close(fd)
+            fd = nfd
+        if self._cached:
+            os.close(self._cached[1])
+        self._cached = (path, fd)
+        return fd
+
+    def _owner_time(self, base: str, fd: int, src: tarfile.TarInfo) -> None:
+        if self._chown:
+            os.chown(base, src.uid, src.gid, dir_fd=fd, follow_symlinks=False)
+        mtime_ns = int(src.mtime) * 1_000_000_000
+        os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
+
+    def emit(self, name: str, src: tarfile.TarInfo, kind: str, data: BinaryIO | None, layer: str) -> None:
+        """Create one entry; directories come last, after all their children."""
+        parent, base = posixpath.split(name)
+        pfd = self._dir_fd(parent, create=True)
+        # sandboxes stay writable by their owner, as Apptainer's do
+        mode = _fix_mode(src.mode, kind == "dir") | (0o700 if kind == "dir" else 0o600)
+        if kind == "dir":
+            if name:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(base, 0o700, dir_fd=pfd)
+            fd = os.open(base or ".", self._DIR_FLAGS, dir_fd=pfd)
+            try:
+                os.fchmod(fd, mode)
+                if self._chown:
+                    os.fchown(fd, src.uid, src.gid)
+                mtime_ns = int(src.mtime) * 1_000_000_000
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+        elif kind == "reg":
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(base, flags, 0o600, dir_fd=pfd)
+            try:
+                remaining = src.size
+                while remaining:
+                    chunk = data.read(min(CHUNK, remaining))
+                    if not chunk:
+                        raise LayerError(f"layer {layer}: tar data of {name!r} is truncated")
+                    os.write(fd, chunk)
+                    remaining -= len(chunk)
+                    self._stats.bytes_out += len(chunk)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            self._owner_time(base, pfd, src)
+        elif kind == "sym":
+            os.symlink(src.linkname, base, dir_fd=pfd)
+            self._owner_time(base, pfd, src)
+        else:
+            os.mkfifo(base, mode, dir_fd=pfd)
+            self._owner_time(base, pfd, src)
+        self._stats.entries += 1
+
+    def link(self, name: str, target: str) -> None:
+        """Hard-link ``name`` to the already written ``target``."""
+        tparent, tbase = posixpath.split(target)
+        tfd = os.dup(self._dir_fd(tparent, create=False))
+        try:
+            parent, base = posixpath.split(name)
+            os.link(
+                tbase,
+                base,
+                src_dir_fd=tfd,
+                dst_dir_fd=self._dir_fd(parent, create=True),
+                follow_symlinks=False,
+            )
+        finally:
+            os.close(tfd)
+        self._stats.entries += 1
+
+    def close(self) -> None:
+        """Release the directory descriptors."""
+        if self._cached:
+            os.close(self._cached[1])
+            self._cached = None
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+
+# ---------------------------------------------------------------------------------------
+# the merge
+
+_EMITTED = 1  # per-layer state of a non-directory path: written (or held back) …
+_HIDDEN = 2  # … or hidden by an upper layer; a str is the path a hard link points at
+_ROOT_DEFAULT = tarfile.TarInfo(".")
+_ROOT_DEFAULT.type, _ROOT_DEFAULT.mode = tarfile.DIRTYPE, 0o755
+
+
+class _Layer:
+    """Book-keeping for the layer being read."""
+
+    def __init__(self, level: int, blob: LayerBlob) -> None:
+        self.level = level
+        self.blob = blob
+        self.label = blob.label
+        self.state: dict[str, int | str] = {}
+        self.held: dict[str, tuple[tarfile.TarInfo, str]] = {}  # contentless entries, replaceable
+        self.written: set[str] = set()  # regular files whose content is already out
+        self.links: dict[str, str] = {}  # hard links (name -> target), replaceable
+        self.rereads: dict[str, list[str]] = {}  # hidden link target -> link names
+        self.whiteouts: set[str] = set()
+        self.opaque: set[str] = set()
+
+
+class _Merger:
+    """Top-down overlay merge of layers into a sink (see the module docstring)."""
+
+    def __init__(self, sink: _TarSink | _DirSink, stats: FlattenStats, total: int, progress) -> None:
+        self.sink = sink
+        self.stats = stats
+        self.total = total
+        self.progress = progress
+        self.done_in = 0
+        # path -> level * 2 + is_dir, for every path an upper layer (or this one) claimed
+        self.claims: dict[str, int] = {}
+        self.dirs: dict[str, tuple[int, tarfile.TarInfo]] = {}  # explicit directory attributes
+        self.hidden: set[str] = set()  # whiteouts of the layers above
+        self.opaque: set[str] = set()
+        self.pending: dict[str, list[tuple[str, str]]] = {}  # lower link target -> [(name, layer)]
+        self.links: list[tuple[str, str]] = []
+
+    # -- visibility ----------------------------------------------------------------------
+
+    def _blocked(self, name: str, lay: _Layer) -> str | None:
+        """Why ``name`` of layer ``lay`` is hidden by an ancestor, or None."""
+        if "" in self.opaque and name:
+            return "whiteout"
+        for anc in _ancestors(name):
+            if anc in self.hidden:
+                return "whiteout"
+            if anc in self.opaque:
+                return "whiteout"
+            claim = self.claims.get(anc)
+            if claim is not None and not claim & 1:
+                if claim >> 1 == lay.level:
+                    raise LayerError(
+                        f"layer {lay.label}: entry {name!r} lies below the non-directory {anc!r} of the "
+                        "same layer (writing through a symlink)"
+                    )
+                return "shadowed"
+        if name in self.hidden:
+            return "whiteout"
+        return None
+
+    def _claim_parents(self, name: str, level: int) -> None:
+        for anc in _ancestors(name):
+            if anc not in self.claims:
+                self.claims[anc] = level * 2 + 1
+
+    # -- entries -------------------------------------------------------------------------
+
+    def entry(self, lay: _Layer, ti: tarfile.TarInfo, data: BinaryIO | None) -> None:
+        """Merge one member of layer ``lay`` (``data`` streams its content)."""
+        name = _normalise(ti.name, lay.blob)
+        parent, base = posixpath.split(name)
+        if base.startswith(WHITEOUT_PREFIX):
+            if base == OPAQUE_MARKER:
+                lay.opaque.add(parent)
+            else:
+                target = base[len(WHITEOUT_PREFIX) :]
+                if target in ("", ".", ".."):
+                    raise LayerError(f"layer {lay.label}: invalid whiteout {ti.name!r}")
+                lay.whiteouts.add(posixpath.join(parent, target))
+            return
+        kind = _kind(ti)
+        if kind == "dev":
+            self.stats.skip("device")
+            return
+        if name in self.pending:
+            self._resolve_pending(lay, name, ti, kind, data)
+            return
+        if not name and kind != "dir":
+            raise LayerError(f"layer {lay.label}: the root entry {ti.name!r} is not a directory")
+        reason = self._blocked(name, lay)
+        claim = self.claims.get(name)
+        if reason is None and claim is not None:
+            reason = self._against_claim(lay, name, ti, kind, claim)
+        if reason is not None:
+            if reason != "merged":
+                self.stats.skip(reason)
+            if kind == "lnk":
+                lay.state[name] = self._link_target(lay, name, ti)
+            elif kind != "dir":
+                lay.state[name] = _HIDDEN
+            return
+        self._claim_parents(name, lay.level)
+        self.claims[name] = lay.level * 2 + (kind == "dir")
+        if kind == "dir":
+            self.dirs[name] = (lay.level, ti)
+        elif kind == "lnk":
+            self._link(lay, name, ti)
+        elif kind == "reg" and ti.size:
+            self.sink.emit(name, ti, kind, data, lay.label)
+            lay.written.add(name)
+            lay.state[name] = _EMITTED
+        else:
+            lay.held[name] = (ti, kind)
+            lay.state[name] = _EMITTED
+
+    def _against_claim(
+        self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, claim: int
+    ) -> str | None:
+        """Settle ``name`` that is already claimed; None means this entry takes it."""
+        level, is_dir = claim >> 1, claim & 1
+        if level < lay.level:  # an upper layer has it
+            if is_dir and kind == "dir":
+                if name not in self.dirs:  # implicit upper directory: take these attributes
+                    self.dirs[name] = (lay.level, ti)
+                return "merged"
+            return "shadowed"
+        # a duplicate in the same layer: the last one wins, as tar extraction does
+        if is_dir and kind == "dir":
+            self.dirs[name] = (lay.level, ti)
+            return "merged"
+        if is_dir or name in lay.written:
+            raise LayerError(
+                f"layer {lay.label}: entry {name!r} occurs twice and replaces an earlier "
+                f"{'directory' if is_dir else 'file with content'}; such a layer cannot be streamed"
+            )
+        lay.held.pop(name, None)
+        lay.links.pop(name, None)
+        self.stats.skip("duplicate")
+        return None
+
+    def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
+        """The root-relative path a hard link entry ultimately points at."""
+        target = _normalise(ti.linkname, lay.blob, what=f"hard link target of {name!r}")
+        seen = lay.state.get(target)
+        if isinstance(seen, str):
+            target = seen
+        if target == name or not target:
+            raise LayerError(f"layer {lay.label}: hard link {name!r} points at itself or the root")
+        claim = self.claims.get(target)
+        if claim is not None and claim & 1 and claim >> 1 == lay.level:
+            raise LayerError(f"layer {lay.label}: hard link {name!r} points at directory {target!r}")
+        return target
+
+    def _link(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:
+        target = self._link_target(lay, name, ti)
+        lay.state[name] = target
+        seen = lay.state.get(target)
+        if seen == _EMITTED:
+            lay.links[name] = target
+        elif seen == _HIDDEN:
+            lay.rereads.setdefault(target, []).append(name)
+        else:  # not in this layer: the nearest lower layer that has it
+            self.pending.setdefault(target, []).append((name, lay.label))
+
+    def _resolve_pending(self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data) -> None:
+        """A lower layer reached the target of hard links from upper layers."""
+        names = [n for n, _ in self.pending.pop(name)]
+        if kind == "dir":
+            raise LayerError(f"layer {lay.label}: hard link {names[0]!r} points at directory {name!r}")
+        if kind == "lnk":  # this layer links it onwards: follow
+            target = self._link_target(lay, name, ti)
+            seen = lay.state.get(target)
+            if seen == _EMITTED:
+                self.links += [(n, target) for n in names]
+            elif seen == _HIDDEN:
+                lay.rereads.setdefault(target, []).extend(names)
+            else:
+                self.pending.setdefault(target, []).extend((n, lay.label) for n in names)
+            self.entry(lay, ti, data)
+            return
+        self.entry(lay, ti, data)
+        if kind == "dev":
+            return
+        if lay.state.get(name) == _EMITTED:  # visible itself: link to it
+            self.links += [(n, name) for n in names]
+        else:  # hidden here (its content was not consumed): copy it under the first link
+            self._materialise(lay, names, ti, kind, data)
+
+    def _materialise(self, lay: _Layer, names: list[str], ti: tarfile.TarInfo, kind: str, data) -> None:
+        """Write hidden entry ``ti`` under the first link name; the others link to it."""
+        self.sink.emit(names[0], ti, kind, data, lay.label)
+        self.links += [(n, names[0]) for n in names[1:]]
+
+    def end_layer(self, lay: _Layer) -> None:
+        """Write the held-back entries and apply the layer's whiteouts to the layers below."""
+        for name, (ti, kind) in lay.held.items():
+            self.sink.emit(name, ti, kind, None, lay.label)
+        self.links += lay.links.items()
+        self.hidden |= lay.whiteouts
+        self.opaque |= lay.opaque
+
+    def reread(self, lay: _Layer) -> None:
+        """Read ``lay`` again for link targets that an upper layer hides."""
+        wanted = lay.rereads
+        stream = _LayerStream(lay.blob, verify=False)
+        try:
+            with tarfile.open(fileobj=stream, mode="r:") as tf:
+                for ti in tf:
+                    tf.members.clear()
+                    name = _normalise(ti.name, lay.blob)
+                    names = wanted.pop(name, None)
+                    if names is None:
+                        continue
+                    kind = _kind(ti)
+                    if kind not in ("reg", "sym", "fifo"):
+                        raise LayerError(
+                            f"layer {lay.label}: hard link {names[0]!r} points at {name!r}, a {kind}"
+                        )
+                    data = _member_data(tf, stream, ti)
+                    self._materialise(lay, names, ti, kind, data)
+                    if not wanted:
+                        break
+        finally:
+            stream.close()
+        if wanted:
+            name = next(iter(wanted))
+            raise LayerError(f"layer {lay.label}: hard link target {name!r} vanished on a second read")
+
+    def finish(self) -> None:
+        """Write hard links, then every directory (deepest first), then the root."""
+        if self.pending:
+            target, users = next(iter(self.pending.items()))
+            name, label = users[0]
+            raise LayerError(f"layer {label}: hard link {name!r} points at missing file {target!r}")
+        for name, target in self.links:
+            self.sink.link(name, target)
+        dirs = sorted((n for n, c in self.claims.items() if c & 1), reverse=True)
+        for name in dirs:
+            ti = self.dirs.get(name, (0, _ROOT_DEFAULT))[1]
+            self.sink.emit(name, ti, "dir", None, "")
+        self.sink.emit("", self.dirs.get("", (0, _ROOT_DEFAULT))[1], "dir", None, "")
+
+    # -- whole layers --------------------------------------------------------------------
+
+    def layer(self, level: int, blob: LayerBlob) -> None:
+        """Merge one layer blob (level 1 is the topmost layer)."""
+        lay = _Layer(level, blob)
+        stream = _LayerStream(blob)
+        try:
+            try:
+                tf = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115 - stream closes
+                for ti in tf:
+                    tf.members.clear()  # tarfile keeps every member; we need none of them
+                    self.entry(lay, ti, _member_data(tf, stream, ti))
+                    if self.progress:
+                        self.progress(self.done_in + stream.bytes_in, self.total)
+                stream.drain()  # the digests are checked at the very end of the stream
+            except tarfile.TarError as e:
+                raise LayerError(f"layer {blob.label}: not a valid tar archive or truncated ({e})") from e
+            self.done_in += stream.bytes_in
+            self.stats.bytes_in += stream.bytes_in
+        finally:
+            stream.close()
+        self.end_layer(lay)
+        if lay.rereads:
+            self.reread(lay)
+
+
+class _Content:
+    """The content of a regular tar member read straight from the layer stream."""
+
+    def __init__(self, stream: _LayerStream, size: int) -> None:
+        self._stream = stream
+        self._left = size
+
+    def read(self, size: int) -> bytes:
+        data = self._stream.read_some(min(size, self._left))
+        self._left -= len(data)
+        return data
+
+
+def _member_data(tf: tarfile.TarFile, stream: _LayerStream, ti: tarfile.TarInfo) -> BinaryIO | None:
+    """A reader of ``ti``'s content (None for non-files); sparse files go through tarfile."""
+    if not ti.isreg():
+        return None
+    if ti.sparse is not None:
+        return tf.extractfile(ti)
+    stream.seek(ti.offset_data)
+    return _Content(stream, ti.size)  # type: ignore[return-value]
+
+
+def _extra_layer(merger: _Merger, extra: Sequence[ExtraFile]) -> None:
+    """Lay the extra files over everything (level 0)."""
+    lay = _Layer(0, LayerBlob(Path("<extra files>"), "", None, None))
+    for ef in extra:
+        ti = tarfile.TarInfo(ef.path)
+        ti.mode = ef.mode
+        ti.mtime = 0
+        if ef.symlink is not None:
+            ti.type, ti.linkname = tarfile.SYMTYPE, ef.symlink
+        elif ef.data is None:
+            ti.type = tarfile.DIRTYPE
+        else:
+            ti.size = len(ef.data)
+        merger.entry(lay, ti, io.BytesIO(ef.data or b""))
+    merger.end_layer(lay)
+
+
+def _merge(layers: Sequence[LayerBlob], sink, stats: FlattenStats, extra, progress) -> None:
+    total = sum(os.stat(b.path).st_size for b in layers if os.path.exists(b.path))
+    merger = _Merger(sink, stats, total, progress)
+    _extra_layer(merger, extra)
+    for level, blob in enumerate(reversed(layers), start=1):
+        merger.layer(level, blob)
+    merger.finish()
+
+
+def flatten(
+    layers: Sequence[LayerBlob],
+    out: BinaryIO,
+    *,
+    extra: Sequence[ExtraFile] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> FlattenStats:
+    """Write the merged root filesystem of ``layers`` (bottom first) to ``out`` as one PAX tar.
+
+    ``extra`` files are laid over all layers. ``progress(done, total)`` is called with
+    compressed bytes read so far and in all. Raises :class:`LayerError` or
+    :class:`IntegrityError` (after part of the stream may have been written).
+    """
+    stats = FlattenStats()
+    sink = _TarSink(out, stats)
+    _merge(layers, sink, stats, extra, progress)
+    sink.close()
+    return stats
+
+
+def extract_tree(layers: Sequence[LayerBlob], dest: Path, *, extra: Sequence[ExtraFile] = ()) -> FlattenStats:
+    """Write the merged root filesystem into ``dest``, which must be new or empty.
+
+    Nothing is ever written outside ``dest``; on failure what was written is removed.
+    Files and directories stay writable by their owner (a sandbox is meant to be changed).
+    """
+    import shutil
+
+    dest = Path(dest)
+    created = not dest.exists()
+    if created:
+        dest.mkdir(mode=0o755)
+    elif not dest.is_dir() or dest.is_symlink() or any(dest.iterdir()):
+        raise LayerError(f"sandbox destination {dest} exists and is not an empty directory")
+    stats = FlattenStats()
+    sink = _DirSink(dest, stats)
+    try:
+        _merge(layers, sink, stats, extra, None)
+    except BaseException:
+        sink.close()
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            for child in dest.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
+        raise
+    sink.close()
+    return stats
