@@ -1,0 +1,145 @@
+"""docker-daemon:// against Podman's Docker API, http(s)/fsspec downloads, oras:// SIF round trips."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcsif.errors import AuthError, NotFoundError, SourceError
+from hpcsif.image import mediatypes as mt
+from hpcsif.image.store import OCIStore
+from hpcsif.refs import parse
+from hpcsif.sources import get_source
+from hpcsif.sources.credentials import Credentials
+from hpcsif.sources.distribution import RegistryClient
+from hpcsif.sources.oras import pull_sif, push_sif
+from hpcsif.sources.remote import download
+from tests.services.images import busybox_binary
+from tests.services.registry import PASSWORD, USER
+from tests.sources.helpers import assert_store_sound
+
+pytestmark = pytest.mark.slow
+
+
+# -- docker-daemon:// --------------------------------------------------------------------------
+def test_daemon_fetch_and_resolve(podman_service, busybox_image, tmp_path) -> None:
+    ref = parse(f"docker-daemon://{podman_service.image}")
+    source = get_source(ref, docker_host=podman_service.docker_host)
+    assert source.resolve(ref) == busybox_image.config_digest
+    image = source.fetch(ref, OCIStore(tmp_path))
+    assert image.config_digest == busybox_image.config_digest
+    assert len(image.layers) == len(busybox_image.layer_digests)
+    assert image.container_config["Cmd"] == ["echo hello from busybox"]
+    assert_store_sound(tmp_path)
+
+
+def test_daemon_honours_docker_host(podman_service, busybox_image, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", podman_service.docker_host)
+    ref = parse(f"docker-daemon://{podman_service.image}")
+    assert get_source(ref).fetch(ref, OCIStore(tmp_path)).config_digest == busybox_image.config_digest
+
+
+def test_daemon_missing_image_and_no_daemon(podman_service, tmp_path) -> None:
+    ref = parse("docker-daemon://hpcsif/absent:1")
+    with pytest.raises(NotFoundError, match="has no image hpcsif/absent:1"):
+        get_source(ref, docker_host=podman_service.docker_host).resolve(ref)
+    with pytest.raises(SourceError, match="cannot reach the Docker daemon"):
+        get_source(ref, docker_host=f"unix://{tmp_path}/none.sock").resolve(ref)
+
+
+# -- http(s) and fsspec -------------------------------------------------------------------------
+def test_http_download_is_complete_and_atomic(http_files, tmp_path) -> None:
+    payload = busybox_binary().read_bytes()
+    (http_files.root / "payload.bin").write_bytes(payload)
+    seen: list[tuple[int, int]] = []
+    out = download(
+        f"{http_files.url}/payload.bin",
+        tmp_path / "payload.bin",
+        progress=lambda s, d, t: seen.append((d, t)),
+    )
+    assert out.read_bytes() == payload
+    assert seen[-1] == (len(payload), len(payload))
+    with pytest.raises(NotFoundError, match="not found"):
+        download(f"{http_files.url}/absent.bin", tmp_path / "absent.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]  # no partial files
+
+
+def test_fsspec_file_url(tmp_path) -> None:
+    (tmp_path / "src.tar").write_bytes(b"x" * 5000)
+    download(f"file://{tmp_path}/src.tar", tmp_path / "copy.tar")
+    assert (tmp_path / "copy.tar").read_bytes() == b"x" * 5000
+    with pytest.raises(NotFoundError):
+        download(f"file://{tmp_path}/nope.tar", tmp_path / "nope-copy.tar")
+
+
+# -- oras:// ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_sif(tmp_path_factory) -> Path:
+    """A SIF with a squashfs partition holding busybox (as ``hpcsif`` writes them)."""
+    from hpcsif.sif.format import DataType, FSType, PartType
+    from hpcsif.sif.writer import ObjectSpec, write_sif
+
+    if shutil.which("mksquashfs") is None:
+        pytest.skip("mksquashfs is not installed (squashfs-tools)")
+    work = tmp_path_factory.mktemp("sif")
+    root = work / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox_binary(), root / "bin" / "busybox")
+    (root / "bin" / "sh").symlink_to("busybox")
+    squash = work / "root.squashfs"
+    subprocess.run(
+        ["mksquashfs", str(root), str(squash), "-noappend", "-quiet"], check=True, capture_output=True
+    )
+    part = ObjectSpec(DataType.PARTITION, path=squash, fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS)
+    return write_sif(work / "small.sif", [ObjectSpec(DataType.DEFFILE, data=b"bootstrap: scratch\n"), part])
+
+
+def test_oras_round_trip(registry_open, small_sif, tmp_path, caplog) -> None:
+    ref = parse(registry_open.ref("team/small:1", transport="oras"))
+    digest = push_sif(small_sif, ref)
+    client = RegistryClient(registry_open.host, insecure=True)
+    data, media_type, got = client.get_manifest("team/small", "1")
+    assert got == digest and media_type == mt.OCI_MANIFEST
+    manifest = json.loads(data)
+    assert manifest["config"]["mediaType"] == mt.SIF_CONFIG
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == mt.SIF_LAYER
+    assert layer["annotations"]["org.opencontainers.image.title"] == "small.sif"
+
+    store = OCIStore(tmp_path / "store")
+    out = pull_sif(ref, tmp_path / "pulled.sif", store)
+    assert out.read_bytes() == small_sif.read_bytes()
+    with caplog.at_level(logging.INFO, logger="hpcsif"):
+        pull_sif(ref.with_digest(digest), tmp_path / "again.sif", store)
+    assert f"Skipping fetch of repeat blob {layer['digest']}" in caplog.text
+    assert (tmp_path / "again.sif").read_bytes() == small_sif.read_bytes()
+
+
+def test_oras_pull_refuses_a_container_image(registry_open, busybox_image, tmp_path) -> None:
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1.0")
+    ref = parse(registry_open.ref("team/busybox:1.0", transport="oras"))
+    with pytest.raises(SourceError, match="not a SIF artifact"):
+        pull_sif(ref, tmp_path / "x.sif", OCIStore(tmp_path / "store"))
+    assert not (tmp_path / "x.sif").exists()
+
+
+def test_oras_push_with_token_auth(registry_token, small_sif, tmp_path) -> None:
+    ref = parse(registry_token.ref("private/small:1", transport="oras"))
+    with pytest.raises(AuthError, match="authentication required"):
+        push_sif(small_sif, ref)
+    creds = Credentials(USER, PASSWORD, "test")
+    push_sif(small_sif, ref, credentials=creds)
+    out = pull_sif(ref, tmp_path / "p.sif", OCIStore(tmp_path / "s"), credentials=creds)
+    assert out.read_bytes() == small_sif.read_bytes()
+
+
+def test_docker_source_refuses_an_oras_artifact(registry_open, small_sif, tmp_path) -> None:
+    push_sif(small_sif, parse(registry_open.ref("team/small:2", transport="oras")))
+    ref = parse(registry_open.ref("team/small:2"))
+    with pytest.raises(SourceError, match="pull it with oras://"):
+        get_source(ref).fetch(ref, OCIStore(tmp_path))
