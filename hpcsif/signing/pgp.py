@@ -71,7 +71,7 @@ def _home() -> Iterator[Path]:
         yield home
     finally:
         gpgconf = shutil.which("gpgconf")
-        if gpgconf and any(home.glob("S.gpg-agent*")):
+        if gpgconf:  # stop the agent a secret-key operation started (its socket may live in /run)
             subprocess.run(
                 [gpgconf, "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True, check=False
             )

@@ -15,15 +15,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcsif.config import Config, get_config
-from hpcsif.errors import ConfigError, SignatureError
+from hpcsif.config import Config
+from hpcsif.errors import ConfigError, SIFError, SignatureError
 from hpcsif.sif.format import DataType, Descriptor
 from hpcsif.sif.reader import SIFImage
 from hpcsif.signing import dsse, pgp
 from hpcsif.signing.keys import KeyInfo, Keyring, describe_file
 from hpcsif.signing.metadata import check_metadata, describe, group_ids, group_label
+from hpcsif.signing.policy import require_trusted
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "VerifyReport",
+    "keys_from_paths",
+    "require_trusted",
+    "trusted_keys",
+    "verify_image",
+    "verify_trusted",
+]
 
 #: key files looked for in a directory named in cache.trusted_keys
 _KEY_SUFFIXES = (".pub", ".pem", ".asc", ".gpg")
@@ -179,27 +189,27 @@ def trusted_keys(config: Config) -> list[KeyInfo]:
     return keys
 
 
-def require_trusted(sif_path: str | os.PathLike, config: Config | None = None) -> None:
-    """Refuse (:class:`SignatureError`) an image not signed by a trusted key when the config asks.
+def verify_trusted(sif_path: str | os.PathLike, config: Config) -> VerifyReport:
+    """Verify *sif_path* against ``cache.trusted_keys`` only; :class:`SignatureError` if it fails.
 
-    With ``cache.require_signed = true`` every object group of *sif_path* must carry a valid
-    signature by one of ``cache.trusted_keys`` covering the unchanged image; otherwise this
-    returns at once. Called by the cache before it publishes a staged image and by the engine
-    before it runs one.
+    The policy check itself is :func:`hpcsif.signing.policy.require_trusted`.
     """
-    config = config or get_config()
-    if not config.get("cache.require_signed"):
-        return
     keys = trusted_keys(config)
     if not keys:
         raise SignatureError(
             f"{sif_path}: cache.require_signed is set but cache.trusted_keys names no key: refusing the image"
         )
+    if os.path.isdir(sif_path):
+        raise SignatureError(
+            f"{sif_path}: a sandbox directory cannot be signed, and cache.require_signed allows only "
+            "signed SIF images"
+        )
     try:
         report = verify_image(sif_path, keys)
-    except SignatureError as exc:
+    except (SignatureError, SIFError) as exc:
         raise SignatureError(
             f"{sif_path}: not signed by a trusted key (cache.require_signed): {exc}"
         ) from None
     signers = ", ".join(sorted({r.key.label for r in report.verified}))
     log.info("%s: signed by trusted key(s) %s", sif_path, signers)
+    return report

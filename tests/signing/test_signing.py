@@ -245,3 +245,27 @@ def test_converted_image_is_unsigned(busybox_oci_layout: Path, tmp_path: Path) -
     out = convert_ref(f"oci:{busybox_oci_layout}:latest", tmp_path / "conv.sif")
     with pytest.raises(SignatureError, match=UNSIGNED):
         verify_image(out, [])
+
+
+def test_require_signed_in_cache_and_exec(sif: Path, tmp_path: Path, keysdir: Path) -> None:
+    """With the policy on, the cache (what the prolog stages through) and exec refuse unsigned images."""
+    from hpcsif.cache.api import ensure_image
+    from hpcsif.config import set_config
+
+    site = Keyring(tmp_path / "site").newpair("site")
+    conf = tmp_path / "hpcsif.toml"
+    conf.write_text(f'[cache]\nrequire_signed = true\ntrusted_keys = ["{site.public_path}"]\n')
+    proc = run_cli("exec", str(sif), "true", env={"HPCSIF_CONFIG": str(conf)}, check=False)
+    assert proc.returncode != 0
+    assert f"FATAL:   {sif}: not signed by a trusted key (cache.require_signed)" in proc.stderr
+    assert UNSIGNED in proc.stderr
+    set_config(_config(tmp_path, require_signed=True, trusted_keys=[str(site.public_path)]))
+    try:
+        with pytest.raises(SignatureError, match=UNSIGNED):
+            ensure_image(str(sif))
+        with pytest.raises(SignatureError, match="sandbox directory"):
+            ensure_image(str(tmp_path / "site"))
+        sign_image(sif, site)
+        assert ensure_image(str(sif)) == sif.resolve()
+    finally:
+        set_config(None)
