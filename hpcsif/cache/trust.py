@@ -74,4 +74,7 @@ def check_trusted_path(path: str | os.PathLike[str]) -> Path:
         raise TrustError(f"{path}: no such file") from None
     except PermissionError:
         raise TrustError(f"{path}: cannot inspect its directories (permission denied)") from None
+    from hpcsif.signing.policy import require_trusted  # cache.require_signed: signed by a trusted key
+
+    require_trusted(real)
     return real
