@@ -200,10 +200,9 @@ class _Plan:
 
     def _root(self, dests: list[str]) -> list[str]:
         """Mount the image at / with tmpfs underlays where a destination is missing in it."""
-        if self.opts.writable_tmpfs:
-            # the overlay is writable: bwrap creates missing mount points in its upper layer
-            self.underlaid: set[str] = set()
-            return ["--bind", self.root, "/"]
+        # even a writable overlay needs underlays: its root-owned directories refuse new mount
+        # points to an unprivileged user
+        bind = "--bind" if self.opts.writable_tmpfs else "--ro-bind"
         need = set()
         # below these the path comes from the host or a tmpfs, where bwrap can create mount points
         covered = [b.dst for b in self.binds] + (["/tmp", "/var/tmp", self.home] if self.opts.contain else [])
@@ -215,11 +214,11 @@ class _Plan:
             if parent is not None:
                 need.add(parent)
         self.underlaid = need
-        args = [] if "/" in need else ["--ro-bind", self.root, "/"]
+        args = [] if "/" in need else [bind, self.root, "/"]
         for d in sorted(need, key=lambda p: (p.count("/"), p)):
             if d != "/":
                 args += ["--tmpfs", d]
-            args += _entries(self.root, d)
+            args += _entries(self.root, d, bind)
         return args
 
     def _data(self, text: str) -> str:
@@ -290,7 +289,7 @@ def _missing_parent(root: str, dest: str) -> str | None:
     return None
 
 
-def _entries(root: str, d: str) -> list[str]:
+def _entries(root: str, d: str, bind: str) -> list[str]:
     """bwrap arguments re-creating the image directory *d*'s entries inside a tmpfs at *d*."""
     args = []
     host_dir = root + d if d != "/" else root
@@ -301,7 +300,7 @@ def _entries(root: str, d: str) -> list[str]:
         if stat.S_ISLNK(st.st_mode):
             args += ["--symlink", os.readlink(host), dest]
         elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-            args += ["--ro-bind", host, dest]
+            args += [bind, host, dest]
     return args
 
 

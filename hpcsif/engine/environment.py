@@ -35,10 +35,15 @@ fi
 for __k in $__HPCSIF_SET; do eval "export $__k=\"\${__HPCSIF_SET_$__k}\""; unset "__HPCSIF_SET_$__k"; done
 [ -n "$__HPCSIF_PREPEND_PATH" ] && PATH="$__HPCSIF_PREPEND_PATH:$PATH"
 [ -n "$__HPCSIF_APPEND_PATH" ] && PATH="$PATH:$__HPCSIF_APPEND_PATH"
-LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}${__HPCSIF_LD_PATH:+$__HPCSIF_LD_PATH:}/.singularity.d/libs"
+[ -n "$__HPCSIF_LD_PATH" ] && LD_LIBRARY_PATH="$__HPCSIF_LD_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+case ":$LD_LIBRARY_PATH:" in
+*:/.singularity.d/libs:*) ;;
+*) LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/.singularity.d/libs" ;;
+esac
 export PATH LD_LIBRARY_PATH
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
-unset __f __k __HPCSIF_SET __HPCSIF_ACTION __HPCSIF_APP __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
+unset __f __k __HPCSIF_SET __HPCSIF_ACTION __HPCSIF_APP
+unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 case $__a in
 exec) unset __a __app; exec "$@" ;;
 run)

@@ -1,0 +1,171 @@
+"""Fixtures for the engine tests: a converted-style busybox SIF, an unprivileged user, helpers.
+
+The SIF is built the way the converter lays an image out (a busybox-static root file system,
+the ``/.singularity.d`` tree from :mod:`hpcsif.sif.metadata`, ``mksquashfs`` and
+:func:`hpcsif.sif.writer.write_sif`), in a world-readable directory so that the unprivileged
+test user can run it too.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.services.images import busybox_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_USER = "hpcsif-eng"
+ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello world", "IMGVAR=image default"]
+ENTRYPOINT = ["/bin/printf", "<%s>\\n"]
+CMD = ["default cmd"]
+
+
+def need_tools() -> None:
+    """Skip unless the host programs of the bwrap engine exist."""
+    for tool in ("bwrap", "squashfuse", "mksquashfs", "fusermount3"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed")
+
+
+def build_rootfs(dest: Path) -> None:
+    """A busybox root file system with every applet and the /.singularity.d tree."""
+    from hpcsif.sif import metadata
+
+    for d in ("bin", "etc", "tmp", "var/tmp", "home", "root", "proc", "sys", "dev", "usr/bin", "opt"):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    (dest / "tmp").chmod(0o1777)
+    shutil.copy2(busybox_binary(), dest / "bin/busybox")
+    out = subprocess.run([str(dest / "bin/busybox"), "--list"], capture_output=True, text=True, check=True)
+    for applet in out.stdout.split():
+        if applet != "busybox":
+            (dest / "bin" / applet).symlink_to("busybox")
+    (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+    (dest / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (dest / "etc/hosts").write_text("")
+    (dest / "etc/resolv.conf").write_text("")
+    meta = metadata.for_image(
+        {"config": {"Env": ENV, "Entrypoint": ENTRYPOINT, "Cmd": CMD}},
+        bootstrap="oci",
+        source="tests",
+        arch="amd64",
+    )
+    meta.test = "#!/bin/sh\necho image test ran\nexit 3\n"
+    for f in meta.files():
+        path = dest / f.path.lstrip("/")
+        if f.data is None and f.symlink is None:
+            path.mkdir(parents=True, exist_ok=True)
+        elif f.symlink is not None:
+            path.symlink_to(f.symlink)
+        else:
+            path.write_bytes(f.data)
+            path.chmod(f.mode)
+    lib = dest / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    (lib / "libpmix.so.2.9.3").write_bytes(b"")  # for the MPI ABI check
+    (lib / "libpmix.so.2").symlink_to("libpmix.so.2.9.3")
+
+
+def make_sif(rootfs: Path, dest: Path) -> Path:
+    """squashfs of *rootfs* as the primary partition of a new SIF at *dest*."""
+    from hpcsif.sif.format import DataType, FSType, PartType
+    from hpcsif.sif.writer import ObjectSpec, write_sif
+
+    sqfs = dest.with_suffix(".sqfs")
+    subprocess.run(["mksquashfs", str(rootfs), str(sqfs), "-noappend", "-quiet", "-all-root"], check=True)
+    write_sif(dest, [ObjectSpec(DataType.PARTITION, path=sqfs, fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS)])
+    sqfs.unlink()
+    return dest
+
+
+@dataclass
+class Images:
+    """The test images: a SIF and the same tree as a sandbox directory."""
+
+    sif: Path
+    sandbox: Path
+    base: Path
+
+
+@pytest.fixture(scope="session")
+def images() -> Iterator[Images]:
+    """Busybox SIF + sandbox in a world-readable directory (removed after the session)."""
+    need_tools()
+    base = Path(tempfile.mkdtemp(prefix="hpcsif-engine-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        sandbox = base / "sandbox"
+        build_rootfs(sandbox)
+        yield Images(make_sif(sandbox, base / "busybox.sif"), sandbox, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def unpriv_user() -> pwd.struct_passwd:
+    """An unprivileged user who can use /dev/fuse (created once; needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating the unprivileged test user needs root")
+    try:
+        user = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", TEST_USER], check=True)
+        user = pwd.getpwnam(TEST_USER)
+    # distributions ship /dev/fuse 0666; this VM does not
+    os.chmod("/dev/fuse", 0o666)
+    return user
+
+
+def hpcsif_cmd(*args: str) -> list[str]:
+    """The command line of ``hpcsif ARGS…`` (run as a separate process)."""
+    return [sys.executable, "-m", "hpcsif.cli.main", *args]
+
+
+def as_user(user: pwd.struct_passwd, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
+    """*cmd* run as *user* (setpriv) with Debian's python3 (root's interpreter is not readable)."""
+    if cmd[0] == sys.executable:
+        cmd = ["/usr/bin/python3", *cmd[1:]]
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": user.pw_dir,
+        "USER": user.pw_name,
+        "PYTHONPATH": str(ROOT),
+        "LANG": "C.UTF-8",
+    }
+    pre = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+    return pre + cmd, env
+
+
+def fuse_mounts() -> list[str]:
+    """Lines of /proc/mounts for FUSE file systems under an hpcsif runtime directory."""
+    with open("/proc/mounts") as f:
+        return [ln for ln in f if "hpcsif" in ln and "fuse" in ln]
+
+
+def hpcsif_processes() -> list[str]:
+    """Live (non-zombie) squashfuse, bwrap, fuse-overlayfs and watchdog processes."""
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines()[1:]:
+        pid, st, args = line.split(None, 2)
+        if "Z" in st:
+            continue
+        if args.startswith(("squashfuse", "bwrap", "fuse-overlayfs")) or "hpcsif.engine.mounts" in args:
+            found.append(line)
+    return found
+
+
+@pytest.fixture
+def pub_tmp(images: Images) -> Path:
+    """A fresh directory every test user can read and write (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(dir=images.base))
+    d.chmod(0o777)
+    return d

@@ -1,0 +1,226 @@
+"""run/exec/shell/test through the CLI with the bwrap engine, as root and as an unprivileged user."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.engine.conftest import as_user, fuse_mounts, hpcsif_cmd, hpcsif_processes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["root", "user"])
+def run(request, images):
+    """``run(*args, **kw)``: hpcsif as root or as the unprivileged test user; checks cleanup after."""
+    user = request.getfixturevalue("unpriv_user") if request.param == "user" else None
+
+    def _run(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 60):
+        cmd = hpcsif_cmd(*args)
+        if user is None:
+            full_env = {**os.environ, **(env or {})}
+            return subprocess.run(cmd, capture_output=True, text=True, input=input, env=full_env, timeout=timeout)
+        cmd, base_env = as_user(user, cmd)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, input=input, env={**base_env, **(env or {})},
+            timeout=timeout, cwd=user.pw_dir,
+        )
+
+    _run.user = user
+    yield _run
+    assert not fuse_mounts(), "a mount was left behind"
+
+
+def test_exec_identity_and_files(run, images):
+    res = run("exec", str(images.sif), "sh", "-c", "id -u; whoami; cat /etc/hostname 2>/dev/null; hostname; test -s /etc/resolv.conf -o ! -s /etc/resolv.conf && echo resolv")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split()
+    assert lines[0] == str(os.getuid() if run.user is None else run.user.pw_uid)
+    assert lines[1] == ("root" if run.user is None else run.user.pw_name)
+    assert os.uname().nodename in lines
+    assert "resolv" in lines
+
+
+def test_exec_args_with_spaces_and_quotes(run, images):
+    args = ["a b", "it's", 'say "hi"', "$HOME", "", "*"]
+    res = run("exec", str(images.sif), "printf", "<%s>\\n", *args)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "".join(f"<{a}>\n" for a in args)
+
+
+def test_env_precedence_and_spaces(run, images, pub_tmp):
+    envfile = pub_tmp / "env"
+    envfile.write_text("# comment\nexport FROMFILE='file value'\nGREETING='from file'\n")
+    envfile.chmod(0o644)
+    script = 'printf "%s|" "$GREETING" "$IMGVAR" "$HOSTVAR" "$FROMFILE" "$SPACED" "$APPTAINER_CONTAINER" "$SINGULARITY_NAME"'
+    res = run(
+        "exec", "--env", "SPACED=x  y  z", "--env-file", str(envfile), str(images.sif), "sh", "-c", script,
+        env={"HOSTVAR": "host value with spaces", "IMGVAR": "host wins"},
+    )
+    assert res.returncode == 0, res.stderr
+    greeting, imgvar, hostvar, fromfile, spaced, container, name = res.stdout.split("|")[:7]
+    assert greeting == "from file"  # --env-file beats the image
+    assert imgvar == "host wins"  # image values are defaults
+    assert hostvar == "host value with spaces"
+    assert fromfile == "file value"
+    assert spaced == "x  y  z"
+    assert container == str(images.sif)
+    assert name == images.sif.name
+    res = run("exec", "--cleanenv", str(images.sif), "sh", "-c", 'echo "[$HOSTVAR][$GREETING][$PATH]"', env={"HOSTVAR": "x"})
+    assert res.stdout.strip() == "[][hello world][/usr/local/bin:/usr/bin:/bin]"
+
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exit_codes(run, images, code):
+    assert run("exec", str(images.sif), "sh", "-c", f"exit {code}").returncode == code
+
+
+def test_exit_code_of_signal(run, images):
+    assert run("exec", str(images.sif), "sh", "-c", "kill -KILL $$").returncode == 128 + signal.SIGKILL
+
+
+def test_stdin(run, images):
+    res = run("exec", str(images.sif), "wc", "-l", input="one\ntwo\nthree\n")
+    assert res.stdout.strip() == "3"
+
+
+def test_run_runscript_precedence(run, images):
+    # ENTRYPOINT printf '<%s>\n', CMD "default cmd": run args replace CMD, append to ENTRYPOINT
+    assert run("run", str(images.sif)).stdout == "<default cmd>\n"
+    assert run("run", str(images.sif), "a b", "c").stdout == "<a b>\n<c>\n"
+    res = run("test", str(images.sif))
+    assert res.returncode == 3 and "image test ran" in res.stdout
+
+
+def test_shell_noninteractive(run, images):
+    res = run("shell", str(images.sif), input="echo in-shell $SINGULARITY_COMMAND; exit 5\n")
+    assert res.returncode == 5
+    assert "in-shell shell" in res.stdout
+
+
+def test_sandbox_and_pwd_and_binds(run, images, pub_tmp):
+    data = pub_tmp / "data"
+    data.mkdir()
+    (data / "f.txt").write_text("bound file\n")
+    for p in (data, data / "f.txt"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    res = run("exec", "-B", f"{data}:/data:ro", "--pwd", "/data", str(images.sandbox), "sh", "-c", "pwd; cat f.txt; touch x 2>/dev/null || echo ro")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:3] == ["/data", "bound file", "ro"]
+    # a destination missing in the image (/new/deep) is made possible by an underlay
+    res = run("exec", "-B", f"{data}:/new/deep", str(images.sif), "cat", "/new/deep/f.txt")
+    assert res.stdout == "bound file\n", res.stderr
+
+
+def test_missing_bind_source(run, images):
+    res = run("exec", "-B", "/does/not/exist:/x", str(images.sif), "true")
+    assert res.returncode != 0
+    assert "bind source /does/not/exist does not exist" in res.stderr
+
+
+def test_contain_and_writable_tmpfs(run, images):
+    res = run("exec", "--containall", str(images.sif), "sh", "-c", 'ls /tmp | wc -l; echo "$HOME"; pwd; touch /newfile 2>/dev/null || echo rofs; ps | wc -l')
+    assert res.returncode == 0, res.stderr
+    count, home, pwd, rofs, nproc = res.stdout.split()
+    assert count == "0" and pwd == home and rofs == "rofs"
+    assert int(nproc) < 6  # private PID namespace: only the shell and ps (+ header)
+    if run.user is None:
+        res = run("exec", "--writable-tmpfs", str(images.sif), "sh", "-c", "echo hi > /opt/new && cat /opt/new")
+        assert res.stdout == "hi\n", res.stderr
+        res = run("exec", str(images.sif), "cat", "/opt/new")
+        assert res.returncode != 0  # changes were discarded
+    else:
+        # the overlay is writable, but the image's root-owned directories are not the user's
+        res = run("exec", "--writable-tmpfs", str(images.sif), "sh", "-c", "touch /opt/new")
+        assert "Permission denied" in res.stderr
+        res = run("exec", str(images.sif), "sh", "-c", "touch /opt/new")
+        assert "Read-only file system" in res.stderr
+
+
+def test_not_a_sif(run, images):
+    bad = images.base / "bad.sif"  # in a directory only root can write: the trust check passes
+    bad.write_bytes(b"#!/bin/sh\n" + b"\0" * 200)
+    bad.chmod(0o644)
+    res = run("exec", str(bad), "true")
+    assert res.returncode != 0
+    assert "FATAL" in res.stderr and "SIF" in res.stderr
+    pub = images.base / "pub"
+    pub.mkdir(mode=0o777, exist_ok=True)
+    pub.chmod(0o777)
+    (pub / "x.sif").write_bytes(images.sif.read_bytes())
+    res = run("exec", str(pub / "x.sif"), "true")
+    assert res.returncode != 0 and "writable by every user" in res.stderr
+
+
+def _wait_for(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_reaches_payload(images, pub_tmp):
+    ready, got = pub_tmp / "ready", pub_tmp / "got"
+    script = f'trap "echo TERM > {got}; exit 7" TERM; touch {ready}; while :; do sleep 0.1; done'
+    proc = subprocess.Popen(hpcsif_cmd("exec", str(images.sif), "sh", "-c", script))
+    assert _wait_for(ready)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 7
+    assert got.read_text() == "TERM\n"
+    assert not fuse_mounts()
+
+
+def test_sigkilled_exec_leaves_nothing(images, pub_tmp):
+    ready = pub_tmp / "ready"
+    proc = subprocess.Popen(hpcsif_cmd("exec", str(images.sif), "sh", "-c", f"touch {ready}; sleep 600"))
+    assert _wait_for(ready)
+    assert fuse_mounts()
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while (fuse_mounts() or hpcsif_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not fuse_mounts()
+    assert not hpcsif_processes()
+    out = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    assert "sleep 600" not in "\n".join(ln for ln in out.splitlines() if not ln.startswith("Z"))
+
+
+def test_32_concurrent_execs_share_one_mount(images, pub_tmp):
+    gate = pub_tmp / "go"
+    script = f'while [ ! -e {gate} ]; do sleep 0.05; done; grep -c " / " /proc/self/mounts >/dev/null; echo ok'
+    procs = [
+        subprocess.Popen(hpcsif_cmd("exec", str(images.sif), "sh", "-c", script), stdout=subprocess.PIPE, text=True)
+        for _ in range(32)
+    ]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        holders = _holders_dir()
+        if holders is not None and len(os.listdir(holders)) >= 32:
+            break
+        time.sleep(0.1)
+    assert len(fuse_mounts()) == 1
+    gate.touch()
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 32
+    assert all(o == "ok\n" for o in outs)
+    deadline = time.monotonic() + 10
+    while hpcsif_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not fuse_mounts()
+    assert not hpcsif_processes()
+
+
+def _holders_dir():
+    from hpcsif.engine.mounts import runtime_dir
+
+    for d in runtime_dir().iterdir():
+        if d.name.startswith("sif-") and (d / "holders").is_dir():
+            return d / "holders"
+    return None
