@@ -34,13 +34,15 @@ class CacheEnv:
         """The user cache root."""
         return CacheRoot(self.cache)
 
-    def configure(self, **cache: object) -> None:
-        """Write ``[cache]`` settings to the config file and reload the configuration here."""
+    def configure(self, tables: dict[str, dict[str, object]] | None = None, **cache: object) -> None:
+        """Write ``[cache]`` settings (and other tables) to the config file and reload it here."""
 
         def toml(v: object) -> str:
             return json.dumps(v) if isinstance(v, str | bool) else str(v)
 
-        lines = ["[cache]", *(f"{k} = {toml(v)}" for k, v in cache.items())]
+        lines = []
+        for name, table in {"cache": cache, **(tables or {})}.items():
+            lines += [f"[{name}]", *(f"{k} = {toml(v)}" for k, v in table.items())]
         self.config.write_text("\n".join(lines) + "\n")
         set_config(None)
 
