@@ -58,7 +58,9 @@ import io
 import logging
 import os
 import posixpath
+import queue
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +206,49 @@ def _decoder(raw: _HashingReader):
     return raw
 
 
+class _Prefetch:
+    """Runs ``produce`` in a thread, a few chunks ahead of the reader (bounded memory)."""
+
+    _DEPTH = 4
+
+    def __init__(self, produce: Callable[[], bytes], name: str) -> None:
+        self._produce = produce
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._produce()
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:  # handed to the reader, raised in its thread
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> bytes:
+        """The next chunk (b"" at the end); re-raises what the producer raised."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (the reader may stop early) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+
 class _LayerStream(io.RawIOBase):
     """Decompressed bytes of a layer blob; verifies digest and diff_id at end of stream.
 
@@ -224,6 +269,7 @@ class _LayerStream(io.RawIOBase):
         self._pos = 0  # position in _buf
         self._offset = 0  # stream position of _buf[0]
         self._eof = False
+        self._prefetch = _Prefetch(self._produce, f"hpcsif-layer-{layer.label[7:19]}")
 
     @property
     def bytes_in(self) -> int:
@@ -255,30 +301,39 @@ class _LayerStream(io.RawIOBase):
             skip -= n
         return self.tell()
 
-    def _fill(self) -> bool:
-        """Refill the buffer; False at end of stream (after verification)."""
-        if self._eof:
-            return False
+    def _produce(self) -> bytes:
+        """Decompress and hash the next chunk; b"" at end of stream, after verification.
+
+        Runs in the prefetch thread: zlib, zstd and hashlib release the GIL, so this
+        overlaps with the tar parsing in the caller's thread.
+        """
         try:
             out = self._dec.read(CHUNK)
         except Exception as e:  # EOFError, zlib.error, ZstdError, LZMAError, OSError
             raise IntegrityError(
                 f"layer {self.layer.label}: corrupt or truncated compressed data ({e})"
             ) from e
-        self._offset += len(self._buf)
-        self._buf, self._pos = out, 0
         if out:
             if self._diff_hash is not None:
                 self._diff_hash.update(out)
-            return True
-        self._eof = True
+            return out
         for kind, want, h in (
             ("blob digest", self.layer.digest, self._raw.hash),
             ("diff_id", self.layer.diff_id, self._diff_hash),
         ):
             if h is not None and (got := "sha256:" + h.hexdigest()) != want:
                 raise IntegrityError(f"layer {self.layer.label}: {kind} mismatch: expected {want}, got {got}")
-        return False
+        return b""
+
+    def _fill(self) -> bool:
+        """Refill the buffer; False at end of stream."""
+        if self._eof:
+            return False
+        out = self._prefetch.get()
+        self._offset += len(self._buf)
+        self._buf, self._pos = out, 0
+        self._eof = not out
+        return bool(out)
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes: fewer only at end of stream (tarfile relies on that)."""
@@ -324,6 +379,7 @@ class _LayerStream(io.RawIOBase):
             pass
 
     def close(self) -> None:
+        self._prefetch.close()
         self._raw.close()
         super().close()
 
@@ -396,6 +452,47 @@ def _kind(ti: tarfile.TarInfo) -> str:
 # output sinks: a tar stream or a directory
 
 
+_TYPEFLAG = {"reg": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "fifo": tarfile.FIFOTYPE}
+_USTAR_TAIL = b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)
+_MAX_OCTAL_7 = 0o7777777
+_MAX_OCTAL_11 = 0o77777777777
+
+
+def _header(
+    name: str, typeflag: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, link: str
+) -> bytes:
+    """A tar header: plain ustar when everything fits (the common case, and 5x faster
+    than :meth:`tarfile.TarInfo.tobuf`), else tarfile's PAX encoding."""
+    bname = name.encode("utf-8", "surrogateescape")
+    blink = link.encode("utf-8", "surrogateescape")
+    if (
+        len(bname) <= 100
+        and len(blink) <= 100
+        and bname.isascii()
+        and blink.isascii()
+        and 0 <= uid <= _MAX_OCTAL_7
+        and 0 <= gid <= _MAX_OCTAL_7
+        and 0 <= mtime <= _MAX_OCTAL_11
+        and size <= _MAX_OCTAL_11
+    ):
+        head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (bname.ljust(100, b"\0"), mode, uid, gid, size, mtime)
+        rest = typeflag + blink.ljust(100, b"\0") + _USTAR_TAIL
+        chksum = sum(head) + sum(rest) + 8 * 0x20  # the checksum field counts as eight blanks
+        return head + b"%06o\0 " % chksum + rest
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.uid, ti.gid, ti.size, ti.mtime, ti.linkname = (
+        typeflag,
+        mode,
+        uid,
+        gid,
+        size,
+        mtime,
+        link,
+    )
+    ti.uname = ti.gname = ""
+    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
 class _TarSink:
     """Writes the merged entries as one PAX tar archive."""
 
@@ -416,17 +513,12 @@ class _TarSink:
             self._buf.clear()
 
     def _header(self, name: str, src: tarfile.TarInfo, kind: str) -> None:
-        ti = tarfile.TarInfo(name or ".")
-        ti.type = {"reg": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE}.get(
-            kind, tarfile.FIFOTYPE
+        mode = 0o777 if kind == "sym" else _fix_mode(src.mode, kind == "dir")
+        size = src.size if kind == "reg" else 0
+        linkname = src.linkname if kind == "sym" else ""
+        self._write(
+            _header(name or ".", _TYPEFLAG[kind], mode, src.uid, src.gid, size, int(src.mtime), linkname)
         )
-        ti.mode = 0o777 if kind == "sym" else _fix_mode(src.mode, kind == "dir")
-        ti.uid, ti.gid = src.uid, src.gid
-        ti.uname = ti.gname = ""
-        ti.mtime = int(src.mtime)
-        ti.size = src.size if kind == "reg" else 0
-        ti.linkname = src.linkname if kind == "sym" else ""
-        self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         self._stats.entries += 1
 
     def emit(self, name: str, src: tarfile.TarInfo, kind: str, data: BinaryIO | None, layer: str) -> None:
@@ -451,11 +543,7 @@ class _TarSink:
 
     def link(self, name: str, target: str) -> None:
         """Write a hard link ``name`` -> ``target`` (both root-relative)."""
-        ti = tarfile.TarInfo(name)
-        ti.type = tarfile.LNKTYPE
-        ti.linkname = target
-        ti.uname = ti.gname = ""
-        self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._write(_header(name, tarfile.LNKTYPE, 0o644, 0, 0, 0, 0, target))
         self._stats.entries += 1
 
     def close(self) -> None:
