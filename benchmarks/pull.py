@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Issue 3 benchmark: ``hpcsif pull docker://…`` (pull + convert) from a local registry.
+
+The realistic image (``/work/bench-images/oci/debian-py``, Debian minbase + python3) is pushed
+to a ``docker-registry`` on loopback, then pulled to a SIF:
+
+* cold: empty blob cache (download + convert);
+* warm: blobs cached, SIF not (convert only, plus the manifest round trip);
+
+by hpcsif and, in the same run, by ``apptainer pull --no-https`` (``apptainer`` or
+``peer-apptainer``) when present; for Apptainer "warm" keeps its blob cache and removes its
+cached SIFs. Each figure is the median of ``--repeat`` runs.
+
+    python3 benchmarks/pull.py [--image DIR] [--repeat 3]
+
+Writes benchmarks/results/pull.md. Goals: cold <= 0.7x Apptainer, warm <= 0.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.services.registry import start_registry  # noqa: E402 - needs ROOT on sys.path
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    """Run ``cmd``; its wall time in seconds (raises with its stderr on failure)."""
+    start = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return elapsed
+
+
+def bench_hpcsif(ref: str, work: Path, repeat: int) -> dict[str, list[float]]:
+    """Cold and warm pull+convert times for hpcsif."""
+    out: dict[str, list[float]] = {"cold": [], "warm": []}
+    for i in range(repeat):
+        cache = work / f"hpcsif-cache-{i}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HPCSIF_CACHEDIR": str(cache),
+            "HPCSIF_CONFIG": "/dev/null",
+        }
+        for k in ("HPCSIF_DISABLE_CACHE", "APPTAINER_DISABLE_CACHE", "SINGULARITY_DISABLE_CACHE"):
+            env.pop(k, None)
+        sif = work / "hpcsif.sif"
+        cmd = [sys.executable, "-m", "hpcsif.cli.main", "-q", "pull", "--force", "--name", str(sif), ref]
+        out["cold"].append(timed(cmd, env))
+        sif.unlink()
+        out["warm"].append(timed(cmd, env))
+        sif.unlink()
+        shutil.rmtree(cache)
+    return out
+
+
+def bench_apptainer(peer: str, ref: str, work: Path, repeat: int) -> dict[str, list[float]]:
+    """Cold and warm ``apptainer pull`` times (warm: blob cache kept, cached SIFs removed)."""
+    out: dict[str, list[float]] = {"cold": [], "warm": []}
+    for i in range(repeat):
+        cache = work / f"peer-cache-{i}"
+        env = {**os.environ, "APPTAINER_CACHEDIR": str(cache), "APPTAINER_TMPDIR": str(work)}
+        sif = work / "peer.sif"
+        cmd = [peer, "-q", "pull", "--force", "--no-https", str(sif), ref]
+        out["cold"].append(timed(cmd, env))
+        sif.unlink()
+        for sub in ("oci-tmp", "cache/oci-tmp"):
+            shutil.rmtree(cache / sub, ignore_errors=True)
+        out["warm"].append(timed(cmd, env))
+        sif.unlink()
+        shutil.rmtree(cache)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", default="/work/bench-images/oci/debian-py", help="OCI layout (tag latest)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pull.md"))
+    args = parser.parse_args()
+    image = Path(args.image)
+    if not (image / "index.json").is_file():
+        print(f"no OCI layout at {image}", file=sys.stderr)
+        return 2
+    # /tmp, because the Apptainer peer runs in a chroot that sees /tmp
+    work = Path(tempfile.mkdtemp(prefix="hpcsif-bench-pull-", dir="/tmp"))
+    reg = start_registry(work / "registry", "open")
+    try:
+        reg.push(f"oci:{image}:latest", "bench/debian-py:latest")
+        ref = reg.ref("bench/debian-py:latest")
+        size = sum(p.stat().st_size for p in (image / "blobs" / "sha256").iterdir())
+        ours = bench_hpcsif(ref, work, args.repeat)
+        peer = shutil.which("apptainer") or shutil.which("peer-apptainer")
+        theirs = bench_apptainer(peer, ref, work, args.repeat) if peer else None
+    finally:
+        reg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in ours.items()}
+    lines = [
+        "# Pull benchmark (issue 3)",
+        "",
+        f"Image: `{image}` ({size / 1e6:.0f} MB of blobs), pushed to a local `docker-registry`; "
+        f"median of {args.repeat} runs; {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        "| case | hpcsif (s) | Apptainer (s) | ratio | goal |",
+        "|---|---|---|---|---|",
+    ]
+    goals = {"cold": 0.7, "warm": 0.5}
+    for case in ("cold", "warm"):
+        if theirs:
+            peer_med = statistics.median(theirs[case])
+            ratio = med[case] / peer_med
+            ok = "met" if ratio <= goals[case] else "missed"
+            lines.append(
+                f"| {case} | {med[case]:.2f} | {peer_med:.2f} | {ratio:.2f}x | <= {goals[case]}x ({ok}) |"
+            )
+        else:
+            lines.append(f"| {case} | {med[case]:.2f} | (no Apptainer) | | <= {goals[case]}x |")
+    lines += ["", "Raw runs (s):", "", f"- hpcsif: {ours}"]
+    if theirs:
+        lines.append(f"- Apptainer ({peer}): {theirs}")
+    lines += [
+        "",
+        "cold: empty blob cache; warm: blob cache kept, no cached SIF (for Apptainer its `oci-tmp` removed).",
+        "hpcsif converts with zstd (its default); Apptainer with its default mksquashfs gzip.",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
