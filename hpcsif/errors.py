@@ -117,3 +117,7 @@ class SlurmError(HpcsifError):
 
 class RemoteError(HpcsifError):
     """SSH fan-out or a remote transfer failed."""
+
+
+class StagingError(SlurmError):
+    """The Slurm prolog could not stage an image the job asked for (raised inside the job)."""

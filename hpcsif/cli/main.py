@@ -15,7 +15,7 @@ import sys
 from hpcsif import __version__
 
 # command modules, in the order their commands appear in --help
-COMMAND_MODULES = ["build", "pull", "inspect", "sif", "cache", "run", "sign"]
+COMMAND_MODULES = ["build", "pull", "inspect", "sif", "cache", "run", "sign", "stage", "slurm"]
 
 log = logging.getLogger("hpcsif")
 

@@ -1,0 +1,300 @@
+"""The Slurm prolog and epilog: stage a job's images on this node before it starts, and let go after.
+
+The prolog (as root, once per node with ``PrologFlags=Alloc``):
+
+1. finds the job's requests (:mod:`hpcsif.slurm.requests`);
+2. pins every registry tag to one digest per job: resolved at submit (SPANK), else taken from
+   the job's admin comment where the first node recorded it, else resolved here and recorded;
+3. stages each pinned reference into the node's **system cache** (``cache.system_dir``) through
+   the cache coordinator (exactly once per node; from the shared tier when configured), and
+   takes a lease ``job-<id>`` on it so eviction leaves it alone while the job runs;
+4. writes the node's job record (:mod:`hpcsif.slurm.jobrecord`) and applies the failure policy
+   (:mod:`hpcsif.slurm.policy`) to whatever failed.
+
+The epilog releases the job's leases, removes its record and evicts by the cache quota.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from hpcsif.cache.layout import CacheRoot
+from hpcsif.config import Config, get_config, set_config
+from hpcsif.errors import HpcsifError, SlurmError
+from hpcsif.slurm.jobrecord import AdminComment, ImageOutcome, JobRecord, load_record, remove_record
+from hpcsif.slurm.requests import ImageRequest, discover
+
+log = logging.getLogger(__name__)
+
+
+class JobClient(Protocol):
+    """The part of :class:`hpcsif.slurm.client.SlurmClient` the prolog uses."""
+
+    def job_info(self, job_id: str) -> Any: ...
+    def batch_script(self, job_id: str) -> str | None: ...
+    def set_admin_comment(self, job_id: str, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Who the prolog works for, from slurmd's environment."""
+
+    job_id: str
+    user: str | None
+    uid: int | None
+    env: Mapping[str, str]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JobContext:
+        """Read ``SLURM_JOB_ID``, ``SLURM_JOB_USER``, ``SLURM_JOB_UID`` (and keep SPANK_*)."""
+        env = dict(os.environ if env is None else env)
+        job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+        if not job_id:
+            raise SlurmError("SLURM_JOB_ID is not set: run this as Slurm's Prolog/Epilog")
+        uid = env.get("SLURM_JOB_UID")
+        return cls(job_id, env.get("SLURM_JOB_USER"), int(uid) if uid and uid.isdigit() else None, env)
+
+
+@dataclass
+class PrologReport:
+    """What one prolog run did."""
+
+    job_id: str
+    requests: list[ImageRequest] = field(default_factory=list)
+    outcomes: list[ImageOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[ImageOutcome]:
+        """The requests that could not be staged."""
+        return [o for o in self.outcomes if not o.ok]
+
+
+def system_dir(cfg: Config | None = None) -> Path:
+    """The node's system cache (``cache.system_dir``)."""
+    path = (cfg or get_config()).get("cache.system_dir")
+    if not path:
+        raise SlurmError("cache.system_dir is empty: the prolog needs a system cache")
+    return Path(path).absolute()
+
+
+@contextlib.contextmanager
+def system_cache_config() -> Any:
+    """Make the system cache the writable cache root of this process (the prolog runs as root)."""
+    old = get_config()
+    root = system_dir(old)
+    cfg = Config(copy.deepcopy(old.data), [*old.sources, "prolog"])
+    cfg.override("cache.dir", str(root))
+    cfg.override("cache.system_dir", "")
+    set_config(cfg)
+    old_umask = os.umask(0o022)  # published files must be readable by the job user
+    try:
+        CacheRoot(root).ensure()
+        os.chmod(root, 0o755)
+        yield root
+    finally:
+        os.umask(old_umask)
+        set_config(old)
+
+
+# --- one digest per job ------------------------------------------------------------------------
+
+
+def _resolve(ref_text: str) -> str:
+    """Ask the image's source for the digest a tag points to now."""
+    from hpcsif.convert import ConvertOptions
+    from hpcsif.refs import parse
+    from hpcsif.sources import get_source
+
+    ref = parse(ref_text)
+    return get_source(ref, platform=ConvertOptions().platform).resolve(ref)
+
+
+def pin_reference(
+    req: ImageRequest, job_id: str, client: JobClient, resolve: Callable[[str], str] = _resolve
+) -> str:
+    """The reference every node of the job stages: registry tags pinned to one digest.
+
+    File references (archives, layouts) name their content already and are returned as they
+    are. The first node to resolve a tag records the digest in the job's admin comment; the
+    others read it there. Two nodes resolving at the same instant both write; each then
+    re-reads and uses what was recorded last, so they still agree unless a third write lands
+    in between (the SPANK plugin's submit-time pin has no such window).
+    """
+    from hpcsif.refs import parse
+
+    ref = parse(req.ref)
+    if not ref.is_registry or ref.digest:
+        return req.ref
+    if req.digest:
+        return str(ref.with_digest(req.digest))
+    comment = AdminComment.parse(_admin_comment(client, job_id))
+    if req.ref in comment.pins:
+        return str(ref.with_digest(comment.pins[req.ref]))
+    digest = resolve(req.ref)
+    comment = AdminComment.parse(_admin_comment(client, job_id))
+    comment.pins.setdefault(req.ref, digest)
+    client.set_admin_comment(job_id, comment.format())
+    recorded = AdminComment.parse(_admin_comment(client, job_id)).pins.get(req.ref, digest)
+    if recorded != digest:
+        log.info("job %s: another node pinned %s to %s first", job_id, req.ref, recorded)
+    return str(ref.with_digest(recorded))
+
+
+def _admin_comment(client: JobClient, job_id: str) -> str | None:
+    info = client.job_info(job_id)
+    if isinstance(info, Mapping):
+        return info.get("admin_comment")
+    return getattr(info, "admin_comment", None)
+
+
+def _comment(client: JobClient, job_id: str) -> str | None:
+    info = client.job_info(job_id)
+    if isinstance(info, Mapping):
+        return info.get("comment")
+    return getattr(info, "comment", None)
+
+
+# --- staging -----------------------------------------------------------------------------------
+
+
+def stage_for_job(ref: str, job_id: str, root: Path) -> tuple[Path, str]:
+    """Stage ``ref`` into the system cache at ``root`` and lease it for ``job_id``.
+
+    Returns the SIF path and its cache key. Call inside :func:`system_cache_config`.
+    """
+    from hpcsif.cache.api import ensure_image
+    from hpcsif.cache.leases import acquire_lease
+
+    cache = CacheRoot(root)
+    for _attempt in range(3):
+        path = ensure_image(ref, cache_first=False)
+        key = path.parent.name
+        lease = acquire_lease(cache, key, holder=f"job:{job_id}", ref=ref)
+        # eviction may have removed the entry between staging and leasing: stage again
+        if path.is_file():
+            return path, key
+        lease.release()
+    raise SlurmError(f"{ref} was evicted from {root} three times while staging it")
+
+
+def _stage_all(requests: list[ImageRequest], ctx: JobContext, client: JobClient, root: Path) -> list:
+    outcomes = []
+    for req in requests:
+        outcome = ImageOutcome(ref=req.ref)
+        started = time.monotonic()
+        try:
+            outcome.pinned = pin_reference(req, ctx.job_id, client)
+            path, key = stage_for_job(outcome.pinned, ctx.job_id, root)
+            outcome.path, outcome.key = str(path), key
+            log.info("job %s: %s staged as %s", ctx.job_id, req.ref, path)
+        except HpcsifError as exc:
+            outcome.error = str(exc)
+        except Exception as exc:  # an unexpected bug still must not drain the node
+            log.exception("job %s: staging %s crashed", ctx.job_id, req.ref)
+            outcome.error = f"internal error: {type(exc).__name__}: {exc}"
+        outcome.seconds = round(time.monotonic() - started, 3)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def run_prolog(ctx: JobContext, client: JobClient, *, timeout: float | None = None) -> PrologReport:
+    """Stage everything ``ctx``'s job asks for; failures are recorded, never raised.
+
+    Staging runs in a worker thread bounded by ``timeout`` (default ``slurm.prolog_timeout``);
+    requests not finished by then are recorded as timed out, and the caller should exit (the
+    process exit ends the worker).
+    """
+    from hpcsif.slurm.policy import apply_failure_policy
+
+    started = time.monotonic()
+    timeout = float(get_config().get("slurm.prolog_timeout")) if timeout is None else timeout
+    requests = discover(
+        ctx.env,
+        batch_script=lambda: client.batch_script(ctx.job_id),
+        comment=lambda: _comment(client, ctx.job_id),
+    )
+    report = PrologReport(ctx.job_id, requests)
+    if not requests:
+        log.debug("job %s requests no images", ctx.job_id)
+        return report
+    with system_cache_config() as root:
+        results: list[ImageOutcome] = []
+        worker = threading.Thread(
+            target=lambda: results.extend(_stage_all(requests, ctx, client, root)),
+            name=f"stage-{ctx.job_id}",
+            daemon=True,
+        )
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            log.error("job %s: staging did not finish within %.0f s", ctx.job_id, timeout)
+            done = {o.ref for o in results}
+            results = [
+                *results,
+                *(
+                    ImageOutcome(ref=r.ref, error=f"staging timed out after {timeout:.0f} s")
+                    for r in requests
+                    if r.ref not in done
+                ),
+            ]
+        report.outcomes = list(results)
+        JobRecord(ctx.job_id, {o.ref: o for o in report.outcomes}).save(root)
+    if report.failed:
+        apply_failure_policy(ctx.job_id, report.failed, client)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+@dataclass
+class EpilogReport:
+    """What one epilog run did."""
+
+    job_id: str
+    released: list[str] = field(default_factory=list)  # cache keys whose lease was dropped
+    evicted: int = 0
+
+
+def release_job_leases(root: CacheRoot, job_id: str) -> list[str]:
+    """Remove every lease ``job-<id>`` in ``root``; returns the keys they were on."""
+    from hpcsif.cache.leases import Lease
+
+    released = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in sorted((root.path / "leases").glob(f"*/job-{job_id}.json")):
+            Lease(path, {}).release()
+            released.append(path.parent.name)
+    return released
+
+
+def run_epilog(ctx: JobContext) -> EpilogReport:
+    """Release the job's leases on this node, drop its record and evict by quota."""
+    from hpcsif.cache.eviction import collect_garbage
+
+    report = EpilogReport(ctx.job_id)
+    root_path = system_dir()
+    if not (root_path / "sif").is_dir():
+        return report  # this node never staged anything
+    with system_cache_config() as root_path:
+        root = CacheRoot(root_path)
+        report.released = release_job_leases(root, ctx.job_id)
+        remove_record(root_path, ctx.job_id)
+        try:
+            report.evicted = len(collect_garbage(root).evicted)
+        except HpcsifError as exc:
+            log.warning("job %s: eviction after the job failed: %s", ctx.job_id, exc)
+    return report
+
+
+def job_record(job_id: str) -> JobRecord | None:
+    """This node's record of ``job_id`` (what the prolog staged or failed to)."""
+    return load_record(system_dir(), job_id)

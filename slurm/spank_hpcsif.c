@@ -1,0 +1,245 @@
+/*
+ * spank_hpcsif: Slurm SPANK plugin for hpcsif containers.
+ *
+ * Adds --sif-image, --sif-mounts, --sif-nv and --sif-mpi to sbatch, salloc and srun.
+ *
+ *  - At submission (sbatch/salloc, or srun creating its own allocation) the request is put in
+ *    the job control environment, so the prolog sees SPANK_HPCSIF_IMAGE, SPANK_HPCSIF_MOUNTS,
+ *    SPANK_HPCSIF_NV and SPANK_HPCSIF_MPI and stages the image on every node before the job
+ *    starts.
+ *  - In the tasks of an srun step (not the batch script, not the extern step), the task's
+ *    command is run inside the container: argv[0] is replaced by the task-exec wrapper, and
+ *    the original argv[0] and the request travel in HPCSIF_TASK_* variables, so the task
+ *    becomes "hpcsif exec [-B ...] [--nv] [--mpi NAME] IMAGE ORIGINAL-ARGV...".
+ *    Slurm's slurmstepd calls slurm_spank_task_init in the forked task process right before
+ *    execve(task->argv[0], task->argv, env), and task->argv is the step's argv array (unless
+ *    --multi-prog), so changing argv[0] there changes what this one task executes and keeps
+ *    everything slurmstepd does after the hook (task prolog, TMPDIR, limits).
+ *    Commands that already start a container (hpcsif, apptainer, singularity) are left alone.
+ *
+ * Plugin arguments (plugstack.conf):
+ *    task_exec=PATH   the wrapper run as the task (default: HPCSIF_TASK_EXEC below)
+ *    disable_task     only stage through the prolog; never wrap tasks
+ *
+ * Because sbatch exports its SPANK options to the job's environment, an srun inside a batch
+ * job submitted with --sif-image runs its tasks in that image too (as Pyxis does).
+ */
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <slurm/slurm.h>
+#include <slurm/spank.h>
+
+SPANK_PLUGIN(hpcsif, 1);
+
+#ifndef HPCSIF_TASK_EXEC
+#define HPCSIF_TASK_EXEC "/usr/libexec/hpcsif/task-exec"
+#endif
+
+#define OPT_IMAGE 1
+#define OPT_MOUNTS 2
+#define OPT_NV 3
+#define OPT_MPI 4
+
+static char *image;
+static char *mounts;
+static char *mpi;
+static int nv;
+static char *task_exec;
+static int disable_task;
+
+static int option_cb(int val, const char *optarg, int remote);
+
+struct spank_option spank_options[] = {
+	{ "sif-image", "IMAGE",
+	  "[hpcsif] run the tasks in container IMAGE (docker://, oras://, oci://, a .sif ...); "
+	  "the prolog stages it on every node first",
+	  1, OPT_IMAGE, option_cb },
+	{ "sif-mounts", "SRC[:DST[:OPTS]][,...]",
+	  "[hpcsif] bind mount host paths into the container", 1, OPT_MOUNTS, option_cb },
+	{ "sif-nv", NULL, "[hpcsif] enable NVIDIA GPU support in the container", 0, OPT_NV,
+	  option_cb },
+	{ "sif-mpi", "NAME", "[hpcsif] use the host MPI profile NAME in the container", 1, OPT_MPI,
+	  option_cb },
+	SPANK_OPTIONS_TABLE_END
+};
+
+static int replace(char **slot, const char *value)
+{
+	char *copy = strdup(value);
+
+	if (!copy)
+		return -1;
+	free(*slot);
+	*slot = copy;
+	return 0;
+}
+
+static int option_cb(int val, const char *optarg, int remote)
+{
+	(void)remote;
+	switch (val) {
+	case OPT_IMAGE:
+		if (!optarg || !*optarg) {
+			slurm_error("hpcsif: --sif-image needs an image reference");
+			return -1;
+		}
+		return replace(&image, optarg);
+	case OPT_MOUNTS:
+		return replace(&mounts, optarg ? optarg : "");
+	case OPT_NV:
+		nv = 1;
+		return 0;
+	case OPT_MPI:
+		return replace(&mpi, optarg ? optarg : "");
+	}
+	return -1;
+}
+
+static int parse_plugin_args(int ac, char **av)
+{
+	for (int i = 0; i < ac; i++) {
+		if (strncmp(av[i], "task_exec=", 10) == 0) {
+			if (replace(&task_exec, av[i] + 10) < 0)
+				return -1;
+		} else if (strcmp(av[i], "disable_task") == 0) {
+			disable_task = 1;
+		} else {
+			slurm_error("hpcsif: unknown plugin argument '%s' in plugstack.conf", av[i]);
+			return -1;
+		}
+	}
+	if (!task_exec)
+		return replace(&task_exec, HPCSIF_TASK_EXEC);
+	return 0;
+}
+
+int slurm_spank_init(spank_t sp, int ac, char **av)
+{
+	(void)sp;
+	return parse_plugin_args(ac, av);
+}
+
+/* Put the request where the prolog finds it (sbatch, salloc, srun making its allocation). */
+static int export_to_prolog(spank_t sp, int required)
+{
+	spank_err_t rc = spank_job_control_setenv(sp, "HPCSIF_IMAGE", image, 1);
+
+	if (rc == ESPANK_SUCCESS && mounts)
+		rc = spank_job_control_setenv(sp, "HPCSIF_MOUNTS", mounts, 1);
+	if (rc == ESPANK_SUCCESS && nv)
+		rc = spank_job_control_setenv(sp, "HPCSIF_NV", "1", 1);
+	if (rc == ESPANK_SUCCESS && mpi)
+		rc = spank_job_control_setenv(sp, "HPCSIF_MPI", mpi, 1);
+	if (rc == ESPANK_SUCCESS)
+		return 0;
+	if (!required) { /* srun inside an allocation: the prolog has run already */
+		slurm_debug("hpcsif: no job control environment here: %s", spank_strerror(rc));
+		return 0;
+	}
+	slurm_error("hpcsif: cannot pass the image request to the prolog: %s", spank_strerror(rc));
+	return -1;
+}
+
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+	(void)ac;
+	(void)av;
+	if (!image) {
+		if (mounts || nv || mpi) {
+			slurm_error("hpcsif: --sif-mounts, --sif-nv and --sif-mpi need --sif-image");
+			return -1;
+		}
+		return 0;
+	}
+	switch (spank_context()) {
+	case S_CTX_ALLOCATOR:
+		return export_to_prolog(sp, 1);
+	case S_CTX_LOCAL:
+		return export_to_prolog(sp, 0);
+	default:
+		return 0;
+	}
+}
+
+static const char *base_name(const char *path)
+{
+	const char *slash = strrchr(path, '/');
+
+	return slash ? slash + 1 : path;
+}
+
+/* Commands that start a container themselves: wrapping them again would nest containers. */
+static int starts_container(const char *argv0)
+{
+	static const char *const names[] = { "hpcsif", "apptainer", "singularity",
+					     "run-singularity", NULL };
+	const char *name = base_name(argv0);
+
+	for (int i = 0; names[i]; i++)
+		if (strcmp(name, names[i]) == 0)
+			return 1;
+	return 0;
+}
+
+static int set_task_env(spank_t sp, const char *name, const char *value)
+{
+	spank_err_t rc = spank_setenv(sp, name, value, 1);
+
+	if (rc != ESPANK_SUCCESS) {
+		slurm_error("hpcsif: cannot set %s: %s", name, spank_strerror(rc));
+		return -1;
+	}
+	return 0;
+}
+
+int slurm_spank_task_init(spank_t sp, int ac, char **av)
+{
+	uint32_t step_id = 0;
+	int argc = 0;
+	char **argv = NULL;
+	char *wrapper;
+
+	(void)ac;
+	(void)av;
+	if (!image || disable_task || !spank_remote(sp))
+		return 0;
+	if (spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS)
+		return -1;
+	/* the batch script runs on the host; its srun steps inherit --sif-image */
+	if (step_id == SLURM_BATCH_SCRIPT || step_id == SLURM_EXTERN_CONT)
+		return 0;
+	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 || !argv[0])
+		return 0;
+	if (starts_container(argv[0]))
+		return 0;
+	if (set_task_env(sp, "HPCSIF_TASK_IMAGE", image) < 0 ||
+	    set_task_env(sp, "HPCSIF_TASK_ARGV0", argv[0]) < 0 ||
+	    set_task_env(sp, "HPCSIF_TASK_MOUNTS", mounts ? mounts : "") < 0 ||
+	    set_task_env(sp, "HPCSIF_TASK_NV", nv ? "1" : "") < 0 ||
+	    set_task_env(sp, "HPCSIF_TASK_MPI", mpi ? mpi : "") < 0)
+		return -1;
+	wrapper = strdup(task_exec);
+	if (!wrapper)
+		return -1;
+	/* this process exec()s argv right after we return; see the comment at the top */
+	argv[0] = wrapper;
+	return 0;
+}
+
+int slurm_spank_exit(spank_t sp, int ac, char **av)
+{
+	(void)sp;
+	(void)ac;
+	(void)av;
+	free(image);
+	free(mounts);
+	free(mpi);
+	free(task_exec);
+	image = mounts = mpi = task_exec = NULL;
+	return 0;
+}
