@@ -1,0 +1,224 @@
+"""The merge semantics of flatten/extract_tree on a multi-layer image, checked on real output.
+
+Every case runs twice: through tar2sqfs + unsquashfs (the SIF path) and through extract_tree
+(the sandbox path); both must give the same tree.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from hpcsif.errors import LayerError
+from hpcsif.image.layers import ExtraFile, extract_tree, flatten
+from tests.image.tarbuild import E, d, file, layer, link, opaque, squash_and_unpack, sym, whiteout
+
+LONG = "deep/" + "/".join(["d" * 60] * 5) + "/" + "f" * 200  # > 255 bytes: PAX path header
+UNICODE = "données/ünïcödé-文件.txt"
+
+
+def _base(tmp: Path):
+    """Three layers (gzip, zstd, plain) covering the merge cases."""
+    bottom = layer(
+        tmp,
+        [
+            d("./etc"),
+            file("./etc/passwd", "root:x:0:0\n"),
+            file("/etc/removed", "gone\n"),
+            d("etc/removed-dir"),
+            file("etc/removed-dir/a", "a"),
+            d("opq", mode=0o700),
+            file("opq/old", "old"),
+            d("opq/sub"),
+            file("opq/sub/older", "x"),
+            d("replaced-dir"),
+            file("replaced-dir/child", "child"),
+            d("usr"),
+            d("usr/lib"),
+            file("usr/lib/libc.so", "libc"),
+            sym("lib", "usr/lib"),
+            file("bin/tool", "#!/bin/sh\n", mode=0o4750),  # setuid, no o+r, parent implicit
+            file("bin/secret", "s", mode=0o600),
+            d("tmp", mode=0o1777),
+            file("shared/target", "TARGET-BOTTOM"),
+            file("hidden-target", "HIDDEN-CONTENT", mode=0o640),
+            link("hl-to-hidden", "hidden-target"),
+            E("dev/null", "chr"),
+            E("dev/sda", "blk"),
+            E("run/fifo", "fifo", mode=0o600),
+            d("attrs", mode=0o700, uid=7, gid=8),
+            file("dup", "first-empty-is-replaced"),
+        ],
+        "gzip",
+    )
+    middle = layer(
+        tmp,
+        [
+            file("etc/passwd", "root:x:0:0\nuser:x:1000:1000\n"),
+            whiteout("etc/removed"),
+            whiteout("etc/removed-dir"),
+            opaque("opq"),
+            file("opq/new", "new"),
+            file("replaced-dir", "now a file"),
+            file("hidden-target", "UPPER"),
+            file(LONG, "long name"),
+            file(UNICODE, "unicode"),
+            sym("abs-link", "/etc/passwd"),
+            link("link-to-lower", "shared/target"),
+            d("attrs", mode=0o750, uid=1, gid=2),
+            file("lib/extra/libx.so", "libx"),  # below a lower symlink: lib becomes a directory
+        ],
+        "zstd",
+    )
+    top = layer(
+        tmp,
+        [
+            file("app/a", "A" * 5000, mode=0o755),
+            link("app/b", "app/a"),
+            link("app/c", "app/b"),
+            sym("dupsym", "first"),
+            sym("dupsym", "second"),
+            d("dupdir", mode=0o700),
+            d("dupdir", mode=0o750),
+        ],
+        "none",
+    )
+    return [bottom, middle, top]
+
+
+@pytest.fixture(params=["squashfs", "sandbox"])
+def merged(request, tmp_path: Path):
+    """(root of the merged tree, skipped counts) for the base image plus extra files."""
+    layers = _base(tmp_path)
+    extra = [
+        ExtraFile("/.singularity.d", None, 0o755),
+        ExtraFile("/.singularity.d/runscript", b"#!/bin/sh\nexec echo hi\n", 0o755),
+        ExtraFile("/.singularity.d/env/90-environment.sh", b"export A=1\n", 0o644),
+        ExtraFile("/singularity", None, 0o777, symlink=".singularity.d/runscript"),
+        ExtraFile("/etc/passwd", b"overridden\n", 0o644),
+    ]
+    if request.param == "squashfs":
+        return squash_and_unpack(layers, tmp_path, extra)
+    stats = extract_tree(layers, tmp_path / "sandbox", extra=extra)
+    return tmp_path / "sandbox", stats.skipped
+
+
+def test_overwrites_and_extra_files(merged):
+    root, _ = merged
+    assert (root / "etc/passwd").read_text() == "overridden\n"  # extra files win over layers
+    assert (root / ".singularity.d/runscript").read_text().startswith("#!/bin/sh")
+    assert os.readlink(root / "singularity") == ".singularity.d/runscript"
+    assert (root / ".singularity.d/env/90-environment.sh").read_text() == "export A=1\n"
+
+
+def test_whiteouts_and_opaque(merged):
+    root, skipped = merged
+    etc = sorted(p.name for p in (root / "etc").iterdir())
+    assert etc == ["passwd"]  # removed file and removed dir (and its child) are gone
+    assert sorted(p.name for p in (root / "opq").iterdir()) == ["new"]
+    assert not any(".wh." in p.name for p in root.rglob("*"))
+    assert skipped["whiteout"] >= 4  # removed, removed-dir, removed-dir/a, opq/old, opq/sub …
+
+
+def test_upper_file_hides_lower_directory(merged):
+    root, _ = merged
+    assert (root / "replaced-dir").is_file()
+    assert (root / "replaced-dir").read_text() == "now a file"
+
+
+def test_directory_merge_keeps_upper_attributes(merged):
+    root, _ = merged
+    st = (root / "attrs").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o755  # 0750 from the upper layer, made world-readable
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (1, 2)
+    assert stat.S_IMODE((root / "tmp").stat().st_mode) == 0o1777  # sticky bit kept
+
+
+def test_implicit_parents_hide_lower_symlink(merged):
+    root, _ = merged
+    assert (root / "lib").is_dir() and not (root / "lib").is_symlink()
+    assert (root / "lib/extra/libx.so").read_text() == "libx"
+    assert (root / "usr/lib/libc.so").read_text() == "libc"
+    assert (root / "bin").is_dir()
+
+
+def test_permissions_fixed(merged):
+    root, _ = merged
+    tool = stat.S_IMODE((root / "bin/tool").stat().st_mode)
+    assert not tool & (stat.S_ISUID | stat.S_ISGID)
+    assert tool & 0o555 == 0o555  # executable by owner -> readable and executable by all
+    assert stat.S_IMODE((root / "bin/secret").stat().st_mode) & 0o444 == 0o444
+    assert not stat.S_IMODE((root / "bin/secret").stat().st_mode) & 0o111
+    assert stat.S_IMODE((root / "opq").stat().st_mode) & 0o555 == 0o555
+
+
+def test_devices_dropped_fifos_kept(merged):
+    root, skipped = merged
+    assert not (root / "dev/null").exists() and not (root / "dev/sda").exists()
+    assert skipped["device"] == 2
+    assert stat.S_ISFIFO((root / "run/fifo").lstat().st_mode)
+
+
+def test_hardlinks(merged):
+    root, _ = merged
+    a, b, c = (root / "app/a"), (root / "app/b"), (root / "app/c")
+    assert a.read_text() == b.read_text() == c.read_text() == "A" * 5000
+    assert a.stat().st_ino == b.stat().st_ino == c.stat().st_ino
+    # the link's target in its own layer is hidden by an upper layer: the layer is read again
+    assert (root / "hl-to-hidden").read_text() == "HIDDEN-CONTENT"
+    assert (root / "hidden-target").read_text() == "UPPER"
+    # a link whose target is in a lower layer
+    assert (root / "link-to-lower").read_text() == "TARGET-BOTTOM"
+    assert (root / "link-to-lower").stat().st_ino == (root / "shared/target").stat().st_ino
+
+
+def test_symlinks_long_and_unicode_names(merged):
+    root, _ = merged
+    assert os.readlink(root / "abs-link") == "/etc/passwd"  # kept verbatim
+    assert (root / LONG).read_text() == "long name"
+    assert (root / UNICODE).read_text() == "unicode"
+
+
+def test_duplicates_in_one_layer_last_wins(merged):
+    root, _ = merged
+    assert os.readlink(root / "dupsym") == "second"
+    assert stat.S_IMODE((root / "dupdir").stat().st_mode) == 0o755  # 0750 (the last), fixed
+
+
+def test_duplicate_file_with_content_in_one_layer_is_refused(tmp_path: Path):
+    lay = layer(tmp_path, [file("x", "one"), file("x", "two")])
+    with open(os.devnull, "wb") as out, pytest.raises(LayerError, match=r"'x' occurs twice") as err:
+        flatten([lay], out)
+    assert lay.digest in str(err.value)
+
+
+def test_empty_duplicate_is_replaced(tmp_path: Path):
+    lay = layer(tmp_path, [file("x"), file("x", "content"), sym("y", "a"), file("y", "file")])
+    root, skipped = squash_and_unpack([lay], tmp_path)
+    assert (root / "x").read_text() == "content"
+    assert (root / "y").is_file() and not (root / "y").is_symlink()
+    assert skipped["duplicate"] == 2
+
+
+def test_stats_and_progress(tmp_path: Path):
+    layers = _base(tmp_path)
+    calls: list[tuple[int, int]] = []
+    with open(tmp_path / "out.tar", "wb") as out:
+        stats = flatten(layers, out, progress=lambda done, total: calls.append((done, total)))
+    total = sum(lay.path.stat().st_size for lay in layers)
+    assert calls and calls[-1][1] == total and all(done <= total for done, _ in calls)
+    assert stats.bytes_in == total
+    assert stats.bytes_out == (tmp_path / "out.tar").stat().st_size
+    assert stats.skipped["device"] == 2
+    assert stats.entries > 30
+
+
+def test_root_opaque_hides_everything_below(tmp_path: Path):
+    lower = layer(tmp_path, [file("a", "a"), d("b"), file("b/c", "c")])
+    upper = layer(tmp_path, [opaque("."), file("new", "n")], "zstd")
+    root, _ = squash_and_unpack([lower, upper], tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["new"]
