@@ -184,3 +184,22 @@ def test_index_platform_selection(registry_open, busybox_image, tmp_path) -> Non
         NotFoundError, match=r"no image for platform linux/s390x \(available: linux/amd64, linux/arm64/v8\)"
     ):
         get_source(ref, platform=Platform(architecture="s390x")).resolve(ref)
+
+
+def test_mirror_is_tried_first_then_the_registry(
+    registry_open, registry_basic, busybox_image, tmp_path
+) -> None:
+    from hpcsif.config import set_config
+    from tests.sources.helpers import use_config
+
+    registry_open.push(busybox_image.oci_ref, "mirrored/busybox:1")
+    registry_basic.push(busybox_image.oci_ref, "upstream-only/busybox:1")
+    use_config(mirrors={registry_basic.host: [registry_open.url]})
+    try:
+        # the mirror (open) serves it: no credentials needed although the registry wants them
+        _check_image(_fetch(registry_basic, "mirrored/busybox:1", tmp_path / "a"), busybox_image)
+        # the mirror lacks it: the registry itself answers (with credentials)
+        image = _fetch(registry_basic, "upstream-only/busybox:1", tmp_path / "b", credentials=_creds())
+        _check_image(image, busybox_image)
+    finally:
+        set_config(None)
