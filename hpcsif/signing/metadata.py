@@ -201,9 +201,9 @@ def check_metadata(img: SIFImage, group_id: int, payload: bytes) -> list[Descrip
     for desc in objs:
         if desc.id not in by_id:
             raise SignatureError(f"{describe(desc)}: object not signed (added after signing)")
-    present = {d.id for d in objs}
-    for object_id in sorted(set(by_id) - present):
-        raise SignatureError(f"object {object_id}: signed object not found (removed after signing)")
+    missing = sorted(set(by_id) - {d.id for d in objs})
+    if missing:
+        raise SignatureError(f"object {missing[0]}: signed object not found (removed after signing)")
     dig = Digester(img)
     if dig.header(_algorithm(header_digest)) != header_digest:
         raise SignatureError("header integrity compromised (launch line, magic, version or UUID changed)")

@@ -13,7 +13,7 @@ from hpcsif.config import Config
 from hpcsif.errors import ConfigError, SignatureError
 from hpcsif.sif.format import DESCRIPTOR_SIZE, DataType, Descriptor
 from hpcsif.sif.reader import SIFImage
-from hpcsif.sif.writer import ObjectSpec, add_objects
+from hpcsif.sif.writer import ObjectSpec, add_objects, remove_objects
 from hpcsif.signing import dsse
 from hpcsif.signing.keys import Keyring, describe_file
 from hpcsif.signing.metadata import image_metadata
@@ -131,6 +131,9 @@ def test_object_added_after_signing(sif: Path, keysdir: Path) -> None:
     sign_image(sif, key)
     add_objects(sif, [ObjectSpec(DataType.GENERIC_JSON, data=b"{}", name="late.json")])
     with pytest.raises(SignatureError, match=r"object 6 \(JSON.Generic 'late.json'\): object not signed"):
+        verify_image(sif, [key])
+    remove_objects(sif, [6, 2])
+    with pytest.raises(SignatureError, match="object 2: signed object not found"):
         verify_image(sif, [key])
 
 
