@@ -16,6 +16,7 @@ second, and unmounts once no holder is alive (pid reuse is ruled out by the star
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -96,23 +97,44 @@ def unmount(mnt: Path, *, lazy: bool = False) -> bool:
 class SharedMount:
     """A reference-counted mount; :meth:`acquire` mounts if needed, :meth:`release` unmounts if last.
 
-    *mount_cmd* builds the mount command line for a mount point; *private* mounts (an overlay
-    of one container) have their directory removed when released.
+    *mount_cmd* builds the mount command line for a mount point. The directory is removed
+    when the mount goes away.
     """
 
-    def __init__(self, key: str, mount_cmd: Callable[[Path], list[str]], *, private: bool = False) -> None:
+    def __init__(self, key: str, mount_cmd: Callable[[Path], list[str]]) -> None:
         self.dir = runtime_dir() / key
         self.mnt = self.dir / "mnt"
         self._mount_cmd = mount_cmd
-        self.private = private
         self._holder: Path | None = None
 
     # -- locking -----------------------------------------------------------------------------
     def _locked(self) -> int:
-        self.dir.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        """Take the mount's lock; retried when the directory was removed while we waited."""
+        lock = self.dir / "lock"
+        while True:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                continue  # the directory went away between mkdir and open
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the last user removed the directory: start again
+
+    def _remove(self) -> None:
+        """Delete the mount's directory (lock held, nothing mounted); the lock file goes last."""
+        _remove_tree(self.dir / "holders")
+        for name in ("upper", "work"):
+            _remove_tree(self.dir / name)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.mnt)
+        _unlink(self.dir / "lock")
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
 
     def live_holders(self) -> list[str]:
         """Names of holder files whose process is alive; removes those of dead processes."""
@@ -156,12 +178,12 @@ class SharedMount:
         try:
             _unlink(self._holder)
             self._holder = None
-            if not self.live_holders() and _mount_state(self.mnt) != "absent":
-                if not unmount(self.mnt):
-                    log.debug("%s busy; the watchdog will unmount it", self.mnt)
-                    return
-            if self.private:
-                _remove_tree(self.dir)
+            if self.live_holders():
+                return
+            if _mount_state(self.mnt) != "absent" and not unmount(self.mnt):
+                log.debug("%s busy; the watchdog will unmount it", self.mnt)
+                return
+            self._remove()
         finally:
             os.close(fd)
 
@@ -215,13 +237,12 @@ def _missing(tool: str) -> MissingToolError:
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _remove_tree(path: Path) -> None:
+    """rm -r *path*, ignoring errors (it may be gone already)."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
@@ -247,7 +268,7 @@ def overlay_mount(lower: Path) -> SharedMount:
         work.mkdir(exist_ok=True)
         return ["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)]
 
-    return SharedMount(key, cmd, private=True)
+    return SharedMount(key, cmd)
 
 
 def watch(directory: Path) -> int:
@@ -256,7 +277,6 @@ def watch(directory: Path) -> int:
 
     mount = SharedMount.__new__(SharedMount)
     mount.dir, mount.mnt, mount._holder = directory, directory / "mnt", None
-    mount.private = directory.name.startswith("overlay-")
     poller = select.poll()
     mounts_fd = os.open("/proc/self/mounts", os.O_RDONLY)
     poller.register(mounts_fd, select.POLLPRI | select.POLLERR)
@@ -269,12 +289,14 @@ def watch(directory: Path) -> int:
             return 0
         fd = mount._locked()
         try:
+            if _mount_state(mount.mnt) == "absent":
+                mount._remove()  # unmounted while we waited for the lock
+                return 0
             if mount.live_holders():
                 failures = 0
                 continue
             if unmount(mount.mnt, lazy=failures >= _LAZY_AFTER):
-                if mount.private:
-                    _remove_tree(directory)
+                mount._remove()
                 return 0
             failures += 1
         finally:

@@ -201,7 +201,7 @@ def test_32_concurrent_execs_share_one_mount(images, pub_tmp):
     ]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        holders = _holders_dir()
+        holders = _holders_dir(images.sif)
         if holders is not None and len(os.listdir(holders)) >= 32:
             break
         time.sleep(0.1)
@@ -217,10 +217,9 @@ def test_32_concurrent_execs_share_one_mount(images, pub_tmp):
     assert not hpcsif_processes()
 
 
-def _holders_dir():
-    from hpcsif.engine.mounts import runtime_dir
+def _holders_dir(sif):
+    from hpcsif.engine.bwrap import squashfs_offset
+    from hpcsif.engine.mounts import squashfs_mount
 
-    for d in runtime_dir().iterdir():
-        if d.name.startswith("sif-") and (d / "holders").is_dir():
-            return d / "holders"
-    return None
+    holders = squashfs_mount(str(sif), squashfs_offset(sif)).dir / "holders"
+    return holders if holders.is_dir() else None
