@@ -184,17 +184,56 @@ class _GzipReader:
                 return out
 
 
+class _ZstdReader:
+    """Multi-frame zstd decoding that notices a truncated last frame.
+
+    ``zstandard``'s stream reader ends silently on truncation and its decompressobj has
+    no output limit, so input goes in small pieces: output per piece stays bounded
+    (at most 64 MiB even for a decompression bomb).
+    """
+
+    _PIECE = 2048
+
+    def __init__(self, raw: _HashingReader) -> None:
+        import zstandard
+
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._raw = raw
+        self._dec = self._new()
+        self._fed = False
+        self._pending = memoryview(b"")
+
+    def read(self, size: int) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            if self._dec.eof:  # next frame, if any
+                rest = self._dec.unused_data + bytes(self._pending)
+                self._pending = memoryview(rest)
+                self._dec, self._fed = self._new(), False
+            if not self._pending:
+                chunk = self._raw.read(CHUNK // 4)
+                if not chunk:
+                    if self._fed and not self._dec.eof:
+                        raise EOFError("compressed stream ended in the middle of a zstd frame")
+                    break
+                self._pending = memoryview(chunk)
+            piece, self._pending = self._pending[: self._PIECE], self._pending[self._PIECE :]
+            self._fed = True
+            out = self._dec.decompress(piece)
+            if out:
+                parts.append(out)
+                got += len(out)
+        return b"".join(parts)
+
+
 def _decoder(raw: _HashingReader):
     """A reader of the decompressed bytes, chosen by the blob's magic bytes."""
     head = raw.peek(8)
     if head.startswith(_GZIP_MAGIC):
         return _GzipReader(raw)
     if head.startswith(_ZSTD_MAGIC):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(
-            raw, read_size=CHUNK // 4, read_across_frames=True, closefd=False
-        )
+        return _ZstdReader(raw)
     if head.startswith(_BZIP2_MAGIC):
         import bz2
 
