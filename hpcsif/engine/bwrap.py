@@ -145,6 +145,9 @@ class _Plan:
         # parents before children, so that a bind inside another bind's destination stays visible
         self.binds = sorted(check_sources(binds + contrib.binds), key=lambda b: b.dst.count("/"))
         self.contrib = contrib
+        # devices from elsewhere (gpu.dev_dir) must not become new nodes in the host's /dev:
+        # then the container gets bwrap's minimal /dev plus exactly the devices asked for
+        self.minimal_dev = opts.contain or any(b.dev and b.src != b.dst for b in self.binds)
         if not os.path.lexists(os.path.join(self.root, "bin/sh")):
             raise EngineError(f"{image}: the image has no /bin/sh, which the launcher needs")
         from hpcsif.engine.environment import build_env
@@ -179,12 +182,14 @@ class _Plan:
         dests.append(workdir)
         args += self._root(dests)
         args += ["--proc", "/proc", "--ro-bind", "/sys", "/sys"]
-        args += ["--dev", "/dev"] if opts.contain else ["--dev-bind", "/dev", "/dev"]
+        args += ["--dev", "/dev"] if self.minimal_dev else ["--dev-bind", "/dev", "/dev"]
         if opts.contain:
             args += ["--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
             if not opts.no_home and not opts.home:
                 args += ["--tmpfs", self.home]
         for b in self.binds:
+            if b.dev and not self.minimal_dev and b.src == b.dst:
+                continue  # already there: the host's /dev is bound whole
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
             args += [kind, b.src, b.dst]
         args += ["--ro-bind-data", self._data(self._passwd()), "/etc/passwd"]
