@@ -1,0 +1,137 @@
+"""Hostile layers: nothing may land outside the root, on either output path."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hpcsif.errors import LayerError
+from hpcsif.image.layers import extract_tree, flatten
+from tests.image.tarbuild import d, file, layer, link, squash_and_unpack, sym
+
+
+def _flatten_fails(layers, match: str) -> LayerError:
+    with open(os.devnull, "wb") as out, pytest.raises(LayerError, match=match) as err:
+        flatten(layers, out)
+    return err.value
+
+
+def _extract_fails(layers, dest: Path, match: str) -> None:
+    with pytest.raises(LayerError, match=match):
+        extract_tree(layers, dest)
+    assert not dest.exists()  # what was written is removed
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "./../../../etc/evil"])
+def test_dotdot_escape_is_refused(tmp_path: Path, name: str):
+    lay = layer(tmp_path, [file("ok", "fine"), file(name, "evil")])
+    err = _flatten_fails([lay], "points outside the root")
+    assert lay.digest in str(err) and name in str(err)
+    (tmp_path / "box").mkdir()
+    _extract_fails([lay], tmp_path / "box" / "root", "points outside the root")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "box" / "escape").exists()
+
+
+def test_dotdot_that_stays_inside_is_normalised(tmp_path: Path):
+    lay = layer(tmp_path, [file("a/../b", "b"), file("c/./d//e", "e")])
+    root, _ = squash_and_unpack([lay], tmp_path)
+    assert (root / "b").read_text() == "b" and (root / "c/d/e").read_text() == "e"
+    assert not (root / "a").exists()
+
+
+def test_absolute_names_are_contained(tmp_path: Path):
+    lay = layer(tmp_path, [file("/etc/abs", "inside"), file("///double", "x")])
+    root, _ = squash_and_unpack([lay], tmp_path)
+    assert (root / "etc/abs").read_text() == "inside" and (root / "double").read_text() == "x"
+    box = tmp_path / "box"
+    extract_tree([lay], box)
+    assert (box / "etc/abs").read_text() == "inside"
+
+
+def test_write_through_symlink_in_same_layer_is_refused(tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    lay = layer(tmp_path, [sym("evil", str(outside)), file("evil/pwned", "x")])
+    err = _flatten_fails([lay], "below the non-directory 'evil'")
+    assert lay.digest in str(err) and "evil/pwned" in str(err)
+    _extract_fails([lay], tmp_path / "box", "writing through a symlink")
+    assert list(outside.iterdir()) == []
+
+
+def test_write_through_lower_symlink_is_contained(tmp_path: Path):
+    """A lower symlink to the outside does not carry an upper entry out: overlay semantics."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    lower = layer(tmp_path, [sym("evil", str(outside)), sym("rel", "../../..")])
+    upper = layer(tmp_path, [file("evil/pwned", "x"), file("rel/pwned2", "y")], "zstd")
+    box = tmp_path / "box"
+    extract_tree([lower, upper], box)
+    assert (box / "evil").is_dir() and not (box / "evil").is_symlink()
+    assert (box / "evil/pwned").read_text() == "x" and (box / "rel/pwned2").read_text() == "y"
+    assert list(outside.iterdir()) == []
+    root, _ = squash_and_unpack([lower, upper], tmp_path)
+    assert (root / "evil/pwned").read_text() == "x"
+
+
+def test_symlinks_are_never_followed_by_extract_tree(tmp_path: Path):
+    """Absolute and escaping symlinks are kept verbatim, and nothing is written through them."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    lay = layer(tmp_path, [sym("abs", str(outside / "file")), sym("up", "../../../../tmp"), d("dir")])
+    box = tmp_path / "box"
+    extract_tree([lay], box)
+    assert os.readlink(box / "abs") == str(outside / "file") and os.readlink(box / "up") == "../../../../tmp"
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("entries", "match"),
+    [
+        ([file("a", "a"), link("b", "../../etc/passwd")], "points outside the root"),
+        ([file("a", "a"), link("b", "missing")], "points at missing file 'missing'"),
+        ([d("dir"), link("b", "dir")], "points at directory 'dir'"),
+        ([link("self", "self")], "points at itself"),
+    ],
+    ids=["outside", "missing", "directory", "self"],
+)
+def test_bad_hardlinks_are_refused(tmp_path: Path, entries, match: str):
+    lay = layer(tmp_path, entries)
+    err = _flatten_fails([lay], match)
+    assert lay.digest in str(err)
+    _extract_fails([lay], tmp_path / "box", match)
+
+
+def test_hardlink_to_lower_directory_is_refused(tmp_path: Path):
+    lower = layer(tmp_path, [d("dir")])
+    upper = layer(tmp_path, [link("b", "dir")], "none")
+    _flatten_fails([lower, upper], "points at directory 'dir'")
+
+
+def test_invalid_whiteout_is_refused(tmp_path: Path):
+    lay = layer(tmp_path, [file("a/.wh..."), file("x")])
+    _flatten_fails([lay], "invalid whiteout")
+
+
+def test_non_directory_root_entry_is_refused(tmp_path: Path):
+    ti = tarfile.TarInfo("./")
+    ti.type = tarfile.SYMTYPE
+    ti.linkname = "/"
+    lay = layer(tmp_path, [ti])
+    _flatten_fails([lay], "root entry")
+
+
+def test_extract_tree_needs_empty_destination(tmp_path: Path):
+    lay = layer(tmp_path, [file("a", "a")])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep").write_text("mine")
+    with pytest.raises(LayerError, match="not an empty directory"):
+        extract_tree([lay], busy)
+    assert (busy / "keep").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    extract_tree([lay], empty)
+    assert (empty / "a").read_text() == "a"
