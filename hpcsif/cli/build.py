@@ -77,22 +77,33 @@ def blob_store(args: argparse.Namespace):  # -> OCIStore | None
 
 def run(args: argparse.Namespace) -> int:
     """Build ``target`` from ``source``."""
+    from hpcsif.build.deffile import is_definition_file
     from hpcsif.cli.progress import progress_bar
     from hpcsif.convert import convert_ref
     from hpcsif.refs import parse
 
     target = Path(args.target)
-    ref = parse(args.source)
-    check_target(target, args.force)
-    log.info("Starting build of %s from %s", target, args.source)
-    convert_ref(
-        ref,
-        target,
-        options=convert_options(args),
-        store=blob_store(args),
-        sandbox=args.sandbox,
-        progress=progress_bar(not (args.quiet or args.silent)),
-    )
+    if is_definition_file(args.source):
+        from hpcsif.build.builder import BuildOptions, build_definition
+
+        check_target(target, args.force)
+        log.info("Starting build of %s from definition file %s", target, args.source)
+        opts = BuildOptions(
+            convert=convert_options(args), sandbox=args.sandbox, notest=args.notest, store=blob_store(args)
+        )
+        build_definition(args.source, target, opts)
+    else:
+        ref = parse(args.source)
+        check_target(target, args.force)
+        log.info("Starting build of %s from %s", target, args.source)
+        convert_ref(
+            ref,
+            target,
+            options=convert_options(args),
+            store=blob_store(args),
+            sandbox=args.sandbox,
+            progress=progress_bar(not (args.quiet or args.silent)),
+        )
     if not (args.quiet or args.silent):
         print(f"INFO:    Build complete: {target}", flush=True)
     return 0

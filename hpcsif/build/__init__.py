@@ -1,0 +1,1 @@
+"""Definition-file builds: :mod:`hpcsif.build.deffile` parses, :mod:`hpcsif.build.builder` builds."""

@@ -1,0 +1,531 @@
+"""Build a SIF (or a sandbox) from a definition file, the way ``apptainer build`` does.
+
+Each stage: bootstrap a root tree (an image source, a local SIF/sandbox, or nothing) →
+``%setup`` on the host → ``%files`` → SCIF app layout → ``%post`` (and ``%appinstall``)
+inside the tree with bubblewrap as uid 0 in a user namespace → ``/.singularity.d``
+metadata. The last stage's tree runs ``%test``, then becomes the SIF or the sandbox.
+The tree under ``/.singularity.d`` is the source of truth: the SIF's metadata objects are
+read back from it at the end, as Apptainer's assembler does.
+
+Fake root maps only the caller's uid to 0, so files owned by other uids in a base image
+stay read-only to ``%post`` (Apptainer's ``--fakeroot`` maps a subuid range instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcsif import __version__
+from hpcsif.build.deffile import App, Definition, FileCopy, Section, Stage, app_files, load, parse_labels
+from hpcsif.convert import ConvertOptions
+from hpcsif.errors import BuildError, MissingToolError, ReferenceError, SourceError
+from hpcsif.image.model import Platform
+from hpcsif.image.store import OCIStore
+from hpcsif.sif import metadata as md
+
+log = logging.getLogger(__name__)
+
+SD = md.SD
+POST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_SCRIPT_NAME = ".hpcsif-build-script"  # in the tree's root while a section runs, then removed
+# source the image's environment, then run the section's interpreter on the script
+_WITH_ENV = f'for f in {SD}/env/*.sh; do if [ -f "$f" ]; then . "$f"; fi; done; exec "$@"'
+_HOST_BINDS = ("/etc/resolv.conf", "/etc/hosts")
+
+APP_ENV_BASE = """#!/bin/sh
+
+SCIF_APPNAME={name}
+SCIF_APPROOT="/scif/apps/{name}"
+SCIF_APPMETA="/scif/apps/{name}/scif"
+SCIF_DATA="/scif/data"
+SCIF_APPDATA="/scif/data/{name}"
+SCIF_APPINPUT="/scif/data/{name}/input"
+SCIF_APPOUTPUT="/scif/data/{name}/output"
+export SCIF_APPDATA SCIF_APPNAME SCIF_APPROOT SCIF_APPMETA SCIF_APPINPUT SCIF_APPOUTPUT SCIF_DATA
+"""
+APPS_GLOBAL_ENV = """## App Global Exports For: {var}
+
+SCIF_APPDATA_{var}=/scif/data/{name}
+SCIF_APPMETA_{var}=/scif/apps/{name}/scif
+SCIF_APPROOT_{var}=/scif/apps/{name}
+SCIF_APPBIN_{var}=/scif/apps/{name}/bin
+SCIF_APPLIB_{var}=/scif/apps/{name}/lib
+
+export SCIF_APPDATA_{var} SCIF_APPMETA_{var} SCIF_APPROOT_{var} SCIF_APPBIN_{var} SCIF_APPLIB_{var}
+"""
+# sourced by every action: with --app NAME, put the app's bin/lib first and source its env
+APPS_ACTIVE_ENV = """#!/bin/sh
+# the environment of the app chosen with --app (APPTAINER_APPNAME / SINGULARITY_APPNAME)
+_hpcsif_app="${APPTAINER_APPNAME:-${SINGULARITY_APPNAME:-}}"
+if [ -n "$_hpcsif_app" ]; then
+    if [ ! -d "/scif/apps/$_hpcsif_app" ]; then
+        echo "no app $_hpcsif_app in this container" >&2
+        exit 1
+    fi
+    SCIF_APPS=/scif/apps
+    SCIF_APPROOT="/scif/apps/$_hpcsif_app"
+    PATH="/scif/apps/$_hpcsif_app/bin:/scif/apps/$_hpcsif_app:$PATH"
+    LD_LIBRARY_PATH="/scif/apps/$_hpcsif_app/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export SCIF_APPS SCIF_APPROOT PATH LD_LIBRARY_PATH
+    for _hpcsif_env in "/scif/apps/$_hpcsif_app/scif/env/01-base.sh" \\
+        "/scif/apps/$_hpcsif_app/scif/env/90-environment.sh"; do
+        if [ -f "$_hpcsif_env" ]; then . "$_hpcsif_env"; fi
+    done
+    unset _hpcsif_env
+fi
+unset _hpcsif_app
+"""
+APP_INSTALL = """
+cd /
+. {root}/scif/env/01-base.sh
+
+cd {root}
+{body}
+cd /
+"""
+
+
+@dataclass
+class BuildOptions:
+    """How to build: output kind, whether to run ``%test``, conversion options, blob store."""
+
+    convert: ConvertOptions = field(default_factory=ConvertOptions)
+    sandbox: bool = False
+    notest: bool = False
+    store: OCIStore | None = None  # the blob cache; None: a temporary one
+    source_options: dict[str, Any] = field(default_factory=dict)
+    build_args: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Built:
+    """A finished stage: its tree, the image config it came from and its architecture."""
+
+    root: Path
+    oci_config: dict[str, Any]
+    arch: str
+
+
+def build_definition(
+    deffile: str | os.PathLike[str] | Definition,
+    dest: str | os.PathLike[str],
+    options: BuildOptions | None = None,
+) -> Path:
+    """Build the definition file ``deffile`` into a SIF (or sandbox) at ``dest``; returns ``dest``.
+
+    Nothing appears at ``dest`` unless every stage and ``%test`` succeed.
+    """
+    from hpcsif.convert import _build_dir
+
+    options = options or BuildOptions()
+    definition = deffile if isinstance(deffile, Definition) else load(deffile, options.build_args)
+    dest = Path(dest)
+    base = options.convert.tmpdir or dest.resolve().parent
+    try:
+        work = Path(tempfile.mkdtemp(prefix=".hpcsif-build-", dir=base))
+    except OSError as exc:
+        raise BuildError(f"cannot create a temporary directory in {base}: {exc.strerror}") from None
+    try:
+        with contextlib.ExitStack() as stack:
+            store = options.store
+            if store is None:
+                store = OCIStore(stack.enter_context(tempfile.TemporaryDirectory(dir=work)))
+            built: list[_Built] = []
+            for i, stage in enumerate(definition.stages):
+                log.info("Building stage %d of %d (%s)", i + 1, len(definition.stages), stage.bootstrap)
+                builder = _StageBuilder(definition, i, work / f"stage{i}", built, options, store)
+                built.append(builder.build())
+        final = built[-1]
+        test = definition.final.sections.get("test")
+        if test is not None and test.body.strip() and not options.notest:
+            _run_test(final.root, test, definition.where)
+        if options.sandbox:
+            return _build_dir(dest, lambda tmp: shutil.move(str(final.root), str(tmp)))
+        return _pack(final, definition, dest, options.convert)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def reference(stage: Stage) -> str:
+    """The image reference a stage's ``Bootstrap``/``From``/``Registry``/``Namespace`` name."""
+    agent, src = stage.bootstrap, stage.source
+    if agent == "docker":
+        src = src.removeprefix("docker://")
+        first = src.split("/", 1)[0]
+        has_registry = "/" in src and ("." in first or ":" in first or first == "localhost")
+        namespace, registry = stage.header.get("namespace"), stage.header.get("registry")
+        if namespace and "/" not in src:
+            src = f"{namespace}/{src}"
+        if registry and not has_registry:
+            src = f"{registry}/{src}"
+        return f"docker://{src}"
+    return f"{agent}://{src.removeprefix(agent + '://')}"
+
+
+def resolve_inside(root: Path, path: str) -> Path:
+    """``path`` inside ``root`` with every symlink resolved as if ``root`` were ``/``.
+
+    Nothing a tree's symlinks point at can lead outside ``root`` (``/etc -> /host/etc``
+    in an image stays in the image), so copying into the result is safe.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            done = done[:-1]
+            continue
+        here = root.joinpath(*done, part)
+        if here.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise BuildError(f"too many levels of symbolic links resolving {path} in {root}")
+            target = os.readlink(here)
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        done.append(part)
+    return root.joinpath(*done)
+
+
+class _StageBuilder:
+    """Builds one stage's tree in ``root``."""
+
+    def __init__(
+        self,
+        definition: Definition,
+        index: int,
+        root: Path,
+        earlier: list[_Built],
+        options: BuildOptions,
+        store: OCIStore,
+    ) -> None:
+        self.definition = definition
+        self.stage = definition.stages[index]
+        self.index = index
+        self.root = root
+        self.earlier = earlier
+        self.options = options
+        self.store = store
+        self.where = definition.where
+
+    def build(self) -> _Built:
+        oci_config, arch = self.bootstrap()
+        self.setup()
+        self.copy_files()
+        self.make_apps()
+        self.post()
+        self.write_metadata()
+        return _Built(self.root, oci_config, arch)
+
+    # -- bootstrap ------------------------------------------------------------------------
+
+    def bootstrap(self) -> tuple[dict[str, Any], str]:
+        """Fill the tree from the bootstrap source; returns (OCI runtime config, architecture)."""
+        from hpcsif.image.layers import extract_tree
+
+        stage, opts = self.stage, self.options.convert
+        line = self.stage.header_lines.get("from", stage.line)
+        if stage.bootstrap == "localimage":
+            return self._local_image(Path(stage.source), line)
+        if stage.bootstrap == "scratch":
+            arch = opts.arch or Platform().architecture
+            meta = md.for_image({}, bootstrap="scratch", source="", arch=arch)
+            extract_tree([], self.root, extra=meta.files())
+            return {}, arch
+        from hpcsif.convert import fetch_image
+        from hpcsif.refs import parse
+
+        log.info("Fetching %s", reference(stage))
+        try:
+            image = fetch_image(parse(reference(stage)), self.store, opts, self.options.source_options)
+        except (SourceError, ReferenceError) as exc:  # same error, told where the reference came from
+            raise type(exc)(f"{self.where}:{line}: {exc}") from exc
+        meta = md.for_image(
+            image.config, bootstrap=stage.bootstrap, source=stage.source, arch=image.architecture
+        )
+        extract_tree(image.layer_blobs(), self.root, extra=meta.files())
+        return meta.oci_config, image.architecture
+
+    def _local_image(self, src: Path, line: int) -> tuple[dict[str, Any], str]:
+        from hpcsif.convert import sif_to_sandbox
+
+        if src.is_dir():
+            self.root.mkdir()
+            proc = subprocess.run(["cp", "-a", f"{src}/.", str(self.root)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise BuildError(f"{self.where}:{line}: cannot copy sandbox {src}: {proc.stderr.strip()}")
+        elif src.is_file():
+            sif_to_sandbox(src, self.root)
+        else:
+            raise BuildError(f"{self.where}:{line}: localimage {src} does not exist")
+        labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
+        arch = (
+            self.options.convert.arch or labels.get("org.label-schema.build-arch") or Platform().architecture
+        )
+        history = resolve_inside(self.root, f"{SD}/bootstrap_history")
+        old = resolve_inside(self.root, f"{SD}/Singularity")
+        if old.is_file():  # keep the base image's def file, as Apptainer does
+            history.mkdir(parents=True, exist_ok=True)
+            n = len(list(history.glob("Singularity*")))
+            os.replace(old, history / f"Singularity{n}")
+        return {}, arch
+
+    # -- host side: %setup and %files ------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Run ``%setup`` on the host with ``$APPTAINER_ROOTFS`` set to the tree."""
+        sec = self.stage.sections.get("setup")
+        if sec is None or not sec.body.strip():
+            return
+        log.info("Running %%setup")
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", dir=self.root.parent, delete=False) as f:
+            f.write(sec.body)
+        env = {**os.environ, "APPTAINER_ROOTFS": str(self.root), "SINGULARITY_ROOTFS": str(self.root)}
+        try:
+            rc = subprocess.run([*sec.interpreter(self.where), "-e", "-x", f.name], env=env, check=False)
+        finally:
+            os.unlink(f.name)
+        if rc.returncode != 0:
+            raise BuildError(f"{self.where}:{sec.line}: %setup failed with exit status {rc.returncode}")
+
+    def copy_files(self) -> None:
+        """Copy every ``%files`` block's sources (host globs, or paths in an earlier stage)."""
+        for block in self.stage.files:
+            src_root = None
+            if block.stage is not None:
+                line = block.copies[0].line if block.copies else self.stage.line
+                src_root = self.earlier[self.definition.stage(block.stage, self.index, line)].root
+            for copy in block.copies:
+                dst = copy.dst or copy.src
+                self._copy(copy, src_root, dst, self.root)
+
+    def _copy(self, copy: FileCopy, src_root: Path | None, dst: str, dst_base: Path) -> None:
+        if src_root is None:
+            matches = sorted(glob.glob(copy.src)) if glob.has_magic(copy.src) else [copy.src]
+            sources = [Path(m) for m in matches if os.path.lexists(m)]
+        else:
+            pattern = str(src_root) + "/" + copy.src.lstrip("/")
+            inner = sorted(glob.glob(pattern)) if glob.has_magic(copy.src) else [pattern]
+            sources = [resolve_inside(src_root, m[len(str(src_root)) :]) for m in inner]
+            sources = [s for s in sources if s.exists()]
+        if not sources:
+            raise BuildError(f"{self.where}:{copy.line}: %files source {copy.src} does not exist")
+        target = resolve_inside(dst_base, dst)
+        into_dir = len(sources) > 1 or dst.endswith("/")
+        try:
+            (target if into_dir else target.parent).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BuildError(f"{self.where}:{copy.line}: cannot create {dst}: {exc.strerror}") from None
+        log.info("Copying %s to %s", copy.src, dst)
+        proc = subprocess.run(
+            ["cp", "-fLr", *map(str, sources), str(target)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise BuildError(f"{self.where}:{copy.line}: copying {copy.src}: {proc.stderr.strip()}")
+
+    # -- SCIF apps ----------------------------------------------------------------------------
+
+    def make_apps(self) -> None:
+        """Lay out ``/scif/apps/NAME`` and ``/scif/data/NAME`` with each app's metadata and files."""
+        if not self.stage.apps:
+            return
+        global_env = []
+        for app in self.stage.apps.values():
+            log.info("Adding app %s", app.name)
+            global_env.append(self._make_app(app))
+        self._write(f"{SD}/env/94-appsbase.sh", "".join(global_env), 0o755)
+        self._write(f"{SD}/env/95-apps.sh", APPS_ACTIVE_ENV, 0o755)
+
+    def _make_app(self, app: App) -> str:
+        base, meta = f"/scif/apps/{app.name}", f"/scif/apps/{app.name}/scif"
+        data = f"/scif/data/{app.name}"
+        for d in (f"{meta}/env", f"{base}/bin", f"{base}/lib", f"{data}/input", f"{data}/output"):
+            resolve_inside(self.root, d).mkdir(parents=True, exist_ok=True)
+        self._write(f"{meta}/env/01-base.sh", APP_ENV_BASE.format(name=app.name), 0o755)
+        var = "".join(c if c.isalnum() or c == "_" else "_" for c in app.name)
+        global_env = APPS_GLOBAL_ENV.format(var=var, name=app.name)
+        if app.body("env"):
+            self._write(f"{meta}/env/90-environment.sh", app.body("env"), 0o755)
+            global_env += f'export SCIF_APPENV_{var}="{meta}/env/90-environment.sh"\n'
+        labels = {"SCIF_APP_NAME": app.name, **parse_labels(app.body("labels"))}
+        self._write(f"{meta}/labels.json", json.dumps(dict(sorted(labels.items())), indent="\t"), 0o644)
+        global_env += f'export SCIF_APPLABELS_{var}="{meta}/labels.json"\n'
+        if app.body("run"):
+            self._write(f"{meta}/runscript", _script(app.sections["run"], self.where), 0o755)
+            global_env += f'export SCIF_APPRUN_{var}="{meta}/runscript"\n'
+        if app.body("test"):
+            self._write(f"{meta}/test", _script(app.sections["test"], self.where), 0o755)
+        if app.body("help"):
+            self._write(f"{meta}/runscript.help", app.body("help"), 0o644)
+        for copy in app_files(app, self.where):
+            self._copy(copy, None, copy.dst or copy.src, resolve_inside(self.root, base))
+        return global_env
+
+    # -- %post ------------------------------------------------------------------------------
+
+    def post(self) -> None:
+        """Run ``%post`` and then each ``%appinstall`` inside the tree as fake root."""
+        sec = self.stage.sections.get("post")
+        script = sec.body if sec else ""
+        for app in self.stage.apps.values():
+            if "install" in app.sections:
+                script += APP_INSTALL.format(root=f"/scif/apps/{app.name}", body=app.body("install"))
+        if not script.strip():
+            return
+        line = sec.line if sec else next(iter(self.stage.apps.values())).sections["install"].line
+        interpreter = sec.interpreter(self.where) if sec else ["/bin/sh"]
+        log.info("Running %%post")
+        rc = run_in_tree(self.root, script, [*interpreter, "-e", "-x"], writable=True)
+        if rc != 0:
+            raise BuildError(f"{self.where}:{line}: %post failed with exit status {rc}")
+
+    # -- /.singularity.d -------------------------------------------------------------------
+
+    def write_metadata(self) -> None:
+        """Environment, runscript, startscript, test, help, labels and the def file."""
+        stage, where = self.stage, self.where
+        if stage.body("environment"):
+            path = resolve_inside(self.root, f"{SD}/env/90-environment.sh")
+            old = path.read_text() if path.is_file() else md.ENV_90
+            self._write(f"{SD}/env/90-environment.sh", old + "\n" + stage.body("environment") + "\n", 0o755)
+        for name, fname in (("runscript", "runscript"), ("startscript", "startscript"), ("test", "test")):
+            if stage.body(name):
+                self._write(f"{SD}/{fname}", _script(stage.sections[name], where), 0o755)
+        labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
+        labels.update(
+            {
+                "org.label-schema.build-arch": labels.get("org.label-schema.build-arch")
+                or self.options.convert.arch
+                or Platform().architecture,
+                "org.label-schema.build-date": md.build_date(),
+                "org.label-schema.schema-version": "1.0",
+                "org.label-schema.usage.hpcsif.version": __version__,
+                "org.label-schema.usage.singularity.deffile.bootstrap": stage.bootstrap,
+                "org.label-schema.usage.singularity.deffile.from": stage.source,
+            }
+        )
+        if stage.body("help"):
+            self._write(f"{SD}/runscript.help", stage.body("help") + "\n", 0o644)
+            labels["org.label-schema.usage"] = f"{SD}/runscript.help"
+        labels.update(stage.labels)
+        self._write(f"{SD}/labels.json", json.dumps(dict(sorted(labels.items())), indent="\t"), 0o644)
+        self._write(f"{SD}/Singularity", self.definition.raw, 0o644)
+
+    def _write(self, inner: str, text: str, mode: int) -> None:
+        """Write ``text`` to ``inner`` in the tree (symlinks resolved inside it)."""
+        path = resolve_inside(self.root, inner)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise BuildError(f"cannot write {inner} in the image: it is a directory")
+        path.unlink(missing_ok=True)
+        path.write_text(text)
+        os.chmod(path, mode)
+
+
+def _script(sec: Section, where: str) -> str:
+    """A section as an executable script, as Apptainer writes runscript, test and startscript."""
+    return f"#!{sec.interpreter(where)[0]}\n\n{sec.body}\n"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        value = json.loads(path.read_text())
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+    return {}
+
+
+def run_in_tree(root: Path, script: str, argv: list[str], *, writable: bool) -> int:
+    """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0 in a user namespace.
+
+    The image's ``/.singularity.d/env`` scripts are sourced first; the network is the host's
+    and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host. Returns the exit status.
+    """
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise MissingToolError("bwrap", "bubblewrap")
+    if not resolve_inside(root, "/bin/sh").exists():
+        raise BuildError(f"the image has no /bin/sh to run a build section in ({root})")
+    created = [h for h in _HOST_BINDS if os.path.exists(h) and not os.path.lexists(root / h.lstrip("/"))]
+    created_etc = not os.path.lexists(root / "etc")
+    script_path = root / _SCRIPT_NAME
+    script_path.write_text(script)
+    env = {
+        "PATH": POST_PATH,
+        "HOME": "/root",
+        "LANG": "C",
+        "TERM": "xterm",
+        "APPTAINER_ENVIRONMENT": f"{SD}/env/91-environment.sh",
+        "SINGULARITY_ENVIRONMENT": f"{SD}/env/91-environment.sh",
+    }
+    cmd = [bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--unshare-pid"]
+    cmd += ["--die-with-parent", "--bind" if writable else "--ro-bind", str(root), "/"]
+    cmd += ["--proc", "/proc", "--dev", "/dev"]
+    for host in _HOST_BINDS:  # a read-only tree cannot get new mount points
+        if os.path.exists(host) and (writable or os.path.lexists(root / host.lstrip("/"))):
+            cmd += ["--ro-bind", host, host]
+    if not writable and resolve_inside(root, "/tmp").is_dir():
+        cmd += ["--tmpfs", "/tmp"]
+    cmd += ["--chdir", "/", "--clearenv"]
+    for key, value in env.items():
+        cmd += ["--setenv", key, value]
+    cmd += ["/bin/sh", "-c", _WITH_ENV, "hpcsif-build", *argv, f"/{_SCRIPT_NAME}"]
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    finally:
+        script_path.unlink(missing_ok=True)
+        # the mount points bwrap had to create are not part of the image
+        for host in created:
+            with contextlib.suppress(OSError):
+                (root / host.lstrip("/")).unlink()
+        if created_etc:
+            with contextlib.suppress(OSError):
+                (root / "etc").rmdir()
+
+
+def _run_test(root: Path, sec: Section, where: str) -> None:
+    """Run the finished image's ``%test`` (read-only tree); a failure stops the build."""
+    log.info("Running %%test")
+    rc = run_in_tree(root, f"exec {SD}/test\n", ["/bin/sh"], writable=False)
+    if rc != 0:
+        raise BuildError(f"{where}:{sec.line}: %test failed with exit status {rc}; no image was written")
+
+
+def _pack(final: _Built, definition: Definition, dest: Path, options: ConvertOptions) -> Path:
+    """Squash the finished tree into a SIF whose metadata objects match its ``/.singularity.d``."""
+    from hpcsif.convert import sandbox_to_sif
+
+    def read(inner: str) -> str | None:
+        path = resolve_inside(final.root, inner)
+        return path.read_text(errors="replace") if path.is_file() else None
+
+    env_dir = resolve_inside(final.root, f"{SD}/env")
+    environment = {
+        f"{SD}/env/{p.name}": p.read_text(errors="replace")
+        for p in sorted(env_dir.glob("*.sh"))
+        if p.name.startswith(("10-", "90-", "91-")) and p.is_file()
+    }
+    meta = md.Metadata(
+        deffile=definition.raw,
+        labels=_read_json(resolve_inside(final.root, f"{SD}/labels.json")),
+        runscript=read(f"{SD}/runscript") or "",
+        environment=environment,
+        oci_config=final.oci_config,
+        startscript=read(f"{SD}/startscript") or "#!/bin/sh\n",
+        test=read(f"{SD}/test"),
+        helpfile=read(f"{SD}/runscript.help"),
+    )
+    return sandbox_to_sif(final.root, dest, options, meta=meta, arch=final.arch)

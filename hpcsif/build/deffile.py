@@ -1,0 +1,428 @@
+"""Parse Apptainer definition files: header, sections, SCIF apps and multi-stage builds.
+
+The grammar follows Apptainer's parser: a header of ``Key: value`` lines (keys are
+case-insensitive, ``#`` starts a comment, a trailing ``\\`` continues a value), then sections
+that start with a line whose first word is ``%name`` and run to the next such line. A new
+``Bootstrap:`` line at the start of a line begins a new stage. Repeated sections are
+concatenated, as Apptainer does. Unlike Apptainer, every error names the file and line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcsif.errors import DefinitionError
+
+#: bootstrap agents hpcsif builds from, and whether they need a ``From:``
+AGENTS = {
+    "docker": True,
+    "docker-daemon": True,
+    "docker-archive": True,
+    "oci": True,
+    "oci-archive": True,
+    "localimage": True,
+    "scratch": False,
+}
+#: agents Apptainer knows that hpcsif does not build from (a clearer error than "unknown")
+UNSUPPORTED_AGENTS = (
+    "library",
+    "shub",
+    "oras",
+    "yum",
+    "dnf",
+    "zypper",
+    "debootstrap",
+    "arch",
+    "busybox",
+)
+HEADER_KEYS = {
+    "bootstrap",
+    "from",
+    "stage",
+    "registry",
+    "namespace",
+    "includecmd",
+    # keys of other agents Apptainer accepts; kept so such def files parse, unused here
+    "mirrorurl",
+    "updateurl",
+    "osversion",
+    "include",
+    "library",
+    "product",
+    "user",
+    "regcode",
+    "productpgp",
+    "confurl",
+    "setopt",
+    "fingerprints",
+}
+SECTIONS = (
+    "help",
+    "setup",
+    "files",
+    "labels",
+    "environment",
+    "post",
+    "runscript",
+    "test",
+    "startscript",
+    "arguments",
+)
+APP_SECTIONS = {
+    "appinstall": "install",
+    "appfiles": "files",
+    "appenv": "env",
+    "apptest": "test",
+    "apphelp": "help",
+    "apprun": "run",
+    "applabels": "labels",
+}
+_STAGE_START = re.compile(r"^bootstrap\s*:", re.IGNORECASE | re.MULTILINE)
+_TEMPLATE = re.compile(r"{{\s*(\w+)\s*}}")
+_APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class Section:
+    """One section: its arguments (text after ``%name``) and body, with the ``%name`` line number."""
+
+    name: str
+    args: str
+    body: str
+    line: int
+
+    def interpreter(self, where: str) -> list[str]:
+        """The shell for a script section: ``/bin/sh`` or the one ``-c PATH`` names."""
+        words = shlex.split(self.args)
+        if len(words) >= 2 and words[0] == "-c":
+            return [words[1]]
+        if words:
+            raise DefinitionError(f"{where}:{self.line}: unknown %{self.name} arguments {self.args!r}")
+        return ["/bin/sh"]
+
+
+@dataclass(frozen=True)
+class FileCopy:
+    """One ``%files`` line: source (host path, glob, or path in another stage) and destination."""
+
+    src: str
+    dst: str
+    line: int
+
+
+@dataclass
+class FilesBlock:
+    """A ``%files`` section; ``stage`` names the stage the sources come from (``%files from NAME``)."""
+
+    stage: str | None
+    copies: list[FileCopy]
+
+
+@dataclass
+class App:
+    """One SCIF app: its sections keyed install, files, env, test, help, run, labels."""
+
+    name: str
+    sections: dict[str, Section] = field(default_factory=dict)
+
+    def body(self, key: str) -> str:
+        """The body of section ``key`` ("" when absent)."""
+        sec = self.sections.get(key)
+        return sec.body if sec else ""
+
+
+@dataclass
+class Stage:
+    """One build stage: its header, sections, ``%files`` blocks, labels and apps."""
+
+    header: dict[str, str]
+    header_lines: dict[str, int]
+    sections: dict[str, Section]
+    files: list[FilesBlock]
+    labels: dict[str, str]
+    apps: dict[str, App]  # in the order they first appear (``%appinstall`` runs in this order)
+    line: int  # where the stage starts
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap agent (lower case)."""
+        return self.header["bootstrap"].lower()
+
+    @property
+    def source(self) -> str:
+        """The ``From:`` value ("" for scratch)."""
+        return self.header.get("from", "")
+
+    @property
+    def name(self) -> str | None:
+        """The ``Stage:`` name, if any."""
+        return self.header.get("stage") or None
+
+    def body(self, name: str) -> str:
+        """The body of section ``name`` ("" when absent)."""
+        sec = self.sections.get(name)
+        return sec.body if sec else ""
+
+
+@dataclass
+class Definition:
+    """A parsed definition file: its stages (the last one is the image) and its full text."""
+
+    stages: list[Stage]
+    raw: str
+    where: str
+
+    @property
+    def final(self) -> Stage:
+        """The stage that becomes the image."""
+        return self.stages[-1]
+
+    def stage(self, name: str, before: int, line: int) -> int:
+        """Index of the stage called ``name`` among the first ``before`` stages."""
+        for i, st in enumerate(self.stages[:before]):
+            if st.name == name:
+                return i
+        raise DefinitionError(f"{self.where}:{line}: no earlier stage named {name!r}")
+
+
+def is_definition_file(path: str | Path) -> bool:
+    """True when ``path`` is a regular file that looks like a definition file, not a SIF or an archive."""
+    from hpcsif.sif.format import LAUNCH_LEN, MAGIC
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        head = f.read(512)
+    if head[LAUNCH_LEN : LAUNCH_LEN + len(MAGIC)] == MAGIC:
+        return False
+    # gzip, zstd, xz, bzip2 and tar archives are images (docker-archive …), not text
+    if head.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ", b"BZh")) or head[257:262] == b"ustar":
+        return False
+    try:
+        head.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def load(path: str | Path, build_args: dict[str, str] | None = None) -> Definition:
+    """Read and parse the definition file at ``path``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionError(f"cannot read definition file {p}: {exc}") from None
+    return parse(text, where=str(p), build_args=build_args)
+
+
+def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | None = None) -> Definition:
+    """Parse definition text; ``where`` names it in errors, ``build_args`` override ``%arguments``."""
+    text = _substitute(text, where, build_args or {})
+    starts = [m.start() for m in _STAGE_START.finditer(text)]
+    if not starts:
+        raise DefinitionError(f"{where}:1: no 'Bootstrap:' header: every definition file starts with one")
+    pre = text[: starts[0]]
+    for n, line in enumerate(pre.splitlines(), 1):
+        if line.strip() and not line.strip().startswith("#"):
+            raise DefinitionError(f"{where}:{n}: {line.strip()!r} comes before the 'Bootstrap:' header")
+    bounds = [*starts, len(text)]
+    stages = []
+    for begin, end in itertools.pairwise(bounds):
+        first_line = text.count("\n", 0, begin) + 1
+        stages.append(_parse_stage(text[begin:end], first_line, where))
+    names = [s.name for s in stages if s.name]
+    for st in stages:
+        if st.name and names.count(st.name) > 1:
+            raise DefinitionError(f"{where}:{st.header_lines['stage']}: stage name {st.name!r} is used twice")
+    definition = Definition(stages=stages, raw=text, where=where)
+    for i, st in enumerate(stages):
+        for block in st.files:
+            if block.stage is not None:
+                definition.stage(block.stage, i, block.copies[0].line if block.copies else st.line)
+    return definition
+
+
+def _substitute(text: str, where: str, build_args: dict[str, str]) -> str:
+    """Replace ``{{ NAME }}`` with ``--build-arg`` values or the ``%arguments`` defaults."""
+    if not _TEMPLATE.search(text) and "%arguments" not in text.lower():
+        return text
+    defaults: dict[str, str] = {}
+    lines = text.splitlines(keepends=True)
+    in_args = False
+    for line in lines:
+        word = line.split(maxsplit=1)[0] if line.strip() else ""
+        if word.startswith("%"):
+            in_args = word.lower() == "%arguments"
+            continue
+        if in_args and line.strip() and not line.strip().startswith("#"):
+            key, sep, value = line.strip().partition("=")
+            if sep:
+                defaults[key.strip()] = value.strip().strip('"')
+    values = {**defaults, **build_args}
+    out = []
+    in_args = False
+    for n, line in enumerate(lines, 1):
+        word = line.split(maxsplit=1)[0] if line.strip() else ""
+        if word.startswith("%"):
+            in_args = word.lower() == "%arguments"
+        if in_args:  # the defaults themselves stay as written
+            out.append(line)
+            continue
+
+        def value(m: re.Match[str], n: int = n) -> str:
+            if m.group(1) not in values:
+                raise DefinitionError(f"{where}:{n}: no value for {{{{ {m.group(1)} }}}} in %arguments")
+            return values[m.group(1)]
+
+        out.append(_TEMPLATE.sub(value, line))
+    return "".join(out)
+
+
+def _parse_stage(text: str, first_line: int, where: str) -> Stage:
+    lines = text.splitlines()
+    # split into the header and (name line, args, body lines, line number) chunks
+    chunks: list[tuple[str, str, list[str], int]] = []
+    header_end = len(lines)
+    for i, line in enumerate(lines):
+        word = line.split(maxsplit=1)[0] if line.strip() else ""
+        if word.startswith("%"):
+            if not chunks:
+                header_end = i
+            rest = line.strip()[len(word) :].strip()
+            chunks.append((word[1:].lower(), rest, [], first_line + i))
+        elif chunks:
+            chunks[-1][2].append(line)
+    header, header_lines = _parse_header(lines[:header_end], first_line, where)
+    stage = Stage(
+        header=header,
+        header_lines=header_lines,
+        sections={},
+        files=[],
+        labels={},
+        apps={},
+        line=first_line,
+    )
+    for name, args, body_lines, line_no in chunks:
+        body = "\n".join(body_lines) + ("\n" if body_lines else "")
+        _add_section(stage, name, args, body, line_no, where)
+    if "labels" in stage.sections:
+        stage.labels = parse_labels(stage.sections["labels"].body)
+    return stage
+
+
+def _parse_header(lines: list[str], first_line: int, where: str) -> tuple[dict[str, str], dict[str, int]]:
+    header: dict[str, str] = {}
+    at: dict[str, int] = {}
+    cont_key, cont_val = "", ""
+    for i, raw in enumerate(lines):
+        n = first_line + i
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            if cont_key:
+                header[cont_key], cont_key, cont_val = cont_val, "", ""
+            continue
+        line = line.split("#", 1)[0].strip()
+        if cont_key:
+            key, value = cont_key, cont_val + line
+            cont_key, cont_val = "", ""
+        else:
+            key, sep, value = line.partition(":")
+            if not sep:
+                raise DefinitionError(f"{where}:{n}: header line {line!r} is not 'Key: value'")
+            key, value = key.strip().lower(), value.strip()
+            if key not in HEADER_KEYS:
+                raise DefinitionError(f"{where}:{n}: unknown header keyword {key!r}")
+            at[key] = n
+        if value.endswith("\\"):
+            cont_key, cont_val = key, value[:-1]
+            continue
+        header[key] = value
+    if cont_key:
+        header[cont_key] = cont_val
+    agent = header.get("bootstrap", "").lower()
+    bline = at.get("bootstrap", first_line)
+    if agent in UNSUPPORTED_AGENTS:
+        raise DefinitionError(f"{where}:{bline}: bootstrap agent {agent!r} is not supported by hpcsif")
+    if agent not in AGENTS:
+        known = ", ".join(AGENTS)
+        raise DefinitionError(f"{where}:{bline}: unknown bootstrap agent {agent!r} (known: {known})")
+    if AGENTS[agent] and not header.get("from"):
+        raise DefinitionError(f"{where}:{bline}: bootstrap {agent} needs a 'From:' header")
+    return header, at
+
+
+def _add_section(stage: Stage, name: str, args: str, body: str, line: int, where: str) -> None:
+    if name == "files":
+        stage.files.append(_parse_files(args, body, line, where))
+        return
+    if name in APP_SECTIONS:
+        words = args.split()
+        if not words or not _APP_NAME.match(words[0]):
+            raise DefinitionError(f"{where}:{line}: %{name} needs an app name (letters, digits, _ . -)")
+        app = stage.apps.setdefault(words[0], App(words[0]))
+        key = APP_SECTIONS[name]
+        if key == "files":
+            _parse_files("", body, line, where)  # reject bad lines now, with their line numbers
+        _merge(app.sections, key, Section(name, " ".join(words[1:]), body, line))
+        return
+    if name not in SECTIONS:
+        if name == "pre":
+            raise DefinitionError(f"{where}:{line}: %pre is not supported (Apptainer dropped it); use %setup")
+        raise DefinitionError(f"{where}:{line}: unknown section %{name}")
+    _merge(stage.sections, name, Section(name, args, body, line))
+
+
+def _merge(sections: dict[str, Section], key: str, sec: Section) -> None:
+    """Repeated sections concatenate (Apptainer); the first one's line and arguments stay."""
+    if key in sections:
+        sections[key].body += sec.body
+    else:
+        sections[key] = sec
+
+
+def _parse_files(args: str, body: str, line: int, where: str) -> FilesBlock:
+    words = args.split()
+    stage = None
+    if words:
+        if len(words) != 2 or words[0].lower() != "from":
+            raise DefinitionError(f"{where}:{line}: %files takes no arguments but 'from STAGE', got {args!r}")
+        stage = words[1]
+    copies = []
+    for i, raw in enumerate(body.splitlines(), 1):
+        n = line + i
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            parts = shlex.split(text, comments=True)
+        except ValueError as exc:
+            raise DefinitionError(f"{where}:{n}: bad %files line {text!r}: {exc}") from None
+        if len(parts) > 2:
+            raise DefinitionError(f"{where}:{n}: bad %files line {text!r}: expected 'SOURCE [DESTINATION]'")
+        if not parts:
+            continue
+        copies.append(FileCopy(parts[0], parts[1] if len(parts) == 2 else "", n))
+    return FilesBlock(stage, copies)
+
+
+def parse_labels(body: str) -> dict[str, str]:
+    """``%labels`` lines ``KEY VALUE…`` as a dict (a key alone gets "")."""
+    labels = {}
+    for raw in body.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def app_files(app: App, where: str) -> list[FileCopy]:
+    """The ``%appfiles`` lines of ``app`` (destinations are relative to ``/scif/apps/NAME``)."""
+    sec = app.sections.get("files")
+    return _parse_files("", sec.body, sec.line, where).copies if sec else []
