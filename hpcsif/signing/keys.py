@@ -120,6 +120,15 @@ class KeyInfo:
     public_path: Path
     private_path: Path | None = None
     uid: str = ""  # OpenPGP user id
+    #: every primary-key fingerprint in the file (an OpenPGP keyring file can hold several)
+    fingerprints: tuple[str, ...] = ()
+
+    def matches(self, fingerprint: str) -> bool:
+        """True if *fingerprint* is this key's or one in its file (PGP: also a 16-digit long key id)."""
+        want = fingerprint.upper().replace(" ", "")
+        mine = [f.upper() for f in (self.fingerprint, *self.fingerprints)]
+        long_id = self.scheme == "pgp" and len(want) >= 16
+        return any(f == want or (long_id and f.endswith(want)) for f in mine)
 
     @property
     def label(self) -> str:
@@ -143,10 +152,10 @@ def describe_file(path: Path, name: str = "") -> KeyInfo:
         raise SignatureError(f"cannot read key {path}: {exc.strerror}") from None
     name = name or re.sub(r"(\.(pub|key|pem|asc|gpg))+$", "", path.name)
     if pgp.is_pgp_key(data):
-        key = pgp.describe_keys(data)[0]
-        return KeyInfo(
-            name, "pgp", key.fingerprint, key.algorithm, path, path if key.secret else None, key.uid
-        )
+        first, *more = pgp.describe_keys(data)
+        private = path if first.secret else None
+        others = tuple(k.fingerprint for k in more)
+        return KeyInfo(name, "pgp", first.fingerprint, first.algorithm, path, private, first.uid, others)
     private = b"PRIVATE KEY-----" in data
     pub = load_pem_public(data, str(path))
     return KeyInfo(name, "dsse", dsse.key_id(pub), algorithm_of(pub), path, path if private else None)
@@ -179,20 +188,15 @@ class Keyring:
                     pub,
                     private if private.exists() else None,
                     info.uid,
+                    info.fingerprints,
                 )
             )
         return keys
 
     def get(self, ref: str) -> KeyInfo:
         """The key named *ref*, or whose fingerprint is *ref* (PGP: also its last 16 digits)."""
-        want = ref.upper().replace(" ", "")
         for key in self.list():
-            fpr = key.fingerprint.upper()
-            if (
-                ref == key.name
-                or want == fpr
-                or (key.scheme == "pgp" and len(want) >= 16 and fpr.endswith(want))
-            ):
+            if ref == key.name or key.matches(ref):
                 return key
         raise SignatureError(f"no key {ref!r} in keyring {self.root} (see: hpcsif key list)")
 

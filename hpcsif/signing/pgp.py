@@ -42,8 +42,14 @@ def is_legacy(data: bytes) -> bool:
 
 
 def is_pgp_key(data: bytes) -> bool:
-    """True if *data* is an ASCII-armored OpenPGP key block."""
-    return _ARMOR.search(data) is not None
+    """True if *data* is an OpenPGP key: an armored block, or binary (e.g. Apptainer's ``pgp-public``)."""
+    if _ARMOR.search(data):
+        return True
+    if not data or not data[0] & 0x80:
+        return False
+    # binary packets: the first one of a key (ring) is a public-key (6) or secret-key (5) packet
+    tag = data[0] & 0x3F if data[0] & 0x40 else (data[0] >> 2) & 0x0F
+    return tag in (5, 6)
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ def verify(signed: bytes, public_keys: list[bytes]) -> tuple[bytes, str] | None:
     if not public_keys:
         return None
     with _home() as home:
-        _run(home, ["--import"], b"\n".join(public_keys), "importing OpenPGP keys")
+        for key in public_keys:  # one by one: armored and binary blocks do not concatenate
+            _run(home, ["--import"], key, "importing OpenPGP keys")
         cmd = [_gpg_exe(), "--homedir", str(home), "--batch", "--no-tty", "--status-fd", "2", "--decrypt"]
         proc = subprocess.run(cmd, input=signed, capture_output=True, check=False)
     status = proc.stderr.decode(errors="replace")

@@ -9,6 +9,7 @@ a group none of whose signatures we can check fails.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -79,7 +80,7 @@ def _check_signature(
             raise _fail(f"{where}: {exc}") from None
         if opened is None:
             return "DSSE signature by a key not given (import the signer's public key or pass --key)"
-        signer = next(k for k in pems if k.fingerprint == opened.key_id)
+        signer = next(k for k in pems if k.matches(opened.key_id))  # open_envelope used only these keys
         payload = opened.payload
     elif pgp.is_clearsigned(data):
         pgps = [k for k in keys if k.scheme == "pgp"]
@@ -89,11 +90,13 @@ def _check_signature(
             raise _fail(f"{where}: {exc}") from None
         if checked is None:
             fpr = sig.entity.hex().upper() if sig.entity else "unknown"
-            return f"OpenPGP signature by key {fpr}, which is not in the keyring"
+            return f"OpenPGP signature by key {fpr}, which is not among the keys given"
         payload, fpr = checked
         if sig.entity and sig.entity.hex().upper() != fpr:
             raise _fail(f"{where}: fingerprint in descriptor does not correspond to signing entity")
-        signer = next(k for k in pgps if k.fingerprint == fpr)
+        signer = next((k for k in pgps if k.matches(fpr)), None)
+        if signer is None:  # a key that shares a keyring file with a given one, but was not given
+            return f"OpenPGP signature by key {fpr}, which is not among the keys given"
     else:
         raise _fail(f"{where}: signature format not recognized")
     try:
@@ -177,11 +180,14 @@ def trusted_keys(config: Config) -> list[KeyInfo]:
     except SignatureError as exc:
         raise ConfigError(f"cache.trusted_keys: {exc}") from None
     for fpr in fingerprints:
-        want = fpr.upper().replace(" ", "")
-        if any(k.fingerprint.upper() == want for k in keys):
+        if any(k.matches(fpr) for k in keys):
             continue
         try:
-            keys.append(Keyring().get(fpr))
+            key = Keyring().get(fpr)
+            # vouch for this key only, even if its file (an OpenPGP keyring) holds others
+            want = fpr.upper().replace(" ", "")
+            full = next(f for f in (key.fingerprint, *key.fingerprints) if f.upper().endswith(want))
+            keys.append(dataclasses.replace(key, fingerprint=full, fingerprints=()))
         except SignatureError:
             raise ConfigError(
                 f"cache.trusted_keys: key {fpr!r} is neither a key file nor in keyring {Keyring().root}"

@@ -271,3 +271,20 @@ def test_require_signed_in_cache_and_exec(sif: Path, tmp_path: Path, keysdir: Pa
         assert ensure_image(str(sif)) == sif.resolve()
     finally:
         set_config(None)
+
+
+@needs_gpg
+def test_trusted_fingerprint_in_a_shared_keyring_file(sif: Path, tmp_path: Path, keysdir: Path) -> None:
+    """A fingerprint in trusted_keys trusts that key only, not its neighbours in an OpenPGP keyring file."""
+    alice = Keyring(tmp_path / "a").newpair("alice", "pgp", "Alice <a@example.org>")
+    bob = Keyring(tmp_path / "b").newpair("bob", "pgp", "Bob <b@example.org>")
+    ring = tmp_path / "ring.asc"
+    ring.write_bytes(alice.public_bytes() + bob.public_bytes())
+    shared = Keyring().import_file(ring)
+    assert shared.matches(alice.fingerprint) and shared.matches(bob.fingerprint)
+    sign_image(sif, bob)
+    assert verify_image(sif, [shared]).verified[0].key.name == "ring"
+    cfg = _config(tmp_path, require_signed=True, trusted_keys=[alice.fingerprint])
+    with pytest.raises(SignatureError, match=f"{bob.fingerprint}, which is not among the keys given"):
+        require_trusted(sif, cfg)
+    require_trusted(sif, _config(tmp_path, require_signed=True, trusted_keys=[bob.fingerprint[-16:]]))
