@@ -193,38 +193,64 @@ def _build_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def sandbox_to_sif(
-    src: str | os.PathLike[str], dest: str | os.PathLike[str], options: ConvertOptions
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    options: ConvertOptions,
+    *,
+    meta: md.Metadata | None = None,
+    arch: str | None = None,
 ) -> Path:
-    """Pack a sandbox directory into a SIF; mksquashfs writes straight into the SIF file."""
+    """Pack a sandbox directory into a SIF with mksquashfs.
+
+    ``meta`` (a definition-file build's) supplies the def file and the inspect/OCI-config
+    objects; without it they are read from the tree. ``arch`` overrides ``options.arch``.
+    """
     from hpcsif.sif.squashfs import squashfs_from_dir
     from hpcsif.sif.writer import ObjectSpec, SIFWriter
 
     src, dest = Path(src), Path(dest)
     if not (src / ".singularity.d").is_dir():
         log.warning("%s has no /.singularity.d: the image will have no runscript or environment", src)
-    deffile = f"bootstrap: localimage\nfrom: {src}\n"
-    arch = options.arch or Platform().architecture
+    deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {src}\n"
+    arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
         writer.add(ObjectSpec(DataType.DEFFILE, data=deffile.encode()))
-        labels = _read_json(src / ".singularity.d" / "labels.json")
-        attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
-        runscript = src / ".singularity.d" / "runscript"
-        if runscript.is_file():
-            attrs["runscript"] = runscript.read_text(errors="replace")
-        inspect = json.dumps({"data": {"attributes": attrs}, "type": "container"}).encode()
+        if meta:
+            inspect = meta.inspect_json()
+            if meta.oci_config:
+                writer.add(
+                    ObjectSpec(DataType.GENERIC_JSON, data=meta.oci_config_json(), name="oci-config.json")
+                )
+        else:
+            labels = _read_json(src / ".singularity.d" / "labels.json")
+            attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
+            runscript = src / ".singularity.d" / "runscript"
+            if runscript.is_file():
+                attrs["runscript"] = runscript.read_text(errors="replace")
+            inspect = json.dumps({"data": {"attributes": attrs}, "type": "container"}).encode()
         writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
-        writer.add_external(
-            ObjectSpec(DataType.PARTITION, fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS, arch=arch),
-            lambda path, offset: squashfs_from_dir(
+        # mksquashfs 4.5 zeroes whatever precedes its -o offset, so it writes a file of its own
+        # next to dest, which then becomes the SIF in place
+        squash = Path(tempfile.mkdtemp(prefix=".hpcsif-build-", dir=options.tmpdir or dest.parent))
+        try:
+            squashfs_from_dir(
                 src,
-                path,
+                squash / "rootfs.squashfs",
                 compression=options.compression,
                 level=options.level,
                 jobs=options.jobs,
-                offset=offset,
-            ),
-        )
-        return writer.commit()
+            )
+            part = ObjectSpec(
+                DataType.PARTITION,
+                path=squash / "rootfs.squashfs",
+                fstype=FSType.SQUASHFS,
+                parttype=PartType.PRIMSYS,
+                arch=arch,
+            )
+            writer.adopt(part)
+            return writer.commit()  # the adopted file becomes dest: commit before squash goes
+        finally:
+            shutil.rmtree(squash, ignore_errors=True)
 
 
 def sif_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
