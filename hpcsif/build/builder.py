@@ -505,27 +505,41 @@ def _run_test(root: Path, sec: Section, where: str) -> None:
 
 
 def _pack(final: _Built, definition: Definition, dest: Path, options: ConvertOptions) -> Path:
-    """Squash the finished tree into a SIF whose metadata objects match its ``/.singularity.d``."""
+    """Squash the finished tree into a SIF whose metadata objects match its ``/.singularity.d``.
+
+    Texts in ``inspect-metadata.json`` lose trailing whitespace, as Apptainer stores them.
+    """
     from hpcsif.convert import sandbox_to_sif
 
     def read(inner: str) -> str | None:
         path = resolve_inside(final.root, inner)
-        return path.read_text(errors="replace") if path.is_file() else None
+        return path.read_text(errors="replace").rstrip() if path.is_file() else None
 
     env_dir = resolve_inside(final.root, f"{SD}/env")
     environment = {
-        f"{SD}/env/{p.name}": p.read_text(errors="replace")
+        f"{SD}/env/{p.name}": p.read_text(errors="replace").rstrip()
         for p in sorted(env_dir.glob("*.sh"))
         if p.name.startswith(("10-", "90-", "91-")) and p.is_file()
     }
+    apps: dict[str, dict[str, Any]] = {}
+    for name in definition.final.apps:
+        meta_dir = f"/scif/apps/{name}/scif"
+        env = read(f"{meta_dir}/env/90-environment.sh")
+        texts = {"runscript": "runscript", "test": "test", "helpfile": "runscript.help"}
+        apps[name] = {
+            "environment": {f"{meta_dir}/env/90-environment.sh": env} if env is not None else {},
+            "labels": _read_json(resolve_inside(final.root, f"{meta_dir}/labels.json")),
+            **{k: v for k, f in texts.items() if (v := read(f"{meta_dir}/{f}")) is not None},
+        }
     meta = md.Metadata(
         deffile=definition.raw,
         labels=_read_json(resolve_inside(final.root, f"{SD}/labels.json")),
         runscript=read(f"{SD}/runscript") or "",
         environment=environment,
         oci_config=final.oci_config,
-        startscript=read(f"{SD}/startscript") or "#!/bin/sh\n",
+        startscript=read(f"{SD}/startscript") or "#!/bin/sh",
         test=read(f"{SD}/test"),
         helpfile=read(f"{SD}/runscript.help"),
+        apps=apps,
     )
     return sandbox_to_sif(final.root, dest, options, meta=meta, arch=final.arch)

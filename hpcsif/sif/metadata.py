@@ -175,6 +175,8 @@ class Metadata:
     test: str | None = None
     helpfile: str | None = None
     extra_files: list[ExtraFile] = field(default_factory=list)
+    # SCIF app name -> its inspect attributes (labels, environment, runscript, test, helpfile)
+    apps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def files(self) -> list[ExtraFile]:
         """The ``/.singularity.d`` tree as files to lay over the image."""
@@ -210,6 +212,8 @@ class Metadata:
             attrs["test"] = self.test
         if self.helpfile is not None:
             attrs["helpfile"] = self.helpfile
+        if self.apps:
+            attrs["apps"] = self.apps
         return json.dumps({"data": {"attributes": attrs}, "type": "container"}).encode()
 
     def oci_config_json(self) -> bytes:
