@@ -2,7 +2,8 @@
 
 The conversion path streams a tar archive into ``tar2sqfs`` (squashfs-tools-ng) through a
 pipe, so no root tree is ever unpacked to disk; where ``tar2sqfs`` is missing, the stream
-is unpacked into a scratch directory (``tmpdir``) and packed with ``mksquashfs``.
+is unpacked into a scratch directory (``tmpdir``) and packed with ``mksquashfs`` (also for
+lz4, whose tar2sqfs 1.2 images unsquashfs 4.5 cannot read).
 Sandboxes are packed with ``mksquashfs`` (which can write straight into a SIF at an
 offset) and SIF partitions are unpacked with ``unsquashfs -o OFFSET``.
 
@@ -38,6 +39,7 @@ SQUASHFS_MAGIC = b"hsqs"
 _SUPERBLOCK = struct.Struct("<4sIIIIHHHHHHQQQQQQQQ")  # 96 bytes
 _PIPE_SIZE = 1 << 20
 _STDERR_TAIL = 2000
+_MAX_PREFIX = 64 << 20
 
 
 def _tool(name: str) -> str:
@@ -115,8 +117,10 @@ def squashfs_from_tar(
     lvl = _level(compression, level)
     try:
         tool = _tool("tar2sqfs")
-    except MissingToolError:
-        log.info("tar2sqfs not found: unpacking below %s and packing with mksquashfs", tmpdir or "TMPDIR")
+        if compression == "lz4":  # tar2sqfs 1.2's lz4 images are unreadable by unsquashfs 4.5
+            raise MissingToolError("tar2sqfs (lz4)", "squashfs-tools")
+    except MissingToolError as e:
+        log.info("%s: unpacking below %s and packing with mksquashfs", e, tmpdir or "TMPDIR")
         return _from_tar_via_dir(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
     tmp = _temp_name(dest)
     cmd = [tool, "--quiet", "--force", "-c", compression, "-j", str(_jobs(jobs)), "-d", "mode=0755"]
@@ -193,7 +197,11 @@ def _mksquashfs(
     if offset:
         cmd += ["-o", str(offset)]
     log.debug("running %s", " ".join(cmd))
+    prefix = _read_prefix(dest, offset)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    if prefix:  # mksquashfs -noappend zeroes what lies before the offset: put it back
+        with open(dest, "r+b") as f:
+            f.write(prefix)
     if proc.returncode != 0:
         if offset == 0:
             target.unlink(missing_ok=True)
@@ -202,6 +210,18 @@ def _mksquashfs(
     if offset == 0:
         _publish(target, dest)
     return dest
+
+
+def _read_prefix(dest: Path, offset: int) -> bytes:
+    """The bytes before ``offset`` in ``dest`` (a SIF header and descriptors: small)."""
+    if not offset:
+        return b""
+    if offset > _MAX_PREFIX:
+        raise SquashfsError(
+            f"cannot write squashfs into {dest} at offset {offset}: more than {_MAX_PREFIX} bytes"
+        )
+    with open(dest, "rb") as f:
+        return f.read(offset)
 
 
 def squashfs_from_dir(
