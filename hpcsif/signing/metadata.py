@@ -69,12 +69,18 @@ def describe(desc: Descriptor) -> str:
     return f"object {desc.id} ({kind})"
 
 
-def group_label(img: SIFImage, group_id: int) -> str:
-    """``object group 1`` plus ``(system partition)`` when the group holds the primary partition."""
-    holds_system = any(
+def holds_system_partition(img: SIFImage, group_id: int) -> bool:
+    """True if object group *group_id* holds the primary system partition."""
+    return any(
         d.group_id == group_id and d.parttype == PartType.PRIMSYS for d in img.find(DataType.PARTITION)
     )
-    return f"object group {group_id}" + (" (system partition)" if holds_system else "")
+
+
+def group_label(img: SIFImage, group_id: int) -> str:
+    """``object group 1``, plus ``(system partition)`` when it holds the primary partition."""
+    return f"object group {group_id}" + (
+        " (system partition)" if holds_system_partition(img, group_id) else ""
+    )
 
 
 class Digester:

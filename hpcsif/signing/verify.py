@@ -22,7 +22,13 @@ from hpcsif.sif.format import DataType, Descriptor
 from hpcsif.sif.reader import SIFImage
 from hpcsif.signing import dsse, pgp
 from hpcsif.signing.keys import KeyInfo, Keyring, describe_file
-from hpcsif.signing.metadata import check_metadata, describe, group_ids, group_label
+from hpcsif.signing.metadata import (
+    check_metadata,
+    describe,
+    group_ids,
+    group_label,
+    holds_system_partition,
+)
 from hpcsif.signing.policy import require_trusted
 
 log = logging.getLogger(__name__)
@@ -121,19 +127,14 @@ def verify_image(path: str | os.PathLike, keys: list[KeyInfo]) -> VerifyReport:
         if not groups:
             raise _fail(f"{path}: the image has no object groups")
         for group in groups:
-            label = group_label(img, group)
-            sigs = [
-                d
-                for d in img.find(DataType.SIGNATURE)
-                if d.link_is_group and d.link_id == group and not pgp.is_legacy(img.read_object(d))
-            ]
+            linked = [d for d in img.find(DataType.SIGNATURE) if d.link_is_group and d.link_id == group]
+            legacy = {d.id for d in linked if pgp.is_legacy(img.read_object(d))}
             report.skipped += [
-                (d, "legacy (pre-1.1) signature, not checked")
-                for d in img.find(DataType.SIGNATURE)
-                if d.link_is_group and d.link_id == group and d not in sigs
+                (d, "legacy (pre-1.1) signature, not checked") for d in linked if d.id in legacy
             ]
+            sigs = [d for d in linked if d.id not in legacy]
             if not sigs:
-                what = "system partition" if "system partition" in label else label
+                what = "system partition" if holds_system_partition(img, group) else f"object group {group}"
                 raise _fail(
                     f"integrity: signature not found for object group {group}: no signatures found for {what}"
                 )
@@ -147,7 +148,7 @@ def verify_image(path: str | os.PathLike, keys: list[KeyInfo]) -> VerifyReport:
                     checked += 1
             if not checked:
                 reasons = "; ".join(why for d, why in report.skipped if d in sigs)
-                raise _fail(f"{label}: no signature could be checked: {reasons}")
+                raise _fail(f"{group_label(img, group)}: no signature could be checked: {reasons}")
     return report
 
 

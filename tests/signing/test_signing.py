@@ -288,3 +288,23 @@ def test_trusted_fingerprint_in_a_shared_keyring_file(sif: Path, tmp_path: Path,
     with pytest.raises(SignatureError, match=f"{bob.fingerprint}, which is not among the keys given"):
         require_trusted(sif, cfg)
     require_trusted(sif, _config(tmp_path, require_signed=True, trusted_keys=[bob.fingerprint[-16:]]))
+
+
+@needs_gpg
+def test_legacy_signatures_are_not_trusted(sif: Path, keysdir: Path) -> None:
+    """A pre-1.1 'SIFHASH' signature covers no descriptors: skipped, as Apptainer does by default."""
+    from hpcsif.sif.format import HashType
+    from hpcsif.signing import pgp
+
+    key = Keyring().newpair("old", "pgp", "Old <old@example.org>")
+    legacy = pgp.clearsign(key.private_path.read_bytes(), key.fingerprint, b"SIFHASH:\n" + b"0" * 96 + b"\n")
+    spec = ObjectSpec(
+        DataType.SIGNATURE, data=legacy, group_id=0, link_id=1, link_is_group=True, hashtype=HashType.SHA384
+    )
+    add_objects(sif, [spec])
+    with pytest.raises(SignatureError, match=UNSIGNED):
+        verify_image(sif, [key])
+    sign_image(sif, key)
+    report = verify_image(sif, [key])
+    assert len(report.verified) == 1
+    assert [(d.id, why) for d, why in report.skipped] == [(5, "legacy (pre-1.1) signature, not checked")]
