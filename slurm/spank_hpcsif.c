@@ -17,9 +17,16 @@
  *    everything slurmstepd does after the hook (task prolog, TMPDIR, limits).
  *    Commands that already start a container (hpcsif, apptainer, singularity) are left alone.
  *
+ *  - With resolve_at_submit, sbatch/salloc resolve a registry tag to its digest at submission
+ *    ("hpcsif slurm resolve REF") and pass it as SPANK_HPCSIF_DIGEST, so every node stages the
+ *    image the tag named when the job was submitted. A failure there is only a warning: the
+ *    first prolog then resolves the tag and records it on the job.
+ *
  * Plugin arguments (plugstack.conf):
- *    task_exec=PATH   the wrapper run as the task (default: HPCSIF_TASK_EXEC below)
- *    disable_task     only stage through the prolog; never wrap tasks
+ *    task_exec=PATH     the wrapper run as the task (default: HPCSIF_TASK_EXEC below)
+ *    disable_task       only stage through the prolog; never wrap tasks
+ *    resolve_at_submit  pin registry tags to a digest in sbatch/salloc (needs hpcsif there)
+ *    hpcsif=COMMAND     how to run hpcsif for that (default: hpcsif on PATH)
  *
  * Because sbatch exports its SPANK options to the job's environment, an srun inside a batch
  * job submitted with --sif-image runs its tasks in that image too (as Pyxis does).
@@ -30,6 +37,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <slurm/slurm.h>
 #include <slurm/spank.h>
@@ -51,6 +60,8 @@ static char *mpi;
 static int nv;
 static char *task_exec;
 static int disable_task;
+static int resolve_at_submit;
+static char *hpcsif_cmd;
 
 static int option_cb(int val, const char *optarg, int remote);
 
@@ -108,6 +119,11 @@ static int parse_plugin_args(int ac, char **av)
 				return -1;
 		} else if (strcmp(av[i], "disable_task") == 0) {
 			disable_task = 1;
+		} else if (strcmp(av[i], "resolve_at_submit") == 0) {
+			resolve_at_submit = 1;
+		} else if (strncmp(av[i], "hpcsif=", 7) == 0) {
+			if (replace(&hpcsif_cmd, av[i] + 7) < 0)
+				return -1;
 		} else {
 			slurm_error("hpcsif: unknown plugin argument '%s' in plugstack.conf", av[i]);
 			return -1;
@@ -124,6 +140,53 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 	return parse_plugin_args(ac, av);
 }
 
+/*
+ * Run "HPCSIF slurm resolve REF" and return its first output line (the digest, or empty for
+ * references that need no pin), or NULL on failure. HPCSIF may be several words, so it goes
+ * through /bin/sh, with the reference passed as a positional argument, never spliced in.
+ */
+static char *resolve_digest(const char *ref)
+{
+	char line[256] = "";
+	int pfd[2], status = 0;
+	pid_t pid;
+	FILE *out;
+	size_t n;
+
+	if (pipe(pfd) < 0)
+		return NULL;
+	pid = fork();
+	if (pid < 0) {
+		close(pfd[0]);
+		close(pfd[1]);
+		return NULL;
+	}
+	if (pid == 0) {
+		dup2(pfd[1], STDOUT_FILENO);
+		close(pfd[0]);
+		close(pfd[1]);
+		execl("/bin/sh", "sh", "-c", "exec $0 -q slurm resolve \"$1\"",
+		      hpcsif_cmd ? hpcsif_cmd : "hpcsif", ref, (char *)NULL);
+		_exit(127);
+	}
+	close(pfd[1]);
+	out = fdopen(pfd[0], "r");
+	if (out) {
+		if (!fgets(line, sizeof(line), out))
+			line[0] = '\0';
+		fclose(out);
+	} else {
+		close(pfd[0]);
+	}
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		return NULL;
+	n = strcspn(line, "\r\n");
+	line[n] = '\0';
+	return strdup(line);
+}
+
 /* Put the request where the prolog finds it (sbatch, salloc, srun making its allocation). */
 static int export_to_prolog(spank_t sp, int required)
 {
@@ -135,6 +198,15 @@ static int export_to_prolog(spank_t sp, int required)
 		rc = spank_job_control_setenv(sp, "HPCSIF_NV", "1", 1);
 	if (rc == ESPANK_SUCCESS && mpi)
 		rc = spank_job_control_setenv(sp, "HPCSIF_MPI", mpi, 1);
+	if (rc == ESPANK_SUCCESS && required && resolve_at_submit) {
+		char *digest = resolve_digest(image);
+
+		if (!digest)
+			slurm_info("hpcsif: warning: could not resolve %s now; the prolog will", image);
+		else if (*digest)
+			rc = spank_job_control_setenv(sp, "HPCSIF_DIGEST", digest, 1);
+		free(digest);
+	}
 	if (rc == ESPANK_SUCCESS)
 		return 0;
 	if (!required) { /* srun inside an allocation: the prolog has run already */
@@ -240,6 +312,7 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	free(mounts);
 	free(mpi);
 	free(task_exec);
-	image = mounts = mpi = task_exec = NULL;
+	free(hpcsif_cmd);
+	image = mounts = mpi = task_exec = hpcsif_cmd = NULL;
 	return 0;
 }

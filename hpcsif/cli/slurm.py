@@ -17,11 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     p = sub.add_parser("prolog", help="stage the job's images into the system cache and lease them")
-    p.add_argument("--timeout", type=float, help="staging deadline in seconds (default: slurm.prolog_timeout)")
+    p.add_argument(
+        "--timeout", type=float, help="staging deadline in seconds (default: slurm.prolog_timeout)"
+    )
     p.set_defaults(func=cmd_prolog)
 
     p = sub.add_parser("epilog", help="release the job's leases and evict by the cache quota")
     p.set_defaults(func=cmd_epilog)
+
+    p = sub.add_parser("resolve", help="print the digest a registry tag names now (empty for other refs)")
+    p.add_argument("ref", help="image reference")
+    p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("task-exec", help="run a task in its container (what the SPANK plugin's tasks run)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the task's arguments")
+    p.set_defaults(func=cmd_task_exec)
 
     p = sub.add_parser("record", help="show what the prolog staged for a job on this node")
     p.add_argument("job_id", nargs="?", help="job id (default: $SLURM_JOB_ID)")
@@ -54,6 +64,33 @@ def cmd_epilog(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """What the SPANK plugin's resolve_at_submit calls: one line, the digest (or empty)."""
+    from hpcsif.refs import parse
+    from hpcsif.slurm.prolog import resolve_digest
+
+    ref = parse(args.ref)
+    print(resolve_digest(args.ref) if ref.is_registry and not ref.digest else (ref.digest or ""))
+    return 0
+
+
+def cmd_task_exec(args: argparse.Namespace) -> int:
+    """``hpcsif exec`` the task described by the SPANK plugin's ``HPCSIF_TASK_*`` variables."""
+    import os
+
+    from hpcsif.cli.main import main
+    from hpcsif.errors import UsageError
+    from hpcsif.slurm.jobrecord import job_image
+
+    task = {k: os.environ.pop(f"HPCSIF_TASK_{k}", "") for k in ("IMAGE", "ARGV0", "MOUNTS", "NV", "MPI")}
+    if not task["IMAGE"] or not task["ARGV0"]:
+        raise UsageError("HPCSIF_TASK_IMAGE and HPCSIF_TASK_ARGV0 are unset: only spank_hpcsif runs this")
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    flags = (["-B", task["MOUNTS"]] if task["MOUNTS"] else []) + (["--nv"] if task["NV"] else [])
+    flags += ["--mpi", task["MPI"]] if task["MPI"] else []
+    return main(["exec", *flags, job_image(task["IMAGE"]), task["ARGV0"], *rest])
 
 
 def cmd_record(args: argparse.Namespace) -> int:

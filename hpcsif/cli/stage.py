@@ -26,11 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--nodes", metavar="HOSTLIST", help="stage over SSH on these nodes (node[01-04,07])")
     where.add_argument("--slurm", action="store_true", help="stage on every node of the current allocation")
-    p.add_argument("--system", action="store_true", help="stage into the system cache (cache.system_dir; root)")
-    p.add_argument("--from", dest="from_node", metavar="NODE", help="with --nodes: copy the SIF from NODE over SFTP")
+    p.add_argument(
+        "--system", action="store_true", help="stage into the system cache (cache.system_dir; root)"
+    )
+    p.add_argument(
+        "--from", dest="from_node", metavar="NODE", help="with --nodes: copy the SIF from NODE over SFTP"
+    )
     p.add_argument("--parallel", type=int, help="with --nodes: nodes at once (default: remote.ssh_parallel)")
-    p.add_argument("--timeout", type=float, help="with --nodes: seconds per node (default: remote.ssh_timeout)")
-    p.add_argument("--remote-command", metavar="CMD", help="with --nodes: hpcsif command on the nodes (default: hpcsif)")
+    p.add_argument(
+        "--timeout", type=float, help="with --nodes: seconds per node (default: remote.ssh_timeout)"
+    )
+    p.add_argument(
+        "--remote-command", metavar="CMD", help="with --nodes: hpcsif command on the nodes (default: hpcsif)"
+    )
     p.add_argument("refs", nargs="+", metavar="REF", help="image references")
     p.set_defaults(func=cmd_stage)
 

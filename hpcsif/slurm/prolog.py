@@ -109,7 +109,7 @@ def system_cache_config() -> Any:
 # --- one digest per job ------------------------------------------------------------------------
 
 
-def _resolve(ref_text: str) -> str:
+def resolve_digest(ref_text: str) -> str:
     """Ask the image's source for the digest a tag points to now."""
     from hpcsif.convert import ConvertOptions
     from hpcsif.refs import parse
@@ -120,7 +120,7 @@ def _resolve(ref_text: str) -> str:
 
 
 def pin_reference(
-    req: ImageRequest, job_id: str, client: JobClient, resolve: Callable[[str], str] = _resolve
+    req: ImageRequest, job_id: str, client: JobClient, resolve: Callable[[str], str] = resolve_digest
 ) -> str:
     """The reference every node of the job stages: registry tags pinned to one digest.
 
