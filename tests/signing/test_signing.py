@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from hpcsif.config import Config
 from hpcsif.errors import ConfigError, SignatureError
 from hpcsif.sif.format import DESCRIPTOR_SIZE, DataType, Descriptor
 from hpcsif.sif.reader import SIFImage
-from hpcsif.sif.writer import ObjectSpec, add_objects, remove_objects
+from hpcsif.sif.writer import ObjectSpec, add_objects, remove_objects, write_sif
 from hpcsif.signing import dsse
 from hpcsif.signing.keys import Keyring, describe_file
 from hpcsif.signing.metadata import image_metadata
@@ -63,8 +66,6 @@ def test_signed_metadata_covers_the_group(sif: Path) -> None:
     assert [o["relativeId"] for o in doc["objects"]] == [0, 1, 2, 3]
     part = _object(sif, DataType.PARTITION)
     with SIFImage.open(sif) as img:
-        import hashlib
-
         want = hashlib.sha256(img.read_object(part)).hexdigest()
     assert doc["objects"][3]["objectDigest"] == f"sha256:{want}"
 
@@ -308,3 +309,26 @@ def test_legacy_signatures_are_not_trusted(sif: Path, keysdir: Path) -> None:
     report = verify_image(sif, [key])
     assert len(report.verified) == 1
     assert [(d.id, why) for d, why in report.skipped] == [(5, "legacy (pre-1.1) signature, not checked")]
+
+
+@pytest.mark.slow
+def test_exec_runs_an_image_signed_by_a_trusted_key(tmp_path: Path) -> None:
+    """The policy's other half: a trusted signature lets ``hpcsif exec`` run the image."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not (shutil.which("mksquashfs") and os.path.exists(busybox)):
+        pytest.skip("needs mksquashfs and busybox-static")
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox, root / "bin" / "busybox")
+    (root / "bin" / "sh").symlink_to("busybox")
+    fs = tmp_path / "rootfs.sqfs"
+    subprocess.run(["mksquashfs", str(root), str(fs), "-noappend", "-quiet", "-no-progress"], check=True)
+    sif = write_sif(tmp_path / "run.sif", [ObjectSpec(DataType.PARTITION, path=fs)])
+    site = Keyring(tmp_path / "site").newpair("site")
+    conf = tmp_path / "hpcsif.toml"
+    conf.write_text(f'[cache]\nrequire_signed = true\ntrusted_keys = ["{tmp_path / "site"}"]\n')
+    env = {"HPCSIF_CONFIG": str(conf)}
+    args = ("exec", str(sif), "/bin/sh", "-c", "echo signed-and-running")
+    assert "no signatures found" in run_cli(*args, env=env, check=False).stderr
+    sign_image(sif, site)
+    assert run_cli(*args, env=env).stdout == "signed-and-running\n"
