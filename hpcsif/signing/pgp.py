@@ -72,7 +72,9 @@ def _gpg_exe() -> str:
 @contextmanager
 def _home() -> Iterator[Path]:
     """A private, empty GnuPG home (short path: the agent's socket lives there)."""
-    home = Path(tempfile.mkdtemp(prefix="hpcsif-gpg-"))
+    # the agent's socket path must fit in 108 bytes: fall back to /tmp under a deep $TMPDIR
+    base = tempfile.gettempdir()
+    home = Path(tempfile.mkdtemp(prefix="hpcsif-gpg-", dir=base if len(base) <= 64 else "/tmp"))
     try:
         yield home
     finally:
