@@ -81,6 +81,7 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+_AUFS_META = "/.wh..wh."
 
 
 @dataclass(frozen=True)
@@ -778,7 +779,9 @@ class _Merger:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
         name = _normalise(ti.name, lay.blob)
         parent, base = posixpath.split(name)
-        if base.startswith(WHITEOUT_PREFIX):
+        if base.startswith(WHITEOUT_PREFIX) or _AUFS_META in f"/{parent}/":
+            if _AUFS_META in f"/{parent}/" or (base.startswith(_AUFS_META[1:]) and base != OPAQUE_MARKER):
+                return  # AUFS bookkeeping (.wh..wh.plnk, .wh..wh.aufs): never content
             if base == OPAQUE_MARKER:
                 lay.opaque.add(parent)
             else:
@@ -844,6 +847,10 @@ class _Merger:
             )
         lay.held.pop(name, None)
         lay.links.pop(name, None)
+        target = lay.state.get(name)
+        if isinstance(target, str):  # an earlier hard link: withdraw its request for content
+            for requests in (self.pending.get(target, []), lay.rereads.get(target, [])):
+                requests[:] = [r for r in requests if (r[0] if isinstance(r, tuple) else r) != name]
         self.stats.skip("duplicate")
         return None
 
@@ -943,7 +950,7 @@ class _Merger:
             raise LayerError(f"layer {label}: hard link {name!r} points at missing file {target!r}")
         for name, target in self.links:
             self.sink.link(name, target)
-        dirs = sorted((n for n, c in self.claims.items() if c & 1), reverse=True)
+        dirs = sorted((n for n, c in self.claims.items() if c & 1 and n), reverse=True)
         for name in dirs:
             ti = self.dirs.get(name, (0, _ROOT_DEFAULT))[1]
             self.sink.emit(name, ti, "dir", None, "")

@@ -222,3 +222,23 @@ def test_root_opaque_hides_everything_below(tmp_path: Path):
     upper = layer(tmp_path, [opaque("."), file("new", "n")], "zstd")
     root, _ = squash_and_unpack([lower, upper], tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["new"]
+
+
+def test_root_entry_aufs_metadata_and_replaced_link(tmp_path: Path):
+    lower = layer(tmp_path, [d("./", mode=0o700), file("lowfile", "low")])
+    upper = layer(
+        tmp_path,
+        [
+            d("./", mode=0o750),
+            d(".wh..wh.plnk"),
+            file(".wh..wh.plnk/123.456", "aufs hardlink stash"),
+            file(".wh..wh.aufs"),
+            link("x", "lowfile"),  # a link to the lower layer, then replaced in the same layer
+            sym("x", "elsewhere"),
+        ],
+        "zstd",
+    )
+    root, _ = squash_and_unpack([lower, upper], tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["lowfile", "x"]
+    assert os.readlink(root / "x") == "elsewhere"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755  # the upper root entry (0750), made traversable
