@@ -121,3 +121,11 @@ class RemoteError(HpcsifError):
 
 class StagingError(SlurmError):
     """The Slurm prolog could not stage an image the job asked for (raised inside the job)."""
+
+
+class DuplicateEntryError(LayerError):
+    """A layer repeats a file name after its content was streamed; converting again resolves it.
+
+    hpcsif remembers the layer's repeated names, so a second pass writes only the last of
+    each (:func:`hpcsif.sif.squashfs.squashfs_from_tar` retries once by itself).
+    """

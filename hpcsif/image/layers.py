@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import IntegrityError, LayerError
+from hpcsif.errors import DuplicateEntryError, IntegrityError, LayerError
 
 log = logging.getLogger(__name__)
 
@@ -726,6 +726,29 @@ class _Layer:
         self.rereads: dict[str, list[str]] = {}  # hidden link target -> link names
         self.whiteouts: set[str] = set()
         self.opaque: set[str] = set()
+        self.repeats = _REPEATS.get((str(blob.path), blob.digest), {})  # name -> occurrences
+        self.seen_repeats: dict[str, int] = {}
+
+
+# Names a layer repeats after content was streamed, found by a pre-scan: the next pass
+# over that layer keeps only the last occurrence of each (layers are immutable blobs).
+_REPEATS: dict[tuple[str, str | None], dict[str, int]] = {}
+_MAX_REPEATS = 64
+
+
+def _scan_repeats(blob: LayerBlob) -> dict[str, int]:
+    """Names that occur more than once in ``blob``, with their counts."""
+    counts: dict[str, int] = {}
+    stream = _LayerStream(blob, verify=False)
+    try:
+        with tarfile.open(fileobj=stream, mode="r:") as tf:
+            for ti in tf:
+                tf.members.clear()
+                name = _normalise(ti.name, blob)
+                counts[name] = counts.get(name, 0) + 1
+    finally:
+        stream.close()
+    return {n: c for n, c in counts.items() if c > 1}
 
 
 class _Merger:
@@ -778,6 +801,11 @@ class _Merger:
     def entry(self, lay: _Layer, ti: tarfile.TarInfo, data: BinaryIO | None) -> None:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
         name = _normalise(ti.name, lay.blob)
+        if name in lay.repeats:  # only the last occurrence counts
+            seen = lay.seen_repeats[name] = lay.seen_repeats.get(name, 0) + 1
+            if seen < lay.repeats[name]:
+                self.stats.skip("duplicate")
+                return
         parent, base = posixpath.split(name)
         if base.startswith(WHITEOUT_PREFIX) or _AUFS_META in f"/{parent}/":
             if _AUFS_META in f"/{parent}/" or (base.startswith(_AUFS_META[1:]) and base != OPAQUE_MARKER):
@@ -840,10 +868,18 @@ class _Merger:
         if is_dir and kind == "dir":
             self.dirs[name] = (lay.level, ti)
             return "merged"
-        if is_dir or name in lay.written:
+        if name in lay.written:
+            if len(_REPEATS) >= _MAX_REPEATS:
+                _REPEATS.clear()
+            _REPEATS[(str(lay.blob.path), lay.blob.digest)] = _scan_repeats(lay.blob)
+            raise DuplicateEntryError(
+                f"layer {lay.label}: entry {name!r} occurs twice and replaces an earlier file with "
+                "content; convert again (the layer's repeated names are now known)"
+            )
+        if is_dir:
             raise LayerError(
                 f"layer {lay.label}: entry {name!r} occurs twice and replaces an earlier "
-                f"{'directory' if is_dir else 'file with content'}; such a layer cannot be streamed"
+                "directory; such a layer cannot be streamed"
             )
         lay.held.pop(name, None)
         lay.links.pop(name, None)
@@ -1065,20 +1101,33 @@ def extract_tree(layers: Sequence[LayerBlob], dest: Path, *, extra: Sequence[Ext
         dest.mkdir(mode=0o755)
     elif not dest.is_dir() or dest.is_symlink() or any(dest.iterdir()):
         raise LayerError(f"sandbox destination {dest} exists and is not an empty directory")
+    try:
+        try:
+            return _extract(layers, dest, extra)
+        except DuplicateEntryError as e:  # the repeated names are known now: once more
+            log.info("%s", e)
+            return _extract(layers, dest, extra)
+    except BaseException:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _extract(layers: Sequence[LayerBlob], dest: Path, extra: Sequence[ExtraFile]) -> FlattenStats:
+    """One pass of :func:`extract_tree`; empties ``dest`` again when it fails."""
+    import shutil
+
     stats = FlattenStats()
     sink = _DirSink(dest, stats)
     try:
         _merge(layers, sink, stats, extra, None)
     except BaseException:
         sink.close()
-        if created:
-            shutil.rmtree(dest, ignore_errors=True)
-        else:
-            for child in dest.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink()
+        for child in dest.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
         raise
     sink.close()
     return stats

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import MissingToolError, SquashfsError
+from hpcsif.errors import DuplicateEntryError, MissingToolError, SquashfsError
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,26 @@ def squashfs_from_tar(
     threads (default: all cores). ``dest`` appears atomically, complete or not at all.
     Without ``tar2sqfs`` the stream is unpacked below ``tmpdir`` and packed with mksquashfs.
     Raises :class:`SquashfsError` with the tool's last words when packing fails; errors
-    the writer raises propagate unchanged.
+    the writer raises propagate unchanged, except that a :class:`DuplicateEntryError`
+    makes it start over once (the flattener then knows the layer's repeated names).
     """
     dest = Path(dest)
     lvl = _level(compression, level)
+    try:
+        return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
+    except DuplicateEntryError as e:  # the flattener now knows the layer's repeated names
+        log.info("%s", e)
+        return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
+
+
+def _from_tar(
+    tar_stream_writer: Callable[[BinaryIO], object],
+    dest: Path,
+    compression: str,
+    lvl: int | None,
+    jobs: int | None,
+    tmpdir: Path | None,
+) -> Path:
     try:
         tool = _tool("tar2sqfs")
         if compression == "lz4":  # tar2sqfs 1.2's lz4 images are unreadable by unsquashfs 4.5

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcsif.errors import LayerError
+from hpcsif.errors import DuplicateEntryError
 from hpcsif.image.layers import ExtraFile, extract_tree, flatten
 from tests.image.tarbuild import E, d, file, layer, link, opaque, squash_and_unpack, sym, whiteout
 
@@ -189,11 +189,27 @@ def test_duplicates_in_one_layer_last_wins(merged):
     assert stat.S_IMODE((root / "dupdir").stat().st_mode) == 0o755  # 0750 (the last), fixed
 
 
-def test_duplicate_file_with_content_in_one_layer_is_refused(tmp_path: Path):
-    lay = layer(tmp_path, [file("x", "one"), file("x", "two")])
-    with open(os.devnull, "wb") as out, pytest.raises(LayerError, match=r"'x' occurs twice") as err:
+def test_duplicate_file_with_content_in_one_layer(tmp_path: Path):
+    """The last copy wins: flatten asks for a second pass, which knows the repeated names."""
+    lay = layer(
+        tmp_path, [file("x", "one"), d("dir"), file("x", "two"), file("dir/y", "1"), file("dir/y", "2")]
+    )
+    with open(os.devnull, "wb") as out, pytest.raises(DuplicateEntryError, match=r"'x' occurs twice") as err:
         flatten([lay], out)
     assert lay.digest in str(err.value)
+    with open(os.devnull, "wb") as out:
+        assert flatten([lay], out).skipped["duplicate"] == 2  # now in one pass
+
+
+@pytest.mark.parametrize("path", ["squashfs", "sandbox"])
+def test_duplicate_file_with_content_last_wins(tmp_path: Path, path: str):
+    lay = layer(tmp_path, [file("x", "one"), file("x", "two"), file("x", "three")], "zstd")
+    if path == "squashfs":
+        root, _ = squash_and_unpack([lay], tmp_path)  # squashfs_from_tar retries by itself
+    else:
+        root = tmp_path / "box"
+        extract_tree([lay], root)
+    assert (root / "x").read_text() == "three"
 
 
 def test_empty_duplicate_is_replaced(tmp_path: Path):
