@@ -16,9 +16,11 @@ written last, once each, with the attributes of the topmost layer that has them.
 
 Duplicates inside one layer: the last entry wins, like tar extraction. Entries without
 content (directories, symlinks, FIFOs, empty files, hard links) are held back until the
-end of their layer so they can be replaced; a regular file *with content* that a later
-entry of the same layer replaces cannot be taken back from the stream, so the conversion
-fails with :class:`~hpcsif.errors.LayerError` naming the layer and the entry.
+end of their layer so they can be replaced. A regular file *with content* that a later
+entry of the same layer replaces cannot be taken back from the stream: the layer is then
+pre-scanned for its repeated names and :class:`~hpcsif.errors.DuplicateEntryError` asks
+for a second pass, which writes only the last occurrence of each (``squashfs_from_tar``
+and :func:`extract_tree` retry once by themselves). Such layers are rare (``tar -r``).
 
 Hard links: a link whose target is earlier in the same layer becomes a hard link in the
 output; if that target is hidden by an upper layer, the layer is read again to give the
