@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hpcsif.engine.base import Engine, LaunchOptions, which
+from hpcsif.engine.base import Engine, LaunchOptions, mpi_profile_name, which
 from hpcsif.errors import MissingToolError
 
 
@@ -37,7 +37,11 @@ class ApptainerEngine(Engine):
         """The full ``apptainer ACTION …`` command for *opts*."""
         exe = self.find_program(self.program)
         if not exe:
-            pkg = "apptainer (from the Apptainer releases)" if self.program == "apptainer" else "singularity-container"
+            pkg = (
+                "apptainer (from the Apptainer releases)"
+                if self.program == "apptainer"
+                else "singularity-container"
+            )
             raise MissingToolError(self.program, pkg)
         cmd = [exe, opts.action]
         for spec in opts.binds:
@@ -59,11 +63,11 @@ class ApptainerEngine(Engine):
             cmd += ["--env", item]
         for path in opts.env_files:
             cmd += ["--env-file", path]
-        from hpcsif.engine.mpi import profile_for
+        name = mpi_profile_name(opts.mpi)
+        if name:
+            from hpcsif.engine.mpi import load_profile
 
-        profile = profile_for(opts.mpi)
-        if profile is not None:
-            contrib = profile.contribution()
+            contrib = load_profile(name).contribution()
             for b in contrib.binds:
                 if os.path.exists(b.src):
                     cmd += ["--bind", f"{b.src}:{b.dst}:{'ro' if b.readonly else 'rw'}"]

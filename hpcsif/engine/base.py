@@ -80,12 +80,27 @@ def host_contributions(opts: LaunchOptions) -> HostContribution:
             total.merge(gpu.nvidia())
         if opts.rocm:
             total.merge(gpu.rocm())
-    from hpcsif.engine.mpi import profile_for
+    name = mpi_profile_name(opts.mpi)
+    if name:
+        from hpcsif.engine.mpi import load_profile
 
-    profile = profile_for(opts.mpi)
-    if profile is not None:
-        total.merge(profile.contribution())
+        total.merge(load_profile(name).contribution())
     return total
+
+
+def mpi_profile_name(requested: str | None) -> str | None:
+    """The MPI profile a launch uses: *requested*, else ``mpi.partition_defaults[$SLURM_JOB_PARTITION]``,
+    else ``mpi.default``; None for no profile (also for the name ``none``).
+    """
+    name = requested
+    if not name:
+        from hpcsif.config import get_config
+
+        cfg = get_config()
+        part = os.environ.get("SLURM_JOB_PARTITION", "")
+        name = (cfg.get("mpi.partition_defaults") or {}).get(part) if part else None
+        name = name or cfg.get("mpi.default")
+    return None if not name or name == "none" else str(name)
 
 
 class Engine(ABC):

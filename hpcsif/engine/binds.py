@@ -38,7 +38,7 @@ def parse_bind(spec: str) -> list[Bind]:
         parts = entry.split(":")
         if len(parts) > 3:
             raise UsageError(f"invalid bind {entry!r} (expected src[:dst[:ro|rw]])")
-        src = parts[0]
+        src = os.path.abspath(parts[0]) if parts[0] else ""
         dst = parts[1] if len(parts) > 1 and parts[1] else src
         opt = parts[2] if len(parts) > 2 else "rw"
         if opt not in ("ro", "rw"):
@@ -47,7 +47,7 @@ def parse_bind(spec: str) -> list[Bind]:
             raise UsageError(f"invalid bind {entry!r}: empty source")
         if not dst.startswith("/"):
             raise UsageError(f"invalid bind {entry!r}: the destination must be an absolute path")
-        binds.append(Bind(os.path.abspath(src), os.path.normpath(dst), readonly=opt == "ro"))
+        binds.append(Bind(src, os.path.normpath(dst), readonly=opt == "ro"))
     return binds
 
 

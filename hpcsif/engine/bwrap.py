@@ -14,6 +14,7 @@ and the mount watchdog unmounts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -43,7 +44,9 @@ class BwrapEngine(Engine):
         from hpcsif.config import get_config
 
         cfg = get_config()
-        return bool(which(cfg.get("engine.bwrap") or "bwrap") and which(cfg.get("engine.squashfuse") or "squashfuse"))
+        return bool(
+            which(cfg.get("engine.bwrap") or "bwrap") and which(cfg.get("engine.squashfuse") or "squashfuse")
+        )
 
     def launch(self, image: Path, opts: LaunchOptions) -> int:
         """Mount *image* (SIF file or sandbox directory) and run the action; returns the exit status."""
@@ -77,7 +80,9 @@ class BwrapEngine(Engine):
                 for line in check(str(root)):
                     log.warning("%s", line)
             plan = _Plan(root, image, opts, contrib)
-            return _run(bwrap, plan.argv(), plan.env, plan.fds, interactive=plan.interactive, pidns=opts.containall)
+            return _run(
+                bwrap, plan.argv(), plan.env, plan.fds, interactive=plan.interactive, pidns=opts.containall
+            )
         finally:
             for m in reversed(mounts):
                 m.release()
@@ -92,7 +97,9 @@ def squashfs_offset(image: Path) -> int:
     with SIFImage.open(image) as sif:
         part = sif.primary_partition()
     if part.fstype != FSType.SQUASHFS:
-        raise SIFError(f"{image}: primary partition is not squashfs (fstype {part.fstype}); use --engine apptainer")
+        raise SIFError(
+            f"{image}: primary partition is not squashfs (fstype {part.fstype}); use --engine apptainer"
+        )
     return part.offset
 
 
@@ -136,7 +143,12 @@ class _Plan:
             cwd = None
         self.cwd = cwd
         binds = default_binds(
-            home_src, self.home, contain=opts.contain, no_home=opts.no_home, home_given=bool(opts.home), cwd=cwd
+            home_src,
+            self.home,
+            contain=opts.contain,
+            no_home=opts.no_home,
+            home_given=bool(opts.home),
+            cwd=cwd,
         )
         if os.path.exists("/etc/resolv.conf"):
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
@@ -244,7 +256,9 @@ class _Plan:
     def _passwd(self) -> str:
         """The image's /etc/passwd with the calling user's entry (home and shell adjusted)."""
         u = self.user
-        lines = self._image_lines("etc/passwd", lambda f: f[0] == u.pw_name or (len(f) > 2 and f[2] == str(u.pw_uid)))
+        lines = self._image_lines(
+            "etc/passwd", lambda f: f[0] == u.pw_name or (len(f) > 2 and f[2] == str(u.pw_uid))
+        )
         lines.append(f"{u.pw_name}:x:{u.pw_uid}:{u.pw_gid}:{u.pw_gecos}:{self.home}:/bin/sh")
         return "\n".join(lines) + "\n"
 
@@ -309,7 +323,9 @@ def _entries(root: str, d: str, bind: str) -> list[str]:
     return args
 
 
-def _run(bwrap: str, argv: list[str], env: dict[str, str], fds: list[int], *, interactive: bool, pidns: bool) -> int:
+def _run(
+    bwrap: str, argv: list[str], env: dict[str, str], fds: list[int], *, interactive: bool, pidns: bool
+) -> int:
     """Start bwrap, forward signals to the payload, wait; returns its exit status."""
     info_r, info_w = os.pipe()
     argv = [argv[0], "--info-fd", str(info_w), *argv[1:]]
@@ -331,7 +347,7 @@ def _run(bwrap: str, argv: list[str], env: dict[str, str], fds: list[int], *, in
         try:
             # non-interactive: bwrap gets its own process group, so a terminal's Ctrl-C reaches only
             # us (and we forward it) rather than killing bwrap's monitor process
-            pid = os.posix_spawn(bwrap, argv, env, setpgroup=None if interactive else 0)
+            pid = os.posix_spawn(bwrap, argv, env, **({} if interactive else {"setpgroup": 0}))
         except OSError as exc:
             raise EngineError(f"cannot start {bwrap}: {exc.strerror}") from None
         finally:
@@ -368,11 +384,11 @@ def _read_all(fd: int) -> bytes:
 
 
 def _child_pid(info: bytes) -> int:
-    if not info:
-        return 0
-    import json
+    """The ``child-pid`` of bwrap's ``--info-fd`` JSON (0 when bwrap failed before writing it)."""
+    import re  # already loaded by argparse; json would be a fresh import on every launch
 
-    return int(json.loads(info).get("child-pid", 0))
+    m = re.search(rb'"child-pid"\s*:\s*(\d+)', info)
+    return int(m.group(1)) if m else 0
 
 
 def _signal_payload(child: int, signum: int, pidns: bool) -> None:
@@ -385,10 +401,8 @@ def _signal_payload(child: int, signum: int, pidns: bool) -> None:
         except OSError:
             pass
     for pid in targets:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def _reclaim_terminal() -> None:

@@ -126,13 +126,19 @@ def _discover(kind: str) -> HostContribution:
     cfg = get_config()
     root = str(cfg.get("gpu.driver_root") or "/")
     dev_dir = str(cfg.get("gpu.dev_dir") or "/dev")
-    contrib = HostContribution(ld_paths=[], pass_prefixes=("CUDA_", "NVIDIA_") if kind == "nv" else ("ROCR_", "HIP_", "GPU_", "HSA_"))
+    contrib = HostContribution(
+        ld_paths=[], pass_prefixes=("CUDA_", "NVIDIA_") if kind == "nv" else ("ROCR_", "HIP_", "GPU_", "HSA_")
+    )
     try:
         entries = sorted(os.listdir(dev_dir))
     except OSError:
         entries = []
     if kind == "nv":
-        shared = [n for n in entries if n in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps")]
+        shared = [
+            n
+            for n in entries
+            if n in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps")
+        ]
         devices = _visible(dev_dir, entries)
         flag, listname = "--nv", "nvliblist.conf"
     else:
@@ -144,7 +150,9 @@ def _discover(kind: str) -> HostContribution:
         contrib.binds.append(Bind(os.path.join(dev_dir, n), f"/dev/{n}", dev=True, optional=True))
     listed = _container_cli_list() if kind == "nv" and root == "/" else None
     if listed is None:
-        progs_names, lib_names = read_liblist(conf_file(listname, cfg.get(f"gpu.{'nvliblist' if kind == 'nv' else 'rocmliblist'}")))
+        progs_names, lib_names = read_liblist(
+            conf_file(listname, cfg.get(f"gpu.{'nvliblist' if kind == 'nv' else 'rocmliblist'}"))
+        )
         progs = _programs(progs_names, root)
         libs = _select(lib_names, ldconfig_cache(root))
     else:

@@ -52,7 +52,9 @@ def runtime_dir() -> Path:
         raise EngineError(f"cannot create the mount directory {base}: {exc.strerror}") from None
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
         # someone else made it (e.g. /tmp squatting): never mount or run from there
-        raise EngineError(f"mount directory {base} is not private to uid {os.getuid()}; remove it or set engine.mount_dir")
+        raise EngineError(
+            f"mount directory {base} is not private to uid {os.getuid()}; remove it or set engine.mount_dir"
+        )
     return base
 
 
@@ -207,7 +209,9 @@ class SharedMount:
             hint = ""
             if not os.access("/dev/fuse", os.R_OK | os.W_OK):
                 hint = " (/dev/fuse is not usable by this user: an admin must make it mode 0666)"
-            raise EngineError(f"{cmd[0]} failed to mount {self.dir.name}: {msg[-1] if msg else res.returncode}{hint}")
+            raise EngineError(
+                f"{cmd[0]} failed to mount {self.dir.name}: {msg[-1] if msg else res.returncode}{hint}"
+            )
         self._start_watchdog()
 
     def _start_watchdog(self) -> None:

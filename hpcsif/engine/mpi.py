@@ -6,8 +6,8 @@ prefixes to pass even with ``--cleanenv`` (``SLURM_``, ``PMIX_``, ``PMI_``, ``OM
 ``hybrid`` model runs the container's own MPI, wired up by the host's ``srun --mpi=pmix|pmi2``;
 the ``bind`` model binds the host MPI over the container's.
 
-A launch without ``--mpi`` uses ``mpi.partition_defaults[$SLURM_JOB_PARTITION]``, else
-``mpi.default`` (empty or ``none``: no profile).
+Which profile a launch uses is decided by :func:`hpcsif.engine.base.mpi_profile_name` (the
+``--mpi`` flag, else ``mpi.partition_defaults[$SLURM_JOB_PARTITION]``, else ``mpi.default``).
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ class MPIProfile:
                 continue
             (hname, hv), (cname, cv) = host, cont
             if hv[0] != cv[0] or hv[1] < cv[1]:
+                hs, cs = ".".join(map(str, hv)), ".".join(map(str, cv))
                 problems.append(
-                    f"MPI profile {self.name}: host {hname} ({'.'.join(map(str, hv))}) is not ABI-compatible with "
-                    f"the container's {cname} ({'.'.join(map(str, cv))}): majors must match and the host's minor "
-                    "must be >= the container's; expect PMIx/MPI errors at MPI_Init"
+                    f"MPI profile {self.name}: host {hname} ({hs}) is not ABI-compatible with the "
+                    f"container's {cname} ({cs}): majors must match and the host's minor must be >= "
+                    "the container's; expect PMIx/MPI errors at MPI_Init"
                 )
         return problems
 
@@ -129,17 +130,3 @@ def load_profile(name: str) -> MPIProfile:
     if prof.model not in MODELS:
         raise ConfigError(f"MPI profile {path}: model must be one of {', '.join(MODELS)}, not {prof.model!r}")
     return prof
-
-
-def profile_for(name: str | None) -> MPIProfile | None:
-    """The profile a launch uses: *name*, else the partition default, else ``mpi.default``."""
-    if not name:
-        from hpcsif.config import get_config
-
-        cfg = get_config()
-        part = os.environ.get("SLURM_JOB_PARTITION", "")
-        name = (cfg.get("mpi.partition_defaults") or {}).get(part) if part else None
-        name = name or cfg.get("mpi.default")
-    if not name or name == "none":
-        return None
-    return load_profile(name)

@@ -81,7 +81,9 @@ def make_sif(rootfs: Path, dest: Path) -> Path:
 
     sqfs = dest.with_suffix(".sqfs")
     subprocess.run(["mksquashfs", str(rootfs), str(sqfs), "-noappend", "-quiet", "-all-root"], check=True)
-    write_sif(dest, [ObjectSpec(DataType.PARTITION, path=sqfs, fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS)])
+    write_sif(
+        dest, [ObjectSpec(DataType.PARTITION, path=sqfs, fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS)]
+    )
     sqfs.unlink()
     return dest
 
@@ -96,17 +98,23 @@ class Images:
 
 
 @pytest.fixture(scope="session")
-def images() -> Iterator[Images]:
-    """Busybox SIF + sandbox in a world-readable directory (removed after the session)."""
-    need_tools()
+def session_base() -> Iterator[Path]:
+    """A world-readable scratch directory for the session (removed afterwards)."""
     base = Path(tempfile.mkdtemp(prefix="hpcsif-engine-", dir="/var/tmp"))
     base.chmod(0o755)
     try:
-        sandbox = base / "sandbox"
-        build_rootfs(sandbox)
-        yield Images(make_sif(sandbox, base / "busybox.sif"), sandbox, base)
+        yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def images(session_base: Path) -> Images:
+    """Busybox SIF + sandbox in a world-readable directory."""
+    need_tools()
+    sandbox = session_base / "sandbox"
+    build_rootfs(sandbox)
+    return Images(make_sif(sandbox, session_base / "busybox.sif"), sandbox, session_base)
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +137,19 @@ def hpcsif_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hpcsif.cli.main", *args]
 
 
+#: per-session runtime directories (mount points), so that tests never see each other's mounts
+RUNTIME: dict[str, Path] = {}
+
+
+@pytest.fixture(autouse=True)
+def _runtime_dir(session_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root's hpcsif processes in these tests mount under the session's own runtime directory."""
+    if "root" not in RUNTIME:
+        RUNTIME["root"] = session_base / "run-root"
+        RUNTIME["root"].mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(RUNTIME["root"]))
+
+
 def as_user(user: pwd.struct_passwd, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
     """*cmd* run as *user* (setpriv) with Debian's python3 (root's interpreter is not readable)."""
     if cmd[0] == sys.executable:
@@ -139,26 +160,38 @@ def as_user(user: pwd.struct_passwd, cmd: list[str]) -> tuple[list[str], dict[st
         "USER": user.pw_name,
         "PYTHONPATH": str(ROOT),
         "LANG": "C.UTF-8",
+        "XDG_RUNTIME_DIR": str(_user_runtime(user)),
     }
     pre = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
     return pre + cmd, env
 
 
+def _user_runtime(user: pwd.struct_passwd) -> Path:
+    if "user" not in RUNTIME:
+        RUNTIME["user"] = RUNTIME["root"].parent / "run-user"
+        RUNTIME["user"].mkdir(mode=0o700)
+        os.chown(RUNTIME["user"], user.pw_uid, user.pw_gid)
+    return RUNTIME["user"]
+
+
 def fuse_mounts() -> list[str]:
-    """Lines of /proc/mounts for FUSE file systems under an hpcsif runtime directory."""
+    """Lines of /proc/mounts for FUSE mounts under this session's runtime directories."""
     with open("/proc/mounts") as f:
-        return [ln for ln in f if "hpcsif" in ln and "fuse" in ln]
+        return [ln for ln in f if any(f" {d}/" in ln for d in RUNTIME.values())]
 
 
 def hpcsif_processes() -> list[str]:
-    """Live (non-zombie) squashfuse, bwrap, fuse-overlayfs and watchdog processes."""
+    """Live (non-zombie) squashfuse, bwrap, fuse-overlayfs and watchdog processes of this session."""
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     found = []
     for line in out.splitlines()[1:]:
-        pid, st, args = line.split(None, 2)
+        _pid, st, args = line.split(None, 2)
         if "Z" in st:
             continue
-        if args.startswith(("squashfuse", "bwrap", "fuse-overlayfs")) or "hpcsif.engine.mounts" in args:
+        ours = any(str(d) in args for d in RUNTIME.values())
+        if ours and (
+            args.startswith(("squashfuse", "bwrap", "fuse-overlayfs")) or "hpcsif.engine.mounts" in args
+        ):
             found.append(line)
     return found
 

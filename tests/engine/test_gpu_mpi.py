@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(hpcsif_cmd(*args), capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60)
+    return subprocess.run(
+        hpcsif_cmd(*args), capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60
+    )
 
 
 @pytest.fixture
@@ -33,7 +35,9 @@ def fake_driver(pub_tmp: Path) -> Path:
         ("libnvidia-ml.so.1", "libnvidia-ml.so.535.104.05"),
         ("libunrelated.so.1", "libunrelated.so.1.0"),
     ]:
-        subprocess.run(["gcc", "-shared", f"-Wl,-soname,{soname}", "-o", str(libdir / real), str(src)], check=True)
+        subprocess.run(
+            ["gcc", "-shared", f"-Wl,-soname,{soname}", "-o", str(libdir / real), str(src)], check=True
+        )
     (root / "etc").mkdir()
     (root / "etc/ld.so.conf").write_text("/usr/lib/x86_64-linux-gnu\n")
     subprocess.run(["ldconfig", "-r", str(root)], check=True)
@@ -62,7 +66,12 @@ def test_nv_binds_fake_driver(images, fake_driver):
     assert "fake nvidia-smi" in res.stdout
     assert not os.path.exists("/dev/nvidia0") or os.path.realpath("/dev/nvidia0") == "/dev/nvidia0"
     res = _run(
-        "exec", "--nv", str(images.sif), "sh", "-c", "ls /dev; echo $CUDA_VISIBLE_DEVICES",
+        "exec",
+        "--nv",
+        str(images.sif),
+        "sh",
+        "-c",
+        "ls /dev; echo $CUDA_VISIBLE_DEVICES",
         env={"HPCSIF_CONFIG": str(fake_driver), "NVIDIA_VISIBLE_DEVICES": "1", "CUDA_VISIBLE_DEVICES": "0"},
     )
     out = res.stdout.split()
@@ -103,7 +112,8 @@ pmix_container = ["/usr/lib/x86_64-linux-gnu/libpmix.so.*"]
 
 
 def test_mpi_profile_binds_env_and_abi_warning(images, mpi_profile):
-    script = 'cat /opt/hostmpi/marker; echo "$SLURM_PROCID|$PMIX_RANK|$OTHER|$MPI_PROFILE_VAR|$LD_LIBRARY_PATH"; ls -d /dev/shm'
+    values = "$SLURM_PROCID|$PMIX_RANK|$OTHER|$MPI_PROFILE_VAR|$LD_LIBRARY_PATH"
+    script = f'cat /opt/hostmpi/marker; echo "{values}"; ls -d /dev/shm'
     env = {"SLURM_PROCID": "3", "PMIX_RANK": "3", "OTHER": "dropped"}
     res = _run("exec", "--cleanenv", "--mpi", str(mpi_profile), str(images.sif), "sh", "-c", script, env=env)
     assert res.returncode == 0, res.stderr
@@ -139,14 +149,29 @@ def test_apptainer_command_line(images, mpi_profile):
     if not eng.find_program("apptainer"):
         pytest.skip("Apptainer is not installed")
     opts = LaunchOptions(
-        action="exec", command=["echo", "a b"], binds=["/tmp:/data:ro"], pwd="/data", cleanenv=True,
-        env=["A=1 2"], nv=True, mpi=str(mpi_profile), writable_tmpfs=True,
+        action="exec",
+        command=["echo", "a b"],
+        binds=["/tmp:/data:ro"],
+        pwd="/data",
+        cleanenv=True,
+        env=["A=1 2"],
+        nv=True,
+        mpi=str(mpi_profile),
+        writable_tmpfs=True,
     )
     cmd = eng.command_line(images.sif, opts)
     assert cmd[1] == "exec" and cmd[-3:] == [str(images.sif), "echo", "a b"]
     joined = " ".join(cmd)
-    for part in ("--bind /tmp:/data:ro", "--pwd /data", "--cleanenv", "--nv", "--writable-tmpfs", "--env A=1 2",
-                 "--env MPI_PROFILE_VAR=x y", ":/opt/hostmpi:ro"):
+    for part in (
+        "--bind /tmp:/data:ro",
+        "--pwd /data",
+        "--cleanenv",
+        "--nv",
+        "--writable-tmpfs",
+        "--env A=1 2",
+        "--env MPI_PROFILE_VAR=x y",
+        ":/opt/hostmpi:ro",
+    ):
         assert part in joined
 
 
@@ -155,7 +180,9 @@ def test_apptainer_engine_runs(images, apptainer):
     # the peer wrapper runs Apptainer in a chroot that sees only the paths it is told about
     env = {"PEER_SID_BINDS": str(images.base)}
     script = 'echo "$X|$GREETING"; exit 42'
-    res = _run("exec", "--engine", "apptainer", "--env", "X=a b", str(images.sif), "sh", "-c", script, env=env)
+    res = _run(
+        "exec", "--engine", "apptainer", "--env", "X=a b", str(images.sif), "sh", "-c", script, env=env
+    )
     assert res.returncode == 42, res.stderr
     assert res.stdout.strip().endswith("a b|hello world")
     assert not fuse_mounts()

@@ -1,0 +1,51 @@
+"""``hpcsif shell`` on a terminal: the prompt names the container, job control works, exit code returns."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import time
+
+import pytest
+
+from tests.engine.conftest import fuse_mounts, hpcsif_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def _read_until(fd: int, needle: bytes, timeout: float = 20.0) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_interactive_shell(images):
+    cmd = hpcsif_cmd("shell", str(images.sif))
+    pid, fd = pty.fork()
+    if pid == 0:  # child: has the pty as its controlling terminal
+        os.execv(cmd[0], cmd)
+    try:
+        prompt = _read_until(fd, b"> ")
+        assert f"hpcsif {images.sif.name}".encode() in prompt
+        # job control: a background job is listed and can be brought back
+        os.write(fd, b"sleep 30 &\njobs\n")
+        assert b"sleep 30" in _read_until(fd, b"Running")
+        os.write(fd, b'kill %1; echo "in=$SINGULARITY_NAME"; exit 3\n')
+        assert f"in={images.sif.name}".encode() in _read_until(fd, b"in=" + images.sif.name.encode())
+        _read_until(fd, b"\0", timeout=5)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert not fuse_mounts()

@@ -1,0 +1,141 @@
+"""Unit tests of the engine's parsers and planners (no containers started)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hpcsif.engine.base import LaunchOptions, mpi_profile_name
+from hpcsif.engine.binds import Bind, check_sources, parse_bind, parse_home
+from hpcsif.engine.bwrap import _missing_parent
+from hpcsif.engine.environment import build_env, parse_env_file
+from hpcsif.engine.gpu import read_liblist
+from hpcsif.engine.mpi import load_profile
+from hpcsif.errors import ConfigError, EngineError, UsageError
+
+
+def test_parse_bind():
+    assert parse_bind("/a") == [Bind("/a", "/a")]
+    assert parse_bind("/a:/b:ro,/c:/d") == [Bind("/a", "/b", True), Bind("/c", "/d")]
+    assert parse_bind("rel::rw")[0].src == os.path.abspath("rel")
+    for bad in ("/a:b", "/a:/b:rx", "/a:/b:ro:x", ":/b"):
+        with pytest.raises(UsageError):
+            parse_bind(bad)
+
+
+def test_missing_bind_source_is_an_engine_error():
+    with pytest.raises(EngineError, match="bind source /nonexistent-x does not exist"):
+        check_sources([Bind("/nonexistent-x", "/x")])
+    assert check_sources([Bind("/nonexistent-x", "/x", optional=True)]) == []
+
+
+def test_parse_home():
+    assert parse_home(None, "/home/u") == ("/home/u", "/home/u")
+    assert parse_home("/scratch/u:/home/u", "/x") == ("/scratch/u", "/home/u")
+
+
+def test_env_file(tmp_path):
+    f = tmp_path / "e"
+    f.write_text('# c\nexport A=\'x y\'\nB="q\\"uote"\nC=plain # trailing\n\nD=\n')
+    assert parse_env_file(str(f)) == {"A": "x y", "B": 'q"uote', "C": "plain", "D": ""}
+    f.write_text("A=two words\n")
+    with pytest.raises(UsageError, match=":1:"):
+        parse_env_file(str(f))
+
+
+def test_build_env_precedence():
+    host = {
+        "PATH": "/host/bin",
+        "LD_LIBRARY_PATH": "/host/lib",
+        "KEEP": "1",
+        "SINGULARITYENV_FOO": "s",
+        "TERM": "xterm",
+        "SLURM_PROCID": "2",
+    }
+    env = build_env(
+        host, action="exec", cleanenv=False, env=["FOO=cli value"], env_files=[], image="/x/a.sif", home="/h"
+    )
+    assert env["PATH"] != "/host/bin" and "LD_LIBRARY_PATH" not in env and env["KEEP"] == "1"
+    assert env["__HPCSIF_SET"] == "FOO" and env["__HPCSIF_SET_FOO"] == "cli value"  # --env beats *ENV_
+    assert env["SINGULARITY_NAME"] == "a.sif" and env["HOME"] == "/h"
+    clean = build_env(
+        host,
+        action="shell",
+        cleanenv=True,
+        env=[],
+        env_files=[],
+        image="/x/a.sif",
+        home="/h",
+        pass_prefixes=("SLURM_",),
+    )
+    assert "KEEP" not in clean and clean["TERM"] == "xterm" and clean["SLURM_PROCID"] == "2"
+    assert clean["__HPCSIF_SET_FOO"] == "s" and "a.sif" in clean["PS1"]
+    with pytest.raises(UsageError):
+        build_env({}, action="exec", cleanenv=False, env=["1BAD=x"], env_files=[], image="/a", home="/h")
+
+
+def test_missing_parent(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var/run").symlink_to("/run")
+    (tmp_path / "run").mkdir()
+    root = str(tmp_path)
+    assert _missing_parent(root, "/etc/passwd") is None
+    assert _missing_parent(root, "/etc/resolv.conf") == "/etc"
+    assert _missing_parent(root, "/home/user/x") == "/home"
+    assert _missing_parent(root, "/work/dir") == "/"
+    assert _missing_parent(root, "/var/run/x") == "/run"  # followed inside the image
+
+
+def test_liblist(tmp_path):
+    f = tmp_path / "l.conf"
+    f.write_text("# comment\nnvidia-smi\nlibcuda.so  # driver\n\nlibnvidia-ml.so\n")
+    assert read_liblist(f) == (["nvidia-smi"], ["libcuda.so", "libnvidia-ml.so"])
+
+
+def test_shipped_mpi_profiles_load():
+    for name in ("openmpi", "openmpi-bind", "mpich", "intelmpi"):
+        prof = load_profile(name)
+        assert prof.model in ("hybrid", "bind") and "SLURM_" in prof.env_prefixes
+    with pytest.raises(ConfigError, match="unknown MPI profile"):
+        load_profile("nope")
+
+
+def test_abi_rule(tmp_path):
+    host, cont = tmp_path / "host", tmp_path / "cont"
+    (cont / "lib").mkdir(parents=True)
+    host.mkdir()
+    prof = load_profile("openmpi")
+    prof.abi = {"mpi_host": [f"{host}/libmpi.so.*"], "mpi_container": ["/lib/libmpi.so.*"]}
+    (cont / "lib/libmpi.so.40.30.2").write_text("")
+    for host_version, ok in (("40.30.2", True), ("40.31.0", True), ("40.20.0", False), ("12.1.0", False)):
+        for old in host.iterdir():
+            old.unlink()
+        (host / f"libmpi.so.{host_version}").write_text("")
+        assert (prof.abi_warnings(str(cont)) == []) is ok, host_version
+
+
+def test_mpi_profile_name(monkeypatch):
+    from hpcsif.config import Config, set_config
+
+    cfg = Config.load()
+    cfg.override("mpi.partition_defaults", {"gpu": "openmpi"})
+    cfg.override("mpi.default", "mpich")
+    set_config(cfg)
+    monkeypatch.setenv("SLURM_JOB_PARTITION", "gpu")
+    assert mpi_profile_name(None) == "openmpi"
+    assert mpi_profile_name("none") is None
+    monkeypatch.setenv("SLURM_JOB_PARTITION", "cpu")
+    assert mpi_profile_name(None) == "mpich"
+
+
+def test_launch_options():
+    opts = LaunchOptions(action="run", containall=True)
+    assert opts.contain and opts.cleanenv
+    with pytest.raises(UsageError):
+        LaunchOptions(action="exec")
+    with pytest.raises(UsageError):
+        LaunchOptions(action="start")
