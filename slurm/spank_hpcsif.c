@@ -65,7 +65,11 @@ static char *hpcsif_cmd;
 
 static int option_cb(int val, const char *optarg, int remote);
 
-struct spank_option spank_options[] = {
+/*
+ * Registered in slurm_spank_init rather than exported as the spank_options symbol: Slurm ignores
+ * that static table in the allocator context (sbatch, salloc).
+ */
+static struct spank_option options[] = {
 	{ "sif-image", "IMAGE",
 	  "[hpcsif] run the tasks in container IMAGE (docker://, oras://, oci://, a .sif ...); "
 	  "the prolog stages it on every node first",
@@ -136,8 +140,25 @@ static int parse_plugin_args(int ac, char **av)
 
 int slurm_spank_init(spank_t sp, int ac, char **av)
 {
-	(void)sp;
-	return parse_plugin_args(ac, av);
+	if (parse_plugin_args(ac, av) < 0)
+		return -1;
+	switch (spank_context()) {
+	case S_CTX_LOCAL:
+	case S_CTX_ALLOCATOR:
+	case S_CTX_REMOTE:
+		break;
+	default:
+		return 0;
+	}
+	for (struct spank_option *opt = options; opt->name; opt++) {
+		spank_err_t rc = spank_option_register(sp, opt);
+
+		if (rc != ESPANK_SUCCESS) {
+			slurm_error("hpcsif: cannot register --%s: %s", opt->name, spank_strerror(rc));
+			return -1;
+		}
+	}
+	return 0;
 }
 
 /*

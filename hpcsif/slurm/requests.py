@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: the prefix Slurm puts in front of job control variables set by spank_job_control_setenv
 SPANK_PREFIX = "SPANK_HPCSIF_"
+#: where Slurm itself passes the plugin's option values to the prolog (a fallback)
+SPANK_OPTION_PREFIX = "SPANK__SLURM_SPANK_OPTION_hpcsif_sif_"
 DIRECTIVE = "#HPCSIF"
 COMMENT_PREFIX = "hpcsif:"
 
@@ -45,17 +47,30 @@ def _split_mounts(text: str) -> tuple[str, ...]:
 
 
 def from_spank_env(env: Mapping[str, str]) -> list[ImageRequest]:
-    """The request the SPANK plugin recorded in the job control environment, if any."""
-    ref = env.get(SPANK_PREFIX + "IMAGE", "").strip()
+    """The request the SPANK plugin recorded in the job control environment, if any.
+
+    Slurm also hands the prolog the raw option values (``SPANK__SLURM_SPANK_OPTION_hpcsif_sif_*``,
+    ``(null)`` for flags); they count when the plugin's own variables are missing.
+    """
+
+    def get(name: str) -> str:
+        value = env.get(SPANK_PREFIX + name.upper())
+        if value is None:
+            value = env.get(SPANK_OPTION_PREFIX + name)
+            if value is not None and name == "nv":
+                value = "1"  # a flag: present means given
+        return (value or "").strip()
+
+    ref = get("image")
     if not ref:
         return []
     return [
         ImageRequest(
             ref=ref,
             source="spank",
-            mounts=_split_mounts(env.get(SPANK_PREFIX + "MOUNTS", "")),
-            nv=env.get(SPANK_PREFIX + "NV", "") not in ("", "0"),
-            mpi=env.get(SPANK_PREFIX + "MPI") or None,
+            mounts=_split_mounts(get("mounts")),
+            nv=get("nv") not in ("", "0"),
+            mpi=get("mpi") or None,
             digest=env.get(SPANK_PREFIX + "DIGEST") or None,
         )
     ]

@@ -188,7 +188,8 @@ def hpcsif_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HpcsifC
     plugin = build_plugin()
     hooks, wrapper, log = _write_hooks(base)
     plugstack = base / "plugstack.conf"
-    plugstack.write_text(f"required {plugin} task_exec={hooks / 'task-exec'}\n")
+    args = f"task_exec={hooks / 'task-exec'} resolve_at_submit hpcsif={wrapper}"
+    plugstack.write_text(f"required {plugin} {args}\n")
     extra = {
         "Prolog": str(hooks / "prolog"),
         "Epilog": str(hooks / "epilog"),

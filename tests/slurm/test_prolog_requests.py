@@ -52,6 +52,11 @@ def test_spank_variables() -> None:
     (req,) = from_spank_env(env)
     assert req == ImageRequest("docker://x/y:1", "spank", ("/a:/b", "/c"), True, "mpich", None)
     assert from_spank_env({"SPANK_HPCSIF_NV": "1"}) == []
+    raw = {
+        "SPANK__SLURM_SPANK_OPTION_hpcsif_sif_image": "docker://x/y:2",
+        "SPANK__SLURM_SPANK_OPTION_hpcsif_sif_nv": "(null)",
+    }
+    assert from_spank_env(raw) == [ImageRequest("docker://x/y:2", "spank", nv=True)]
 
 
 def test_comment_words() -> None:

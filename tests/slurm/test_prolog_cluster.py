@@ -1,0 +1,172 @@
+"""The prolog and epilog on a real two-node cluster: staging before the job, leases, failures, pins."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.services.registry import Registry
+from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive, write_os_layout
+
+pytestmark = pytest.mark.slow
+
+STEPS = """
+srun -N2 --ntasks-per-node=1 hpcsif slurm record $SLURM_JOB_ID
+srun -N2 --ntasks-per-node=1 hpcsif -v exec {ref} cat /etc/os-release
+"""
+
+
+def _journal(cluster: HpcsifCluster, node: str) -> list[dict]:
+    path = cluster.syscache(node) / "journal.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _job_leases(cluster: HpcsifCluster, job: str) -> list[Path]:
+    return [p for n in cluster.nodes for p in cluster.syscache(n).glob(f"leases/*/job-{job}.json")]
+
+
+@pytest.mark.parametrize(("method", "version"), [("spank", 1), ("directive", 2), ("comment", 3)])
+def test_each_discovery_method_stages_before_the_job(
+    hpcsif_cluster: HpcsifCluster, tmp_path: Path, method: str, version: int
+) -> None:
+    cluster = hpcsif_cluster
+    ref = write_os_archive(tmp_path / f"os{version}.tar", version)
+    header, args = "#!/bin/bash\n", ["-N2"]
+    if method == "directive":
+        header += f"#SBATCH --job-name=directive\n#HPCSIF --image={ref}\n"
+    elif method == "spank":
+        args.append(f"--sif-image={ref}")
+    else:
+        args.append(f"--comment=hpcsif:{ref}")
+    job = cluster.sbatch(header + STEPS.format(ref=ref), *args, tmp=tmp_path)
+    assert cluster.wait(job) == "COMPLETED"
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+
+    # every node had the image when the job's first step ran
+    records = [line.split("\t") for line in out.splitlines() if line.startswith(ref + "\t")]
+    assert len(records) == 2 and all(r[3] == "ok" for r in records), out
+    assert {Path(r[2]).parents[2] for r in records} == {cluster.syscache(n) for n in cluster.nodes}
+    assert out.count(f'VERSION_ID="6.{version}"') == 2, out
+    # and nothing was converted inside the job
+    assert "converting" not in out
+    assert not list((tmp_path / "user-cache").glob("sif/*/*.sif"))
+    for node in cluster.nodes:
+        converts = [e for e in _journal(cluster, node) if e["event"] == "convert" and e["what"] == ref]
+        assert len(converts) == 1, (node, converts)
+        sif = next(cluster.syscache(node).glob(f"sif/*/os{version}.sif"))
+        # readable by the job user, writable only by root
+        for path in (sif, sif.parent, sif.parent.parent, cluster.syscache(node)):
+            st = path.stat()
+            assert st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH), path
+            assert st.st_mode & stat.S_IROTH, path
+    # the epilog released the job's leases and dropped its records
+    assert _job_leases(cluster, job) == []
+    assert not any((cluster.syscache(n) / "jobs" / f"{job}.json").exists() for n in cluster.nodes)
+
+
+def test_lease_is_held_while_the_job_runs(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    cluster = hpcsif_cluster
+    ref = write_os_archive(tmp_path / "os4.tar", 4)
+    flag = tmp_path / "go"
+    script = f"#!/bin/bash\n#HPCSIF --image={ref}\necho running\nwhile [ ! -e {flag} ]; do sleep 0.2; done\n"
+    job = cluster.sbatch(script, "-N2", tmp=tmp_path)
+    out = tmp_path / f"slurm-{job}.out"
+    for _ in range(300):
+        if out.exists() and "running" in out.read_text():
+            break
+        time.sleep(0.2)
+    leases = _job_leases(cluster, job)
+    assert len(leases) == 2, leases  # one per node
+    flag.touch()
+    assert cluster.wait(job) == "COMPLETED"
+    assert _job_leases(cluster, job) == []
+
+
+def test_bad_image_fails_the_job_not_the_node(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    cluster = hpcsif_cluster
+    bad = "docker-archive:///nonexistent/hpcsif-typo.tar"
+    job = cluster.sbatch(
+        "#!/bin/bash\nsrun -N1 true\necho after\n", "-N1", f"--sif-image={bad}", tmp=tmp_path
+    )
+    assert cluster.wait(job) == "COMPLETED"  # the batch script goes on; its step failed
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert f"FATAL:   the prolog of job {job} could not stage {bad}: " in out, out
+    assert "no such file" in out
+    assert set(cluster.node_states().values()) == {"idle"}
+    assert f"hpcsif-error {bad}: " in (cluster.job_field(job, "AdminComment") or "")
+
+
+def test_bad_image_error_reaches_hpcsif_exec_in_the_script(
+    hpcsif_cluster: HpcsifCluster, tmp_path: Path
+) -> None:
+    cluster = hpcsif_cluster
+    bad = "docker-archive:///nonexistent/hpcsif-typo2.tar"
+    job = cluster.sbatch(f"#!/bin/bash\n#HPCSIF --image={bad}\nhpcsif exec {bad} true\n", "-N1", tmp=tmp_path)
+    assert cluster.wait(job) == "FAILED"
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert f"could not stage {bad}" in out, out
+    assert set(cluster.node_states().values()) == {"idle"}
+
+
+def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    cluster = hpcsif_cluster
+    env_file = cluster.base / "hooks" / "hpcsif.env"
+    saved = env_file.read_text()
+    config = tmp_path / "hold.toml"
+    config.write_text('[slurm]\nfailure_policy = "hold"\n')
+    config.chmod(0o644)
+    env_file.write_text(saved + f"HPCSIF_CONFIG={config}\n")
+    try:
+        bad = "docker-archive:///nonexistent/hpcsif-hold.tar"
+        job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", f"--comment=hpcsif:{bad}", tmp=tmp_path)
+        for _ in range(200):
+            if (
+                cluster.job_field(job, "Restarts") not in (None, "0")
+                and cluster.job_field(job, "JobState") == "PENDING"
+            ):
+                break
+            time.sleep(0.3)
+        assert cluster.job_field(job, "JobState") == "PENDING"
+        assert "Held" in (cluster.job_field(job, "Reason") or ""), cluster.job_field(job, "Reason")
+        cluster.run("scancel", job)
+        cluster.wait_idle()
+        assert set(cluster.node_states().values()) == {"idle"}
+    finally:
+        env_file.write_text(saved)
+
+
+def test_one_digest_per_job_while_the_tag_moves(
+    hpcsif_cluster: HpcsifCluster, registry_open: Registry, tmp_path: Path
+) -> None:
+    cluster = hpcsif_cluster
+    registry_open.pushed.pop("hpcsif-slurm/app:t", None)
+    d1 = registry_open.push(write_os_layout(tmp_path / "v1", 11), "hpcsif-slurm/app:t")
+    ref = registry_open.ref("hpcsif-slurm/app:t")
+    # pinned at submit by the plugin (resolve_at_submit) ...
+    job1 = cluster.sbatch(
+        "#!/bin/bash\nsrun -N2 --ntasks-per-node=1 cat /etc/os-release\n",
+        "-N2",
+        "--hold",
+        f"--sif-image={ref}",
+        tmp=tmp_path,
+    )
+    # ... and by the first prolog, recorded in the admin comment
+    script2 = f"#!/bin/bash\n#HPCSIF --image={ref}\n" + STEPS.format(ref=ref)
+    registry_open.pushed.pop("hpcsif-slurm/app:t")
+    d2 = registry_open.push(write_os_layout(tmp_path / "v2", 12), "hpcsif-slurm/app:t")
+    assert d1 != d2
+    job2 = cluster.sbatch(script2, "-N2", tmp=tmp_path)
+    cluster.run("scontrol", "release", job1)
+    assert cluster.wait(job1) == "COMPLETED"
+    out1 = (tmp_path / f"slurm-{job1}.out").read_text()
+    assert out1.count('VERSION_ID="6.11"') == 2, out1  # the image the tag named at submission
+    assert cluster.wait(job2) == "COMPLETED"
+    out2 = (tmp_path / f"slurm-{job2}.out").read_text()
+    pins = {line.split("\t")[1] for line in out2.splitlines() if line.startswith(ref + "\t")}
+    assert pins == {f"{ref}@{d2}"}, out2  # both nodes staged the same digest
+    assert out2.count('VERSION_ID="6.12"') == 2, out2
+    assert f"hpcsif-pin {ref} {d2}" in (cluster.job_field(job2, "AdminComment") or "")

@@ -1,0 +1,109 @@
+"""The SPANK plugin on a real cluster: options, the request reaching the prolog, tasks in the container."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def os_ref(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A docker-archive of the test image (os-release VERSION_ID 6.0)."""
+    return write_os_archive(tmp_path_factory.mktemp("spank-img") / "os.tar")
+
+
+def test_options_are_offered(hpcsif_cluster: HpcsifCluster) -> None:
+    out = hpcsif_cluster.run("srun", "--help").stdout
+    for opt in ("--sif-image=IMAGE", "--sif-mounts=", "--sif-nv", "--sif-mpi=NAME"):
+        assert opt in out
+
+
+def test_srun_task_runs_in_the_image(hpcsif_cluster: HpcsifCluster, os_ref: str, tmp_path: Path) -> None:
+    proc = hpcsif_cluster.run(
+        "srun",
+        "-N2",
+        "--ntasks-per-node=1",
+        f"--sif-image={os_ref}",
+        "cat",
+        "/etc/os-release",
+        env=hpcsif_cluster.job_env(tmp_path),
+        cwd=tmp_path,
+    )
+    assert proc.stdout.count('PRETTY_NAME="hpcsif test OS 6"') == 2, proc.stdout + proc.stderr
+    # srun made its own allocation, so the prolog staged the image on both nodes first
+    for node in hpcsif_cluster.nodes:
+        assert list((hpcsif_cluster.syscache(node) / "sif").glob("*/os_0.sif")), node
+    assert not list((tmp_path / "user-cache").glob("sif/*/*.sif")), "the task converted the image itself"
+
+
+def test_arguments_mounts_and_exit_status_pass_through(
+    hpcsif_cluster: HpcsifCluster, os_ref: str, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data.txt").write_text("from the host\n")
+    proc = hpcsif_cluster.run(
+        "srun",
+        "-N1",
+        f"--sif-image={os_ref}",
+        f"--sif-mounts={shared}:/mnt/in",
+        "/bin/sh",
+        "-c",
+        'echo "args:$0|$1|$2"; cat /mnt/in/data.txt; exit 7',
+        "zero",
+        "one two",
+        "three",
+        env=hpcsif_cluster.job_env(tmp_path),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert "args:zero|one two|three" in proc.stdout, proc.stderr
+    assert "from the host" in proc.stdout
+    assert proc.returncode == 7
+
+
+def test_hpcsif_commands_are_not_wrapped_again(
+    hpcsif_cluster: HpcsifCluster, os_ref: str, tmp_path: Path
+) -> None:
+    proc = hpcsif_cluster.run(
+        "srun",
+        "-N1",
+        f"--sif-image={os_ref}",
+        "hpcsif",
+        "exec",
+        os_ref,
+        "cat",
+        "/etc/os-release",
+        env=hpcsif_cluster.job_env(tmp_path),
+        cwd=tmp_path,
+    )
+    assert "ID=hpcsiftest" in proc.stdout, proc.stderr
+
+
+def test_batch_job_option_reaches_the_prolog_and_its_steps(
+    hpcsif_cluster: HpcsifCluster, os_ref: str, tmp_path: Path
+) -> None:
+    script = (
+        "#!/bin/bash\n"
+        "# the batch script itself runs on the host; its steps inherit --sif-image\n"
+        "test -e /etc/debian_version && echo batch-on-host\n"
+        "srun -N2 --ntasks-per-node=1 hpcsif slurm record $SLURM_JOB_ID\n"
+        "srun -N2 --ntasks-per-node=1 cat /etc/os-release\n"
+    )
+    job = hpcsif_cluster.sbatch(script, "-N2", f"--sif-image={os_ref}", tmp=tmp_path)
+    assert hpcsif_cluster.wait(job) == "COMPLETED"
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "batch-on-host" in out
+    assert out.count(f"{os_ref}\t{os_ref}\t") == 2, out  # staged on both nodes before the steps
+    assert out.count("ID=hpcsiftest") == 2, out
+
+
+def test_sif_flags_need_an_image(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    proc = hpcsif_cluster.run("srun", "-N1", "--sif-nv", "true", check=False, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "need --sif-image" in proc.stderr
