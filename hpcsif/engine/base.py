@@ -130,15 +130,16 @@ def select_engine(name: str | None = None) -> Engine:
         name = str(get_config().get("engine.default") or "auto")
     if name not in ENGINE_NAMES:
         raise UsageError(f"unknown engine {name!r} (expected one of {', '.join(ENGINE_NAMES)})")
-    from hpcsif.engine.apptainer import ApptainerEngine
+    if name in ("apptainer", "singularity"):
+        from hpcsif.engine.apptainer import ApptainerEngine
+
+        return ApptainerEngine(name)
     from hpcsif.engine.bwrap import BwrapEngine
 
-    if name == "bwrap":
+    if name == "bwrap" or BwrapEngine.available():
         return BwrapEngine()
-    if name in ("apptainer", "singularity"):
-        return ApptainerEngine(name)
-    if BwrapEngine.available():
-        return BwrapEngine()
+    from hpcsif.engine.apptainer import ApptainerEngine
+
     for prog in ("apptainer", "singularity"):
         if ApptainerEngine.find_program(prog):
             return ApptainerEngine(prog)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.engine.conftest import as_user, fuse_mounts, hpcsif_cmd, hpcsif_processes
+from tests.engine.conftest import ROOT, as_user, fuse_mounts, hpcsif_cmd, hpcsif_processes
 
 pytestmark = pytest.mark.slow
 
@@ -273,3 +274,42 @@ def _holders_dir(sif):
 
     holders = squashfs_mount(str(sif), squashfs_offset(sif)).dir / "holders"
     return holders if holders.is_dir() else None
+
+
+def test_launch_line(images, pub_tmp):
+    """``./image.sif ARGS`` runs through ``#!/usr/bin/env run-singularity`` like ``hpcsif run``."""
+    bindir = pub_tmp / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "run-singularity"
+    code = "import sys; from hpcsif.cli.main import run_singularity_main; sys.exit(run_singularity_main())"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -c '{code}' \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([str(images.sif), "a b", "c"], capture_output=True, text=True, env=env, timeout=60)
+    assert res.stdout == "<a b>\n<c>\n", res.stderr
+
+
+def test_missing_tools_name_the_package(images, pub_tmp):
+    for key, tool, package in (("bwrap", "bwrap", "bubblewrap"), ("squashfuse", "squashfuse", "squashfuse")):
+        conf = pub_tmp / f"{key}.toml"
+        conf.write_text(f'[engine]\n{key} = "/nonexistent/{tool}"\n')
+        env = {**os.environ, "HPCSIF_CONFIG": str(conf)}
+        res = subprocess.run(
+            hpcsif_cmd("exec", "--engine", "bwrap", str(images.sif), "true"),
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert res.returncode != 0
+        assert f"install the Debian package '{package}'" in res.stderr
+
+
+def test_exec_image_reference_through_the_cache(busybox_oci_layout):
+    """A URI goes through the cache (converted once, leased for the run)."""
+    pytest.importorskip("hpcsif.sif.squashfs", reason="the converter is not there yet")
+    ref = f"oci:{busybox_oci_layout}:latest"
+    res = subprocess.run(
+        hpcsif_cmd("exec", ref, "cat", "/etc/hello.txt"), capture_output=True, text=True, timeout=300
+    )
+    assert res.stdout == "hello from the etc layer\n", res.stderr
+    assert not fuse_mounts()
