@@ -13,10 +13,10 @@ check stays empty: no conversion inside a job.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ import pytest
 
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archive, write_oci_layout
 from tests.services.images import busybox_binary
+from tests.services.slurm import SlurmCluster, missing_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 OS_RELEASE = b'PRETTY_NAME="hpcsif test OS 6"\nID=hpcsiftest\nVERSION_ID="6.%d"\n'
@@ -54,32 +55,26 @@ def write_os_layout(dest: Path, version: int = 0, tag: str = "latest") -> str:
 
 @dataclass
 class HpcsifCluster:
-    """The running cluster and what the tests need to drive it."""
+    """The running cluster (:class:`SlurmCluster`) and what the hpcsif tests add to it."""
 
+    slurm: SlurmCluster
     base: Path
-    env: dict[str, str]  # SLURM_CONF & co. for sbatch/srun/scontrol
-    nodes: tuple[str, ...]
     hpcsif_node: Path  # the per-node hpcsif command (jobs and hooks use it)
     log: Path  # the hooks' log
     _jobs: int = field(default=0)
+
+    @property
+    def nodes(self) -> list[str]:
+        """The node names."""
+        return self.slurm.nodes
 
     def syscache(self, node: str) -> Path:
         """Node ``node``'s system cache."""
         return self.base / f"syscache-{node}"
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-        """Run a Slurm command against this cluster."""
-        proc = subprocess.run(
-            list(cmd),
-            capture_output=True,
-            text=True,
-            env={**self.env, **kw.pop("env", {})},
-            timeout=timeout,
-            **kw,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return proc
+    def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
+        """Run a Slurm client command against this cluster."""
+        return self.slurm.run(list(cmd), **kw)
 
     def job_env(self, tmp: Path) -> dict[str, str]:
         """The environment a job is submitted with: its own user cache under ``tmp``."""
@@ -94,57 +89,30 @@ class HpcsifCluster:
         path = tmp / f"job{self._jobs}.sh"
         path.write_text(script)
         out = self.run(
-            "sbatch",
-            "--parsable",
-            f"--output={tmp}/slurm-%j.out",
-            *args,
-            str(path),
-            env=self.job_env(tmp),
-            cwd=tmp,
-        )
+            "sbatch", "--parsable", f"--output={tmp}/slurm-%j.out", *args, str(path),
+            env=self.job_env(tmp), cwd=tmp,
+        )  # fmt: skip
         return out.stdout.strip().split(";")[0]
 
     def wait(self, job_id: str, timeout: float = 180) -> str:
-        """Wait until the job has ended; returns its final state (COMPLETED, FAILED …)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = self.job_field(job_id, "JobState")
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-                self.wait_idle()
-                return state
-            time.sleep(0.3)
-        shown = self.run("scontrol", "show", "job", job_id).stdout
-        raise AssertionError(f"job {job_id} did not finish in {timeout} s:\n{shown}")
+        """Wait until the job has ended and the nodes are idle again (epilogs done); its state."""
+        state = self.slurm.wait_job(job_id, timeout)
+        self.slurm.wait_nodes(("idle",))
+        return state
 
     def job_field(self, job_id: str, name: str) -> str | None:
-        """One ``Name=value`` field of ``scontrol show job`` (values may contain spaces)."""
-        text = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        marker = f" {name}="
-        start = text.find(marker)
-        if start < 0:
-            return None
-        rest = text[start + len(marker) :]
-        # the next field starts at " Word=" where Word is a known capitalised key
-        import re
-
-        m = re.search(r" [A-Z][A-Za-z:/]*=", rest)
-        value = (rest[: m.start()] if m else rest).strip()
-        return None if value == "(null)" else value
+        """One ``Name=value`` field of ``scontrol show job -o`` (values may contain spaces)."""
+        text = " " + self.run("scontrol", "show", "job", "-o", job_id).stdout.strip()
+        fields = list(re.finditer(r" ([A-Z][A-Za-z:/]*)=", text))
+        for here, after in zip(fields, [*fields[1:], None], strict=True):
+            if here.group(1) == name:
+                value = text[here.end() : after.start() if after else None].strip()
+                return None if value == "(null)" else value
+        return None
 
     def node_states(self) -> dict[str, str]:
-        """``{node: state}`` from sinfo (idle, allocated, drained …)."""
-        out = self.run("sinfo", "-h", "-N", "-o", "%N %T").stdout
-        return dict(line.split() for line in out.splitlines())
-
-    def wait_idle(self, timeout: float = 60) -> None:
-        """Wait until no node is allocated or completing (the epilogs have run)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = self.node_states()
-            if not any(s.startswith(("alloc", "compl", "mix")) for s in states.values()):
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"nodes still busy: {self.node_states()}")
+        """``{node: state}`` (idle, allocated, drained …)."""
+        return self.slurm.node_states()
 
 
 def _write_hooks(base: Path) -> tuple[Path, Path, Path]:
@@ -181,8 +149,10 @@ def build_plugin() -> Path:
 @pytest.fixture(scope="session")
 def hpcsif_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HpcsifCluster]:
     """Two nodes, n1 and n2, with hpcsif's hooks and plugin; see the module docstring."""
-    from tests.services.slurm import SlurmCluster
-
+    if os.geteuid() != 0:
+        pytest.skip("the test Slurm cluster needs root")
+    if missing := missing_tools():
+        pytest.skip(f"not installed: {' '.join(missing)}")
     base = tmp_path_factory.mktemp("hpcsif-slurm")
     base.chmod(0o755)
     plugin = build_plugin()
@@ -197,5 +167,5 @@ def hpcsif_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HpcsifC
         "PrologEpilogTimeout": "120",
         "PlugStackConfig": str(plugstack),
     }
-    with SlurmCluster.start(base / "cluster", nodes=2, extra_config=extra) as cluster:
-        yield HpcsifCluster(base, dict(cluster.env), tuple(cluster.nodes), wrapper, log)
+    with SlurmCluster(nodes=2, extra_config=extra) as cluster:
+        yield HpcsifCluster(cluster, base, wrapper, log)

@@ -1,0 +1,165 @@
+"""Prolog benchmark (issue 6): how long ``slurm/prolog`` takes to stage a job's image on a node.
+
+Starts the test Slurm cluster (tests/services/slurm.py, one node), submits a held job asking
+for the ``debian-py`` image (``--comment=hpcsif:docker-archive://…``), and runs the real prolog
+hook as slurmd would (``SLURM_JOB_ID``, ``SLURM_CONF`` … in its environment; it asks slurmctld
+for the job's batch script and comment) in three situations:
+
+* **cold**: empty node cache, no shared tier: one conversion;
+* **cold node, warm shared tier**: the node copies the SIF from ``cache.shared_dir``
+  (goal: within 1.2x of a plain ``cp`` of the SIF);
+* **warm**: the image is in the node cache (goal: < 0.5 s).
+
+With Apptainer installed, its ``build`` from the same archive is shown for scale (what each job
+would pay without pre-staging). Writes ``results/prolog.md``.
+
+    python benchmarks/prolog.py [--image debian-py] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import BENCH_IMAGES, median_run, peer, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.services.slurm import SlurmCluster  # noqa: E402
+
+
+def install_hooks(work: Path) -> Path:
+    """Copy the hooks from slurm/ into ``work/hooks``; returns the prolog."""
+    hooks = work / "hooks"
+    hooks.mkdir()
+    for name in ("prolog", "epilog", "hpcsif-hook"):
+        shutil.copy2(ROOT / "slurm" / name, hooks / name)
+    return hooks / "prolog"
+
+
+def configure(hooks: Path, work: Path, system: Path, shared: Path | None) -> None:
+    """Write the hooks' hpcsif.env for one situation."""
+    lines = [
+        f'HPCSIF_BIN="{sys.executable} -m hpcsif.cli.main"',
+        f"PYTHONPATH={ROOT}",
+        f"HPCSIF_SYSTEM_CACHEDIR={system}",
+        f"HPCSIF_LOG={work}/prolog.log",
+        f"HPCSIF_SHARED_CACHEDIR={shared or ''}",
+    ]
+    (hooks / "hpcsif.env").write_text("\n".join(lines) + "\n")
+
+
+def prolog_seconds(prolog: Path, env: dict[str, str], log: Path) -> float:
+    """Run the hook once; fail loudly unless it staged the image."""
+    size = log.stat().st_size if log.exists() else 0
+    start = time.monotonic()
+    subprocess.run([str(prolog)], env=env, check=True)
+    seconds = time.monotonic() - start
+    text = log.read_text()[size:]
+    if ": staged " not in text:
+        raise SystemExit(f"the prolog did not stage the image:\n{text}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--image", default="debian-py")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    src = BENCH_IMAGES / f"{args.image}.docker-archive.tar"
+    if not src.exists():
+        raise SystemExit(f"{src} missing: run shared/bench/make-images.sh first")
+    work = Path(tempfile.mkdtemp(prefix="hpcsif-bench-prolog-", dir="/tmp"))
+    work.chmod(0o755)
+    archive = work / src.name
+    shutil.copy(src, archive)
+    ref = f"docker-archive://{archive}"
+    prolog = install_hooks(work)
+    hooks, log = prolog.parent, work / "prolog.log"
+    system, shared = work / "system", work / "shared"
+    rows = []
+    with SlurmCluster(nodes=1) as cluster:
+        job = cluster.run(
+            ["sbatch", "--parsable", "--hold", f"--comment=hpcsif:{ref}", "--wrap", "true"], cwd=work
+        ).stdout.strip()
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "SLURM_CONF": str(cluster.conf),
+            "SLURM_JOB_ID": job,
+            "SLURM_JOB_USER": "root",
+            "SLURM_JOB_UID": "0",
+            "SLURMD_NODENAME": cluster.nodes[0],
+            "SLURM_SCRIPT_CONTEXT": "prolog_slurmd",
+        }
+
+        def fresh(path: Path) -> None:
+            shutil.rmtree(path, ignore_errors=True)
+
+        # cold: one conversion per run, into an empty node cache
+        configure(hooks, work, system, None)
+        cold = []
+        for _ in range(args.repeat):
+            fresh(system)
+            cold.append(prolog_seconds(prolog, env, log))
+        rows.append(["cold (one conversion)", f"{sorted(cold)[len(cold) // 2]:.2f}", "-"])
+
+        # fill the shared tier once, then stage from it into empty node caches
+        configure(hooks, work, system, shared)
+        fresh(system)
+        prolog_seconds(prolog, env, log)
+        sif = next(shared.glob("sif/*/*.sif"))
+        from_shared = []
+        for _ in range(args.repeat):
+            fresh(system)
+            from_shared.append(prolog_seconds(prolog, env, log))
+        shared_s = sorted(from_shared)[len(from_shared) // 2]
+        copy_dest = work / "copy.sif"
+        cp_s = median_run(
+            ["cp", str(sif), str(copy_dest)], args.repeat, prepare=lambda: copy_dest.unlink(missing_ok=True)
+        ).seconds
+        rows.append(["cold node, warm shared tier", f"{shared_s:.2f}", f"{shared_s / cp_s:.2f}x of cp"])
+        rows.append([f"plain cp of the SIF ({sif.stat().st_size / 1e6:.0f} MB)", f"{cp_s:.2f}", "1.00x"])
+
+        # warm: the node cache has it
+        warm = sorted(prolog_seconds(prolog, env, log) for _ in range(max(args.repeat, 5)))
+        warm_s = warm[len(warm) // 2]
+        rows.append(["warm node cache", f"{warm_s:.2f}", "-"])
+        cluster.run(["scancel", job])
+
+    app = peer()
+    if app:
+        out = work / "apptainer.sif"
+        acmd = [
+            app,
+            "-q",
+            "build",
+            "-F",
+            "--mksquashfs-args",
+            "-comp zstd -Xcompression-level 3",
+            str(out),
+            ref,
+        ]
+        ar = median_run(acmd, args.repeat, env={**os.environ, "APPTAINER_CACHEDIR": str(work / "acache")})
+        rows.append(["apptainer build, same archive (per job, unstaged)", f"{ar.seconds:.2f}", "-"])
+    notes = [
+        f"Image: `{args.image}` ({src.stat().st_size / 1e6:.0f} MB docker-archive); median of {args.repeat} "
+        f"runs on {os.cpu_count()} cores. Each time is the whole `slurm/prolog` hook as slurmd runs it: "
+        "Python start, two slurmctld queries (batch script, comment), staging, lease, job record.",
+        f"- warm: {warm_s:.2f} s (goal < 0.5 s)",
+        f"- cold node with a warm shared tier: {shared_s / cp_s:.2f}x of cp (goal <= 1.2x)",
+    ]
+    if not app:
+        notes.append("- Apptainer not installed: no peer figure (see shared/peer/).")
+    write_table("prolog", "Prolog benchmark", ["situation", "wall s", "vs cp"], rows, notes)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
