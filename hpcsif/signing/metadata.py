@@ -94,6 +94,8 @@ class Digester:
         raws = (table[i : i + DESCRIPTOR_SIZE] for i in range(0, len(table), DESCRIPTOR_SIZE))
         # id -> raw descriptor bytes of every used slot
         self._raw = {_D_ID.unpack_from(r, 5)[0]: r for r in raws if r[_D_USED]}
+        # (object id, algorithm) -> digest: several signatures over one group hash a partition once
+        self._objects: dict[tuple[int, str], str] = {}
 
     @staticmethod
     def _digest(algorithm: str, chunks: Iterable[bytes]) -> str:
@@ -128,7 +130,10 @@ class Digester:
 
     def object(self, desc: Descriptor, algorithm: str = "sha256") -> str:
         """Digest of the content of *desc* (read in chunks: partitions can be large)."""
-        return self._digest(algorithm, self.img.iter_object(desc))
+        key = (desc.id, algorithm)
+        if key not in self._objects:
+            self._objects[key] = self._digest(algorithm, self.img.iter_object(desc))
+        return self._objects[key]
 
 
 def group_ids(img: SIFImage) -> list[int]:
@@ -194,11 +199,14 @@ def _algorithm(digest: str) -> str:
     return name
 
 
-def check_metadata(img: SIFImage, group_id: int, payload: bytes) -> list[Descriptor]:
+def check_metadata(
+    img: SIFImage, group_id: int, payload: bytes, digester: Digester | None = None
+) -> list[Descriptor]:
     """Check group *group_id* of *img* against the signed metadata *payload*.
 
     Returns the verified descriptors; raises :class:`SignatureError` naming the header or the
     object whose descriptor or content differs, or an object added to or removed from the group.
+    Pass one *digester* for several checks of the same open image to hash each object once.
     """
     header_digest, signed = _parse(payload)
     objs = group_objects(img, group_id)
@@ -210,7 +218,7 @@ def check_metadata(img: SIFImage, group_id: int, payload: bytes) -> list[Descrip
     missing = sorted(set(by_id) - {d.id for d in objs})
     if missing:
         raise SignatureError(f"object {missing[0]}: signed object not found (removed after signing)")
-    dig = Digester(img)
+    dig = digester or Digester(img)
     if dig.header(_algorithm(header_digest)) != header_digest:
         raise SignatureError("header integrity compromised (launch line, magic, version or UUID changed)")
     for desc in objs:

@@ -23,6 +23,7 @@ from hpcsif.sif.reader import SIFImage
 from hpcsif.signing import dsse, pgp
 from hpcsif.signing.keys import KeyInfo, Keyring, describe_file
 from hpcsif.signing.metadata import (
+    Digester,
     check_metadata,
     describe,
     group_ids,
@@ -73,7 +74,7 @@ def _fail(message: str) -> SignatureError:
 
 
 def _check_signature(
-    img: SIFImage, sig: Descriptor, group: int, keys: list[KeyInfo]
+    img: SIFImage, sig: Descriptor, group: int, keys: list[KeyInfo], digester: Digester
 ) -> SignatureResult | str:
     """Verify *sig*; returns its result, or why it was skipped; raises when it is invalid."""
     data = img.read_object(sig)
@@ -106,7 +107,7 @@ def _check_signature(
     else:
         raise _fail(f"{where}: signature format not recognized")
     try:
-        objects = check_metadata(img, group, payload)
+        objects = check_metadata(img, group, payload, digester)
     except SignatureError as exc:
         raise _fail(f"{exc} (signed by {signer.label})") from None
     return SignatureResult(sig, group, signer, objects)
@@ -126,6 +127,7 @@ def verify_image(path: str | os.PathLike, keys: list[KeyInfo]) -> VerifyReport:
         groups = group_ids(img)
         if not groups:
             raise _fail(f"{path}: the image has no object groups")
+        digester = Digester(img)
         for group in groups:
             linked = [d for d in img.find(DataType.SIGNATURE) if d.link_is_group and d.link_id == group]
             legacy = {d.id for d in linked if pgp.is_legacy(img.read_object(d))}
@@ -140,7 +142,7 @@ def verify_image(path: str | os.PathLike, keys: list[KeyInfo]) -> VerifyReport:
                 )
             checked = 0
             for sig in sigs:
-                result = _check_signature(img, sig, group, keys)
+                result = _check_signature(img, sig, group, keys, digester)
                 if isinstance(result, str):
                     report.skipped.append((sig, result))
                 else:
