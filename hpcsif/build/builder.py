@@ -41,6 +41,8 @@ _SCRIPT_NAME = ".hpcsif-build-script"  # in the tree's root while a section runs
 # source the image's environment, then run the section's interpreter on the script
 _WITH_ENV = f'for f in {SD}/env/*.sh; do if [ -f "$f" ]; then . "$f"; fi; done; exec "$@"'
 _HOST_BINDS = ("/etc/resolv.conf", "/etc/hosts")
+# mount points every built image gets, as in Apptainer's build skeleton
+SKELETON = ("proc", "dev", "sys", "home", "root", "tmp", "var/tmp", "etc")
 
 APP_ENV_BASE = """#!/bin/sh
 
@@ -223,6 +225,10 @@ class _StageBuilder:
 
     def build(self) -> _Built:
         oci_config, arch = self.bootstrap()
+        for d in SKELETON:
+            path = resolve_inside(self.root, d)
+            if not os.path.lexists(path):
+                path.mkdir(mode=0o755, parents=True)
         self.setup()
         self.copy_files()
         self.make_apps()
@@ -277,10 +283,10 @@ class _StageBuilder:
         )
         history = resolve_inside(self.root, f"{SD}/bootstrap_history")
         old = resolve_inside(self.root, f"{SD}/Singularity")
-        if old.is_file():  # keep the base image's def file, as Apptainer does
+        if old.is_file():  # keep the base image's def file where (and as) Apptainer does
             history.mkdir(parents=True, exist_ok=True)
-            n = len(list(history.glob("Singularity*")))
-            os.replace(old, history / f"Singularity{n}")
+            n = len(list(history.iterdir()))
+            os.replace(old, history / f"Apptainer{n}")
         return {}, arch
 
     # -- host side: %setup and %files ------------------------------------------------------------
@@ -388,9 +394,10 @@ class _StageBuilder:
         line = sec.line if sec else next(iter(self.stage.apps.values())).sections["install"].line
         interpreter = sec.interpreter(self.where) if sec else ["/bin/sh"]
         log.info("Running %%post")
-        rc = run_in_tree(self.root, script, [*interpreter, "-e", "-x"], writable=True)
+        what = f"{self.where}:{line}: %post"
+        rc = run_in_tree(self.root, script, [*interpreter, "-e", "-x"], writable=True, what=what)
         if rc != 0:
-            raise BuildError(f"{self.where}:{line}: %post failed with exit status {rc}")
+            raise BuildError(f"{what} failed with exit status {rc}")
 
     # -- /.singularity.d -------------------------------------------------------------------
 
@@ -448,19 +455,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return {}
 
 
-def run_in_tree(root: Path, script: str, argv: list[str], *, writable: bool) -> int:
+def run_in_tree(root: Path, script: str, argv: list[str], *, writable: bool, what: str) -> int:
     """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0 in a user namespace.
 
     The image's ``/.singularity.d/env`` scripts are sourced first; the network is the host's
     and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host. Returns the exit status.
+    ``what`` (``FILE:LINE: %post``) starts error messages.
     """
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise MissingToolError("bwrap", "bubblewrap")
     if not resolve_inside(root, "/bin/sh").exists():
-        raise BuildError(f"the image has no /bin/sh to run a build section in ({root})")
+        raise BuildError(f"{what}: the image has no /bin/sh to run the section with")
     created = [h for h in _HOST_BINDS if os.path.exists(h) and not os.path.lexists(root / h.lstrip("/"))]
-    created_etc = not os.path.lexists(root / "etc")
     script_path = root / _SCRIPT_NAME
     script_path.write_text(script)
     env = {
@@ -491,17 +498,15 @@ def run_in_tree(root: Path, script: str, argv: list[str], *, writable: bool) -> 
         for host in created:
             with contextlib.suppress(OSError):
                 (root / host.lstrip("/")).unlink()
-        if created_etc:
-            with contextlib.suppress(OSError):
-                (root / "etc").rmdir()
 
 
 def _run_test(root: Path, sec: Section, where: str) -> None:
     """Run the finished image's ``%test`` (read-only tree); a failure stops the build."""
     log.info("Running %%test")
-    rc = run_in_tree(root, f"exec {SD}/test\n", ["/bin/sh"], writable=False)
+    what = f"{where}:{sec.line}: %test"
+    rc = run_in_tree(root, f"exec {SD}/test\n", ["/bin/sh"], writable=False, what=what)
     if rc != 0:
-        raise BuildError(f"{where}:{sec.line}: %test failed with exit status {rc}; no image was written")
+        raise BuildError(f"{what} failed with exit status {rc}; no image was written")
 
 
 def _pack(final: _Built, definition: Definition, dest: Path, options: ConvertOptions) -> Path:
