@@ -59,6 +59,8 @@ class BwrapEngine(Engine):
         check_user_namespaces()
         contrib = host_contributions(opts)
         mounts = []
+        # from here on a SIGTERM (e.g. scancel during start-up) must not skip the cleanup below
+        signals = _Signals(interactive=opts.action == "shell" and os.isatty(0))
         try:
             if opts.sandbox:
                 root = image
@@ -80,10 +82,9 @@ class BwrapEngine(Engine):
                 for line in check(str(root)):
                     log.warning("%s", line)
             plan = _Plan(root, image, opts, contrib)
-            return _run(
-                bwrap, plan.argv(), plan.env, plan.fds, interactive=plan.interactive, pidns=opts.containall
-            )
+            return _run(bwrap, plan.argv(), plan.env, plan.fds, signals, pidns=opts.containall)
         finally:
+            signals.restore()
             for m in reversed(mounts):
                 m.release()
 
@@ -323,47 +324,70 @@ def _entries(root: str, d: str, bind: str) -> list[str]:
     return args
 
 
+class _Signals:
+    """Catches the forwarded signals for the whole launch and passes them on to the payload.
+
+    Signals that arrive before the payload runs are kept and delivered once it does (or, when
+    the launch has not started bwrap yet, end the launch with 128+N after cleaning up).
+    """
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self.pending: list[int] = []
+        self.child = 0
+        self.pidns = False
+        self._old = {s: signal.signal(s, self._handle) for s in FORWARDED}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.interactive and signum in _TTY_SIGNALS:
+            return  # the terminal already sent it to the shell's process group
+        if self.child:
+            _signal_payload(self.child, signum, self.pidns)
+        else:
+            self.pending.append(signum)
+
+    def started(self, child: int, pidns: bool) -> None:
+        """The payload runs as *child*: deliver what arrived meanwhile."""
+        self.child, self.pidns = child, pidns
+        for signum in self.pending:
+            _signal_payload(child, signum, pidns)
+
+    def restore(self) -> None:
+        """Put back the previous handlers (idempotent)."""
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+        self._old = {}
+
+
 def _run(
-    bwrap: str, argv: list[str], env: dict[str, str], fds: list[int], *, interactive: bool, pidns: bool
+    bwrap: str, argv: list[str], env: dict[str, str], fds: list[int], signals: _Signals, *, pidns: bool
 ) -> int:
     """Start bwrap, forward signals to the payload, wait; returns its exit status."""
+    if signals.pending:
+        for fd in fds:
+            os.close(fd)
+        return 128 + signals.pending[0]  # stopped before the container started
     info_r, info_w = os.pipe()
     argv = [argv[0], "--info-fd", str(info_w), *argv[1:]]
     for fd in [info_w, *fds]:
         os.set_inheritable(fd, True)
-    state: dict[str, int] = {}
-    pending: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        if interactive and signum in _TTY_SIGNALS:
-            return
-        if "child" not in state:
-            pending.append(signum)
-            return
-        _signal_payload(state["child"], signum, pidns)
-
-    old = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         try:
             # non-interactive: bwrap gets its own process group, so a terminal's Ctrl-C reaches only
             # us (and we forward it) rather than killing bwrap's monitor process
-            pid = os.posix_spawn(bwrap, argv, env, **({} if interactive else {"setpgroup": 0}))
+            spawn_opts = {} if signals.interactive else {"setpgroup": 0}
+            pid = os.posix_spawn(bwrap, argv, env, **spawn_opts)
         except OSError as exc:
             raise EngineError(f"cannot start {bwrap}: {exc.strerror}") from None
         finally:
             for fd in [info_w, *fds]:
                 os.close(fd)
-        info = _read_all(info_r)
-        child = _child_pid(info)
+        child = _child_pid(_read_all(info_r))
         if child:
-            state["child"] = child
-            for signum in pending:
-                _signal_payload(child, signum, pidns)
+            signals.started(child, pidns)
         _, status = os.waitpid(pid, 0)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if interactive:
+        if signals.interactive:
             _reclaim_terminal()
     code = os.waitstatus_to_exitcode(status)
     if not child:
