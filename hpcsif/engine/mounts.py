@@ -309,5 +309,8 @@ def watch(directory: Path) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--watch":
+        # drop descriptors inherited from whoever started the first container (a pipe held open
+        # here would keep that caller waiting for EOF)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         sys.exit(watch(Path(sys.argv[2])))
     sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR")
