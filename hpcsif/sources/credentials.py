@@ -80,8 +80,8 @@ def from_docker_config(registry: str, path: Path | None = None) -> Credentials |
         if not isinstance(entry, dict):
             continue
         if entry.get("identitytoken"):
-            # an OAuth refresh token: the token server takes it with the "<token>" user name
-            return Credentials("<token>", entry["identitytoken"], f"{path} (identity token)")
+            log.warning("%s: identity tokens (docker login via OAuth) are not supported for %s", path, key)
+            continue
         if entry.get("auth"):
             try:
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")

@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -214,13 +215,17 @@ class RegistryClient:
             return None
         scheme, params = self._challenge
         if scheme == "basic":
-            if not self.credentials:
-                return None
-            raw = f"{self.credentials.username}:{self.credentials.password}".encode()
-            return "Basic " + base64.b64encode(raw).decode()
+            return self._basic()
         if scheme == "bearer":
             return "Bearer " + self._token(scope, params, fresh=fresh)
         raise RegistryError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
+
+    def _basic(self) -> str | None:
+        """The Basic ``Authorization`` value for our credentials (None when anonymous)."""
+        if not self.credentials:
+            return None
+        raw = f"{self.credentials.username}:{self.credentials.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
 
     def _token(self, scope: str, params: dict[str, str], *, fresh: bool) -> str:
         with self._lock:
@@ -233,12 +238,9 @@ class RegistryClient:
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
-        auth = (self.credentials.username, self.credentials.password) if self.credentials else None
+        sep = "&" if "?" in realm else "?"
         log.debug("requesting a token for %s from %s", scope, realm)
-        try:
-            resp = self.session.get(realm, params=query, auth=auth, timeout=self.timeout)
-        except _TRANSIENT as exc:
-            raise NetworkError(f"token request to {realm} failed: {exc}") from None
+        resp = self._send("GET", f"{realm}{sep}{urllib.parse.urlencode(query)}", auth_header=self._basic())
         if resp.status_code in (401, 403):
             raise self._auth_error(scope)
         if resp.status_code >= 400:
