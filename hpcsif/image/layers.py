@@ -202,8 +202,10 @@ class _ZstdReader:
     _PIECE = 2048
 
     def __init__(self, raw: _HashingReader) -> None:
-        import zstandard
-
+        try:
+            import zstandard
+        except ImportError:
+            raise LayerError("zstd-compressed layers need the Python package 'zstandard'") from None
         self._new = zstandard.ZstdDecompressor().decompressobj
         self._raw = raw
         self._dec = self._new()
