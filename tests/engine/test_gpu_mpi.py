@@ -186,3 +186,16 @@ def test_apptainer_engine_runs(images, apptainer):
     assert res.returncode == 42, res.stderr
     assert res.stdout.strip().endswith("a b|hello world")
     assert not fuse_mounts()
+
+
+def test_rocm_devices(images, pub_tmp, fake_driver):
+    dev = pub_tmp / "rocmdev"
+    (dev / "dri").mkdir(parents=True)
+    (dev / "dri/renderD128").write_text("")
+    (dev / "kfd").write_text("")
+    conf = pub_tmp / "rocm.toml"
+    conf.write_text(fake_driver.read_text().replace(str(pub_tmp / "dev"), str(dev)))
+    res = _run("exec", "--rocm", str(images.sif), "ls", "/dev", "/dev/dri", env={"HPCSIF_CONFIG": str(conf)})
+    assert res.returncode == 0, res.stderr
+    assert "kfd" in res.stdout.split() and "renderD128" in res.stdout.split()
+    assert "no driver libraries found" in res.stderr  # the fake tree has no ROCm libraries
