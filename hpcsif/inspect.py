@@ -131,6 +131,10 @@ def _app_attribute(view: ImageView, app: str, name: str) -> Any:
     base = f"/scif/apps/{app}/scif"
     if name not in (*ATTRIBUTE_FILES, "environment", "apps"):
         raise SIFError(f"unknown inspect attribute {name!r}")
+    # definition-file builds (Apptainer's and ours) record each app in inspect-metadata.json
+    recorded = ((view.inspect_object or {}).get("apps") or {}).get(app)
+    if isinstance(recorded, dict) and name in recorded:
+        return recorded[name]
     if name == "labels":
         text = view.read(f"{base}/labels.json")
         return json.loads(text) if text else {}

@@ -170,7 +170,7 @@ def check_full_build(sif: Path, bootstrap: str, source: str, image: TestImage, t
     assert inspect(sif, "--list-apps") == "foo\n"
     assert inspect(sif, "--app", "foo", "--labels") == "Maint: me\nSCIF_APP_NAME: foo\n"
     assert inspect(sif, "--app", "foo", "--helpfile").strip() == "foo help"
-    assert inspect(sif, "--app", "foo", "--runscript").startswith('#!/bin/sh\n\n    echo "foo $FOO $*"')
+    assert inspect(sif, "--app", "foo", "--runscript") == '#!/bin/sh\n\n    echo "foo $FOO $*"\n'
     assert "export FOO=bar" in inspect(sif, "--app", "foo", "--environment")
     with SIFImage.open(sif) as img:
         from hpcsif.sif.format import DataType
@@ -472,11 +472,13 @@ def test_same_result_as_apptainer(
     a_env, b_env = a.pop("environment-body"), b.pop("environment-body")
     assert 'export MYVAR="a b"' in a_env and 'export MYVAR="a b"' in b_env
     assert a == b
-    for flag in ("--labels", "--runscript", "--test", "--helpfile", "--startscript", "--list-apps"):
-        ours_out, theirs_out = inspect(ours, flag), inspect(theirs, flag)
-        if flag == "--labels":
+    flags = ["--labels", "--runscript", "--test", "--helpfile", "--startscript", "--list-apps"]
+    app_flags = ["--labels", "--runscript", "--test", "--helpfile", "--environment"]
+    for args in [[f] for f in flags] + [["--app", "foo", f] for f in app_flags]:
+        ours_out, theirs_out = inspect(ours, *args), inspect(theirs, *args)
+        if args == ["--labels"]:
             ours_out, theirs_out = comparable_labels(ours_out), comparable_labels(theirs_out)
-        assert ours_out.rstrip() == theirs_out.rstrip(), flag
+        assert ours_out == theirs_out, args
     ta, tb = tree(unpack(ours, tmp_path / "a")), tree(unpack(theirs, tmp_path / "b"))
     assert sorted(ta) == sorted(tb)
     assert ta == tb
