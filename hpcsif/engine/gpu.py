@@ -4,7 +4,9 @@ Libraries are found with ``nvidia-container-cli list`` when it is installed (its
 the installed driver), else from Apptainer-format lists (``nvliblist.conf``/``rocmliblist.conf``:
 one name a line, ``.so`` names are libraries, the rest programs) matched against the dynamic
 linker cache (``ldconfig -p``). Libraries are bound into ``/.singularity.d/libs`` (which the
-launcher puts on ``LD_LIBRARY_PATH``), programs into ``/usr/bin``, device nodes into ``/dev``.
+launcher puts on ``LD_LIBRARY_PATH``), programs into ``/usr/local/bin`` (on every image's PATH;
+binding into a populated ``/usr/bin`` of a read-only image would need an underlay of hundreds
+of entries), device nodes into ``/dev``.
 
 ``gpu.driver_root`` (default ``/``) and ``gpu.dev_dir`` (default ``/dev``) point discovery at
 another tree, e.g. a prepared fake driver installation in the tests: the linker cache is then
@@ -25,6 +27,7 @@ from hpcsif.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LIBS_DIR = "/.singularity.d/libs"
+BIN_DIR = "/usr/local/bin"
 _BIN_DIRS = ("usr/bin", "usr/sbin", "bin", "sbin", "usr/local/bin")
 
 
@@ -162,7 +165,7 @@ def _discover(kind: str) -> HostContribution:
     for name, path in sorted(libs.items()):
         contrib.binds.append(Bind(path, f"{LIBS_DIR}/{name}", readonly=True, optional=True))
     for name, path in sorted(progs.items()):
-        contrib.binds.append(Bind(path, f"/usr/bin/{name}", readonly=True, optional=True))
+        contrib.binds.append(Bind(path, f"{BIN_DIR}/{name}", readonly=True, optional=True))
     return contrib
 
 
