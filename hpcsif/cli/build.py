@@ -56,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="build a SIF image or sandbox from a source or definition file")
     p.add_argument("--sandbox", action="store_true", help="build a writable directory tree instead of a SIF")
     p.add_argument("-T", "--notest", action="store_true", help="skip the %%test section")
+    p.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="value for {{ KEY }} in a definition file (overrides %%arguments)",
+    )
     add_convert_flags(p)
     p.add_argument("target", help="SIF file or sandbox directory to create")
     p.add_argument("source", help="docker://, oci://, oci-archive://, docker-archive://, SIF, sandbox, .def")
@@ -88,8 +95,20 @@ def run(args: argparse.Namespace) -> int:
 
         check_target(target, args.force)
         log.info("Starting build of %s from definition file %s", target, args.source)
+        from hpcsif.errors import UsageError
+
+        build_args = {}
+        for item in args.build_arg:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--build-arg {item!r}: expected KEY=VALUE")
+            build_args[key] = value
         opts = BuildOptions(
-            convert=convert_options(args), sandbox=args.sandbox, notest=args.notest, store=blob_store(args)
+            convert=convert_options(args),
+            sandbox=args.sandbox,
+            notest=args.notest,
+            store=blob_store(args),
+            build_args=build_args,
         )
         build_definition(args.source, target, opts)
     else:

@@ -282,6 +282,20 @@ def test_runscript_precedence(busybox_image: TestImage, tmp_path: Path) -> None:
         assert run_cli("run", str(sif)).stdout == expected, name
 
 
+def test_arguments_and_build_arg(busybox_image: TestImage, tmp_path: Path) -> None:
+    deffile = tmp_path / "args.def"
+    deffile.write_text(
+        f"Bootstrap: oci\nFrom: {busybox_image.layout}:{{{{ tag }}}}\n%arguments\n    tag=latest\n"
+        "    greeting=hello\n%runscript\n    echo {{ greeting }}\n"
+    )
+    run_cli("build", str(tmp_path / "a.sif"), str(deffile))
+    assert run_cli("run", str(tmp_path / "a.sif")).stdout == "hello\n"
+    run_cli("build", "--build-arg", "greeting=bonjour", str(tmp_path / "b.sif"), str(deffile))
+    assert run_cli("run", str(tmp_path / "b.sif")).stdout == "bonjour\n"
+    proc = run_cli("build", "--build-arg", "oops", str(tmp_path / "c.sif"), str(deffile), check=False)
+    assert proc.returncode == 2 and "expected KEY=VALUE" in proc.stderr
+
+
 def test_failing_test_leaves_no_image(busybox_image: TestImage, tmp_path: Path) -> None:
     deffile = tmp_path / "bad.def"
     deffile.write_text(
