@@ -1,0 +1,1 @@
+"""Slurm integration: hostlists, a client for job queries and updates, prolog/epilog and SPANK support."""
