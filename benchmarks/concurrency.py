@@ -44,11 +44,11 @@ print(ensure_image(ref))
 
 def hpcsif_stampede(ref: str, n: int, work: Path) -> dict:
     """N processes request ``ref`` from one cold cache at once; returns timings and counts."""
-    cache = work / f"hpcsif-cache-{n}"
+    cache = Path(tempfile.mkdtemp(prefix=f"hpcsif-cache-{n}-", dir=work))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HPCSIF_CACHEDIR": str(cache), "HPCSIF_CONFIG": "/dev/null"}
     env.pop("HPCSIF_SHARED_CACHEDIR", None)
-    gate = work / f"gate-{n}"
-    ready = [work / f"ready-{n}-{i}" for i in range(n)]
+    gate = cache / "gate"
+    ready = [cache / f"ready-{i}" for i in range(n)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, ref, str(r), str(gate)],

@@ -21,6 +21,7 @@ from typing import Any
 
 from hpcsif.cache.layout import CacheLayout, CacheRoot, cache_layout
 from hpcsif.cache.leases import acquire_lease
+from hpcsif.cache.locking import key_lock
 from hpcsif.cache.store import Entry, Producer, SIFStore
 from hpcsif.cache.trust import check_trusted_path
 from hpcsif.config import env_flag, get_config
@@ -102,7 +103,11 @@ def _resolve_digest(
     offline: bool,
     cache_first: bool,
 ) -> str:
-    """The content digest of ``ref``, from a record when one is fresh enough, else from its source."""
+    """The content digest of ``ref``, from a record when one is fresh enough, else from its source.
+
+    Concurrent cold requests resolve once: the first asks the source under a lock, the
+    others wait for its record (so 64 ranks make one registry request, or hash an archive once).
+    """
     from hpcsif.sources import get_source
 
     if ref.is_registry and ref.digest:
@@ -113,22 +118,38 @@ def _resolve_digest(
         ident = _identity(ref, options)
     except FileNotFoundError:
         raise CacheError(f"{ref.raw}: no such file {ref.path}") from None
-    record = _read_record(layout, ident)
-    if record:
-        # local files: the record is valid as long as the file is unchanged (it is in the ident)
+    ttl = float(get_config().get("cache.tag_ttl"))
+
+    def usable(record: dict[str, Any] | None) -> bool:
+        # local files: valid as long as the file is unchanged (its identity is in the ident)
+        if not record:
+            return False
         age = time.time() - float(record.get("resolved", 0))
-        if (
-            ref.transport in _LOCAL_FILES
-            or offline
-            or cache_first
-            or age <= float(get_config().get("cache.tag_ttl"))
-        ):
-            return str(record["digest"])
+        return ref.transport in _LOCAL_FILES or offline or cache_first or age <= ttl
+
+    if usable(record := _read_record(layout, ident)):
+        return str(record["digest"])
     if offline and ref.transport not in _NO_NETWORK:
         raise OfflineError(f"{ref}: not in the cache, and offline mode forbids asking the registry")
-    digest = get_source(ref, platform=options.platform, **source_options).resolve(ref)
-    _write_record(layout.user, ident, digest)
-    return digest
+    path = _record_path(layout.user, ident)
+    lock = key_lock(path.with_suffix(".lock"), f"resolution of {ref}")
+    started = time.time()
+
+    def fresh_digest() -> str | None:
+        record = _read_record(layout, ident)
+        return str(record["digest"]) if record and float(record.get("resolved", 0)) >= started - 1 else None
+
+    taken = lock.acquire(done=lambda: fresh_digest() is not None)
+    try:
+        if digest := fresh_digest():
+            return digest
+        if not taken:  # the record vanished again (cache clean): resolve ourselves
+            lock.acquire()
+        digest = get_source(ref, platform=options.platform, **source_options).resolve(ref)
+        _write_record(layout.user, ident, digest)
+        return digest
+    finally:
+        lock.release()
 
 
 def _request(

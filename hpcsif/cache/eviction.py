@@ -83,6 +83,8 @@ def collect_garbage(
         max_age_days = float(cfg.get("cache.max_age_days") or 0)
     store = SIFStore(root)
     tmp_removed = 0 if dry_run else store.clean_all_tmp()
+    if not dry_run:
+        root.rotate_journal()
     protected = set(protect)
     entries = {e.key: e for e in store.entries()}
     items = [

@@ -14,6 +14,7 @@ temporary directory removed when the process exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -89,6 +90,13 @@ class CacheRoot:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+    def rotate_journal(self, max_bytes: int = 4 << 20) -> None:
+        """Start a new journal once it exceeds ``max_bytes``, keeping one old generation."""
+        path = self.path / JOURNAL
+        with contextlib.suppress(OSError):
+            if path.stat().st_size > max_bytes:
+                os.replace(path, path.with_name(JOURNAL + ".1"))
 
     def read_journal(self) -> list[dict[str, Any]]:
         """Every journal record, oldest first (unparsable lines are skipped)."""

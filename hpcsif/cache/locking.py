@@ -25,6 +25,7 @@ import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ from filelock import FileLock, Timeout
 from hpcsif.cache.layout import hostname
 from hpcsif.config import get_config
 from hpcsif.errors import CacheBusy, CacheError
-from hpcsif.image.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _write_advisory(path: Path, data: bytes) -> None:
+    """Replace a small advisory file atomically; no fsync, it only feeds "held by" messages."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.debug("cannot record the lock holder in %s: %s", path, exc)
+
+
 class KeyLock(ABC):
     """An exclusive lock on one cache key; a context manager."""
 
@@ -112,22 +124,30 @@ class KeyLock(ABC):
         """False if the lock was lost while held (only the ``excl`` mode can lose it)."""
         return True
 
-    def acquire(self, timeout: float | None = None) -> None:
-        """Take the lock, waiting up to ``timeout`` seconds (default: the configured timeout)."""
+    def acquire(self, timeout: float | None = None, *, done: Callable[[], bool] | None = None) -> bool:
+        """Take the lock, waiting up to ``timeout`` seconds (default: the configured timeout).
+
+        While waiting, ``done()`` is polled too: once it is true (the holder published what we
+        want) this returns False without taking the lock, so waiters do not file through the
+        lock one by one after the work is done. Returns True when the lock was taken.
+        """
         timeout = self.timeout if timeout is None else timeout
         if self.try_acquire():
-            return
-        log.warning("waiting for conversion of %s (%s)", self.what, _describe(self.holder()))
+            return True
+        log.warning("waiting for %s (%s)", self.what, _describe(self.holder()))
         deadline = time.monotonic() + timeout
         pause = 0.01
         while not self.try_acquire():
+            if done is not None and done():
+                return False
             if time.monotonic() >= deadline:
                 raise CacheBusy(
                     f"gave up waiting for {self.what} after {timeout:g}s ({_describe(self.holder())}); "
                     "raise cache.lock_timeout or try again later"
                 )
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.25)
+            pause = min(pause * 1.5, 0.1)
+        return True
 
     def __enter__(self) -> KeyLock:
         self.acquire()
@@ -153,7 +173,7 @@ class FcntlLock(KeyLock):
             return False
         except OSError as exc:
             raise CacheError(f"cannot lock {self.path}: {exc.strerror}") from None
-        atomic_write_bytes(self._info_path, json.dumps(holder_record(self.what)).encode())
+        _write_advisory(self._info_path, json.dumps(holder_record(self.what)).encode())
         return True
 
     def release(self) -> None:

@@ -58,7 +58,14 @@ def tiered_producer(shared: SIFStore, key: str, name: str, convert: Producer, wh
             shutil.copyfile(dest, shared_dest)
             return {**converted, "via": "upload"}
 
-        entry, _ = shared.get_or_create(key, name, upload, what=what)
+        try:
+            entry, _ = shared.get_or_create(key, name, upload, what=what)
+        except (CacheError, OSError) as exc:
+            if not converted:
+                raise
+            # the image is built; a full or failing shared tier must not fail this request
+            log.warning("could not publish %s to the shared cache %s: %s", what, shared.root.path, exc)
+            return converted
         return converted or produce_copy(entry)(dest)
 
     return produce

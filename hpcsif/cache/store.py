@@ -115,6 +115,9 @@ class SIFStore:
             return None
         except (OSError, ValueError) as exc:
             raise CacheError(f"cache entry {self.root.entry_dir(key)} is unreadable: {exc}") from None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise CacheError(f"cache entry {self.root.entry_dir(key)} has a corrupt meta.json")
         entry = Entry(self.root, key, meta)
         return entry if entry.path.is_file() else None
 
@@ -133,15 +136,22 @@ class SIFStore:
 
     def get_or_create(self, key: str, name: str, produce: Producer, *, what: str) -> tuple[Entry, bool]:
         """The entry for ``key``, built by ``produce`` exactly once; True if this call built it."""
-        if entry := self.lookup(key):
-            return entry, False
-        if not self.root.writable:
-            raise CacheError(f"{self.root.path} is read-only: cannot add {what}")
-        with self.lock(key, what) as lock:
+        while True:
             if entry := self.lookup(key):
                 return entry, False
-            self.clean_tmp(key)
-            return self._build(key, name, produce, lock, what), True
+            if not self.root.writable:
+                raise CacheError(f"{self.root.path} is read-only: cannot add {what}")
+            lock = self.lock(key, f"conversion of {what}")
+            # waiters return as soon as the entry appears (or retry if it was evicted meanwhile)
+            if not lock.acquire(done=lambda: self.lookup(key) is not None):
+                continue
+            try:
+                if entry := self.lookup(key):
+                    return entry, False
+                self.clean_tmp(key)
+                return self._build(key, name, produce, lock, what), True
+            finally:
+                lock.release()
 
     def _build(self, key: str, name: str, produce: Producer, lock: KeyLock, what: str) -> Entry:
         work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.root.tmp))
