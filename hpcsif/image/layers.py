@@ -738,6 +738,9 @@ class _Layer:
         self.seen_repeats: dict[str, int] = {}
 
 
+_Sink = _TarSink | _DirSink
+_Progress = Callable[[int, int], None]
+
 # Names a layer repeats after content was streamed, found by a pre-scan: the next pass
 # over that layer keeps only the last occurrence of each (layers are immutable blobs).
 _REPEATS: dict[tuple[str, str | None], dict[str, int]] = {}
@@ -762,7 +765,7 @@ def _scan_repeats(blob: LayerBlob) -> dict[str, int]:
 class _Merger:
     """Top-down overlay merge of layers into a sink (see the module docstring)."""
 
-    def __init__(self, sink: _TarSink | _DirSink, stats: FlattenStats, total: int, progress) -> None:
+    def __init__(self, sink: _Sink, stats: FlattenStats, total: int, progress: _Progress | None) -> None:
         self.sink = sink
         self.stats = stats
         self.total = total
@@ -922,7 +925,9 @@ class _Merger:
         else:  # not in this layer: the nearest lower layer that has it
             self.pending.setdefault(target, []).append((name, lay.label))
 
-    def _resolve_pending(self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data) -> None:
+    def _resolve_pending(
+        self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data: BinaryIO | None
+    ) -> None:
         """A lower layer reached the target of hard links from upper layers."""
         names = [n for n, _ in self.pending.pop(name)]
         if kind == "dir":
@@ -946,7 +951,9 @@ class _Merger:
         else:  # hidden here (its content was not consumed): copy it under the first link
             self._materialise(lay, names, ti, kind, data)
 
-    def _materialise(self, lay: _Layer, names: list[str], ti: tarfile.TarInfo, kind: str, data) -> None:
+    def _materialise(
+        self, lay: _Layer, names: list[str], ti: tarfile.TarInfo, kind: str, data: BinaryIO | None
+    ) -> None:
         """Write hidden entry ``ti`` under the first link name; the others link to it."""
         self.sink.emit(names[0], ti, kind, data, lay.label)
         self.links += [(n, names[0]) for n in names[1:]]
@@ -1066,7 +1073,13 @@ def _extra_layer(merger: _Merger, extra: Sequence[ExtraFile]) -> None:
     merger.end_layer(lay)
 
 
-def _merge(layers: Sequence[LayerBlob], sink, stats: FlattenStats, extra, progress) -> None:
+def _merge(
+    layers: Sequence[LayerBlob],
+    sink: _Sink,
+    stats: FlattenStats,
+    extra: Sequence[ExtraFile],
+    progress: _Progress | None,
+) -> None:
     total = sum(os.stat(b.path).st_size for b in layers if os.path.exists(b.path))
     merger = _Merger(sink, stats, total, progress)
     _extra_layer(merger, extra)
