@@ -385,13 +385,13 @@ class _StageBuilder:
     def post(self) -> None:
         """Run ``%post`` and then each ``%appinstall`` inside the tree as fake root."""
         sec = self.stage.sections.get("post")
-        script = sec.body if sec else ""
-        for app in self.stage.apps.values():
-            if "install" in app.sections:
-                script += APP_INSTALL.format(root=f"/scif/apps/{app.name}", body=app.body("install"))
+        installs = [a for a in self.stage.apps.values() if "install" in a.sections]
+        script = (sec.body if sec else "") + "".join(
+            APP_INSTALL.format(root=f"/scif/apps/{a.name}", body=a.body("install")) for a in installs
+        )
         if not script.strip():
             return
-        line = sec.line if sec else next(iter(self.stage.apps.values())).sections["install"].line
+        line = sec.line if sec else installs[0].sections["install"].line
         interpreter = sec.interpreter(self.where) if sec else ["/bin/sh"]
         log.info("Running %%post")
         what = f"{self.where}:{line}: %post"
