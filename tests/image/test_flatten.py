@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,31 @@ def test_root_entry_aufs_metadata_and_replaced_link(tmp_path: Path):
     assert sorted(p.name for p in root.iterdir()) == ["lowfile", "x"]
     assert os.readlink(root / "x") == "elsewhere"
     assert stat.S_IMODE(root.stat().st_mode) == 0o755  # the upper root entry (0750), made traversable
+
+
+def test_link_to_lower_target_hidden_above(tmp_path: Path):
+    """A link's target lives in a lower layer but an upper layer replaced it: the link keeps
+    the lower content (copied under the link's name)."""
+    bottom = layer(tmp_path, [file("t", "BOTTOM"), file("u", "U")])
+    middle = layer(tmp_path, [link("p", "t"), link("q", "t"), link("r", "u")], "none")
+    top = layer(tmp_path, [file("t", "TOP")], "zstd")
+    root, _ = squash_and_unpack([bottom, middle, top], tmp_path)
+    assert (root / "t").read_text() == "TOP"
+    assert (root / "p").read_text() == (root / "q").read_text() == "BOTTOM"
+    assert (root / "p").stat().st_ino == (root / "q").stat().st_ino != (root / "t").stat().st_ino
+    assert (root / "r").stat().st_ino == (root / "u").stat().st_ino
+
+
+def test_values_beyond_ustar_use_pax(tmp_path: Path):
+    target = "/opt/" + "t" * 150
+    big_uid = 3_000_000  # more than 7 octal digits
+    lay = layer(tmp_path, [sym("longlink", target), file("owned", "x", uid=big_uid, gid=big_uid)])
+    out = tmp_path / "out.tar"
+    with open(out, "wb") as f:
+        flatten([lay], f)
+    with tarfile.open(out) as tf:
+        members = {m.name: m for m in tf}
+    assert members["longlink"].linkname == target
+    assert (members["owned"].uid, members["owned"].gid) == (big_uid, big_uid)
+    root, _ = squash_and_unpack([lay], tmp_path)
+    assert os.readlink(root / "longlink") == target
