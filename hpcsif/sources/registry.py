@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 def is_loopback(registry: str) -> bool:
     """True for ``localhost[:port]``, ``127.x.x.x[:port]`` and ``[::1]:port``."""
-    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    host = host.strip("[]")
+    if registry.startswith("["):
+        host = registry[1:].split("]", 1)[0]
+    else:
+        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
     if host == "localhost":
         return True
     try:

@@ -79,13 +79,42 @@ def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, tim
     raise NetworkError(f"{url}: download failed after {retries + 1} tries")
 
 
+def _known_hosts_policy():  # -> paramiko.MissingHostKeyPolicy
+    """Accept an SSH host only if ``~/.ssh/known_hosts`` or the system list names its key.
+
+    fsspec's default would trust any key on first contact; ``remote.auto_add_host_keys``
+    in the config restores that for sites that want it.
+    """
+    import paramiko
+
+    from hpcsif.config import get_config
+
+    if get_config().get("remote.auto_add_host_keys"):
+        return paramiko.AutoAddPolicy()
+
+    class KnownHostsOnly(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+            known = paramiko.HostKeys()
+            for path in (Path.home() / ".ssh" / "known_hosts", Path("/etc/ssh/ssh_known_hosts")):
+                if path.is_file():
+                    known.load(str(path))
+            if not known.check(hostname, key):
+                raise paramiko.SSHException(
+                    f"host key of {hostname} is not in ~/.ssh/known_hosts (connect once with ssh to add it)"
+                )
+
+    return KnownHostsOnly()
+
+
 def _fsspec(url: str, out: IO[bytes], progress: Progress | None) -> int:
     try:
         import fsspec
     except ImportError:
         raise SourceError(f"{url}: fsspec is not installed (pip install fsspec)") from None
+    scheme = url.split("://", 1)[0].lower()
+    options = {"host_key_policy": _known_hosts_policy()} if scheme in ("sftp", "ssh") else {}
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **options)
         total = int(fs.size(path) or 0)
         with fs.open(path, "rb") as src:
             return _copy(src, out, total, progress)
@@ -95,6 +124,10 @@ def _fsspec(url: str, out: IO[bytes], progress: Progress | None) -> int:
         raise SourceError(f"{url}: the fsspec backend needs a missing package ({exc})") from None
     except OSError as exc:
         raise NetworkError(f"{url}: {exc}") from None
+    except Exception as exc:  # paramiko's SSH and authentication errors are not OSErrors
+        if scheme in ("sftp", "ssh"):
+            raise NetworkError(f"{url}: {exc}") from None
+        raise
 
 
 def download(

@@ -270,3 +270,20 @@ def test_pull_http_and_file_urls(http_files, tmp_path) -> None:
     res = hpcsif(tmp_path, "pull", f"{http_files.url}/missing.tar")
     assert res.returncode != 0 and "not found" in res.stderr
     assert not (tmp_path / "missing.tar").exists()
+
+
+def test_pull_sftp_url_checks_the_host_key(sshd_server, tmp_path) -> None:
+    src = sshd_server.workdir / "remote-file.tar"
+    src.write_bytes(b"over ssh " * 500)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    shutil.copy(sshd_server.key_filename, home / ".ssh" / "id_ed25519")
+    host = sshd_server.hosts[0]
+    url = f"sftp://root@{host}:{sshd_server.port}{src}"
+    res = hpcsif(tmp_path, "pull", "--name", "unknown.tar", url)
+    assert res.returncode != 0 and "is not in ~/.ssh/known_hosts" in res.stderr
+    assert not (tmp_path / "unknown.tar").exists()
+    sshd_server.known_hosts_for([host], home / ".ssh" / "known_hosts")
+    res = hpcsif(tmp_path, "pull", url)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "remote-file.tar").read_bytes() == b"over ssh " * 500
