@@ -77,6 +77,12 @@ def _tail(stream: BinaryIO) -> str:
     return " ".join(text[-_STDERR_TAIL:].split()) or "no message"
 
 
+def _discard(pipe: BinaryIO) -> None:
+    """Close a pipe whose reader is gone, dropping what is still buffered."""
+    with contextlib.suppress(OSError):
+        pipe.close()
+
+
 def _publish(tmp: Path, dest: Path) -> None:
     """fsync ``tmp`` and rename it to ``dest`` (same directory), then fsync the directory."""
     fd = os.open(tmp, os.O_RDONLY)
@@ -139,7 +145,9 @@ def _from_tar(
         log.info("%s: unpacking below %s and packing with mksquashfs", e, tmpdir or "TMPDIR")
         return _from_tar_via_dir(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
     tmp = _temp_name(dest)
-    cmd = [tool, "--quiet", "--force", "-c", compression, "-j", str(_jobs(jobs)), "-d", "mode=0755"]
+    # --no-skip: a record tar2sqfs cannot read is an error, never a silently missing file
+    cmd = [tool, "--quiet", "--force", "--no-skip", "-c", compression, "-j", str(_jobs(jobs))]
+    cmd += ["-d", "mode=0755"]
     if lvl is not None:
         cmd += ["-X", f"level={lvl}"]
     cmd.append(str(tmp))
@@ -153,8 +161,8 @@ def _from_tar(
             try:
                 tar_stream_writer(proc.stdin)
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass  # tar2sqfs stopped reading: its exit status and stderr say why
+            except BrokenPipeError:  # tar2sqfs stopped reading: its exit status and stderr say why
+                _discard(proc.stdin)
             rc = proc.wait()
         except BaseException:
             proc.kill()
@@ -190,7 +198,7 @@ def _from_tar_via_dir(
                     writer(proc.stdin)
                     proc.stdin.close()
                 except BrokenPipeError:
-                    pass
+                    _discard(proc.stdin)
                 rc = proc.wait()
             except BaseException:
                 proc.kill()

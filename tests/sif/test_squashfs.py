@@ -165,3 +165,17 @@ def test_squashfuse_mount_at_offset(tmp_path: Path, image_layers):
         assert os.access(mnt / "bin/run", os.X_OK)
     finally:
         subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+
+
+def test_tar2sqfs_dying_mid_stream(tmp_path: Path):
+    """tar2sqfs refuses a stream half-way; the writer's broken pipe becomes its error message."""
+    dest = tmp_path / "out.sqfs"
+
+    def writer(pipe):
+        pipe.write(tarfile.TarInfo("same").tobuf() * 2)
+        for _ in range(64):  # far more than the pipe holds
+            pipe.write(bytes(1 << 20))
+
+    with pytest.raises(SquashfsError, match="tar2sqfs failed"):
+        squashfs_from_tar(writer, dest)
+    assert list(tmp_path.iterdir()) == []
