@@ -527,7 +527,9 @@ def _pack(final: _Built, definition: Definition, dest: Path, options: ConvertOpt
         if p.name.startswith(("10-", "90-", "91-")) and p.is_file()
     }
     apps: dict[str, dict[str, Any]] = {}
-    for name in definition.final.apps:
+    app_dir = resolve_inside(final.root, "/scif/apps")
+    # every app in the tree, also those a localimage base brought along
+    for name in sorted(p.name for p in app_dir.iterdir() if p.is_dir()) if app_dir.is_dir() else []:
         meta_dir = f"/scif/apps/{name}/scif"
         env = read(f"{meta_dir}/env/90-environment.sh")
         texts = {"runscript": "runscript", "test": "test", "helpfile": "runscript.help"}

@@ -216,6 +216,28 @@ def test_full_definition_per_local_agent(
     check_full_build(sif, bootstrap, sources[agent], busybox_image, tmp_path)
 
 
+def test_localimage_keeps_base_apps_and_history(
+    sources: dict[str, str], data_dir: Path, busybox_image: TestImage, tmp_path: Path
+) -> None:
+    base_def = write_def(tmp_path / "base.def", "oci", sources["oci"], data_dir)
+    base = tmp_path / "base.sif"
+    run_cli("build", str(base), str(base_def))
+    top_def = tmp_path / "top.def"
+    top_def.write_text(f"Bootstrap: localimage\nFrom: {base}\n%labels\n    Author other\n")
+    top = tmp_path / "top.sif"
+    run_cli("build", str(top), str(top_def))
+    assert inspect(top, "--list-apps") == "foo\n"
+    assert "Author: other\n" in inspect(top, "--labels")
+    assert inspect(top, "--runscript") == inspect(base, "--runscript")  # inherited
+    root = unpack(top, tmp_path / "root")
+    assert (root / ".singularity.d/bootstrap_history/Apptainer0").read_text() == base_def.read_text()
+    assert (root / ".singularity.d/Singularity").read_text() == top_def.read_text()
+    exe = peer_apptainer()
+    if exe is not None:  # Apptainer finds the base's app in our inspect metadata too
+        out = subprocess.run([exe, "inspect", "--list-apps", str(top)], capture_output=True, text=True)
+        assert out.stdout.split() == ["foo"]
+
+
 def test_docker_bootstrap_from_registry(
     registry_open: Registry,  # noqa: F811
     busybox_image: TestImage,
