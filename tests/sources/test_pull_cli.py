@@ -255,6 +255,15 @@ def test_oras_push_pull_cli_and_peer(registry_open, tmp_path) -> None:
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert (peer_dir / "peer.sif").read_bytes() == sif.read_bytes()
+        # and the other way: Apptainer pushes, hpcsif pulls
+        peer_ref = registry_open.ref("team/from-peer:1", transport="oras")
+        out = subprocess.run(
+            [peer, "push", str(sif), peer_ref], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        res = hpcsif(tmp_path, "pull", "--name", "from-peer.sif", peer_ref)
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "from-peer.sif").read_bytes() == sif.read_bytes()
     finally:
         shutil.rmtree(peer_dir, ignore_errors=True)
 
