@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 APT_PACKAGES = squashfs-tools squashfs-tools-ng squashfuse fuse3 bubblewrap busybox-static \
 	skopeo umoci zstd pigz docker-registry apache2-utils podman \
 	slurm-wlm slurm-client munge libslurm-dev gcc make \
-	openssh-server openssh-client debootstrap util-linux procps psmisc iproute2 gnupg
+	openssh-server openssh-client debootstrap util-linux procps psmisc iproute2 gnupg \
+	fuse-overlayfs libpmix2 libpmix-dev
 
 .PHONY: deps apt-deps py-deps demo test lint bench
 

@@ -9,7 +9,6 @@ test user can run it too.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -21,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.services.images import busybox_binary
+from tests.services.users import USER_PYTHON, TestUser, unpriv_user  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_USER = "hpcsif-eng"
 ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello world", "IMGVAR=image default"]
 ENTRYPOINT = ["/bin/printf", "<%s>\\n"]
 CMD = ["default cmd"]
@@ -117,21 +116,6 @@ def images(session_base: Path) -> Images:
     return Images(make_sif(sandbox, session_base / "busybox.sif"), sandbox, session_base)
 
 
-@pytest.fixture(scope="session")
-def unpriv_user() -> pwd.struct_passwd:
-    """An unprivileged user who can use /dev/fuse (created once; needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("creating the unprivileged test user needs root")
-    try:
-        user = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-m", "-s", "/bin/sh", TEST_USER], check=True)
-        user = pwd.getpwnam(TEST_USER)
-    # distributions ship /dev/fuse 0666; this VM does not
-    os.chmod("/dev/fuse", 0o666)
-    return user
-
-
 def hpcsif_cmd(*args: str) -> list[str]:
     """The command line of ``hpcsif ARGS…`` (run as a separate process)."""
     return [sys.executable, "-m", "hpcsif.cli.main", *args]
@@ -150,27 +134,19 @@ def _runtime_dir(session_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(RUNTIME["root"]))
 
 
-def as_user(user: pwd.struct_passwd, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
+def as_user(user: TestUser, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
     """*cmd* run as *user* (setpriv) with Debian's python3 (root's interpreter is not readable)."""
     if cmd[0] == sys.executable:
-        cmd = ["/usr/bin/python3", *cmd[1:]]
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": user.pw_dir,
-        "USER": user.pw_name,
-        "PYTHONPATH": str(ROOT),
-        "LANG": "C.UTF-8",
-        "XDG_RUNTIME_DIR": str(_user_runtime(user)),
-    }
-    pre = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
-    return pre + cmd, env
+        cmd = [USER_PYTHON, *cmd[1:]]
+    env = user.env({"PYTHONPATH": str(ROOT), "XDG_RUNTIME_DIR": str(_user_runtime(user))})
+    return user.command(cmd), env
 
 
-def _user_runtime(user: pwd.struct_passwd) -> Path:
+def _user_runtime(user: TestUser) -> Path:
     if "user" not in RUNTIME:
         RUNTIME["user"] = RUNTIME["root"].parent / "run-user"
         RUNTIME["user"].mkdir(mode=0o700)
-        os.chown(RUNTIME["user"], user.pw_uid, user.pw_gid)
+        os.chown(RUNTIME["user"], user.uid, user.gid)
     return RUNTIME["user"]
 
 

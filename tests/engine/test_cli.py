@@ -35,7 +35,7 @@ def run(request, images):
             input=stdin,
             env={**base_env, **(env or {})},
             timeout=timeout,
-            cwd=user.pw_dir,
+            cwd=user.home,
         )
 
     _run.user = user
@@ -49,8 +49,8 @@ def test_exec_identity_and_files(run, images):
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0] == str(os.getuid() if run.user is None else run.user.pw_uid)
-    assert lines[1] == ("root" if run.user is None else run.user.pw_name)
+    assert lines[0] == str(os.getuid() if run.user is None else run.user.uid)
+    assert lines[1] == ("root" if run.user is None else run.user.name)
     assert lines[2] == os.uname().nodename
     host = subprocess.run(["md5sum", "/etc/resolv.conf", "/etc/hosts"], capture_output=True, text=True).stdout
     assert lines[3:] == host.splitlines()  # the host's files, not the image's empty ones

@@ -1,0 +1,26 @@
+"""``srun -n 2 hpcsif exec --mpi …``: every rank runs in its own container and sees its Slurm/PMI env."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.conftest import ROOT, fuse_mounts, hpcsif_cmd
+from tests.services.slurm import slurm_cluster  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("plugin", "rank_var"), [("pmi2", "PMI_RANK"), ("pmix", "PMIX_RANK")])
+def test_srun_ranks_see_their_environment(images, slurm_cluster, plugin, rank_var):  # noqa: F811
+    script = f'echo "rank=$SLURM_PROCID pmi=${{{rank_var}:-}} ntasks=$SLURM_NTASKS leaked=${{NOT_PASSED:-}}"'
+    cmd = [
+        "srun",
+        "-n",
+        "2",
+        f"--mpi={plugin}",
+        *hpcsif_cmd("exec", "--cleanenv", "--mpi", "openmpi", str(images.sif), "sh", "-c", script),
+    ]
+    res = slurm_cluster.run(cmd, env={"PYTHONPATH": str(ROOT), "NOT_PASSED": "x"}, timeout=120)
+    lines = sorted(res.stdout.splitlines())
+    assert lines == [f"rank={r} pmi={r} ntasks=2 leaked=" for r in (0, 1)], res.stderr
+    assert not fuse_mounts()
