@@ -133,7 +133,7 @@ def run_pull(args: argparse.Namespace) -> int:
             target,
             options=convert_options(args),
             store=blob_store(args),
-            source_options=registry_options(args),
+            source_options={**registry_options(args), "progress": progress},
             progress=progress,
         )
     log.info("Pulled %s to %s", ref.raw, target)

@@ -360,8 +360,13 @@ class RegistryClient:
         return "sha256:" + hashlib.sha256(data).hexdigest()
 
     # -- blobs ---------------------------------------------------------------------------------
-    def fetch_blob(self, repo: str, desc: Descriptor, store: OCIStore) -> None:
-        """Bring one blob into ``store``, verified; a present blob is skipped."""
+    def fetch_blob(
+        self, repo: str, desc: Descriptor, store: OCIStore, on_bytes: Callable[[int], None] | None = None
+    ) -> None:
+        """Bring one blob into ``store``, verified; a present blob is skipped.
+
+        ``on_bytes(n)`` is called as data arrives (for progress bars).
+        """
         check_digest(desc.digest)
         if store.has_blob(desc.digest, desc.size):
             log.info("Skipping fetch of repeat blob %s", desc.digest)
@@ -372,7 +377,7 @@ class RegistryClient:
         for attempt in range(self.retries + 1):
             try:
                 with store.blob_writer(desc.digest, desc.size) as writer:
-                    self._download(repo, desc, writer, where)
+                    self._download(repo, desc, writer, where, on_bytes)
                 return
             except (IntegrityError, _RestartBlob) as exc:
                 last = exc
@@ -381,7 +386,14 @@ class RegistryClient:
                     self._sleep(attempt)
         raise IntegrityError(f"{where}: giving up after {self.retries + 1} downloads: {last}")
 
-    def _download(self, repo: str, desc: Descriptor, writer: BlobWriter, where: str) -> None:
+    def _download(
+        self,
+        repo: str,
+        desc: Descriptor,
+        writer: BlobWriter,
+        where: str,
+        on_bytes: Callable[[int], None] | None,
+    ) -> None:
         """Stream the blob into ``writer``, resuming with ``Range`` after a broken connection."""
         failures = 0
         while True:
@@ -408,6 +420,8 @@ class RegistryClient:
                     )
                 for block in resp.iter_content(STREAM_CHUNK):
                     writer.write(block)
+                    if on_bytes:
+                        on_bytes(len(block))
                     if writer.size > desc.size:
                         raise IntegrityError(f"{where}: more than the expected {desc.size} bytes")
                 return

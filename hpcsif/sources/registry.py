@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -156,6 +158,20 @@ class RegistrySource(Source):
         """Fetch manifest, config and layers (in parallel) into ``store``."""
         return self._with_fallback(ref, lambda client: self._fetch(client, ref, store))
 
+    def _progress(self, missing: list[Descriptor]) -> Callable[[int], None] | None:
+        """A thread-safe byte counter feeding the ``progress(stage, done, total)`` option, if any."""
+        progress = self.options.get("progress")
+        if not callable(progress) or not missing:
+            return None
+        total, done, lock = sum(d.size for d in missing), [0], threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with lock:
+                done[0] = min(done[0] + n, total)
+                progress("download", done[0], total)
+
+        return on_bytes
+
     def _fetch(self, client: RegistryClient, ref: Reference, store: OCIStore) -> Image:
         repo = ref.repository or ""
         mdesc, manifest = self._manifest(client, ref, store)
@@ -168,8 +184,9 @@ class RegistrySource(Source):
             self.options.get("parallel_downloads") or get_config().get("registry.parallel_downloads", 4)
         )
         blobs = [config, *sorted(layers, key=lambda d: -d.size)]  # biggest first: shortest wall time
+        on_bytes = self._progress([d for d in blobs if not store.has_blob(d.digest, d.size)])
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hpcsif-blob") as pool:
-            futures = [pool.submit(client.fetch_blob, repo, d, store) for d in blobs]
+            futures = [pool.submit(client.fetch_blob, repo, d, store, on_bytes) for d in blobs]
             try:
                 for f in futures:
                     f.result()

@@ -203,3 +203,15 @@ def test_mirror_is_tried_first_then_the_registry(
         _check_image(image, busybox_image)
     finally:
         set_config(None)
+
+
+def test_download_progress_counts_every_missing_byte(registry_open, busybox_image, tmp_path) -> None:
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1.0")
+    calls: list[tuple[str, int, int]] = []
+    image = _fetch(registry_open, "team/busybox:1.0", tmp_path, progress=lambda *a: calls.append(a))
+    total = sum(d.size for d in image.layers) + len(image.store.read_blob(image.config_digest))
+    assert calls[-1] == ("download", total, total)
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)
+    calls.clear()
+    _fetch(registry_open, "team/busybox:1.0", tmp_path, progress=lambda *a: calls.append(a))
+    assert calls == []  # nothing to download the second time
