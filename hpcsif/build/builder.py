@@ -259,6 +259,8 @@ class _StageBuilder:
             image = fetch_image(parse(reference(stage)), self.store, opts, self.options.source_options)
         except (SourceError, ReferenceError) as exc:  # same error, told where the reference came from
             raise type(exc)(f"{self.where}:{line}: {exc}") from exc
+        # the runscript runs ENTRYPOINT with CMD as default arguments; IncludeCmd (any non-empty
+        # value) asks for CMD in it, which this runscript always has; a %runscript replaces it later
         meta = md.for_image(
             image.config, bootstrap=stage.bootstrap, source=stage.source, arch=image.architecture
         )
