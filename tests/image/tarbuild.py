@@ -147,3 +147,53 @@ def squash_and_unpack(
     cmd = ["unsquashfs", "-q", "-no-progress", "-d", str(root), str(image)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return root, stats
+
+
+def oci_layout(directory: Path, layers: Sequence[LayerBlob], tag: str = "test") -> Path:
+    """An OCI image layout at ``directory`` holding ``layers`` (for umoci/skopeo)."""
+    import json
+    import shutil
+
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = sha(data)
+        (blobs / digest.split(":")[1]).write_bytes(data)
+        return digest
+
+    for lay in layers:
+        shutil.copyfile(lay.path, blobs / lay.digest.split(":")[1])
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [lay.diff_id for lay in layers]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": {"mediaType": mt.OCI_CONFIG, "digest": put(config), "size": len(config)},
+            "layers": [
+                {"mediaType": lay.media_type, "digest": lay.digest, "size": lay.path.stat().st_size}
+                for lay in layers
+            ],
+        }
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": mt.OCI_MANIFEST,
+                "digest": put(manifest),
+                "size": len(manifest),
+                "annotations": {mt.REF_NAME: tag},
+            }
+        ],
+    }
+    (directory / "index.json").write_text(json.dumps(index))
+    (directory / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    return directory

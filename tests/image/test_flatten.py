@@ -6,8 +6,11 @@ Every case runs twice: through tar2sqfs + unsquashfs (the SIF path) and through 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 
 from hpcsif.errors import DuplicateEntryError
 from hpcsif.image.layers import ExtraFile, extract_tree, flatten
-from tests.image.tarbuild import E, d, file, layer, link, opaque, squash_and_unpack, sym, whiteout
+from tests.image.tarbuild import E, d, file, layer, link, oci_layout, opaque, squash_and_unpack, sym, whiteout
 
 LONG = "deep/" + "/".join(["d" * 60] * 5) + "/" + "f" * 200  # > 255 bytes: PAX path header
 UNICODE = "données/ünïcödé-文件.txt"
@@ -287,3 +290,67 @@ def test_values_beyond_ustar_use_pax(tmp_path: Path):
     assert (members["owned"].uid, members["owned"].gid) == (big_uid, big_uid)
     root, _ = squash_and_unpack([lay], tmp_path)
     assert os.readlink(root / "longlink") == target
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    """Every path below ``root`` with its type, content digest, link target and owner."""
+    out = {}
+    for path in root.rglob("*"):
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        if stat.S_ISREG(st.st_mode):
+            out[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), st.st_nlink, st.st_uid)
+        elif stat.S_ISLNK(st.st_mode):
+            out[rel] = ("symlink", os.readlink(path), st.st_uid)
+        else:
+            out[rel] = (stat.S_IFMT(st.st_mode), st.st_uid)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("umoci") is None or os.geteuid() != 0, reason="needs umoci, as root")
+def test_same_tree_as_umoci(tmp_path: Path):
+    """Differential check against umoci's layer extraction on the cases where extraction and
+    overlay semantics agree (no device nodes, no writes below lower symlinks)."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    lower = layer(
+        blobs,
+        [
+            d("etc"),
+            file("etc/a", "a"),
+            file("etc/b", "b"),
+            d("etc/sub"),
+            file("etc/sub/c", "c"),
+            d("opq"),
+            file("opq/old", "old"),
+            file("shared", "S", uid=12),
+            link("shared-link", "shared"),
+            sym("abs", "/etc/a"),
+            d("gone"),
+            file("gone/x", "x"),
+        ],
+        "gzip",
+    )
+    upper = layer(
+        blobs,
+        [
+            file("etc/a", "A2"),
+            whiteout("etc/b"),
+            whiteout("gone"),
+            opaque("opq"),
+            file("opq/new", "new"),
+            file("etc/sub", "now a file"),
+            file(LONG, "long"),
+            file(UNICODE, "uni"),
+            file("app/bin", "bin", mode=0o755),
+            link("app/bin2", "app/bin"),
+        ],
+        "none",  # umoci 0.4 reads no zstd
+    )
+    layout = oci_layout(tmp_path / "layout", [lower, upper])
+    ref = tmp_path / "umoci"
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{layout}:test", str(ref)], check=True, capture_output=True
+    )
+    ours, _ = squash_and_unpack([lower, upper], tmp_path)
+    assert _tree(ours) == _tree(ref / "rootfs")
