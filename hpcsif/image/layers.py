@@ -11,7 +11,9 @@ directory merges with a lower one (the upper attributes win); ``.wh.NAME`` hides
 and ``.wh..wh..opq`` hides all lower children of its directory. Whiteouts apply only to
 lower layers and never appear in the output. A layer that has ``a/b`` but no ``a`` turns
 ``a`` into a directory in the merged view, hiding a lower non-directory ``a`` (e.g. a
-usr-merge symlink ``lib -> usr/lib``), exactly as overlayfs would. Directories are
+usr-merge symlink ``lib -> usr/lib``), exactly as overlayfs would (tar extraction, as
+umoci does it, would instead write through that symlink). AUFS bookkeeping entries
+(``.wh..wh.plnk``, ``.wh..wh.aufs``) are skipped. Directories are
 written last, once each, with the attributes of the topmost layer that has them.
 
 Duplicates inside one layer: the last entry wins, like tar extraction. Entries without
