@@ -7,11 +7,13 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 PYTEST_ARGS ?=
 
-# Debian packages the runtime, the demo and the tests need
+# Debian packages the runtime, the demo and the tests need (the python3-* ones let an unprivileged
+# test user, who cannot read root's Python, run hpcsif from this checkout with Debian's Python)
 APT_PACKAGES = squashfs-tools squashfs-tools-ng squashfuse fuse3 bubblewrap busybox-static \
 	skopeo umoci zstd pigz docker-registry apache2-utils podman \
 	slurm-wlm slurm-client munge libslurm-dev gcc make \
-	openssh-server openssh-client debootstrap util-linux procps psmisc iproute2 gnupg \
+	openssh-server openssh-client debootstrap util-linux procps psmisc iproute2 \
+	python3-filelock python3-requests python3-fsspec python3-paramiko python3-cryptography gnupg \
 	fuse-overlayfs libpmix2 libpmix-dev
 
 .PHONY: deps apt-deps py-deps demo test lint bench
