@@ -188,9 +188,9 @@ def _converter(layout: CacheLayout, req: Request) -> Producer:
         }
 
     if layout.shared:
-        from hpcsif.cache.shared import shared_store, tiered_producer
+        from hpcsif.cache.shared import tiered_producer
 
-        return tiered_producer(shared_store(layout.shared), req.key, req.name, convert, req.what)
+        return tiered_producer(layout.shared, req.key, req.name, convert, req.what)
     return convert
 
 

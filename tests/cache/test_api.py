@@ -222,3 +222,23 @@ def test_cache_list_and_clean(cache_env: CacheEnv, busybox_ref: str) -> None:
     run_cli("cache", "clean", "--force", "--type", "sif")
     assert not path.exists()
     assert "There are 0 container file(s)" in run_cli("cache", "list").stdout
+
+
+def test_fsspec_shared_tier(cache_env: CacheEnv, busybox_ref: str, tmp_path: Path, monkeypatch) -> None:
+    import fsspec
+
+    from hpcsif.config import set_config
+
+    url = f"memory://hpcsif-test-{os.getpid()}-{tmp_path.name}"
+    monkeypatch.setenv("HPCSIF_SHARED_CACHEDIR", url)
+    nodes = [tmp_path / "node1", tmp_path / "node2"]
+    paths = []
+    for node in nodes:
+        monkeypatch.setenv("HPCSIF_CACHEDIR", str(node))
+        set_config(None)
+        paths.append(ensure_image(busybox_ref))
+    assert [[r["event"] for r in CacheRoot(n).read_journal()] for n in nodes] == [["convert"], ["copy"]]
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    fs = fsspec.filesystem("memory")
+    assert fs.exists(f"{url}/sif/{paths[0].parent.name}/meta.json")
+    fs.rm(url.removeprefix("memory://"), recursive=True)
