@@ -342,7 +342,7 @@ class _Signals:
         if self.interactive and signum in _TTY_SIGNALS:
             return  # the terminal already sent it to the shell's process group
         if self.child:
-            _signal_payload(self.child, signum, self.pidns)
+            _signal_payload(self.child, signum, self.pidns, group=not self.interactive)
         else:
             self.pending.append(signum)
 
@@ -350,7 +350,7 @@ class _Signals:
         """The payload runs as *child*: deliver what arrived meanwhile."""
         self.child, self.pidns = child, pidns
         for signum in self.pending:
-            _signal_payload(child, signum, pidns)
+            _signal_payload(child, signum, pidns, group=not self.interactive)
 
     def restore(self) -> None:
         """Put back the previous handlers (idempotent)."""
@@ -415,8 +415,12 @@ def _child_pid(info: bytes) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _signal_payload(child: int, signum: int, pidns: bool) -> None:
-    """Send *signum* to the payload: bwrap's child, or its children when bwrap runs a PID-1 reaper."""
+def _signal_payload(child: int, signum: int, pidns: bool, group: bool) -> None:
+    """Send *signum* to the payload: bwrap's child, or its children when bwrap runs a PID-1 reaper.
+
+    With *group* (the payload leads its own session, ``--new-session``) the whole process group
+    gets it, as a terminal would deliver Ctrl-C: a shell's foreground child sees it too.
+    """
     targets = [child]
     if pidns:
         try:
@@ -425,6 +429,12 @@ def _signal_payload(child: int, signum: int, pidns: bool) -> None:
         except OSError:
             pass
     for pid in targets:
+        if group:
+            try:
+                os.killpg(pid, signum)
+                continue
+            except ProcessLookupError:
+                pass  # not a group leader (yet): signal the process itself
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 

@@ -212,10 +212,13 @@ def _wait_for(path, timeout=10.0):
     return False
 
 
-def test_sigterm_reaches_payload(images, pub_tmp):
+@pytest.mark.parametrize("flags", [[], ["--containall"]], ids=["shared-pid", "pid-namespace"])
+def test_sigterm_reaches_payload(images, pub_tmp, flags):
     ready, got = pub_tmp / "ready", pub_tmp / "got"
     script = f'trap "echo TERM > {got}; exit 7" TERM; touch {ready}; while :; do sleep 0.1; done'
-    proc = subprocess.Popen(hpcsif_cmd("exec", str(images.sif), "sh", "-c", script))
+    proc = subprocess.Popen(
+        hpcsif_cmd("exec", *flags, "-B", str(pub_tmp), str(images.sif), "sh", "-c", script)
+    )
     assert _wait_for(ready)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 7

@@ -49,3 +49,24 @@ def test_interactive_shell(images):
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 3
     assert not fuse_mounts()
+
+
+def test_exec_on_terminal_reads_input_and_ctrl_c_reaches_payload(images):
+    cmd = hpcsif_cmd(
+        "exec", str(images.sif), "sh", "-c", 'trap "echo got-INT; exit 9" INT; read x; echo "read=$x"; cat'
+    )
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(cmd[0], cmd)
+    try:
+        time.sleep(1.0)
+        os.write(fd, b"typed line\n")
+        assert b"read=typed line" in _read_until(fd, b"read=typed line")
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal signals our process group; hpcsif forwards it
+        assert b"got-INT" in _read_until(fd, b"got-INT")
+        _read_until(fd, b"\0", timeout=5)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 9
+    assert not fuse_mounts()
