@@ -129,3 +129,7 @@ class DuplicateEntryError(LayerError):
     hpcsif remembers the layer's repeated names, so a second pass writes only the last of
     each (:func:`hpcsif.sif.squashfs.squashfs_from_tar` retries once by itself).
     """
+
+
+class DaskImageError(HpcsifError):
+    """An image cannot run Dask workers for this client (no Python, no ``distributed``, or a mismatch)."""
