@@ -40,11 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_prolog(args: argparse.Namespace) -> int:
     """Run the prolog; exits 0 even when staging failed (the failure policy handles that)."""
-    from hpcsif.slurm.client import SlurmClient
+    from hpcsif.slurm.client import get_client
     from hpcsif.slurm.prolog import JobContext, run_prolog
 
     ctx = JobContext.from_env()
-    report = run_prolog(ctx, SlurmClient(), timeout=args.timeout)
+    report = run_prolog(ctx, get_client(), timeout=args.timeout)
     for o in report.outcomes:
         state = f"staged {o.path}" if o.ok else f"FAILED: {o.error}"
         print(f"job {ctx.job_id}: {o.ref} ({o.seconds:.2f} s): {state}", flush=True)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hpcsif.config import get_config
 from hpcsif.errors import ConfigError, HpcsifError
 from hpcsif.slurm.jobrecord import AdminComment, ImageOutcome
+
+if TYPE_CHECKING:
+    from hpcsif.slurm.client import SlurmClient
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def failure_policy() -> str:
     return policy
 
 
-def apply_failure_policy(job_id: str, failed: Sequence[ImageOutcome], client: Any) -> str:
+def apply_failure_policy(job_id: str, failed: Sequence[ImageOutcome], client: SlurmClient) -> str:
     """Record ``failed`` on the job and act per the policy; returns the policy applied.
 
     Problems while recording (Slurm unreachable …) are logged, not raised: the prolog's
@@ -49,9 +52,7 @@ def apply_failure_policy(job_id: str, failed: Sequence[ImageOutcome], client: An
     for outcome in failed:
         log.error("job %s: cannot stage %s: %s", job_id, outcome.ref, outcome.error)
     try:
-        info = client.job_info(job_id)
-        current = info.get("admin_comment") if isinstance(info, dict) else info.admin_comment
-        comment = AdminComment.parse(current)
+        comment = AdminComment.parse(client.job_info(job_id)["admin_comment"])
         for outcome in failed:
             comment.errors[outcome.ref] = outcome.error or "unknown error"
         client.set_admin_comment(job_id, comment.format())
@@ -60,10 +61,7 @@ def apply_failure_policy(job_id: str, failed: Sequence[ImageOutcome], client: An
     if policy == "record":
         return policy
     try:
-        if policy == "hold":
-            client.requeue(job_id, hold=True)
-        else:
-            client.requeue(job_id)
+        client.requeue(job_id, hold=policy == "hold")
         log.warning("job %s: %s because staging failed", job_id, "held" if policy == "hold" else "requeued")
     except (HpcsifError, OSError) as exc:
         log.error("job %s: cannot %s the job: %s", job_id, policy, exc)

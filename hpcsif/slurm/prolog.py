@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 class JobClient(Protocol):
     """The part of :class:`hpcsif.slurm.client.SlurmClient` the prolog uses."""
 
-    def job_info(self, job_id: str) -> Any: ...
+    def job_info(self, job_id: str) -> dict[str, Any]: ...
     def batch_script(self, job_id: str) -> str | None: ...
     def set_admin_comment(self, job_id: str, text: str) -> None: ...
+    def requeue(self, job_id: str, hold: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -151,17 +152,11 @@ def pin_reference(
 
 
 def _admin_comment(client: JobClient, job_id: str) -> str | None:
-    info = client.job_info(job_id)
-    if isinstance(info, Mapping):
-        return info.get("admin_comment")
-    return getattr(info, "admin_comment", None)
+    return client.job_info(job_id)["admin_comment"]
 
 
 def _comment(client: JobClient, job_id: str) -> str | None:
-    info = client.job_info(job_id)
-    if isinstance(info, Mapping):
-        return info.get("comment")
-    return getattr(info, "comment", None)
+    return client.job_info(job_id)["comment"]
 
 
 # --- staging -----------------------------------------------------------------------------------
@@ -187,8 +182,10 @@ def stage_for_job(ref: str, job_id: str, root: Path) -> tuple[Path, str]:
     raise SlurmError(f"{ref} was evicted from {root} three times while staging it")
 
 
-def _stage_all(requests: list[ImageRequest], ctx: JobContext, client: JobClient, root: Path) -> list:
-    outcomes = []
+def _stage_all(
+    requests: list[ImageRequest], ctx: JobContext, client: JobClient, root: Path
+) -> list[ImageOutcome]:
+    outcomes: list[ImageOutcome] = []
     for req in requests:
         outcome = ImageOutcome(ref=req.ref)
         started = time.monotonic()

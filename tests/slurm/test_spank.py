@@ -37,7 +37,7 @@ def test_srun_task_runs_in_the_image(hpcsif_cluster: HpcsifCluster, os_ref: str,
     assert proc.stdout.count('PRETTY_NAME="hpcsif test OS 6"') == 2, proc.stdout + proc.stderr
     # srun made its own allocation, so the prolog staged the image on both nodes first
     for node in hpcsif_cluster.nodes:
-        assert list((hpcsif_cluster.syscache(node) / "sif").glob("*/os_0.sif")), node
+        assert list((hpcsif_cluster.syscache(node) / "sif").glob("*/os.sif")), node
     assert not list((tmp_path / "user-cache").glob("sif/*/*.sif")), "the task converted the image itself"
 
 
