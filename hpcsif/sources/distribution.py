@@ -33,9 +33,10 @@ from hpcsif.errors import AuthError, IntegrityError, NetworkError, NotFoundError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import check_digest
 from hpcsif.image.model import Descriptor
-from hpcsif.image.store import BlobWriter, OCIStore
+from hpcsif.image.store import OCIStore
 from hpcsif.refs import DOCKER_HUB
 from hpcsif.sources.credentials import Credentials, auth_hint
+from hpcsif.sources.partial import PartialBlob, partial_blob
 
 log = logging.getLogger(__name__)
 
@@ -368,29 +369,37 @@ class RegistryClient:
         ``on_bytes(n)`` is called as data arrives (for progress bars).
         """
         check_digest(desc.digest)
-        if store.has_blob(desc.digest, desc.size):
-            log.info("Skipping fetch of repeat blob %s", desc.digest)
-            return
-        log.info("Copying blob %s", desc.digest)
         where = f"{self.registry}/{repo}@{desc.digest}"
         last: Exception | None = None
         for attempt in range(self.retries + 1):
-            try:
-                with store.blob_writer(desc.digest, desc.size) as writer:
-                    self._download(repo, desc, writer, where, on_bytes)
-                return
-            except (IntegrityError, _RestartBlob) as exc:
-                last = exc
-                log.warning("%s: discarding the download (%s); fetching it again", where, exc)
-                if attempt < self.retries:
-                    self._sleep(attempt)
+            with partial_blob(store, desc.digest, desc.size) as part:
+                if part is None:
+                    log.info("Skipping fetch of repeat blob %s", desc.digest)
+                    return
+                if part.resumed_from:
+                    log.info("Resuming blob %s at byte %d", desc.digest, part.resumed_from)
+                else:
+                    log.info("Copying blob %s", desc.digest)
+                try:
+                    self._download(repo, desc, part, where, on_bytes)
+                    part.commit()
+                    return
+                except _RestartBlob as exc:
+                    part.discard()
+                    last = exc
+                except IntegrityError as exc:
+                    last = exc  # commit() already deleted the bad download
+                    part.discard()
+            log.warning("%s: discarding the download (%s); fetching it again", where, last)
+            if attempt < self.retries:
+                self._sleep(attempt)
         raise IntegrityError(f"{where}: giving up after {self.retries + 1} downloads: {last}")
 
     def _download(
         self,
         repo: str,
         desc: Descriptor,
-        writer: BlobWriter,
+        writer: PartialBlob,
         where: str,
         on_bytes: Callable[[int], None] | None,
     ) -> None:

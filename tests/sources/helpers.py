@@ -8,9 +8,15 @@ from pathlib import Path
 from hpcsif.config import Config, set_config
 
 
-def assert_store_sound(root: Path) -> int:
-    """Every blob under ``root`` hashes to its name and no temp file is left; returns the count."""
+def assert_store_sound(root: Path, partials: bool = False) -> int:
+    """Every blob under ``root`` hashes to its name and no temp file is left; returns the count.
+
+    ``partials``: interrupted downloads may remain in ``.partial/`` (kept for a resume).
+    """
     blobs = root / "blobs" / "sha256"
+    if not partials and (root / ".partial").is_dir():
+        left = [p.name for p in (root / ".partial").iterdir() if not p.name.endswith(".lock")]
+        assert not left, f"leftover partial downloads: {left}"
     names = sorted(p.name for p in blobs.iterdir())
     assert not [n for n in names if n.startswith(".")], f"leftover temporary files: {names}"
     for name in names:

@@ -88,11 +88,31 @@ def test_persistently_wrong_blob_fails_clearly_and_keeps_nothing(proxy, busybox_
     assert not OCIStore(tmp_path).has_blob(busybox_image.layer_digests[0])
 
 
-def test_persistent_resets_fail_clearly(proxy, tmp_path) -> None:
+def test_persistent_resets_fail_clearly_and_the_next_pull_resumes(proxy, busybox_image, tmp_path) -> None:
     proxy.arm(reset=100)
     with pytest.raises(NetworkError, match=r"download failed after 3 tries"):
         _pull(proxy, tmp_path, retries=2)
-    assert_store_sound(tmp_path)
+    assert_store_sound(tmp_path, partials=True)
+    layer = busybox_image.layer_digests[0]  # the only blob large enough to be reset
+    kept = (tmp_path / ".partial" / layer[7:]).stat().st_size
+    assert kept > 0
+    proxy.arm()
+    _assert_complete(_pull(proxy, tmp_path), busybox_image, tmp_path)
+    assert proxy.ranges == [f"bytes={kept}-"]
+
+
+@pytest.mark.parametrize("garbage", [False, True])
+def test_partial_left_by_another_process(proxy, busybox_image, tmp_path, garbage) -> None:
+    layer = busybox_image.layer_digests[0]
+    data = (busybox_image.layout / "blobs" / "sha256" / layer[7:]).read_bytes()
+    half = data[: len(data) // 2]
+    (tmp_path / ".partial").mkdir()
+    (tmp_path / ".partial" / layer[7:]).write_bytes(bytes(len(half)) if garbage else half)
+    proxy.arm()
+    _assert_complete(_pull(proxy, tmp_path), busybox_image, tmp_path)
+    # resumed at the half; a garbage prefix fails verification and the blob is fetched whole
+    assert proxy.ranges == [f"bytes={len(half)}-"]
+    assert OCIStore(tmp_path).read_blob(layer) == data
 
 
 def test_redirect_to_other_host_does_not_leak_authorization(proxy, busybox_image, tmp_path) -> None:
