@@ -215,3 +215,34 @@ def test_download_progress_counts_every_missing_byte(registry_open, busybox_imag
     calls.clear()
     _fetch(registry_open, "team/busybox:1.0", tmp_path, progress=lambda *a: calls.append(a))
     assert calls == []  # nothing to download the second time
+
+
+def test_a_blob_another_process_is_downloading_is_waited_for(
+    registry_open, busybox_image, tmp_path, caplog
+) -> None:
+    import threading
+
+    from filelock import FileLock
+
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1.0")
+    layer = busybox_image.layer_digests[0]
+    (tmp_path / ".partial").mkdir()
+    other = FileLock(str(tmp_path / ".partial" / f"{layer[7:]}.lock"))
+    other.acquire()  # "another process" owns the download of the big layer
+    result: list[object] = []
+    with caplog.at_level(logging.INFO, logger="hpcsif"):
+        worker = threading.Thread(
+            target=lambda: result.append(_fetch(registry_open, "team/busybox:1.0", tmp_path))
+        )
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and not result
+        # the other process finishes: the blob appears, the lock is released
+        shutil.copy(
+            busybox_image.layout / "blobs" / "sha256" / layer[7:], tmp_path / "blobs" / "sha256" / layer[7:]
+        )
+        other.release()
+        worker.join(30)
+    _check_image(result[0], busybox_image)
+    assert f"waiting for another process downloading blob {layer}" in caplog.text
+    assert f"Skipping fetch of repeat blob {layer}" in caplog.text
