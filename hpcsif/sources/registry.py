@@ -26,7 +26,7 @@ from hpcsif.image.select import load_image, resolve_manifest
 from hpcsif.image.store import OCIStore
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
-from hpcsif.sources.credentials import Credentials, find_credentials
+from hpcsif.sources.credentials import Credentials, find_credentials, from_docker_config
 from hpcsif.sources.distribution import RegistryClient
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,11 @@ def is_loopback(registry: str) -> bool:
 def make_clients(
     registry: str, *, credentials: Credentials | None = None, insecure: bool = False, **kwargs: Any
 ) -> list[RegistryClient]:
-    """Clients for the configured mirrors of ``registry`` (in order), then the registry itself."""
+    """Clients for the configured mirrors of ``registry`` (in order), then the registry itself.
+
+    Mirrors come from the ``registry.mirrors`` table (``"index.docker.io" = ["https://m.example"]``);
+    plain HTTP is used for ``registry.insecure`` entries, loopback registries and ``insecure``.
+    """
     cfg = get_config()
     creds = find_credentials(registry, credentials)
     plain = insecure or registry in (cfg.get("registry.insecure") or []) or is_loopback(registry)
@@ -64,7 +68,8 @@ def make_clients(
     clients = [
         RegistryClient(
             registry,
-            credentials=find_credentials(mirror.split("://")[-1], credentials),
+            # a mirror gets only its own config.json entry, never the registry's credentials
+            credentials=from_docker_config(mirror.split("://")[-1].rstrip("/")),
             endpoint=mirror,
             **opts,
         )
