@@ -3,7 +3,9 @@
 :class:`FaultProxy` forwards every request to the upstream registry and, for the first N
 matching requests of each armed fault, misbehaves instead:
 
-* ``reset``: send a large (> 64 KiB) blob's headers and half its body, then reset the connection;
+* ``reset``: send a large (> 64 KiB) blob's headers and half its body, then reset the connection
+  (TCP RST: the client may lose what it had not read yet);
+* ``cut``: the same, but close the connection normally (FIN: the half sent stays readable);
 * ``short``: send a blob body that is 100 bytes short with a matching Content-Length;
 * ``wrong``: send a blob body of the right length with flipped bytes;
 * ``error500``: answer 500 to any request;
@@ -187,7 +189,10 @@ class FaultProxy(_Base):
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP | {"content-length"}}
                 if blob and resp.status_code in (200, 206) and len(data) > 200:
                     if len(data) > 65536 and proxy._take("reset"):
-                        self._reset(resp.status_code, out, data)
+                        self._cut(resp.status_code, out, data, reset=True)
+                        return
+                    if len(data) > 65536 and proxy._take("cut"):
+                        self._cut(resp.status_code, out, data, reset=False)
                         return
                     if proxy._take("short"):
                         data = data[:-100]
@@ -202,7 +207,7 @@ class FaultProxy(_Base):
                     return
                 self._reply(resp.status_code, out, data)
 
-            def _reset(self, status: int, headers: dict[str, str], data: bytes) -> None:
+            def _cut(self, status: int, headers: dict[str, str], data: bytes, reset: bool) -> None:
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -210,9 +215,12 @@ class FaultProxy(_Base):
                 self.end_headers()
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
-                time.sleep(0.2)  # let the client read what was sent: a reset discards unread data
-                # SO_LINGER 0: close with a TCP reset, as a dying load balancer would
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if reset:
+                    time.sleep(0.2)  # give the client a chance to read: a reset discards unread data
+                    # SO_LINGER 0: close with a TCP reset, as a dying load balancer would
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    self.connection.shutdown(socket.SHUT_WR)
                 self.close_connection = True
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward

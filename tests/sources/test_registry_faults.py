@@ -44,11 +44,19 @@ def _assert_complete(image, busybox_image: TestImage, store: Path) -> None:
     assert assert_store_sound(store) == 2 + len(busybox_image.layer_digests)
 
 
-def test_reset_mid_blob_resumes_with_range(proxy, busybox_image, tmp_path) -> None:
+def test_reset_mid_blob_is_survived(proxy, busybox_image, tmp_path) -> None:
     proxy.arm(reset=2)
     image = _pull(proxy, tmp_path)
     assert proxy.fired["reset"] == 2
-    assert proxy.ranges and all(r.startswith("bytes=") and not r.startswith("bytes=0-") for r in proxy.ranges)
+    _assert_complete(image, busybox_image, tmp_path)
+
+
+def test_connection_cut_mid_blob_resumes_with_range(proxy, busybox_image, tmp_path) -> None:
+    proxy.arm(cut=2)
+    image = _pull(proxy, tmp_path)
+    assert proxy.fired["cut"] == 2
+    # both resumptions asked for the rest only
+    assert len(proxy.ranges) == 2 and not any(r.startswith("bytes=0-") for r in proxy.ranges)
     _assert_complete(image, busybox_image, tmp_path)
 
 
@@ -88,12 +96,12 @@ def test_persistently_wrong_blob_fails_clearly_and_keeps_nothing(proxy, busybox_
     assert not OCIStore(tmp_path).has_blob(busybox_image.layer_digests[0])
 
 
-def test_persistent_resets_fail_clearly_and_the_next_pull_resumes(proxy, busybox_image, tmp_path) -> None:
-    proxy.arm(reset=100)
+def test_persistent_cuts_fail_clearly_and_the_next_pull_resumes(proxy, busybox_image, tmp_path) -> None:
+    proxy.arm(cut=100)
     with pytest.raises(NetworkError, match=r"download failed after 3 tries"):
         _pull(proxy, tmp_path, retries=2)
     assert_store_sound(tmp_path, partials=True)
-    layer = busybox_image.layer_digests[0]  # the only blob large enough to be reset
+    layer = busybox_image.layer_digests[0]  # the only blob large enough to be cut
     kept = (tmp_path / ".partial" / layer[7:]).stat().st_size
     assert kept > 0
     proxy.arm()
