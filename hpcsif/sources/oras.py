@@ -29,6 +29,14 @@ TITLE = "org.opencontainers.image.title"
 _CONFIG = b"{}"
 
 
+def _is_sif(path: Path) -> bool:
+    """True if the file starts with a SIF header (launch line, then the magic)."""
+    from hpcsif.sif.format import LAUNCH_LEN, MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(LAUNCH_LEN + len(MAGIC))[LAUNCH_LEN:] == MAGIC
+
+
 def _client(ref: Reference, credentials: Credentials | None, insecure: bool):  # -> RegistryClient
     from hpcsif.sources.registry import make_clients
 
@@ -48,9 +56,8 @@ def push_sif(
     path = Path(sif)
     if not path.is_file():
         raise SourceError(f"{path}: no such SIF file")
-    with open(path, "rb") as f:
-        if f.read(64).find(b"SIF_MAGIC") < 0:
-            raise SourceError(f"{path}: not a SIF file")
+    if not _is_sif(path):
+        raise SourceError(f"{path}: not a SIF file")
     client = _client(ref, credentials, insecure)
     repo = ref.repository or ""
     size = path.stat().st_size
@@ -93,6 +100,8 @@ def pull_sif(
         found = ", ".join(sorted({d.media_type for d in layers})) or "no layers"
         raise SourceError(f"{ref}: not a SIF artifact (expected one {mt.SIF_LAYER} layer, found {found})")
     client.fetch_blob(repo, sifs[0], store)
+    if not _is_sif(store.blob_path(sifs[0].digest)):
+        raise SourceError(f"{ref}: the artifact's {mt.SIF_LAYER} layer is not a SIF file")
     dest = Path(dest)
     with atomic_output(dest, 0o755) as out, open(store.blob_path(sifs[0].digest), "rb") as src:
         shutil.copyfileobj(src, out, 1 << 20)

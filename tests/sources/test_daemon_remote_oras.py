@@ -143,3 +143,28 @@ def test_docker_source_refuses_an_oras_artifact(registry_open, small_sif, tmp_pa
     ref = parse(registry_open.ref("team/small:2"))
     with pytest.raises(SourceError, match="pull it with oras://"):
         get_source(ref).fetch(ref, OCIStore(tmp_path))
+
+
+def test_oras_refuses_non_sif_files(registry_open, tmp_path) -> None:
+    from hpcsif.image.digest import sha256_bytes
+
+    fake = tmp_path / "fake.sif"
+    fake.write_bytes(b"#!/bin/sh\necho not a sif\n" * 10)
+    ref = parse(registry_open.ref("team/fake:1", transport="oras"))
+    with pytest.raises(SourceError, match="not a SIF file"):
+        push_sif(fake, ref)
+    # an artifact that claims to be a SIF but is not
+    client = RegistryClient(registry_open.host, insecure=True)
+    data, config = fake.read_bytes(), b"{}"
+    client.push_blob("team/fake", sha256_bytes(data), len(data), data)
+    client.push_blob("team/fake", sha256_bytes(config), len(config), config)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.SIF_CONFIG, "digest": sha256_bytes(config), "size": 2},
+        "layers": [{"mediaType": mt.SIF_LAYER, "digest": sha256_bytes(data), "size": len(data)}],
+    }
+    client.put_manifest("team/fake", "1", json.dumps(manifest).encode(), mt.OCI_MANIFEST)
+    with pytest.raises(SourceError, match="layer is not a SIF file"):
+        pull_sif(ref, tmp_path / "out.sif", OCIStore(tmp_path / "store"))
+    assert not (tmp_path / "out.sif").exists()
