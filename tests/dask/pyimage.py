@@ -119,8 +119,8 @@ def _restamp_pyc(data: bytes) -> bytes:
     return data[:8] + (MTIME & 0xFFFFFFFF).to_bytes(4, "little") + data[12:]
 
 
-def image_spec(busybox: Path) -> ImageSpec:
-    """The image: busybox, the marker, the interpreter, stdlib, packages and their libraries."""
+def python_rootfs(busybox: Path, *, packages: bool = True) -> bytes:
+    """The rootfs layer: busybox, the marker, the interpreter, stdlib, (packages) and libraries."""
     python, stdlib, site = _python(), _stdlib(), _site_packages()
     pyname = python.name  # python3.11
     libpy = f"{PREFIX}/lib/{stdlib.name}"
@@ -132,7 +132,7 @@ def image_spec(busybox: Path) -> ImageSpec:
     stdlib_files = list(_stdlib_files())
     for f in stdlib_files:
         add(f"{libpy}/{f.relative_to(stdlib)}", f)
-    package_files = list(_dist_files(distributions()))
+    package_files = list(_dist_files(distributions())) if packages else []
     for f in package_files:
         add(f"{libpy}/site-packages/{f.relative_to(site)}", f)
     add(f"{PREFIX}/bin/{pyname}", python, 0o755)
@@ -141,10 +141,8 @@ def image_spec(busybox: Path) -> ImageSpec:
         add(f"{LIBDIR}/{soname}", src, 0o755)
     add("lib64/ld-linux-x86-64.so.2", _loader(), 0o755)
 
-    entries = [Entry("bin", mode=0o755), Entry("bin/busybox", busybox.read_bytes(), 0o755)]
-    entries += [Entry(f"bin/{a}", symlink="busybox") for a in APPLETS]
-    entries += [Entry("etc", mode=0o755), Entry(MARKER.lstrip("/"), MARKER_TEXT)]
-    entries += [Entry(d, mode=0o755) for d in ("tmp", "root", "proc", "dev", "sys", "home", "usr", "lib64")]
+    entries = [*_busybox_entries(busybox), Entry(MARKER.lstrip("/"), MARKER_TEXT)]
+    entries += [Entry(d, mode=0o755) for d in ("usr", "lib64")]
     entries += [Entry("lib", symlink="usr/lib")]
     made = {"usr", "lib64"}
     for dest in sorted(files):
@@ -161,20 +159,44 @@ def image_spec(busybox: Path) -> ImageSpec:
         Entry(f"{PREFIX}/bin/python3", symlink=pyname),
         Entry(f"{PREFIX}/bin/python", symlink=pyname),
     ]
-    return ImageSpec(
-        layers=[layer_tar(entries)],
-        cmd=[f"/{PREFIX}/bin/python3"],
-        env=["PATH=/usr/local/bin:/usr/bin:/bin"],
-        labels={"org.hpcsif.test": "dask"},
-    )
+    return layer_tar(entries)
 
 
-def no_distributed_spec(busybox: Path) -> ImageSpec:
-    """An image with busybox and no Python at all (the version check must refuse it)."""
+def _busybox_entries(busybox: Path) -> list[Entry]:
     entries = [Entry("bin", mode=0o755), Entry("bin/busybox", busybox.read_bytes(), 0o755)]
     entries += [Entry(f"bin/{a}", symlink="busybox") for a in APPLETS]
-    entries += [Entry(d, mode=0o755) for d in ("etc", "tmp", "proc", "dev", "sys", "home", "root")]
-    return ImageSpec(layers=[layer_tar(entries)], cmd=["/bin/sh"])
+    return entries + [Entry(d, mode=0o755) for d in ("etc", "tmp", "root", "proc", "dev", "sys", "home")]
+
+
+def _other_release_layer() -> bytes:
+    """A layer rewriting distributed's installed version to a release from a year before."""
+    dist = md.distribution("distributed")
+    meta = next(f for f in dist.files or [] if f.name == "METADATA" and f.parent.name.endswith(".dist-info"))
+    year, _, rest = dist.version.partition(".")
+    older = f"{int(year) - 1}.{rest}"
+    text = Path(dist.locate_file(meta)).read_text()
+    text = re.sub(r"(?m)^Version: .*$", f"Version: {older}", text, count=1)
+    dest = f"{PREFIX}/lib/{_stdlib().name}/site-packages/{meta}"
+    return layer_tar([Entry(dest, text.encode())])
+
+
+#: the images the tests use: a Python with distributed, one without, one with another release
+VARIANTS = ("dask", "no-dask", "other-release", "no-python")
+
+
+def image_spec(busybox: Path, variant: str = "dask") -> ImageSpec:
+    """One of :data:`VARIANTS`."""
+    if variant == "no-python":
+        layers = [layer_tar(_busybox_entries(busybox))]
+    elif variant == "no-dask":
+        layers = [python_rootfs(busybox, packages=False)]
+    elif variant == "other-release":
+        layers = [python_rootfs(busybox), _other_release_layer()]
+    elif variant == "dask":
+        layers = [python_rootfs(busybox)]
+    else:
+        raise ValueError(f"unknown test image variant {variant!r} (one of {', '.join(VARIANTS)})")
+    return ImageSpec(layers=layers, cmd=["/bin/sh"], env=["PATH=/usr/local/bin:/usr/bin:/bin"])
 
 
 def cache_key() -> str:
@@ -188,16 +210,16 @@ def cache_key() -> str:
     return h.hexdigest()[:16]
 
 
-def build_archive(cache_dir: Path, busybox: Path) -> Path:
+def build_archive(cache_dir: Path, busybox: Path, variant: str = "dask") -> Path:
     """The ``docker save`` archive of :func:`image_spec`, built once per key into ``cache_dir``."""
     from filelock import FileLock
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    dest = cache_dir / f"dask-python-{cache_key()}.tar"
+    dest = cache_dir / f"{variant}-{cache_key()}.tar"
     with FileLock(str(dest) + ".lock"):
         if not dest.exists():
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-            write_docker_archive(tmp, [("hpcsif-test/dask-python:latest", image_spec(busybox))])
+            write_docker_archive(tmp, [(f"hpcsif-test/{variant}:latest", image_spec(busybox, variant))])
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             tmp.replace(dest)
