@@ -1,11 +1,14 @@
 """``hpcsif stage``: put images into node caches ahead of the jobs that need them.
 
-* ``hpcsif stage REF…``: here, through the cache (converted once, then a cache hit);
+* ``hpcsif stage REF…``: here, through the cache (converted once, then a cache hit); prints
+  ``REF<TAB>PATH`` per image;
 * ``hpcsif stage --slurm REF…``: inside an allocation, once on every node of it, through
   ``srun --ntasks-per-node=1 -N $SLURM_NNODES hpcsif stage REF…``;
-* ``hpcsif stage --nodes 'node[01-04,07]' REF…``: over SSH on each node (bounded parallelism,
-  per-node timeout), with a table of per-node results; exits non-zero if any node failed.
-  ``--from NODE`` copies the SIF over SFTP from a node that has it instead of staging remotely.
+* ``hpcsif stage --nodes 'node[01-04,07]' REF…``: over SSH on each node (paramiko, bounded
+  parallelism, per-node timeout, host keys from known_hosts), with a table of per-node results;
+  exits 1 if any node failed. With ``--from NODE`` the image is staged on NODE only and its
+  cache entry copied over SFTP to the others (for nodes that cannot reach the registry, or to
+  convert once).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import argparse
 import os
 import shlex
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,34 +31,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--nodes", metavar="HOSTLIST", help="stage over SSH on these nodes (node[01-04,07])")
     where.add_argument("--slurm", action="store_true", help="stage on every node of the current allocation")
-    p.add_argument(
-        "--system", action="store_true", help="stage into the system cache (cache.system_dir; root)"
+    where.add_argument(
+        "--where", action="store_true", help="print the cache directory staging uses, and exit"
     )
-    p.add_argument(
-        "--from", dest="from_node", metavar="NODE", help="with --nodes: copy the SIF from NODE over SFTP"
+    p.add_argument("--system", action="store_true", help="use the system cache (cache.system_dir; as root)")
+    ssh = p.add_argument_group("SSH (with --nodes)")
+    ssh.add_argument(
+        "--from", dest="from_node", metavar="NODE", help="stage on NODE, copy to the rest over SFTP"
     )
-    p.add_argument("--parallel", type=int, help="with --nodes: nodes at once (default: remote.ssh_parallel)")
-    p.add_argument(
-        "--timeout", type=float, help="with --nodes: seconds per node (default: remote.ssh_timeout)"
+    ssh.add_argument("--parallel", type=int, help="nodes at once (default: remote.ssh_parallel)")
+    ssh.add_argument("--timeout", type=float, help="seconds per node (default: remote.ssh_timeout)")
+    ssh.add_argument("--port", type=int, help="SSH port (default: remote.ssh_port or 22)")
+    ssh.add_argument("--user", help="SSH user (default: remote.ssh_user or the current user)")
+    ssh.add_argument("-i", "--identity", metavar="KEYFILE", help="private key (default: agent, ~/.ssh keys)")
+    ssh.add_argument("--known-hosts", metavar="FILE", help="host keys (default: ~/.ssh/known_hosts)")
+    ssh.add_argument(
+        "--remote-command", metavar="CMD", default="hpcsif", help="hpcsif on the nodes (default: hpcsif)"
     )
-    p.add_argument(
-        "--remote-command", metavar="CMD", help="with --nodes: hpcsif command on the nodes (default: hpcsif)"
-    )
-    p.add_argument("refs", nargs="+", metavar="REF", help="image references")
+    p.add_argument("refs", nargs="*", metavar="REF", help="image references")
     p.set_defaults(func=cmd_stage)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    """Dispatch to local, --slurm or --nodes staging."""
+    """Dispatch to local, --slurm, --nodes or --where."""
+    from hpcsif.errors import UsageError
+
+    if args.where:
+        print(_cache_root(args.system))
+        return 0
+    if not args.refs:
+        raise UsageError("stage: name at least one image reference")
+    if args.from_node and not args.nodes:
+        raise UsageError("--from needs --nodes")
     if args.nodes:
         return _stage_nodes(args)
-    if args.from_node:
-        from hpcsif.errors import UsageError
-
-        raise UsageError("--from needs --nodes")
     if args.slurm:
         return _stage_slurm(args)
     return _stage_local(args)
+
+
+def _cache_root(system: bool) -> str:
+    """The cache root this process stages into."""
+    if system:
+        from hpcsif.slurm.prolog import system_dir
+
+        return str(system_dir())
+    from hpcsif.cache.layout import cache_layout
+
+    return str(cache_layout().user.path)
 
 
 def _stage_local(args: argparse.Namespace) -> int:
@@ -79,19 +104,10 @@ def _stage_slurm(args: argparse.Namespace) -> int:
     nnodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES")
     if not os.environ.get("SLURM_JOB_ID") or not nnodes:
         raise UsageError("--slurm works inside a Slurm allocation (SLURM_JOB_ID and SLURM_NNODES unset)")
-    cmd = [
-        "srun",
-        "--ntasks-per-node=1",
-        "-N",
-        nnodes,
-        "--label",
-        *_self_command(),
-        "stage",
-        *(["--system"] if args.system else []),
-        *args.refs,
-    ]
+    cmd = ["srun", "--ntasks-per-node=1", "-N", nnodes, "--label", *_self_command(), "stage"]
+    cmd += ["--system"] if args.system else []
     sys.stdout.flush()
-    os.execvp(cmd[0], cmd)
+    os.execvp(cmd[0], [*cmd, *args.refs])
     return 127  # not reached
 
 
@@ -103,10 +119,147 @@ def _self_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "hpcsif.cli.main"]
 
 
+# --- over SSH ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the per-node table."""
+
+    node: str
+    ok: bool
+    seconds: float
+    detail: str
+
+
+def _ssh_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for hpcsif.remote.ssh from flags, else config ``remote.*``."""
+    from hpcsif.config import get_config
+
+    cfg = get_config()
+    return {
+        "port": args.port or int(cfg.get("remote.ssh_port", 22)),
+        "user": args.user or cfg.get("remote.ssh_user") or None,
+        "key_filename": args.identity,
+        "known_hosts": args.known_hosts,
+        "auto_add": bool(cfg.get("remote.auto_add_host_keys")),
+        "timeout": args.timeout or float(cfg.get("remote.ssh_timeout")),
+    }
+
+
+def _staged_paths(stdout: str) -> list[str]:
+    """The paths in ``hpcsif stage`` output (``REF<TAB>PATH`` lines)."""
+    return [line.rsplit("\t", 1)[1] for line in stdout.splitlines() if "\t" in line]
+
+
 def _stage_nodes(args: argparse.Namespace) -> int:
-    """Stage on every node of a hostlist over SSH; print a table; non-zero if any node failed."""
-    raise NotImplementedError  # replaced below once hpcsif.remote.ssh lands
+    """Stage on every node of a hostlist over SSH; print a table; 1 if any node failed."""
+    from hpcsif.config import get_config
+    from hpcsif.remote.ssh import fan_out
+    from hpcsif.slurm.hostlist import expand
+
+    nodes = expand(args.nodes)
+    parallel = args.parallel or int(get_config().get("remote.ssh_parallel"))
+    remote = shlex.split(args.remote_command)
+    stage = [*remote, "stage", *(["--system"] if args.system else [])]
+    ssh = _ssh_options(args)
+    if args.from_node:
+        rows = _copy_from(args.from_node, nodes, stage, args.refs, ssh, parallel)
+    else:
+        rows = [
+            Row(r.node, r.ok, r.seconds, ", ".join(_staged_paths(r.stdout)) if r.ok else r.error or "failed")
+            for r in fan_out(nodes, [*stage, *args.refs], parallel=parallel, **ssh)
+        ]
+    _print_table(rows)
+    return 0 if all(r.ok for r in rows) else 1
 
 
-def _quote(words: list[str]) -> str:
-    return " ".join(shlex.quote(w) for w in words)
+def _print_table(rows: list[Row]) -> None:
+    width = max([4, *(len(r.node) for r in rows)])
+    print(f"{'NODE':<{width}}  {'STATUS':<6}  {'SECONDS':>7}  DETAIL")
+    for r in rows:
+        print(f"{r.node:<{width}}  {'ok' if r.ok else 'FAILED':<6}  {r.seconds:>7.2f}  {r.detail}")
+    failed = sum(not r.ok for r in rows)
+    print(f"{len(rows)} node(s): {len(rows) - failed} ok, {failed} failed", flush=True)
+
+
+def _copy_from(
+    source: str, nodes: list[str], stage: list[str], refs: list[str], ssh: dict[str, Any], parallel: int
+) -> list[Row]:
+    """Stage on ``source``, download its cache entries once, and publish them on every other node."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpcsif.remote.ssh import fan_out
+
+    (first,) = fan_out([source], [*stage, *refs], **ssh)
+    if not first.ok:
+        why = f"source {source}: {first.error}"
+        return [Row(n, False, first.seconds if n == source else 0.0, why) for n in nodes]
+    paths = _staged_paths(first.stdout)
+    targets = [n for n in nodes if n != source]
+    with tempfile.TemporaryDirectory(prefix="hpcsif-stage-") as local:
+        entries = [_download_entry(source, path, local, ssh) for path in paths]
+        where = {r.node: r for r in fan_out(targets, [*stage, "--where"], parallel=parallel, **ssh)}
+
+        def publish(node: str) -> Row:
+            root = where[node]
+            if not root.ok:
+                return Row(node, False, root.seconds, root.error or "failed")
+            try:
+                for entry in entries:
+                    _publish_entry(node, entry, root.stdout.strip(), ssh)
+            except Exception as exc:  # one node's failure is its row
+                return Row(node, False, root.seconds, str(exc))
+            return Row(node, True, root.seconds, f"copied from {source}")
+
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(targets) or 1))) as pool:
+            copied = {r.node: r for r in pool.map(publish, targets)}
+    source_row = Row(source, True, first.seconds, ", ".join(paths))
+    return [source_row if n == source else copied[n] for n in nodes]
+
+
+@dataclass
+class _Entry:
+    """A cache entry downloaded from the source node: ``sif/<key>/{NAME.sif,meta.json}``."""
+
+    key: str
+    local_dir: str
+    files: tuple[str, ...]
+
+
+def _download_entry(source: str, sif_path: str, local: str, ssh: dict[str, Any]) -> _Entry:
+    from hpcsif.remote.ssh import sftp_copy
+
+    entry_dir, name = os.path.split(sif_path)
+    key = os.path.basename(entry_dir)
+    dest = os.path.join(local, key)
+    os.makedirs(dest, exist_ok=True)
+    for fname in (name, "meta.json"):
+        sftp_copy(source, f"{entry_dir}/{fname}", os.path.join(dest, fname), download=True, **ssh)
+    return _Entry(key, dest, (name, "meta.json"))
+
+
+def _publish_entry(node: str, entry: _Entry, root: str, ssh: dict[str, Any]) -> None:
+    """Upload into ``ROOT/tmp/`` on ``node`` and rename into ``ROOT/sif/KEY`` as the cache does
+    (an entry already there wins; the upload is then discarded)."""
+    import secrets
+
+    from hpcsif.errors import RemoteError
+    from hpcsif.remote.ssh import fan_out, sftp_copy
+
+    work = f"{root}/tmp/{entry.key}.sftp-{secrets.token_hex(4)}"
+    (made,) = fan_out([node], ["mkdir", "-p", "-m", "0755", work, f"{root}/sif"], **ssh)
+    if not made.ok:
+        raise RemoteError(f"cannot prepare {work}: {made.error}")
+    for fname in entry.files:
+        sftp_copy(node, os.path.join(entry.local_dir, fname), f"{work}/{fname}", **ssh)
+    final = f"{root}/sif/{entry.key}"
+    script = (
+        f"touch {shlex.quote(work)}/last_used && "
+        f"{{ mv -T {shlex.quote(work)} {shlex.quote(final)} 2>/dev/null || "
+        f"{{ rm -rf {shlex.quote(work)}; test -e {shlex.quote(final)}/meta.json; }}; }}"
+    )
+    (moved,) = fan_out([node], script, **ssh)
+    if not moved.ok:
+        raise RemoteError(f"cannot publish {final}: {moved.error}")

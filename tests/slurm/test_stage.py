@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+from tests.services.sshd import SshServer
 from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive
 
 
@@ -47,3 +49,87 @@ def test_stage_slurm_once_on_every_node(hpcsif_cluster: HpcsifCluster, tmp_path:
     for node in cluster.nodes:
         assert len(list(cluster.syscache(node).glob("sif/*/os7.sif"))) == 1, node
         assert _converts(cluster.syscache(node), ref) == 1
+
+
+@pytest.fixture
+def ssh_nodes(sshd_server: SshServer, tmp_path: Path) -> tuple[list[str], Path]:
+    """SSH arguments for ``hpcsif stage --nodes`` and where each node's cache is.
+
+    Every loopback address is a "node" of the same sshd; the remote command gives each its own
+    cache directory, named after the address the client connected to (from ``SSH_CONNECTION``).
+    """
+    caches = tmp_path / "node-caches"
+    wrapper = tmp_path / "node-hpcsif"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'set -- "$@"; addr=$(echo "$SSH_CONNECTION" | cut -d" " -f3)\n'
+        f'export HPCSIF_CACHEDIR="{caches}/$addr" PYTHONPATH="{ROOT}"\n'
+        f'exec "{sys.executable}" -m hpcsif.cli.main "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    args = [
+        "--port", str(sshd_server.port), "-i", str(sshd_server.key_filename),
+        "--known-hosts", str(sshd_server.known_hosts), "--user", sshd_server.user,
+        "--remote-command", str(wrapper), "--timeout", "60",
+    ]  # fmt: skip
+    return args, caches
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+    rows = [line.split(None, 3) for line in stdout.splitlines()[1:] if line.startswith("127.")]
+    return {r[0]: r[1:] for r in rows}
+
+
+@pytest.mark.slow
+def test_stage_nodes_over_ssh_with_an_unreachable_node(
+    ssh_nodes: tuple[list[str], Path], tmp_path: Path
+) -> None:
+    args, caches = ssh_nodes
+    ref = write_os_archive(tmp_path / "os8.tar", 8)
+    # 127.0.0.9: nothing listens there
+    proc = run_cli("stage", "--nodes", "127.0.0.[2-4],127.0.0.9", *args, ref, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    table = _table(proc.stdout)
+    assert list(table) == ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.9"]
+    for node in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        status, _, detail = table[node]
+        assert status == "ok" and detail == str(next((caches / node).glob("sif/*/os8.sif")))
+        assert _converts(caches / node, ref) == 1
+    status, _, detail = table["127.0.0.9"]
+    assert status == "FAILED" and "cannot connect" in detail
+    assert "4 node(s): 3 ok, 1 failed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_stage_nodes_refuses_unknown_host_keys(
+    sshd_server: SshServer, ssh_nodes: tuple[list[str], Path], tmp_path: Path
+) -> None:
+    args, caches = ssh_nodes
+    known = sshd_server.known_hosts_for(["127.0.0.2"], tmp_path / "known_hosts")
+    args = [*args, "--known-hosts", str(known)]  # the later flag wins
+    ref = write_os_archive(tmp_path / "os9.tar", 9)
+    proc = run_cli("stage", "--nodes", "127.0.0.[2-3]", *args, ref, check=False)
+    assert proc.returncode == 1
+    table = _table(proc.stdout)
+    assert table["127.0.0.2"][0] == "ok"
+    assert table["127.0.0.3"][0] == "FAILED" and "not in known_hosts" in table["127.0.0.3"][2]
+    assert not (caches / "127.0.0.3").exists()
+
+
+@pytest.mark.slow
+def test_stage_nodes_from_one_node_over_sftp(ssh_nodes: tuple[list[str], Path], tmp_path: Path) -> None:
+    args, caches = ssh_nodes
+    ref = write_os_archive(tmp_path / "os10.tar", 10)
+    proc = run_cli("stage", "--nodes", "127.0.0.[2-4]", "--from", "127.0.0.3", *args, ref)
+    table = _table(proc.stdout)
+    assert [v[0] for v in table.values()] == ["ok", "ok", "ok"], proc.stdout
+    assert table["127.0.0.2"][2] == "copied from 127.0.0.3"
+    assert _converts(caches / "127.0.0.3", ref) == 1
+    for node in ("127.0.0.2", "127.0.0.4"):
+        assert _converts(caches / node, ref) == 0  # copied, not converted
+        (sif,) = (caches / node).glob("sif/*/os10.sif")
+        assert sif.read_bytes() == next((caches / "127.0.0.3").glob("sif/*/os10.sif")).read_bytes()
+    # the copied entry is a real cache hit there: staging again converts nothing
+    again = run_cli("stage", "--nodes", "127.0.0.2", *args, ref)
+    assert _table(again.stdout)["127.0.0.2"][0] == "ok"
+    assert _converts(caches / "127.0.0.2", ref) == 0
