@@ -1,0 +1,1 @@
+"""Talking to other nodes: SSH fan-out and SFTP copies (paramiko)."""

@@ -1,0 +1,340 @@
+"""SSH fan-out with paramiko: run one command on many nodes, copy files over SFTP.
+
+* :func:`fan_out` runs a command on every node, at most ``parallel`` at once, each bounded by
+  ``timeout`` seconds (connect, authenticate, run), and returns one :class:`NodeResult` per node
+  in the order given — a node that cannot be reached is a failed row, never an exception.
+* :func:`sftp_copy` copies one file to (or from) a node atomically: it is written under a
+  temporary name in the destination directory, flushed to disk, then renamed into place.
+* :func:`copy_to_nodes` does that for many nodes in parallel.
+
+Host keys come from ``~/.ssh/known_hosts`` (or the ``known_hosts`` file given); an unknown host
+is refused unless ``auto_add`` is set, and even then each accepted key is logged with its
+fingerprint. Keys are never written back to a known_hosts file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import select
+import shlex
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from hpcsif.errors import RemoteError
+
+log = logging.getLogger(__name__)
+
+TAIL_BYTES = 4096  # output kept per node and stream: enough for the summary table and errors
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """What happened on one node."""
+
+    node: str
+    ok: bool
+    exit_code: int | None  # None when the command never ran or did not finish
+    stdout: str  # the last TAIL_BYTES of standard output
+    stderr: str  # the last TAIL_BYTES of standard error
+    error: str | None  # why it failed, one line; None when ok
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    """How to reach the nodes."""
+
+    port: int = 22
+    user: str | None = None
+    key_filename: str | None = None
+    known_hosts: str | None = None  # default: ~/.ssh/known_hosts
+    auto_add: bool = False
+    timeout: float = 600.0  # per node: connect + authenticate + command
+
+
+class _AcceptAndLog(paramiko.MissingHostKeyPolicy):
+    """Accept an unknown host key for this connection only, and say so."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        log.warning("accepting unknown host key for %s: %s %s", hostname, key.get_name(), key.fingerprint)
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def _connect(node: str, opts: SshOptions, deadline: float) -> paramiko.SSHClient:
+    """An authenticated client for ``node``; raises paramiko/socket errors."""
+    client = paramiko.SSHClient()
+    known = opts.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+    if os.path.exists(known):
+        # loaded as "system" keys so that paramiko never rewrites the file
+        client.load_system_host_keys(known)
+    client.set_missing_host_key_policy(_AcceptAndLog() if opts.auto_add else paramiko.RejectPolicy())
+    left = _remaining(deadline)
+    try:
+        client.connect(
+            node,
+            port=opts.port,
+            username=opts.user,
+            key_filename=opts.key_filename,
+            allow_agent=opts.key_filename is None,
+            look_for_keys=opts.key_filename is None,
+            timeout=left,
+            banner_timeout=left,
+            auth_timeout=left,
+            channel_timeout=left,
+        )
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+def _describe(exc: BaseException, node: str, opts: SshOptions) -> str:
+    """One line for a connection or command failure."""
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return f"host key of {node} does not match known_hosts (possible impostor)"
+    if isinstance(exc, paramiko.AuthenticationException):
+        return f"authentication failed as {opts.user or 'the current user'}"
+    if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
+        return f"host key of {node} is not in known_hosts (refused; auto_add accepts unknown hosts)"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"timed out after {opts.timeout:g} s"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"cannot connect to {node} port {opts.port}: connection refused"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {node} port {opts.port}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _tail(buf: bytearray, data: bytes) -> None:
+    buf += data
+    if len(buf) > TAIL_BYTES:
+        del buf[: len(buf) - TAIL_BYTES]
+
+
+def _run_one(node: str, command: str, opts: SshOptions) -> NodeResult:
+    start = time.monotonic()
+    deadline = start + opts.timeout
+    out, err = bytearray(), bytearray()
+    exit_code: int | None = None
+    error: str | None = None
+    try:
+        client = _connect(node, opts, deadline)
+        try:
+            chan = client.get_transport().open_session(timeout=_remaining(deadline))
+            chan.exec_command(command)
+            # read until the remote's EOF: the exit status may arrive before the last output
+            while True:
+                while chan.recv_ready():
+                    _tail(out, chan.recv(65536))
+                while chan.recv_stderr_ready():
+                    _tail(err, chan.recv_stderr(65536))
+                if chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                select.select([chan], [], [], min(0.5, _remaining(deadline)))
+            if not chan.status_event.wait(_remaining(deadline)):
+                raise TimeoutError("timed out")
+            exit_code = chan.recv_exit_status()
+            if exit_code != 0:
+                last = err.decode(errors="replace").strip().splitlines()
+                error = f"exit status {exit_code}" + (f": {last[-1]}" if last else "")
+        finally:
+            client.close()
+    except Exception as e:  # a node's failure is its row, not the caller's exception
+        error = _describe(e, node, opts)
+        log.debug("%s: %s", node, error, exc_info=True)
+    return NodeResult(
+        node=node,
+        ok=error is None,
+        exit_code=exit_code,
+        stdout=out.decode(errors="replace"),
+        stderr=err.decode(errors="replace"),
+        error=error,
+        seconds=time.monotonic() - start,
+    )
+
+
+def _parallel(nodes: Sequence[str], work: Callable[[str], NodeResult], parallel: int) -> list[NodeResult]:
+    if not nodes:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(nodes))), thread_name_prefix="ssh") as pool:
+        return list(pool.map(work, nodes))
+
+
+def fan_out(
+    nodes: Sequence[str],
+    command: Sequence[str] | str,
+    *,
+    port: int = 22,
+    user: str | None = None,
+    key_filename: str | os.PathLike | None = None,
+    known_hosts: str | os.PathLike | None = None,
+    auto_add: bool = False,
+    parallel: int = 8,
+    timeout: float = 600.0,
+) -> list[NodeResult]:
+    """Run ``command`` (an argument list, quoted for the remote shell, or a shell string) on
+    every node; one result per node, in order. ``ok`` means the command exited 0.
+    """
+    text = command if isinstance(command, str) else shlex.join(command)
+    opts = _options(port, user, key_filename, known_hosts, auto_add, timeout)
+    return _parallel(nodes, lambda node: _run_one(node, text, opts), parallel)
+
+
+def _options(
+    port: int,
+    user: str | None,
+    key_filename: str | os.PathLike | None,
+    known_hosts: str | os.PathLike | None,
+    auto_add: bool,
+    timeout: float,
+) -> SshOptions:
+    if timeout <= 0:
+        raise RemoteError(f"SSH timeout must be positive, not {timeout}")
+    if known_hosts and not os.path.exists(known_hosts):
+        raise RemoteError(f"known_hosts file {os.fspath(known_hosts)} does not exist")
+    return SshOptions(
+        port=port,
+        user=user,
+        key_filename=os.fspath(key_filename) if key_filename else None,
+        known_hosts=os.fspath(known_hosts) if known_hosts else None,
+        auto_add=auto_add,
+        timeout=timeout,
+    )
+
+
+def sftp_copy(
+    node: str,
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    download: bool = False,
+    port: int = 22,
+    user: str | None = None,
+    key_filename: str | os.PathLike | None = None,
+    known_hosts: str | os.PathLike | None = None,
+    auto_add: bool = False,
+    timeout: float = 600.0,
+) -> None:
+    """Copy local ``src`` to ``dest`` on ``node`` (or, with ``download``, ``src`` on the node to
+    local ``dest``), atomically, keeping the file mode. Raises :class:`RemoteError`.
+    """
+    opts = _options(port, user, key_filename, known_hosts, auto_add, timeout)
+    result = _copy_one(node, os.fspath(src), os.fspath(dest), download, opts)
+    if not result.ok:
+        raise RemoteError(f"copying {'from' if download else 'to'} {node}: {result.error}")
+
+
+def copy_to_nodes(
+    nodes: Sequence[str],
+    src: str | os.PathLike,
+    dest: str,
+    *,
+    port: int = 22,
+    user: str | None = None,
+    key_filename: str | os.PathLike | None = None,
+    known_hosts: str | os.PathLike | None = None,
+    auto_add: bool = False,
+    parallel: int = 8,
+    timeout: float = 600.0,
+) -> list[NodeResult]:
+    """:func:`sftp_copy` of local ``src`` to ``dest`` on every node; one result per node."""
+    opts = _options(port, user, key_filename, known_hosts, auto_add, timeout)
+    local = os.fspath(src)
+    return _parallel(nodes, lambda node: _copy_one(node, local, dest, False, opts), parallel)
+
+
+def _copy_one(node: str, src: str, dest: str, download: bool, opts: SshOptions) -> NodeResult:
+    start = time.monotonic()
+    deadline = start + opts.timeout
+    error = None
+    try:
+        client = _connect(node, opts, deadline)
+        try:
+            sftp = client.open_sftp()
+            sftp.get_channel().settimeout(_remaining(deadline))
+            if download:
+                _download(sftp, src, Path(dest))
+            else:
+                _upload(client, sftp, src, dest, deadline)
+        finally:
+            client.close()
+    except RemoteError as e:
+        error = str(e)
+    except (FileNotFoundError, PermissionError) as e:  # local or remote file
+        error = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    except Exception as e:
+        error = _describe(e, node, opts)
+    if error:
+        log.debug("%s: %s", node, error)
+    return NodeResult(node, error is None, None, "", "", error, time.monotonic() - start)
+
+
+@contextlib.contextmanager
+def _on_node(path: str) -> Iterator[None]:
+    """Name the remote ``path`` in SFTP errors (paramiko's IOError names no file)."""
+    try:
+        yield
+    except OSError as e:
+        raise RemoteError(f"{path}: {e.strerror or e}") from None
+
+
+def _upload(
+    client: paramiko.SSHClient, sftp: paramiko.SFTPClient, src: str, dest: str, deadline: float
+) -> None:
+    mode = os.stat(src).st_mode & 0o7777
+    folder, name = posixpath.split(dest)
+    tmp = posixpath.join(folder or ".", f".{name}.{uuid.uuid4().hex}.tmp")
+    with _on_node(folder or "."):
+        sftp.stat(folder or ".")  # name a missing directory rather than the temp file
+    try:
+        with _on_node(tmp):
+            sftp.put(src, tmp, confirm=True)
+            sftp.chmod(tmp, mode)
+        # paramiko's SFTP has no fsync: flush the data with the remote sync(1) before the rename
+        chan = client.get_transport().open_session(timeout=_remaining(deadline))
+        chan.settimeout(_remaining(deadline))
+        chan.exec_command(shlex.join(["sync", "--", tmp]))
+        if chan.recv_exit_status() != 0:
+            raise RemoteError(f"{tmp}: sync failed on the node")
+        with _on_node(dest):
+            sftp.posix_rename(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError, paramiko.SSHException):
+            sftp.remove(tmp)
+        raise
+
+
+def _download(sftp: paramiko.SFTPClient, src: str, dest: Path) -> None:
+    with _on_node(src):
+        mode = sftp.stat(src).st_mode
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            with _on_node(src):
+                sftp.getfo(src, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode & 0o7777)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
