@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli
 from tests.services.registry import Registry
 from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive, write_os_layout
 
@@ -174,3 +178,38 @@ def test_one_digest_per_job_while_the_tag_moves(
     assert pins == {f"{ref}@{d2}"}, out2  # both nodes staged the same digest
     assert out2.count('VERSION_ID="6.12"') == 2, out2
     assert f"hpcsif-pin {ref} {d2}" in (cluster.job_field(job2, "AdminComment") or "")
+
+
+def test_a_hanging_registry_is_bounded_twice(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    """hpcsif's own deadline records a timeout; the hook's hard limit kills a stuck hpcsif; both exit 0."""
+    cluster = hpcsif_cluster
+    with socket.socket() as blackhole:  # accepts connections (kernel backlog), never answers
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(16)
+        ref = f"docker://127.0.0.1:{blackhole.getsockname()[1]}/hang/app:1"
+        job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", "--hold", tmp=tmp_path)
+        env = {
+            **cluster.slurm.env,
+            "SLURM_JOB_ID": job,
+            "SPANK_HPCSIF_IMAGE": ref,
+            "HPCSIF_SYSTEM_CACHEDIR": str(tmp_path / "system"),
+        }
+        started = time.monotonic()
+        proc = run_cli("slurm", "prolog", "--timeout", "2", env=env)
+        assert time.monotonic() - started < 20
+        assert f"{ref} (0.00 s): FAILED: staging timed out after 2 s" in proc.stdout, proc.stdout
+        assert f"hpcsif-error {ref}: staging timed out" in (cluster.job_field(job, "AdminComment") or "")
+
+        hooks = tmp_path / "hooks"
+        shutil.copytree(cluster.base / "hooks", hooks)
+        env_file = hooks / "hpcsif.env"
+        env_file.write_text(
+            env_file.read_text().replace("HPCSIF_PROLOG_TIMEOUT=100", "HPCSIF_PROLOG_TIMEOUT=2")
+        )
+        started = time.monotonic()
+        hook = subprocess.run([str(hooks / "prolog")], env=env, capture_output=True, text=True, timeout=60)
+        assert hook.returncode == 0
+        assert time.monotonic() - started < 20
+        assert f"hpcsif prolog for job {job}: killed after 2s" in cluster.log.read_text()
+        cluster.run("scancel", job)
+    cluster.slurm.wait_nodes(("idle",))
