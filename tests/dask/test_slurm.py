@@ -1,0 +1,104 @@
+"""SIFSLURMCluster on the real Slurm test cluster: workers inside the image, then a clean scale-down."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.dask.pyimage import MARKER, MARKER_TEXT
+from tests.services.slurm import SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+
+def hpcsif_wrapper(bindir: Path) -> Path:
+    """The ``hpcsif`` command the jobs run (this interpreter, so the jobs use this checkout)."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    path = bindir / "hpcsif"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m hpcsif.cli.main "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def _leases(cache: Path) -> list[Path]:
+    return sorted((cache / "leases").glob("**/*.json"))
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_workers_run_inside_the_image(
+    slurm_cluster: SlurmCluster,
+    dask_image: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dask.distributed import Client
+
+    from hpcsif.dask import SIFSLURMCluster
+
+    def read_marker(path: str = MARKER) -> dict[str, str]:
+        # defined here so cloudpickle ships it by value: the image has no tests package
+        import os
+        import sys
+
+        with open(path) as f:
+            return {"marker": f.read(), "prefix": sys.prefix, "job": os.environ.get("SLURM_JOB_ID", "")}
+
+    ref = dask_image("dask")
+    cache = Path(os.environ["HPCSIF_CACHEDIR"])
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))  # dask-jobqueue runs sbatch/scancel
+    monkeypatch.chdir(tmp_path)
+    hpcsif = hpcsif_wrapper(tmp_path / "bin")
+    with SIFSLURMCluster(
+        image=ref,
+        hpcsif=str(hpcsif),
+        cores=1,
+        processes=1,
+        memory="1GB",
+        job_directives_skip=["--mem"],  # the test nodes declare no memory
+        walltime="00:10:00",
+        interface="lo",
+        local_directory=str(tmp_path / "dask-local"),
+        log_directory=str(tmp_path / "logs"),
+        scheduler_options={"dashboard_address": None},
+        death_timeout=60,
+    ) as cluster:
+        script = cluster.job_script()
+        assert f"{hpcsif} stage {ref}" in script and f"#HPCSIF --image={ref}" in script
+        cluster.scale(jobs=2)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=180)
+            jobs = sorted(job.job_id for job in cluster.workers.values())
+            assert len(jobs) == 2
+            seen = client.run(read_marker)
+            assert len(seen) == 2
+            for info in seen.values():
+                assert info["marker"] == MARKER_TEXT.decode() and info["prefix"] == "/usr/local"
+            assert sorted(info["job"] for info in seen.values()) == jobs
+            # tasks too, not only client.run: a function shipped by value, run in the image
+            futures = [client.submit(read_marker, pure=False, workers=[w]) for w in seen]
+            assert {f.result()["marker"] for f in futures} == {MARKER_TEXT.decode()}
+            assert len(_leases(cache)) == 2  # each running worker holds a lease on the image
+            cluster.scale(0)
+            _wait(lambda: not client.scheduler_info()["workers"], 120, "the workers to leave")
+    for job in jobs:
+        assert slurm_cluster.wait_job(job, timeout=120) in ("CANCELLED", "COMPLETED")
+    queued = slurm_cluster.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], check=False).stdout
+    assert queued.split() == []
+    _wait(lambda: not _leases(cache), 60, "the workers' leases to be released")
+    for job in jobs:  # the staging step ran first in each job (a cache hit: printed REF and path)
+        assert f"{ref}\t{cache}/sif/" in (tmp_path / "logs" / f"dask-worker-{job}.out").read_text()
+    events = [json.loads(line) for line in (cache / "journal.jsonl").read_text().splitlines()]
+    assert sum(1 for e in events if e["event"] == "convert" and e["what"] == ref) == 1
