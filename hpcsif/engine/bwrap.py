@@ -236,7 +236,7 @@ class _Plan:
         for d in sorted(need, key=lambda p: (p.count("/"), p)):
             if d != "/":
                 args += ["--tmpfs", d]
-            args += _entries(self.root, d, bind)
+            args += _entries(self.root, d, bind, skip=set(dests))
         return args
 
     def _data(self, text: str) -> str:
@@ -295,6 +295,11 @@ def _missing_parent(root: str, dest: str) -> str | None:
         except OSError:
             return cur
         if stat.S_ISLNK(st.st_mode):
+            if not parts:
+                # the destination itself is a link (/etc/localtime -> a zoneinfo file the image may
+                # lack): bwrap would create the mount point at the link's target, so the parent
+                # is underlaid and the link left out of it (see _entries)
+                return cur
             hops += 1
             if hops > 40:
                 return None
@@ -309,14 +314,20 @@ def _missing_parent(root: str, dest: str) -> str | None:
     return None
 
 
-def _entries(root: str, d: str, bind: str) -> list[str]:
-    """bwrap arguments re-creating the image directory *d*'s entries inside a tmpfs at *d*."""
+def _entries(root: str, d: str, bind: str, skip: set[str]) -> list[str]:
+    """bwrap arguments re-creating the image directory *d*'s entries inside a tmpfs at *d*.
+
+    Symbolic links that are themselves mount destinations (*skip*) are left out: the mount
+    creates a plain file or directory in their place.
+    """
     args = []
     host_dir = root + d if d != "/" else root
     for name in sorted(os.listdir(host_dir)):
         host = os.path.join(host_dir, name)
         dest = os.path.join(d, name)
         st = os.lstat(host)
+        if stat.S_ISLNK(st.st_mode) and dest in skip:
+            continue
         if stat.S_ISLNK(st.st_mode):
             args += ["--symlink", os.readlink(host), dest]
         elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):

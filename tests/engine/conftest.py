@@ -37,8 +37,6 @@ def need_tools() -> None:
 
 def build_rootfs(dest: Path) -> None:
     """A busybox root file system with every applet and the /.singularity.d tree."""
-    from hpcsif.sif import metadata
-
     for d in ("bin", "etc", "tmp", "var/tmp", "home", "root", "proc", "sys", "dev", "usr/bin", "opt"):
         (dest / d).mkdir(parents=True, exist_ok=True)
     (dest / "tmp").chmod(0o1777)
@@ -51,13 +49,23 @@ def build_rootfs(dest: Path) -> None:
     (dest / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (dest / "etc/hosts").write_text("")
     (dest / "etc/resolv.conf").write_text("")
-    meta = metadata.for_image(
-        {"config": {"Env": ENV, "Entrypoint": ENTRYPOINT, "Cmd": CMD}},
-        bootstrap="oci",
-        source="tests",
-        arch="amd64",
+    add_metadata(
+        dest,
+        {"Env": ENV, "Entrypoint": ENTRYPOINT, "Cmd": CMD},
+        test="#!/bin/sh\necho image test ran\nexit 3\n",
     )
-    meta.test = "#!/bin/sh\necho image test ran\nexit 3\n"
+    lib = dest / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    (lib / "libpmix.so.2.9.3").write_bytes(b"")  # for the MPI ABI check
+    (lib / "libpmix.so.2").symlink_to("libpmix.so.2.9.3")
+
+
+def add_metadata(dest: Path, config: dict, test: str | None = None) -> None:
+    """Lay the converter's /.singularity.d tree for an image *config* over the root *dest*."""
+    from hpcsif.sif import metadata
+
+    meta = metadata.for_image({"config": config}, bootstrap="oci", source="tests", arch="amd64")
+    meta.test = test
     for f in meta.files():
         path = dest / f.path.lstrip("/")
         if f.data is None and f.symlink is None:
@@ -67,19 +75,16 @@ def build_rootfs(dest: Path) -> None:
         else:
             path.write_bytes(f.data)
             path.chmod(f.mode)
-    lib = dest / "usr/lib/x86_64-linux-gnu"
-    lib.mkdir(parents=True)
-    (lib / "libpmix.so.2.9.3").write_bytes(b"")  # for the MPI ABI check
-    (lib / "libpmix.so.2").symlink_to("libpmix.so.2.9.3")
 
 
-def make_sif(rootfs: Path, dest: Path) -> Path:
-    """squashfs of *rootfs* as the primary partition of a new SIF at *dest*."""
+def make_sif(rootfs: Path, dest: Path, *, all_root: bool = True) -> Path:
+    """squashfs (zstd) of *rootfs* as the primary partition of a new SIF at *dest*."""
     from hpcsif.sif.format import DataType, FSType, PartType
     from hpcsif.sif.writer import ObjectSpec, write_sif
 
     sqfs = dest.with_suffix(".sqfs")
-    subprocess.run(["mksquashfs", str(rootfs), str(sqfs), "-noappend", "-quiet", "-all-root"], check=True)
+    cmd = ["mksquashfs", str(rootfs), str(sqfs), "-noappend", "-quiet", "-comp", "zstd", "-no-progress"]
+    subprocess.run(cmd + (["-all-root"] if all_root else []), check=True)
     write_sif(
         dest, [ObjectSpec(DataType.PARTITION, path=sqfs, fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS)]
     )
@@ -178,3 +183,50 @@ def pub_tmp(images: Images) -> Path:
     d = Path(tempfile.mkdtemp(dir=images.base))
     d.chmod(0o777)
     return d
+
+
+MPI_PACKAGES = ("openmpi-bin", "python3-mpi4py")
+MPI_IMAGES = Path("/var/tmp/hpcsif-test-images")
+
+
+@pytest.fixture(scope="session")
+def openmpi_sif() -> Path:
+    """Debian bookworm (minbase) with Open MPI and mpi4py as a SIF, built once per machine.
+
+    debootstrap from ``$HPCSIF_TEST_DEBIAN_MIRROR`` (default deb.debian.org) takes a minute or
+    two; the SIF is kept in /var/tmp/hpcsif-test-images keyed by the package list.
+    """
+    import fcntl
+    import hashlib
+
+    key = hashlib.sha256(" ".join(MPI_PACKAGES).encode()).hexdigest()[:12]
+    sif = MPI_IMAGES / f"openmpi-bookworm-{key}.sif"
+    MPI_IMAGES.mkdir(mode=0o755, exist_ok=True)
+    with open(MPI_IMAGES / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine
+        if sif.exists():
+            return sif
+        if not shutil.which("debootstrap") or os.geteuid() != 0:
+            pytest.skip("building the Open MPI image needs root and debootstrap")
+        root = MPI_IMAGES / f"rootfs-{key}"
+        shutil.rmtree(root, ignore_errors=True)
+        mirror = os.environ.get("HPCSIF_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(MPI_PACKAGES)}",
+            "bookworm",
+            str(root),
+            mirror,
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        if res.returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            pytest.skip(f"debootstrap failed (no Debian mirror?): {res.stdout.strip().splitlines()[-1:]}")
+        try:
+            add_metadata(root, {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]})
+            tmp = make_sif(root, sif.with_suffix(".tmp"), all_root=False)
+            tmp.rename(sif)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return sif

@@ -24,3 +24,24 @@ def test_srun_ranks_see_their_environment(images, slurm_cluster, plugin, rank_va
     lines = sorted(res.stdout.splitlines())
     assert lines == [f"rank={r} pmi={r} ntasks=2 leaked=" for r in (0, 1)], res.stderr
     assert not fuse_mounts()
+
+
+def test_open_mpi_hello_world_two_ranks(openmpi_sif, slurm_cluster):  # noqa: F811
+    """A real 2-rank Open MPI job: the container's Open MPI wired up by srun's PMIx (hybrid model)."""
+    code = (
+        "from mpi4py import MPI; c = MPI.COMM_WORLD; r = c.Get_rank(); "
+        "print(r, c.Get_size(), c.allreduce(r + 1), MPI.Get_library_version().split(',')[0])"
+    )
+    cmd = [
+        "srun",
+        "-n",
+        "2",
+        "--mpi=pmix",
+        *hpcsif_cmd("exec", "--mpi", "openmpi", str(openmpi_sif), "python3", "-c", code),
+    ]
+    res = slurm_cluster.run(cmd, env={"PYTHONPATH": str(ROOT)}, timeout=300)
+    lines = sorted(res.stdout.splitlines())
+    assert [ln.split()[:3] for ln in lines] == [["0", "2", "3"], ["1", "2", "3"]], res.stderr
+    assert "Open MPI" in lines[0]
+    assert "not ABI-compatible" not in res.stderr  # host and container PMIx are both 4.2 (libpmix.so.2.6)
+    assert not fuse_mounts()

@@ -88,6 +88,8 @@ def test_missing_parent(tmp_path):
     assert _missing_parent(root, "/home/user/x") == "/home"
     assert _missing_parent(root, "/work/dir") == "/"
     assert _missing_parent(root, "/var/run/x") == "/run"  # followed inside the image
+    (tmp_path / "etc/localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    assert _missing_parent(root, "/etc/localtime") == "/etc"  # a link as the destination itself
 
 
 def test_liblist(tmp_path):
