@@ -84,7 +84,9 @@ class SlurmCluster:
     directory under /tmp, mode 0755, when None — jobs of an unprivileged user need every parent
     directory of the spool to be searchable, which pytest's ``tmp_path`` is not).
     ``extra_config``: ``slurm.conf`` settings added to (or overriding) the defaults.
-    ``daemon_env``: environment added for munged, slurmctld and slurmd (and so their hooks).
+    ``daemon_env``: environment added for munged, slurmctld, slurmd and so slurmstepd (SPANK
+    plugins see it); slurmd runs ``Prolog``/``Epilog`` with a fresh environment of its own
+    (``SLURM_JOB_ID``, ``SLURM_CONF`` …, no ``PATH``), so hooks read their settings from files.
     """
 
     def __init__(
