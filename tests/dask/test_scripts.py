@@ -1,0 +1,137 @@
+"""Job scripts of the SIF clusters for every batch system: rendered, parsed and run by a shell."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("dask_jobqueue")
+
+from distributed.security import Security
+
+from hpcsif import dask as sifdask
+from hpcsif.slurm.requests import from_batch_script
+
+IMAGE = "docker://team/analysis:2.0"
+SCHEDULER = "tcp://10.1.2.3:8786"
+SHELL_SCRIPTS = ("SLURM", "PBS", "Moab", "SGE", "LSF", "OAR")
+EXTRA = {"HTCondor": {"disk": "1GB"}, "OAR": {"memory_per_core_property_name": "memcore"}}
+WRAPPER = f'hpcsif exec ${{TMPDIR:+-B "$TMPDIR"}} {IMAGE} python3 -m distributed.cli.dask_worker'
+
+
+def job(kind: str, **kw):
+    """The job object a ``SIF<kind>Cluster`` submits (no scheduler, no image check)."""
+    cls = getattr(sifdask, f"SIF{kind}Cluster").job_cls
+    kw = {"image": IMAGE, "cores": 2, "memory": "2GB", **EXTRA.get(kind, {}), **kw}
+    return cls(SCHEDULER, name="w-0", **kw)
+
+
+def recorder(path: Path) -> str:
+    """A stand-in ``hpcsif`` that prints each argument it gets, one per line, as ``[arg]``."""
+    path.write_text('#!/bin/sh\nprintf "[%s]\\n" "$@"\necho END\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", [*SHELL_SCRIPTS, "HTCondor"])
+def test_script_stages_then_runs_the_worker_in_the_image(kind: str) -> None:
+    script = job(kind).job_script()
+    if kind == "HTCondor":  # the commands are one quoted Arguments value there ("" is a quote)
+        script = script.replace('""', '"')
+    stage = script.index(f"hpcsif stage {IMAGE}")
+    worker = script.index(WRAPPER)
+    assert stage < worker and f"{SCHEDULER} --name w-0" in script[worker:]
+    assert ("#HPCSIF" in script) == (kind == "SLURM")
+
+
+@pytest.mark.parametrize("kind", SHELL_SCRIPTS)
+def test_script_is_valid_shell(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "job.sh"
+    path.write_text(job(kind, binds=["/a b", "$SCRATCH/x:/data"], local_directory="$TMPDIR/w").job_script())
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_slurm_directive_is_what_the_prolog_reads() -> None:
+    script = job("SLURM", nv=True, mpi="openmpi", job_extra_directives=["--exclusive"]).job_script()
+    (request,) = from_batch_script(script)
+    assert (request.ref, request.nv, request.mpi, request.source) == (IMAGE, True, "openmpi", "directive")
+    assert "#SBATCH --exclusive" in script
+    header = script.split("hpcsif stage")[0]
+    assert "#HPCSIF --image=docker://team/analysis:2.0 --nv --mpi openmpi" in header
+
+
+@pytest.mark.parametrize("kind", SHELL_SCRIPTS)
+def test_running_the_script_passes_binds_and_flags(kind: str, tmp_path: Path) -> None:
+    """The shell expands the script as a batch system would; ``$VARS`` reach hpcsif expanded."""
+    hpcsif = recorder(tmp_path / "hpcsif")
+    scratch, tmpdir = tmp_path / "scratch", tmp_path / "node tmp"
+    tmpdir.mkdir()
+    path = tmp_path / "job.sh"
+    path.write_text(
+        job(
+            kind,
+            hpcsif=hpcsif,
+            binds=["/a b", "$SCRATCH/x:/data:ro"],
+            local_directory="$TMPDIR/dask",
+            nv=True,
+            mpi="openmpi",
+            exec_args=["--cleanenv"],
+            python="/opt/py/bin/python3",
+        ).job_script()
+    )
+    env = {"PATH": os.environ["PATH"], "SCRATCH": str(scratch), "TMPDIR": str(tmpdir)}
+    out = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, check=True).stdout
+    stage, exec_, _ = out.split("END\n")
+    assert stage.split() == ["[stage]", f"[{IMAGE}]"]
+    args = [line[1:-1] for line in exec_.splitlines()]
+    assert args[: args.index(IMAGE) + 2] == [
+        "exec",
+        "-B", f"{tmpdir}/dask",
+        "-B", "/a b",
+        "-B", f"{scratch}/x:/data:ro",
+        "-B", str(tmpdir),
+        "--nv", "--mpi", "openmpi", "--cleanenv",
+        IMAGE, "/opt/py/bin/python3",
+    ]  # fmt: skip
+    assert args[args.index(IMAGE) + 2 :][:3] == ["-m", "distributed.cli.dask_worker", SCHEDULER]
+    assert (tmpdir / "dask").is_dir()  # made before the bind needs it
+
+
+def test_no_tmpdir_no_bind(tmp_path: Path) -> None:
+    path = tmp_path / "job.sh"
+    path.write_text(job("PBS", hpcsif=recorder(tmp_path / "hpcsif")).job_script())
+    out = subprocess.run(["bash", str(path)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert out.stdout.split("END\n")[1].splitlines()[:3] == ["[exec]", f"[{IMAGE}]", "[python3]"]
+
+
+def test_stage_false_and_user_prologue() -> None:
+    script = job("SLURM", stage=False, job_script_prologue=["module load x"]).job_script()
+    assert "hpcsif stage" not in script and "#HPCSIF" not in script
+    assert script.index("module load x") < script.index("hpcsif exec")
+    script = job("SLURM", job_script_prologue=["module load x"]).job_script()
+    assert script.index("hpcsif stage") < script.index("module load x") < script.index("hpcsif exec")
+    with pytest.raises(ValueError, match="job_script_prologue"):
+        job("SLURM", env_extra=["x"])
+
+
+def test_tls_file_directories_are_bound(tmp_path: Path) -> None:
+    files = {n: tmp_path / "certs" / f"{n}.pem" for n in ("ca", "cert", "key")}
+    security = Security(
+        tls_ca_file=str(files["ca"]), tls_worker_cert=str(files["cert"]), tls_worker_key=str(files["key"])
+    )
+    script = job("SLURM", security=security, protocol="tls://").job_script()
+    assert f"-B {tmp_path}/certs " in script and f"--tls-ca-file {files['ca']}" in script
+
+
+def test_cluster_job_script_and_image_required() -> None:
+    with sifdask.SIFSLURMCluster(
+        image=IMAGE, check_image=False, cores=1, memory="1GB", scheduler_options={"dashboard_address": None}
+    ) as cluster:
+        assert f"hpcsif stage {IMAGE}" in cluster.job_script()
+        assert type(cluster).__name__ == "SIFSLURMCluster" and cluster.job_cls.__name__ == "SIFSLURMJob"
+    with pytest.raises(TypeError, match="needs image="):
+        sifdask.SIFPBSCluster(cores=1, memory="1GB")
