@@ -21,8 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for action, text in helps.items():
         p = subparsers.add_parser(action, help=text, description=text)
         _add_flags(p)
-        p.add_argument("image", help="SIF file, sandbox directory or URI (docker://, oras://, oci-archive:// …)")
-        p.add_argument("args", nargs=argparse.REMAINDER, help="command and arguments" if action == "exec" else "arguments")
+        p.add_argument(
+            "image", help="SIF file, sandbox directory or URI (docker://, oras://, oci-archive:// …)"
+        )
+        p.add_argument(
+            "args",
+            nargs=argparse.REMAINDER,
+            help="command and arguments" if action == "exec" else "arguments",
+        )
         p.set_defaults(func=handle, action=action)
 
 
@@ -31,10 +37,26 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     a("-B", "--bind", action="append", default=[], metavar="SPEC", help="src[:dst[:ro|rw]], comma-separated")
     a("--pwd", help="working directory inside the container")
     a("-e", "--cleanenv", action="store_true", help="do not pass the host environment")
-    a("--env", action="append", default=[], metavar="KEY=VALUE", help="set a variable inside (wins over the image)")
+    a(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a variable inside (wins over the image)",
+    )
     a("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines to set inside")
-    a("-c", "--contain", action="store_true", help="private /tmp and home, minimal /dev, no current directory")
-    a("-C", "--containall", action="store_true", help="--contain plus --cleanenv and private PID/IPC namespaces")
+    a(
+        "-c",
+        "--contain",
+        action="store_true",
+        help="private /tmp and home, minimal /dev, no current directory",
+    )
+    a(
+        "-C",
+        "--containall",
+        action="store_true",
+        help="--contain plus --cleanenv and private PID/IPC namespaces",
+    )
     a("--writable-tmpfs", action="store_true", help="writable root file system; changes are discarded")
     a("-H", "--home", metavar="SRC[:DST]", help="home directory to bind (and set as $HOME)")
     a("--no-home", action="store_true", help="do not bind the home directory")
@@ -42,7 +64,11 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     a("--rocm", action="store_true", help="AMD GPU devices and ROCm libraries")
     a("--mpi", metavar="PROFILE", help="MPI profile (conf/mpi/PROFILE.toml or a path); default per partition")
     a("--app", metavar="NAME", help="SCIF app to run")
-    a("--engine", choices=("auto", "bwrap", "apptainer", "singularity"), help="container engine (default: config)")
+    a(
+        "--engine",
+        choices=("auto", "bwrap", "apptainer", "singularity"),
+        help="container engine (default: config)",
+    )
 
 
 def handle(args: argparse.Namespace) -> int:

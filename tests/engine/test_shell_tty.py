@@ -36,7 +36,7 @@ def test_interactive_shell(images):
     if pid == 0:  # child: has the pty as its controlling terminal
         os.execv(cmd[0], cmd)
     try:
-        prompt = _read_until(fd, b"> ")
+        prompt = _read_until(fd, b"> ", timeout=60)
         assert f"hpcsif {images.sif.name}".encode() in prompt
         # job control: a background job is listed and can be brought back
         os.write(fd, b"sleep 30 &\njobs\n")
@@ -52,18 +52,20 @@ def test_interactive_shell(images):
 
 
 def test_exec_on_terminal_reads_input_and_ctrl_c_reaches_payload(images):
-    cmd = hpcsif_cmd(
-        "exec", str(images.sif), "sh", "-c", 'trap "echo got-INT; exit 9" INT; read x; echo "read=$x"; cat'
-    )
+    script = 'trap "echo got-INT; exit 9" INT; echo ready; read x; echo "read=$x"; cat'
+    cmd = hpcsif_cmd("exec", str(images.sif), "sh", "-c", script)
     pid, fd = pty.fork()
     if pid == 0:
         os.execv(cmd[0], cmd)
     try:
-        time.sleep(1.0)
+        out = _read_until(fd, b"ready", timeout=60)
+        assert b"ready" in out, out
         os.write(fd, b"typed line\n")
-        assert b"read=typed line" in _read_until(fd, b"read=typed line")
+        out = _read_until(fd, b"read=typed line")
+        assert b"read=typed line" in out, out
         os.write(fd, b"\x03")  # Ctrl-C: the terminal signals our process group; hpcsif forwards it
-        assert b"got-INT" in _read_until(fd, b"got-INT")
+        out = _read_until(fd, b"got-INT")
+        assert b"got-INT" in out, out
         _read_until(fd, b"\0", timeout=5)
         _, status = os.waitpid(pid, 0)
     finally:
