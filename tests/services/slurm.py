@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import SharedService
+
 log = logging.getLogger(__name__)
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -376,6 +378,9 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+_SHARED = SharedService(lambda: SlurmCluster.start(nodes=2), SlurmCluster.stop)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A two-node cluster (``n1``, ``n2``) without hooks; skipped unless root with Slurm installed."""
@@ -384,5 +389,5 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     missing = missing_tools()
     if missing:
         pytest.skip(f"not installed: {' '.join(missing)}")
-    with SlurmCluster(nodes=2) as cluster:
+    with _SHARED.use() as cluster:
         yield cluster

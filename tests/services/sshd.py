@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import SharedService
+
 ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without its privilege separation directory
 
@@ -164,15 +166,25 @@ def stop_sshd(proc: subprocess.Popen) -> None:
             return
 
 
+def _start_shared() -> SshServer:
+    workdir = Path(tempfile.mkdtemp(prefix="hpcsif-sshd-"))
+    try:
+        return start_sshd(workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _stop_shared(server: SshServer) -> None:
+    stop_sshd(server.proc)
+    shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+_SHARED = SharedService(_start_shared, _stop_shared)
+
+
 @pytest.fixture(scope="session")
 def sshd_server() -> Iterator[SshServer]:
     """sshd on 127.0.0.2-5 (one port), root with the test key; see :class:`SshServer`."""
-    workdir = Path(tempfile.mkdtemp(prefix="hpcsif-sshd-"))
-    try:
-        server = start_sshd(workdir)
-        try:
-            yield server
-        finally:
-            stop_sshd(server.proc)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with _SHARED.use() as server:
+        yield server

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,8 +57,8 @@ def test_cluster_hooks_env_and_clean_teardown(tmp_path: Path) -> None:
     prolog.write_text(f"#!/bin/sh\nenv > {seen}\n")
     prolog.chmod(0o755)
     extra = ["Prolog=" + str(prolog), "PrologFlags=Alloc", "PrologEpilogTimeout=30"]
-    base = Path(tempfile.mkdtemp(prefix="hpcsif-slurm-smoke-"))
-    with SlurmCluster(base, nodes=1, extra_config=extra, daemon_env={"HPCSIF_SMOKE": "1"}) as cluster:
+    with SlurmCluster(nodes=1, extra_config=extra, daemon_env={"HPCSIF_SMOKE": "1"}) as cluster:
+        base = cluster.base
         assert "PrologFlags=Alloc" in cluster.conf.read_text()
         job = cluster.run(["sbatch", "--parsable", "--wrap", "sleep 300"]).stdout.strip()
         deadline = time.monotonic() + 30
@@ -70,8 +69,9 @@ def test_cluster_hooks_env_and_clean_teardown(tmp_path: Path) -> None:
         # daemon_env reaches the daemons and slurmstepd; slurmd gives the prolog a fresh env
         assert any(b"HPCSIF_SMOKE=1" in env for env in _cluster_processes(base).values())
         assert "HPCSIF_SMOKE" not in seen.read_text()
-    # the job's slurmstepd and sleep were running at teardown: all gone now
+    # the job's slurmstepd and sleep were running at teardown: all gone now, and the directory
     assert _cluster_processes(base) == {}
+    assert not base.exists()
 
 
 def _cluster_processes(base: Path) -> dict[str, list[bytes]]:
