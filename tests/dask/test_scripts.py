@@ -135,3 +135,48 @@ def test_cluster_job_script_and_image_required() -> None:
         assert type(cluster).__name__ == "SIFSLURMCluster" and cluster.job_cls.__name__ == "SIFSLURMJob"
     with pytest.raises(TypeError, match="needs image="):
         sifdask.SIFPBSCluster(cores=1, memory="1GB")
+
+
+@pytest.mark.slow
+def test_pbs_sge_lsf_scripts_start_workers_in_the_image(dask_image, tmp_path: Path) -> None:
+    """Each script, run by bash as the batch system would run it, starts a worker inside the image."""
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    from tests.dask.helpers import hpcsif_wrapper, wait_until
+    from tests.dask.pyimage import MARKER, MARKER_TEXT
+
+    ref, hpcsif = dask_image("dask"), str(hpcsif_wrapper(tmp_path / "bin"))
+    cache = Path(os.environ["HPCSIF_CACHEDIR"])
+    procs = []
+    with (
+        LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as local,
+        Client(local) as client,
+    ):
+        try:
+            for kind in ("PBS", "SGE", "LSF"):
+                cls = getattr(sifdask, f"SIF{kind}Cluster").job_cls
+                w = cls(local.scheduler_address, name=kind, image=ref, hpcsif=hpcsif, cores=1, memory="1GB")
+                path = tmp_path / f"{kind}.sh"
+                path.write_text(w.job_script())
+                log = open(tmp_path / f"{kind}.log", "w")  # noqa: SIM115 (closed with the process)
+                procs.append((subprocess.Popen(["bash", str(path)], stdout=log, stderr=log, cwd=tmp_path,
+                                               start_new_session=True), log))  # fmt: skip
+            client.wait_for_workers(3, timeout=120)
+
+            def marker(path: str = MARKER) -> str:
+                with open(path) as f:
+                    return f.read()
+
+            by_name = {i["name"]: a for a, i in client.scheduler_info()["workers"].items()}
+            assert sorted(by_name) == ["LSF", "PBS", "SGE"]
+            assert set(client.run(marker).values()) == {MARKER_TEXT.decode()}
+            assert len(list((cache / "leases").glob("**/*.json"))) == 3
+        finally:
+            for proc, log in procs:  # as a batch system cancels a job: SIGTERM to the job's processes
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(60)
+                log.close()
+    # bash ends at once; each hpcsif exec drops its lease once its worker has shut down
+    wait_until(lambda: not list((cache / "leases").glob("**/*.json")), 60, "the leases to be released")

@@ -5,37 +5,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.dask.helpers import hpcsif_wrapper, wait_until
 from tests.dask.pyimage import MARKER, MARKER_TEXT
 from tests.services.slurm import SlurmCluster
 
 pytestmark = pytest.mark.slow
 
 
-def hpcsif_wrapper(bindir: Path) -> Path:
-    """The ``hpcsif`` command the jobs run (this interpreter, so the jobs use this checkout)."""
-    bindir.mkdir(parents=True, exist_ok=True)
-    path = bindir / "hpcsif"
-    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m hpcsif.cli.main "$@"\n')
-    path.chmod(0o755)
-    return path
-
-
 def _leases(cache: Path) -> list[Path]:
     return sorted((cache / "leases").glob("**/*.json"))
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_workers_run_inside_the_image(
@@ -51,7 +34,6 @@ def test_workers_run_inside_the_image(
     def read_marker(path: str = MARKER) -> dict[str, str]:
         # defined here so cloudpickle ships it by value: the image has no tests package
         import os
-        import sys
 
         with open(path) as f:
             return {"marker": f.read(), "prefix": sys.prefix, "job": os.environ.get("SLURM_JOB_ID", "")}
@@ -92,12 +74,12 @@ def test_workers_run_inside_the_image(
             assert {f.result()["marker"] for f in futures} == {MARKER_TEXT.decode()}
             assert len(_leases(cache)) == 2  # each running worker holds a lease on the image
             cluster.scale(0)
-            _wait(lambda: not client.scheduler_info()["workers"], 120, "the workers to leave")
+            wait_until(lambda: not client.scheduler_info()["workers"], 120, "the workers to leave")
     for job in jobs:
         assert slurm_cluster.wait_job(job, timeout=120) in ("CANCELLED", "COMPLETED")
     queued = slurm_cluster.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], check=False).stdout
     assert queued.split() == []
-    _wait(lambda: not _leases(cache), 60, "the workers' leases to be released")
+    wait_until(lambda: not _leases(cache), 60, "the workers' leases to be released")
     for job in jobs:  # the staging step ran first in each job (a cache hit: printed REF and path)
         assert f"{ref}\t{cache}/sif/" in (tmp_path / "logs" / f"dask-worker-{job}.out").read_text()
     events = [json.loads(line) for line in (cache / "journal.jsonl").read_text().splitlines()]
