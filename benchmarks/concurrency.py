@@ -109,6 +109,17 @@ def warm_latency(ref: str, cache: Path, iterations: int) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
 
+def exec_latency(cmd: list[str], env: dict[str, str], runs: int) -> tuple[float, int]:
+    """Median wall milliseconds of ``cmd`` after one warm-up run, and the failures."""
+    subprocess.run(cmd, env=env, capture_output=True)
+    samples, failures = [], 0
+    for _ in range(runs):
+        t = time.perf_counter()
+        failures += subprocess.run(cmd, env=env, capture_output=True).returncode != 0
+        samples.append((time.perf_counter() - t) * 1000)
+    return statistics.median(samples), failures
+
+
 def apptainer_stampede(exe: str, ref: str, n: int, work: Path) -> dict:
     """N concurrent ``apptainer pull`` of ``ref`` into one cache directory."""
     base = Path(tempfile.mkdtemp(prefix=f"peer-{n}-", dir="/tmp"))  # the peer sees /tmp
@@ -226,6 +237,24 @@ def main() -> int:
                 f"p50 {p50:.2f} ms, p99 {p99:.2f} ms.",
                 "",
             ]
+            env = {**os.environ, "HPCSIF_CACHEDIR": str(rows[0]["cache"]), "HPCSIF_CONFIG": "/dev/null"}
+            ms, bad = exec_latency(
+                [sys.executable, "-m", "hpcsif.cli.main", "exec", docker_ref, "true"], env, 10
+            )
+            lines += [
+                f"Warm `hpcsif exec {docker_ref} true`, end to end: median {ms:.0f} ms ({bad} failed).",
+                "",
+            ]
+            if peer:
+                peer_cache = Path(tempfile.mkdtemp(prefix="peer-exec-", dir="/tmp"))
+                penv = {**os.environ, "APPTAINER_CACHEDIR": str(peer_cache), "APPTAINER_NOHTTPS": "1"}
+                ms, bad = exec_latency([peer, "exec", docker_ref, "true"], penv, 10)
+                shutil.rmtree(peer_cache, ignore_errors=True)
+                lines += [
+                    f"Warm `{os.path.basename(peer)} exec {docker_ref} true` (asks the registry): "
+                    f"median {ms:.0f} ms ({bad} failed).",
+                    "",
+                ]
             if peer and peer_ns:
                 rows = []
                 for n in peer_ns:

@@ -145,6 +145,7 @@ def _resolve_digest(
             return digest
         if not taken:  # the record vanished again (cache clean): resolve ourselves
             lock.acquire()
+        log.info("resolving %s", ref)
         digest = get_source(ref, platform=options.platform, **source_options).resolve(ref)
         _write_record(layout.user, ident, digest)
         return digest

@@ -86,3 +86,21 @@ def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_layout
     validate_sif(path)
     assert len(cache_env.conversions()) == 1
     assert not list(tmp.iterdir()), "the next lock holder removes the leftovers"
+
+
+def test_concurrent_cold_registry_requests_resolve_the_tag_once(
+    cache_env: CacheEnv, busybox_image, registry_open, tmp_path: Path
+) -> None:
+    registry_open.push(busybox_image.oci_ref, "cache/stampede:1")
+    ref = registry_open.ref("cache/stampede:1")
+    n = 12
+    gate = tmp_path / "go"
+    code = "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n" + CHILD
+    procs = [cache_env.spawn(code, ref, str(tmp_path / f"ready{i}"), str(gate)) for i in range(n)]
+    _wait_for(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 60, "children to start")
+    gate.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in results]
+    assert len({out.strip() for out, _ in results}) == 1
+    assert sum(err.count(f"resolving {ref}") for _, err in results) == 1
+    assert len(cache_env.conversions()) == 1
