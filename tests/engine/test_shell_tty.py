@@ -52,7 +52,11 @@ def test_interactive_shell(images):
 
 
 def test_exec_on_terminal_reads_input_and_ctrl_c_reaches_payload(images):
-    script = 'trap "echo got-INT; exit 9" INT; echo ready; read x; echo "read=$x"; cat'
+    # the signal must find the shell in `wait` (a builtin), not racing with the start of a child
+    script = (
+        "trap 'echo got-INT; kill $p; exit 9' INT; echo ready; read x; echo \"read=$x\"; "
+        "sleep 30 & p=$!; echo waiting; wait"
+    )
     cmd = hpcsif_cmd("exec", str(images.sif), "sh", "-c", script)
     pid, fd = pty.fork()
     if pid == 0:
@@ -61,8 +65,8 @@ def test_exec_on_terminal_reads_input_and_ctrl_c_reaches_payload(images):
         out = _read_until(fd, b"ready", timeout=60)
         assert b"ready" in out, out
         os.write(fd, b"typed line\n")
-        out = _read_until(fd, b"read=typed line")
-        assert b"read=typed line" in out, out
+        out = _read_until(fd, b"waiting")
+        assert b"read=typed line" in out and b"waiting" in out, out
         os.write(fd, b"\x03")  # Ctrl-C: the terminal signals our process group; hpcsif forwards it
         out = _read_until(fd, b"got-INT")
         assert b"got-INT" in out, out
