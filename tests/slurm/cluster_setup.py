@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archive, write_oci_layout
 from tests.services.images import busybox_binary
 from tests.services.slurm import SlurmCluster, missing_tools
+from tests.services.users import USER_PYTHON
 
 ROOT = Path(__file__).resolve().parents[2]
 OS_RELEASE = b'PRETTY_NAME="hpcsif test OS 6"\nID=hpcsiftest\nVERSION_ID="6.%d"\n'
@@ -76,6 +78,11 @@ class HpcsifCluster:
         """Run a Slurm client command against this cluster."""
         return self.slurm.run(list(cmd), **kw)
 
+    @property
+    def user_bin(self) -> Path:
+        """The directory of the per-node ``hpcsif`` for unprivileged job users."""
+        return self.base / "userbin"
+
     def job_env(self, tmp: Path) -> dict[str, str]:
         """The environment a job is submitted with: its own user cache under ``tmp``."""
         return {
@@ -115,23 +122,29 @@ class HpcsifCluster:
         return self.slurm.node_states()
 
 
+def _node_wrapper(path: Path, base: Path, python: str) -> Path:
+    """``hpcsif`` run by ``python``, with the system cache of the node it runs on."""
+    path.parent.mkdir(mode=0o755)
+    path.write_text(
+        "#!/bin/sh\n"
+        "# a separate system cache per node, as separate machines have\n"
+        f'export HPCSIF_SYSTEM_CACHEDIR="{base}/syscache-${{SLURMD_NODENAME:-none}}"\n'
+        f'export PYTHONPATH="{ROOT}"\n'
+        f'exec "{python}" -m hpcsif.cli.main "$@"\n'
+    )
+    path.chmod(0o755)
+    return path
+
+
 def _write_hooks(base: Path) -> tuple[Path, Path, Path]:
     """The hooks from slurm/, their hpcsif.env and the per-node hpcsif wrapper."""
     hooks = base / "hooks"
     hooks.mkdir()
     for name in ("prolog", "epilog", "hpcsif-hook", "task-exec"):
         shutil.copy2(ROOT / "slurm" / name, hooks / name)
-    bindir = base / "bin"
-    bindir.mkdir()
-    wrapper = bindir / "hpcsif"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        "# a separate system cache per node, as separate machines have\n"
-        f'export HPCSIF_SYSTEM_CACHEDIR="{base}/syscache-${{SLURMD_NODENAME:-none}}"\n'
-        f'export PYTHONPATH="{ROOT}"\n'
-        f'exec "{sys.executable}" -m hpcsif.cli.main "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    wrapper = _node_wrapper(base / "bin" / "hpcsif", base, sys.executable)
+    # root's Python may be unreadable to other users (pyenv under /root): theirs is the system one
+    _node_wrapper(base / "userbin" / "hpcsif", base, USER_PYTHON)
     log = base / "hpcsif-slurm.log"
     (hooks / "hpcsif.env").write_text(f"HPCSIF_BIN={wrapper}\nHPCSIF_LOG={log}\nHPCSIF_PROLOG_TIMEOUT=100\n")
     return hooks, wrapper, log
@@ -147,13 +160,14 @@ def build_plugin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hpcsif_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HpcsifCluster]:
+def hpcsif_cluster() -> Iterator[HpcsifCluster]:
     """Two nodes, n1 and n2, with hpcsif's hooks and plugin; see the module docstring."""
     if os.geteuid() != 0:
         pytest.skip("the test Slurm cluster needs root")
     if missing := missing_tools():
         pytest.skip(f"not installed: {' '.join(missing)}")
-    base = tmp_path_factory.mktemp("hpcsif-slurm")
+    # under /tmp with 0755 parents: an unprivileged job user must reach the system caches
+    base = Path(tempfile.mkdtemp(prefix="hpcsif-slurm-hooks-", dir="/tmp"))
     base.chmod(0o755)
     plugin = build_plugin()
     hooks, wrapper, log = _write_hooks(base)
@@ -167,5 +181,8 @@ def hpcsif_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HpcsifC
         "PrologEpilogTimeout": "120",
         "PlugStackConfig": str(plugstack),
     }
-    with SlurmCluster(nodes=2, extra_config=extra) as cluster:
-        yield HpcsifCluster(cluster, base, wrapper, log)
+    try:
+        with SlurmCluster(nodes=2, extra_config=extra) as cluster:
+            yield HpcsifCluster(cluster, base, wrapper, log)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

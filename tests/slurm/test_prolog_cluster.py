@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.services.registry import Registry
+from tests.services.users import USER_PATH, TestUser
 from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive, write_os_layout
 
 pytestmark = pytest.mark.slow
@@ -213,3 +216,42 @@ def test_a_hanging_registry_is_bounded_twice(hpcsif_cluster: HpcsifCluster, tmp_
         assert f"hpcsif prolog for job {job}: killed after 2s" in cluster.log.read_text()
         cluster.run("scancel", job)
     cluster.slurm.wait_nodes(("idle",))
+
+
+def test_an_unprivileged_job_reads_the_system_cache_but_cannot_change_it(
+    hpcsif_cluster: HpcsifCluster, unpriv_user: TestUser
+) -> None:
+    cluster = hpcsif_cluster
+    work = Path(tempfile.mkdtemp(prefix="hpcsif-userjob-", dir="/tmp"))
+    try:
+        os.chown(work, unpriv_user.uid, unpriv_user.gid)
+        work.chmod(0o755)
+        ref = write_os_archive(work / "os14.tar", 14)
+        script = work / "job.sh"
+        script.write_text(
+            f"#!/bin/sh\n#HPCSIF --image={ref}\n"
+            f"hpcsif exec {ref} cat /etc/os-release\n"
+            'path=$(hpcsif slurm record "$SLURM_JOB_ID" | cut -f3)\n'
+            'test -r "$path" && echo readable\n'
+            '(echo x >> "$path") 2>/dev/null && echo WRITABLE || echo not-writable\n'
+            'rm -f "$path" 2>/dev/null; test -e "$path" && echo still-there\n'
+            "id -un\n"
+        )
+        env = {
+            "SLURM_CONF": str(cluster.slurm.conf),
+            "PATH": f"{cluster.user_bin}:{USER_PATH}",
+            "HPCSIF_CACHEDIR": str(work / "cache"),
+        }
+        submit = unpriv_user.run(
+            ["sbatch", "--parsable", "-N1", f"--output={work}/out-%j", str(script)], env=env, cwd=work
+        )
+        assert submit.returncode == 0, submit.stderr
+        job = submit.stdout.strip()
+        assert cluster.wait(job) == "COMPLETED", (work / f"out-{job}").read_text()
+        out = (work / f"out-{job}").read_text()
+        assert 'VERSION_ID="6.14"' in out and "readable" in out, out
+        assert "not-writable" in out and "still-there" in out and "WRITABLE" not in out
+        assert out.strip().endswith(unpriv_user.name)
+        assert not list((work / "cache").glob("sif/*/*.sif"))  # the user converted nothing
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
