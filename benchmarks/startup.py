@@ -47,10 +47,33 @@ def timed_shell(script: str, n: int) -> list[float]:
     return [t - base for t in timed(["sh", "-c", script], n)]
 
 
+MEDIANS: dict[str, float] = {}
+
+
 def row(name: str, times: list[float]) -> str:
+    """One table row (median, min, p90 in ms); remembers the median for the summary."""
     ms = sorted(t * 1000 for t in times)
     p90 = ms[int(len(ms) * 0.9) - 1] if len(ms) >= 10 else ms[-1]
+    MEDIANS[name] = statistics.median(ms)
     return f"| {name} | {statistics.median(ms):.1f} | {ms[0]:.1f} | {p90:.1f} |"
+
+
+def summary() -> list[str]:
+    """Ratios the issue's goals are stated in, from the medians of this run."""
+    shared = MEDIANS["hpcsif exec SIF true, shared mount"]
+    cold = MEDIANS["hpcsif exec SIF true, cold mount"]
+    raw = MEDIANS["raw bwrap on a shared mount"]
+    interp = MEDIANS["python3 -c pass (interpreter start-up)"]
+    lines = [
+        f"- shared mount: hpcsif {shared:.0f} ms = {shared / raw:.1f}x raw bwrap ({raw:.0f} ms); "
+        f"the interpreter alone takes {interp:.0f} ms, hpcsif's own work {shared - interp:.0f} ms",
+    ]
+    for name, value in MEDIANS.items():
+        if "exec SIF true" in name and not name.startswith("hpcsif"):
+            lines.append(
+                f"- {name}: {value:.0f} ms; hpcsif shared/cold = {shared / value:.2f}x / {cold / value:.2f}x"
+            )
+    return lines
 
 
 def main() -> int:
@@ -129,6 +152,8 @@ def main() -> int:
                 "| variant | median ms | min ms | p90 ms |",
                 "|---|---|---|---|",
                 *rows,
+                "",
+                *summary(),
                 "",
             ]
         )
