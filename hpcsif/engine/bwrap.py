@@ -104,15 +104,20 @@ def squashfs_offset(image: Path) -> int:
     return part.offset
 
 
-def check_user_namespaces() -> None:
-    """Raise :class:`EngineError` when this host forbids unprivileged user namespaces."""
-    checks = [("/proc/sys/user/max_user_namespaces", "0")]
-    if os.getuid() != 0:
+def check_user_namespaces(sysctl_dir: str = "/proc/sys", uid: int | None = None) -> None:
+    """Raise :class:`EngineError` when this host forbids unprivileged user namespaces.
+
+    Reads the kernel's switches under *sysctl_dir*: ``user/max_user_namespaces`` (0: none at
+    all), Debian's ``kernel/unprivileged_userns_clone`` and Ubuntu's AppArmor restriction.
+    """
+    checks = [("user/max_user_namespaces", "0")]
+    if (os.getuid() if uid is None else uid) != 0:
         checks += [
-            ("/proc/sys/kernel/unprivileged_userns_clone", "0"),
-            ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1"),
+            ("kernel/unprivileged_userns_clone", "0"),
+            ("kernel/apparmor_restrict_unprivileged_userns", "1"),
         ]
-    for path, bad in checks:
+    for name, bad in checks:
+        path = os.path.join(sysctl_dir, name)
         try:
             with open(path) as f:
                 value = f.read().strip()
@@ -402,7 +407,10 @@ def _run(
             _reclaim_terminal()
     code = os.waitstatus_to_exitcode(status)
     if not child:
-        raise EngineError("bwrap could not set up the container (see its message above)")
+        raise EngineError(
+            "bwrap could not set up the container (see its message above; if it is about namespaces, "
+            "this host does not allow unprivileged user namespaces: use --engine apptainer)"
+        )
     return 128 - code if code < 0 else code
 
 

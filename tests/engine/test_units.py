@@ -8,7 +8,7 @@ import pytest
 
 from hpcsif.engine.base import LaunchOptions, mpi_profile_name
 from hpcsif.engine.binds import Bind, check_sources, parse_bind, parse_home
-from hpcsif.engine.bwrap import _missing_parent
+from hpcsif.engine.bwrap import _missing_parent, check_user_namespaces
 from hpcsif.engine.environment import build_env, parse_env_file
 from hpcsif.engine.gpu import read_liblist
 from hpcsif.engine.mpi import load_profile
@@ -141,3 +141,25 @@ def test_launch_options():
         LaunchOptions(action="exec")
     with pytest.raises(UsageError):
         LaunchOptions(action="start")
+
+
+@pytest.mark.parametrize(
+    ("files", "uid", "refused"),
+    [
+        ({"user/max_user_namespaces": "15000", "kernel/unprivileged_userns_clone": "1"}, 1000, False),
+        ({"user/max_user_namespaces": "0"}, 0, True),
+        ({"user/max_user_namespaces": "15000", "kernel/unprivileged_userns_clone": "0"}, 1000, True),
+        ({"user/max_user_namespaces": "15000", "kernel/unprivileged_userns_clone": "0"}, 0, False),
+        ({"kernel/apparmor_restrict_unprivileged_userns": "1"}, 1000, True),
+        ({}, 1000, False),
+    ],
+)
+def test_user_namespace_switches(tmp_path, files, uid, refused):
+    for name, value in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(value + "\n")
+    if refused:
+        with pytest.raises(EngineError, match=r"user namespaces are disabled.*--engine apptainer"):
+            check_user_namespaces(str(tmp_path), uid)
+    else:
+        check_user_namespaces(str(tmp_path), uid)
