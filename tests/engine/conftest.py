@@ -54,6 +54,11 @@ def build_rootfs(dest: Path) -> None:
         {"Env": ENV, "Entrypoint": ENTRYPOINT, "Cmd": CMD},
         test="#!/bin/sh\necho image test ran\nexit 3\n",
     )
+    app = dest / "scif/apps/hello/scif"
+    (app / "env").mkdir(parents=True)
+    (app / "env/90-environment.sh").write_text('export APPVAR="${APPVAR:-app value}"\n')
+    (app / "runscript").write_text('#!/bin/sh\necho "app hello: $APPVAR $*"\n')
+    (app / "runscript").chmod(0o755)
     lib = dest / "usr/lib/x86_64-linux-gnu"
     lib.mkdir(parents=True)
     (lib / "libpmix.so.2.9.3").write_bytes(b"")  # for the MPI ABI check

@@ -124,6 +124,13 @@ def test_run_runscript_precedence(run, images):
     assert res.returncode == 3 and "image test ran" in res.stdout
 
 
+def test_scif_app(run, images):
+    res = run("run", "--app", "hello", str(images.sif), "x y")
+    assert res.stdout == "app hello: app value x y\n", res.stderr
+    res = run("exec", "--app", "hello", str(images.sif), "sh", "-c", 'echo "$APPVAR|$SINGULARITY_APPNAME"')
+    assert res.stdout == "app value|hello\n", res.stderr
+
+
 def test_shell_noninteractive(run, images):
     res = run("shell", str(images.sif), stdin="echo in-shell $SINGULARITY_COMMAND; exit 5\n")
     assert res.returncode == 5
