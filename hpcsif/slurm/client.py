@@ -2,7 +2,7 @@
 
 :func:`get_client` picks the implementation (config ``slurm.pyslurm``: ``auto``, true, false):
 
-* :class:`PySlurmClient` — pyslurm's object API (``pyslurm.Job``, pyslurm >= 23.2), used only
+* :class:`PySlurmClient` — pyslurm's object API (``pyslurm.Job``, pyslurm >= 22.5.2), used only
   when pyslurm imports and its version names the same Slurm ``major.minor`` as the running
   Slurm (pyslurm's ``X.Y.Z`` is built for Slurm ``X.Y``; a mismatched build talks a different
   RPC protocol);
@@ -184,7 +184,7 @@ def _first_line(text: str) -> str:
 
 
 class PySlurmClient(SlurmClient):
-    """pyslurm's ``Job`` API (pyslurm >= 23.2); only when :func:`pyslurm_matches` says so."""
+    """pyslurm's ``Job`` API; only when :func:`pyslurm_matches` says so."""
 
     def __init__(self) -> None:
         import pyslurm
@@ -263,19 +263,28 @@ def slurm_version(slurm_conf: str | None = None) -> tuple[int, int] | None:
 
 
 def pyslurm_matches(slurm_conf: str | None = None) -> tuple[bool, str]:
-    """Whether pyslurm can be used here, and why not (``slurm_conf`` as for :func:`slurm_version`)."""
+    """Whether pyslurm can be used here, and why not (``slurm_conf`` as for :func:`slurm_version`).
+
+    The version is read from the installed distribution's metadata first: importing pyslurm
+    initialises libslurm, which exits the process when it finds no Slurm configuration.
+    """
+    from importlib import metadata
+
     try:
-        import pyslurm
-    except ImportError as e:
-        return False, f"pyslurm does not import ({e})"
-    version = getattr(pyslurm, "__version__", "")
+        version = metadata.version("pyslurm")
+    except metadata.PackageNotFoundError:
+        return False, "pyslurm is not installed"
     m = _VERSION.match(version)
     running = slurm_version(slurm_conf)
     if m is None or running is None or (int(m.group(1)), int(m.group(2))) != running:
         shown = ".".join(map(str, running)) if running else "unknown"
-        return False, f"pyslurm {version or '?'} is not built for the running Slurm {shown}"
+        return False, f"pyslurm {version} is not built for the running Slurm {shown}"
+    try:
+        import pyslurm
+    except ImportError as e:
+        return False, f"pyslurm {version} does not import ({e})"
     if not hasattr(pyslurm, "Job"):
-        return False, f"pyslurm {version} lacks the Job API (pyslurm >= 23.2 has it)"
+        return False, f"pyslurm {version} lacks the Job API (pyslurm 22.5.2 and later have it)"
     return True, f"pyslurm {version}"
 
 

@@ -1,7 +1,9 @@
 """The Slurm client against the real test cluster (``tests.services.slurm``).
 
-PyPI has no pyslurm built for Slurm 22.05 (its releases are 17.11, 18.8 and 25.11), so only
-:class:`CLIClient` runs here; :func:`get_client` must choose it and say why.
+Every client test runs with :class:`CLIClient` and, where a pyslurm built for the running Slurm
+is installed, with :class:`PySlurmClient`. PyPI has none for Slurm 22.05 (its releases are
+17.11, 18.8 and 25.11), so the pyslurm variant is skipped unless pyslurm 22.5.x was built from
+source; :func:`get_client` must then choose the commands and say why.
 """
 
 # ruff: noqa: F811 - the slurm_cluster fixture is imported, then requested by name
@@ -12,15 +14,29 @@ import time
 import pytest
 
 from hpcsif.errors import SlurmError
-from hpcsif.slurm.client import CLIClient, PySlurmClient, get_client, pyslurm_matches, slurm_version
+from hpcsif.slurm.client import (
+    CLIClient,
+    PySlurmClient,
+    SlurmClient,
+    get_client,
+    pyslurm_matches,
+    slurm_version,
+)
 from tests.services.slurm import SlurmCluster, slurm_cluster  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def client(slurm_cluster: SlurmCluster) -> CLIClient:
-    return CLIClient(slurm_cluster.env)
+@pytest.fixture(params=["cli", "pyslurm"])
+def client(request: pytest.FixtureRequest, slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch):
+    if request.param == "cli":
+        return CLIClient(slurm_cluster.env)
+    conf = slurm_cluster.env["SLURM_CONF"]
+    monkeypatch.setenv("SLURM_CONF", conf)  # libslurm reads it when pyslurm is first imported
+    ok, why = pyslurm_matches(conf)
+    if not ok:
+        pytest.skip(why)
+    return PySlurmClient()
 
 
 def _submit(cluster: SlurmCluster, *args: str, script: str = "sleep 60") -> str:
@@ -34,7 +50,7 @@ def _wait_running(cluster: SlurmCluster, job_id: str, timeout: float = 30) -> No
         time.sleep(0.2)
 
 
-def test_job_info_running_two_nodes(slurm_cluster: SlurmCluster, client: CLIClient, tmp_path) -> None:
+def test_job_info_running_two_nodes(slurm_cluster: SlurmCluster, client: SlurmClient, tmp_path) -> None:
     job = _submit(slurm_cluster, "-N2", f"--chdir={tmp_path}", "--comment=hpcsif:docker://a/b:1 x=2")
     try:
         _wait_running(slurm_cluster, job)
@@ -53,7 +69,7 @@ def test_job_info_running_two_nodes(slurm_cluster: SlurmCluster, client: CLIClie
         slurm_cluster.run(["scancel", job])
 
 
-def test_batch_script_and_comments(slurm_cluster: SlurmCluster, client: CLIClient) -> None:
+def test_batch_script_and_comments(slurm_cluster: SlurmCluster, client: SlurmClient) -> None:
     script = "#!/bin/sh\n#HPCSIF --image=docker://team/app:1.2\nsleep 60\n"
     job = slurm_cluster.run(["sbatch", "--parsable", "--hold"], input=script).stdout.strip()
     try:
@@ -71,7 +87,7 @@ def test_batch_script_and_comments(slurm_cluster: SlurmCluster, client: CLIClien
         slurm_cluster.run(["scancel", job])
 
 
-def test_srun_job_has_no_batch_script(slurm_cluster: SlurmCluster, client: CLIClient) -> None:
+def test_srun_job_has_no_batch_script(slurm_cluster: SlurmCluster, client: SlurmClient) -> None:
     import subprocess
 
     srun = subprocess.Popen(["srun", "-N1", "--job-name=interactive", "sleep", "60"], env=slurm_cluster.env)
@@ -92,7 +108,7 @@ def test_srun_job_has_no_batch_script(slurm_cluster: SlurmCluster, client: CLICl
         srun.wait()
 
 
-def test_hold_and_requeue(slurm_cluster: SlurmCluster, client: CLIClient) -> None:
+def test_hold_and_requeue(slurm_cluster: SlurmCluster, client: SlurmClient) -> None:
     pending = _submit(slurm_cluster, "--begin=now+1hour")
     running = _submit(slurm_cluster)
     try:
@@ -115,7 +131,7 @@ def test_hold_and_requeue(slurm_cluster: SlurmCluster, client: CLIClient) -> Non
         slurm_cluster.run(["scancel", pending, running])
 
 
-def test_unknown_job(client: CLIClient) -> None:
+def test_unknown_job(client: SlurmClient) -> None:
     with pytest.raises(SlurmError, match="999999"):
         client.job_info("999999")
     with pytest.raises(SlurmError, match="999999"):
@@ -127,6 +143,7 @@ def test_unknown_job(client: CLIClient) -> None:
 
 
 def test_missing_command_is_slurm_error(tmp_path) -> None:
+    """(Only the command client runs programs.)"""
     client = CLIClient({"PATH": str(tmp_path)})
     with pytest.raises(SlurmError, match="slurm-client"):
         client.job_info("1")
