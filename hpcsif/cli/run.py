@@ -95,16 +95,12 @@ def handle(args: argparse.Namespace) -> int:
     )
     engine = select_engine(args.engine)
     image = args.image
-    if os.path.isdir(image):
-        from pathlib import Path
-
-        opts.sandbox = True
-        return engine.launch(Path(os.path.abspath(image)), opts)
     if os.path.exists(image):
         from pathlib import Path
 
         path = Path(os.path.abspath(image))
         _check_trusted(path)
+        opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
     from hpcsif.cache.api import leased_image
 
@@ -115,7 +111,7 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _check_trusted(path: os.PathLike) -> None:
-    """Refuse a SIF that another user could have replaced (the cache helper's check, when present)."""
+    """Refuse an image (SIF or sandbox) another user could have replaced (the cache helper's check)."""
     try:
         from hpcsif.cache.trust import check_trusted_path
     except ImportError:
