@@ -1,7 +1,9 @@
 """Prolog benchmark (issue 6): how long ``slurm/prolog`` takes to stage a job's image on a node.
 
 Starts the test Slurm cluster (tests/services/slurm.py, one node), submits a held job asking
-for the ``debian-py`` image (``--comment=hpcsif:docker-archive://…``), and runs the real prolog
+for the ``debian-py`` image (``--comment=hpcsif:oci://…``: an OCI layout, whose digest is read
+from its index as a registry tag's pinned digest would be; a docker-archive would add hashing
+the whole archive on every cold node), and runs the real prolog
 hook as slurmd would (``SLURM_JOB_ID``, ``SLURM_CONF`` … in its environment; it asks slurmctld
 for the job's batch script and comment) in three situations:
 
@@ -81,14 +83,14 @@ def main() -> None:
     ap.add_argument("--image", default="debian-py")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    src = BENCH_IMAGES / f"{args.image}.docker-archive.tar"
-    if not src.exists():
+    src = BENCH_IMAGES / "oci" / args.image
+    if not (src / "index.json").exists():
         raise SystemExit(f"{src} missing: run shared/bench/make-images.sh first")
     work = Path(tempfile.mkdtemp(prefix="hpcsif-bench-prolog-", dir="/tmp"))
     work.chmod(0o755)
-    archive = work / src.name
-    shutil.copy(src, archive)
-    ref = f"docker-archive://{archive}"
+    layout = work / args.image
+    shutil.copytree(src, layout)
+    ref = f"oci://{layout}:latest"
     prolog = install_hooks(work)
     hooks, log = prolog.parent, work / "prolog.log"
     system, shared = work / "system", work / "shared"
@@ -171,9 +173,10 @@ def main() -> None:
             ref,
         ]
         ar = median_run(acmd, args.repeat, env={**os.environ, "APPTAINER_CACHEDIR": str(work / "acache")})
-        rows.append(["apptainer build, same archive (per job, unstaged)", f"{ar.seconds:.2f}", "-", "-"])
+        rows.append(["apptainer build of the same image (per job, unstaged)", f"{ar.seconds:.2f}", "-", "-"])
+    layout_mb = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / 1e6
     notes = [
-        f"Image: `{args.image}` ({src.stat().st_size / 1e6:.0f} MB docker-archive); median of {args.repeat} "
+        f"Image: `{args.image}` (OCI layout, {layout_mb:.0f} MB); median of {args.repeat} "
         f"runs on {os.cpu_count()} cores. Each time is the whole `slurm/prolog` hook as slurmd runs it: "
         "Python start, two slurmctld queries (batch script, comment), staging, lease, job record; "
         "'staging s' is the staging step alone (as the prolog logs it).",

@@ -230,7 +230,7 @@ static int export_to_prolog(spank_t sp, int required)
 	}
 	if (rc == ESPANK_SUCCESS)
 		return 0;
-	if (!required) { /* srun inside an allocation: the prolog has run already */
+	if (!required) { /* srun inside an allocation: the prologs have run already */
 		slurm_debug("hpcsif: no job control environment here: %s", spank_strerror(rc));
 		return 0;
 	}
@@ -253,7 +253,8 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	case S_CTX_ALLOCATOR:
 		return export_to_prolog(sp, 1);
 	case S_CTX_LOCAL:
-		return export_to_prolog(sp, 0);
+		/* srun makes its own allocation (and so runs the prologs) only outside a job */
+		return export_to_prolog(sp, getenv("SLURM_JOB_ID") == NULL);
 	default:
 		return 0;
 	}
