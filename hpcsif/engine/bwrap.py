@@ -352,12 +352,14 @@ class _Signals:
         self.pending: list[int] = []
         self.child = 0
         self.pidns = False
+        self.forwarded = False  # a signal went to the payload (it may have died before starting)
         self._old = {s: signal.signal(s, self._handle) for s in FORWARDED}
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.interactive and signum in _TTY_SIGNALS:
             return  # the terminal already sent it to the shell's process group
         if self.child:
+            self.forwarded = True
             _signal_payload(self.child, signum, self.pidns, group=not self.interactive)
         else:
             self.pending.append(signum)
@@ -366,6 +368,7 @@ class _Signals:
         """The payload runs as *child*: deliver what arrived meanwhile."""
         self.child, self.pidns = child, pidns
         for signum in self.pending:
+            self.forwarded = True
             _signal_payload(child, signum, pidns, group=not self.interactive)
 
     def restore(self) -> None:
@@ -384,7 +387,11 @@ def _run(
             os.close(fd)
         return 128 + signals.pending[0]  # stopped before the container started
     info_r, info_w = os.pipe()
+    # the launcher writes one byte here once it runs: EOF instead means bwrap's set-up failed
+    ready_r, ready_w = os.pipe()
     argv = [argv[0], "--info-fd", str(info_w), *argv[1:]]
+    env = {**env, "__HPCSIF_READY": str(ready_w)}
+    fds = [ready_w, *fds]
     for fd in [info_w, *fds]:
         os.set_inheritable(fd, True)
     try:
@@ -394,6 +401,8 @@ def _run(
             spawn_opts = {} if signals.interactive else {"setpgroup": 0}
             pid = os.posix_spawn(bwrap, argv, env, **spawn_opts)
         except OSError as exc:
+            os.close(info_r)
+            os.close(ready_r)
             raise EngineError(f"cannot start {bwrap}: {exc.strerror}") from None
         finally:
             for fd in [info_w, *fds]:
@@ -401,12 +410,14 @@ def _run(
         child = _child_pid(_read_all(info_r))
         if child:
             signals.started(child, pidns)
+        with os.fdopen(ready_r, "rb", buffering=0) as ready:
+            started = ready.read(1) == b"x"
         _, status = os.waitpid(pid, 0)
     finally:
         if signals.interactive:
             _reclaim_terminal()
     code = os.waitstatus_to_exitcode(status)
-    if not child:
+    if not started and not signals.forwarded:
         raise EngineError(
             "bwrap could not set up the container (see its message above; if it is about namespaces, "
             "this host does not allow unprivileged user namespaces: use --engine apptainer)"

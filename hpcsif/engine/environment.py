@@ -28,6 +28,9 @@ _OVERRIDE = "__HPCSIF_SET"
 # in variables named __HPCSIF_SET_<KEY> and only ever expanded inside double quotes, so spaces,
 # quotes and `$` in them survive untouched; the key names are checked by Python beforehand.
 LAUNCHER = r"""
+# tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error)
+if [ -n "$__HPCSIF_READY" ]; then printf x > "/proc/self/fd/$__HPCSIF_READY"; fi
+unset __HPCSIF_READY
 for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
 if [ -n "$__HPCSIF_APP" ]; then
   for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done

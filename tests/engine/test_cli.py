@@ -161,6 +161,13 @@ def test_sandbox_and_pwd_and_binds(run, images, pub_tmp):
     assert res.stdout == "bound file\n", res.stderr
 
 
+def test_setup_failure_is_an_error_and_leaves_no_mount(run, images):
+    res = run("exec", "--pwd", "/no/such/dir", str(images.sif), "true")
+    assert res.returncode == 255
+    assert "bwrap could not set up the container" in res.stderr
+    # the run fixture checks that nothing stayed mounted
+
+
 def test_missing_bind_source(run, images):
     res = run("exec", "-B", "/does/not/exist:/x", str(images.sif), "true")
     assert res.returncode != 0
