@@ -161,7 +161,9 @@ class _Plan:
         for spec in opts.binds:
             binds += parse_bind(spec)
         # parents before children, so that a bind inside another bind's destination stays visible
-        self.binds = sorted(check_sources(binds + contrib.binds), key=lambda b: b.dst.count("/"))
+        # (dict.fromkeys drops repeats such as a current directory that is the home directory)
+        unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
+        self.binds = sorted(unique, key=lambda b: b.dst.count("/"))
         self.contrib = contrib
         # devices from elsewhere (gpu.dev_dir) must not become new nodes in the host's /dev:
         # then the container gets bwrap's minimal /dev plus exactly the devices asked for
