@@ -98,6 +98,7 @@ def main() -> int:
         return 2
     # /tmp, because the Apptainer peer runs in a chroot that sees /tmp
     work = Path(tempfile.mkdtemp(prefix="hpcsif-bench-pull-", dir="/tmp"))
+    load_before = os.getloadavg()[0]
     reg = start_registry(work / "registry", "open")
     try:
         reg.push(f"oci:{image}:latest", "bench/debian-py:latest")
@@ -110,13 +111,15 @@ def main() -> int:
         reg.stop()
         shutil.rmtree(work, ignore_errors=True)
 
+    load_after = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in ours.items()}
     lines = [
         "# Pull benchmark (issue 3)",
         "",
         f"Image: `{image}` ({size / 1e6:.0f} MB of blobs), pushed to a local `docker-registry`; "
         f"median of {args.repeat} runs; {platform.node()}, {os.cpu_count()} CPUs, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}.",
+        f"{time.strftime('%Y-%m-%d %H:%M')}; 1-minute load average {load_before:.1f} before, "
+        f"{load_after:.1f} after (other work on the machine makes absolute times noisy).",
         "",
         "| case | hpcsif (s) | Apptainer (s) | ratio | goal |",
         "|---|---|---|---|---|",
