@@ -162,7 +162,9 @@ def main() -> None:
     app = peer()
     if app:
         out = work / "apptainer.sif"
-        archive = BENCH_IMAGES / f"{args.image}.oci-archive.tar"  # Apptainer refuses oci:DIR:TAG
+        # Apptainer refuses oci:DIR:TAG, and the peer sees only /tmp: build from a copy of the archive
+        archive = work / f"{args.image}.oci-archive.tar"
+        shutil.copy(BENCH_IMAGES / archive.name, archive)
         zstd = "-comp zstd -Xcompression-level 3"
         acmd = [app, "-q", "build", "-F", "--mksquashfs-args", zstd, str(out), f"oci-archive://{archive}"]
         ar = median_run(acmd, args.repeat, env={**os.environ, "APPTAINER_CACHEDIR": str(work / "acache")})
