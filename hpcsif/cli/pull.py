@@ -125,19 +125,31 @@ def run_pull(args: argparse.Namespace) -> int:
 
         raise UsageError(f"{ref.raw} is a local file; pull needs a URI (docker://, oras://, https:// …)")
     else:
-        from hpcsif.convert import convert_ref
+        options = convert_options(args)
+        source_options = {**registry_options(args), "progress": progress}
+        store = blob_store(args)
+        if store is None:  # --disable-cache: convert straight to the target through temporary blobs
+            from hpcsif.convert import convert_ref
 
-        log.info("Converting %s to %s", ref, target)
-        convert_ref(
-            ref,
-            target,
-            options=convert_options(args),
-            store=blob_store(args),
-            source_options={**registry_options(args), "progress": progress},
-            progress=progress,
-        )
+            convert_ref(ref, target, options=options, source_options=source_options, progress=progress)
+        else:
+            # through the SIF cache, so that a later `exec docker://…` of the same image converts nothing
+            from hpcsif.cache.api import ensure_image
+
+            _copy_out(ensure_image(ref.raw, options=options, source_options=source_options), target)
     log.info("Pulled %s to %s", ref.raw, target)
     return 0
+
+
+def _copy_out(cached: Path, target: Path) -> None:
+    """Copy a cached SIF to ``target`` atomically (a copy, so editing it never touches the cache)."""
+    import shutil
+
+    from hpcsif.sources.remote import atomic_output
+
+    log.info("Copying %s to %s", cached, target)
+    with atomic_output(target, 0o755) as out, open(cached, "rb") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
 
 
 def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Reference

@@ -99,10 +99,25 @@ def test_pull_by_tag_and_digest_default_names(registry_open, busybox_image, tmp_
     res = hpcsif(tmp_path, "pull", registry_open.ref("team/busybox:1.0"))
     assert res.returncode == 0, res.stderr
     _assert_busybox_sif(tmp_path / "busybox_1.0.sif", busybox_image)
+    # the same image by digest: a SIF cache hit, nothing fetched or converted
     res = hpcsif(tmp_path, "-v", "pull", registry_open.ref(f"team/busybox@{digest}"))
     assert res.returncode == 0, res.stderr
-    assert f"Skipping fetch of repeat blob {busybox_image.layer_digests[0]}" in res.stderr
+    assert "Copying blob" not in res.stderr and "Skipping fetch" not in res.stderr
     _assert_busybox_sif(tmp_path / f"busybox_{digest[7:19]}.sif", busybox_image)
+    # other conversion options: a new SIF from the cached blobs
+    res = hpcsif(
+        tmp_path,
+        "-v",
+        "pull",
+        "--compression",
+        "gzip",
+        "--name",
+        "gz.sif",
+        registry_open.ref("team/busybox:1.0"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert f"Skipping fetch of repeat blob {busybox_image.layer_digests[0]}" in res.stderr
+    _assert_busybox_sif(tmp_path / "gz.sif", busybox_image)
     # an existing file is kept unless forced
     res = hpcsif(tmp_path, "pull", registry_open.ref("team/busybox:1.0"))
     assert res.returncode != 0 and "already exists" in res.stderr
