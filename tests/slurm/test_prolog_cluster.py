@@ -255,3 +255,36 @@ def test_an_unprivileged_job_reads_the_system_cache_but_cannot_change_it(
         assert not list((work / "cache").glob("sif/*/*.sif"))  # the user converted nothing
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_epilog_evicts_by_quota_but_never_a_leased_image(
+    hpcsif_cluster: HpcsifCluster, tmp_path: Path
+) -> None:
+    cluster = hpcsif_cluster
+    kept, evicted = write_os_archive(tmp_path / "os15.tar", 15), write_os_archive(tmp_path / "os16.tar", 16)
+    flag, running = tmp_path / "go", tmp_path / "running"
+    holder = cluster.sbatch(
+        f"#!/bin/bash\n#HPCSIF --image={kept}\ntouch {running}\nwhile [ ! -e {flag} ]; do sleep 0.2; done\n",
+        "-N2",
+        tmp=tmp_path,
+    )
+    env_file = cluster.base / "hooks" / "hpcsif.env"
+    saved = env_file.read_text()
+    try:
+        for _ in range(300):
+            if running.exists():
+                break
+            time.sleep(0.2)
+        assert running.exists(), cluster.job_field(holder, "JobState")
+        env_file.write_text(saved + "HPCSIF_CACHE_QUOTA=1\n")  # the next epilog keeps only leased images
+        job = cluster.sbatch(f"#!/bin/bash\n#HPCSIF --image={evicted}\ntrue\n", "-N1", tmp=tmp_path)
+        assert cluster.slurm.wait_job(job) == "COMPLETED"
+        node = cluster.job_field(job, "NodeList")
+        cache = cluster.syscache(node)
+        assert not list(cache.glob("sif/*/os16.sif"))
+        assert list(cache.glob("sif/*/os15.sif")), "a leased image was evicted"
+        assert any(e["event"] == "evict" for e in _journal(cluster, node))
+    finally:
+        env_file.write_text(saved)
+        flag.touch()
+    assert cluster.wait(holder) == "COMPLETED"
