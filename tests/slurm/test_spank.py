@@ -107,3 +107,17 @@ def test_sif_flags_need_an_image(hpcsif_cluster: HpcsifCluster, tmp_path: Path) 
     proc = hpcsif_cluster.run("srun", "-N1", "--sif-nv", "true", check=False, cwd=tmp_path)
     assert proc.returncode != 0
     assert "need --sif-image" in proc.stderr
+
+
+def test_nv_and_mpi_options_reach_hpcsif_exec(
+    hpcsif_cluster: HpcsifCluster, os_ref: str, tmp_path: Path
+) -> None:
+    env, image = hpcsif_cluster.job_env(tmp_path), f"--sif-image={os_ref}"
+    nv = hpcsif_cluster.run("srun", "-N1", image, "--sif-nv", "true", env=env, cwd=tmp_path, check=False)
+    assert nv.returncode == 0, nv.stderr
+    if not list(Path("/dev").glob("nvidia[0-9]*")):  # without a GPU, exec --nv says so
+        assert "--nv: no GPU devices found" in nv.stderr, nv.stderr
+    mpi = hpcsif_cluster.run(
+        "srun", "-N1", image, "--sif-mpi=no-such-profile", "true", env=env, cwd=tmp_path, check=False
+    )
+    assert mpi.returncode != 0 and "unknown MPI profile 'no-such-profile'" in mpi.stderr, mpi.stderr
