@@ -137,7 +137,7 @@ def _resolve_digest(
 
     def fresh_digest() -> str | None:
         record = _read_record(layout, ident)
-        return str(record["digest"]) if record and float(record.get("resolved", 0)) >= started - 1 else None
+        return str(record["digest"]) if record and float(record.get("resolved", 0)) >= started else None
 
     taken = lock.acquire(done=lambda: fresh_digest() is not None)
     try:
