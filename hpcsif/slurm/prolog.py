@@ -31,7 +31,7 @@ from hpcsif.cache.layout import CacheRoot
 from hpcsif.config import Config, get_config, set_config
 from hpcsif.errors import HpcsifError, SlurmError
 from hpcsif.slurm.jobrecord import AdminComment, ImageOutcome, JobRecord, load_record, remove_record
-from hpcsif.slurm.requests import ImageRequest, discover
+from hpcsif.slurm.requests import METHODS, ImageRequest, discover
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,8 @@ def run_prolog(ctx: JobContext, client: JobClient, *, timeout: float | None = No
         ctx.env,
         batch_script=lambda: client.batch_script(ctx.job_id),
         comment=lambda: _comment(client, ctx.job_id),
+        # each of directive and comment costs a slurmctld query per node and job
+        methods=get_config().get("slurm.discovery", METHODS),
     )
     report = PrologReport(ctx.job_id, requests)
     if not requests:

@@ -146,22 +146,31 @@ def _unique(requests: Iterable[ImageRequest]) -> list[ImageRequest]:
     return out
 
 
+METHODS = ("spank", "directive", "comment")
+
+
 def discover(
     env: Mapping[str, str],
     *,
     batch_script: Callable[[], str | None],
     comment: Callable[[], str | None],
+    methods: Iterable[str] = METHODS,
 ) -> list[ImageRequest]:
     """Every image the job asks for: SPANK variables, then directives, then the comment.
 
-    ``batch_script`` and ``comment`` are called lazily (each is a Slurm query); a failure to
-    read one source is logged and the others still count.
+    ``batch_script`` and ``comment`` are called lazily (each is a Slurm query, made only when
+    its method is in ``methods``); a failure to read one source is logged and the others count.
     """
-    requests = from_spank_env(env)
-    for name, read, parse_one in (
-        ("batch script", batch_script, from_batch_script),
-        ("comment", comment, from_comment),
+    methods = set(methods)
+    if unknown := methods - set(METHODS):
+        raise UsageError(f"unknown discovery method(s) {sorted(unknown)}: expected {', '.join(METHODS)}")
+    requests = from_spank_env(env) if "spank" in methods else []
+    for method, name, read, parse_one in (
+        ("directive", "batch script", batch_script, from_batch_script),
+        ("comment", "comment", comment, from_comment),
     ):
+        if method not in methods:
+            continue
         try:
             text = read()
         except Exception as exc:  # a Slurm hiccup on one source must not lose the others

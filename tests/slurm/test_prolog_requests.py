@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from hpcsif.errors import StagingError
+from hpcsif.errors import StagingError, UsageError
 from hpcsif.slurm.jobrecord import AdminComment, ImageOutcome, JobRecord, job_image, load_record
 from hpcsif.slurm.requests import (
     ImageRequest,
@@ -84,6 +84,16 @@ def test_discover_order_dedup_and_broken_source(caplog: pytest.LogCaptureFixture
     reqs = discover({}, batch_script=broken, comment=lambda: "hpcsif:a.sif")
     assert [r.ref for r in reqs] == ["a.sif"]
     assert "slurmctld is down" in caplog.text
+
+
+def test_discovery_methods_can_be_limited() -> None:
+    def never() -> str:
+        raise AssertionError("queried a disabled source")
+
+    env = {"SPANK_HPCSIF_IMAGE": "a.sif"}
+    assert [r.ref for r in discover(env, batch_script=never, comment=never, methods=["spank"])] == ["a.sif"]
+    with pytest.raises(UsageError, match="unknown discovery method"):
+        discover(env, batch_script=never, comment=never, methods=["spank", "env"])
 
 
 def test_admin_comment_keeps_foreign_segments() -> None:
