@@ -121,13 +121,19 @@ class SIFStore:
         entry = Entry(self.root, key, meta)
         return entry if entry.path.is_file() else None
 
+    def keys(self) -> list[str]:
+        """The keys of every directory under ``sif/``, readable or not."""
+        try:
+            return sorted(p.name for p in (self.root.path / "sif").iterdir())
+        except FileNotFoundError:
+            return []
+
     def entries(self) -> Iterator[Entry]:
-        """Every published entry."""
-        with contextlib.suppress(FileNotFoundError):
-            for child in sorted((self.root.path / "sif").iterdir()):
-                with contextlib.suppress(CacheError):
-                    if entry := self.lookup(child.name):
-                        yield entry
+        """Every published entry (unreadable ones are skipped)."""
+        for key in self.keys():
+            with contextlib.suppress(CacheError):
+                if entry := self.lookup(key):
+                    yield entry
 
     def touch(self, entry: Entry) -> None:
         """Record a use of ``entry`` (read-only roots are left alone)."""

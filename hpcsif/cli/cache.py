@@ -124,6 +124,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
             print(f"Removing {e.meta.get('ref', e.meta['name'])} ({_size(e.size)})")
         else:
             kept += 1
+    if args.type in ("sif", "all"):
+        # entries whose meta.json cannot be read (damaged by hand or by the disk) go too
+        for key in set(store.keys()) - {e.key for e in entries}:
+            if store.remove(key, reason="clean"):
+                print(f"Removing unreadable entry {root.entry_dir(key)}")
     if kept:
         print(f"Kept {kept} image(s) that are in use or being converted.")
     if blobs[0]:

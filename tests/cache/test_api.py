@@ -219,8 +219,12 @@ def test_cache_list_and_clean(cache_env: CacheEnv, busybox_ref: str) -> None:
     assert "would remove" in dry and path.exists()
     cancelled = run_cli("cache", "clean", input="n\n").stdout
     assert "Do you want to continue? [y/N]" in cancelled and path.exists()
-    run_cli("cache", "clean", "--force", "--type", "sif")
-    assert not path.exists()
+    broken = cache_env.cache / "sif" / "0123-broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text("{not json")
+    out = run_cli("cache", "clean", "--force", "--type", "sif").stdout
+    assert not path.exists() and not broken.exists()
+    assert "Removing unreadable entry" in out
     assert "There are 0 container file(s)" in run_cli("cache", "list").stdout
 
 

@@ -30,12 +30,12 @@ def _hold(cache_env: CacheEnv, path: Path, stale: float):
 
 def test_live_holder_is_not_taken_over(cache_env: CacheEnv, tmp_path: Path) -> None:
     path = tmp_path / "k.lock"
-    holder = _hold(cache_env, path, 0.5)
+    holder = _hold(cache_env, path, 1.0)
     try:
         started = time.monotonic()
         with pytest.raises(CacheBusy, match=f"held by pid {holder.pid}"):
-            ExclLock(path, "the test image", 2.0, 0.5).acquire()
-        assert time.monotonic() - started >= 2.0  # four stale periods passed, the heartbeat kept it
+            ExclLock(path, "the test image", 3.0, 1.0).acquire()
+        assert time.monotonic() - started >= 3.0  # three stale periods passed, the heartbeat kept it
         assert path.exists()
     finally:
         holder.kill()
