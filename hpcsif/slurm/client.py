@@ -44,13 +44,17 @@ class SlurmClient(ABC):
     def batch_script(self, job_id: str) -> str | None:
         """The job's batch script, or None for a job without one (``srun``/``salloc``)."""
 
-    @abstractmethod
     def set_comment(self, job_id: str, text: str) -> None:
-        """Replace the job's comment (what ``--comment`` set)."""
+        """Replace the job's comment (what ``--comment`` set); one line."""
+        self._set_text(job_id, "comment", _one_line(job_id, "comment", text))
+
+    def set_admin_comment(self, job_id: str, text: str) -> None:
+        """Replace the job's admin comment (needs an operator or root); one line."""
+        self._set_text(job_id, "admin_comment", _one_line(job_id, "admin comment", text))
 
     @abstractmethod
-    def set_admin_comment(self, job_id: str, text: str) -> None:
-        """Replace the job's admin comment (needs an operator or root)."""
+    def _set_text(self, job_id: str, field: str, text: str) -> None:
+        """Set ``comment`` or ``admin_comment``."""
 
     @abstractmethod
     def hold(self, job_id: str) -> None:
@@ -148,18 +152,10 @@ class CLIClient(SlurmClient):
             raise SlurmError(f"batch script of job {job_id}: {err}")
         return proc.stdout
 
-    def set_comment(self, job_id: str, text: str) -> None:
-        """``scontrol update JobId=… Comment=…``."""
-        self._update(job_id, "Comment", text)
-
-    def set_admin_comment(self, job_id: str, text: str) -> None:
-        """``scontrol update JobId=… AdminComment=…``."""
-        self._update(job_id, "AdminComment", text)
-
-    def _update(self, job_id: str, field: str, text: str) -> None:
-        if "\n" in text:
-            raise SlurmError(f"job {job_id}: a {field} must be one line")
-        self._run("scontrol", "update", f"JobId={job_id}", f"{field}={text}")
+    def _set_text(self, job_id: str, field: str, text: str) -> None:
+        """``scontrol update JobId=… Comment=…`` (or ``AdminComment=``)."""
+        name = {"comment": "Comment", "admin_comment": "AdminComment"}[field]
+        self._run("scontrol", "update", f"JobId={job_id}", f"{name}={text}")
 
     def hold(self, job_id: str) -> None:
         """``scontrol hold``."""
@@ -177,6 +173,12 @@ def _matches(job: Mapping[str, Any], job_id: str) -> bool:
     task = job.get("array_task_id")
     task = task.get("number") if isinstance(task, Mapping) else task  # newer Slurm wraps numbers
     return task is not None and f"{job.get('array_job_id')}_{task}" == job_id
+
+
+def _one_line(job_id: str, what: str, text: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise SlurmError(f"job {job_id}: the {what} must be one line")
+    return text
 
 
 def _first_line(text: str) -> str:
@@ -222,15 +224,10 @@ class PySlurmClient(SlurmClient):
             return None
         return self._call(job_id, "reading the batch script", lambda i: job.get_batch_script())
 
-    def set_comment(self, job_id: str, text: str) -> None:
-        """``Job.modify(comment=…)``."""
-        desc = self._pyslurm.JobSubmitDescription(comment=text)
-        self._call(job_id, "setting the comment", lambda i: self._pyslurm.Job(i).modify(desc))
-
-    def set_admin_comment(self, job_id: str, text: str) -> None:
-        """``Job.modify(admin_comment=…)``."""
-        desc = self._pyslurm.JobSubmitDescription(admin_comment=text)
-        self._call(job_id, "setting the admin comment", lambda i: self._pyslurm.Job(i).modify(desc))
+    def _set_text(self, job_id: str, field: str, text: str) -> None:
+        """``Job.modify`` with ``comment=`` or ``admin_comment=``."""
+        desc = self._pyslurm.JobSubmitDescription(**{field: text})
+        self._call(job_id, f"setting the {field}", lambda i: self._pyslurm.Job(i).modify(desc))
 
     def hold(self, job_id: str) -> None:
         """``Job.hold``."""

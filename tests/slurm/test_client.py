@@ -3,7 +3,8 @@
 Every client test runs with :class:`CLIClient` and, where a pyslurm built for the running Slurm
 is installed, with :class:`PySlurmClient`. PyPI has none for Slurm 22.05 (its releases are
 17.11, 18.8 and 25.11), so the pyslurm variant is skipped unless pyslurm 22.5.x was built from
-source; :func:`get_client` must then choose the commands and say why.
+source (22.5.3 from its git tag builds against Debian's libslurm-dev and passes these tests);
+:func:`get_client` must then choose the commands and say why.
 """
 
 # ruff: noqa: F811 - the slurm_cluster fixture is imported, then requested by name
