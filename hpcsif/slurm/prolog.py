@@ -54,6 +54,11 @@ class JobContext:
     uid: int | None
     env: Mapping[str, str]
 
+    @property
+    def node(self) -> str | None:
+        """This node's Slurm name (``SLURMD_NODENAME``)."""
+        return self.env.get("SLURMD_NODENAME") or None
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> JobContext:
         """Read ``SLURM_JOB_ID``, ``SLURM_JOB_USER``, ``SLURM_JOB_UID`` (and keep SPANK_*)."""
@@ -121,15 +126,23 @@ def resolve_digest(ref_text: str) -> str:
 
 
 def pin_reference(
-    req: ImageRequest, job_id: str, client: JobClient, resolve: Callable[[str], str] = resolve_digest
+    req: ImageRequest,
+    job_id: str,
+    client: JobClient,
+    *,
+    node: str | None = None,
+    resolve: Callable[[str], str] = resolve_digest,
+    wait: float = 30.0,
 ) -> str:
     """The reference every node of the job stages: registry tags pinned to one digest.
 
     File references (archives, layouts) name their content already and are returned as they
-    are. The first node to resolve a tag records the digest in the job's admin comment; the
-    others read it there. Two nodes resolving at the same instant both write; each then
-    re-reads and uses what was recorded last, so they still agree unless a third write lands
-    in between (the SPANK plugin's submit-time pin has no such window).
+    are; so are references with a digest, and tags the SPANK plugin pinned at submission.
+    Otherwise one node resolves the tag and records ``hpcsif-pin REF DIGEST`` in the job's admin
+    comment, and the others read it there: the job's batch host, while the other nodes
+    (``node``, this one) wait up to ``wait`` seconds for its pin. Without a batch host (an
+    ``srun`` allocation), or when its pin does not come, a node resolves and records itself,
+    re-reading afterwards so that concurrent writers still settle on the last recorded digest.
     """
     from hpcsif.refs import parse
 
@@ -138,10 +151,23 @@ def pin_reference(
         return req.ref
     if req.digest:
         return str(ref.with_digest(req.digest))
-    comment = AdminComment.parse(_admin_comment(client, job_id))
-    if req.ref in comment.pins:
-        return str(ref.with_digest(comment.pins[req.ref]))
+    info = client.job_info(job_id)
+    batch_host = info.get("batch_host")
+    follower = bool(node and batch_host and node != batch_host)
+    deadline = time.monotonic() + (wait if follower else 0)
+    while True:
+        pinned = AdminComment.parse(info["admin_comment"]).pins.get(req.ref)
+        if pinned:
+            log.info("job %s: %s is pinned to %s for this job", job_id, req.ref, pinned)
+            return str(ref.with_digest(pinned))
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+        info = client.job_info(job_id)
+    if follower:
+        log.warning("job %s: no pin for %s from %s; resolving it here", job_id, req.ref, batch_host)
     digest = resolve(req.ref)
+    log.info("job %s: resolved %s to %s", job_id, req.ref, digest)
     comment = AdminComment.parse(_admin_comment(client, job_id))
     comment.pins.setdefault(req.ref, digest)
     client.set_admin_comment(job_id, comment.format())
@@ -190,7 +216,7 @@ def _stage_all(
         outcome = ImageOutcome(ref=req.ref)
         started = time.monotonic()
         try:
-            outcome.pinned = pin_reference(req, ctx.job_id, client)
+            outcome.pinned = pin_reference(req, ctx.job_id, client, node=ctx.node)
             path, key = stage_for_job(outcome.pinned, ctx.job_id, root)
             outcome.path, outcome.key = str(path), key
             log.info("job %s: %s staged as %s", ctx.job_id, req.ref, path)

@@ -181,6 +181,10 @@ def test_one_digest_per_job_while_the_tag_moves(
     assert pins == {f"{ref}@{d2}"}, out2  # both nodes staged the same digest
     assert out2.count('VERSION_ID="6.12"') == 2, out2
     assert f"hpcsif-pin {ref} {d2}" in (cluster.job_field(job2, "AdminComment") or "")
+    # the batch host resolved the tag; the other node waited for its pin instead of resolving
+    log = cluster.log.read_text()
+    assert log.count(f"job {job2}: resolved {ref} to {d2}") == 1, log
+    assert log.count(f"job {job2}: {ref} is pinned to {d2} for this job") == 1, log
 
 
 def test_a_hanging_registry_is_bounded_twice(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
