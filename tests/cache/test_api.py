@@ -246,3 +246,22 @@ def test_fsspec_shared_tier(cache_env: CacheEnv, busybox_ref: str, tmp_path: Pat
     fs = fsspec.filesystem("memory")
     assert fs.exists(f"{url}/sif/{paths[0].parent.name}/meta.json")
     fs.rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_system_cache_is_consulted_first(
+    cache_env: CacheEnv, busybox_ref: str, tmp_path: Path, monkeypatch
+) -> None:
+    from hpcsif.config import set_config
+
+    system = tmp_path / "system"
+    # the prolog fills the system cache (as root, with the system dir as its cache root)
+    monkeypatch.setenv("HPCSIF_CACHEDIR", str(system))
+    set_config(None)
+    staged = ensure_image(busybox_ref)
+    monkeypatch.setenv("HPCSIF_CACHEDIR", str(cache_env.cache))
+    monkeypatch.setenv("HPCSIF_SYSTEM_CACHEDIR", str(system))
+    set_config(None)
+    assert ensure_image(busybox_ref) == staged
+    assert cache_env.conversions() == []
+    out = run_cli("cache", "list", env={"HPCSIF_SYSTEM_CACHEDIR": str(system)}).stdout
+    assert f"in the system cache {system}" in out
