@@ -11,6 +11,10 @@ Measured in one run, on one machine, with the same SIF:
 * ``apptainer exec IMAGE true`` when ``apptainer`` or the ``peer-apptainer`` wrapper is installed
   (the wrapper adds a chroot hop, so its number is an upper bound for Apptainer itself).
 
+The variants of a phase run round-robin (one run of each, *n* times), so a change in the
+machine's load hits all of them alike; CPU time (user+sys of the waited-for processes) is
+reported beside wall time because it depends much less on other tenants.
+
 Writes ``benchmarks/results/startup.md``. Usage: ``python3 benchmarks/startup.py [--image SIF] [-n 30]``;
 without ``--image`` a busybox SIF is built with the engine tests' helpers.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,68 +35,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-#: CPU seconds (user+sys of the waited-for process tree) of the last :func:`timed` call, per run
-LAST_CPU: list[float] = []
+Variant = tuple[list[str], dict[str, str] | None]
 
 
-def timed(cmd: list[str], n: int, env: dict | None = None) -> list[float]:
-    """Wall-clock seconds of *n* runs of *cmd* (output discarded; a failure aborts).
+def run_once(cmd: list[str], env: dict[str, str] | None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of *cmd*; output discarded, a failure aborts.
 
-    Also records the CPU time of each run in :data:`LAST_CPU`: on a loaded machine wall time
-    mostly measures the other tenants, CPU time much less so. Daemons (squashfuse, the mount
-    watchdog) are not waited for, so their CPU time is not included.
+    Daemons (squashfuse, the mount watchdog) are not waited for: their CPU time is not counted.
     """
-    import resource
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
 
-    times = []
-    LAST_CPU.clear()
+
+def interleaved(variants: dict[str, Variant], n: int) -> dict[str, list[tuple[float, float]]]:
+    """*n* rounds, each running every variant once; per variant the (wall, cpu) samples."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(n):
-        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
-        times.append(time.perf_counter() - t0)
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        LAST_CPU.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
-    return times
+        for name, (cmd, env) in variants.items():
+            samples[name].append(run_once(cmd, env))
+    return samples
 
 
-def timed_shell(script: str, n: int) -> list[float]:
-    """Like :func:`timed` for a shell pipeline, minus the cost of starting the shell itself."""
-    base = statistics.median(timed(["sh", "-c", "true"], n))
-    times = [t - base for t in timed(["sh", "-c", script], n)]
-    LAST_CPU.clear()  # includes the shell's own CPU; not comparable
-    return times
-
-
-MEDIANS: dict[str, float] = {}
-
-
-def row(name: str, times: list[float]) -> str:
-    """One table row (median, min, p90 in ms); remembers the median for the summary."""
-    ms = sorted(t * 1000 for t in times)
-    p90 = ms[int(len(ms) * 0.9) - 1] if len(ms) >= 10 else ms[-1]
-    MEDIANS[name] = statistics.median(ms)
-    cpu = f"{statistics.median(LAST_CPU) * 1000:.1f}" if len(LAST_CPU) == len(times) else "-"
-    return f"| {name} | {statistics.median(ms):.1f} | {ms[0]:.1f} | {p90:.1f} | {cpu} |"
-
-
-def summary() -> list[str]:
-    """Ratios the issue's goals are stated in, from the medians of this run."""
-    shared = MEDIANS["hpcsif exec SIF true, shared mount"]
-    cold = MEDIANS["hpcsif exec SIF true, cold mount"]
-    raw = MEDIANS["raw bwrap on a shared mount"]
-    interp = MEDIANS["python3 -c pass (interpreter start-up)"]
-    lines = [
-        f"- shared mount: hpcsif {shared:.0f} ms = {shared / raw:.1f}x raw bwrap ({raw:.0f} ms); "
-        f"the interpreter alone takes {interp:.0f} ms, hpcsif's own work {shared - interp:.0f} ms",
-    ]
-    for name, value in MEDIANS.items():
-        if "exec SIF true" in name and not name.startswith("hpcsif"):
-            lines.append(
-                f"- {name}: {value:.0f} ms; hpcsif shared/cold = {shared / value:.2f}x / {cold / value:.2f}x"
-            )
-    return lines
+def table(samples: dict[str, list[tuple[float, float]]]) -> tuple[list[str], dict[str, float]]:
+    """Markdown rows (median, min, p90 wall ms; median CPU ms) and the wall medians by name."""
+    rows, medians = [], {}
+    for name, pairs in samples.items():
+        ms = sorted(w * 1000 for w, _ in pairs)
+        cpu = statistics.median(c * 1000 for _, c in pairs)
+        p90 = ms[max(0, int(len(ms) * 0.9) - 1)]
+        medians[name] = statistics.median(ms)
+        rows.append(f"| {name} | {medians[name]:.1f} | {ms[0]:.1f} | {p90:.1f} | {cpu:.1f} |")
+    return rows, medians
 
 
 def main() -> int:
@@ -117,53 +95,69 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(work / "pycache")}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         hpcsif = [sys.executable, "-m", "hpcsif.cli.main", "exec", str(sif), "true"]
-        timed(hpcsif, 2, env)  # warm-up: writes the bytecode
-        rows = [
-            row("python3 -c pass (interpreter start-up)", timed([sys.executable, "-c", "pass"], args.n, env))
-        ]
-        rows.append(
-            row("python3 -S -c pass (no site-packages)", timed([sys.executable, "-S", "-c", "pass"], args.n))
+        run_once(hpcsif, env)  # warm-up: writes the bytecode
+        mnt = work / "mnt"
+        mnt.mkdir()
+        mount = ["squashfuse", "-o", f"ro,offset={offset}", str(sif), str(mnt)]
+        bwrap = ["bwrap", "--unshare-user", "--die-with-parent", "--ro-bind", str(mnt), "/"]
+        bwrap += ["--proc", "/proc", "--dev", "/dev", "/bin/true"]
+        raw_cold = " ".join([*mount, "&&", *bwrap, ";", "fusermount3", "-u", str(mnt)])
+
+        # phase 1: nothing mounted between runs
+        samples = interleaved(
+            {
+                "hpcsif exec SIF true, cold mount": (hpcsif, env),
+                "raw squashfuse + bwrap + fusermount3 -u, cold (incl. sh)": (["sh", "-c", raw_cold], None),
+                "sh -c true (to subtract from the line above)": (["sh", "-c", "true"], None),
+            },
+            args.n,
         )
-        rows.append(row("hpcsif exec SIF true, cold mount", timed(hpcsif, args.n, env)))
+        # phase 2: a long-running container holds hpcsif's mount; a raw mount for bwrap alone
         holder = subprocess.Popen([*hpcsif[:-1], "sleep", "3600"], env=env)
+        subprocess.run(mount, check=True)
         try:
             time.sleep(1.0)
-            rows.append(row("hpcsif exec SIF true, shared mount", timed(hpcsif, args.n, env)))
+            shared: dict[str, Variant] = {
+                "python3 -c pass (interpreter start-up)": ([sys.executable, "-c", "pass"], env),
+                "python3 -S -c pass (no site-packages)": ([sys.executable, "-S", "-c", "pass"], env),
+                "hpcsif exec SIF true, shared mount": (hpcsif, env),
+                "raw bwrap on a shared mount": (bwrap, None),
+            }
+            peer = shutil.which("apptainer") or shutil.which("peer-apptainer")
+            if peer:
+                penv = {**os.environ, "PEER_SID_BINDS": str(sif.parent)}
+                shared[f"{os.path.basename(peer)} exec SIF true"] = ([peer, "exec", str(sif), "true"], penv)
+            samples.update(interleaved(shared, args.n))
         finally:
             holder.terminate()
             holder.wait()
-        mnt = work / "mnt"
-        mnt.mkdir()
-        raw_bwrap = (
-            f"bwrap --unshare-user --die-with-parent --ro-bind {mnt} / --proc /proc --dev /dev /bin/true"
-        )
-        mount = f"squashfuse -o ro,offset={offset} {sif} {mnt}"
-        rows.append(
-            row(
-                "raw squashfuse + bwrap + fusermount3 -u (cold)",
-                timed_shell(f"{mount} && {raw_bwrap}; fusermount3 -u {mnt}", args.n),
-            )
-        )
-        subprocess.run(mount.split(), check=True)
-        try:
-            rows.append(row("raw bwrap on a shared mount", timed(raw_bwrap.split(), args.n)))
-        finally:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-        peer = shutil.which("apptainer") or shutil.which("peer-apptainer")
-        if peer:
-            penv = {**os.environ, "PEER_SID_BINDS": str(sif.parent)}
-            rows.append(
-                row(
-                    f"{os.path.basename(peer)} exec SIF true",
-                    timed([peer, "exec", str(sif), "true"], args.n, penv),
+        rows, med = table(samples)
+        shared_ms, cold_ms = (
+            med["hpcsif exec SIF true, shared mount"],
+            med["hpcsif exec SIF true, cold mount"],
+        )
+        raw_ms = med["raw bwrap on a shared mount"]
+        interp = med["python3 -c pass (interpreter start-up)"]
+        raw_cold_ms = med["raw squashfuse + bwrap + fusermount3 -u, cold (incl. sh)"]
+        raw_cold_ms -= med["sh -c true (to subtract from the line above)"]
+        notes = [
+            f"- shared mount: hpcsif {shared_ms:.0f} ms = {shared_ms / raw_ms:.1f}x raw bwrap "
+            f"({raw_ms:.0f} ms); the Python interpreter alone takes {interp:.0f} ms of it",
+            f"- cold mount: hpcsif {cold_ms:.0f} ms, raw squashfuse+bwrap+unmount {raw_cold_ms:.0f} ms",
+        ]
+        for name, value in med.items():
+            if "exec SIF true" in name and not name.startswith("hpcsif"):
+                notes.append(
+                    f"- {name}: {value:.0f} ms; hpcsif shared/cold = "
+                    f"{shared_ms / value:.2f}x / {cold_ms / value:.2f}x"
                 )
-            )
         load = os.getloadavg()
         text = "\n".join(
             [
                 "# Container start-up time",
                 "",
-                f"`benchmarks/startup.py`, {args.n} runs each, image `{sif.name}` "
+                f"`benchmarks/startup.py`, {args.n} interleaved runs each, image `{sif.name}` "
                 f"({sif.stat().st_size // 1024} KiB), {os.cpu_count()} CPUs, load average at the end "
                 f"{load[0]:.1f}/{load[1]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
                 "",
@@ -171,7 +165,7 @@ def main() -> int:
                 "|---|---|---|---|---|",
                 *rows,
                 "",
-                *summary(),
+                *notes,
                 "",
             ]
         )
