@@ -13,6 +13,9 @@ import pytest
 
 pytest_plugins = [
     "tests.services.images",
+    "tests.services.slurm",
+    "tests.services.sshd",
+    "tests.services.users",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
