@@ -17,8 +17,7 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import dataclass
-from typing import Any
+from collections import namedtuple  # not dataclasses: every hpcsif command imports this module
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -122,17 +121,11 @@ def _self_command() -> list[str]:
 # --- over SSH ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    """One line of the per-node table."""
-
-    node: str
-    ok: bool
-    seconds: float
-    detail: str
+#: one line of the per-node table
+Row = namedtuple("Row", "node ok seconds detail")
 
 
-def _ssh_options(args: argparse.Namespace) -> dict[str, Any]:
+def _ssh_options(args: argparse.Namespace) -> dict[str, object]:
     """Keyword arguments for hpcsif.remote.ssh from flags, else config ``remote.*``."""
     from hpcsif.config import get_config
 
@@ -184,7 +177,7 @@ def _print_table(rows: list[Row]) -> None:
 
 
 def _copy_from(
-    source: str, nodes: list[str], stage: list[str], refs: list[str], ssh: dict[str, Any], parallel: int
+    source: str, nodes: list[str], stage: list[str], refs: list[str], ssh: dict[str, object], parallel: int
 ) -> list[Row]:
     """Stage on ``source``, download its cache entries once, and publish them on every other node."""
     import tempfile
@@ -219,16 +212,11 @@ def _copy_from(
     return [source_row if n == source else copied[n] for n in nodes]
 
 
-@dataclass
-class _Entry:
-    """A cache entry downloaded from the source node: ``sif/<key>/{NAME.sif,meta.json}``."""
-
-    key: str
-    local_dir: str
-    files: tuple[str, ...]
+#: a cache entry downloaded from the source node: ``sif/<key>/{NAME.sif,meta.json}``
+_Entry = namedtuple("_Entry", "key local_dir files")
 
 
-def _download_entry(source: str, sif_path: str, local: str, ssh: dict[str, Any]) -> _Entry:
+def _download_entry(source: str, sif_path: str, local: str, ssh: dict[str, object]) -> _Entry:
     from hpcsif.remote.ssh import sftp_copy
 
     entry_dir, name = os.path.split(sif_path)
@@ -240,7 +228,7 @@ def _download_entry(source: str, sif_path: str, local: str, ssh: dict[str, Any])
     return _Entry(key, dest, (name, "meta.json"))
 
 
-def _publish_entry(node: str, entry: _Entry, root: str, ssh: dict[str, Any]) -> None:
+def _publish_entry(node: str, entry: _Entry, root: str, ssh: dict[str, object]) -> None:
     """Upload into ``ROOT/tmp/`` on ``node`` and rename into ``ROOT/sif/KEY`` as the cache does
     (an entry already there wins; the upload is then discarded)."""
     import secrets
