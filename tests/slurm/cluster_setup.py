@@ -1,6 +1,6 @@
 """A real two-node Slurm cluster with hpcsif's prolog, epilog and SPANK plugin installed.
 
-``hpcsif_cluster`` (session-scoped) builds ``slurm/spank_hpcsif.so`` with ``make -C slurm``,
+``hpcsif_cluster`` (session-scoped) builds ``spank_hpcsif.so`` with slurm/Makefile (in a copy),
 copies the hooks from ``slurm/`` into a temporary directory with an ``hpcsif.env`` for them,
 and starts the cluster with ``Prolog=``, ``Epilog=``, ``PrologFlags=Alloc`` and
 ``PlugStackConfig=``. Both nodes run on this host; each gets its own system cache
@@ -150,13 +150,17 @@ def _write_hooks(base: Path) -> tuple[Path, Path, Path]:
     return hooks, wrapper, log
 
 
-def build_plugin() -> Path:
-    """``make -C slurm``: the plugin built against Debian's libslurm-dev."""
+def build_plugin(dest: Path) -> Path:
+    """The plugin built with slurm/Makefile against Debian's libslurm-dev, in a copy at ``dest``
+    (so that concurrent test sessions never load each other's half-written build)."""
     if shutil.which("gcc") is None or not Path("/usr/include/slurm/spank.h").exists():
         pytest.skip("gcc and libslurm-dev are needed to build the SPANK plugin")
-    proc = subprocess.run(["make", "-C", str(ROOT / "slurm")], capture_output=True, text=True)
+    dest.mkdir()
+    for name in ("Makefile", "spank_hpcsif.c"):
+        shutil.copy2(ROOT / "slurm" / name, dest / name)
+    proc = subprocess.run(["make", "-C", str(dest)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return ROOT / "slurm" / "spank_hpcsif.so"
+    return dest / "spank_hpcsif.so"
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +173,7 @@ def hpcsif_cluster() -> Iterator[HpcsifCluster]:
     # under /tmp with 0755 parents: an unprivileged job user must reach the system caches
     base = Path(tempfile.mkdtemp(prefix="hpcsif-slurm-hooks-", dir="/tmp"))
     base.chmod(0o755)
-    plugin = build_plugin()
+    plugin = build_plugin(base / "plugin")
     hooks, wrapper, log = _write_hooks(base)
     plugstack = base / "plugstack.conf"
     args = f"task_exec={hooks / 'task-exec'} resolve_at_submit hpcsif={wrapper}"
