@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -84,3 +85,25 @@ def test_workers_run_inside_the_image(
         assert f"{ref}\t{cache}/sif/" in (tmp_path / "logs" / f"dask-worker-{job}.out").read_text()
     events = [json.loads(line) for line in (cache / "journal.jsonl").read_text().splitlines()]
     assert sum(1 for e in events if e["event"] == "convert" and e["what"] == ref) == 1
+
+
+def test_example_script(
+    slurm_cluster: SlurmCluster, dask_image: Callable[[str], str], tmp_path: Path
+) -> None:
+    """examples/dask_sif.py against the test cluster: the workers see the image's (missing) os-release."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "dask_sif.py"
+    bindir = hpcsif_wrapper(tmp_path / "bin").parent
+    env = {
+        **slurm_cluster.env,
+        "PATH": f"{bindir}:{os.environ['PATH']}",  # the jobs' `hpcsif`
+        "DASK_JOBQUEUE__SLURM__LOG_DIRECTORY": str(tmp_path / "logs"),
+    }
+    args = ["--jobs", "2", "--interface", "lo", "--no-slurm-mem"]
+    proc = subprocess.run(
+        [sys.executable, str(example), dask_image("dask"), *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    workers = [line for line in proc.stdout.splitlines() if line.startswith("tcp://")]
+    assert len(workers) == 2 and all("no /etc/os-release in the image" in w for w in workers), proc.stdout
+    assert "sum of squares below 100: 328350" in proc.stdout
