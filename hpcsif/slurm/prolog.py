@@ -209,10 +209,17 @@ def stage_for_job(ref: str, job_id: str, root: Path) -> tuple[Path, str]:
 
 
 def _stage_all(
-    requests: list[ImageRequest], ctx: JobContext, client: JobClient, root: Path
-) -> list[ImageOutcome]:
-    outcomes: list[ImageOutcome] = []
+    requests: list[ImageRequest],
+    ctx: JobContext,
+    client: JobClient,
+    root: Path,
+    outcomes: list[ImageOutcome],
+    cancelled: threading.Event,
+) -> None:
+    """Stage each request in turn, appending its outcome as soon as it is known."""
     for req in requests:
+        if cancelled.is_set():  # the deadline passed: leave the rest to the timeout record
+            return
         outcome = ImageOutcome(ref=req.ref)
         started = time.monotonic()
         try:
@@ -227,7 +234,6 @@ def _stage_all(
             outcome.error = f"internal error: {type(exc).__name__}: {exc}"
         outcome.seconds = round(time.monotonic() - started, 3)
         outcomes.append(outcome)
-    return outcomes
 
 
 def run_prolog(ctx: JobContext, client: JobClient, *, timeout: float | None = None) -> PrologReport:
@@ -254,23 +260,24 @@ def run_prolog(ctx: JobContext, client: JobClient, *, timeout: float | None = No
         return report
     with system_cache_config() as root:
         results: list[ImageOutcome] = []
+        cancelled = threading.Event()
         worker = threading.Thread(
-            target=lambda: results.extend(_stage_all(requests, ctx, client, root)),
+            target=_stage_all,
+            args=(requests, ctx, client, root, results, cancelled),
             name=f"stage-{ctx.job_id}",
             daemon=True,
         )
         worker.start()
         worker.join(timeout)
         if worker.is_alive():
+            cancelled.set()
             log.error("job %s: staging did not finish within %.0f s", ctx.job_id, timeout)
+            results = list(results)  # what finished in time; the rest timed out
             done = {o.ref for o in results}
-            results = [
-                *results,
-                *(
-                    ImageOutcome(ref=r.ref, error=f"staging timed out after {timeout:.0f} s")
-                    for r in requests
-                    if r.ref not in done
-                ),
+            results += [
+                ImageOutcome(ref=r.ref, error=f"staging timed out after {timeout:.0f} s")
+                for r in requests
+                if r.ref not in done
             ]
         report.outcomes = list(results)
         JobRecord(ctx.job_id, {o.ref: o for o in report.outcomes}).save(root)

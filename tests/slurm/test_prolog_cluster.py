@@ -194,17 +194,19 @@ def test_a_hanging_registry_is_bounded_twice(hpcsif_cluster: HpcsifCluster, tmp_
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(16)
         ref = f"docker://127.0.0.1:{blackhole.getsockname()[1]}/hang/app:1"
-        job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", "--hold", tmp=tmp_path)
+        fast = write_os_archive(tmp_path / "os17.tar", 17)  # staged before the hanging one
+        job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", "--hold", f"--comment=hpcsif:{ref}", tmp=tmp_path)
         env = {
             **cluster.slurm.env,
             "SLURM_JOB_ID": job,
-            "SPANK_HPCSIF_IMAGE": ref,
+            "SPANK_HPCSIF_IMAGE": fast,
             "HPCSIF_SYSTEM_CACHEDIR": str(tmp_path / "system"),
         }
         started = time.monotonic()
-        proc = run_cli("slurm", "prolog", "--timeout", "2", env=env)
+        proc = run_cli("slurm", "prolog", "--timeout", "3", env=env)
         assert time.monotonic() - started < 20
-        assert f"{ref} (0.00 s): FAILED: staging timed out after 2 s" in proc.stdout, proc.stdout
+        assert f"{ref} (0.00 s): FAILED: staging timed out after 3 s" in proc.stdout, proc.stdout
+        assert f"{fast} (" in proc.stdout and "): staged " in proc.stdout, proc.stdout
         assert f"hpcsif-error {ref}: staging timed out" in (cluster.job_field(job, "AdminComment") or "")
 
         hooks = tmp_path / "hooks"
