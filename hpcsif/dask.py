@@ -108,7 +108,8 @@ def image_versions(
     itself compares between client and workers), with ``"error"`` set when ``distributed`` does
     not import. Raises :class:`DaskImageError` when ``python`` cannot run in the image at all.
     """
-    cmd = [sys.executable, "-m", "hpcsif.cli.main", "exec", image, python, "-c", _PROBE]
+    # ``python`` is a command as the job script's shell would split it ("python3 -X importtime")
+    cmd = [sys.executable, "-m", "hpcsif.cli.main", "exec", image, *shlex.split(python), "-c", _PROBE]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:

@@ -7,7 +7,9 @@ through :mod:`importlib.metadata`), and the shared libraries all of those need (
 is laid out under ``/usr/local`` so the interpreter finds its prefix from its own location;
 the libraries go to ``/usr/lib/x86_64-linux-gnu``, which the dynamic loader searches without a
 cache. A static busybox provides ``/bin/sh``. ``/etc/hpcsif-dask-image`` exists only here, so
-a task that reads it proves it ran inside the image.
+a task that reads it proves it ran inside the image. Variants for the image check: the same
+Python without any site-packages, one whose ``distributed`` claims a release a year older
+(an extra layer rewriting its ``METADATA``), and busybox alone.
 
 Building reads ~150 MB of files; the ``docker save`` archive is cached across test runs in
 a directory keyed on the interpreter, the package versions and this file.

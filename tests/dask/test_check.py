@@ -59,3 +59,9 @@ def test_cluster_refuses_before_starting(dask_image: Callable[[str], str], tmp_p
     """The constructor checks before it starts a scheduler or submits the n_workers jobs."""
     with pytest.raises(DaskImageError, match="distributed is missing"):
         SIFSLURMCluster(image=dask_image("no-dask"), cores=1, memory="1GB", n_workers=1)
+
+
+def test_python_is_a_command(dask_image: Callable[[str], str]) -> None:
+    """``python`` is split as the job script's shell splits it: ``-S`` hides site-packages."""
+    with pytest.raises(DaskImageError, match="distributed is missing from the image's Python"):
+        check_image(dask_image("dask"), python="python3 -S")
