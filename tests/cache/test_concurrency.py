@@ -36,10 +36,17 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_64_processes_one_conversion(cache_env: CacheEnv, busybox_ref: str, tmp_path: Path) -> None:
-    n = 64
+@pytest.mark.parametrize(("n", "lock_mode"), [(64, "fcntl"), (16, "excl")])
+def test_many_processes_one_conversion(
+    cache_env: CacheEnv, busybox_ref: str, tmp_path: Path, n: int, lock_mode: str
+) -> None:
     gate = tmp_path / "go"
-    procs = [cache_env.spawn(CHILD, busybox_ref, str(tmp_path / f"ready{i}"), str(gate)) for i in range(n)]
+    procs = [
+        cache_env.spawn(
+            CHILD, busybox_ref, str(tmp_path / f"ready{i}"), str(gate), HPCSIF_LOCK_MODE=lock_mode
+        )
+        for i in range(n)
+    ]
     _wait_for(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 120, "children to start")
     gate.touch()
     results = [p.communicate(timeout=300) for p in procs]
