@@ -111,3 +111,12 @@ def test_concurrent_cold_registry_requests_resolve_the_tag_once(
     assert len({out.strip() for out, _ in results}) == 1
     assert sum(err.count(f"resolving {ref}") for _, err in results) == 1
     assert len(cache_env.conversions()) == 1
+
+
+def test_threads_of_one_process_share_one_conversion(cache_env: CacheEnv, busybox_ref: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(lambda _: ensure_image(busybox_ref), range(8)))
+    assert len(paths) == 1
+    assert len(cache_env.conversions()) == 1
