@@ -103,7 +103,10 @@ def handle(args: argparse.Namespace) -> int:
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
     from hpcsif.cache.api import leased_image
+    from hpcsif.slurm.jobrecord import job_image
 
+    # inside a job: the digest the prolog pinned, or the prolog's staging error at once
+    image = job_image(image)
     # the lease keeps the cached image from eviction for the whole run
     with leased_image(image) as path:
         opts.sandbox = path.is_dir()

@@ -107,10 +107,6 @@ def test_bad_image_fails_the_job_not_the_node(hpcsif_cluster: HpcsifCluster, tmp
     assert f"hpcsif-error {bad}: " in (cluster.job_field(job, "AdminComment") or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs cli/run.py to call hpcsif.slurm.jobrecord.job_image(ref) before leased_image",
-)
 def test_bad_image_error_reaches_hpcsif_exec_in_the_script(
     hpcsif_cluster: HpcsifCluster, tmp_path: Path
 ) -> None:
