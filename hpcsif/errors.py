@@ -115,6 +115,10 @@ class SlurmError(HpcsifError):
     """Talking to Slurm failed or a Slurm value could not be parsed."""
 
 
+class JobNotFoundError(SlurmError):
+    """Slurm does not know the job (any more): it ended and was purged, or never existed."""
+
+
 class RemoteError(HpcsifError):
     """SSH fan-out or a remote transfer failed."""
 

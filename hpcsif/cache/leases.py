@@ -66,15 +66,10 @@ def acquire_lease(root: CacheRoot, key: str, *, holder: str | None = None, ref: 
 
 def _job_finished(job_id: str) -> bool:
     """True only when Slurm says the job is over; unknown means keep the lease."""
+    from hpcsif.slurm.client import job_finished
+
     try:
-        from hpcsif.slurm import client
-    except ImportError:
-        return False
-    finished = getattr(client, "job_finished", None)
-    if finished is None:
-        return False
-    try:
-        return bool(finished(job_id))
+        return job_finished(job_id)
     except Exception as exc:  # a Slurm outage must not make us drop leases
         log.debug("cannot ask Slurm about job %s: %s", job_id, exc)
         return False

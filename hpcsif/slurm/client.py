@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hpcsif.errors import SlurmError
+from hpcsif.errors import JobNotFoundError, SlurmError
 from hpcsif.slurm.hostlist import expand
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class CLIClient(SlurmClient):
                     batch_host=job.get("batch_host"),
                     batch=job.get("batch_flag", False),
                 )
-        raise SlurmError(f"job {job_id} not found by squeue")
+        raise JobNotFoundError(f"job {job_id} not found by squeue")
 
     def batch_script(self, job_id: str) -> str | None:
         """``scontrol write batch_script JOB -``; 22.05 exits 0 on failure, so read stderr."""
@@ -199,7 +199,8 @@ class PySlurmClient(SlurmClient):
         try:
             return fn(int(job_id))
         except self._pyslurm.RPCError as e:
-            raise SlurmError(f"job {job_id}: {what} failed: {e}") from None
+            kind = JobNotFoundError if "invalid job id" in str(e).lower() else SlurmError
+            raise kind(f"job {job_id}: {what} failed: {e}") from None
 
     def job_info(self, job_id: str) -> dict[str, Any]:
         """From ``pyslurm.Job.load``."""
@@ -308,3 +309,29 @@ def get_client(env: Mapping[str, str] | None = None) -> SlurmClient:
         return PySlurmClient()
     log.debug("Slurm client: commands (%s)", why)
     return CLIClient(env)
+
+
+# states after which a job uses nothing on its nodes any more
+ENDED_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "REVOKED",
+    }
+)
+
+
+def job_finished(job_id: str, client: SlurmClient | None = None) -> bool:
+    """True when the job has ended (or Slurm has forgotten it); SlurmError if Slurm cannot say."""
+    try:
+        info = (client or get_client()).job_info(job_id)
+    except JobNotFoundError:
+        return True
+    return str(info.get("state") or "").upper() in ENDED_STATES

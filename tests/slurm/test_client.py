@@ -20,6 +20,7 @@ from hpcsif.slurm.client import (
     PySlurmClient,
     SlurmClient,
     get_client,
+    job_finished,
     pyslurm_matches,
     slurm_version,
 )
@@ -184,3 +185,16 @@ def test_get_client_config(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         set_config(None)
         with pytest.raises(SlurmError, match="pyslurm"):
             get_client()
+
+
+def test_job_finished_follows_the_job(slurm_cluster: SlurmCluster, client: SlurmClient) -> None:
+    """What lease reaping asks: running is not finished, ended or forgotten jobs are."""
+    job = _submit(slurm_cluster)
+    _wait_running(slurm_cluster, job)
+    assert job_finished(job, client) is False
+    slurm_cluster.run(["scancel", job])
+    deadline = time.monotonic() + 30
+    while not job_finished(job, client):
+        assert time.monotonic() < deadline, f"job {job} never reported as ended"
+        time.sleep(0.2)
+    assert job_finished("999999", client) is True
