@@ -38,11 +38,11 @@ def _is_sif(path: Path) -> bool:
 
 
 def _client(ref: Reference, credentials: Credentials | None, insecure: bool):  # -> RegistryClient
-    from hpcsif.sources.registry import make_clients
+    from hpcsif.sources.registry import shared_clients
 
     if not ref.registry or not ref.repository:
         raise SourceError(f"{ref.raw}: not an oras://registry/repository[:tag] reference")
-    return make_clients(ref.registry, credentials=credentials, insecure=insecure)[-1]
+    return shared_clients(ref.registry, credentials=credentials, insecure=insecure)[-1]
 
 
 def push_sif(

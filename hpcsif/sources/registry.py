@@ -79,6 +79,31 @@ def make_clients(
     return clients
 
 
+_shared: dict[tuple[Any, ...], list[RegistryClient]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_clients(
+    registry: str, *, credentials: Credentials | None = None, insecure: bool = False, **kwargs: Any
+) -> list[RegistryClient]:
+    """:func:`make_clients`, kept for the process: every source for the same registry,
+    credentials and settings shares connections and tokens (a resolve and the fetch after it
+    cost one token request, not two)."""
+    cfg = get_config()
+    settings = json.dumps([cfg.get("registry"), sorted(kwargs.items())], sort_keys=True, default=str)
+    key = (registry, find_credentials(registry, credentials), insecure, settings)
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = make_clients(registry, credentials=credentials, insecure=insecure, **kwargs)
+        return _shared[key]
+
+
+def clear_shared_clients() -> None:
+    """Forget the kept clients (their tokens and connections)."""
+    with _shared_lock:
+        _shared.clear()
+
+
 class RegistrySource(Source):
     """Fetches images from a registry through the distribution API.
 
@@ -86,23 +111,14 @@ class RegistrySource(Source):
     ``insecure`` (``--nohttps``), ``parallel_downloads``, ``retries``, ``timeout``.
     """
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._client_cache: dict[str, list[RegistryClient]] = {}
-
     def _clients(self, ref: Reference) -> list[RegistryClient]:
-        """The clients for ``ref``'s registry, kept so that resolve and fetch share tokens."""
-        cache = self._client_cache
-        registry = ref.registry or ""
-        if registry not in cache:
-            extra = {k: self.options[k] for k in ("retries", "timeout", "backoff") if k in self.options}
-            cache[registry] = make_clients(
-                registry,
-                credentials=self.options.get("credentials"),  # type: ignore[arg-type]
-                insecure=bool(self.options.get("insecure")),
-                **extra,
-            )
-        return cache[registry]
+        extra = {k: self.options[k] for k in ("retries", "timeout", "backoff") if k in self.options}
+        return shared_clients(
+            ref.registry or "",
+            credentials=self.options.get("credentials"),  # type: ignore[arg-type]
+            insecure=bool(self.options.get("insecure")),
+            **extra,
+        )
 
     def _with_fallback(self, ref: Reference, fn: Any) -> Any:
         """Run ``fn(client)`` on each mirror, then the registry; the first success wins."""

@@ -109,9 +109,9 @@ def test_token_auth_with_credentials_reuses_one_token(registry_token, busybox_im
     server = registry_token.token_server
     before = len(server.requests)
     ref = parse(registry_token.ref("private/busybox:1"))
-    source = get_source(ref, credentials=_creds())
-    assert source.resolve(ref) == busybox_image.manifest_digest
-    _check_image(source.fetch(ref, OCIStore(tmp_path)), busybox_image)
+    # separate source objects, as the cache uses one to resolve and another to fetch
+    assert get_source(ref, credentials=_creds()).resolve(ref) == busybox_image.manifest_digest
+    _check_image(get_source(ref, credentials=_creds()).fetch(ref, OCIStore(tmp_path)), busybox_image)
     requests = server.requests[before:]
     # one token for the repository's pull scope serves the resolve, the manifests and all blobs
     assert requests == [
