@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -91,7 +92,8 @@ def shared_clients(
     cost one token request, not two)."""
     cfg = get_config()
     settings = json.dumps([cfg.get("registry"), sorted(kwargs.items())], sort_keys=True, default=str)
-    key = (registry, find_credentials(registry, credentials), insecure, settings)
+    # the pid: a forked child must not share its parent's sockets
+    key = (os.getpid(), registry, find_credentials(registry, credentials), insecure, settings)
     with _shared_lock:
         if key not in _shared:
             _shared[key] = make_clients(registry, credentials=credentials, insecure=insecure, **kwargs)
