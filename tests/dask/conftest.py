@@ -11,6 +11,7 @@ import pytest
 from tests.dask.pyimage import build_archive
 from tests.services.images import busybox_binary
 from tests.services.slurm import slurm_cluster  # noqa: F401  (a session fixture)
+from tests.slurm.cluster_setup import hpcsif_cluster  # noqa: F401  (a session fixture: prolog, epilog)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 from tests.dask.helpers import hpcsif_wrapper, wait_until
 from tests.dask.pyimage import MARKER, MARKER_TEXT
 from tests.services.slurm import SlurmCluster
+from tests.slurm.cluster_setup import HpcsifCluster
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +108,50 @@ def test_example_script(
     workers = [line for line in proc.stdout.splitlines() if line.startswith("tcp://")]
     assert len(workers) == 2 and all("no /etc/os-release in the image" in w for w in workers), proc.stdout
     assert "sum of squares below 100: 328350" in proc.stdout
+
+
+def test_prolog_stages_the_image_from_the_directive(
+    hpcsif_cluster: HpcsifCluster,
+    dask_image: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With hpcsif's prolog installed, ``#HPCSIF --image=`` stages the image on each node first."""
+    from dask.distributed import Client
+
+    from hpcsif.dask import SIFSLURMCluster
+
+    cluster, ref = hpcsif_cluster, dask_image("dask")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.slurm.conf))
+    monkeypatch.chdir(tmp_path)
+    with SIFSLURMCluster(
+        image=ref,  # checked here, through the session's cache
+        hpcsif=str(cluster.hpcsif_node),  # per-node system caches, as on separate machines
+        cores=1,
+        processes=1,
+        memory="1GB",
+        job_directives_skip=["--mem"],
+        job_extra_directives=["--exclusive"],  # one job per node
+        interface="lo",
+        log_directory=str(tmp_path / "logs"),
+        scheduler_options={"dashboard_address": ":0"},
+    ) as dask_cluster:
+        # the jobs get an empty user cache: whatever they run must come from the prolog's staging
+        monkeypatch.setenv("HPCSIF_CACHEDIR", str(tmp_path / "user-cache"))
+        dask_cluster.scale(jobs=2)
+        with Client(dask_cluster) as client:
+            client.wait_for_workers(2, timeout=180)
+            jobs = sorted(job.job_id for job in dask_cluster.workers.values())
+            assert set(client.run(lambda: Path(MARKER).read_text()).values()) == {MARKER_TEXT.decode()}
+            nodes = {cluster.job_field(j, "NodeList") for j in jobs}
+            assert nodes == set(cluster.nodes)
+            for node in cluster.nodes:  # staged by the prolog, leased for the job, used by the worker
+                assert len(list(cluster.syscache(node).glob("sif/*/dask-*.sif"))) == 1, node
+                assert len(list(cluster.syscache(node).glob("leases/*/job-*.json"))) == 1, node
+            dask_cluster.scale(0)
+            wait_until(lambda: not client.scheduler_info()["workers"], 120, "the workers to leave")
+    for job in jobs:
+        assert cluster.wait(job) in ("CANCELLED", "COMPLETED")
+    assert not list((tmp_path / "user-cache").glob("sif/*/*.sif"))  # nothing converted in a job
+    for node in cluster.nodes:  # the epilog and the workers' exits released every lease
+        wait_until(lambda n=node: not list(cluster.syscache(n).glob("leases/*/*.json")), 60, f"{node} leases")
