@@ -88,7 +88,9 @@ print({_PROBE_TAG!r} + json.dumps(out))
 
 
 def _word(text: str) -> str:
-    """One shell word; ``$VAR`` references stay expandable in the job's shell (``$TMPDIR/dask``)."""
+    """One shell word; ``$VAR`` and a leading ``~/`` stay expandable in the job's shell."""
+    if text.startswith("~/"):
+        return "~/" + _word(text[2:])
     if "$" not in text:
         return shlex.quote(text)
     return '"' + "".join("\\" + c if c in '"\\`' else c for c in text) + '"'
@@ -195,8 +197,9 @@ class SIFJobMixin:
         if stage:
             prologue.append(f"{hpcsif} stage {_word(image)}")
         flags: list[str] = []
-        if local_directory:
-            # a bind source must exist; the worker would create it only inside the container
+        if local_directory and local_directory.startswith(("/", "$", "~/")):
+            # a bind source must exist; the worker would create it only inside the container.
+            # (a relative one lies in the working directory, which hpcsif binds by default)
             prologue.append(f"mkdir -p {_word(local_directory)}")
             flags += ["-B", _word(local_directory)]
         for path in _tls_dirs(kwargs.get("security")):

@@ -180,3 +180,18 @@ def test_pbs_sge_lsf_scripts_start_workers_in_the_image(dask_image, tmp_path: Pa
                 log.close()
     # bash ends at once; each hpcsif exec drops its lease once its worker has shut down
     wait_until(lambda: not list((cache / "leases").glob("**/*.json")), 60, "the leases to be released")
+
+
+@pytest.mark.parametrize(("local", "bound"), [("~/dask space", "HOME/dask space"), ("rel/dir", None)])
+def test_local_directory_forms(local: str, bound: str | None, tmp_path: Path) -> None:
+    """``~/`` expands like dask-jobqueue's own unquoted argument; a relative one is under the bound cwd."""
+    path = tmp_path / "job.sh"
+    path.write_text(job("SGE", hpcsif=recorder(tmp_path / "hpcsif"), local_directory=local).job_script())
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, cwd=tmp_path).stdout
+    args = [line[1:-1] for line in out.split("END\n")[1].splitlines()]
+    if bound is None:
+        assert args[:2] == ["exec", IMAGE]
+    else:
+        assert args[:3] == ["exec", "-B", bound.replace("HOME", str(tmp_path))]
+        assert (tmp_path / "dask space").is_dir()
