@@ -16,6 +16,9 @@ pytest_plugins = [
     "tests.services.slurm",
     "tests.services.sshd",
     "tests.services.users",
+    "tests.services.registry",
+    "tests.services.podman",
+    "tests.services.httpd",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from hpcsif.cli.pull import add_registry_flags, registry_options
+
 log = logging.getLogger("hpcsif")
 
 
@@ -64,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="value for {{ KEY }} in a definition file (overrides %%arguments)",
     )
     add_convert_flags(p)
+    add_registry_flags(p)
     p.add_argument("target", help="SIF file or sandbox directory to create")
     p.add_argument("source", help="docker://, oci://, oci-archive://, docker-archive://, SIF, sandbox, .def")
     p.set_defaults(func=run)
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             sandbox=args.sandbox,
             notest=args.notest,
             store=blob_store(args),
+            source_options=registry_options(args),
             build_args=build_args,
         )
         build_definition(args.source, target, opts)
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             options=convert_options(args),
             store=blob_store(args),
             sandbox=args.sandbox,
+            source_options=registry_options(args),
             progress=progress_bar(not (args.quiet or args.silent)),
         )
     if not (args.quiet or args.silent):

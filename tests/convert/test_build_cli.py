@@ -210,3 +210,20 @@ def test_gzip_compression_flag(busybox_image: TestImage, tmp_path: Path) -> None
         ["unsquashfs", "-s", "-o", str(part.offset), str(sif)], capture_output=True, text=True, check=True
     ).stdout
     assert "Compression gzip" in info
+
+
+def test_build_from_a_private_registry(busybox_image: TestImage, registry_token, tmp_path: Path) -> None:
+    """``build app.sif docker://…`` against the token-auth registry, credentials from Singularity's vars."""
+    registry_token.push(busybox_image.oci_ref, "team/bb:1.0")
+    sif = tmp_path / "bb.sif"
+    proc = run_cli("build", str(sif), registry_token.ref("team/bb:1.0"), check=False)
+    assert proc.returncode != 0 and "authentication required" in proc.stderr
+    assert not sif.exists()
+    creds = {"SINGULARITY_DOCKER_USERNAME": registry_token.username, "SINGULARITY_DOCKER_PASSWORD": "wrong"}
+    proc = run_cli("-d", "build", str(sif), registry_token.ref("team/bb:1.0"), check=False, env=creds)
+    assert proc.returncode != 0 and "wrong" not in proc.stderr
+    creds["SINGULARITY_DOCKER_PASSWORD"] = registry_token.password
+    proc = run_cli("-d", "build", str(sif), registry_token.ref("team/bb:1.0"), env=creds)
+    assert registry_token.password not in proc.stderr + proc.stdout
+    assert_busybox_tree(unpack(sif, tmp_path / "root"), busybox_image)
+    assert f"from: {registry_token.host}/team/bb:1.0" in run_cli("inspect", "--deffile", str(sif)).stdout
