@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcsif.errors import EngineError, UsageError
+from hpcsif.errors import UsageError
 
 ACTIONS = ("exec", "run", "shell", "test")
 ENGINE_NAMES = ("auto", "bwrap", "apptainer", "singularity")
@@ -159,9 +159,3 @@ def which(program: str) -> str | None:
         if os.access(cand, os.X_OK) and not os.path.isdir(cand):
             return cand
     return None
-
-
-def require_dir(path: str, what: str) -> None:
-    """Raise :class:`EngineError` unless *path* is an existing directory."""
-    if not os.path.isdir(path):
-        raise EngineError(f"{what} {path} does not exist or is not a directory")
