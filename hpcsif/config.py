@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +100,8 @@ class Config:
             files.append(Path(os.environ["HPCSIF_CONFIG"]))
         for path in [*files, *(extra_files or [])]:
             if path.is_file():
+                import tomllib  # only when there is a file: exec's start-up time counts
+
                 try:
                     _merge(data, tomllib.loads(path.read_text()))
                 except (OSError, tomllib.TOMLDecodeError) as exc:

@@ -16,12 +16,25 @@ from hpcsif import __version__
 
 # command modules, in the order their commands appear in --help
 COMMAND_MODULES = ["build", "pull", "inspect", "sif", "cache", "run", "sign", "stage", "slurm"]
+# commands on a job's hot path: only their own module is loaded (saves ~20 ms per container start)
+FAST_COMMANDS = {"run": "run", "exec": "run", "shell": "run", "test": "run"}
 
 log = logging.getLogger("hpcsif")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser with every command registered."""
+def command_of(argv: list[str]) -> str | None:
+    """The command word in ``argv`` (skipping global options), if any."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-c", "--config"):
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with the commands of ``modules`` (default: all) registered."""
     parser = argparse.ArgumentParser(
         prog="hpcsif",
         description="Docker/OCI containers as Apptainer-compatible SIF images on HPC clusters.",
@@ -35,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", metavar="FILE", help="extra configuration file (TOML)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules or COMMAND_MODULES:
         importlib.import_module(f"hpcsif.cli.{name}").register(sub)
     return parser
 
@@ -70,7 +83,9 @@ class _Formatter(logging.Formatter):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and, as a console script, exits with) the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    fast = FAST_COMMANDS.get(command_of(argv) or "")
+    parser = build_parser([fast] if fast else None)
     args = parser.parse_args(argv)
     setup_logging(args)
     from hpcsif.errors import HpcsifError

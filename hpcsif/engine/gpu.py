@@ -37,7 +37,7 @@ def conf_file(name: str, configured: str = "") -> Path:
 
     pkg = Path(hpcsif.__file__).resolve().parent
     candidates = [Path(configured)] if configured else []
-    candidates += [Path("/etc/hpcsif") / name, pkg / "data" / name, pkg.parent / "conf" / name]
+    candidates += [Path("/etc/hpcsif") / name, pkg / "data" / name]
     for c in candidates:
         if c.is_file():
             return c

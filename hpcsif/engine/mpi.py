@@ -103,7 +103,7 @@ def profile_dirs() -> list[Path]:
 
     pkg = Path(hpcsif.__file__).resolve().parent
     dirs = [Path(os.path.expanduser(d)) for d in get_config().get("mpi.profile_dirs") or []]
-    return [*dirs, Path("/etc/hpcsif/mpi"), pkg / "data" / "mpi", pkg.parent / "conf" / "mpi"]
+    return [*dirs, Path("/etc/hpcsif/mpi"), pkg / "data" / "mpi"]
 
 
 def load_profile(name: str) -> MPIProfile:
