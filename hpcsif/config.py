@@ -37,7 +37,12 @@ DEFAULTS: dict[str, Any] = {
     "engine": {"default": "auto", "squashfuse": "squashfuse", "bwrap": "bwrap", "mount_dir": ""},
     "gpu": {"driver_root": "/", "dev_dir": "/dev", "nvliblist": "", "rocmliblist": ""},
     "mpi": {"default": "", "profile_dirs": [], "partition_defaults": {}},
-    "slurm": {"failure_policy": "record", "prolog_timeout": 240, "pyslurm": "auto"},
+    "slurm": {
+        "failure_policy": "record",
+        "prolog_timeout": 240,
+        "pyslurm": "auto",
+        "discovery": ["spank", "directive", "comment"],
+    },
     "remote": {"ssh_parallel": 8, "ssh_timeout": 600, "auto_add_host_keys": False},
 }
 
