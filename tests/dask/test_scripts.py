@@ -155,24 +155,26 @@ def test_pbs_sge_lsf_scripts_start_workers_in_the_image(dask_image, tmp_path: Pa
         Client(local) as client,
     ):
         try:
-            for kind in ("PBS", "SGE", "LSF"):
+            # LSF's job runs two worker processes under a nanny, all inside the one container
+            for kind, cores in (("PBS", 1), ("SGE", 1), ("LSF", 2)):
                 cls = getattr(sifdask, f"SIF{kind}Cluster").job_cls
-                w = cls(local.scheduler_address, name=kind, image=ref, hpcsif=hpcsif, cores=1, memory="1GB")
+                w = cls(local.scheduler_address, name=kind, image=ref, hpcsif=hpcsif, cores=cores,
+                        processes=cores, memory="1GB")  # fmt: skip
                 path = tmp_path / f"{kind}.sh"
                 path.write_text(w.job_script())
                 log = open(tmp_path / f"{kind}.log", "w")  # noqa: SIM115 (closed with the process)
                 procs.append((subprocess.Popen(["bash", str(path)], stdout=log, stderr=log, cwd=tmp_path,
                                                start_new_session=True), log))  # fmt: skip
-            client.wait_for_workers(3, timeout=120)
+            client.wait_for_workers(4, timeout=120)
 
             def marker(path: str = MARKER) -> str:
                 with open(path) as f:
                     return f.read()
 
             by_name = {i["name"]: a for a, i in client.scheduler_info()["workers"].items()}
-            assert sorted(by_name) == ["LSF", "PBS", "SGE"]
+            assert sorted(by_name) == ["LSF-0", "LSF-1", "PBS", "SGE"]
             assert set(client.run(marker).values()) == {MARKER_TEXT.decode()}
-            assert len(list((cache / "leases").glob("**/*.json"))) == 3
+            assert len(list((cache / "leases").glob("**/*.json"))) == 3  # one per hpcsif exec
         finally:
             for proc, log in procs:  # as a batch system cancels a job: SIGTERM to the job's processes
                 os.killpg(proc.pid, signal.SIGTERM)
