@@ -1,4 +1,7 @@
-"""Fixtures for the Dask tests: test images with the host's Python, and the Slurm test cluster."""
+"""Fixtures for the Dask tests: test images with the host's Python, the hooked Slurm cluster.
+
+``slurm_cluster`` (no hooks) comes from tests/services/slurm.py through the root conftest.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import pytest
 
 from tests.dask.pyimage import build_archive
 from tests.services.images import busybox_binary
-from tests.services.slurm import slurm_cluster  # noqa: F401  (a session fixture)
 from tests.slurm.cluster_setup import hpcsif_cluster  # noqa: F401  (a session fixture: prolog, epilog)
 
 
