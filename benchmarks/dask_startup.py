@@ -11,8 +11,8 @@ run, alternates rounds of
   multi-threaded low-level squashfuse from the same Debian package) in the jobs' config.
 
 The image is the Dask test image (tests/dask/pyimage.py: this host's Python with
-``distributed``, so both sides run the same interpreter and packages). Each round waits until
-Slurm has ended the previous round's jobs. Goal: SIF ≤ 1.5x plain. Writes
+``distributed``, so both sides run the same interpreter and packages). Each round uses a fresh
+cluster and waits until Slurm has ended the previous round's jobs. Goal: SIF ≤ 1.5x plain. Writes
 ``results/dask_startup.md``.
 
     python benchmarks/dask_startup.py [--repeat 5]
@@ -89,28 +89,30 @@ def main() -> None:
         os.environ["SLURM_CONF"] = str(slurm.conf)
         os.chdir(work)
         check_start = time.monotonic()
-        sif = SIFSLURMCluster(image=ref, hpcsif=str(hpcsif), **common)
+        SIFSLURMCluster(image=ref, hpcsif=str(hpcsif), **common).close()  # the check converts once
         check_seconds = time.monotonic() - check_start
         ll_config = work / "squashfuse_ll.toml"
         ll_config.write_text('[engine]\nsquashfuse = "squashfuse_ll"\n')
-        sif_ll = SIFSLURMCluster(
-            image=ref,
-            hpcsif=str(hpcsif),
-            check_image=False,
-            job_script_prologue=[f"export HPCSIF_CONFIG={ll_config}"],
-            **common,
-        )
-        plain = SLURMCluster(python=sys.executable, **common)
-        clusters = {"plain": plain, "sif": sif, "sif_ll": sif_ll}
+        sif = {"image": ref, "hpcsif": str(hpcsif), "check_image": False}
+        # a fresh cluster per round: a reused plain SLURMCluster reuses worker names after a
+        # scale-down, and distributed may then cancel a new job (see SIFClusterMixin)
+        clusters = {
+            "plain": lambda: SLURMCluster(python=sys.executable, **common),
+            "sif": lambda: SIFSLURMCluster(**sif, **common),
+            "sif_ll": lambda: SIFSLURMCluster(
+                **sif, job_script_prologue=[f"export HPCSIF_CONFIG={ll_config}"], **common
+            ),
+        }
         times: dict[str, list[float]] = {name: [] for name in clusters}
-        with plain, sif, sif_ll:
-            for cluster in clusters.values():  # warm-up: page cache, first job of each node
+        for make in clusters.values():  # warm-up: page cache, first job of each node
+            with make() as cluster:
                 startup_seconds(cluster, slurm)
-            for _ in range(args.repeat):
-                for name, cluster in clusters.items():
-                    print(f"round: {name} …", end=" ", flush=True)
+        for _ in range(args.repeat):
+            for name, make in clusters.items():
+                print(f"round: {name} …", end=" ", flush=True)
+                with make() as cluster:
                     times[name].append(startup_seconds(cluster, slurm))
-                    print(f"{times[name][-1]:.2f} s", flush=True)
+                print(f"{times[name][-1]:.2f} s", flush=True)
         stage = median_run([*hpcsif_cmd(), "stage", ref], 3)
         exec_true = median_run([*hpcsif_cmd(), "exec", ref, "true"], 3)
     shutil.rmtree(work, ignore_errors=True)  # kept after a failure: job logs in work/logs

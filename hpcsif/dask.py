@@ -246,7 +246,20 @@ class SIFClusterMixin:
             raise TypeError(f"{type(self).__name__} needs image=… (the image the workers run in)")
         if check_image:
             _check(kwargs["image"], python=kwargs.get("python") or DEFAULT_PYTHON, timeout=check_timeout)
+        self._next_worker_number = 0
         super().__init__(*args, **kwargs)
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        """Worker names are never reused after a scale-down.
+
+        distributed closes a worker that is not connected when ``lost-worker-timeout`` has
+        passed since a worker *of the same name* left; with dask's reuse of names, a job
+        submitted right after a scale-down (and slower to start, as in a container) was
+        cancelled that way.
+        """
+        number = max(worker_number, self._next_worker_number)
+        self._next_worker_number = number + 1
+        return super()._new_worker_name(number)  # type: ignore[misc]
 
 
 _check = check_image  # the mixin's keyword argument shadows the function's name

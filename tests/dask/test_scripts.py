@@ -197,3 +197,17 @@ def test_local_directory_forms(local: str, bound: str | None, tmp_path: Path) ->
     else:
         assert args[:3] == ["exec", "-B", bound.replace("HOME", str(tmp_path))]
         assert (tmp_path / "dask space").is_dir()
+
+
+def test_worker_names_are_not_reused_after_scale_down() -> None:
+    """A name reused too soon gets its new job cancelled by distributed's lost-worker timer."""
+    with sifdask.SIFPBSCluster(
+        image=IMAGE, check_image=False, cores=1, memory="1GB", scheduler_options={"dashboard_address": ":0"}
+    ) as cluster:
+        names = []
+        for _ in range(3):  # what scale(1) then scale(0) does to the spec, without submitting
+            spec = cluster.new_worker_spec()
+            cluster.worker_spec.update(spec)
+            names += list(spec)
+            cluster.worker_spec.clear()
+        assert len(set(names)) == 3, names
