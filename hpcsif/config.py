@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "convert": {"compression": "zstd", "level": 0, "tmpdir": "", "jobs": 0},
     "registry": {"mirrors": {}, "insecure": [], "retries": 5, "timeout": 60, "parallel_downloads": 4},
-    "engine": {"default": "auto", "squashfuse": "squashfuse", "bwrap": "bwrap", "mount_dir": ""},
+    "engine": {"default": "auto", "squashfuse": "", "bwrap": "bwrap", "mount_dir": ""},
     "gpu": {"driver_root": "/", "dev_dir": "/dev", "nvliblist": "", "rocmliblist": ""},
     "mpi": {"default": "", "profile_dirs": [], "partition_defaults": {}},
     "slurm": {

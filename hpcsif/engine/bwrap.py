@@ -42,11 +42,14 @@ class BwrapEngine(Engine):
     def available(cls) -> bool:
         """True when bwrap and squashfuse are installed."""
         from hpcsif.config import get_config
+        from hpcsif.engine.mounts import squashfuse_program
+        from hpcsif.errors import MissingToolError
 
-        cfg = get_config()
-        return bool(
-            which(cfg.get("engine.bwrap") or "bwrap") and which(cfg.get("engine.squashfuse") or "squashfuse")
-        )
+        try:
+            squashfuse_program()
+        except MissingToolError:
+            return False
+        return bool(which(get_config().get("engine.bwrap") or "bwrap"))
 
     def launch(self, image: Path, opts: LaunchOptions) -> int:
         """Mount *image* (SIF file or sandbox directory) and run the action; returns the exit status."""
@@ -67,8 +70,6 @@ class BwrapEngine(Engine):
             else:
                 from hpcsif.engine.mounts import squashfs_mount
 
-                if not which(cfg.get("engine.squashfuse") or "squashfuse"):
-                    raise MissingToolError("squashfuse", "squashfuse")
                 mounts.append(squashfs_mount(str(image), squashfs_offset(image)))
                 root = mounts[-1].acquire()
             if opts.writable_tmpfs:

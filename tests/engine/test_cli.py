@@ -323,7 +323,6 @@ def test_missing_tools_name_the_package(images, pub_tmp):
 
 def test_exec_image_reference_through_the_cache(busybox_oci_layout):
     """A URI goes through the cache (converted once, leased for the run)."""
-    pytest.importorskip("hpcsif.sif.squashfs", reason="the converter is not there yet")
     ref = f"oci:{busybox_oci_layout}:latest"
     res = subprocess.run(
         hpcsif_cmd("exec", ref, "cat", "/etc/hello.txt"), capture_output=True, text=True, timeout=300
