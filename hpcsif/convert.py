@@ -17,14 +17,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpcsif.errors import BuildError, SourceError
 from hpcsif.image.model import Image, Platform
 from hpcsif.image.store import OCIStore
 from hpcsif.refs import Reference, parse
-from hpcsif.sif import metadata as md
-from hpcsif.sif.format import DataType, FSType, PartType
+
+if TYPE_CHECKING:  # the converter's heavy parts load only when converting
+    from hpcsif.sif import metadata as md
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,21 @@ class ConvertOptions:
         doc = {"v": FORMAT_VERSION, "c": self.compression, "l": self.level, "a": self.arch}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
+    @classmethod
+    def from_config(cls, **flags: Any) -> ConvertOptions:
+        """Options from the ``[convert]`` configuration table, with any non-None ``flags`` on top."""
+        from hpcsif.config import get_config
+
+        cfg = get_config()
+        values: dict[str, Any] = {
+            "compression": cfg.get("convert.compression") or "zstd",
+            "level": cfg.get("convert.level") or None,
+            "jobs": cfg.get("convert.jobs") or None,
+            "tmpdir": cfg.tmpdir(),
+        }
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**values)
+
     @property
     def platform(self) -> Platform:
         """The platform to pick from multi-arch images."""
@@ -78,6 +94,8 @@ def from_of(ref: Reference) -> str:
 
 def image_metadata(image: Image, ref: Reference | None) -> md.Metadata:
     """The ``/.singularity.d`` metadata for an image fetched from ``ref``."""
+    from hpcsif.sif import metadata as md
+
     bootstrap = bootstrap_of(ref) if ref else "oci"
     source = from_of(ref) if ref else image.source
     return md.for_image(image.config, bootstrap=bootstrap, source=source, arch=image.architecture)
@@ -102,6 +120,7 @@ def image_to_sif(
 ) -> Path:
     """Convert ``image`` to a SIF at ``dest`` atomically; returns ``dest``."""
     from hpcsif.image.layers import flatten
+    from hpcsif.sif.format import DataType, FSType, PartType
     from hpcsif.sif.squashfs import squashfs_from_tar
     from hpcsif.sif.writer import ObjectSpec, SIFWriter
 
@@ -205,6 +224,7 @@ def sandbox_to_sif(
     ``meta`` (a definition-file build's) supplies the def file and the inspect/OCI-config
     objects; without it they are read from the tree. ``arch`` overrides ``options.arch``.
     """
+    from hpcsif.sif.format import DataType, FSType, PartType
     from hpcsif.sif.squashfs import squashfs_from_dir
     from hpcsif.sif.writer import ObjectSpec, SIFWriter
 

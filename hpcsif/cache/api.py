@@ -53,18 +53,6 @@ class Request:
         return str(self.ref)
 
 
-def default_options() -> ConvertOptions:
-    """Conversion options from the ``[convert]`` configuration table."""
-    cfg = get_config()
-    tmpdir = cfg.tmpdir()
-    return ConvertOptions(
-        compression=cfg.get("convert.compression") or "zstd",
-        level=cfg.get("convert.level") or None,
-        jobs=cfg.get("convert.jobs") or None,
-        tmpdir=tmpdir,
-    )
-
-
 def _record_path(root: CacheRoot, ident: str) -> Path:
     return root.tags / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json")
 
@@ -161,7 +149,7 @@ def _request(
     offline: bool,
     cache_first: bool,
 ) -> Request:
-    options = options or default_options()
+    options = options or ConvertOptions.from_config()
     source_options = dict(source_options or {})
     digest = _resolve_digest(layout, ref, options, source_options, offline=offline, cache_first=cache_first)
     key = f"{digest.split(':', 1)[-1]}-{options.key()}"

@@ -29,8 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from hpcsif.cache.layout import hostname
 from hpcsif.config import get_config
 from hpcsif.errors import CacheBusy, CacheError
@@ -162,11 +160,15 @@ class FcntlLock(KeyLock):
 
     def __init__(self, path: Path, what: str, timeout: float) -> None:
         super().__init__(path, what, timeout)
+        from filelock import FileLock  # only when a lock is taken: warm hits take none
+
         self._lock = FileLock(str(path), thread_local=False, preserve_lock_file=True)
         self._info_path = path.with_name(path.name + ".holder")
 
     def try_acquire(self) -> bool:
         """Take the ``flock`` if free and record this process as its holder."""
+        from filelock import Timeout
+
         try:
             self._lock.acquire(timeout=0)
         except Timeout:

@@ -27,16 +27,12 @@ def add_convert_flags(p: argparse.ArgumentParser) -> None:
 
 def convert_options(args: argparse.Namespace):  # -> ConvertOptions (imported lazily)
     """ConvertOptions from flags layered over the configuration."""
-    from hpcsif.config import get_config
     from hpcsif.convert import ConvertOptions
 
-    cfg = get_config()
-    tmpdir = args.tmpdir or cfg.get("convert.tmpdir") or None
-    return ConvertOptions(
-        compression=args.compression or cfg.get("convert.compression") or "zstd",
-        level=args.level if args.level is not None else (cfg.get("convert.level") or None),
-        jobs=cfg.get("convert.jobs") or None,
-        tmpdir=Path(tmpdir) if tmpdir else None,
+    return ConvertOptions.from_config(
+        compression=args.compression,
+        level=args.level,
+        tmpdir=Path(args.tmpdir) if args.tmpdir else None,
         arch=args.arch,
     )
 

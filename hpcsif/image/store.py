@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from filelock import FileLock
-
 from hpcsif.errors import IntegrityError, NotFoundError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import CHUNK, check_digest
@@ -182,7 +180,9 @@ class OCIStore:
         return Descriptor(media_type=media_type, digest=digest, size=len(data))
 
     # -- index.json ----------------------------------------------------------------------------
-    def _index_lock(self) -> FileLock:
+    def _index_lock(self):  # -> filelock.FileLock, imported here: a warm cache hit never needs it
+        from filelock import FileLock
+
         return FileLock(str(self.root / ".index.json.lock"))
 
     def _write_index(self, index: dict[str, Any]) -> None:
