@@ -100,6 +100,9 @@ class LayerBlob:
     media_type: str
     digest: str | None
     diff_id: str | None
+    # a byte range of ``path`` (a layer inside an uncompressed archive, read in place)
+    offset: int = 0
+    size: int | None = None
 
     @property
     def label(self) -> str:
@@ -138,8 +141,12 @@ class FlattenStats:
 class _HashingReader:
     """Reads a blob file, hashing and counting the (compressed) bytes."""
 
-    def __init__(self, path: Path, hashed: bool) -> None:
+    def __init__(self, path: Path, hashed: bool, offset: int = 0, size: int | None = None) -> None:
         self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._start = offset
+        self._left = size  # bytes left in the window (None: to the end of the file)
+        if offset:
+            self._f.seek(offset)
         self.hash = hashlib.sha256() if hashed else None
         self.count = 0
 
@@ -147,7 +154,12 @@ class _HashingReader:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size if size is not None and size >= 0 else -1)
+        want = size if size is not None and size >= 0 else -1
+        if self._left is not None:
+            want = self._left if want < 0 else min(want, self._left)
+        data = self._f.read(want)
+        if self._left is not None:
+            self._left -= len(data)
         self.count += len(data)
         if self.hash is not None:
             self.hash.update(data)
@@ -155,8 +167,8 @@ class _HashingReader:
 
     def peek(self, size: int) -> bytes:
         """The first ``size`` bytes of the file, without consuming them (before any read)."""
-        head = self._f.read(size)
-        self._f.seek(0)
+        head = self._f.read(size if self._left is None else min(size, self._left))
+        self._f.seek(self._start)
         return head
 
     def close(self) -> None:
@@ -310,7 +322,9 @@ class _LayerStream(io.RawIOBase):
         super().__init__()
         self.layer = layer
         try:
-            self._raw = _HashingReader(layer.path, verify and layer.digest is not None)
+            self._raw = _HashingReader(
+                layer.path, verify and layer.digest is not None, layer.offset, layer.size
+            )
         except OSError as e:
             raise LayerError(f"layer {layer.label}: cannot open blob {layer.path}: {e.strerror}") from e
         self._diff_hash = hashlib.sha256() if verify and layer.diff_id else None
@@ -736,7 +750,7 @@ class _Layer:
         self.rereads: dict[str, list[str]] = {}  # hidden link target -> link names
         self.whiteouts: set[str] = set()
         self.opaque: set[str] = set()
-        self.repeats = _REPEATS.get((str(blob.path), blob.digest), {})  # name -> occurrences
+        self.repeats = _REPEATS.get((str(blob.path), blob.offset, blob.digest), {})  # name -> occurrences
         self.seen_repeats: dict[str, int] = {}
 
 
@@ -745,7 +759,7 @@ _Progress = Callable[[int, int], None]
 
 # Names a layer repeats after content was streamed, found by a pre-scan: the next pass
 # over that layer keeps only the last occurrence of each (layers are immutable blobs).
-_REPEATS: dict[tuple[str, str | None], dict[str, int]] = {}
+_REPEATS: dict[tuple[str, int, str | None], dict[str, int]] = {}
 _MAX_REPEATS = 64
 
 
@@ -884,7 +898,7 @@ class _Merger:
         if name in lay.written:
             if len(_REPEATS) >= _MAX_REPEATS:
                 _REPEATS.clear()
-            _REPEATS[(str(lay.blob.path), lay.blob.digest)] = _scan_repeats(lay.blob)
+            _REPEATS[(str(lay.blob.path), lay.blob.offset, lay.blob.digest)] = _scan_repeats(lay.blob)
             raise DuplicateEntryError(
                 f"layer {lay.label}: entry {name!r} occurs twice and replaces an earlier file with "
                 "content; convert again (the layer's repeated names are now known)"
@@ -1082,7 +1096,9 @@ def _merge(
     extra: Sequence[ExtraFile],
     progress: _Progress | None,
 ) -> None:
-    total = sum(os.stat(b.path).st_size for b in layers if os.path.exists(b.path))
+    total = sum(
+        b.size if b.size is not None else os.stat(b.path).st_size for b in layers if os.path.exists(b.path)
+    )
     merger = _Merger(sink, stats, total, progress)
     _extra_layer(merger, extra)
     for level, blob in enumerate(reversed(layers), start=1):

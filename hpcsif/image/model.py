@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform as _platform
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpcsif.errors import SourceError
@@ -96,9 +97,18 @@ class Descriptor:
         return out
 
 
+@dataclass(frozen=True)
+class BlobSpan:
+    """A blob that is a byte range of another file (a layer inside an uncompressed archive)."""
+
+    path: Path
+    offset: int
+    size: int
+
+
 @dataclass
 class Image:
-    """An OCI image whose manifest, config and layer blobs are all in ``store``."""
+    """An OCI image whose manifest and config are in ``store``; layers there or in ``spans``."""
 
     store: OCIStore
     manifest_digest: str
@@ -107,6 +117,7 @@ class Image:
     config: dict[str, Any]
     layers: list[Descriptor]
     source: str = ""  # the reference it came from, for labels and messages
+    spans: dict[str, BlobSpan] = field(default_factory=dict)  # layer digest -> where it is read
 
     @property
     def container_config(self) -> dict[str, Any]:
@@ -128,12 +139,14 @@ class Image:
                 f"image {self.source or self.manifest_digest}: config lists {len(diff_ids)} diff_ids "
                 f"for {len(self.layers)} layers"
             )
-        return [
-            LayerBlob(
-                path=self.store.blob_path(d.digest),
-                media_type=d.media_type,
-                digest=d.digest,
-                diff_id=diff_ids[i] if diff_ids else None,
-            )
-            for i, d in enumerate(self.layers)
-        ]
+        blobs = []
+        for i, d in enumerate(self.layers):
+            diff_id = diff_ids[i] if diff_ids else None
+            span = self.spans.get(d.digest)
+            if span:
+                where = {"offset": span.offset, "size": span.size}
+                blob = LayerBlob(span.path, d.media_type, d.digest, diff_id, **where)
+            else:
+                blob = LayerBlob(self.store.blob_path(d.digest), d.media_type, d.digest, diff_id)
+            blobs.append(blob)
+        return blobs

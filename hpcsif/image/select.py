@@ -7,7 +7,7 @@ from typing import Any
 
 from hpcsif.errors import AmbiguousImageError, NotFoundError, SourceError
 from hpcsif.image import mediatypes as mt
-from hpcsif.image.model import Descriptor, Image, Platform
+from hpcsif.image.model import BlobSpan, Descriptor, Image, Platform
 from hpcsif.image.store import OCIStore
 
 _MAX_NESTING = 4
@@ -92,14 +92,24 @@ def resolve_manifest(
     raise SourceError(f"{where}: indexes nested more than {_MAX_NESTING} deep")
 
 
-def load_image(store: OCIStore, desc: Descriptor, platform: Platform, source: str) -> Image:
-    """Load the image that ``desc`` (a manifest or index in ``store``) names."""
+def load_image(
+    store: OCIStore,
+    desc: Descriptor,
+    platform: Platform,
+    source: str,
+    spans: dict[str, BlobSpan] | None = None,
+) -> Image:
+    """Load the image that ``desc`` (a manifest or index in ``store``) names.
+
+    Layers are in ``store`` or, when listed in ``spans``, read in place from another file.
+    """
+    spans = spans or {}
     mdesc, manifest = resolve_manifest(desc, lambda d: store.read_json(d.digest), platform, source)
     config_desc = Descriptor.from_json(manifest["config"])
     config = store.read_json(config_desc.digest)
     layers = [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
     for layer in layers:
-        if not store.has_blob(layer.digest):
+        if layer.digest not in spans and not store.has_blob(layer.digest):
             raise NotFoundError(f"{source}: layer {layer.digest} is missing from {store.root}")
     return Image(
         store=store,
@@ -109,4 +119,5 @@ def load_image(store: OCIStore, desc: Descriptor, platform: Platform, source: st
         config=config,
         layers=layers,
         source=source,
+        spans={d.digest: spans[d.digest] for d in layers if d.digest in spans},
     )

@@ -1,7 +1,10 @@
-"""Stream a tar archive (plain or compressed) into an OCI blob store in one pass.
+"""Read image archives (``docker save``, oci-archive) into an OCI blob store.
 
-Archives are read sequentially, so a gzip-compressed ``docker save`` file is decompressed
-once and nothing is held in memory but the small JSON documents.
+An uncompressed tar is only indexed: its small documents (manifests, configs, index) go to the
+store and every large member (a layer) stays where it is, read in place later as a byte range
+of the archive (its digest is verified while it streams). A compressed archive is read
+sequentially in one pass, its members copied into the store; nothing but the small JSON
+documents is ever held in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import IO
 
 from hpcsif.errors import IntegrityError, NotFoundError, SourceError
 from hpcsif.image.digest import CHUNK, sha256_file
+from hpcsif.image.model import BlobSpan
 from hpcsif.image.store import OCIStore
 
 _SMALL = 4 << 20  # JSON documents (manifests, configs, index) are kept in memory up to this size
@@ -28,6 +32,16 @@ class ArchiveContents:
 
     documents: dict[str, bytes] = field(default_factory=dict)
     blobs: dict[str, str] = field(default_factory=dict)  # member name -> digest in the store
+    spans: dict[str, BlobSpan] = field(default_factory=dict)  # member name -> bytes left in place
+
+    def blob_spans(self) -> dict[str, BlobSpan]:
+        """Spans of members named ``blobs/sha256/<hex>``, by digest."""
+        out = {}
+        for name, span in self.spans.items():
+            m = _BLOB_NAME.match(name)
+            if m:
+                out[f"sha256:{m.group(1)}"] = span
+        return out
 
     def document(self, name: str, where: str) -> bytes:
         """A small member's bytes; NotFoundError naming the archive if absent."""
@@ -45,6 +59,46 @@ def input_digest(path: str | os.PathLike[str]) -> str:
         raise NotFoundError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise SourceError(f"{path}: is a directory, expected an archive file") from None
+
+
+def read_archive(path: str | os.PathLike[str], store: OCIStore, where: str) -> ArchiveContents:
+    """Index an uncompressed tar in place, or stream a compressed one into ``store``."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(tarfile.BLOCKSIZE)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        head = b""  # ingest_archive names the problem
+    if len(head) == tarfile.BLOCKSIZE and head[257:262] == b"ustar":
+        return index_tar(path, store, where)
+    return ingest_archive(path, store, where)
+
+
+def index_tar(path: Path, store: OCIStore, where: str) -> ArchiveContents:
+    """Store an uncompressed tar's small members; record where its large ones are."""
+    size = path.stat().st_size
+    out = ArchiveContents()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.removeprefix("./")
+                if member.offset_data + member.size > size:
+                    raise SourceError(f"{where}: archive is truncated (in {name})")
+                if member.size <= _SMALL:
+                    src = tar.extractfile(member)
+                    assert src is not None  # regular files always have data
+                    _keep_small(out, store, name, src.read())
+                else:
+                    out.spans[name] = BlobSpan(path, member.offset_data, member.size)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{where}: {exc}") from None
+    except (tarfile.TarError, EOFError) as exc:
+        raise SourceError(f"{where}: not a readable tar archive, or truncated ({exc})") from None
+    except OSError as exc:
+        raise SourceError(f"{where}: read error: {exc}") from None
+    return out
 
 
 def ingest_archive(path: str | os.PathLike[str], store: OCIStore, where: str) -> ArchiveContents:
@@ -96,9 +150,7 @@ def _ingest_member(
         data = src.read()
         if len(data) != member.size:
             raise SourceError(f"{where}: archive is truncated (in {name})")
-        out.documents[name] = data
-        have = expected is not None and store.has_blob(expected)
-        out.blobs[name] = expected if have else store.put_bytes(data, expected)
+        _keep_small(out, store, name, data)
     elif expected and store.has_blob(expected, member.size):
         out.blobs[name] = expected  # repeat blob: the tar reader skips its data
     else:
@@ -108,3 +160,12 @@ def _ingest_member(
         if w.size != member.size:
             raise SourceError(f"{where}: archive is truncated (in {name})")
         out.blobs[name] = w.digest
+
+
+def _keep_small(out: ArchiveContents, store: OCIStore, name: str, data: bytes) -> None:
+    """Keep a small member in memory and in the store (verified when named by its digest)."""
+    m = _BLOB_NAME.match(name)
+    expected = f"sha256:{m.group(1)}" if m else None
+    out.documents[name] = data
+    have = expected is not None and store.has_blob(expected)
+    out.blobs[name] = expected if have else store.put_bytes(data, expected)

@@ -8,24 +8,41 @@ is written for them, so the rest of the pipeline sees an ordinary OCI image.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 from typing import IO, Any
 
 from hpcsif.errors import AmbiguousImageError, IntegrityError, NotFoundError, SourceError
 from hpcsif.image import mediatypes as mt
-from hpcsif.image.model import Descriptor, Image
+from hpcsif.image.digest import CHUNK
+from hpcsif.image.model import BlobSpan, Descriptor, Image
 from hpcsif.image.store import OCIStore
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
-from hpcsif.sources.archive import ArchiveContents, ingest_archive, input_digest
+from hpcsif.sources.archive import ArchiveContents, input_digest, read_archive
 
 _MAGIC_TYPES = ((b"\x1f\x8b", mt.OCI_LAYER_GZIP), (b"\x28\xb5\x2f\xfd", mt.OCI_LAYER_ZSTD))
 
 
-def _layer_media_type(store: OCIStore, digest: str) -> str:
-    with open(store.blob_path(digest), "rb") as f:
+def _media_type_at(path: Path, offset: int) -> str:
+    """The layer media type from the magic bytes at ``offset`` of ``path``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
         head = f.read(4)
     return next((t for magic, t in _MAGIC_TYPES if head.startswith(magic)), mt.OCI_LAYER)
+
+
+def _span_digest(span: BlobSpan) -> str:
+    """The digest of a byte range (a compressed layer inside an uncompressed archive)."""
+    h = hashlib.sha256()
+    with open(span.path, "rb") as f:
+        f.seek(span.offset)
+        left = span.size
+        while left and (block := f.read(min(CHUNK, left))):
+            h.update(block)
+            left -= len(block)
+    return "sha256:" + h.hexdigest()
 
 
 def _normalise_tag(tag: str) -> str:
@@ -67,16 +84,25 @@ def image_from_contents(contents: ArchiveContents, store: OCIStore, name: str | 
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"{where}: malformed manifest.json or image config ({exc})") from None
     config_digest = contents.blobs[config_name.removeprefix("./")]
-    layers = []
-    for layer_name in layer_names:
-        digest = contents.blobs.get(layer_name.removeprefix("./"))
-        if digest is None:
-            raise NotFoundError(f"{where}: layer {layer_name} named in manifest.json is missing")
-        size = store.blob_path(digest).stat().st_size
-        layers.append(Descriptor(_layer_media_type(store, digest), digest, size))
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    if len(diff_ids) != len(layers):
-        raise IntegrityError(f"{where}: config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
+    if len(diff_ids) != len(layer_names):
+        raise IntegrityError(f"{where}: config lists {len(diff_ids)} diff_ids for {len(layer_names)} layers")
+    layers, spans = [], {}
+    for layer_name, diff_id in zip(layer_names, diff_ids, strict=True):
+        name = layer_name.removeprefix("./")
+        if name in contents.spans:  # a large layer left in place in an uncompressed archive
+            span = contents.spans[name]
+            media = _media_type_at(span.path, span.offset)
+            # an uncompressed layer's blob digest is its diff_id, verified while it streams
+            digest = diff_id if media == mt.OCI_LAYER else _span_digest(span)
+            spans[digest] = span
+            layers.append(Descriptor(media, digest, span.size))
+        elif name in contents.blobs:
+            digest = contents.blobs[name]
+            path = store.blob_path(digest)
+            layers.append(Descriptor(_media_type_at(path, 0), digest, path.stat().st_size))
+        else:
+            raise NotFoundError(f"{where}: layer {layer_name} named in manifest.json is missing")
     oci_manifest = {
         "schemaVersion": 2,
         "mediaType": mt.OCI_MANIFEST,
@@ -92,6 +118,7 @@ def image_from_contents(contents: ArchiveContents, store: OCIStore, name: str | 
         config=config,
         layers=layers,
         source=where + (f":{name}" if name else ""),
+        spans=spans,
     )
 
 
@@ -105,7 +132,7 @@ class DockerArchiveSource(Source):
     def fetch(self, ref: Reference, store: OCIStore) -> Image:
         """Stream the archive into ``store`` and build the selected image."""
         where = f"docker-archive://{ref.path}"
-        contents = ingest_archive(ref.path or "", store, where)
+        contents = read_archive(ref.path or "", store, where)
         return image_from_contents(contents, store, ref.name, where)
 
 

@@ -11,7 +11,7 @@ from hpcsif.image.select import load_image, resolve_manifest, select_from_index
 from hpcsif.image.store import OCIStore
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
-from hpcsif.sources.archive import ingest_archive, input_digest
+from hpcsif.sources.archive import input_digest, read_archive
 
 
 class OCILayoutSource(Source):
@@ -41,7 +41,10 @@ class OCILayoutSource(Source):
 
 
 class OCIArchiveSource(Source):
-    """A tar of an OCI image layout (``skopeo copy … oci-archive:…``), plain or compressed."""
+    """A tar of an OCI image layout (``skopeo copy … oci-archive:…``), plain or compressed.
+
+    Layers of an uncompressed archive are read in place, not copied into the store.
+    """
 
     def resolve(self, ref: Reference) -> str:
         """The digest of the archive's bytes."""
@@ -50,9 +53,10 @@ class OCIArchiveSource(Source):
     def fetch(self, ref: Reference, store: OCIStore) -> Image:
         """Stream the archive's blobs into ``store`` and load the selected image."""
         where = f"oci-archive://{ref.path}"
-        contents = ingest_archive(ref.path or "", store, where)
+        contents = read_archive(ref.path or "", store, where)
         try:
             index = json.loads(contents.document("index.json", where))
         except ValueError as exc:
             raise IntegrityError(f"{where}: index.json is not valid JSON: {exc}") from None
-        return load_image(store, select_from_index(index, ref.name, where), self.platform, str(ref))
+        desc = select_from_index(index, ref.name, where)
+        return load_image(store, desc, self.platform, str(ref), spans=contents.blob_spans())
