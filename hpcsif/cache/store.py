@@ -25,6 +25,7 @@ from typing import Any
 from hpcsif.cache.layout import CacheRoot, hostname
 from hpcsif.cache.locking import KeyLock, key_lock
 from hpcsif.errors import CacheError, SIFError
+from hpcsif.fsutil import fsync_dir
 from hpcsif.image.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,6 @@ def validate_sif(path: Path) -> None:
         part = img.primary_partition()
     if not superblock_ok(path, part.offset):
         raise SIFError(f"{path}: the primary partition has no valid squashfs superblock")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -179,11 +172,11 @@ class SIFStore:
             atomic_write_bytes(work / META, json.dumps(meta, indent=1, sort_keys=True).encode())
             (work / LAST_USED).touch()
             os.chmod(work, 0o755)
-            _fsync_dir(work)
+            fsync_dir(work)
             if not lock.still_held():
                 raise CacheError(f"lost the lock on {what} while building it; not publishing")
             os.rename(work, self.root.entry_dir(key))
-            _fsync_dir(self.root.path / "sif")
+            fsync_dir(self.root.path / "sif")
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

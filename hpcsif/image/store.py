@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from hpcsif.errors import IntegrityError, NotFoundError
+from hpcsif.fsutil import atomic_write_bytes
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import CHUNK, check_digest
 from hpcsif.image.model import Descriptor
@@ -27,22 +28,6 @@ from hpcsif.image.model import Descriptor
 def canonical_json(obj: Any) -> bytes:
     """Compact, key-sorted JSON bytes, as registries and umoci write them."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def atomic_write_bytes(dest: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``dest`` through a temp file in the same directory, fsync and rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class BlobWriter:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcsif.errors import SIFError
+from hpcsif.fsutil import fsync_dir
 from hpcsif.sif.format import (
     DEFAULT_DESCRIPTOR_CAPACITY,
     DEFAULT_GROUP,
@@ -350,7 +351,7 @@ class SIFWriter:
             os.close(self._fd)
             self._fd = -1
             os.replace(self.temp_path, self.dest)
-            _fsync_dir(self.dest.parent)
+            fsync_dir(self.dest.parent)
         except OSError as exc:
             self.abort()
             raise SIFError(f"cannot write {self.dest}: {exc.strerror}") from exc
@@ -459,12 +460,3 @@ def _insert_range(fd: int, length: int) -> None:
     if libc.fallocate(fd, _FALLOC_FL_INSERT_RANGE, 0, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in *directory* durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

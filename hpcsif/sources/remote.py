@@ -6,38 +6,20 @@ place, so a broken transfer never leaves a partial file under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from hpcsif.errors import NetworkError, NotFoundError, SourceError
+from hpcsif.fsutil import atomic_output
 from hpcsif.image.digest import CHUNK
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-
-
-@contextlib.contextmanager
-def atomic_output(dest: Path, mode: int = 0o644):  # -> Iterator[IO[bytes]]
-    """A temp file beside ``dest``; on success it is fsynced and renamed to ``dest``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _copy(src: IO[bytes], out: IO[bytes], total: int, progress: Progress | None) -> int:

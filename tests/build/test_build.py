@@ -20,6 +20,7 @@ import pytest
 from hpcsif.image.compose import write_docker_archive
 from hpcsif.sif.reader import SIFImage
 from tests.conftest import peer_apptainer, run_cli
+from tests.convert.test_build_cli import unpack
 from tests.services.images import TestImage
 from tests.services.podman import podman_service  # noqa: F401 - fixture
 from tests.services.registry import Registry, registry_open  # noqa: F401 - fixture
@@ -84,20 +85,6 @@ From: {source}
 %appfiles foo
     {data}/data.txt data.txt
 """
-
-
-def partition_offset(sif: Path) -> int:
-    with SIFImage.open(sif) as img:
-        return img.primary_partition().offset
-
-
-def unpack(sif: Path, dest: Path) -> Path:
-    subprocess.run(
-        ["unsquashfs", "-q", "-n", "-o", str(partition_offset(sif)), "-d", str(dest), str(sif)],
-        check=True,
-        capture_output=True,
-    )
-    return dest
 
 
 @pytest.fixture(scope="module")
