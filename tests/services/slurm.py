@@ -145,6 +145,8 @@ class SlurmCluster:
         """Run a client command (list, or a string for ``sh -c``) against this cluster; text output."""
         args = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         env = {**self.env, **kw.pop("env", {})}
+        # jobs submitted without --output write slurm-N.out into the submitting cwd: keep them here
+        kw.setdefault("cwd", self.base)
         proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, **kw)
         if check and proc.returncode != 0:
             shown = " ".join(args)
