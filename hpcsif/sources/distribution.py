@@ -176,7 +176,7 @@ class RegistryClient:
                         body.close()
             except _TRANSIENT as exc:
                 if attempt >= self.retries:
-                    raise NetworkError(f"{method} {_redact(url)}: {exc}") from None
+                    raise NetworkError(f"cannot reach {_redact(url)}: {_reason(exc)}") from None
                 log.warning("%s %s failed (%s); retrying", method, _redact(url), type(exc).__name__)
                 self._sleep(attempt)
                 continue
@@ -437,7 +437,8 @@ class RegistryClient:
             except _TRANSIENT as exc:
                 failures += 1
                 if failures > self.retries:
-                    raise NetworkError(f"{where}: download failed after {failures} tries: {exc}") from None
+                    why = _reason(exc)
+                    raise NetworkError(f"{where}: download failed after {failures} tries: {why}") from None
                 log.warning(
                     "%s: connection lost after %d bytes (%s); resuming",
                     where,
@@ -485,3 +486,21 @@ class RegistryClient:
 def _redact(url: str) -> str:
     """A URL without its query string (upload URLs and signed redirects carry secrets there)."""
     return url.split("?", 1)[0]
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a connection failure, briefly ("connection refused", "timed out")."""
+    seen: set[int] = set()
+    cause: BaseException = exc
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in cause.args if isinstance(a, BaseException)), None)
+        inner = inner or cause.__cause__ or cause.__context__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(cause) or type(cause).__name__

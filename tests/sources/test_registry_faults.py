@@ -137,3 +137,19 @@ def test_schema1_manifest_is_refused(proxy, tmp_path) -> None:
     proxy.arm(schema1=1)
     with pytest.raises(SourceError, match="Docker schema 1 manifests are not supported"):
         _pull(proxy, tmp_path)
+
+
+def test_unreachable_registry_is_one_readable_line(tmp_path) -> None:
+    """Nothing listens: the error names the address and the cause, not the HTTP stack's repr."""
+    import socket
+
+    from tests.conftest import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    proc = run_cli("pull", "--dir", str(tmp_path), f"docker://127.0.0.1:{port}/team/app:1", check=False)
+    assert proc.returncode != 0
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert fatal == [f"FATAL:   cannot reach http://127.0.0.1:{port}/v2/: connection refused"]
+    assert list(tmp_path.iterdir()) == []
