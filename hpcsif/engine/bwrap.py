@@ -83,7 +83,10 @@ class BwrapEngine(Engine):
                 for line in check(str(root)):
                     log.warning("%s", line)
             plan = _Plan(root, image, opts, contrib)
-            return _run(bwrap, plan.argv(), plan.env, plan.fds, signals, pidns=opts.containall)
+            argv = plan.argv()
+            return _run(
+                bwrap, argv, plan.env, plan.fds, signals, pidns=opts.containall, handshake=plan.direct is None
+            )
         finally:
             signals.restore()
             for m in reversed(mounts):
@@ -169,8 +172,15 @@ class _Plan:
         # devices from elsewhere (gpu.dev_dir) must not become new nodes in the host's /dev:
         # then the container gets bwrap's minimal /dev plus exactly the devices asked for
         self.minimal_dev = opts.contain or any(b.dev and b.src != b.dst for b in self.binds)
+        # an image without a shell (distroless) starts its command directly, configured from the
+        # SIF's oci-config.json instead of the /.singularity.d scripts
+        self.direct = None
         if not os.path.lexists(os.path.join(self.root, "bin/sh")):
-            raise EngineError(f"{image}: the image has no /bin/sh, which the launcher needs")
+            self.direct = None if opts.sandbox else _oci_config(image)
+            if self.direct is None:
+                raise EngineError(
+                    f"{image}: the image has no /bin/sh and no oci-config.json to start it without"
+                )
         from hpcsif.engine.environment import build_env
 
         self.env = build_env(
@@ -186,6 +196,11 @@ class _Plan:
             extra=contrib.env,
             ld_paths=contrib.ld_paths,
         )
+        self.image = str(image)
+        if self.direct is not None:
+            from hpcsif.engine.environment import direct_env
+
+            self.env = direct_env(self.env, list(self.direct.get("Env") or []))
 
     # -- command line --------------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -222,6 +237,10 @@ class _Plan:
         args += ["--chdir", workdir]
         from hpcsif.engine.environment import LAUNCHER
 
+        if self.direct is not None:
+            from hpcsif.engine.environment import direct_argv
+
+            return [*args, "--", *direct_argv(opts.action, opts.command, self.direct, self.image)]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 
     def _root(self, dests: list[str]) -> list[str]:
@@ -382,9 +401,20 @@ class _Signals:
 
 
 def _run(
-    bwrap: str, argv: list[str], env: dict[str, str], fds: list[int], signals: _Signals, *, pidns: bool
+    bwrap: str,
+    argv: list[str],
+    env: dict[str, str],
+    fds: list[int],
+    signals: _Signals,
+    *,
+    pidns: bool,
+    handshake: bool = True,
 ) -> int:
-    """Start bwrap, forward signals to the payload, wait; returns its exit status."""
+    """Start bwrap, forward signals to the payload, wait; returns its exit status.
+
+    With ``handshake`` the in-container launcher reports the end of bwrap's set-up; a payload
+    started directly (no shell in the image) cannot, and then bwrap's child pid stands for it.
+    """
     if signals.pending:
         for fd in fds:
             os.close(fd)
@@ -393,8 +423,11 @@ def _run(
     # the launcher writes one byte here once it runs: EOF instead means bwrap's set-up failed
     ready_r, ready_w = os.pipe()
     argv = [argv[0], "--info-fd", str(info_w), *argv[1:]]
-    env = {**env, "__HPCSIF_READY": str(ready_w)}
-    fds = [ready_w, *fds]
+    if handshake:
+        env = {**env, "__HPCSIF_READY": str(ready_w)}
+        fds = [ready_w, *fds]
+    else:
+        os.close(ready_w)
     for fd in [info_w, *fds]:
         os.set_inheritable(fd, True)
     try:
@@ -414,7 +447,7 @@ def _run(
         if child:
             signals.started(child, pidns)
         with os.fdopen(ready_r, "rb", buffering=0) as ready:
-            started = ready.read(1) == b"x"
+            started = ready.read(1) == b"x" if handshake else bool(child)
         _, status = os.waitpid(pid, 0)
     finally:
         if signals.interactive:
@@ -482,3 +515,19 @@ def _reclaim_terminal() -> None:
             signal.signal(signal.SIGTTOU, old)
     except OSError:
         pass
+
+
+def _oci_config(image: Path) -> dict | None:
+    """The SIF's ``oci-config.json`` object (Env, Entrypoint, Cmd …), or None if it has none."""
+    import json
+
+    from hpcsif.sif.format import DataType
+    from hpcsif.sif.reader import SIFImage
+
+    with SIFImage.open(image) as sif:
+        found = sif.find(DataType.GENERIC_JSON, "oci-config.json")
+        data = sif.read_object(found[0]) if found else None
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None

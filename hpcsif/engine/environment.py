@@ -173,3 +173,40 @@ def build_env(
         for key, value in overrides.items():
             result[f"{_OVERRIDE}_{key}"] = value
     return result
+
+
+def direct_env(launcher_env: dict[str, str], image_env: list[str]) -> dict[str, str]:
+    """What :data:`LAUNCHER` would compute, for an image with no shell to run it.
+
+    ``launcher_env`` is :func:`build_env`'s result; ``image_env`` the image's ``Env`` (from the
+    SIF's ``oci-config.json``). Same precedence: image values are defaults a host value
+    overrides, ``PATH`` comes from the image, explicit overrides win over both.
+    """
+    env = {k: v for k, v in launcher_env.items() if not k.startswith("__HPCSIF")}
+    for item in image_env:
+        key, _, value = item.partition("=")
+        if key == "PATH" or (_NAME.match(key) and not env.get(key)):
+            env[key] = value
+    for key in launcher_env.get(_OVERRIDE, "").split():
+        env[key] = launcher_env[f"{_OVERRIDE}_{key}"]
+    if launcher_env.get("__HPCSIF_PREPEND_PATH"):
+        env["PATH"] = f"{launcher_env['__HPCSIF_PREPEND_PATH']}:{env['PATH']}"
+    if launcher_env.get("__HPCSIF_APPEND_PATH"):
+        env["PATH"] = f"{env['PATH']}:{launcher_env['__HPCSIF_APPEND_PATH']}"
+    libs = [p for p in launcher_env.get("__HPCSIF_LD_PATH", "").split(":") if p]
+    env["LD_LIBRARY_PATH"] = ":".join([*libs, "/.singularity.d/libs"])
+    return env
+
+
+def direct_argv(action: str, command: list[str], config: dict, image: str) -> list[str]:
+    """The command to exec without a shell: exec's command, or ENTRYPOINT + (args or CMD) for run."""
+    from hpcsif.errors import EngineError
+
+    if action == "exec":
+        return command
+    if action == "run":
+        argv = list(config.get("Entrypoint") or []) + (command or list(config.get("Cmd") or []))
+        if argv:
+            return argv
+        raise EngineError(f"{image}: nothing to run (no ENTRYPOINT or CMD, and no /bin/sh in the image)")
+    raise EngineError(f"{image}: `{action}` needs a shell and the image has no /bin/sh")

@@ -1,0 +1,65 @@
+"""Images without /bin/sh (distroless) run their command directly, as Apptainer runs them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archive
+from tests.conftest import run_cli
+from tests.services.images import busybox_binary
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def distroless(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A static busybox in /app and nothing else: no /bin/sh."""
+    d = tmp_path_factory.mktemp("distroless")
+    layer = layer_tar([Entry("app", mode=0o755), Entry("app/busybox", busybox_binary().read_bytes(), 0o755)])
+    spec = ImageSpec(
+        [layer],
+        entrypoint=["/app/busybox", "echo"],
+        cmd=["default", "args"],
+        env=["PATH=/app", "GREETING=from the image", "HOSTWINS=image"],
+    )
+    archive = write_docker_archive(d / "distroless.tar", [("test/distroless:1", spec)])
+    sif = d / "distroless.sif"
+    run_cli("build", str(sif), f"docker-archive://{archive}")
+    return sif
+
+
+def test_run_uses_entrypoint_and_cmd(distroless: Path) -> None:
+    assert run_cli("run", str(distroless)).stdout == "default args\n"
+    assert run_cli("run", str(distroless), "given", "it's a b").stdout == "given it's a b\n"
+
+
+def test_exec_environment_and_exit_codes(distroless: Path) -> None:
+    out = run_cli(
+        "exec",
+        "--env",
+        "SET=by flag",
+        str(distroless),
+        "busybox",
+        "sh",
+        "-c",
+        'echo "$GREETING|$HOSTWINS|$SET|$PATH"',
+        env={"HOSTWINS": "host"},
+    ).stdout
+    assert out == "from the image|host|by flag|/app\n"
+    proc = run_cli("exec", str(distroless), "busybox", "sh", "-c", "exit 42", check=False)
+    assert proc.returncode == 42
+    proc = subprocess.run(
+        ["python3", "-m", "hpcsif.cli.main", "exec", str(distroless), "busybox", "cat"],
+        input="stdin passes\n",
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout == "stdin passes\n"
+
+
+def test_shell_needs_a_shell(distroless: Path) -> None:
+    proc = run_cli("shell", str(distroless), check=False)
+    assert proc.returncode != 0 and "needs a shell" in proc.stderr
