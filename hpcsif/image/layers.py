@@ -57,7 +57,6 @@ compressed stream is truncated. The compression is detected from the magic bytes
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -70,22 +69,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import DuplicateEntryError, IntegrityError, LayerError
-
-try:  # ISA-L inflates gzip about twice as fast as zlib, with the same API
-    from isal import isal_zlib as _zlib
-except ImportError:  # pragma: no cover - isal is an install requirement; zlib still works
-    import zlib as _zlib
+from hpcsif.errors import DuplicateEntryError, LayerError
+from hpcsif.image import inflate
+from hpcsif.image.decode import CHUNK, LayerDecoder, is_compressed
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
-
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_BZIP2_MAGIC = b"BZh"
-_XZ_MAGIC = b"\xfd7zXZ\x00"
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -138,152 +128,31 @@ class FlattenStats:
 # reading one layer
 
 
-class _HashingReader:
-    """Reads a blob file, hashing and counting the (compressed) bytes."""
+class _ThreadInflater:
+    """Runs a :class:`LayerDecoder` in a thread, a few chunks ahead of the reader (bounded memory).
 
-    def __init__(self, path: Path, hashed: bool, offset: int = 0, size: int | None = None) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self._start = offset
-        self._left = size  # bytes left in the window (None: to the end of the file)
-        if offset:
-            self._f.seek(offset)
-        self.hash = hashlib.sha256() if hashed else None
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        want = size if size is not None and size >= 0 else -1
-        if self._left is not None:
-            want = self._left if want < 0 else min(want, self._left)
-        data = self._f.read(want)
-        if self._left is not None:
-            self._left -= len(data)
-        self.count += len(data)
-        if self.hash is not None:
-            self.hash.update(data)
-        return data
-
-    def peek(self, size: int) -> bytes:
-        """The first ``size`` bytes of the file, without consuming them (before any read)."""
-        head = self._f.read(size if self._left is None else min(size, self._left))
-        self._f.seek(self._start)
-        return head
-
-    def close(self) -> None:
-        self._f.close()
-
-
-class _GzipReader:
-    """Multi-member gzip decoding with bounded output (inflate checks each member's CRC).
-
-    Faster than :class:`gzip.GzipFile`, which checks the CRC in a second pass.
+    For small and uncompressed layers, where a child process (:mod:`hpcsif.image.inflate`)
+    would cost more than it saves.
     """
-
-    def __init__(self, raw: _HashingReader) -> None:
-        self._raw = raw
-        self._dec = _zlib.decompressobj(31)
-        self._fed = False
-
-    def read(self, size: int) -> bytes:
-        while True:
-            dec = self._dec
-            data = dec.unconsumed_tail
-            if dec.eof:  # next member, if any
-                data = dec.unused_data
-                dec = self._dec = _zlib.decompressobj(31)
-                self._fed = False
-            data = data or self._raw.read(CHUNK // 4)
-            if not data:
-                if self._fed and not dec.eof:
-                    raise EOFError("compressed stream ended before the end-of-stream marker")
-                return b""
-            self._fed = True
-            out = dec.decompress(data, size)
-            if out:
-                return out
-
-
-class _ZstdReader:
-    """Multi-frame zstd decoding that notices a truncated last frame.
-
-    ``zstandard``'s stream reader ends silently on truncation and its decompressobj has
-    no output limit, so input goes in small pieces: output per piece stays bounded
-    (at most 64 MiB even for a decompression bomb).
-    """
-
-    _PIECE = 2048
-
-    def __init__(self, raw: _HashingReader) -> None:
-        try:
-            import zstandard
-        except ImportError:
-            raise LayerError("zstd-compressed layers need the Python package 'zstandard'") from None
-        self._new = zstandard.ZstdDecompressor().decompressobj
-        self._raw = raw
-        self._dec = self._new()
-        self._fed = False
-        self._pending = memoryview(b"")
-
-    def read(self, size: int) -> bytes:
-        parts: list[bytes] = []
-        got = 0
-        while got < size:
-            if self._dec.eof:  # next frame, if any
-                rest = self._dec.unused_data + bytes(self._pending)
-                self._pending = memoryview(rest)
-                self._dec, self._fed = self._new(), False
-            if not self._pending:
-                chunk = self._raw.read(CHUNK // 4)
-                if not chunk:
-                    if self._fed and not self._dec.eof:
-                        raise EOFError("compressed stream ended in the middle of a zstd frame")
-                    break
-                self._pending = memoryview(chunk)
-            piece, self._pending = self._pending[: self._PIECE], self._pending[self._PIECE :]
-            self._fed = True
-            out = self._dec.decompress(piece)
-            if out:
-                parts.append(out)
-                got += len(out)
-        return b"".join(parts)
-
-
-def _decoder(raw: _HashingReader):
-    """A reader of the decompressed bytes, chosen by the blob's magic bytes."""
-    head = raw.peek(8)
-    if head.startswith(_GZIP_MAGIC):
-        return _GzipReader(raw)
-    if head.startswith(_ZSTD_MAGIC):
-        return _ZstdReader(raw)
-    if head.startswith(_BZIP2_MAGIC):
-        import bz2
-
-        return bz2.BZ2File(raw)
-    if head.startswith(_XZ_MAGIC):
-        import lzma
-
-        return lzma.LZMAFile(raw)
-    return raw
-
-
-class _Prefetch:
-    """Runs ``produce`` in a thread, a few chunks ahead of the reader (bounded memory)."""
 
     _DEPTH = 4
 
-    def __init__(self, produce: Callable[[], bytes], name: str) -> None:
-        self._produce = produce
+    def __init__(self, decoder: LayerDecoder, name: str) -> None:
+        self._decoder = decoder
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._DEPTH)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def bytes_in(self) -> int:
+        """Compressed bytes read so far."""
+        return self._decoder.raw.count
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                chunk = self._produce()
+                chunk = self._decoder.produce()
                 self._put(chunk)
                 if not chunk:
                     return
@@ -299,46 +168,62 @@ class _Prefetch:
                 continue
 
     def get(self) -> bytes:
-        """The next chunk (b"" at the end); re-raises what the producer raised."""
+        """The next chunk (b"" at the end); re-raises what the decoder raised."""
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
     def close(self) -> None:
-        """Stop the producer (the reader may stop early) and wait for it."""
+        """Stop the decoder thread (the reader may stop early), wait for it, close the blob."""
         self._stop.set()
         self._thread.join()
+        self._decoder.close()
 
 
 class _LayerStream(io.RawIOBase):
     """Decompressed bytes of a layer blob; verifies digest and diff_id at end of stream.
 
     Supports ``tell`` and forward ``seek`` so :mod:`tarfile` can read it in its
-    random-access mode, which copies far less than its stream mode.
+    random-access mode, which copies far less than its stream mode. Large compressed
+    layers are inflated by a child process, the rest by a thread.
     """
 
-    def __init__(self, layer: LayerBlob, verify: bool = True) -> None:
+    def __init__(self, layer: LayerBlob, verify: bool = True, *, process: bool | None = None) -> None:
         super().__init__()
         self.layer = layer
+        digest = layer.digest if verify else None
+        diff_id = layer.diff_id if verify else None
         try:
-            self._raw = _HashingReader(
-                layer.path, verify and layer.digest is not None, layer.offset, layer.size
-            )
+            f = open(layer.path, "rb", buffering=0)  # noqa: SIM115 - the inflater closes it
         except OSError as e:
             raise LayerError(f"layer {layer.label}: cannot open blob {layer.path}: {e.strerror}") from e
-        self._diff_hash = hashlib.sha256() if verify and layer.diff_id else None
-        self._dec = _decoder(self._raw)
+        self._source: _ThreadInflater | inflate.InflateProcess
+        try:
+            if process is None:
+                size = layer.size if layer.size is not None else os.fstat(f.fileno()).st_size - layer.offset
+                process = size >= inflate.MIN_BYTES and is_compressed(os.pread(f.fileno(), 8, layer.offset))
+            window = {"label": layer.label, "digest": digest, "diff_id": diff_id}
+            window.update(offset=layer.offset, size=layer.size)
+            if process:
+                self._source = inflate.InflateProcess(f.fileno(), **window)
+                self._file = f
+            else:
+                decoder = LayerDecoder(f, **window)
+                self._source = _ThreadInflater(decoder, f"hpcsif-layer-{layer.label[7:19]}")
+                self._file = None
+        except OSError as e:
+            f.close()
+            raise LayerError(f"layer {layer.label}: cannot read blob {layer.path}: {e.strerror}") from e
         self._buf = b""
         self._pos = 0  # position in _buf
         self._offset = 0  # stream position of _buf[0]
         self._eof = False
-        self._prefetch = _Prefetch(self._produce, f"hpcsif-layer-{layer.label[7:19]}")
 
     @property
     def bytes_in(self) -> int:
         """Compressed bytes read so far."""
-        return self._raw.count
+        return self._source.bytes_in
 
     def readable(self) -> bool:
         return True
@@ -365,35 +250,11 @@ class _LayerStream(io.RawIOBase):
             skip -= n
         return self.tell()
 
-    def _produce(self) -> bytes:
-        """Decompress and hash the next chunk; b"" at end of stream, after verification.
-
-        Runs in the prefetch thread: zlib, zstd and hashlib release the GIL, so this
-        overlaps with the tar parsing in the caller's thread.
-        """
-        try:
-            out = self._dec.read(CHUNK)
-        except Exception as e:  # EOFError, zlib/isal errors, ZstdError, LZMAError, OSError
-            raise IntegrityError(
-                f"layer {self.layer.label}: corrupt or truncated compressed data ({e})"
-            ) from e
-        if out:
-            if self._diff_hash is not None:
-                self._diff_hash.update(out)
-            return out
-        for kind, want, h in (
-            ("blob digest", self.layer.digest, self._raw.hash),
-            ("diff_id", self.layer.diff_id, self._diff_hash),
-        ):
-            if h is not None and (got := "sha256:" + h.hexdigest()) != want:
-                raise IntegrityError(f"layer {self.layer.label}: {kind} mismatch: expected {want}, got {got}")
-        return b""
-
     def _fill(self) -> bool:
         """Refill the buffer; False at end of stream."""
         if self._eof:
             return False
-        out = self._prefetch.get()
+        out = self._source.get()
         self._offset += len(self._buf)
         self._buf, self._pos = out, 0
         self._eof = not out
@@ -443,8 +304,9 @@ class _LayerStream(io.RawIOBase):
             pass
 
     def close(self) -> None:
-        self._prefetch.close()
-        self._raw.close()
+        self._source.close()
+        if self._file is not None:  # the child process's blob: ours to close
+            self._file.close()
         super().close()
 
 

@@ -1,0 +1,77 @@
+"""The child-process inflater: same bytes as the thread, its errors, early stops and progress."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from hpcsif.errors import IntegrityError
+from hpcsif.image import inflate
+from hpcsif.image.layers import _LayerStream
+from tests.image.tarbuild import blob, d, file, tar_bytes
+
+RAW = tar_bytes([d("etc"), file("etc/hostname", "box\n"), file("big", os.urandom(3_000_000))])
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "bz2", "xz"])
+def test_child_process_yields_the_thread_bytes(tmp_path: Path, compression: str):
+    lay = blob(tmp_path, RAW, compression)
+    stream = _LayerStream(lay, process=True)
+    try:
+        assert isinstance(stream._source, inflate.InflateProcess)
+        assert stream.read(-1) == RAW
+        assert stream.bytes_in == lay.path.stat().st_size  # read through the shared offset
+    finally:
+        stream.close()
+
+
+def test_child_process_reports_a_digest_mismatch(tmp_path: Path):
+    lay = blob(tmp_path, RAW, "gzip")
+    lay = type(lay)(lay.path, lay.media_type, "sha256:" + "0" * 64, lay.diff_id)
+    stream = _LayerStream(lay, process=True)
+    try:
+        with pytest.raises(IntegrityError, match=r"blob digest mismatch: expected sha256:0{64}, got sha256:"):
+            stream.read(-1)
+    finally:
+        stream.close()
+
+
+def test_a_killed_child_is_an_integrity_error_not_a_short_layer(tmp_path: Path):
+    lay = blob(tmp_path, RAW, "gzip")
+    stream = _LayerStream(lay, process=True)
+    try:
+        stream.read(1000)
+        os.kill(stream._source._proc.pid, signal.SIGKILL)
+        with pytest.raises(IntegrityError, match="decompressing process failed"):
+            stream.read(-1)
+    finally:
+        stream.close()
+
+
+def test_stopping_early_reaps_the_child(tmp_path: Path):
+    lay = blob(tmp_path, RAW, "gzip")
+    stream = _LayerStream(lay, process=True)
+    stream.read(1000)
+    proc = stream._source._proc
+    stream.close()
+    assert proc.returncode is not None  # stopped and reaped, no zombie left behind
+
+
+def test_large_compressed_layers_use_a_process_small_ones_a_thread(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(inflate, "MIN_BYTES", 1 << 20)
+    for sub in ("big", "plain", "small"):
+        (tmp_path / sub).mkdir()
+    big = _LayerStream(blob(tmp_path / "big", RAW, "gzip"))
+    plain = _LayerStream(blob(tmp_path / "plain", RAW, "none"))  # nothing to inflate
+    small = _LayerStream(blob(tmp_path / "small", tar_bytes([file("a", "x")]), "gzip"))
+    try:
+        assert isinstance(big._source, inflate.InflateProcess)
+        assert not isinstance(plain._source, inflate.InflateProcess)
+        assert not isinstance(small._source, inflate.InflateProcess)
+        assert big.read(-1) == plain.read(-1) == RAW
+    finally:
+        for stream in (big, plain, small):
+            stream.close()
