@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from hpcsif.cache.layout import CacheRoot
 from hpcsif.cache.store import META, Producer, SIFStore, produce_copy, validate_sif
 from hpcsif.config import get_config
 from hpcsif.errors import CacheError, HpcsifError
+from hpcsif.fsutil import copy_file
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _path_producer(shared: SIFStore, key: str, name: str, convert: Producer, wha
             converted.update(convert(dest))
             validate_sif(dest)
             log.info("publishing %s to the shared cache %s", what, shared.root.path)
-            shutil.copyfile(dest, shared_dest)
+            copy_file(dest, shared_dest)
             return {**converted, "via": "upload"}
 
         try:
