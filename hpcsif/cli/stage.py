@@ -217,6 +217,8 @@ _Entry = namedtuple("_Entry", "key local_dir files")
 
 
 def _download_entry(source: str, sif_path: str, local: str, ssh: dict[str, object]) -> _Entry:
+    import json
+
     from hpcsif.remote.ssh import sftp_copy
 
     entry_dir, name = os.path.split(sif_path)
@@ -225,6 +227,14 @@ def _download_entry(source: str, sif_path: str, local: str, ssh: dict[str, objec
     os.makedirs(dest, exist_ok=True)
     for fname in (name, "meta.json"):
         sftp_copy(source, f"{entry_dir}/{fname}", os.path.join(dest, fname), download=True, **ssh)
+    # the source may hold an unsynced copy tied to its own boot; the upload syncs, so the
+    # targets' entries are durable and must not inherit that mark (they would look stale)
+    meta_path = os.path.join(dest, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.pop("unsynced_boot", None) is not None:
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
     return _Entry(key, dest, (name, "meta.json"))
 
 

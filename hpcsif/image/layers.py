@@ -887,10 +887,10 @@ class _Merger:
 
     # -- whole layers --------------------------------------------------------------------
 
-    def layer(self, level: int, blob: LayerBlob) -> None:
-        """Merge one layer blob (level 1 is the topmost layer)."""
+    def layer(self, level: int, blob: LayerBlob, stream: _LayerStream | None = None) -> None:
+        """Merge one layer blob (level 1 is the topmost layer), from ``stream`` if already open."""
         lay = _Layer(level, blob)
-        stream = _LayerStream(blob)
+        stream = stream or _LayerStream(blob)
         try:
             try:
                 tf = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115 - stream closes
@@ -963,8 +963,21 @@ def _merge(
     )
     merger = _Merger(sink, stats, total, progress)
     _extra_layer(merger, extra)
-    for level, blob in enumerate(reversed(layers), start=1):
-        merger.layer(level, blob)
+    order = list(reversed(layers))
+    ahead: _LayerStream | None = None
+    try:
+        for level, blob in enumerate(order, start=1):
+            stream, ahead = ahead or _LayerStream(blob), None
+            try:
+                # the next layer starts inflating (its child process starting) while this one merges
+                ahead = _LayerStream(order[level]) if level < len(order) else None
+            except BaseException:
+                stream.close()
+                raise
+            merger.layer(level, blob, stream)
+    finally:
+        if ahead is not None:
+            ahead.close()
     merger.finish()
 
 

@@ -133,3 +133,22 @@ def test_stage_nodes_from_one_node_over_sftp(ssh_nodes: tuple[list[str], Path], 
     again = run_cli("stage", "--nodes", "127.0.0.2", *args, ref)
     assert _table(again.stdout)["127.0.0.2"][0] == "ok"
     assert _converts(caches / "127.0.0.2", ref) == 0
+
+
+@pytest.mark.slow
+def test_stage_from_a_node_whose_entry_is_an_unsynced_copy(
+    ssh_nodes: tuple[list[str], Path], tmp_path: Path
+) -> None:
+    args, caches = ssh_nodes
+    ref = write_os_archive(tmp_path / "os11.tar", 11)
+    run_cli("stage", "--nodes", "127.0.0.3", *args, ref)
+    (meta_path,) = (caches / "127.0.0.3").glob("sif/*/meta.json")
+    # as if 127.0.0.3 had copied it from the shared tier in this boot
+    meta = json.loads(meta_path.read_text())
+    meta["unsynced_boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    meta_path.write_text(json.dumps(meta))
+    proc = run_cli("stage", "--nodes", "127.0.0.[2-3]", "--from", "127.0.0.3", *args, ref)
+    assert [v[0] for v in _table(proc.stdout).values()] == ["ok", "ok"], proc.stdout
+    (copied,) = (caches / "127.0.0.2").glob("sif/*/meta.json")
+    assert "unsynced_boot" not in json.loads(copied.read_text())  # the upload was synced there
+    assert json.loads(copied.read_text())["via"] == meta["via"]
