@@ -256,7 +256,7 @@ class SIFStore:
         removed = sum(
             self.remove(key, respect_leases=False, stale_only=True, reason="discard-stale")
             for key in self.keys()
-            if self._stale(key)
+            if self.is_stale(key)
         )
         with contextlib.suppress(FileNotFoundError):
             for key in {p.name.split(".", 1)[0] for p in self.root.tmp.iterdir()}:
@@ -285,7 +285,7 @@ class SIFStore:
         try:
             if respect_leases and active_leases(self.root, key):
                 return False
-            if stale_only and not self._stale(key):
+            if stale_only and not self.is_stale(key):
                 return False
             doomed = self._set_aside(key)
             if doomed is None:
@@ -296,7 +296,7 @@ class SIFStore:
         finally:
             lock.release()
 
-    def _stale(self, key: str) -> bool:
+    def is_stale(self, key: str) -> bool:
         """True if ``key`` is an entry a reboot made stale (False for an unreadable one)."""
         try:
             meta = self._read_meta(key)

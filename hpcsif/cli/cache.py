@@ -125,10 +125,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
         else:
             kept += 1
     if args.type in ("sif", "all"):
-        # entries whose meta.json cannot be read (damaged by hand or by the disk) go too
+        # entries whose meta.json cannot be read (damaged by hand or by the disk) go too, and
+        # copies left unsynced by an earlier boot (lookups already ignore them)
         for key in set(store.keys()) - {e.key for e in entries}:
+            stale = store.is_stale(key)
             if store.remove(key, reason="clean"):
-                print(f"Removing unreadable entry {root.entry_dir(key)}")
+                kind = "stale copy from an earlier boot" if stale else "unreadable entry"
+                print(f"Removing {kind} {root.entry_dir(key)}")
     if kept:
         print(f"Kept {kept} image(s) that are in use or being converted.")
     if blobs[0]:

@@ -16,6 +16,7 @@ from hpcsif.config import set_config
 from hpcsif.errors import CacheError
 from hpcsif.fsutil import atomic_write_bytes, copy_file
 from tests.cache.conftest import CacheEnv
+from tests.conftest import run_cli
 
 OTHER_BOOT = "00000000-0000-4000-8000-000000000000"
 
@@ -143,3 +144,15 @@ def test_a_copy_that_fails_is_a_cache_error(tmp_path: Path) -> None:
     gone = Entry(root, "k", {"name": "gone.sif"})
     with pytest.raises(CacheError, match=r"cannot copy .*gone\.sif into the cache: No such file"):
         produce_copy(gone)(tmp_path / "dest.sif")
+
+
+@pytest.mark.slow
+def test_cache_clean_names_a_stale_copy(
+    two_nodes: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, copied, _ = two_nodes
+    _set_boot(copied, OTHER_BOOT)
+    monkeypatch.setenv("HPCSIF_CACHEDIR", str(copied.parents[2]))
+    out = run_cli("cache", "clean", "--force").stdout
+    assert f"Removing stale copy from an earlier boot {copied.parent}" in out
+    assert not copied.parent.exists()
