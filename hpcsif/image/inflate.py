@@ -34,6 +34,12 @@ _BOOT = (
 _ERRORS = {"IntegrityError": IntegrityError, "LayerError": LayerError}
 
 
+def worthwhile(size: int) -> bool:
+    """True if a compressed layer of ``size`` bytes is better inflated in a child process."""
+    # with one usable core the child would only add a pipe copy
+    return size >= MIN_BYTES and len(os.sched_getaffinity(0)) > 1
+
+
 def _import_path() -> list[str]:
     """The directory that holds ``hpcsif``, then the parent's import path."""
     return [str(Path(__file__).resolve().parents[2]), *(p for p in sys.path if p and os.path.isdir(p))]

@@ -202,7 +202,7 @@ class _LayerStream(io.RawIOBase):
         try:
             if process is None:
                 size = layer.size if layer.size is not None else os.fstat(f.fileno()).st_size - layer.offset
-                process = size >= inflate.MIN_BYTES and is_compressed(os.pread(f.fileno(), 8, layer.offset))
+                process = inflate.worthwhile(size) and is_compressed(os.pread(f.fileno(), 8, layer.offset))
             window = {"label": layer.label, "digest": digest, "diff_id": diff_id}
             window.update(offset=layer.offset, size=layer.size)
             if process:
