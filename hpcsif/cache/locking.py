@@ -134,7 +134,7 @@ class KeyLock(ABC):
         if self.try_acquire():
             return True
         log.warning("waiting for %s (%s)", self.what, _describe(self.holder()))
-        taken = self._wait(time.monotonic() + timeout, done or (lambda: False))
+        taken = self._wait(time.monotonic() + timeout, done)
         if taken is None:
             raise CacheBusy(
                 f"gave up waiting for {self.what} after {timeout:g}s ({_describe(self.holder())}); "
@@ -142,14 +142,14 @@ class KeyLock(ABC):
             )
         return taken
 
-    def _wait(self, deadline: float, done: Callable[[], bool]) -> bool | None:
+    def _wait(self, deadline: float, done: Callable[[], bool] | None) -> bool | None:
         """Wait until the lock is taken (True), ``done()`` (False) or ``deadline`` passes (None).
 
         This default polls; ``deadline`` is on the :func:`time.monotonic` clock.
         """
         pause = 0.01
         while not self.try_acquire():
-            if done():
+            if done is not None and done():
                 return False
             if time.monotonic() >= deadline:
                 return None
@@ -269,7 +269,7 @@ class FcntlLock(KeyLock):
         self._fd, self._owner = fd, os.getpid()
         _write_advisory(self._info_path, json.dumps(holder_record(self.what)).encode())
 
-    def _wait(self, deadline: float, done: Callable[[], bool]) -> bool | None:
+    def _wait(self, deadline: float, done: Callable[[], bool] | None) -> bool | None:
         """Sleep in the kernel until the lock is released, checking ``done()`` at each release.
 
         Waiters first ask for a shared lock, which every one of them gets the moment the
@@ -278,25 +278,34 @@ class FcntlLock(KeyLock):
         exclusive lock, and the one that gets it takes over. ``done()`` is also checked now
         and then, in case what we wait for appears while the lock stays held.
         """
-        operation = fcntl.LOCK_SH
+        # with nothing to watch for, there is no result to see: queue for the lock itself
+        operation = fcntl.LOCK_EX if done is None else fcntl.LOCK_SH
+        finished = done or (lambda: False)
         while True:
-            if done():
+            if finished():
                 return False
             waiter = _BlockingFlock(self.path, operation)
-            pause = 0.05
-            while (fd := waiter.wait(min(pause, max(deadline - time.monotonic(), 0)))) is None:
-                if done():
-                    waiter.abandon()
-                    return False
-                if time.monotonic() >= deadline:
-                    waiter.abandon()
-                    return None
-                pause = min(pause * 2, 0.5)
-            if operation == fcntl.LOCK_EX and not done():
+            try:
+                fd = self._await(waiter, deadline, finished)
+            finally:
+                waiter.abandon()  # gave up, or was interrupted: the thread must not keep the lock
+            if fd is None:  # done, or out of time
+                return False if finished() else None
+            if operation == fcntl.LOCK_EX and not finished():
                 self._took(fd)
                 return True
             os.close(fd)  # seen what there was to see
             operation = fcntl.LOCK_EX
+
+    @staticmethod
+    def _await(waiter: _BlockingFlock, deadline: float, finished: Callable[[], bool]) -> int | None:
+        """The locked descriptor, or None once ``finished()`` or at the deadline."""
+        pause = 0.05
+        while (fd := waiter.wait(min(pause, max(deadline - time.monotonic(), 0)))) is None:
+            if finished() or time.monotonic() >= deadline:
+                return None
+            pause = min(pause * 2, 0.5)
+        return fd
 
     def release(self) -> None:
         """Drop the ``flock``."""

@@ -150,6 +150,29 @@ def test_waiter_that_times_out_holds_nothing(cache_env: CacheEnv, lock_path: Pat
         holder.wait()
 
 
+def test_interrupted_waiter_holds_nothing(cache_env: CacheEnv, lock_path: Path) -> None:
+    holder = _hold(cache_env, lock_path)
+    checks = 0
+
+    def interrupted() -> bool:
+        nonlocal checks
+        checks += 1
+        if checks == 3:
+            raise KeyboardInterrupt
+        return False
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            FcntlLock(lock_path, "the test image", 10).acquire(done=interrupted)
+        _tell(holder)
+        holder.stdout.readline()
+        time.sleep(0.3)
+        assert _flocks(lock_path) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_sigkilled_holder_is_taken_over_by_one_waiter(
     cache_env: CacheEnv, lock_path: Path, tmp_path: Path
 ) -> None:
