@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BENCH_IMAGES, hpcsif_cmd, median_run, peer, write_table
+from _common import BENCH_IMAGES, compile_package, hpcsif_cmd, median_run, peer, write_table
 
 
 def decompress_seconds(layout: Path) -> float:
@@ -35,6 +35,7 @@ def decompress_seconds(layout: Path) -> float:
 
 
 def main() -> None:
+    compile_package()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--image", default="debian-py")
     ap.add_argument("--repeat", type=int, default=3)

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import hpcsif_cmd, median_run, write_table
+from _common import compile_package, hpcsif_cmd, median_run, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,6 +60,7 @@ def startup_seconds(cluster, slurm: SlurmCluster) -> float:
 
 def main() -> None:
     """Run the rounds and write the table."""
+    compile_package()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="rounds per kind (median reported)")
     args = ap.parse_args()

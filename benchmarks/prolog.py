@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BENCH_IMAGES, median_run, peer, write_table
+from _common import BENCH_IMAGES, compile_package, median_run, peer, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,6 +79,7 @@ def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def main() -> None:
+    compile_package()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--image", default="debian-py")
     ap.add_argument("--repeat", type=int, default=3)

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import compile_package
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("cold", "warm", "hit")
 sys.path.insert(0, str(ROOT))
@@ -100,6 +102,7 @@ def bench_apptainer(peer: str, ref: str, work: Path, repeat: int) -> dict[str, l
 
 
 def main() -> int:
+    compile_package()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default="/work/bench-images/oci/debian-py", help="OCI layout (tag latest)")
     parser.add_argument("--repeat", type=int, default=3)

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import compile_package
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -73,6 +75,7 @@ def table(samples: dict[str, list[tuple[float, float]]]) -> tuple[list[str], dic
 
 
 def main() -> int:
+    compile_package()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image", type=Path, help="SIF to start (default: build a busybox SIF)")
     ap.add_argument("-n", type=int, default=30, help="runs per variant")
