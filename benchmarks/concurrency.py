@@ -33,15 +33,19 @@ from _common import compile_package
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Each child blocks reading the gate pipe (closing its write end wakes them all at once),
+# then, once served, blocks on the hold pipe until every request is served: the interpreter
+# shutdown of the first ones served must not delay the service of the others (a job's rank
+# would go on to its payload instead; 'all exited' shows that shutdown separately)
 CHILD = """
 import os, sys, time
 from hpcsif.cache.api import ensure_image
-ref, ready, gate = sys.argv[1:4]
+ref, ready, gate, hold = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 open(ready, "w").close()
-while not os.path.exists(gate):
-    time.sleep(0.002)
+os.read(gate, 1)
 print(ensure_image(ref))
 print(time.monotonic(), flush=True)  # served: the moment this request had its SIF
+os.read(hold, 1)
 """
 
 
@@ -50,25 +54,33 @@ def hpcsif_stampede(ref: str, n: int, work: Path) -> dict:
     cache = Path(tempfile.mkdtemp(prefix=f"hpcsif-cache-{n}-", dir=work))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HPCSIF_CACHEDIR": str(cache), "HPCSIF_CONFIG": "/dev/null"}
     env.pop("HPCSIF_SHARED_CACHEDIR", None)
-    gate = cache / "gate"
+    gate, opener = os.pipe()
+    hold, releaser = os.pipe()
     ready = [cache / f"ready-{i}" for i in range(n)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, ref, str(r), str(gate)],
+            [sys.executable, "-c", CHILD, ref, str(r), str(gate), str(hold)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            pass_fds=(gate, hold),
         )
         for r in ready
     ]
+    os.close(gate)
+    os.close(hold)
     while not all(r.exists() for r in ready):
         if any(p.poll() not in (None, 0) for p in procs):
             break
         time.sleep(0.01)
+    time.sleep(0.2)  # let the last ones reach their read
     started = time.monotonic()
-    gate.touch()
-    outs = [p.communicate() for p in procs]
+    os.close(opener)
+    firsts = [p.stdout.readline() + p.stdout.readline() if p.stdout else "" for p in procs]
+    os.close(releaser)
+    rests = [p.communicate() for p in procs]
+    outs = [(first + out, err) for first, (out, err) in zip(firsts, rests, strict=True)]
     wall = time.monotonic() - started
     journal = [json.loads(line) for line in (cache / "journal.jsonl").read_text().splitlines()]
     served = [float(o.split()[1]) - started for o, _ in outs if len(o.split()) == 2]

@@ -11,7 +11,6 @@ from hpcsif.image.select import load_image, resolve_manifest, select_from_index
 from hpcsif.image.store import OCIStore
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
-from hpcsif.sources.archive import input_digest, read_archive
 
 
 class OCILayoutSource(Source):
@@ -48,10 +47,14 @@ class OCIArchiveSource(Source):
 
     def resolve(self, ref: Reference) -> str:
         """The digest of the archive's bytes."""
+        from hpcsif.sources.archive import input_digest  # plain layouts never need the tar reader
+
         return input_digest(ref.path or "")
 
     def fetch(self, ref: Reference, store: OCIStore) -> Image:
         """Stream the archive's blobs into ``store`` and load the selected image."""
+        from hpcsif.sources.archive import read_archive
+
         where = f"oci-archive://{ref.path}"
         contents = read_archive(ref.path or "", store, where)
         try:
