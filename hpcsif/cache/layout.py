@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -129,7 +128,7 @@ class CacheLayout:
 
 def hostname() -> str:
     """This node's short host name (as Slurm names nodes)."""
-    return socket.gethostname().split(".", 1)[0]
+    return os.uname().nodename.split(".", 1)[0]  # gethostname(), without importing socket
 
 
 def _temporary_root() -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import platform as _platform
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,7 @@ _MACHINE_TO_GOARCH = {
 
 def host_arch() -> str:
     """The host's architecture as a GOARCH name (``amd64``, ``arm64`` …)."""
-    machine = _platform.machine()
+    machine = os.uname().machine  # platform.machine(), without importing platform
     return _MACHINE_TO_GOARCH.get(machine, machine)
 
 
