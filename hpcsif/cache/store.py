@@ -80,7 +80,7 @@ class Entry:
 def validate_sif(path: Path) -> None:
     """Raise :class:`SIFError` unless ``path`` is a SIF whose primary squashfs partition is sound."""
     from hpcsif.sif.reader import SIFImage
-    from hpcsif.sif.squashfs import superblock_ok
+    from hpcsif.sif.superblock import superblock_ok
 
     with SIFImage.open(path) as img:
         part = img.primary_partition()

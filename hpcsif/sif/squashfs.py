@@ -19,7 +19,6 @@ import fcntl
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -27,16 +26,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hpcsif.errors import DuplicateEntryError, MissingToolError, SquashfsError
+from hpcsif.sif.superblock import superblock_ok
 
 log = logging.getLogger(__name__)
 
 COMPRESSIONS = ("gzip", "zstd", "lz4", "xz")
 DEFAULT_LEVELS = {"zstd": 3}
 _LEVEL_RANGE = {"gzip": (1, 9), "zstd": (1, 22), "xz": (0, 9)}
-# squashfs superblock compression ids (squashfs_fs.h)
-_COMPRESSION_IDS = {1: "gzip", 2: "lzma", 3: "lzo", 4: "xz", 5: "lz4", 6: "zstd"}
-SQUASHFS_MAGIC = b"hsqs"
-_SUPERBLOCK = struct.Struct("<4sIIIIHHHHHHQQQQQQQQ")  # 96 bytes
 _PIPE_SIZE = 1 << 20
 _STDERR_TAIL = 2000
 _MAX_PREFIX = 64 << 20
@@ -287,31 +283,3 @@ def unsquash_to_dir(image: Path, dest: Path, *, offset: int = 0) -> None:
         shutil.rmtree(dest, ignore_errors=True)
         tail = " ".join(proc.stdout.decode(errors="replace")[-_STDERR_TAIL:].split())
         raise SquashfsError(f"unsquashfs failed with exit status {proc.returncode} for {image}: {tail}")
-
-
-def superblock_ok(path: Path, offset: int = 0) -> bool:
-    """True if a plausible squashfs 4.0 superblock sits at ``offset`` and its data fits the file."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(offset)
-            raw = f.read(_SUPERBLOCK.size)
-    except OSError:
-        return False
-    if len(raw) < _SUPERBLOCK.size:
-        return False
-    fields = _SUPERBLOCK.unpack(raw)
-    magic, inodes, _mtime, block_size, _frags, comp, block_log, _flags, _ids, major, minor = fields[:11]
-    root_inode, bytes_used = fields[11], fields[12]
-    table_starts = fields[13:]
-    return (
-        magic == SQUASHFS_MAGIC
-        and (major, minor) == (4, 0)
-        and comp in _COMPRESSION_IDS
-        and 12 <= block_log <= 20
-        and block_size == 1 << block_log
-        and inodes > 0
-        and _SUPERBLOCK.size <= bytes_used <= size - offset
-        and root_inode >> 16 < bytes_used
-        and all(t == 0xFFFFFFFFFFFFFFFF or t < bytes_used for t in table_starts)
-    )
