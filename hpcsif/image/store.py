@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from hpcsif.errors import IntegrityError, NotFoundError
-from hpcsif.fsutil import atomic_write_bytes
+from hpcsif.fsutil import atomic_write_bytes, flocked
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import CHUNK, check_digest
 from hpcsif.image.model import Descriptor
@@ -94,7 +94,7 @@ class OCIStore:
             if not layout.exists():
                 atomic_write_bytes(layout, json.dumps({"imageLayoutVersion": mt.OCI_LAYOUT_VERSION}).encode())
             if not (self.root / "index.json").exists():
-                with self._index_lock():
+                with flocked(self.root / ".index.json.lock"):  # concurrent pulls into one store
                     if not (self.root / "index.json").exists():
                         self._write_index({"schemaVersion": 2, "manifests": []})
         elif not layout.is_file():
@@ -165,10 +165,6 @@ class OCIStore:
         return Descriptor(media_type=media_type, digest=digest, size=len(data))
 
     # -- index.json ----------------------------------------------------------------------------
-    def _index_lock(self):  # -> filelock.FileLock, imported here: a warm cache hit never needs it
-        from filelock import FileLock
-
-        return FileLock(str(self.root / ".index.json.lock"))
 
     def _write_index(self, index: dict[str, Any]) -> None:
         atomic_write_bytes(self.root / "index.json", json.dumps(index, indent=1).encode())
@@ -188,7 +184,7 @@ class OCIStore:
         if ref_name:
             annotations[mt.REF_NAME] = ref_name
         entry = Descriptor(desc.media_type, desc.digest, desc.size, annotations, desc.platform).to_json()
-        with self._index_lock():
+        with flocked(self.root / ".index.json.lock"):  # concurrent pulls into one store
             index = self.index()
             kept = []
             for m in index.get("manifests", []):

@@ -14,9 +14,8 @@ import logging
 import os
 from collections.abc import Iterator
 
-from filelock import FileLock, Timeout
-
-from hpcsif.errors import CacheBusy, IntegrityError
+from hpcsif.cache.locking import key_lock
+from hpcsif.errors import IntegrityError
 from hpcsif.image.digest import CHUNK
 from hpcsif.image.store import OCIStore
 
@@ -96,17 +95,9 @@ def partial_blob(
     """
     hexdigest = digest.split(":", 1)[1]
     (store.root / ".partial").mkdir(exist_ok=True)
-    lock = FileLock(str(store.root / ".partial" / f"{hexdigest}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for another process downloading blob %s", digest)
-        try:
-            lock.acquire(timeout=timeout)
-        except Timeout:
-            raise CacheBusy(
-                f"blob {digest}: another process has been downloading it for {timeout} s"
-            ) from None
+    what = f"another process downloading blob {digest}"
+    lock = key_lock(store.root / ".partial" / f"{hexdigest}.lock", what)
+    lock.acquire(timeout)  # logs "waiting for …"; CacheBusy when the timeout runs out
     try:
         if store.has_blob(digest, size):
             yield None

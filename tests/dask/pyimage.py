@@ -214,11 +214,11 @@ def cache_key() -> str:
 
 def build_archive(cache_dir: Path, busybox: Path, variant: str = "dask") -> Path:
     """The ``docker save`` archive of :func:`image_spec`, built once per key into ``cache_dir``."""
-    from filelock import FileLock
+    from hpcsif.fsutil import flocked
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / f"{variant}-{cache_key()}.tar"
-    with FileLock(str(dest) + ".lock"):
+    with flocked(str(dest) + ".lock"):
         if not dest.exists():
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
             write_docker_archive(tmp, [(f"hpcsif-test/{variant}:latest", image_spec(busybox, variant))])

@@ -15,7 +15,9 @@ def assert_store_sound(root: Path, partials: bool = False) -> int:
     """
     blobs = root / "blobs" / "sha256"
     if not partials and (root / ".partial").is_dir():
-        left = [p.name for p in (root / ".partial").iterdir() if not p.name.endswith(".lock")]
+        # lock files and their holder notes are bookkeeping, not partial data
+        bookkeeping = (".lock", ".lock.holder")
+        left = [p.name for p in (root / ".partial").iterdir() if not p.name.endswith(bookkeeping)]
         assert not left, f"leftover partial downloads: {left}"
     names = sorted(p.name for p in blobs.iterdir())
     assert not [n for n in names if n.startswith(".")], f"leftover temporary files: {names}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -222,13 +224,11 @@ def test_a_blob_another_process_is_downloading_is_waited_for(
 ) -> None:
     import threading
 
-    from filelock import FileLock
-
     registry_open.push(busybox_image.oci_ref, "team/busybox:1.0")
     layer = busybox_image.layer_digests[0]
     (tmp_path / ".partial").mkdir()
-    other = FileLock(str(tmp_path / ".partial" / f"{layer[7:]}.lock"))
-    other.acquire()  # "another process" owns the download of the big layer
+    other = os.open(tmp_path / ".partial" / f"{layer[7:]}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # "another process" owns the download of the big layer
     result: list[object] = []
     with caplog.at_level(logging.INFO, logger="hpcsif"):
         worker = threading.Thread(
@@ -241,7 +241,7 @@ def test_a_blob_another_process_is_downloading_is_waited_for(
         shutil.copy(
             busybox_image.layout / "blobs" / "sha256" / layer[7:], tmp_path / "blobs" / "sha256" / layer[7:]
         )
-        other.release()
+        os.close(other)  # releases the flock
         worker.join(30)
     _check_image(result[0], busybox_image)
     assert f"waiting for another process downloading blob {layer}" in caplog.text
