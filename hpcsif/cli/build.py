@@ -83,13 +83,17 @@ def blob_store(args: argparse.Namespace):  # -> OCIStore | None
 
 def run(args: argparse.Namespace) -> int:
     """Build ``target`` from ``source``."""
-    from hpcsif.build.deffile import is_definition_file
     from hpcsif.cli.progress import progress_bar
     from hpcsif.convert import convert_ref
     from hpcsif.refs import parse
 
     target = Path(args.target)
-    if is_definition_file(args.source):
+    definition = False
+    if Path(args.source).is_file():  # only a local file can be one: skip loading the parser
+        from hpcsif.build.deffile import is_definition_file
+
+        definition = is_definition_file(args.source)
+    if definition:
         from hpcsif.build.builder import BuildOptions, build_definition
 
         check_target(target, args.force)
