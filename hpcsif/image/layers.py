@@ -434,7 +434,7 @@ class _TarSink:
 
     def _flush(self) -> None:
         if self._buf:
-            self._out.write(bytes(self._buf))
+            self._out.write(self._buf)  # written before the clear below: no copy needed
             self._stats.bytes_out += len(self._buf)
             self._buf.clear()
 
