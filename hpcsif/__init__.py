@@ -6,12 +6,12 @@ fast; the public helpers below import their modules on first use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without loading typing (layer inflaters start from here)
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
+    from typing import Any
 
 
 def ensure_image(ref: str, **opts: Any) -> Path:

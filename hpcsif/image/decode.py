@@ -13,9 +13,12 @@ child process (:mod:`hpcsif.image.inflate`); this module imports only what both 
 from __future__ import annotations
 
 import hashlib
-from typing import BinaryIO
 
 from hpcsif.errors import IntegrityError, LayerError
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING: the inflating child process never loads typing
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 try:  # ISA-L inflates gzip about twice as fast as zlib, with the same API
     from isal import isal_zlib as _zlib
