@@ -167,28 +167,31 @@ def _decoder(raw: HashingReader):
     return raw
 
 
-class LayerDecoder:
-    """The decompressed bytes of one layer blob; verifies its digest and diff_id at the end.
+class Window:
+    """Where a layer blob lies in its file, and what it must hash to.
 
-    ``digest`` and ``diff_id`` are the expected values (None: not checked); ``label`` names
-    the layer in error messages.
+    ``digest`` and ``diff_id`` are the expected values (None: not checked); ``label`` names the
+    layer in error messages; ``size`` None reaches to the end of the file.
     """
 
+    __slots__ = ("diff_id", "digest", "label", "offset", "size")
+
     def __init__(
-        self,
-        f: BinaryIO,
-        *,
-        label: str,
-        digest: str | None,
-        diff_id: str | None,
-        offset: int = 0,
-        size: int | None = None,
+        self, label: str, digest: str | None, diff_id: str | None, offset: int = 0, size: int | None = None
     ) -> None:
-        self.label = label
-        self.digest = digest
-        self.diff_id = diff_id
-        self.raw = HashingReader(f, digest is not None, offset, size)
-        self._diff_hash = hashlib.sha256() if diff_id else None
+        self.label, self.digest, self.diff_id = label, digest, diff_id
+        self.offset, self.size = offset, size
+
+
+class LayerDecoder:
+    """The decompressed bytes of one layer blob's ``window``; verifies its digests at the end."""
+
+    def __init__(self, f: BinaryIO, window: Window) -> None:
+        self.label = window.label
+        self.digest = window.digest
+        self.diff_id = window.diff_id
+        self.raw = HashingReader(f, window.digest is not None, window.offset, window.size)
+        self._diff_hash = hashlib.sha256() if window.diff_id else None
         self._dec = _decoder(self.raw)
 
     def produce(self) -> bytes:

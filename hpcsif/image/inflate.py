@@ -20,6 +20,7 @@ import os
 import sys
 
 from hpcsif.errors import IntegrityError, LayerError
+from hpcsif.image.decode import LayerDecoder, Window
 
 #: compressed layers smaller than this are inflated in a thread: a process is not worth it
 MIN_BYTES = 1 << 20
@@ -51,27 +52,19 @@ class InflateProcess:
     The caller keeps ``fd`` and closes it after :meth:`close`.
     """
 
-    def __init__(
-        self,
-        fd: int,
-        *,
-        label: str,
-        digest: str | None,
-        diff_id: str | None,
-        offset: int = 0,
-        size: int | None = None,
-    ) -> None:
+    def __init__(self, fd: int, window: Window) -> None:
         # the parent's side only, where these are loaded already: the child must start fast
         import contextlib
         import fcntl
         import subprocess
 
-        self.label = label
+        self.label = window.label
         self._fd = fd
-        self._offset = offset
-        window = [str(fd), str(offset), "" if size is None else str(size), label, digest or "", diff_id or ""]
+        self._offset = window.offset
+        size = "" if window.size is None else str(window.size)
+        args = [str(fd), str(window.offset), size, window.label, window.digest or "", window.diff_id or ""]
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _BOOT, *window, *_import_path()],
+            [sys.executable, "-I", "-S", "-c", _BOOT, *args, *_import_path()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -131,16 +124,9 @@ def worker(fd: str, offset: str, size: str, label: str, digest: str, diff_id: st
     The report is ``ok``, or the error's class name and message separated by a tab.
     """
     from hpcsif.errors import HpcsifError
-    from hpcsif.image.decode import LayerDecoder
 
-    decoder = LayerDecoder(
-        os.fdopen(int(fd), "rb", buffering=0),
-        label=label,
-        digest=digest or None,
-        diff_id=diff_id or None,
-        offset=int(offset),
-        size=int(size) if size else None,
-    )
+    window = Window(label, digest or None, diff_id or None, int(offset), int(size) if size else None)
+    decoder = LayerDecoder(os.fdopen(int(fd), "rb", buffering=0), window)
     try:
         while chunk := decoder.produce():
             view = memoryview(chunk)

@@ -71,7 +71,7 @@ from typing import BinaryIO
 
 from hpcsif.errors import DuplicateEntryError, LayerError
 from hpcsif.image import inflate
-from hpcsif.image.decode import CHUNK, LayerDecoder, is_compressed
+from hpcsif.image.decode import CHUNK, LayerDecoder, Window, is_compressed
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +203,12 @@ class _LayerStream(io.RawIOBase):
             if process is None:
                 size = layer.size if layer.size is not None else os.fstat(f.fileno()).st_size - layer.offset
                 process = inflate.worthwhile(size) and is_compressed(os.pread(f.fileno(), 8, layer.offset))
-            window = {"label": layer.label, "digest": digest, "diff_id": diff_id}
-            window.update(offset=layer.offset, size=layer.size)
+            window = Window(layer.label, digest, diff_id, layer.offset, layer.size)
             if process:
-                self._source = inflate.InflateProcess(f.fileno(), **window)
+                self._source = inflate.InflateProcess(f.fileno(), window)
                 self._file = f
             else:
-                decoder = LayerDecoder(f, **window)
+                decoder = LayerDecoder(f, window)
                 self._source = _ThreadInflater(decoder, f"hpcsif-layer-{layer.label[7:19]}")
                 self._file = None
         except OSError as e:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +112,19 @@ def unblock(fifo: Path, data: bytes) -> None:
     tmp = fifo.with_name(fifo.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, fifo)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def reap(*procs: subprocess.Popen) -> None:
+    """Kill and reap test child processes (whether or not they already ended)."""
+    for proc in procs:
+        proc.kill()
+        proc.wait()

@@ -12,7 +12,7 @@ import pytest
 from hpcsif.cache.api import ensure_image
 from hpcsif.cache.store import validate_sif
 from hpcsif.errors import CacheBusy
-from tests.cache.conftest import CacheEnv, unblock
+from tests.cache.conftest import CacheEnv, unblock, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,6 @@ print(ensure_image(ref))
 """
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize(("n", "lock_mode"), [(64, "fcntl"), (16, "excl")])
 def test_many_processes_one_conversion(
     cache_env: CacheEnv, busybox_ref: str, tmp_path: Path, n: int, lock_mode: str
@@ -47,7 +39,7 @@ def test_many_processes_one_conversion(
         )
         for i in range(n)
     ]
-    _wait_for(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 120, "children to start")
+    wait_until(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 120, "children to start")
     gate.touch()
     results = [p.communicate(timeout=300) for p in procs]
     failed = [(p.returncode, err) for p, (_, err) in zip(procs, results, strict=True) if p.returncode != 0]
@@ -71,7 +63,7 @@ def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_layout
     )
     tmp = cache_env.cache / "tmp"
     # the child is blocked reading the FIFO layer, inside its build directory
-    _wait_for(lambda: tmp.is_dir() and any(tmp.iterdir()), 60, "the conversion to start")
+    wait_until(lambda: tmp.is_dir() and any(tmp.iterdir()), 60, "the conversion to start")
     time.sleep(0.2)
     assert child.poll() is None
 
@@ -104,7 +96,7 @@ def test_concurrent_cold_registry_requests_resolve_the_tag_once(
     gate = tmp_path / "go"
     code = "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n" + CHILD
     procs = [cache_env.spawn(code, ref, str(tmp_path / f"ready{i}"), str(gate)) for i in range(n)]
-    _wait_for(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 60, "children to start")
+    wait_until(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 60, "children to start")
     gate.touch()
     results = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for _, e in results]

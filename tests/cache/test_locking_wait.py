@@ -16,7 +16,7 @@ import pytest
 
 from hpcsif.cache.locking import FcntlLock
 from hpcsif.errors import CacheBusy
-from tests.cache.conftest import CacheEnv
+from tests.cache.conftest import CacheEnv, reap, wait_until
 
 # holds the lock until told (a line on stdin); marks the work done first if given a path
 HOLDER = """
@@ -64,14 +64,6 @@ def _flocks(path: Path) -> list[tuple[bool, str, int]]:
     return found
 
 
-def _wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def _hold(cache_env: CacheEnv, path: Path, *done: Path) -> subprocess.Popen:
     holder = cache_env.spawn(HOLDER, str(path), *map(str, done))
     assert holder.stdout.readline().strip() == "held"
@@ -104,8 +96,7 @@ def test_waiter_wakes_when_the_holder_releases(cache_env: CacheEnv, lock_path: P
         released = float(holder.stdout.readline())
         assert 0 <= taken - released < 0.2
     finally:
-        holder.kill()
-        holder.wait()
+        reap(holder)
 
 
 def test_all_waiters_see_the_result_at_once(cache_env: CacheEnv, lock_path: Path, tmp_path: Path) -> None:
@@ -113,7 +104,7 @@ def test_all_waiters_see_the_result_at_once(cache_env: CacheEnv, lock_path: Path
     holder = _hold(cache_env, lock_path, done)
     waiters = [cache_env.spawn(WAITER, str(lock_path), str(done)) for _ in range(8)]
     try:
-        _wait_until(lambda: _blocked(lock_path, 8), 60, "8 waiters blocked on the lock")
+        wait_until(lambda: _blocked(lock_path, 8), 60, "8 waiters blocked on the lock")
         assert {kind for blocked, kind, _ in _flocks(lock_path) if blocked} == {"READ"}
         _tell(holder)
         released = float(holder.stdout.readline())
@@ -122,11 +113,7 @@ def test_all_waiters_see_the_result_at_once(cache_env: CacheEnv, lock_path: Path
         assert {kind for kind, _ in outcomes} == {"done"}
         assert max(float(t) for _, t in outcomes) - released < 0.5
     finally:
-        holder.kill()
-        holder.wait()
-        for w in waiters:
-            w.kill()
-            w.wait()
+        reap(holder, *waiters)
 
 
 def test_waiter_that_times_out_holds_nothing(cache_env: CacheEnv, lock_path: Path) -> None:
@@ -146,8 +133,7 @@ def test_waiter_that_times_out_holds_nothing(cache_env: CacheEnv, lock_path: Pat
         other.kill()
         other.wait()
     finally:
-        holder.kill()
-        holder.wait()
+        reap(holder)
 
 
 def test_interrupted_waiter_holds_nothing(cache_env: CacheEnv, lock_path: Path) -> None:
@@ -169,8 +155,7 @@ def test_interrupted_waiter_holds_nothing(cache_env: CacheEnv, lock_path: Path) 
         time.sleep(0.3)
         assert _flocks(lock_path) == []
     finally:
-        holder.kill()
-        holder.wait()
+        reap(holder)
 
 
 def test_sigkilled_holder_is_taken_over_by_one_waiter(
@@ -180,17 +165,13 @@ def test_sigkilled_holder_is_taken_over_by_one_waiter(
     holder = _hold(cache_env, lock_path)
     waiters = [cache_env.spawn(WAITER, str(lock_path), str(done)) for _ in range(4)]
     try:
-        _wait_until(lambda: _blocked(lock_path, 4), 60, "4 waiters blocked on the lock")
+        wait_until(lambda: _blocked(lock_path, 4), 60, "4 waiters blocked on the lock")
         holder.send_signal(signal.SIGKILL)
         outcomes = [w.communicate(timeout=30)[0].split()[0] for w in waiters]
         assert sorted(outcomes) == ["done", "done", "done", "took"]
         assert _flocks(lock_path) == []
     finally:
-        holder.kill()
-        holder.wait()
-        for w in waiters:
-            w.kill()
-            w.wait()
+        reap(holder, *waiters)
 
 
 def test_fcntl_lock_is_not_reentrant_across_instances(lock_path: Path) -> None:
