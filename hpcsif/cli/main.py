@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from hpcsif import __version__
@@ -81,9 +82,19 @@ class _Formatter(logging.Formatter):
         return f"{name + ':':<9}{record.getMessage()}"
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (scancel, a job's time limit): unwind, so temporary files are removed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and, as a console script, exits with) the exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the container engine forwards its own
+        signal.signal(signal.SIGTERM, _terminate)
     fast = FAST_COMMANDS.get(command_of(argv) or "")
     parser = build_parser([fast] if fast else None)
     args = parser.parse_args(argv)
@@ -107,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("FATAL:   interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("FATAL:   terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # the reader went away (e.g. `hpcsif … | head`); do not print a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -123,8 +123,13 @@ def worker(fd: str, offset: str, size: str, label: str, digest: str, diff_id: st
 
     The report is ``ok``, or the error's class name and message separated by a tab.
     """
+    import signal
+
     from hpcsif.errors import HpcsifError
 
+    # the parent decides: on Ctrl-C or SIGTERM to the process group it unwinds and kills us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     window = Window(label, digest or None, diff_id or None, int(offset), int(size) if size else None)
     decoder = LayerDecoder(os.fdopen(int(fd), "rb", buffering=0), window)
     try:

@@ -87,6 +87,31 @@ def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_layout
     assert not list(tmp.iterdir()), "the next lock holder removes the leftovers"
 
 
+@pytest.mark.parametrize("command", ["build", "pull"])
+def test_sigterm_unwinds_and_leaves_nothing(
+    cache_env: CacheEnv, blocking_layout, tmp_path: Path, command: str
+) -> None:
+    """As scancel or a job's time limit stops a conversion: exit 143, no output, no leftovers."""
+    layout, _, _ = blocking_layout
+    out = tmp_path / "out"
+    out.mkdir()
+    extra = ["--disable-cache"] if command == "build" else []
+    child = cache_env.spawn(
+        "import sys; from hpcsif.cli.main import main; sys.exit(main(sys.argv[1:]))",
+        command, *extra, str(out / "x.sif"), f"oci://{layout}:latest",
+    )  # fmt: skip
+    tmp = out if command == "build" else cache_env.cache / "tmp"
+    # the conversion is under way: blocked opening the FIFO layer, inside its work directory
+    wait_until(lambda: tmp.is_dir() and any(tmp.iterdir()), 60, "the conversion to start")
+    time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 143 and err.strip().endswith("FATAL:   terminated"), err
+    assert not any(out.iterdir()) and not any(tmp.iterdir())
+    published = cache_env.cache / "sif"
+    assert not published.exists() or not any(published.iterdir())
+
+
 def test_concurrent_cold_registry_requests_resolve_the_tag_once(
     cache_env: CacheEnv, busybox_image, registry_open, tmp_path: Path
 ) -> None:
