@@ -10,7 +10,7 @@ import pytest
 
 from hpcsif.errors import IntegrityError
 from hpcsif.image import inflate
-from hpcsif.image.layers import _LayerStream
+from hpcsif.image.layers import LayerBlob, _LayerStream
 from tests.image.tarbuild import blob, d, file, tar_bytes
 
 RAW = tar_bytes([d("etc"), file("etc/hostname", "box\n"), file("big", os.urandom(3_000_000))])
@@ -75,3 +75,19 @@ def test_large_compressed_layers_use_a_process_small_ones_a_thread(tmp_path: Pat
     finally:
         for stream in (big, plain, small):
             stream.close()
+
+
+@pytest.mark.parametrize("process", [True, False], ids=["process", "thread"])
+def test_a_window_inside_a_larger_file(tmp_path: Path, process: bool):
+    """A compressed layer read in place from inside an archive: offset and size bound it."""
+    lay = blob(tmp_path, RAW, "gzip")
+    data = lay.path.read_bytes()
+    container = tmp_path / "archive.tar"
+    container.write_bytes(b"x" * 1536 + data + b"y" * 4096)  # other members around it
+    window = LayerBlob(container, lay.media_type, lay.digest, lay.diff_id, offset=1536, size=len(data))
+    stream = _LayerStream(window, process=process)
+    try:
+        assert stream.read(-1) == RAW
+        assert stream.bytes_in == len(data)
+    finally:
+        stream.close()
