@@ -1,0 +1,45 @@
+"""The command line: each command loads only its own module, and every command is reachable so."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from hpcsif.cli import main as cli
+from tests.conftest import run_cli
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(sub.choices)
+
+
+def test_every_command_has_its_module() -> None:
+    assert _commands(cli.build_parser()) == set(cli.FAST_COMMANDS)
+    for word, module in cli.FAST_COMMANDS.items():
+        assert word in _commands(cli.build_parser([module])), (word, module)
+
+
+@pytest.mark.parametrize(("argv", "loaded", "not_loaded"), [
+    (["build", "--help"], "hpcsif.cli.build", "hpcsif.cli.sign"),
+    (["-q", "slurm", "--help"], "hpcsif.cli.slurm", "hpcsif.cli.build"),
+    (["exec", "--help"], "hpcsif.cli.run", "hpcsif.cli.cache"),
+])  # fmt: skip
+def test_a_command_loads_only_its_module(argv: list[str], loaded: str, not_loaded: str) -> None:
+    code = (
+        "import sys; from hpcsif.cli.main import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        f"print({loaded!r} in sys.modules, {not_loaded!r} in sys.modules, file=sys.stderr)"
+    )
+    err = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True).stderr
+    assert err.strip().splitlines()[-1] == "True False"
+
+
+def test_help_and_unknown_commands_list_them_all() -> None:
+    out = run_cli("--help").stdout
+    assert all(word in out for word in ("build", "exec", "cache", "sign", "slurm", "stage"))
+    bad = run_cli("frobnicate", check=False)
+    assert bad.returncode == 2 and "invalid choice: 'frobnicate'" in bad.stderr
