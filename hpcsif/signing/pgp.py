@@ -86,10 +86,16 @@ def _home() -> Iterator[Path]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+# As Apptainer does, trust a key and its signatures whatever the clocks said: a signing host's
+# clock may run ahead (its key then looks "created in the future" and gpg drops its user IDs
+# on import), and a key made a moment before it signs may look newer than the signature.
+_CLOCKS = ("--ignore-time-conflict", "--ignore-valid-from")
+
+
 def _run(home: Path, args: list[str], data: bytes | None = None, what: str = "gpg") -> bytes:
     """Run gpg in *home*; returns stdout, raises :class:`SignatureError` with gpg's message on failure."""
     cmd = [_gpg_exe(), "--homedir", str(home), "--batch", "--no-tty", "--pinentry-mode", "loopback"]
-    proc = subprocess.run([*cmd, *args], input=data, capture_output=True, check=False)
+    proc = subprocess.run([*cmd, *_CLOCKS, *args], input=data, capture_output=True, check=False)
     if proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
         raise SignatureError(f"{what} failed: {msg[-1] if msg else f'gpg exited {proc.returncode}'}")
@@ -163,7 +169,8 @@ def verify(signed: bytes, public_keys: list[bytes]) -> tuple[bytes, str] | None:
     with _home() as home:
         for key in public_keys:  # one by one: armored and binary blocks do not concatenate
             _run(home, ["--import"], key, "importing OpenPGP keys")
-        cmd = [_gpg_exe(), "--homedir", str(home), "--batch", "--no-tty", "--status-fd", "2", "--decrypt"]
+        cmd = [_gpg_exe(), "--homedir", str(home), "--batch", "--no-tty", *_CLOCKS]
+        cmd += ["--status-fd", "2", "--decrypt"]
         proc = subprocess.run(cmd, input=signed, capture_output=True, check=False)
     status = proc.stderr.decode(errors="replace")
     valid = re.search(r"^\[GNUPG:\] VALIDSIG (?:\S+ ){9}([0-9A-F]{40})", status, re.M)
@@ -171,4 +178,21 @@ def verify(signed: bytes, public_keys: list[bytes]) -> tuple[bytes, str] | None:
         return proc.stdout, valid.group(1)
     if re.search(r"^\[GNUPG:\] (NO_PUBKEY|ERRSIG \S+ \S+ \S+ \S+ \S+ 9)\b", status, re.M):
         return None
-    raise SignatureError("OpenPGP signature not valid (BAD signature)")
+    raise SignatureError(f"OpenPGP signature not valid ({_why_invalid(status)})")
+
+
+_VERDICTS = {
+    "BADSIG": "BAD signature",
+    "EXPKEYSIG": "made by an expired key",
+    "REVKEYSIG": "made by a revoked key",
+}
+
+
+def _why_invalid(status: str) -> str:
+    """gpg's reason for rejecting a signature, from its status and messages."""
+    verdict = re.search(r"^\[GNUPG:\] (BADSIG|EXPKEYSIG|REVKEYSIG)\b", status, re.M)
+    if verdict:
+        return _VERDICTS[verdict.group(1)]
+    # otherwise gpg's own last word (e.g. a key newer than the signature, a clock problem)
+    said = [line[5:].strip() for line in status.splitlines() if line.startswith("gpg: ")]
+    return said[-1] if said else "gpg could not check it"
