@@ -31,16 +31,48 @@ def canonical_json(obj: Any) -> bytes:
 
 
 class BlobWriter:
-    """A file-like sink for one blob: hashes while writing, publishes on :meth:`commit`."""
+    """A file-like sink for one blob: hashes while writing, publishes on :meth:`commit`.
 
-    def __init__(self, store: OCIStore, expected_digest: str | None, expected_size: int | None) -> None:
+    With ``resume_path`` the blob is written there and what an earlier, interrupted writer
+    left in it is kept (and hashed): :attr:`resumed_from` bytes are already there.
+    """
+
+    def __init__(
+        self,
+        store: OCIStore,
+        expected_digest: str | None,
+        expected_size: int | None,
+        *,
+        resume_path: Path | None = None,
+    ) -> None:
         self._store = store
         self.expected_digest = check_digest(expected_digest) if expected_digest else None
         self.expected_size = expected_size
-        fd, self.tmp_path = tempfile.mkstemp(prefix=".ingest-", suffix=".tmp", dir=store.blobs_dir)
-        self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
+        if resume_path is None:
+            fd, self.tmp_path = tempfile.mkstemp(prefix=".ingest-", suffix=".tmp", dir=store.blobs_dir)
+            self._file = os.fdopen(fd, "wb")
+        else:
+            self.tmp_path = str(resume_path)
+            self._file = open(resume_path, "a+b")  # noqa: SIM115 - closed by commit/discard/close
+            self._file.seek(0)
+            while block := self._file.read(CHUNK):
+                self._hash.update(block)
+                self.size += len(block)
+            if expected_size is not None and self.size > expected_size:  # not a prefix of it
+                self._file.truncate(0)
+                self._hash, self.size = hashlib.sha256(), 0
+        self.resumed_from = self.size
+
+    @property
+    def closed(self) -> bool:
+        """True once committed, discarded or closed."""
+        return self._file.closed
+
+    def close(self) -> None:
+        """Stop writing but keep what was written (a resumable download)."""
+        self._file.close()
 
     def write(self, data: bytes) -> int:
         """Append ``data`` to the blob being written."""

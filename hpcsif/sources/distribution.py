@@ -33,10 +33,10 @@ from hpcsif.errors import AuthError, IntegrityError, NetworkError, NotFoundError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import check_digest
 from hpcsif.image.model import Descriptor
-from hpcsif.image.store import OCIStore
+from hpcsif.image.store import BlobWriter, OCIStore
 from hpcsif.refs import DOCKER_HUB
 from hpcsif.sources.credentials import Credentials, auth_hint
-from hpcsif.sources.partial import PartialBlob, partial_blob
+from hpcsif.sources.partial import partial_blob
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class RegistryClient:
         self,
         repo: str,
         desc: Descriptor,
-        writer: PartialBlob,
+        writer: BlobWriter,
         where: str,
         on_bytes: Callable[[int], None] | None,
     ) -> None:
