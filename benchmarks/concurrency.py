@@ -110,6 +110,15 @@ def repeated(run, ref: str, n: int, work: Path, times: int) -> dict:
     return out
 
 
+def stampedes(ref: str, ns: list[int], work: Path, times: int) -> list[dict]:
+    """One row per N: hpcsif stampedes for ``ref`` (printed as they come)."""
+    rows = []
+    for n in ns:
+        rows.append(repeated(hpcsif_stampede, ref, n, work, times))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def warm_latency(ref: str, cache: Path, iterations: int) -> tuple[float, float]:
     """p50 and p99 in milliseconds of an in-process warm ``ensure_image``."""
     os.environ["HPCSIF_CACHEDIR"] = str(cache)
@@ -239,10 +248,7 @@ def main() -> int:
     reg = None
     try:
         oci_ref = f"oci://{layout}:latest"
-        rows = []
-        for n in ns:
-            rows.append(repeated(hpcsif_stampede, oci_ref, n, work, args.repeat))
-            print(rows[-1], flush=True)
+        rows = stampedes(oci_ref, ns, work, args.repeat)
         lines += table(rows, f"hpcsif `ensure_image('{oci_ref}')`")
         p50, p99 = warm_latency(oci_ref, rows[0]["cache"], args.warm_iterations)
         lines += [
@@ -255,10 +261,7 @@ def main() -> int:
         if not args.no_registry:
             reg, docker_ref = start_registry_with(layout, work)
         if reg is not None:
-            rows = []
-            for n in ns:
-                rows.append(repeated(hpcsif_stampede, docker_ref, n, work, args.repeat))
-                print(rows[-1], flush=True)
+            rows = stampedes(docker_ref, ns, work, args.repeat)
             lines += table(rows, f"hpcsif `ensure_image('{docker_ref}')` (cold blob cache too)")
             p50, p99 = warm_latency(docker_ref, rows[0]["cache"], args.warm_iterations)
             lines += [
