@@ -84,10 +84,13 @@ def load_pem_private(data: bytes, source: str) -> dsse.PrivateKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(f"{source}: not a PEM private key ({exc})") from None
     if not isinstance(key, dsse.PrivateKey):
-        raise SignatureError(
-            f"{source}: unsupported key type {type(key).__name__} (use ECDSA, RSA or Ed25519)"
-        )
+        raise _unsupported(key, source)
     return key
+
+
+def _unsupported(key: object, source: str) -> SignatureError:
+    """The error for a key of an algorithm DSSE signing does not support."""
+    return SignatureError(f"{source}: unsupported key type {type(key).__name__} (use ECDSA, RSA or Ed25519)")
 
 
 def load_pem_public(data: bytes, source: str) -> dsse.PublicKey:
@@ -99,9 +102,7 @@ def load_pem_public(data: bytes, source: str) -> dsse.PublicKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(f"{source}: not a PEM public key ({exc})") from None
     if not isinstance(key, dsse.PublicKey):
-        raise SignatureError(
-            f"{source}: unsupported key type {type(key).__name__} (use ECDSA, RSA or Ed25519)"
-        )
+        raise _unsupported(key, source)
     return key
 
 
