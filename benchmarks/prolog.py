@@ -15,17 +15,23 @@ for the job's batch script and comment) in three situations:
 With Apptainer installed, its ``build`` of the same image (oci-archive) is shown for scale (what each job
 would pay without pre-staging). Writes ``results/prolog.md``.
 
-    python benchmarks/prolog.py [--image debian-py] [--repeat 3]
+``--data-mb N`` adds a layer holding one file of N MB of incompressible bytes (model weights, a
+CUDA toolkit: the size of the images HPC sites stage) and writes ``results/prolog-<N>mb.md``.
+
+    python benchmarks/prolog.py [--image debian-py] [--repeat 3] [--data-mb 2048]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +63,48 @@ def configure(hooks: Path, work: Path, system: Path, shared: Path | None) -> Non
         f"HPCSIF_SHARED_CACHEDIR={shared or ''}",
     ]
     (hooks / "hpcsif.env").write_text("\n".join(lines) + "\n")
+
+
+class _RandomBytes:
+    """A file-like source of incompressible bytes, for :func:`tarfile.TarFile.addfile`."""
+
+    def read(self, size: int) -> bytes:
+        return os.urandom(size)
+
+
+def _put_blob(layout: Path, data: bytes) -> dict:
+    """Store ``data`` as a blob of ``layout``; returns its digest and size."""
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def add_data_layer(layout: Path, megabytes: int) -> None:
+    """Append an uncompressed layer with ``/opt/data/weights.bin`` of ``megabytes`` MB to the image."""
+    blobs = layout / "blobs" / "sha256"
+    tmp = blobs / ".data-layer.tmp"
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("opt/data/weights.bin")
+        info.size, info.mode = megabytes << 20, 0o644
+        tar.addfile(info, _RandomBytes())
+    with open(tmp, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    size = tmp.stat().st_size
+    tmp.rename(blobs / digest)
+    index = json.loads((layout / "index.json").read_text())
+    entry = index["manifests"][0]
+    manifest = json.loads((blobs / entry["digest"].split(":")[1]).read_text())
+    config = json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_text())
+    config["rootfs"]["diff_ids"].append(f"sha256:{digest}")
+    manifest["config"].update(_put_blob(layout, json.dumps(config).encode()))
+    layer = {
+        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+        "digest": f"sha256:{digest}",
+        "size": size,
+    }
+    manifest["layers"].append(layer)
+    entry.update(_put_blob(layout, json.dumps(manifest).encode()))
+    (layout / "index.json").write_text(json.dumps(index))
 
 
 # stage from the shared tier into fresh node caches, in one process whose modules are loaded
@@ -113,6 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--image", default="debian-py")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--data-mb", type=int, default=0, help="add a layer of this many MB of random bytes")
     args = ap.parse_args()
     src = BENCH_IMAGES / "oci" / args.image
     if not (src / "index.json").exists():
@@ -121,6 +170,8 @@ def main() -> None:
     work.chmod(0o755)
     layout = work / args.image
     shutil.copytree(src, layout)
+    if args.data_mb:
+        add_data_layer(layout, args.data_mb)
     ref = f"oci://{layout}:latest"
     prolog = install_hooks(work)
     hooks, log = prolog.parent, work / "prolog.log"
@@ -150,7 +201,6 @@ def main() -> None:
             fresh(system)
             cold.append(prolog_seconds(prolog, env, log))
         cold_s = median(cold)
-        rows.append(["cold (one conversion)", _ms(cold_s[0]), _ms(cold_s[1]), "-"])
 
         # fill the shared tier once, then stage from it into empty node caches
         configure(hooks, work, system, shared)
@@ -174,34 +224,38 @@ def main() -> None:
         cp_s = cp_seconds('cp "$1" "$2"')
         # what a durable copy would cost (copies from the shared tier are not synced: see README)
         cp_sync_s = cp_seconds('cp "$1" "$2" && sync "$2"')
-        rows.append(
+        staged_s = in_process_seconds(ref, shared, work, max(args.repeat, 7))
+        # warm: the node cache has it
+        warm_s = median([prolog_seconds(prolog, env, log) for _ in range(max(args.repeat, 5))])
+
+        def ratio(seconds: float) -> str:
+            return f"{seconds / cp_s:.2f}x"
+
+        size = f"{sif.stat().st_size / 1e6:.0f} MB"
+        rows += [
+            ["cold (one conversion)", _ms(cold_s[0]), _ms(cold_s[1]), "-", "-"],
             [
                 "cold node, warm shared tier",
                 _ms(shared_s[0]),
                 _ms(shared_s[1]),
-                f"{shared_s[1] / cp_s:.2f}x",
-            ]
-        )
-        staged_s = in_process_seconds(ref, shared, work, max(args.repeat, 7))
-        rows.append(
+                ratio(shared_s[1]),
+                ratio(shared_s[0]),
+            ],
             [
                 "the staging step in a process that has loaded hpcsif",
                 "-",
                 _ms(staged_s),
-                f"{staged_s / cp_s:.2f}x",
-            ]
-        )
-        size = f"{sif.stat().st_size / 1e6:.0f} MB"
-        rows.append([f"plain cp of the SIF ({size})", "-", _ms(cp_s), "1.00x"])
-        rows.append([f"cp + sync of the SIF ({size})", "-", _ms(cp_sync_s), f"{cp_sync_s / cp_s:.2f}x"])
-
-        # warm: the node cache has it
-        warm_s = median([prolog_seconds(prolog, env, log) for _ in range(max(args.repeat, 5))])
-        rows.append(["warm node cache", _ms(warm_s[0]), _ms(warm_s[1]), "-"])
+                ratio(staged_s),
+                "-",
+            ],
+            [f"plain cp of the SIF ({size})", "-", _ms(cp_s), "1.00x", "1.00x"],
+            [f"cp + sync of the SIF ({size})", "-", _ms(cp_sync_s), ratio(cp_sync_s), "-"],
+            ["warm node cache", _ms(warm_s[0]), _ms(warm_s[1]), "-", "-"],
+        ]
         cluster.run(["scancel", job])
 
     app = peer()
-    if app:
+    if app and not args.data_mb:
         out = work / "apptainer.sif"
         # Apptainer refuses oci:DIR:TAG, and the peer sees only /tmp: build from a copy of the archive
         archive = work / f"{args.image}.oci-archive.tar"
@@ -209,10 +263,11 @@ def main() -> None:
         zstd = "-comp zstd -Xcompression-level 3"
         acmd = [app, "-q", "build", "-F", "--mksquashfs-args", zstd, str(out), f"oci-archive://{archive}"]
         ar = median_run(acmd, args.repeat, env={**os.environ, "APPTAINER_CACHEDIR": str(work / "acache")})
-        rows.append(["apptainer build of the same image (per job, unstaged)", _ms(ar.seconds), "-", "-"])
-    layout_mb = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / 1e6
+        rows.append(["apptainer build of the same image (per job, unstaged)", _ms(ar.seconds), "-", "-", "-"])
+    layout_mb = sum(f.stat().st_size for f in layout.rglob("*") if f.is_file()) / 1e6
+    extra = f" plus a {args.data_mb} MB layer of random bytes" if args.data_mb else ""
     notes = [
-        f"Image: `{args.image}` (OCI layout, {layout_mb:.0f} MB); median of {args.repeat} "
+        f"Image: `{args.image}`{extra} (OCI layout, {layout_mb:.0f} MB); median of {args.repeat} "
         f"runs on {os.cpu_count()} cores. Each time is the whole `slurm/prolog` hook as slurmd runs it: "
         "Python start, two slurmctld queries (batch script, comment), staging, lease, job record; "
         "'staging ms' is the staging step alone (as the prolog logs it).",
@@ -226,8 +281,9 @@ def main() -> None:
     ]
     if not app:
         notes.append("- Apptainer not installed: no peer figure (see shared/peer/).")
-    columns = ["situation", "hook wall ms", "staging ms", "staging vs cp"]
-    write_table("prolog", "Prolog benchmark", columns, rows, notes)
+    columns = ["situation", "hook wall ms", "staging ms", "staging vs cp", "hook vs cp"]
+    name = f"prolog-{args.data_mb}mb" if args.data_mb else "prolog"
+    write_table(name, f"Prolog benchmark{extra}", columns, rows, notes)
     shutil.rmtree(work, ignore_errors=True)
 
 
