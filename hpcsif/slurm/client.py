@@ -266,6 +266,12 @@ def pyslurm_matches(slurm_conf: str | None = None) -> tuple[bool, str]:
     The version is read from the installed distribution's metadata first: importing pyslurm
     initialises libslurm, which exits the process when it finds no Slurm configuration.
     """
+    from importlib import util
+
+    # a path lookup: far cheaper than loading importlib.metadata, in every prolog of a node
+    # without pyslurm
+    if util.find_spec("pyslurm") is None:
+        return False, "pyslurm is not installed"
     from importlib import metadata
 
     try:
