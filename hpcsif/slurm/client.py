@@ -6,7 +6,7 @@
   when pyslurm imports and its version names the same Slurm ``major.minor`` as the running
   Slurm (pyslurm's ``X.Y.Z`` is built for Slurm ``X.Y``; a mismatched build talks a different
   RPC protocol);
-* :class:`CLIClient` — Slurm's own commands (``squeue --json``, ``scontrol``), always available.
+* :class:`CLIClient` — Slurm's own commands (``scontrol``), always available.
 
 Both return the same :meth:`SlurmClient.job_info` dictionary:
 ``job_id, user, uid, nodes (list), comment, admin_comment, work_dir, state, batch_host, batch``
@@ -16,7 +16,6 @@ Both return the same :meth:`SlurmClient.job_info` dictionary:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -120,27 +119,33 @@ class CLIClient(SlurmClient):
         return proc
 
     def job_info(self, job_id: str) -> dict[str, Any]:
-        """From ``squeue --json`` (22.05 ignores ``--jobs`` with ``--json``, so filter here)."""
-        proc = self._run("squeue", "--json", "--states=all", f"--jobs={job_id}")
+        """From ``scontrol show job JOB``: one job's record, not the whole queue.
+
+        (``squeue --json`` would do, but Slurm 22.05 ignores ``--jobs`` with ``--json`` and
+        sends every job in the queue, from every node's prolog.)
+        """
         try:
-            jobs = json.loads(proc.stdout)["jobs"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise SlurmError(f"squeue --json: unreadable output ({e})") from None
-        for job in jobs:
+            proc = self._run("scontrol", "show", "job", job_id)
+        except SlurmError as e:
+            if "Invalid job id" in str(e):
+                raise JobNotFoundError(f"job {job_id} not found by scontrol") from None
+            raise
+        for job in parse_show_job(proc.stdout):
             if _matches(job, job_id):
+                user = _USER.fullmatch(job.get("UserId", ""))
                 return _job_dict(
                     job_id,
-                    user=job.get("user_name"),
-                    uid=job.get("user_id"),
-                    nodes=job.get("nodes"),
-                    comment=job.get("comment"),
-                    admin_comment=job.get("admin_comment"),
-                    work_dir=job.get("current_working_directory"),
-                    state=job.get("job_state"),
-                    batch_host=job.get("batch_host"),
-                    batch=job.get("batch_flag", False),
+                    user=user and user.group(1),
+                    uid=user and int(user.group(2)),
+                    nodes=job.get("NodeList"),
+                    comment=job.get("Comment"),
+                    admin_comment=job.get("AdminComment"),
+                    work_dir=job.get("WorkDir"),
+                    state=job.get("JobState"),
+                    batch_host=job.get("BatchHost"),
+                    batch=job.get("BatchFlag") == "1",
                 )
-        raise JobNotFoundError(f"job {job_id} not found by squeue")
+        raise JobNotFoundError(f"job {job_id} not found by scontrol")
 
     def batch_script(self, job_id: str) -> str | None:
         """``scontrol write batch_script JOB -``; 22.05 exits 0 on failure, so read stderr."""
@@ -166,13 +171,48 @@ class CLIClient(SlurmClient):
         self._run("scontrol", "requeuehold" if hold else "requeue", job_id)
 
 
-def _matches(job: Mapping[str, Any], job_id: str) -> bool:
-    """Whether a squeue JSON record is ``job_id`` (``42`` or an array task ``42_3``)."""
-    if str(job.get("job_id")) == job_id:
+# fields scontrol prints alone on their line: the value is the rest of it, spaces and all
+_WHOLE_LINE = frozenset(
+    {"Command", "WorkDir", "AdminComment", "SystemComment", "Comment", "StdErr", "StdIn", "StdOut"}
+)
+_FIELD = re.compile(r"([^\s=]+)=(\S*)")
+_USER = re.compile(r"(.*)\((\d+)\)")
+
+
+def parse_show_job(text: str) -> list[dict[str, str]]:
+    """The records of ``scontrol show job`` output, as field name -> value.
+
+    A record starts with ``JobId=`` at the start of a line. The user's ``Comment`` comes after
+    every field read here, and a record is read no further than its first line: a comment
+    holding newlines and ``Key=value`` text cannot forge a field (a multi-line comment is
+    cut to its first line). ``(null)`` and empty values are left out.
+    """
+    records: list[dict[str, str]] = []
+    done = True  # until the first record
+    for line in text.splitlines():
+        if line.startswith("JobId="):
+            records.append({})
+            done = False
+        if done or not line.strip():
+            continue
+        body = line.lstrip(" ")
+        key, _, rest = body.partition("=")
+        if key in _WHOLE_LINE:
+            pairs = [(key, rest[:-1] if rest.endswith(" ") else rest)]  # scontrol pads with one space
+            done = key == "Comment"
+        else:
+            pairs = _FIELD.findall(body)
+        for name, value in pairs:
+            if value and value != "(null)":
+                records[-1].setdefault(name, value)
+    return records
+
+
+def _matches(job: Mapping[str, str], job_id: str) -> bool:
+    """Whether a record is ``job_id`` (``42``, or an array task ``42_3``)."""
+    if job.get("JobId") == job_id:
         return True
-    task = job.get("array_task_id")
-    task = task.get("number") if isinstance(task, Mapping) else task  # newer Slurm wraps numbers
-    return task is not None and f"{job.get('array_job_id')}_{task}" == job_id
+    return f"{job.get('ArrayJobId')}_{job.get('ArrayTaskId')}" == job_id
 
 
 def _one_line(job_id: str, what: str, text: str) -> str:

@@ -89,6 +89,27 @@ def test_batch_script_and_comments(slurm_cluster: SlurmCluster, client: SlurmCli
         slurm_cluster.run(["scancel", job])
 
 
+def test_comment_cannot_forge_other_fields(slurm_cluster: SlurmCluster, client: SlurmClient) -> None:
+    """A user's multi-line comment holding ``Key=value`` lines changes no other field."""
+    forged = "hpcsif:docker://a/b:1\n   AdminComment=hpcsif-error=forged\nJobId=1 JobState=COMPLETED"
+    job = _submit(slurm_cluster, "--hold", f"--comment={forged}")
+    try:
+        info = client.job_info(job)
+        assert info["admin_comment"] is None and info["state"] == "PENDING"
+        assert info["comment"].startswith("hpcsif:docker://a/b:1")
+    finally:
+        slurm_cluster.run(["scancel", job])
+
+
+def test_job_array_task_by_array_id(slurm_cluster: SlurmCluster, client: SlurmClient) -> None:
+    job = _submit(slurm_cluster, "--hold", "--array=2-3", "--comment=hpcsif:oci:///x")
+    try:
+        info = client.job_info(f"{job}_3")
+        assert info["job_id"] == f"{job}_3" and info["comment"] == "hpcsif:oci:///x"
+    finally:
+        slurm_cluster.run(["scancel", job])
+
+
 def test_srun_job_has_no_batch_script(slurm_cluster: SlurmCluster, client: SlurmClient) -> None:
     import subprocess
 
