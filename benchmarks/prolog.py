@@ -117,6 +117,7 @@ times = []
 for i in range(runs + 1):
     os.environ["HPCSIF_CACHEDIR"] = f"{base}/node{i}"
     set_config(None)
+    os.sync()
     t = time.monotonic()
     ensure_image(ref)
     times.append(time.monotonic() - t)
@@ -193,6 +194,8 @@ def main() -> None:
 
         def fresh(path: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
+            # every copy starts with no dirty pages left by the one before (writeback throttling)
+            os.sync()
 
         # cold: one conversion per run, into an empty node cache
         configure(hooks, work, system, None)
@@ -214,11 +217,13 @@ def main() -> None:
         shared_s = median(from_shared)
         copy_dest = work / "copy.sif"
 
+        def no_copy() -> None:
+            copy_dest.unlink(missing_ok=True)
+            os.sync()
+
         def cp_seconds(script: str) -> float:
             return median_run(
-                ["sh", "-c", script, "sh", str(sif), str(copy_dest)],
-                args.repeat,
-                prepare=lambda: copy_dest.unlink(missing_ok=True),
+                ["sh", "-c", script, "sh", str(sif), str(copy_dest)], args.repeat, prepare=no_copy
             ).seconds
 
         cp_s = cp_seconds('cp "$1" "$2"')
