@@ -123,6 +123,14 @@ class KeyLock(ABC):
         """False if the lock was lost while held (only the ``excl`` mode can lose it)."""
         return True
 
+    def discard(self) -> None:
+        """Release the lock and remove its files: only once what it guards is done for good.
+
+        A process still queued on the removed file, and one that creates it anew, may then
+        both hold "the" lock, so this is only right when any later holder has nothing to do.
+        """
+        self.release()
+
     def acquire(self, timeout: float | None = None, *, done: Callable[[], bool] | None = None) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds (default: the configured timeout).
 
@@ -315,6 +323,14 @@ class FcntlLock(KeyLock):
         if self._owner == os.getpid():
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+    def discard(self) -> None:
+        """Remove the lock file and its holder note, then drop the ``flock``."""
+        if self._fd is not None:
+            for path in (self._info_path, self.path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        self.release()
 
     def holder(self) -> dict[str, Any] | None:
         """The last recorded holder."""

@@ -1,9 +1,9 @@
 """Blob downloads that a later process can resume.
 
 A download goes to ``<store>/.partial/<hex>``, owned by one process at a time through a lock
-file beside it. A network failure keeps the partial file, so the next pull asks the registry
-for the rest with ``Range``; a download that ends with the wrong size or digest is deleted.
-Only a verified blob is renamed into ``blobs/sha256/``.
+file beside it (removed once the blob is stored). A network failure keeps the partial file, so
+the next pull asks the registry for the rest with ``Range``; a download that ends with the
+wrong size or digest is deleted. Only a verified blob is renamed into ``blobs/sha256/``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def partial_blob(
     what = f"another process downloading blob {digest}"
     lock = key_lock(store.root / ".partial" / f"{hexdigest}.lock", what)
     lock.acquire(timeout)  # logs "waiting for …"; CacheBusy when the timeout runs out
+    stored = False
     try:
         if store.has_blob(digest, size):
+            stored = True
             yield None
             return
         part = BlobWriter(store, digest, size, resume_path=store.root / ".partial" / hexdigest)
@@ -38,5 +40,11 @@ def partial_blob(
         finally:
             if not part.closed:
                 part.close()
+        stored = store.has_blob(digest, size)
     finally:
-        lock.release()
+        # once the blob is stored, any later holder of this lock would only find it there:
+        # the lock files can go (a failed download keeps them, beside the part to resume)
+        if stored:
+            lock.discard()
+        else:
+            lock.release()

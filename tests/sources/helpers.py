@@ -14,12 +14,15 @@ def assert_store_sound(root: Path, partials: bool = False) -> int:
     ``partials``: interrupted downloads may remain in ``.partial/`` (kept for a resume).
     """
     blobs = root / "blobs" / "sha256"
-    if not partials and (root / ".partial").is_dir():
-        # lock files and their holder notes are bookkeeping, not partial data
-        bookkeeping = (".lock", ".lock.holder")
-        left = [p.name for p in (root / ".partial").iterdir() if not p.name.endswith(bookkeeping)]
-        assert not left, f"leftover partial downloads: {left}"
     names = sorted(p.name for p in blobs.iterdir())
+    if (root / ".partial").is_dir():
+        # a failed download keeps its lock (and maybe its part); a stored blob keeps neither
+        left = [p.name for p in (root / ".partial").iterdir()]
+        done = [n for n in left if n.split(".", 1)[0] in names]
+        assert not done, f"partial downloads or locks left for stored blobs: {done}"
+        if not partials:
+            data = [n for n in left if not n.endswith((".lock", ".lock.holder"))]
+            assert not data, f"leftover partial downloads: {data}"
     assert not [n for n in names if n.startswith(".")], f"leftover temporary files: {names}"
     for name in names:
         assert hashlib.sha256((blobs / name).read_bytes()).hexdigest() == name, f"corrupt blob {name}"
