@@ -1,10 +1,16 @@
-"""``hpcsif inspect``: an image's labels, runscript, environment, def file …, as Apptainer prints them."""
+"""``hpcsif inspect``: an image's labels, runscript, environment, def file …, as Apptainer prints them.
+
+Scripts parse ``inspect --json``, so the JSON is Apptainer's byte for byte: its key order (that
+of Apptainer's Go structs), tab indentation, empty attributes left out, and Go's escaping of
+``<``, ``>`` and ``&``; apps appear as a map of app name to that app's attributes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 _FLAGS = [
     ("labels", "-l", "--labels", "show the labels (the default)"),
@@ -16,6 +22,11 @@ _FLAGS = [
     ("helpfile", "-H", "--helpfile", "show the help text"),
     ("apps", None, "--list-apps", "list the SCIF apps"),
 ]
+# the key order of Apptainer's inspect.Attributes and inspect.AppAttributes in its JSON
+ATTRIBUTE_ORDER = ["apps", "environment", "labels", "runscript", "test", "helpfile", "deffile", "startscript"]
+APP_ATTRIBUTES = ["environment", "labels", "runscript", "test", "helpfile"]
+# what the text form prints, in Apptainer's order (apps first, labels last)
+TEXT_ORDER = ["apps", "deffile", "runscript", "startscript", "test", "helpfile", "environment", "labels"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,31 +42,74 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Print the requested attributes."""
+def _present(attrs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """``attrs`` in ``order`` without empty values (Go's ``omitempty``); text loses trailing newlines."""
+    out = {}
+    for key in order:
+        value = attrs.get(key)
+        if isinstance(value, str):
+            value = value.rstrip("\n")
+        elif isinstance(value, dict) and key != "apps":
+            # an app's environment file that is not there is no entry (Apptainer reads only those present)
+            value = {k: v.rstrip("\n") if isinstance(v, str) else v for k, v in sorted(value.items()) if v}
+        if value:
+            out[key] = value
+    return out
+
+
+def gather(image: str, wanted: list[str], app: str | None) -> dict[str, Any]:
+    """The ``attributes`` object Apptainer's ``inspect --json`` prints for these flags."""
     from hpcsif.inspect import inspect
 
+    top = [w for w in wanted if w != "apps" and not (app and w in APP_ATTRIBUTES)]
+    attrs = inspect(image, top)
+    apps: dict[str, Any] = {}
+    if "apps" in wanted:  # every app, with all of its attributes
+        for name in inspect(image, ["apps"])["apps"] or []:
+            apps[name] = _present(inspect(image, APP_ATTRIBUTES, app=name), APP_ATTRIBUTES)
+    elif app:
+        mine = _present(inspect(image, [w for w in wanted if w in APP_ATTRIBUTES], app=app), APP_ATTRIBUTES)
+        if mine:
+            apps[app] = mine
+    attrs["apps"] = dict(sorted(apps.items()))
+    return _present(attrs, ATTRIBUTE_ORDER)
+
+
+def go_json(obj: Any) -> str:
+    """``obj`` as Go's ``json.MarshalIndent(obj, "", "\\t")`` writes it."""
+    text = json.dumps(obj, indent="\t", ensure_ascii=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(char, escape)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the requested attributes."""
     wanted = [dest for dest, *_ in _FLAGS if getattr(args, dest)]
+    app = args.app
     if args.all:
-        wanted = [dest for dest, *_ in _FLAGS]
-        args.json = True
-    wanted = wanted or ["labels"]
-    attrs = inspect(args.image, wanted, app=args.app)
+        wanted, args.json, app = [dest for dest, *_ in _FLAGS], True, None
+    # labels unless another attribute was asked for (--json and --app alone leave the default)
+    if not any(w != "labels" for w in wanted) and "labels" not in wanted:
+        wanted.append("labels")
+    attrs = gather(args.image, wanted, app)
     if args.json:
-        shown = {k: v for k, v in attrs.items() if v not in (None, "", {}, [])}
-        print(json.dumps({"data": {"attributes": shown}, "type": "container"}, indent="\t"))
+        print(go_json({"data": {"attributes": attrs}, "type": "container"}))
         return 0
+    mine = attrs.get("apps", {}).get(app, {}) if app else {}
     out = sys.stdout
-    for name in wanted:
-        value = attrs[name]
-        if name == "labels":
-            for key, val in sorted((value or {}).items()):
-                out.write(f"{key}: {val}\n")
+    for name in TEXT_ORDER:
+        if name == "apps" and name not in wanted:
+            continue
+        value = attrs.get(name) or mine.get(name)  # an app's own attributes stand in for the image's
+        if not value:
+            continue
+        if name == "apps":
+            out.writelines(f"{a}\n" for a in value)
         elif name == "environment":
-            for path, text in (value or {}).items():
-                out.write(f"=== {path} ===\n{text.rstrip()}\n\n")
-        elif name == "apps":
-            out.writelines(f"{app}\n" for app in value or [])
-        elif value:
-            out.write(value if value.endswith("\n") else value + "\n")
+            out.writelines(f"=== {path} ===\n{text}\n\n" for path, text in value.items())
+        elif name == "labels":
+            out.writelines(f"{key}: {val}\n" for key, val in value.items())
+        else:
+            out.write(f"{value}\n")
     return 0
