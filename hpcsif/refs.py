@@ -57,18 +57,23 @@ class Reference:
         return replace(self, digest=digest)
 
     def short_name(self) -> str:
-        """``repo_tag`` as Apptainer names pulled files (``lolcow_latest``)."""
+        """The file name Apptainer's ``pull`` gives this reference, without ``.sif``.
+
+        Apptainer takes the reference's last path component and turns its ``:`` into ``_``,
+        adding ``_latest`` when there is none: ``lolcow_latest``, ``busybox_1.36``,
+        ``app@sha256_<hex>`` for a digest, ``img.oci-archive.tar_latest`` for an archive.
+        Scripts rely on these names, so they are kept even where they look odd.
+        """
         if self.repository:
             base = self.repository.rsplit("/", 1)[-1]
             if self.digest and not self.tag:
-                return f"{base}_{self.digest[7:19]}"
+                return f"{base}@{self.digest.replace(':', '_', 1)}"
             return f"{base}_{self.tag or 'latest'}"
         if self.path:
-            base = os.path.basename(self.path.rstrip("/"))
-            for ext in (".tar.gz", ".tgz", ".tar", ".sif"):
-                if base.endswith(ext):
-                    base = base[: -len(ext)]
-            return base or "image"
+            base = os.path.basename(self.path.rstrip("/")) or "image"
+            if self.transport in FILE_TRANSPORTS:
+                return f"{base}_{self.name or 'latest'}"
+            return base.removesuffix(".sif")
         return "image"
 
     def __str__(self) -> str:

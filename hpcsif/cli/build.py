@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from hpcsif.cli.pull import add_registry_flags, registry_options
@@ -46,7 +47,10 @@ def check_target(target: Path, force: bool) -> None:
             raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
         return
     if not force:
-        raise BuildError(f"build target {target} already exists; use --force to overwrite it")
+        raise BuildError(
+            f"While checking build target: build target '{target}' already exists. "
+            "Use --force if you want to overwrite it"
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -129,5 +133,6 @@ def run(args: argparse.Namespace) -> int:
             progress=progress_bar(not (args.quiet or args.silent)),
         )
     if not (args.quiet or args.silent):
-        print(f"INFO:    Build complete: {target}", flush=True)
+        # on stderr, as Apptainer's INFO lines: `out=$(hpcsif build …)` captures nothing
+        print(f"INFO:    Build complete: {target}", file=sys.stderr, flush=True)
     return 0

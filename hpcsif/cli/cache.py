@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     p = sub.add_parser("list", help="list cached images and blob usage")
+    # Apptainer's flags; the table of images is always shown, -v is accepted for its users' sake
+    p.add_argument("-v", "--verbose", action="store_true", help="list every cached image (the default here)")
+    p.add_argument("-T", "--type", choices=("blob", "sif", "all"), default="all", help="what to count")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("clean", help="remove cached images and/or blobs (images in use are kept)")
@@ -36,10 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _size(n: float) -> str:
-    """Sizes as Apptainer's cache list prints them (``45.34 MiB``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
+    """Sizes as Apptainer's cache commands print them: at least KiB, two decimals (``0.34 KiB``)."""
+    n /= 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
 
@@ -59,31 +63,38 @@ def _blob_usage(root: CacheRoot) -> tuple[int, int]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the Apptainer-style summary line per cache root and a table of cached images."""
+    """Print the table of cached images, then Apptainer's summary line per cache root and its total."""
     from hpcsif.cache.layout import cache_layout
     from hpcsif.cache.leases import active_leases, describe_lease
     from hpcsif.cache.store import SIFStore
 
     layout = cache_layout()
-    rows = []
+    rows, summary, total = [], [], 0
     for root in layout.lookup_roots:
-        entries = list(SIFStore(root).entries())
-        nblobs, blob_bytes = _blob_usage(root)
+        entries = list(SIFStore(root).entries()) if args.type in ("sif", "all") else []
+        nblobs, blob_bytes = _blob_usage(root) if args.type in ("blob", "all") else (0, 0)
+        sif_bytes = sum(e.size for e in entries)
+        total += sif_bytes + blob_bytes
+        counts = {
+            "sif": f"{len(entries)} container file(s) using {_size(sif_bytes)}",
+            "blob": f"{nblobs} oci blob file(s) using {_size(blob_bytes)}",
+        }
+        what = " and ".join(counts.values()) if args.type == "all" else counts[args.type]
         where = "" if root is layout.user else f" in the system cache {root.path}"
-        print(
-            f"There are {len(entries)} container file(s) using {_size(sum(e.size for e in entries))} and "
-            f"{nblobs} oci blob file(s) using {_size(blob_bytes)} of space{where}"
-        )
+        summary.append(f"There are {what} of space{where}")
         for e in sorted(entries, key=lambda e: -e.last_used):
             leases = ", ".join(describe_lease(r) for r in active_leases(root, e.key, reap=root.writable))
             digest = str(e.meta.get("digest", e.key))[:19]
             name = e.meta.get("ref", e.meta["name"])
             rows.append((name, digest, _size(e.size), _when(e.last_used), leases or "-"))
-    if rows:
+    if rows:  # laid out as Apptainer's `cache list -v`: the table, a blank line, the summary
         header = ("IMAGE", "DIGEST", "SIZE", "LAST USED", "LEASES")
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:
             print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        print()
+    print("\n".join(summary))
+    print(f"Total space used: {_size(total)}")
     return 0
 
 
@@ -108,6 +119,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     entries = list(store.entries()) if args.type in ("sif", "all") else []
     blobs = _blob_usage(root) if args.type in ("blob", "all") else (0, 0)
     if args.dry_run:
+        print("User requested a dry run. Not actually deleting any data!")
         for e in entries:
             busy = " (in use: would be kept)" if active_leases(root, e.key, reap=False) else ""
             print(f"would remove {e.meta.get('ref', e.meta['name'])} {e.path} {_size(e.size)}{busy}")

@@ -27,6 +27,9 @@ FAST_COMMANDS = {
     **{c: c for c in ("build", "inspect", "sif", "cache", "stage", "slurm")},
 }
 
+# commands main.py itself provides, which need no command module
+BUILTIN_COMMANDS = ("version",)
+
 log = logging.getLogger("hpcsif")
 
 
@@ -56,9 +59,24 @@ def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", metavar="FILE", help="extra configuration file (TOML)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in modules or COMMAND_MODULES:
+    for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(f"hpcsif.cli.{name}").register(sub)
+    version = sub.add_parser("version", help="show the version (only the number, as Apptainer prints it)")
+    version.set_defaults(func=_print_version)
     return parser
+
+
+def _print_version(args: argparse.Namespace) -> int:
+    print(__version__)
+    return 0
+
+
+def help_argv(argv: list[str]) -> list[str]:
+    """``help [COMMAND…]`` (Apptainer's help command) as ``[COMMAND…] --help``; other argv as given."""
+    if command_of(argv) != "help":
+        return argv
+    at = argv.index("help")
+    return [*argv[:at], *argv[at + 1 :], "--help"]
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -102,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the container engine forwards its own
         signal.signal(signal.SIGTERM, _terminate)
-    fast = FAST_COMMANDS.get(command_of(argv) or "")
-    parser = build_parser([fast] if fast else None)
+    argv = help_argv(argv)
+    command = command_of(argv) or ""
+    fast = FAST_COMMANDS.get(command)
+    parser = build_parser([] if command in BUILTIN_COMMANDS else [fast] if fast else None)
     args = parser.parse_args(argv)
     setup_logging(args)
     from hpcsif.errors import HpcsifError

@@ -99,7 +99,7 @@ def _check_target(target: Path, force: bool) -> None:
     if not target.parent.is_dir():
         raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
     if (target.exists() or target.is_symlink()) and not force:
-        raise BuildError(f"image file already exists: {target} - will not overwrite (use --force)")
+        raise BuildError(f'Image file already exists: "{target}" - will not overwrite')
     if target.is_dir():
         raise BuildError(f"{target} is a directory")
 

@@ -38,7 +38,7 @@ def test_registry_references(
 def test_short_names_follow_apptainer() -> None:
     assert parse("docker://godlovedc/lolcow").short_name() == "lolcow_latest"
     assert parse("docker://nvcr.io/nvidia/pytorch:18.11-py3").short_name() == "pytorch_18.11-py3"
-    assert parse("docker://r.io/app@sha256:" + "c" * 64).short_name() == "app_" + "c" * 12
+    assert parse("docker://r.io/app@sha256:" + "c" * 64).short_name() == "app@sha256_" + "c" * 64
 
 
 def test_file_transports_split_the_ref(tmp_path) -> None:
