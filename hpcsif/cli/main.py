@@ -54,8 +54,8 @@ def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     level = parser.add_mutually_exclusive_group()
     level.add_argument("-d", "--debug", action="store_true", help="print debugging information")
     level.add_argument("-v", "--verbose", action="store_true", help="print additional information")
-    level.add_argument("-q", "--quiet", action="store_true", help="only print errors")
-    level.add_argument("-s", "--silent", action="store_true", help="print nothing, not even errors")
+    level.add_argument("-q", "--quiet", action="store_true", help="suppress normal output")
+    level.add_argument("-s", "--silent", action="store_true", help="only print errors")
     parser.add_argument("-c", "--config", metavar="FILE", help="extra configuration file (TOML)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -80,12 +80,12 @@ def help_argv(argv: list[str]) -> list[str]:
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    """Map -d/-v/-q/-s to log levels; messages go to stderr as Apptainer formats them."""
+    """Map -d/-v/-q/-s to log levels as Apptainer does (-q keeps warnings, -s only errors); to stderr."""
     if args.debug:
         level = logging.DEBUG
     elif args.verbose:
         level = logging.INFO
-    elif args.quiet or args.silent:
+    elif args.silent:
         level = logging.ERROR
     else:
         level = logging.WARNING
@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             set_config(Config.load([Path(args.config)]))
         return int(args.func(args) or 0)
     except HpcsifError as exc:
-        if not args.silent:
-            print(f"FATAL:   {exc}", file=sys.stderr)
+        print(f"FATAL:   {exc}", file=sys.stderr)  # even with -s, which Apptainer says prints errors
         if args.debug:
             log.debug("traceback", exc_info=True)
         return exc.exit_code

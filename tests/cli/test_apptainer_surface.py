@@ -155,3 +155,10 @@ def test_cache_list_flags_and_total(tmp_path: Path) -> None:
     assert blobs == "There are 0 oci blob file(s) using 0.00 KiB of space\nTotal space used: 0.00 KiB\n"
     dry = run_cli("cache", "clean", "--dry-run", env=env).stdout
     assert dry.startswith("User requested a dry run. Not actually deleting any data!\n")
+
+
+def test_silent_still_prints_errors(tmp_path: Path) -> None:
+    # Apptainer's -s is "only print errors", not "print nothing"
+    for flag in ("-s", "-q"):
+        proc = run_cli(flag, "inspect", str(tmp_path / "missing.sif"), check=False)
+        assert proc.returncode == 255 and proc.stderr.startswith("FATAL:   "), flag
