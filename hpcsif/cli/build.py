@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="build a SIF image or sandbox from a source or definition file")
     p.add_argument("--sandbox", action="store_true", help="build a writable directory tree instead of a SIF")
     p.add_argument("-T", "--notest", action="store_true", help="skip the %%test section")
+    # accepted for Apptainer users' scripts: converting OCI/Docker layers always does what it asks
+    # (hpcsif/image/layers.py makes every file readable and every directory traversable)
+    p.add_argument("--fix-perms", action="store_true", help="always on for OCI/Docker sources")
     p.add_argument(
         "--build-arg",
         action="append",

@@ -162,3 +162,9 @@ def test_silent_still_prints_errors(tmp_path: Path) -> None:
     for flag in ("-s", "-q"):
         proc = run_cli(flag, "inspect", str(tmp_path / "missing.sif"), check=False)
         assert proc.returncode == 255 and proc.stderr.startswith("FATAL:   "), flag
+
+
+def test_build_accepts_fix_perms(tmp_path: Path, sandbox: Path) -> None:
+    # Apptainer's --fix-perms is what hpcsif's conversion always does; scripts pass it
+    run_cli("build", "--fix-perms", str(tmp_path / "x.sif"), str(sandbox))
+    assert (tmp_path / "x.sif").read_bytes()[:30] == b"#!/usr/bin/env run-singularity"
