@@ -103,7 +103,7 @@ def test_pull_by_tag_and_digest_default_names(registry_open, busybox_image, tmp_
     res = hpcsif(tmp_path, "-v", "pull", registry_open.ref(f"team/busybox@{digest}"))
     assert res.returncode == 0, res.stderr
     assert "Copying blob" not in res.stderr and "Skipping fetch" not in res.stderr
-    _assert_busybox_sif(tmp_path / f"busybox_{digest[7:19]}.sif", busybox_image)
+    _assert_busybox_sif(tmp_path / f"busybox@sha256_{digest[7:]}.sif", busybox_image)  # Apptainer's name
     # other conversion options: a new SIF from the cached blobs
     res = hpcsif(
         tmp_path,
