@@ -218,11 +218,13 @@ def sandbox_to_sif(
     *,
     meta: md.Metadata | None = None,
     arch: str | None = None,
+    origin: str | None = None,
 ) -> Path:
     """Pack a sandbox directory into a SIF with mksquashfs.
 
     ``meta`` (a definition-file build's) supplies the def file and the inspect/OCI-config
-    objects; without it they are read from the tree. ``arch`` overrides ``options.arch``.
+    objects; without it they are read from the tree. ``arch`` overrides ``options.arch``;
+    ``origin`` is what the def file record names as the source (default: ``src``).
     """
     from hpcsif.sif.format import DataType, FSType, PartType
     from hpcsif.sif.squashfs import squashfs_from_dir
@@ -231,7 +233,7 @@ def sandbox_to_sif(
     src, dest = Path(src), Path(dest)
     if not (src / ".singularity.d").is_dir():
         log.warning("%s has no /.singularity.d: the image will have no runscript or environment", src)
-    deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {src}\n"
+    deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {origin or src}\n"
     arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
         writer.add(ObjectSpec(DataType.DEFFILE, data=deffile.encode()))
@@ -271,6 +273,23 @@ def sandbox_to_sif(
             return writer.commit()  # the adopted file becomes dest: commit before squash goes
         finally:
             shutil.rmtree(squash, ignore_errors=True)
+
+
+def sif_to_sif(src: str | os.PathLike[str], dest: str | os.PathLike[str], options: ConvertOptions) -> Path:
+    """Repack a SIF (e.g. with another codec; signatures are not carried over), as
+    ``apptainer build new.sif old.sif`` does: unpacked to a scratch tree, then packed anew."""
+    dest = Path(dest)
+    scratch = Path(tempfile.mkdtemp(prefix=".hpcsif-rebuild-", dir=options.tmpdir or dest.parent))
+    try:
+        tree = sif_to_sandbox(src, scratch / "rootfs")
+        return sandbox_to_sif(tree, dest, options, origin=str(src))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def sandbox_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Copy a sandbox directory (symlinks as symlinks, modes and times kept)."""
+    return _build_dir(Path(dest), lambda tmp: shutil.copytree(src, tmp, symlinks=True))
 
 
 def sif_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
@@ -313,18 +332,18 @@ def convert_ref(
     """Fetch and convert any reference to a SIF (or a sandbox) at ``dest``, without the SIF cache.
 
     ``store`` is the blob cache to fetch into; without one, a temporary store is used and
-    removed afterwards. Local SIFs and sandboxes convert between each other.
+    removed afterwards. Local SIFs and sandboxes convert to either form.
     """
     options = options or ConvertOptions()
     ref = parse(ref) if isinstance(ref, str) else ref
     if ref.transport == "sandbox":
         if sandbox:
-            raise BuildError(f"{ref.path} is already a sandbox")
+            return sandbox_to_sandbox(ref.path or "", dest)
         return sandbox_to_sif(ref.path or "", dest, options)
     if ref.transport == "sif":
-        if not sandbox:
-            raise BuildError(f"{ref.path} is already a SIF (build --sandbox to unpack it)")
-        return sif_to_sandbox(ref.path or "", dest)
+        if sandbox:
+            return sif_to_sandbox(ref.path or "", dest)
+        return sif_to_sif(ref.path or "", dest, options)
     if ref.transport in ("http", "https", "fsspec", "oras"):
         raise SourceError(f"{ref.raw}: use `hpcsif pull` for {ref.transport} sources")
     with contextlib.ExitStack() as stack:

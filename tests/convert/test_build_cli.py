@@ -158,6 +158,30 @@ def test_sandbox_round_trip(busybox_image: TestImage, tmp_path: Path) -> None:
     assert_no_leftovers(tmp_path, "box", "box2", "from-box.sif", "r1")
 
 
+def test_sif_to_sif_and_sandbox_to_sandbox(busybox_image: TestImage, tmp_path: Path) -> None:
+    """As ``apptainer build new.sif old.sif``: a SIF repacked (here with another codec)."""
+    sif = tmp_path / "a.sif"
+    run_cli("build", str(sif), f"oci://{busybox_image.layout}:latest")
+    gz = tmp_path / "gz.sif"
+    run_cli("build", "--compression", "gzip", str(gz), str(sif))
+    info = subprocess.run(
+        ["unsquashfs", "-s", "-o", str(partition_offset(gz)), str(gz)], capture_output=True, text=True
+    ).stdout
+    assert "Compression gzip" in info
+    root = unpack(gz, tmp_path / "r")
+    assert_busybox_tree(root, busybox_image)
+    assert bwrap_run(root, "/.singularity.d/runscript", "echo", "repacked").returncode == 0
+    assert f"from: {sif}" in run_cli("inspect", "--deffile", str(gz)).stdout
+    box = tmp_path / "box"
+    run_cli("build", "--sandbox", str(box), str(sif))
+    (box / "bin" / "sh-link").symlink_to("busybox")
+    box2 = tmp_path / "box2"
+    run_cli("build", "--sandbox", str(box2), str(box))
+    assert_busybox_tree(box2, busybox_image)
+    assert (box2 / "bin" / "sh-link").is_symlink()
+    assert_no_leftovers(tmp_path, "a.sif", "gz.sif", "r", "box", "box2")
+
+
 def test_existing_target_needs_force(busybox_image: TestImage, tmp_path: Path) -> None:
     sif = tmp_path / "a.sif"
     sif.write_bytes(b"precious")
