@@ -57,6 +57,10 @@ def select_platform(index: dict[str, Any], platform: Platform, where: str) -> De
     for m in entries:
         if platform.matches(m.get("platform")):
             return Descriptor.from_json(m)
+    # An index may list another index without a platform (nested indexes): look inside it.
+    for m in entries:
+        if not m.get("platform") and m.get("mediaType") in mt.INDEX_TYPES:
+            return Descriptor.from_json(m)
     available = sorted(
         {
             str(Platform(p.get("os", "?"), p.get("architecture", "?"), p.get("variant")))
