@@ -75,6 +75,7 @@ def handle(args: argparse.Namespace) -> int:
     """Resolve the image, then launch it with the selected engine."""
     from hpcsif.engine.base import LaunchOptions, select_engine
 
+    _flags_from_environment(args)
     opts = LaunchOptions(
         action=args.action,
         command=list(args.args),
@@ -111,6 +112,34 @@ def handle(args: argparse.Namespace) -> int:
     with leased_image(image) as path:
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
+
+
+_ENV_SWITCHES = ("cleanenv", "contain", "containall", "writable_tmpfs", "no_home", "nv", "rocm")
+
+
+def _flags_from_environment(args: argparse.Namespace) -> None:
+    """Apptainer's ``APPTAINER_<FLAG>``/``SINGULARITY_<FLAG>`` variables for flags not given.
+
+    ``APPTAINER_CLEANENV=1`` acts as ``--cleanenv`` and so on; ``APPTAINER_BIND`` adds to
+    ``-B`` (as in Apptainer, where both apply); ``APPTAINER_HOME``/``_PWD`` apply when the
+    flag is absent.
+    """
+
+    def value(dest: str) -> str:
+        name = dest.upper()
+        return os.environ.get(f"APPTAINER_{name}") or os.environ.get(f"SINGULARITY_{name}") or ""
+
+    for dest in _ENV_SWITCHES:
+        # Go's strconv.ParseBool, which Apptainer uses, takes 1/t/true in any case as true
+        if not getattr(args, dest) and value(dest).lower() in ("1", "t", "true"):
+            setattr(args, dest, True)
+    for dest in ("home", "pwd"):
+        if getattr(args, dest) is None and value(dest):
+            setattr(args, dest, value(dest))
+    if value("bind"):
+        args.bind = [value("bind"), *args.bind]
+    if value("env_file") and not args.env_file:
+        args.env_file = [value("env_file")]
 
 
 def _check_trusted(path: os.PathLike) -> None:

@@ -162,8 +162,8 @@ class _Plan:
         )
         if os.path.exists("/etc/resolv.conf"):
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
-        for spec in opts.binds:
-            binds += parse_bind(spec)
+        user_binds = [b for spec in opts.binds for b in parse_bind(spec)]
+        binds += user_binds
         # parents before children, so that a bind inside another bind's destination stays visible
         # (dict.fromkeys drops repeats such as a current directory that is the home directory)
         unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
@@ -181,10 +181,10 @@ class _Plan:
                 raise EngineError(
                     f"{image}: the image has no /bin/sh and no oci-config.json to start it without"
                 )
-        from hpcsif.engine.environment import build_env
+        from hpcsif.engine.environment import build_env, host_environ
 
         self.env = build_env(
-            dict(os.environ),
+            host_environ(),
             action=opts.action,
             cleanenv=opts.cleanenv,
             env=opts.env,
@@ -195,6 +195,7 @@ class _Plan:
             pass_prefixes=contrib.pass_prefixes,
             extra=contrib.env,
             ld_paths=contrib.ld_paths,
+            bind_dests=[b.dst for b in user_binds],
         )
         self.image = str(image)
         if self.direct is not None:

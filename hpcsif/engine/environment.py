@@ -2,10 +2,12 @@
 
 The host environment is passed in (all of it, or only a few safe keys with ``--cleanenv``),
 minus ``PATH``/``LD_LIBRARY_PATH``/``PS1``, which the image decides. Inside, :data:`LAUNCHER`
-runs under the image's ``/bin/sh``: it sources ``/.singularity.d/env/*.sh`` in order (image
-values are written as ``${VAR:-default}``, so a host value wins), then applies the explicit
-overrides (``--env``, ``--env-file``, ``APPTAINERENV_*``/``SINGULARITYENV_*``), which win over
-the image, and finally execs the action: the command, the runscript, the test or a shell.
+runs under the image's ``/bin/sh``: it sources ``/.singularity.d/env/*.sh`` in order with the
+host's variables hidden, so that, as in Apptainer 1.4, a value the image sets wins over the
+host's (the host's fill in only what the image leaves unset); the default ``PATH`` directories
+the image's ``PATH`` lacks are appended. Then it applies the explicit overrides (``--env``,
+``--env-file``, ``APPTAINERENV_*``/``SINGULARITYENV_*``), which win over the image, and finally
+execs the action: the command, the runscript, the test or a shell.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ CLEANENV_KEEP = ("TERM", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "
 NOT_FROM_HOST = ("PATH", "LD_LIBRARY_PATH", "PS1", "PROMPT_COMMAND")
 _PREFIXES = ("APPTAINERENV_", "SINGULARITYENV_")
 _OVERRIDE = "__HPCSIF_SET"
+_HOST = "__HPCSIF_HOST"
+#: Apptainer's prompt, in every action (its PROMPT_COMMAND re-sets it after a shell's rc files)
+PROMPT = "Apptainer> "
 
 # Runs as `/bin/sh -c LAUNCHER hpcsif ARGS…` inside the container. Override values are passed
 # in variables named __HPCSIF_SET_<KEY> and only ever expanded inside double quotes, so spaces,
@@ -35,6 +40,14 @@ for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
 if [ -n "$__HPCSIF_APP" ]; then
   for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done
 fi
+for __k in $__HPCSIF_HOST; do
+  eval "[ -n \"\${$__k+x}\" ] || export $__k=\"\${__HPCSIF_HOST_$__k}\""; unset "__HPCSIF_HOST_$__k"
+done
+__o=$IFS; IFS=:
+for __k in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; do
+  case ":$PATH:" in *":$__k:"*) ;; *) PATH="${PATH:+$PATH:}$__k" ;; esac
+done
+IFS=$__o; unset __o
 for __k in $__HPCSIF_SET; do eval "export $__k=\"\${__HPCSIF_SET_$__k}\""; unset "__HPCSIF_SET_$__k"; done
 [ -n "$__HPCSIF_PREPEND_PATH" ] && PATH="$__HPCSIF_PREPEND_PATH:$PATH"
 [ -n "$__HPCSIF_APPEND_PATH" ] && PATH="$PATH:$__HPCSIF_APPEND_PATH"
@@ -45,7 +58,7 @@ case ":$LD_LIBRARY_PATH:" in
 esac
 export PATH LD_LIBRARY_PATH
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
-unset __f __k __HPCSIF_SET __HPCSIF_ACTION __HPCSIF_APP
+unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 case $__a in
 exec) unset __a __app; exec "$@" ;;
@@ -68,6 +81,25 @@ shell)
   exec /bin/sh "$@" ;;
 esac
 """
+
+
+def host_environ() -> dict[str, str]:
+    """This process's environment, less the ``LC_CTYPE`` Python's C-locale coercion (PEP 538) added.
+
+    The coercion sets ``LC_CTYPE=C.UTF-8`` in ``os.environ`` when the caller's locale is C or
+    unset; the container must not see it, since the caller never set it. ``/proc/self/environ``
+    still holds the environment the process was started with.
+    """
+    env = dict(os.environ)
+    if "LC_CTYPE" in env:
+        try:
+            with open("/proc/self/environ", "rb") as f:
+                initial = f.read().split(b"\0")
+        except OSError:
+            return env
+        if not any(item.startswith(b"LC_CTYPE=") for item in initial):
+            del env["LC_CTYPE"]
+    return env
 
 
 def parse_assignments(items: list[str], what: str = "--env") -> dict[str, str]:
@@ -121,14 +153,19 @@ def build_env(
     pass_prefixes: tuple[str, ...] = (),
     extra: dict[str, str] | None = None,
     ld_paths: list[str] | None = None,
+    bind_dests: list[str] | None = None,
 ) -> dict[str, str]:
     """The environment the launcher starts with (see the module docstring for precedence).
 
     *pass_prefixes* are kept even with ``--cleanenv`` (MPI profiles: ``SLURM_``, ``PMIX_``…);
     *extra* are engine-provided values (GPU, MPI) that the image may not override;
-    *ld_paths* go on ``LD_LIBRARY_PATH`` before ``/.singularity.d/libs``.
+    *ld_paths* go on ``LD_LIBRARY_PATH`` before ``/.singularity.d/libs``;
+    *bind_dests* (the user's ``-B`` destinations) become ``APPTAINER_BIND`` inside.
+    Host variables travel as ``__HPCSIF_HOST_<NAME>`` (listed in ``__HPCSIF_HOST``) so that
+    the image's scripts cannot see them, as in Apptainer.
     """
     result: dict[str, str] = {}
+    hidden: dict[str, str] = {}
     overrides: dict[str, str] = {}
     for key, value in host.items():
         if key.startswith(_PREFIXES):
@@ -139,7 +176,8 @@ def build_env(
         if key.startswith("__HPCSIF") or key in NOT_FROM_HOST:
             continue
         if not cleanenv or key in CLEANENV_KEEP or key.startswith(pass_prefixes):
-            result[key] = value
+            # a name the shell cannot hold cannot be set by the image either: pass it as is
+            (hidden if _NAME.match(key) else result)[key] = value
     for path in env_files:
         overrides.update(parse_env_file(path))
     overrides.update(parse_assignments(env))
@@ -153,16 +191,21 @@ def build_env(
         APPTAINER_NAME=base,
         SINGULARITY_NAME=base,
         APPTAINER_COMMAND=action,
-        SINGULARITY_COMMAND=action,
+        APPTAINER_APPNAME=app or "",
+        APPTAINER_BIND=",".join(bind_dests or []),
+        SINGULARITY_BIND=",".join(bind_dests or []),
+        PS1=PROMPT,
+        PROMPT_COMMAND=f'PS1="{PROMPT}"; unset PROMPT_COMMAND',
         APPTAINER_ENVIRONMENT="/.singularity.d/env/91-environment.sh",
         SINGULARITY_ENVIRONMENT="/.singularity.d/env/91-environment.sh",
         __HPCSIF_ACTION=action,
     )
-    if action == "shell":
-        result["PS1"] = f"hpcsif {base}:\\w> "
     if app:
-        result["__HPCSIF_APP"] = app
-        result["APPTAINER_APPNAME"] = result["SINGULARITY_APPNAME"] = app
+        result["__HPCSIF_APP"] = result["SINGULARITY_APPNAME"] = app
+    hidden = {k: v for k, v in hidden.items() if k not in result}
+    if hidden:
+        result[_HOST] = " ".join(hidden)
+        result.update((f"{_HOST}_{k}", v) for k, v in hidden.items())
     for special in ("PREPEND_PATH", "APPEND_PATH"):
         if special in overrides:
             result[f"__HPCSIF_{special}"] = overrides.pop(special)
@@ -179,14 +222,18 @@ def direct_env(launcher_env: dict[str, str], image_env: list[str]) -> dict[str, 
     """What :data:`LAUNCHER` would compute, for an image with no shell to run it.
 
     ``launcher_env`` is :func:`build_env`'s result; ``image_env`` the image's ``Env`` (from the
-    SIF's ``oci-config.json``). Same precedence: image values are defaults a host value
-    overrides, ``PATH`` comes from the image, explicit overrides win over both.
+    SIF's ``oci-config.json``). Same precedence: image values win over the host's, the default
+    ``PATH`` directories are appended to the image's, explicit overrides win over both.
     """
     env = {k: v for k, v in launcher_env.items() if not k.startswith("__HPCSIF")}
     for item in image_env:
         key, _, value = item.partition("=")
-        if key == "PATH" or (_NAME.match(key) and not env.get(key)):
+        if _NAME.match(key):
             env[key] = value
+    for key in launcher_env.get(_HOST, "").split():
+        env.setdefault(key, launcher_env[f"{_HOST}_{key}"])
+    path = [p for p in env["PATH"].split(":") if p]
+    env["PATH"] = ":".join(path + [p for p in DEFAULT_PATH.split(":") if p not in path])
     for key in launcher_env.get(_OVERRIDE, "").split():
         env[key] = launcher_env[f"{_OVERRIDE}_{key}"]
     if launcher_env.get("__HPCSIF_PREPEND_PATH"):

@@ -84,7 +84,7 @@ def test_env_precedence_and_spaces(run, images, pub_tmp):
     assert res.returncode == 0, res.stderr
     greeting, imgvar, hostvar, fromfile, spaced, container, name = res.stdout.split("|")[:7]
     assert greeting == "from file"  # --env-file beats the image
-    assert imgvar == "host wins"  # image values are defaults
+    assert imgvar == "image default"  # Apptainer 1.4: the image's value wins over the host's
     assert hostvar == "host value with spaces"
     assert fromfile == "file value"
     assert spaced == "x  y  z"
@@ -99,7 +99,30 @@ def test_env_precedence_and_spaces(run, images, pub_tmp):
         'echo "[$HOSTVAR][$GREETING][$PATH]"',
         env={"HOSTVAR": "x"},
     )
-    assert res.stdout.strip() == "[][hello world][/usr/local/bin:/usr/bin:/bin]"
+    # the default PATH directories the image's PATH lacks are appended, as Apptainer does
+    assert (
+        res.stdout.strip() == "[][hello world][/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin]"
+    )
+
+
+def test_apptainer_variables_and_prompt(run, images, pub_tmp):
+    """APPTAINER_BIND/APPTAINER_CLEANENV act as -B/--cleanenv; PS1 and in-container values as Apptainer's."""
+    script = 'ls /mnt9; echo "[$HOSTVAR][$APPTAINER_BIND][$APPTAINER_APPNAME][$PS1]"'
+    (pub_tmp / "marker").write_text("")
+    env = {"APPTAINER_BIND": f"{pub_tmp}:/mnt9", "APPTAINER_CLEANENV": "1", "HOSTVAR": "x"}
+    res = run("exec", str(images.sif), "sh", "-c", script, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "marker" in res.stdout
+    assert res.stdout.splitlines()[-1] == "[][/mnt9][][Apptainer> ]"
+
+
+def test_no_coerced_locale_inside(images):
+    """Python's C-locale coercion sets LC_CTYPE in hpcsif's environment; the container must not get it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG"))}
+    cmd = hpcsif_cmd("exec", str(images.sif), "sh", "-c", 'echo "${LC_CTYPE-unset}"')
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "unset\n"
 
 
 @pytest.mark.parametrize("code", [0, 1, 42])
@@ -132,7 +155,7 @@ def test_scif_app(run, images):
 
 
 def test_shell_noninteractive(run, images):
-    res = run("shell", str(images.sif), stdin="echo in-shell $SINGULARITY_COMMAND; exit 5\n")
+    res = run("shell", str(images.sif), stdin="echo in-shell $APPTAINER_COMMAND; exit 5\n")
     assert res.returncode == 5
     assert "in-shell shell" in res.stdout
 

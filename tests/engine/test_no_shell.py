@@ -48,7 +48,11 @@ def test_exec_environment_and_exit_codes(distroless: Path) -> None:
         'echo "$GREETING|$HOSTWINS|$SET|$PATH"',
         env={"HOSTWINS": "host"},
     ).stdout
-    assert out == "from the image|host|by flag|/app\n"
+    # as in Apptainer 1.4 the image's value wins over the host's; default PATH dirs are appended
+    assert (
+        out
+        == "from the image|image|by flag|/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    )
     proc = run_cli("exec", str(distroless), "busybox", "sh", "-c", "exit 42", check=False)
     assert proc.returncode == 42
     proc = subprocess.run(

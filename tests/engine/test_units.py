@@ -56,7 +56,7 @@ def test_build_env_precedence():
     env = build_env(
         host, action="exec", cleanenv=False, env=["FOO=cli value"], env_files=[], image="/x/a.sif", home="/h"
     )
-    assert env["PATH"] != "/host/bin" and "LD_LIBRARY_PATH" not in env and env["KEEP"] == "1"
+    assert env["PATH"] != "/host/bin" and "LD_LIBRARY_PATH" not in env and env["__HPCSIF_HOST_KEEP"] == "1"
     assert env["__HPCSIF_SET"] == "FOO" and env["__HPCSIF_SET_FOO"] == "cli value"  # --env beats *ENV_
     assert env["SINGULARITY_NAME"] == "a.sif" and env["HOME"] == "/h"
     clean = build_env(
@@ -69,8 +69,10 @@ def test_build_env_precedence():
         home="/h",
         pass_prefixes=("SLURM_",),
     )
-    assert "KEEP" not in clean and clean["TERM"] == "xterm" and clean["SLURM_PROCID"] == "2"
-    assert clean["__HPCSIF_SET_FOO"] == "s" and "a.sif" in clean["PS1"]
+    # host values are hidden from the image's scripts: the launcher restores those left unset
+    assert "KEEP" not in clean and clean["__HPCSIF_HOST_TERM"] == "xterm"
+    assert clean["__HPCSIF_HOST_SLURM_PROCID"] == "2" and "TERM" in clean["__HPCSIF_HOST"].split()
+    assert clean["__HPCSIF_SET_FOO"] == "s" and clean["PS1"] == "Apptainer> "
     with pytest.raises(UsageError):
         build_env({}, action="exec", cleanenv=False, env=["1BAD=x"], env_files=[], image="/a", home="/h")
 
