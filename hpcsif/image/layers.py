@@ -33,8 +33,9 @@ Permissions (like Apptainer's fix-perms): every file becomes readable by all (an
 executable by all where any execute bit is set), every directory readable and traversable
 by all; setuid and setgid bits are removed (they are never usable in a container),
 sticky bits are kept. Character and block devices are dropped (counted in
-``FlattenStats.skipped["device"]``); FIFOs are kept. Extended attributes (file
-capabilities, SELinux labels) are dropped like setuid bits. Owners and mtimes are kept.
+``FlattenStats.skipped["device"]``); FIFOs are kept; an entry of unknown type is a
+``LayerError``. Extended attributes (file capabilities, SELinux labels) are dropped like
+setuid bits. Owners and mtimes are kept.
 
 Hostile layers, decided per case:
 
@@ -358,7 +359,7 @@ _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tar
 
 
 def _kind(ti: tarfile.TarInfo) -> str:
-    """One of "reg", "dir", "sym", "lnk", "fifo", "dev" for a tar member."""
+    """One of "reg", "dir", "sym", "lnk", "fifo", "dev" or "unknown" for a tar member."""
     t = ti.type
     if t in _REG_TYPES:
         return "reg"
@@ -370,7 +371,9 @@ def _kind(ti: tarfile.TarInfo) -> str:
         return "lnk"
     if t == tarfile.FIFOTYPE:
         return "fifo"
-    return "dev"
+    if t in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        return "dev"
+    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------
@@ -710,6 +713,8 @@ class _Merger:
         if kind == "dev":
             self.stats.skip("device")
             return
+        if kind == "unknown":  # as Apptainer (umoci) does: never guess what such an entry is
+            raise LayerError(f"layer {lay.label}: entry {ti.name!r} has an unknown type flag {ti.type!r}")
         if name in self.pending:
             self._resolve_pending(lay, name, ti, kind, data)
             return

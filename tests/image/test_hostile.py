@@ -115,6 +115,15 @@ def test_invalid_whiteout_is_refused(tmp_path: Path):
     _flatten_fails([lay], "invalid whiteout")
 
 
+def test_unknown_entry_type_is_refused(tmp_path: Path):
+    """An unknown typeflag is an error, as in Apptainer, not a silently missing file."""
+    ti = tarfile.TarInfo("weird")
+    ti.type = b"Z"
+    lay = layer(tmp_path, [file("ok", "1"), ti])
+    _flatten_fails([lay], "entry 'weird' has an unknown type flag")
+    _extract_fails([lay], tmp_path / "box", "unknown type flag")
+
+
 def test_non_directory_root_entry_is_refused(tmp_path: Path):
     ti = tarfile.TarInfo("./")
     ti.type = tarfile.SYMTYPE
