@@ -229,7 +229,9 @@ class _Plan:
                 continue  # already there: the host's /dev is bound whole
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
             args += [kind, b.src, b.dst]
-        args += ["--ro-bind-data", self._data(self._passwd()), "/etc/passwd"]
+        # as Apptainer, root gets the image's own /etc/passwd: its entry is already there
+        if self.user.pw_uid != 0 or _missing_parent(self.root, "/etc/passwd") is not None:
+            args += ["--ro-bind-data", self._data(self._passwd()), "/etc/passwd"]
         args += ["--ro-bind-data", self._data(self._group()), "/etc/group"]
         if self.underlaid and not opts.writable_tmpfs:
             for d in sorted(self.underlaid, key=len):
@@ -292,7 +294,7 @@ class _Plan:
         return "\n".join(lines) + "\n"
 
     def _group(self) -> str:
-        """The image's /etc/group with the caller's primary group."""
+        """The image's /etc/group with the caller's primary group (root's: added to the image's lines)."""
         import grp
 
         gid = self.user.pw_gid
@@ -300,7 +302,10 @@ class _Plan:
             name = grp.getgrgid(gid).gr_name
         except KeyError:
             name = str(gid)
-        lines = self._image_lines("etc/group", lambda f: f[0] == name or (len(f) > 2 and f[2] == str(gid)))
+        root = self.user.pw_uid == 0
+        lines = self._image_lines(
+            "etc/group", lambda f: not root and (f[0] == name or (len(f) > 2 and f[2] == str(gid)))
+        )
         lines.append(f"{name}:x:{gid}:{self.user.pw_name}")
         return "\n".join(lines) + "\n"
 

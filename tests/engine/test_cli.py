@@ -352,3 +352,13 @@ def test_exec_image_reference_through_the_cache(busybox_oci_layout):
     )
     assert res.stdout == "hello from the etc layer\n", res.stderr
     assert not fuse_mounts()
+
+
+def test_root_sees_image_passwd(run, images):
+    """As Apptainer, root's /etc/passwd is the image's own; /etc/group keeps root's line and adds one."""
+    if run.user is not None:
+        pytest.skip("root only")
+    res = run("exec", str(images.sif), "sh", "-c", "cat /etc/passwd; echo ---; cat /etc/group")
+    passwd, group = res.stdout.split("---\n")
+    assert passwd == "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+    assert group.splitlines() == ["root:x:0:", "nogroup:x:65534:", "root:x:0:root"]
