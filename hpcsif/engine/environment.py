@@ -61,7 +61,26 @@ __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
 unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 case $__a in
-exec) unset __a __app; exec "$@" ;;
+exec)
+  # resolve the command first, as Apptainer does: its messages, exit status 255, full argv[0]
+  unset __a __app; __c=$1
+  case $__c in
+  */*) ;;
+  *)
+    __o=$IFS; IFS=:
+    for __d in $PATH; do
+      if [ -f "${__d:-.}/$1" ] && [ -x "${__d:-.}/$1" ]; then __c=${__d:-.}/$1; break; fi
+    done
+    IFS=$__o
+    case $__c in
+    */*) ;;
+    *) echo "FATAL:   \"$1\": executable file not found in \$PATH" >&2; exit 255 ;;
+    esac ;;
+  esac
+  if [ ! -e "$__c" ]; then echo "FATAL:   stat $__c: no such file or directory" >&2; exit 255; fi
+  if [ -d "$__c" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
+  if [ ! -x "$__c" ]; then echo "FATAL:   permission denied" >&2; exit 255; fi
+  shift; exec "$__c" "$@" ;;
 run)
   if [ -n "$__app" ]; then __r="/scif/apps/$__app/scif/runscript"; else __r=/.singularity.d/runscript; fi
   unset __a __app

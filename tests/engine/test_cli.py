@@ -134,6 +134,25 @@ def test_exit_code_of_signal(run, images):
     assert run("exec", str(images.sif), "sh", "-c", "kill -KILL $$").returncode == 128 + signal.SIGKILL
 
 
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("nosuchcmd", '"nosuchcmd": executable file not found in $PATH'),
+        ("/no/such", "stat /no/such: no such file or directory"),
+        ("/etc/passwd", "permission denied"),
+        ("/etc", "is a directory"),
+    ],
+)
+def test_exec_of_what_cannot_run(run, images, command, message):
+    """Apptainer's one-line messages and exit status 255 for a command that cannot be started."""
+    res = run("exec", str(images.sif), command)
+    assert (res.returncode, res.stderr) == (255, f"FATAL:   {message}\n")
+
+
+def test_exec_resolves_the_command_on_path(run, images):
+    assert run("exec", str(images.sif), "sh", "-c", 'echo "$0"').stdout == "/bin/sh\n"
+
+
 def test_stdin(run, images):
     res = run("exec", str(images.sif), "wc", "-l", stdin="one\ntwo\nthree\n")
     assert res.stdout.strip() == "3"
