@@ -58,6 +58,13 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
         help="--contain plus --cleanenv and private PID/IPC namespaces",
     )
     a("--writable-tmpfs", action="store_true", help="writable root file system; changes are discarded")
+    a(
+        "--no-mount",
+        action="append",
+        default=[],
+        metavar="LIST",
+        help="leave out default mounts: home, tmp, cwd, bind-paths or a destination path (comma-separated)",
+    )
     a("-H", "--home", metavar="SRC[:DST]", help="home directory to bind (and set as $HOME)")
     a("--no-home", action="store_true", help="do not bind the home directory")
     a("--nv", action="store_true", help="NVIDIA GPU devices and driver libraries")
@@ -93,6 +100,7 @@ def handle(args: argparse.Namespace) -> int:
         rocm=args.rocm,
         mpi=args.mpi,
         app=args.app,
+        no_mount=_no_mount(args.no_mount),
     )
     engine = select_engine(args.engine)
     image = args.image
@@ -138,8 +146,23 @@ def _flags_from_environment(args: argparse.Namespace) -> None:
             setattr(args, dest, value(dest))
     if value("bind"):
         args.bind = [value("bind"), *args.bind]
+    if value("no_mount") and not args.no_mount:
+        args.no_mount = [value("no_mount")]
     if value("env_file") and not args.env_file:
         args.env_file = [value("env_file")]
+
+
+def _no_mount(specs: list[str]) -> list[str]:
+    """``--no-mount`` values as a list; an unknown name is ignored with Apptainer's warning."""
+    import logging
+
+    from hpcsif.engine.binds import NO_MOUNT
+
+    names = [n.strip() for spec in specs for n in spec.split(",") if n.strip()]
+    for name in names:
+        if name not in NO_MOUNT and not name.startswith("/"):
+            logging.getLogger(__name__).warning("Ignoring unknown mount type '%s'", name)
+    return names
 
 
 def _check_trusted(path: os.PathLike) -> None:

@@ -59,6 +59,8 @@ class ApptainerEngine(Engine):
         for flag, value in (("--pwd", opts.pwd), ("--home", opts.home), ("--app", opts.app)):
             if value:
                 cmd += [flag, value]
+        if opts.no_mount:
+            cmd += ["--no-mount", ",".join(opts.no_mount)]
         for item in opts.env:
             cmd += ["--env", item]
         for path in opts.env_files:

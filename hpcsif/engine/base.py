@@ -39,6 +39,8 @@ class LaunchOptions:
     mpi: str | None = None  # --mpi PROFILE (name in conf/mpi or a .toml path)
     app: str | None = None  # --app NAME (SCIF app)
     sandbox: bool = False  # the image is a directory (set by the caller when it is)
+    #: --no-mount: default mounts left out (home, tmp, cwd, bind-paths or a destination path)
+    no_mount: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

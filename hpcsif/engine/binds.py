@@ -71,21 +71,37 @@ def parse_home(spec: str | None, default_home: str) -> tuple[str, str]:
     return src, os.path.normpath(dst) if dst else src
 
 
+#: what ``--no-mount`` names, besides a destination path (Apptainer's ``hostfs``/``devpts``
+#: are off here anyway); ``proc``/``sys``/``dev`` are always mounted by this engine
+NO_MOUNT = ("home", "tmp", "cwd", "bind-paths", "hostfs", "devpts")
+
+
 def default_binds(
-    home_src: str, home_dst: str, *, contain: bool, no_home: bool, home_given: bool, cwd: str | None
+    home_src: str,
+    home_dst: str,
+    *,
+    contain: bool,
+    no_home: bool,
+    home_given: bool,
+    cwd: str | None,
+    no_mount: list[str] | tuple[str, ...] = (),
 ) -> list[Bind]:
     """Apptainer's default host binds (see module docstring); *cwd* None: do not bind it.
 
     Under ``--contain`` the home directory is bound only when ``--home`` named one (*home_given*).
+    *no_mount* (``--no-mount``) leaves out ``home`` (unless named by ``--home``), ``tmp``,
+    ``cwd``, ``bind-paths`` (``/etc/hosts``, ``/etc/localtime``) or a destination path.
     """
-    binds = [
-        Bind("/etc/hosts", "/etc/hosts", readonly=True, optional=True),
-        Bind("/etc/localtime", "/etc/localtime", readonly=True, optional=True),
-    ]
-    if not contain:
+    binds = []
+    if "bind-paths" not in no_mount:
+        binds += [
+            Bind("/etc/hosts", "/etc/hosts", readonly=True, optional=True),
+            Bind("/etc/localtime", "/etc/localtime", readonly=True, optional=True),
+        ]
+    if not contain and "tmp" not in no_mount:
         binds += [Bind("/tmp", "/tmp", optional=True), Bind("/var/tmp", "/var/tmp", optional=True)]
-    if not no_home and (home_given or not contain):
+    if not no_home and (home_given or (not contain and "home" not in no_mount)):
         binds.append(Bind(home_src, home_dst, optional=not home_given))
-    if cwd and not contain:
+    if cwd and not contain and "cwd" not in no_mount:
         binds.append(Bind(cwd, cwd, optional=True))
-    return binds
+    return [b for b in binds if b.dst not in no_mount]

@@ -159,6 +159,7 @@ class _Plan:
             no_home=opts.no_home,
             home_given=bool(opts.home),
             cwd=cwd,
+            no_mount=opts.no_mount,
         )
         if os.path.exists("/etc/resolv.conf"):
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
@@ -216,6 +217,15 @@ class _Plan:
         if opts.contain:
             dests += [self.home, "/tmp", "/var/tmp"]
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
+        if not opts.pwd and workdir == self.cwd and not self._visible(workdir):
+            # --no-mount cwd and the image lacks it: Apptainer's fallback and warning
+            log.warning(
+                "Error changing the container working directory. Using '%s' instead: "
+                "chdir %s: no such file or directory",
+                self.home,
+                workdir,
+            )
+            workdir = self.home
         dests.append(workdir)
         args += self._root(dests)
         args += ["--proc", "/proc", "--ro-bind", "/sys", "/sys"]
@@ -245,6 +255,13 @@ class _Plan:
 
             return [*args, "--", *direct_argv(opts.action, opts.command, self.direct, self.image)]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
+
+    def _visible(self, path: str) -> bool:
+        """Whether *path* will exist in the container: inside a bind, or a directory of the image."""
+        for b in reversed(self.binds):  # the deepest bind holding *path* decides
+            if path == b.dst or path.startswith(b.dst.rstrip("/") + "/"):
+                return os.path.isdir(b.src + path[len(b.dst) :])
+        return _missing_parent(self.root, path) is None
 
     def _root(self, dests: list[str]) -> list[str]:
         """Mount the image at / with tmpfs underlays where a destination is missing in it."""

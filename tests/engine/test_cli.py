@@ -381,3 +381,25 @@ def test_root_sees_image_passwd(run, images):
     passwd, group = res.stdout.split("---\n")
     assert passwd == "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
     assert group.splitlines() == ["root:x:0:", "nogroup:x:65534:", "root:x:0:root"]
+
+
+def test_no_mount(run, images, pub_tmp):
+    """--no-mount tmp,bind-paths: the image's /tmp and /etc/hosts; unknown names only warn."""
+    (pub_tmp / "marker").write_text("")
+    script = f"ls {pub_tmp}/marker 2>/dev/null || echo no-host-tmp; wc -c < /etc/hosts"
+    res = run(
+        "exec", "--no-mount", "tmp", "--no-mount", "bind-paths,bogus", str(images.sif), "sh", "-c", script
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["no-host-tmp", "0"]  # the test image's /etc/hosts is empty
+    assert "Ignoring unknown mount type 'bogus'" in res.stderr
+
+
+def test_no_mount_cwd_falls_back_to_home(images, pub_tmp):
+    """Apptainer: a working directory the container lacks gives a warning and $HOME instead."""
+    cmd = hpcsif_cmd("exec", "--no-mount", "cwd,tmp", "--home", f"{pub_tmp}:/hh", str(images.sif), "pwd")
+    work = pub_tmp / "work"
+    work.mkdir()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=60)
+    assert (res.returncode, res.stdout) == (0, "/hh\n"), res.stderr
+    assert f"Using '/hh' instead: chdir {work}: no such file or directory" in res.stderr
