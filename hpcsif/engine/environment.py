@@ -86,13 +86,13 @@ run)
   unset __a __app
   if [ -x "$__r" ]; then exec "$__r" "$@"; fi
   if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
-  echo "hpcsif: no runscript ($__r) in the container, starting /bin/sh" >&2
+  echo "INFO:    No runscript found in container, executing /bin/sh" >&2
   exec /bin/sh "$@" ;;
 test)
   if [ -n "$__app" ]; then __r="/scif/apps/$__app/scif/test"; else __r=/.singularity.d/test; fi
   unset __a __app
   if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
-  echo "hpcsif: no test script found in the container ($__r)" >&2; exit 0 ;;
+  echo "INFO:    No test script found in container, exiting" >&2; exit 0 ;;
 shell)
   unset __a __app
   if [ -n "$SINGULARITY_SHELL" ] && [ -x "$SINGULARITY_SHELL" ]; then exec "$SINGULARITY_SHELL" "$@"; fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -403,3 +404,16 @@ def test_no_mount_cwd_falls_back_to_home(images, pub_tmp):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=60)
     assert (res.returncode, res.stdout) == (0, "/hh\n"), res.stderr
     assert f"Using '/hh' instead: chdir {work}: no such file or directory" in res.stderr
+
+
+def test_missing_runscript_and_test_messages(images, tmp_path):
+    """Apptainer's INFO lines when the image has no runscript or no test script."""
+    sandbox = tmp_path / "bare"
+    shutil.copytree(images.sandbox, sandbox, symlinks=True)
+    (sandbox / ".singularity.d/runscript").unlink()
+    (sandbox / ".singularity.d/test").unlink()
+    res = subprocess.run(hpcsif_cmd("run", str(sandbox), "-c", "echo ran"), capture_output=True, text=True)
+    assert (res.returncode, res.stdout) == (0, "ran\n")
+    assert res.stderr == "INFO:    No runscript found in container, executing /bin/sh\n"
+    res = subprocess.run(hpcsif_cmd("test", str(sandbox)), capture_output=True, text=True)
+    assert (res.returncode, res.stderr) == (0, "INFO:    No test script found in container, exiting\n")
