@@ -103,12 +103,17 @@ class LayerBlob:
 
 @dataclass(frozen=True)
 class ExtraFile:
-    """A file, directory (``data is None``) or symlink laid over all layers."""
+    """A file, directory (``data is None``) or symlink laid over all layers.
+
+    With ``under`` it is laid under all layers instead: it appears only where the image
+    has nothing at that path (Apptainer's base directories such as ``/var/tmp``).
+    """
 
     path: str
     data: bytes | None = None
     mode: int = 0o644
     symlink: str | None = None
+    under: bool = False
 
 
 @dataclass
@@ -938,9 +943,9 @@ def _member_data(tf: tarfile.TarFile, stream: _LayerStream, ti: tarfile.TarInfo)
     return _Content(stream, ti.size)  # type: ignore[return-value]
 
 
-def _extra_layer(merger: _Merger, extra: Sequence[ExtraFile]) -> None:
-    """Lay the extra files over everything (level 0)."""
-    lay = _Layer(0, LayerBlob(Path("<extra files>"), "", None, None))
+def _extra_layer(merger: _Merger, extra: Sequence[ExtraFile], level: int) -> None:
+    """Merge the extra files as one layer at ``level`` (0 is over everything)."""
+    lay = _Layer(level, LayerBlob(Path("<extra files>"), "", None, None))
     for ef in extra:
         ti = tarfile.TarInfo(ef.path)
         ti.mode = ef.mode
@@ -966,7 +971,7 @@ def _merge(
         b.size if b.size is not None else os.stat(b.path).st_size for b in layers if os.path.exists(b.path)
     )
     merger = _Merger(sink, stats, total, progress)
-    _extra_layer(merger, extra)
+    _extra_layer(merger, [ef for ef in extra if not ef.under], 0)
     order = list(reversed(layers))
     ahead: _LayerStream | None = None
     try:
@@ -982,6 +987,7 @@ def _merge(
     finally:
         if ahead is not None:
             ahead.close()
+    _extra_layer(merger, [ef for ef in extra if ef.under], len(order) + 1)
     merger.finish()
 
 
@@ -994,9 +1000,10 @@ def flatten(
 ) -> FlattenStats:
     """Write the merged root filesystem of ``layers`` (bottom first) to ``out`` as one PAX tar.
 
-    ``extra`` files are laid over all layers. ``progress(done, total)`` is called with
-    compressed bytes read so far and in all. Raises :class:`LayerError` or
-    :class:`IntegrityError` (after part of the stream may have been written).
+    ``extra`` files are laid over all layers (under them where ``under``). ``progress(done,
+    total)`` is called with compressed bytes read so far and in all. Raises
+    :class:`LayerError` or :class:`IntegrityError` (after part of the stream may have been
+    written).
     """
     stats = FlattenStats()
     sink = _TarSink(out, stats)

@@ -101,6 +101,22 @@ unset SING_USER_DEFINED_PREPEND_PATH SING_USER_DEFINED_APPEND_PATH SING_USER_DEF
 export PATH
 """
 
+#: what Apptainer adds under every image where the image has nothing: mount points for
+#: the runtime (without /var/tmp, ``apptainer exec`` warns that it cannot mount it); its
+#: empty /etc/hosts and /etc/resolv.conf are left out (the runtimes bind them without)
+BASE_TREE = [
+    *(ExtraFile(p, None, 0o755, under=True) for p in ("dev", "etc", "home", "proc", "root", "sys", "tmp")),
+    ExtraFile("var", None, 0o755, under=True),
+    ExtraFile("var/tmp", None, 0o755, under=True),
+    # Singularity 2's entry points, which Apptainer still adds
+    *(
+        ExtraFile(f".{a}", symlink=f".singularity.d/actions/{a}", under=True)
+        for a in ("exec", "run", "shell", "test")
+    ),
+    ExtraFile("environment", symlink=".singularity.d/env/90-environment.sh", under=True),
+    ExtraFile("singularity", symlink=".singularity.d/runscript", under=True),
+]
+
 # env scripts every image gets; not part of what `inspect --environment` shows
 BASE_ENV = {
     f"{SD}/env/01-base.sh": ENV_BASE,
@@ -179,8 +195,8 @@ class Metadata:
     apps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def files(self) -> list[ExtraFile]:
-        """The ``/.singularity.d`` tree as files to lay over the image."""
-        out = [ExtraFile(SD, None, 0o755), ExtraFile(f"{SD}/env", None, 0o755)]
+        """The ``/.singularity.d`` tree as files to lay over the image, and the base tree under it."""
+        out = [*BASE_TREE, ExtraFile(SD, None, 0o755), ExtraFile(f"{SD}/env", None, 0o755)]
         out += [ExtraFile(f"{SD}/actions", None, 0o755), ExtraFile(f"{SD}/libs", None, 0o755)]
         out += [ExtraFile(f"{SD}/actions/{n}", s.encode(), 0o755) for n, s in sorted(ACTIONS.items())]
         env = {**BASE_ENV, **self.environment}
