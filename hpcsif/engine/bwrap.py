@@ -217,13 +217,14 @@ class _Plan:
         if opts.contain:
             dests += [self.home, "/tmp", "/var/tmp"]
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
-        if not opts.pwd and workdir == self.cwd and not self._visible(workdir):
-            # --no-mount cwd and the image lacks it: Apptainer's fallback and warning
+        reason = None if opts.pwd or opts.contain else self._cannot_enter(workdir)
+        if reason:
+            # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback
             log.warning(
-                "Error changing the container working directory. Using '%s' instead: "
-                "chdir %s: no such file or directory",
+                "Error changing the container working directory. Using '%s' instead: chdir %s: %s",
                 self.home,
                 workdir,
+                reason,
             )
             workdir = self.home
         dests.append(workdir)
@@ -256,12 +257,20 @@ class _Plan:
             return [*args, "--", *direct_argv(opts.action, opts.command, self.direct, self.image)]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 
-    def _visible(self, path: str) -> bool:
-        """Whether *path* will exist in the container: inside a bind, or a directory of the image."""
+    def _cannot_enter(self, path: str) -> str | None:
+        """Why *path* cannot be the working directory inside (None if it can): bound or the image's."""
         for b in reversed(self.binds):  # the deepest bind holding *path* decides
             if path == b.dst or path.startswith(b.dst.rstrip("/") + "/"):
-                return os.path.isdir(b.src + path[len(b.dst) :])
-        return _missing_parent(self.root, path) is None
+                host = b.src + path[len(b.dst) :]
+                try:
+                    if not stat.S_ISDIR(os.stat(host).st_mode):
+                        return "not a directory"
+                except PermissionError:
+                    return "permission denied"
+                except OSError:
+                    return "no such file or directory"
+                return None if os.access(host, os.X_OK) else "permission denied"
+        return None if _missing_parent(self.root, path) is None else "no such file or directory"
 
     def _root(self, dests: list[str]) -> list[str]:
         """Mount the image at / with tmpfs underlays where a destination is missing in it."""

@@ -417,3 +417,13 @@ def test_missing_runscript_and_test_messages(images, tmp_path):
     assert res.stderr == "INFO:    No runscript found in container, executing /bin/sh\n"
     res = subprocess.run(hpcsif_cmd("test", str(sandbox)), capture_output=True, text=True)
     assert (res.returncode, res.stderr) == (0, "INFO:    No test script found in container, exiting\n")
+
+
+def test_unenterable_cwd_falls_back_to_home(images, unpriv_user, tmp_path):
+    """A user started in a directory they may not enter gets $HOME and a warning, not a failure."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    cmd, env = as_user(unpriv_user, hpcsif_cmd("exec", str(images.sif), "pwd"))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=locked, timeout=60)
+    assert (res.returncode, res.stdout) == (0, f"{unpriv_user.home}\n"), res.stderr
+    assert f"chdir {locked}: permission denied" in res.stderr
