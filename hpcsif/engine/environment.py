@@ -32,6 +32,9 @@ PROMPT = "Apptainer> "
 # Runs as `/bin/sh -c LAUNCHER hpcsif ARGS…` inside the container. Override values are passed
 # in variables named __HPCSIF_SET_<KEY> and only ever expanded inside double quotes, so spaces,
 # quotes and `$` in them survive untouched; the key names are checked by Python beforehand.
+# Values of --env and APPTAINERENV_* are, as in Apptainer, evaluated like a double-quoted shell
+# word after the image's scripts ran (`--env 'PATH=$PATH:/x'`): those come as __HPCSIF_EXP_<KEY>
+# with `"` and `\` escaped, so only `$…` and command substitution take effect.
 LAUNCHER = r"""
 # tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error)
 if [ -n "$__HPCSIF_READY" ]; then printf x > "/proc/self/fd/$__HPCSIF_READY"; fi
@@ -48,7 +51,14 @@ for __k in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; do
   case ":$PATH:" in *":$__k:"*) ;; *) PATH="${PATH:+$PATH:}$__k" ;; esac
 done
 IFS=$__o; unset __o
-for __k in $__HPCSIF_SET; do eval "export $__k=\"\${__HPCSIF_SET_$__k}\""; unset "__HPCSIF_SET_$__k"; done
+for __k in $__HPCSIF_SET; do
+  if eval "[ -n \"\${__HPCSIF_EXP_$__k+x}\" ]"; then
+    eval "__v=\${__HPCSIF_EXP_$__k}"; eval "export $__k=\"$__v\""
+  else
+    eval "export $__k=\"\${__HPCSIF_SET_$__k}\""
+  fi
+  unset "__HPCSIF_SET_$__k" "__HPCSIF_EXP_$__k" __v
+done
 [ -n "$__HPCSIF_PREPEND_PATH" ] && PATH="$__HPCSIF_PREPEND_PATH:$PATH"
 [ -n "$__HPCSIF_APPEND_PATH" ] && PATH="$PATH:$__HPCSIF_APPEND_PATH"
 [ -n "$__HPCSIF_LD_PATH" ] && LD_LIBRARY_PATH="$__HPCSIF_LD_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -133,30 +143,36 @@ def parse_assignments(items: list[str], what: str = "--env") -> dict[str, str]:
 
 
 def parse_env_file(path: str) -> dict[str, str]:
-    """Read ``--env-file``: ``[export ]KEY=VALUE`` lines with shell quoting; ``#`` comments."""
-    import shlex
+    """Evaluate ``--env-file`` as Apptainer does: a shell script run in the caller's environment.
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read env file {path}: {exc.strerror}") from None
-    items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, sep, raw = line.partition("=")
-        try:
-            words = shlex.split(raw, comments=True)
-        except ValueError as exc:
-            raise UsageError(f"{path}:{lineno}: {exc}") from None
-        if not sep or len(words) > 1:
-            raise UsageError(f"{path}:{lineno}: expected NAME=VALUE (quote values with spaces)")
-        items.append(f"{key}={words[0] if words else ''}")
-    return parse_assignments(items, f"{path}")
+    Quoting, ``$VAR`` and ``$(…)`` work as in a shell (the host's ``/bin/sh``, with ``set -e``);
+    returns the variables the file sets or changes. A failing line is a :class:`UsageError`.
+    """
+    import subprocess
+
+    path = os.path.abspath(path)
+    if not os.access(path, os.R_OK) or not os.path.isfile(path):
+        raise UsageError(f"cannot read env file {path}")
+    marker = b"\0__HPCSIF_ENV_FILE__\0"
+    script = 'env -0; printf "\\0__HPCSIF_ENV_FILE__\\0"; set -ae; . "$1" >/dev/null; env -0'
+    proc = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", path], capture_output=True, stdin=subprocess.DEVNULL
+    )
+    if proc.returncode != 0 or marker not in proc.stdout:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines() or [f"status {proc.returncode}"]
+        raise UsageError(f"env file {path}: {lines[-1]}")
+
+    def parse(block: bytes) -> dict[str, str]:
+        items = (item.decode(errors="surrogateescape").partition("=") for item in block.split(b"\0") if item)
+        return {k: v for k, _, v in items}
+
+    before_raw, _, after_raw = proc.stdout.partition(marker)
+    before, after = parse(before_raw), parse(after_raw)
+    return {
+        k: v
+        for k, v in after.items()
+        if _NAME.match(k) and k not in ("_", "SHLVL", "PWD", "OLDPWD") and before.get(k) != v
+    }
 
 
 def build_env(
@@ -197,9 +213,14 @@ def build_env(
         if not cleanenv or key in CLEANENV_KEEP or key.startswith(pass_prefixes):
             # a name the shell cannot hold cannot be set by the image either: pass it as is
             (hidden if _NAME.match(key) else result)[key] = value
+    expand = set(overrides)
     for path in env_files:
-        overrides.update(parse_env_file(path))
-    overrides.update(parse_assignments(env))
+        from_file = parse_env_file(path)
+        overrides.update(from_file)
+        expand -= set(from_file)
+    flags = parse_assignments(env)
+    overrides.update(flags)
+    expand = (expand | set(flags)) - set(extra or {})
     overrides.update(extra or {})
     base = os.path.basename(image)
     result.update(
@@ -234,6 +255,8 @@ def build_env(
         result[_OVERRIDE] = " ".join(overrides)
         for key, value in overrides.items():
             result[f"{_OVERRIDE}_{key}"] = value
+            if key in expand:
+                result[f"__HPCSIF_EXP_{key}"] = value.replace("\\", "\\\\").replace('"', '\\"')
     return result
 
 

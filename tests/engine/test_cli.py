@@ -427,3 +427,24 @@ def test_unenterable_cwd_falls_back_to_home(images, unpriv_user, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=locked, timeout=60)
     assert (res.returncode, res.stdout) == (0, f"{unpriv_user.home}\n"), res.stderr
     assert f"chdir {locked}: permission denied" in res.stderr
+
+
+def test_env_values_are_evaluated_inside(run, images):
+    """As Apptainer, --env and APPTAINERENV_ values expand inside, after the image's environment."""
+    res = run(
+        "exec",
+        "--env",
+        "A=$PATH:/x",
+        "--env",
+        'B=$(echo sub) "q" a\\b',
+        str(images.sif),
+        "sh",
+        "-c",
+        'echo "$A|$B|$C"',
+        env={"APPTAINERENV_C": "${GREETING}!"},
+    )
+    assert res.returncode == 0, res.stderr
+    assert (
+        res.stdout
+        == '/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin:/x|sub "q" a\\b|hello world!\n'
+    )

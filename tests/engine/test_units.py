@@ -39,8 +39,11 @@ def test_env_file(tmp_path):
     f = tmp_path / "e"
     f.write_text('# c\nexport A=\'x y\'\nB="q\\"uote"\nC=plain # trailing\n\nD=\n')
     assert parse_env_file(str(f)) == {"A": "x y", "B": 'q"uote', "C": "plain", "D": ""}
+    # a shell script, as in Apptainer: expansions and command substitution work
+    f.write_text('X=$HOME/a\nY="$(echo sub) z"\n')
+    assert parse_env_file(str(f)) == {"X": os.environ["HOME"] + "/a", "Y": "sub z"}
     f.write_text("A=two words\n")
-    with pytest.raises(UsageError, match=":1:"):
+    with pytest.raises(UsageError, match="words"):
         parse_env_file(str(f))
 
 
