@@ -254,7 +254,10 @@ class _Plan:
         if self.direct is not None:
             from hpcsif.engine.environment import direct_argv
 
-            return [*args, "--", *direct_argv(opts.action, opts.command, self.direct, self.image)]
+            argv = direct_argv(opts.action, opts.command, self.direct, self.image)
+            if opts.action == "exec":
+                argv = [_resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
+            return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 
     def _cannot_enter(self, path: str) -> str | None:
@@ -371,6 +374,50 @@ def _missing_parent(root: str, dest: str) -> str | None:
             return None
         cur = cand
     return None
+
+
+def _in_image(root: str, path: str) -> str | None:
+    """The host path of the image's *path* with its symbolic links followed inside the image."""
+    parts = [p for p in path.split("/") if p]
+    cur, hops = "/", 0
+    while parts:
+        cand = os.path.join(cur, parts.pop(0))
+        try:
+            st = os.lstat(root + cand)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(root + cand)
+            base = "/" if target.startswith("/") else cur
+            parts = [p for p in os.path.normpath(os.path.join(base, target)).split("/") if p] + parts
+            cur = "/"
+            continue
+        cur = cand
+    return root + cur
+
+
+def _resolve_command(root: str, command: str, path: str) -> str:
+    """*command* as exec will run it in an image without a shell, with Apptainer's errors.
+
+    Apptainer looks the command up itself and reports what is wrong in one line (exit 255).
+    """
+    if "/" not in command:
+        for d in path.split(":"):
+            found = _in_image(root, os.path.join(d or ".", command))
+            if found and os.path.isfile(found) and os.access(found, os.X_OK):
+                return os.path.join(d or ".", command)
+        raise EngineError(f'"{command}": executable file not found in $PATH')
+    found = _in_image(root, command) if command.startswith("/") else command
+    if not found or not os.path.exists(found):
+        raise EngineError(f"stat {command}: no such file or directory")
+    if os.path.isdir(found):
+        raise EngineError("is a directory")
+    if not os.access(found, os.X_OK):
+        raise EngineError("permission denied")
+    return command
 
 
 def _entries(root: str, d: str, bind: str, skip: set[str]) -> list[str]:

@@ -67,3 +67,15 @@ def test_exec_environment_and_exit_codes(distroless: Path) -> None:
 def test_shell_needs_a_shell(distroless: Path) -> None:
     proc = run_cli("shell", str(distroless), check=False)
     assert proc.returncode != 0 and "needs a shell" in proc.stderr
+
+
+def test_exec_of_what_cannot_run(distroless: Path) -> None:
+    """Apptainer's one-line errors (status 255), also where no shell can look the command up."""
+    for command, message in (
+        ("nosuch", '"nosuch": executable file not found in $PATH'),
+        ("/nope", "stat /nope: no such file or directory"),
+        ("/app", "is a directory"),
+    ):
+        proc = run_cli("exec", str(distroless), command, check=False)
+        assert (proc.returncode, proc.stderr) == (255, f"FATAL:   {message}\n")
+    assert run_cli("exec", str(distroless), "busybox", "true").returncode == 0
