@@ -213,6 +213,8 @@ def build_env(
         if not cleanenv or key in CLEANENV_KEEP or key.startswith(pass_prefixes):
             # a name the shell cannot hold cannot be set by the image either: pass it as is
             (hidden if _NAME.match(key) else result)[key] = value
+    if cleanenv:
+        hidden["LANG"] = "C"  # Apptainer's --cleanenv default, under the image's value
     expand = set(overrides)
     for path in env_files:
         from_file = parse_env_file(path)

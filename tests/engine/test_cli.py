@@ -97,12 +97,13 @@ def test_env_precedence_and_spaces(run, images, pub_tmp):
         str(images.sif),
         "sh",
         "-c",
-        'echo "[$HOSTVAR][$GREETING][$PATH]"',
-        env={"HOSTVAR": "x"},
+        'echo "[$HOSTVAR][$GREETING][$PATH][$LANG]"',
+        env={"HOSTVAR": "x", "LANG": "de_DE.UTF-8"},
     )
     # the default PATH directories the image's PATH lacks are appended, as Apptainer does
     assert (
-        res.stdout.strip() == "[][hello world][/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin]"
+        res.stdout.strip()
+        == "[][hello world][/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin][C]"
     )
 
 
