@@ -227,6 +227,7 @@ def sandbox_to_sif(
     ``origin`` is what the def file record names as the source (default: ``src``).
     """
     from hpcsif.sif.format import DataType, FSType, PartType
+    from hpcsif.sif.metadata import trimmed
     from hpcsif.sif.squashfs import squashfs_from_dir
     from hpcsif.sif.writer import ObjectSpec, SIFWriter
 
@@ -249,7 +250,7 @@ def sandbox_to_sif(
             runscript = src / ".singularity.d" / "runscript"
             if runscript.is_file():
                 attrs["runscript"] = runscript.read_text(errors="replace")
-            inspect = json.dumps({"data": {"attributes": attrs}, "type": "container"}).encode()
+            inspect = json.dumps({"data": {"attributes": trimmed(attrs)}, "type": "container"}).encode()
         writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
         # mksquashfs 4.5 zeroes whatever precedes its -o offset, so it writes a file of its own
         # next to dest, which then becomes the SIF in place

@@ -216,25 +216,40 @@ class Metadata:
         return json.dumps(dict(sorted(self.labels.items())), indent="\t")
 
     def inspect_json(self) -> bytes:
-        """The ``inspect-metadata.json`` SIF object ``apptainer inspect`` reads."""
+        """The ``inspect-metadata.json`` SIF object ``apptainer inspect`` reads.
+
+        Scripts and files lose their trailing newlines, as in Apptainer's own SIFs (its
+        ``inspect`` prints them with one added).
+        """
         attrs: dict[str, Any] = {
-            "environment": self.environment,
+            "environment": trimmed(self.environment),
             "labels": dict(sorted(self.labels.items())),
-            "runscript": self.runscript,
-            "deffile": self.deffile,
-            "startscript": self.startscript,
+            "runscript": trimmed(self.runscript),
+            "deffile": trimmed(self.deffile),
+            "startscript": trimmed(self.startscript),
         }
         if self.test is not None:
-            attrs["test"] = self.test
+            attrs["test"] = trimmed(self.test)
         if self.helpfile is not None:
-            attrs["helpfile"] = self.helpfile
+            attrs["helpfile"] = trimmed(self.helpfile)
         if self.apps:
-            attrs["apps"] = self.apps
+            attrs["apps"] = trimmed(self.apps)
         return json.dumps({"data": {"attributes": attrs}, "type": "container"}).encode()
 
     def oci_config_json(self) -> bytes:
         """The ``oci-config.json`` SIF object (the image's runtime config)."""
         return json.dumps(self.oci_config, separators=(",", ":")).encode()
+
+
+def trimmed(value: Any) -> Any:
+    """``value`` with the trailing newlines of every string in it removed."""
+    if isinstance(value, str):
+        return value.rstrip("\n")
+    if isinstance(value, dict):
+        return {k: trimmed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [trimmed(v) for v in value]
+    return value
 
 
 def for_image(

@@ -77,6 +77,10 @@ def test_metadata_objects_match_apptainers_shape() -> None:
     assert attrs["labels"]["org.label-schema.usage.singularity.deffile.bootstrap"] == "oci-archive"
     assert attrs["labels"]["org.label-schema.build-date"] == "Thursday_01_January_1970_00:00:00_UTC"
     assert meta.deffile == "bootstrap: oci-archive\nfrom: /in.tar\n"
+    # the stored texts end without a newline, as in Apptainer's SIFs (its inspect adds one)
+    assert attrs["deffile"] == "bootstrap: oci-archive\nfrom: /in.tar"
+    texts = [attrs["runscript"], attrs["startscript"], *attrs["environment"].values()]
+    assert texts and not [t for t in texts if t.endswith("\n")]
     assert json.loads(meta.oci_config_json())["WorkingDir"] == "/w"
     paths = {f.path for f in meta.files()}
     for name in ("runscript", "labels.json", "Singularity", "actions/run", "actions/exec", "env/99-base.sh"):
