@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("-B", "--bind", action="append", default=[], metavar="SPEC", help="src[:dst[:ro|rw]], comma-separated")
-    a("--pwd", help="working directory inside the container")
+    a("--pwd", "--cwd", help="working directory inside the container")
     a("-e", "--cleanenv", action="store_true", help="do not pass the host environment")
     a(
         "--env",

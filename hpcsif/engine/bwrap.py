@@ -217,6 +217,10 @@ class _Plan:
         if opts.contain:
             dests += [self.home, "/tmp", "/var/tmp"]
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
+        if opts.pwd and self._cannot_enter(opts.pwd):
+            raise EngineError(
+                f"failed to set working directory: chdir {opts.pwd}: {self._cannot_enter(opts.pwd)}"
+            )
         reason = None if opts.pwd or opts.contain else self._cannot_enter(workdir)
         if reason:
             # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback
@@ -262,6 +266,8 @@ class _Plan:
 
     def _cannot_enter(self, path: str) -> str | None:
         """Why *path* cannot be the working directory inside (None if it can): bound or the image's."""
+        if self.opts.contain and path in (self.home, "/tmp", "/var/tmp"):
+            return None  # the private tmpfs directories of --contain
         for b in reversed(self.binds):  # the deepest bind holding *path* decides
             if path == b.dst or path.startswith(b.dst.rstrip("/") + "/"):
                 host = b.src + path[len(b.dst) :]

@@ -205,8 +205,9 @@ def test_sandbox_and_pwd_and_binds(run, images, pub_tmp):
     assert res.stdout == "bound file\n", res.stderr
 
 
-def test_setup_failure_is_an_error_and_leaves_no_mount(run, images):
-    res = run("exec", "--pwd", "/no/such/dir", str(images.sif), "true")
+def test_setup_failure_is_an_error_and_leaves_no_mount(run, images, pub_tmp):
+    # a directory bound onto a file of the image: bwrap itself fails
+    res = run("exec", "-B", f"{pub_tmp}:/bin/busybox", str(images.sif), "/bin/sh", "-c", "true")
     assert res.returncode == 255
     assert "bwrap could not set up the container" in res.stderr
     # the run fixture checks that nothing stayed mounted
@@ -449,3 +450,14 @@ def test_env_values_are_evaluated_inside(run, images):
         res.stdout
         == '/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin:/x|sub "q" a\\b|hello world!\n'
     )
+
+
+def test_pwd_missing_in_container(run, images):
+    """--pwd to a directory the container lacks: Apptainer's one line, status 255, not a bwrap error."""
+    res = run("exec", "--pwd", "/nonexistent", str(images.sif), "pwd")
+    assert (res.returncode, res.stderr) == (
+        255,
+        "FATAL:   failed to set working directory: chdir /nonexistent: no such file or directory\n",
+    )
+    home = run("exec", "--contain", "--cwd", "/tmp", str(images.sif), "pwd")
+    assert (home.returncode, home.stdout) == (0, "/tmp\n"), home.stderr
