@@ -208,7 +208,8 @@ def build_env(
             if _NAME.match(name):
                 overrides[name] = value
             continue
-        if key.startswith("__HPCSIF") or key in NOT_FROM_HOST:
+        # Apptainer's own settings (APPTAINER_BIND, SINGULARITY_CACHEDIR …) stay outside, as in Apptainer
+        if key.startswith(("__HPCSIF", "APPTAINER_", "SINGULARITY_")) or key in NOT_FROM_HOST:
             continue
         if not cleanenv or key in CLEANENV_KEEP or key.startswith(pass_prefixes):
             # a name the shell cannot hold cannot be set by the image either: pass it as is

@@ -76,6 +76,16 @@ def test_build_env_precedence():
     assert "KEEP" not in clean and clean["__HPCSIF_HOST_TERM"] == "xterm"
     assert clean["__HPCSIF_HOST_SLURM_PROCID"] == "2" and "TERM" in clean["__HPCSIF_HOST"].split()
     assert clean["__HPCSIF_SET_FOO"] == "s" and clean["PS1"] == "Apptainer> "
+    outside = build_env(
+        {"APPTAINER_CACHEDIR": "/c", "SINGULARITY_BIND": "/b"},
+        action="exec",
+        cleanenv=False,
+        env=[],
+        env_files=[],
+        image="/x/a.sif",
+        home="/h",
+    )
+    assert "__HPCSIF_HOST" not in outside and outside["SINGULARITY_BIND"] == ""
     with pytest.raises(UsageError):
         build_env({}, action="exec", cleanenv=False, env=["1BAD=x"], env_files=[], image="/a", home="/h")
 
