@@ -234,9 +234,15 @@ class _Plan:
         dests.append(workdir)
         args += self._root(dests)
         args += ["--proc", "/proc", "--ro-bind", "/sys", "/sys"]
-        args += ["--dev", "/dev"] if self.minimal_dev else ["--dev-bind", "/dev", "/dev"]
+        # bwrap's own /dev has a 0755 /dev/shm: a sticky world-writable one as on a host
+        args += (
+            ["--dev", "/dev", "--perms", "01777", "--tmpfs", "/dev/shm"]
+            if self.minimal_dev
+            else ["--dev-bind", "/dev", "/dev"]
+        )
         if opts.contain:
-            args += ["--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
+            # private temp directories with the host's sticky 1777 mode, as Apptainer's
+            args += ["--perms", "01777", "--tmpfs", "/tmp", "--perms", "01777", "--tmpfs", "/var/tmp"]
             if not opts.no_home and not opts.home:
                 args += ["--tmpfs", self.home]
         for b in self.binds:

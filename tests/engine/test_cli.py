@@ -461,3 +461,9 @@ def test_pwd_missing_in_container(run, images):
     )
     home = run("exec", "--contain", "--cwd", "/tmp", str(images.sif), "pwd")
     assert (home.returncode, home.stdout) == (0, "/tmp\n"), home.stderr
+
+
+def test_contain_temp_dirs_are_sticky(run, images):
+    """--contain: private /tmp, /var/tmp and /dev/shm with mode 1777, as in Apptainer."""
+    res = run("exec", "--contain", str(images.sif), "stat", "-c", "%a", "/tmp", "/var/tmp", "/dev/shm")
+    assert (res.returncode, res.stdout.split()) == (0, ["1777"] * 3), res.stderr
