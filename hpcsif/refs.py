@@ -76,6 +76,21 @@ class Reference:
             return base.removesuffix(".sif")
         return "image"
 
+    def cache_name(self) -> str:
+        """The image's file name in the SIF cache, without ``.sif``: short and readable.
+
+        As :meth:`short_name` for tags (``lolcow_latest``); ``app_<12 hex>`` for a digest and
+        the file's stem for an archive or SIF (``img``), where Apptainer's pull names are long.
+        """
+        if self.repository and self.digest and not self.tag:
+            return f"{self.repository.rsplit('/', 1)[-1]}_{self.digest[7:19]}"
+        if self.repository or not self.path:
+            return self.short_name()
+        base = os.path.basename(self.path.rstrip("/"))
+        for ext in (".tar.gz", ".tgz", ".tar", ".sif"):
+            base = base.removesuffix(ext)
+        return base or "image"
+
     def __str__(self) -> str:
         if self.is_registry or self.transport == "docker-daemon":
             host = "" if self.transport == "docker-daemon" else f"{self.registry}/"

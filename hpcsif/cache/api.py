@@ -153,7 +153,7 @@ def _request(
     source_options = dict(source_options or {})
     digest = _resolve_digest(layout, ref, options, source_options, offline=offline, cache_first=cache_first)
     key = f"{digest.split(':', 1)[-1]}-{options.key()}"
-    return Request(ref, options, source_options, digest, key, f"{ref.short_name()}.sif")
+    return Request(ref, options, source_options, digest, key, f"{ref.cache_name()}.sif")
 
 
 def _converter(layout: CacheLayout, req: Request) -> Producer:

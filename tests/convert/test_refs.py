@@ -41,6 +41,15 @@ def test_short_names_follow_apptainer() -> None:
     assert parse("docker://r.io/app@sha256:" + "c" * 64).short_name() == "app@sha256_" + "c" * 64
 
 
+def test_cache_names_stay_short(tmp_path) -> None:
+    assert parse("docker://nvcr.io/nvidia/pytorch:18.11-py3").cache_name() == "pytorch_18.11-py3"
+    assert parse("docker://r.io/app@sha256:" + "c" * 64).cache_name() == "app_" + "c" * 12
+    archive = tmp_path / "img.tar.gz"
+    archive.touch()
+    assert parse(f"docker-archive://{archive}:app:1").cache_name() == "img"
+    assert parse(f"docker-archive://{archive}").short_name() == "img.tar.gz_latest"
+
+
 def test_file_transports_split_the_ref(tmp_path) -> None:
     layout = tmp_path / "lay:out"
     layout.mkdir()
