@@ -14,11 +14,15 @@ work with the :class:`Header` and :class:`Descriptor` records defined here.
 from __future__ import annotations
 
 import struct
-import uuid
 from dataclasses import dataclass, field
 from enum import IntEnum
+from types import ModuleType
 
 from hpcsif.errors import SIFError
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without loading typing
+if TYPE_CHECKING:
+    import uuid
 
 #: the launch line Apptainer writes, so that ``./image.sif`` runs the image
 LAUNCH_SCRIPT = "#!/usr/bin/env run-singularity\n"
@@ -251,12 +255,20 @@ def label_of(value: IntEnum | int) -> str:
     return value.label if isinstance(value, IntEnum) else "Unknown"  # type: ignore[attr-defined]
 
 
+def _uuid_module() -> ModuleType:
+    import uuid
+
+    return uuid
+
+
 @dataclass
 class Header:
     """The 128-byte global header."""
 
     arch: str = "unknown"  # GOARCH name of the primary partition
-    uuid: uuid.UUID = field(default_factory=uuid.uuid4)
+    # the 16 bytes of the image's UUID: the uuid module (which loads platform) is imported
+    # only when the UUID is looked at, not on every open of a SIF (each exec opens one)
+    uuid_bytes: bytes = field(default_factory=lambda: _uuid_module().uuid4().bytes)
     ctime: int = 0
     mtime: int = 0
     descriptors_free: int = DEFAULT_DESCRIPTOR_CAPACITY
@@ -269,6 +281,11 @@ class Header:
     magic: bytes = MAGIC
     version: str = VERSION
 
+    @property
+    def uuid(self) -> uuid.UUID:
+        """The image's UUID."""
+        return _uuid_module().UUID(bytes=self.uuid_bytes)
+
     def pack(self) -> bytes:
         """Encode as the 128 on-disk bytes."""
         launch = self.launch.encode()
@@ -280,7 +297,7 @@ class Header:
             self.magic,
             self.version.encode(),
             arch,
-            self.uuid.bytes,
+            self.uuid_bytes,
             self.ctime,
             self.mtime,
             self.descriptors_free,
@@ -304,7 +321,7 @@ class Header:
         ctime, mtime, free, total, doff, dsize, data_off, data_size = numbers
         return cls(
             arch=arch_name(arch),
-            uuid=uuid.UUID(bytes=uid),
+            uuid_bytes=uid,
             ctime=ctime,
             mtime=mtime,
             descriptors_free=free,

@@ -129,7 +129,7 @@ class SIFWriter:
         table = capacity * DESCRIPTOR_SIZE
         self.header = Header(
             arch="unknown",
-            uuid=uuid or uuidlib.uuid4(),
+            uuid_bytes=(uuid or uuidlib.uuid4()).bytes,
             ctime=now,
             mtime=now,
             descriptors_free=capacity,

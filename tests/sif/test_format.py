@@ -74,7 +74,9 @@ def test_record_sizes_and_constants() -> None:
 
 
 def test_header_pack_layout_and_round_trip() -> None:
-    h = Header(arch="amd64", uuid=FIXED_UUID, ctime=FIXED_TIME, mtime=FIXED_TIME + 1, data_size=77)
+    h = Header(
+        arch="amd64", uuid_bytes=FIXED_UUID.bytes, ctime=FIXED_TIME, mtime=FIXED_TIME + 1, data_size=77
+    )
     raw = h.pack()
     assert len(raw) == 128
     assert raw[:32] == LAUNCH_SCRIPT.encode().ljust(32, b"\x00")
