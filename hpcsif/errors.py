@@ -127,11 +127,27 @@ class StagingError(SlurmError):
     """The Slurm prolog could not stage an image the job asked for (raised inside the job)."""
 
 
-class DuplicateEntryError(LayerError):
+class MergeAgainError(LayerError):
+    """The merge learnt something about the layers that only another pass can use.
+
+    :func:`hpcsif.sif.squashfs.squashfs_from_tar` and :func:`hpcsif.image.layers.extract_tree`
+    convert again by themselves, up to ``passes`` passes in all.
+    """
+
+    passes = 3
+
+
+class DuplicateEntryError(MergeAgainError):
     """A layer repeats a file name after its content was streamed; converting again resolves it.
 
-    hpcsif remembers the layer's repeated names, so a second pass writes only the last of
-    each (:func:`hpcsif.sif.squashfs.squashfs_from_tar` retries once by itself).
+    hpcsif remembers the layer's repeated names, so the next pass writes only the last of each.
+    """
+
+
+class WriteThroughError(MergeAgainError):
+    """Upper layers put entries below a lower layer's symlink (``bin/x`` over ``bin -> usr/bin``).
+
+    hpcsif remembers the symlinks, so the next pass writes those entries through them.
     """
 
 

@@ -9,10 +9,13 @@ layers are read **top-down**. A path emitted by an upper layer hides the same pa
 lower layers; an upper non-directory at ``P`` hides everything below ``P``; an upper
 directory merges with a lower one (the upper attributes win); ``.wh.NAME`` hides ``NAME``
 and ``.wh..wh..opq`` hides all lower children of its directory. Whiteouts apply only to
-lower layers and never appear in the output. A layer that has ``a/b`` but no ``a`` turns
-``a`` into a directory in the merged view, hiding a lower non-directory ``a`` (e.g. a
-usr-merge symlink ``lib -> usr/lib``), exactly as overlayfs would (tar extraction, as
-umoci does it, would instead write through that symlink). AUFS bookkeeping entries
+lower layers and never appear in the output. A layer that has ``a/b`` but no entry ``a``
+over a lower *symlink* ``a`` (a usr-merge ``bin -> usr/bin``) writes through it, inside the
+root, as Apptainer (umoci), containerd and Podman extract layers: ``a/b`` lands at
+``usr/bin/b`` and the symlink stays. The merge is top-down, so it learns of such a symlink
+only when it reaches the lower layer: it remembers it and asks for another pass
+(:class:`~hpcsif.errors.WriteThroughError`). An upper *explicit* directory ``a`` replaces
+the lower symlink, as tar extraction does. AUFS bookkeeping entries
 (``.wh..wh.plnk``, ``.wh..wh.aufs``) are skipped. Directories are
 written last, once each, with the attributes of the topmost layer that has them.
 
@@ -70,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import DuplicateEntryError, LayerError
+from hpcsif.errors import DuplicateEntryError, LayerError, MergeAgainError, WriteThroughError
 from hpcsif.image import inflate
 from hpcsif.image.decode import CHUNK, LayerDecoder, Window, is_compressed
 
@@ -630,6 +633,9 @@ _Progress = Callable[[int, int], None]
 # over that layer keeps only the last occurrence of each (layers are immutable blobs).
 _REPEATS: dict[tuple[str, int, str | None], dict[str, int]] = {}
 _MAX_REPEATS = 64
+# For an image (its layers' identities): the lower symlinks that upper layers write through,
+# path -> (level of the symlink's layer, the root-relative path it points at)
+_THROUGH: dict[tuple[tuple[str, int, str | None], ...], dict[str, tuple[int, str]]] = {}
 
 
 def _scan_repeats(blob: LayerBlob) -> dict[str, int]:
@@ -663,6 +669,21 @@ class _Merger:
         self.opaque: set[str] = set()
         self.pending: dict[str, list[tuple[str, str]]] = {}  # lower link target -> [(name, layer)]
         self.links: list[tuple[str, str]] = []
+        self.through: dict[str, tuple[int, str]] = {}  # lower symlinks known to be written through
+        self.found: dict[str, tuple[int, str]] = {}  # … and those this pass found
+
+    def _written_through(self, name: str, level: int) -> str:
+        """``name`` of layer ``level`` with the known lower symlinks among its ancestors followed."""
+        for _ in range(40):  # as the kernel's limit on nested symlinks
+            for anc in _ancestors(name):
+                hit = self.through.get(anc)
+                if hit is not None and hit[0] > level:
+                    rest = name[len(anc) + 1 :]
+                    name = f"{hit[1]}/{rest}" if hit[1] else rest
+                    break
+            else:
+                return name
+        raise LayerError(f"{name!r}: too many levels of symbolic links among its parents")
 
     # -- visibility ----------------------------------------------------------------------
 
@@ -702,6 +723,8 @@ class _Merger:
             if seen < lay.repeats[name]:
                 self.stats.skip("duplicate")
                 return
+        if self.through:
+            name = self._written_through(name, lay.level)
         parent, base = posixpath.split(name)
         if base.startswith(WHITEOUT_PREFIX) or _AUFS_META in f"/{parent}/":
             if _AUFS_META in f"/{parent}/" or (base.startswith(_AUFS_META[1:]) and base != OPAQUE_MARKER):
@@ -757,6 +780,11 @@ class _Merger:
         """Settle ``name`` that is already claimed; None means this entry takes it."""
         level, is_dir = claim >> 1, claim & 1
         if level < lay.level:  # an upper layer has it
+            if is_dir and kind == "sym" and name not in self.dirs and name not in self.through:
+                # upper layers put entries below this symlink without an entry of their own for
+                # it: extraction (Apptainer's, containerd's) writes them through it
+                target = posixpath.normpath(posixpath.join("/", posixpath.dirname(name), ti.linkname))
+                self.found[name] = (lay.level, target.lstrip("/"))
             if is_dir and kind == "dir":
                 if name not in self.dirs:  # implicit upper directory: take these attributes
                     self.dirs[name] = (lay.level, ti)
@@ -791,6 +819,8 @@ class _Merger:
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
         target = _normalise(ti.linkname, lay.blob, what=f"hard link target of {name!r}")
+        if self.through:
+            target = self._written_through(target, lay.level)
         seen = lay.state.get(target)
         if isinstance(seen, str):
             target = seen
@@ -862,6 +892,8 @@ class _Merger:
                 for ti in tf:
                     tf.members.clear()
                     name = _normalise(ti.name, lay.blob)
+                    if self.through:
+                        name = self._written_through(name, lay.level)
                     names = wanted.pop(name, None)
                     if names is None:
                         continue
@@ -971,6 +1003,8 @@ def _merge(
         b.size if b.size is not None else os.stat(b.path).st_size for b in layers if os.path.exists(b.path)
     )
     merger = _Merger(sink, stats, total, progress)
+    image = tuple((str(b.path), b.offset, b.digest) for b in layers)
+    merger.through = dict(_THROUGH.get(image, {}))
     _extra_layer(merger, [ef for ef in extra if not ef.under], 0)
     order = list(reversed(layers))
     ahead: _LayerStream | None = None
@@ -987,6 +1021,12 @@ def _merge(
     finally:
         if ahead is not None:
             ahead.close()
+    if merger.found:  # this pass wrote entries beside symlinks they belong below: once more
+        if len(_THROUGH) >= _MAX_REPEATS:
+            _THROUGH.clear()
+        _THROUGH[image] = {**merger.through, **merger.found}
+        shown = ", ".join(f"{p!r} -> {t or '/'!r}" for p, (_, t) in merger.found.items())
+        raise WriteThroughError(f"upper layers write through lower symlinks ({shown}); converting again")
     _extra_layer(merger, [ef for ef in extra if ef.under], len(order) + 1)
     merger.finish()
 
@@ -1027,11 +1067,12 @@ def extract_tree(layers: Sequence[LayerBlob], dest: Path, *, extra: Sequence[Ext
     elif not dest.is_dir() or dest.is_symlink() or any(dest.iterdir()):
         raise LayerError(f"sandbox destination {dest} exists and is not an empty directory")
     try:
-        try:
-            return _extract(layers, dest, extra)
-        except DuplicateEntryError as e:  # the repeated names are known now: once more
-            log.info("%s", e)
-            return _extract(layers, dest, extra)
+        for _ in range(MergeAgainError.passes - 1):
+            try:
+                return _extract(layers, dest, extra)
+            except MergeAgainError as e:  # repeated names or lower symlinks are known now
+                log.info("%s", e)
+        return _extract(layers, dest, extra)
     except BaseException:
         if created:
             shutil.rmtree(dest, ignore_errors=True)

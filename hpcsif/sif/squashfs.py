@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import DuplicateEntryError, MissingToolError, SquashfsError
+from hpcsif.errors import MergeAgainError, MissingToolError, SquashfsError
 from hpcsif.sif.superblock import superblock_ok
 
 log = logging.getLogger(__name__)
@@ -113,16 +113,17 @@ def squashfs_from_tar(
     threads (default: all cores). ``dest`` appears atomically, complete or not at all.
     Without ``tar2sqfs`` the stream is unpacked below ``tmpdir`` and packed with mksquashfs.
     Raises :class:`SquashfsError` with the tool's last words when packing fails; errors
-    the writer raises propagate unchanged, except that a :class:`DuplicateEntryError`
-    makes it start over once (the flattener then knows the layer's repeated names).
+    the writer raises propagate unchanged, except that a :class:`MergeAgainError` makes it
+    start over (the flattener then knows the layer's repeated names or lower symlinks).
     """
     dest = Path(dest)
     lvl = _level(compression, level)
-    try:
-        return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
-    except DuplicateEntryError as e:  # the flattener now knows the layer's repeated names
-        log.info("%s", e)
-        return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
+    for _ in range(MergeAgainError.passes - 1):
+        try:
+            return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
+        except MergeAgainError as e:
+            log.info("%s", e)
+    return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
 
 
 def _from_tar(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -180,6 +181,28 @@ def test_sif_to_sif_and_sandbox_to_sandbox(busybox_image: TestImage, tmp_path: P
     assert_busybox_tree(box2, busybox_image)
     assert (box2 / "bin" / "sh-link").is_symlink()
     assert_no_leftovers(tmp_path, "a.sif", "gz.sif", "r", "box", "box2")
+
+
+def test_usr_merged_image_with_a_layer_below_bin(tmp_path: Path) -> None:
+    """A hand-made layer adding ``bin/hello`` over ``bin -> usr/bin`` lands in usr/bin, as with
+    Apptainer, and the image's shell stays: the symlink is written through, not replaced."""
+    from tests.services.images import busybox_binary
+
+    base = [
+        Entry("usr/"),
+        Entry("usr/bin/"),
+        Entry("usr/bin/busybox", busybox_binary().read_bytes(), 0o755),
+        Entry("usr/bin/sh", symlink="busybox"),
+        Entry("bin", symlink="usr/bin"),
+    ]
+    app = [Entry("bin/hello", b"#!/bin/sh\necho hello from usr/bin\n", 0o755)]
+    write_oci_layout(tmp_path / "lay", ImageSpec([layer_tar(base), layer_tar(app)], cmd=["/bin/hello"]))
+    sif = tmp_path / "merged.sif"
+    run_cli("build", str(sif), f"oci://{tmp_path / 'lay'}")
+    root = unpack(sif, tmp_path / "r")
+    assert os.readlink(root / "bin") == "usr/bin"
+    assert (root / "usr/bin/hello").is_file() and (root / "usr/bin/busybox").is_file()
+    assert bwrap_run(root, "/.singularity.d/runscript").stdout == "hello from usr/bin\n"
 
 
 def test_existing_target_needs_force(busybox_image: TestImage, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcsif.errors import DuplicateEntryError
+from hpcsif.errors import DuplicateEntryError, WriteThroughError
 from hpcsif.image.layers import ExtraFile, extract_tree, flatten
 from tests.image.tarbuild import E, d, file, layer, link, oci_layout, opaque, squash_and_unpack, sym, whiteout
 
@@ -73,7 +73,7 @@ def _base(tmp: Path):
             sym("abs-link", "/etc/passwd"),
             link("link-to-lower", "shared/target"),
             d("attrs", mode=0o750, uid=1, gid=2),
-            file("lib/extra/libx.so", "libx"),  # below a lower symlink: lib becomes a directory
+            file("lib/extra/libx.so", "libx"),  # below a lower symlink: written through it
         ],
         "zstd",
     )
@@ -142,12 +142,13 @@ def test_directory_merge_keeps_upper_attributes(merged):
     assert stat.S_IMODE((root / "tmp").stat().st_mode) == 0o1777  # sticky bit kept
 
 
-def test_implicit_parents_hide_lower_symlink(merged):
+def test_entries_below_a_lower_symlink_are_written_through_it(merged):
+    """As Apptainer (umoci), containerd and Podman extract: the usr-merge symlink stays."""
     root, _ = merged
-    assert (root / "lib").is_dir() and not (root / "lib").is_symlink()
-    assert (root / "lib/extra/libx.so").read_text() == "libx"
+    assert os.readlink(root / "lib") == "usr/lib"
+    assert (root / "usr/lib/extra/libx.so").read_text() == "libx"
     assert (root / "usr/lib/libc.so").read_text() == "libc"
-    assert (root / "bin").is_dir()
+    assert (root / "bin").is_dir()  # an implicit parent with nothing below it in the image
 
 
 def test_permissions_fixed(merged):
@@ -227,6 +228,9 @@ def test_empty_duplicate_is_replaced(tmp_path: Path):
 def test_stats_and_progress(tmp_path: Path):
     layers = _base(tmp_path)
     calls: list[tuple[int, int]] = []
+    learn = pytest.raises(WriteThroughError, match="'lib' -> 'usr/lib'")
+    with open(tmp_path / "out.tar", "wb") as out, learn:
+        flatten(layers, out)  # the first pass learns that lib/extra belongs below lib -> usr/lib
     with open(tmp_path / "out.tar", "wb") as out:
         stats = flatten(layers, out, progress=lambda done, total: calls.append((done, total)))
     total = sum(lay.path.stat().st_size for lay in layers)

@@ -62,18 +62,29 @@ def test_write_through_symlink_in_same_layer_is_refused(tmp_path: Path):
 
 
 def test_write_through_lower_symlink_is_contained(tmp_path: Path):
-    """A lower symlink to the outside does not carry an upper entry out: overlay semantics."""
+    """Entries below a lower symlink go where it points inside the root, never outside it."""
     outside = tmp_path / "outside"
     outside.mkdir()
-    lower = layer(tmp_path, [sym("evil", str(outside)), sym("rel", "../../..")])
-    upper = layer(tmp_path, [file("evil/pwned", "x"), file("rel/pwned2", "y")], "zstd")
+    inside = str(outside).lstrip("/")  # where the absolute link points within the image
+    lower = layer(
+        tmp_path, [sym("evil", str(outside)), sym("rel", "../../.."), d("etc"), file("etc/passwd", "root")]
+    )
+    upper = layer(
+        tmp_path,
+        [file("evil/pwned", "x"), file("rel/pwned2", "y"), sym("etc-link", "/etc"), d("etc-link")],
+        "zstd",
+    )
+    top = layer(tmp_path, [file("via/passwd", "mine")], "none")
+    via = layer(tmp_path, [sym("via", "/etc")], "none")
     box = tmp_path / "box"
-    extract_tree([lower, upper], box)
-    assert (box / "evil").is_dir() and not (box / "evil").is_symlink()
-    assert (box / "evil/pwned").read_text() == "x" and (box / "rel/pwned2").read_text() == "y"
+    extract_tree([via, lower, upper, top], box)
+    assert os.readlink(box / "evil") == str(outside) and (box / inside / "pwned").read_text() == "x"
+    assert os.readlink(box / "rel") == "../../.." and (box / "pwned2").read_text() == "y"
+    assert (box / "etc/passwd").read_text() == "mine" and os.readlink(box / "via") == "/etc"
+    assert (box / "etc-link").is_dir()  # an explicit directory replaces a symlink of its own layer
     assert list(outside.iterdir()) == []
-    root, _ = squash_and_unpack([lower, upper], tmp_path)
-    assert (root / "evil/pwned").read_text() == "x"
+    root, _ = squash_and_unpack([via, lower, upper, top], tmp_path)
+    assert (root / inside / "pwned").read_text() == "x" and (root / "etc/passwd").read_text() == "mine"
 
 
 def test_symlinks_are_never_followed_by_extract_tree(tmp_path: Path):
