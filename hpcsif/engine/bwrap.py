@@ -217,10 +217,8 @@ class _Plan:
         if opts.contain:
             dests += [self.home, "/tmp", "/var/tmp"]
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
-        if opts.pwd and self._cannot_enter(opts.pwd):
-            raise EngineError(
-                f"failed to set working directory: chdir {opts.pwd}: {self._cannot_enter(opts.pwd)}"
-            )
+        if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
+            raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
         reason = None if opts.pwd or opts.contain else self._cannot_enter(workdir)
         if reason:
             # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback
@@ -351,64 +349,59 @@ class _Plan:
         return "\n".join(lines) + "\n"
 
 
+def _walk(root: str, path: str, *, follow_last: bool) -> tuple[str, list[str]] | None:
+    """Follow the image's *path* as far as it exists, its symbolic links followed inside the image.
+
+    Returns the image path reached and the components left (none when all of *path* exists);
+    the last component's own link is followed only with *follow_last*. None on a link loop
+    or a non-directory before the last component.
+    """
+    parts = [p for p in path.split("/") if p]
+    cur, hops = "/", 0
+    while parts:
+        cand = os.path.join(cur, parts[0])
+        try:
+            st = os.lstat(root + cand)
+        except OSError:
+            return cur, parts
+        if stat.S_ISLNK(st.st_mode) and (follow_last or len(parts) > 1):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(root + cand)
+            base = "/" if target.startswith("/") else cur
+            parts = [p for p in os.path.normpath(os.path.join(base, target)).split("/") if p] + parts[1:]
+            cur = "/"
+            continue
+        parts.pop(0)
+        if parts and not stat.S_ISDIR(st.st_mode):
+            return None
+        cur = cand
+    return cur, []
+
+
 def _missing_parent(root: str, dest: str) -> str | None:
     """The deepest directory of *dest*'s path that exists in the image when *dest* itself does not.
 
     Symbolic links in the image are followed inside the image (as bwrap will); None when
     *dest* exists (a mount point is already there).
     """
-    parts = [p for p in dest.split("/") if p]
-    cur = "/"
-    hops = 0
-    while parts:
-        comp = parts.pop(0)
-        cand = os.path.join(cur, comp)
-        host = root + cand
-        try:
-            st = os.lstat(host)
-        except OSError:
-            return cur
-        if stat.S_ISLNK(st.st_mode):
-            if not parts:
-                # the destination itself is a link (/etc/localtime -> a zoneinfo file the image may
-                # lack): bwrap would create the mount point at the link's target, so the parent
-                # is underlaid and the link left out of it (see _entries)
-                return cur
-            hops += 1
-            if hops > 40:
-                return None
-            target = os.readlink(host)
-            base = "/" if target.startswith("/") else cur
-            parts = [p for p in os.path.normpath(os.path.join(base, target)).split("/") if p] + parts
-            cur = "/"
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            return None
-        cur = cand
-    return None
+    walked = _walk(root, dest, follow_last=False)
+    if walked is None:
+        return None
+    cur, left = walked
+    if left:
+        return cur
+    # the destination itself is a link (/etc/localtime -> a zoneinfo file the image may lack):
+    # bwrap would create the mount point at the link's target, so the parent is underlaid and
+    # the link left out of it (see _entries)
+    return os.path.dirname(cur) if cur != "/" and os.path.islink(root + cur) else None
 
 
 def _in_image(root: str, path: str) -> str | None:
     """The host path of the image's *path* with its symbolic links followed inside the image."""
-    parts = [p for p in path.split("/") if p]
-    cur, hops = "/", 0
-    while parts:
-        cand = os.path.join(cur, parts.pop(0))
-        try:
-            st = os.lstat(root + cand)
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            if hops > 40:
-                return None
-            target = os.readlink(root + cand)
-            base = "/" if target.startswith("/") else cur
-            parts = [p for p in os.path.normpath(os.path.join(base, target)).split("/") if p] + parts
-            cur = "/"
-            continue
-        cur = cand
-    return root + cur
+    walked = _walk(root, path, follow_last=True)
+    return root + walked[0] if walked is not None and not walked[1] else None
 
 
 def _resolve_command(root: str, command: str, path: str) -> str:
