@@ -47,7 +47,7 @@ for __k in $__HPCSIF_HOST; do
   eval "[ -n \"\${$__k+x}\" ] || export $__k=\"\${__HPCSIF_HOST_$__k}\""; unset "__HPCSIF_HOST_$__k"
 done
 __o=$IFS; IFS=:
-for __k in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; do
+for __k in @DEFAULT_DIRS@; do
   case ":$PATH:" in *":$__k:"*) ;; *) PATH="${PATH:+$PATH:}$__k" ;; esac
 done
 IFS=$__o; unset __o
@@ -109,7 +109,7 @@ shell)
   if [ -x /bin/bash ]; then exec /bin/bash --norc "$@"; fi
   exec /bin/sh "$@" ;;
 esac
-"""
+""".replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " "))
 
 
 def host_environ() -> dict[str, str]:
