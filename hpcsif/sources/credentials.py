@@ -2,8 +2,10 @@
 
 Order: explicit credentials (``--docker-login`` prompt, passed in by the CLI), then
 ``HPCSIF_DOCKER_USERNAME``/``HPCSIF_DOCKER_PASSWORD``, ``APPTAINER_DOCKER_*``,
-``SINGULARITY_DOCKER_*``, then the ``auths`` of ``$DOCKER_CONFIG/config.json`` (default
-``~/.docker/config.json``) for the registry. Passwords are never logged, printed or written:
+``SINGULARITY_DOCKER_*``, then the ``auths`` of one Docker-style auth file for the registry:
+``--authfile FILE`` (or ``$HPCSIF_AUTH_FILE``, ``$APPTAINER_AUTH_FILE``, ``$SINGULARITY_AUTH_FILE``)
+when given, which replaces the default ``$DOCKER_CONFIG/config.json`` (``~/.docker/config.json``),
+as Apptainer's ``--authfile`` does. Passwords are never logged, printed or written:
 :class:`Credentials` hides the password from ``repr`` and log lines name only where the
 credentials came from.
 """
@@ -94,9 +96,34 @@ def from_docker_config(registry: str, path: Path | None = None) -> Credentials |
     return None
 
 
-def find_credentials(registry: str, explicit: Credentials | None = None) -> Credentials | None:
-    """The credentials to use for ``registry``, in the documented order (None: anonymous)."""
-    creds = explicit or from_env() or from_docker_config(registry)
+def authfile_from_env(environ: dict[str, str] | None = None) -> Path | None:
+    """The auth file named by ``{HPCSIF,APPTAINER,SINGULARITY}_AUTH_FILE`` (first set), else None."""
+    env = os.environ if environ is None else environ
+    for prefix in ENV_PREFIXES:
+        if value := env.get(f"{prefix}_AUTH_FILE"):
+            return Path(value)
+    return None
+
+
+def find_credentials(
+    registry: str, explicit: Credentials | None = None, authfile: str | os.PathLike[str] | None = None
+) -> Credentials | None:
+    """The credentials to use for ``registry``, in the documented order (None: anonymous).
+
+    ``authfile`` (``--authfile FILE``: a Docker-style ``{"auths": {"host:port": {"auth":
+    base64("user:password")}}}`` JSON file, as Docker, Podman, skopeo and Apptainer write it)
+    replaces the default ``$DOCKER_CONFIG/config.json``; without it ``*_AUTH_FILE`` in the
+    environment may name one. Explicit and ``*_DOCKER_USERNAME/PASSWORD`` credentials still
+    come first. A requested file that is missing or holds no entry for ``registry`` gives a
+    warning and anonymous access, as in Apptainer. Nothing read from the file is logged.
+    """
+    creds = explicit or from_env()
+    if creds is None:
+        path = Path(authfile) if authfile is not None else authfile_from_env()
+        creds = from_docker_config(registry, path)
+        if creds is None and path is not None:
+            why = "does not exist" if not path.exists() else f"has no credentials for {registry}"
+            log.warning("auth file %s %s; proceeding with anonymous access", path, why)
     if creds:
         log.debug("using registry credentials for %s: %s", registry, creds)
     return creds
@@ -104,4 +131,4 @@ def find_credentials(registry: str, explicit: Credentials | None = None) -> Cred
 
 def auth_hint() -> str:
     """How a user provides credentials (for 'authentication required' messages)."""
-    return "set HPCSIF_DOCKER_USERNAME and HPCSIF_DOCKER_PASSWORD or use --docker-login"
+    return "set HPCSIF_DOCKER_USERNAME and HPCSIF_DOCKER_PASSWORD, use --docker-login or --authfile FILE"

@@ -37,12 +37,14 @@ def _is_sif(path: Path) -> bool:
         return f.read(LAUNCH_LEN + len(MAGIC))[LAUNCH_LEN:] == MAGIC
 
 
-def _client(ref: Reference, credentials: Credentials | None, insecure: bool):  # -> RegistryClient
+def _client(
+    ref: Reference, credentials: Credentials | None, insecure: bool, authfile: str | os.PathLike[str] | None
+):  # -> RegistryClient
     from hpcsif.sources.registry import shared_clients
 
     if not ref.registry or not ref.repository:
         raise SourceError(f"{ref.raw}: not an oras://registry/repository[:tag] reference")
-    return shared_clients(ref.registry, credentials=credentials, insecure=insecure)[-1]
+    return shared_clients(ref.registry, credentials=credentials, insecure=insecure, authfile=authfile)[-1]
 
 
 def push_sif(
@@ -51,6 +53,7 @@ def push_sif(
     *,
     credentials: Credentials | None = None,
     insecure: bool = False,
+    authfile: str | os.PathLike[str] | None = None,
 ) -> str:
     """Push the SIF file to ``ref`` as an ORAS artifact; returns the manifest digest."""
     path = Path(sif)
@@ -58,7 +61,7 @@ def push_sif(
         raise SourceError(f"{path}: no such SIF file")
     if not _is_sif(path):
         raise SourceError(f"{path}: not a SIF file")
-    client = _client(ref, credentials, insecure)
+    client = _client(ref, credentials, insecure, authfile)
     repo = ref.repository or ""
     size = path.stat().st_size
     digest = sha256_file(str(path))
@@ -85,9 +88,10 @@ def pull_sif(
     *,
     credentials: Credentials | None = None,
     insecure: bool = False,
+    authfile: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Pull the SIF artifact at ``ref`` through ``store`` and copy it to ``dest`` atomically."""
-    client = _client(ref, credentials, insecure)
+    client = _client(ref, credentials, insecure, authfile)
     repo = ref.repository or ""
     data, _media_type, _digest = client.get_manifest(repo, ref.digest or ref.reference)
     try:

@@ -48,15 +48,26 @@ def is_loopback(registry: str) -> bool:
 
 
 def make_clients(
-    registry: str, *, credentials: Credentials | None = None, insecure: bool = False, **kwargs: Any
+    registry: str,
+    *,
+    credentials: Credentials | None = None,
+    insecure: bool = False,
+    authfile: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> list[RegistryClient]:
     """Clients for the configured mirrors of ``registry`` (in order), then the registry itself.
 
     Mirrors come from the ``registry.mirrors`` table (``"index.docker.io" = ["https://m.example"]``);
     plain HTTP is used for ``registry.insecure`` entries, loopback registries and ``insecure``.
+    ``credentials`` and ``authfile`` are looked up with :func:`find_credentials`.
     """
+    return _clients_for(registry, find_credentials(registry, credentials, authfile), insecure, **kwargs)
+
+
+def _clients_for(
+    registry: str, creds: Credentials | None, insecure: bool, **kwargs: Any
+) -> list[RegistryClient]:
     cfg = get_config()
-    creds = find_credentials(registry, credentials)
     plain = insecure or registry in (cfg.get("registry.insecure") or []) or is_loopback(registry)
     if plain:
         why = "--nohttps" if insecure else ("registry.insecure" if not is_loopback(registry) else "loopback")
@@ -85,7 +96,12 @@ _shared_lock = threading.Lock()
 
 
 def shared_clients(
-    registry: str, *, credentials: Credentials | None = None, insecure: bool = False, **kwargs: Any
+    registry: str,
+    *,
+    credentials: Credentials | None = None,
+    insecure: bool = False,
+    authfile: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> list[RegistryClient]:
     """:func:`make_clients`, kept for the process: every source for the same registry,
     credentials and settings shares connections and tokens (a resolve and the fetch after it
@@ -93,10 +109,11 @@ def shared_clients(
     cfg = get_config()
     settings = json.dumps([cfg.get("registry"), sorted(kwargs.items())], sort_keys=True, default=str)
     # the pid: a forked child must not share its parent's sockets
-    key = (os.getpid(), registry, find_credentials(registry, credentials), insecure, settings)
+    creds = find_credentials(registry, credentials, authfile)
+    key = (os.getpid(), registry, creds, insecure, settings)
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = make_clients(registry, credentials=credentials, insecure=insecure, **kwargs)
+            _shared[key] = _clients_for(registry, creds, insecure, **kwargs)
         return _shared[key]
 
 
@@ -110,7 +127,8 @@ class RegistrySource(Source):
     """Fetches images from a registry through the distribution API.
 
     Options: ``credentials`` (:class:`Credentials`, e.g. from ``--docker-login``),
-    ``insecure`` (``--nohttps``), ``parallel_downloads``, ``retries``, ``timeout``.
+    ``authfile`` (``--authfile FILE``), ``insecure`` (``--nohttps``), ``parallel_downloads``,
+    ``retries``, ``timeout``.
     """
 
     def _clients(self, ref: Reference) -> list[RegistryClient]:
@@ -119,6 +137,7 @@ class RegistrySource(Source):
             ref.registry or "",
             credentials=self.options.get("credentials"),  # type: ignore[arg-type]
             insecure=bool(self.options.get("insecure")),
+            authfile=self.options.get("authfile"),  # type: ignore[arg-type]
             **extra,
         )
 

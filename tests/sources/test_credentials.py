@@ -19,6 +19,7 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     for prefix in ("HPCSIF", "APPTAINER", "SINGULARITY"):
         monkeypatch.delenv(f"{prefix}_DOCKER_USERNAME", raising=False)
         monkeypatch.delenv(f"{prefix}_DOCKER_PASSWORD", raising=False)
+        monkeypatch.delenv(f"{prefix}_AUTH_FILE", raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
 
 
@@ -82,3 +83,30 @@ def test_password_not_in_repr_str_or_debug_log(caplog) -> None:
         find_credentials("reg.example", creds)
     assert SECRET not in repr(creds) and SECRET not in str(creds)
     assert SECRET not in caplog.text and "bob" in caplog.text
+
+
+def _authfile(path, registry: str, user: str) -> str:
+    token = base64.b64encode(f"{user}:{SECRET}".encode()).decode()
+    path.write_text(json.dumps({"auths": {registry: {"auth": token}}}))
+    return str(path)
+
+
+def test_authfile_replaces_docker_config_and_env_names_one(tmp_path, monkeypatch, caplog) -> None:
+    _docker_config(tmp_path, {"reg.example:5000": {"auth": base64.b64encode(b"default:x").decode()}})
+    authfile = _authfile(tmp_path / "auth.json", "reg.example:5000", "fromfile")
+    assert find_credentials("reg.example:5000").username == "default"
+    creds = find_credentials("reg.example:5000", authfile=authfile)
+    assert (creds.username, creds.password, creds.source) == ("fromfile", SECRET, authfile)
+    # Apptainer: the requested file replaces the default one; no entry there means anonymous
+    with caplog.at_level(logging.WARNING):
+        assert find_credentials("other.example", authfile=authfile) is None
+        assert find_credentials("reg.example:5000", authfile=tmp_path / "missing.json") is None
+    assert "has no credentials for other.example" in caplog.text and "does not exist" in caplog.text
+    assert SECRET not in caplog.text
+    monkeypatch.setenv("APPTAINER_AUTH_FILE", authfile)
+    assert find_credentials("reg.example:5000").username == "fromfile"
+    # explicit and *_DOCKER_USERNAME/PASSWORD credentials still come first
+    monkeypatch.setenv("HPCSIF_DOCKER_USERNAME", "envuser")
+    monkeypatch.setenv("HPCSIF_DOCKER_PASSWORD", "p")
+    assert find_credentials("reg.example:5000", authfile=authfile).username == "envuser"
+    assert find_credentials("reg.example:5000", Credentials("x", "y")).username == "x"
