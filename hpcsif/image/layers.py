@@ -9,7 +9,8 @@ layers are read **top-down**. A path emitted by an upper layer hides the same pa
 lower layers; an upper non-directory at ``P`` hides everything below ``P``; an upper
 directory merges with a lower one (the upper attributes win); ``.wh.NAME`` hides ``NAME``
 and ``.wh..wh..opq`` hides all lower children of its directory. Whiteouts apply only to
-lower layers and never appear in the output. A layer that has ``a/b`` but no entry ``a``
+lower layers and never appear in the output (an opaque directory stays, empty). A layer
+that has ``a/b`` (or a whiteout ``a/.wh.b``) but no entry ``a``
 over a lower *symlink* ``a`` (a usr-merge ``bin -> usr/bin``) writes through it, inside the
 root, as Apptainer (umoci), containerd and Podman extract layers: ``a/b`` lands at
 ``usr/bin/b`` and the symlink stays. The merge is top-down, so it learns of such a symlink
@@ -671,6 +672,9 @@ class _Merger:
         self.links: list[tuple[str, str]] = []
         self.through: dict[str, tuple[int, str]] = {}  # lower symlinks known to be written through
         self.found: dict[str, tuple[int, str]] = {}  # … and those this pass found
+        # directories that upper whiteouts lie in -> topmost level: whiteouts claim nothing (a
+        # whiteout alone creates no directory), yet a lower symlink there redirects them too
+        self.whiteout_dirs: dict[str, int] = {}
 
     def _written_through(self, name: str, level: int) -> str:
         """``name`` of layer ``level`` with the known lower symlinks among its ancestors followed."""
@@ -730,8 +734,12 @@ class _Merger:
             if _AUFS_META in f"/{parent}/" or (base.startswith(_AUFS_META[1:]) and base != OPAQUE_MARKER):
                 return  # AUFS bookkeeping (.wh..wh.plnk, .wh..wh.aufs): never content
             if base == OPAQUE_MARKER:
+                if self._blocked(name, lay) is None:
+                    self._claim_parents(name, lay.level)  # the directory is the layer's: it stays
                 lay.opaque.add(parent)
             else:
+                for anc in _ancestors(name):
+                    self.whiteout_dirs.setdefault(anc, lay.level)
                 target = base[len(WHITEOUT_PREFIX) :]
                 if target in ("", ".", ".."):
                     raise LayerError(f"layer {lay.label}: invalid whiteout {ti.name!r}")
@@ -752,6 +760,8 @@ class _Merger:
         claim = self.claims.get(name)
         if reason is None and claim is not None:
             reason = self._against_claim(lay, name, ti, kind, claim)
+        elif reason is None and kind == "sym" and self.whiteout_dirs.get(name, lay.level) < lay.level:
+            self._found_through(lay, name, ti)
         if reason is not None:
             if reason != "merged":
                 self.stats.skip(reason)
@@ -780,11 +790,8 @@ class _Merger:
         """Settle ``name`` that is already claimed; None means this entry takes it."""
         level, is_dir = claim >> 1, claim & 1
         if level < lay.level:  # an upper layer has it
-            if is_dir and kind == "sym" and name not in self.dirs and name not in self.through:
-                # upper layers put entries below this symlink without an entry of their own for
-                # it: extraction (Apptainer's, containerd's) writes them through it
-                target = posixpath.normpath(posixpath.join("/", posixpath.dirname(name), ti.linkname))
-                self.found[name] = (lay.level, target.lstrip("/"))
+            if is_dir and kind == "sym" and name not in self.dirs:
+                self._found_through(lay, name, ti)
             if is_dir and kind == "dir":
                 if name not in self.dirs:  # implicit upper directory: take these attributes
                     self.dirs[name] = (lay.level, ti)
@@ -815,6 +822,14 @@ class _Merger:
                 requests[:] = [r for r in requests if (r[0] if isinstance(r, tuple) else r) != name]
         self.stats.skip("duplicate")
         return None
+
+    def _found_through(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:
+        """Note the symlink ``name``: upper layers put entries or whiteouts below it without an
+        entry of their own for it, so extraction (Apptainer's, containerd's) writes them through it.
+        """
+        if name not in self.through:
+            target = posixpath.normpath(posixpath.join("/", posixpath.dirname(name), ti.linkname))
+            self.found[name] = (lay.level, target.lstrip("/"))
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""

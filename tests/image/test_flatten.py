@@ -44,6 +44,11 @@ def _base(tmp: Path):
             d("usr/lib"),
             file("usr/lib/libc.so", "libc"),
             sym("lib", "usr/lib"),
+            file("usr/share/gone", "g"),
+            file("usr/share/kept", "k"),
+            sym("share", "usr/share"),
+            file("usr/opq/old", "o"),
+            sym("opqlink", "usr/opq"),
             file("bin/tool", "#!/bin/sh\n", mode=0o4750),  # setuid, no o+r, parent implicit
             file("bin/secret", "s", mode=0o600),
             d("tmp", mode=0o1777),
@@ -87,6 +92,8 @@ def _base(tmp: Path):
             sym("dupsym", "second"),
             d("dupdir", mode=0o700),
             d("dupdir", mode=0o750),
+            whiteout("share/gone"),  # whiteouts alone below lower symlinks: applied through them
+            opaque("opqlink"),
         ],
         "none",
     )
@@ -149,6 +156,9 @@ def test_entries_below_a_lower_symlink_are_written_through_it(merged):
     assert (root / "usr/lib/extra/libx.so").read_text() == "libx"
     assert (root / "usr/lib/libc.so").read_text() == "libc"
     assert (root / "bin").is_dir()  # an implicit parent with nothing below it in the image
+    assert os.readlink(root / "share") == "usr/share" and os.readlink(root / "opqlink") == "usr/opq"
+    assert sorted(os.listdir(root / "usr/share")) == ["kept"]
+    assert os.listdir(root / "usr/opq") == []
 
 
 def test_permissions_fixed(merged):
