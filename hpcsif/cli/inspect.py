@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="SIF file or sandbox directory")
     p.set_defaults(func=run)
 
+    p = sub.add_parser("run-help", help="show the help text (%%help, or an app's %%apphelp) of an image")
+    p.add_argument("--app", help="show the help for an app")
+    p.add_argument("image", help="SIF file or sandbox directory")
+    p.set_defaults(func=run_help)
+
 
 def _present(attrs: dict[str, Any], order: list[str]) -> dict[str, Any]:
     """``attrs`` in ``order`` without empty values (Go's ``omitempty``); text loses trailing newlines."""
@@ -112,4 +117,19 @@ def run(args: argparse.Namespace) -> int:
             out.writelines(f"{key}: {val}\n" for key, val in value.items())
         else:
             out.write(f"{value}\n")
+    return 0
+
+
+def run_help(args: argparse.Namespace) -> int:
+    """Print the image's (or ``--app``'s) help text as ``inspect --helpfile`` does, or Apptainer's note."""
+    import os
+
+    from hpcsif.errors import NotFoundError
+
+    if not os.path.exists(args.image):
+        raise NotFoundError(f"container not found: stat {args.image}: no such file or directory")
+    attrs = gather(args.image, ["helpfile"], args.app)
+    text = (attrs.get("apps", {}).get(args.app, {}) if args.app else attrs).get("helpfile")
+    # Apptainer runs `inspect --helpfile` and prints its output, or this line when it printed nothing
+    print(text if text else "No help sections were defined for this image")
     return 0

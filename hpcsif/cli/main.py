@@ -24,6 +24,7 @@ FAST_COMMANDS = {
     **{c: "run" for c in ("run", "exec", "shell", "test")},
     **{c: "sign" for c in ("sign", "verify", "key")},
     **{c: "pull" for c in ("pull", "push")},
+    "run-help": "inspect",
     **{c: c for c in ("build", "inspect", "sif", "cache", "stage", "slurm")},
 }
 
