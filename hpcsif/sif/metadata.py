@@ -5,7 +5,8 @@ the SIF's ``inspect-metadata.json``/``oci-config.json`` objects; hpcsif's own en
 ``actions/`` scripts. Everything here is generated from the image config alone.
 
 Runscript semantics follow Apptainer's OCI behaviour: ``run`` arguments replace CMD and are
-appended to ENTRYPOINT; with neither, a shell runs. Unlike Apptainer's default we never
+appended to ENTRYPOINT; with neither, the arguments are the command (as in Apptainer and
+Docker), and without arguments a shell runs. Unlike Apptainer's default we never
 ``eval`` the command line, so arguments with spaces, quotes and ``$`` reach the program
 unchanged (Apptainer's ``SINGULARITY_NO_EVAL`` behaviour).
 """
@@ -155,7 +156,7 @@ def runscript_for(entrypoint: Sequence[str] | str | None, cmd: Sequence[str] | s
     elif cm:
         body = f'if [ $# -eq 0 ]; then\n    set -- {cm_q}\nfi\nexec "$@"'
     else:
-        body = 'exec /bin/sh "$@"'
+        body = 'if [ $# -eq 0 ]; then\n    exec /bin/sh\nfi\nexec "$@"'
     return "\n".join([*lines, body, ""])
 
 

@@ -45,8 +45,13 @@ def test_runscript_precedence(tmp_path: Path, entrypoint, cmd, args, expected) -
     assert out.strip() == expected
 
 
-def test_runscript_without_entrypoint_or_cmd_runs_a_shell(tmp_path: Path) -> None:
-    assert run_script(tmp_path, md.runscript_for(None, None), "-c", "echo from-shell").strip() == "from-shell"
+def test_runscript_without_entrypoint_or_cmd_runs_its_arguments_else_a_shell(tmp_path: Path) -> None:
+    """As Apptainer and Docker: the arguments are the command; with none, a shell reads stdin."""
+    script = md.runscript_for(None, None)
+    assert run_script(tmp_path, script, "/bin/sh", "-c", ECHO_ARGS, "s", "a b", "$X").strip() == "[a b][$X]"
+    path = tmp_path / "script"
+    out = subprocess.run(["/bin/sh", str(path)], input="echo from-shell", capture_output=True, text=True)
+    assert out.stdout.strip() == "from-shell"
 
 
 def test_env_script_defaults_host_wins_path_from_image(tmp_path: Path) -> None:
