@@ -45,6 +45,7 @@ class ConvertOptions:
     jobs: int | None = None
     tmpdir: Path | None = None
     arch: str | None = None
+    variant: str | None = None  # --arch-variant: 7 or v7 (arm), 8 (arm64)
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
@@ -55,6 +56,8 @@ class ConvertOptions:
     def key(self) -> str:
         """A short hash of the options that change the output (not tmpdir or jobs)."""
         doc = {"v": FORMAT_VERSION, "c": self.compression, "l": self.level, "a": self.arch}
+        if self.variant:  # only then: keys of images converted without one stay as they were
+            doc["av"] = self.variant
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
@@ -74,8 +77,13 @@ class ConvertOptions:
 
     @property
     def platform(self) -> Platform:
-        """The platform to pick from multi-arch images."""
-        return Platform(architecture=self.arch) if self.arch else Platform()
+        """The platform to pick from multi-arch images (``--arch arm --arch-variant 7``: linux/arm/v7)."""
+        variant = self.variant
+        if variant and variant.isdigit():  # Apptainer takes 7 and v7 alike; OCI indexes say v7
+            variant = f"v{variant}"
+        if self.arch:
+            return Platform(architecture=self.arch, variant=variant)
+        return Platform(variant=variant)
 
 
 def bootstrap_of(ref: Reference) -> str:

@@ -41,6 +41,10 @@ _SCRIPT_NAME = ".hpcsif-build-script"  # in the tree's root while a section runs
 # source the image's environment, then run the section's interpreter on the script
 _WITH_ENV = f'for f in {SD}/env/*.sh; do if [ -f "$f" ]; then . "$f"; fi; done; exec "$@"'
 _HOST_BINDS = ("/etc/resolv.conf", "/etc/hosts")
+#: what ``--section`` may name (besides ``all`` and ``none``), as Apptainer's RunSection checks
+SECTION_NAMES = frozenset(
+    ("setup", "files", "post", "environment", "runscript", "startscript", "test", "help", "labels")
+)
 # mount points every built image gets, as in Apptainer's build skeleton
 SKELETON = ("proc", "dev", "sys", "home", "root", "tmp", "var/tmp", "etc")
 
@@ -99,7 +103,14 @@ cd /
 
 @dataclass
 class BuildOptions:
-    """How to build: output kind, whether to run ``%test``, conversion options, blob store."""
+    """How to build: output kind, whether to run ``%test``, conversion options, blob store.
+
+    ``sections`` (``--section``) limits the sections run (None: all); ``update`` (``-u``) runs
+    the definition over the existing sandbox ``dest`` instead of bootstrapping; ``binds`` and
+    ``mounts`` (``-B``/``--mount`` specs), ``nv``/``rocm`` (host GPU files, found as the engine
+    finds them) apply to ``%post`` and ``%test``; ``writable_tmpfs`` lets ``%test`` write to a
+    throw-away overlay; ``no_cleanup`` keeps the build directory and says where it is.
+    """
 
     convert: ConvertOptions = field(default_factory=ConvertOptions)
     sandbox: bool = False
@@ -107,6 +118,33 @@ class BuildOptions:
     store: OCIStore | None = None  # the blob cache; None: a temporary one
     source_options: dict[str, Any] = field(default_factory=dict)
     build_args: dict[str, str] = field(default_factory=dict)
+    warn_unused_build_args: bool = False
+    sections: frozenset[str] | None = None
+    update: bool = False
+    binds: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)
+    nv: bool = False
+    rocm: bool = False
+    writable_tmpfs: bool = False
+    no_cleanup: bool = False
+
+    def runs(self, section: str) -> bool:
+        """True if ``section`` is to run (``--section``)."""
+        return self.sections is None or section in self.sections
+
+    def host_binds(self) -> list[Any]:  # list[hpcsif.engine.binds.Bind]
+        """The binds ``%post`` and ``%test`` get: ``-B``, ``--mount``, then the GPU files."""
+        from hpcsif.engine.binds import parse_bind
+
+        binds = [b for spec in self.binds for b in parse_bind(spec)]
+        binds += [_mount_bind(spec) for spec in self.mounts]
+        if self.nv or self.rocm:
+            from hpcsif.engine import gpu
+
+            for wanted, discover in ((self.nv, gpu.nvidia), (self.rocm, gpu.rocm)):
+                if wanted:
+                    binds += discover().binds
+        return binds
 
 
 @dataclass
@@ -131,7 +169,16 @@ def build_definition(
 
     options = options or BuildOptions()
     definition = deffile if isinstance(deffile, Definition) else load(deffile, options.build_args)
+    if definition.unused_build_args:
+        names = " ".join(definition.unused_build_args)
+        if not options.warn_unused_build_args:
+            raise BuildError(
+                f"unused build args: {names}. "
+                "Use option --warn-unused-build-args to show a warning instead of a fatal message"
+            )
+        log.warning("Unused build args: %s", names)
     dest = Path(dest)
+    binds = options.host_binds()
     base = options.convert.tmpdir or dest.resolve().parent
     try:
         work = Path(tempfile.mkdtemp(prefix=".hpcsif-build-", dir=base))
@@ -145,17 +192,21 @@ def build_definition(
             built: list[_Built] = []
             for i, stage in enumerate(definition.stages):
                 log.info("Building stage %d of %d (%s)", i + 1, len(definition.stages), stage.bootstrap)
-                builder = _StageBuilder(definition, i, work / f"stage{i}", built, options, store)
-                built.append(builder.build())
+                update = dest if options.update and i == len(definition.stages) - 1 else None
+                builder = _StageBuilder(definition, i, work / f"stage{i}", built, options, store, binds)
+                built.append(builder.build(update))
         final = built[-1]
         test = definition.final.sections.get("test")
-        if test is not None and test.body.strip() and not options.notest:
-            _run_test(final.root, test, definition.where)
+        if test is not None and test.body.strip() and not options.notest and options.runs("test"):
+            _run_test(final.root, test, definition.where, binds, options.writable_tmpfs)
         if options.sandbox:
             return _build_dir(dest, lambda tmp: shutil.move(str(final.root), str(tmp)))
         return _pack(final, definition, dest, options.convert)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if options.no_cleanup:  # as Apptainer: kept whether the build failed or not
+            log.warning("Build performed with no clean up option, build directory left at %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def reference(stage: Stage) -> str:
@@ -213,8 +264,10 @@ class _StageBuilder:
         earlier: list[_Built],
         options: BuildOptions,
         store: OCIStore,
+        binds: list[Any] | None = None,
     ) -> None:
         self.definition = definition
+        self.binds = binds or []
         self.stage = definition.stages[index]
         self.index = index
         self.root = root
@@ -223,17 +276,26 @@ class _StageBuilder:
         self.store = store
         self.where = definition.where
 
-    def build(self) -> _Built:
-        oci_config, arch = self.bootstrap()
+    def build(self, update: Path | None = None) -> _Built:
+        """Bootstrap (or, with ``update``, copy that existing sandbox), then run the sections."""
+        if update is not None:
+            log.info("Building into existing container: %s", update)
+            oci_config, arch = self._local_image(update, self.stage.line)
+        else:
+            oci_config, arch = self.bootstrap()
         for d in SKELETON:
             path = resolve_inside(self.root, d)
             if not os.path.lexists(path):
                 path.mkdir(mode=0o755, parents=True)
-        self.setup()
-        self.copy_files()
+        runs = self.options.runs
+        if runs("setup"):
+            self.setup()
+        if runs("files"):
+            self.copy_files()
         self.make_apps()
-        self.post()
-        self.write_metadata()
+        if runs("post"):
+            self.post()
+        self.write_metadata(bootstrapped=update is None)
         return _Built(self.root, oci_config, arch)
 
     # -- bootstrap ------------------------------------------------------------------------
@@ -397,21 +459,26 @@ class _StageBuilder:
         interpreter = sec.interpreter(self.where) if sec else ["/bin/sh"]
         log.info("Running %%post")
         what = f"{self.where}:{line}: %post"
-        rc = run_in_tree(self.root, script, [*interpreter, "-e", "-x"], writable=True, what=what)
+        argv = [*interpreter, "-e", "-x"]
+        rc = run_in_tree(self.root, script, argv, writable=True, what=what, binds=self.binds)
         if rc != 0:
             raise BuildError(f"{what} failed with exit status {rc}")
 
     # -- /.singularity.d -------------------------------------------------------------------
 
-    def write_metadata(self) -> None:
-        """Environment, runscript, startscript, test, help, labels and the def file."""
-        stage, where = self.stage, self.where
-        if stage.body("environment"):
+    def write_metadata(self, bootstrapped: bool = True) -> None:
+        """Environment, runscript, startscript, test, help, labels and the def file.
+
+        ``--section`` leaves out the sections not named; a build over an existing sandbox
+        (``bootstrapped`` False) keeps its bootstrap labels, as Apptainer does.
+        """
+        stage, where, runs = self.stage, self.where, self.options.runs
+        if stage.body("environment") and runs("environment"):
             path = resolve_inside(self.root, f"{SD}/env/90-environment.sh")
             old = path.read_text() if path.is_file() else md.ENV_90
             self._write(f"{SD}/env/90-environment.sh", old + "\n" + stage.body("environment") + "\n", 0o755)
         for name, fname in (("runscript", "runscript"), ("startscript", "startscript"), ("test", "test")):
-            if stage.body(name):
+            if stage.body(name) and runs(name):
                 self._write(f"{SD}/{fname}", _script(stage.sections[name], where), 0o755)
         labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
         labels.update(
@@ -422,14 +489,16 @@ class _StageBuilder:
                 "org.label-schema.build-date": md.build_date(),
                 "org.label-schema.schema-version": "1.0",
                 "org.label-schema.usage.hpcsif.version": __version__,
-                "org.label-schema.usage.singularity.deffile.bootstrap": stage.bootstrap,
-                "org.label-schema.usage.singularity.deffile.from": stage.source,
             }
         )
-        if stage.body("help"):
+        if bootstrapped:
+            labels["org.label-schema.usage.singularity.deffile.bootstrap"] = stage.bootstrap
+            labels["org.label-schema.usage.singularity.deffile.from"] = stage.source
+        if stage.body("help") and runs("help"):
             self._write(f"{SD}/runscript.help", stage.body("help") + "\n", 0o644)
             labels["org.label-schema.usage"] = f"{SD}/runscript.help"
-        labels.update(stage.labels)
+        if runs("labels"):
+            labels.update(stage.labels)
         self._write(f"{SD}/labels.json", json.dumps(dict(sorted(labels.items())), indent="\t"), 0o644)
         self._write(f"{SD}/Singularity", self.definition.raw, 0o644)
 
@@ -442,6 +511,25 @@ class _StageBuilder:
         path.unlink(missing_ok=True)
         path.write_text(text)
         os.chmod(path, mode)
+
+
+def _mount_bind(spec: str) -> Any:  # -> hpcsif.engine.binds.Bind
+    """A ``--mount type=bind,source=SRC,destination=DST[,ro]`` spec as a bind (only binds exist here)."""
+    from hpcsif.engine.binds import Bind
+    from hpcsif.errors import UsageError
+
+    fields: dict[str, str] = {}
+    for item in spec.split(","):
+        key, _, value = item.strip().partition("=")
+        fields[key.lower()] = value
+    if fields.get("type", "bind") != "bind":
+        raise UsageError(f"--mount {spec!r}: only type=bind is supported by hpcsif")
+    src = fields.get("source") or fields.get("src")
+    dst = fields.get("destination") or fields.get("dst") or fields.get("target")
+    if not src or not dst or not dst.startswith("/"):
+        raise UsageError(f"--mount {spec!r}: expected type=bind,source=SRC,destination=/DEST[,ro]")
+    readonly = "ro" in fields or fields.get("readonly", "false") != "false"
+    return Bind(os.path.abspath(src), os.path.normpath(dst), readonly=readonly)
 
 
 def _script(sec: Section, where: str) -> str:
@@ -457,18 +545,26 @@ def _read_json(path: Path) -> dict[str, Any]:
     return {}
 
 
-def run_in_tree(root: Path, script: str, argv: list[str], *, writable: bool, what: str) -> int:
+def run_in_tree(
+    root: Path, script: str, argv: list[str], *, writable: bool, what: str, binds: list[Any] | None = None
+) -> int:
     """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0 in a user namespace.
 
     The image's ``/.singularity.d/env`` scripts are sourced first; the network is the host's
-    and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host. Returns the exit status.
+    and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host, then ``binds``
+    (:class:`hpcsif.engine.binds.Bind`: ``-B``, ``--mount``, GPU files). Mount points the tree
+    lacks are made for the run and removed after it. Returns the exit status.
     ``what`` (``FILE:LINE: %post``) starts error messages.
     """
+    from hpcsif.engine.binds import check_sources
+    from hpcsif.engine.gpu import LIBS_DIR
+
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise MissingToolError("bwrap", "bubblewrap")
     if not resolve_inside(root, "/bin/sh").exists():
         raise BuildError(f"{what}: the image has no /bin/sh to run the section with")
+    binds = check_sources(binds or [])
     created = [h for h in _HOST_BINDS if os.path.exists(h) and not os.path.lexists(root / h.lstrip("/"))]
     script_path = root / _SCRIPT_NAME
     script_path.write_text(script)
@@ -480,6 +576,8 @@ def run_in_tree(root: Path, script: str, argv: list[str], *, writable: bool, wha
         "APPTAINER_ENVIRONMENT": f"{SD}/env/91-environment.sh",
         "SINGULARITY_ENVIRONMENT": f"{SD}/env/91-environment.sh",
     }
+    if any(b.dst.startswith(LIBS_DIR + "/") for b in binds):  # --nv/--rocm libraries, as at run time
+        env["LD_LIBRARY_PATH"] = LIBS_DIR
     cmd = [bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--unshare-pid"]
     cmd += ["--die-with-parent", "--bind" if writable else "--ro-bind", str(root), "/"]
     cmd += ["--proc", "/proc", "--dev", "/dev"]
@@ -488,25 +586,64 @@ def run_in_tree(root: Path, script: str, argv: list[str], *, writable: bool, wha
             cmd += ["--ro-bind", host, host]
     if not writable and resolve_inside(root, "/tmp").is_dir():
         cmd += ["--tmpfs", "/tmp"]
-    cmd += ["--chdir", "/", "--clearenv"]
-    for key, value in env.items():
-        cmd += ["--setenv", key, value]
-    cmd += ["/bin/sh", "-c", _WITH_ENV, "hpcsif-build", *argv, f"/{_SCRIPT_NAME}"]
+    made: list[Path] = []
     try:
+        for b in binds:
+            if not b.dst.startswith("/dev/"):  # bwrap's /dev is its own tmpfs
+                made += _mount_point(root, b.dst, os.path.isdir(b.src))
+            kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
+            cmd += [kind, b.src, b.dst]
+        cmd += ["--chdir", "/", "--clearenv"]
+        for key, value in env.items():
+            cmd += ["--setenv", key, value]
+        cmd += ["/bin/sh", "-c", _WITH_ENV, "hpcsif-build", *argv, f"/{_SCRIPT_NAME}"]
         return subprocess.run(cmd, check=False).returncode
     finally:
         script_path.unlink(missing_ok=True)
-        # the mount points bwrap had to create are not part of the image
+        # the mount points bwrap or the binds needed are not part of the image
         for host in created:
             with contextlib.suppress(OSError):
                 (root / host.lstrip("/")).unlink()
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def _run_test(root: Path, sec: Section, where: str) -> None:
-    """Run the finished image's ``%test`` (read-only tree); a failure stops the build."""
+def _mount_point(root: Path, dst: str, directory: bool) -> list[Path]:
+    """Create ``dst`` (a directory or an empty file) and missing parents in ``root``; returns them."""
+    path = resolve_inside(root, dst)
+    missing = []
+    here = path
+    while not os.path.lexists(here) and here != root:
+        missing.append(here)
+        here = here.parent
+    missing.reverse()
+    for p in missing:
+        if p == path and not directory:
+            p.touch()
+        else:
+            p.mkdir()
+    return missing
+
+
+def _run_test(root: Path, sec: Section, where: str, binds: list[Any], writable_tmpfs: bool) -> None:
+    """Run the finished image's ``%test`` (read-only tree; with ``writable_tmpfs`` on a throw-away
+    overlay, as Apptainer's ``--writable-tmpfs``); a failure stops the build."""
     log.info("Running %%test")
     what = f"{where}:{sec.line}: %test"
-    rc = run_in_tree(root, f"exec {SD}/test\n", ["/bin/sh"], writable=False, what=what)
+    script = f"exec {SD}/test\n"
+    if writable_tmpfs:
+        from hpcsif.engine.mounts import overlay_mount
+
+        if shutil.which("fuse-overlayfs") is None:
+            raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", "needed for --writable-tmpfs")
+        overlay = overlay_mount(root)
+        try:
+            rc = run_in_tree(overlay.acquire(), script, ["/bin/sh"], writable=True, what=what, binds=binds)
+        finally:
+            overlay.release()
+    else:
+        rc = run_in_tree(root, script, ["/bin/sh"], writable=False, what=what, binds=binds)
     if rc != 0:
         raise BuildError(f"{what} failed with exit status {rc}; no image was written")
 

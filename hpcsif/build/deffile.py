@@ -175,6 +175,8 @@ class Definition:
     stages: list[Stage]
     raw: str
     where: str
+    #: ``--build-arg`` names no ``{{ NAME }}`` used (Apptainer fails on them unless told to warn)
+    unused_build_args: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> Stage:
@@ -222,7 +224,8 @@ def load(path: str | Path, build_args: dict[str, str] | None = None) -> Definiti
 
 def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | None = None) -> Definition:
     """Parse definition text; ``where`` names it in errors, ``build_args`` override ``%arguments``."""
-    text = _substitute(text, where, build_args or {})
+    used: set[str] = set()
+    text = _substitute(text, where, build_args or {}, used)
     starts = [m.start() for m in _STAGE_START.finditer(text)]
     if not starts:
         raise DefinitionError(f"{where}:1: no 'Bootstrap:' header: every definition file starts with one")
@@ -239,7 +242,8 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
     for st in stages:
         if st.name and names.count(st.name) > 1:
             raise DefinitionError(f"{where}:{st.header_lines['stage']}: stage name {st.name!r} is used twice")
-    definition = Definition(stages=stages, raw=text, where=where)
+    unused = sorted(set(build_args or {}) - used)
+    definition = Definition(stages=stages, raw=text, where=where, unused_build_args=unused)
     for i, st in enumerate(stages):
         for block in st.files:
             if block.stage is not None:
@@ -247,8 +251,11 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
     return definition
 
 
-def _substitute(text: str, where: str, build_args: dict[str, str]) -> str:
-    """Replace ``{{ NAME }}`` with ``--build-arg`` values or the ``%arguments`` defaults."""
+def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str]) -> str:
+    """Replace ``{{ NAME }}`` with ``--build-arg`` values or the ``%arguments`` defaults.
+
+    The names replaced are added to ``used``.
+    """
     if not _TEMPLATE.search(text) and "%arguments" not in text.lower():
         return text
     defaults: dict[str, str] = {}
@@ -277,6 +284,7 @@ def _substitute(text: str, where: str, build_args: dict[str, str]) -> str:
         def value(m: re.Match[str], n: int = n) -> str:
             if m.group(1) not in values:
                 raise DefinitionError(f"{where}:{n}: no value for {{{{ {m.group(1)} }}}} in %arguments")
+            used.add(m.group(1))
             return values[m.group(1)]
 
         out.append(_TEMPLATE.sub(value, line))

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hpcsif.cli.pull import add_registry_flags, registry_options
+from hpcsif.cli.pull import add_registry_flags, flags_from_env, refuse, registry_options
 
 log = logging.getLogger("hpcsif")
 
@@ -21,6 +21,9 @@ def add_convert_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compression-level", type=int, dest="level", help="compressor level")
     p.add_argument("--arch", help="architecture to pick from a multi-arch image (e.g. arm64)")
+    p.add_argument(
+        "--arch-variant", metavar="VARIANT", help="architecture variant to pick (e.g. 7 for arm/v7)"
+    )
     p.add_argument("--tmpdir", help="directory for temporary files (default: next to the output)")
     p.add_argument("-F", "--force", action="store_true", help="overwrite an existing target")
     p.add_argument("--disable-cache", action="store_true", help="use no blob cache (a temporary one)")
@@ -35,6 +38,8 @@ def convert_options(args: argparse.Namespace):  # -> ConvertOptions (imported la
         level=args.level,
         tmpdir=Path(args.tmpdir) if args.tmpdir else None,
         arch=args.arch,
+        variant=args.arch_variant,
+        jobs=getattr(args, "jobs", None),  # --mksquashfs-args -processors N
     )
 
 
@@ -56,8 +61,23 @@ def check_target(target: Path, force: bool) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``build`` command."""
     p = sub.add_parser("build", help="build a SIF image or sandbox from a source or definition file")
-    p.add_argument("--sandbox", action="store_true", help="build a writable directory tree instead of a SIF")
+    p.add_argument(
+        "-s", "--sandbox", action="store_true", help="build a writable directory tree instead of a SIF"
+    )
     p.add_argument("-T", "--notest", action="store_true", help="skip the %%test section")
+    p.add_argument(
+        "-u",
+        "--update",
+        action="store_true",
+        help="run the definition over an existing sandbox target (skips the bootstrap)",
+    )
+    p.add_argument(
+        "--section",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME]",
+        help="only run these sections (setup, post, files, environment, test, labels, none; default all)",
+    )
     # accepted for Apptainer users' scripts: converting OCI/Docker layers always does what it asks
     # (hpcsif/image/layers.py makes every file readable and every directory traversable)
     p.add_argument("--fix-perms", action="store_true", help="always on for OCI/Docker sources")
@@ -68,11 +88,175 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="value for {{ KEY }} in a definition file (overrides %%arguments)",
     )
+    p.add_argument("--build-arg-file", metavar="FILE", help="file of KEY=VALUE lines, as --build-arg")
+    p.add_argument(
+        "--warn-unused-build-args",
+        action="store_true",
+        help="warn instead of failing when a --build-arg names no {{ KEY }} of the definition",
+    )
+    p.add_argument(
+        "-f",
+        "--fakeroot",
+        action="store_true",
+        help="accepted: %%post always runs as (fake) root in a user namespace",
+    )
+    p.add_argument("--userns", action="store_true", help="accepted: builds always use a user namespace")
+    for hidden in ("--ignore-subuid", "--ignore-fakeroot-command", "--ignore-userns", "--remote"):
+        p.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "-B",
+        "--bind",
+        action="append",
+        default=[],
+        metavar="SRC[:DEST[:ro|rw]]",
+        help="bind a host path during %%post and %%test",
+    )
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a mount during %%post and %%test: type=bind,source=SRC,destination=DEST[,ro]",
+    )
+    p.add_argument(
+        "--writable-tmpfs",
+        action="store_true",
+        help="%%test may write to the image; the changes are thrown away",
+    )
+    p.add_argument(
+        "--nv", action="store_true", help="bind host NVIDIA devices and libraries for %%post and %%test"
+    )
+    p.add_argument(
+        "--rocm", action="store_true", help="bind host ROCm devices and libraries for %%post and %%test"
+    )
+    p.add_argument(
+        "--nvccli", action="store_true", help="as --nv (libraries are listed by nvidia-container-cli)"
+    )
+    p.add_argument(
+        "--no-cleanup",
+        action="store_true",
+        help="keep the build directory after a failed build and say where it is",
+    )
+    p.add_argument(
+        "--mksquashfs-args",
+        metavar="ARGS",
+        help="mksquashfs options: -comp CODEC, -Xcompression-level N and -processors N are understood",
+    )
+    p.add_argument("--json", action="store_true", help="not supported (JSON build definitions)")
+    p.add_argument("-e", "--encrypt", action="store_true", help="not supported (encrypted images)")
+    p.add_argument("--passphrase", action="store_true", help="not supported (encrypted images)")
+    p.add_argument("--pem-path", metavar="PATH", help="not supported (encrypted images)")
     add_convert_flags(p)
     add_registry_flags(p)
     p.add_argument("target", help="SIF file or sandbox directory to create")
     p.add_argument("source", help="docker://, oci://, oci-archive://, docker-archive://, SIF, sandbox, .def")
     p.set_defaults(func=run)
+
+
+#: Apptainer's APPTAINER_* names of build's flags
+BUILD_ENV = {
+    "sandbox": ("SANDBOX",),
+    "notest": ("NOTEST",),
+    "update": ("UPDATE",),
+    "section": ("SECTION",),
+    "fakeroot": ("FAKEROOT",),
+    "userns": ("USERNS",),
+    "no_cleanup": ("NO_CLEANUP",),
+    "writable_tmpfs": ("WRITABLE_TMPFS",),
+    "nvccli": ("NVCCLI",),
+    "arch": ("BUILD_ARCH",),
+    "arch_variant": ("BUILD_ARCH_VARIANT",),
+    "mksquashfs_args": ("MKSQUASHFS_ARGS",),
+    "mount": ("MOUNT",),
+    "json": ("JSON",),
+}
+ENCRYPT_WHY = (
+    "hpcsif cannot build or run encrypted (LUKS) images; keep the SIF on a private file system instead"
+)
+#: ``--mksquashfs-args`` options that map onto the squashfs writer's settings
+_SQUASH_OPTS = {"-comp": "compression", "-Xcompression-level": "level", "-processors": "jobs"}
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    if args.json:
+        refuse("--json", "JSON build definitions are not implemented; write a definition file")
+    for flag, given in (
+        ("--encrypt", args.encrypt),
+        ("--passphrase", args.passphrase),
+        ("--pem-path", args.pem_path),
+    ):
+        if given:
+            refuse(flag, ENCRYPT_WHY)
+
+
+def _mksquashfs_options(text: str) -> dict[str, object]:
+    """``--mksquashfs-args`` as ConvertOptions fields; anything else is refused in one line."""
+    import shlex
+
+    words, found = shlex.split(text), {}
+    while words:
+        word = words.pop(0)
+        if word not in _SQUASH_OPTS or not words:
+            refuse(
+                f"--mksquashfs-args {word!r}",
+                f"only {', '.join(_SQUASH_OPTS)} (with a value) map onto hpcsif's squashfs writer "
+                "(see also --compression, --compression-level)",
+            )
+        value = words.pop(0)
+        found[_SQUASH_OPTS[word]] = value if word == "-comp" else _int(word, value)
+    return found
+
+
+def _int(flag: str, value: str) -> int:
+    from hpcsif.errors import UsageError
+
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--mksquashfs-args {flag} {value!r}: expected a number") from None
+
+
+def _build_args(args: argparse.Namespace) -> dict[str, str]:
+    """``--build-arg-file`` lines, then ``--build-arg`` values over them (Apptainer's order).
+
+    A file line that is not KEY=VALUE is skipped with Apptainer's warning; a bad ``--build-arg``
+    is an error.
+    """
+    from hpcsif.errors import UsageError
+
+    build_args = {}
+    if args.build_arg_file:
+        try:
+            text = Path(args.build_arg_file).read_text()
+        except OSError as exc:
+            raise UsageError(f"--build-arg-file {args.build_arg_file}: {exc.strerror}") from None
+        for line in filter(str.strip, text.splitlines()):
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                log.warning("Skipping %r in build arg file: expected KEY=VALUE", line)
+                continue
+            build_args[key.strip()] = value
+    for item in args.build_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--build-arg {item!r}: expected KEY=VALUE")
+        build_args[key.strip()] = value
+    return build_args
+
+
+def _sections(args: argparse.Namespace) -> frozenset[str] | None:
+    """``--section`` names (None: all); Apptainer's list, comma-separated or repeated."""
+    from hpcsif.build.builder import SECTION_NAMES
+    from hpcsif.errors import UsageError
+
+    names = {n.strip() for value in args.section for n in value.split(",") if n.strip()}
+    if not names or "all" in names:
+        return None
+    unknown = sorted(names - SECTION_NAMES - {"none"})
+    if unknown:
+        choices = ", ".join(sorted(SECTION_NAMES | {"none", "all"}))
+        raise UsageError(f"--section {','.join(unknown)}: unknown section (choose from {choices})")
+    return frozenset(names - {"none"})
 
 
 def blob_store(args: argparse.Namespace):  # -> OCIStore | None
@@ -94,6 +278,11 @@ def run(args: argparse.Namespace) -> int:
     from hpcsif.convert import convert_ref
     from hpcsif.refs import parse
 
+    flags_from_env(args, BUILD_ENV)
+    _refuse_unsupported(args)
+    if args.mksquashfs_args:
+        for dest, value in _mksquashfs_options(args.mksquashfs_args).items():
+            setattr(args, dest, value)
     target = Path(args.target)
     definition = False
     if Path(args.source).is_file():  # only a local file can be one: skip loading the parser
@@ -103,23 +292,30 @@ def run(args: argparse.Namespace) -> int:
     if definition:
         from hpcsif.build.builder import BuildOptions, build_definition
 
-        check_target(target, args.force)
-        log.info("Starting build of %s from definition file %s", target, args.source)
-        from hpcsif.errors import UsageError
+        if args.update:
+            if not target.is_dir():
+                from hpcsif.errors import UsageError
 
-        build_args = {}
-        for item in args.build_arg:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise UsageError(f"--build-arg {item!r}: expected KEY=VALUE")
-            build_args[key] = value
+                raise UsageError(f"--update needs an existing sandbox directory as the target, not {target}")
+        else:
+            check_target(target, args.force)
+        log.info("Starting build of %s from definition file %s", target, args.source)
         opts = BuildOptions(
             convert=convert_options(args),
-            sandbox=args.sandbox,
+            sandbox=args.sandbox or args.update,
             notest=args.notest,
             store=blob_store(args),
             source_options=registry_options(args),
-            build_args=build_args,
+            build_args=_build_args(args),
+            warn_unused_build_args=args.warn_unused_build_args,
+            sections=_sections(args),
+            update=args.update,
+            binds=args.bind,
+            mounts=args.mount,
+            writable_tmpfs=args.writable_tmpfs,
+            nv=args.nv or args.nvccli,
+            rocm=args.rocm,
+            no_cleanup=args.no_cleanup,
         )
         build_definition(args.source, target, opts)
     else:

@@ -18,19 +18,92 @@ log = logging.getLogger("hpcsif")
 COPY_TRANSPORTS = ("http", "https", "fsspec")
 
 
-def add_registry_flags(p: argparse.ArgumentParser) -> None:
-    """Flags for talking to registries (shared by pull, push and, if the lead wires it, build)."""
+def refuse(flag: str, why: str):  # -> NoReturn; UsageError is imported lazily
+    """Fail with Apptainer's one-line ``FATAL:`` for a flag hpcsif accepts but cannot honour."""
+    from hpcsif.errors import UsageError
+
+    raise UsageError(f"{flag} is not supported by hpcsif: {why}")
+
+
+LIBRARY_WHY = "there is no library:// (Sylabs Cloud Library) client; use docker:// or oras:// references"
+
+
+def env_value(*suffixes: str) -> str:
+    """The first of ``APPTAINER_<S>``/``SINGULARITY_<S>`` set, for each suffix in turn ('' if none)."""
+    for suffix in suffixes:
+        for prefix in ("APPTAINER", "SINGULARITY"):
+            if value := os.environ.get(f"{prefix}_{suffix}"):
+                return value
+    return ""
+
+
+def flags_from_env(args: argparse.Namespace, table: dict[str, tuple[str, ...]]) -> None:
+    """Apptainer's ``APPTAINER_<KEY>`` forms of flags not given: ``table`` maps a dest to its keys.
+
+    A switch (a False default) is turned on by a true value (1, true, yes, on); a value flag
+    (a None or empty default) takes the variable's value.
+    """
+    from hpcsif.config import env_flag
+
+    for dest, keys in table.items():
+        current = getattr(args, dest)
+        if current is False:
+            names = [f"{p}_{k}" for k in keys for p in ("APPTAINER", "SINGULARITY")]
+            setattr(args, dest, env_flag(*names))
+        elif not current and (value := env_value(*keys)):
+            setattr(args, dest, [value] if isinstance(current, list) else value)
+
+
+#: APPTAINER_* names of the registry flags (Apptainer's EnvKeys; DOCKER_HOST is read by the source)
+REGISTRY_ENV = {"nohttps": ("NOHTTPS", "NO_HTTPS")}
+
+
+def add_registry_flags(p: argparse.ArgumentParser, *, library_help: str = "container Library URL") -> None:
+    """Flags for talking to registries (shared by pull, push and build)."""
     p.add_argument("--docker-login", action="store_true", help="prompt for a registry user name and password")
     p.add_argument(
         "--nohttps", "--no-https", action="store_true", dest="nohttps", help="use plain HTTP for the registry"
     )
+    p.add_argument(
+        "--authfile",
+        metavar="FILE",
+        help="Docker-style auth file (config.json) to read registry credentials from, "
+        "instead of ~/.docker/config.json ($APPTAINER_AUTH_FILE)",
+    )
+    p.add_argument(
+        "--docker-host", metavar="HOST", help="Docker daemon for docker-daemon:// (default $DOCKER_HOST)"
+    )
+    p.add_argument("--library", metavar="URL", help=f"{library_help}: not supported (no library:// client)")
+    # Apptainer's hidden flags (and $DOCKER_USERNAME/$DOCKER_PASSWORD) for non-interactive credentials
+    p.add_argument("--docker-username", help=argparse.SUPPRESS)
+    p.add_argument("--docker-password", help=argparse.SUPPRESS)
 
 
 def registry_options(args: argparse.Namespace) -> dict[str, object]:
     """``source_options`` for registry sources from the flags (prompts for --docker-login)."""
+    from hpcsif.sources.credentials import Credentials
+
+    if getattr(args, "library", None):
+        refuse("--library", LIBRARY_WHY)
+    flags_from_env(args, REGISTRY_ENV)
     opts: dict[str, object] = {"insecure": bool(getattr(args, "nohttps", False))}
     if getattr(args, "docker_login", False):
         opts["credentials"] = prompt_credentials()
+    elif getattr(args, "docker_username", None):
+        opts["credentials"] = Credentials(
+            args.docker_username, args.docker_password or "", "--docker-username"
+        )
+    if getattr(args, "authfile", None):
+        opts["authfile"] = args.authfile
+    if getattr(args, "docker_host", None):
+        opts["docker_host"] = args.docker_host
+    return opts
+
+
+def oras_options(args: argparse.Namespace) -> dict[str, object]:
+    """The :func:`registry_options` that oras:// pushes and pulls take (no daemon there)."""
+    opts = registry_options(args)
+    opts.pop("docker_host", None)
     return opts
 
 
@@ -60,15 +133,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pull", help="pull an image from a registry or URL into a local SIF file")
     p.add_argument("--name", help="name of the file to write (default: <repo>_<tag>.sif)")
     p.add_argument("--dir", help="directory to write the file in (default: the current directory)")
+    p.add_argument("--sandbox", action="store_true", help="write a writable directory tree instead of a SIF")
     add_convert_flags(p)
-    add_registry_flags(p)
+    add_registry_flags(p, library_help="download images from the provided library")
+    p.add_argument(
+        "--no-cleanup",
+        action="store_true",
+        help="accepted (Apptainer keeps a failed build's bundle; a pull here leaves no bundle)",
+    )
+    # deprecated in Apptainer 1.4 (only library:// pulls check signatures): accepted, no effect
+    p.add_argument("-U", "--allow-unsigned", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--allow-unauthenticated", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "args", nargs="+", metavar="[OUTPUT] URI", help="docker://, oras://, https://, … reference"
     )
     p.set_defaults(func=run_pull)
 
     q = sub.add_parser("push", help="upload a SIF file to an oras:// registry reference")
-    add_registry_flags(q)
+    add_registry_flags(q, library_help="the library to push to")
+    q.add_argument(
+        "-U",
+        "--allow-unsigned",
+        action="store_true",
+        help="accepted: as in Apptainer, only library:// pushes require a signature, oras:// never",
+    )
+    q.add_argument(
+        "-D", "--description", help="description for the image (library:// only; ignored for oras://)"
+    )
     q.add_argument("sif", help="SIF file to upload")
     q.add_argument("uri", help="oras://registry/repository:tag")
     q.set_defaults(func=run_push)
@@ -93,28 +184,67 @@ def _target(args: argparse.Namespace, ref) -> Path:  # ref: Reference
     return target
 
 
-def _check_target(target: Path, force: bool) -> None:
+def _check_target(target: Path, force: bool, sandbox: bool = False) -> None:
     from hpcsif.errors import BuildError
 
     if not target.parent.is_dir():
         raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
     if (target.exists() or target.is_symlink()) and not force:
         raise BuildError(f'Image file already exists: "{target}" - will not overwrite')
-    if target.is_dir():
+    if target.is_dir() and not sandbox:
         raise BuildError(f"{target} is a directory")
 
 
+def _sif_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> None:  # ref: Reference
+    """``pull --sandbox`` of a SIF source (oras://, https://): fetch it aside, then unpack it."""
+    import tempfile
+
+    from hpcsif.convert import sif_to_sandbox
+
+    with tempfile.TemporaryDirectory(prefix=".hpcsif-pull-", dir=target.resolve().parent) as tmp:
+        sif = Path(tmp) / "image.sif"
+        if ref.transport == "oras":
+            _pull_oras(ref, sif, args)
+        else:
+            from hpcsif.sources.remote import download
+
+            download(ref.path or ref.raw, sif, progress=progress)
+        sif_to_sandbox(sif, target)
+
+
+#: Apptainer's APPTAINER_* names of pull's flags
+PULL_ENV = {
+    "arch": ("PULL_ARCH",),
+    "arch_variant": ("PULL_ARCH_VARIANT",),
+    "dir": ("PULLDIR", "PULLFOLDER"),
+    "name": ("PULL_NAME",),
+    "sandbox": ("SANDBOX",),
+    "no_cleanup": ("NO_CLEANUP",),
+}
+
+
 def run_pull(args: argparse.Namespace) -> int:
-    """Pull ``URI`` to the output file."""
+    """Pull ``URI`` to the output file (or, with ``--sandbox``, a directory)."""
     from hpcsif.cli.build import blob_store, convert_options
     from hpcsif.cli.progress import progress_bar
     from hpcsif.refs import parse
 
+    flags_from_env(args, PULL_ENV)
     ref = parse(args.args[-1])
     target = _target(args, ref)
-    _check_target(target, args.force)
+    _check_target(target, args.force, args.sandbox)
     progress = progress_bar(not (args.quiet or args.silent))
-    if ref.transport in COPY_TRANSPORTS:
+    if args.sandbox and ref.transport in (*COPY_TRANSPORTS, "oras"):
+        _sif_then_sandbox(ref, target, args, progress)
+    elif args.sandbox:
+        from hpcsif.convert import convert_ref
+
+        source_options = {**registry_options(args), "progress": progress}
+        options = convert_options(args)
+        convert_ref(
+            ref, target, options=options, store=blob_store(args), sandbox=True, source_options=source_options
+        )
+    elif ref.transport in COPY_TRANSPORTS:
         from hpcsif.sources.remote import download
 
         download(ref.path or ref.raw, target, progress=progress)
@@ -170,7 +300,7 @@ def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Ref
     from hpcsif.image.store import OCIStore
     from hpcsif.sources.oras import pull_sif
 
-    opts = registry_options(args)
+    opts = oras_options(args)
     store = blob_store(args)
     if store is not None:
         pull_sif(ref, target, store, **opts)  # type: ignore[arg-type]
@@ -188,7 +318,10 @@ def run_push(args: argparse.Namespace) -> int:
     ref = parse(args.uri)
     if ref.transport != "oras":
         raise UsageError(f"{args.uri}: push supports oras:// references only")
-    digest = push_sif(args.sif, ref, **registry_options(args))  # type: ignore[arg-type]
+    flags_from_env(args, {"allow_unsigned": ("ALLOW_UNSIGNED",)})
+    if args.description:  # Apptainer's own warning for oras://
+        log.warning("Description is not supported for push to oras. Ignoring it.")
+    digest = push_sif(args.sif, ref, **oras_options(args))  # type: ignore[arg-type]
     if not (args.quiet or args.silent):
         print(f"INFO:    Upload complete: {ref} ({digest})", flush=True)
     return 0

@@ -171,7 +171,7 @@ def test_auth_required_message_and_exit_code(registry_basic, busybox_image, tmp_
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1] == (
         f"FATAL:   authentication required for {registry_basic.host}/private/busybox: "
-        "set HPCSIF_DOCKER_USERNAME and HPCSIF_DOCKER_PASSWORD or use --docker-login"
+        "set HPCSIF_DOCKER_USERNAME and HPCSIF_DOCKER_PASSWORD, use --docker-login or --authfile FILE"
     )
     assert not (tmp_path / "busybox_1.sif").exists()
 

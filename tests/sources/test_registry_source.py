@@ -90,7 +90,7 @@ def test_basic_auth(registry_basic, busybox_image, tmp_path) -> None:
         _fetch(registry_basic, "private/busybox:1", tmp_path / "b")
     assert str(info.value) == (
         f"authentication required for {registry_basic.host}/private/busybox: "
-        "set HPCSIF_DOCKER_USERNAME and HPCSIF_DOCKER_PASSWORD or use --docker-login"
+        "set HPCSIF_DOCKER_USERNAME and HPCSIF_DOCKER_PASSWORD, use --docker-login or --authfile FILE"
     )
     wrong = Credentials(USER, "wrong-password", "test")
     with pytest.raises(
