@@ -1,0 +1,199 @@
+"""Apptainer 1.4's ``build``/``pull``/``push`` flags through the CLI, with real bwrap and a real registry.
+
+Each flag is either honoured (checked in the result), accepted as a documented no-op, or refused
+with one ``FATAL:   --flag is not supported by hpcsif: …`` line. Where the peer Apptainer is
+installed, messages that need no image are compared with its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcsif.sif.reader import SIFImage
+from tests.conftest import peer_apptainer, run_cli
+from tests.services.images import TestImage
+from tests.services.registry import PASSWORD, USER, Registry, registry_basic  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow
+
+DEF = """\
+Bootstrap: oci
+From: {layout}
+
+%post
+    mkdir -p /opt
+    cat /hostdata/in.txt > /opt/fromhost.txt
+    echo {{{{ A }}}} > /opt/a.txt
+
+%test
+    echo probe > /probe
+
+%labels
+    Stage first
+"""
+
+UPDATE_DEF = """\
+Bootstrap: oci
+From: {layout}
+
+%post
+    mkdir -p /opt
+    cat /mounted/in.txt > /opt/updated.txt
+
+%labels
+    Stage second
+"""
+
+
+def _labels(sandbox: Path) -> dict[str, str]:
+    return json.loads((sandbox / ".singularity.d/labels.json").read_text())
+
+
+def test_build_sandbox_binds_args_tmpfs_update_section(busybox_image: TestImage, tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "in.txt").write_text("from the host\n")
+    deffile = tmp_path / "a.def"
+    deffile.write_text(DEF.format(layout=busybox_image.layout))
+    argfile = tmp_path / "args"
+    argfile.write_text("A=from-file\nnot a pair\n")
+    box = tmp_path / "box"
+    base = ["build", "--build-arg-file", str(argfile), "-B", f"{host}:/hostdata:ro"]
+    # %test writes to the image: refused on the read-only tree, allowed on a throw-away overlay
+    proc = run_cli(*base, "-s", str(box), str(deffile), check=False)
+    assert proc.returncode != 0 and "%test failed" in proc.stderr and not box.exists()
+    proc = run_cli(*base, "-f", "--userns", "--writable-tmpfs", "-s", str(box), str(deffile))
+    assert "Skipping 'not a pair' in build arg file" in proc.stderr
+    assert (box / "opt/fromhost.txt").read_text() == "from the host\n"
+    assert (box / "opt/a.txt").read_text() == "from-file\n"
+    # neither the bind's mount point nor what %test wrote is left in the image
+    assert not (box / "hostdata").exists() and not (box / "probe").exists()
+    assert _labels(box)["Stage"] == "first"
+
+    # -u: run another definition over the sandbox, no bootstrap; --section post leaves labels alone
+    update = tmp_path / "u.def"
+    update.write_text(UPDATE_DEF.format(layout=busybox_image.layout))
+    mount = f"type=bind,source={host},destination=/mounted,ro"
+    run_cli("build", "-u", "--section", "post", "--mount", mount, str(box), str(update))
+    assert (box / "opt/updated.txt").read_text() == "from the host\n"
+    assert (box / "opt/a.txt").read_text() == "from-file\n"  # the old content stays
+    assert _labels(box)["Stage"] == "first" and not (box / "mounted").exists()
+    run_cli("build", "--update", "--section", "labels", str(box), str(update))
+    assert _labels(box)["Stage"] == "second"
+    proc = run_cli("build", "-u", str(tmp_path / "nobox"), str(update), check=False)
+    assert proc.returncode == 2 and "--update needs an existing sandbox" in proc.stderr
+
+
+def test_unused_build_args_fatal_unless_warned(busybox_image: TestImage, tmp_path: Path) -> None:
+    deffile = tmp_path / "a.def"
+    deffile.write_text(DEF.format(layout=busybox_image.layout))
+    args = ["build", "--build-arg", "A=1", "--build-arg", "B=2"]
+    proc = run_cli(*args, str(tmp_path / "x.sif"), str(deffile), check=False)
+    fatal = (
+        "FATAL:   unused build args: B. "
+        "Use option --warn-unused-build-args to show a warning instead of a fatal message"
+    )
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == fatal
+    exe = peer_apptainer()
+    if exe is not None:  # the peer's check runs before it bootstraps: its line is the same
+        peer = subprocess.run(
+            [exe, *args, str(tmp_path / "p.sif"), str(deffile)], capture_output=True, text=True
+        )
+        assert peer.returncode != 0 and fatal in peer.stderr
+    # warned: the build goes on (and fails in %post, which finds no /hostdata bound: no image)
+    proc = run_cli(*args, "--warn-unused-build-args", "-s", str(tmp_path / "y"), str(deffile), check=False)
+    assert "WARNING: Unused build args: B" in proc.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def test_no_cleanup_keeps_the_build_directory(busybox_image: TestImage, tmp_path: Path) -> None:
+    deffile = tmp_path / "bad.def"
+    deffile.write_text(
+        f"Bootstrap: oci\nFrom: {busybox_image.layout}\n"
+        "%post\n    mkdir /opt\n    touch /opt/mark\n    exit 3\n"
+    )
+    proc = run_cli("build", "--no-cleanup", str(tmp_path / "x.sif"), str(deffile), check=False)
+    assert proc.returncode != 0 and "exit status 3" in proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "build directory left at" in ln)
+    kept = Path(line.rsplit(" ", 1)[1])
+    assert (kept / "stage0/opt/mark").exists() and not (tmp_path / "x.sif").exists()
+    run_cli("build", str(tmp_path / "y.sif"), str(deffile), check=False)
+    assert [p.name for p in tmp_path.glob(".hpcsif-build-*")] == [kept.name]  # without it: removed
+
+
+def test_mksquashfs_args_map_or_refuse(busybox_image: TestImage, tmp_path: Path) -> None:
+    out = tmp_path / "g.sif"
+    run_cli("build", "--mksquashfs-args", "-comp gzip -Xcompression-level 2", str(out), busybox_image.oci_ref)
+    with SIFImage.open(out) as img:
+        offset = img.primary_partition().offset
+    stats = subprocess.run(["unsquashfs", "-s", "-o", str(offset), str(out)], capture_output=True, text=True)
+    assert "Compression gzip" in stats.stdout
+    proc = run_cli(
+        "build", "--mksquashfs-args=-noappend", str(tmp_path / "n.sif"), busybox_image.oci_ref, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("FATAL:   --mksquashfs-args '-noappend' is not supported by hpcsif: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["build", "--json"], "--json"),
+        (["build", "-e"], "--encrypt"),
+        (["build", "--passphrase"], "--passphrase"),
+        (["build", "--pem-path", "/k.pem"], "--pem-path"),
+        (["build", "--library", "https://library.example"], "--library"),
+        (["pull", "--library", "https://library.example"], "--library"),
+    ],
+)
+def test_refused_flags_say_so_in_one_line(
+    argv: list[str], flag: str, busybox_image: TestImage, tmp_path: Path
+) -> None:
+    proc = run_cli(*argv, str(tmp_path / "x.sif"), busybox_image.oci_ref, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "x.sif").exists()
+    assert proc.stderr.startswith(f"FATAL:   {flag} is not supported by hpcsif: ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_push_library_refused(tmp_path: Path) -> None:
+    proc = run_cli("push", "--library", "https://l.example", "x.sif", "oras://h/r:t", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("FATAL:   --library is not supported by hpcsif: ")
+
+
+def _authfile(path: Path, registry: Registry) -> Path:
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    path.write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
+    return path
+
+
+def test_authfile_pull_push_and_sandbox(
+    registry_basic: Registry,  # noqa: F811 - the fixture
+    busybox_image: TestImage,
+    tmp_path: Path,
+) -> None:
+    registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
+    env = {"HPCSIF_CACHEDIR": str(tmp_path / "cache"), "DOCKER_CONFIG": str(tmp_path / "none")}
+    ref = registry_basic.ref("private/busybox:1")
+    proc = run_cli("pull", str(tmp_path / "anon.sif"), ref, env=env, check=False)
+    assert proc.returncode != 0 and "authentication required" in proc.stderr
+    auth = _authfile(tmp_path / "auth.json", registry_basic)
+    # --sandbox writes a directory tree; --arch-variant is accepted for a single-arch image
+    box = tmp_path / "box"
+    proc = run_cli("pull", "--authfile", str(auth), "--sandbox", str(box), ref, env=env)
+    assert (box / "bin/busybox").is_file() and (box / ".singularity.d/runscript").is_file()
+    assert PASSWORD not in proc.stdout + proc.stderr
+    # push and pull a SIF as an oras artifact, the auth file named by $APPTAINER_AUTH_FILE
+    sif = tmp_path / "b.sif"
+    run_cli("pull", "--authfile", str(auth), str(sif), ref, env=env)
+    oras = registry_basic.ref("private/sif:1", transport="oras")
+    proc = run_cli("push", "-U", "-D", "words", str(sif), oras, env={**env, "APPTAINER_AUTH_FILE": str(auth)})
+    assert "Description is not supported for push to oras. Ignoring it." in proc.stderr
+    run_cli("pull", "--authfile", str(auth), "--no-cleanup", "-U", str(tmp_path / "o.sif"), oras, env=env)
+    assert (tmp_path / "o.sif").read_bytes() == sif.read_bytes()
+    run_cli("pull", "--authfile", str(auth), "--sandbox", str(tmp_path / "obox"), oras, env=env)
+    assert (tmp_path / "obox/bin/busybox").is_file()
