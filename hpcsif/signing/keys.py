@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -94,11 +95,15 @@ def _unsupported(key: object, source: str) -> SignatureError:
 
 
 def load_pem_public(data: bytes, source: str) -> dsse.PublicKey:
-    """Parse a PEM public key (``PUBLIC KEY``/``RSA PUBLIC KEY``), or the public half of a private key."""
+    """Parse a PEM public key (``PUBLIC KEY``/``RSA PUBLIC KEY``), the public half of a private key,
+    or the key of a PEM certificate (checked by :mod:`hpcsif.signing.x509` before use)."""
     if b"PRIVATE KEY-----" in data:
         return load_pem_private(data, source).public_key()
     try:
-        key = serialization.load_pem_public_key(data)
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(f"{source}: not a PEM public key ({exc})") from None
     if not isinstance(key, dsse.PublicKey):
@@ -256,11 +261,16 @@ class Keyring:
         log.info("stored key %s in %s", key.label, self.root)
         return key
 
-    def newpair(self, name: str, algorithm: str = "ed25519", uid: str = "") -> KeyInfo:
-        """Create a key pair called *name* (see :data:`ALGORITHMS`); PGP keys get user id *uid*."""
+    def newpair(
+        self, name: str, algorithm: str = "ed25519", uid: str = "", bits: int | None = None
+    ) -> KeyInfo:
+        """Create a key pair called *name* (see :data:`ALGORITHMS`); PGP keys get user id *uid*.
+
+        *bits* makes a PGP key an RSA key of that length (Apptainer's ``--bit-length``).
+        """
         name = self._free_name(name)
         if algorithm == "pgp":
-            secret, public, _ = pgp.generate(uid or name)
+            secret, public, _ = pgp.generate(uid or name, f"rsa{bits}" if bits else "ed25519")
             return self._store(name, public, secret)
         if algorithm == "ed25519":
             key: dsse.PrivateKey = ed25519.Ed25519PrivateKey.generate()
@@ -302,12 +312,23 @@ class Keyring:
             atomic_write(Path(dest), key.public_bytes(), 0o644)
         return Path(dest)
 
-    def remove(self, ref: str) -> KeyInfo:
-        """Delete key *ref* (both halves); clears the default if it was the default."""
+    def remove(self, ref: str, which: str = "both") -> KeyInfo:
+        """Delete key *ref*: ``both`` halves, only its ``secret`` half, or a ``public`` key.
+
+        A key pair is one keyring entry, so ``public`` refuses a pair; removing the key that is
+        the default signing key (or its secret half) clears the default.
+        """
         key = self.get(ref)
+        if which == "public" and key.private_path:
+            raise UsageError(
+                f"key {key.label} is a key pair: remove it whole (default) or only its private key (--secret)"
+            )
+        if which == "secret" and key.private_path is None:
+            raise SignatureError(f"key {key.label} has no private key")
         if key.private_path:
             key.private_path.unlink(missing_ok=True)
-        key.public_path.unlink(missing_ok=True)
+        if which != "secret":
+            key.public_path.unlink(missing_ok=True)
         if self.default_name() == key.name:
             (self.root / "default").unlink(missing_ok=True)
         return key

@@ -149,10 +149,16 @@ def group_objects(img: SIFImage, group_id: int) -> list[Descriptor]:
     return objs
 
 
-def image_metadata(img: SIFImage, group_id: int, algorithm: str = "sha256") -> bytes:
-    """The JSON document a signature of group *group_id* signs (compact, as Go encodes it)."""
-    objs = group_objects(img, group_id)
-    min_id = objs[0].id
+def image_metadata(
+    img: SIFImage, group_id: int, algorithm: str = "sha256", objects: list[Descriptor] | None = None
+) -> bytes:
+    """The JSON document a signature of group *group_id* signs (compact, as Go encodes it).
+
+    It covers *objects* (Apptainer's ``sign --sif-id``), by default every object of the group;
+    ids are relative to the group's lowest id either way.
+    """
+    group = group_objects(img, group_id)
+    min_id = group[0].id
     dig = Digester(img)
     doc = {
         "version": METADATA_VERSION,
@@ -163,7 +169,7 @@ def image_metadata(img: SIFImage, group_id: int, algorithm: str = "sha256") -> b
                 "descriptorDigest": dig.descriptor(d, min_id, algorithm),
                 "objectDigest": dig.object(d, algorithm),
             }
-            for d in objs
+            for d in sorted(objects or group, key=lambda d: d.id)
         ],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
@@ -200,21 +206,28 @@ def _algorithm(digest: str) -> str:
 
 
 def check_metadata(
-    img: SIFImage, group_id: int, payload: bytes, digester: Digester | None = None
+    img: SIFImage,
+    group_id: int,
+    payload: bytes,
+    digester: Digester | None = None,
+    required: list[Descriptor] | None = None,
 ) -> list[Descriptor]:
     """Check group *group_id* of *img* against the signed metadata *payload*.
 
-    Returns the verified descriptors; raises :class:`SignatureError` naming the header or the
-    object whose descriptor or content differs, or an object added to or removed from the group.
-    Pass one *digester* for several checks of the same open image to hash each object once.
+    Every object in *required* (default: the whole group) must be covered by the signature,
+    and every object it covers must match. Returns the *required* descriptors; raises
+    :class:`SignatureError` naming the header or the object whose descriptor or content
+    differs, or an object added to or removed from the group. Pass one *digester* for several
+    checks of the same open image to hash each object once.
     """
     header_digest, signed = _parse(payload)
     objs = group_objects(img, group_id)
     min_id = objs[0].id
     by_id = {min_id + s.relative_id: s for s in signed}
-    for desc in objs:
+    wanted = objs if required is None else sorted(required, key=lambda d: d.id)
+    for desc in wanted:
         if desc.id not in by_id:
-            raise SignatureError(f"{describe(desc)}: object not signed (added after signing)")
+            raise SignatureError(f"{describe(desc)}: object not signed")
     missing = sorted(set(by_id) - {d.id for d in objs})
     if missing:
         raise SignatureError(f"object {missing[0]}: signed object not found (removed after signing)")
@@ -222,9 +235,11 @@ def check_metadata(
     if dig.header(_algorithm(header_digest)) != header_digest:
         raise SignatureError("header integrity compromised (launch line, magic, version or UUID changed)")
     for desc in objs:
-        entry = by_id[desc.id]
+        entry = by_id.get(desc.id)
+        if entry is None:
+            continue
         if dig.descriptor(desc, min_id, _algorithm(entry.descriptor_digest)) != entry.descriptor_digest:
             raise SignatureError(f"data object descriptor integrity compromised: {describe(desc)}")
         if dig.object(desc, _algorithm(entry.object_digest)) != entry.object_digest:
             raise SignatureError(f"data object integrity compromised: {describe(desc)}")
-    return objs
+    return wanted

@@ -130,10 +130,14 @@ def describe_keys(data: bytes) -> list[PGPKey]:
     return keys
 
 
-def generate(uid: str) -> tuple[bytes, bytes, PGPKey]:
-    """A new Ed25519 signing key for *uid*: (armored secret key, armored public key, description)."""
+def generate(uid: str, algorithm: str = "ed25519") -> tuple[bytes, bytes, PGPKey]:
+    """A new signing key for *uid*: (armored secret key, armored public key, description).
+
+    *algorithm* is a gpg algorithm name: ``ed25519`` (default) or ``rsaBITS`` (``rsa4096``).
+    """
     with _home() as home:
-        _run(home, ["--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never"], what="gpg key")
+        args = ["--passphrase", "", "--quick-gen-key", uid, algorithm, "sign", "never"]
+        _run(home, args, what="gpg key")
         secret = _run(home, ["--passphrase", "", "--armor", "--export-secret-keys"], what="gpg export")
         public = _run(home, ["--armor", "--export"], what="gpg export")
     return secret, public, describe_keys(public)[0]

@@ -28,20 +28,43 @@ def _signature(key: KeyInfo, payload: bytes) -> tuple[bytes, bytes]:
     return dsse.sign_envelope(load_pem_private(secret, str(key.private_path)), payload), b""
 
 
-def sign_image(path: str | os.PathLike, key: KeyInfo) -> list[Descriptor]:
-    """Sign every object group of the SIF at *path* with *key*; returns the new Signature descriptors.
+def _selection(img: SIFImage, group_id: int | None, object_id: int | None) -> list[tuple[int, list | None]]:
+    """(group, objects to cover or None for all) per signature to make, as Apptainer chooses them."""
+    groups = group_ids(img)
+    selection: list[tuple[int, list | None]] = []
+    if group_id is not None:
+        if group_id not in groups:
+            raise SignatureError(f"{img.path}: integrity: group {group_id} not found")
+        selection.append((group_id, None))
+    if object_id is not None:
+        desc = next((d for d in img.descriptors if d.id == object_id), None)
+        if desc is None:
+            raise SignatureError(f"{img.path}: integrity: object {object_id} not found")
+        if not desc.group_id:
+            raise SignatureError(f"{img.path}: integrity: object {object_id} is in no object group")
+        selection.append((desc.group_id, [desc]))
+    if not selection:
+        if not groups:
+            raise SignatureError(f"{img.path}: the image has no object group to sign")
+        selection = [(group, None) for group in groups]
+    return selection
 
-    Each signature covers the group's metadata (header, descriptors, object digests) and is
-    linked to the group; the image is rewritten atomically.
+
+def sign_image(
+    path: str | os.PathLike, key: KeyInfo, group_id: int | None = None, object_id: int | None = None
+) -> list[Descriptor]:
+    """Sign the SIF at *path* with *key*; returns the new Signature descriptors.
+
+    By default every object group gets a signature covering the group's metadata (header,
+    descriptors, object digests), linked to the group; *group_id* signs only that group and
+    *object_id* only that object (a signature linked to its group), as Apptainer's
+    ``sign --group-id/--sif-id``. The image is rewritten atomically.
     """
     path = Path(path)
     with SIFImage.open(path) as img:
-        groups = group_ids(img)
-        if not groups:
-            raise SignatureError(f"{path}: the image has no object group to sign")
         specs = []
-        for group in groups:
-            content, entity = _signature(key, image_metadata(img, group))
+        for group, objects in _selection(img, group_id, object_id):
+            content, entity = _signature(key, image_metadata(img, group, objects=objects))
             specs.append(
                 ObjectSpec(
                     datatype=DataType.SIGNATURE,
@@ -54,5 +77,5 @@ def sign_image(path: str | os.PathLike, key: KeyInfo) -> list[Descriptor]:
                 )
             )
     added = add_objects(path, specs)
-    log.info("%s: signed %d object group(s) with %s", path, len(added), key.label)
+    log.info("%s: added %d signature(s) with %s", path, len(added), key.label)
     return added

@@ -74,7 +74,12 @@ def _fail(message: str) -> SignatureError:
 
 
 def _check_signature(
-    img: SIFImage, sig: Descriptor, group: int, keys: list[KeyInfo], digester: Digester
+    img: SIFImage,
+    sig: Descriptor,
+    group: int,
+    keys: list[KeyInfo],
+    digester: Digester,
+    required: list[Descriptor] | None,
 ) -> SignatureResult | str:
     """Verify *sig*; returns its result, or why it was skipped; raises when it is invalid."""
     data = img.read_object(sig)
@@ -107,28 +112,53 @@ def _check_signature(
     else:
         raise _fail(f"{where}: signature format not recognized")
     try:
-        objects = check_metadata(img, group, payload, digester)
+        objects = check_metadata(img, group, payload, digester, required)
     except SignatureError as exc:
         raise _fail(f"{exc} (signed by {signer.label})") from None
     return SignatureResult(sig, group, signer, objects)
 
 
-def verify_image(path: str | os.PathLike, keys: list[KeyInfo]) -> VerifyReport:
+def _targets(
+    img: SIFImage, group_id: int | None, object_id: int | None
+) -> list[tuple[int, list[Descriptor] | None]]:
+    """(group, objects that must be covered or None for all) to verify, as Apptainer selects them."""
+    if object_id is not None:
+        desc = next((d for d in img.descriptors if d.id == object_id), None)
+        if desc is None or not desc.group_id:
+            raise _fail(f"integrity: object {object_id} not found in an object group")
+        if group_id is not None and desc.group_id != group_id:
+            raise _fail(f"integrity: object {object_id} is not in object group {group_id}")
+        return [(desc.group_id, [desc])]
+    groups = group_ids(img)
+    if group_id is not None:
+        if group_id not in groups:
+            raise _fail(f"integrity: group {group_id} not found")
+        return [(group_id, None)]
+    for desc in img.descriptors:
+        if desc.group_id == 0 and desc.datatype != DataType.SIGNATURE:
+            raise _fail(f"{describe(desc)} is not in an object group, so no signature can cover it")
+    if not groups:
+        raise _fail(f"{img.path}: the image has no object groups")
+    return [(group, None) for group in groups]
+
+
+def verify_image(
+    path: str | os.PathLike,
+    keys: list[KeyInfo],
+    group_id: int | None = None,
+    object_id: int | None = None,
+) -> VerifyReport:
     """Verify every object group of the SIF at *path* against the public *keys*.
 
-    Raises :class:`SignatureError` ("verification failed: …") naming the group without a
-    signature, the invalid signature, or the header/descriptor/object that changed.
+    *group_id* limits the check to one group, *object_id* to one object (some signature of its
+    group must cover it), as Apptainer's ``verify --group-id/--sif-id``. Raises
+    :class:`SignatureError` ("verification failed: …") naming the group without a signature,
+    the invalid signature, or the header/descriptor/object that changed.
     """
     report = VerifyReport(Path(path))
     with SIFImage.open(path) as img:
-        for desc in img.descriptors:
-            if desc.group_id == 0 and desc.datatype != DataType.SIGNATURE:
-                raise _fail(f"{describe(desc)} is not in an object group, so no signature can cover it")
-        groups = group_ids(img)
-        if not groups:
-            raise _fail(f"{path}: the image has no object groups")
         digester = Digester(img)
-        for group in groups:
+        for group, required in _targets(img, group_id, object_id):
             linked = [d for d in img.find(DataType.SIGNATURE) if d.link_is_group and d.link_id == group]
             legacy = {d.id for d in linked if pgp.is_legacy(img.read_object(d))}
             report.skipped += [
@@ -142,7 +172,7 @@ def verify_image(path: str | os.PathLike, keys: list[KeyInfo]) -> VerifyReport:
                 )
             checked = 0
             for sig in sigs:
-                result = _check_signature(img, sig, group, keys, digester)
+                result = _check_signature(img, sig, group, keys, digester, required)
                 if isinstance(result, str):
                     report.skipped.append((sig, result))
                 else:

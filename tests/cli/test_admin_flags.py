@@ -7,6 +7,7 @@ are compared.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,11 +23,10 @@ HELP = '    Some help for this container\n  with "quotes" and a\ttab\n\n\n'
 APP_HELP = "    Help for app foo\n"
 
 
-def peer(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def peer(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the Apptainer peer with *args* (the caller skips when there is none)."""
-    return subprocess.run(
-        [str(peer_apptainer()), *map(str, args)], capture_output=True, text=True, timeout=120
-    )
+    cmd = [str(peer_apptainer()), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 needs_peer = pytest.mark.skipif(
@@ -92,3 +92,195 @@ def test_run_help_without_help_and_without_image(tmp_path: Path, help_sif: Path)
         missing.stderr
         == f"FATAL:   container not found: stat {tmp_path / 'nope.sif'}: no such file or directory\n"
     )
+
+
+# -- sign / verify / key ------------------------------------------------------------------------
+
+needs_gpg = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg (Debian package gnupg) not installed")
+
+
+@pytest.fixture
+def image(help_sif: Path, tmp_path: Path) -> Path:
+    """A fresh unsigned copy of the test SIF."""
+    return Path(shutil.copy(help_sif, tmp_path / "app.sif"))
+
+
+@pytest.fixture
+def keys_env(tmp_path: Path) -> dict[str, str]:
+    """An empty keyring of our own."""
+    return {"HPCSIF_KEYSDIR": str(tmp_path / "keys")}
+
+
+def _pem_pair(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+    run_cli("key", "newpair", "-N", "pem", env=env)
+    priv, pub = tmp_path / "pem.key.pem", tmp_path / "pem.pub.pem"
+    run_cli("key", "export", "--secret", "pem", str(priv), env=env)
+    run_cli("key", "export", "pem", str(pub), env=env)
+    return priv, pub
+
+
+@needs_gpg
+def test_apptainer_newpair_flags_keyidx_and_json(
+    image: Path, tmp_path: Path, keys_env: dict[str, str]
+) -> None:
+    # Apptainer's documented non-interactive newpair line makes an OpenPGP key
+    run_cli(
+        "key", "newpair", "--password=psk", "--name=Jane Doe", "--comment=test key",
+        "--email=jane@example.org", "--push=false", env=keys_env,
+    )  # fmt: skip
+    run_cli("key", "newpair", "-N", "pemkey", env=keys_env)  # a second private key: index 1
+    listing = run_cli("key", "list", "--secret", env=keys_env).stdout
+    assert listing.startswith("Private key listing (")
+    assert "0)  User:              Jane Doe (test key) <jane@example.org>\n" in listing
+    assert "1)  User:              pemkey\n" in listing
+    signed = run_cli("sign", "-k", "0", str(image), env=keys_env)
+    assert signed.stderr == (
+        "INFO:    Signing image with PGP key material\n"
+        f"INFO:    Signature created and applied to image '{image}'\n"
+    )
+    out = run_cli("verify", str(image), env=keys_env).stdout
+    assert out.startswith("[LOCAL]            Signing entity: Jane Doe (test key) <jane@example.org>\n")
+    fpr = out.splitlines()[1].split()[-1]
+    report = run_cli("verify", "-j", "-a", "-l", str(image), env=keys_env).stdout
+    assert report == (
+        '{\n  "Signatures": 1,\n  "SignerKeys": [\n    {\n      "Signer": {\n'
+        '        "Partition": "FS",\n'
+        '        "Name": "Jane Doe (test key) \\u003cjane@example.org\\u003e",\n'
+        f'        "Fingerprint": "{fpr.lower()}",\n'
+        '        "KeyLocal": true,\n        "KeyCheck": true,\n        "DataCheck": true\n'
+        "      }\n    }\n  ]\n}\n"
+    )
+    bad = run_cli("sign", "-k", "2", str(image), env=keys_env, check=False)
+    assert bad.returncode != 0 and "--keyidx 2: index out of range" in bad.stderr
+    if peer_apptainer():  # Apptainer prints the same report for our signature
+        pub = tmp_path / "jane.asc"
+        run_cli("key", "export", "Jane-Doe", str(pub), env=keys_env)
+        penv = {"APPTAINER_KEYSDIR": str(tmp_path / "peer-keys")}
+        assert peer("key", "import", pub, env=penv).returncode == 0
+        assert peer("verify", "-j", image, env=penv).stdout == report
+
+
+def test_sign_and_verify_one_object_or_group(image: Path, tmp_path: Path, keys_env: dict[str, str]) -> None:
+    priv, pub = _pem_pair(tmp_path, keys_env)
+    missing = run_cli("sign", "--key", str(priv), "-g", "2", str(image), check=False)
+    assert missing.returncode == 255 and "group 2 not found" in missing.stderr
+    run_cli("sign", "--key", str(priv), "-i", "1", str(image))
+    one = run_cli("verify", "--key", str(pub), "-i", "1", str(image))
+    assert one.stdout.endswith("1   |1       |NONE    |FS\n")
+    assert run_cli("verify", "--key", str(pub), "-g", "1", str(image)).returncode == 0
+    assert run_cli("verify", "--key", str(pub), "-g", "1", "--json", str(image)).stdout.startswith(
+        '{\n  "Signatures": 1,\n  "SignerKeys": [\n    {\n      "Signer": {\n        "Partition": "FS",\n'
+        '        "Name": "unknown",\n        "Fingerprint": "",\n        "KeyLocal": false,'
+    )
+    unsigned = run_cli("verify", "--key", str(pub), "-j", str(tmp_path / "nope.sif"), check=False)
+    assert unsigned.returncode != 0
+    if peer_apptainer():
+        theirs = peer("verify", "--key", pub, "-i", "1", image)
+        assert (theirs.returncode, theirs.stdout) == (0, one.stdout)
+
+
+def _certificates(tmp_path: Path) -> dict[str, Path]:
+    """A root CA, an intermediate CA and a code-signing leaf (with its key), as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("root", "inter", "leaf")}
+
+    def cert(subject: str, issuer: str, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(keys[subject].public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(keys[subject].public_key()), critical=False
+            )
+            .add_extension(
+                x509.KeyUsage(not ca, False, False, False, False, ca, ca, False, False), critical=True
+            )
+        )
+        if subject != issuer:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(keys[issuer].public_key())
+            builder = builder.add_extension(aki, critical=False)
+        if not ca:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+            )
+        return builder.sign(keys[issuer], hashes.SHA256())
+
+    files = {}
+    for subject, issuer, ca in (("root", "root", True), ("inter", "root", True), ("leaf", "inter", False)):
+        files[subject] = tmp_path / f"{subject}.pem"
+        files[subject].write_bytes(cert(subject, issuer, ca).public_bytes(serialization.Encoding.PEM))
+    files["key"] = tmp_path / "leaf.key"
+    files["key"].write_bytes(
+        keys["leaf"].private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return files
+
+
+def test_verify_with_a_certificate_chain(image: Path, tmp_path: Path) -> None:
+    pem = _certificates(tmp_path)
+    run_cli("sign", "--key", str(pem["key"]), str(image))
+    cases = [
+        (["--certificate-intermediates", str(pem["inter"]), "--certificate-roots", str(pem["root"])], 0),
+        (["--certificate-roots", str(pem["root"])], 255),  # the intermediate is missing
+        (["--certificate-roots", str(pem["inter"])], 0),  # the intermediate itself is trusted
+    ]
+    for flags, code in cases:
+        ours = run_cli("verify", "--certificate", str(pem["leaf"]), *flags, str(image), check=False)
+        assert ours.returncode == code, ours.stderr
+        if code:
+            assert "FATAL:   certificate" in ours.stderr and "is not trusted" in ours.stderr
+        if peer_apptainer():
+            theirs = peer("verify", "--certificate", pem["leaf"], *flags, image)
+            assert (theirs.returncode, theirs.stdout) == (code, ours.stdout)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["verify", "-u", "https://keys.example.org"], "--url"),
+        (["verify", "--legacy-insecure"], "--legacy-insecure"),
+        (["verify", "--ocsp-verify"], "--ocsp-verify"),
+        (["key", "pull", "8883491F4268F173C6E5DC49EDECE4F3F38D871E"], "key pull"),
+        (["key", "push", "8883491F4268F173C6E5DC49EDECE4F3F38D871E"], "key push"),
+        (["key", "search", "-l", "apptainer.org"], "key search"),
+        (["key", "newpair", "-N", "x", "--push"], "--push"),
+        (["key", "list", "--global"], "--global"),
+    ],
+)
+def test_keyserver_and_legacy_flags_are_refused_in_one_line(
+    image: Path, keys_env: dict[str, str], args: list[str], flag: str
+) -> None:
+    extra = [str(image)] if args[0] == "verify" else []
+    proc = run_cli(*args, *extra, env=keys_env, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.startswith(f"FATAL:   {flag} is not supported by hpcsif: ")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_key_export_without_a_name_and_remove_flags(tmp_path: Path, keys_env: dict[str, str]) -> None:
+    run_cli("key", "newpair", "-N", "solo", "-d", str(tmp_path / "elsewhere"))  # -d: another keyring
+    assert (tmp_path / "elsewhere" / "solo.pub").is_file()
+    run_cli("key", "newpair", "-N", "solo", env=keys_env)
+    run_cli("key", "export", "--armor", str(tmp_path / "pub.pem"), env=keys_env)  # Apptainer's: FILE only
+    assert b"PUBLIC KEY" in (tmp_path / "pub.pem").read_bytes()
+    refused = run_cli("key", "remove", "--public", "solo", env=keys_env, check=False)
+    assert refused.returncode != 0 and "is a key pair" in refused.stderr
+    run_cli("key", "remove", "--secret", "solo", env=keys_env)
+    assert "public key" in run_cli("key", "list", env=keys_env).stdout
+    assert "No keys" in run_cli("key", "list", "-s", env=keys_env).stdout
+    run_cli("key", "remove", "-p", "solo", env=keys_env)
+    assert "No keys" in run_cli("key", "list", env=keys_env).stdout
