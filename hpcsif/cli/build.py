@@ -250,6 +250,12 @@ def _sections(args: argparse.Namespace) -> frozenset[str] | None:
     from hpcsif.errors import UsageError
 
     names = {n.strip() for value in args.section for n in value.split(",") if n.strip()}
+    for only in ("all", "none"):  # Apptainer's own check
+        if only in names and len(names) > 1:
+            raise UsageError(
+                "Could not check build sections: section specification error: "
+                f"cannot have {only} and any other option"
+            )
     if not names or "all" in names:
         return None
     unknown = sorted(names - SECTION_NAMES - {"none"})

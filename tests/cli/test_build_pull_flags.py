@@ -197,3 +197,56 @@ def test_authfile_pull_push_and_sandbox(
     assert (tmp_path / "o.sif").read_bytes() == sif.read_bytes()
     run_cli("pull", "--authfile", str(auth), "--sandbox", str(tmp_path / "obox"), oras, env=env)
     assert (tmp_path / "obox/bin/busybox").is_file()
+
+
+def test_nv_binds_host_gpu_files_during_post_and_test(busybox_image: TestImage, tmp_path: Path) -> None:
+    # a fake driver tree, found the way the engine finds it (gpu.driver_root / gpu.dev_dir)
+    root, dev = tmp_path / "driver", tmp_path / "dev"
+    (root / "usr/bin").mkdir(parents=True)
+    smi = root / "usr/bin/nvidia-smi"
+    smi.write_text("#!/bin/sh\necho fake nvidia-smi\n")
+    smi.chmod(0o755)
+    dev.mkdir()
+    for name in ("nvidia0", "nvidiactl", "unrelated"):
+        (dev / name).write_text(name)
+    conf = tmp_path / "hpcsif.toml"
+    conf.write_text(f'[gpu]\ndriver_root = "{root}"\ndev_dir = "{dev}"\n')
+    deffile = tmp_path / "gpu.def"
+    deffile.write_text(
+        f"Bootstrap: oci\nFrom: {busybox_image.layout}\n"
+        "%post\n    mkdir -p /opt\n    nvidia-smi > /opt/smi.txt\n    cat /dev/nvidia0 > /opt/dev.txt\n"
+        "%test\n    test -e /dev/nvidiactl && test ! -e /dev/unrelated && nvidia-smi\n"
+    )
+    box = tmp_path / "box"
+    proc = run_cli("build", "--nv", "-s", str(box), str(deffile), env={"HPCSIF_CONFIG": str(conf)})
+    assert "fake nvidia-smi" in proc.stdout  # from %test
+    assert (box / "opt/smi.txt").read_text() == "fake nvidia-smi\n"
+    assert (box / "opt/dev.txt").read_text() == "nvidia0"
+    # the GPU files were bound for the build only: the image does not keep them or their mount points
+    assert not (box / "usr/local/bin/nvidia-smi").exists() and not (box / "usr/local").exists()
+    proc = run_cli("build", "-s", str(tmp_path / "plain"), str(deffile), check=False)
+    assert proc.returncode != 0 and "%post failed" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            "none,post",
+            "Could not check build sections: section specification error: cannot have none and any",
+        ),
+        ("all,post", "Could not check build sections: section specification error: cannot have all and any"),
+        ("bogus", "--section bogus: unknown section"),
+    ],
+)
+def test_section_errors(sections: str, message: str, tmp_path: Path) -> None:
+    deffile = tmp_path / "s.def"
+    deffile.write_text("Bootstrap: scratch\n")
+    proc = run_cli("build", "--section", sections, str(tmp_path / "x.sif"), str(deffile), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"FATAL:   {message}")
+    exe = peer_apptainer()
+    if exe is not None and "," in sections:  # the peer checks before it reads the definition
+        peer = subprocess.run(
+            [exe, "build", "--section", sections, "/tmp/x.sif", str(deffile)], capture_output=True, text=True
+        )
+        assert peer.stderr.startswith(f"FATAL:   {message}")

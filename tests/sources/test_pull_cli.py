@@ -158,8 +158,10 @@ def test_pull_through_faults_then_disable_cache(registry_basic, busybox_image, t
 
 @needs_conversion
 def test_pull_docker_daemon(podman_service, busybox_image, tmp_path) -> None:
-    env = _env(tmp_path, DOCKER_HOST=podman_service.docker_host)
-    res = hpcsif(tmp_path, "pull", f"docker-daemon://{podman_service.image}", env=env)
+    # --docker-host (Apptainer's flag) wins over $DOCKER_HOST
+    env = _env(tmp_path, DOCKER_HOST=f"unix://{tmp_path}/no-such.sock")
+    uri = f"docker-daemon://{podman_service.image}"
+    res = hpcsif(tmp_path, "pull", "--docker-host", podman_service.docker_host, uri, env=env)
     assert res.returncode == 0, res.stderr
     _assert_busybox_sif(tmp_path / "busybox_latest.sif", busybox_image)
 
