@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     }
     for action, text in helps.items():
         p = subparsers.add_parser(action, help=text, description=text)
-        _add_flags(p)
+        _add_flags(p, action)
         p.add_argument(
             "image", help="SIF file, sandbox directory or URI (docker://, oras://, oci-archive:// …)"
         )
@@ -32,19 +32,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=handle, action=action)
 
 
-def _add_flags(p: argparse.ArgumentParser) -> None:
+#: Apptainer flags only a delegated Apptainer honours (the built-in engine refuses them, see
+#: hpcsif.engine.base.APPTAINER_ONLY): flag -> kind of value
+APPTAINER_ONLY = {
+    **dict.fromkeys(("--apply-cgroups", "--blkio-weight", "--cpu-shares", "--cpus"), "value"),
+    **dict.fromkeys(("--cpuset-cpus", "--cpuset-mems", "--memory", "--memory-reservation"), "value"),
+    **dict.fromkeys(("--memory-swap", "--pids-limit", "--pem-path", "--netns-path"), "value"),
+    **dict.fromkeys(("--blkio-weight-device", "--security", "--fusemount", "--network-args"), "list"),
+    **dict.fromkeys(("--oom-kill-disable", "--allow-setuid", "--passphrase", "--sharens"), "switch"),
+}
+#: accepted and passed to a delegated Apptainer; the built-in engine needs nothing for them
+PASSTHROUGH = {
+    "--userns": "accepted: the built-in engine always runs in a user namespace",
+    "--keep-privs": "accepted: root keeps its capabilities (in its user namespace) anyway",
+}
+
+
+def _add_flags(p: argparse.ArgumentParser, action: str) -> None:
     a = p.add_argument
     a("-B", "--bind", action="append", default=[], metavar="SPEC", help="src[:dst[:ro|rw]], comma-separated")
+    a(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="type=bind,source=SRC,destination=DST[,ro] (Apptainer's --mount; like -B)",
+    )
     a("--pwd", "--cwd", help="working directory inside the container")
     a("-e", "--cleanenv", action="store_true", help="do not pass the host environment")
     a(
         "--env",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="set a variable inside (wins over the image)",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="set variables inside (wins over the image); comma-separated as Apptainer's",
     )
     a("--env-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines to set inside")
+    a("--no-eval", action="store_true", help="do not shell-evaluate --env and APPTAINERENV_* values")
     a(
         "-c",
         "--contain",
@@ -57,7 +81,34 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--contain plus --cleanenv and private PID/IPC namespaces",
     )
+    a(
+        "--compat",
+        action="store_true",
+        help="OCI/Docker-like: --containall --no-init --no-umask --no-eval --writable-tmpfs",
+    )
     a("--writable-tmpfs", action="store_true", help="writable root file system; changes are discarded")
+    a(
+        "-w",
+        "--writable",
+        action="store_true",
+        help="a sandbox directory is bound read-write (a SIF would need an overlay partition: refused)",
+    )
+    a(
+        "-o",
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="DIR[:ro]",
+        help="overlay directory (changes persist there; :ro for a read-only layer); "
+        "ext3 overlay images need --engine apptainer",
+    )
+    a("-S", "--scratch", action="append", default=[], metavar="DIR", help="private writable directory inside")
+    a(
+        "-W",
+        "--workdir",
+        metavar="DIR",
+        help="host directory backing --scratch (and /tmp, /var/tmp, home with --contain)",
+    )
     a(
         "--no-mount",
         action="append",
@@ -67,10 +118,55 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     )
     a("-H", "--home", metavar="SRC[:DST]", help="home directory to bind (and set as $HOME)")
     a("--no-home", action="store_true", help="do not bind the home directory")
+    a("-f", "--fakeroot", action="store_true", help="appear as root inside (no real privilege)")
+    a("-p", "--pid", action="store_true", help="new PID namespace")
+    a("--no-pid", action="store_true", help="no new PID namespace (even with --containall)")
+    a("-i", "--ipc", action="store_true", help="new IPC namespace")
+    a("--uts", action="store_true", help="new UTS namespace")
+    a("--hostname", metavar="NAME", help="host name inside (implies --uts)")
+    a("-n", "--net", action="store_true", help="new network namespace: loopback only (no privileges)")
+    a(
+        "--network",
+        metavar="TYPE",
+        help="network type (implies --net): only 'none' without --engine apptainer",
+    )
+    a("--dns", metavar="IP[,IP]", help="name servers of the container's /etc/resolv.conf")
+    a("--no-init", action="store_true", help="with a PID namespace, the payload itself is PID 1")
+    a("--no-umask", action="store_true", help="umask 0022 inside instead of the caller's")
+    a("--no-privs", action="store_true", help="drop all capabilities (root's, or --fakeroot's)")
+    a("--add-caps", metavar="CAPS", help="capabilities to add, comma-separated (within the user namespace)")
+    a("--drop-caps", metavar="CAPS", help="capabilities to drop, comma-separated")
+    for flag, why in PASSTHROUGH.items():
+        names = ["-u", flag] if flag == "--userns" else [flag]
+        a(*names, action="store_true", help=why)
+    for flag, kind in APPTAINER_ONLY.items():
+        text = "only with --engine apptainer (Apptainer's flag, passed on)"
+        if kind == "switch":
+            a(flag, action="store_true", help=text)
+        else:
+            a(flag, action="append" if kind == "list" else None, metavar="VALUE", help=text)
+    a(
+        "--unsquash",
+        action="store_true",
+        help="accepted: the built-in engine never needs to extract a SIF (squashfuse mounts it)",
+    )
     a("--nv", action="store_true", help="NVIDIA GPU devices and driver libraries")
+    a("--nvccli", action="store_true", help="--nv, set up with nvidia-container-cli")
     a("--rocm", action="store_true", help="AMD GPU devices and ROCm libraries")
     a("--mpi", metavar="PROFILE", help="MPI profile (conf/mpi/PROFILE.toml or a path); default per partition")
     a("--app", metavar="NAME", help="SCIF app to run")
+    if action == "shell":
+        a("-s", "--shell", metavar="PATH", help="program to run as the interactive shell")
+    if action == "run":
+        a("--runscript-timeout", metavar="DURATION", help="accepted for compatibility (no effect)")
+    # for images given as URIs (docker:// …): how to fetch them
+    a("--disable-cache", action="store_true", help="convert a URI image into a temporary SIF, not the cache")
+    a("--docker-login", action="store_true", help="prompt for a registry user name and password")
+    a("--nohttps", "--no-https", action="store_true", dest="nohttps", help="use plain HTTP for the registry")
+    a("--authfile", metavar="FILE", help="Docker-style auth file with registry credentials")
+    a("--docker-host", metavar="HOST", help="Docker daemon for docker-daemon:// (default $DOCKER_HOST)")
+    a("--docker-username", help=argparse.SUPPRESS)
+    a("--docker-password", help=argparse.SUPPRESS)
     a(
         "--engine",
         choices=("auto", "bwrap", "apptainer", "singularity"),
@@ -101,6 +197,32 @@ def handle(args: argparse.Namespace) -> int:
         mpi=args.mpi,
         app=args.app,
         no_mount=_no_mount(args.no_mount),
+        fakeroot=args.fakeroot,
+        writable=args.writable,
+        pid=args.pid,
+        no_pid=args.no_pid,
+        ipc=args.ipc,
+        uts=args.uts,
+        hostname=args.hostname,
+        net=args.net,
+        network=args.network,
+        dns=args.dns,
+        no_init=args.no_init,
+        no_umask=args.no_umask,
+        no_eval=args.no_eval,
+        compat=args.compat,
+        scratch=args.scratch,
+        workdir=args.workdir,
+        mounts=args.mount,
+        overlay=args.overlay,
+        unsquash=args.unsquash,
+        no_privs=args.no_privs,
+        add_caps=args.add_caps,
+        drop_caps=args.drop_caps,
+        shell=getattr(args, "shell", None),
+        nvccli=args.nvccli,
+        passthrough=_passthrough(args),
+        apptainer_only=_apptainer_only(args),
     )
     engine = select_engine(args.engine)
     image = args.image
@@ -111,45 +233,136 @@ def handle(args: argparse.Namespace) -> int:
         _check_trusted(path)
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
-    from hpcsif.cache.api import leased_image
+    from hpcsif.cli.pull import registry_options
     from hpcsif.slurm.jobrecord import job_image
 
     # inside a job: the digest the prolog pinned, or the prolog's staging error at once
     image = job_image(image)
+    source_options = registry_options(args)
+    if args.disable_cache:
+        return _launch_uncached(engine, image, opts, source_options)
+    from hpcsif.cache.api import leased_image
+
     # the lease keeps the cached image from eviction for the whole run
-    with leased_image(image) as path:
+    with leased_image(image, source_options=source_options) as path:
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
 
 
-_ENV_SWITCHES = ("cleanenv", "contain", "containall", "writable_tmpfs", "no_home", "nv", "rocm")
+def _launch_uncached(engine, image: str, opts, source_options: dict) -> int:  # Engine, LaunchOptions
+    """``--disable-cache``: convert *image* into a temporary SIF, run it, remove it (as Apptainer)."""
+    import tempfile
+    from pathlib import Path
+
+    from hpcsif.convert import convert_ref
+    from hpcsif.refs import parse
+
+    ref = parse(image)
+    if ref.transport in ("sif", "sandbox"):
+        opts.sandbox = os.path.isdir(ref.path or image)
+        return engine.launch(Path(os.path.abspath(ref.path or image)), opts)
+    with tempfile.TemporaryDirectory(prefix="hpcsif-nocache-") as tmp:
+        sif = Path(tmp) / "image.sif"
+        convert_ref(ref, sif, source_options=source_options)
+        return engine.launch(sif, opts)
+
+
+def _passthrough(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The given :data:`PASSTHROUGH` flags (and run's ``--runscript-timeout``) for Apptainer."""
+    given: list[tuple[str, str | None]] = [(flag, None) for flag in PASSTHROUGH if getattr(args, _dest(flag))]
+    if getattr(args, "runscript_timeout", None):
+        given.append(("--runscript-timeout", args.runscript_timeout))
+    return given
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _apptainer_only(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The given flags of :data:`APPTAINER_ONLY` as (flag, value) pairs, in Apptainer's syntax."""
+    given: list[tuple[str, str | None]] = []
+    for flag, kind in APPTAINER_ONLY.items():
+        value = getattr(args, _dest(flag))
+        if kind == "switch":
+            given += [(flag, None)] if value else []
+        elif kind == "list":
+            given += [(flag, v) for v in value or []]
+        elif value is not None:
+            given.append((flag, value))
+    return given
+
+
+#: flag dest -> Apptainer's environment keys (``APPTAINER_<KEY>``/``SINGULARITY_<KEY>``) of a switch
+_ENV_SWITCHES = {
+    **{
+        d: (d.upper(),)
+        for d in (
+            *("cleanenv", "contain", "containall", "writable_tmpfs", "no_home", "nv", "rocm", "fakeroot"),
+            *("writable", "compat", "no_eval", "no_umask", "nvccli", "unsquash", "no_privs", "keep_privs"),
+            *("allow_setuid", "oom_kill_disable", "disable_cache"),
+        )
+    },
+    "pid": ("PID", "UNSHARE_PID"),
+    "ipc": ("IPC", "UNSHARE_IPC"),
+    "net": ("NET", "UNSHARE_NET"),
+    "uts": ("UTS", "UNSHARE_UTS"),
+    "userns": ("USERNS", "UNSHARE_USERNS"),
+    "no_init": ("NOSHIMINIT", "NO_INIT"),
+}
+#: flag dest -> keys of a value flag, used when the flag is not given
+_ENV_VALUES = {
+    "home": ("HOME",),
+    "pwd": ("PWD", "CWD", "TARGET_PWD", "TARGET_CWD"),
+    "workdir": ("WORKDIR",),
+    "hostname": ("HOSTNAME",),
+    "network": ("NETWORK",),
+    "dns": ("DNS",),
+    "add_caps": ("ADD_CAPS",),
+    "drop_caps": ("DROP_CAPS",),
+    "shell": ("SHELL",),
+    "app": ("APP", "APPNAME"),
+}
+#: flag dest -> keys of a list flag the variable replaces when the flag is not given
+_ENV_LISTS = {
+    "no_mount": ("NO_MOUNT",),
+    "env_file": ("ENV_FILE",),
+    "scratch": ("SCRATCH", "SCRATCHDIR"),
+    "overlay": ("OVERLAY", "OVERLAYIMAGE"),
+    "security": ("SECURITY",),
+}
+#: flag dest -> keys of a list flag the variable adds to (Apptainer's EnvAppendValue)
+_ENV_APPEND = {"bind": ("BIND", "BINDPATH"), "mount": ("MOUNT",)}
 
 
 def _flags_from_environment(args: argparse.Namespace) -> None:
-    """Apptainer's ``APPTAINER_<FLAG>``/``SINGULARITY_<FLAG>`` variables for flags not given.
+    """Apptainer's ``APPTAINER_<KEY>``/``SINGULARITY_<KEY>`` variables for flags not given.
 
     ``APPTAINER_CLEANENV=1`` acts as ``--cleanenv`` and so on; ``APPTAINER_BIND`` adds to
-    ``-B`` (as in Apptainer, where both apply); ``APPTAINER_HOME``/``_PWD`` apply when the
-    flag is absent.
+    ``-B`` (as in Apptainer, where both apply); value flags such as ``APPTAINER_HOME`` apply
+    when the flag is absent. The keys are Apptainer's own (``APPTAINER_UNSHARE_PID`` …).
     """
 
-    def value(dest: str) -> str:
-        name = dest.upper()
-        return os.environ.get(f"APPTAINER_{name}") or os.environ.get(f"SINGULARITY_{name}") or ""
+    def value(keys: tuple[str, ...]) -> str:
+        for key in keys:
+            for prefix in ("APPTAINER_", "SINGULARITY_"):
+                if found := os.environ.get(prefix + key):
+                    return found
+        return ""
 
-    for dest in _ENV_SWITCHES:
+    for dest, keys in _ENV_SWITCHES.items():
         # Go's strconv.ParseBool, which Apptainer uses, takes 1/t/true in any case as true
-        if not getattr(args, dest) and value(dest).lower() in ("1", "t", "true"):
+        if getattr(args, dest, None) is False and value(keys).lower() in ("1", "t", "true"):
             setattr(args, dest, True)
-    for dest in ("home", "pwd"):
-        if getattr(args, dest) is None and value(dest):
-            setattr(args, dest, value(dest))
-    if value("bind"):
-        args.bind = [value("bind"), *args.bind]
-    if value("no_mount") and not args.no_mount:
-        args.no_mount = [value("no_mount")]
-    if value("env_file") and not args.env_file:
-        args.env_file = [value("env_file")]
+    for dest, keys in _ENV_VALUES.items():
+        if hasattr(args, dest) and getattr(args, dest) is None and value(keys):
+            setattr(args, dest, value(keys))
+    for dest, keys in _ENV_LISTS.items():
+        if not getattr(args, dest) and value(keys):
+            setattr(args, dest, [value(keys)])
+    for dest, keys in _ENV_APPEND.items():
+        if value(keys):
+            setattr(args, dest, [value(keys), *getattr(args, dest)])
 
 
 def _no_mount(specs: list[str]) -> list[str]:

@@ -43,28 +43,7 @@ class ApptainerEngine(Engine):
                 else "singularity-container"
             )
             raise MissingToolError(self.program, pkg)
-        cmd = [exe, opts.action]
-        for spec in opts.binds:
-            cmd += ["--bind", spec]
-        flags = {
-            "--cleanenv": opts.cleanenv and not opts.containall,
-            "--containall": opts.containall,
-            "--contain": opts.contain and not opts.containall,
-            "--writable-tmpfs": opts.writable_tmpfs,
-            "--no-home": opts.no_home,
-            "--nv": opts.nv,
-            "--rocm": opts.rocm,
-        }
-        cmd += [flag for flag, on in flags.items() if on]
-        for flag, value in (("--pwd", opts.pwd), ("--home", opts.home), ("--app", opts.app)):
-            if value:
-                cmd += [flag, value]
-        if opts.no_mount:
-            cmd += ["--no-mount", ",".join(opts.no_mount)]
-        for item in opts.env:
-            cmd += ["--env", item]
-        for path in opts.env_files:
-            cmd += ["--env-file", path]
+        cmd = [exe, opts.action, *self.flags(opts)]
         name = mpi_profile_name(opts.mpi)
         if name:
             from hpcsif.engine.mpi import load_profile
@@ -78,6 +57,64 @@ class ApptainerEngine(Engine):
             if contrib.ld_paths:
                 cmd += ["--env", "LD_LIBRARY_PATH=" + ":".join([*contrib.ld_paths, "/.singularity.d/libs"])]
         return [*cmd, str(image), *opts.command]
+
+    @staticmethod
+    def flags(opts: LaunchOptions) -> list[str]:
+        """Apptainer's own flags for *opts*, one to one (``--mpi`` aside, see :meth:`command_line`)."""
+        cmd = []
+        for spec in opts.binds:
+            cmd += ["--bind", spec]
+        for spec in opts.mounts:
+            cmd += ["--mount", spec]
+        switches = {
+            "--compat": opts.compat,
+            "--cleanenv": opts.cleanenv and not opts.containall,
+            "--containall": opts.containall and not opts.compat,
+            "--contain": opts.contain and not opts.containall,
+            "--writable-tmpfs": opts.writable_tmpfs and not opts.compat,
+            "--writable": opts.writable,
+            "--no-home": opts.no_home,
+            "--nv": opts.nv and not opts.nvccli,
+            "--nvccli": opts.nvccli,
+            "--rocm": opts.rocm,
+            "--fakeroot": opts.fakeroot,
+            "--pid": opts.pid,
+            "--no-pid": opts.no_pid,
+            "--ipc": opts.ipc,
+            "--uts": opts.uts and not opts.hostname,
+            "--net": opts.net and not opts.network,
+            "--no-init": opts.no_init and not opts.compat,
+            "--no-umask": opts.no_umask and not opts.compat,
+            "--no-eval": opts.no_eval and not opts.compat,
+            "--no-privs": opts.no_privs,
+            "--unsquash": opts.unsquash,
+        }
+        cmd += [flag for flag, on in switches.items() if on]
+        values = {
+            "--pwd": opts.pwd,
+            "--home": opts.home,
+            "--app": opts.app,
+            "--hostname": opts.hostname,
+            "--network": opts.network,
+            "--dns": opts.dns,
+            "--workdir": opts.workdir,
+            "--add-caps": opts.add_caps,
+            "--drop-caps": opts.drop_caps,
+            "--shell": opts.shell,
+        }
+        for flag, value in values.items():
+            if value:
+                cmd += [flag, value]
+        if opts.no_mount:
+            cmd += ["--no-mount", ",".join(opts.no_mount)]
+        for flag, items in (("--env", opts.env), ("--env-file", opts.env_files), ("--scratch", opts.scratch)):
+            for item in items:
+                cmd += [flag, item]
+        for spec in opts.overlay:
+            cmd += ["--overlay", spec]
+        for flag, value in [*opts.passthrough, *opts.apptainer_only]:
+            cmd += [flag] if value is None else [flag, value]
+        return cmd
 
     def launch(self, image: Path, opts: LaunchOptions) -> int:
         """Exec Apptainer in place of this process (it forwards signals and exit codes itself)."""

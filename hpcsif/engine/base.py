@@ -41,15 +41,97 @@ class LaunchOptions:
     sandbox: bool = False  # the image is a directory (set by the caller when it is)
     #: --no-mount: default mounts left out (home, tmp, cwd, bind-paths or a destination path)
     no_mount: list[str] = field(default_factory=list)
+    fakeroot: bool = False  # -f/--fakeroot: uid and gid 0 inside the user namespace
+    writable: bool = False  # -w/--writable: a sandbox directory bound read-write
+    pid: bool = False  # -p/--pid: new PID namespace (also implied by --containall)
+    no_pid: bool = False  # --no-pid: no PID namespace, even with --containall
+    ipc: bool = False  # -i/--ipc: new IPC namespace
+    uts: bool = False  # --uts: new UTS namespace (implied by --hostname)
+    hostname: str | None = None  # --hostname NAME
+    net: bool = False  # -n/--net: new network namespace
+    network: str | None = None  # --network TYPE[,TYPE] (only "none" without Apptainer)
+    dns: str | None = None  # --dns IP[,IP]: nameservers of the container's resolv.conf
+    no_init: bool = False  # --no-init: the payload is PID 1 of a PID namespace
+    no_umask: bool = False  # --no-umask: umask 0022 instead of the caller's
+    no_eval: bool = False  # --no-eval: --env/APPTAINERENV_ values are not shell-evaluated
+    compat: bool = False  # --compat: --containall --no-init --no-umask --no-eval --writable-tmpfs
+    scratch: list[str] = field(default_factory=list)  # -S/--scratch DIR[,DIR]: private writable dirs
+    workdir: str | None = None  # -W/--workdir: host dir backing scratch (and /tmp, home with --contain)
+    mounts: list[str] = field(default_factory=list)  # --mount type=bind,source=…,destination=…
+    overlay: list[str] = field(default_factory=list)  # -o/--overlay DIR[:ro]
+    unsquash: bool = False  # --unsquash: run from a temporary sandbox extracted from the SIF
+    no_privs: bool = False  # --no-privs: drop all capabilities
+    add_caps: str | None = None  # --add-caps CAP[,CAP]
+    drop_caps: str | None = None  # --drop-caps CAP[,CAP]
+    shell: str | None = None  # shell -s/--shell PATH
+    nvccli: bool = False  # --nvccli: nvidia-container-cli (implies --nv)
+    #: Apptainer flags that need no work here but go to a delegated Apptainer unchanged
+    #: (``--userns``, ``--no-privs`` …), as (flag, value or None)
+    passthrough: list[tuple[str, str | None]] = field(default_factory=list)
+    #: flags only Apptainer can honour (cgroups, --security …): the built-in engine refuses them
+    apptainer_only: list[tuple[str, str | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise UsageError(f"unknown action {self.action!r} (expected one of {', '.join(ACTIONS)})")
+        if self.compat:
+            self.containall = self.no_init = self.no_umask = self.no_eval = self.writable_tmpfs = True
         if self.containall:
             self.contain = True
             self.cleanenv = True
+        if self.hostname:
+            self.uts = True
+        if self.nvccli:
+            self.nv = True
+        if self.network:
+            self.net = True
         if self.action == "exec" and not self.command:
             raise UsageError("exec needs a command to run in the container")
+
+    @property
+    def pid_namespace(self) -> bool:
+        """Whether the container gets its own PID namespace (``--pid``, ``--containall``)."""
+        return (self.pid or self.containall) and not self.no_pid
+
+
+_CGROUPS = "cgroup limits need Apptainer's privileged set-up (use --engine apptainer, or Slurm's limits)"
+_ENCRYPTED = "encrypted images need Apptainer (use --engine apptainer)"
+#: why the built-in engine refuses the flags only a delegated Apptainer can honour
+APPTAINER_ONLY = {
+    **dict.fromkeys(
+        (
+            "--apply-cgroups",
+            "--blkio-weight",
+            "--blkio-weight-device",
+            "--cpu-shares",
+            "--cpus",
+            "--cpuset-cpus",
+            "--cpuset-mems",
+            "--memory",
+            "--memory-reservation",
+            "--memory-swap",
+            "--oom-kill-disable",
+            "--pids-limit",
+        ),
+        _CGROUPS,
+    ),
+    "--security": "SELinux, AppArmor and seccomp profiles need Apptainer (use --engine apptainer)",
+    "--allow-setuid": "setuid programs cannot gain privileges in the unprivileged sandbox "
+    "(use --engine apptainer as root)",
+    "--fusemount": "FUSE mounts inside the container need Apptainer (use --engine apptainer, or mount "
+    "on the host and -B it)",
+    "--pem-path": _ENCRYPTED,
+    "--passphrase": _ENCRYPTED,
+    "--sharens": "shared namespaces between containers need Apptainer (use --engine apptainer)",
+    "--netns-path": "joining a network namespace needs privileges (use --engine apptainer)",
+    "--network-args": "CNI network plugins need privileges (use --engine apptainer)",
+}
+
+
+def refuse_apptainer_only(opts: LaunchOptions) -> None:
+    """Raise :class:`UsageError` for the first flag of *opts* only Apptainer can honour."""
+    for flag, _value in opts.apptainer_only:
+        raise UsageError(f"{flag} is not supported by hpcsif: {APPTAINER_ONLY[flag]}")
 
 
 @dataclass

@@ -51,6 +51,54 @@ def parse_bind(spec: str) -> list[Bind]:
     return binds
 
 
+#: --mount field names and their aliases
+_MOUNT_KEYS = {
+    "src": "source",
+    "source": "source",
+    "dst": "destination",
+    "destination": "destination",
+    "target": "destination",
+}
+
+
+def parse_mount(spec: str) -> Bind:
+    """Parse one ``--mount`` value (Apptainer's Docker-style syntax) into a bind.
+
+    ``type=bind,source=SRC,destination=DST[,ro|readonly]``; ``src``, ``dst`` and ``target``
+    are aliases. Fields are comma-separated CSV, so a path holding a comma can be quoted
+    (``"source=/a,b"``), as in Apptainer.
+    """
+    import csv
+
+    try:
+        fields = next(csv.reader([spec], strict=True))
+    except (csv.Error, StopIteration):
+        raise UsageError(f"invalid --mount {spec!r}") from None
+    found: dict[str, str] = {}
+    readonly = False
+    for item in fields:
+        key, sep, value = item.strip().partition("=")
+        if key in ("ro", "readonly") and (not sep or value.lower() in ("true", "1")):
+            readonly = True
+        elif key == "type":
+            if value != "bind":
+                raise UsageError(f"--mount type={value} is not supported by hpcsif: only type=bind")
+            found["type"] = value
+        elif key in _MOUNT_KEYS and sep:
+            found[_MOUNT_KEYS[key]] = value
+        else:
+            raise UsageError(
+                f"invalid --mount field {item!r} in {spec!r} (expected type, source, destination, ro)"
+            )
+    missing = [k for k in ("type", "source", "destination") if not found.get(k)]
+    if missing:
+        raise UsageError(f"invalid --mount {spec!r}: {missing[0]} is missing")
+    if not found["destination"].startswith("/"):
+        raise UsageError(f"invalid --mount {spec!r}: the destination must be an absolute path")
+    src = os.path.abspath(found["source"])
+    return Bind(src, os.path.normpath(found["destination"]), readonly=readonly)
+
+
 def check_sources(binds: list[Bind]) -> list[Bind]:
     """Binds whose source exists; a missing required source raises :class:`EngineError`."""
     kept = []

@@ -21,9 +21,16 @@ import signal
 import stat
 from pathlib import Path
 
-from hpcsif.engine.base import Engine, HostContribution, LaunchOptions, host_contributions, which
-from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home
-from hpcsif.errors import EngineError, MissingToolError
+from hpcsif.engine.base import (
+    Engine,
+    HostContribution,
+    LaunchOptions,
+    host_contributions,
+    refuse_apptainer_only,
+    which,
+)
+from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home, parse_mount
+from hpcsif.errors import EngineError, MissingToolError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +67,16 @@ class BwrapEngine(Engine):
         if not bwrap:
             raise MissingToolError("bwrap", "bubblewrap")
         check_user_namespaces()
+        refuse_apptainer_only(opts)
+        _check_network(opts)
+        if opts.writable and not opts.sandbox:
+            _refuse_writable_sif(image)
+        layers, upper = _overlays(opts.overlay)
         contrib = host_contributions(opts)
         mounts = []
         # from here on a SIGTERM (e.g. scancel during start-up) must not skip the cleanup below
         signals = _Signals(interactive=opts.action == "shell" and os.isatty(0))
+        old_umask = os.umask(0o022) if opts.no_umask else None  # bwrap and the payload inherit it
         try:
             if opts.sandbox:
                 root = image
@@ -72,25 +85,81 @@ class BwrapEngine(Engine):
 
                 mounts.append(squashfs_mount(str(image), squashfs_offset(image)))
                 root = mounts[-1].acquire()
-            if opts.writable_tmpfs:
+            # -w on a sandbox writes into it directly; an overlay directory keeps the changes
+            rw_root = (opts.writable and opts.sandbox) or upper is not None or opts.writable_tmpfs
+            if layers or (rw_root and not (opts.writable and opts.sandbox)):
                 from hpcsif.engine.mounts import overlay_mount
 
                 if not which("fuse-overlayfs"):
-                    raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", "needed for --writable-tmpfs")
-                mounts.append(overlay_mount(root))
+                    why = "needed for --writable-tmpfs and --overlay"
+                    raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", why)
+                mounts.append(overlay_mount(root, layers, upper))
                 root = mounts[-1].acquire()
             for check in contrib.checks:
                 for line in check(str(root)):
                     log.warning("%s", line)
-            plan = _Plan(root, image, opts, contrib)
+            plan = _Plan(root, image, opts, contrib, rw_root=rw_root)
             argv = plan.argv()
-            return _run(
-                bwrap, argv, plan.env, plan.fds, signals, pidns=opts.containall, handshake=plan.direct is None
-            )
+            # with --no-init the payload is the namespace's PID 1 itself, not a child of bwrap's
+            pidns = opts.pid_namespace and not opts.no_init
+            return _run(bwrap, argv, plan.env, plan.fds, signals, pidns=pidns, handshake=plan.direct is None)
         finally:
+            if old_umask is not None:
+                os.umask(old_umask)
             signals.restore()
             for m in reversed(mounts):
                 m.release()
+
+
+def _check_network(opts: LaunchOptions) -> None:
+    """Refuse network types other than ``none``: only a loopback-only namespace needs no privileges."""
+    if opts.network and any(n.strip() != "none" for n in opts.network.split(",")):
+        raise UsageError(
+            f"--network {opts.network} is not supported by hpcsif: without privileges only 'none' "
+            "(loopback only) is possible; use --engine apptainer"
+        )
+
+
+def _refuse_writable_sif(image: Path) -> None:
+    """``--writable`` on a SIF: Apptainer's refusal, or ours for an overlay partition we cannot mount."""
+    from hpcsif.sif.format import PartType
+    from hpcsif.sif.reader import SIFImage
+
+    with SIFImage.open(image) as sif:
+        overlay = any(d.parttype == PartType.OVERLAY for d in sif.descriptors)
+    if overlay:
+        raise UsageError(
+            "--writable with a SIF overlay partition is not supported by hpcsif: "
+            "use --writable-tmpfs, an --overlay directory, a sandbox or --engine apptainer"
+        )
+    raise EngineError(f"no SIF writable overlay partition found in {image}")
+
+
+def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
+    """``--overlay DIR[:ro]`` values as (read-only layers, lowest first; the writable directory).
+
+    A read-only directory that holds ``upper/`` (written by an earlier writable use) contributes
+    that, as in Apptainer. Overlay image files (ext3, squashfs) are refused.
+    """
+    layers: list[Path] = []
+    upper = None
+    for spec in specs:
+        path, _, mode = spec.rpartition(":") if spec.endswith((":ro", ":rw")) else (spec, "", "rw")
+        p = Path(os.path.abspath(path))
+        if not p.exists():
+            raise EngineError(f"failed to open overlay image {path}: no such file or directory")
+        if not p.is_dir():
+            raise UsageError(
+                f"--overlay {path} is not supported by hpcsif: overlay images (ext3, squashfs) need "
+                "--engine apptainer; use an overlay directory or --writable-tmpfs"
+            )
+        if mode == "ro":
+            layers.append(p / "upper" if (p / "upper").is_dir() else p)
+        elif upper is not None:
+            raise UsageError("only one writable --overlay is possible; add :ro to the others")
+        else:
+            upper = p
+    return layers, upper
 
 
 def squashfs_offset(image: Path) -> int:
@@ -137,16 +206,28 @@ def check_user_namespaces(sysctl_dir: str = "/proc/sys", uid: int | None = None)
 class _Plan:
     """The bwrap command line, environment and data file descriptors of one launch."""
 
-    def __init__(self, root: Path, image: Path, opts: LaunchOptions, contrib: HostContribution) -> None:
+    def __init__(
+        self,
+        root: Path,
+        image: Path,
+        opts: LaunchOptions,
+        contrib: HostContribution,
+        *,
+        rw_root: bool = False,
+    ) -> None:
         import pwd
 
         self.root = str(root)
         self.opts = opts
+        self.rw_root = rw_root  # the root file system is writable (-w sandbox, overlay)
         self.fds: list[int] = []
         self.interactive = opts.action == "shell" and os.isatty(0)
         user = pwd.getpwuid(os.getuid())
-        self.user = user
+        # --fakeroot: the image's root inside; as in Apptainer the caller's home is bound at /root
+        self.user = pwd.getpwuid(0) if opts.fakeroot else user
         home_src, self.home = parse_home(opts.home, os.environ.get("HOME") or user.pw_dir)
+        if opts.fakeroot and not opts.home:
+            self.home = self.user.pw_dir
         try:
             cwd: str | None = os.getcwd()
         except OSError:
@@ -161,13 +242,17 @@ class _Plan:
             cwd=cwd,
             no_mount=opts.no_mount,
         )
-        if os.path.exists("/etc/resolv.conf"):
+        if os.path.exists("/etc/resolv.conf") and not opts.dns:
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
+        binds += self._workdir_binds()
         user_binds = [b for spec in opts.binds for b in parse_bind(spec)]
+        user_binds += [parse_mount(spec) for spec in opts.mounts]
         binds += user_binds
         # parents before children, so that a bind inside another bind's destination stays visible
         # (dict.fromkeys drops repeats such as a current directory that is the home directory)
         unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
+        if (opts.writable and opts.sandbox) or (rw_root and opts.overlay):
+            unique = self._existing_destinations(unique, user_binds, strict=opts.writable and opts.sandbox)
         self.binds = sorted(unique, key=lambda b: b.dst.count("/"))
         self.contrib = contrib
         # devices from elsewhere (gpu.dev_dir) must not become new nodes in the host's /dev:
@@ -194,9 +279,10 @@ class _Plan:
             home=self.home,
             app=opts.app,
             pass_prefixes=contrib.pass_prefixes,
-            extra=contrib.env,
+            extra={**contrib.env, **_shell_env(opts.shell)},
             ld_paths=contrib.ld_paths,
             bind_dests=[b.dst for b in user_binds],
+            no_eval=opts.no_eval,
         )
         self.image = str(image)
         if self.direct is not None:
@@ -207,28 +293,30 @@ class _Plan:
     # -- command line --------------------------------------------------------------------------
     def argv(self) -> list[str]:
         opts = self.opts
-        args = ["bwrap", "--unshare-user", "--die-with-parent"]
-        if opts.containall:
-            args += ["--unshare-pid", "--unshare-ipc"]
+        args = ["bwrap", "--unshare-user", "--die-with-parent", *self._namespaces(), *self._caps()]
         if not self.interactive:
             # the payload cannot push characters into our terminal (TIOCSTI)
             args.append("--new-session")
-        dests = ["/etc/passwd", "/etc/group", *(b.dst for b in self.binds)]
+        dests = ["/etc/passwd", "/etc/group", *(b.dst for b in self.binds), *self.scratch_tmpfs]
         if opts.contain:
             dests += [self.home, "/tmp", "/var/tmp"]
+        if opts.dns:
+            dests.append("/etc/resolv.conf")
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
         if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
             raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
         reason = None if opts.pwd or opts.contain else self._cannot_enter(workdir)
         if reason:
-            # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback
+            # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback; a
+            # home the container lacks too (a --writable sandbox with --no-home): the root
+            fallback = "/" if self._cannot_enter(self.home) else self.home
             log.warning(
                 "Error changing the container working directory. Using '%s' instead: chdir %s: %s",
-                self.home,
+                fallback,
                 workdir,
                 reason,
             )
-            workdir = self.home
+            workdir = fallback
         dests.append(workdir)
         args += self._root(dests)
         args += ["--proc", "/proc", "--ro-bind", "/sys", "/sys"]
@@ -238,11 +326,13 @@ class _Plan:
             if self.minimal_dev
             else ["--dev-bind", "/dev", "/dev"]
         )
-        if opts.contain:
+        if opts.contain and not opts.workdir:
             # private temp directories with the host's sticky 1777 mode, as Apptainer's
             args += ["--perms", "01777", "--tmpfs", "/tmp", "--perms", "01777", "--tmpfs", "/var/tmp"]
             if not opts.no_home and not opts.home:
                 args += ["--tmpfs", self.home]
+        for d in self.scratch_tmpfs:
+            args += ["--tmpfs", d]
         for b in self.binds:
             if b.dev and not self.minimal_dev and b.src == b.dst:
                 continue  # already there: the host's /dev is bound whole
@@ -252,7 +342,9 @@ class _Plan:
         if self.user.pw_uid != 0 or _missing_parent(self.root, "/etc/passwd") is not None:
             args += ["--ro-bind-data", self._data(self._passwd()), "/etc/passwd"]
         args += ["--ro-bind-data", self._data(self._group()), "/etc/group"]
-        if self.underlaid and not opts.writable_tmpfs:
+        if opts.dns:
+            args += ["--ro-bind-data", self._data(_resolv_conf(opts.dns)), "/etc/resolv.conf"]
+        if self.underlaid and not self.rw_root:
             for d in sorted(self.underlaid, key=len):
                 if not any(b.dst == d or d.startswith(b.dst.rstrip("/") + "/") for b in self.binds):
                     args += ["--remount-ro", d]
@@ -267,6 +359,96 @@ class _Plan:
                 argv = [_resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
             return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
+
+    def _existing_destinations(self, binds: list[Bind], user_binds: list[Bind], strict: bool) -> list[Bind]:
+        """Binds for a persistent writable root, which an underlay would partly hide.
+
+        A default bind of a host file (``/etc/localtime`` …) whose destination the image lacks
+        is skipped with Apptainer's warning, so that the image's directory is not underlaid.
+        *strict* (``-w`` on a sandbox, where Apptainer creates nothing either): every default
+        bind is, and a user's bind or the home directory without its destination is an error.
+        """
+        kept = []
+        home_bound = not self.opts.no_home and (self.opts.home or "home" not in self.opts.no_mount)
+        for b in binds:
+            if _missing_parent(self.root, b.dst) is None or b.dev:
+                kept.append(b)
+            elif strict and (b in user_binds or (home_bound and b.dst == self.home)):
+                raise EngineError(
+                    f"destination {b.dst} doesn't exist in container (--writable cannot create it)"
+                )
+            elif strict or (b.optional and b not in user_binds and b.dst not in (self.home, self.cwd)):
+                log.warning("Skipping mount %s [binds]: %s doesn't exist in container", b.dst, b.dst)
+            else:
+                kept.append(b)
+        return kept
+
+    def _namespaces(self) -> list[str]:
+        """bwrap's options for the identity and the namespaces besides the user namespace."""
+        opts = self.opts
+        args = ["--uid", "0", "--gid", "0"] if opts.fakeroot else []
+        if opts.pid_namespace:
+            args += ["--unshare-pid", *(["--as-pid-1"] if opts.no_init else [])]
+        if opts.ipc or opts.containall:
+            args.append("--unshare-ipc")
+        if opts.uts:
+            args += ["--unshare-uts", *(["--hostname", opts.hostname] if opts.hostname else [])]
+        if opts.net:
+            args.append("--unshare-net")  # loopback only, the 'none' network
+        return args
+
+    def _caps(self) -> list[str]:
+        """Capabilities, all of them within the container's user namespace only.
+
+        ``--fakeroot`` gets the full set, as Apptainer's fakeroot root has; ``--no-privs``
+        drops everything, ``--add-caps``/``--drop-caps`` adjust (Apptainer's names, any case,
+        ``CAP_`` optional, ``all``).
+        """
+        opts = self.opts
+        args = ["--cap-add", "ALL"] if opts.fakeroot else []
+        for flag, names in (("--cap-add", opts.add_caps), ("--cap-drop", opts.drop_caps)):
+            for name in (n.strip().upper() for n in (names or "").split(",")):
+                if name:
+                    args += [flag, name if name == "ALL" or name.startswith("CAP_") else f"CAP_{name}"]
+        if opts.no_privs:
+            args += ["--cap-drop", "ALL"]
+        return args
+
+    def _workdir_binds(self) -> list[Bind]:
+        """-S/--scratch and -W/--workdir: host directories under the work directory, as binds.
+
+        Without ``--workdir`` a scratch directory is a private tmpfs (listed in
+        ``scratch_tmpfs``); with it, ``WORKDIR/scratch/<dir>`` backs it, and under
+        ``--contain`` ``WORKDIR/tmp``, ``WORKDIR/var_tmp`` and ``WORKDIR/home`` back ``/tmp``,
+        ``/var/tmp`` and the home directory, as in Apptainer.
+        """
+        opts = self.opts
+        scratch = [d.strip() for spec in opts.scratch for d in spec.split(",") if d.strip()]
+        for d in scratch:
+            if not d.startswith("/"):
+                why = "destination must be an absolute path"
+                raise EngineError(f"could not bind scratch directory {d} into container: {why}")
+        self.scratch_tmpfs = [] if opts.workdir else [os.path.normpath(d) for d in scratch]
+        if not opts.workdir:
+            return []
+        work = os.path.abspath(opts.workdir)
+        wanted = [(os.path.join(work, "scratch", d.strip("/")), os.path.normpath(d), 0o755) for d in scratch]
+        if opts.contain:
+            wanted += [
+                (os.path.join(work, "tmp"), "/tmp", 0o1777),
+                (os.path.join(work, "var_tmp"), "/var/tmp", 0o1777),
+            ]
+            if not opts.no_home and not opts.home:
+                wanted.append((os.path.join(work, "home"), self.home, 0o700))
+        binds = []
+        for src, dst, mode in wanted:
+            if not os.path.isdir(work):
+                raise EngineError(f"failed to create {src}: workdir {work} does not exist")
+            if not os.path.isdir(src):
+                os.makedirs(src, exist_ok=True)
+                os.chmod(src, mode)
+            binds.append(Bind(src, dst))
+        return binds
 
     def _cannot_enter(self, path: str) -> str | None:
         """Why *path* cannot be the working directory inside (None if it can): bound or the image's."""
@@ -289,10 +471,11 @@ class _Plan:
         """Mount the image at / with tmpfs underlays where a destination is missing in it."""
         # even a writable overlay needs underlays: its root-owned directories refuse new mount
         # points to an unprivileged user
-        bind = "--bind" if self.opts.writable_tmpfs else "--ro-bind"
+        bind = "--bind" if self.rw_root else "--ro-bind"
         need = set()
         # below these the path comes from the host or a tmpfs, where bwrap can create mount points
         covered = [b.dst for b in self.binds] + (["/tmp", "/var/tmp", self.home] if self.opts.contain else [])
+        covered += self.scratch_tmpfs
         covered += list(_NOT_UNDERLAID)
         for dest in dests:
             if any(dest.startswith(c.rstrip("/") + "/") for c in covered):
@@ -347,6 +530,25 @@ class _Plan:
         )
         lines.append(f"{name}:x:{gid}:{self.user.pw_name}")
         return "\n".join(lines) + "\n"
+
+
+def _resolv_conf(dns: str) -> str:
+    """``--dns IP[,IP]`` as a resolv.conf (only those name servers, as Apptainer writes it)."""
+    import ipaddress
+
+    lines = []
+    for server in (s.strip() for s in dns.split(",")):
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise UsageError(f"--dns: DNS nameserver {server!r} is not a valid IP address") from None
+        lines.append(f"nameserver {server}\n")
+    return "".join(lines)
+
+
+def _shell_env(shell: str | None) -> dict[str, str]:
+    """``shell -s PATH``: Apptainer tells the container's shell action through these variables."""
+    return {"APPTAINER_SHELL": shell, "SINGULARITY_SHELL": shell} if shell else {}
 
 
 def _walk(root: str, path: str, *, follow_last: bool) -> tuple[str, list[str]] | None:

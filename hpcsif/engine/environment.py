@@ -132,14 +132,49 @@ def host_environ() -> dict[str, str]:
 
 
 def parse_assignments(items: list[str], what: str = "--env") -> dict[str, str]:
-    """``KEY=VALUE`` strings (also comma-free values with spaces) into a dict, names checked."""
+    """``--env`` values into a dict (later ones win), names checked.
+
+    Each value is read as Apptainer's ``stringToString`` flag does: with a single ``=`` it is
+    one ``KEY=VALUE`` (commas stay in the value, ``"`` at either end are dropped); with more,
+    it is a CSV line of ``KEY=VALUE`` fields (``A=1,B=2``; quote a field holding a comma).
+    """
     out: dict[str, str] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not _NAME.match(key):
-            raise UsageError(f"invalid {what} value {item!r} (expected NAME=VALUE)")
-        out[key] = value
+        for pair in _env_pairs(item, what):
+            key, sep, value = pair.partition("=")
+            if not sep or not _NAME.match(key):
+                raise UsageError(f"invalid {what} value {pair!r} (expected NAME=VALUE)")
+            out[key] = value
     return out
+
+
+def _env_pairs(item: str, what: str) -> list[str]:
+    """One ``--env`` value split into its ``KEY=VALUE`` fields (see :func:`parse_assignments`).
+
+    More than one ``=``: a CSV line read as Go's strict reader (Apptainer's) reads it, where a
+    ``"`` is allowed only around a whole field (and doubled inside it).
+    """
+    if item.count("=") <= 1:
+        return [item.strip('"')]
+    fields, i = [], 0
+    while True:
+        if item.startswith('"', i):
+            m = re.compile(r'"((?:[^"]|"")*)"(?:,|\Z)').match(item, i)
+            if not m:
+                raise UsageError(f"invalid {what} value {item!r}: unterminated or misplaced quote")
+            fields.append(m.group(1).replace('""', '"'))
+            i = m.end()
+            if i == len(item) and not item.endswith(","):
+                return fields
+        else:
+            end = item.find(",", i)
+            field = item[i:] if end < 0 else item[i:end]
+            if '"' in field:
+                raise UsageError(f'invalid {what} value {item!r}: bare " in a non-quoted field')
+            fields.append(field)
+            if end < 0:
+                return fields
+            i = end + 1
 
 
 def parse_env_file(path: str) -> dict[str, str]:
@@ -189,6 +224,7 @@ def build_env(
     extra: dict[str, str] | None = None,
     ld_paths: list[str] | None = None,
     bind_dests: list[str] | None = None,
+    no_eval: bool = False,
 ) -> dict[str, str]:
     """The environment the launcher starts with (see the module docstring for precedence).
 
@@ -196,6 +232,7 @@ def build_env(
     *extra* are engine-provided values (GPU, MPI) that the image may not override;
     *ld_paths* go on ``LD_LIBRARY_PATH`` before ``/.singularity.d/libs``;
     *bind_dests* (the user's ``-B`` destinations) become ``APPTAINER_BIND`` inside.
+    *no_eval* (``--no-eval``): ``--env`` and ``APPTAINERENV_*`` values are taken literally.
     Host variables travel as ``__HPCSIF_HOST_<NAME>`` (listed in ``__HPCSIF_HOST``) so that
     the image's scripts cannot see them, as in Apptainer.
     """
@@ -223,7 +260,7 @@ def build_env(
         expand -= set(from_file)
     flags = parse_assignments(env)
     overrides.update(flags)
-    expand = (expand | set(flags)) - set(extra or {})
+    expand = set() if no_eval else (expand | set(flags)) - set(extra or {})
     overrides.update(extra or {})
     base = os.path.basename(image)
     result.update(
@@ -245,6 +282,8 @@ def build_env(
     )
     if app:
         result["__HPCSIF_APP"] = result["SINGULARITY_APPNAME"] = app
+    if no_eval:
+        result["APPTAINER_NO_EVAL"] = result["SINGULARITY_NO_EVAL"] = "1"
     hidden = {k: v for k, v in hidden.items() if k not in result}
     if hidden:
         result[_HOST] = " ".join(hidden)

@@ -278,15 +278,21 @@ def squashfs_mount(image: str, offset: int) -> SharedMount:
     return SharedMount(key, lambda mnt: [prog, "-o", f"ro,offset={offset}", image, str(mnt)])
 
 
-def overlay_mount(lower: Path) -> SharedMount:
-    """A private writable ``fuse-overlayfs`` over *lower* whose changes live in the runtime dir."""
+def overlay_mount(lower: Path, layers: list[Path] | None = None, upper: Path | None = None) -> SharedMount:
+    """A writable ``fuse-overlayfs`` over *lower*, with read-only *layers* above it (lowest first).
+
+    Changes go to *upper*'s ``upper/`` directory (``work/`` beside it), as in an Apptainer
+    overlay directory; without *upper* they live in the runtime dir and vanish with the mount.
+    """
     key = f"overlay-{os.getpid()}-{time.monotonic_ns():x}"
+    lowers = ":".join(str(p) for p in [*reversed(layers or []), lower])
 
     def cmd(mnt: Path) -> list[str]:
-        upper, work = mnt.parent / "upper", mnt.parent / "work"
-        upper.mkdir(exist_ok=True)
+        base = upper or mnt.parent
+        up, work = base / "upper", base / "work"
+        up.mkdir(exist_ok=True)
         work.mkdir(exist_ok=True)
-        return ["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)]
+        return ["fuse-overlayfs", "-o", f"lowerdir={lowers},upperdir={up},workdir={work}", str(mnt)]
 
     return SharedMount(key, cmd)
 
