@@ -250,3 +250,28 @@ def test_section_errors(sections: str, message: str, tmp_path: Path) -> None:
             [exe, "build", "--section", sections, "/tmp/x.sif", str(deffile)], capture_output=True, text=True
         )
         assert peer.stderr.startswith(f"FATAL:   {message}")
+
+
+def test_arch_variant_picks_the_platform(busybox_image: TestImage, tmp_path: Path) -> None:
+    from tests.sources.test_registry_source import multi_arch_layout
+
+    layout, _ = multi_arch_layout(busybox_image, tmp_path / "multi", (("arm", "v6"), ("arm", "v7")))
+    src = f"oci:{layout}:multi"
+
+    def platform(sif: Path) -> str:
+        return json.loads(run_cli("inspect", "--json", "--labels", str(sif)).stdout)["data"]["attributes"][
+            "labels"
+        ]["org.test.platform"]
+
+    run_cli("build", "--arch", "arm", "--arch-variant", "6", str(tmp_path / "v6.sif"), src)
+    assert platform(tmp_path / "v6.sif") == "arm/v6"
+    env = {"HPCSIF_CACHEDIR": str(tmp_path / "cache"), "APPTAINER_PULL_ARCH": "arm"}
+    run_cli("pull", "--arch-variant", "v7", str(tmp_path / "v7.sif"), src, env=env)
+    assert platform(tmp_path / "v7.sif") == "arm/v7"
+    env["APPTAINER_PULL_ARCH_VARIANT"] = "6"  # Apptainer's variable for the flag, through the cache
+    run_cli("pull", str(tmp_path / "e6.sif"), src, env=env)
+    assert platform(tmp_path / "e6.sif") == "arm/v6"
+    proc = run_cli(
+        "build", "--arch", "arm", "--arch-variant", "5", str(tmp_path / "v5.sif"), src, check=False
+    )
+    assert proc.returncode != 0 and "no image for platform linux/arm/v5" in proc.stderr

@@ -144,15 +144,28 @@ def test_token_expiry_renews(registry_token, busybox_image, tmp_path) -> None:
     assert len(registry_token.token_server.requests) == before + 1
 
 
-def _multi_arch_layout(busybox_image: TestImage, dest: Path) -> tuple[Path, dict[str, str]]:
-    """A copy of the busybox layout whose tag ``multi`` is an index for amd64 and arm64/v8."""
+def multi_arch_layout(
+    busybox_image: TestImage,
+    dest: Path,
+    platforms: tuple[tuple[str, str | None], ...] = (("amd64", None), ("arm64", "v8")),
+) -> tuple[Path, dict[str, str]]:
+    """A copy of the busybox layout whose tag ``multi`` is an index for ``platforms`` (arch, variant).
+
+    Each image's config carries the label ``org.test.platform`` = ``arch[/variant]``; the digests
+    returned are keyed by architecture.
+    """
     shutil.copytree(busybox_image.layout, dest)
     store = OCIStore(dest)
     manifest = store.read_json(busybox_image.manifest_digest)
     config = store.read_json(busybox_image.config_digest)
     entries, digests = [], {}
-    for arch, variant in (("amd64", None), ("arm64", "v8")):
-        cfg = dict(config, architecture=arch, **({"variant": variant} if variant else {}))
+    for arch, variant in platforms:
+        inner = dict(config.get("config") or {})
+        inner["Labels"] = {
+            **(inner.get("Labels") or {}),
+            "org.test.platform": "/".join(filter(None, (arch, variant))),
+        }
+        cfg = dict(config, architecture=arch, config=inner, **({"variant": variant} if variant else {}))
         cdesc = store.put_json(cfg, manifest["config"]["mediaType"])
         man = copy.deepcopy(manifest)
         man["config"] = cdesc.to_json()
@@ -166,7 +179,7 @@ def _multi_arch_layout(busybox_image: TestImage, dest: Path) -> tuple[Path, dict
 
 
 def test_index_platform_selection(registry_open, busybox_image, tmp_path) -> None:
-    layout, digests = _multi_arch_layout(busybox_image, tmp_path / "multi")
+    layout, digests = multi_arch_layout(busybox_image, tmp_path / "multi")
     import subprocess
 
     subprocess.run(
