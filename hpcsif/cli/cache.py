@@ -9,6 +9,30 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hpcsif.cache.layout import CacheRoot
+    from hpcsif.cache.store import Entry
+
+
+#: Apptainer's cache type names (``-T``) -> the kind of entry here; "sif" is ours (every image)
+CACHE_TYPES = {
+    "library": "library",
+    "oci": "oci-tmp",
+    "oci-tmp": "oci-tmp",
+    "oci-sif": "oci-tmp",
+    "shub": "shub",
+    "blob": "blob",
+    "blobs": "blob",
+    "net": "net",
+    "oras": "oras",
+    "sif": "sif",
+    "all": "all",
+}
+#: the Apptainer type of an image converted from each transport (others: an OCI conversion)
+_TRANSPORT_TYPE = {"oras": "oras", "http": "net", "https": "net", "library": "library", "shub": "shub"}
+_TYPES_HELP = (
+    "comma-separated cache types, repeatable: library, oci (also oci-tmp, oci-sif), shub, net, oras "
+    "(images pulled by such references; here library and shub are always empty), blob, sif (every "
+    "image), all (default)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,15 +42,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     p = sub.add_parser("list", help="list cached images and blob usage")
-    # Apptainer's flags; the table of images is always shown, -v is accepted for its users' sake
-    p.add_argument("-v", "--verbose", action="store_true", help="list every cached image (the default here)")
-    p.add_argument("-T", "--type", choices=("blob", "sif", "all"), default="all", help="what to count")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="include the cache entries (a table) in the output"
+    )
+    p.add_argument("-T", "--type", action="append", metavar="TYPES", help=_TYPES_HELP)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("clean", help="remove cached images and/or blobs (images in use are kept)")
     p.add_argument("-n", "--dry-run", action="store_true", help="list what would be removed, remove nothing")
     p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
-    p.add_argument("-T", "--type", choices=("blob", "sif", "all"), default="all", help="what to remove")
+    p.add_argument("-T", "--type", action="append", metavar="TYPES", help=_TYPES_HELP)
+    p.add_argument(
+        "-D",
+        "--days",
+        type=int,
+        metavar="N",
+        help="remove only entries created more than N days ago (the blob cache goes as a whole, "
+        "once its newest blob is that old)",
+    )
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("gc", help="evict least recently used images beyond the quota or maximum age")
@@ -36,6 +69,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-age-days", type=float, help="evict images unused for longer (default: cache.max_age_days)"
     )
     p.set_defaults(func=cmd_gc)
+
+
+def selected_types(values: list[str] | None) -> set[str]:
+    """The entry kinds ``-T`` values name (comma lists, repeatable); :class:`UsageError` on an unknown one."""
+    from hpcsif.errors import UsageError
+
+    kinds = set()
+    for value in values or ["all"]:
+        for name in filter(None, (t.strip().lower() for t in value.split(","))):
+            if name not in CACHE_TYPES:
+                known = "library, oci, shub, blob, net, oras, all"
+                raise UsageError(f"--type {name}: unknown cache type (possible values: {known})")
+            kinds.add(CACHE_TYPES[name])
+    return {"sif", "blob"} if "all" in kinds else kinds
+
+
+def entry_type(entry: Entry) -> str:
+    """Apptainer's cache type of an image: by the transport it was pulled with."""
+    transport = entry.meta.get("transport") or str(entry.meta.get("ref", "")).partition(":")[0]
+    return _TRANSPORT_TYPE.get(transport, "oci-tmp")
+
+
+def _wanted(entry: Entry, kinds: set[str]) -> bool:
+    return "sif" in kinds or entry_type(entry) in kinds
 
 
 def _size(n: float) -> str:
@@ -48,50 +105,70 @@ def _size(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+def _when(t: float, seconds: bool = False) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M", time.localtime(t))
 
 
-def _blob_usage(root: CacheRoot) -> tuple[int, int]:
-    """(count, bytes) of the blobs in ``root``'s OCI layout."""
+def _created(entry: Entry) -> float:
+    return float(entry.meta.get("created") or entry.last_used)
+
+
+def _blobs(root: CacheRoot) -> list[tuple[str, int, float]]:
+    """(digest, size, mtime) of the blobs in ``root``'s OCI layout."""
     from hpcsif.image.store import OCIStore
 
     if not (root.oci / "oci-layout").is_file():
-        return 0, 0
-    sizes = [size for _, size in OCIStore(root.oci).blobs()]
-    return len(sizes), sum(sizes)
+        return []
+    store = OCIStore(root.oci)
+    found = []
+    for digest, size in store.blobs():
+        try:
+            mtime = (store.blobs_dir / digest.removeprefix("sha256:")).stat().st_mtime
+        except FileNotFoundError:  # removed by a concurrent clean
+            continue
+        found.append((digest, size, mtime))
+    return found
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the table of cached images, then Apptainer's summary line per cache root and its total."""
+    """Apptainer's summary line per cache root and the total; with -v first the table of entries."""
     from hpcsif.cache.layout import cache_layout
     from hpcsif.cache.leases import active_leases, describe_lease
     from hpcsif.cache.store import SIFStore
 
+    kinds = selected_types(args.type)
+    images = kinds - {"blob"}
     layout = cache_layout()
     rows, summary, total = [], [], 0
     for root in layout.lookup_roots:
-        entries = list(SIFStore(root).entries()) if args.type in ("sif", "all") else []
-        nblobs, blob_bytes = _blob_usage(root) if args.type in ("blob", "all") else (0, 0)
-        sif_bytes = sum(e.size for e in entries)
+        entries = [e for e in SIFStore(root).entries() if _wanted(e, kinds)]
+        blobs = _blobs(root) if "blob" in kinds else []
+        sif_bytes, blob_bytes = sum(e.size for e in entries), sum(b[1] for b in blobs)
         total += sif_bytes + blob_bytes
-        counts = {
-            "sif": f"{len(entries)} container file(s) using {_size(sif_bytes)}",
-            "blob": f"{nblobs} oci blob file(s) using {_size(blob_bytes)}",
-        }
-        what = " and ".join(counts.values()) if args.type == "all" else counts[args.type]
+        counts = []
+        if images:
+            counts.append(f"{len(entries)} container file(s) using {_size(sif_bytes)}")
+        if "blob" in kinds:
+            counts.append(f"{len(blobs)} oci blob file(s) using {_size(blob_bytes)}")
         where = "" if root is layout.user else f" in the system cache {root.path}"
-        summary.append(f"There are {what} of space{where}")
+        summary.append(f"There are {' and '.join(counts)} of space{where}")
+        # Apptainer's columns (blobs first, by name), then ours: the image, its last use and leases
+        for digest, size, mtime in sorted(blobs):
+            rows.append(
+                (digest.removeprefix("sha256:")[:22], _when(mtime, True), _size(size), "blob", "", "", "")
+            )
         for e in sorted(entries, key=lambda e: -e.last_used):
             leases = ", ".join(describe_lease(r) for r in active_leases(root, e.key, reap=root.writable))
-            digest = str(e.meta.get("digest", e.key))[:19]
+            digest = str(e.meta.get("digest", e.key)).removeprefix("sha256:")[:22]
             name = e.meta.get("ref", e.meta["name"])
-            rows.append((name, digest, _size(e.size), _when(e.last_used), leases or "-"))
-    if rows:  # laid out as Apptainer's `cache list -v`: the table, a blank line, the summary
-        header = ("IMAGE", "DIGEST", "SIZE", "LAST USED", "LEASES")
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+            created = _when(_created(e), True)
+            rows.append(
+                (digest, created, _size(e.size), entry_type(e), _when(e.last_used), leases or "-", name)
+            )
+    if args.verbose and rows:
+        header = ("NAME", "DATE CREATED", "SIZE", "TYPE", "LAST USED", "LEASES", "IMAGE")
         for r in [header, *rows]:
-            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            print(f"{r[0]:<24} {r[1]:<22} {r[2]:<16} {r[3]:<8} {r[4]:<16} {r[5]:<12} {r[6]}".rstrip())
         print()
     print("\n".join(summary))
     print(f"Total space used: {_size(total)}")
@@ -114,20 +191,33 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from hpcsif.cache.leases import active_leases
     from hpcsif.cache.store import SIFStore
 
+    kinds = selected_types(args.type)
+    everything = kinds == {"sif", "blob"} and args.days is None
+    cutoff = time.time() - args.days * 86400 if args.days is not None else None
     root = cache_layout().user
     store = SIFStore(root)
-    entries = list(store.entries()) if args.type in ("sif", "all") else []
-    blobs = _blob_usage(root) if args.type in ("blob", "all") else (0, 0)
+    entries = [e for e in store.entries() if _wanted(e, kinds) and (cutoff is None or _created(e) < cutoff)]
+    blobs = _blobs(root) if "blob" in kinds else []
+    if cutoff is not None and blobs and max(b[2] for b in blobs) >= cutoff:
+        blobs = []  # blobs are removed together or not at all: a fetch may be using the layout
+    blob_bytes = sum(b[1] for b in blobs)
     if args.dry_run:
         print("User requested a dry run. Not actually deleting any data!")
         for e in entries:
             busy = " (in use: would be kept)" if active_leases(root, e.key, reap=False) else ""
             print(f"would remove {e.meta.get('ref', e.meta['name'])} {e.path} {_size(e.size)}{busy}")
-        if blobs[0]:
-            print(f"would remove {blobs[0]} oci blob file(s) using {_size(blobs[1])} in {root.oci}")
+        if blobs:
+            print(f"would remove {len(blobs)} oci blob file(s) using {_size(blob_bytes)} in {root.oci}")
         return 0
-    what = {"sif": "all container files", "blob": "all OCI blobs", "all": "all container files and OCI blobs"}
-    if not args.force and not _confirm(what[args.type]):
+    parts = []
+    if kinds - {"blob"}:
+        types = ", ".join(sorted(kinds - {"blob"}))
+        parts.append("container files" if "sif" in kinds else f"container files of type {types}")
+    if "blob" in kinds:
+        parts.append("OCI blobs")
+    what = " and ".join(parts)
+    what = f"{what} older than {args.days} day(s)" if cutoff is not None else f"all {what}"
+    if not args.force and not _confirm(what):
         print("Cleaning cancelled.")
         return 0
     kept = 0
@@ -136,23 +226,23 @@ def cmd_clean(args: argparse.Namespace) -> int:
             print(f"Removing {e.meta.get('ref', e.meta['name'])} ({_size(e.size)})")
         else:
             kept += 1
-    if args.type in ("sif", "all"):
+    if "sif" in kinds and cutoff is None:
         # entries whose meta.json cannot be read (damaged by hand or by the disk) go too, and
         # copies left unsynced by an earlier boot (lookups already ignore them)
-        for key in set(store.keys()) - {e.key for e in entries}:
+        for key in set(store.keys()) - {e.key for e in store.entries()}:
             stale = store.is_stale(key)
             if store.remove(key, reason="clean"):
                 kind = "stale copy from an earlier boot" if stale else "unreadable entry"
                 print(f"Removing {kind} {root.entry_dir(key)}")
     if kept:
         print(f"Kept {kept} image(s) that are in use or being converted.")
-    if blobs[0]:
+    if blobs:
         # swap the whole layout out in one rename; the next fetch starts a fresh one
         doomed = tempfile.mkdtemp(prefix="oci.clean-", dir=root.tmp)
         os.rename(root.oci, os.path.join(doomed, "oci"))
         shutil.rmtree(doomed, ignore_errors=True)
-        print(f"Removed {blobs[0]} oci blob file(s) ({_size(blobs[1])})")
-    if args.type == "all":
+        print(f"Removed {len(blobs)} oci blob file(s) ({_size(blob_bytes)})")
+    if everything:
         shutil.rmtree(root.tags, ignore_errors=True)
     return 0
 

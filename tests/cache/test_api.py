@@ -39,7 +39,7 @@ def test_gc_keeps_a_leased_image_until_its_holder_dies(cache_env: CacheEnv, busy
     out = run_cli("cache", "gc", "--quota", "1").stdout
     assert "0 image(s) evicted" in out
     assert path.is_file()
-    listing = run_cli("cache", "list").stdout
+    listing = run_cli("cache", "list", "-v").stdout
     assert f"pid {holder.pid}@" in listing
     holder.kill()
     holder.wait()
@@ -211,7 +211,7 @@ def test_disable_cache_uses_a_temporary_root(cache_env: CacheEnv, busybox_ref: s
 
 def test_cache_list_and_clean(cache_env: CacheEnv, busybox_ref: str) -> None:
     path = ensure_image(busybox_ref)
-    out = run_cli("cache", "list").stdout
+    out = run_cli("cache", "list", "--verbose").stdout
     assert "There are 1 container file(s) using" in out
     assert "oci blob file(s) using" in out
     assert busybox_ref.split(":latest")[0] in out and "LAST USED" in out

@@ -7,6 +7,7 @@ are compared.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -284,3 +285,45 @@ def test_key_export_without_a_name_and_remove_flags(tmp_path: Path, keys_env: di
     assert "No keys" in run_cli("key", "list", "-s", env=keys_env).stdout
     run_cli("key", "remove", "-p", "solo", env=keys_env)
     assert "No keys" in run_cli("key", "list", env=keys_env).stdout
+
+
+# -- cache ---------------------------------------------------------------------------------------
+
+OCI_ARCHIVE = Path("/work/bench-images/busybox.oci-archive.tar")
+
+
+def test_cache_types_and_days(tmp_path: Path) -> None:
+    if not OCI_ARCHIVE.is_file():
+        pytest.skip(f"{OCI_ARCHIVE} not built")
+    env = {"HPCSIF_CACHEDIR": str(tmp_path / "cache"), "HPCSIF_SYSTEM_CACHEDIR": ""}
+    run_cli("pull", str(tmp_path / "bb.sif"), f"oci-archive:{OCI_ARCHIVE}", env=env)
+    one = "There are 1 container file(s) using "
+    assert run_cli("cache", "list", "-T", "oci", env=env).stdout.startswith(one)
+    assert run_cli("cache", "list", "-T", "oras,library", "-T", "net", env=env).stdout.startswith(
+        "There are 0 container file(s) using 0.00 KiB of space\n"
+    )
+    blobs = run_cli("cache", "list", "-T", "blob", env=env).stdout
+    assert blobs.startswith("There are ") and " oci blob file(s) using " in blobs and "0 oci" not in blobs
+    table = run_cli("cache", "list", "-v", "-T", "oci-tmp", env=env).stdout.splitlines()
+    assert table[0].startswith("NAME                     DATE CREATED           SIZE             TYPE")
+    assert table[1].split()[5] == "oci-tmp" and table[1].endswith(f"oci-archive://{OCI_ARCHIVE}")
+    # nothing is older than a day, and no image came from oras://
+    for flags in (["-D", "1"], ["-T", "oras"]):
+        assert "Removing" not in run_cli("cache", "clean", "-f", *flags, env=env).stdout
+    assert run_cli("cache", "list", "-T", "sif", env=env).stdout.startswith(one)
+    (meta,) = (tmp_path / "cache" / "sif").glob("*/meta.json")
+    record = json.loads(meta.read_text())
+    record["created"] -= 2 * 86400  # as if converted two days ago
+    meta.write_text(json.dumps(record))
+    assert "would remove oci-archive://" in run_cli("cache", "clean", "-n", "--days", "1", env=env).stdout
+    out = run_cli("cache", "clean", "--force", "--days=1", "--type=oci", env=env).stdout
+    assert out.startswith(f"Removing oci-archive://{OCI_ARCHIVE} (")
+    assert run_cli("cache", "list", "-T", "blob", env=env).stdout == blobs  # -T oci kept the blobs
+    assert "Removed " in run_cli("cache", "clean", "-f", "-T", "blob", env=env).stdout
+    assert run_cli("cache", "list", "-T", "blob", env=env).stdout.startswith("There are 0 oci blob file(s)")
+    bad = run_cli("cache", "clean", "-f", "-T", "oci,nope", env=env, check=False)
+    known = "library, oci, shub, blob, net, oras, all"
+    assert (bad.returncode, bad.stderr) == (
+        2,
+        f"FATAL:   --type nope: unknown cache type (possible values: {known})\n",
+    )
