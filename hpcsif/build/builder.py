@@ -134,10 +134,10 @@ class BuildOptions:
 
     def host_binds(self) -> list[Any]:  # list[hpcsif.engine.binds.Bind]
         """The binds ``%post`` and ``%test`` get: ``-B``, ``--mount``, then the GPU files."""
-        from hpcsif.engine.binds import parse_bind
+        from hpcsif.engine.binds import parse_bind, parse_mount
 
         binds = [b for spec in self.binds for b in parse_bind(spec)]
-        binds += [_mount_bind(spec) for spec in self.mounts]
+        binds += [parse_mount(spec) for spec in self.mounts]
         if self.nv or self.rocm:
             from hpcsif.engine import gpu
 
@@ -511,25 +511,6 @@ class _StageBuilder:
         path.unlink(missing_ok=True)
         path.write_text(text)
         os.chmod(path, mode)
-
-
-def _mount_bind(spec: str) -> Any:  # -> hpcsif.engine.binds.Bind
-    """A ``--mount type=bind,source=SRC,destination=DST[,ro]`` spec as a bind (only binds exist here)."""
-    from hpcsif.engine.binds import Bind
-    from hpcsif.errors import UsageError
-
-    fields: dict[str, str] = {}
-    for item in spec.split(","):
-        key, _, value = item.strip().partition("=")
-        fields[key.lower()] = value
-    if fields.get("type", "bind") != "bind":
-        raise UsageError(f"--mount {spec!r}: only type=bind is supported by hpcsif")
-    src = fields.get("source") or fields.get("src")
-    dst = fields.get("destination") or fields.get("dst") or fields.get("target")
-    if not src or not dst or not dst.startswith("/"):
-        raise UsageError(f"--mount {spec!r}: expected type=bind,source=SRC,destination=/DEST[,ro]")
-    readonly = "ro" in fields or fields.get("readonly", "false") != "false"
-    return Bind(os.path.abspath(src), os.path.normpath(dst), readonly=readonly)
 
 
 def _script(sec: Section, where: str) -> str:

@@ -46,6 +46,8 @@ def flags_from_env(args: argparse.Namespace, table: dict[str, tuple[str, ...]]) 
     from hpcsif.config import env_flag
 
     for dest, keys in table.items():
+        if not hasattr(args, dest):  # a command without this flag (exec reuses registry_options)
+            continue
         current = getattr(args, dest)
         if current is False:
             names = [f"{p}_{k}" for k in keys for p in ("APPTAINER", "SINGULARITY")]
