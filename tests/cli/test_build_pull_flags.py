@@ -50,6 +50,14 @@ From: {layout}
 """
 
 
+def _compression(sif: Path) -> str:
+    """The compressor line of ``unsquashfs -s`` for the SIF's root file system."""
+    with SIFImage.open(sif) as img:
+        offset = img.primary_partition().offset
+    stats = subprocess.run(["unsquashfs", "-s", "-o", str(offset), str(sif)], capture_output=True, text=True)
+    return next(ln for ln in stats.stdout.splitlines() if ln.startswith("Compression "))
+
+
 def _labels(sandbox: Path) -> dict[str, str]:
     return json.loads((sandbox / ".singularity.d/labels.json").read_text())
 
@@ -129,10 +137,7 @@ def test_no_cleanup_keeps_the_build_directory(busybox_image: TestImage, tmp_path
 def test_mksquashfs_args_map_or_refuse(busybox_image: TestImage, tmp_path: Path) -> None:
     out = tmp_path / "g.sif"
     run_cli("build", "--mksquashfs-args", "-comp gzip -Xcompression-level 2", str(out), busybox_image.oci_ref)
-    with SIFImage.open(out) as img:
-        offset = img.primary_partition().offset
-    stats = subprocess.run(["unsquashfs", "-s", "-o", str(offset), str(out)], capture_output=True, text=True)
-    assert "Compression gzip" in stats.stdout
+    assert _compression(out) == "Compression gzip"
     proc = run_cli(
         "build", "--mksquashfs-args=-noappend", str(tmp_path / "n.sif"), busybox_image.oci_ref, check=False
     )
@@ -275,3 +280,24 @@ def test_arch_variant_picks_the_platform(busybox_image: TestImage, tmp_path: Pat
         "build", "--arch", "arm", "--arch-variant", "5", str(tmp_path / "v5.sif"), src, check=False
     )
     assert proc.returncode != 0 and "no image for platform linux/arm/v5" in proc.stderr
+
+
+@pytest.mark.parametrize("variable", ["APPTAINER_NOHTTPS", "SINGULARITY_NO_HTTPS", None])
+def test_nohttps_environment_forms(variable: str | None, tmp_path: Path) -> None:
+    conf = tmp_path / "hpcsif.toml"
+    conf.write_text("[registry]\nretries = 0\n")  # the name does not resolve: fail at once
+    env = {"HPCSIF_CONFIG": str(conf), "HPCSIF_CACHEDIR": str(tmp_path / "cache")}
+    if variable:
+        env[variable] = "1"
+    proc = run_cli("pull", str(tmp_path / "x.sif"), "docker://example.invalid/x", env=env, check=False)
+    scheme = "http" if variable else "https"
+    assert proc.returncode != 0 and f"cannot reach {scheme}://example.invalid/v2/" in proc.stderr
+
+
+def test_build_environment_forms(busybox_image: TestImage, tmp_path: Path) -> None:
+    env = {"APPTAINER_SANDBOX": "1", "APPTAINER_FAKEROOT": "true", "SINGULARITY_USERNS": "1"}
+    run_cli("build", str(tmp_path / "box"), busybox_image.oci_ref, env=env)
+    assert (tmp_path / "box/bin/busybox").is_file()
+    env = {"APPTAINER_MKSQUASHFS_ARGS": "-comp lz4"}
+    run_cli("build", str(tmp_path / "l.sif"), busybox_image.oci_ref, env=env)
+    assert _compression(tmp_path / "l.sif") == "Compression lz4"
