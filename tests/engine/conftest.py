@@ -182,6 +182,34 @@ def hpcsif_processes() -> list[str]:
     return found
 
 
+@pytest.fixture(params=["root", "user"])
+def run(request, images):
+    """``run(*args, **kw)``: hpcsif as root or as the unprivileged test user; checks cleanup after."""
+    user = request.getfixturevalue("unpriv_user") if request.param == "user" else None
+
+    def _run(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 60):
+        cmd = hpcsif_cmd(*args)
+        if user is None:
+            full_env = {**os.environ, **(env or {})}
+            return subprocess.run(
+                cmd, capture_output=True, text=True, input=stdin, env=full_env, timeout=timeout
+            )
+        cmd, base_env = as_user(user, cmd)
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            input=stdin,
+            env={**base_env, **(env or {})},
+            timeout=timeout,
+            cwd=user.home,
+        )
+
+    _run.user = user
+    yield _run
+    assert not fuse_mounts(), "a mount was left behind"
+
+
 @pytest.fixture
 def pub_tmp(images: Images) -> Path:
     """A fresh directory every test user can read and write (pytest's tmp_path is root-only)."""
