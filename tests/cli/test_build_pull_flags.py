@@ -202,6 +202,10 @@ def test_authfile_pull_push_and_sandbox(
     assert (tmp_path / "o.sif").read_bytes() == sif.read_bytes()
     run_cli("pull", "--authfile", str(auth), "--sandbox", str(tmp_path / "obox"), oras, env=env)
     assert (tmp_path / "obox/bin/busybox").is_file()
+    # Apptainer's hidden --docker-username/--docker-password, for scripts
+    creds = ["--docker-username", USER, "--docker-password", PASSWORD]
+    proc = run_cli("pull", *creds, str(tmp_path / "p.sif"), oras, env=env)
+    assert (tmp_path / "p.sif").read_bytes() == sif.read_bytes() and PASSWORD not in proc.stderr
 
 
 def test_nv_binds_host_gpu_files_during_post_and_test(busybox_image: TestImage, tmp_path: Path) -> None:
