@@ -356,6 +356,22 @@ def signature_extra(hashtype: HashType, entity: bytes) -> bytes:
     return _SIGNATURE_EXTRA.pack(int(hashtype), entity)
 
 
+def retyped_partition_extra(extra: bytes, parttype: PartType) -> bytes:
+    """A partition's ``extra`` bytes with its partition type set to *parttype*, the rest kept as is."""
+    fstype, _, arch = _PARTITION_EXTRA.unpack_from(extra)
+    return _PARTITION_EXTRA.pack(fstype, int(parttype), arch)
+
+
+def sbom_extra(fmt: SBOMFormat) -> bytes:
+    """The descriptor ``extra`` bytes of an SBOM object: its format."""
+    return _SINGLE_EXTRA.pack(int(fmt))
+
+
+def oci_digest_extra(digest: str) -> bytes:
+    """The descriptor ``extra`` bytes of an OCI root-index or blob object: ``sha256:…`` as text."""
+    return digest.encode()
+
+
 @dataclass
 class Descriptor:
     """One data object descriptor (585 bytes on disk).

@@ -42,6 +42,7 @@ from hpcsif.sif.format import (
     encode_name,
     next_aligned,
     partition_extra,
+    retyped_partition_extra,
     signature_extra,
 )
 from hpcsif.sif.reader import SIFImage
@@ -70,6 +71,7 @@ class ObjectSpec:
     link_is_group: bool = False  # link_id names a group (a signature over a whole group)
     hashtype: HashType | None = None  # signatures only
     entity: bytes = b""  # signatures only: the signer's key fingerprint (20 bytes for PGP)
+    extra: bytes = b""  # other types' descriptor metadata (format.sbom_extra, format.oci_digest_extra)
 
     @property
     def label(self) -> str:
@@ -305,6 +307,8 @@ class SIFWriter:
             raise SIFError(f"{spec.label}: fstype, parttype and arch apply to partitions only")
         if spec.datatype != DataType.SIGNATURE and (spec.hashtype or spec.entity):
             raise SIFError(f"{spec.label}: hashtype and entity apply to signatures only")
+        if spec.extra and spec.datatype in (DataType.PARTITION, DataType.SIGNATURE):
+            raise SIFError(f"{spec.label}: give partition and signature metadata in their own fields")
         encode_name(spec.name)
         if is_part:
             parttype = spec.parttype or PartType.PRIMSYS
@@ -317,7 +321,7 @@ class SIFWriter:
             if spec.hashtype is None:
                 raise SIFError(f"{spec.label}: a signature needs a hashtype")
             return signature_extra(spec.hashtype, spec.entity)
-        return b""
+        return spec.extra
 
     def remove(self, ids: Sequence[int]) -> None:
         """Drop the objects with *ids* from the table; their bytes stay unless at the end."""
@@ -336,6 +340,28 @@ class SIFWriter:
         self._cursor = self._data_end()
         self.header.data_size = self._cursor - self.header.data_offset
         os.ftruncate(self._fd, self._cursor)
+
+    def set_primary(self, object_id: int) -> None:
+        """Make system partition *object_id* the primary one (the former primary becomes a system
+        partition) and take its architecture into the header, as sylabs/sif's ``SetPrimPart``."""
+        index = next((i for i, d in enumerate(self.slots) if d is not None and d.id == object_id), None)
+        if index is None:
+            raise SIFError(f"{self.dest}: no data object with id {object_id}")
+        desc = self.slots[index]
+        assert desc is not None  # found above
+        if desc.datatype != DataType.PARTITION:
+            raise SIFError(f"{self.dest}: data object {object_id} is not a partition")
+        if desc.parttype == PartType.PRIMSYS:
+            return
+        if desc.parttype != PartType.SYSTEM:
+            raise SIFError(f"{self.dest}: data object {object_id} is not a system partition")
+        for i, other in enumerate(self.slots):
+            if other is not None and (i == index or other.parttype == PartType.PRIMSYS):
+                parttype = PartType.PRIMSYS if i == index else PartType.SYSTEM
+                extra = retyped_partition_extra(other.extra, parttype)
+                self.slots[i] = dataclasses.replace(other, extra=extra, mtime=self._time)
+                self._raw_slots[i] = self.slots[i].pack()
+        self.header.arch = desc.arch or "unknown"
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -413,6 +439,13 @@ def remove_objects(path: str | os.PathLike, ids: Sequence[int]) -> None:
     """Remove the objects with *ids* from the SIF at *path* (atomically), e.g. old signatures."""
     with SIFImage.open(path) as base, SIFWriter(path, _base=base) as writer:
         writer.remove(ids)
+        writer.commit()
+
+
+def set_primary(path: str | os.PathLike, object_id: int) -> None:
+    """Make partition *object_id* of the SIF at *path* its primary system partition (atomically)."""
+    with SIFImage.open(path) as base, SIFWriter(path, _base=base) as writer:
+        writer.set_primary(object_id)
         writer.commit()
 
 

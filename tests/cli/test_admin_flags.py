@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,89 @@ def test_cache_types_and_days(tmp_path: Path) -> None:
         2,
         f"FATAL:   --type nope: unknown cache type (possible values: {known})\n",
     )
+
+
+# -- sif new/add/del/setprim ------------------------------------------------------------------
+
+ADDS = [
+    ["--datatype", "7"],
+    ["--datatype", "7", "--groupid", "3", "--link", "1", "--alignment", "16", "--filename", "named"],
+    ["--datatype", "9", "--sbomformat", "spdx-json"],
+    ["--datatype", "11"],
+    ["--datatype", "5", "--signentity", "433FE984155206BD962725E20E8713472A879943", "--signhash", "1"],
+]
+
+
+def _untimed(text: str) -> str:
+    """``sif info``/``header`` output without its time lines and UUID (they differ between two runs)."""
+    return "".join(
+        line for line in text.splitlines(True) if " At:" not in line and not line.startswith("ID:")
+    )
+
+
+def test_sif_add_writes_what_apptainer_writes(help_sif: Path, tmp_path: Path) -> None:
+    payload = tmp_path / "object.txt"
+    payload.write_text("hello\n")
+    ours = Path(shutil.copy(help_sif, tmp_path / "ours.sif"))
+    for flags in ADDS:
+        run_cli("sif", "add", str(ours), str(payload), *flags)
+    listing = run_cli("sif", "list", str(ours)).stdout
+    rows = [[c.strip() for c in line.split("|")] for line in listing.splitlines()[-5:]]
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        ("2", "NONE", "NONE", "Generic/Raw"),
+        ("3", "3", "1", "Generic/Raw"),
+        ("4", "NONE", "NONE", "SBOM (spdx-json)"),
+        ("5", "NONE", "NONE", "OCI.Blob"),
+        ("6", "NONE", "NONE", "Signature (SHA-256)"),
+    ]
+    spans = [tuple(map(int, r[3].split("-"))) for r in rows]
+    assert all(end - start == 6 for start, end in spans)
+    assert spans[1][0] % 16 == 0 and spans[2][0] == spans[1][1]  # --alignment 16 applies to that object only
+    digest = "sha256:5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"  # of "hello\n"
+    assert run_cli("sif", "info", "5", str(ours)).stdout.endswith(f"  Digest:       {digest}\n")
+    missing = run_cli("sif", "add", str(ours), str(payload), check=False)
+    assert (missing.returncode, missing.stderr.count("\n")) == (
+        2,
+        1,
+    ) and "--datatype is needed" in missing.stderr
+    part = run_cli("sif", "add", str(ours), str(payload), "--datatype", "4", check=False)
+    assert part.returncode == 2 and "--partfs, --parttype and --partarch must be passed" in part.stderr
+    if peer_apptainer():
+        theirs = Path(shutil.copy(help_sif, tmp_path / "theirs.sif"))
+        for flags in ADDS:
+            assert peer("sif", "add", theirs, payload, *flags).returncode == 0
+        assert peer("sif", "list", theirs).stdout == peer("sif", "list", ours).stdout == listing
+        for obj in ("2", "3", "4", "5", "6"):
+            mine = run_cli("sif", "info", obj, str(ours)).stdout
+            assert _untimed(peer("sif", "info", obj, theirs).stdout) == _untimed(mine)
+
+
+def test_sif_new_setprim_and_del_keep_the_image_runnable(help_sif: Path, tmp_path: Path) -> None:
+    partition = tmp_path / "rootfs.sqfs"
+    with partition.open("wb") as out:  # the raw squashfs of the test image, as `sif dump` writes it
+        dump = [sys.executable, "-m", "hpcsif.cli.main", "sif", "dump", "1", str(help_sif)]
+        subprocess.run(dump, stdout=out, check=True)
+    image = tmp_path / "new.sif"
+    run_cli("sif", "new", str(image))
+    empty = run_cli("sif", "header", str(image)).stdout
+    assert "Launch Script" not in empty and "Primary Architecture" not in empty
+    system = ["--datatype", "4", "--parttype", "1", "--partfs", "1", "--partarch", "2"]
+    run_cli("sif", "add", str(image), str(partition), *system)
+    run_cli("sif", "add", str(image), str(partition), *system)
+    run_cli("sif", "setprim", "2", str(image))
+    run_cli("sif", "setprim", "1", str(image))  # the former primary becomes a system partition
+    listing = run_cli("sif", "list", str(image)).stdout
+    assert "|FS (Squashfs/*System/amd64)\n" in listing and "|FS (Squashfs/System/amd64)\n" in listing
+    assert "Primary Architecture: amd64" in run_cli("sif", "header", str(image)).stdout
+    run_cli("sif", "del", "1", str(image))
+    assert "Primary Architecture" not in run_cli("sif", "header", str(image)).stdout
+    run_cli("sif", "setprim", "2", str(image))
+    assert run_cli("sif", "list", str(image)).stdout.endswith("|FS (Squashfs/*System/amd64)\n")
+    assert not list(tmp_path.glob(".new.sif.*"))  # atomic: no temp file left behind
+    for bad, why in (("9", "no data object with id 9"), ("0", "no data object with id 0")):
+        proc = run_cli("sif", "setprim", bad, str(image), check=False)
+        assert proc.returncode == 255 and why in proc.stderr
+    if peer_apptainer():
+        assert peer("sif", "list", image).stdout == run_cli("sif", "list", str(image)).stdout
+        ran = peer("exec", image, "/bin/sh", "-c", "echo runs")
+        assert (ran.returncode, ran.stdout) == (0, "runs\n"), ran.stderr
