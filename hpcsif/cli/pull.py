@@ -12,13 +12,17 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 log = logging.getLogger("hpcsif")
 
 COPY_TRANSPORTS = ("http", "https", "fsspec")
 
 
-def refuse(flag: str, why: str):  # -> NoReturn; UsageError is imported lazily
+def refuse(flag: str, why: str) -> NoReturn:
     """Fail with Apptainer's one-line ``FATAL:`` for a flag hpcsif accepts but cannot honour."""
     from hpcsif.errors import UsageError
 
