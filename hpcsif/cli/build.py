@@ -58,6 +58,21 @@ def check_target(target: Path, force: bool) -> None:
         )
 
 
+def check_update_target(target: Path, sandbox: bool) -> None:
+    """``--update`` runs over an existing sandbox, named with ``--sandbox`` (Apptainer's checks)."""
+    from hpcsif.errors import BuildError
+
+    why = ""
+    if not sandbox:
+        why = "only sandbox update is supported: --sandbox flag is missing"
+    elif not target.exists():
+        why = f"could not update sandbox {target.absolute()}: doesn't exist"
+    elif not target.is_dir():
+        why = f"only sandbox update is supported: {target.absolute()} is not a directory"
+    if why:
+        raise BuildError(f"While checking build target: {why}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``build`` command."""
     p = sub.add_parser("build", help="build a SIF image or sandbox from a source or definition file")
@@ -69,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "-u",
         "--update",
         action="store_true",
-        help="run the definition over an existing sandbox target (skips the bootstrap)",
+        help="with -s: run the definition over an existing sandbox target (skips the bootstrap)",
     )
     p.add_argument(
         "--section",
@@ -299,10 +314,7 @@ def run(args: argparse.Namespace) -> int:
         from hpcsif.build.builder import BuildOptions, build_definition
 
         if args.update:
-            if not target.is_dir():
-                from hpcsif.errors import UsageError
-
-                raise UsageError(f"--update needs an existing sandbox directory as the target, not {target}")
+            check_update_target(target, args.sandbox)
         else:
             check_target(target, args.force)
         log.info("Starting build of %s from definition file %s", target, args.source)

@@ -87,14 +87,36 @@ def test_build_sandbox_binds_args_tmpfs_update_section(busybox_image: TestImage,
     update = tmp_path / "u.def"
     update.write_text(UPDATE_DEF.format(layout=busybox_image.layout))
     mount = f"type=bind,source={host},destination=/mounted,ro"
-    run_cli("build", "-u", "--section", "post", "--mount", mount, str(box), str(update))
+    run_cli("build", "-s", "-u", "--section", "post", "--mount", mount, str(box), str(update))
     assert (box / "opt/updated.txt").read_text() == "from the host\n"
     assert (box / "opt/a.txt").read_text() == "from-file\n"  # the old content stays
     assert _labels(box)["Stage"] == "first" and not (box / "mounted").exists()
-    run_cli("build", "--update", "--section", "labels", str(box), str(update))
+    run_cli("build", "--sandbox", "--update", "--section", "labels", str(box), str(update))
     assert _labels(box)["Stage"] == "second"
-    proc = run_cli("build", "-u", str(tmp_path / "nobox"), str(update), check=False)
-    assert proc.returncode == 2 and "--update needs an existing sandbox" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "target", "why"),
+    [
+        (["-u"], "box", "only sandbox update is supported: --sandbox flag is missing"),
+        (["-u", "-s"], "nobox", "could not update sandbox {tmp}/nobox: doesn't exist"),
+        (["-u", "-s"], "file", "only sandbox update is supported: {tmp}/file is not a directory"),
+    ],
+)
+def test_update_target_checks_as_apptainer(flags: list[str], target: str, why: str, tmp_path: Path) -> None:
+    (tmp_path / "box").mkdir()
+    (tmp_path / "file").write_text("")
+    deffile = tmp_path / "s.def"
+    deffile.write_text("Bootstrap: scratch\n")
+    fatal = f"FATAL:   While checking build target: {why.format(tmp=tmp_path)}"
+    proc = run_cli("build", *flags, str(tmp_path / target), str(deffile), check=False)
+    assert proc.returncode != 0 and proc.stderr.strip() == fatal
+    exe = peer_apptainer()
+    if exe is not None:
+        peer = subprocess.run(
+            [exe, "build", *flags, str(tmp_path / target), str(deffile)], capture_output=True, text=True
+        )
+        assert peer.returncode != 0 and peer.stderr.strip() == fatal
 
 
 def test_unused_build_args_fatal_unless_warned(busybox_image: TestImage, tmp_path: Path) -> None:
