@@ -236,7 +236,7 @@ class Keyring:
                     )
                 names = ", ".join(k.name for k in private)
                 raise UsageError(
-                    f"several private keys ({names}): choose one with --keyname or 'key default'"
+                    f"several private keys ({names}): choose one with -k/--keyidx, --keyname or 'key default'"
                 )
             key = chosen[0]
         if key.private_path is None:
