@@ -209,7 +209,7 @@ def test_authfile_pull_push_and_sandbox(
     proc = run_cli("pull", str(tmp_path / "anon.sif"), ref, env=env, check=False)
     assert proc.returncode != 0 and "authentication required" in proc.stderr
     auth = _authfile(tmp_path / "auth.json", registry_basic)
-    # --sandbox writes a directory tree; --arch-variant is accepted for a single-arch image
+    # --sandbox writes a directory tree
     box = tmp_path / "box"
     proc = run_cli("pull", "--authfile", str(auth), "--sandbox", str(box), ref, env=env)
     assert (box / "bin/busybox").is_file() and (box / ".singularity.d/runscript").is_file()
@@ -217,6 +217,11 @@ def test_authfile_pull_push_and_sandbox(
     # push and pull a SIF as an oras artifact, the auth file named by $APPTAINER_AUTH_FILE
     sif = tmp_path / "b.sif"
     run_cli("pull", "--authfile", str(auth), str(sif), ref, env=env)
+    # a definition file's Bootstrap: docker from the private registry
+    deffile = tmp_path / "p.def"
+    deffile.write_text(f"Bootstrap: docker\nFrom: {ref.removeprefix('docker://')}\n")
+    run_cli("build", "--authfile", str(auth), "-s", str(tmp_path / "dbox"), str(deffile), env=env)
+    assert (tmp_path / "dbox/bin/busybox").is_file()
     oras = registry_basic.ref("private/sif:1", transport="oras")
     proc = run_cli("push", "-U", "-D", "words", str(sif), oras, env={**env, "APPTAINER_AUTH_FILE": str(auth)})
     assert "Description is not supported for push to oras. Ignoring it." in proc.stderr
