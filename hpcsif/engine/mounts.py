@@ -96,6 +96,19 @@ def unmount(mnt: Path, *, lazy: bool = False) -> bool:
     raise MissingToolError("fusermount3", "fuse3")
 
 
+def _unmount_soon(mnt: Path, tries: int = 10) -> bool:
+    """:func:`unmount`, retried briefly (about 0.2 s) while *mnt* is busy.
+
+    A FUSE daemon stacked on *mnt* (fuse-overlayfs over squashfuse) exits only just after its
+    own unmount and holds *mnt* busy until then.
+    """
+    for _ in range(tries - 1):
+        if unmount(mnt):
+            return True
+        time.sleep(0.02)
+    return unmount(mnt)
+
+
 class SharedMount:
     """A reference-counted mount; :meth:`acquire` mounts if needed, :meth:`release` unmounts if last.
 
@@ -182,7 +195,7 @@ class SharedMount:
             self._holder = None
             if self.live_holders():
                 return
-            if _mount_state(self.mnt) != "absent" and not unmount(self.mnt):
+            if _mount_state(self.mnt) != "absent" and not _unmount_soon(self.mnt):
                 log.debug("%s busy; the watchdog will unmount it", self.mnt)
                 return
             self._remove()
