@@ -317,17 +317,18 @@ def run(args: argparse.Namespace) -> int:
             check_update_target(target, args.sandbox)
         else:
             check_target(target, args.force)
+        update = args.update and not args.force  # Apptainer: -u -F rebuilds the sandbox from scratch
         log.info("Starting build of %s from definition file %s", target, args.source)
         opts = BuildOptions(
             convert=convert_options(args),
-            sandbox=args.sandbox or args.update,
+            sandbox=args.sandbox,
             notest=args.notest,
             store=blob_store(args),
             source_options=registry_options(args),
             build_args=_build_args(args),
             warn_unused_build_args=args.warn_unused_build_args,
             sections=_sections(args),
-            update=args.update,
+            update=update,
             binds=args.bind,
             mounts=args.mount,
             writable_tmpfs=args.writable_tmpfs,

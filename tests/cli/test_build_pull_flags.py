@@ -93,6 +93,9 @@ def test_build_sandbox_binds_args_tmpfs_update_section(busybox_image: TestImage,
     assert _labels(box)["Stage"] == "first" and not (box / "mounted").exists()
     run_cli("build", "--sandbox", "--update", "--section", "labels", str(box), str(update))
     assert _labels(box)["Stage"] == "second"
+    # -F with -u: a build from scratch, as in Apptainer
+    run_cli("build", "-s", "-u", "-F", "--section", "none", str(box), str(update))
+    assert not (box / "opt").exists() and "Stage" not in _labels(box)
 
 
 @pytest.mark.parametrize(
