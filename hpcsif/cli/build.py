@@ -179,6 +179,10 @@ BUILD_ENV = {
     "no_cleanup": ("NO_CLEANUP",),
     "writable_tmpfs": ("WRITABLE_TMPFS",),
     "nvccli": ("NVCCLI",),
+    # Apptainer hands these on to the exec that runs %post and %test
+    "nv": ("NV",),
+    "rocm": ("ROCM",),
+    "bind": ("BINDPATH",),
     "arch": ("BUILD_ARCH",),
     "arch_variant": ("BUILD_ARCH_VARIANT",),
     "mksquashfs_args": ("MKSQUASHFS_ARGS",),

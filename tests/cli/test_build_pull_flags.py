@@ -89,6 +89,10 @@ def test_build_sandbox_binds_args_tmpfs_update_section(busybox_image: TestImage,
     mount = f"type=bind,source={host},destination=/mounted,ro"
     run_cli("build", "-s", "-u", "--section", "post", "--mount", mount, str(box), str(update))
     assert (box / "opt/updated.txt").read_text() == "from the host\n"
+    (host / "in.txt").write_text("bound by APPTAINER_BINDPATH\n")
+    env = {"APPTAINER_BINDPATH": f"{host}:/mounted"}
+    run_cli("build", "-s", "-u", "--section", "post", str(box), str(update), env=env)
+    assert (box / "opt/updated.txt").read_text() == "bound by APPTAINER_BINDPATH\n"
     assert (box / "opt/a.txt").read_text() == "from-file\n"  # the old content stays
     assert _labels(box)["Stage"] == "first" and not (box / "mounted").exists()
     run_cli("build", "--sandbox", "--update", "--section", "labels", str(box), str(update))
