@@ -139,12 +139,16 @@ def _add_flags(p: argparse.ArgumentParser, action: str) -> None:
     for flag, why in PASSTHROUGH.items():
         names = ["-u", flag] if flag == "--userns" else [flag]
         a(*names, action="store_true", help=why)
+    only = p.add_argument_group(
+        "Apptainer-only flags",
+        "cgroup limits, security profiles, encryption …: passed on by --engine apptainer; "
+        "the built-in engine refuses them with the reason",
+    ).add_argument
     for flag, kind in APPTAINER_ONLY.items():
-        text = "only with --engine apptainer (Apptainer's flag, passed on)"
         if kind == "switch":
-            a(flag, action="store_true", help=text)
+            only(flag, action="store_true")
         else:
-            a(flag, action="append" if kind == "list" else None, metavar="VALUE", help=text)
+            only(flag, action="append" if kind == "list" else None, metavar="VALUE")
     a(
         "--unsquash",
         action="store_true",
@@ -308,7 +312,7 @@ _ENV_SWITCHES = {
     "net": ("NET", "UNSHARE_NET"),
     "uts": ("UTS", "UNSHARE_UTS"),
     "userns": ("USERNS", "UNSHARE_USERNS"),
-    "no_init": ("NOSHIMINIT", "NO_INIT"),
+    "no_init": ("NOSHIMINIT",),
 }
 #: flag dest -> keys of a value flag, used when the flag is not given
 _ENV_VALUES = {
