@@ -16,6 +16,7 @@ import pytest
 
 from hpcsif.sif.reader import SIFImage
 from tests.conftest import peer_apptainer, run_cli
+from tests.services.httpd import FileServer, http_files  # noqa: F401 - fixture
 from tests.services.images import TestImage
 from tests.services.registry import PASSWORD, USER, Registry, registry_basic  # noqa: F401 - fixture
 
@@ -339,3 +340,15 @@ def test_build_environment_forms(busybox_image: TestImage, tmp_path: Path) -> No
     env = {"APPTAINER_MKSQUASHFS_ARGS": "-comp lz4"}
     run_cli("build", str(tmp_path / "l.sif"), busybox_image.oci_ref, env=env)
     assert _compression(tmp_path / "l.sif") == "Compression lz4"
+
+
+def test_pull_sandbox_of_a_sif_over_https_style_urls(
+    http_files: FileServer,  # noqa: F811 - the fixture
+    busybox_image: TestImage,
+    tmp_path: Path,
+) -> None:
+    run_cli("build", str(http_files.root / "served.sif"), busybox_image.oci_ref)
+    box = tmp_path / "box"
+    run_cli("pull", "--sandbox", str(box), f"{http_files.url}/served.sif")
+    assert (box / "bin/busybox").is_file() and (box / ".singularity.d/runscript").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["box"]  # the downloaded SIF is gone
