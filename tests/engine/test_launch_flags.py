@@ -76,6 +76,14 @@ def test_fakeroot(run, images):
     assert env == "0\n"
 
 
+def test_fakeroot_as_the_peer(peer_sif):
+    """As root, -f gives the same identity and home as Apptainer's."""
+    args = ["exec", "-f", str(peer_sif), "sh", "-c", "id; whoami; echo $HOME"]
+    out = ok(subprocess.run(hpcsif_cmd(*args), capture_output=True, text=True, timeout=60))
+    assert peer(*args) in (None, out)
+    assert out.splitlines()[1:] == ["root", "/root"]
+
+
 def test_fakeroot_gives_no_real_privilege(images, unpriv_user):
     """The fake root cannot write what the user could not: root-owned image files stay read-only."""
     res = user_run(unpriv_user, "exec", "-f", "--writable-tmpfs", str(images.sif), "touch", "/opt/x")
