@@ -176,7 +176,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _confirm(what: str) -> bool:
-    sys.stdout.write(f"This will delete {what} from your cache.\nDo you want to continue? [y/N] ")
+    """Apptainer's question (and hint) before a clean; True when the user answers yes."""
+    sys.stdout.write(
+        f"This will delete {what}.\n"
+        "Hint: You can see exactly what would be deleted by canceling and using the --dry-run option.\n"
+        "Do you want to continue? [y/N] "
+    )
     sys.stdout.flush()
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
@@ -217,8 +222,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
         parts.append("OCI blobs")
     what = " and ".join(parts)
     what = f"{what} older than {args.days} day(s)" if cutoff is not None else f"all {what}"
+    what = (
+        "everything in your cache (containers from all sources and OCI blobs)"
+        if everything
+        else f"{what} from your cache"
+    )
     if not args.force and not _confirm(what):
-        print("Cleaning cancelled.")
+        print("INFO:    Handle cleanup canceled", file=sys.stderr)
         return 0
     kept = 0
     for e in entries:

@@ -25,10 +25,13 @@ HELP = '    Some help for this container\n  with "quotes" and a\ttab\n\n\n'
 APP_HELP = "    Help for app foo\n"
 
 
-def peer(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def peer(
+    *args: str | Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the Apptainer peer with *args* (the caller skips when there is none)."""
     cmd = [str(peer_apptainer()), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=environ, input=stdin)
 
 
 needs_peer = pytest.mark.skipif(
@@ -319,6 +322,16 @@ def test_cache_types_and_days(tmp_path: Path) -> None:
     ):  # Apptainer's columns come first, as it lays them out (it prints its header even empty)
         theirs = peer("cache", "list", "-v", env={"APPTAINER_CACHEDIR": str(tmp_path / "peer-cache")})
         assert table[0].startswith(theirs.stdout.splitlines()[0] + " ")
+    cancelled = run_cli("cache", "clean", input="n\n", env=env)
+    assert cancelled.stdout == (
+        "This will delete everything in your cache (containers from all sources and OCI blobs).\n"
+        "Hint: You can see exactly what would be deleted by canceling and using the --dry-run option.\n"
+        "Do you want to continue? [y/N] "
+    )
+    assert cancelled.stderr == "INFO:    Handle cleanup canceled\n"
+    if peer_apptainer():
+        theirs = peer("cache", "clean", env={"APPTAINER_CACHEDIR": str(tmp_path / "peer-cache")}, stdin="n\n")
+        assert (theirs.stdout, theirs.stderr) == (cancelled.stdout, cancelled.stderr)
     # nothing is older than a day, and no image came from oras://
     for flags in (["-D", "1"], ["-T", "oras"]):
         assert "Removing" not in run_cli("cache", "clean", "-f", *flags, env=env).stdout
