@@ -18,6 +18,7 @@ from hpcsif.engine.apptainer import ApptainerEngine
 from hpcsif.engine.base import LaunchOptions
 from tests.conftest import peer_apptainer
 from tests.engine.conftest import as_user, hpcsif_cmd
+from tests.services.registry import PASSWORD, USER, Registry
 
 pytestmark = pytest.mark.slow
 
@@ -340,6 +341,34 @@ def test_disable_cache_runs_without_caching(images, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert ok(res) == "ran\n"
     assert not [p for p in cache.rglob("*.sif")]  # nothing converted into the cache
+
+
+def test_registry_flags_for_uri_images(registry_basic: Registry, busybox_image, tmp_path):
+    """exec docker://… from a registry that needs a login, with the registry flags of pull.
+
+    --authfile works through the cache and with --disable-cache (which leaves the cache empty).
+    """
+    import base64
+    import json
+
+    registry_basic.push(busybox_image.oci_ref, "private/flags:1")
+    ref = registry_basic.ref("private/flags:1")
+    auth = tmp_path / "auth.json"
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    auth.write_text(json.dumps({"auths": {registry_basic.host: {"auth": token}}}))
+    env = {**os.environ, "HPCSIF_CACHEDIR": str(tmp_path / "cache"), "DOCKER_CONFIG": str(tmp_path / "none")}
+
+    def exec_(*flags: str) -> subprocess.CompletedProcess:
+        cmd = hpcsif_cmd("exec", *flags, ref, "echo", "ran")
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    res = exec_("--disable-cache")
+    assert res.returncode != 0 and "authentication required" in res.stderr
+    assert ok(exec_("--disable-cache", "--authfile", str(auth))) == "ran\n"
+    assert not list((tmp_path / "cache").rglob("*.sif"))
+    assert ok(exec_("--docker-username", USER, "--docker-password", PASSWORD)) == "ran\n"
+    assert list((tmp_path / "cache").rglob("*.sif"))
+    assert ok(exec_("--nohttps", "--authfile", str(auth))) == "ran\n"  # a cache hit
 
 
 def test_apptainer_engine_gets_every_flag(images, tmp_path):
