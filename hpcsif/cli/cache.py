@@ -165,8 +165,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append(
                 (digest, created, _size(e.size), entry_type(e), _when(e.last_used), leases or "-", name)
             )
-    if args.verbose and rows:
-        header = ("NAME", "DATE CREATED", "SIZE", "TYPE", "LAST USED", "LEASES", "IMAGE")
+    if args.verbose:  # the header even for an empty cache, as Apptainer prints it; ours only with rows
+        header = (
+            "NAME",
+            "DATE CREATED",
+            "SIZE",
+            "TYPE",
+            *(("LAST USED", "LEASES", "IMAGE") if rows else "   "),
+        )
         for r in [header, *rows]:
             print(f"{r[0]:<24} {r[1]:<22} {r[2]:<16} {r[3]:<8} {r[4]:<16} {r[5]:<12} {r[6]}".rstrip())
         print()

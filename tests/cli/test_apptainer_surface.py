@@ -150,7 +150,8 @@ def test_cache_list_flags_and_total(tmp_path: Path) -> None:
     env = {"APPTAINER_CACHEDIR": str(tmp_path / "cache"), "HPCSIF_CACHEDIR": "", "HPCSIF_SYSTEM_CACHEDIR": ""}
     empty = "There are 0 container file(s) using 0.00 KiB and 0 oci blob file(s) using 0.00 KiB of space\n"
     assert run_cli("cache", "list", env=env).stdout == empty + "Total space used: 0.00 KiB\n"
-    assert run_cli("cache", "list", "-v", env=env).stdout == empty + "Total space used: 0.00 KiB\n"
+    header = f"{'NAME':<24} {'DATE CREATED':<22} {'SIZE':<16} TYPE\n\n"  # Apptainer's, even when empty
+    assert run_cli("cache", "list", "-v", env=env).stdout == header + empty + "Total space used: 0.00 KiB\n"
     blobs = run_cli("cache", "list", "-T", "blob", env=env).stdout
     assert blobs == "There are 0 oci blob file(s) using 0.00 KiB of space\nTotal space used: 0.00 KiB\n"
     dry = run_cli("cache", "clean", "--dry-run", env=env).stdout
