@@ -80,6 +80,37 @@ def help_argv(argv: list[str]) -> list[str]:
     return [*argv[:at], *argv[at + 1 :], "--help"]
 
 
+def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with ``--opt -value`` written ``--opt=-value`` for the command's valued options.
+
+    Apptainer (cobra) takes a value that starts with a dash (``--mksquashfs-args -all-root``);
+    argparse would read it as an unknown option. Only the options before the command's first
+    positional argument are looked at: what follows the image belongs to the container.
+    """
+    command = command_of(argv)
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    cmd_parser = sub.choices.get(command) if sub and command else None
+    if cmd_parser is None:
+        return argv
+    out, i = list(argv[: argv.index(command) + 1]), argv.index(command) + 1
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("-") or tok == "--":
+            break  # the first positional: the rest is the container's
+        action = cmd_parser._option_string_actions.get(tok)
+        if action is not None and action.nargs is None and i + 1 < len(argv):
+            nxt = argv[i + 1]
+            if nxt.startswith("-") and nxt not in cmd_parser._option_string_actions:
+                out.append(f"{tok}={nxt}")
+            else:
+                out += [tok, nxt]
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out + argv[i:]
+
+
 def setup_logging(args: argparse.Namespace) -> None:
     """Map -d/-v/-q/-s to log levels as Apptainer does (-q keeps warnings, -s only errors); to stderr."""
     if args.debug:
@@ -125,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     command = command_of(argv) or ""
     fast = FAST_COMMANDS.get(command)
     parser = build_parser([] if command in BUILTIN_COMMANDS else [fast] if fast else None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_dash_values(parser, argv))
     setup_logging(args)
     from hpcsif.errors import HpcsifError
 

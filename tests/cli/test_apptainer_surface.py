@@ -169,3 +169,15 @@ def test_build_accepts_fix_perms(tmp_path: Path, sandbox: Path) -> None:
     # Apptainer's --fix-perms is what hpcsif's conversion always does; scripts pass it
     run_cli("build", "--fix-perms", str(tmp_path / "x.sif"), str(sandbox))
     assert (tmp_path / "x.sif").read_bytes()[:30] == b"#!/usr/bin/env run-singularity"
+
+
+def test_option_values_may_start_with_a_dash(tmp_path: Path, sandbox: Path) -> None:
+    """As cobra lets Apptainer users write ``--mksquashfs-args -all-root``: the value is taken, not
+    read as an unknown option; what follows the image stays the container's."""
+    proc = run_cli(
+        "build", "--mksquashfs-args", "-all-root", str(tmp_path / "x.sif"), str(sandbox), check=False
+    )
+    assert proc.returncode != 0 and "usage:" not in proc.stderr
+    assert proc.stderr.startswith("FATAL:   --mksquashfs-args '-all-root' is not supported"), proc.stderr
+    proc = run_cli("exec", "--env-file", "-missing", str(sandbox), "true", check=False)
+    assert "cannot read env file" in proc.stderr and "-missing" in proc.stderr, proc.stderr
