@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from hpcsif.cli.pull import add_registry_flags, flags_from_env, refuse, registry_options
+from hpcsif.cli.envflags import flags_from_env
+from hpcsif.cli.pull import add_registry_flags, refuse, registry_options
 
 log = logging.getLogger("hpcsif")
 

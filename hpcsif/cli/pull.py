@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpcsif.cli.envflags import flags_from_env
+
 if TYPE_CHECKING:
     from typing import NoReturn
 
@@ -30,34 +32,6 @@ def refuse(flag: str, why: str) -> NoReturn:
 
 
 LIBRARY_WHY = "there is no library:// (Sylabs Cloud Library) client; use docker:// or oras:// references"
-
-
-def env_value(*suffixes: str) -> str:
-    """The first of ``APPTAINER_<S>``/``SINGULARITY_<S>`` set, for each suffix in turn ('' if none)."""
-    for suffix in suffixes:
-        for prefix in ("APPTAINER", "SINGULARITY"):
-            if value := os.environ.get(f"{prefix}_{suffix}"):
-                return value
-    return ""
-
-
-def flags_from_env(args: argparse.Namespace, table: dict[str, tuple[str, ...]]) -> None:
-    """Apptainer's ``APPTAINER_<KEY>`` forms of flags not given: ``table`` maps a dest to its keys.
-
-    A switch (a False default) is turned on by a true value (1, true, yes, on); a value flag
-    (a None or empty default) takes the variable's value.
-    """
-    from hpcsif.config import env_flag
-
-    for dest, keys in table.items():
-        if not hasattr(args, dest):  # a command without this flag (exec reuses registry_options)
-            continue
-        current = getattr(args, dest)
-        if current is False:
-            names = [f"{p}_{k}" for k in keys for p in ("APPTAINER", "SINGULARITY")]
-            setattr(args, dest, env_flag(*names))
-        elif not current and (value := env_value(*keys)):
-            setattr(args, dest, [value] if isinstance(current, list) else value)
 
 
 #: APPTAINER_* names of the registry flags (Apptainer's EnvKeys; DOCKER_HOST is read by the source)

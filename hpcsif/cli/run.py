@@ -180,9 +180,10 @@ def _add_flags(p: argparse.ArgumentParser, action: str) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Resolve the image, then launch it with the selected engine."""
+    from hpcsif.cli.envflags import flags_from_env
     from hpcsif.engine.base import LaunchOptions, select_engine
 
-    _flags_from_environment(args)
+    flags_from_env(args, _ENV, append=_ENV_APPEND)
     opts = LaunchOptions(
         action=args.action,
         command=list(args.args),
@@ -337,36 +338,7 @@ _ENV_LISTS = {
 }
 #: flag dest -> keys of a list flag the variable adds to (Apptainer's EnvAppendValue)
 _ENV_APPEND = {"bind": ("BIND", "BINDPATH"), "mount": ("MOUNT",)}
-
-
-def _flags_from_environment(args: argparse.Namespace) -> None:
-    """Apptainer's ``APPTAINER_<KEY>``/``SINGULARITY_<KEY>`` variables for flags not given.
-
-    ``APPTAINER_CLEANENV=1`` acts as ``--cleanenv`` and so on; ``APPTAINER_BIND`` adds to
-    ``-B`` (as in Apptainer, where both apply); value flags such as ``APPTAINER_HOME`` apply
-    when the flag is absent. The keys are Apptainer's own (``APPTAINER_UNSHARE_PID`` …).
-    """
-
-    def value(keys: tuple[str, ...]) -> str:
-        for key in keys:
-            for prefix in ("APPTAINER_", "SINGULARITY_"):
-                if found := os.environ.get(prefix + key):
-                    return found
-        return ""
-
-    for dest, keys in _ENV_SWITCHES.items():
-        # Go's strconv.ParseBool, which Apptainer uses, takes 1/t/true in any case as true
-        if getattr(args, dest, None) is False and value(keys).lower() in ("1", "t", "true"):
-            setattr(args, dest, True)
-    for dest, keys in _ENV_VALUES.items():
-        if hasattr(args, dest) and getattr(args, dest) is None and value(keys):
-            setattr(args, dest, value(keys))
-    for dest, keys in _ENV_LISTS.items():
-        if not getattr(args, dest) and value(keys):
-            setattr(args, dest, [value(keys)])
-    for dest, keys in _ENV_APPEND.items():
-        if value(keys):
-            setattr(args, dest, [value(keys), *getattr(args, dest)])
+_ENV = {**_ENV_SWITCHES, **_ENV_VALUES, **_ENV_LISTS, **_ENV_APPEND}
 
 
 def _no_mount(specs: list[str]) -> list[str]:
