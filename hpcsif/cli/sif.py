@@ -11,6 +11,8 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hpcsif.sif.writer import ObjectSpec
 
 
@@ -20,27 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="sif_command", metavar="SUBCOMMAND")
     sub.required = True
 
-    p = sub.add_parser("list", help="list the data objects of a SIF image")
-    p.add_argument("image", metavar="SIF")
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("header", help="display the global header of a SIF image")
-    p.add_argument("image", metavar="SIF")
-    p.set_defaults(func=cmd_header)
-
-    p = sub.add_parser("info", help="display the descriptor of one data object")
-    p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("image", metavar="SIF")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("dump", help="write the raw content of one data object to stdout")
-    p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("image", metavar="SIF")
-    p.set_defaults(func=cmd_dump)
-
-    p = sub.add_parser("new", help="create a new, empty SIF image")
-    p.add_argument("image", metavar="SIF")
-    p.set_defaults(func=cmd_new)
+    for name, text, func, with_id in (
+        ("list", "list the data objects of a SIF image", cmd_list, False),
+        ("header", "display the global header of a SIF image", cmd_header, False),
+        ("info", "display the descriptor of one data object", cmd_info, True),
+        ("dump", "write the raw content of one data object to stdout", cmd_dump, True),
+        ("new", "create a new, empty SIF image", cmd_new, False),
+    ):
+        _object_command(sub, name, text, func, with_id)
 
     p = sub.add_parser("add", help="add a data object (a file's content) to a SIF image")
     p.add_argument("image", metavar="SIF")
@@ -88,15 +77,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--filename", default="", help="logical name of the object (default: none)")
     p.set_defaults(func=cmd_add)
 
-    p = sub.add_parser("del", help="delete a data object from a SIF image")
-    p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("image", metavar="SIF")
-    p.set_defaults(func=cmd_del)
+    _object_command(sub, "del", "delete a data object from a SIF image", cmd_del, True)
+    _object_command(sub, "setprim", "make a system partition the primary one", cmd_setprim, True)
 
-    p = sub.add_parser("setprim", help="make a system partition the primary one")
-    p.add_argument("id", type=int, metavar="ID")
+
+def _object_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    text: str,
+    func: Callable[[argparse.Namespace], int],
+    with_id: bool,
+) -> None:
+    """A ``sif`` subcommand taking ``[ID] SIF``, as Apptainer's ``sif`` commands order them."""
+    p = sub.add_parser(name, help=text)
+    if with_id:
+        p.add_argument("id", type=int, metavar="ID")
     p.add_argument("image", metavar="SIF")
-    p.set_defaults(func=cmd_setprim)
+    p.set_defaults(func=func)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
