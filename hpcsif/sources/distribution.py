@@ -19,6 +19,7 @@ import email.utils
 import hashlib
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -175,7 +176,7 @@ class RegistryClient:
                     if hasattr(body, "close"):
                         body.close()
             except _TRANSIENT as exc:
-                if attempt >= self.retries:
+                if attempt >= self.retries or self._hopeless(exc):
                     raise NetworkError(f"cannot reach {_redact(url)}: {_reason(exc)}") from None
                 log.warning("%s %s failed (%s); retrying", method, _redact(url), type(exc).__name__)
                 self._sleep(attempt)
@@ -194,6 +195,18 @@ class RegistryClient:
                 continue
             return resp
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _hopeless(self, exc: BaseException) -> bool:
+        """True for a connection failure that waiting will not cure.
+
+        An unknown host name, or a refused connection before the registry ever answered (it is
+        down or the port is wrong), fails at once as Apptainer does, instead of after a minute of
+        backoff; a refusal after the registry has answered (a restart mid-pull) is retried.
+        """
+        cause = _root_cause(exc)
+        return isinstance(cause, socket.gaierror) or (
+            isinstance(cause, ConnectionRefusedError) and not self._pinged
+        )
 
     def _ping(self) -> None:
         """``GET /v2/`` once, to learn how this registry wants to be authenticated."""
@@ -371,6 +384,7 @@ class RegistryClient:
         check_digest(desc.digest)
         where = f"{self.registry}/{repo}@{desc.digest}"
         last: Exception | None = None
+        wrong: set[str] = set()  # digests of complete downloads that did not match
         for attempt in range(self.retries + 1):
             with partial_blob(store, desc.digest, desc.size) as part:
                 if part is None:
@@ -390,6 +404,13 @@ class RegistryClient:
                 except IntegrityError as exc:
                     last = exc  # commit() already deleted the bad download
                     part.discard()
+                    if part.size == desc.size and part.digest in wrong:
+                        # the same wrong bytes again: the registry stores them, no retry will help
+                        raise IntegrityError(
+                            f"{where}: the registry serves corrupt content "
+                            f"(downloaded twice, both times hashing to {part.digest})"
+                        ) from None
+                    wrong.add(part.digest)
             log.warning("%s: discarding the download (%s); fetching it again", where, last)
             if attempt < self.retries:
                 self._sleep(attempt)
@@ -488,8 +509,8 @@ def _redact(url: str) -> str:
     return url.split("?", 1)[0]
 
 
-def _reason(exc: BaseException) -> str:
-    """The innermost cause of a connection failure, briefly ("connection refused", "timed out")."""
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception under a requests/urllib3 connection error (an OSError, usually)."""
     seen: set[int] = set()
     cause: BaseException = exc
     while id(cause) not in seen:
@@ -501,6 +522,12 @@ def _reason(exc: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         cause = inner
+    return cause
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a connection failure, briefly ("connection refused", "timed out")."""
+    cause = _root_cause(exc)
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
     return str(cause) or type(cause).__name__
