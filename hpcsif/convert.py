@@ -321,10 +321,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 def fetch_image(
     ref: Reference, store: OCIStore, options: ConvertOptions, source_options: dict[str, Any] | None = None
 ) -> Image:
-    """Fetch ``ref`` into ``store`` with the source for its transport."""
+    """Fetch ``ref`` into ``store`` with the source for its transport.
+
+    A ``notify`` callable among ``source_options`` hears Apptainer's "Converting OCI blobs to SIF
+    format", so that ``pull`` can tell a conversion from a cache hit as Apptainer's does.
+    """
     from hpcsif.sources import get_source
 
-    source = get_source(ref, platform=options.platform, **(source_options or {}))
+    opts = dict(source_options or {})
+    if notify := opts.pop("notify", None):
+        notify("Converting OCI blobs to SIF format")
+    source = get_source(ref, platform=options.platform, **opts)
     return source.fetch(ref, store)
 
 

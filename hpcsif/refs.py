@@ -136,7 +136,8 @@ def parse_docker_name(
         parts = ["library", *parts]
     for comp in parts:
         if not _COMPONENT.match(comp):
-            raise ReferenceError(f"invalid repository name component {comp!r} in {raw!r}")
+            why = " (repository names must be lowercase)" if _COMPONENT.match(comp.lower()) else ""
+            raise ReferenceError(f"invalid repository name component {comp!r} in {raw!r}{why}")
     if tag is None and digest is None and default_tag:
         tag = "latest"
     return Reference(

@@ -236,7 +236,13 @@ def run_pull(args: argparse.Namespace) -> int:
         raise UsageError(f"{ref.raw} is a local file; pull needs a URI (docker://, oras://, https:// …)")
     else:
         options = convert_options(args)
-        source_options = {**registry_options(args), "progress": progress}
+        said: list[str] = []
+
+        def notify(message: str) -> None:
+            said.append(message)
+            info(args, message)
+
+        source_options = {**registry_options(args), "progress": progress, "notify": notify}
         store = blob_store(args)
         if store is None:  # --disable-cache: convert straight to the target through temporary blobs
             from hpcsif.convert import convert_ref
@@ -246,9 +252,18 @@ def run_pull(args: argparse.Namespace) -> int:
             # through the SIF cache, so that a later `exec docker://…` of the same image converts nothing
             from hpcsif.cache.api import ensure_image
 
-            _copy_out(ensure_image(ref.raw, options=options, source_options=source_options), target)
+            cached = ensure_image(ref.raw, options=options, source_options=source_options)
+            if not said:
+                info(args, "Using cached SIF image")
+            _copy_out(cached, target)
     log.info("Pulled %s to %s", ref.raw, target)
     return 0
+
+
+def info(args: argparse.Namespace, message: str) -> None:
+    """One of the ``INFO:`` lines Apptainer prints at its default verbosity (on stderr; not with -q/-s)."""
+    if not (args.quiet or args.silent):
+        print(f"INFO:    {message}", file=sys.stderr, flush=True)
 
 
 def _copy_out(cached: Path, target: Path) -> None:
@@ -280,7 +295,7 @@ def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Ref
     from hpcsif.image.store import OCIStore
     from hpcsif.sources.oras import pull_sif
 
-    opts = oras_options(args)
+    opts = {**oras_options(args), "notify": lambda message: info(args, message)}
     store = blob_store(args)
     if store is not None:
         pull_sif(ref, target, store, **opts)  # type: ignore[arg-type]
@@ -302,6 +317,5 @@ def run_push(args: argparse.Namespace) -> int:
     if args.description:  # Apptainer's own warning for oras://
         log.warning("Description is not supported for push to oras. Ignoring it.")
     digest = push_sif(args.sif, ref, **oras_options(args))  # type: ignore[arg-type]
-    if not (args.quiet or args.silent):
-        print(f"INFO:    Upload complete: {ref} ({digest})", flush=True)
+    info(args, f"Upload complete: {ref} ({digest})")  # on stderr, as Apptainer's
     return 0

@@ -427,6 +427,10 @@ class RegistryClient:
         """Stream the blob into ``writer``, resuming with ``Range`` after a broken connection."""
         failures = 0
         while True:
+            if writer.size >= desc.size > 0:
+                # a whole part, left by a pull stopped before it could verify it: commit() checks it
+                # (a Range from its end is unsatisfiable, and registries answer that inconsistently)
+                return
             headers = {"Range": f"bytes={writer.size}-"} if writer.size else {}
             resp = self.request(
                 "GET",

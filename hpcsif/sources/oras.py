@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from hpcsif.errors import SourceError
@@ -89,8 +90,12 @@ def pull_sif(
     credentials: Credentials | None = None,
     insecure: bool = False,
     authfile: str | os.PathLike[str] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
-    """Pull the SIF artifact at ``ref`` through ``store`` and copy it to ``dest`` atomically."""
+    """Pull the SIF artifact at ``ref`` through ``store`` and copy it to ``dest`` atomically.
+
+    ``notify`` hears Apptainer's "Downloading oras image" or "Using cached SIF image".
+    """
     client = _client(ref, credentials, insecure, authfile)
     repo = ref.repository or ""
     data, _media_type, _digest = client.get_manifest(repo, ref.digest or ref.reference)
@@ -103,6 +108,9 @@ def pull_sif(
     if len(sifs) != 1:
         found = ", ".join(sorted({d.media_type for d in layers})) or "no layers"
         raise SourceError(f"{ref}: not a SIF artifact (expected one {mt.SIF_LAYER} layer, found {found})")
+    if notify:
+        cached = store.has_blob(sifs[0].digest, sifs[0].size)
+        notify("Using cached SIF image" if cached else "Downloading oras image")
     client.fetch_blob(repo, sifs[0], store)
     if not _is_sif(store.blob_path(sifs[0].digest)):
         raise SourceError(f"{ref}: the artifact's {mt.SIF_LAYER} layer is not a SIF file")

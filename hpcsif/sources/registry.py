@@ -123,6 +123,10 @@ def clear_shared_clients() -> None:
         _shared.clear()
 
 
+class _Stopped(Exception):
+    """A download abandoned because the pull as a whole failed or was interrupted."""
+
+
 class RegistrySource(Source):
     """Fetches images from a registry through the distribution API.
 
@@ -226,13 +230,26 @@ class RegistrySource(Source):
             self.options.get("parallel_downloads") or get_config().get("registry.parallel_downloads", 4)
         )
         blobs = [config, *sorted(layers, key=lambda d: -d.size)]  # biggest first: shortest wall time
-        on_bytes = self._progress([d for d in blobs if not store.has_blob(d.digest, d.size)])
+        progress = self._progress([d for d in blobs if not store.has_blob(d.digest, d.size)])
+        stop = threading.Event()
+
+        def on_bytes(n: int) -> None:
+            # Ctrl-C or SIGTERM in the main thread: the downloads stop at their next block (the part
+            # is kept for a resume) instead of running to the end while the process waits for them;
+            # after a failure they go on, so that a retry finds their blobs stored
+            if stop.is_set():
+                raise _Stopped
+            if progress:
+                progress(n)
+
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hpcsif-blob") as pool:
             futures = [pool.submit(client.fetch_blob, repo, d, store, on_bytes) for d in blobs]
             try:
                 for f in futures:
                     f.result()
-            except BaseException:
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    stop.set()
                 for f in futures:
                     f.cancel()
                 raise

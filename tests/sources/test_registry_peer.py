@@ -1,0 +1,273 @@
+"""``pull``/``push`` against loopback registries, side by side with Apptainer 1.4 where it is installed.
+
+What a user sees is compared: the ``INFO:`` lines Apptainer prints at its default verbosity (a
+conversion, a cache hit, an oras download, an upload), the single ``FATAL:`` line and exit status
+for references Apptainer rejects, and registries that serve corrupt or missing blobs. Pulls
+interrupted mid-download stop at once, keep their part for a resume and leave no output file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import peer_apptainer
+from tests.services.images import TestImage
+from tests.services.registry import Registry, clean_env, start_registry
+from tests.sources.helpers import assert_store_sound
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def hpcsif(cwd: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in ``cwd`` with its own cache (plain HTTP to the loopback registries)."""
+    env = clean_env()
+    env.update(
+        PYTHONPATH=str(REPO_ROOT), APPTAINER_CACHEDIR=str(cache or cwd / "cache"), APPTAINER_NOHTTPS="1"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "hpcsif.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def peer(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same command with Apptainer (skips the test when it is not installed)."""
+    exe = peer_apptainer()
+    if exe is None:
+        pytest.skip("neither apptainer nor peer-apptainer is on PATH")
+    env = clean_env()
+    env.update(APPTAINER_CACHEDIR=str(cwd / "peer-cache"), APPTAINER_NOHTTPS="1")
+    env["PATH"] = env.get("PATH", "") + ":/usr/sbin"
+    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def info_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("INFO:")]
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A directory under /tmp that the peer (in its chroot) sees at the same path."""
+    assert str(tmp_path).startswith("/tmp/")
+    return tmp_path
+
+
+# -- what a pull prints --------------------------------------------------------------------------
+def test_pull_and_push_print_apptainers_info_lines(registry_open, busybox_image, work) -> None:
+    registry_open.push(busybox_image.oci_ref, "peer/busybox:1")
+    ref = registry_open.ref("peer/busybox:1")
+    first = hpcsif(work, "pull", "--name", "a.sif", ref)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.splitlines() == ["INFO:    Converting OCI blobs to SIF format"]
+    again = hpcsif(work, "pull", "--name", "b.sif", ref)
+    assert again.stderr.splitlines() == ["INFO:    Using cached SIF image"]
+    assert hpcsif(work, "-q", "pull", "--name", "c.sif", ref).stderr == ""
+    uncached = hpcsif(work, "pull", "--disable-cache", "--name", "d.sif", ref)
+    assert uncached.stderr.splitlines() == ["INFO:    Converting OCI blobs to SIF format"]
+
+    oras = registry_open.ref("peer/busybox-sif:1", transport="oras")
+    push = hpcsif(work, "push", str(work / "a.sif"), oras)
+    assert push.returncode == 0 and push.stdout == "", push  # Apptainer's line goes to stderr
+    assert push.stderr.startswith(f"INFO:    Upload complete: {oras} (sha256:")
+    down = hpcsif(work, "pull", "--name", "e.sif", oras)
+    assert down.stderr.splitlines() == ["INFO:    Downloading oras image"]
+    down = hpcsif(work, "pull", "--name", "f.sif", oras)
+    assert down.stderr.splitlines() == ["INFO:    Using cached SIF image"]
+    assert (work / "f.sif").read_bytes() == (work / "a.sif").read_bytes()
+
+    # every line we print is one Apptainer prints for the same pull (it adds its build steps)
+    for name, uri, ours in (
+        ("p1.sif", ref, first),
+        ("p2.sif", ref, again),
+        ("p3.sif", oras, hpcsif(work, "pull", "--disable-cache", "--name", "g.sif", oras)),
+        ("p4.sif", oras, down),
+    ):
+        theirs = peer(work, "pull", "--name", name, uri)
+        assert theirs.returncode == 0, theirs.stderr
+        assert set(info_lines(ours.stderr)) <= set(info_lines(theirs.stderr)), (ours.stderr, theirs.stderr)
+    assert (work / "p4.sif").read_bytes() == (work / "a.sif").read_bytes()
+
+
+# -- references Apptainer rejects ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "ours", "theirs"),
+    [
+        ("Team/busybox:1", "'Team' in 'docker://{host}/Team/busybox:1' (repository names must be lowercase)",
+         "repository name must be lowercase"),
+        ("team/busybox:1/", "invalid image reference 'docker://{host}/team/busybox:1/': no repository name",
+         "invalid reference format"),
+        ("team/busybox@sha256:abc", "invalid digest 'sha256:abc'", "invalid reference format"),
+    ],
+)  # fmt: skip
+def test_bad_references_are_one_fatal_line_as_apptainers(work, path: str, ours: str, theirs: str) -> None:
+    host = "127.0.0.1:1"  # never contacted: the reference is refused first
+    res = hpcsif(work, "pull", f"docker://{host}/{path}")
+    assert res.returncode == 255
+    assert len(res.stderr.splitlines()) == 1 and ours.format(host=host) in res.stderr, res.stderr
+    assert not [p for p in work.iterdir() if p.name != "cache"]
+    other = peer(work, "pull", f"docker://{host}/{path}")
+    assert other.returncode == 255 and theirs in other.stderr, other.stderr
+
+
+# -- registries serving bad content --------------------------------------------------------------
+def _blob_file(reg: Registry, digest: str) -> Path:
+    hexd = digest.split(":", 1)[1]
+    return reg.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexd[:2] / hexd / "data"
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, busybox_image: TestImage) -> Iterator[dict[str, Registry]]:
+    """Two registries holding the busybox image: one with its big layer corrupted, one without it."""
+    regs = {
+        kind: start_registry(tmp_path_factory.mktemp(f"registry-{kind}"), "open") for kind in ("bad", "gone")
+    }
+    try:
+        for reg in regs.values():
+            reg.push(busybox_image.oci_ref, "team/busybox:1")
+        layer = _blob_file(regs["bad"], busybox_image.layer_digests[0])
+        data = bytearray(layer.read_bytes())
+        data[100] ^= 0xFF
+        layer.write_bytes(bytes(data))
+        _blob_file(regs["gone"], busybox_image.layer_digests[0]).unlink()
+        yield regs
+    finally:
+        for reg in regs.values():
+            reg.stop()
+
+
+@pytest.mark.parametrize(
+    ("kind", "ours", "theirs"),
+    [
+        ("bad", "the registry serves corrupt content (downloaded twice, both times hashing to sha256:",
+         "error verifying sha256 checksum"),
+        ("gone", "blob unknown to the registry", "BLOB_UNKNOWN"),
+    ],
+)  # fmt: skip
+def test_corrupt_or_missing_blob(damaged, busybox_image, work, kind: str, ours: str, theirs: str) -> None:
+    ref = damaged[kind].ref("team/busybox:1")
+    start = time.monotonic()
+    res = hpcsif(work, "pull", ref)
+    assert time.monotonic() - start < 10  # no long series of retries
+    assert res.returncode == 255
+    fatal = [line for line in res.stderr.splitlines() if line.startswith("FATAL:")]
+    assert len(fatal) == 1 and busybox_image.layer_digests[0] in fatal[0] and ours in fatal[0], res.stderr
+    assert not (work / "busybox_1.sif").exists()
+    assert not (work / "cache" / "oci" / "blobs" / "sha256" / busybox_image.layer_digests[0][7:]).exists()
+    assert_store_sound(work / "cache" / "oci", partials=kind == "gone")  # an empty part, for a resume
+    other = peer(work, "pull", "--name", "peer.sif", ref)
+    assert other.returncode == 255 and theirs in other.stderr, other.stderr
+
+
+# -- interrupted pulls ---------------------------------------------------------------------------
+class SlowProxy:
+    """Forwards to a registry, sending blob bodies 64 KiB at a time with a pause between."""
+
+    def __init__(self, upstream: str, pause: float) -> None:
+        outer = self
+        self.upstream, self.pause, self.ranges = upstream, pause, []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.headers.get("Range"):
+                    outer.ranges.append(self.headers["Range"])
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                resp = requests.request(
+                    self.command, outer.upstream + self.path, headers=headers, allow_redirects=False
+                )
+                body = resp.content
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in (
+                        "connection",
+                        "transfer-encoding",
+                        "content-encoding",
+                        "content-length",
+                    ):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", resp.headers.get("Content-Length", str(len(body))))
+                self.end_headers()
+                for i in range(0, len(body), 1 << 16):
+                    try:
+                        self.wfile.write(body[i : i + (1 << 16)])
+                        self.wfile.flush()
+                    except OSError:  # the client went away
+                        return
+                    if "/blobs/" in self.path:
+                        time.sleep(outer.pause)
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_download_stops_at_once_and_resumes(registry_open, busybox_image, work, sig) -> None:
+    registry_open.push(busybox_image.oci_ref, "slow/busybox:1")
+    proxy = SlowProxy(registry_open.url, pause=0.15)
+    layer = busybox_image.layer_digests[0]  # the 1 MiB busybox binary: 16 pauses, 2.4 s
+    size = (busybox_image.layout / "blobs" / "sha256" / layer[7:]).stat().st_size
+    part = work / "cache" / "oci" / ".partial" / layer[7:]
+    env = clean_env()
+    env.update(PYTHONPATH=str(REPO_ROOT), APPTAINER_CACHEDIR=str(work / "cache"), APPTAINER_NOHTTPS="1")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "hpcsif.cli.main", "pull", f"docker://{proxy.host}/slow/busybox:1"],
+        cwd=work, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > 0) and child.poll() is None:
+        assert time.monotonic() < deadline, "the download did not start"
+        time.sleep(0.02)
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=60)
+    proxy.server.shutdown()
+    assert child.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+    assert err.splitlines()[-1] in ("FATAL:   interrupted", "FATAL:   terminated")
+    # the download stopped at its next block instead of running to the end of the layer
+    assert part.exists() and 0 < part.stat().st_size < size, "the layer was downloaded to its end"
+    assert not [p.name for p in work.iterdir() if p.name != "cache"]  # no SIF, no temporary file
+    assert_store_sound(work / "cache" / "oci", partials=True)
+    res = hpcsif(work, "-v", "pull", registry_open.ref("slow/busybox:1"))
+    assert res.returncode == 0, res.stderr
+    assert f"Resuming blob {layer} at byte" in res.stderr
+    assert (work / "busybox_1.sif").stat().st_size > 0
+    assert_store_sound(work / "cache" / "oci")
+
+
+def test_a_complete_part_left_behind_is_verified_not_requested_again(
+    registry_open, busybox_image, work
+) -> None:
+    """A pull stopped between the last byte and the check: its part is whole, and a Range from
+    its end used to fail every later pull of the image."""
+    registry_open.push(busybox_image.oci_ref, "slow/busybox:1")
+    small = min(
+        busybox_image.layer_digests,
+        key=lambda d: (busybox_image.layout / "blobs/sha256" / d[7:]).stat().st_size,
+    )
+    partial = work / "cache" / "oci" / ".partial"
+    partial.mkdir(parents=True)
+    shutil.copy(busybox_image.layout / "blobs" / "sha256" / small[7:], partial / small[7:])
+    res = hpcsif(work, "pull", registry_open.ref("slow/busybox:1"))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING" not in res.stderr
+    assert (work / "cache" / "oci" / "blobs" / "sha256" / small[7:]).exists()
+    assert_store_sound(work / "cache" / "oci")
