@@ -41,6 +41,10 @@ _SCRIPT_NAME = ".hpcsif-build-script"  # in the tree's root while a section runs
 # source the image's environment, then run the section's interpreter on the script
 _WITH_ENV = f'for f in {SD}/env/*.sh; do if [ -f "$f" ]; then . "$f"; fi; done; exec "$@"'
 _HOST_BINDS = ("/etc/resolv.conf", "/etc/hosts")
+#: Apptainer builds with umask 0002: files %setup, %files, %post and %test make are group-writable
+BUILD_UMASK = 0o002
+#: where ``%post`` may write ``KEY VALUE`` lines ($APPTAINER_LABELS) that become labels
+_POST_LABELS = "/.build.labels"
 #: what ``--section`` may name (besides ``all`` and ``none``), as Apptainer's RunSection checks
 SECTION_NAMES = frozenset(
     ("setup", "files", "post", "environment", "runscript", "startscript", "test", "help", "labels")
@@ -275,6 +279,7 @@ class _StageBuilder:
         self.options = options
         self.store = store
         self.where = definition.where
+        self.post_labels: dict[str, str] = {}  # written by %post to $APPTAINER_LABELS
 
     def build(self, update: Path | None = None) -> _Built:
         """Bootstrap (or, with ``update``, copy that existing sandbox), then run the sections."""
@@ -365,7 +370,8 @@ class _StageBuilder:
             f.write(sec.body)
         env = {**os.environ, "APPTAINER_ROOTFS": str(self.root), "SINGULARITY_ROOTFS": str(self.root)}
         try:
-            rc = subprocess.run([*sec.interpreter(self.where), "-e", "-x", f.name], env=env, check=False)
+            argv = [*sec.shell_argv(self.where), f.name]
+            rc = subprocess.run(argv, env=env, check=False, umask=BUILD_UMASK)
         finally:
             os.unlink(f.name)
         if rc.returncode != 0:
@@ -401,7 +407,11 @@ class _StageBuilder:
             raise BuildError(f"{self.where}:{copy.line}: cannot create {dst}: {exc.strerror}") from None
         log.info("Copying %s to %s", copy.src, dst)
         proc = subprocess.run(
-            ["cp", "-fLr", *map(str, sources), str(target)], capture_output=True, text=True, check=False
+            ["cp", "-fLr", *map(str, sources), str(target)],
+            capture_output=True,
+            text=True,
+            check=False,
+            umask=BUILD_UMASK,
         )
         if proc.returncode != 0:
             raise BuildError(f"{self.where}:{copy.line}: copying {copy.src}: {proc.stderr.strip()}")
@@ -456,11 +466,20 @@ class _StageBuilder:
         if not script.strip():
             return
         line = sec.line if sec else installs[0].sections["install"].line
-        interpreter = sec.interpreter(self.where) if sec else ["/bin/sh"]
+        argv = sec.shell_argv(self.where) if sec else ["/bin/sh", "-e", "-x"]
         log.info("Running %%post")
         what = f"{self.where}:{line}: %post"
-        argv = [*interpreter, "-e", "-x"]
-        rc = run_in_tree(self.root, script, argv, writable=True, what=what, binds=self.binds)
+        labels = resolve_inside(self.root, _POST_LABELS)
+        labels.unlink(missing_ok=True)
+        try:
+            label_env = {"APPTAINER_LABELS": _POST_LABELS, "SINGULARITY_LABELS": _POST_LABELS}
+            rc = run_in_tree(
+                self.root, script, argv, writable=True, what=what, binds=self.binds, extra_env=label_env
+            )
+            if labels.is_file():
+                self.post_labels = parse_labels(labels.read_text(errors="replace"))
+        finally:
+            labels.unlink(missing_ok=True)
         if rc != 0:
             raise BuildError(f"{what} failed with exit status {rc}")
 
@@ -491,12 +510,15 @@ class _StageBuilder:
                 "org.label-schema.usage.hpcsif.version": __version__,
             }
         )
-        if bootstrapped:
+        if bootstrapped:  # every header line, as Apptainer records them
+            for key, value in stage.header.items():
+                labels[f"org.label-schema.usage.singularity.deffile.{key}"] = value
             labels["org.label-schema.usage.singularity.deffile.bootstrap"] = stage.bootstrap
-            labels["org.label-schema.usage.singularity.deffile.from"] = stage.source
         if stage.body("help") and runs("help"):
             self._write(f"{SD}/runscript.help", stage.body("help") + "\n", 0o644)
             labels["org.label-schema.usage"] = f"{SD}/runscript.help"
+            labels["org.label-schema.usage.apptainer.runscript.help"] = f"{SD}/runscript.help"
+        labels.update(self.post_labels)  # %labels win over $APPTAINER_LABELS lines (Apptainer)
         if runs("labels"):
             labels.update(stage.labels)
         self._write(f"{SD}/labels.json", json.dumps(dict(sorted(labels.items())), indent="\t"), 0o644)
@@ -514,8 +536,12 @@ class _StageBuilder:
 
 
 def _script(sec: Section, where: str) -> str:
-    """A section as an executable script, as Apptainer writes runscript, test and startscript."""
-    return f"#!{sec.interpreter(where)[0]}\n\n{sec.body}\n"
+    """A section as an executable script, as Apptainer writes runscript, test and startscript.
+
+    ``-c /bin/bash`` gives ``#!/bin/bash`` (Apptainer 1.4 writes ``#!/bin/sh -c /bin/bash``,
+    which no shell runs).
+    """
+    return f"#!{' '.join(sec.interpreter(where))}\n\n{sec.body}\n"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -527,14 +553,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def run_in_tree(
-    root: Path, script: str, argv: list[str], *, writable: bool, what: str, binds: list[Any] | None = None
+    root: Path,
+    script: str,
+    argv: list[str],
+    *,
+    writable: bool,
+    what: str,
+    binds: list[Any] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> int:
     """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0 in a user namespace.
 
     The image's ``/.singularity.d/env`` scripts are sourced first; the network is the host's
     and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host, then ``binds``
     (:class:`hpcsif.engine.binds.Bind`: ``-B``, ``--mount``, GPU files). Mount points the tree
-    lacks are made for the run and removed after it. Returns the exit status.
+    lacks are made for the run and removed after it. ``extra_env`` adds variables.
+    The umask is Apptainer's :data:`BUILD_UMASK`. Returns the exit status.
     ``what`` (``FILE:LINE: %post``) starts error messages.
     """
     from hpcsif.engine.binds import check_sources
@@ -556,6 +590,7 @@ def run_in_tree(
         "TERM": "xterm",
         "APPTAINER_ENVIRONMENT": f"{SD}/env/91-environment.sh",
         "SINGULARITY_ENVIRONMENT": f"{SD}/env/91-environment.sh",
+        **(extra_env or {}),
     }
     if any(b.dst.startswith(LIBS_DIR + "/") for b in binds):  # --nv/--rocm libraries, as at run time
         env["LD_LIBRARY_PATH"] = LIBS_DIR
@@ -578,7 +613,7 @@ def run_in_tree(
         for key, value in env.items():
             cmd += ["--setenv", key, value]
         cmd += ["/bin/sh", "-c", _WITH_ENV, "hpcsif-build", *argv, f"/{_SCRIPT_NAME}"]
-        return subprocess.run(cmd, check=False).returncode
+        return subprocess.run(cmd, check=False, umask=BUILD_UMASK).returncode
     finally:
         script_path.unlink(missing_ok=True)
         # the mount points bwrap or the binds needed are not part of the image

@@ -96,13 +96,21 @@ class Section:
     line: int
 
     def interpreter(self, where: str) -> list[str]:
-        """The shell for a script section: ``/bin/sh`` or the one ``-c PATH`` names."""
+        """The shell for a script section: ``/bin/sh`` or the command ``-c PATH [ARGS…]`` names."""
         words = shlex.split(self.args)
         if len(words) >= 2 and words[0] == "-c":
-            return [words[1]]
+            return words[1:]
         if words:
             raise DefinitionError(f"{where}:{self.line}: unknown %{self.name} arguments {self.args!r}")
         return ["/bin/sh"]
+
+    def shell_argv(self, where: str) -> list[str]:
+        """How ``%setup``/``%post`` run their script: ``/bin/sh -e -x``, or the ``-c`` command as given.
+
+        As Apptainer: a shell named with ``-c`` gets no ``-e -x``, so a failing command in
+        ``%post -c /bin/bash`` does not stop the build (``-c "/bin/bash -e"`` asks for that).
+        """
+        return self.interpreter(where) if self.args.strip() else ["/bin/sh", "-e", "-x"]
 
 
 @dataclass(frozen=True)
@@ -216,19 +224,27 @@ def load(path: str | Path, build_args: dict[str, str] | None = None) -> Definiti
     """Read and parse the definition file at ``path``."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode()  # line endings as written: the image keeps the file as is
     except (OSError, UnicodeDecodeError) as exc:
         raise DefinitionError(f"cannot read definition file {p}: {exc}") from None
     return parse(text, where=str(p), build_args=build_args)
 
 
 def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | None = None) -> Definition:
-    """Parse definition text; ``where`` names it in errors, ``build_args`` override ``%arguments``."""
+    """Parse definition text; ``where`` names it in errors, ``build_args`` override ``%arguments``.
+
+    The definition kept for the image (``raw``) is the text from the first ``Bootstrap:`` on,
+    after ``{{ NAME }}`` substitution, with its line endings as written, as Apptainer keeps it;
+    CRLF line endings are parsed as LF.
+    """
     used: set[str] = set()
-    text = _substitute(text, where, build_args or {}, used)
+    raw = _substitute(text, where, build_args or {}, used)
+    text = raw.replace("\r\n", "\n")
     starts = [m.start() for m in _STAGE_START.finditer(text)]
     if not starts:
-        raise DefinitionError(f"{where}:1: no 'Bootstrap:' header: every definition file starts with one")
+        if not any(line.strip() and not line.strip().startswith("#") for line in text.splitlines()):
+            raise DefinitionError(f"{where}: no stages found in definition file")
+        raise DefinitionError(f"{where}:1: no bootstrap specification found: no 'Bootstrap:' header")
     pre = text[: starts[0]]
     for n, line in enumerate(pre.splitlines(), 1):
         if line.strip() and not line.strip().startswith("#"):
@@ -243,7 +259,9 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
         if st.name and names.count(st.name) > 1:
             raise DefinitionError(f"{where}:{st.header_lines['stage']}: stage name {st.name!r} is used twice")
     unused = sorted(set(build_args or {}) - used)
-    definition = Definition(stages=stages, raw=text, where=where, unused_build_args=unused)
+    first = _STAGE_START.search(raw)
+    raw = raw[first.start() :] if first else raw
+    definition = Definition(stages=stages, raw=raw, where=where, unused_build_args=unused)
     for i, st in enumerate(stages):
         for block in st.files:
             if block.stage is not None:
@@ -269,7 +287,7 @@ def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str
         if in_args and line.strip() and not line.strip().startswith("#"):
             key, sep, value = line.strip().partition("=")
             if sep:
-                defaults[key.strip()] = value.strip().strip('"')
+                defaults[key.strip()] = value.strip()  # quotes stay part of the value (Apptainer)
     values = {**defaults, **build_args}
     out = []
     in_args = False
@@ -283,7 +301,10 @@ def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str
 
         def value(m: re.Match[str], n: int = n) -> str:
             if m.group(1) not in values:
-                raise DefinitionError(f"{where}:{n}: no value for {{{{ {m.group(1)} }}}} in %arguments")
+                raise DefinitionError(
+                    f"{where}:{n}: build var {m.group(1)} is not defined through either --build-arg "
+                    "(--build-arg-file) or 'arguments' section"
+                )
             used.add(m.group(1))
             return values[m.group(1)]
 
@@ -344,7 +365,7 @@ def _parse_header(lines: list[str], first_line: int, where: str) -> tuple[dict[s
                 raise DefinitionError(f"{where}:{n}: header line {line!r} is not 'Key: value'")
             key, value = key.strip().lower(), value.strip()
             if key not in HEADER_KEYS:
-                raise DefinitionError(f"{where}:{n}: unknown header keyword {key!r}")
+                raise DefinitionError(f"{where}:{n}: invalid header keyword found: {key}")
             at[key] = n
         if value.endswith("\\"):
             cont_key, cont_val = key, value[:-1]
@@ -358,7 +379,7 @@ def _parse_header(lines: list[str], first_line: int, where: str) -> tuple[dict[s
         raise DefinitionError(f"{where}:{bline}: bootstrap agent {agent!r} is not supported by hpcsif")
     if agent not in AGENTS:
         known = ", ".join(AGENTS)
-        raise DefinitionError(f"{where}:{bline}: unknown bootstrap agent {agent!r} (known: {known})")
+        raise DefinitionError(f"{where}:{bline}: invalid build source {agent} (known: {known})")
     if AGENTS[agent] and not header.get("from"):
         raise DefinitionError(f"{where}:{bline}: bootstrap {agent} needs a 'From:' header")
     return header, at
@@ -381,7 +402,7 @@ def _add_section(stage: Stage, name: str, args: str, body: str, line: int, where
     if name not in SECTIONS:
         if name == "pre":
             raise DefinitionError(f"{where}:{line}: %pre is not supported (Apptainer dropped it); use %setup")
-        raise DefinitionError(f"{where}:{line}: unknown section %{name}")
+        raise DefinitionError(f"{where}:{line}: invalid section(s) specified: {name}")
     _merge(stage.sections, name, Section(name, args, body, line))
 
 

@@ -343,9 +343,9 @@ def test_failing_post_and_setup(busybox_image: TestImage, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
-        ("Bootstrap: oci\nFrom: /x\n%post\n  true\n%nosuch\n", 5, "unknown section %nosuch"),
+        ("Bootstrap: oci\nFrom: /x\n%post\n  true\n%nosuch\n", 5, "invalid section(s) specified: nosuch"),
         ("Bootstrap: oci\n\n%post\n  true\n", 1, "needs a 'From:' header"),
-        ("Bootstrap: yum2\nFrom: x\n", 1, "unknown bootstrap agent 'yum2'"),
+        ("Bootstrap: yum2\nFrom: x\n", 1, "invalid build source yum2"),
         ("Bootstrap: oci\nFrom: /x\n%files\n  a b c\n", 4, "bad %files line"),
     ],
 )

@@ -89,7 +89,7 @@ def test_full_definition() -> None:
     assert foo.sections["labels"].line == 38
     assert [(c.src, c.dst) for c in app_files(foo, "x")] == [("a.txt", "b.txt")]
     assert st.apps["bar"].body("env") == ""
-    assert d.raw == FULL
+    assert d.raw == FULL[FULL.index("BootStrap") :]  # as Apptainer, the file from Bootstrap on
 
 
 def test_reference_from_header() -> None:
@@ -136,21 +136,21 @@ Stage: final
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
-        ("Bootstrap: docker\nFrom: a\n%post\n  true\n%bogus\n  x\n", 5, "unknown section %bogus"),
+        ("Bootstrap: docker\nFrom: a\n%bogus\n  x\n", 3, "invalid section(s) specified: bogus"),
         ("# c\nBootstrap: docker\n\n%post\n  true\n", 2, "needs a 'From:' header"),
-        ("Bootstrap: nosuch\nFrom: a\n", 1, "unknown bootstrap agent 'nosuch'"),
+        ("Bootstrap: nosuch\nFrom: a\n", 1, "invalid build source nosuch"),
         ("\nBootstrap: library\nFrom: a\n", 2, "'library' is not supported"),
         ("Bootstrap: docker\nFrom: a\n%files\n  ok /x\n  one two three\n", 5, "bad %files line"),
         ('Bootstrap: docker\nFrom: a\n%files\n  "unterminated /x\n', 4, "bad %files line"),
-        ("Bootstrap: docker\nFrom: a\nColour: red\n", 3, "unknown header keyword 'colour'"),
+        ("Bootstrap: docker\nFrom: a\nColour: red\n", 3, "invalid header keyword found: colour"),
         ("Bootstrap: docker\nFrom: a\nnocolon\n", 3, "is not 'Key: value'"),
         ("hello\nBootstrap: docker\nFrom: a\n", 1, "comes before the 'Bootstrap:' header"),
         ("Bootstrap: docker\nFrom: a\n%apprun\n  x\n", 3, "%apprun needs an app name"),
         ("Bootstrap: docker\nFrom: a\n%files from nowhere\n  /a /b\n", 4, "no earlier stage named 'nowhere'"),
         ("Bootstrap: docker\nFrom: a\n%pre\n  x\n", 3, "%pre is not supported"),
-        ("Bootstrap: docker\nFrom: a\n%post\n  echo {{ missing }}\n", 4, "no value for {{ missing }}"),
+        ("Bootstrap: docker\nFrom: a\n%post\n  echo {{ missing }}\n", 4, "build var missing is not defined"),
         ("Bootstrap: docker\nFrom: a\n%appfiles foo\n  a b c\n", 4, "bad %files line"),
-        ("%post\n  true\n", 1, "no 'Bootstrap:' header"),
+        ("%post\n  true\n", 1, "no bootstrap specification found"),
     ],
 )
 def test_errors_carry_line_numbers(text: str, line: int, message: str) -> None:
@@ -159,9 +159,18 @@ def test_errors_carry_line_numbers(text: str, line: int, message: str) -> None:
 
 
 def test_arguments_defaults_and_overrides() -> None:
-    text = 'Bootstrap: docker\nFrom: {{ image }}:{{tag}}\n%arguments\n  image=alpine\n  tag="3.19"\n'
+    text = "Bootstrap: docker\nFrom: {{ image }}:{{tag}}\n%arguments\n  image=alpine\n  tag = 3.19\n"
     assert parse(text).final.source == "alpine:3.19"
     assert parse(text, build_args={"tag": "edge"}).final.source == "alpine:edge"
+    # as in Apptainer 1.4, quotes are part of a default value
+    quoted = parse('Bootstrap: scratch\n%arguments\n  V="1.2"\n%runscript\n  echo {{ V }}\n')
+    assert quoted.final.body("runscript") == '  echo "1.2"\n'
+
+
+def test_raw_starts_at_bootstrap_and_keeps_crlf() -> None:
+    d = parse("# note\n\nBootstrap: scratch\r\n%labels\r\n  A b\r\n")
+    assert d.raw == "Bootstrap: scratch\r\n%labels\r\n  A b\r\n"
+    assert d.final.labels == {"A": "b"}
 
 
 def test_parse_labels() -> None:
