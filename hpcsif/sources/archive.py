@@ -9,6 +9,7 @@ documents is ever held in memory.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tarfile
@@ -59,6 +60,18 @@ def input_digest(path: str | os.PathLike[str]) -> str:
         raise NotFoundError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise SourceError(f"{path}: is a directory, expected an archive file") from None
+
+
+def selection_digest(path: str | os.PathLike[str], name: str | None) -> str:
+    """The cache key for the image ``name`` chosen in the archive at ``path`` (None: its only image).
+
+    Without a name it is the file's digest; with one, a digest of both, so that the images of a
+    multi-image archive never share a cached SIF.
+    """
+    digest = input_digest(path)
+    if name is None:
+        return digest
+    return "sha256:" + hashlib.sha256(f"{digest}\n{name}".encode()).hexdigest()
 
 
 def read_archive(path: str | os.PathLike[str], store: OCIStore, where: str) -> ArchiveContents:

@@ -76,7 +76,8 @@ class DockerDaemonSource(Source):
             resp = conn.getresponse()
         except OSError as exc:
             conn.close()
-            raise SourceError(f"{ref.raw}: cannot reach the Docker daemon at {host}: {exc}") from None
+            why = (exc.strerror or str(exc)).lower()  # "no such file or directory", not "[Errno 2] …"
+            raise SourceError(f"{ref.raw}: cannot reach the Docker daemon at {host}: {why}") from None
         if resp.status == 404:
             conn.close()
             raise NotFoundError(f"{ref.raw}: the Docker daemon at {host} has no image {image_name(ref)}")

@@ -20,7 +20,7 @@ from hpcsif.image.model import BlobSpan, Descriptor, Image
 from hpcsif.image.store import OCIStore
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
-from hpcsif.sources.archive import ArchiveContents, input_digest, read_archive
+from hpcsif.sources.archive import ArchiveContents, read_archive, selection_digest
 
 _MAGIC_TYPES = ((b"\x1f\x8b", mt.OCI_LAYER_GZIP), (b"\x28\xb5\x2f\xfd", mt.OCI_LAYER_ZSTD))
 
@@ -54,17 +54,23 @@ def _normalise_tag(tag: str) -> str:
 
 
 def choose_entry(manifest: list[dict[str, Any]], name: str | None, where: str) -> dict[str, Any]:
-    """The ``manifest.json`` entry for ``name`` (``repo:tag``); the only one if ``name`` is None."""
+    """The ``manifest.json`` entry for ``name``: ``repo:tag``, or ``@N`` (the N-th image, from 0, as
+    containers/image numbers them); the only one if ``name`` is None."""
     if not manifest:
         raise NotFoundError(f"{where}: manifest.json lists no images")
+    count = f"@0 to @{len(manifest) - 1}"
     if name is None:
         if len(manifest) == 1:
             return manifest[0]
         tags = [t for e in manifest for t in e.get("RepoTags") or []]
         raise AmbiguousImageError(
             f"{where} holds {len(manifest)} images and no name:tag chose one; "
-            f"use {where}:NAME:TAG with one of: {', '.join(tags) or '(untagged)'}"
+            f"use {where}:NAME:TAG with one of: {', '.join(tags) or '(untagged)'}, or {where}:@N ({count})"
         )
+    if name.startswith("@") and name[1:].isdigit():
+        if int(name[1:]) < len(manifest):
+            return manifest[int(name[1:])]
+        raise NotFoundError(f"{where}: no image {name} (it holds {len(manifest)}: {count})")
     want = _normalise_tag(name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest")
     for entry in manifest:
         if any(_normalise_tag(t) == want for t in entry.get("RepoTags") or []):
@@ -126,8 +132,8 @@ class DockerArchiveSource(Source):
     """A ``docker save`` tar file."""
 
     def resolve(self, ref: Reference) -> str:
-        """The digest of the archive's bytes."""
-        return input_digest(ref.path or "")
+        """The digest of the archive's bytes (and of the chosen image's name)."""
+        return selection_digest(ref.path or "", ref.name)
 
     def fetch(self, ref: Reference, store: OCIStore) -> Image:
         """Stream the archive into ``store`` and build the selected image."""

@@ -46,10 +46,10 @@ class OCIArchiveSource(Source):
     """
 
     def resolve(self, ref: Reference) -> str:
-        """The digest of the archive's bytes."""
-        from hpcsif.sources.archive import input_digest  # plain layouts never need the tar reader
+        """The digest of the archive's bytes (and of the chosen image's name)."""
+        from hpcsif.sources.archive import selection_digest  # plain layouts never need the tar reader
 
-        return input_digest(ref.path or "")
+        return selection_digest(ref.path or "", ref.name)
 
     def fetch(self, ref: Reference, store: OCIStore) -> Image:
         """Stream the archive's blobs into ``store`` and load the selected image."""

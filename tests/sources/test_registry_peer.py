@@ -8,6 +8,7 @@ interrupted mid-download stop at once, keep their part for a resume and leave no
 
 from __future__ import annotations
 
+import io
 import shutil
 import signal
 import subprocess
@@ -271,3 +272,85 @@ def test_a_complete_part_left_behind_is_verified_not_requested_again(
     assert "WARNING" not in res.stderr
     assert (work / "cache" / "oci" / "blobs" / "sha256" / small[7:]).exists()
     assert_store_sound(work / "cache" / "oci")
+
+
+# -- archives holding several images -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_image_archives(tmp_path_factory) -> tuple[Path, Path]:
+    """An oci-archive tagged ``one`` and ``two``, and a docker-archive of the same two images
+    (``hpcsif/one:latest``, ``hpcsif/two:latest``), each image labelled with its name."""
+    import json
+    import tarfile
+
+    from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
+
+    root = tmp_path_factory.mktemp("archives")
+    layout = root / "layout"
+    for name in ("one", "two"):
+        layer = layer_tar([Entry("which", name.encode())])
+        write_oci_layout(layout, ImageSpec([layer], labels={"org.test.which": name}), name)
+    oci = root / "two.oci.tar"
+    with tarfile.open(oci, "w") as tar:  # no "./" prefix: Apptainer rejects those
+        for path in sorted(layout.iterdir()):
+            tar.add(path, arcname=path.name)
+    manifest: list[object] = []
+    docker = root / "multi.docker.tar"
+    with tarfile.open(docker, "w") as out:
+        seen: set[str] = set()
+        for name in ("one", "two"):
+            single = root / f"single-{name}.tar"
+            dest = f"docker-archive:{single}:hpcsif/{name}:latest"
+            subprocess.run(
+                ["skopeo", "copy", "--quiet", f"oci:{layout}:{name}", dest], check=True, capture_output=True
+            )
+            with tarfile.open(single) as tar:
+                for member in tar.getmembers():
+                    if member.name == "manifest.json":
+                        manifest += json.load(tar.extractfile(member))  # type: ignore[arg-type]
+                    elif member.name not in seen and member.name != "repositories":
+                        seen.add(member.name)
+                        out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+        data = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        out.addfile(info, io.BytesIO(data))
+    return oci, docker
+
+
+def _label(work: Path, sif: str) -> str:
+    res = hpcsif(work, "inspect", "--labels", sif)
+    return next(line.split(": ", 1)[1] for line in res.stdout.splitlines() if "org.test.which" in line)
+
+
+def test_multi_image_archives_pick_the_named_image_through_one_cache(two_image_archives, work) -> None:
+    oci, docker = two_image_archives
+    picks = [
+        (f"oci-archive:{oci}:one", "one"),
+        (f"oci-archive:{oci}:two", "two"),  # the same file: it used to return the cached "one"
+        (f"docker-archive:{docker}:hpcsif/two:latest", "two"),
+        (f"docker-archive://{docker}:hpcsif/one", "one"),
+        (f"docker-archive:{docker}:@1", "two"),  # containers/image's source index
+    ]
+    for i, (uri, which) in enumerate(picks):
+        res = hpcsif(work, "pull", "--name", f"{i}.sif", uri)
+        assert res.returncode == 0, res.stderr
+        assert _label(work, f"{i}.sif") == which, uri
+    for uri, names in ((f"oci-archive:{oci}", "one, two"), (f"docker-archive:{docker}", "hpcsif/two:latest")):
+        res = hpcsif(work, "pull", "--name", "x.sif", uri)
+        assert res.returncode == 255 and "holds 2 images" in res.stderr and names in res.stderr, res.stderr
+        assert len(res.stderr.splitlines()) == 2  # Apptainer's INFO line, then one FATAL
+        other = peer(work, "pull", "--name", "x.sif", uri)
+        assert other.returncode == 255, other.stderr  # "choose an image" / "expected 1 item, got 2"
+    res = hpcsif(work, "pull", "--name", "x.sif", f"docker-archive:{docker}:@2")
+    assert res.returncode == 255 and "no image @2 (it holds 2: @0 to @1)" in res.stderr
+    assert not (work / "x.sif").exists()
+
+
+def test_unreachable_docker_daemon_is_one_plain_line(work) -> None:
+    sock = work / "no-daemon.sock"
+    res = hpcsif(work, "pull", "--docker-host", f"unix://{sock}", "docker-daemon:team/app:1")
+    assert res.returncode == 255
+    assert res.stderr.splitlines()[-1] == (
+        f"FATAL:   docker-daemon:team/app:1: cannot reach the Docker daemon at unix://{sock}: "
+        "no such file or directory"
+    )
