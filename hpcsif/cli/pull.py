@@ -169,6 +169,9 @@ def _check_target(target: Path, force: bool, sandbox: bool = False) -> None:
 
     if not target.parent.is_dir():
         raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        # before any download or conversion, which would otherwise fail only at the end
+        raise BuildError(f"cannot write {target}: permission denied in directory {target.parent}")
     if (target.exists() or target.is_symlink()) and not force:
         raise BuildError(f'Image file already exists: "{target}" - will not overwrite')
     if target.is_dir() and not sandbox:

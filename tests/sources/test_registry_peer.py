@@ -9,6 +9,7 @@ interrupted mid-download stop at once, keep their part for a resume and leave no
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import requests
 from tests.conftest import peer_apptainer
 from tests.services.images import TestImage
 from tests.services.registry import Registry, clean_env, start_registry
+from tests.services.users import USER_PYTHON, unpriv_user  # noqa: F401 (fixture)
 from tests.sources.helpers import assert_store_sound
 
 pytestmark = pytest.mark.slow
@@ -354,3 +356,45 @@ def test_unreachable_docker_daemon_is_one_plain_line(work) -> None:
         f"FATAL:   docker-daemon:team/app:1: cannot reach the Docker daemon at unix://{sock}: "
         "no such file or directory"
     )
+
+
+@pytest.mark.parametrize("how", [[], ["--sandbox"], ["--disable-cache"], ["oras"]])
+def test_unwritable_output_directory_fails_before_any_download(request, how: list[str]) -> None:
+    """One line naming the directory, before the registry is asked (it would be: nothing listens
+    on port 1) or anything converted; it used to be a traceback (oras, --sandbox) or to come only
+    after the whole conversion."""
+    if os.geteuid() != 0:  # a directory the current user cannot write to
+        home, run = Path(request.getfixturevalue("tmp_path")), None
+    else:  # root writes anywhere: as the unprivileged test user
+        user = request.getfixturevalue("unpriv_user")
+        home, run = Path(user.home), user
+    work = home / f"pull-ro-{os.getpid()}-{'-'.join(how) or 'plain'}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "ro").mkdir(parents=True)
+    try:
+        if run:
+            os.chown(work, run.uid, run.gid)
+        (work / "ro").chmod(0o555)
+        uri = "oras://127.0.0.1:1/team/app:1" if how == ["oras"] else "docker://127.0.0.1:1/team/app:1"
+        flags = [] if how == ["oras"] else how
+        argv = ["-m", "hpcsif.cli.main", "pull", *flags, "--dir", str(work / "ro"), uri]
+        env = {
+            "PYTHONPATH": str(REPO_ROOT),
+            "APPTAINER_CACHEDIR": str(work / "cache"),
+            "APPTAINER_NOHTTPS": "1",
+        }
+        if run:
+            res = run.run([USER_PYTHON, *argv], env=env, cwd=str(work))
+        else:
+            res = subprocess.run(
+                [sys.executable, *argv], env={**clean_env(), **env}, cwd=work, capture_output=True, text=True
+            )
+        name = "app_1.sif"
+        assert res.returncode == 255
+        assert res.stderr.splitlines() == [
+            f"FATAL:   cannot write {work}/ro/{name}: permission denied in directory {work}/ro"
+        ], res.stderr
+        assert not any((work / "ro").iterdir())
+    finally:
+        (work / "ro").chmod(0o755)
+        shutil.rmtree(work, ignore_errors=True)
