@@ -227,6 +227,8 @@ def run_pull(args: argparse.Namespace) -> int:
         convert_ref(
             ref, target, options=options, store=blob_store(args), sandbox=True, source_options=source_options
         )
+    if args.sandbox:  # Apptainer builds the sandbox from its SIF, with its build's last line
+        info(args, f"Build complete: {target}")
     elif ref.transport in COPY_TRANSPORTS:
         from hpcsif.sources.remote import download
 

@@ -79,6 +79,8 @@ def test_pull_and_push_print_apptainers_info_lines(registry_open, busybox_image,
     assert hpcsif(work, "-q", "pull", "--name", "c.sif", ref).stderr == ""
     uncached = hpcsif(work, "pull", "--disable-cache", "--name", "d.sif", ref)
     assert uncached.stderr.splitlines() == ["INFO:    Converting OCI blobs to SIF format"]
+    sandbox = hpcsif(work, "pull", "--sandbox", "--name", "sb", ref)
+    assert sandbox.stderr.splitlines() == ["INFO:    Build complete: sb"]
 
     oras = registry_open.ref("peer/busybox-sif:1", transport="oras")
     push = hpcsif(work, "push", str(work / "a.sif"), oras)
@@ -96,8 +98,11 @@ def test_pull_and_push_print_apptainers_info_lines(registry_open, busybox_image,
         ("p2.sif", ref, again),
         ("p3.sif", oras, hpcsif(work, "pull", "--disable-cache", "--name", "g.sif", oras)),
         ("p4.sif", oras, down),
+        ("sb", ref, sandbox),
     ):
-        theirs = peer(work, "pull", "--name", name, uri)
+        where = work / "peer" if name == "sb" else work  # beside our own "sb" directory
+        where.mkdir(exist_ok=True)
+        theirs = peer(where, "pull", *(["--sandbox"] if name == "sb" else []), "--name", name, uri)
         assert theirs.returncode == 0, theirs.stderr
         assert set(info_lines(ours.stderr)) <= set(info_lines(theirs.stderr)), (ours.stderr, theirs.stderr)
     assert (work / "p4.sif").read_bytes() == (work / "a.sif").read_bytes()
