@@ -2,13 +2,15 @@
 
 Each stage: bootstrap a root tree (an image source, a local SIF/sandbox, or nothing) →
 ``%setup`` on the host → ``%files`` → SCIF app layout → ``%post`` (and ``%appinstall``)
-inside the tree with bubblewrap as uid 0 in a user namespace → ``/.singularity.d``
+inside the tree with bubblewrap as uid 0 → ``/.singularity.d``
 metadata. The last stage's tree runs ``%test``, then becomes the SIF or the sandbox.
 The tree under ``/.singularity.d`` is the source of truth: the SIF's metadata objects are
 read back from it at the end, as Apptainer's assembler does.
 
-Fake root maps only the caller's uid to 0, so files owned by other uids in a base image
-stay read-only to ``%post`` (Apptainer's ``--fakeroot`` maps a subuid range instead).
+Run by root, ``%post`` runs as real root, as ``apptainer build`` by root does. Otherwise it
+runs as fake root, which maps only the caller's uid to 0, so files owned by other uids in a
+base image stay read-only to ``%post`` and chown to other users fails (Apptainer's
+``--fakeroot`` maps a subuid range instead).
 """
 
 from __future__ import annotations
@@ -316,6 +318,9 @@ class _StageBuilder:
         if stage.bootstrap == "scratch":
             arch = opts.arch or Platform().architecture
             meta = md.for_image({}, bootstrap="scratch", source="", arch=arch)
+            # no image, so no image Env and no ENTRYPOINT/CMD: Apptainer's empty runscript
+            del meta.environment[f"{SD}/env/10-docker2singularity.sh"]
+            meta.runscript = "#!/bin/sh\n"
             extract_tree([], self.root, extra=meta.files())
             return {}, arch
         from hpcsif.convert import fetch_image
@@ -562,7 +567,10 @@ def run_in_tree(
     binds: list[Any] | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> int:
-    """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0 in a user namespace.
+    """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0.
+
+    As root the run is real root (every uid can own files, as ``apptainer build`` as root);
+    otherwise it is fake root in a user namespace that maps only the caller's uid.
 
     The image's ``/.singularity.d/env`` scripts are sourced first; the network is the host's
     and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host, then ``binds``
@@ -594,7 +602,10 @@ def run_in_tree(
     }
     if any(b.dst.startswith(LIBS_DIR + "/") for b in binds):  # --nv/--rocm libraries, as at run time
         env["LD_LIBRARY_PATH"] = LIBS_DIR
-    cmd = [bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--unshare-pid"]
+    cmd = [bwrap, "--cap-add", "ALL", "--unshare-pid"]
+    if os.geteuid() != 0:
+        # fake root maps one uid: chown to other users fails (useradd, dpkg); real root needs no map
+        cmd += ["--unshare-user", "--uid", "0", "--gid", "0"]
     cmd += ["--die-with-parent", "--bind" if writable else "--ro-bind", str(root), "/"]
     cmd += ["--proc", "/proc", "--dev", "/dev"]
     for host in _HOST_BINDS:  # a read-only tree cannot get new mount points
