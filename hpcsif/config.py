@@ -43,7 +43,13 @@ DEFAULTS: dict[str, Any] = {
         "pyslurm": "auto",
         "discovery": ["spank", "directive", "comment"],
     },
-    "remote": {"ssh_parallel": 8, "ssh_timeout": 600, "auto_add_host_keys": False},
+    "remote": {
+        "ssh_parallel": 8,
+        "ssh_timeout": 600,
+        "auto_add_host_keys": False,
+        "ssh_port": 22,
+        "ssh_user": "",
+    },
 }
 
 # environment variable -> (key, type); the first one set wins

@@ -131,7 +131,7 @@ def _ssh_options(args: argparse.Namespace) -> dict[str, object]:
 
     cfg = get_config()
     return {
-        "port": args.port or int(cfg.get("remote.ssh_port", 22)),
+        "port": args.port or int(cfg.get("remote.ssh_port")),
         "user": args.user or cfg.get("remote.ssh_user") or None,
         "key_filename": args.identity,
         "known_hosts": args.known_hosts,
