@@ -31,6 +31,25 @@ FAST_COMMANDS = {
 # commands main.py itself provides, which need no command module
 BUILTIN_COMMANDS = ("version",)
 
+_NO_LIBRARY = "there is no Library, keyserver or remote endpoint client; use docker:// or oras:// references"
+#: Apptainer's commands that hpcsif does not provide, and what to do instead (one FATAL line each)
+UNSUPPORTED_COMMANDS = {
+    "instance": "there are no background instances; start the service with `hpcsif exec IMAGE CMD &`",
+    "oci": "there are no OCI runtime commands; run/exec/shell run OCI images (docker://, oci://, …)",
+    "overlay": "ext3 overlay images are not supported; use --overlay DIR or --writable-tmpfs",
+    "registry": "credentials are never written to disk; use --docker-login, --authfile FILE or "
+    "APPTAINER_DOCKER_USERNAME/APPTAINER_DOCKER_PASSWORD",
+    "remote": _NO_LIBRARY,
+    "keyserver": _NO_LIBRARY,
+    "search": _NO_LIBRARY,
+    "delete": _NO_LIBRARY,
+    "plugin": "Apptainer plugins are not supported",
+    "capability": "hpcsif runs unprivileged and grants no capabilities; see --add-caps and --fakeroot",
+    "config": "hpcsif has no setuid configuration; settings live in /etc/hpcsif/hpcsif.toml (see hpcsif -c)",
+    "checkpoint": "checkpointing (DMTCP) is not supported",
+    "completion": "shell completion scripts are not provided",
+}
+
 log = logging.getLogger("hpcsif")
 
 
@@ -154,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     argv = help_argv(argv)
     command = command_of(argv) or ""
+    if command in UNSUPPORTED_COMMANDS:
+        print(
+            f"FATAL:   {command} is not supported by hpcsif: {UNSUPPORTED_COMMANDS[command]}", file=sys.stderr
+        )
+        return 2
     fast = FAST_COMMANDS.get(command)
     parser = build_parser([] if command in BUILTIN_COMMANDS else [fast] if fast else None)
     args = parser.parse_args(attach_dash_values(parser, argv))

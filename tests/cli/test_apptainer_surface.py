@@ -181,3 +181,13 @@ def test_option_values_may_start_with_a_dash(tmp_path: Path, sandbox: Path) -> N
     assert proc.stderr.startswith("FATAL:   --mksquashfs-args '-all-root' is not supported"), proc.stderr
     proc = run_cli("pull", "--dir", "-odd", f"oci-archive://{tmp_path}/missing.tar", check=False)
     assert proc.stderr.startswith("FATAL:   ") and "usage:" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "words", [["instance", "start", "x.sif", "web"], ["registry", "login", "docker://h"]]
+)
+def test_apptainer_commands_hpcsif_lacks_fail_in_one_line(words: list[str]) -> None:
+    proc = run_cli(*words, check=False)
+    assert proc.returncode == 2 and "usage:" not in proc.stderr
+    assert proc.stderr.startswith(f"FATAL:   {words[0]} is not supported by hpcsif: ")
+    assert proc.stderr.count("\n") == 1
