@@ -92,14 +92,22 @@ exec)
   if [ ! -x "$__c" ]; then echo "FATAL:   permission denied" >&2; exit 255; fi
   shift; exec "$__c" "$@" ;;
 run)
-  if [ -n "$__app" ]; then __r="/scif/apps/$__app/scif/runscript"; else __r=/.singularity.d/runscript; fi
+  __r=/.singularity.d/runscript
+  if [ -n "$__app" ]; then
+    __r="/scif/apps/$__app/scif/runscript"
+    if [ ! -f "$__r" ]; then echo "ERROR:   no runscript for contained app: $__app" >&2; exit 1; fi
+  fi
   unset __a __app
   if [ -x "$__r" ]; then exec "$__r" "$@"; fi
   if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
   echo "INFO:    No runscript found in container, executing /bin/sh" >&2
   exec /bin/sh "$@" ;;
 test)
-  if [ -n "$__app" ]; then __r="/scif/apps/$__app/scif/test"; else __r=/.singularity.d/test; fi
+  __r=/.singularity.d/test
+  if [ -n "$__app" ]; then
+    __r="/scif/apps/$__app/scif/test"
+    if [ ! -f "$__r" ]; then echo "ERROR:   No tests for contained app: $__app" >&2; exit 1; fi
+  fi
   unset __a __app
   if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
   echo "INFO:    No test script found in container, exiting" >&2; exit 0 ;;
