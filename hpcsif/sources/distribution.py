@@ -93,13 +93,13 @@ def retry_after(resp: requests.Response, cap: float = 60.0) -> float | None:
 
 
 def error_text(resp: requests.Response) -> str:
-    """The registry's error message(s) from a JSON error body, else the HTTP reason."""
+    """The HTTP status and the registry's error message(s) from a JSON error body, else its reason."""
     try:
         errors = resp.json().get("errors") or []
         text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
     except (ValueError, AttributeError):
         text = ""
-    return text or f"HTTP {resp.status_code} {resp.reason}"
+    return f"HTTP {resp.status_code} ({text})" if text else f"HTTP {resp.status_code} {resp.reason}"
 
 
 @dataclass
@@ -327,7 +327,7 @@ class RegistryClient:
         )
         where = f"{self.registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
         if resp.status_code == 404:
-            raise NotFoundError(f"{where}: manifest unknown ({error_text(resp)})")
+            raise NotFoundError(f"{where}: manifest unknown")
         if resp.status_code >= 400:
             raise RegistryError(f"{where}: {error_text(resp)}")
         data = resp.content

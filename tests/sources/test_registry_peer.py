@@ -403,3 +403,17 @@ def test_unwritable_output_directory_fails_before_any_download(request, how: lis
     finally:
         (work / "ro").chmod(0o755)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_registry_failing_for_good_names_the_status(registry_open, work) -> None:
+    from tests.services.faultproxy import fault_proxy
+
+    (work / "hpcsif.toml").write_text("[registry]\nretries = 1\n")
+    for proxy in fault_proxy(registry_open.url):
+        proxy.arm(error500=10)
+        res = hpcsif(work, "-c", str(work / "hpcsif.toml"), "pull", f"docker://{proxy.host}/team/app:1")
+        assert res.returncode == 255
+        assert res.stderr.splitlines() == [
+            f"WARNING: GET http://{proxy.host}/v2/: HTTP 500; retrying (1/1)",
+            f"FATAL:   http://{proxy.host}/v2/: HTTP 500 (UNKNOWN: injected)",
+        ]
