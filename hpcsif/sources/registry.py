@@ -124,7 +124,7 @@ def clear_shared_clients() -> None:
 
 
 class _Stopped(Exception):
-    """A download abandoned because the pull as a whole failed or was interrupted."""
+    """A download abandoned because the pull was interrupted (Ctrl-C, SIGTERM)."""
 
 
 class RegistrySource(Source):
