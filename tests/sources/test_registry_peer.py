@@ -417,3 +417,31 @@ def test_a_registry_failing_for_good_names_the_status(registry_open, work) -> No
             f"WARNING: GET http://{proxy.host}/v2/: HTTP 500; retrying (1/1)",
             f"FATAL:   http://{proxy.host}/v2/: HTTP 500 (UNKNOWN: injected)",
         ]
+
+
+def _image_paths(sif: Path) -> set[str]:
+    """The paths of the image's own tree in a SIF (without Apptainer's runtime files)."""
+    from hpcsif.sif.reader import SIFImage
+
+    with SIFImage.open(sif) as img:
+        offset = img.primary_partition().offset
+    out = subprocess.run(
+        ["unsquashfs", "-l", "-o", str(offset), "-d", "", str(sif)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    skip = ("/.singularity.d", "/etc/hosts", "/etc/resolv.conf")  # Apptainer's own, known differences
+    return {p for p in out.splitlines() if p.startswith("/") and not p.startswith(skip)}
+
+
+def test_docker_daemon_pull_matches_apptainers(podman_service, busybox_image, work) -> None:
+    uri = f"docker-daemon:{podman_service.image}"  # Apptainer's spelling; docker-daemon:// works too
+    res = hpcsif(work, "pull", "--docker-host", podman_service.docker_host, "--name", "ours.sif", uri)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == ["INFO:    Converting OCI blobs to SIF format"]
+    other = peer(work, "pull", "--docker-host", podman_service.docker_host, "--name", "peer.sif", uri)
+    assert other.returncode == 0, other.stderr
+    ours = _image_paths(work / "ours.sif")
+    assert {f"/{p}" for p in busybox_image.files} <= ours
+    assert ours == _image_paths(work / "peer.sif")
