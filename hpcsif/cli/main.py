@@ -64,8 +64,11 @@ def command_of(argv: list[str]) -> str | None:
     return None
 
 
-def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
-    """The argument parser with the commands of ``modules`` (default: all) registered."""
+def build_parser(modules: list[str] | None = None, command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with the commands of ``modules`` (default: all) registered.
+
+    A module with ``register_one`` registers just ``command`` of its commands, when given.
+    """
     parser = argparse.ArgumentParser(
         prog="hpcsif",
         description="Docker/OCI containers as Apptainer-compatible SIF images on HPC clusters.",
@@ -80,7 +83,11 @@ def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES if modules is None else modules:
-        importlib.import_module(f"hpcsif.cli.{name}").register(sub)
+        module = importlib.import_module(f"hpcsif.cli.{name}")
+        if command and hasattr(module, "register_one"):
+            module.register_one(sub, command)
+        else:
+            module.register(sub)
     version = sub.add_parser("version", help="show the version (only the number, as Apptainer prints it)")
     version.set_defaults(func=_print_version)
     return parser
@@ -179,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     fast = FAST_COMMANDS.get(command)
-    parser = build_parser([] if command in BUILTIN_COMMANDS else [fast] if fast else None)
+    parser = build_parser(
+        [] if command in BUILTIN_COMMANDS else [fast] if fast else None, command if fast else None
+    )
     args = parser.parse_args(attach_dash_values(parser, argv))
     setup_logging(args)
     from hpcsif.errors import HpcsifError
