@@ -251,8 +251,10 @@ def run_pull(args: argparse.Namespace) -> int:
         store = blob_store(args)
         if store is None:  # --disable-cache: convert straight to the target through temporary blobs
             from hpcsif.convert import convert_ref
+            from hpcsif.sources.remote import umasked
 
             convert_ref(ref, target, options=options, source_options=source_options, progress=progress)
+            os.chmod(target, umasked(0o777))  # the SIF writer's 0755, narrowed as the umask asks
         else:
             # through the SIF cache, so that a later `exec docker://…` of the same image converts nothing
             from hpcsif.cache.api import ensure_image
@@ -279,10 +281,10 @@ def _copy_out(cached: Path, target: Path) -> None:
     """
     import shutil
 
-    from hpcsif.sources.remote import atomic_output
+    from hpcsif.sources.remote import atomic_output, umasked
 
     log.info("Copying %s to %s", cached, target)
-    with atomic_output(target, 0o755) as out, open(cached, "rb") as src:
+    with atomic_output(target, umasked(0o777)) as out, open(cached, "rb") as src:
         size, done = os.fstat(src.fileno()).st_size, 0
         try:
             while done < size and (n := os.copy_file_range(src.fileno(), out.fileno(), size - done)):

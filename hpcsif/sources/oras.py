@@ -22,7 +22,7 @@ from hpcsif.image.model import Descriptor
 from hpcsif.image.store import OCIStore
 from hpcsif.refs import Reference
 from hpcsif.sources.credentials import Credentials
-from hpcsif.sources.remote import atomic_output
+from hpcsif.sources.remote import atomic_output, umasked
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,6 @@ def pull_sif(
     if not _is_sif(store.blob_path(sifs[0].digest)):
         raise SourceError(f"{ref}: the artifact's {mt.SIF_LAYER} layer is not a SIF file")
     dest = Path(dest)
-    with atomic_output(dest, 0o755) as out, open(store.blob_path(sifs[0].digest), "rb") as src:
+    with atomic_output(dest, umasked(0o777)) as out, open(store.blob_path(sifs[0].digest), "rb") as src:
         shutil.copyfileobj(src, out, 1 << 20)
     return dest

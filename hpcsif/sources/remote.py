@@ -22,6 +22,21 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
+def umasked(mode: int) -> int:
+    """``mode`` less the process's umask: the mode Apptainer's ``pull`` gives its output (0777 & ~umask).
+
+    The umask is read from /proc, since setting it to read it back would race with threads
+    creating files meanwhile.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mode & ~mask
+
+
 def _copy(src: IO[bytes], out: IO[bytes], total: int, progress: Progress | None) -> int:
     done = 0
     while block := src.read(CHUNK):

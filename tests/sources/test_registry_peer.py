@@ -34,18 +34,23 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def hpcsif(cwd: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+def hpcsif(cwd: Path, *args: str, cache: Path | None = None, **kw) -> subprocess.CompletedProcess[str]:
     """The CLI in ``cwd`` with its own cache (plain HTTP to the loopback registries)."""
     env = clean_env()
     env.update(
         PYTHONPATH=str(REPO_ROOT), APPTAINER_CACHEDIR=str(cache or cwd / "cache"), APPTAINER_NOHTTPS="1"
     )
     return subprocess.run(
-        [sys.executable, "-m", "hpcsif.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "hpcsif.cli.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kw,
     )
 
 
-def peer(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def peer(cwd: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
     """The same command with Apptainer (skips the test when it is not installed)."""
     exe = peer_apptainer()
     if exe is None:
@@ -53,7 +58,7 @@ def peer(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = clean_env()
     env.update(APPTAINER_CACHEDIR=str(cwd / "peer-cache"), APPTAINER_NOHTTPS="1")
     env["PATH"] = env.get("PATH", "") + ":/usr/sbin"
-    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
 def info_lines(stderr: str) -> list[str]:
@@ -445,3 +450,20 @@ def test_docker_daemon_pull_matches_apptainers(podman_service, busybox_image, wo
     ours = _image_paths(work / "ours.sif")
     assert {f"/{p}" for p in busybox_image.files} <= ours
     assert ours == _image_paths(work / "peer.sif")
+
+
+def test_pulled_files_get_the_umask_as_apptainers(registry_open, busybox_image, work) -> None:
+    """0777 & ~umask, as Apptainer: a user's umask 027 keeps a private image from other users."""
+    registry_open.push(busybox_image.oci_ref, "peer/busybox:1")
+    ref, oras = registry_open.ref("peer/busybox:1"), registry_open.ref("peer/umask:1", transport="oras")
+    assert hpcsif(work, "pull", "--name", "a.sif", ref, preexec_fn=lambda: os.umask(0o022)).returncode == 0
+    assert hpcsif(work, "push", str(work / "a.sif"), oras).returncode == 0
+    assert (work / "a.sif").stat().st_mode & 0o777 == 0o755
+    umask = {"preexec_fn": lambda: os.umask(0o027)}
+    for name, args in (("b.sif", [ref]), ("c.sif", ["--disable-cache", ref]), ("d.sif", [oras])):
+        res = hpcsif(work, "pull", "--name", name, *args, **umask)
+        assert res.returncode == 0, res.stderr
+        assert (work / name).stat().st_mode & 0o777 == 0o750, name
+    theirs = peer(work, "pull", "--name", "p.sif", ref, **umask)
+    assert theirs.returncode == 0, theirs.stderr
+    assert (work / "p.sif").stat().st_mode & 0o777 == 0o750
