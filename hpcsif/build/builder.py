@@ -350,7 +350,7 @@ class _StageBuilder:
         elif src.is_file():
             sif_to_sandbox(src, self.root)
         else:
-            raise BuildError(f"{self.where}:{line}: localimage {src} does not exist")
+            raise BuildError(f"{self.where}:{line}: localimage {src}: no such file or directory")
         labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
         arch = (
             self.options.convert.arch or labels.get("org.label-schema.build-arch") or Platform().architecture
@@ -403,7 +403,7 @@ class _StageBuilder:
             sources = [resolve_inside(src_root, m[len(str(src_root)) :]) for m in inner]
             sources = [s for s in sources if s.exists()]
         if not sources:
-            raise BuildError(f"{self.where}:{copy.line}: %files source {copy.src} does not exist")
+            raise BuildError(f"{self.where}:{copy.line}: %files source {copy.src}: no such file or directory")
         target = resolve_inside(dst_base, dst)
         into_dir = len(sources) > 1 or dst.endswith("/")
         try:
@@ -523,9 +523,9 @@ class _StageBuilder:
             self._write(f"{SD}/runscript.help", stage.body("help") + "\n", 0o644)
             labels["org.label-schema.usage"] = f"{SD}/runscript.help"
             labels["org.label-schema.usage.apptainer.runscript.help"] = f"{SD}/runscript.help"
-        labels.update(self.post_labels)  # %labels win over $APPTAINER_LABELS lines (Apptainer)
         if runs("labels"):
             labels.update(stage.labels)
+        labels.update(self.post_labels)  # $APPTAINER_LABELS lines win over %labels (Apptainer)
         self._write(f"{SD}/labels.json", json.dumps(dict(sorted(labels.items())), indent="\t"), 0o644)
         self._write(f"{SD}/Singularity", self.definition.raw, 0o644)
 

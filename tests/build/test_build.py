@@ -368,7 +368,7 @@ def test_files_source_missing_names_line(busybox_image: TestImage, tmp_path: Pat
     deffile = tmp_path / "m.def"
     deffile.write_text(f"Bootstrap: oci\nFrom: {busybox_image.layout}:latest\n%files\n  /no/such/file /x\n")
     proc = run_cli("build", str(tmp_path / "m.sif"), str(deffile), check=False)
-    assert f"{deffile}:4: %files source /no/such/file does not exist" in proc.stderr
+    assert f"{deffile}:4: %files source /no/such/file: no such file or directory" in proc.stderr
 
 
 def test_multi_stage_files_from(busybox_image: TestImage, tmp_path: Path) -> None:
