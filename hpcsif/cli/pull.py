@@ -232,6 +232,7 @@ def run_pull(args: argparse.Namespace) -> int:
     elif ref.transport in COPY_TRANSPORTS:
         from hpcsif.sources.remote import download
 
+        info(args, "Downloading network image")
         download(ref.path or ref.raw, target, progress=progress)
     elif ref.transport == "oras":
         _pull_oras(ref, target, args)

@@ -135,10 +135,10 @@ def download(
     retries: int = 3,
     timeout: float = 60.0,
 ) -> Path:
-    """Copy the file at ``url`` to ``dest`` atomically; returns ``dest``."""
+    """Copy the file at ``url`` to ``dest`` atomically (mode 0777 & ~umask, as Apptainer); returns it."""
     dest = Path(dest)
     log.info("Downloading %s to %s", url, dest)
-    with atomic_output(dest) as out:
+    with atomic_output(dest, umasked(0o777)) as out:
         if url.split("://", 1)[0].lower() in ("http", "https"):
             size = _http(url, out, progress, retries, timeout)
         else:

@@ -467,3 +467,15 @@ def test_pulled_files_get_the_umask_as_apptainers(registry_open, busybox_image, 
     theirs = peer(work, "pull", "--name", "p.sif", ref, **umask)
     assert theirs.returncode == 0, theirs.stderr
     assert (work / "p.sif").stat().st_mode & 0o777 == 0o750
+
+
+def test_network_pull_says_so_and_gets_the_umask(http_files, work) -> None:
+    (http_files.root / "notes.txt").write_bytes(b"plain file\n")
+    umask = {"preexec_fn": lambda: os.umask(0o027)}
+    res = hpcsif(work, "pull", f"{http_files.url}/notes.txt", **umask)
+    assert res.returncode == 0 and res.stderr == "INFO:    Downloading network image\n", res.stderr
+    assert (work / "notes.txt").stat().st_mode & 0o777 == 0o750
+    (work / "peer").mkdir()
+    theirs = peer(work / "peer", "pull", f"{http_files.url}/notes.txt", **umask)
+    assert theirs.returncode == 0 and info_lines(theirs.stderr) == ["INFO:    Downloading network image"]
+    assert (work / "peer" / "notes.txt").stat().st_mode & 0o777 == 0o750
