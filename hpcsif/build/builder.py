@@ -314,6 +314,7 @@ class _StageBuilder:
         stage, opts = self.stage, self.options.convert
         line = self.stage.header_lines.get("from", stage.line)
         if stage.bootstrap == "localimage":
+            self._check_fingerprints(Path(stage.source))
             return self._local_image(Path(stage.source), line)
         if stage.bootstrap == "scratch":
             arch = opts.arch or Platform().architecture
@@ -338,6 +339,34 @@ class _StageBuilder:
         )
         extract_tree(image.layer_blobs(), self.root, extra=meta.files())
         return meta.oci_config, image.architecture
+
+    def _check_fingerprints(self, src: Path) -> None:
+        """``Fingerprints: FPR[,FPR…]``: the base SIF must be signed by every one of these keys.
+
+        The keys come from the local keyring (``hpcsif key import``); a sandbox cannot be checked.
+        """
+        wanted = [f.strip() for f in self.stage.header.get("fingerprints", "").split(",") if f.strip()]
+        if not wanted:
+            return
+        from hpcsif.errors import SignatureError
+        from hpcsif.signing.keys import Keyring
+        from hpcsif.signing.verify import verify_image
+
+        where = f"{self.where}:{self.stage.header_lines['fingerprints']}: while checking fingerprint"
+        if not src.is_file():
+            raise BuildError(f"{where}: {src} is not a SIF file, so it cannot be verified")
+        keys = [key for key in Keyring().list() if any(key.matches(fpr) for fpr in wanted)]
+        try:
+            report = verify_image(src, keys)
+        except SignatureError as exc:
+            raise SignatureError(f"{where}: {exc}") from None
+        signers = [r.key for r in report.verified]
+        missing = [fpr for fpr in wanted if not any(key.matches(fpr) for key in signers)]
+        if missing:
+            raise SignatureError(
+                f"{where}: image not signed by required entities: {', '.join(missing)} "
+                "(a signer's public key must be in the keyring: hpcsif key import)"
+            )
 
     def _local_image(self, src: Path, line: int) -> tuple[dict[str, Any], str]:
         from hpcsif.convert import sif_to_sandbox

@@ -120,10 +120,12 @@ def base(work: Path) -> Path:
     return sif
 
 
-def build(exe: str | None, target: Path, deffile: Path, *flags: str) -> subprocess.CompletedProcess:
+def build(
+    exe: str | None, target: Path, deffile: Path, *flags: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``build`` by hpcsif (``exe`` None) or by Apptainer; no check of the exit status."""
     if exe is None:
-        return run_cli("build", *flags, str(target), str(deffile), check=False)
+        return run_cli("build", *flags, str(target), str(deffile), check=False, env=env)
     cmd = [exe, "build", "--fakeroot", *flags, str(target), str(deffile)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=deffile.parent)
 
@@ -329,6 +331,34 @@ def test_scratch_image_as_apptainer(work: Path) -> None:
         assert cli(tool, "inspect", "--runscript", str(sif)) == "#!/bin/sh\n"
         assert "10-docker2singularity" not in cli(tool, "inspect", "--environment", str(sif))
         assert cli(tool, "run", str(sif)) == ""
+
+
+def test_fingerprints_header_verifies_the_base(work: Path, base: Path, tmp_path: Path) -> None:
+    """As Apptainer: the localimage SIF must be signed by every key ``Fingerprints:`` lists."""
+    env = {"HPCSIF_KEYSDIR": str(tmp_path / "keys")}
+    run_cli("key", "newpair", "-N", "signer", "-t", "pgp", "-E", "s@example.org", env=env)
+    listing = run_cli("key", "list", env=env).stdout
+    fpr = next(line.split()[-1] for line in listing.splitlines() if "Fingerprint:" in line)
+    signed = Path(shutil.copy(base, tmp_path / "signed.sif"))
+    run_cli("sign", str(signed), env=env)
+    other = "12045C8C0B1004D058DE4BEDA20C27EE7FF7BA84"
+    cases = [
+        (signed, fpr, None),
+        (base, fpr, "signature not found for object group 1"),
+        (signed, f"{fpr}, {other}", f"image not signed by required entities: {other}"),
+    ]
+    for image, fingerprints, error in cases:
+        deffile = tmp_path / "fpr.def"
+        deffile.write_text(f"Bootstrap: localimage\nFrom: {image}\nFingerprints: {fingerprints}\n")
+        sif = tmp_path / "fpr.sif"
+        proc = build(None, sif, deffile, env=env)
+        if error is None:
+            assert proc.returncode == 0, proc.stderr
+            sif.unlink()
+        else:
+            assert proc.returncode == 255 and error in fatal(proc), proc.stderr
+            assert fatal(proc).startswith(f"FATAL:   {deffile}:3: while checking fingerprint: ")
+            assert not sif.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="real root only: fake root maps one uid")
