@@ -34,20 +34,17 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def hpcsif(cwd: Path, *args: str, cache: Path | None = None, **kw) -> subprocess.CompletedProcess[str]:
-    """The CLI in ``cwd`` with its own cache (plain HTTP to the loopback registries)."""
+def _env(cwd: Path) -> dict[str, str]:
+    """The CLI's environment: a cache under ``cwd``, plain HTTP to the loopback registries."""
     env = clean_env()
-    env.update(
-        PYTHONPATH=str(REPO_ROOT), APPTAINER_CACHEDIR=str(cache or cwd / "cache"), APPTAINER_NOHTTPS="1"
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "hpcsif.cli.main", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        **kw,
-    )
+    env.update(PYTHONPATH=str(REPO_ROOT), APPTAINER_CACHEDIR=str(cwd / "cache"), APPTAINER_NOHTTPS="1")
+    return env
+
+
+def hpcsif(cwd: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in ``cwd`` (see :func:`_env`)."""
+    argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
+    return subprocess.run(argv, cwd=cwd, env=_env(cwd), capture_output=True, text=True, **kw)
 
 
 def peer(cwd: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
@@ -189,7 +186,7 @@ class SlowProxy:
 
     def __init__(self, upstream: str, pause: float) -> None:
         outer = self
-        self.upstream, self.pause, self.ranges = upstream, pause, []
+        self.upstream, self.pause = upstream, pause
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -198,8 +195,6 @@ class SlowProxy:
                 pass
 
             def do_GET(self) -> None:
-                if self.headers.get("Range"):
-                    outer.ranges.append(self.headers["Range"])
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 resp = requests.request(
                     self.command, outer.upstream + self.path, headers=headers, allow_redirects=False
@@ -240,11 +235,9 @@ def test_interrupted_download_stops_at_once_and_resumes(registry_open, busybox_i
     layer = busybox_image.layer_digests[0]  # the 1 MiB busybox binary: 16 pauses, 2.4 s
     size = (busybox_image.layout / "blobs" / "sha256" / layer[7:]).stat().st_size
     part = work / "cache" / "oci" / ".partial" / layer[7:]
-    env = clean_env()
-    env.update(PYTHONPATH=str(REPO_ROOT), APPTAINER_CACHEDIR=str(work / "cache"), APPTAINER_NOHTTPS="1")
     child = subprocess.Popen(
         [sys.executable, "-m", "hpcsif.cli.main", "pull", f"docker://{proxy.host}/slow/busybox:1"],
-        cwd=work, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=work, env=_env(work), stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not (part.exists() and part.stat().st_size > 0) and child.poll() is None:
@@ -388,17 +381,12 @@ def test_unwritable_output_directory_fails_before_any_download(request, how: lis
         uri = "oras://127.0.0.1:1/team/app:1" if how == ["oras"] else "docker://127.0.0.1:1/team/app:1"
         flags = [] if how == ["oras"] else how
         argv = ["-m", "hpcsif.cli.main", "pull", *flags, "--dir", str(work / "ro"), uri]
-        env = {
-            "PYTHONPATH": str(REPO_ROOT),
-            "APPTAINER_CACHEDIR": str(work / "cache"),
-            "APPTAINER_NOHTTPS": "1",
-        }
-        if run:
-            res = run.run([USER_PYTHON, *argv], env=env, cwd=str(work))
+        env = _env(work)
+        if run:  # the user's own login environment, with ours for hpcsif
+            keep = ("PYTHONPATH", "APPTAINER_CACHEDIR", "APPTAINER_NOHTTPS")
+            res = run.run([USER_PYTHON, *argv], env={k: env[k] for k in keep}, cwd=str(work))
         else:
-            res = subprocess.run(
-                [sys.executable, *argv], env={**clean_env(), **env}, cwd=work, capture_output=True, text=True
-            )
+            res = subprocess.run([sys.executable, *argv], env=env, cwd=work, capture_output=True, text=True)
         name = "app_1.sif"
         assert res.returncode == 255
         assert res.stderr.splitlines() == [
