@@ -115,7 +115,8 @@ class BuildOptions:
     the definition over the existing sandbox ``dest`` instead of bootstrapping; ``binds`` and
     ``mounts`` (``-B``/``--mount`` specs), ``nv``/``rocm`` (host GPU files, found as the engine
     finds them) apply to ``%post`` and ``%test``; ``writable_tmpfs`` lets ``%test`` write to a
-    throw-away overlay; ``no_cleanup`` keeps the build directory and says where it is.
+    throw-away overlay; ``no_cleanup`` keeps the build directory and says where it is;
+    ``fakeroot`` runs ``%post``/``%test`` as fake root even for root (as ``--fakeroot``).
     """
 
     convert: ConvertOptions = field(default_factory=ConvertOptions)
@@ -133,6 +134,7 @@ class BuildOptions:
     rocm: bool = False
     writable_tmpfs: bool = False
     no_cleanup: bool = False
+    fakeroot: bool = False  # -f: fake root in a user namespace even when root builds
 
     def runs(self, section: str) -> bool:
         """True if ``section`` is to run (``--section``)."""
@@ -204,7 +206,7 @@ def build_definition(
         final = built[-1]
         test = definition.final.sections.get("test")
         if test is not None and test.body.strip() and not options.notest and options.runs("test"):
-            _run_test(final.root, test, definition.where, binds, options.writable_tmpfs)
+            _run_test(final.root, test, definition.where, binds, options)
         if options.sandbox:
             return _build_dir(dest, lambda tmp: shutil.move(str(final.root), str(tmp)))
         return _pack(final, definition, dest, options.convert)
@@ -508,7 +510,14 @@ class _StageBuilder:
         try:
             label_env = {"APPTAINER_LABELS": _POST_LABELS, "SINGULARITY_LABELS": _POST_LABELS}
             rc = run_in_tree(
-                self.root, script, argv, writable=True, what=what, binds=self.binds, extra_env=label_env
+                self.root,
+                script,
+                argv,
+                writable=True,
+                what=what,
+                binds=self.binds,
+                extra_env=label_env,
+                fakeroot=self.options.fakeroot,
             )
             if labels.is_file():
                 self.post_labels = parse_labels(labels.read_text(errors="replace"))
@@ -595,11 +604,13 @@ def run_in_tree(
     what: str,
     binds: list[Any] | None = None,
     extra_env: dict[str, str] | None = None,
+    fakeroot: bool = False,
 ) -> int:
     """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0.
 
     As root the run is real root (every uid can own files, as ``apptainer build`` as root);
-    otherwise it is fake root in a user namespace that maps only the caller's uid.
+    otherwise, or with ``fakeroot``, it is fake root in a user namespace that maps only the
+    caller's uid.
 
     The image's ``/.singularity.d/env`` scripts are sourced first; the network is the host's
     and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host, then ``binds``
@@ -632,7 +643,7 @@ def run_in_tree(
     if any(b.dst.startswith(LIBS_DIR + "/") for b in binds):  # --nv/--rocm libraries, as at run time
         env["LD_LIBRARY_PATH"] = LIBS_DIR
     cmd = [bwrap, "--cap-add", "ALL", "--unshare-pid"]
-    if os.geteuid() != 0:
+    if fakeroot or os.geteuid() != 0:
         # fake root maps one uid: chown to other users fails (useradd, dpkg); real root needs no map
         cmd += ["--unshare-user", "--uid", "0", "--gid", "0"]
     cmd += ["--die-with-parent", "--bind" if writable else "--ro-bind", str(root), "/"]
@@ -682,24 +693,27 @@ def _mount_point(root: Path, dst: str, directory: bool) -> list[Path]:
     return missing
 
 
-def _run_test(root: Path, sec: Section, where: str, binds: list[Any], writable_tmpfs: bool) -> None:
-    """Run the finished image's ``%test`` (read-only tree; with ``writable_tmpfs`` on a throw-away
-    overlay, as Apptainer's ``--writable-tmpfs``); a failure stops the build."""
+def _run_test(root: Path, sec: Section, where: str, binds: list[Any], options: BuildOptions) -> None:
+    """Run the finished image's ``%test`` (read-only tree; with ``options.writable_tmpfs`` on a
+    throw-away overlay, as Apptainer's ``--writable-tmpfs``); a failure stops the build."""
     log.info("Running %%test")
     what = f"{where}:{sec.line}: %test"
     script = f"exec {SD}/test\n"
-    if writable_tmpfs:
+    fake = options.fakeroot
+    if options.writable_tmpfs:
         from hpcsif.engine.mounts import overlay_mount
 
         if shutil.which("fuse-overlayfs") is None:
             raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", "needed for --writable-tmpfs")
         overlay = overlay_mount(root)
         try:
-            rc = run_in_tree(overlay.acquire(), script, ["/bin/sh"], writable=True, what=what, binds=binds)
+            rc = run_in_tree(
+                overlay.acquire(), script, ["/bin/sh"], writable=True, what=what, binds=binds, fakeroot=fake
+            )
         finally:
             overlay.release()
     else:
-        rc = run_in_tree(root, script, ["/bin/sh"], writable=False, what=what, binds=binds)
+        rc = run_in_tree(root, script, ["/bin/sh"], writable=False, what=what, binds=binds, fakeroot=fake)
     if rc != 0:
         raise BuildError(f"{what} failed with exit status {rc}; no image was written")
 

@@ -114,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "-f",
         "--fakeroot",
         action="store_true",
-        help="accepted: %%post always runs as (fake) root in a user namespace",
+        help="run %%post and %%test as fake root in a user namespace, also when root builds",
     )
     p.add_argument("--userns", action="store_true", help="accepted: builds always use a user namespace")
     for hidden in ("--ignore-subuid", "--ignore-fakeroot-command", "--ignore-userns", "--remote"):
@@ -340,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
             nv=args.nv or args.nvccli,
             rocm=args.rocm,
             no_cleanup=args.no_cleanup,
+            fakeroot=args.fakeroot,
         )
         build_definition(args.source, target, opts)
     else:

@@ -374,3 +374,16 @@ def test_post_as_root_can_give_files_to_other_users(work: Path, base: Path, tmp_
     assert proc.returncode == 0, proc.stderr
     st = (unpack(sif, tmp_path / "root") / "home/alice").stat()
     assert (st.st_uid, st.st_gid) == (1234, 1234)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="real root only")
+@pytest.mark.parametrize(("flags", "uid_map"), [((), "0 0 4294967295"), (("-f",), "0 0 1")])
+def test_fakeroot_flag_when_root(work: Path, base: Path, flags: tuple[str, ...], uid_map: str) -> None:
+    """Root builds as real root; ``-f`` asks for fake root in a user namespace instead."""
+    deffile = work / "uidmap.def"
+    deffile.write_text(f"Bootstrap: localimage\nFrom: {base}\n%post\n    cat /proc/self/uid_map > /uidmap\n")
+    sif = work / "uidmap.sif"
+    sif.unlink(missing_ok=True)
+    proc = build(None, sif, deffile, *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert cli(None, "exec", str(sif), "cat", "/uidmap").split() == uid_map.split()
