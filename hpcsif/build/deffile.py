@@ -105,12 +105,16 @@ class Section:
         return ["/bin/sh"]
 
     def shell_argv(self, where: str) -> list[str]:
-        """How ``%setup``/``%post`` run their script: ``/bin/sh -e -x``, or the ``-c`` command as given.
+        """How ``%setup``/``%post`` run their script: ``/bin/sh -e -x [ARGS…]``, or ``-c`` as given.
 
         As Apptainer: a shell named with ``-c`` gets no ``-e -x``, so a failing command in
-        ``%post -c /bin/bash`` does not stop the build (``-c "/bin/bash -e"`` asks for that).
+        ``%post -c /bin/bash`` does not stop the build (``-c /bin/bash -e`` asks for that);
+        other arguments go to ``/bin/sh`` before the script (``%post -v``).
         """
-        return self.interpreter(where) if self.args.strip() else ["/bin/sh", "-e", "-x"]
+        words = shlex.split(self.args)
+        if words and words[0] == "-c":
+            return self.interpreter(where)
+        return ["/bin/sh", "-e", "-x", *words]
 
 
 @dataclass(frozen=True)

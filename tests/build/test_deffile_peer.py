@@ -232,6 +232,7 @@ def test_common_definition_same_as_apptainer(work: Path, base: Path) -> None:
         ("%post -c /bin/sh\n    false\n    touch /after\n", True, True),  # no -e with -c
         ("%post -c /bin/sh -e\n    false\n    touch /after\n", False, False),
         ("%post\n    false\n    touch /after\n", False, False),
+        ("%post -x\n    touch /after\n", True, True),  # other arguments go to /bin/sh
     ],
 )
 def test_post_shell_errexit_as_apptainer(work: Path, base: Path, body: str, ok: bool, marker: bool) -> None:
