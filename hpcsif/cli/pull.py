@@ -242,13 +242,8 @@ def run_pull(args: argparse.Namespace) -> int:
         raise UsageError(f"{ref.raw} is a local file; pull needs a URI (docker://, oras://, https:// …)")
     else:
         options = convert_options(args)
-        said: list[str] = []
-
-        def notify(message: str) -> None:
-            said.append(message)
-            info(args, message)
-
-        source_options = {**registry_options(args), "progress": progress, "notify": notify}
+        notices = Notices(args)
+        source_options = {**registry_options(args), "progress": progress, "notify": notices}
         store = blob_store(args)
         if store is None:  # --disable-cache: convert straight to the target through temporary blobs
             from hpcsif.convert import convert_ref
@@ -261,8 +256,7 @@ def run_pull(args: argparse.Namespace) -> int:
             from hpcsif.cache.api import ensure_image
 
             cached = ensure_image(ref.raw, options=options, source_options=source_options)
-            if not said:
-                info(args, "Using cached SIF image")
+            notices.cached()
             _copy_out(cached, target)
     log.info("Pulled %s to %s", ref.raw, target)
     return 0
@@ -272,6 +266,25 @@ def info(args: argparse.Namespace, message: str) -> None:
     """One of the ``INFO:`` lines Apptainer prints at its default verbosity (on stderr; not with -q/-s)."""
     if not (args.quiet or args.silent):
         print(f"INFO:    {message}", file=sys.stderr, flush=True)
+
+
+class Notices:
+    """Apptainer's INFO lines for an image from a URI, as a ``notify`` source option: the
+    conversion's ("Converting OCI blobs to SIF format") or, when nothing was said, a cache hit's.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.said: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        self.said.append(message)
+        info(self.args, message)
+
+    def cached(self) -> None:
+        """Say "Using cached SIF image" unless a conversion or download was announced."""
+        if not self.said:
+            info(self.args, "Using cached SIF image")
 
 
 def _copy_out(cached: Path, target: Path) -> None:

@@ -243,18 +243,20 @@ def handle(args: argparse.Namespace) -> int:
         _check_trusted(path)
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
-    from hpcsif.cli.pull import registry_options
+    from hpcsif.cli.pull import Notices, registry_options
     from hpcsif.slurm.jobrecord import job_image
 
     # inside a job: the digest the prolog pinned, or the prolog's staging error at once
     image = job_image(image)
-    source_options = registry_options(args)
+    notices = Notices(args)  # Apptainer's INFO lines: converting, or using the cached SIF
+    source_options = {**registry_options(args), "notify": notices}
     if args.disable_cache:
         return _launch_uncached(engine, image, opts, source_options)
     from hpcsif.cache.api import leased_image
 
     # the lease keeps the cached image from eviction for the whole run
     with leased_image(image, source_options=source_options) as path:
+        notices.cached()
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
 

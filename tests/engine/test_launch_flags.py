@@ -331,16 +331,21 @@ def test_environment_forms(run, images):
     ]
 
 
-def test_disable_cache_runs_without_caching(images, tmp_path):
-    archive = Path("/work/bench-images/busybox.oci-archive.tar")
-    if not archive.exists():
-        pytest.skip("bench image busybox.oci-archive.tar is not built")
+def test_disable_cache_runs_without_caching(busybox_image, tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "HPCSIF_CACHEDIR": str(cache)}
-    cmd = hpcsif_cmd("exec", "--disable-cache", "--nohttps", f"oci-archive://{archive}", "echo", "ran")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert ok(res) == "ran\n"
+
+    def exec_(*flags: str, level: str = "") -> subprocess.CompletedProcess:
+        image = f"oci://{busybox_image.layout}:latest"
+        cmd = hpcsif_cmd(*([level] if level else []), "exec", *flags, image, "echo", "ran")
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    assert ok(exec_("--disable-cache")) == "ran\n"
     assert not [p for p in cache.rglob("*.sif")]  # nothing converted into the cache
+    # through the cache, Apptainer's INFO lines: the conversion, then each cache hit (not with -q)
+    assert exec_().stderr == "INFO:    Converting OCI blobs to SIF format\n"
+    assert exec_().stderr == "INFO:    Using cached SIF image\n"
+    assert exec_(level="-q").stderr == ""
 
 
 def test_registry_flags_for_uri_images(registry_basic: Registry, busybox_image, tmp_path):
