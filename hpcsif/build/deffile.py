@@ -96,13 +96,14 @@ class Section:
     line: int
 
     def interpreter(self, where: str) -> list[str]:
-        """The shell for a script section: ``/bin/sh`` or the command ``-c PATH [ARGS…]`` names."""
+        """The shell for a script section: the command ``-c PATH [ARGS…]`` names, else
+        ``/bin/sh`` with the section's arguments (``%runscript -x``: ``#!/bin/sh -x``)."""
         words = shlex.split(self.args)
-        if len(words) >= 2 and words[0] == "-c":
+        if words[:1] == ["-c"]:
+            if len(words) < 2:
+                raise DefinitionError(f"{where}:{self.line}: %{self.name} -c needs a shell")
             return words[1:]
-        if words:
-            raise DefinitionError(f"{where}:{self.line}: unknown %{self.name} arguments {self.args!r}")
-        return ["/bin/sh"]
+        return ["/bin/sh", *words]
 
     def shell_argv(self, where: str) -> list[str]:
         """How ``%setup``/``%post`` run their script: ``/bin/sh -e -x [ARGS…]``, or ``-c`` as given.
@@ -111,10 +112,8 @@ class Section:
         ``%post -c /bin/bash`` does not stop the build (``-c /bin/bash -e`` asks for that);
         other arguments go to ``/bin/sh`` before the script (``%post -v``).
         """
-        words = shlex.split(self.args)
-        if words and words[0] == "-c":
-            return self.interpreter(where)
-        return ["/bin/sh", "-e", "-x", *words]
+        shell = self.interpreter(where)
+        return shell if self.args.split()[:1] == ["-c"] else [shell[0], "-e", "-x", *shell[1:]]
 
 
 @dataclass(frozen=True)

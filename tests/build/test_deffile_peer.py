@@ -263,6 +263,21 @@ def test_post_labels_win_over_labels_section(work: Path, base: Path) -> None:
     assert (found["A"], found["B"]) == ("from-post", "b")
 
 
+def test_script_section_arguments_as_apptainer(work: Path, base: Path) -> None:
+    """``%runscript -x`` gives ``#!/bin/sh -x``, as Apptainer writes it."""
+    deffile = work / "script-args.def"
+    deffile.write_text(f"Bootstrap: localimage\nFrom: {base}\n%runscript -x\n    echo run\n")
+    for tool in [None] + ([exe] if (exe := peer_apptainer()) else []):
+        sif = work / f"script-args-{'peer' if tool else 'ours'}.sif"
+        sif.unlink(missing_ok=True)
+        proc = build(tool, sif, deffile)
+        assert proc.returncode == 0, proc.stderr
+        assert cli(tool, "inspect", "--runscript", str(sif)) == "#!/bin/sh -x\n\n    echo run\n"
+        cmd = [tool] if tool else [sys.executable, "-m", "hpcsif.cli.main"]
+        ran = subprocess.run([*cmd, "run", str(sif)], capture_output=True, text=True)
+        assert ran.stdout == "run\n" and ran.stderr.endswith("+ echo run\n")  # peer: passwd warnings
+
+
 ERRORS = [
     ("From: {base}\n%post\n  true\n", "no bootstrap specification found"),
     ("# only a comment\n", "no stages found in definition file"),
