@@ -244,6 +244,10 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
     raw = _substitute(text, where, build_args or {}, used)
     text = raw.replace("\r\n", "\n")
     starts = [m.start() for m in _STAGE_START.finditer(text)]
+    content = [ln.strip() for ln in text[: starts[0] if starts else len(text)].splitlines()]
+    content = [ln for ln in content if ln and not ln.startswith("#")]
+    if content and _STAGE_START.match(content[0]):  # an indented first header: the file is the stage
+        starts.insert(0, 0)
     if not starts:
         if not any(line.strip() and not line.strip().startswith("#") for line in text.splitlines()):
             raise DefinitionError(f"{where}: no stages found in definition file")

@@ -330,6 +330,20 @@ def test_crlf_definition_kept_as_written(work: Path, base: Path) -> None:
         assert labels(tool, sif)["K"] == "V"
 
 
+def test_indented_header_as_apptainer(work: Path, base: Path) -> None:
+    """An indented first header is the whole file's stage, and the whole file is kept."""
+    text = f"\n  # note\n  Bootstrap: localimage\n  From: {base}\n%runscript\n    echo indented\n"
+    deffile = work / "indented.def"
+    deffile.write_text(text)
+    for tool in [None] + ([exe] if (exe := peer_apptainer()) else []):
+        sif = work / f"indented-{'peer' if tool else 'ours'}.sif"
+        sif.unlink(missing_ok=True)
+        proc = build(tool, sif, deffile)
+        assert proc.returncode == 0, proc.stderr
+        assert cli(tool, "inspect", "--deffile", str(sif)) == text
+        assert cli(tool, "run", str(sif)) == "indented\n"
+
+
 def test_scratch_image_as_apptainer(work: Path) -> None:
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy(busybox, work / "busybox")  # the peer sees /tmp, not the host's /bin
