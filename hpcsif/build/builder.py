@@ -614,7 +614,8 @@ def run_in_tree(
 
     The image's ``/.singularity.d/env`` scripts are sourced first; the network is the host's
     and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host, then ``binds``
-    (:class:`hpcsif.engine.binds.Bind`: ``-B``, ``--mount``, GPU files). Mount points the tree
+    (:class:`hpcsif.engine.binds.Bind`: ``-B``, ``--mount``, GPU files). A writable run gets
+    empty throw-away ``/tmp`` and ``/var/tmp``; a read-only one a tmpfs ``/tmp``. Mount points the tree
     lacks are made for the run and removed after it. ``extra_env`` adds variables.
     The umask is Apptainer's :data:`BUILD_UMASK`. Returns the exit status.
     ``what`` (``FILE:LINE: %post``) starts error messages.
@@ -654,7 +655,15 @@ def run_in_tree(
     if not writable and resolve_inside(root, "/tmp").is_dir():
         cmd += ["--tmpfs", "/tmp"]
     made: list[Path] = []
+    scratch: list[Path] = []
     try:
+        # Apptainer's %post sees the host's /tmp and /var/tmp, so nothing written there ends in
+        # the image (sources unpacked and built in /tmp); here each run gets throw-away ones
+        for inner in ("/tmp", "/var/tmp") if writable else ():
+            if resolve_inside(root, inner).is_dir():
+                scratch.append(Path(tempfile.mkdtemp(prefix=".hpcsif-tmp-", dir=root.parent)))
+                scratch[-1].chmod(0o1777)
+                cmd += ["--bind", str(scratch[-1]), inner]
         for b in binds:
             if not b.dst.startswith("/dev/"):  # bwrap's /dev is its own tmpfs
                 made += _mount_point(root, b.dst, os.path.isdir(b.src))
@@ -667,6 +676,8 @@ def run_in_tree(
         return subprocess.run(cmd, check=False, umask=BUILD_UMASK).returncode
     finally:
         script_path.unlink(missing_ok=True)
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
         # the mount points bwrap or the binds needed are not part of the image
         for host in created:
             with contextlib.suppress(OSError):

@@ -51,6 +51,7 @@ IncludeCmd: yes
     echo {{{{ WHO }}}} > /opt/made/who
     echo "FromPost yes" >> "$APPTAINER_LABELS"
     echo 'export POSTVAR="p q"' >> "$APPTAINER_ENVIRONMENT"
+    echo scratch > /tmp/scratch && echo scratch > /var/tmp/scratch
 
 %environment
     export GREETING="hello {{{{ WHO }}}}"
@@ -206,6 +207,9 @@ def test_common_definition_as_apptainer_builds_it(work: Path, base: Path) -> Non
         "664 /scif/apps/tool/installed.txt",
     ]
     assert ".build.labels" not in modes
+    # %post's /tmp and /var/tmp are not the image's (Apptainer binds the host's there)
+    root = unpack(sif, work / "common-root")
+    assert list((root / "tmp").iterdir()) == [] and list((root / "var/tmp").iterdir()) == []
 
 
 def test_common_definition_same_as_apptainer(work: Path, base: Path) -> None:
