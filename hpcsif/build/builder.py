@@ -203,10 +203,11 @@ def build_definition(
                 update = dest if options.update and i == len(definition.stages) - 1 else None
                 builder = _StageBuilder(definition, i, work / f"stage{i}", built, options, store, binds)
                 built.append(builder.build(update))
+                # every stage's %test runs when the stage is done, as in Apptainer
+                test = stage.sections.get("test")
+                if test is not None and test.body.strip() and not options.notest and options.runs("test"):
+                    _run_test(built[-1].root, test, definition.where, binds, options)
         final = built[-1]
-        test = definition.final.sections.get("test")
-        if test is not None and test.body.strip() and not options.notest and options.runs("test"):
-            _run_test(final.root, test, definition.where, binds, options)
         if options.sandbox:
             return _build_dir(dest, lambda tmp: shutil.move(str(final.root), str(tmp)))
         return _pack(final, definition, dest, options.convert)

@@ -267,6 +267,24 @@ def test_post_labels_win_over_labels_section(work: Path, base: Path) -> None:
     assert (found["A"], found["B"]) == ("from-post", "b")
 
 
+@pytest.mark.parametrize(("status", "ok"), [(0, True), (7, False)])
+def test_every_stage_runs_its_test_as_apptainer(work: Path, base: Path, status: int, ok: bool) -> None:
+    deffile = work / "stages.def"
+    deffile.write_text(
+        f"Bootstrap: localimage\nFrom: {base}\nStage: one\n%test\n    echo TEST-ONE; exit {status}\n\n"
+        f"Bootstrap: localimage\nFrom: {base}\n%test\n    echo TEST-TWO\n"
+    )
+    for tool in [None] + ([exe] if (exe := peer_apptainer()) else []):
+        sif = work / f"stages-{'peer' if tool else 'ours'}.sif"
+        sif.unlink(missing_ok=True)
+        proc = build(tool, sif, deffile)
+        tests = [line for line in proc.stdout.splitlines() if line.startswith("TEST-")]
+        assert tests == (["TEST-ONE", "TEST-TWO"] if ok else ["TEST-ONE"]), (tool, proc.stdout)
+        assert (proc.returncode == 0) == ok and sif.exists() == ok, (tool, proc.stderr)
+        if not ok:
+            assert f"exit status {status}" in fatal(proc)
+
+
 def test_script_section_arguments_as_apptainer(work: Path, base: Path) -> None:
     """``%runscript -x`` gives ``#!/bin/sh -x``, as Apptainer writes it."""
     deffile = work / "script-args.def"
