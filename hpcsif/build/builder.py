@@ -3,7 +3,7 @@
 Each stage: bootstrap a root tree (an image source, a local SIF/sandbox, or nothing) →
 ``%setup`` on the host → ``%files`` → SCIF app layout → ``%post`` (and ``%appinstall``)
 inside the tree with bubblewrap as uid 0 → ``/.singularity.d``
-metadata. The last stage's tree runs ``%test``, then becomes the SIF or the sandbox.
+metadata → ``%test``. The last stage's tree becomes the SIF or the sandbox.
 The tree under ``/.singularity.d`` is the source of truth: the SIF's metadata objects are
 read back from it at the end, as Apptainer's assembler does.
 
