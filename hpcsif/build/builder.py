@@ -41,7 +41,10 @@ SD = md.SD
 POST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SCRIPT_NAME = ".hpcsif-build-script"  # in the tree's root while a section runs, then removed
 # source the image's environment, then run the section's interpreter on the script
-_WITH_ENV = f'for f in {SD}/env/*.sh; do if [ -f "$f" ]; then . "$f"; fi; done; exec "$@"'
+# (LANG is C unless the image's environment sets it, as in Apptainer's %post and %test)
+_WITH_ENV = (
+    f'for f in {SD}/env/*.sh; do if [ -f "$f" ]; then . "$f"; fi; done; export LANG="${{LANG:-C}}"; exec "$@"'
+)
 _HOST_BINDS = ("/etc/resolv.conf", "/etc/hosts")
 #: Apptainer builds with umask 0002: files %setup, %files, %post and %test make are group-writable
 BUILD_UMASK = 0o002
@@ -636,7 +639,6 @@ def run_in_tree(
     env = {
         "PATH": POST_PATH,
         "HOME": "/root",
-        "LANG": "C",
         "TERM": "xterm",
         "APPTAINER_ENVIRONMENT": f"{SD}/env/91-environment.sh",
         "SINGULARITY_ENVIRONMENT": f"{SD}/env/91-environment.sh",

@@ -285,6 +285,28 @@ def test_every_stage_runs_its_test_as_apptainer(work: Path, base: Path, status: 
             assert f"exit status {status}" in fatal(proc)
 
 
+def test_post_lang_comes_from_the_image(work: Path, base: Path) -> None:
+    """``%post`` has LANG=C unless the base image's environment sets it (Apptainer 1.4).
+
+    The base sets it as an OCI image's ``Env`` does: only where LANG is not set yet.
+    """
+    with_lang = work / "with-lang.sif"
+    if not with_lang.exists():
+        (work / "with-lang.def").write_text(
+            f'Bootstrap: localimage\nFrom: {base}\n%environment\n    export LANG="${{LANG:-en_US.UTF-8}}"\n'
+        )
+        assert build(None, with_lang, work / "with-lang.def").returncode == 0
+    for image, lang in ((base, "C"), (with_lang, "en_US.UTF-8")):
+        deffile = work / "lang.def"
+        deffile.write_text(f'Bootstrap: localimage\nFrom: {image}\n%post\n    echo "LANG=$LANG"\n')
+        for tool in [None] + ([exe] if (exe := peer_apptainer()) else []):
+            sif = work / f"lang-{'peer' if tool else 'ours'}.sif"
+            sif.unlink(missing_ok=True)
+            proc = build(tool, sif, deffile)
+            assert proc.returncode == 0, proc.stderr
+            assert f"LANG={lang}\n" in proc.stdout, (tool, proc.stdout)
+
+
 def test_script_section_arguments_as_apptainer(work: Path, base: Path) -> None:
     """``%runscript -x`` gives ``#!/bin/sh -x``, as Apptainer writes it."""
     deffile = work / "script-args.def"
