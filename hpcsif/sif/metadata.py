@@ -180,8 +180,11 @@ def env_script(env: Sequence[str]) -> str:
 
 
 def build_date(now: float | None = None) -> str:
-    """The build date in the format Apptainer puts in labels."""
-    return time.strftime("%A_%d_%B_%Y_%H:%M:%S_UTC", time.gmtime(now))
+    """The build date as Apptainer puts it in labels: Go's ``Monday_2_January_2006_15:4:5_MST``,
+    whose day, hour, minute and second have no leading zeros (``Friday_7_May_2027_0:7:5_UTC``).
+    """
+    t = time.gmtime(now)
+    return time.strftime(f"%A_{t.tm_mday}_%B_%Y_{t.tm_hour}:{t.tm_min}:{t.tm_sec}_UTC", t)
 
 
 @dataclass

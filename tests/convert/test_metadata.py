@@ -80,7 +80,9 @@ def test_metadata_objects_match_apptainers_shape() -> None:
     assert set(attrs) >= {"environment", "labels", "runscript", "deffile", "startscript"}
     assert attrs["labels"]["x.y"] == "z"
     assert attrs["labels"]["org.label-schema.usage.singularity.deffile.bootstrap"] == "oci-archive"
-    assert attrs["labels"]["org.label-schema.build-date"] == "Thursday_01_January_1970_00:00:00_UTC"
+    assert (
+        attrs["labels"]["org.label-schema.build-date"] == "Thursday_1_January_1970_0:0:0_UTC"
+    )  # Go layout, no zero padding
     assert meta.deffile == "bootstrap: oci-archive\nfrom: /in.tar\n"
     # the stored texts end without a newline, as in Apptainer's SIFs (its inspect adds one)
     assert attrs["deffile"] == "bootstrap: oci-archive\nfrom: /in.tar"
