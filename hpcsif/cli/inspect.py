@@ -55,8 +55,13 @@ def _present(attrs: dict[str, Any], order: list[str]) -> dict[str, Any]:
         if isinstance(value, str):
             value = value.rstrip("\n")
         elif isinstance(value, dict) and key != "apps":
-            # an app's environment file that is not there is no entry (Apptainer reads only those present)
-            value = {k: v.rstrip("\n") if isinstance(v, str) else v for k, v in sorted(value.items()) if v}
+            # an app's environment file that is not there is no entry (Apptainer reads only those
+            # present); an empty label is one
+            value = {
+                k: v.rstrip("\n") if isinstance(v, str) else v
+                for k, v in sorted(value.items())
+                if v or key == "labels"
+            }
         if value:
             out[key] = value
     return out

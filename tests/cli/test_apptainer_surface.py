@@ -191,3 +191,15 @@ def test_apptainer_commands_hpcsif_lacks_fail_in_one_line(words: list[str]) -> N
     assert proc.returncode == 2 and "usage:" not in proc.stderr
     assert proc.stderr.startswith(f"FATAL:   {words[0]} is not supported by hpcsif: ")
     assert proc.stderr.count("\n") == 1
+
+
+def test_inspect_keeps_empty_labels(tmp_path: Path) -> None:
+    """A label with an empty value is printed (``C: ``) and kept in --json, as Apptainer 1.4.5 does."""
+    box = tmp_path / "box"
+    (box / ".singularity.d").mkdir(parents=True)
+    (box / ".singularity.d/labels.json").write_text('{"A": "1", "C": ""}')
+    assert run_cli("inspect", str(box)).stdout == "A: 1\nC: \n"
+    assert run_cli("inspect", "--json", str(box)).stdout == (
+        '{\n\t"data": {\n\t\t"attributes": {\n\t\t\t"labels": {\n\t\t\t\t"A": "1",\n\t\t\t\t"C": ""\n'
+        '\t\t\t}\n\t\t}\n\t},\n\t"type": "container"\n}\n'
+    )
