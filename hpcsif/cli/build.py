@@ -287,15 +287,14 @@ def _sections(args: argparse.Namespace) -> frozenset[str] | None:
 
 def blob_store(args: argparse.Namespace):  # -> OCIStore | None
     """The shared blob cache, or None for a temporary one (--disable-cache / *_DISABLE_CACHE)."""
+    from hpcsif.cache.layout import CacheRoot
     from hpcsif.config import get_config
     from hpcsif.image.store import OCIStore
 
     cfg = get_config()
     if getattr(args, "disable_cache", False) or cfg.cache_disabled():
         return None
-    root = cfg.cache_dir() / "oci"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    return OCIStore(root)
+    return OCIStore(CacheRoot(cfg.cache_dir()).ensure().oci)  # a CacheError names an unusable directory
 
 
 def run(args: argparse.Namespace) -> int:
