@@ -332,7 +332,22 @@ def fetch_image(
     if notify := opts.pop("notify", None):
         notify("Converting OCI blobs to SIF format")
     source = get_source(ref, platform=options.platform, **opts)
-    return source.fetch(ref, store)
+    image = source.fetch(ref, store)
+    if options.arch or options.variant:  # a single-arch image is taken whatever --arch says
+        want, got = (
+            options.platform,
+            Platform(architecture=image.architecture, variant=image.config.get("variant") or None),
+        )
+        if got.architecture != want.architecture or want.variant not in (None, got.variant):
+            log.warning("Architecture %s does not match build arch %s", _arch_name(got), _arch_name(want))
+    return image
+
+
+def _arch_name(p: Platform) -> str:
+    """Apptainer's name of a platform's architecture (``arm32v7``, ``arm64v8``, ``amd64``)."""
+    if p.variant and p.architecture in ("arm", "arm64"):
+        return f"{'arm32' if p.architecture == 'arm' else 'arm64'}{p.variant}"
+    return p.architecture
 
 
 def convert_ref(

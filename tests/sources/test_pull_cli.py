@@ -166,6 +166,16 @@ def test_pull_docker_daemon(podman_service, busybox_image, tmp_path) -> None:
     _assert_busybox_sif(tmp_path / "busybox_latest.sif", busybox_image)
 
 
+def test_arch_that_a_single_arch_image_lacks_warns(busybox_image, tmp_path) -> None:
+    """As Apptainer: the image is taken, with a warning naming both architectures its way."""
+    uri = f"oci://{busybox_image.layout}:latest"
+    res = hpcsif(tmp_path, "pull", "--arch", "arm", "--arch-variant", "7", "--name", "a.sif", uri)
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: Architecture amd64 does not match build arch arm32v7\n" in res.stderr
+    res = hpcsif(tmp_path, "pull", "--arch", "amd64", "--name", "b.sif", uri)
+    assert res.returncode == 0 and "WARNING" not in res.stderr, res.stderr
+
+
 # -- errors and --docker-login (no conversion needed: they fail or use oras://) -------------------
 def test_auth_required_message_and_exit_code(registry_basic, busybox_image, tmp_path) -> None:
     registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
