@@ -30,6 +30,17 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def load_json_object(data: bytes | str, what: str) -> dict[str, Any]:
+    """Parse an OCI JSON document that must be an object; hostile input raises IntegrityError."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise IntegrityError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{what} is not a JSON object (got {type(obj).__name__})")
+    return obj
+
+
 class BlobWriter:
     """A file-like sink for one blob: hashes while writing, publishes on :meth:`commit`.
 
@@ -158,11 +169,8 @@ class OCIStore:
         return data
 
     def read_json(self, digest: str) -> Any:
-        """Read and parse a JSON blob (manifest, index, config)."""
-        try:
-            return json.loads(self.read_blob(digest))
-        except ValueError as exc:
-            raise IntegrityError(f"blob {digest} is not valid JSON: {exc}") from None
+        """Read and parse a JSON blob (manifest, index, config): it must be a JSON object."""
+        return load_json_object(self.read_blob(digest), f"blob {digest}")
 
     @contextlib.contextmanager
     def blob_writer(self, digest: str | None = None, size: int | None = None) -> Iterator[BlobWriter]:
@@ -204,11 +212,10 @@ class OCIStore:
     def index(self) -> dict[str, Any]:
         """The parsed ``index.json``."""
         try:
-            return json.loads((self.root / "index.json").read_text())
+            data = (self.root / "index.json").read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"{self.root}: OCI layout has no index.json") from None
-        except ValueError as exc:
-            raise IntegrityError(f"{self.root}/index.json is not valid JSON: {exc}") from None
+        return load_json_object(data, f"{self.root}/index.json")
 
     def add_to_index(self, desc: Descriptor, ref_name: str | None = None) -> None:
         """Record ``desc`` in ``index.json`` (optionally tagged), replacing an entry with the same tag."""

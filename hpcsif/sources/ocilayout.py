@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from hpcsif.errors import IntegrityError, NotFoundError
+from hpcsif.errors import NotFoundError
 from hpcsif.image.model import Descriptor, Image
 from hpcsif.image.select import load_image, resolve_manifest, select_from_index
-from hpcsif.image.store import OCIStore
+from hpcsif.image.store import OCIStore, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
 
@@ -57,9 +56,6 @@ class OCIArchiveSource(Source):
 
         where = f"oci-archive://{ref.path}"
         contents = read_archive(ref.path or "", store, where)
-        try:
-            index = json.loads(contents.document("index.json", where))
-        except ValueError as exc:
-            raise IntegrityError(f"{where}: index.json is not valid JSON: {exc}") from None
+        index = load_json_object(contents.document("index.json", where), f"{where}: index.json")
         desc = select_from_index(index, ref.name, where)
         return load_image(store, desc, self.platform, str(ref), spans=contents.blob_spans())
