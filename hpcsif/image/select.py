@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hpcsif.errors import AmbiguousImageError, NotFoundError, SourceError
+from hpcsif.errors import AmbiguousImageError, IntegrityError, NotFoundError, SourceError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.model import BlobSpan, Descriptor, Image, Platform
 from hpcsif.image.store import OCIStore
@@ -113,8 +113,14 @@ def load_image(
     config = store.read_json(config_desc.digest)
     layers = [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
     for layer in layers:
-        if layer.digest not in spans and not store.has_blob(layer.digest):
+        if layer.digest in spans:
+            actual = spans[layer.digest].size
+        elif store.has_blob(layer.digest):
+            actual = store.blob_path(layer.digest).stat().st_size
+        else:
             raise NotFoundError(f"{source}: layer {layer.digest} is missing from {store.root}")
+        if actual != layer.size:  # a lying size field; Apptainer refuses it too
+            raise IntegrityError(f"{source}: layer {layer.digest} has {actual} bytes, not {layer.size}")
     return Image(
         store=store,
         manifest_digest=mdesc.digest,

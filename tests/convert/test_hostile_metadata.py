@@ -26,6 +26,7 @@ def _hostile_layout(
     index: bytes | None = None,
     manifest: bytes | None = None,
     config: Callable[[dict[str, Any]], Any] | None = None,
+    layer_size: int | None = None,
 ) -> Path:
     """A one-layer layout whose index.json, manifest or config is replaced/edited."""
     layout = tmp / "layout"
@@ -33,6 +34,8 @@ def _hostile_layout(
     idx = json.loads((layout / "index.json").read_text())
     mdesc = idx["manifests"][0]
     man = json.loads((layout / "blobs" / "sha256" / mdesc["digest"][7:]).read_bytes())
+    if layer_size is not None:
+        man["layers"][0]["size"] = layer_size
     if config is not None:
         cfg = json.loads((layout / "blobs" / "sha256" / man["config"]["digest"][7:]).read_bytes())
         new = config(cfg)
@@ -54,6 +57,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "index-string": ({"index": b'"x"'}, "is not a JSON object"),
     "index-deep": ({"index": b"[" * 100000 + b"]" * 100000}, "is not valid JSON"),
     "manifest-list": ({"manifest": b"[1]"}, "is not a JSON object"),
+    "layer-size-lies": ({"layer_size": 10}, "bytes, not 10"),
     "config-list": ({"config": lambda cfg: b"[]"}, "is not a JSON object"),
     "env-int-item": ({"config": _set("Env", [1, "A=2"])}, "Env must be a list of strings"),
     "env-string": ({"config": _set("Env", "A=1")}, "Env must be a list of strings"),
