@@ -84,10 +84,16 @@ def image_from_contents(contents: ArchiveContents, store: OCIStore, name: str | 
     try:
         manifest = json.loads(contents.document("manifest.json", where))
         entry = choose_entry(manifest, name, where)
-        config_name, layer_names = entry["Config"], list(entry.get("Layers") or [])
+        config_name, layer_names = entry["Config"], entry.get("Layers") or []
+        if not isinstance(config_name, str) or not isinstance(layer_names, list):
+            raise TypeError("Config must be a path and Layers a list of paths")
+        if not all(isinstance(n, str) for n in layer_names):
+            raise TypeError("Layers must be a list of paths")
         config_bytes = contents.document(config_name, where)
         config = json.loads(config_bytes)
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(config, dict):
+            raise TypeError("the image config is not a JSON object")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise IntegrityError(f"{where}: malformed manifest.json or image config ({exc})") from None
     config_digest = contents.blobs[config_name.removeprefix("./")]
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []

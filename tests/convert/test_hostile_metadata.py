@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,3 +82,20 @@ def test_hostile_metadata_fails_cleanly(tmp_path: Path, case: str) -> None:
     assert len(fatal) == 1 and message in fatal[0], p.stderr
     assert not out.exists()
     assert not [f for f in tmp_path.iterdir() if f.name.startswith("out.sif")]
+
+
+@pytest.mark.parametrize("entry", [{"Config": 5, "Layers": "a"}, {"Config": "c.json", "Layers": [1]}])
+def test_hostile_docker_archive_manifest_fails_cleanly(tmp_path: Path, entry: dict[str, Any]) -> None:
+    data = json.dumps([entry]).encode()
+    archive = tmp_path / "d.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out.sif"
+    p = subprocess.run(
+        ["hpcsif", "build", str(out), f"docker-archive:{archive}"], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert "malformed manifest.json" in p.stderr.strip().splitlines()[-1]
+    assert not out.exists()
