@@ -8,13 +8,19 @@ read from the squashfs partition with ``unsquashfs -cat`` without mounting anyth
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpcsif.errors import MissingToolError, SIFError
+
+if TYPE_CHECKING:
+    from hpcsif.sif.reader import SIFImage
+
+log = logging.getLogger(__name__)
 
 SD = "/.singularity.d"
 
@@ -37,29 +43,34 @@ class ImageView:
     sandbox: bool
     partition_offset: int = 0
     inspect_object: dict[str, Any] | None = None
+    #: why the SIF's root file system cannot be read (what its metadata object lacks fails with it)
+    partition_error: SIFError | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> ImageView:
-        """Open ``path``: a sandbox directory or a SIF file (SIFError if neither)."""
+        """Open ``path``: a sandbox directory or a SIF file (SIFError if neither).
+
+        As in Apptainer, a SIF whose root file system is missing or unusable can still be
+        inspected as far as its ``inspect-metadata.json`` object goes.
+        """
         p = Path(path)
         if p.is_dir():
             return cls(p, sandbox=True)
-        from hpcsif.sif.format import DataType
         from hpcsif.sif.reader import SIFImage
 
         with SIFImage.open(p) as img:
-            offset = img.primary_partition().offset
-            found = img.find(DataType.GENERIC_JSON, "inspect-metadata.json")
-            attrs = None
-            if found:
-                try:
-                    attrs = json.loads(img.read_object(found[0]))["data"]["attributes"]
-                except (ValueError, KeyError, TypeError):
-                    attrs = None  # fall back to the files in the partition
-        return cls(p, sandbox=False, partition_offset=offset, inspect_object=attrs)
+            attrs = _inspect_metadata(img)
+            try:
+                return cls(p, False, img.primary_partition().offset, attrs)
+            except SIFError as exc:
+                if attrs is None:
+                    raise
+                return cls(p, False, 0, attrs, partition_error=exc)
 
     def read(self, inner: str) -> str | None:
         """Text of the in-image file ``inner`` (absolute path), or None if absent."""
+        if self.partition_error:
+            raise self.partition_error
         if self.sandbox:
             target = self.path / inner.lstrip("/")
             try:
@@ -81,6 +92,8 @@ class ImageView:
         if self.sandbox:
             d = self.path / inner.lstrip("/")
             return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        if self.partition_error:
+            raise self.partition_error
         proc = subprocess.run(
             ["unsquashfs", "-o", str(self.partition_offset), "-l", "-d", "", str(self.path), inner],
             capture_output=True,
@@ -96,16 +109,20 @@ class ImageView:
             }
         )
 
+    def labels(self, inner: str) -> dict[str, Any]:
+        """The labels in the in-image JSON file ``inner`` ({} if absent); SIFError if not JSON."""
+        text = self.read(inner)
+        try:
+            return json.loads(text) if text else {}
+        except (ValueError, RecursionError):
+            raise SIFError(f"{self.path}: {inner} is not valid JSON (or nested too deeply)") from None
+
     def attribute(self, name: str) -> Any:
         """One inspect attribute: labels (dict), environment (dict), apps (list) or text (str/None)."""
         if self.inspect_object and name in self.inspect_object and name != "apps":
             return self.inspect_object[name]
         if name == "labels":
-            text = self.read(f"{SD}/labels.json")
-            try:
-                return json.loads(text) if text else {}
-            except ValueError:
-                raise SIFError(f"{self.path}: /.singularity.d/labels.json is not valid JSON") from None
+            return self.labels(f"{SD}/labels.json")
         if name == "environment":
             env = {}
             for fname in self.listdir(f"{SD}/env"):
@@ -119,9 +136,45 @@ class ImageView:
         raise SIFError(f"unknown inspect attribute {name!r}")
 
 
-def inspect(path: str | Path, attributes: list[str], app: str | None = None) -> dict[str, Any]:
-    """The requested attributes of the image at ``path`` (for an app: its own files)."""
-    view = ImageView.open(path)
+def _inspect_metadata(img: SIFImage) -> dict[str, Any] | None:
+    """The attributes of the SIF's ``inspect-metadata.json`` object; None (with a warning, as
+    Apptainer gives) when it is missing, too large, not JSON, nested too deeply or mistyped."""
+    from hpcsif.sif.format import DataType
+
+    found = img.find(DataType.GENERIC_JSON, "inspect-metadata.json")
+    if not found:
+        return None
+    try:
+        # invalid UTF-8 becomes U+FFFD, as Go's encoding/json decodes it
+        text = img.read_object(found[0]).decode(errors="replace")
+        attrs = json.loads(text)["data"]["attributes"]
+    except (SIFError, ValueError, RecursionError, KeyError, TypeError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        log.warning("Unable to read inspect-metadata.json SIF descriptor: %s", problem)
+        return None
+    bad = _mistyped(attrs)
+    if bad:
+        log.warning("Unable to read inspect-metadata.json SIF descriptor: %s", bad)
+        return None
+    return attrs
+
+
+def _mistyped(attrs: Any) -> str | None:
+    """What is wrong with the types of an ``attributes`` object, None if nothing."""
+    if not isinstance(attrs, dict):
+        return "attributes is not a JSON object"
+    for key, value in attrs.items():
+        want = (dict,) if key in ("labels", "environment", "apps") else (str, type(None))
+        if key in (*ATTRIBUTE_FILES, "environment", "apps") and not isinstance(value, want):
+            return f"attribute {key!r} has the wrong type ({type(value).__name__})"
+        if key in ("labels", "environment") and not all(isinstance(v, str) for v in value.values()):
+            return f"attribute {key!r} holds a value that is not a string"
+    return None
+
+
+def inspect(image: str | Path | ImageView, attributes: list[str], app: str | None = None) -> dict[str, Any]:
+    """The requested attributes of the image (a path, or a view opened earlier) (for an app: its own)."""
+    view = image if isinstance(image, ImageView) else ImageView.open(image)
     if app:
         return {name: _app_attribute(view, app, name) for name in attributes}
     return {name: view.attribute(name) for name in attributes}
@@ -136,8 +189,7 @@ def _app_attribute(view: ImageView, app: str, name: str) -> Any:
     if isinstance(recorded, dict) and name in recorded:
         return recorded[name]
     if name == "labels":
-        text = view.read(f"{base}/labels.json")
-        return json.loads(text) if text else {}
+        return view.labels(f"{base}/labels.json")
     if name == "environment":
         return {f"{base}/env/90-environment.sh": view.read(f"{base}/env/90-environment.sh") or ""}
     if name == "apps":

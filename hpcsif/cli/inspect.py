@@ -69,16 +69,17 @@ def _present(attrs: dict[str, Any], order: list[str]) -> dict[str, Any]:
 
 def gather(image: str, wanted: list[str], app: str | None) -> dict[str, Any]:
     """The ``attributes`` object Apptainer's ``inspect --json`` prints for these flags."""
-    from hpcsif.inspect import inspect
+    from hpcsif.inspect import ImageView, inspect
 
+    view = ImageView.open(image)  # once: its warnings are given once
     top = [w for w in wanted if w != "apps" and not (app and w in APP_ATTRIBUTES)]
-    attrs = inspect(image, top)
+    attrs = inspect(view, top)
     apps: dict[str, Any] = {}
     if "apps" in wanted:  # every app, with all of its attributes
-        for name in inspect(image, ["apps"])["apps"] or []:
-            apps[name] = _present(inspect(image, APP_ATTRIBUTES, app=name), APP_ATTRIBUTES)
+        for name in inspect(view, ["apps"])["apps"] or []:
+            apps[name] = _present(inspect(view, APP_ATTRIBUTES, app=name), APP_ATTRIBUTES)
     elif app:
-        mine = _present(inspect(image, [w for w in wanted if w in APP_ATTRIBUTES], app=app), APP_ATTRIBUTES)
+        mine = _present(inspect(view, [w for w in wanted if w in APP_ATTRIBUTES], app=app), APP_ATTRIBUTES)
         if mine:
             apps[app] = mine
     attrs["apps"] = dict(sorted(apps.items()))

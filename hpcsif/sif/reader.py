@@ -8,6 +8,7 @@ loaded whole.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -18,11 +19,16 @@ from hpcsif.sif.format import (
     HEADER_SIZE,
     DataType,
     Descriptor,
+    FSType,
     Header,
     PartType,
 )
+from hpcsif.sif.superblock import SUPERBLOCK_SIZE, squashfs_bytes_used
 
 _CHUNK = 1 << 20
+#: most bytes :meth:`SIFImage.read_object` loads into memory: metadata objects (JSON, def file,
+#: signatures) are a few KiB; a larger one is refused rather than read whole
+SMALL_OBJECT_LIMIT = 16 << 20
 
 
 class SIFImage:
@@ -44,11 +50,15 @@ class SIFImage:
         """Open *path* read-only and validate it; raises :class:`SIFError` naming the problem."""
         path = Path(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise SIFError(f"{path}: cannot open: {exc.strerror}") from exc
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SIFError(f"{path}: not a SIF file (not a regular file)")
+            size = info.st_size
             header, slots = _load(fd, size, path)
         except BaseException:
             os.close(fd)
@@ -85,15 +95,51 @@ class SIFImage:
         """Used descriptors of *datatype* (and with *name*, when given), in table order."""
         return [d for d in self.descriptors if d.datatype == datatype and (name is None or d.name == name)]
 
-    def primary_partition(self) -> Descriptor:
-        """The primary system partition (the root file system the image runs)."""
-        for desc in self.find(DataType.PARTITION):
-            if desc.parttype == PartType.PRIMSYS:
-                return desc
-        raise SIFError(f"{self.path}: no primary system partition")
+    def primary_partition(self, check: bool = True) -> Descriptor:
+        """The primary system partition (the root file system the image runs).
 
-    def read_object(self, desc: Descriptor) -> bytes:
-        """The whole content of a (small) data object."""
+        Raises :class:`SIFError` when there is none or more than one and, with *check*, when it
+        is empty or encrypted, or when a squashfs one holds no valid file system or a truncated
+        one (its superblock's size exceeds the object), so that no mount or unpack is tried.
+        """
+        found = [d for d in self.find(DataType.PARTITION) if d.parttype == PartType.PRIMSYS]
+        if not found:
+            raise SIFError(f"{self.path}: no primary system partition")
+        if len(found) > 1:
+            ids = " and ".join(str(d.id) for d in found)
+            raise SIFError(f"{self.path}: corrupt SIF (several primary system partitions: objects {ids})")
+        part = found[0]
+        if not check:
+            return part
+        if part.size == 0:
+            raise SIFError(f"{self.path}: the primary system partition (object {part.id}) is empty")
+        if part.fstype == FSType.ENCRYPTED_SQUASHFS:
+            raise SIFError(
+                f"{self.path}: encrypted SIF images are not supported by hpcsif "
+                "(decrypt with --engine apptainer and --passphrase or --pem-path)"
+            )
+        if part.fstype == FSType.SQUASHFS:
+            used = squashfs_bytes_used(os.pread(self.fd, SUPERBLOCK_SIZE, part.offset))
+            if used is None:
+                raise SIFError(
+                    f"{self.path}: the primary partition (object {part.id}) holds no valid squashfs "
+                    "file system"
+                )
+            if used > part.size:
+                raise SIFError(
+                    f"{self.path}: the primary partition (object {part.id}) is truncated: its squashfs "
+                    f"file system has {used} bytes, the object {part.size}"
+                )
+        return part
+
+    def read_object(self, desc: Descriptor, limit: int = SMALL_OBJECT_LIMIT) -> bytes:
+        """The whole content of a small data object; :class:`SIFError` if over *limit* bytes."""
+        if desc.size > limit:
+            what = f"{desc.name} ({desc.size} bytes)" if desc.name else f"{desc.size} bytes"
+            raise SIFError(
+                f"{self.path}: object {desc.id} is too large to load: {what}, hpcsif reads at most "
+                f"{limit >> 20} MiB of such metadata"
+            )
         return b"".join(self.iter_object(desc))
 
     def iter_object(self, desc: Descriptor, chunk_size: int = _CHUNK) -> Iterator[bytes]:
