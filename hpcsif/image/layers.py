@@ -43,8 +43,10 @@ setuid bits. Owners and mtimes are kept.
 
 Hostile layers, decided per case:
 
-* absolute names and leading ``./`` are normalised into the root (``/etc/x`` is ``etc/x``);
-* a name or hard-link target whose ``..`` components leave the root -> ``LayerError``;
+* absolute names and leading ``./`` are normalised into the root (``/etc/x`` is ``etc/x``),
+  and so are names and hard-link targets whose ``..`` components would leave it (``..`` at
+  the root is the root, as in Apptainer and Docker: ``../../x`` is ``x``);
+* a name component longer than 255 bytes -> ``LayerError`` (no file system can hold it);
 * an entry below a symlink or other non-directory of the *same* layer (writing through a
   symlink) -> ``LayerError``; below a non-directory of an *upper* layer it is hidden;
 * a hard link to a missing target, to a directory or to itself -> ``LayerError``;
@@ -81,6 +83,7 @@ from hpcsif.image.decode import CHUNK, LayerDecoder, Window, is_compressed
 log = logging.getLogger(__name__)
 
 BLOCK = tarfile.BLOCKSIZE
+_NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX; squashfs refuses longer names)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -333,16 +336,26 @@ def open_layer(layer: LayerBlob) -> BinaryIO:
 
 
 def _normalise(name: str, layer: LayerBlob, what: str = "entry") -> str:
-    """``name`` relative to the root ("" is the root); raises if ``..`` leaves the root."""
+    """``name`` relative to the root ("" is the root).
+
+    A ``..`` at the root stays at the root, as Apptainer (umoci, securejoin) and Docker
+    extract layers: ``../../etc/x`` is ``etc/x``. A component longer than the 255 bytes
+    any Linux file system (and squashfs) allows is a ``LayerError``.
+    """
     parts: list[str] = []
     for comp in name.split("/"):
         if comp in ("", "."):
             continue
         if comp == "..":
-            if not parts:
-                raise LayerError(f"layer {layer.label}: {what} {name!r} points outside the root filesystem")
-            parts.pop()
+            if parts:
+                parts.pop()
         else:
+            # 63 characters or fewer are at most 252 bytes: encode only the rare long ones
+            if len(comp) > _NAME_MAX // 4 and len(comp.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+                raise LayerError(
+                    f"layer {layer.label}: {what} {name[:80]!r}... has a name component longer than "
+                    f"{_NAME_MAX} bytes"
+                )
             parts.append(comp)
     return "/".join(parts)
 
@@ -362,6 +375,42 @@ def _fix_mode(mode: int, is_dir: bool) -> int:
         return mode | 0o555
     mode |= 0o444
     return mode | 0o111 if mode & 0o111 else mode
+
+
+# PAX and GNU long-name headers are read whole into memory: refuse bigger ones, as Go's
+# archive/tar (Apptainer) does, instead of reading a hostile gigabyte header
+_MAX_EXT_HEADER = 1 << 20
+_EXT_TYPES = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
+_EMPTY_TAR = bytes(2 * BLOCK)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar member whose extended headers are checked for size before they are read."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
+            raise tarfile.ReadError(
+                f"an extended header of {self.size} bytes at offset {self.offset} (the limit is 1 MiB)"
+            )
+        return super()._proc_member(tf)
+
+
+def _open_tar(stream: _LayerStream) -> tarfile.TarFile:
+    """``stream`` as a tar archive; an empty stream is an empty layer, as in Apptainer."""
+    try:
+        return tarfile.open(fileobj=stream, mode="r:", tarinfo=_BoundedTarInfo)
+    except tarfile.ReadError:
+        if stream.tell():
+            raise
+        return tarfile.open(fileobj=io.BytesIO(_EMPTY_TAR), mode="r:")
 
 
 _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
@@ -644,7 +693,7 @@ def _scan_repeats(blob: LayerBlob) -> dict[str, int]:
     counts: dict[str, int] = {}
     stream = _LayerStream(blob, verify=False)
     try:
-        with tarfile.open(fileobj=stream, mode="r:") as tf:
+        with _open_tar(stream) as tf:
             for ti in tf:
                 tf.members.clear()
                 name = _normalise(ti.name, blob)
@@ -903,7 +952,7 @@ class _Merger:
         wanted = lay.rereads
         stream = _LayerStream(lay.blob, verify=False)
         try:
-            with tarfile.open(fileobj=stream, mode="r:") as tf:
+            with _open_tar(stream) as tf:
                 for ti in tf:
                     tf.members.clear()
                     name = _normalise(ti.name, lay.blob)
@@ -949,14 +998,14 @@ class _Merger:
         stream = stream or _LayerStream(blob)
         try:
             try:
-                tf = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115 - stream closes
+                tf = _open_tar(stream)  # the stream is closed below
                 for ti in tf:
                     tf.members.clear()  # tarfile keeps every member; we need none of them
                     self.entry(lay, ti, _member_data(tf, stream, ti))
                     if self.progress:
                         self.progress(self.done_in + stream.bytes_in, self.total)
                 stream.drain()  # the digests are checked at the very end of the stream
-            except tarfile.TarError as e:
+            except (tarfile.TarError, RecursionError) as e:  # a long chain of extended headers recurses
                 raise LayerError(f"layer {blob.label}: not a valid tar archive or truncated ({e})") from e
             self.done_in += stream.bytes_in
             self.stats.bytes_in += stream.bytes_in
@@ -1042,6 +1091,10 @@ def _merge(
         _THROUGH[image] = {**merger.through, **merger.found}
         shown = ", ".join(f"{p!r} -> {t or '/'!r}" for p, (_, t) in merger.found.items())
         raise WriteThroughError(f"upper layers write through lower symlinks ({shown}); converting again")
+    # the image's whiteouts hide lower layers, not the base directories laid under them (Apptainer
+    # creates those after extracting): an opaque root keeps its /proc, /dev, /tmp …
+    merger.hidden.clear()
+    merger.opaque.clear()
     _extra_layer(merger, [ef for ef in extra if ef.under], len(order) + 1)
     merger.finish()
 

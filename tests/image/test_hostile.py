@@ -25,14 +25,26 @@ def _extract_fails(layers, dest: Path, match: str) -> None:
     assert not dest.exists()  # what was written is removed
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "./../../../etc/evil"])
-def test_dotdot_escape_is_refused(tmp_path: Path, name: str):
-    lay = layer(tmp_path, [file("ok", "fine"), file(name, "evil")])
-    err = _flatten_fails([lay], "points outside the root")
-    assert lay.digest in str(err) and name in str(err)
+@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "./../../../escape"])
+def test_dotdot_escape_is_clamped_to_the_root(tmp_path: Path, name: str):
+    """``..`` at the root stays at the root (as Apptainer's umoci and Docker extract): contained."""
+    lay = layer(tmp_path, [file("ok", "fine"), file(name, "evil"), file("h", "h"), link("l", "../../h")])
+    root, _ = squash_and_unpack([lay], tmp_path)
+    assert (root / "escape").read_text() == "evil" and (root / "l").read_text() == "h"
+    assert os.stat(root / "l").st_nlink == 2
     (tmp_path / "box").mkdir()
-    _extract_fails([lay], tmp_path / "box" / "root", "points outside the root")
+    extract_tree([lay], tmp_path / "box" / "root")
+    assert (tmp_path / "box" / "root" / "escape").read_text() == "evil"
     assert not (tmp_path / "escape").exists() and not (tmp_path / "box" / "escape").exists()
+
+
+def test_name_component_over_255_bytes_is_refused(tmp_path: Path):
+    """squashfs cannot hold it (tar2sqfs would write an image unsquashfs calls corrupt)."""
+    lay = layer(tmp_path, [file("ok"), file("d/" + "é" * 128, "x")])
+    _flatten_fails([lay], "longer than 255 bytes")
+    _extract_fails([lay], tmp_path / "box", "longer than 255 bytes")
+    root, _ = squash_and_unpack([layer(tmp_path, [file("é" * 127)])], tmp_path)  # 254 bytes: fine
+    assert (root / ("é" * 127)).exists()
 
 
 def test_dotdot_that_stays_inside_is_normalised(tmp_path: Path):
@@ -101,12 +113,11 @@ def test_symlinks_are_never_followed_by_extract_tree(tmp_path: Path):
 @pytest.mark.parametrize(
     ("entries", "match"),
     [
-        ([file("a", "a"), link("b", "../../etc/passwd")], "points outside the root"),
         ([file("a", "a"), link("b", "missing")], "points at missing file 'missing'"),
         ([d("dir"), link("b", "dir")], "points at directory 'dir'"),
         ([link("self", "self")], "points at itself"),
     ],
-    ids=["outside", "missing", "directory", "self"],
+    ids=["missing", "directory", "self"],
 )
 def test_bad_hardlinks_are_refused(tmp_path: Path, entries, match: str):
     lay = layer(tmp_path, entries)
