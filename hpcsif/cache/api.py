@@ -160,14 +160,16 @@ def _converter(layout: CacheLayout, req: Request) -> Producer:
     """Fetch into the blob cache and convert; the producer the store calls under the key's lock."""
 
     def convert(dest: Path) -> dict[str, Any]:
+        from hpcsif.cache.blobs import blobs_in_use
         from hpcsif.convert import fetch_image, image_to_sif
         from hpcsif.image.store import OCIStore
 
         # a registry tag is pinned to the digest it resolved to, so the key names what is built
         ref = req.ref.with_digest(req.digest) if req.ref.is_registry else req.ref
         log.info("converting %s (%s)", req.what, req.digest)
-        image = fetch_image(ref, OCIStore(layout.user.oci), req.options, req.source_options)
-        image_to_sif(image, dest, req.options, ref=req.ref)
+        with blobs_in_use(layout.user):
+            image = fetch_image(ref, OCIStore(layout.user.oci), req.options, req.source_options)
+            image_to_sif(image, dest, req.options, ref=req.ref)
         return {
             "via": "convert",
             "ref": str(req.ref),

@@ -1,7 +1,8 @@
 """Eviction: least recently used first, within a size quota and an optional maximum age.
 
 :func:`plan_eviction` is pure accounting (tested with hypothesis); :func:`collect_garbage`
-applies it to a cache root. A leased image is never evicted, nor one being built.
+applies it to a cache root. A leased image is never evicted, nor one being built. Downloaded
+blobs count towards the quota too, and go first (:mod:`hpcsif.cache.blobs`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from hpcsif.cache.blobs import Blob, evict_blobs, stored_blobs
 from hpcsif.cache.layout import CacheRoot
 from hpcsif.cache.leases import active_leases
 from hpcsif.cache.store import Entry, SIFStore
@@ -65,7 +67,8 @@ class GCResult:
     evicted: list[Entry]
     kept_busy: list[Entry]  # chosen, but leased or locked by the time we got to them
     tmp_removed: int
-    bytes_freed: int
+    bytes_freed: int  # by the evicted images
+    blobs_removed: list[Blob] = field(default_factory=list)
 
 
 def collect_garbage(
@@ -96,9 +99,24 @@ def collect_garbage(
         )
         for e in entries.values()
     ]
-    victims = plan_eviction(
-        items, quota=quota or None, max_age=max_age_days * 86400 if max_age_days else None
-    )
+    quota = quota or None
+    blobs_removed: list[Blob] = []
+    if quota is not None:
+        blobs = stored_blobs(root) if root.writable else []
+        blob_bytes = sum(b.size for b in blobs)
+        excess = sum(i.size for i in items) + blob_bytes - quota
+        if blobs and excess > 0:
+            removed = evict_blobs(root, blobs, excess, dry_run=dry_run)
+            # blobs in use right now are left out of this round's accounting: evicting images
+            # for layers that the next collection removes would lose conversions for nothing
+            blobs_removed = removed or []
+            if removed is not None:
+                freed = sum(b.size for b in removed)
+                quota -= blob_bytes - freed
+                if removed and not dry_run:
+                    log.info("removed %d blob(s) of %d bytes from %s", len(removed), freed, root.oci)
+                    root.journal("evict-blobs", count=len(removed), bytes=freed)
+    victims = plan_eviction(items, quota=quota, max_age=max_age_days * 86400 if max_age_days else None)
     evicted, busy = [], []
     for key in victims:
         entry = entries[key]
@@ -107,4 +125,4 @@ def collect_garbage(
             log.info("evicted %s (%s)", entry.meta.get("ref", key), entry.path)
         else:
             busy.append(entry)
-    return GCResult(evicted, busy, tmp_removed, sum(e.size for e in evicted))
+    return GCResult(evicted, busy, tmp_removed, sum(e.size for e in evicted), blobs_removed)

@@ -62,7 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_clean)
 
-    p = sub.add_parser("gc", help="evict least recently used images beyond the quota or maximum age")
+    p = sub.add_parser(
+        "gc",
+        help="evict beyond the quota (blobs first, then least recently used images) or maximum age",
+    )
     p.add_argument("-n", "--dry-run", action="store_true", help="list what would be evicted, evict nothing")
     p.add_argument("--quota", help="size limit for this run (default: cache.quota)")
     p.add_argument(
@@ -278,6 +281,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{verb} {e.meta.get('ref', e.meta['name'])} ({_size(e.size)}, last used {_when(e.last_used)})")
     for e in result.kept_busy:
         print(f"kept {e.meta.get('ref', e.meta['name'])}: in use")
+    if result.blobs_removed:
+        blob_bytes = sum(b.size for b in result.blobs_removed)
+        removal = "would remove" if args.dry_run else "removed"
+        print(f"{removal} {len(result.blobs_removed)} oci blob file(s) ({_size(blob_bytes)})")
     print(
         f"{len(result.evicted)} image(s) {verb}, {_size(result.bytes_freed)} freed"
         + (
