@@ -262,7 +262,7 @@ class _Plan:
         # SIF's oci-config.json instead of the /.singularity.d scripts
         self.direct = None
         if not os.path.lexists(os.path.join(self.root, "bin/sh")):
-            self.direct = None if opts.sandbox else _oci_config(image)
+            self.direct = None if opts.sandbox else _oci_config(image, opts.action)
             if self.direct is None:
                 raise EngineError(
                     f"{image}: the image has no /bin/sh and no oci-config.json to start it without"
@@ -288,7 +288,7 @@ class _Plan:
         if self.direct is not None:
             from hpcsif.engine.environment import direct_env
 
-            self.env = direct_env(self.env, list(self.direct.get("Env") or []))
+            self.env = direct_env(self.env, self.direct["Env"])
 
     # -- command line --------------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -355,8 +355,8 @@ class _Plan:
             from hpcsif.engine.environment import direct_argv
 
             argv = direct_argv(opts.action, opts.command, self.direct, self.image)
-            if opts.action == "exec":
-                argv = [_resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
+            # exec's command or the image's ENTRYPOINT/CMD: both fail with Apptainer's one-liners
+            argv = [_resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
             return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 
@@ -803,8 +803,13 @@ def _reclaim_terminal() -> None:
         pass
 
 
-def _oci_config(image: Path) -> dict | None:
-    """The SIF's ``oci-config.json`` object (Env, Entrypoint, Cmd …), or None if it has none."""
+def _oci_config(image: Path, action: str) -> dict[str, list[str]] | None:
+    """``Env``, ``Entrypoint`` and ``Cmd`` of the SIF's ``oci-config.json`` as string lists.
+
+    None if the SIF has no such object. A string ``Entrypoint``/``Cmd`` is Docker's shell form.
+    A document that cannot say how to start the image fails ``run`` with one line; ``exec``
+    (which Apptainer runs without reading it at all) ignores it with a warning.
+    """
     import json
 
     from hpcsif.sif.format import DataType
@@ -813,7 +818,38 @@ def _oci_config(image: Path) -> dict | None:
     with SIFImage.open(image) as sif:
         found = sif.find(DataType.GENERIC_JSON, "oci-config.json")
         data = sif.read_object(found[0]) if found else None
+    nothing: dict[str, list[str]] = {"Env": [], "Entrypoint": [], "Cmd": []}
+    if data is None:
+        return nothing if action == "exec" else None
     try:
-        return json.loads(data) if data else None
-    except ValueError:
-        return None
+        problem, config = None, _oci_lists(json.loads(data))
+    except RecursionError:
+        problem = "is nested too deeply"
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        problem = str(e) if isinstance(e, TypeError) else "is not valid JSON"
+    if problem is None:
+        return config
+    if action != "exec":
+        raise EngineError(f"{image}: the image has no /bin/sh, and its oci-config.json {problem}")
+    log.warning("ignoring the image's oci-config.json: it %s", problem)
+    return nothing
+
+
+def _oci_lists(doc: object) -> dict[str, list[str]]:
+    """The string lists of a parsed ``oci-config.json``; TypeError naming the first wrong part."""
+    if not isinstance(doc, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(doc), "a number"
+        )
+        raise TypeError(f"is {kind}, not a JSON object")
+    config = {}
+    for key in ("Env", "Entrypoint", "Cmd"):
+        value = doc.get(key)
+        if isinstance(value, str) and key != "Env":
+            value = ["/bin/sh", "-c", value]  # Docker's shell form, as the runscript has it
+        elif value is None:
+            value = []
+        if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
+            raise TypeError(f"has {key} that is not a list of strings")
+        config[key] = value
+    return config
