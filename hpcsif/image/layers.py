@@ -22,11 +22,13 @@ written last, once each, with the attributes of the topmost layer that has them.
 
 Duplicates inside one layer: the last entry wins, like tar extraction. Entries without
 content (directories, symlinks, FIFOs, empty files, hard links) are held back until the
-end of their layer so they can be replaced. A regular file *with content* that a later
-entry of the same layer replaces cannot be taken back from the stream: the layer is then
-pre-scanned for its repeated names and :class:`~hpcsif.errors.DuplicateEntryError` asks
-for a second pass, which writes only the last occurrence of each (``squashfs_from_tar``
-and :func:`extract_tree` retry once by themselves). Such layers are rare (``tar -r``).
+end of their layer so they can be replaced. A regular file *with content*, or a directory
+(with the children written since), that a later entry of the same layer replaces cannot
+be taken back from the stream: the layer is then pre-scanned for the members that later
+ones replace (earlier occurrences of a name, and what lies below a name a later
+non-directory takes) and :class:`~hpcsif.errors.DuplicateEntryError` asks for a second
+pass, which skips them (``squashfs_from_tar`` and :func:`extract_tree` retry by
+themselves). Such layers are rare (``tar -r``).
 
 Hard links: a link whose target is earlier in the same layer becomes a hard link in the
 output; if that target is hidden by an upper layer, the layer is read again to give the
@@ -672,35 +674,52 @@ class _Layer:
         self.rereads: dict[str, list[str]] = {}  # hidden link target -> link names
         self.whiteouts: set[str] = set()
         self.opaque: set[str] = set()
-        self.repeats = _REPEATS.get((str(blob.path), blob.offset, blob.digest), {})  # name -> occurrences
-        self.seen_repeats: dict[str, int] = {}
+        # ordinals of the members a later member of this layer replaces (known after a pre-scan)
+        self.replaced = _REPEATS.get((str(blob.path), blob.offset, blob.digest), frozenset())
 
 
 _Sink = _TarSink | _DirSink
 _Progress = Callable[[int, int], None]
 
-# Names a layer repeats after content was streamed, found by a pre-scan: the next pass
-# over that layer keeps only the last occurrence of each (layers are immutable blobs).
-_REPEATS: dict[tuple[str, int, str | None], dict[str, int]] = {}
+# The members of a layer that later members replace, found by a pre-scan once the stream
+# met a replacement it could not take back: the next pass over that layer (layers are
+# immutable blobs) skips them. Keyed by the blob's identity; values are member ordinals.
+_REPEATS: dict[tuple[str, int, str | None], frozenset[int]] = {}
 _MAX_REPEATS = 64
 # For an image (its layers' identities): the lower symlinks that upper layers write through,
 # path -> (level of the symlink's layer, the root-relative path it points at)
 _THROUGH: dict[tuple[tuple[str, int, str | None], ...], dict[str, tuple[int, str]]] = {}
 
 
-def _scan_repeats(blob: LayerBlob) -> dict[str, int]:
-    """Names that occur more than once in ``blob``, with their counts."""
-    counts: dict[str, int] = {}
+def _scan_repeats(blob: LayerBlob) -> frozenset[int]:
+    """Ordinals of the members of ``blob`` that a later member replaces, as tar extraction does.
+
+    An earlier occurrence of a name is replaced by the last one; a later non-directory also
+    removes what the layer put below that name before it (a directory replaced by a file).
+    """
+    names: list[tuple[str, bool]] = []
     stream = _LayerStream(blob, verify=False)
     try:
         with _open_tar(stream) as tf:
             for ti in tf:
                 tf.members.clear()
-                name = _normalise(ti.name, blob)
-                counts[name] = counts.get(name, 0) + 1
+                names.append((_normalise(ti.name, blob), ti.isdir()))
     finally:
         stream.close()
-    return {n: c for n, c in counts.items() if c > 1}
+    last: dict[str, int] = {}
+    last_nondir: dict[str, int] = {}
+    for i, (name, is_dir) in enumerate(names):
+        last[name] = i
+        if not is_dir:
+            last_nondir[name] = i
+    return frozenset(
+        i
+        for i, (name, is_dir) in enumerate(names)
+        # replaced by a later occurrence (a directory over a directory merges) or removed with
+        # an ancestor that a later non-directory replaces
+        if (last[name] != i and not (is_dir and names[last[name]][1]))
+        or any(last_nondir.get(anc, -1) > i for anc in _ancestors(name))
+    )
 
 
 class _Merger:
@@ -771,11 +790,6 @@ class _Merger:
     def entry(self, lay: _Layer, ti: tarfile.TarInfo, data: BinaryIO | None) -> None:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
         name = _normalise(ti.name, lay.blob)
-        if name in lay.repeats:  # only the last occurrence counts
-            seen = lay.seen_repeats[name] = lay.seen_repeats.get(name, 0) + 1
-            if seen < lay.repeats[name]:
-                self.stats.skip("duplicate")
-                return
         if self.through:
             name = self._written_through(name, lay.level)
         parent, base = posixpath.split(name)
@@ -850,18 +864,18 @@ class _Merger:
         if is_dir and kind == "dir":
             self.dirs[name] = (lay.level, ti)
             return "merged"
-        if name in lay.written:
+        if name in lay.written or is_dir:  # content already streamed, or a directory (maybe with children)
+            if lay.replaced:  # the pre-scan of an earlier pass did not settle it
+                raise LayerError(
+                    f"layer {lay.label}: entry {name!r} replaces an earlier entry in a way "
+                    "that cannot be merged"
+                )
             if len(_REPEATS) >= _MAX_REPEATS:
                 _REPEATS.clear()
             _REPEATS[(str(lay.blob.path), lay.blob.offset, lay.blob.digest)] = _scan_repeats(lay.blob)
             raise DuplicateEntryError(
-                f"layer {lay.label}: entry {name!r} occurs twice and replaces an earlier file with "
-                "content; convert again (the layer's repeated names are now known)"
-            )
-        if is_dir:
-            raise LayerError(
-                f"layer {lay.label}: entry {name!r} occurs twice and replaces an earlier "
-                "directory; such a layer cannot be streamed"
+                f"layer {lay.label}: entry {name!r} replaces an earlier entry whose content or children "
+                "are written already; converting again (the layer's replaced entries are now known)"
             )
         lay.held.pop(name, None)
         lay.links.pop(name, None)
@@ -999,8 +1013,11 @@ class _Merger:
         try:
             try:
                 tf = _open_tar(stream)  # the stream is closed below
-                for ti in tf:
+                for ordinal, ti in enumerate(tf):
                     tf.members.clear()  # tarfile keeps every member; we need none of them
+                    if ordinal in lay.replaced:  # a later member of this layer replaces it
+                        self.stats.skip("duplicate")
+                        continue
                     self.entry(lay, ti, _member_data(tf, stream, ti))
                     if self.progress:
                         self.progress(self.done_in + stream.bytes_in, self.total)

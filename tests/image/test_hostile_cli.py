@@ -1,0 +1,179 @@
+"""Hostile layer content through ``hpcsif build``, as a user types it, against Apptainer 1.4.
+
+Where Apptainer (``apptainer`` or ``peer-apptainer`` on PATH) builds a safe image from a
+hostile layer, hpcsif builds one with the same files; where hpcsif refuses, it exits
+non-zero with one ``FATAL:`` line, no traceback and no output file. Images are OCI
+archives under pytest's tmp_path (in /tmp, which the peer sees at the same path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hpcsif.image.layers import LayerBlob
+from hpcsif.sif.reader import SIFImage
+from tests.image.tarbuild import (
+    MEDIA,
+    blob,
+    d,
+    file,
+    layer,
+    link,
+    oci_layout,
+    opaque,
+    sym,
+    tar_bytes,
+    whiteout,
+)
+
+APPTAINER = shutil.which("apptainer") or shutil.which("peer-apptainer")
+# what Apptainer adds that hpcsif does not (and the metadata both add)
+_NOT_COMPARED = re.compile(r"^/(\.singularity\.d|etc/hosts$|etc/resolv\.conf$)")
+
+
+@pytest.fixture
+def inflater() -> str:
+    """Overrides the conftest's two inflaters: the CLI chooses its own in its own process."""
+    return "cli"
+
+
+def _archive(work: Path, layers: list[LayerBlob]) -> Path:
+    """An oci-archive of ``layers`` with no ``./`` prefixes (Apptainer needs that)."""
+    layout = oci_layout(work / "layout", layers)
+    out = work / "image.oci-archive.tar"
+    with tarfile.open(out, "w") as tar:
+        for p in sorted(layout.rglob("*")):
+            tar.add(p, arcname=str(p.relative_to(layout)), recursive=False)
+    return out
+
+
+def _empty_blob(work: Path, media_type: str) -> LayerBlob:
+    """A zero-byte layer blob (some registries serve such layers)."""
+    digest = "sha256:" + hashlib.sha256(b"").hexdigest()
+    path = work / digest[7:]
+    path.write_bytes(b"")
+    return LayerBlob(path, media_type, digest, digest)
+
+
+def _hpcsif_build(sif: Path, archive: Path) -> subprocess.CompletedProcess[str]:
+    cmd = ["hpcsif", "build", str(sif), f"oci-archive:{archive}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _tree(sif: Path) -> dict[str, str]:
+    """Path -> "mode size/target" of the SIF's root file system, read by unsquashfs."""
+    with SIFImage.open(sif) as img:
+        offset = img.primary_partition().offset
+    cmd = ["unsquashfs", "-o", str(offset), "-lln", "-d", "", str(sif)]
+    listing = subprocess.run(cmd, capture_output=True, text=True, check=True, errors="replace").stdout
+    tree = {}
+    for line in listing.splitlines():
+        m = re.match(r"([-dlcbps][-rwxsStT]{9}) \S+\s+(\S+(?:,\s*\d+)?) \S+ \S+ (/.*)", line)
+        if m and not _NOT_COMPARED.match(m[3]):
+            path, _, target = m[3].partition(" -> ")
+            size = "" if m[1][0] == "d" else m[2]  # directory sizes depend on the metadata files
+            tree[path] = f"{m[1]} {target or size}"
+    return tree
+
+
+def _build_and_compare(tmp_path: Path, layers: list[LayerBlob]) -> dict[str, str]:
+    """Build with hpcsif (must succeed), compare with Apptainer's image where it runs."""
+    archive = _archive(tmp_path, layers)
+    ours = tmp_path / "ours.sif"
+    p = _hpcsif_build(ours, archive)
+    assert p.returncode == 0, p.stderr
+    tree = _tree(ours)
+    if APPTAINER:
+        theirs = tmp_path / "theirs.sif"
+        subprocess.run(
+            [APPTAINER, "-s", "build", str(theirs), f"oci-archive:{archive}"], check=True, timeout=120
+        )
+        assert tree == _tree(theirs)
+    return tree
+
+
+def test_dotdot_names_links_and_whiteouts_stay_in_the_root(tmp_path: Path) -> None:
+    lower = layer(tmp_path, [file("ok", "fine"), file("gone", "old")])
+    upper = layer(
+        tmp_path,
+        [file("../escape", "evil"), file("a/../../b", "bee"), link("h", "../../ok"), file("../.wh.gone")],
+    )
+    tree = _build_and_compare(tmp_path, [lower, upper])
+    assert tree["/escape"] == "-rw-r--r-- 4" and tree["/b"] == "-rw-r--r-- 3" and tree["/h"] == "-rw-r--r-- 4"
+    assert "/gone" not in tree and "/a" not in tree
+    assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
+
+
+def test_empty_layer_blobs_are_empty_layers(tmp_path: Path) -> None:
+    layers = [
+        _empty_blob(tmp_path, MEDIA["gzip"]),
+        blob(tmp_path, b"", "gzip"),
+        layer(tmp_path, [file("x", "1")]),
+    ]
+    assert _build_and_compare(tmp_path, layers)["/x"] == "-rw-r--r-- 1"
+
+
+def test_opaque_root_keeps_the_base_directories(tmp_path: Path) -> None:
+    lower = layer(tmp_path, [file("keep"), d("proc"), file("tmp/t")])
+    upper = layer(tmp_path, [opaque(""), whiteout("dev"), file("x", "1")], "zstd")
+    tree = _build_and_compare(tmp_path, [lower, upper])
+    assert "/keep" not in tree and "/tmp/t" not in tree
+    assert all(tree[p].startswith("d") for p in ("/dev", "/proc", "/sys", "/tmp", "/var/tmp", "/etc"))
+
+
+def test_directory_with_children_replaced_in_its_layer(tmp_path: Path) -> None:
+    """Tar extraction replaces a directory (and what it held) by a later file or symlink."""
+    entries = [d("n"), file("n/c", "ccc"), file("n", "file"), d("m"), file("m/c", "c"), sym("m", "/etc")]
+    entries += [d("k"), file("k/old", "o"), file("k", "f"), d("k"), file("k/new", "n")]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)])
+    assert (
+        tree["/n"] == "-rw-r--r-- 4" and tree["/m"] == "lrwxrwxrwx /etc" and tree["/k/new"] == "-rw-r--r-- 1"
+    )
+    assert not {"/n/c", "/m/c", "/k/old"} & set(tree)
+
+
+def _pax(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.pax_headers = {"comment": "A" * size}
+    return ti
+
+
+REFUSED = {
+    "pax-header-2MiB": ([_pax("p", 2 << 20), file("x")], "extended header of 2097"),
+    "name-component-300": ([file("d/" + "x" * 300)], "longer than 255 bytes"),
+    "whiteout-of-parent": ([file("a/.wh..."), file("x")], "invalid whiteout"),
+    "hardlink-missing": ([file("a"), link("b", "missing")], "points at missing file"),
+    "hardlink-directory": ([d("dd"), link("h", "dd")], "points at directory"),
+    "not-a-tar": (b"hello, not a tar archive\n" * 100, "not a valid tar archive"),
+    "truncated-gzip": ([file("x", random.Random(0).randbytes(100_000))], "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_hostile_layer_is_refused_with_one_fatal_line(tmp_path: Path, case: str) -> None:
+    """Apptainer fails on these too, except ``a/.wh...``, where it empties the whole image."""
+    content, message = REFUSED[case]
+    raw = content if isinstance(content, bytes) else tar_bytes(content)
+    lay = blob(tmp_path, raw)
+    if case == "truncated-gzip":  # the blob is cut short, its digest is that of the cut bytes
+        data = lay.path.read_bytes()
+        data = data[: len(data) // 2]
+        path = tmp_path / hashlib.sha256(data).hexdigest()
+        path.write_bytes(data)
+        lay = LayerBlob(path, MEDIA["gzip"], "sha256:" + path.name, lay.diff_id)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    archive = _archive(tmp_path, [lay])
+    p = _hpcsif_build(out_dir / "x.sif", archive)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert len(fatal) == 1 and message in fatal[0], p.stderr
+    assert list(out_dir.iterdir()) == []
