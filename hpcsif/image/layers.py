@@ -49,8 +49,10 @@ Hostile layers, decided per case:
   and so are names and hard-link targets whose ``..`` components would leave it (``..`` at
   the root is the root, as in Apptainer and Docker: ``../../x`` is ``x``);
 * a name component longer than 255 bytes -> ``LayerError`` (no file system can hold it);
-* an entry below a symlink or other non-directory of the *same* layer (writing through a
-  symlink) -> ``LayerError``; below a non-directory of an *upper* layer it is hidden;
+* an entry below a symlink of the *same* layer goes where the symlink points, resolved
+  inside the root, as Apptainer (umoci, securejoin) extracts it; below another
+  non-directory of the same layer -> ``LayerError``; below a non-directory of an *upper*
+  layer it is hidden;
 * a hard link to a missing target, to a directory or to itself -> ``LayerError``;
 * symlink targets are kept verbatim: absolute targets resolve inside the container at run
   time, and :func:`extract_tree` never follows a symlink while writing (``O_NOFOLLOW`` and
@@ -415,6 +417,29 @@ def _open_tar(stream: _LayerStream) -> tarfile.TarFile:
         return tarfile.open(fileobj=io.BytesIO(_EMPTY_TAR), mode="r:")
 
 
+def _link_path(name: str, target: str) -> str:
+    """The root-relative path symlink ``name`` -> ``target`` names, resolved inside the root."""
+    return posixpath.normpath(posixpath.join("/", posixpath.dirname(name), target)).lstrip("/")
+
+
+def _follow(name: str, symlink: Callable[[str], str | None], label: str) -> str:
+    """``name`` with the symlinks among its ancestors followed, inside the root.
+
+    ``symlink(path)`` is the root-relative path that ``path`` points at, None if it is no
+    symlink to follow.
+    """
+    for _ in range(40):  # as the kernel's limit on nested symlinks
+        for anc in _ancestors(name):
+            hit = symlink(anc)
+            if hit is not None:
+                rest = name[len(anc) + 1 :]
+                name = f"{hit}/{rest}" if hit else rest
+                break
+        else:
+            return name
+    raise LayerError(f"layer {label}: {name!r}: too many levels of symbolic links among its parents")
+
+
 _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
 
 
@@ -676,6 +701,7 @@ class _Layer:
         self.opaque: set[str] = set()
         # ordinals of the members a later member of this layer replaces (known after a pre-scan)
         self.replaced = _REPEATS.get((str(blob.path), blob.offset, blob.digest), frozenset())
+        self.symlinks: dict[str, str] = {}  # this layer's symlinks -> the root-relative path they name
 
 
 _Sink = _TarSink | _DirSink
@@ -746,16 +772,12 @@ class _Merger:
 
     def _written_through(self, name: str, level: int) -> str:
         """``name`` of layer ``level`` with the known lower symlinks among its ancestors followed."""
-        for _ in range(40):  # as the kernel's limit on nested symlinks
-            for anc in _ancestors(name):
-                hit = self.through.get(anc)
-                if hit is not None and hit[0] > level:
-                    rest = name[len(anc) + 1 :]
-                    name = f"{hit[1]}/{rest}" if hit[1] else rest
-                    break
-            else:
-                return name
-        raise LayerError(f"{name!r}: too many levels of symbolic links among its parents")
+
+        def lower(path: str) -> str | None:
+            hit = self.through.get(path)
+            return hit[1] if hit is not None and hit[0] > level else None
+
+        return _follow(name, lower, f"level {level}")
 
     # -- visibility ----------------------------------------------------------------------
 
@@ -790,6 +812,8 @@ class _Merger:
     def entry(self, lay: _Layer, ti: tarfile.TarInfo, data: BinaryIO | None) -> None:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
         name = _normalise(ti.name, lay.blob)
+        if lay.symlinks:
+            name = _follow(name, lay.symlinks.get, lay.label)
         if self.through:
             name = self._written_through(name, lay.level)
         parent, base = posixpath.split(name)
@@ -846,6 +870,8 @@ class _Merger:
         else:
             lay.held[name] = (ti, kind)
             lay.state[name] = _EMITTED
+            if kind == "sym":
+                lay.symlinks[name] = _link_path(name, ti.linkname)
 
     def _against_claim(
         self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, claim: int
@@ -879,6 +905,7 @@ class _Merger:
             )
         lay.held.pop(name, None)
         lay.links.pop(name, None)
+        lay.symlinks.pop(name, None)
         target = lay.state.get(name)
         if isinstance(target, str):  # an earlier hard link: withdraw its request for content
             for requests in (self.pending.get(target, []), lay.rereads.get(target, [])):
@@ -891,8 +918,7 @@ class _Merger:
         entry of their own for it, so extraction (Apptainer's, containerd's) writes them through it.
         """
         if name not in self.through:
-            target = posixpath.normpath(posixpath.join("/", posixpath.dirname(name), ti.linkname))
-            self.found[name] = (lay.level, target.lstrip("/"))
+            self.found[name] = (lay.level, _link_path(name, ti.linkname))
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""

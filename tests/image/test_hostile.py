@@ -63,14 +63,30 @@ def test_absolute_names_are_contained(tmp_path: Path):
     assert (box / "etc/abs").read_text() == "inside"
 
 
-def test_write_through_symlink_in_same_layer_is_refused(tmp_path: Path):
+def test_write_through_symlink_in_same_layer_is_contained(tmp_path: Path):
+    """As Apptainer (umoci, securejoin): below a symlink of the same layer, the entry goes where
+    the symlink points, resolved inside the root; the symlink stays."""
     outside = tmp_path / "outside"
     outside.mkdir()
-    lay = layer(tmp_path, [sym("evil", str(outside)), file("evil/pwned", "x")])
-    err = _flatten_fails([lay], "below the non-directory 'evil'")
-    assert lay.digest in str(err) and "evil/pwned" in str(err)
-    _extract_fails([lay], tmp_path / "box", "writing through a symlink")
+    inside = str(outside).lstrip("/")
+    entries = [
+        sym("evil", str(outside)),
+        file("evil/pwned", "x"),
+        sym("up", "../../../.."),
+        file("up/p2", "y"),
+    ]
+    entries += [sym("loop", "loop"), d("keep")]
+    lay = layer(tmp_path, entries)
+    root, _ = squash_and_unpack([lay], tmp_path)
+    assert (root / inside / "pwned").read_text() == "x" and (root / "p2").read_text() == "y"
+    assert os.readlink(root / "evil") == str(outside)
+    box = tmp_path / "box"
+    extract_tree([lay], box)
+    assert (box / inside / "pwned").read_text() == "x" and (box / "p2").read_text() == "y"
     assert list(outside.iterdir()) == []
+    looped = layer(tmp_path, [sym("loop", "loop"), file("loop/x")])
+    _flatten_fails([looped], "too many levels of symbolic links")
+    _extract_fails([looped], tmp_path / "box2", "too many levels")
 
 
 def test_write_through_lower_symlink_is_contained(tmp_path: Path):
