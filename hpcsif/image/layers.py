@@ -847,7 +847,7 @@ class _Merger:
         claim = self.claims.get(name)
         if reason is None and claim is not None:
             reason = self._against_claim(lay, name, ti, kind, claim)
-        elif reason is None and kind == "sym" and self.whiteout_dirs.get(name, lay.level) < lay.level:
+        elif reason is None and kind == "sym" and self._lies_below(name, lay.level):
             self._found_through(lay, name, ti)
         if reason is not None:
             if reason != "merged":
@@ -913,6 +913,13 @@ class _Merger:
         self.stats.skip("duplicate")
         return None
 
+    def _lies_below(self, name: str, level: int) -> bool:
+        """True if upper layers than ``level`` put whiteouts or hard-link targets below ``name``."""
+        if self.whiteout_dirs.get(name, level) < level:
+            return True
+        prefix = name + "/"
+        return any(target.startswith(prefix) for target in self.pending)
+
     def _found_through(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:
         """Note the symlink ``name``: upper layers put entries or whiteouts below it without an
         entry of their own for it, so extraction (Apptainer's, containerd's) writes them through it.
@@ -923,6 +930,8 @@ class _Merger:
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
         target = _normalise(ti.linkname, lay.blob, what=f"hard link target of {name!r}")
+        if lay.symlinks:
+            target = _follow(target, lay.symlinks.get, lay.label)
         if self.through:
             target = self._written_through(target, lay.level)
         seen = lay.state.get(target)

@@ -128,6 +128,17 @@ def test_writes_through_symlinks_of_the_same_layer_stay_in_the_root(tmp_path: Pa
     assert not (tmp_path / "p3").exists()
 
 
+def test_hard_links_through_symlinks_resolve_in_the_root(tmp_path: Path) -> None:
+    """A hard link's target path may pass through symlinks, of its own layer or a lower one."""
+    lower = layer(tmp_path, [d("real"), file("real/t", "T"), sym("via", "real"), sym("abs", "/real")])
+    upper = layer(
+        tmp_path, [link("h1", "via/t"), d("own"), file("own/u", "UU"), sym("o", "own"), link("h2", "o/u")]
+    )
+    top = layer(tmp_path, [link("h3", "abs/t")], "zstd")
+    tree = _build_and_compare(tmp_path, [lower, upper, top])
+    assert tree["/h1"] == tree["/h3"] == "-rw-r--r-- 1" and tree["/h2"] == "-rw-r--r-- 2"
+
+
 def test_empty_layer_blobs_are_empty_layers(tmp_path: Path) -> None:
     layers = [
         _empty_blob(tmp_path, MEDIA["gzip"]),
