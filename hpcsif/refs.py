@@ -185,6 +185,7 @@ def parse(text: str) -> Reference:
         if not body:
             raise ReferenceError(f"{text!r}: missing path")
         path, name = _split_path_ref(body)
+        _check_reachable(text, path)
         return Reference(transport=scheme, raw=text, path=path, name=name)
     if scheme in URL_TRANSPORTS:
         return Reference(transport=scheme, raw=text, path=text)
@@ -200,8 +201,27 @@ def parse(text: str) -> Reference:
 
 
 def _parse_local(text: str) -> Reference:
+    _check_reachable(text, text)
     if os.path.isdir(text):
         return Reference(transport="sandbox", raw=text, path=text)
     if os.path.exists(text):
         return Reference(transport="sif", raw=text, path=text)
+    if os.path.islink(text):
+        raise ReferenceError(f"{text!r}: symbolic link to {os.readlink(text)!r}, which does not exist")
     raise ReferenceError(f"{text!r}: no such file or directory, and not a URI (docker://, oci-archive://, …)")
+
+
+def _check_reachable(text: str, path: str) -> None:
+    """Refuse *path* when it cannot be reached for a reason other than not existing.
+
+    A symbolic link loop, a file used as a directory or a directory that may not be searched
+    would otherwise read as "no such file" wherever ``exists()`` is asked; a missing path is
+    left to the reader, which names what it expected there.
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ReferenceError(f"{text!r}: {reason[:1].lower()}{reason[1:]}") from None

@@ -207,10 +207,13 @@ def is_definition_file(path: str | Path) -> bool:
     from hpcsif.sif.format import LAUNCH_LEN, MAGIC
 
     p = Path(path)
-    if not p.is_file():
+    try:
+        if not p.is_file():
+            return False
+        with p.open("rb") as f:
+            head = f.read(512)
+    except OSError:  # unreadable: not taken for a definition; opening it as an image names why
         return False
-    with p.open("rb") as f:
-        head = f.read(512)
     if head[LAUNCH_LEN : LAUNCH_LEN + len(MAGIC)] == MAGIC:
         return False
     # gzip, zstd, xz, bzip2 and tar archives are images (docker-archive …), not text

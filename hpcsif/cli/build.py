@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -48,9 +49,12 @@ def check_target(target: Path, force: bool) -> None:
     """Refuse to replace an existing target unless forced; the old one goes only once the new is ready."""
     from hpcsif.errors import BuildError
 
+    if not target.parent.is_dir():
+        raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        # before any download or conversion, which would otherwise fail only at the end (as pull)
+        raise BuildError(f"cannot write {target}: permission denied in directory {target.parent}")
     if not target.exists() and not target.is_symlink():
-        if not target.parent.is_dir():
-            raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
         return
     if not force:
         raise BuildError(
@@ -309,8 +313,9 @@ def run(args: argparse.Namespace) -> int:
         for dest, value in _mksquashfs_options(args.mksquashfs_args).items():
             setattr(args, dest, value)
     target = Path(args.target)
+    ref = parse(args.source)  # first: an unreachable local path (loop, EACCES …) fails in one line
     definition = False
-    if Path(args.source).is_file():  # only a local file can be one: skip loading the parser
+    if ref.transport == "sif":  # only a local file can be one: skip loading the parser
         from hpcsif.build.deffile import is_definition_file
 
         definition = is_definition_file(args.source)
@@ -343,7 +348,6 @@ def run(args: argparse.Namespace) -> int:
         )
         build_definition(args.source, target, opts)
     else:
-        ref = parse(args.source)
         check_target(target, args.force)
         log.info("Starting build of %s from %s", target, args.source)
         convert_ref(

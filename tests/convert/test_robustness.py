@@ -1,0 +1,84 @@
+"""Hostile local paths and outputs through the CLI: one FATAL line naming the problem."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from tests.services.users import USER_PYTHON, TestUser
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Path:
+    """A symbolic link loop, a plain file and a dangling link."""
+    os.symlink("loop", tmp_path / "loop")
+    (tmp_path / "plain").write_bytes(b"")
+    os.symlink("nowhere", tmp_path / "dangling")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("loop", "too many levels of symbolic links"),
+        ("loop/x.sif", "too many levels of symbolic links"),
+        ("plain/x.sif", "not a directory"),
+        ("dangling", "symbolic link to 'nowhere', which does not exist"),
+    ],
+)
+def test_unreachable_local_image(paths: Path, name: str, problem: str) -> None:
+    """Apptainer names the loop / ENOTDIR too ("EvalSymlinks: too many links", "not a directory")."""
+    out = paths / "out.sif"
+    for args in (("exec", name, "true"), ("run", name), ("build", str(out), name), ("pull", str(out), name)):
+        proc = run_cli(*args, check=False, cwd=paths, timeout=60)
+        assert (proc.returncode, proc.stderr) == (255, f"FATAL:   {name!r}: {problem}\n"), args
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("transport", ["oci-archive", "docker-archive", "oci"])
+def test_unreachable_transport_path(paths: Path, transport: str) -> None:
+    """A loop or a file used as a directory was a traceback (or "no such directory") before."""
+    out = paths / "out.sif"
+    for name, problem in (("loop", "too many levels of symbolic links"), ("plain/x", "not a directory")):
+        for command in ("build", "pull"):
+            proc = run_cli(command, str(out), f"{transport}://{name}", check=False, cwd=paths, timeout=60)
+            assert (proc.returncode, proc.stderr) == (255, f"FATAL:   '{transport}://{name}': {problem}\n")
+    assert not out.exists()
+
+
+def test_permission_denied(unpriv_user: TestUser) -> None:
+    """An image in a directory the user may not search, or a file it may not read: no traceback."""
+    with tempfile.TemporaryDirectory(prefix="hpcsif-robust-") as d:
+        base = Path(d)
+        os.chmod(base, 0o755)  # the user's way in; pytest's own tmp_path is root's alone
+        (base / "locked").mkdir(mode=0o700)
+        (base / "locked" / "x.sif").write_bytes(b"")
+        (base / "unreadable.sif").write_bytes(b"")
+        os.chmod(base / "unreadable.sif", 0o600)
+        (base / "cache").mkdir()
+        os.chown(base / "cache", unpriv_user.uid, unpriv_user.gid)
+        (base / "out").mkdir()
+        os.chown(base / "out", unpriv_user.uid, unpriv_user.gid)
+        out = base / "out" / "out.sif"
+        env = {"PYTHONPATH": str(ROOT), "HPCSIF_CACHEDIR": str(base / "cache")}
+        for image, message in (
+            ("locked/x.sif", "'locked/x.sif': permission denied"),
+            ("unreadable.sif", "unreadable.sif: cannot open: Permission denied"),
+        ):
+            for args in (("exec", image, "true"), ("build", str(out), image)):
+                cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", *args]
+                proc = unpriv_user.run(cmd, env=env, cwd=base, timeout=60)
+                assert proc.returncode == 255 and proc.stderr.startswith("FATAL:   "), (args, proc.stderr)
+                assert proc.stderr.endswith(f"{message}\n") and proc.stderr.count("\n") == 1, proc.stderr
+        assert not out.exists()
+        # a build into a directory the user may not write fails before any work, as pull does
+        cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", str(base / "o.sif"), "docker://busybox"]
+        proc = unpriv_user.run(cmd, env=env, cwd=base, timeout=60)
+        assert (proc.returncode, proc.stderr) == (
+            255,
+            f"FATAL:   cannot write {base}/o.sif: permission denied in directory {base}\n",
+        )
