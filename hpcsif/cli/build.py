@@ -359,6 +359,10 @@ def run(args: argparse.Namespace) -> int:
             source_options=registry_options(args),
             progress=progress_bar(not (args.quiet or args.silent)),
         )
+    if not args.sandbox:
+        from hpcsif.sources.remote import umasked
+
+        os.chmod(target, umasked(0o777))  # Apptainer's (and our pull's) 0777 & ~umask
     if not (args.quiet or args.silent):
         # on stderr, as Apptainer's INFO lines: `out=$(hpcsif build …)` captures nothing
         print(f"INFO:    Build complete: {target}", file=sys.stderr, flush=True)

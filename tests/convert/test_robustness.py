@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -82,3 +83,15 @@ def test_permission_denied(unpriv_user: TestUser) -> None:
             255,
             f"FATAL:   cannot write {base}/o.sif: permission denied in directory {base}\n",
         )
+
+
+def test_build_output_mode_follows_umask(busybox_oci_layout: Path, tmp_path: Path) -> None:
+    """Apptainer's build (like its pull, and ours) leaves a SIF 0777 & ~umask, not always 0755."""
+    sif, again = tmp_path / "a.sif", tmp_path / "b.sif"
+    run_cli("build", str(sif), f"oci://{busybox_oci_layout}:latest", umask=0o027)
+    definition = tmp_path / "x.def"
+    definition.write_text(f"Bootstrap: localimage\nFrom: {sif}\n")
+    run_cli("build", str(again), str(definition), umask=0o077)
+    assert (stat.S_IMODE(sif.stat().st_mode), stat.S_IMODE(again.stat().st_mode)) == (0o750, 0o700)
+    run_cli("build", "-F", str(sif), str(again), umask=0o002)
+    assert stat.S_IMODE(sif.stat().st_mode) == 0o775
