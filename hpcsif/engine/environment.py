@@ -29,6 +29,28 @@ _HOST = "__HPCSIF_HOST"
 #: Apptainer's prompt, in every action (its PROMPT_COMMAND re-sets it after a shell's rc files)
 PROMPT = "Apptainer> "
 
+# Execs "$@" after resolving the command first, as Apptainer's exec does: its FATAL messages,
+# exit status 255, the full path as argv[0]. Shared by the launcher's exec and OCI runscripts.
+EXEC_RESOLVED = r"""__c=$1
+case $__c in
+*/*) ;;
+*)
+  __o=$IFS; IFS=:
+  for __d in $PATH; do
+    if [ -f "${__d:-.}/$1" ] && [ -x "${__d:-.}/$1" ]; then __c=${__d:-.}/$1; break; fi
+  done
+  IFS=$__o
+  case $__c in
+  */*) ;;
+  *) echo "FATAL:   \"$1\": executable file not found in \$PATH" >&2; exit 255 ;;
+  esac ;;
+esac
+if [ ! -e "$__c" ]; then echo "FATAL:   stat $__c: no such file or directory" >&2; exit 255; fi
+if [ -d "$__c" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
+if [ ! -x "$__c" ]; then echo "FATAL:   permission denied" >&2; exit 255; fi
+shift; exec "$__c" "$@"
+"""
+
 # Runs as `/bin/sh -c LAUNCHER hpcsif ARGS…` inside the container. Override values are passed
 # in variables named __HPCSIF_SET_<KEY> and only ever expanded inside double quotes, so spaces,
 # quotes and `$` in them survive untouched; the key names are checked by Python beforehand.
@@ -72,25 +94,8 @@ unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 case $__a in
 exec)
-  # resolve the command first, as Apptainer does: its messages, exit status 255, full argv[0]
-  unset __a __app; __c=$1
-  case $__c in
-  */*) ;;
-  *)
-    __o=$IFS; IFS=:
-    for __d in $PATH; do
-      if [ -f "${__d:-.}/$1" ] && [ -x "${__d:-.}/$1" ]; then __c=${__d:-.}/$1; break; fi
-    done
-    IFS=$__o
-    case $__c in
-    */*) ;;
-    *) echo "FATAL:   \"$1\": executable file not found in \$PATH" >&2; exit 255 ;;
-    esac ;;
-  esac
-  if [ ! -e "$__c" ]; then echo "FATAL:   stat $__c: no such file or directory" >&2; exit 255; fi
-  if [ -d "$__c" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
-  if [ ! -x "$__c" ]; then echo "FATAL:   permission denied" >&2; exit 255; fi
-  shift; exec "$__c" "$@" ;;
+  unset __a __app
+@EXEC_RESOLVED@ ;;
 run)
   __r=/.singularity.d/runscript
   if [ -n "$__app" ]; then
@@ -110,14 +115,16 @@ test)
   fi
   unset __a __app
   if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
-  echo "INFO:    No test script found in container, exiting" >&2; exit 0 ;;
+  # both lines, as Apptainer 1.4 prints them (its own, then its action script's on stdout)
+  echo "INFO:    No test script found in container, exiting" >&2
+  echo "No test found in container, executing /bin/sh -c true"; exit 0 ;;
 shell)
   unset __a __app
   if [ -n "$SINGULARITY_SHELL" ] && [ -x "$SINGULARITY_SHELL" ]; then exec "$SINGULARITY_SHELL" "$@"; fi
   if [ -x /bin/bash ]; then exec /bin/bash --norc "$@"; fi
   exec /bin/sh "$@" ;;
 esac
-""".replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " "))
+""".replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " ")).replace("@EXEC_RESOLVED@", EXEC_RESOLVED)
 
 
 def host_environ() -> dict[str, str]:
@@ -259,6 +266,8 @@ def build_env(
         if not cleanenv or key in CLEANENV_KEEP or key.startswith(pass_prefixes):
             # a name the shell cannot hold cannot be set by the image either: pass it as is
             (hidden if _NAME.match(key) else result)[key] = value
+    if not cleanenv and "PATH" in host:
+        hidden["USER_PATH"] = host["PATH"]  # Apptainer's copy of the caller's PATH
     if cleanenv:
         hidden["LANG"] = "C"  # Apptainer's --cleanenv default, under the image's value
     expand = set(overrides)

@@ -1,0 +1,165 @@
+"""Ordinary Docker-style images, used as a new Apptainer user would, against Apptainer 1.4.
+
+Each test checks hpcsif's own behaviour through the CLI, then (where ``apptainer`` or
+``peer-apptainer`` is on PATH) that Apptainer shows the same thing for the same image.
+The images are OCI layouts and archives built here from busybox-static, under /tmp so that
+the peer (in its chroot) sees them at the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
+from tests.conftest import peer_apptainer
+from tests.engine.conftest import need_tools
+from tests.services.images import busybox_binary
+
+pytestmark = pytest.mark.slow
+
+APPLETS = ("sh", "echo", "env", "true", "printf", "cat", "id")
+#: ENTRYPOINT words that need every kind of quoting in the runscript's OCI_ENTRYPOINT
+TRICKY = ["/bin/printf", "<%s>\\n", "it's", 'say "hi"', "back\\slash", "tick`date`", "$HOME"]
+
+
+@dataclass
+class Ordinary:
+    """The SIFs hpcsif built from the test layouts, and where the layouts are."""
+
+    base: Path
+    cmdonly: Path  # CMD ["echo", "hello from cmd"], no ENTRYPOINT
+    tricky: Path  # ENTRYPOINT TRICKY, CMD ["c'md"]
+    layouts: dict[str, Path]
+
+
+def _env(base: Path) -> dict[str, str]:
+    return {**os.environ, "HPCSIF_CACHEDIR": str(base / "cache"), "PATH": os.environ["PATH"] + ":/usr/sbin"}
+
+
+def hpcsif(base: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``hpcsif ARGS…`` in ``base`` with its own cache."""
+    argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
+    return subprocess.run(
+        argv, cwd=base, env={**_env(base), **(env or {})}, capture_output=True, text=True, timeout=120
+    )
+
+
+def peer(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same command with Apptainer and its own cache (skips the test without it)."""
+    exe = peer_apptainer()
+    if exe is None:
+        pytest.skip("neither apptainer nor peer-apptainer is on PATH")
+    env = {**_env(base), "APPTAINER_CACHEDIR": str(base / "peer-cache")}
+    return subprocess.run([exe, *args], cwd=base, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ordinary(tmp_path_factory: pytest.TempPathFactory) -> Ordinary:
+    need_tools()
+    base = tmp_path_factory.mktemp("ordinary")
+    assert str(base).startswith("/tmp/")
+    root = [
+        Entry("bin", mode=0o755),
+        Entry("bin/busybox", busybox_binary().read_bytes(), 0o755),
+        *(Entry(f"bin/{a}", symlink="busybox", mode=0o777) for a in APPLETS),
+        Entry("etc", mode=0o755),
+        Entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        Entry("etc/group", b"root:x:0:\n"),
+    ]
+    layouts = {}
+    for name, entrypoint, cmd in (
+        ("cmdonly", None, ["echo", "hello from cmd"]),
+        ("tricky", TRICKY, ["c'md"]),
+    ):
+        layouts[name] = base / name
+        write_oci_layout(layouts[name], ImageSpec([layer_tar(root)], entrypoint=entrypoint, cmd=cmd))
+        built = hpcsif(base, "-q", "build", f"{name}.sif", f"oci:{layouts[name]}")
+        assert built.returncode == 0, built.stderr
+    return Ordinary(base, base / "cmdonly.sif", base / "tricky.sif", layouts)
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        ("nosuch", '"nosuch": executable file not found in $PATH'),
+        ("/nope", "stat /nope: no such file or directory"),
+        ("/etc", "is a directory"),
+        ("/etc/passwd", "permission denied"),
+    ],
+)
+def test_run_arguments_that_cannot_run_fail_as_in_apptainer(
+    ordinary: Ordinary, command: str, message: str
+) -> None:
+    """`run IMG ARGS` of a CMD-only image runs ARGS; one that cannot run is a FATAL line, status 255."""
+    ours = hpcsif(ordinary.base, "run", str(ordinary.cmdonly), command)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (255, "", f"FATAL:   {message}\n")
+    theirs = peer(ordinary.base, "run", str(ordinary.cmdonly), command)
+    assert (theirs.returncode, theirs.stderr) == (ours.returncode, ours.stderr)
+
+
+def test_run_defaults_and_arguments(ordinary: Ordinary) -> None:
+    """CMD without arguments, the arguments instead of CMD; ENTRYPOINT words reach it unchanged."""
+    assert hpcsif(ordinary.base, "run", str(ordinary.cmdonly)).stdout == "hello from cmd\n"
+    assert hpcsif(ordinary.base, "run", str(ordinary.cmdonly), "echo", "a  b").stdout == "a  b\n"
+    words = [*TRICKY[2:], "c'md"]
+    assert hpcsif(ordinary.base, "run", str(ordinary.tricky)).stdout == "".join(f"<{w}>\n" for w in words)
+
+
+def test_runscript_oci_variables_as_apptainer_writes_them(ordinary: Ordinary) -> None:
+    """OCI_ENTRYPOINT/OCI_CMD hold double-quoted words that `eval "set -- …"` gives back."""
+    script = hpcsif(ordinary.base, "inspect", "--runscript", str(ordinary.tricky)).stdout
+    assigns = [line for line in script.splitlines() if line.startswith(("OCI_ENTRYPOINT=", "OCI_CMD="))]
+    assert len(assigns) == 2
+    words = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            "\n".join([*assigns, 'eval "set -- $OCI_ENTRYPOINT $OCI_CMD"; printf "<%s>" "$@"']),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert words == "".join(f"<{w}>" for w in [*TRICKY, "c'md"])
+    theirs = peer(ordinary.base, "build", "peer-tricky.sif", f"oci:{ordinary.layouts['tricky']}")
+    assert theirs.returncode == 0, theirs.stderr
+    peer_script = peer(ordinary.base, "inspect", "--runscript", "peer-tricky.sif").stdout
+    assert assigns == [
+        line for line in peer_script.splitlines() if line.startswith(("OCI_ENTRYPOINT=", "OCI_CMD="))
+    ]
+
+
+def test_test_without_test_script(ordinary: Ordinary) -> None:
+    """Apptainer prints its INFO line on stderr and its action script's line on stdout."""
+    ours = hpcsif(ordinary.base, "test", str(ordinary.cmdonly))
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        0,
+        "No test found in container, executing /bin/sh -c true\n",
+        "INFO:    No test script found in container, exiting\n",
+    )
+    theirs = peer(ordinary.base, "test", str(ordinary.cmdonly))
+    assert (theirs.returncode, theirs.stdout, theirs.stderr) == (ours.returncode, ours.stdout, ours.stderr)
+
+
+def test_user_path_is_the_callers_path(ordinary: Ordinary) -> None:
+    """USER_PATH holds the caller's PATH (not with --cleanenv; APPTAINERENV_USER_PATH wins)."""
+    path = "/opt/caller/bin:" + os.environ["PATH"] + ":/usr/sbin"
+    script = 'echo "${USER_PATH-unset}"'
+    res = hpcsif(ordinary.base, "exec", str(ordinary.cmdonly), "sh", "-c", script, env={"PATH": path})
+    assert res.stdout == path + "\n", res.stderr
+    res = hpcsif(
+        ordinary.base, "exec", "--cleanenv", str(ordinary.cmdonly), "sh", "-c", script, env={"PATH": path}
+    )
+    assert res.stdout == "unset\n", res.stderr
+    res = hpcsif(
+        ordinary.base, "exec", str(ordinary.cmdonly), "sh", "-c", script, env={"APPTAINERENV_USER_PATH": "x"}
+    )
+    assert res.stdout == "x\n", res.stderr
+    theirs = peer(ordinary.base, "exec", str(ordinary.cmdonly), "sh", "-c", script)
+    assert theirs.stdout.strip().startswith("/"), theirs  # the peer's own PATH, which its wrapper sets
