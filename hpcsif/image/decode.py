@@ -149,6 +149,57 @@ class _ZstdReader:
         return b"".join(parts)
 
 
+class _XzReader:
+    """Multi-stream xz decoding with bounded output and memory.
+
+    An xz header may ask for a dictionary of up to 4 GiB, which the decoder fills as it
+    goes; ``xz -9`` needs 65 MiB. :class:`lzma.LZMAFile` has no memory limit.
+    """
+
+    MEMLIMIT = 256 << 20
+
+    def __init__(self, raw: HashingReader) -> None:
+        import lzma
+
+        self._lzma = lzma
+        self._raw = raw
+        self._dec = self._new()
+        self._streams = 0  # xz streams decoded to their end
+        self._produced = False  # whether the current stream gave output
+
+    def _new(self):
+        return self._lzma.LZMADecompressor(self._lzma.FORMAT_XZ, memlimit=self.MEMLIMIT)
+
+    def read(self, size: int) -> bytes:
+        while True:
+            data = b""
+            if self._dec.eof:  # the next stream, if any
+                self._streams += 1
+                data = self._dec.unused_data or self._raw.read(CHUNK // 4)
+                if not data:
+                    return b""
+                self._dec, self._produced = self._new(), False
+            elif self._dec.needs_input:
+                data = self._raw.read(CHUNK // 4)
+                if not data:
+                    if self._streams and not self._produced:  # stream padding after the last stream
+                        return b""
+                    raise EOFError("compressed stream ended before the end-of-stream marker")
+            try:
+                out = self._dec.decompress(data, size)
+            except self._lzma.LZMAError as e:
+                if "memory" in str(e).lower():
+                    raise ValueError(
+                        f"the xz stream needs more than {self.MEMLIMIT >> 20} MiB to decode"
+                    ) from e
+                if self._streams and not self._produced:
+                    return b""  # trailing bytes after the last stream, as lzma.LZMAFile ignores them
+                raise
+            if out:
+                self._produced = True
+                return out
+
+
 def _decoder(raw: HashingReader):
     """A reader of the decompressed bytes, chosen by the blob's magic bytes."""
     head = raw.peek(8)
@@ -161,9 +212,7 @@ def _decoder(raw: HashingReader):
 
         return bz2.BZ2File(raw)
     if head.startswith(_XZ_MAGIC):
-        import lzma
-
-        return lzma.LZMAFile(raw)
+        return _XzReader(raw)
     return raw
 
 

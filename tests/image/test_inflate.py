@@ -91,3 +91,32 @@ def test_a_window_inside_a_larger_file(tmp_path: Path, process: bool):
         assert stream.bytes_in == len(data)
     finally:
         stream.close()
+
+
+def test_xz_streams_padding_and_memory_limit(tmp_path: Path):
+    """Concatenated xz streams and stream padding decode; a stream asking for a 1 GiB dictionary
+    is refused before the decoder can fill it (``lzma.LZMAFile`` has no limit)."""
+    import lzma
+
+    from tests.image.tarbuild import sha
+
+    tail = tar_bytes([file("tail", "t")])
+    data = lzma.compress(RAW[:-1024]) + lzma.compress(RAW[-1024:]) + bytes(8)
+    path = tmp_path / "multi.xz"
+    path.write_bytes(data)
+    lay = LayerBlob(path, "", sha(data), sha(RAW))
+    stream = _LayerStream(lay)
+    try:
+        assert stream.read(-1) == RAW
+    finally:
+        stream.close()
+    huge = [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 30}]
+    data = lzma.compress(tail, format=lzma.FORMAT_XZ, filters=huge)
+    path = tmp_path / "huge.xz"
+    path.write_bytes(data)
+    stream = _LayerStream(LayerBlob(path, "", sha(data), sha(tail)))
+    try:
+        with pytest.raises(IntegrityError, match="needs more than 256 MiB"):
+            stream.read(-1)
+    finally:
+        stream.close()
