@@ -250,13 +250,14 @@ def run_pull(args: argparse.Namespace) -> int:
             from hpcsif.sources.remote import umasked
 
             convert_ref(ref, target, options=options, source_options=source_options, progress=progress)
+            notices.done()
             os.chmod(target, umasked(0o777))  # the SIF writer's 0755, narrowed as the umask asks
         else:
             # through the SIF cache, so that a later `exec docker://…` of the same image converts nothing
             from hpcsif.cache.api import ensure_image
 
             cached = ensure_image(ref.raw, options=options, source_options=source_options)
-            notices.cached()
+            notices.done()
             _copy_out(cached, target)
     log.info("Pulled %s to %s", ref.raw, target)
     return 0
@@ -268,9 +269,17 @@ def info(args: argparse.Namespace, message: str) -> None:
         print(f"INFO:    {message}", file=sys.stderr, flush=True)
 
 
+#: Apptainer's build steps, announced with "Converting OCI blobs to SIF format" (the fetch
+#: starts) and when the conversion is done
+CONVERTING = "Converting OCI blobs to SIF format"
+FETCH_STEPS = ("Starting build...", "Fetching OCI image...")
+BUILD_STEPS = ("Extracting OCI image...", "Inserting Apptainer configuration...", "Creating SIF file...")
+
+
 class Notices:
     """Apptainer's INFO lines for an image from a URI, as a ``notify`` source option: the
-    conversion's ("Converting OCI blobs to SIF format") or, when nothing was said, a cache hit's.
+    conversion's ("Converting OCI blobs to SIF format" and its build steps) or, when nothing
+    was said, a cache hit's.
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -279,11 +288,15 @@ class Notices:
 
     def __call__(self, message: str) -> None:
         self.said.append(message)
-        info(self.args, message)
+        for line in (message, *FETCH_STEPS) if message == CONVERTING else (message,):
+            info(self.args, line)
 
-    def cached(self) -> None:
-        """Say "Using cached SIF image" unless a conversion or download was announced."""
-        if not self.said:
+    def done(self) -> None:
+        """The conversion's last steps, or "Using cached SIF image" where nothing was announced."""
+        if CONVERTING in self.said:
+            for line in BUILD_STEPS:
+                info(self.args, line)
+        elif not self.said:
             info(self.args, "Using cached SIF image")
 
 

@@ -256,7 +256,7 @@ def handle(args: argparse.Namespace) -> int:
 
     # the lease keeps the cached image from eviction for the whole run
     with leased_image(image, source_options=source_options) as path:
-        notices.cached()
+        notices.done()
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
 
@@ -276,6 +276,8 @@ def _launch_uncached(engine, image: str, opts, source_options: dict) -> int:  # 
     with tempfile.TemporaryDirectory(prefix="hpcsif-nocache-") as tmp:
         sif = Path(tmp) / "image.sif"
         convert_ref(ref, sif, source_options=source_options)
+        if notify := source_options.get("notify"):
+            notify.done()
         return engine.launch(sif, opts)
 
 

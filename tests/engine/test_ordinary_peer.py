@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def ordinary(tmp_path_factory: pytest.TempPathFactory) -> Ordinary:
         built = hpcsif(base, "-q", "build", f"{name}.sif", f"oci:{layouts[name]}")
         assert built.returncode == 0, built.stderr
     return Ordinary(base, base / "cmdonly.sif", base / "tricky.sif", layouts)
+
+
+def oci_archive(layout: Path, dest: Path) -> Path:
+    """An oci-archive of ``layout`` with member names as Apptainer wants them (no ``./``)."""
+    with tarfile.open(dest, "w") as tar:
+        for item in sorted(layout.iterdir()):
+            tar.add(item, arcname=item.name)
+    return dest
 
 
 @pytest.mark.parametrize(
@@ -163,3 +172,27 @@ def test_user_path_is_the_callers_path(ordinary: Ordinary) -> None:
     assert res.stdout == "x\n", res.stderr
     theirs = peer(ordinary.base, "exec", str(ordinary.cmdonly), "sh", "-c", script)
     assert theirs.stdout.strip().startswith("/"), theirs  # the peer's own PATH, which its wrapper sets
+
+
+def test_pull_and_exec_print_apptainers_build_steps(ordinary: Ordinary, tmp_path: Path) -> None:
+    """A conversion prints Apptainer's INFO lines, a cache hit its one line; both as the peer's."""
+    archive = oci_archive(ordinary.layouts["cmdonly"], tmp_path / "cmdonly.oci.tar")
+    uri = f"oci-archive:{archive}"
+    steps = [
+        "INFO:    Converting OCI blobs to SIF format",
+        "INFO:    Starting build...",
+        "INFO:    Fetching OCI image...",
+        "INFO:    Extracting OCI image...",
+        "INFO:    Inserting Apptainer configuration...",
+        "INFO:    Creating SIF file...",
+    ]
+    results = []
+    for run in (hpcsif, peer):
+        first = run(tmp_path, "pull", "first.sif", uri)
+        again = run(tmp_path, "pull", "again.sif", uri)
+        hit = run(tmp_path, "exec", uri, "true")
+        results.append([(r.returncode, r.stderr.splitlines()) for r in (first, again, hit)])
+        assert results[0] == [(0, steps), *[(0, ["INFO:    Using cached SIF image"])] * 2]
+        for name in ("first.sif", "again.sif"):
+            (tmp_path / name).unlink()
+    assert results[1] == results[0]
