@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -204,3 +205,68 @@ def test_hostile_layer_is_refused_with_one_fatal_line(tmp_path: Path, case: str)
     fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
     assert len(fatal) == 1 and message in fatal[0], p.stderr
     assert list(out_dir.iterdir()) == []
+
+
+def _bomb(work: Path, size: int) -> LayerBlob:
+    """A gzip layer of one ``size``-byte file of zeros: about 1000 times smaller compressed."""
+    import zlib
+
+    head = tarfile.TarInfo("zeros")
+    head.size = size
+    raw_head = head.tobuf(tarfile.PAX_FORMAT)
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31)
+    diff = hashlib.sha256(raw_head)
+    parts = [comp.compress(raw_head)]
+    zeros = bytes(1 << 24)
+    for _ in range(size // len(zeros)):
+        parts.append(comp.compress(zeros))
+        diff.update(zeros)
+    end = bytes(2 * tarfile.BLOCKSIZE)
+    parts += [comp.compress(end), comp.flush()]
+    diff.update(end)
+    data = b"".join(parts)
+    path = work / hashlib.sha256(data).hexdigest()
+    path.write_bytes(data)
+    return LayerBlob(path, MEDIA["gzip"], "sha256:" + path.name, "sha256:" + diff.hexdigest())
+
+
+# runs argv[1:] and prints the peak RSS (KiB) of it and its children
+_PEAK_RSS = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
+
+
+def test_decompression_bombs_take_bounded_memory_and_disk(tmp_path: Path) -> None:
+    """A 512 MiB file from 0.5 MiB of gzip converts in little memory into a small image (squashfs
+    stores zero blocks sparse); zstd windows over 128 MiB and xz dictionaries over 256 MiB,
+    which the decoder would have to allocate, are refused at once."""
+    import lzma
+
+    import zstandard
+
+    archive = _archive(tmp_path, [_bomb(tmp_path, 1 << 29)])
+    sif = tmp_path / "bomb.sif"
+    # the peak memory of the build alone (this process's other children do not count)
+    cmd = [sys.executable, "-c", _PEAK_RSS, "hpcsif", "build", str(sif), f"oci-archive:{archive}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout.split()[-1]) < 300_000  # KiB
+    assert sif.stat().st_size < 4 << 20 and _tree(sif)["/zeros"] == f"-rw-r--r-- {1 << 29}"
+
+    raw = tar_bytes([file("x", "1")])
+    params = zstandard.ZstdCompressionParameters(window_log=31)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()  # size unknown: 2 GiB window
+    zstd_big = stream.compress(raw) + stream.flush()
+    xz_big = lzma.compress(raw, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 30}])
+    for data, message in ((zstd_big, "too much memory"), (xz_big, "needs more than 256 MiB")):
+        work = tmp_path / message.split()[0]
+        work.mkdir()
+        path = work / hashlib.sha256(data).hexdigest()
+        path.write_bytes(data)
+        lay = LayerBlob(
+            path, MEDIA["zstd"], "sha256:" + path.name, "sha256:" + hashlib.sha256(raw).hexdigest()
+        )
+        p = _hpcsif_build(work / "x.sif", _archive(work, [lay]))
+        assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+        assert not (work / "x.sif").exists()
