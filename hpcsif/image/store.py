@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +31,35 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+#: the largest JSON document (index, manifest, config) held in memory: containers/image's limit
+#: for manifests and configs, which Apptainer inherits (and the registry's for manifests)
+MAX_JSON_DOCUMENT = 4 << 20
+
+
+def document_too_large(what: str) -> IntegrityError:
+    """The error for a JSON document over :data:`MAX_JSON_DOCUMENT`, in containers/image's words."""
+    return IntegrityError(f"{what}: exceeded maximum allowed size of {MAX_JSON_DOCUMENT} bytes (4 MiB)")
+
+
+def read_document(path: Path, what: str) -> bytes:
+    """The bytes of the JSON document file *path*, never reading more than the limit allows.
+
+    Only a regular file is read (a FIFO would block); FileNotFoundError propagates.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{what} is not a regular file")
+        data = f.read(MAX_JSON_DOCUMENT + 1)
+    if len(data) > MAX_JSON_DOCUMENT:
+        raise document_too_large(what)
+    return data
+
+
 def load_json_object(data: bytes | str, what: str) -> dict[str, Any]:
     """Parse an OCI JSON document that must be an object; hostile input raises IntegrityError."""
+    if len(data) > MAX_JSON_DOCUMENT:
+        raise document_too_large(what)
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
@@ -157,10 +185,9 @@ class OCIStore:
         return size is None or st.st_size == size
 
     def read_blob(self, digest: str) -> bytes:
-        """Read a (small) blob whole, verifying its digest."""
-        path = self.blob_path(digest)
+        """Read a JSON document blob (at most :data:`MAX_JSON_DOCUMENT`) whole, verifying its digest."""
         try:
-            data = path.read_bytes()
+            data = read_document(self.blob_path(digest), f"blob {digest}")
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} is missing from {self.root}") from None
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -212,7 +239,7 @@ class OCIStore:
     def index(self) -> dict[str, Any]:
         """The parsed ``index.json``."""
         try:
-            data = (self.root / "index.json").read_bytes()
+            data = read_document(self.root / "index.json", f"{self.root}/index.json")
         except FileNotFoundError:
             raise NotFoundError(f"{self.root}: OCI layout has no index.json") from None
         return load_json_object(data, f"{self.root}/index.json")

@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hpcsif.config import get_config
-from hpcsif.errors import SourceError
+from hpcsif.errors import IntegrityError, SourceError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.model import Descriptor, Image
 from hpcsif.image.select import load_image, resolve_manifest
-from hpcsif.image.store import OCIStore
+from hpcsif.image.store import MAX_JSON_DOCUMENT, OCIStore, document_too_large, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
 from hpcsif.sources.credentials import Credentials, find_credentials, from_docker_config
@@ -167,12 +167,10 @@ class RegistrySource(Source):
 
         def get(reference: str) -> Descriptor:
             data, media_type, digest = client.get_manifest(repo, reference)
-            try:
-                doc = json.loads(data)
-            except ValueError as exc:
-                raise SourceError(f"{where}: manifest {digest} is not valid JSON: {exc}") from None
-            if not isinstance(doc, dict):
-                raise SourceError(f"{where}: manifest {digest} is not a JSON object")
+            try:  # capped and checked as every document is; a SourceError lets the next mirror try
+                doc = load_json_object(data, f"{where}: manifest {digest}")
+            except IntegrityError as exc:
+                raise SourceError(str(exc)) from None
             if store is not None and not store.has_blob(digest, len(data)):
                 store.put_bytes(data, digest)
             docs[digest] = doc
@@ -222,6 +220,8 @@ class RegistrySource(Source):
         repo = ref.repository or ""
         mdesc, manifest = self._manifest(client, ref, store)
         config = Descriptor.from_json(manifest["config"])
+        if config.size > MAX_JSON_DOCUMENT:  # refused before it is downloaded, as containers/image does
+            raise document_too_large(f"{ref}: config {config.digest}")
         layers = [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
         for layer in layers:
             if layer.media_type in (mt.SIF_LAYER,) or config.media_type == mt.SIF_CONFIG:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import pytest
+import requests
 
+from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
 from tests.conftest import ROOT, run_cli
+from tests.services.images import busybox_binary
+from tests.services.registry import Registry
 from tests.services.users import USER_PYTHON, TestUser
+
+#: containers/image's limit for manifests and configs, and ours for every JSON document
+LIMIT = 4 << 20
 
 
 @pytest.fixture
@@ -95,3 +104,54 @@ def test_build_output_mode_follows_umask(busybox_oci_layout: Path, tmp_path: Pat
     assert (stat.S_IMODE(sif.stat().st_mode), stat.S_IMODE(again.stat().st_mode)) == (0o750, 0o700)
     run_cli("build", "-F", str(sif), str(again), umask=0o002)
     assert stat.S_IMODE(sif.stat().st_mode) == 0o775
+
+
+def _layout(dest: Path, labels: dict[str, str] | None = None) -> Path:
+    layer = layer_tar([Entry("bin", mode=0o755), Entry("bin/sh", busybox_binary().read_bytes(), 0o755)])
+    write_oci_layout(dest, ImageSpec([layer], labels=labels or {}), "latest")
+    return dest
+
+
+def test_oversized_index_json(tmp_path: Path) -> None:
+    """A 5 MiB index.json was read whole and parsed (a 100 MB one built at 314 MB RSS)."""
+    layout = _layout(tmp_path / "layout")
+    index = json.loads((layout / "index.json").read_text())
+    index["annotations"] = {"pad": "x" * (LIMIT + 1)}
+    (layout / "index.json").write_text(json.dumps(index))
+    out = tmp_path / "out.sif"
+    proc = run_cli("build", str(out), f"oci://{layout}", check=False, timeout=60)
+    message = f"{layout}/index.json: exceeded maximum allowed size of {LIMIT} bytes (4 MiB)"
+    assert (proc.returncode, proc.stderr) == (255, f"FATAL:   {message}\n")
+    assert not out.exists()
+
+
+def _push_raw(registry: Registry, layout: Path, repo: str) -> None:
+    """Upload a layout's blobs and manifest with the registry API: skopeo refuses a >4 MiB config."""
+    (desc,) = json.loads((layout / "index.json").read_text())["manifests"]
+    manifest = (layout / "blobs/sha256" / desc["digest"][7:]).read_bytes()
+    doc = json.loads(manifest)
+    for blob in (doc["config"], *doc["layers"]):
+        resp = requests.post(f"{registry.url}/v2/{repo}/blobs/uploads/", timeout=30)
+        resp.raise_for_status()
+        upload = urllib.parse.urljoin(registry.url, resp.headers["Location"])
+        sep = "&" if "?" in upload else "?"
+        data = (layout / "blobs/sha256" / blob["digest"][7:]).read_bytes()
+        requests.put(f"{upload}{sep}digest={blob['digest']}", data=data, timeout=30).raise_for_status()
+    headers = {"Content-Type": doc["mediaType"]}
+    requests.put(
+        f"{registry.url}/v2/{repo}/manifests/1", data=manifest, headers=headers, timeout=30
+    ).raise_for_status()
+
+
+def test_oversized_registry_config(registry_open: Registry, tmp_path: Path) -> None:
+    """A config over 4 MiB is refused before it is downloaded, in containers/image's words.
+
+    (Apptainer 1.4.5 itself pulls this one; skopeo and podman refuse it as we do.)
+    """
+    layout = _layout(tmp_path / "layout", {"pad": "x" * (LIMIT + 1)})
+    _push_raw(registry_open, layout, "robust/big-config")
+    out = tmp_path / "out.sif"
+    proc = run_cli("pull", "--disable-cache", str(out), registry_open.ref("robust/big-config:1"), check=False)
+    assert proc.returncode == 255 and proc.stderr.count("FATAL") == 1, proc.stderr
+    assert proc.stderr.endswith(f"exceeded maximum allowed size of {LIMIT} bytes (4 MiB)\n"), proc.stderr
+    assert " config sha256:" in proc.stderr and not out.exists()
