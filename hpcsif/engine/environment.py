@@ -121,8 +121,9 @@ test)
 shell)
   unset __a __app
   if [ -n "$SINGULARITY_SHELL" ] && [ -x "$SINGULARITY_SHELL" ]; then exec "$SINGULARITY_SHELL" "$@"; fi
-  if [ -x /bin/bash ]; then exec /bin/bash --norc "$@"; fi
-  exec /bin/sh "$@" ;;
+  # SHELL names the shell started, as Apptainer's shell action sets it (not with -s)
+  if [ -x /bin/bash ]; then export SHELL=/bin/bash; exec /bin/bash --norc "$@"; fi
+  export SHELL=/bin/sh; exec /bin/sh "$@" ;;
 esac
 """.replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " ")).replace("@EXEC_RESOLVED@", EXEC_RESOLVED)
 

@@ -43,21 +43,22 @@ def _env(base: Path) -> dict[str, str]:
     return {**os.environ, "HPCSIF_CACHEDIR": str(base / "cache"), "PATH": os.environ["PATH"] + ":/usr/sbin"}
 
 
-def hpcsif(base: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def hpcsif(
+    base: Path, *args: str, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess[str]:
     """``hpcsif ARGS…`` in ``base`` with its own cache."""
     argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
-    return subprocess.run(
-        argv, cwd=base, env={**_env(base), **(env or {})}, capture_output=True, text=True, timeout=120
-    )
+    env = {**_env(base), **(env or {})}
+    return subprocess.run(argv, cwd=base, env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
-def peer(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def peer(base: Path, *args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
     """The same command with Apptainer and its own cache (skips the test without it)."""
     exe = peer_apptainer()
     if exe is None:
         pytest.skip("neither apptainer nor peer-apptainer is on PATH")
-    env = {**_env(base), "APPTAINER_CACHEDIR": str(base / "peer-cache")}
-    return subprocess.run([exe, *args], cwd=base, env=env, capture_output=True, text=True, timeout=120)
+    env = {**_env(base), "APPTAINER_CACHEDIR": str(base / "peer-cache"), **(env or {})}
+    return subprocess.run([exe, *args], cwd=base, env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +173,17 @@ def test_user_path_is_the_callers_path(ordinary: Ordinary) -> None:
     assert res.stdout == "x\n", res.stderr
     theirs = peer(ordinary.base, "exec", str(ordinary.cmdonly), "sh", "-c", script)
     assert theirs.stdout.strip().startswith("/"), theirs  # the peer's own PATH, which its wrapper sets
+
+
+def test_shell_sets_shell_to_the_shell_it_starts(ordinary: Ordinary) -> None:
+    """`shell` (commands on stdin) sets SHELL to the shell it runs, not the caller's; -s keeps it."""
+    host = {"SHELL": "/bin/zsh"}
+    for flags, expected in (([], "/bin/sh /bin/sh\n"), (["-s", "/bin/sh"], "/bin/sh /bin/zsh\n")):
+        argv = ["shell", *flags, str(ordinary.cmdonly)]
+        ours = hpcsif(ordinary.base, *argv, env=host, input='echo "$0 $SHELL"\n')
+        assert (ours.returncode, ours.stdout) == (0, expected), ours.stderr
+        theirs = peer(ordinary.base, *argv, env=host, input='echo "$0 $SHELL"\n')
+        assert (theirs.returncode, theirs.stdout) == (0, expected), theirs.stderr
 
 
 def test_pull_and_exec_print_apptainers_build_steps(ordinary: Ordinary, tmp_path: Path) -> None:
