@@ -260,6 +260,38 @@ def test_sigterm_reaches_payload(images, pub_tmp, flags):
     assert proc.wait(timeout=20) == 7
     assert got.read_text() == "TERM\n"
     assert not fuse_mounts()
+    # a payload that does not catch it dies of it, and we exit 143 at once (scancel, `timeout`)
+    got.unlink()
+    script = f"touch {got}; exec sleep 100"
+    plain = subprocess.Popen(
+        hpcsif_cmd("exec", *flags, "-B", str(pub_tmp), str(images.sif), "sh", "-c", script)
+    )
+    assert _wait_for(got)
+    started = time.monotonic()
+    plain.send_signal(signal.SIGTERM)
+    assert plain.wait(timeout=20) == 143 and time.monotonic() - started < 2
+    assert not fuse_mounts()
+
+
+def test_sigterm_during_start_up(images, pub_tmp):
+    """SIGTERM while the image is being mounted: no payload ever starts, 143, nothing left mounted."""
+    from hpcsif.engine.mounts import squashfuse_program
+
+    mounting, ran = pub_tmp / "mounting", pub_tmp / "ran"
+    sif = images.base / f"{pub_tmp.name}.sif"  # its own mount; beside the image: a trusted directory
+    shutil.copy(images.sif, sif)
+    slow = pub_tmp / "slow-squashfuse"
+    slow.write_text(f'#!/bin/sh\ntouch {mounting}\nsleep 1\nexec {squashfuse_program()} "$@"\n')
+    slow.chmod(0o755)
+    config = pub_tmp / "config.toml"
+    config.write_text(f'[engine]\nsquashfuse = "{slow}"\n')
+    env = {**os.environ, "HPCSIF_CONFIG": str(config)}
+    proc = subprocess.Popen(hpcsif_cmd("exec", str(sif), "sh", "-c", f"touch {ran}"), env=env)
+    assert _wait_for(mounting)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    assert not ran.exists() and not fuse_mounts()
+    sif.unlink()
 
 
 def test_sigkilled_exec_leaves_nothing(images, pub_tmp):
