@@ -218,10 +218,21 @@ def _check_reachable(text: str, path: str) -> None:
     would otherwise read as "no such file" wherever ``exists()`` is asked; a missing path is
     left to the reader, which names what it expected there.
     """
+    error = stat_error(path)
+    if error is not None and not isinstance(error, FileNotFoundError):
+        raise ReferenceError(f"{text!r}: {reason(error)}")
+
+
+def stat_error(path: str | os.PathLike[str]) -> OSError | None:
+    """The error ``stat`` gives for *path*, or None when it can be reached."""
     try:
         os.stat(path)
-    except FileNotFoundError:
-        pass
     except OSError as e:
-        reason = e.strerror or str(e)
-        raise ReferenceError(f"{text!r}: {reason[:1].lower()}{reason[1:]}") from None
+        return e
+    return None
+
+
+def reason(error: OSError) -> str:
+    """An OSError's reason in lower case, as Apptainer's messages spell it ("not a directory")."""
+    text = error.strerror or str(error)
+    return text[:1].lower() + text[1:]

@@ -385,7 +385,11 @@ class _StageBuilder:
         elif src.is_file():
             sif_to_sandbox(src, self.root)
         else:
-            raise BuildError(f"{self.where}:{line}: localimage {src}: no such file or directory")
+            from hpcsif.refs import reason, stat_error
+
+            error = stat_error(src)
+            why = reason(error) if error else "not a file or directory"
+            raise BuildError(f"{self.where}:{line}: localimage {src}: {why}")
         labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
         arch = (
             self.options.convert.arch or labels.get("org.label-schema.build-arch") or Platform().architecture
@@ -438,7 +442,11 @@ class _StageBuilder:
             sources = [resolve_inside(src_root, m[len(str(src_root)) :]) for m in inner]
             sources = [s for s in sources if s.exists()]
         if not sources:
-            raise BuildError(f"{self.where}:{copy.line}: %files source {copy.src}: no such file or directory")
+            from hpcsif.refs import reason, stat_error
+
+            error = stat_error(copy.src) if src_root is None else None  # why, if not only missing
+            why = reason(error) if error else "no such file or directory"
+            raise BuildError(f"{self.where}:{copy.line}: %files source {copy.src}: {why}")
         target = resolve_inside(dst_base, dst)
         into_dir = len(sources) > 1 or dst.endswith("/")
         try:

@@ -49,6 +49,24 @@ def test_unreachable_local_image(paths: Path, name: str, problem: str) -> None:
     assert not out.exists()
 
 
+def test_unreachable_paths_in_a_definition_file(paths: Path, busybox_oci_layout: Path) -> None:
+    """``From:`` of localimage and ``%files`` sources name the loop / ENOTDIR, as Apptainer's do."""
+    out = paths / "out.sif"
+    cases = (
+        ("Bootstrap: localimage\nFrom: loop\n", "2: localimage loop: too many levels of symbolic links"),
+        ("Bootstrap: localimage\nFrom: plain/x\n", "2: localimage plain/x: not a directory"),
+        (
+            f"Bootstrap: oci\nFrom: {busybox_oci_layout}:latest\n%files\n  plain/x /x\n",
+            "4: %files source plain/x: not a directory",
+        ),
+    )
+    for text, message in cases:
+        (paths / "x.def").write_text(text)
+        proc = run_cli("build", str(out), "x.def", check=False, cwd=paths, timeout=60)
+        assert (proc.returncode, proc.stderr) == (255, f"FATAL:   x.def:{message}\n")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("transport", ["oci-archive", "docker-archive", "oci"])
 def test_unreachable_transport_path(paths: Path, transport: str) -> None:
     """A loop or a file used as a directory was a traceback (or "no such directory") before."""
