@@ -12,10 +12,13 @@ execs the action: the command, the runscript, the test or a shell.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 from hpcsif.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -257,9 +260,6 @@ def build_env(
     overrides: dict[str, str] = {}
     for key, value in host.items():
         if key.startswith(_PREFIXES):
-            name = key.split("ENV_", 1)[1]
-            if _NAME.match(name):
-                overrides[name] = value
             continue
         # Apptainer's own settings (APPTAINER_BIND, SINGULARITY_CACHEDIR …) stay outside, as in Apptainer
         if key.startswith(("__HPCSIF", "APPTAINER_", "SINGULARITY_")) or key in NOT_FROM_HOST:
@@ -271,12 +271,18 @@ def build_env(
         hidden["USER_PATH"] = host["PATH"]  # Apptainer's copy of the caller's PATH
     if cleanenv:
         hidden["LANG"] = "C"  # Apptainer's --cleanenv default, under the image's value
+    overrides.update(prefixed_overrides(host))
     expand = set(overrides)
+    flags = parse_assignments(env)
+    if flags.pop("HOME", None) is not None:  # --env is APPTAINERENV_ to Apptainer
+        log.warning("Overriding HOME environment variable with APPTAINERENV_HOME is not permitted")
     for path in env_files:
         from_file = parse_env_file(path)
+        from_file.pop("HOME", None)  # Apptainer ignores it there without a word
+        for name in (n for n in from_file if n in flags):
+            log.warning("Ignored environment file variable %s: override from --env", name)
         overrides.update(from_file)
         expand -= set(from_file)
-    flags = parse_assignments(env)
     overrides.update(flags)
     expand = set() if no_eval else (expand | set(flags)) - set(extra or {})
     overrides.update(extra or {})
@@ -318,6 +324,36 @@ def build_env(
             if key in expand:
                 result[f"__HPCSIF_EXP_{key}"] = value.replace("\\", "\\\\").replace('"', '\\"')
     return result
+
+
+def prefixed_overrides(host: dict[str, str]) -> dict[str, str]:
+    """The host's ``APPTAINERENV_*``/``SINGULARITYENV_*`` values by name, as Apptainer takes them:
+    ``APPTAINERENV_`` wins where both are set (with its two warnings when they differ), and
+    ``HOME`` is refused with a warning (``--home`` sets it).
+    """
+    out: dict[str, str] = {}
+    for key, value in host.items():
+        prefix, _, name = key.partition("ENV_")
+        if f"{prefix}ENV_" not in _PREFIXES or not _NAME.match(name):
+            continue
+        if name == "HOME":
+            log.warning("Overriding HOME environment variable with %s is not permitted", key)
+            continue
+        newer = host.get(f"APPTAINERENV_{name}")
+        if prefix == "SINGULARITY" and newer is not None:
+            if newer != value:
+                log.warning("%s and APPTAINERENV_%s have different values, using the latter", key, name)
+                log.warning(
+                    "Skipping environment variable [%s=%s], %s is already overridden with different value"
+                    " [%s]",
+                    key,
+                    value,
+                    name,
+                    newer,
+                )
+            continue
+        out[name] = value
+    return out
 
 
 def direct_env(launcher_env: dict[str, str], image_env: list[str]) -> dict[str, str]:

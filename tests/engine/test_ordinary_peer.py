@@ -175,6 +175,57 @@ def test_user_path_is_the_callers_path(ordinary: Ordinary) -> None:
     assert theirs.stdout.strip().startswith("/"), theirs  # the peer's own PATH, which its wrapper sets
 
 
+@pytest.mark.parametrize(
+    "flags, host, stdout, warnings",
+    [
+        (
+            ["--env", "HOME=/x"],
+            {},
+            "/root\n",
+            ["Overriding HOME environment variable with APPTAINERENV_HOME is not permitted"],
+        ),
+        (
+            [],
+            {"APPTAINERENV_HOME": "/x"},
+            "/root\n",
+            ["Overriding HOME environment variable with APPTAINERENV_HOME is not permitted"],
+        ),
+        (["--env-file", "home.env"], {}, "/root file\n", []),
+        (
+            [],
+            {"SINGULARITYENV_FOO": "old", "APPTAINERENV_FOO": "new"},
+            "/root new\n",
+            [
+                "SINGULARITYENV_FOO and APPTAINERENV_FOO have different values, using the latter",
+                "Skipping environment variable [SINGULARITYENV_FOO=old], FOO is already overridden"
+                " with different value [new]",
+            ],
+        ),
+        ([], {"SINGULARITYENV_FOO": "same", "APPTAINERENV_FOO": "same"}, "/root same\n", []),
+        (
+            ["--env", "FOO=flag", "--env-file", "home.env"],
+            {},
+            "/root flag\n",
+            ["Ignored environment file variable FOO: override from --env"],
+        ),
+    ],
+)
+def test_environment_overrides_as_apptainer_takes_them(
+    ordinary: Ordinary, flags: list[str], host: dict[str, str], stdout: str, warnings: list[str]
+) -> None:
+    """HOME is not overridden (--home sets it); APPTAINERENV_ beats SINGULARITYENV_; --env beats a file."""
+    (ordinary.base / "home.env").write_text("HOME=/from/file\nFOO=file\n")
+    argv = ["exec", *flags, str(ordinary.cmdonly), "sh", "-c", "echo $HOME${FOO:+ $FOO}"]
+    ours = hpcsif(ordinary.base, *argv, env={"HOME": "/root", **host})
+    assert (ours.returncode, ours.stdout, ours.stderr.splitlines()) == (
+        0,
+        stdout,
+        [f"WARNING: {w}" for w in warnings],
+    )
+    theirs = peer(ordinary.base, *argv, env={"HOME": "/root", **host})
+    assert (theirs.returncode, theirs.stdout, theirs.stderr) == (0, ours.stdout, ours.stderr)
+
+
 def test_shell_sets_shell_to_the_shell_it_starts(ordinary: Ordinary) -> None:
     """`shell` (commands on stdin) sets SHELL to the shell it runs, not the caller's; -s keeps it."""
     host = {"SHELL": "/bin/zsh"}
