@@ -153,3 +153,11 @@ class WriteThroughError(MergeAgainError):
 
 class DaskImageError(HpcsifError):
     """An image cannot run Dask workers for this client (no Python, no ``distributed``, or a mismatch)."""
+
+
+class WideDirectoryError(LayerError):
+    """A directory of the merged tree has more entries than ``tar2sqfs`` packs in reasonable time.
+
+    ``tar2sqfs`` 1.2 looks each new name up among all its siblings (quadratic in the size of
+    a directory); :func:`hpcsif.sif.squashfs.squashfs_from_tar` then packs with mksquashfs.
+    """

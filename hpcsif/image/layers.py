@@ -68,6 +68,7 @@ compressed stream is truncated. The compression is detected from the magic bytes
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import logging
 import os
@@ -80,7 +81,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import DuplicateEntryError, LayerError, MergeAgainError, WriteThroughError
+from hpcsif.errors import (
+    DuplicateEntryError,
+    LayerError,
+    MergeAgainError,
+    WideDirectoryError,
+    WriteThroughError,
+)
 from hpcsif.image import inflate
 from hpcsif.image.decode import CHUNK, LayerDecoder, Window, is_compressed
 
@@ -88,6 +95,10 @@ log = logging.getLogger(__name__)
 
 BLOCK = tarfile.BLOCKSIZE
 _NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX; squashfs refuses longer names)
+
+#: set by the consumer of :func:`flatten`'s stream: the most entries one directory may get
+#: before :class:`WideDirectoryError` (``tar2sqfs`` slows down quadratically with them)
+WIDE_DIRECTORY: contextvars.ContextVar[int | None] = contextvars.ContextVar("wide_directory", default=None)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -513,6 +524,8 @@ class _TarSink:
         self._out = out
         self._stats = stats
         self._buf = bytearray()
+        self._wide = WIDE_DIRECTORY.get()
+        self._children: dict[str, int] = {}  # directory -> entries written in it, with a limit
 
     def _write(self, data: bytes) -> None:
         self._buf += data
@@ -525,7 +538,17 @@ class _TarSink:
             self._stats.bytes_out += len(self._buf)
             self._buf.clear()
 
+    def _count(self, name: str) -> None:
+        """Count ``name`` in its directory; past the ``WIDE_DIRECTORY`` limit, give up."""
+        if self._wide is None or not name:
+            return
+        parent = name.rpartition("/")[0]
+        n = self._children[parent] = self._children.get(parent, 0) + 1
+        if n > self._wide:
+            raise WideDirectoryError(f"directory /{parent} has more than {self._wide} entries")
+
     def _header(self, name: str, src: tarfile.TarInfo, kind: str) -> None:
+        self._count(name)
         mode = 0o777 if kind == "sym" else _fix_mode(src.mode, kind == "dir")
         size = src.size if kind == "reg" else 0
         linkname = src.linkname if kind == "sym" else ""
@@ -556,6 +579,7 @@ class _TarSink:
 
     def link(self, name: str, target: str) -> None:
         """Write a hard link ``name`` -> ``target`` (both root-relative)."""
+        self._count(name)
         self._write(_header(name, tarfile.LNKTYPE, 0o644, 0, 0, 0, 0, target))
         self._stats.entries += 1
 

@@ -3,7 +3,8 @@
 The conversion path streams a tar archive into ``tar2sqfs`` (squashfs-tools-ng) through a
 pipe, so no root tree is ever unpacked to disk; where ``tar2sqfs`` is missing, the stream
 is unpacked into a scratch directory (``tmpdir``) and packed with ``mksquashfs`` (also for
-lz4, whose tar2sqfs 1.2 images unsquashfs 4.5 cannot read).
+lz4, whose tar2sqfs 1.2 images unsquashfs 4.5 cannot read, and for trees with a directory
+of more than 20000 entries, which tar2sqfs packs in quadratic time).
 Sandboxes are packed with ``mksquashfs`` (which can write straight into a SIF at an
 offset) and SIF partitions are unpacked with ``unsquashfs -o OFFSET``.
 
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import MergeAgainError, MissingToolError, SquashfsError
+from hpcsif.errors import MergeAgainError, MissingToolError, SquashfsError, WideDirectoryError
 from hpcsif.sif.superblock import superblock_ok
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ _LEVEL_RANGE = {"gzip": (1, 9), "zstd": (1, 22), "xz": (0, 9)}
 _PIPE_SIZE = 1 << 20
 _STDERR_TAIL = 2000
 _MAX_PREFIX = 64 << 20
+# tar2sqfs 1.2 compares each new name with all its siblings: 20000 entries in one directory
+# cost it about 4 s, 60000 about 35 s; past this many, unpacking and mksquashfs are faster
+_TAR2SQFS_WIDE = 20000
 
 
 def _tool(name: str) -> str:
@@ -141,6 +145,26 @@ def _from_tar(
     except MissingToolError as e:
         log.info("%s: unpacking below %s and packing with mksquashfs", e, tmpdir or "TMPDIR")
         return _from_tar_via_dir(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
+    from hpcsif.image.layers import WIDE_DIRECTORY
+
+    wide = WIDE_DIRECTORY.set(_TAR2SQFS_WIDE)
+    try:
+        return _tar2sqfs(tool, tar_stream_writer, dest, compression, lvl, jobs)
+    except WideDirectoryError as e:
+        log.info("%s: unpacking below %s and packing with mksquashfs", e, tmpdir or "TMPDIR")
+    finally:
+        WIDE_DIRECTORY.reset(wide)
+    return _from_tar_via_dir(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
+
+
+def _tar2sqfs(
+    tool: str,
+    tar_stream_writer: Callable[[BinaryIO], object],
+    dest: Path,
+    compression: str,
+    lvl: int | None,
+    jobs: int | None,
+) -> Path:
     tmp = _temp_name(dest)
     # --no-skip: a record tar2sqfs cannot read is an error, never a silently missing file
     cmd = [tool, "--quiet", "--force", "--no-skip", "-c", compression, "-j", str(_jobs(jobs))]

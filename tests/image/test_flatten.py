@@ -371,3 +371,18 @@ def test_same_tree_as_umoci(tmp_path: Path):
     )
     ours, _ = squash_and_unpack([lower, upper], tmp_path)
     assert _tree(ours) == _tree(ref / "rootfs")
+
+
+def test_wide_directory_is_packed_by_mksquashfs(tmp_path: Path, monkeypatch, caplog):
+    """tar2sqfs 1.2 is quadratic in the entries of one directory: past the limit the stream
+    is unpacked and packed with mksquashfs instead, with the same result."""
+    from hpcsif.sif import squashfs
+
+    monkeypatch.setattr(squashfs, "_TAR2SQFS_WIDE", 50)
+    entries = [file(f"wide/f{i}", str(i)) for i in range(60)] + [d("narrow"), file("narrow/x", "x")]
+    lay = layer(tmp_path, [*entries, link("wide/h", "narrow/x")])
+    with caplog.at_level("INFO", logger="hpcsif.sif.squashfs"):
+        root, _ = squash_and_unpack([lay], tmp_path)
+    assert "directory /wide has more than 50 entries" in caplog.text
+    assert sorted(p.name for p in (root / "wide").iterdir()) == sorted([f"f{i}" for i in range(60)] + ["h"])
+    assert (root / "wide/f59").read_text() == "59" and (root / "wide/h").stat().st_nlink == 2
