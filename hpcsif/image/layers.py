@@ -794,14 +794,15 @@ class _Merger:
         # whiteout alone creates no directory), yet a lower symlink there redirects them too
         self.whiteout_dirs: dict[str, int] = {}
 
-    def _written_through(self, name: str, level: int) -> str:
-        """``name`` of layer ``level`` with the known lower symlinks among its ancestors followed."""
+    def _written_through(self, name: str, lay: _Layer) -> str:
+        """``name`` of layer ``lay`` with the known lower symlinks among its ancestors followed."""
+        level = lay.level
 
         def lower(path: str) -> str | None:
             hit = self.through.get(path)
             return hit[1] if hit is not None and hit[0] > level else None
 
-        return _follow(name, lower, f"level {level}")
+        return _follow(name, lower, lay.label)
 
     # -- visibility ----------------------------------------------------------------------
 
@@ -839,7 +840,7 @@ class _Merger:
         if lay.symlinks:
             name = _follow(name, lay.symlinks.get, lay.label)
         if self.through:
-            name = self._written_through(name, lay.level)
+            name = self._written_through(name, lay)
         parent, base = posixpath.split(name)
         if base.startswith(WHITEOUT_PREFIX) or _AUFS_META in f"/{parent}/":
             if _AUFS_META in f"/{parent}/" or (base.startswith(_AUFS_META[1:]) and base != OPAQUE_MARKER):
@@ -957,7 +958,7 @@ class _Merger:
         if lay.symlinks:
             target = _follow(target, lay.symlinks.get, lay.label)
         if self.through:
-            target = self._written_through(target, lay.level)
+            target = self._written_through(target, lay)
         seen = lay.state.get(target)
         if isinstance(seen, str):
             target = seen
@@ -1030,7 +1031,7 @@ class _Merger:
                     tf.members.clear()
                     name = _normalise(ti.name, lay.blob)
                     if self.through:
-                        name = self._written_through(name, lay.level)
+                        name = self._written_through(name, lay)
                     names = wanted.pop(name, None)
                     if names is None:
                         continue

@@ -178,6 +178,7 @@ REFUSED = {
     "pax-header-2MiB": ([_pax("p", 2 << 20), file("x")], "extended header of 2097"),
     "name-component-300": ([file("d/" + "x" * 300)], "longer than 255 bytes"),
     "whiteout-of-parent": ([file("a/.wh..."), file("x")], "invalid whiteout"),
+    "symlink-loop": ([sym("a", "b"), sym("b", "a"), file("a/x")], "too many levels of symbolic links"),
     "hardlink-missing": ([file("a"), link("b", "missing")], "points at missing file"),
     "hardlink-directory": ([d("dd"), link("h", "dd")], "points at directory"),
     "not-a-tar": (b"hello, not a tar archive\n" * 100, "not a valid tar archive"),
