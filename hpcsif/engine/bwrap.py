@@ -262,7 +262,7 @@ class _Plan:
         # SIF's oci-config.json instead of the /.singularity.d scripts
         self.direct = None
         if not os.path.lexists(os.path.join(self.root, "bin/sh")):
-            self.direct = None if opts.sandbox else _oci_config(image, opts.action)
+            self.direct = _oci_config(None if opts.sandbox else image, opts.action)
             if self.direct is None:
                 raise EngineError(
                     f"{image}: the image has no /bin/sh and no oci-config.json to start it without"
@@ -803,10 +803,11 @@ def _reclaim_terminal() -> None:
         pass
 
 
-def _oci_config(image: Path, action: str) -> dict[str, list[str]] | None:
+def _oci_config(image: Path | None, action: str) -> dict[str, list[str]] | None:
     """``Env``, ``Entrypoint`` and ``Cmd`` of the SIF's ``oci-config.json`` as string lists.
 
-    None if the SIF has no such object. A string ``Entrypoint``/``Cmd`` is Docker's shell form.
+    None if there is no such object (or no SIF: *image* None for a sandbox) and the action needs
+    it; ``exec`` needs none. A string ``Entrypoint``/``Cmd`` is Docker's shell form.
     A document that cannot say how to start the image fails ``run`` with one line; ``exec``
     (which Apptainer runs without reading it at all) ignores it with a warning.
     """
@@ -815,9 +816,11 @@ def _oci_config(image: Path, action: str) -> dict[str, list[str]] | None:
     from hpcsif.sif.format import DataType
     from hpcsif.sif.reader import SIFImage
 
-    with SIFImage.open(image) as sif:
-        found = sif.find(DataType.GENERIC_JSON, "oci-config.json")
-        data = sif.read_object(found[0]) if found else None
+    data = None
+    if image is not None:
+        with SIFImage.open(image) as sif:
+            found = sif.find(DataType.GENERIC_JSON, "oci-config.json")
+            data = sif.read_object(found[0]) if found else None
     nothing: dict[str, list[str]] = {"Env": [], "Entrypoint": [], "Cmd": []}
     if data is None:
         return nothing if action == "exec" else None

@@ -93,8 +93,14 @@ def test_shell_form_and_missing_commands(shell_less: Path, tmp_path: Path) -> No
 
 
 def test_exec_without_oci_config(shell_less: Path, tmp_path: Path) -> None:
-    """Apptainer execs in a shell-less SIF that has no oci-config.json; run has nothing to start."""
+    """Apptainer execs in a shell-less SIF without oci-config.json or sandbox; run has nothing to start."""
     sif = with_config(shell_less, tmp_path / "none.sif", None)
     assert run_cli("exec", str(sif), "/app/busybox", "echo", "ok").stdout == "ok\n"
     proc = run_cli("run", str(sif), check=False)
     assert proc.returncode == 255 and "no /bin/sh and no oci-config.json" in proc.stderr
+    # nor does a sandbox have one: exec in it works, with Apptainer's lookup errors
+    sandbox = tmp_path / "sandbox"
+    run_cli("build", "--sandbox", str(sandbox), str(shell_less))
+    assert run_cli("exec", str(sandbox), "/app/busybox", "echo", "ok").stdout == "ok\n"
+    proc = run_cli("exec", str(sandbox), "true", check=False)
+    assert (proc.returncode, proc.stderr) == (255, 'FATAL:   "true": executable file not found in $PATH\n')
