@@ -77,7 +77,9 @@ class HashingReader:
 class _GzipReader:
     """Multi-member gzip decoding with bounded output (inflate checks each member's CRC).
 
-    Faster than :class:`gzip.GzipFile`, which checks the CRC in a second pass.
+    Faster than :class:`gzip.GzipFile`, which checks the CRC in a second pass. Bytes after
+    the last member that do not start another one (zero padding, junk) end the stream, as
+    in Apptainer, Docker and ``gzip -d``; they are still read for the blob digest.
     """
 
     def __init__(self, raw: HashingReader) -> None:
@@ -90,7 +92,13 @@ class _GzipReader:
             dec = self._dec
             data = dec.unconsumed_tail
             if dec.eof:  # next member, if any
-                data = dec.unused_data
+                data = dec.unused_data or self._raw.read(CHUNK // 4)
+                while 0 < len(data) < len(_GZIP_MAGIC) and (more := self._raw.read(CHUNK // 4)):
+                    data += more
+                if not data.startswith(_GZIP_MAGIC):  # the end, or trailing bytes that start no member
+                    while self._raw.read(CHUNK):
+                        pass
+                    return b""
                 dec = self._dec = _zlib.decompressobj(31)
                 self._fed = False
             data = data or self._raw.read(CHUNK // 4)

@@ -8,6 +8,7 @@ archives under pytest's tmp_path (in /tmp, which the peer sees at the same path)
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import random
 import re
@@ -56,12 +57,12 @@ def _archive(work: Path, layers: list[LayerBlob]) -> Path:
     return out
 
 
-def _empty_blob(work: Path, media_type: str) -> LayerBlob:
-    """A zero-byte layer blob (some registries serve such layers)."""
-    digest = "sha256:" + hashlib.sha256(b"").hexdigest()
-    path = work / digest[7:]
-    path.write_bytes(b"")
-    return LayerBlob(path, media_type, digest, digest)
+def _raw_blob(work: Path, data: bytes, raw: bytes | str, media_type: str) -> LayerBlob:
+    """A layer blob of exactly ``data`` whose decompressed content is ``raw`` (or has that digest)."""
+    path = work / hashlib.sha256(data).hexdigest()
+    path.write_bytes(data)
+    diff_id = raw if isinstance(raw, str) else "sha256:" + hashlib.sha256(raw).hexdigest()
+    return LayerBlob(path, media_type, "sha256:" + path.name, diff_id)
 
 
 def _hpcsif_build(sif: Path, archive: Path) -> subprocess.CompletedProcess[str]:
@@ -141,12 +142,18 @@ def test_hard_links_through_symlinks_resolve_in_the_root(tmp_path: Path) -> None
 
 
 def test_empty_layer_blobs_are_empty_layers(tmp_path: Path) -> None:
-    layers = [
-        _empty_blob(tmp_path, MEDIA["gzip"]),
-        blob(tmp_path, b"", "gzip"),
-        layer(tmp_path, [file("x", "1")]),
-    ]
+    zero_bytes = _raw_blob(tmp_path, b"", b"", MEDIA["gzip"])  # some registries serve such layers
+    layers = [zero_bytes, blob(tmp_path, b"", "gzip"), layer(tmp_path, [file("x", "1")])]
     assert _build_and_compare(tmp_path, layers)["/x"] == "-rw-r--r-- 1"
+
+
+def test_bytes_after_the_gzip_stream_end_it(tmp_path: Path) -> None:
+    """Zero padding or junk after the last gzip member is ignored, as Apptainer and gzip do."""
+    raw_a, raw_b = tar_bytes([file("a", "1")]), tar_bytes([file("b", "22")])
+    padded = _raw_blob(tmp_path, gzip.compress(raw_a) + bytes(1000), raw_a, MEDIA["gzip"])
+    junk = _raw_blob(tmp_path, gzip.compress(raw_b) + b"junk" * 100, raw_b, MEDIA["gzip"])
+    tree = _build_and_compare(tmp_path, [padded, junk])
+    assert tree["/a"] == "-rw-r--r-- 1" and tree["/b"] == "-rw-r--r-- 2"
 
 
 def test_opaque_root_keeps_the_base_directories(tmp_path: Path) -> None:
@@ -195,9 +202,7 @@ def test_hostile_layer_is_refused_with_one_fatal_line(tmp_path: Path, case: str)
     if case == "truncated-gzip":  # the blob is cut short, its digest is that of the cut bytes
         data = lay.path.read_bytes()
         data = data[: len(data) // 2]
-        path = tmp_path / hashlib.sha256(data).hexdigest()
-        path.write_bytes(data)
-        lay = LayerBlob(path, MEDIA["gzip"], "sha256:" + path.name, lay.diff_id)
+        lay = _raw_blob(tmp_path, data, lay.diff_id, MEDIA["gzip"])
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     archive = _archive(tmp_path, [lay])
@@ -226,9 +231,7 @@ def _bomb(work: Path, size: int) -> LayerBlob:
     parts += [comp.compress(end), comp.flush()]
     diff.update(end)
     data = b"".join(parts)
-    path = work / hashlib.sha256(data).hexdigest()
-    path.write_bytes(data)
-    return LayerBlob(path, MEDIA["gzip"], "sha256:" + path.name, "sha256:" + diff.hexdigest())
+    return _raw_blob(work, data, "sha256:" + diff.hexdigest(), MEDIA["gzip"])
 
 
 # runs argv[1:] and prints the peak RSS (KiB) of it and its children
@@ -263,11 +266,7 @@ def test_decompression_bombs_take_bounded_memory_and_disk(tmp_path: Path) -> Non
     for data, message in ((zstd_big, "too much memory"), (xz_big, "needs more than 256 MiB")):
         work = tmp_path / message.split()[0]
         work.mkdir()
-        path = work / hashlib.sha256(data).hexdigest()
-        path.write_bytes(data)
-        lay = LayerBlob(
-            path, MEDIA["zstd"], "sha256:" + path.name, "sha256:" + hashlib.sha256(raw).hexdigest()
-        )
+        lay = _raw_blob(work, data, raw, MEDIA["zstd"])
         p = _hpcsif_build(work / "x.sif", _archive(work, [lay]))
         assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
         assert not (work / "x.sif").exists()
