@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 
 APPLETS = ("sh", "echo", "env", "true", "printf", "cat", "id")
 #: ENTRYPOINT words that need every kind of quoting in the runscript's OCI_ENTRYPOINT
+#: an ordinary image's Env: a longer PATH, library path, spaces, `=` and an empty value
+ENV = ["PATH=/opt/x/bin:/usr/bin:/bin", "LD_LIBRARY_PATH=/opt/x/lib", "SPACEY=a  b", "EQ=a=b=c", "EMPTY="]
 TRICKY = ["/bin/printf", "<%s>\\n", "it's", 'say "hi"', "back\\slash", "tick`date`", "$HOME"]
 
 
@@ -80,7 +82,8 @@ def ordinary(tmp_path_factory: pytest.TempPathFactory) -> Ordinary:
         ("tricky", TRICKY, ["c'md"]),
     ):
         layouts[name] = base / name
-        write_oci_layout(layouts[name], ImageSpec([layer_tar(root)], entrypoint=entrypoint, cmd=cmd))
+        spec = ImageSpec([layer_tar(root)], entrypoint=entrypoint, cmd=cmd, env=ENV)
+        write_oci_layout(layouts[name], spec)
         built = hpcsif(base, "-q", "build", f"{name}.sif", f"oci:{layouts[name]}")
         assert built.returncode == 0, built.stderr
     return Ordinary(base, base / "cmdonly.sif", base / "tricky.sif", layouts)
@@ -143,6 +146,32 @@ def test_runscript_oci_variables_as_apptainer_writes_them(ordinary: Ordinary) ->
     assert assigns == [
         line for line in peer_script.splitlines() if line.startswith(("OCI_ENTRYPOINT=", "OCI_CMD="))
     ]
+
+
+def test_environment_script_as_apptainer_writes_it(ordinary: Ordinary) -> None:
+    """`inspect --environment` shows Apptainer's lines for the image's Env; values stay literal."""
+    section = "=== /.singularity.d/env/10-docker2singularity.sh ===\n"
+    ours = hpcsif(ordinary.base, "inspect", "--environment", str(ordinary.cmdonly)).stdout
+    assert section + "#!/bin/sh\n" + 'export PATH="/opt/x/bin:/usr/bin:/bin"\n' in ours
+    assert (
+        'export SPACEY="${SPACEY:-"a  b"}"\nexport EQ="${EQ:-"a=b=c"}"\nexport EMPTY="${EMPTY:-""}"\n' in ours
+    )
+    script = 'echo "$SPACEY|$EQ|${EMPTY-unset}|$LD_LIBRARY_PATH"'
+    env = hpcsif(ordinary.base, "exec", str(ordinary.cmdonly), "sh", "-c", script, env={"SPACEY": "host"})
+    assert env.stdout == "a  b|a=b=c||/opt/x/lib:/.singularity.d/libs\n", env.stderr
+    built = peer(ordinary.base, "build", "peer-cmdonly.sif", f"oci:{ordinary.layouts['cmdonly']}")
+    assert built.returncode == 0, built.stderr
+    theirs = peer(ordinary.base, "inspect", "--environment", "peer-cmdonly.sif").stdout
+    assert ours.split(section)[1].split("\n\n")[0] == theirs.split(section)[1].split("\n\n")[0]
+    for image in (ordinary.cmdonly, "peer-cmdonly.sif"):  # each engine reads the other's script alike
+        assert (
+            peer(ordinary.base, "exec", str(image), "sh", "-c", script, env={"SPACEY": "host"}).stdout
+            == env.stdout
+        )
+        assert (
+            hpcsif(ordinary.base, "exec", str(image), "sh", "-c", script, env={"SPACEY": "host"}).stdout
+            == env.stdout
+        )
 
 
 def test_test_without_test_script(ordinary: Ordinary) -> None:
