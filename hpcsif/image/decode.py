@@ -117,7 +117,8 @@ class _ZstdReader:
 
     ``zstandard``'s stream reader ends silently on truncation and its decompressobj has
     no output limit, so input goes in small pieces: output per piece stays bounded
-    (at most 64 MiB even for a decompression bomb).
+    (at most 64 MiB even for a decompression bomb). Bytes after a frame that start no
+    frame (zero padding, junk) end the stream, as for gzip.
     """
 
     _PIECE = 2048
@@ -132,15 +133,35 @@ class _ZstdReader:
         self._dec = self._new()
         self._fed = False
         self._pending = memoryview(b"")
+        self._ended = False
+
+    def _frame_follows(self) -> bool:
+        """At a frame boundary: whether the next bytes start a frame; if not, consume them all."""
+        head = bytes(self._pending)
+        while len(head) < 4 and (more := self._raw.read(CHUNK // 4)):
+            head += more
+        self._pending = memoryview(head)
+        if (
+            not head
+            or head.startswith(_ZSTD_MAGIC)
+            or (head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18")
+        ):
+            return True  # the end, a frame, or a skippable frame
+        while self._raw.read(CHUNK):  # still read for the blob digest
+            pass
+        self._pending, self._ended = memoryview(b""), True
+        return False
 
     def read(self, size: int) -> bytes:
         parts: list[bytes] = []
         got = 0
-        while got < size:
+        while got < size and not self._ended:
             if self._dec.eof:  # next frame, if any
                 rest = self._dec.unused_data + bytes(self._pending)
                 self._pending = memoryview(rest)
                 self._dec, self._fed = self._new(), False
+                if not self._frame_follows():
+                    break
             if not self._pending:
                 chunk = self._raw.read(CHUNK // 4)
                 if not chunk:
