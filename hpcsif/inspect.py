@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class ImageView:
         p = Path(path)
         if p.is_dir():
             return cls(p, sandbox=True)
+        if not os.path.lexists(path):  # named as given: Path() would turn docker://x into docker:/x
+            raise SIFError(f"Failed to open image {path}: no such file or directory")
         from hpcsif.sif.reader import SIFImage
 
         with SIFImage.open(p) as img:

@@ -288,3 +288,13 @@ def test_pull_and_exec_print_apptainers_build_steps(ordinary: Ordinary, tmp_path
         for name in ("first.sif", "again.sif"):
             (tmp_path / name).unlink()
     assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("image", ["missing.sif", "docker://127.0.0.1:1/app:1"])
+def test_inspect_of_no_local_image_names_it_as_given(ordinary: Ordinary, image: str) -> None:
+    """inspect reads local images only; what is not there is named as typed (URIs included)."""
+    ours = hpcsif(ordinary.base, "inspect", image)
+    prefix = f"FATAL:   Failed to open image {image}: "
+    assert (ours.returncode, ours.stdout, ours.stderr) == (255, "", prefix + "no such file or directory\n")
+    theirs = peer(ordinary.base, "inspect", image)
+    assert theirs.returncode == 255 and theirs.stderr.startswith(prefix), theirs.stderr
