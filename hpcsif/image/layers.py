@@ -39,7 +39,8 @@ Permissions (like Apptainer's fix-perms): every file becomes readable by all (an
 executable by all where any execute bit is set), every directory readable and traversable
 by all; setuid and setgid bits are removed (they are never usable in a container),
 sticky bits are kept. Character and block devices are dropped (counted in
-``FlattenStats.skipped["device"]``); FIFOs are kept; an entry of unknown type is a
+``FlattenStats.skipped["device"]``), and so are hard links to them, yet they hide what
+lower layers have at their paths; FIFOs are kept; an entry of unknown type is a
 ``LayerError``. Extended attributes (file capabilities, SELinux labels) are dropped like
 setuid bits. Owners and mtimes are kept.
 
@@ -147,9 +148,9 @@ class FlattenStats:
     bytes_out: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
-    def skip(self, reason: str) -> None:
-        """Count one entry left out for ``reason``."""
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    def skip(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` entries left out for ``reason``."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
 
 
 # ---------------------------------------------------------------------------------------
@@ -705,6 +706,7 @@ class _DirSink:
 
 _EMITTED = 1  # per-layer state of a non-directory path: written (or held back) …
 _HIDDEN = 2  # … or hidden by an upper layer; a str is the path a hard link points at
+_DEVICE = 3  # … or a device node (dropped, and so are hard links to it)
 _ROOT_DEFAULT = tarfile.TarInfo(".")
 _ROOT_DEFAULT.type, _ROOT_DEFAULT.mode = tarfile.DIRTYPE, 0o755
 
@@ -858,9 +860,6 @@ class _Merger:
                 lay.whiteouts.add(posixpath.join(parent, target))
             return
         kind = _kind(ti)
-        if kind == "dev":
-            self.stats.skip("device")
-            return
         if kind == "unknown":  # as Apptainer (umoci) does: never guess what such an entry is
             raise LayerError(f"layer {lay.label}: entry {ti.name!r} has an unknown type flag {ti.type!r}")
         if name in self.pending:
@@ -892,6 +891,9 @@ class _Merger:
             self.sink.emit(name, ti, kind, data, lay.label)
             lay.written.add(name)
             lay.state[name] = _EMITTED
+        elif kind == "dev":  # dropped, yet it hides what lower layers have here
+            lay.state[name] = _DEVICE
+            self.stats.skip("device")
         else:
             lay.held[name] = (ti, kind)
             lay.state[name] = _EMITTED
@@ -971,8 +973,12 @@ class _Merger:
 
     def _link(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:
         target = self._link_target(lay, name, ti)
-        lay.state[name] = target
         seen = lay.state.get(target)
+        if seen == _DEVICE:
+            lay.state[name] = _DEVICE
+            self.stats.skip("device")
+            return
+        lay.state[name] = target
         if seen == _EMITTED:
             lay.links[name] = target
         elif seen == _HIDDEN:
@@ -990,7 +996,9 @@ class _Merger:
         if kind == "lnk":  # this layer links it onwards: follow
             target = self._link_target(lay, name, ti)
             seen = lay.state.get(target)
-            if seen == _EMITTED:
+            if seen == _DEVICE:
+                self.stats.skip("device", len(names))
+            elif seen == _EMITTED:
                 self.links += [(n, target) for n in names]
             elif seen == _HIDDEN:
                 lay.rereads.setdefault(target, []).extend(names)
@@ -999,7 +1007,8 @@ class _Merger:
             self.entry(lay, ti, data)
             return
         self.entry(lay, ti, data)
-        if kind == "dev":
+        if kind == "dev":  # dropped: so are the links
+            self.stats.skip("device", len(names))
             return
         if lay.state.get(name) == _EMITTED:  # visible itself: link to it
             self.links += [(n, name) for n in names]
@@ -1036,6 +1045,9 @@ class _Merger:
                     if names is None:
                         continue
                     kind = _kind(ti)
+                    if kind == "dev":  # dropped: so are the links
+                        self.stats.skip("device", len(names))
+                        continue
                     if kind not in ("reg", "sym", "fifo"):
                         raise LayerError(
                             f"layer {lay.label}: hard link {names[0]!r} points at {name!r}, a {kind}"
