@@ -64,10 +64,13 @@ LAUNCHER = r"""
 # tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error)
 if [ -n "$__HPCSIF_READY" ]; then printf x > "/proc/self/fd/$__HPCSIF_READY"; fi
 unset __HPCSIF_READY
+# Apptainer's prompt is the default: a PS1 the image sets wins (PROMPT_COMMAND is made below)
+__ps1=$PS1; unset PS1 PROMPT_COMMAND
 for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
 if [ -n "$__HPCSIF_APP" ]; then
   for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done
 fi
+[ -n "${PS1+x}" ] || PS1=$__ps1; unset __ps1
 for __k in $__HPCSIF_HOST; do
   eval "[ -n \"\${$__k+x}\" ] || export $__k=\"\${__HPCSIF_HOST_$__k}\""; unset "__HPCSIF_HOST_$__k"
 done
@@ -91,7 +94,13 @@ case ":$LD_LIBRARY_PATH:" in
 *:/.singularity.d/libs:*) ;;
 *) LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/.singularity.d/libs" ;;
 esac
-export PATH LD_LIBRARY_PATH
+# as Apptainer's: PS1 re-set after a shell's rc files, after the user's own PROMPT_COMMAND if any
+if [ -n "${PROMPT_COMMAND:-}" ]; then
+  PROMPT_COMMAND="$PROMPT_COMMAND; PROMPT_COMMAND=\"\${PROMPT_COMMAND%%; PROMPT_COMMAND=*}\"; PS1=\"$PS1\""
+else
+  PROMPT_COMMAND="PS1=\"$PS1\"; unset PROMPT_COMMAND"
+fi
+export PATH LD_LIBRARY_PATH PS1 PROMPT_COMMAND
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
 unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH

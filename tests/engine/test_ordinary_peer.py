@@ -298,3 +298,35 @@ def test_inspect_of_no_local_image_names_it_as_given(ordinary: Ordinary, image: 
     assert (ours.returncode, ours.stdout, ours.stderr) == (255, "", prefix + "no such file or directory\n")
     theirs = peer(ordinary.base, "inspect", image)
     assert theirs.returncode == 255 and theirs.stderr.startswith(prefix), theirs.stderr
+
+
+def test_prompt_from_the_image_or_the_user(ordinary: Ordinary, tmp_path: Path) -> None:
+    """Apptainer's prompt unless the image's Env or APPTAINERENV_PS1 sets one; PROMPT_COMMAND
+    re-sets the final PS1 (after a PROMPT_COMMAND the user passes)."""
+    layout = tmp_path / "prompt"
+    root = [Entry("bin", mode=0o755), Entry("bin/busybox", busybox_binary().read_bytes(), 0o755)]
+    root += [Entry(f"bin/{a}", symlink="busybox", mode=0o777) for a in APPLETS]
+    write_oci_layout(layout, ImageSpec([layer_tar(root)], cmd=["sh"], env=[*ENV, "PS1=img> "]))
+    assert hpcsif(tmp_path, "-q", "build", "prompt.sif", f"oci:{layout}").returncode == 0
+    script = 'echo "$PS1|$PROMPT_COMMAND"'
+    for image, flags, host, expected in (
+        (ordinary.cmdonly, [], {"PS1": "host> "}, 'Apptainer> |PS1="Apptainer> "; unset PROMPT_COMMAND'),
+        (tmp_path / "prompt.sif", [], {}, 'img> |PS1="img> "; unset PROMPT_COMMAND'),
+        (
+            tmp_path / "prompt.sif",
+            [],
+            {"APPTAINERENV_PS1": "me $ "},
+            'me $ |PS1="me $ "; unset PROMPT_COMMAND',
+        ),
+        (
+            ordinary.cmdonly,
+            ["--env", "PROMPT_COMMAND=date"],
+            {},
+            'Apptainer> |date; PROMPT_COMMAND="${PROMPT_COMMAND%%; PROMPT_COMMAND=*}"; PS1="Apptainer> "',
+        ),
+    ):
+        argv = ["exec", *flags, str(image), "sh", "-c", script]
+        ours = hpcsif(tmp_path, *argv, env=host)
+        assert (ours.returncode, ours.stdout) == (0, expected + "\n"), ours.stderr
+        theirs = peer(tmp_path, *argv, env=host)
+        assert (theirs.returncode, theirs.stdout) == (0, ours.stdout), theirs.stderr
