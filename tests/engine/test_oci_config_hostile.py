@@ -104,3 +104,21 @@ def test_exec_without_oci_config(shell_less: Path, tmp_path: Path) -> None:
     assert run_cli("exec", str(sandbox), "/app/busybox", "echo", "ok").stdout == "ok\n"
     proc = run_cli("exec", str(sandbox), "true", check=False)
     assert (proc.returncode, proc.stderr) == (255, 'FATAL:   "true": executable file not found in $PATH\n')
+
+
+def test_localimage_build_keeps_oci_config(shell_less: Path, tmp_path: Path) -> None:
+    """``Bootstrap: localimage`` of a shell-less SIF keeps its oci-config.json, as Apptainer's build
+    does, so that the new image still runs; one that is not an object is left behind, with a warning."""
+    definition, out = tmp_path / "x.def", tmp_path / "out.sif"
+    definition.write_text(f"Bootstrap: localimage\nFrom: {shell_less}\n")
+    run_cli("build", str(out), str(definition))
+    assert run_cli("run", str(out)).stdout == "default\n"
+    hostile = with_config(shell_less, tmp_path / "array.sif", b"[1, 2]")
+    definition.write_text(f"Bootstrap: localimage\nFrom: {hostile}\n")
+    proc = run_cli("build", "-F", str(out), str(definition))
+    warning = (
+        f"WARNING: {hostile}: oci-config.json is not a JSON object (got list); the new image goes without it"
+    )
+    assert warning in proc.stderr
+    proc = run_cli("run", str(out), check=False)
+    assert proc.returncode == 255 and "no /bin/sh and no oci-config.json" in proc.stderr
