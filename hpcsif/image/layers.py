@@ -789,6 +789,7 @@ class _Merger:
         self.hidden: set[str] = set()  # whiteouts of the layers above
         self.opaque: set[str] = set()
         self.pending: dict[str, list[tuple[str, str]]] = {}  # lower link target -> [(name, layer)]
+        self.pending_dirs: set[str] = set()  # the ancestors of every target that was pending
         self.links: list[tuple[str, str]] = []
         self.through: dict[str, tuple[int, str]] = {}  # lower symlinks known to be written through
         self.found: dict[str, tuple[int, str]] = {}  # … and those this pass found
@@ -942,10 +943,7 @@ class _Merger:
 
     def _lies_below(self, name: str, level: int) -> bool:
         """True if upper layers than ``level`` put whiteouts or hard-link targets below ``name``."""
-        if self.whiteout_dirs.get(name, level) < level:
-            return True
-        prefix = name + "/"
-        return any(target.startswith(prefix) for target in self.pending)
+        return self.whiteout_dirs.get(name, level) < level or name in self.pending_dirs
 
     def _found_through(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:
         """Note the symlink ``name``: upper layers put entries or whiteouts below it without an
@@ -984,7 +982,12 @@ class _Merger:
         elif seen == _HIDDEN:
             lay.rereads.setdefault(target, []).append(name)
         else:  # not in this layer: the nearest lower layer that has it
-            self.pending.setdefault(target, []).append((name, lay.label))
+            self._await(target, [(name, lay.label)])
+
+    def _await(self, target: str, links: list[tuple[str, str]]) -> None:
+        """Hard ``links`` (name, layer) wait for a lower layer to reach ``target``."""
+        self.pending.setdefault(target, []).extend(links)
+        self.pending_dirs.update(_ancestors(target))
 
     def _resolve_pending(
         self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data: BinaryIO | None
@@ -1003,7 +1006,7 @@ class _Merger:
             elif seen == _HIDDEN:
                 lay.rereads.setdefault(target, []).extend(names)
             else:
-                self.pending.setdefault(target, []).extend((n, lay.label) for n in names)
+                self._await(target, [(n, lay.label) for n in names])
             self.entry(lay, ti, data)
             return
         self.entry(lay, ti, data)
