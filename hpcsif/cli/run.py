@@ -235,6 +235,8 @@ def handle(args: argparse.Namespace) -> int:
         apptainer_only=_apptainer_only(args),
     )
     engine = select_engine(args.engine)
+    if engine.name == "bwrap":  # Apptainer prints these itself
+        _legacy_env_notices(args)
     image = args.image
     if os.path.exists(image):
         from pathlib import Path
@@ -259,6 +261,16 @@ def handle(args: argparse.Namespace) -> int:
         notices.done()
         opts.sandbox = path.is_dir()
         return engine.launch(path, opts)
+
+
+def _legacy_env_notices(args: argparse.Namespace) -> None:
+    """Apptainer's INFO line for each ``SINGULARITYENV_X`` given without ``APPTAINERENV_X``."""
+    for key in os.environ:
+        name = key.removeprefix("SINGULARITYENV_")
+        if name != key and f"APPTAINERENV_{name}" not in os.environ:
+            from hpcsif.cli.pull import info
+
+            info(args, f"Environment variable {key} is set, but APPTAINERENV_{name} is preferred")
 
 
 def _launch_uncached(engine, image: str, opts, source_options: dict) -> int:  # Engine, LaunchOptions

@@ -232,6 +232,12 @@ def test_user_path_is_the_callers_path(ordinary: Ordinary) -> None:
         ),
         ([], {"SINGULARITYENV_FOO": "same", "APPTAINERENV_FOO": "same"}, "/root same\n", []),
         (
+            ["--cleanenv"],
+            {"SINGULARITYENV_FOO": "old"},
+            "/root old\n",
+            ["INFO:    Environment variable SINGULARITYENV_FOO is set, but APPTAINERENV_FOO is preferred"],
+        ),
+        (
             ["--env", "FOO=flag", "--env-file", "home.env"],
             {},
             "/root flag\n",
@@ -246,11 +252,8 @@ def test_environment_overrides_as_apptainer_takes_them(
     (ordinary.base / "home.env").write_text("HOME=/from/file\nFOO=file\n")
     argv = ["exec", *flags, str(ordinary.cmdonly), "sh", "-c", "echo $HOME${FOO:+ $FOO}"]
     ours = hpcsif(ordinary.base, *argv, env={"HOME": "/root", **host})
-    assert (ours.returncode, ours.stdout, ours.stderr.splitlines()) == (
-        0,
-        stdout,
-        [f"WARNING: {w}" for w in warnings],
-    )
+    lines = [w if w.startswith("INFO:") else f"WARNING: {w}" for w in warnings]
+    assert (ours.returncode, ours.stdout, ours.stderr.splitlines()) == (0, stdout, lines)
     theirs = peer(ordinary.base, *argv, env={"HOME": "/root", **host})
     assert (theirs.returncode, theirs.stdout, theirs.stderr) == (0, ours.stdout, ours.stderr)
 
