@@ -34,7 +34,7 @@ from hpcsif.errors import AuthError, IntegrityError, NetworkError, NotFoundError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import check_digest
 from hpcsif.image.model import Descriptor
-from hpcsif.image.store import BlobWriter, OCIStore
+from hpcsif.image.store import MAX_JSON_DOCUMENT, BlobWriter, OCIStore, document_too_large
 from hpcsif.refs import DOCKER_HUB
 from hpcsif.sources.credentials import Credentials, auth_hint
 from hpcsif.sources.partial import partial_blob
@@ -53,7 +53,6 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-MAX_MANIFEST = 4 << 20
 # small enough that little is lost when a connection breaks (urllib3 drops a partial read)
 STREAM_CHUNK = 256 << 10
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
@@ -90,6 +89,20 @@ def retry_after(resp: requests.Response, cap: float = 60.0) -> float | None:
         except (TypeError, ValueError):
             return None
     return max(0.0, min(delay, cap))
+
+
+def _read_capped(resp: requests.Response, limit: int, what: str) -> bytes:
+    """The body of a streamed response, refused as soon as it exceeds ``limit`` bytes."""
+    declared = resp.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise document_too_large(what)
+    chunks, size = [], 0
+    for chunk in resp.iter_content(64 << 10):
+        size += len(chunk)
+        if size > limit:
+            raise document_too_large(what)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_text(resp: requests.Response) -> str:
@@ -318,21 +331,34 @@ class RegistryClient:
 
     # -- manifests -----------------------------------------------------------------------------
     def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str]:
-        """Fetch a manifest or index by tag or digest; returns (bytes, media type, digest)."""
-        resp = self.request(
-            "GET",
-            f"{repo}/manifests/{reference}",
-            scope=f"repository:{repo}:pull",
-            headers={"Accept": MANIFEST_ACCEPT},
-        )
+        """Fetch a manifest or index by tag or digest; returns (bytes, media type, digest).
+
+        The body is read no further than :data:`MAX_JSON_DOCUMENT`: a hostile registry cannot
+        make us hold more.
+        """
         where = f"{self.registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
-        if resp.status_code == 404:
-            raise NotFoundError(f"{where}: manifest unknown")
-        if resp.status_code >= 400:
-            raise RegistryError(f"{where}: {error_text(resp)}")
-        data = resp.content
-        if len(data) > MAX_MANIFEST:
-            raise RegistryError(f"{where}: manifest of {len(data)} bytes is implausibly large")
+        for attempt in range(self.retries + 1):
+            resp = self.request(
+                "GET",
+                f"{repo}/manifests/{reference}",
+                scope=f"repository:{repo}:pull",
+                headers={"Accept": MANIFEST_ACCEPT},
+                stream=True,
+            )
+            with resp:
+                if resp.status_code == 404:
+                    raise NotFoundError(f"{where}: manifest unknown")
+                if resp.status_code >= 400:
+                    raise RegistryError(f"{where}: {error_text(resp)}")
+                try:
+                    data = _read_capped(resp, MAX_JSON_DOCUMENT, f"{where}: manifest")
+                except _TRANSIENT as exc:  # the connection broke while reading the body
+                    if attempt >= self.retries:
+                        raise NetworkError(f"{where}: manifest download failed: {_reason(exc)}") from None
+                    log.warning("%s: manifest download failed (%s); retrying", where, type(exc).__name__)
+                    self._sleep(attempt)
+                    continue
+                break
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise IntegrityError(f"{where}: manifest content hashes to {digest}")

@@ -11,6 +11,8 @@ matching requests of each armed fault, misbehaves instead:
 * ``error500``: answer 500 to any request;
 * ``throttle``: answer 429 with ``Retry-After: 1`` to any request;
 * ``schema1``: answer manifest GETs with a Docker schema 1 manifest;
+* ``huge_manifest``: answer manifest GETs with an endless body (no Content-Length, 1 MiB
+  blocks of JSON whitespace until the client hangs up or 1 GiB is sent);
 * ``redirect``: redirect blob GETs to :class:`BlobHost` on another loopback address.
 
 Faults are bounded (a count each), so a client with retries must eventually succeed, and
@@ -174,6 +176,9 @@ class FaultProxy(_Base):
                     ctype = "application/vnd.docker.distribution.manifest.v1+prettyjws"
                     self._reply(200, {"Content-Type": ctype}, json.dumps(doc).encode())
                     return
+                if self.command == "GET" and _MANIFEST.match(self.path) and proxy._take("huge_manifest"):
+                    self._endless(b" " * (1 << 20), 1024)
+                    return
                 headers = {
                     k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
                 }
@@ -206,6 +211,18 @@ class FaultProxy(_Base):
                     self.end_headers()
                     return
                 self._reply(resp.status_code, out, data)
+
+            def _endless(self, block: bytes, blocks: int) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    for _ in range(blocks):
+                        self.wfile.write(block)
+                except OSError:
+                    pass  # the client stopped reading
 
             def _cut(self, status: int, headers: dict[str, str], data: bytes, reset: bool) -> None:
                 self.send_response(status)

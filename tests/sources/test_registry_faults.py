@@ -140,6 +140,42 @@ def test_schema1_manifest_is_refused(proxy, tmp_path) -> None:
         _pull(proxy, tmp_path)
 
 
+def test_endless_manifest_is_cut_off_at_the_limit(proxy, tmp_path) -> None:
+    """A registry answering with an endless manifest: refused at 4 MiB, in bounded memory."""
+    import os
+    import subprocess
+    import sys
+
+    proxy.arm(huge_manifest=1)
+    (tmp_path / "out").mkdir()
+    env = {
+        **os.environ,
+        "SINGULARITY_DOCKER_USERNAME": USER,
+        "SINGULARITY_DOCKER_PASSWORD": PASSWORD,
+        "HPCSIF_CACHEDIR": str(tmp_path / "cache"),
+    }
+    # a parent whose only child is the pull reports that child's peak RSS
+    peak = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    )
+    cmd = [sys.executable, "-c", peak, sys.executable, "-m", "hpcsif.cli.main", "pull", "--nohttps"]
+    proc = subprocess.run(
+        [*cmd, "--dir", str(tmp_path / "out"), f"docker://{proxy.host}/{REPO}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert len(fatal) == 1 and "exceeded maximum allowed size of 4194304 bytes" in fatal[0], proc.stderr
+    assert proxy.fired["huge_manifest"] == 1
+    peak_kib = int(proc.stderr.split("PEAK ")[1].split()[0])
+    assert peak_kib < 150 * 1024, f"{peak_kib} KiB"
+    assert not list((tmp_path / "out").iterdir())
+
+
 def test_unreachable_registry_is_one_readable_line(tmp_path) -> None:
     """Nothing listens: the error names the address and the cause, not the HTTP stack's repr."""
     import socket
