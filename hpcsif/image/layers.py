@@ -1097,8 +1097,10 @@ class _Merger:
                     if self.progress:
                         self.progress(self.done_in + stream.bytes_in, self.total)
                 stream.drain()  # the digests are checked at the very end of the stream
-            except (tarfile.TarError, RecursionError) as e:  # a long chain of extended headers recurses
+            except tarfile.TarError as e:
                 raise LayerError(f"layer {blob.label}: not a valid tar archive or truncated ({e})") from e
+            except RecursionError as e:  # tarfile reads chained extended headers recursively
+                raise LayerError(f"layer {blob.label}: too many extended tar headers in a row") from e
             self.done_in += stream.bytes_in
             self.stats.bytes_in += stream.bytes_in
         finally:

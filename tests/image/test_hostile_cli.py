@@ -205,10 +205,21 @@ def _pax(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+def _pax_chain(count: int) -> bytes:
+    """``count`` extended headers in a row, then a file."""
+    header = tarfile.TarInfo("@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, 512
+    record = b"512 comment=" + b"x" * 499 + b"\n"
+    return (header.tobuf(tarfile.USTAR_FORMAT) + record) * count + tar_bytes(
+        [file("x")], tarfile.USTAR_FORMAT
+    )
+
+
 REFUSED = {
     "pax-header-2MiB": ([_pax("p", 2 << 20), file("x")], "extended header of 2097"),
     "name-component-300": ([file("d/" + "x" * 300)], "longer than 255 bytes"),
     "whiteout-of-parent": ([file("a/.wh..."), file("x")], "invalid whiteout"),
+    "pax-header-chain": (_pax_chain(2000), "too many extended tar headers in a row"),
     "symlink-loop": ([sym("a", "b"), sym("b", "a"), file("a/x")], "too many levels of symbolic links"),
     "hardlink-missing": ([file("a"), link("b", "missing")], "points at missing file"),
     "hardlink-directory": ([d("dd"), link("h", "dd")], "points at directory"),
