@@ -122,13 +122,16 @@ def test_dotdot_names_links_and_whiteouts_stay_in_the_root(tmp_path: Path) -> No
     assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
 
 
-def test_writes_through_symlinks_of_the_same_layer_stay_in_the_root(tmp_path: Path) -> None:
+def test_writes_through_symlinks_stay_in_the_root(tmp_path: Path) -> None:
+    """Entries below a symlink of their own layer or a lower one go where it points, in the root."""
     entries = [d("data"), sym("evil", "/data"), file("evil/pwned", "x"), sym("rel", "../../../data")]
-    entries += [file("rel/p2", "yy"), sym("out", str(tmp_path)), file("out/p3", "z")]
-    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)], implied=True)
+    entries += [file("rel/p2", "yy"), sym("out", str(tmp_path)), file("out/p3", "z"), sym("up", "../..")]
+    upper = layer(tmp_path, [file("up/p4", "4444"), file("out/p5", "55555")], "zstd")
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries), upper], implied=True)
     assert tree["/data/pwned"] == "-rw-r--r-- 1" and tree["/data/p2"] == "-rw-r--r-- 2"
     assert tree["/evil"] == "lrwxrwxrwx /data" and tree[f"{tmp_path}/p3"] == "-rw-r--r-- 1"
-    assert not (tmp_path / "p3").exists()
+    assert tree["/p4"] == "-rw-r--r-- 4" and tree[f"{tmp_path}/p5"] == "-rw-r--r-- 5"
+    assert not {"p3", "p4", "p5"} & {p.name for p in tmp_path.iterdir()}
 
 
 def test_hard_links_through_symlinks_resolve_in_the_root(tmp_path: Path) -> None:
