@@ -4,7 +4,8 @@ An uncompressed tar is only indexed: its small documents (manifests, configs, in
 store and every large member (a layer) stays where it is, read in place later as a byte range
 of the archive (its digest is verified while it streams). A compressed archive is read
 sequentially in one pass, its members copied into the store; nothing but the small JSON
-documents is ever held in memory.
+documents is ever held in memory: ``index.json`` and ``manifest.json`` (each at most
+:data:`~hpcsif.image.store.MAX_JSON_DOCUMENT`); the other small members go to the store only.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ from typing import IO
 from hpcsif.errors import IntegrityError, NotFoundError, SourceError
 from hpcsif.image.digest import CHUNK, sha256_file
 from hpcsif.image.model import BlobSpan
-from hpcsif.image.store import OCIStore
+from hpcsif.image.store import MAX_JSON_DOCUMENT, OCIStore, document_too_large
 
-_SMALL = 4 << 20  # JSON documents (manifests, configs, index) are kept in memory up to this size
+# members up to this size are copied into the store at once (documents, small layers); larger
+# ones are left in place in an uncompressed tar, or streamed into the store
+_SMALL = MAX_JSON_DOCUMENT
+#: the archive's own top-level documents, the only members kept in memory
+_TOP_DOCUMENTS = frozenset({"index.json", "manifest.json"})
 _BLOB_NAME = re.compile(r"^(?:\./)?blobs/sha256/([a-f0-9]{64})$")
 
 
 @dataclass
 class ArchiveContents:
-    """What one pass over an archive found: small documents by name and stored blobs by name."""
+    """What one pass over an archive found: its top documents by name and stored blobs by name."""
 
     documents: dict[str, bytes] = field(default_factory=dict)
     blobs: dict[str, str] = field(default_factory=dict)  # member name -> digest in the store
@@ -45,7 +50,7 @@ class ArchiveContents:
         return out
 
     def document(self, name: str, where: str) -> bytes:
-        """A small member's bytes; NotFoundError naming the archive if absent."""
+        """A top document's bytes (``index.json``, ``manifest.json``); NotFoundError if absent."""
         try:
             return self.documents[name.removeprefix("./")]
         except KeyError:
@@ -103,6 +108,8 @@ def index_tar(path: Path, store: OCIStore, where: str) -> ArchiveContents:
                     src = tar.extractfile(member)
                     assert src is not None  # regular files always have data
                     _keep_small(out, store, name, src.read())
+                elif name in _TOP_DOCUMENTS:
+                    raise document_too_large(f"{where}: {name}")
                 else:
                     out.spans[name] = BlobSpan(path, member.offset_data, member.size)
     except IntegrityError as exc:
@@ -133,8 +140,8 @@ def ingest_fileobj(stream: IO[bytes], store: OCIStore, where: str) -> ArchiveCon
     """Read every regular member of a tar stream (plain, gzip, bzip2 or xz) into ``store``.
 
     Members named ``blobs/sha256/<hex>`` are verified against their name. Every other
-    member is stored under the digest of its content; members up to a few MiB are also
-    kept in memory so that manifests and configs can be parsed.
+    member is stored under the digest of its content; ``index.json`` and ``manifest.json``
+    are also kept in memory.
     """
     out = ArchiveContents()
     try:
@@ -164,6 +171,8 @@ def _ingest_member(
         if len(data) != member.size:
             raise SourceError(f"{where}: archive is truncated (in {name})")
         _keep_small(out, store, name, data)
+    elif name in _TOP_DOCUMENTS:
+        raise document_too_large(f"{where}: {name}")
     elif expected and store.has_blob(expected, member.size):
         out.blobs[name] = expected  # repeat blob: the tar reader skips its data
     else:
@@ -176,9 +185,10 @@ def _ingest_member(
 
 
 def _keep_small(out: ArchiveContents, store: OCIStore, name: str, data: bytes) -> None:
-    """Keep a small member in memory and in the store (verified when named by its digest)."""
+    """Put a small member in the store (verified when named by its digest); keep a top document."""
     m = _BLOB_NAME.match(name)
     expected = f"sha256:{m.group(1)}" if m else None
-    out.documents[name] = data
+    if name in _TOP_DOCUMENTS:
+        out.documents[name] = data
     have = expected is not None and store.has_blob(expected)
     out.blobs[name] = expected if have else store.put_bytes(data, expected)

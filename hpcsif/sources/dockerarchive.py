@@ -17,7 +17,7 @@ from hpcsif.errors import AmbiguousImageError, IntegrityError, NotFoundError, So
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import CHUNK
 from hpcsif.image.model import BlobSpan, Descriptor, Image
-from hpcsif.image.store import OCIStore
+from hpcsif.image.store import OCIStore, document_too_large, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
 from hpcsif.sources.archive import ArchiveContents, read_archive, selection_digest
@@ -89,13 +89,16 @@ def image_from_contents(contents: ArchiveContents, store: OCIStore, name: str | 
             raise TypeError("Config must be a path and Layers a list of paths")
         if not all(isinstance(n, str) for n in layer_names):
             raise TypeError("Layers must be a list of paths")
-        config_bytes = contents.document(config_name, where)
-        config = json.loads(config_bytes)
-        if not isinstance(config, dict):
-            raise TypeError("the image config is not a JSON object")
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise IntegrityError(f"{where}: malformed manifest.json or image config ({exc})") from None
-    config_digest = contents.blobs[config_name.removeprefix("./")]
+        raise IntegrityError(f"{where}: malformed manifest.json ({exc})") from None
+    config_member = config_name.removeprefix("./")
+    if config_member in contents.spans:
+        raise document_too_large(f"{where}: image config {config_name}")
+    if config_member not in contents.blobs:
+        raise NotFoundError(f"{where}: archive has no {config_name}")
+    config_digest = contents.blobs[config_member]
+    config_bytes = store.read_blob(config_digest)
+    config = load_json_object(config_bytes, f"{where}: image config {config_name}")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     if len(diff_ids) != len(layer_names):
         raise IntegrityError(f"{where}: config lists {len(diff_ids)} diff_ids for {len(layer_names)} layers")

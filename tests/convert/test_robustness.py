@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -173,3 +174,57 @@ def test_oversized_registry_config(registry_open: Registry, tmp_path: Path) -> N
     assert proc.returncode == 255 and proc.stderr.count("FATAL") == 1, proc.stderr
     assert proc.stderr.endswith(f"exceeded maximum allowed size of {LIMIT} bytes (4 MiB)\n"), proc.stderr
     assert " config sha256:" in proc.stderr and not out.exists()
+
+
+def _peak_build(*args: str) -> tuple[object, int]:
+    """Run ``hpcsif build ARGS`` in a parent whose only child it is: (process, peak RSS in KiB)."""
+    import subprocess
+    import sys
+
+    peak = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    )
+    cmd = [sys.executable, "-c", peak, sys.executable, "-m", "hpcsif.cli.main", "build", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return proc, int(proc.stderr.split("PEAK ")[1].split()[0])
+
+
+def test_compressed_archive_members_are_not_kept_in_memory(tmp_path: Path) -> None:
+    """Junk members just under the document limit used to be kept in memory (100 x 4 MiB: 432 MB)."""
+    import gzip
+    import tarfile
+
+    layout = _layout(tmp_path / "layout")
+    archive = tmp_path / "img.oci-archive.tar.gz"
+    junk = os.urandom(LIMIT - 4096)
+    with gzip.open(archive, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        for i in range(40):
+            info = tarfile.TarInfo(f"junk/{i}")
+            info.size = len(junk)
+            tar.addfile(info, io.BytesIO(junk))
+        for path in sorted(layout.rglob("*")):
+            tar.add(path, path.relative_to(layout).as_posix(), recursive=False)
+    out = tmp_path / "out.sif"
+    proc, peak_kib = _peak_build(str(out), f"oci-archive://{archive}")
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    assert peak_kib < 120 * 1024, f"peak RSS {peak_kib} KiB"
+
+
+def test_oversized_docker_archive_manifest(tmp_path: Path) -> None:
+    """A manifest.json over the limit is named as such (it used to be 'archive has no manifest.json')."""
+    import tarfile
+
+    archive = tmp_path / "img.docker-archive.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        body = b"[" + b" " * (LIMIT + 1) + b"]"
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    out = tmp_path / "out.sif"
+    proc = run_cli("build", str(out), f"docker-archive://{archive}", check=False, timeout=60)
+    message = f"exceeded maximum allowed size of {LIMIT} bytes (4 MiB)"
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert proc.returncode == 255 and len(fatal) == 1 and message in fatal[0] and "manifest.json" in fatal[0]
+    assert not out.exists()
