@@ -227,12 +227,14 @@ def sandbox_to_sif(
     meta: md.Metadata | None = None,
     arch: str | None = None,
     origin: str | None = None,
+    oci_config: dict[str, Any] | None = None,
 ) -> Path:
     """Pack a sandbox directory into a SIF with mksquashfs.
 
     ``meta`` (a definition-file build's) supplies the def file and the inspect/OCI-config
-    objects; without it they are read from the tree. ``arch`` overrides ``options.arch``;
-    ``origin`` is what the def file record names as the source (default: ``src``).
+    objects; without it they are read from the tree, and ``oci_config`` (a repacked SIF's)
+    is stored when given. ``arch`` overrides ``options.arch``; ``origin`` is what the def file
+    record names as the source (default: ``src``).
     """
     from hpcsif.sif.format import DataType, FSType, PartType
     from hpcsif.sif.metadata import trimmed
@@ -253,6 +255,9 @@ def sandbox_to_sif(
                     ObjectSpec(DataType.GENERIC_JSON, data=meta.oci_config_json(), name="oci-config.json")
                 )
         else:
+            if oci_config:
+                data = json.dumps(oci_config, separators=(",", ":")).encode()
+                writer.add(ObjectSpec(DataType.GENERIC_JSON, data=data, name="oci-config.json"))
             labels = _read_json(src / ".singularity.d" / "labels.json")
             attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
             runscript = src / ".singularity.d" / "runscript"
@@ -286,14 +291,39 @@ def sandbox_to_sif(
 
 def sif_to_sif(src: str | os.PathLike[str], dest: str | os.PathLike[str], options: ConvertOptions) -> Path:
     """Repack a SIF (e.g. with another codec; signatures are not carried over), as
-    ``apptainer build new.sif old.sif`` does: unpacked to a scratch tree, then packed anew."""
+    ``apptainer build new.sif old.sif`` does: unpacked to a scratch tree, then packed anew
+    with the old image's ``oci-config.json`` (a shell-less image needs it to start)."""
     dest = Path(dest)
+    oci_config = sif_oci_config(src)
     scratch = Path(tempfile.mkdtemp(prefix=".hpcsif-rebuild-", dir=options.tmpdir or dest.parent))
     try:
         tree = sif_to_sandbox(src, scratch / "rootfs")
-        return sandbox_to_sif(tree, dest, options, origin=str(src))
+        return sandbox_to_sif(tree, dest, options, origin=str(src), oci_config=oci_config)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def sif_oci_config(sif: str | os.PathLike[str]) -> dict[str, Any]:
+    """The base SIF's ``oci-config.json``, which the new image keeps, as Apptainer's keeps it.
+
+    A shell-less image needs it to start; one that is not a JSON object could not start it and
+    is left behind with a warning.
+    """
+    from hpcsif.errors import IntegrityError
+    from hpcsif.image.store import load_json_object
+    from hpcsif.sif.format import DataType
+    from hpcsif.sif.reader import SIFImage
+
+    with SIFImage.open(sif) as img:
+        found = img.find(DataType.GENERIC_JSON, "oci-config.json")
+        data = img.read_object(found[0]) if found else b""
+    if not data:
+        return {}
+    try:
+        return load_json_object(data, f"{sif}: oci-config.json")
+    except IntegrityError as exc:
+        log.warning("%s; the new image goes without it", exc)
+        return {}
 
 
 def sandbox_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:

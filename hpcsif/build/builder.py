@@ -375,7 +375,7 @@ class _StageBuilder:
             )
 
     def _local_image(self, src: Path, line: int) -> tuple[dict[str, Any], str]:
-        from hpcsif.convert import sif_to_sandbox
+        from hpcsif.convert import sif_oci_config, sif_to_sandbox
 
         oci_config: dict[str, Any] = {}
         if src.is_dir():
@@ -385,7 +385,7 @@ class _StageBuilder:
                 raise BuildError(f"{self.where}:{line}: cannot copy sandbox {src}: {proc.stderr.strip()}")
         elif src.is_file():
             sif_to_sandbox(src, self.root)
-            oci_config = _sif_oci_config(src)
+            oci_config = sif_oci_config(src)
         else:
             from hpcsif.refs import reason, stat_error
 
@@ -599,29 +599,6 @@ def _script(sec: Section, where: str) -> str:
     which no shell runs).
     """
     return f"#!{' '.join(sec.interpreter(where))}\n\n{sec.body}\n"
-
-
-def _sif_oci_config(sif: Path) -> dict[str, Any]:
-    """The base SIF's ``oci-config.json``, which the new image keeps, as Apptainer's keeps it.
-
-    A shell-less image needs it to start; one that is not a JSON object could not start it and
-    is left behind with a warning.
-    """
-    from hpcsif.errors import IntegrityError
-    from hpcsif.image.store import load_json_object
-    from hpcsif.sif.format import DataType
-    from hpcsif.sif.reader import SIFImage
-
-    with SIFImage.open(sif) as img:
-        found = img.find(DataType.GENERIC_JSON, "oci-config.json")
-        data = img.read_object(found[0]) if found else b""
-    if not data:
-        return {}
-    try:
-        return load_json_object(data, f"{sif}: oci-config.json")
-    except IntegrityError as exc:
-        log.warning("%s; the new image goes without it", exc)
-        return {}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -79,3 +79,14 @@ def test_exec_of_what_cannot_run(distroless: Path) -> None:
         proc = run_cli("exec", str(distroless), command, check=False)
         assert (proc.returncode, proc.stderr) == (255, f"FATAL:   {message}\n")
     assert run_cli("exec", str(distroless), "busybox", "true").returncode == 0
+
+
+def test_a_repacked_image_keeps_its_oci_config(distroless: Path, tmp_path: Path) -> None:
+    """``build new.sif old.sif`` carries oci-config.json over, as Apptainer's does: without it a
+    shell-less image cannot start its entrypoint (it used to fail with 'no /bin/sh')."""
+    repacked = tmp_path / "repacked.sif"
+    run_cli("build", "--compression", "gzip", str(repacked), str(distroless))
+    assert run_cli("sif", "list", str(repacked)).stdout.count("JSON.Generic") == 2  # oci-config, inspect
+    assert run_cli("run", str(repacked)).stdout == "default args\n"
+    out = run_cli("exec", str(repacked), "busybox", "sh", "-c", 'echo "$GREETING"').stdout
+    assert out == "from the image\n"
