@@ -64,8 +64,9 @@ LAUNCHER = r"""
 # tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error)
 if [ -n "$__HPCSIF_READY" ]; then printf x > "/proc/self/fd/$__HPCSIF_READY"; fi
 unset __HPCSIF_READY
-# Apptainer's prompt is the default: a PS1 the image sets wins (PROMPT_COMMAND is made below)
-__ps1=$PS1; unset PS1 PROMPT_COMMAND
+# Apptainer's prompt is the default: a PS1 the image sets wins (PROMPT_COMMAND is made below);
+# SHLVL as this launcher found it (bash and busybox sh count themselves in; Apptainer's has none)
+__ps1=$PS1; unset PS1 PROMPT_COMMAND SHLVL
 for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
 if [ -n "$__HPCSIF_APP" ]; then
   for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done

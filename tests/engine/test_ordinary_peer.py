@@ -333,3 +333,12 @@ def test_prompt_from_the_image_or_the_user(ordinary: Ordinary, tmp_path: Path) -
         assert (ours.returncode, ours.stdout) == (0, expected + "\n"), ours.stderr
         theirs = peer(tmp_path, *argv, env=host)
         assert (theirs.returncode, theirs.stdout) == (0, ours.stdout), theirs.stderr
+
+
+def test_shlvl_counts_only_the_users_shells(ordinary: Ordinary) -> None:
+    """The launcher's own busybox sh does not count: a --cleanenv `sh -c` is at level 1."""
+    argv = ["exec", "--cleanenv", str(ordinary.cmdonly), "sh", "-c", 'echo "${SHLVL-unset}"']
+    ours = hpcsif(ordinary.base, *argv)
+    assert (ours.returncode, ours.stdout) == (0, "1\n"), ours.stderr
+    theirs = peer(ordinary.base, *argv)
+    assert (theirs.returncode, theirs.stdout) == (0, ours.stdout), theirs.stderr
