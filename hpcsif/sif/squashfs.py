@@ -4,7 +4,7 @@ The conversion path streams a tar archive into ``tar2sqfs`` (squashfs-tools-ng) 
 pipe, so no root tree is ever unpacked to disk; where ``tar2sqfs`` is missing, the stream
 is unpacked into a scratch directory (``tmpdir``) and packed with ``mksquashfs`` (also for
 lz4, whose tar2sqfs 1.2 images unsquashfs 4.5 cannot read, and for trees with a directory
-of more than 20000 entries, which tar2sqfs packs in quadratic time).
+of more than 10000 entries, which tar2sqfs packs in quadratic time).
 Sandboxes are packed with ``mksquashfs`` (which can write straight into a SIF at an
 offset) and SIF partitions are unpacked with ``unsquashfs -o OFFSET``.
 
@@ -37,9 +37,9 @@ _LEVEL_RANGE = {"gzip": (1, 9), "zstd": (1, 22), "xz": (0, 9)}
 _PIPE_SIZE = 1 << 20
 _STDERR_TAIL = 2000
 _MAX_PREFIX = 64 << 20
-# tar2sqfs 1.2 compares each new name with all its siblings: 20000 entries in one directory
-# cost it about 4 s, 60000 about 35 s; past this many, unpacking and mksquashfs are faster
-_TAR2SQFS_WIDE = 20000
+# tar2sqfs 1.2 compares each new name with all its siblings: 10000 entries in one directory
+# cost it about 1 s, 60000 about 35 s; past this many, unpacking and mksquashfs are faster
+_TAR2SQFS_WIDE = 10000
 
 
 def _tool(name: str) -> str:
