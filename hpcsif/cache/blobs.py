@@ -48,6 +48,24 @@ def blobs_in_use(root: CacheRoot) -> Iterator[None]:
             os.close(fd)
 
 
+#: lock descriptors of :func:`pin_blobs`, by lock path; the kernel closes them at exit
+_pinned: dict[Path, int] = {}
+
+
+def pin_blobs(root: CacheRoot) -> None:
+    """Keep eviction in other processes away from ``root``'s blobs until this process exits.
+
+    For one-shot commands (``build``, ``pull``); their own collection after a conversion they
+    have finished may still remove blobs (:func:`evict_blobs` converts the pin).
+    """
+    if _lock_path(root) in _pinned:
+        return
+    fd = _open_lock(root)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _pinned[_lock_path(root)] = fd
+
+
 @dataclass(frozen=True)
 class Blob:
     """One stored blob file."""
@@ -84,11 +102,13 @@ def evict_blobs(
     Returns the blobs removed (or, for a dry run, those that would be), None when a fetch or a
     conversion is using the blobs right now and nothing was removed.
     """
-    fd = _open_lock(root)
+    pinned = _pinned.get(_lock_path(root))
+    fd = pinned if pinned is not None else _open_lock(root)
     if fd is None:
         return None
     try:
         try:
+            # on our own pin this converts it: a second descriptor would conflict with it
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.debug("blobs of %s in use: none evicted this time", root.path)
@@ -106,4 +126,7 @@ def evict_blobs(
             excess -= blob.size
         return removed
     finally:
-        os.close(fd)
+        if pinned is None:
+            os.close(fd)
+        else:  # back to a shared pin (a failed conversion may have dropped it)
+            fcntl.flock(fd, fcntl.LOCK_SH)

@@ -291,6 +291,7 @@ def _sections(args: argparse.Namespace) -> frozenset[str] | None:
 
 def blob_store(args: argparse.Namespace):  # -> OCIStore | None
     """The shared blob cache, or None for a temporary one (--disable-cache / *_DISABLE_CACHE)."""
+    from hpcsif.cache.blobs import pin_blobs
     from hpcsif.cache.layout import CacheRoot
     from hpcsif.config import get_config
     from hpcsif.image.store import OCIStore
@@ -298,7 +299,9 @@ def blob_store(args: argparse.Namespace):  # -> OCIStore | None
     cfg = get_config()
     if getattr(args, "disable_cache", False) or cfg.cache_disabled():
         return None
-    return OCIStore(CacheRoot(cfg.cache_dir()).ensure().oci)  # a CacheError names an unusable directory
+    root = CacheRoot(cfg.cache_dir()).ensure()  # a CacheError names an unusable directory
+    pin_blobs(root)  # a cache gc elsewhere must not remove a layer this command is about to read
+    return OCIStore(root.oci)
 
 
 def run(args: argparse.Namespace) -> int:

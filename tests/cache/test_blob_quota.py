@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.cache.conftest import CacheEnv, reap
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +96,38 @@ def test_blobs_in_use_are_left_alone(cache_env: CacheEnv, pulled: str) -> None:
     out = run_cli("cache", "gc", "--quota", "1").stdout
     assert f"removed {len(blobs)} oci blob file(s)" in out
     assert not _blob_files(cache)
+
+
+def test_a_running_build_keeps_gc_off_the_blobs(
+    cache_env: CacheEnv, pulled: str, blocking_layout, tmp_path: Path
+) -> None:
+    """``hpcsif build`` holds the blob lock for its whole run (it may read cached layers)."""
+    cache = cache_env.cache
+    blobs = _blob_files(cache)
+    layout, _, _ = blocking_layout
+    build = subprocess.Popen(
+        [sys.executable, "-m", "hpcsif.cli.main", "build", str(tmp_path / "b.sif"), f"oci://{layout}:latest"],
+        env=cache_env.env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lock = cache / "locks" / "blobs.lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and str(build.pid) in _lock_pids(lock)):
+            assert time.monotonic() < deadline, "the build never took the blob lock"
+            time.sleep(0.05)
+        out = run_cli("cache", "gc", "--quota", "1").stdout
+        assert "oci blob" not in out and sorted(_blob_files(cache)) == sorted(blobs)
+    finally:
+        reap(build)  # blocked on its FIFO layer: killed, its lock goes with it
+    assert f"removed {len(blobs)} oci blob file(s)" in run_cli("cache", "gc", "--quota", "1").stdout
+
+
+def _lock_pids(lock: Path) -> list[str]:
+    """The pids holding flocks on ``lock`` (from /proc/locks, matched by inode)."""
+    ino = f":{lock.stat().st_ino}"
+    rows = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" not in line]
+    return [r[4] for r in rows if len(r) > 5 and r[1] == "FLOCK" and r[5].endswith(ino)]
