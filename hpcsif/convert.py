@@ -354,15 +354,30 @@ def fetch_image(
     """Fetch ``ref`` into ``store`` with the source for its transport.
 
     A ``notify`` callable among ``source_options`` hears Apptainer's "Converting OCI blobs to SIF
-    format", so that ``pull`` can tell a conversion from a cache hit as Apptainer's does.
+    format", so that ``pull`` can tell a conversion from a cache hit as Apptainer's does. As in
+    Apptainer, it is said once the image is found (when its download starts, or when the fetch
+    is done): an image that cannot be found or chosen fails with its error line alone.
     """
     from hpcsif.sources import get_source
 
     opts = dict(source_options or {})
-    if notify := opts.pop("notify", None):
-        notify("Converting OCI blobs to SIF format")
+    notify = opts.pop("notify", None)
+    pending = [notify] if notify else []
+
+    def announce() -> None:
+        if pending:
+            pending.pop()("Converting OCI blobs to SIF format")
+
+    if pending and callable(progress := opts.get("progress")):
+
+        def progress_after_announcing(*args: Any) -> None:
+            announce()
+            progress(*args)
+
+        opts["progress"] = progress_after_announcing
     source = get_source(ref, platform=options.platform, **opts)
     image = source.fetch(ref, store)
+    announce()
     if options.arch or options.variant:  # a single-arch image is taken whatever --arch says
         want, got = (
             options.platform,

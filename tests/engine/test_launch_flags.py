@@ -343,7 +343,14 @@ def test_disable_cache_runs_without_caching(busybox_image, tmp_path):
     assert ok(exec_("--disable-cache")) == "ran\n"
     assert not [p for p in cache.rglob("*.sif")]  # nothing converted into the cache
     # through the cache, Apptainer's INFO lines: the conversion, then each cache hit (not with -q)
-    assert exec_().stderr == "INFO:    Converting OCI blobs to SIF format\n"
+    assert exec_().stderr.splitlines() == [
+        "INFO:    Converting OCI blobs to SIF format",
+        "INFO:    Starting build...",
+        "INFO:    Fetching OCI image...",
+        "INFO:    Extracting OCI image...",
+        "INFO:    Inserting Apptainer configuration...",
+        "INFO:    Creating SIF file...",
+    ]
     assert exec_().stderr == "INFO:    Using cached SIF image\n"
     assert exec_(level="-q").stderr == ""
 
