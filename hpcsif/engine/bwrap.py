@@ -465,7 +465,10 @@ class _Plan:
                 except OSError:
                     return "no such file or directory"
                 return None if os.access(host, os.X_OK) else "permission denied"
-        return None if _missing_parent(self.root, path) is None else "no such file or directory"
+        if _missing_parent(self.root, path) is not None:
+            return "no such file or directory"
+        found = _in_image(self.root, path)
+        return "not a directory" if found is not None and not os.path.isdir(found) else None
 
     def _root(self, dests: list[str]) -> list[str]:
         """Mount the image at / with tmpfs underlays where a destination is missing in it."""

@@ -468,6 +468,12 @@ def test_pwd_missing_in_container(run, images):
         255,
         "FATAL:   failed to set working directory: chdir /nonexistent: no such file or directory\n",
     )
+    # a file of the image, not a directory (it was bwrap's message and a generic line)
+    res = run("exec", "--pwd", "/bin/busybox", str(images.sif), "pwd")
+    assert (res.returncode, res.stderr) == (
+        255,
+        "FATAL:   failed to set working directory: chdir /bin/busybox: not a directory\n",
+    )
     home = run("exec", "--contain", "--cwd", "/tmp", str(images.sif), "pwd")
     assert (home.returncode, home.stdout) == (0, "/tmp\n"), home.stderr
 
