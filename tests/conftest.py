@@ -53,6 +53,12 @@ def run_cli(
     return proc
 
 
+def error_lines(stderr: str) -> list[str]:
+    """What a command said besides Apptainer's ``INFO:`` progress lines (a build that failed
+    midway has said its steps so far, as Apptainer's does)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("INFO:")]
+
+
 @pytest.fixture
 def cli():
     """The :func:`run_cli` helper as a fixture."""

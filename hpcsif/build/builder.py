@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ class BuildOptions:
     ``mounts`` (``-B``/``--mount`` specs), ``nv``/``rocm`` (host GPU files, found as the engine
     finds them) apply to ``%post`` and ``%test``; ``writable_tmpfs`` lets ``%test`` write to a
     throw-away overlay; ``no_cleanup`` keeps the build directory and says where it is;
-    ``fakeroot`` runs ``%post``/``%test`` as fake root even for root (as ``--fakeroot``).
+    ``fakeroot`` runs ``%post``/``%test`` as fake root even for root (as ``--fakeroot``);
+    ``notify`` hears each step in Apptainer's words ("Running post scriptlet" …).
     """
 
     convert: ConvertOptions = field(default_factory=ConvertOptions)
@@ -138,6 +140,20 @@ class BuildOptions:
     writable_tmpfs: bool = False
     no_cleanup: bool = False
     fakeroot: bool = False  # -f: fake root in a user namespace even when root builds
+    notify: Callable[[str], None] | None = None
+    _started: bool = field(default=False, repr=False)
+
+    def say(self, step: str) -> None:
+        """Tell ``notify`` (if any) about a build step, after "Starting build..." the first time.
+
+        The first step is said once it has worked, so that input refused at once (a missing
+        base image, a bad definition file) fails with its error line alone.
+        """
+        if self.notify:
+            if not self._started:
+                self._started = True
+                self.notify("Starting build...")
+            self.notify(step)
 
     def runs(self, section: str) -> bool:
         """True if ``section`` is to run (``--section``)."""
@@ -212,7 +228,9 @@ def build_definition(
                     _run_test(built[-1].root, test, definition.where, binds, options)
         final = built[-1]
         if options.sandbox:
+            options.say("Creating sandbox directory...")
             return _build_dir(dest, lambda tmp: shutil.move(str(final.root), str(tmp)))
+        options.say("Creating SIF file...")
         return _pack(final, definition, dest, options.convert)
     finally:
         if options.no_cleanup:  # as Apptainer: kept whether the build failed or not
@@ -321,7 +339,10 @@ class _StageBuilder:
         line = self.stage.header_lines.get("from", stage.line)
         if stage.bootstrap == "localimage":
             self._check_fingerprints(Path(stage.source))
-            return self._local_image(Path(stage.source), line)
+            found = self._local_image(Path(stage.source), line)
+            self.options.say(f"Verifying bootstrap image {stage.source}")
+            self.options.say("Extracting local image...")
+            return found
         if stage.bootstrap == "scratch":
             arch = opts.arch or Platform().architecture
             meta = md.for_image({}, bootstrap="scratch", source="", arch=arch)
@@ -333,7 +354,7 @@ class _StageBuilder:
         from hpcsif.convert import fetch_image
         from hpcsif.refs import parse
 
-        log.info("Fetching %s", reference(stage))
+        self.options.say("Fetching OCI image...")
         try:
             image = fetch_image(parse(reference(stage)), self.store, opts, self.options.source_options)
         except (SourceError, ReferenceError) as exc:  # same error, told where the reference came from
@@ -344,6 +365,8 @@ class _StageBuilder:
             image.config, bootstrap=stage.bootstrap, source=stage.source, arch=image.architecture
         )
         extract_tree(image.layer_blobs(), self.root, extra=meta.files())
+        self.options.say("Extracting OCI image...")
+        self.options.say("Inserting Apptainer configuration...")
         return meta.oci_config, image.architecture
 
     def _check_fingerprints(self, src: Path) -> None:
@@ -411,7 +434,7 @@ class _StageBuilder:
         sec = self.stage.sections.get("setup")
         if sec is None or not sec.body.strip():
             return
-        log.info("Running %%setup")
+        self.options.say("Running setup scriptlet")
         with tempfile.NamedTemporaryFile("w", suffix=".sh", dir=self.root.parent, delete=False) as f:
             f.write(sec.body)
         env = {**os.environ, "APPTAINER_ROOTFS": str(self.root), "SINGULARITY_ROOTFS": str(self.root)}
@@ -431,8 +454,8 @@ class _StageBuilder:
                 line = block.copies[0].line if block.copies else self.stage.line
                 src_root = self.earlier[self.definition.stage(block.stage, self.index, line)].root
             for copy in block.copies:
-                dst = copy.dst or copy.src
-                self._copy(copy, src_root, dst, self.root)
+                self.options.say(f"Copying {copy.src} to {copy.dst}")  # as Apptainer: blank dst too
+                self._copy(copy, src_root, copy.dst or copy.src, self.root)
 
     def _copy(self, copy: FileCopy, src_root: Path | None, dst: str, dst_base: Path) -> None:
         if src_root is None:
@@ -455,7 +478,6 @@ class _StageBuilder:
             (target if into_dir else target.parent).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BuildError(f"{self.where}:{copy.line}: cannot create {dst}: {exc.strerror}") from None
-        log.info("Copying %s to %s", copy.src, dst)
         proc = subprocess.run(
             ["cp", "-fLr", *map(str, sources), str(target)],
             capture_output=True,
@@ -517,7 +539,7 @@ class _StageBuilder:
             return
         line = sec.line if sec else installs[0].sections["install"].line
         argv = sec.shell_argv(self.where) if sec else ["/bin/sh", "-e", "-x"]
-        log.info("Running %%post")
+        self.options.say("Running post scriptlet")
         what = f"{self.where}:{line}: %post"
         labels = resolve_inside(self.root, _POST_LABELS)
         labels.unlink(missing_ok=True)
@@ -549,6 +571,17 @@ class _StageBuilder:
         (``bootstrapped`` False) keeps its bootstrap labels, as Apptainer does.
         """
         stage, where, runs = self.stage, self.where, self.options.runs
+        # Apptainer's words and order (the files themselves do not depend on it)
+        for name, step in (
+            ("help", "Adding help info"),
+            ("labels", "Adding labels"),
+            ("environment", "Adding environment to container"),
+            ("startscript", "Adding startscript"),
+            ("runscript", "Adding runscript"),
+            ("test", "Adding testscript"),
+        ):
+            if (stage.labels if name == "labels" else stage.body(name)) and runs(name):
+                self.options.say(step)
         if stage.body("environment") and runs("environment"):
             path = resolve_inside(self.root, f"{SD}/env/90-environment.sh")
             old = path.read_text() if path.is_file() else md.ENV_90
@@ -720,7 +753,7 @@ def _mount_point(root: Path, dst: str, directory: bool) -> list[Path]:
 def _run_test(root: Path, sec: Section, where: str, binds: list[Any], options: BuildOptions) -> None:
     """Run the finished image's ``%test`` (read-only tree; with ``options.writable_tmpfs`` on a
     throw-away overlay, as Apptainer's ``--writable-tmpfs``); a failure stops the build."""
-    log.info("Running %%test")
+    options.say("Running testscript")
     what = f"{where}:{sec.line}: %test"
     script = f"exec {SD}/test\n"
     fake = options.fakeroot

@@ -330,8 +330,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             check_target(target, args.force)
         update = args.update and not args.force  # Apptainer: -u -F rebuilds the sandbox from scratch
+        from hpcsif.cli.pull import info
+
         log.info("Starting build of %s from definition file %s", target, args.source)
         opts = BuildOptions(
+            notify=lambda step: info(args, step),
             convert=convert_options(args),
             sandbox=args.sandbox,
             notest=args.notest,
@@ -351,17 +354,31 @@ def run(args: argparse.Namespace) -> int:
         )
         build_definition(args.source, target, opts)
     else:
+        from hpcsif.cli.pull import Notices, info
+
         check_target(target, args.force)
         log.info("Starting build of %s from %s", target, args.source)
+        # Apptainer's INFO lines: an image from a URI's once it is found, a local image's when
+        # it is done (input refused at once fails with its error line alone)
+        local = ref.transport in ("sif", "sandbox")
+        notices = Notices(args, build=True)
         convert_ref(
             ref,
             target,
             options=convert_options(args),
             store=blob_store(args),
             sandbox=args.sandbox,
-            source_options=registry_options(args),
+            source_options={**registry_options(args), **({} if local else {"notify": notices})},
             progress=progress_bar(not (args.quiet or args.silent)),
         )
+        if local:
+            info(args, "Starting build...")
+            if ref.transport == "sif":
+                info(args, f"Verifying bootstrap image {args.source}")
+            info(args, "Extracting local image...")
+            info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")
+        else:
+            notices.done()
     if not args.sandbox:
         from hpcsif.sources.remote import umasked
 

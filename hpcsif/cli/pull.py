@@ -279,22 +279,30 @@ BUILD_STEPS = ("Extracting OCI image...", "Inserting Apptainer configuration..."
 class Notices:
     """Apptainer's INFO lines for an image from a URI, as a ``notify`` source option: the
     conversion's ("Converting OCI blobs to SIF format" and its build steps) or, when nothing
-    was said, a cache hit's.
+    was said, a cache hit's. ``build`` gives ``build``'s lines: the steps without the
+    "Converting" line, and the sandbox's last step where ``--sandbox`` asks for one.
     """
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, *, build: bool = False) -> None:
         self.args = args
+        self.build = build
         self.said: list[str] = []
 
     def __call__(self, message: str) -> None:
         self.said.append(message)
-        for line in (message, *FETCH_STEPS) if message == CONVERTING else (message,):
+        if message != CONVERTING:
+            info(self.args, message)
+            return
+        for line in FETCH_STEPS if self.build else (message, *FETCH_STEPS):
             info(self.args, line)
 
     def done(self) -> None:
         """The conversion's last steps, or "Using cached SIF image" where nothing was announced."""
         if CONVERTING in self.said:
-            for line in BUILD_STEPS:
+            last = (
+                "Creating sandbox directory..." if getattr(self.args, "sandbox", False) else BUILD_STEPS[-1]
+            )
+            for line in (*BUILD_STEPS[:-1], last):
                 info(self.args, line)
         elif not self.said:
             info(self.args, "Using cached SIF image")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archive, write_oci_layout
-from tests.conftest import run_cli
+from tests.conftest import error_lines, run_cli
 from tests.convert.test_build_cli import assert_no_leftovers, unpack
 
 pytestmark = pytest.mark.slow
@@ -69,8 +69,8 @@ def test_corruption_inside_a_layer_left_in_place(
     out.mkdir()
     proc = run_cli("build", str(out / "x.sif"), f"{kind}://{bad}", check=False)
     assert proc.returncode != 0
-    line = proc.stderr.strip()
-    assert line.startswith("FATAL:") and "\n" not in line and "sha256:" in line, line
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith("FATAL:") and "sha256:" in line, line
     assert_no_leftovers(out)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archive, write_oci_layout
 from hpcsif.sif.reader import SIFImage
-from tests.conftest import run_cli
+from tests.conftest import error_lines, run_cli
 from tests.services.images import TestImage
 
 pytestmark = pytest.mark.slow
@@ -240,7 +240,7 @@ def test_errors_are_one_line_and_leave_nothing(busybox_image: TestImage, archive
     for source, message in cases.items():
         proc = run_cli("build", str(out / "x.sif"), source, check=False)
         assert proc.returncode != 0, source
-        lines = proc.stderr.strip().splitlines()
+        lines = error_lines(proc.stderr)
         assert len(lines) == 1 and lines[0].startswith("FATAL:"), (source, proc.stderr)
         assert message in lines[0], (source, lines[0])
         assert_no_leftovers(out)

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, error_lines, run_cli
 from tests.services.images import busybox_binary
 from tests.services.registry import Registry
 from tests.services.users import USER_PYTHON, TestUser
@@ -64,7 +64,7 @@ def test_unreachable_paths_in_a_definition_file(paths: Path, busybox_oci_layout:
     for text, message in cases:
         (paths / "x.def").write_text(text)
         proc = run_cli("build", str(out), "x.def", check=False, cwd=paths, timeout=60)
-        assert (proc.returncode, proc.stderr) == (255, f"FATAL:   x.def:{message}\n")
+        assert (proc.returncode, error_lines(proc.stderr)) == (255, [f"FATAL:   x.def:{message}"])
     assert not out.exists()
 
 

@@ -479,3 +479,61 @@ def test_network_pull_says_so_and_gets_the_umask(http_files, work) -> None:
     theirs = peer(work / "peer", "pull", f"{http_files.url}/notes.txt", **umask)
     assert theirs.returncode == 0 and info_lines(theirs.stderr) == ["INFO:    Downloading network image"]
     assert (work / "peer" / "notes.txt").stat().st_mode & 0o777 == 0o750
+
+
+# -- what a build prints -------------------------------------------------------------------------
+BUILD_DEF = """Bootstrap: localimage
+From: a.sif
+
+%files
+    note.txt /opt/note.txt
+%environment
+    export A=1
+%runscript
+    echo run
+%startscript
+    echo start
+%labels
+    X y
+%test
+    true
+%help
+    help me
+"""
+
+
+def test_build_prints_apptainers_steps(registry_open, busybox_image, work) -> None:
+    registry_open.push(busybox_image.oci_ref, "peer/busybox:2")
+    ref = registry_open.ref("peer/busybox:2")
+    (work / "note.txt").write_text("note\n")
+    (work / "x.def").write_text(BUILD_DEF)
+    fetch = ["Starting build...", "Fetching OCI image...", "Extracting OCI image..."]
+    local = ["Starting build...", "Verifying bootstrap image a.sif", "Extracting local image..."]
+    cases = {
+        ("a.sif", ref): [*fetch, "Inserting Apptainer configuration...", "Creating SIF file..."],
+        ("b.sif", "a.sif"): [*local, "Creating SIF file..."],
+        ("--sandbox", "sb", "a.sif"): [*local, "Creating sandbox directory..."],
+        ("c.sif", "sb"): ["Starting build...", "Extracting local image...", "Creating SIF file..."],
+        ("--notest", "d.sif", "x.def"): [
+            *local,
+            "Copying note.txt to /opt/note.txt",
+            "Adding help info",
+            "Adding labels",
+            "Adding environment to container",
+            "Adding startscript",
+            "Adding runscript",
+            "Adding testscript",
+            "Creating SIF file...",
+        ],
+    }
+    for args, steps in cases.items():
+        ours = hpcsif(work, "build", *args)
+        assert ours.returncode == 0, ours.stderr
+        expected = [f"INFO:    {s}" for s in steps] + [f"INFO:    Build complete: {args[-2]}"]
+        assert info_lines(ours.stderr) == expected, args
+    # the same commands with Apptainer, into other files (its own cache; a.sif is ours)
+    for args in cases:
+        theirs = peer(work, "build", "-F", *args[:-2], f"peer-{args[-2]}", args[-1])
+        assert theirs.returncode == 0, theirs.stderr
+        mine = info_lines(hpcsif(work, "build", "-F", *args[:-2], f"again-{args[-2]}", args[-1]).stderr)
+        assert [line.replace("again-", "peer-") for line in mine] == info_lines(theirs.stderr), args
