@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcsif.errors import BuildError, SourceError
 from hpcsif.image.model import Image, Platform
-from hpcsif.image.store import OCIStore
+from hpcsif.image.store import OCIStore, atomic_write_bytes
 from hpcsif.refs import Reference, parse
 
 if TYPE_CHECKING:  # the converter's heavy parts load only when converting
@@ -228,13 +229,16 @@ def sandbox_to_sif(
     arch: str | None = None,
     origin: str | None = None,
     oci_config: dict[str, Any] | None = None,
+    scratch: bool = False,
 ) -> Path:
     """Pack a sandbox directory into a SIF with mksquashfs.
 
     ``meta`` (a definition-file build's) supplies the def file and the inspect/OCI-config
-    objects; without it they are read from the tree, and ``oci_config`` (a repacked SIF's)
-    is stored when given. ``arch`` overrides ``options.arch``; ``origin`` is what the def file
-    record names as the source (default: ``src``).
+    objects; without it they are read from the tree, with the build labels renewed as
+    Apptainer renews them (date, ``localimage`` from ``origin``), and ``oci_config`` (a repacked
+    SIF's) is stored when given. ``arch`` overrides ``options.arch``; ``origin`` is what the def
+    file record names as the source (default: ``src``). A ``scratch`` tree (ours to change) gets
+    the renewed labels in its ``labels.json`` too; a user's sandbox is never written to.
     """
     from hpcsif.sif.format import DataType, FSType, PartType
     from hpcsif.sif.metadata import trimmed
@@ -258,11 +262,25 @@ def sandbox_to_sif(
             if oci_config:
                 data = json.dumps(oci_config, separators=(",", ":")).encode()
                 writer.add(ObjectSpec(DataType.GENERIC_JSON, data=data, name="oci-config.json"))
-            labels = _read_json(src / ".singularity.d" / "labels.json")
+            from hpcsif.sif import metadata as md
+
+            sd = src / ".singularity.d"
+            labels = _read_json(_text_inside(sd, "labels.json") or "")
+            labels.update(
+                md.build_labels(
+                    bootstrap="localimage",
+                    source=origin or str(src),
+                    arch=str(labels.get("org.label-schema.build-arch") or arch),
+                )
+            )
+            if scratch and sd.is_dir() and not sd.is_symlink():  # a link could point out of the tree
+                atomic_write_bytes(
+                    sd / "labels.json", json.dumps(dict(sorted(labels.items())), indent="\t").encode()
+                )
             attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
-            runscript = src / ".singularity.d" / "runscript"
-            if runscript.is_file():
-                attrs["runscript"] = runscript.read_text(errors="replace")
+            runscript = _text_inside(sd, "runscript")
+            if runscript is not None:
+                attrs["runscript"] = runscript
             inspect = json.dumps({"data": {"attributes": trimmed(attrs)}, "type": "container"}).encode()
         writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
         # mksquashfs 4.5 zeroes whatever precedes its -o offset, so it writes a file of its own
@@ -298,7 +316,7 @@ def sif_to_sif(src: str | os.PathLike[str], dest: str | os.PathLike[str], option
     scratch = Path(tempfile.mkdtemp(prefix=".hpcsif-rebuild-", dir=options.tmpdir or dest.parent))
     try:
         tree = sif_to_sandbox(src, scratch / "rootfs")
-        return sandbox_to_sif(tree, dest, options, origin=str(src), oci_config=oci_config)
+        return sandbox_to_sif(tree, dest, options, origin=str(src), oci_config=oci_config, scratch=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -342,10 +360,27 @@ def sif_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     return _build_dir(Path(dest), lambda tmp: unsquash_to_dir(path, tmp, offset=offset))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
+def _read_json(text: str) -> dict[str, Any]:
+    with contextlib.suppress(ValueError):
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
     return {}
+
+
+def _text_inside(directory: Path, name: str) -> str | None:
+    """The regular file ``name`` in an image's ``directory``; None where either is a symbolic
+    link (which could name a file of the host: a root build must not copy that into the SIF)."""
+    try:
+        if directory.is_symlink():
+            return None
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read(16 << 20).decode(errors="replace")
 
 
 def fetch_image(

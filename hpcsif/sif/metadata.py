@@ -280,12 +280,9 @@ def trimmed(value: Any) -> Any:
     return value
 
 
-def for_image(
-    config: dict[str, Any], *, bootstrap: str, source: str, arch: str, now: float | None = None
-) -> Metadata:
-    """Metadata for an image converted from ``source`` (labels, env, runscript)."""
-    cfg = config.get("config") or {}
-    labels = {
+def build_labels(*, bootstrap: str, source: str, arch: str, now: float | None = None) -> dict[str, str]:
+    """The labels every build records: architecture, date, versions and where it came from."""
+    return {
         "org.label-schema.build-arch": arch,
         "org.label-schema.build-date": build_date(now),
         "org.label-schema.schema-version": "1.0",
@@ -293,6 +290,14 @@ def for_image(
         "org.label-schema.usage.singularity.deffile.bootstrap": bootstrap,
         "org.label-schema.usage.singularity.deffile.from": source,
     }
+
+
+def for_image(
+    config: dict[str, Any], *, bootstrap: str, source: str, arch: str, now: float | None = None
+) -> Metadata:
+    """Metadata for an image converted from ``source`` (labels, env, runscript)."""
+    cfg = config.get("config") or {}
+    labels = build_labels(bootstrap=bootstrap, source=source, arch=arch, now=now)
     labels.update({str(k): str(v) for k, v in (cfg.get("Labels") or {}).items()})
     environment = {
         f"{SD}/env/10-docker2singularity.sh": env_script(cfg.get("Env") or []),

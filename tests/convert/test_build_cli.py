@@ -173,6 +173,14 @@ def test_sif_to_sif_and_sandbox_to_sandbox(busybox_image: TestImage, tmp_path: P
     assert_busybox_tree(root, busybox_image)
     assert bwrap_run(root, "/.singularity.d/runscript", "echo", "repacked").returncode == 0
     assert f"from: {sif}" in run_cli("inspect", "--deffile", str(gz)).stdout
+    # the build labels are renewed, as Apptainer renews them, in the metadata and in the image
+    labels = json.loads(run_cli("inspect", "--json", "--labels", str(gz)).stdout)["data"]["attributes"][
+        "labels"
+    ]
+    inside = json.loads((root / ".singularity.d" / "labels.json").read_text())
+    for found in (labels, inside):
+        assert found["org.label-schema.usage.singularity.deffile.bootstrap"] == "localimage"
+        assert found["org.label-schema.usage.singularity.deffile.from"] == str(sif)
     box = tmp_path / "box"
     run_cli("build", "--sandbox", str(box), str(sif))
     (box / "bin" / "sh-link").symlink_to("busybox")
@@ -181,6 +189,21 @@ def test_sif_to_sif_and_sandbox_to_sandbox(busybox_image: TestImage, tmp_path: P
     assert_busybox_tree(box2, busybox_image)
     assert (box2 / "bin" / "sh-link").is_symlink()
     assert_no_leftovers(tmp_path, "a.sif", "gz.sif", "r", "box", "box2")
+
+
+def test_sandbox_metadata_links_do_not_copy_host_files(busybox_image: TestImage, tmp_path: Path) -> None:
+    """A sandbox whose runscript and labels.json are links to host files: a root build of it
+    must not copy those files into the SIF's metadata (it read through the links)."""
+    box = tmp_path / "box"
+    run_cli("build", "--sandbox", str(box), f"oci://{busybox_image.layout}:latest")
+    secret = tmp_path / "host-secret.json"
+    secret.write_text('{"stolen": "host secret"}')
+    for name in ("runscript", "labels.json"):
+        (box / ".singularity.d" / name).unlink()
+        (box / ".singularity.d" / name).symlink_to(secret)
+    out = tmp_path / "out.sif"
+    run_cli("build", str(out), str(box))
+    assert "host secret" not in run_cli("inspect", "--json", "--all", str(out)).stdout
 
 
 def test_usr_merged_image_with_a_layer_below_bin(tmp_path: Path) -> None:
