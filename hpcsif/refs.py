@@ -72,7 +72,9 @@ class Reference:
         if self.path:
             base = os.path.basename(self.path.rstrip("/")) or "image"
             if self.transport in FILE_TRANSPORTS:
-                return f"{base}_{self.name or 'latest'}"
+                # a docker-archive's NAME:TAG as a registry's: its last component, ':' as '_'
+                name = (self.name or "latest").rsplit("/", 1)[-1].replace(":", "_")
+                return f"{base}_{name}"
             return base.removesuffix(".sif")
         return "image"
 

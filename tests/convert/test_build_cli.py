@@ -297,3 +297,11 @@ def test_build_from_a_private_registry(busybox_image: TestImage, registry_token,
     assert registry_token.password not in proc.stderr + proc.stdout
     assert_busybox_tree(unpack(sif, tmp_path / "root"), busybox_image)
     assert f"from: {registry_token.host}/team/bb:1.0" in run_cli("inspect", "--deffile", str(sif)).stdout
+
+
+def test_pull_of_a_named_archive_image_gets_a_plain_file_name(archives, tmp_path: Path) -> None:
+    """``docker-archive:FILE:NAME:TAG`` is named as a registry image would be (the slash in NAME
+    made the default name a path into a missing directory)."""
+    ref = f"docker-archive:{archives['docker-archive']}:test/busybox:latest"
+    run_cli("pull", ref, cwd=tmp_path, env={"HPCSIF_CACHEDIR": str(tmp_path / "cache")})
+    assert (tmp_path / "bb-docker.tar_busybox_latest.sif").is_file()
