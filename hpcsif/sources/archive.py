@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class ArchiveContents:
 
 def input_digest(path: str | os.PathLike[str]) -> str:
     """The digest of an input file's bytes (the cache key for archives)."""
+    if _is_stream(Path(path)):
+        raise SourceError(
+            f"{path}: a pipe or device can be read once only, and the cache must hash it before "
+            "converting: use `hpcsif build OUT.sif` with it, or save it to a file first"
+        )
     try:
         return sha256_file(str(path))
     except FileNotFoundError:
@@ -80,8 +86,10 @@ def selection_digest(path: str | os.PathLike[str], name: str | None) -> str:
 
 
 def read_archive(path: str | os.PathLike[str], store: OCIStore, where: str) -> ArchiveContents:
-    """Index an uncompressed tar in place, or stream a compressed one into ``store``."""
+    """Index an uncompressed tar in place, or stream a compressed one (or a pipe) into ``store``."""
     path = Path(path)
+    if _is_stream(path):  # `docker save img | hpcsif build out.sif docker-archive:/dev/stdin`
+        return ingest_archive(path, store, where)
     try:
         with open(path, "rb") as f:
             head = f.read(tarfile.BLOCKSIZE)
@@ -90,6 +98,15 @@ def read_archive(path: str | os.PathLike[str], store: OCIStore, where: str) -> A
     if len(head) == tarfile.BLOCKSIZE and head[257:262] == b"ustar":
         return index_tar(path, store, where)
     return ingest_archive(path, store, where)
+
+
+def _is_stream(path: Path) -> bool:
+    """True for a FIFO, a pipe or a character device: read once, front to back, no seeking."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
 
 
 def index_tar(path: Path, store: OCIStore, where: str) -> ArchiveContents:

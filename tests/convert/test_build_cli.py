@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,28 @@ def test_pull_of_a_named_archive_image_gets_a_plain_file_name(archives, tmp_path
     ref = f"docker-archive:{archives['docker-archive']}:test/busybox:latest"
     run_cli("pull", ref, cwd=tmp_path, env={"HPCSIF_CACHEDIR": str(tmp_path / "cache")})
     assert (tmp_path / "bb-docker.tar_busybox_latest.sif").is_file()
+
+
+@pytest.mark.parametrize("kind", ["docker-archive", "oci-archive", "gz"])
+def test_build_from_a_pipe(kind: str, archives, busybox_image: TestImage, tmp_path: Path) -> None:
+    """``docker save img | hpcsif build out.sif docker-archive:/dev/stdin`` (it failed with
+    'Illegal seek'); pull, which caches by the input's digest, says why it cannot."""
+    transport = "docker-archive" if kind == "gz" else kind
+    out = tmp_path / "out.sif"
+    data = archives[kind].read_bytes()  # through a pipe
+    build_cmd = [sys.executable, "-m", "hpcsif.cli.main", "build", str(out), f"{transport}:/dev/stdin"]
+    proc = subprocess.run(build_cmd, input=data, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert_busybox_tree(unpack(out, tmp_path / "r"), busybox_image)
+    pull_cmd = [
+        sys.executable,
+        "-m",
+        "hpcsif.cli.main",
+        "pull",
+        str(tmp_path / "p.sif"),
+        f"{transport}:/dev/stdin",
+    ]
+    proc = subprocess.run(pull_cmd, input=data, capture_output=True, text=False)
+    proc.stderr = proc.stderr.decode()
+    assert proc.returncode == 255 and "a pipe or device can be read once only" in proc.stderr
+    assert not (tmp_path / "p.sif").exists()
