@@ -74,8 +74,8 @@ def from_docker_config(registry: str, path: Path | None = None) -> Credentials |
         auths = json.loads(path.read_text()).get("auths") or {}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning("ignoring unreadable Docker config %s: %s", path, exc)
+    except (OSError, ValueError, AttributeError, RecursionError) as exc:
+        log.warning("ignoring unreadable Docker config %s: %s", path, str(exc)[:200])
         return None
     for key in _config_keys(registry):
         entry = auths.get(key)

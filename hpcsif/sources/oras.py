@@ -19,7 +19,7 @@ from hpcsif.errors import SourceError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import sha256_bytes, sha256_file
 from hpcsif.image.model import Descriptor
-from hpcsif.image.store import OCIStore
+from hpcsif.image.store import OCIStore, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources.credentials import Credentials
 from hpcsif.sources.remote import atomic_output, umasked
@@ -99,10 +99,10 @@ def pull_sif(
     client = _client(ref, credentials, insecure, authfile)
     repo = ref.repository or ""
     data, _media_type, _digest = client.get_manifest(repo, ref.digest or ref.reference)
+    manifest = load_json_object(data, f"{ref}: manifest")  # hostile nesting, lists: one line
     try:
-        manifest = json.loads(data)
         layers = [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
-    except (ValueError, AttributeError) as exc:
+    except (ValueError, AttributeError, TypeError, KeyError) as exc:
         raise SourceError(f"{ref}: unreadable manifest: {exc}") from None
     sifs = [d for d in layers if d.media_type == mt.SIF_LAYER]
     if len(sifs) != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -228,3 +229,30 @@ def test_oversized_docker_archive_manifest(tmp_path: Path) -> None:
     fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
     assert proc.returncode == 255 and len(fatal) == 1 and message in fatal[0] and "manifest.json" in fatal[0]
     assert not out.exists()
+
+
+def test_deeply_nested_oras_manifest(registry_open: Registry, tmp_path: Path) -> None:
+    """An oras:// manifest nested beyond Python's recursion limit: one FATAL line, no traceback."""
+    config = b"{}"
+    resp = requests.post(f"{registry_open.url}/v2/robust/deep/blobs/uploads/", timeout=30)
+    resp.raise_for_status()
+    upload = urllib.parse.urljoin(registry_open.url, resp.headers["Location"])
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    sep = "&" if "?" in upload else "?"
+    requests.put(f"{upload}{sep}digest={digest}", data=config, timeout=30).raise_for_status()
+    deep = "[" * 5000 + "]" * 5000  # Go's JSON takes 10000 levels, Python's parser about 1000
+    manifest = (
+        '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+        f'"config":{{"mediaType":"application/vnd.sylabs.sif.config.v1+json","digest":"{digest}","size":2}},'
+        f'"layers":[],"annotations":{{"x":"y"}},"deep":{deep}}}'
+    )
+    headers = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+    url = f"{registry_open.url}/v2/robust/deep/manifests/1"
+    requests.put(url, data=manifest, headers=headers, timeout=30).raise_for_status()
+    out = tmp_path / "out.sif"
+    proc = run_cli("pull", str(out), registry_open.ref("robust/deep:1", transport="oras"), check=False)
+    assert proc.returncode == 255 and "Traceback" not in proc.stderr, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("FATAL")] == [
+        line for line in proc.stderr.splitlines() if line.strip()
+    ], proc.stderr
+    assert "is not valid JSON" in proc.stderr and not out.exists()
