@@ -162,7 +162,8 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         name = self._NAMES.get(record.levelname, record.levelname)
-        return f"{name + ':':<9}{record.getMessage()}"
+        text = f"{name + ':':<9}{record.getMessage()}"
+        return f"{text}\n{self.formatException(record.exc_info)}" if record.exc_info else text
 
 
 class Terminated(BaseException):
@@ -216,6 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         # the reader went away (e.g. `hpcsif … | head`); do not print a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # the system refused something no check foresaw (a full disk …)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"FATAL:   {where}{exc.strerror or exc}", file=sys.stderr)
+        log.debug("traceback", exc_info=True)
+        return 255
+    except Exception as exc:  # a bug: still one line, the traceback with -d
+        print(
+            f"FATAL:   internal error: {type(exc).__name__}: {str(exc)[:300]} "
+            "(run with -d for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        log.debug("traceback", exc_info=True)
+        return 255
 
 
 def _leaving(code: int) -> int:

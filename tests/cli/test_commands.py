@@ -43,3 +43,23 @@ def test_help_and_unknown_commands_list_them_all() -> None:
     assert all(word in out for word in ("build", "exec", "cache", "sign", "slurm", "stage"))
     bad = run_cli("frobnicate", check=False)
     assert bad.returncode == 2 and "invalid choice: 'frobnicate'" in bad.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_a_traceback_with_d(monkeypatch, capsys) -> None:
+    """A bug (an exception no check foresaw) still ends in one FATAL line and status 255; -d adds
+    the traceback."""
+    import hpcsif.cli.inspect
+
+    def broken(args: argparse.Namespace) -> int:
+        raise RuntimeError("something no check foresaw")
+
+    monkeypatch.setattr(hpcsif.cli.inspect, "run", broken)
+    assert cli.main(["inspect", "x.sif"]) == 255
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "FATAL:   internal error: RuntimeError: something no check foresaw "
+        "(run with -d for the traceback, and please report it)"
+    ]
+    assert cli.main(["-d", "inspect", "x.sif"]) == 255
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err

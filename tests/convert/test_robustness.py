@@ -256,3 +256,27 @@ def test_deeply_nested_oras_manifest(registry_open: Registry, tmp_path: Path) ->
         line for line in proc.stderr.splitlines() if line.strip()
     ], proc.stderr
     assert "is not valid JSON" in proc.stderr and not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_disk_is_one_line_and_leaves_nothing(busybox_oci_layout: Path, tmp_path: Path) -> None:
+    """ENOSPC while building, unpacking a sandbox or filling the cache: one FATAL line, no half
+    output, no cache entry."""
+    import subprocess
+
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(full)], check=True)
+    try:
+        src = f"oci://{busybox_oci_layout}:latest"
+        env = {"HPCSIF_CACHEDIR": str(full / "cache")}
+        for args in (["build", str(full / "x.sif"), src], ["build", "--sandbox", str(full / "sb"), src]):
+            proc = run_cli(*args, check=False, timeout=60)
+            assert proc.returncode == 255 and "Traceback" not in proc.stderr, proc.stderr
+            assert len(error_lines(proc.stderr)) == 1, proc.stderr
+            assert sorted(p.name for p in full.iterdir()) == [], list(full.iterdir())
+        proc = run_cli("pull", str(tmp_path / "y.sif"), src, check=False, env=env, timeout=60)
+        assert proc.returncode == 255 and len(error_lines(proc.stderr)) == 1, proc.stderr
+        assert not (tmp_path / "y.sif").exists() and not list((full / "cache" / "sif").iterdir())
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
