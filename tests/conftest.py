@@ -53,6 +53,17 @@ def run_cli(
     return proc
 
 
+#: Apptainer 1.4's INFO lines for a conversion from a URI (pull, exec/run of a URI)
+CONVERSION_INFO = [
+    "INFO:    Converting OCI blobs to SIF format",
+    "INFO:    Starting build...",
+    "INFO:    Fetching OCI image...",
+    "INFO:    Extracting OCI image...",
+    "INFO:    Inserting Apptainer configuration...",
+    "INFO:    Creating SIF file...",
+]
+
+
 def error_lines(stderr: str) -> list[str]:
     """What a command said besides Apptainer's ``INFO:`` progress lines (a build that failed
     midway has said its steps so far, as Apptainer's does)."""

@@ -16,7 +16,7 @@ import pytest
 
 from hpcsif.engine.apptainer import ApptainerEngine
 from hpcsif.engine.base import LaunchOptions
-from tests.conftest import peer_apptainer
+from tests.conftest import CONVERSION_INFO, peer_apptainer
 from tests.engine.conftest import as_user, hpcsif_cmd
 from tests.services.registry import PASSWORD, USER, Registry
 
@@ -343,14 +343,7 @@ def test_disable_cache_runs_without_caching(busybox_image, tmp_path):
     assert ok(exec_("--disable-cache")) == "ran\n"
     assert not [p for p in cache.rglob("*.sif")]  # nothing converted into the cache
     # through the cache, Apptainer's INFO lines: the conversion, then each cache hit (not with -q)
-    assert exec_().stderr.splitlines() == [
-        "INFO:    Converting OCI blobs to SIF format",
-        "INFO:    Starting build...",
-        "INFO:    Fetching OCI image...",
-        "INFO:    Extracting OCI image...",
-        "INFO:    Inserting Apptainer configuration...",
-        "INFO:    Creating SIF file...",
-    ]
+    assert exec_().stderr.splitlines() == CONVERSION_INFO
     assert exec_().stderr == "INFO:    Using cached SIF image\n"
     assert exec_(level="-q").stderr == ""
 

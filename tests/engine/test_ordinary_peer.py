@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
-from tests.conftest import peer_apptainer
+from tests.conftest import CONVERSION_INFO, peer_apptainer
 from tests.engine.conftest import need_tools
 from tests.services.images import busybox_binary
 
@@ -273,14 +273,7 @@ def test_pull_and_exec_print_apptainers_build_steps(ordinary: Ordinary, tmp_path
     """A conversion prints Apptainer's INFO lines, a cache hit its one line; both as the peer's."""
     archive = oci_archive(ordinary.layouts["cmdonly"], tmp_path / "cmdonly.oci.tar")
     uri = f"oci-archive:{archive}"
-    steps = [
-        "INFO:    Converting OCI blobs to SIF format",
-        "INFO:    Starting build...",
-        "INFO:    Fetching OCI image...",
-        "INFO:    Extracting OCI image...",
-        "INFO:    Inserting Apptainer configuration...",
-        "INFO:    Creating SIF file...",
-    ]
+    steps = CONVERSION_INFO
     results = []
     for run in (hpcsif, peer):
         first = run(tmp_path, "pull", "first.sif", uri)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import peer_apptainer
+from tests.conftest import CONVERSION_INFO, peer_apptainer
 from tests.services.images import TestImage
 from tests.services.registry import Registry, clean_env, start_registry
 from tests.services.users import USER_PYTHON, unpriv_user  # noqa: F401 (fixture)
@@ -70,28 +70,17 @@ def work(tmp_path: Path) -> Path:
 
 
 # -- what a pull prints --------------------------------------------------------------------------
-#: Apptainer 1.4's lines for a conversion from a URI
-CONVERSION_LINES = [
-    "INFO:    Converting OCI blobs to SIF format",
-    "INFO:    Starting build...",
-    "INFO:    Fetching OCI image...",
-    "INFO:    Extracting OCI image...",
-    "INFO:    Inserting Apptainer configuration...",
-    "INFO:    Creating SIF file...",
-]
-
-
 def test_pull_and_push_print_apptainers_info_lines(registry_open, busybox_image, work) -> None:
     registry_open.push(busybox_image.oci_ref, "peer/busybox:1")
     ref = registry_open.ref("peer/busybox:1")
     first = hpcsif(work, "pull", "--name", "a.sif", ref)
     assert first.returncode == 0, first.stderr
-    assert first.stderr.splitlines() == CONVERSION_LINES
+    assert first.stderr.splitlines() == CONVERSION_INFO
     again = hpcsif(work, "pull", "--name", "b.sif", ref)
     assert again.stderr.splitlines() == ["INFO:    Using cached SIF image"]
     assert hpcsif(work, "-q", "pull", "--name", "c.sif", ref).stderr == ""
     uncached = hpcsif(work, "pull", "--disable-cache", "--name", "d.sif", ref)
-    assert uncached.stderr.splitlines() == CONVERSION_LINES
+    assert uncached.stderr.splitlines() == CONVERSION_INFO
     sandbox = hpcsif(work, "pull", "--sandbox", "--name", "sb", ref)
     assert sandbox.stderr.splitlines() == ["INFO:    Build complete: sb"]
 
@@ -444,7 +433,7 @@ def test_docker_daemon_pull_matches_apptainers(podman_service, busybox_image, wo
     uri = f"docker-daemon:{podman_service.image}"  # Apptainer's spelling; docker-daemon:// works too
     res = hpcsif(work, "pull", "--docker-host", podman_service.docker_host, "--name", "ours.sif", uri)
     assert res.returncode == 0, res.stderr
-    assert res.stderr.splitlines() == CONVERSION_LINES
+    assert res.stderr.splitlines() == CONVERSION_INFO
     other = peer(work, "pull", "--docker-host", podman_service.docker_host, "--name", "peer.sif", uri)
     assert other.returncode == 0, other.stderr
     ours = _image_paths(work / "ours.sif")
