@@ -112,13 +112,25 @@ class ImageView:
             }
         )
 
-    def labels(self, inner: str) -> dict[str, Any]:
-        """The labels in the in-image JSON file ``inner`` ({} if absent); SIFError if not JSON."""
+    def labels(self, inner: str) -> dict[str, str]:
+        """The labels in the in-image JSON file ``inner`` ({} if absent).
+
+        As Apptainer's: a file that is not a JSON object of strings gives a warning and {}, or,
+        for values that are not strings, an empty value each.
+        """
         text = self.read(inner)
         try:
-            return json.loads(text) if text else {}
-        except (ValueError, RecursionError):
-            raise SIFError(f"{self.path}: {inner} is not valid JSON (or nested too deeply)") from None
+            doc = json.loads(text) if text else {}
+        except (ValueError, RecursionError) as exc:
+            problem = "nested too deeply" if isinstance(exc, RecursionError) else "not valid JSON"
+            log.warning("Unable to parse labels: %s is %s", inner, problem)
+            return {}
+        if not isinstance(doc, dict):
+            log.warning("Unable to parse labels: %s is not a JSON object", inner)
+            return {}
+        if not all(isinstance(v, str) for v in doc.values()):
+            log.warning("Unable to parse labels: %s has values that are not strings", inner)
+        return {k: v if isinstance(v, str) else "" for k, v in doc.items()}
 
     def attribute(self, name: str) -> Any:
         """One inspect attribute: labels (dict), environment (dict), apps (list) or text (str/None)."""

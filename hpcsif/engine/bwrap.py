@@ -258,10 +258,10 @@ class _Plan:
         # devices from elsewhere (gpu.dev_dir) must not become new nodes in the host's /dev:
         # then the container gets bwrap's minimal /dev plus exactly the devices asked for
         self.minimal_dev = opts.contain or any(b.dev and b.src != b.dst for b in self.binds)
-        # an image without a shell (distroless) starts its command directly, configured from the
-        # SIF's oci-config.json instead of the /.singularity.d scripts
+        # an image without a usable shell (distroless, a dangling /bin/sh) starts its command
+        # directly, configured from the SIF's oci-config.json instead of the /.singularity.d scripts
         self.direct = None
-        if not os.path.lexists(os.path.join(self.root, "bin/sh")):
+        if not _is_executable(_in_image(self.root, "/bin/sh")):
             self.direct = _oci_config(None if opts.sandbox else image, opts.action)
             if self.direct is None:
                 raise EngineError(
@@ -297,11 +297,15 @@ class _Plan:
         if not self.interactive:
             # the payload cannot push characters into our terminal (TIOCSTI)
             args.append("--new-session")
-        dests = ["/etc/passwd", "/etc/group", *(b.dst for b in self.binds), *self.scratch_tmpfs]
+        dirs = [*(b.dst for b in self.binds), *self.scratch_tmpfs, *_NOT_UNDERLAID]
         if opts.contain:
-            dests += [self.home, "/tmp", "/var/tmp"]
-        if opts.dns:
-            dests.append("/etc/resolv.conf")
+            dirs += [self.home, "/tmp", "/var/tmp"]
+        files = ["/etc/passwd", "/etc/group", *(["/etc/resolv.conf"] if opts.dns else [])]
+        self.places: dict[str, str | None] = {}
+        # the directories other mounts may lie in (not a file bound at /etc/hosts …)
+        covers = set(dirs) - {b.dst for b in self.binds if not os.path.isdir(b.src)}
+        self._place([*dirs, *files], covers)
+        self._drop_unreachable()
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
         if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
             raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
@@ -317,36 +321,46 @@ class _Plan:
                 reason,
             )
             workdir = fallback
-        dests.append(workdir)
-        args += self._root(dests)
-        args += ["--proc", "/proc", "--ro-bind", "/sys", "/sys"]
+        self._place([workdir], covers)
+        at = self.places.get
+        args += self._root(set(files))
+        if at("/proc"):
+            args += ["--proc", at("/proc")]
+        if at("/sys"):
+            args += ["--ro-bind", "/sys", at("/sys")]
         # bwrap's own /dev has a 0755 /dev/shm: a sticky world-writable one as on a host
-        args += (
-            ["--dev", "/dev", "--perms", "01777", "--tmpfs", "/dev/shm"]
-            if self.minimal_dev
-            else ["--dev-bind", "/dev", "/dev"]
-        )
+        if at("/dev") and self.minimal_dev:
+            args += ["--dev", at("/dev"), "--perms", "01777", "--tmpfs", at("/dev") + "/shm"]
+        elif at("/dev"):
+            args += ["--dev-bind", "/dev", at("/dev")]
         if opts.contain and not opts.workdir:
             # private temp directories with the host's sticky 1777 mode, as Apptainer's
-            args += ["--perms", "01777", "--tmpfs", "/tmp", "--perms", "01777", "--tmpfs", "/var/tmp"]
-            if not opts.no_home and not opts.home:
-                args += ["--tmpfs", self.home]
+            for d in ("/tmp", "/var/tmp"):
+                if at(d):
+                    args += ["--perms", "01777", "--tmpfs", at(d)]
+            if not opts.no_home and not opts.home and at(self.home):
+                args += ["--tmpfs", at(self.home)]
         for d in self.scratch_tmpfs:
-            args += ["--tmpfs", d]
+            if at(d):
+                args += ["--tmpfs", at(d)]
         for b in self.binds:
             if b.dev and not self.minimal_dev and b.src == b.dst:
                 continue  # already there: the host's /dev is bound whole
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
-            args += [kind, b.src, b.dst]
+            args += [kind, b.src, at(b.dst)]
         # as Apptainer, root gets the image's own /etc/passwd: its entry is already there
-        if self.user.pw_uid != 0 or _missing_parent(self.root, "/etc/passwd") is not None:
-            args += ["--ro-bind-data", self._data(self._passwd()), "/etc/passwd"]
-        args += ["--ro-bind-data", self._data(self._group()), "/etc/group"]
-        if opts.dns:
-            args += ["--ro-bind-data", self._data(_resolv_conf(opts.dns)), "/etc/resolv.conf"]
+        for name, text in (("passwd", self._passwd), ("group", self._group)):
+            dest = at(f"/etc/{name}")
+            if dest is None:
+                log.warning("%s file doesn't exist in container, not updating", name)
+            elif name == "group" or self.user.pw_uid != 0 or not self._has_root_entry(dest):
+                args += ["--ro-bind-data", self._data(text()), dest]
+        if opts.dns and at("/etc/resolv.conf"):
+            args += ["--ro-bind-data", self._data(_resolv_conf(opts.dns)), at("/etc/resolv.conf")]
         if self.underlaid and not self.rw_root:
+            mounted = [at(b.dst) for b in self.binds]
             for d in sorted(self.underlaid, key=len):
-                if not any(b.dst == d or d.startswith(b.dst.rstrip("/") + "/") for b in self.binds):
+                if not any(m == d or d.startswith(m.rstrip("/") + "/") for m in mounted):
                     args += ["--remount-ro", d]
         args += ["--chdir", workdir]
         from hpcsif.engine.environment import LAUNCHER
@@ -359,6 +373,47 @@ class _Plan:
             argv = [_resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
             return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
+
+    def _place(self, dests: list[str], covers: set[str]) -> None:
+        """Record in ``self.places`` where each destination is in the image, for bwrap.
+
+        bwrap resolves a destination's symbolic links while the host is still at ``/oldroot``
+        and the image at ``/newroot``: an image link to ``/oldroot/…`` or up a ``..`` chain
+        would put a mount point, or a new file, on the host. So every destination is handed
+        to bwrap with the image's links already followed inside the image (``..`` stops at its
+        root), as the container will see them; one below another mount (*covers*) keeps the
+        path within that mount. None: unreachable (a link loop, a file where a directory is
+        needed, a link into another mount), the mount is skipped.
+        """
+        new = sorted(set(dests) - self.places.keys(), key=lambda p: p.count("/"))
+        for d in new:
+            over = [c for c in covers if d.startswith(c.rstrip("/") + "/") and c in self.places]
+            if over:
+                c = max(over, key=len)
+                base = self.places[c]
+                self.places[d] = None if base is None else base.rstrip("/") + d[len(c.rstrip("/")) :]
+                continue
+            walked = _walk(self.root, d, follow_last=False)
+            self.places[d] = None if walked is None else os.path.join(walked[0], *walked[1])
+        # a link into another mount (the host's /tmp …) must not put a mount point there
+        mounts = {c: p for c, p in self.places.items() if c in covers and p is not None}
+        for d in new:
+            place = self.places[d]
+            if place is not None and any(
+                place.startswith(p.rstrip("/") + "/") and not d.startswith(c.rstrip("/") + "/")
+                for c, p in mounts.items()
+            ):
+                self.places[d] = None
+
+    def _drop_unreachable(self) -> None:
+        """Skip, with Apptainer's warning, the binds whose destination the image makes impossible."""
+        kept = []
+        for b in self.binds:
+            if self.places.get(b.dst) is None:
+                log.warning("Skipping mount %s [binds]: %s doesn't exist in container", b.dst, b.dst)
+            else:
+                kept.append(b)
+        self.binds = kept
 
     def _existing_destinations(self, binds: list[Bind], user_binds: list[Bind], strict: bool) -> list[Bind]:
         """Binds for a persistent writable root, which an underlay would partly hide.
@@ -470,28 +525,40 @@ class _Plan:
         found = _in_image(self.root, path)
         return "not a directory" if found is not None and not os.path.isdir(found) else None
 
-    def _root(self, dests: list[str]) -> list[str]:
-        """Mount the image at / with tmpfs underlays where a destination is missing in it."""
+    def _root(self, files: set[str]) -> list[str]:
+        """Mount the image at / with tmpfs underlays where a destination is missing in it.
+
+        A destination the image has as a symbolic link, or as a file where a directory is
+        mounted (or the reverse), is left out of its parent's underlay: bwrap makes a mount point
+        of the right kind in its place. *files* are the destinations that take a file.
+        """
         # even a writable overlay needs underlays: its root-owned directories refuse new mount
         # points to an unprivileged user
         bind = "--bind" if self.rw_root else "--ro-bind"
-        need = set()
+        places = {d: p for d, p in self.places.items() if p is not None}
+        file_binds = {b.dst for b in self.binds if not os.path.isdir(b.src)}
+        need, skip = set(), set()
         # below these the path comes from the host or a tmpfs, where bwrap can create mount points
-        covered = [b.dst for b in self.binds] + (["/tmp", "/var/tmp", self.home] if self.opts.contain else [])
-        covered += self.scratch_tmpfs
-        covered += list(_NOT_UNDERLAID)
-        for dest in dests:
+        covered = [places[b.dst] for b in self.binds] + list(_NOT_UNDERLAID)
+        covered += [places[d] for d in self.scratch_tmpfs if d in places]
+        if self.opts.contain:
+            covered += [places[d] for d in ("/tmp", "/var/tmp", self.home) if d in places]
+        for d, dest in places.items():
             if any(dest.startswith(c.rstrip("/") + "/") for c in covered):
                 continue
             parent = _missing_parent(self.root, dest)
             if parent is not None:
                 need.add(parent)
+                skip.add(dest)
+            elif dest != "/" and os.path.isdir(self.root + dest) != (d not in files and d not in file_binds):
+                need.add(os.path.dirname(dest))
+                skip.add(dest)
         self.underlaid = need
         args = [] if "/" in need else [bind, self.root, "/"]
         for d in sorted(need, key=lambda p: (p.count("/"), p)):
             if d != "/":
                 args += ["--tmpfs", d]
-            args += _entries(self.root, d, bind, skip=set(dests))
+            args += _entries(self.root, d, bind, skip=skip)
         return args
 
     def _data(self, text: str) -> str:
@@ -503,11 +570,20 @@ class _Plan:
         return str(fd)
 
     def _image_lines(self, rel: str, skip) -> list[str]:
+        # the image's file, its links followed inside the image (never a host file such as a
+        # link to /etc/shadow would name)
+        path = _in_image(self.root, "/" + rel)
+        if path is None or not _is_file(path):
+            return []
         try:
-            with open(os.path.join(self.root, rel), encoding="utf-8", errors="replace") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 return [ln for ln in f.read().splitlines() if ln and not skip(ln.split(":"))]
         except OSError:
             return []
+
+    def _has_root_entry(self, dest: str) -> bool:
+        """True when the image's own /etc/passwd (at *dest*, a plain file) has root in it."""
+        return _is_file(self.root + dest) and bool(self._image_lines("etc/passwd", lambda f: f[0] != "root"))
 
     def _passwd(self) -> str:
         """The image's /etc/passwd with the calling user's entry (home and shell adjusted)."""
@@ -603,6 +679,19 @@ def _missing_parent(root: str, dest: str) -> str | None:
     return os.path.dirname(cur) if cur != "/" and os.path.islink(root + cur) else None
 
 
+def _is_file(path: str) -> bool:
+    """True when *path* is a regular file itself (not a symbolic link to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_executable(path: str | None) -> bool:
+    """True when *path* (a host path, or None) is an executable regular file."""
+    return path is not None and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def _in_image(root: str, path: str) -> str | None:
     """The host path of the image's *path* with its symbolic links followed inside the image."""
     walked = _walk(root, path, follow_last=True)
@@ -617,7 +706,7 @@ def _resolve_command(root: str, command: str, path: str) -> str:
     if "/" not in command:
         for d in path.split(":"):
             found = _in_image(root, os.path.join(d or ".", command))
-            if found and os.path.isfile(found) and os.access(found, os.X_OK):
+            if _is_executable(found):
                 return os.path.join(d or ".", command)
         raise EngineError(f'"{command}": executable file not found in $PATH')
     found = _in_image(root, command) if command.startswith("/") else command
@@ -633,8 +722,8 @@ def _resolve_command(root: str, command: str, path: str) -> str:
 def _entries(root: str, d: str, bind: str, skip: set[str]) -> list[str]:
     """bwrap arguments re-creating the image directory *d*'s entries inside a tmpfs at *d*.
 
-    Symbolic links that are themselves mount destinations (*skip*) are left out: the mount
-    creates a plain file or directory in their place.
+    Entries that are mount destinations of another kind (*skip*: a symbolic link, a file where
+    a directory is mounted) are left out: the mount creates its own mount point in their place.
     """
     args = []
     host_dir = root + d if d != "/" else root
@@ -642,7 +731,7 @@ def _entries(root: str, d: str, bind: str, skip: set[str]) -> list[str]:
         host = os.path.join(host_dir, name)
         dest = os.path.join(d, name)
         st = os.lstat(host)
-        if stat.S_ISLNK(st.st_mode) and dest in skip:
+        if dest in skip:
             continue
         if stat.S_ISLNK(st.st_mode):
             args += ["--symlink", os.readlink(host), dest]

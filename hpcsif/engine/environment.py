@@ -116,8 +116,9 @@ run)
     if [ ! -f "$__r" ]; then echo "ERROR:   no runscript for contained app: $__app" >&2; exit 1; fi
   fi
   unset __a __app
+  # as Apptainer: a directory is an error, a runscript that is not executable is none at all
+  if [ -d "$__r" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
   if [ -x "$__r" ]; then exec "$__r" "$@"; fi
-  if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
   echo "INFO:    No runscript found in container, executing /bin/sh" >&2
   exec /bin/sh "$@" ;;
 test)

@@ -1,0 +1,199 @@
+"""Images whose own content is hostile at run time: links at mount destinations, odd files.
+
+bwrap resolves a destination's symbolic links while the host is still reachable at
+``/oldroot``; the engine hands it destinations with the image's links already followed inside
+the image, so that nothing is created or mounted on the host. Each image is a sandbox laid out
+as the converter lays one (the SIF path shares the code after the squashfuse mount; one case
+runs as a SIF too), run as root and as the unprivileged test user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import error_lines
+from tests.engine.conftest import Images, build_rootfs, make_sif
+
+pytestmark = pytest.mark.slow
+
+
+def _relink(root: Path, inner: str, target: str) -> None:
+    """Replace the image's *inner* path by a symbolic link to *target*."""
+    path = root / inner.lstrip("/")
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.symlink_to(target)
+
+
+@pytest.fixture(scope="module")
+def hostile(images: Images) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``hostile(name, change)``: a world-readable busybox sandbox altered by *change*."""
+    made: dict[str, Path] = {}
+
+    def _make(name: str, change: Callable[[Path], None]) -> Path:
+        if name not in made:
+            root = images.base / f"hostile-{name}"
+            build_rootfs(root)
+            change(root)
+            made[name] = root
+        return made[name]
+
+    return _make
+
+
+@pytest.fixture
+def host_dir(images: Images) -> Path:
+    """An empty host directory anyone may write to: an image link must never put a file here."""
+    d = images.base / "host-target"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    d.chmod(0o777)
+    return d
+
+
+@pytest.mark.parametrize("how", ["oldroot", "dotdot", "host-path"])
+def test_etc_linked_to_a_host_directory_writes_nothing_there(run, hostile, host_dir: Path, how: str) -> None:
+    # /oldroot/… is where bwrap sees the host while it sets the container up; a .. chain
+    # climbs from /newroot to it; a plain host path lies in the bound /var/tmp
+    target = {
+        "oldroot": f"/oldroot{host_dir}",
+        "dotdot": "../" * 8 + f"oldroot{host_dir}",
+        "host-path": str(host_dir),
+    }[how]
+    image = hostile(f"etc-{how}", lambda root: _relink(root, "/etc", target))
+    res = run("exec", str(image), "/bin/echo", "started")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "started\n"
+    assert "Traceback" not in res.stderr and "bwrap" not in res.stderr
+    assert os.listdir(host_dir) == []
+
+
+def test_etc_link_as_sif(run, images: Images, host_dir: Path) -> None:
+    root = images.base / "hostile-etc-sif"
+    if not root.exists():
+        build_rootfs(root)
+        _relink(root, "/etc", f"/oldroot{host_dir}")
+    sif = images.base / "hostile-etc.sif"
+    if not sif.exists():
+        make_sif(root, sif)
+    res = run("exec", str(sif), "/bin/echo", "started")
+    assert (res.returncode, res.stdout) == (0, "started\n"), res.stderr
+    assert os.listdir(host_dir) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["etc-file", "etc-loop"],
+)
+def test_unreachable_etc_skips_its_mounts_as_apptainer(run, hostile, name: str) -> None:
+    def change(root: Path) -> None:
+        shutil.rmtree(root / "etc")
+        if name == "etc-file":
+            (root / "etc").write_text("not a directory\n")
+        else:
+            (root / "etc").symlink_to("/etc2")
+            (root / "etc2").symlink_to("/etc")
+
+    res = run("exec", str(hostile(name, change)), "/bin/echo", "started")
+    assert (res.returncode, res.stdout) == (0, "started\n"), res.stderr
+    lines = error_lines(res.stderr)
+    assert "WARNING: passwd file doesn't exist in container, not updating" in lines
+    assert "WARNING: Skipping mount /etc/hosts [binds]: /etc/hosts doesn't exist in container" in lines
+    assert all(ln.startswith("WARNING:") for ln in lines), lines
+
+
+def test_odd_top_level_directories_still_start(run, hostile) -> None:
+    def change(root: Path) -> None:
+        shutil.rmtree(root / "tmp")
+        (root / "tmp").write_text("a file where /tmp should be\n")
+        _relink(root, "/proc", "/oldroot/proc")
+        _relink(root, "/dev", "../../oldroot/dev")
+        _relink(root, "/sys", "/sys")  # a loop onto itself
+        _relink(root, "/var", "/oldroot/var")
+
+    res = run(
+        "exec", str(hostile("top-level", change)), "/bin/sh", "-c", "echo $$; ls /dev/null; test -d /tmp"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[1] == "/dev/null"
+    assert "bwrap" not in res.stderr
+
+
+def test_passwd_link_to_a_host_file_is_not_read(run, hostile, images: Images) -> None:
+    secret = images.base / "host-secret"
+    secret.write_text("SECRET:x:0:0:host only:/:/bin/sh\n")
+    secret.chmod(0o644)
+    image = hostile("passwd-host", lambda root: _relink(root, "/etc/passwd", str(secret)))
+    res = run("exec", str(image), "/bin/cat", "/etc/passwd")
+    assert res.returncode == 0, res.stderr
+    assert "SECRET" not in res.stdout
+    assert res.stdout.strip()  # the caller's own entry
+
+
+def test_root_missing_from_the_image_passwd_gets_an_entry(run, hostile) -> None:
+    image = hostile("no-root", lambda root: (root / "etc/passwd").write_text("daemon:x:1:1::/:/bin/false\n"))
+    res = run("exec", str(image), "/bin/id", "-un")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ("root\n" if run.user is None else f"{run.user.name}\n")
+
+
+def test_shell_that_is_a_link_loop(run, hostile) -> None:
+    def change(root: Path) -> None:
+        _relink(root, "/bin/sh", "/bin/sh2")
+        _relink(root, "/bin/sh2", "/bin/sh")
+
+    image = hostile("sh-loop", change)
+    res = run("exec", str(image), "/bin/echo", "started")
+    assert (res.returncode, res.stdout) == (0, "started\n"), res.stderr
+    res = run("run", str(image))
+    assert res.returncode == 255
+    assert len(error_lines(res.stderr)) == 1 and res.stderr.startswith("FATAL:   "), res.stderr
+
+
+def test_runscript_that_is_a_directory_or_not_executable(run, hostile) -> None:
+    def as_dir(root: Path) -> None:
+        (root / ".singularity.d/runscript").unlink()
+        (root / ".singularity.d/runscript").mkdir()
+
+    res = run("run", str(hostile("runscript-dir", as_dir)))
+    assert (res.returncode, error_lines(res.stderr)) == (255, ["FATAL:   is a directory"])
+    image = hostile("runscript-644", lambda root: (root / ".singularity.d/runscript").chmod(0o644))
+    # Apptainer: a runscript that is not executable is none; /bin/sh gets the arguments
+    res = run("run", str(image), "-c", "echo from sh")
+    assert res.stdout == "from sh\n"
+    assert "No runscript found in container, executing /bin/sh" in res.stderr
+
+
+LABELS = {
+    "not-json": "{not json",
+    "deep": "[" * 100000 + "]" * 100000,
+    "array": '["a"]',
+    "number": '{"A": 1, "B": "x"}',
+}
+
+
+# ids, not the texts: pytest puts the test's id into the environment of what it runs
+@pytest.mark.parametrize("name", list(LABELS))
+def test_labels_that_are_not_a_json_object_of_strings(hostile, name: str) -> None:
+    text = LABELS[name]
+    image = hostile(
+        f"labels-{len(text)}", lambda root: (root / ".singularity.d/labels.json").write_text(text)
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "hpcsif.cli.main", "inspect", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("WARNING: Unable to parse labels: ") and len(res.stderr.splitlines()) == 1
+    assert res.stdout == ("A: \nB: x\n" if "B" in text else "")
