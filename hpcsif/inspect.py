@@ -75,9 +75,10 @@ class ImageView:
         if self.partition_error:
             raise self.partition_error
         if self.sandbox:
-            target = self.path / inner.lstrip("/")
+            # links followed inside the sandbox: one to /etc/shadow names the image's, not the host's
+            target = self._in_sandbox(inner)
             try:
-                return target.read_text(errors="replace") if target.is_file() else None
+                return target.read_text(errors="replace") if target and target.is_file() else None
             except OSError:
                 return None
         tool = shutil.which("unsquashfs")
@@ -90,11 +91,17 @@ class ImageView:
         )
         return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
 
+    def _in_sandbox(self, inner: str) -> Path | None:
+        from hpcsif.engine.bwrap import in_image
+
+        found = in_image(str(self.path), inner)
+        return Path(found) if found else None
+
     def listdir(self, inner: str) -> list[str]:
         """Names in the in-image directory ``inner`` (empty if absent)."""
         if self.sandbox:
-            d = self.path / inner.lstrip("/")
-            return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+            d = self._in_sandbox(inner)
+            return sorted(p.name for p in d.iterdir()) if d and d.is_dir() else []
         if self.partition_error:
             raise self.partition_error
         proc = subprocess.run(

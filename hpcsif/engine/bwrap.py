@@ -261,7 +261,7 @@ class _Plan:
         # an image without a usable shell (distroless, a dangling /bin/sh) starts its command
         # directly, configured from the SIF's oci-config.json instead of the /.singularity.d scripts
         self.direct = None
-        if not _is_executable(_in_image(self.root, "/bin/sh")):
+        if not _is_executable(in_image(self.root, "/bin/sh")):
             self.direct = _oci_config(None if opts.sandbox else image, opts.action)
             if self.direct is None:
                 raise EngineError(
@@ -522,7 +522,7 @@ class _Plan:
                 return None if os.access(host, os.X_OK) else "permission denied"
         if _missing_parent(self.root, path) is not None:
             return "no such file or directory"
-        found = _in_image(self.root, path)
+        found = in_image(self.root, path)
         return "not a directory" if found is not None and not os.path.isdir(found) else None
 
     def _root(self, files: set[str]) -> list[str]:
@@ -572,7 +572,7 @@ class _Plan:
     def _image_lines(self, rel: str, skip) -> list[str]:
         # the image's file, its links followed inside the image (never a host file such as a
         # link to /etc/shadow would name)
-        path = _in_image(self.root, "/" + rel)
+        path = in_image(self.root, "/" + rel)
         if path is None or not _is_file(path):
             return []
         try:
@@ -692,8 +692,12 @@ def _is_executable(path: str | None) -> bool:
     return path is not None and os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def _in_image(root: str, path: str) -> str | None:
-    """The host path of the image's *path* with its symbolic links followed inside the image."""
+def in_image(root: str, path: str) -> str | None:
+    """The host path of the image's *path* with its symbolic links followed inside the image.
+
+    *root* is the image's root directory on the host; None when *path* is not there (or on
+    a link loop). An absolute link or a ``..`` chain never leads out of *root*.
+    """
     walked = _walk(root, path, follow_last=True)
     return root + walked[0] if walked is not None and not walked[1] else None
 
@@ -705,11 +709,11 @@ def _resolve_command(root: str, command: str, path: str) -> str:
     """
     if "/" not in command:
         for d in path.split(":"):
-            found = _in_image(root, os.path.join(d or ".", command))
+            found = in_image(root, os.path.join(d or ".", command))
             if _is_executable(found):
                 return os.path.join(d or ".", command)
         raise EngineError(f'"{command}": executable file not found in $PATH')
-    found = _in_image(root, command) if command.startswith("/") else command
+    found = in_image(root, command) if command.startswith("/") else command
     if not found or not os.path.exists(found):
         raise EngineError(f"stat {command}: no such file or directory")
     if os.path.isdir(found):

@@ -197,3 +197,33 @@ def test_labels_that_are_not_a_json_object_of_strings(hostile, name: str) -> Non
     assert res.returncode == 0, res.stderr
     assert res.stderr.startswith("WARNING: Unable to parse labels: ") and len(res.stderr.splitlines()) == 1
     assert res.stdout == ("A: \nB: x\n" if "B" in text else "")
+
+
+def test_inspect_follows_sandbox_links_inside_the_sandbox(hostile, images: Images) -> None:
+    secret = images.base / "inspect-secret"
+    secret.write_text("HOST SECRET\n")
+
+    def change(root: Path) -> None:
+        sd = root / ".singularity.d"
+        _relink(root, "/.singularity.d/runscript", str(secret))
+        _relink(root, "/.singularity.d/test", "../" * 8 + str(secret).lstrip("/"))
+        (root / "opt/env.sh").write_text("export FROM_IMAGE=1\n")
+        _relink(root, "/.singularity.d/env/90-environment.sh", "/opt/env.sh")  # the image's own file
+        (sd / "labels.json").unlink()
+        (root / "opt/labels.json").write_text('{"FROM": "image"}')
+        _relink(root, "/.singularity.d/labels.json", "../opt/labels.json")
+
+    image = str(hostile("inspect-links", change))
+    out = [
+        subprocess.run(
+            [sys.executable, "-m", "hpcsif.cli.main", "inspect", flag, image],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for flag in ("-r", "-t", "-e", "-l")
+    ]
+    assert all(r.returncode == 0 for r in out), [r.stderr for r in out]
+    assert not any("HOST SECRET" in r.stdout for r in out)
+    assert "export FROM_IMAGE=1" in out[2].stdout
+    assert out[3].stdout == "FROM: image\n"
