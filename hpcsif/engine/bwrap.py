@@ -520,10 +520,12 @@ class _Plan:
                 except OSError:
                     return "no such file or directory"
                 return None if os.access(host, os.X_OK) else "permission denied"
-        if _missing_parent(self.root, path) is not None:
+        walked = _walk(self.root, path, follow_last=True)
+        if walked is None:
+            return "a symbolic link loop or not a directory"
+        if walked[1]:
             return "no such file or directory"
-        found = in_image(self.root, path)
-        return "not a directory" if found is not None and not os.path.isdir(found) else None
+        return None if os.path.isdir(self.root + walked[0]) else "not a directory"
 
     def _root(self, files: set[str]) -> list[str]:
         """Mount the image at / with tmpfs underlays where a destination is missing in it.

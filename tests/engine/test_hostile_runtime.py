@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import error_lines
-from tests.engine.conftest import Images, build_rootfs, make_sif
+from tests.engine.conftest import Images, build_rootfs, fuse_mounts, hpcsif_cmd, hpcsif_processes, make_sif
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,8 @@ def test_etc_linked_to_a_host_directory_writes_nothing_there(run, hostile, host_
     assert res.stdout == "started\n"
     assert "Traceback" not in res.stderr and "bwrap" not in res.stderr
     assert os.listdir(host_dir) == []
+    ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    assert not [ln for ln in ps.splitlines() if ln.endswith("sleep 600") and not ln.startswith("Z")]
 
 
 def test_etc_link_as_sif(run, images: Images, host_dir: Path) -> None:
@@ -88,6 +92,8 @@ def test_etc_link_as_sif(run, images: Images, host_dir: Path) -> None:
     res = run("exec", str(sif), "/bin/echo", "started")
     assert (res.returncode, res.stdout) == (0, "started\n"), res.stderr
     assert os.listdir(host_dir) == []
+    ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    assert not [ln for ln in ps.splitlines() if ln.endswith("sleep 600") and not ln.startswith("Z")]
 
 
 @pytest.mark.parametrize(
@@ -227,3 +233,37 @@ def test_inspect_follows_sandbox_links_inside_the_sandbox(hostile, images: Image
     assert not any("HOST SECRET" in r.stdout for r in out)
     assert "export FROM_IMAGE=1" in out[2].stdout
     assert out[3].stdout == "FROM: image\n"
+
+
+def test_home_parent_that_is_a_link_loop(run, hostile) -> None:
+    res = run(
+        "exec", str(hostile("home-loop", lambda root: _relink(root, "/home", "/home"))), "/bin/echo", "hi"
+    )
+    assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
+    assert all(ln.startswith("WARNING:") for ln in error_lines(res.stderr)), res.stderr
+
+
+def test_concurrent_hostile_launches_leave_nothing_behind(hostile, host_dir: Path, images: Images) -> None:
+    sif = images.base / "hostile-etc.sif"
+    if not sif.exists():
+        root = hostile("etc-for-sif", lambda root: _relink(root, "/etc", f"/oldroot{host_dir}"))
+        make_sif(root, sif)
+    sleepy = hostile(
+        "env-sleeps", lambda root: (root / ".singularity.d/env/50-sleep.sh").write_text("sleep 600\n")
+    )
+    procs = [
+        subprocess.Popen(
+            hpcsif_cmd("exec", str(sif if i % 2 else sleepy), "/bin/true"), stderr=subprocess.DEVNULL
+        )
+        for i in range(24)
+    ]
+    time.sleep(3)
+    for p in procs[::2]:  # the ones stuck in their image's env script: SIGTERM still ends them
+        p.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=60) for p in procs]
+    assert codes[1::2] == [0] * 12
+    assert codes[::2] == [128 + signal.SIGTERM] * 12
+    assert not fuse_mounts() and not hpcsif_processes()
+    assert os.listdir(host_dir) == []
+    ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    assert not [ln for ln in ps.splitlines() if ln.endswith("sleep 600") and not ln.startswith("Z")]
