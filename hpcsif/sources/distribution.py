@@ -9,7 +9,10 @@
   honoured), resume of an interrupted blob with ``Range``, and a blob that ends short or
   hashes wrong is discarded and fetched again, never kept;
 * redirects (to blob storage) are followed by requests, which drops the ``Authorization``
-  header when the host changes.
+  header when the host changes; only to http(s) URLs, and at most :data:`MAX_REDIRECTS`;
+* a body that arrives slower than :data:`LOW_SPEED` bytes a second, over ``timeout`` seconds,
+  counts as a broken connection (the read timeout alone would let a trickle go on for days);
+* credentials go to a token realm on another host only over https.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import json
 import logging
 import re
 import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 
 from hpcsif import __version__
 from hpcsif.errors import AuthError, IntegrityError, NetworkError, NotFoundError, RegistryError
@@ -55,6 +60,10 @@ MANIFEST_ACCEPT = ", ".join(
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 # small enough that little is lost when a connection breaks (urllib3 drops a partial read)
 STREAM_CHUNK = 256 << 10
+MAX_REDIRECTS = 10
+#: the slowest transfer tolerated, in bytes a second averaged over ``timeout`` seconds (curl's
+#: --speed-limit idea): a registry trickling a body would otherwise hold a pull for days
+LOW_SPEED = 1024
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 #: a request body: bytes, or a callable that opens a fresh file-like body for each try
 Body = bytes | Callable[[], Any] | None
@@ -91,13 +100,47 @@ def retry_after(resp: requests.Response, cap: float = 60.0) -> float | None:
     return max(0.0, min(delay, cap))
 
 
-def _read_capped(resp: requests.Response, limit: int, what: str) -> bytes:
+class _TooSlow(requests.ConnectionError):
+    """A body arriving slower than :data:`LOW_SPEED` (a broken connection, for the retries)."""
+
+
+def _body(resp: requests.Response, timeout: float) -> Iterator[bytes]:
+    """The body of a streamed response in blocks as they arrive, at most :data:`STREAM_CHUNK`.
+
+    Unlike ``iter_content``, which waits for whole blocks, this sees every byte come, so a body
+    that trickles in slower than :data:`LOW_SPEED` over ``timeout`` seconds raises
+    :class:`_TooSlow`. Read errors are requests' exceptions, as from ``iter_content``.
+    """
+    start, got = time.monotonic(), 0
+    while True:
+        try:
+            block = resp.raw.read1(STREAM_CHUNK, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise requests.ConnectionError(exc) from exc
+        except urllib3.exceptions.ProtocolError as exc:
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        except urllib3.exceptions.DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        if not block:
+            return
+        yield block
+        got += len(block)
+        elapsed = time.monotonic() - start
+        if elapsed >= timeout:
+            if got < LOW_SPEED * elapsed:
+                raise _TooSlow(
+                    f"too slow: {got} bytes in {elapsed:.0f} s (at least {LOW_SPEED} bytes/s needed)"
+                )
+            start, got = time.monotonic(), 0
+
+
+def _read_capped(resp: requests.Response, limit: int, what: str, timeout: float) -> bytes:
     """The body of a streamed response, refused as soon as it exceeds ``limit`` bytes."""
     declared = resp.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
         raise document_too_large(what)
     chunks, size = [], 0
-    for chunk in resp.iter_content(64 << 10):
+    for chunk in _body(resp, timeout):
         size += len(chunk)
         if size > limit:
             raise document_too_large(what)
@@ -148,6 +191,8 @@ class RegistryClient:
         self.backoff = backoff
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"hpcsif/{__version__}"
+        self.session.max_redirects = MAX_REDIRECTS
+        self.session.hooks["response"].append(_check_redirect)
         self._lock = threading.Lock()
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._pinged = False
@@ -188,6 +233,10 @@ class RegistryClient:
                 finally:
                     if hasattr(body, "close"):
                         body.close()
+            except requests.TooManyRedirects:
+                raise RegistryError(
+                    f"{_redact(url)}: redirect loop (more than {MAX_REDIRECTS} redirects)"
+                ) from None
             except _TRANSIENT as exc:
                 if attempt >= self.retries or self._hopeless(exc):
                     raise NetworkError(f"cannot reach {_redact(url)}: {_reason(exc)}") from None
@@ -262,22 +311,43 @@ class RegistryClient:
         realm = params.get("realm")
         if not realm:
             raise AuthError(f"{self.registry}: Bearer challenge without a realm")
+        realm_url = urllib.parse.urlsplit(realm)
+        if realm_url.scheme not in ("http", "https") or not realm_url.hostname:
+            raise AuthError(f"{self.registry}: token realm {_redact(realm)!r} is not an http(s) URL")
+        basic = self._basic()
+        if (
+            basic
+            and realm_url.scheme == "http"
+            and realm_url.hostname != urllib.parse.urlsplit(self.base).hostname
+        ):
+            # the password would cross the network in the clear to a host the user never named
+            raise AuthError(
+                f"{self.registry}: will not send credentials to token realm {_redact(realm)} "
+                "on another host over plain http"
+            )
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
         sep = "&" if "?" in realm else "?"
         log.debug("requesting a token for %s from %s", scope, realm)
-        resp = self._send("GET", f"{realm}{sep}{urllib.parse.urlencode(query)}", auth_header=self._basic())
-        if resp.status_code in (401, 403):
-            raise self._auth_error(scope)
-        if resp.status_code >= 400:
-            raise RegistryError(f"token request to {realm} failed: {error_text(resp)}")
+        url = f"{realm}{sep}{urllib.parse.urlencode(query)}"
+        with self._send("GET", url, auth_header=basic, stream=True) as resp:
+            if resp.status_code in (401, 403):
+                raise self._auth_error(scope)
+            if resp.status_code >= 400:
+                raise RegistryError(f"token request to {_redact(realm)} failed: {error_text(resp)}")
+            try:
+                data = _read_capped(resp, MAX_JSON_DOCUMENT, f"token server {_redact(realm)}", self.timeout)
+            except _TRANSIENT as exc:
+                raise NetworkError(f"token server {_redact(realm)}: {_reason(exc)}") from None
         try:
-            body = resp.json()
+            body = json.loads(data)
             value = body.get("token") or body["access_token"]
             lifetime = float(body.get("expires_in") or 60)
-        except (ValueError, KeyError, TypeError):
-            raise RegistryError(f"token server {realm} sent an unreadable answer") from None
+            if not isinstance(value, str) or not value.isprintable() or not value.strip():
+                raise TypeError(value)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise RegistryError(f"token server {_redact(realm)} sent an unreadable answer") from None
         with self._lock:
             # renew a little before the server's expiry
             self._tokens[scope] = _Token(value, time.monotonic() + max(lifetime - 10, lifetime / 2))
@@ -351,7 +421,7 @@ class RegistryClient:
                 if resp.status_code >= 400:
                     raise RegistryError(f"{where}: {error_text(resp)}")
                 try:
-                    data = _read_capped(resp, MAX_JSON_DOCUMENT, f"{where}: manifest")
+                    data = _read_capped(resp, MAX_JSON_DOCUMENT, f"{where}: manifest", self.timeout)
                 except _TRANSIENT as exc:  # the connection broke while reading the body
                     if attempt >= self.retries:
                         raise NetworkError(f"{where}: manifest download failed: {_reason(exc)}") from None
@@ -409,8 +479,11 @@ class RegistryClient:
         """
         check_digest(desc.digest)
         where = f"{self.registry}/{repo}@{desc.digest}"
+        if desc.size < 0:  # it would pass for "size unknown", and a download of any length be taken
+            raise RegistryError(f"{where}: the manifest gives the blob a negative size ({desc.size})")
         last: Exception | None = None
-        wrong: set[str] = set()  # digests of complete downloads that did not match
+        # (size, digest) of complete downloads that did not match; every over-long one counts the same
+        wrong: set[tuple[int, str]] = set()
         for attempt in range(self.retries + 1):
             with partial_blob(store, desc.digest, desc.size) as part:
                 if part is None:
@@ -430,13 +503,20 @@ class RegistryClient:
                 except IntegrityError as exc:
                     last = exc  # commit() already deleted the bad download
                     part.discard()
-                    if part.size == desc.size and part.digest in wrong:
+                    seen = (part.size, part.digest) if part.size <= desc.size else (-1, "")
+                    if seen in wrong:
                         # the same wrong bytes again: the registry stores them, no retry will help
+                        if part.size == desc.size:
+                            raise IntegrityError(
+                                f"{where}: the registry serves corrupt content "
+                                f"(downloaded twice, both times hashing to {part.digest})"
+                            ) from None
+                        served = "more than" if part.size > desc.size else f"{part.size} bytes, not"
                         raise IntegrityError(
-                            f"{where}: the registry serves corrupt content "
-                            f"(downloaded twice, both times hashing to {part.digest})"
+                            f"{where}: the registry serves {served} the {desc.size} bytes "
+                            "the manifest gives (downloaded twice)"
                         ) from None
-                    wrong.add(part.digest)
+                    wrong.add(seen)
             log.warning("%s: discarding the download (%s); fetching it again", where, last)
             if attempt < self.retries:
                 self._sleep(attempt)
@@ -451,7 +531,7 @@ class RegistryClient:
         on_bytes: Callable[[int], None] | None,
     ) -> None:
         """Stream the blob into ``writer``, resuming with ``Range`` after a broken connection."""
-        failures = 0
+        failures, broke = 0, ""
         while True:
             if writer.size >= desc.size > 0:
                 # a whole part, left by a pull stopped before it could verify it: commit() checks it
@@ -471,14 +551,14 @@ class RegistryClient:
                 if resp.status_code >= 400:
                     raise RegistryError(f"{where}: {error_text(resp)}")
                 if writer.size and resp.status_code != 206:
-                    raise _RestartBlob("the server does not support resuming with Range")
+                    raise _RestartBlob(f"{broke}the server does not support resuming with Range")
                 if writer.size and not resp.headers.get("Content-Range", "").startswith(
                     f"bytes {writer.size}-"
                 ):
                     raise _RestartBlob(
-                        f"the server resumed at the wrong offset ({resp.headers.get('Content-Range')})"
+                        f"{broke}the server resumed at the wrong offset ({resp.headers.get('Content-Range')})"
                     )
-                for block in resp.iter_content(STREAM_CHUNK):
+                for block in _body(resp, self.timeout):
                     writer.write(block)
                     if on_bytes:
                         on_bytes(len(block))
@@ -490,6 +570,7 @@ class RegistryClient:
                 if failures > self.retries:
                     why = _reason(exc)
                     raise NetworkError(f"{where}: download failed after {failures} tries: {why}") from None
+                broke = f"{_reason(exc)}; "
                 log.warning(
                     "%s: connection lost after %d bytes (%s); resuming",
                     where,
@@ -532,6 +613,14 @@ class RegistryClient:
         resp.close()
         if resp.status_code not in (201, 204):
             raise RegistryError(f"{self.registry}/{repo}: upload of {digest} failed: {error_text(resp)}")
+
+
+def _check_redirect(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """A response hook refusing a redirect to anything but an http(s) URL (``file://`` …)."""
+    if resp.is_redirect:
+        target = urllib.parse.urljoin(resp.url, resp.headers["Location"])
+        if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+            raise RegistryError(f"{_redact(resp.url)}: redirected to {_redact(target)}, not an http(s) URL")
 
 
 def _redact(url: str) -> str:

@@ -13,7 +13,22 @@ matching requests of each armed fault, misbehaves instead:
 * ``schema1``: answer manifest GETs with a Docker schema 1 manifest;
 * ``huge_manifest``: answer manifest GETs with an endless body (no Content-Length, 1 MiB
   blocks of JSON whitespace until the client hangs up or 1 GiB is sent);
-* ``redirect``: redirect blob GETs to :class:`BlobHost` on another loopback address.
+* ``redirect``: redirect blob GETs to :class:`BlobHost` on another loopback address;
+* ``redirect_loop``, ``redirect_file``: redirect blob GETs to themselves, or to ``file:///etc/passwd``;
+* ``endless_blob``: a blob body without Content-Length that never ends (1 GiB at most);
+* ``long_blob``: the blob, then 1 MiB more, with a Content-Length that says so;
+* ``trickle``: a blob (with its right Content-Length) sent at one byte a second;
+* ``http10``: a blob as an HTTP/1.0 answer whose body ends when the connection closes;
+* ``notfound``: answer 404 to blob GETs;
+* Bearer faults: while one is armed, any request is answered 401 with a Bearer challenge and
+  ``GET /token`` answers as the fault says: ``token_html`` (not JSON), ``token_list`` (a JSON
+  list), ``token_number`` (``{"token": 5}``), ``token_empty`` (``{"token": ""}``), ``token_huge``
+  (an endless JSON string), ``auth_loop`` (a token the registry keeps refusing);
+  ``challenge_junk`` sends a challenge without a realm, ``realm_other_host`` names a realm on
+  :class:`BlobHost`, ``realm_file`` a ``file://`` realm.
+
+``documents`` maps a manifest reference (tag or digest) to ``(body, Content-Type)`` served in
+place of the registry's, for hand-made manifests and indexes.
 
 Faults are bounded (a count each), so a client with retries must eventually succeed, and
 ``fired`` records what happened for the assertions. Requests with a ``Range`` header are
@@ -23,6 +38,7 @@ listed in ``ranges``.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import re
 import socket
@@ -39,6 +55,24 @@ from tests.services.registry import free_port
 _BLOB = re.compile(r"^/v2/(.+)/blobs/(sha256:[a-f0-9]{64})$")
 _MANIFEST = re.compile(r"^/v2/(.+)/manifests/([^/]+)$")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "proxy-authenticate", "upgrade"}
+
+
+_BLOB_FAULTS = {
+    "redirect_loop",
+    "redirect_file",
+    "endless_blob",
+    "long_blob",
+    "trickle",
+    "http10",
+    "notfound",
+}
+_TOKEN_BODIES = {
+    "token_html": b"<html><body>Service Unavailable</body></html>",
+    "token_list": b'["token", "x"]',
+    "token_number": b'{"token": 5}',
+    "token_empty": b'{"token": ""}',
+}
+_BEARER = {*_TOKEN_BODIES, "token_huge", "auth_loop", "challenge_junk", "realm_other_host", "realm_file"}
 
 
 class _Server(ThreadingHTTPServer):
@@ -110,6 +144,8 @@ class FaultProxy(_Base):
         self.armed: dict[str, int] = {}
         self.fired: collections.Counter[str] = collections.Counter()
         self.ranges: list[str] = []
+        self.documents: dict[str, tuple[bytes, str]] = {}
+        self.token_requests: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self._session = requests.Session()
         super().__init__("127.0.0.1")
@@ -125,7 +161,12 @@ class FaultProxy(_Base):
             self.armed = dict(counts)
             self.fired.clear()
             self.ranges.clear()
+            self.token_requests.clear()
         return self
+
+    def _armed(self) -> set[str]:
+        with self._lock:
+            return {k for k, v in self.armed.items() if v > 0}
 
     def _take(self, fault: str) -> bool:
         with self._lock:
@@ -158,6 +199,14 @@ class FaultProxy(_Base):
                 body = self.rfile.read(length) if length else None
                 if self.headers.get("Range"):
                     proxy.ranges.append(self.headers["Range"])
+                if self._bearer_fault():
+                    return
+                doc = _MANIFEST.match(self.path)
+                if doc and doc.group(2) in proxy.documents:
+                    data, ctype = proxy.documents[doc.group(2)]
+                    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                    self._reply(200, {"Content-Type": ctype, "Docker-Content-Digest": digest}, data)
+                    return
                 if proxy._take("error500"):
                     self._reply(500, {}, b'{"errors":[{"code":"UNKNOWN","message":"injected"}]}')
                     return
@@ -170,6 +219,8 @@ class FaultProxy(_Base):
                     self.send_header("Location", f"{proxy.blob_host.url}/blobs/{blob.group(2)}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if blob and self._blob_fault():
                     return
                 if self.command == "GET" and _MANIFEST.match(self.path) and proxy._take("schema1"):
                     doc = {"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": [], "history": []}
@@ -212,11 +263,79 @@ class FaultProxy(_Base):
                     return
                 self._reply(resp.status_code, out, data)
 
-            def _endless(self, block: bytes, blocks: int) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-                self.send_header("Connection", "close")
-                self.end_headers()
+            def _bearer_fault(self) -> bool:
+                """Play a broken token server (see the module docstring); True if it answered."""
+                faults = proxy._armed() & _BEARER
+                if not faults:
+                    return False
+                fault = faults.pop()
+                if self.path.startswith("/token"):
+                    proxy.token_requests.append(dict(self.headers))
+                    proxy.fired[fault] += 1  # stays armed until the next arm(): every answer is broken
+                    if fault == "token_huge":
+                        self.wfile.write(
+                            b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"token": "'
+                        )
+                        self._endless(b"a" * (1 << 20), 1024, status=None)
+                        return True
+                    self._reply(
+                        200, {"Content-Type": "application/json"}, _TOKEN_BODIES.get(fault, b'{"token": "x"}')
+                    )
+                    return True
+                realm = {
+                    "realm_other_host": f"{proxy.blob_host.url if proxy.blob_host else ''}/token",
+                    "realm_file": "file:///etc/passwd",
+                }.get(fault, f"{proxy.url}/token")
+                challenge = (
+                    'Bearer ,,="' if fault == "challenge_junk" else f'Bearer realm="{realm}",service="faulty"'
+                )
+                self._reply(401, {"WWW-Authenticate": challenge}, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+                return True
+
+            def _blob_fault(self) -> bool:
+                """Misbehave on a blob GET as an armed fault says; True if it answered."""
+                faults = proxy._armed() & _BLOB_FAULTS
+                if not faults or not proxy._take(fault := faults.pop()):
+                    return False
+                if fault.startswith("redirect_"):
+                    where = self.path if fault == "redirect_loop" else "file:///etc/passwd"
+                    self._reply(302, {"Location": where}, b"")
+                elif fault == "notfound":
+                    self._reply(404, {}, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
+                elif fault == "endless_blob":
+                    self._endless(b"\0" * (1 << 20), 1024)
+                else:
+                    data = proxy._session.get(proxy.upstream + self.path, headers=self._auth()).content
+                    if fault == "long_blob":
+                        self._reply(200, {}, data + b"\0" * (1 << 20))
+                    elif fault == "http10":
+                        # an HTTP/1.0 answer: no length, the body ends when the connection closes
+                        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+                        self.wfile.write(data)
+                        self.close_connection = True
+                    else:  # trickle
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        try:
+                            for i in range(len(data)):
+                                self.wfile.write(data[i : i + 1])
+                                self.wfile.flush()
+                                time.sleep(1)
+                        except OSError:
+                            pass  # the client gave up
+                        self.close_connection = True
+                return True
+
+            def _auth(self) -> dict[str, str]:
+                return {k: v for k, v in self.headers.items() if k.lower() == "authorization"}
+
+            def _endless(self, block: bytes, blocks: int, status: int | None = 200) -> None:
+                if status:  # else the caller sent the head and the start of the body
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
                 self.close_connection = True
                 try:
                     for _ in range(blocks):
