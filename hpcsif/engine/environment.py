@@ -128,7 +128,8 @@ test)
     if [ ! -f "$__r" ]; then echo "ERROR:   No tests for contained app: $__app" >&2; exit 1; fi
   fi
   unset __a __app
-  if [ -f "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
+  if [ -d "$__r" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
+  if [ -f "$__r" ] && [ -x "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
   # both lines, as Apptainer 1.4 prints them (its own, then its action script's on stdout)
   echo "INFO:    No test script found in container, exiting" >&2
   echo "No test found in container, executing /bin/sh -c true"; exit 0 ;;

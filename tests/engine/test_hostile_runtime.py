@@ -267,3 +267,14 @@ def test_concurrent_hostile_launches_leave_nothing_behind(hostile, host_dir: Pat
     assert os.listdir(host_dir) == []
     ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
     assert not [ln for ln in ps.splitlines() if ln.endswith("sleep 600") and not ln.startswith("Z")]
+
+
+def test_test_script_that_is_a_directory_or_not_executable(run, hostile) -> None:
+    def as_dir(root: Path) -> None:
+        (root / ".singularity.d/test").unlink()
+        (root / ".singularity.d/test").mkdir()
+
+    res = run("test", str(hostile("test-dir", as_dir)))
+    assert (res.returncode, error_lines(res.stderr)) == (255, ["FATAL:   is a directory"])
+    res = run("test", str(hostile("test-644", lambda root: (root / ".singularity.d/test").chmod(0o644))))
+    assert (res.returncode, res.stdout) == (0, "No test found in container, executing /bin/sh -c true\n")
