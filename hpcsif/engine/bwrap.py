@@ -248,6 +248,7 @@ class _Plan:
         user_binds = [b for spec in opts.binds for b in parse_bind(spec)]
         user_binds += [parse_mount(spec) for spec in opts.mounts]
         binds += user_binds
+        self.user_binds = user_binds
         # parents before children, so that a bind inside another bind's destination stays visible
         # (dict.fromkeys drops repeats such as a current directory that is the home directory)
         unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
@@ -306,6 +307,7 @@ class _Plan:
         covers = set(dirs) - {b.dst for b in self.binds if not os.path.isdir(b.src)}
         self._place([*dirs, *files], covers)
         self._drop_unreachable()
+        self._check_user_binds(covers)
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
         if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
             raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
@@ -406,14 +408,39 @@ class _Plan:
                 self.places[d] = None
 
     def _drop_unreachable(self) -> None:
-        """Skip, with Apptainer's warning, the binds whose destination the image makes impossible."""
+        """Skip, with Apptainer's warning, the binds whose destination the image makes impossible.
+
+        A bind onto the container's root itself is skipped too (Apptainer's has no effect).
+        """
         kept = []
         for b in self.binds:
-            if self.places.get(b.dst) is None:
+            if b.dst == "/":
+                log.warning("Skipping mount %s [binds]: the container's root cannot be replaced", b.src)
+            elif self.places.get(b.dst) is None:
                 log.warning("Skipping mount %s [binds]: %s doesn't exist in container", b.dst, b.dst)
             else:
                 kept.append(b)
         self.binds = kept
+
+    def _check_user_binds(self, covers: set[str]) -> None:
+        """Apptainer's refusals of a user's bind the image cannot take (bwrap's would be less clear).
+
+        A destination inside ``/proc`` or ``/sys`` cannot be created; a directory cannot be
+        mounted on the image's file, nor a file on its directory.
+        """
+        for b in self.binds:
+            place = self.places[b.dst]
+            if b not in self.user_binds or b.dev:
+                continue
+            if place.startswith(("/proc/", "/sys/")):
+                raise EngineError(
+                    f"mount {b.src}->{b.dst} error: destination {b.dst} doesn't exist in container"
+                )
+            if any(b.dst.startswith(c.rstrip("/") + "/") for c in covers):
+                continue  # inside another mount: the image's entry there is hidden
+            found = in_image(self.root, place)
+            if found is not None and os.path.isdir(found) != os.path.isdir(b.src):
+                raise EngineError(f"mount {b.src}->{b.dst} error: could not mount {b.src}: not a directory")
 
     def _existing_destinations(self, binds: list[Bind], user_binds: list[Bind], strict: bool) -> list[Bind]:
         """Binds for a persistent writable root, which an underlay would partly hide.

@@ -183,8 +183,9 @@ def test_sandbox_and_pwd_and_binds(run, images, pub_tmp):
 
 
 def test_setup_failure_is_an_error_and_leaves_no_mount(run, images, pub_tmp):
-    # a directory bound onto a file of the image: bwrap itself fails
-    res = run("exec", "-B", f"{pub_tmp}:/bin/busybox", str(images.sif), "/bin/sh", "-c", "true")
+    # a mount point to be made inside a read-only bind of the host: bwrap itself fails
+    binds = ["-B", "/usr/share:/opt/share:ro", "-B", f"{pub_tmp}:/opt/share/hpcsif-no-such-dir"]
+    res = run("exec", *binds, str(images.sif), "/bin/sh", "-c", "true")
     assert res.returncode == 255
     assert "bwrap could not set up the container" in res.stderr
     # the run fixture checks that nothing stayed mounted

@@ -278,3 +278,23 @@ def test_test_script_that_is_a_directory_or_not_executable(run, hostile) -> None
     assert (res.returncode, error_lines(res.stderr)) == (255, ["FATAL:   is a directory"])
     res = run("test", str(hostile("test-644", lambda root: (root / ".singularity.d/test").chmod(0o644))))
     assert (res.returncode, res.stdout) == (0, "No test found in container, executing /bin/sh -c true\n")
+
+
+@pytest.mark.parametrize(
+    ("dest", "why"),
+    [
+        ("/proc/foo", "destination /proc/foo doesn't exist in container"),
+        ("/sys/foo", "destination /sys/foo doesn't exist in container"),
+        ("/etc/passwd", "could not mount {src}: not a directory"),
+        ("/bin/sh", "could not mount {src}: not a directory"),  # a link to busybox, a file
+    ],
+)
+def test_user_bind_the_image_cannot_take(run, images: Images, pub_tmp: Path, dest: str, why: str) -> None:
+    res = run("exec", "-B", f"{pub_tmp}:{dest}", str(images.sif), "/bin/true")
+    assert res.returncode == 255
+    assert error_lines(res.stderr) == [f"FATAL:   mount {pub_tmp}->{dest} error: {why.format(src=pub_tmp)}"]
+
+
+def test_user_bind_onto_the_root_is_skipped(run, images: Images, pub_tmp: Path) -> None:
+    res = run("exec", "-B", f"{pub_tmp}:/", str(images.sif), "/bin/echo", "hi")
+    assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
