@@ -22,6 +22,7 @@ from typing import Any
 from hpcsif.config import get_config
 from hpcsif.errors import IntegrityError, SourceError
 from hpcsif.image import mediatypes as mt
+from hpcsif.image.digest import check_digest
 from hpcsif.image.model import Descriptor, Image
 from hpcsif.image.select import load_image, resolve_manifest
 from hpcsif.image.store import MAX_JSON_DOCUMENT, OCIStore, document_too_large, load_json_object
@@ -229,7 +230,13 @@ class RegistrySource(Source):
         workers = int(
             self.options.get("parallel_downloads") or get_config().get("registry.parallel_downloads", 4)
         )
-        blobs = [config, *sorted(layers, key=lambda d: -d.size)]  # biggest first: shortest wall time
+        # each blob once (an image may repeat a layer), the biggest first: the shortest wall time
+        blobs = list({d.digest: d for d in [config, *sorted(layers, key=lambda d: -d.size)]}.values())
+        for desc in blobs:  # before any look-up by digest, for a line that names the image
+            try:
+                check_digest(desc.digest)
+            except IntegrityError as exc:
+                raise SourceError(f"{ref}: {exc}") from None
         progress = self._progress([d for d in blobs if not store.has_blob(d.digest, d.size)])
         stop = threading.Event()
 

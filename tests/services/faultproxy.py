@@ -28,7 +28,8 @@ matching requests of each armed fault, misbehaves instead:
   :class:`BlobHost`, ``realm_file`` a ``file://`` realm.
 
 ``documents`` maps a manifest reference (tag or digest) to ``(body, Content-Type)`` served in
-place of the registry's, for hand-made manifests and indexes.
+place of the registry's, for hand-made manifests and indexes; ``blobs`` maps a digest to the
+bytes served for it, for hand-made layers.
 
 Faults are bounded (a count each), so a client with retries must eventually succeed, and
 ``fired`` records what happened for the assertions. Requests with a ``Range`` header are
@@ -77,6 +78,9 @@ _BEARER = {*_TOKEN_BODIES, "token_huge", "auth_loop", "challenge_junk", "realm_o
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client hanging up on a fault is the point, not news
 
 
 class _Base:
@@ -145,6 +149,7 @@ class FaultProxy(_Base):
         self.fired: collections.Counter[str] = collections.Counter()
         self.ranges: list[str] = []
         self.documents: dict[str, tuple[bytes, str]] = {}
+        self.blobs: dict[str, bytes] = {}
         self.token_requests: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self._session = requests.Session()
@@ -207,6 +212,10 @@ class FaultProxy(_Base):
                     digest = "sha256:" + hashlib.sha256(data).hexdigest()
                     self._reply(200, {"Content-Type": ctype, "Docker-Content-Digest": digest}, data)
                     return
+                blob = _BLOB.match(self.path)
+                if blob and blob.group(2) in proxy.blobs:
+                    self._reply(200, {"Docker-Content-Digest": blob.group(2)}, proxy.blobs[blob.group(2)])
+                    return
                 if proxy._take("error500"):
                     self._reply(500, {}, b'{"errors":[{"code":"UNKNOWN","message":"injected"}]}')
                     return
@@ -230,9 +239,10 @@ class FaultProxy(_Base):
                 if self.command == "GET" and _MANIFEST.match(self.path) and proxy._take("huge_manifest"):
                     self._endless(b" " * (1 << 20), 1024)
                     return
-                headers = {
-                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
-                }
+                headers: dict[str, str] = {}
+                for k, v in self.headers.items():  # repeated headers (Accept) are one list
+                    if k.lower() not in ("host", "content-length"):
+                        headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 resp = proxy._session.request(
                     self.command,
                     proxy.upstream + self.path,

@@ -42,9 +42,7 @@ def manifest(busybox_image: TestImage) -> dict:
     )
 
 
-def _pull(
-    proxy: FaultProxy, tmp: Path, tag: str = "1", *extra: str, timeout: float = 60
-) -> tuple[str, float]:
+def _pull(proxy: FaultProxy, tmp: Path, tag: str = "1", registry_conf: str = "") -> tuple[str, float]:
     """``hpcsif -d pull`` through the proxy; checks what every failure must hold, returns (FATAL line, s)."""
     env = {
         **os.environ,
@@ -52,15 +50,18 @@ def _pull(
         "SINGULARITY_DOCKER_PASSWORD": PASSWORD,
         "HPCSIF_CACHEDIR": str(tmp / "cache"),
     }
+    if registry_conf:
+        (tmp / "hpcsif.toml").write_text(f"[registry]\n{registry_conf}\n")
+        env["HPCSIF_CONFIG"] = str(tmp / "hpcsif.toml")
     (tmp / "out").mkdir(exist_ok=True)
     ref = f"docker://{proxy.host}/{REPO}:{tag}"
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "hpcsif.cli.main", "-d", "pull", "--dir", str(tmp / "out"), *extra, ref],
+        [sys.executable, "-m", "hpcsif.cli.main", "-d", "pull", "--dir", str(tmp / "out"), ref],
         env=env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=120,
     )
     took = time.monotonic() - start
     err = proc.stderr
@@ -144,15 +145,17 @@ def test_http10_close_delimited_blob_is_fine(proxy, tmp_path) -> None:
 
 def test_trickling_blob_times_out(proxy, tmp_path) -> None:
     """A blob at one byte a second ends after about ``registry.timeout`` seconds per try."""
-    conf = tmp_path / "hpcsif.toml"
-    conf.write_text("[registry]\ntimeout = 1\nretries = 1\n")
     proxy.arm(trickle=1000)
-    os.environ["HPCSIF_CONFIG"] = str(conf)
-    try:
-        line, took = _pull(proxy, tmp_path)
-    finally:
-        del os.environ["HPCSIF_CONFIG"]
-    assert "too slow" in line
+    line, took = _pull(proxy, tmp_path, registry_conf="timeout = 1\nretries = 0")
+    assert "too slow: " in line and "(at least 1024 bytes/s needed)" in line
+    assert took < 10
+
+
+def test_server_error_forever_ends_after_the_retries(proxy, tmp_path) -> None:
+    proxy.arm(error500=1000)
+    line, took = _pull(proxy, tmp_path, registry_conf="retries = 2")
+    assert line.endswith("/v2/: HTTP 500 (UNKNOWN: injected)")
+    assert proxy.fired["error500"] == 3
     assert took < 10
 
 
@@ -177,11 +180,26 @@ def test_bad_layer_descriptor(proxy, tmp_path, manifest, change, message) -> Non
 
 
 def test_ten_thousand_layers(proxy, tmp_path, manifest) -> None:
-    manifest["layers"] = [manifest["layers"][0]] * 10_000
+    """10^4 (empty) layers: converted in bounded time."""
+    empty = b"\0" * 1024  # an empty tar archive
+    digest = "sha256:" + hashlib.sha256(empty).hexdigest()
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [digest] * 10_000}}
+    ).encode()
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    proxy.blobs.update({digest: empty, config_digest: config})
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": len(empty)}
+    manifest["config"].update(digest=config_digest, size=len(config))
+    manifest["layers"] = [layer] * 10_000
     _doc(proxy, manifest, tag="many")
-    proxy.arm(notfound=1)
-    line, took = _pull(proxy, tmp_path, "many")
-    assert took < 30, line
+    proxy.arm()
+    env = {"SINGULARITY_DOCKER_USERNAME": USER, "SINGULARITY_DOCKER_PASSWORD": PASSWORD}
+    from tests.conftest import run_cli
+
+    start = time.monotonic()
+    run_cli("pull", "--dir", str(tmp_path), f"docker://{proxy.host}/{REPO}:many", env=env)
+    assert time.monotonic() - start < 30
+    assert len(list(tmp_path.glob("*.sif"))) == 1
 
 
 def test_index_of_ten_thousand_manifests(proxy, tmp_path, manifest, busybox_image) -> None:
