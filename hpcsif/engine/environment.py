@@ -67,10 +67,16 @@ unset __HPCSIF_READY
 # Apptainer's prompt is the default: a PS1 the image sets wins (PROMPT_COMMAND is made below);
 # SHLVL as this launcher found it (bash and busybox sh count themselves in; Apptainer's has none)
 __ps1=$PS1; unset PS1 PROMPT_COMMAND SHLVL
+# the image's scripts must not change how the rest runs (set -eu, IFS, cd: Apptainer's interpreter
+# keeps them apart), so the shell's options, IFS and directory are put back after them
+__pwd=$PWD; __ifs=$IFS
 for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
+set +efuvx; IFS=$__ifs; cd "$__pwd" 2>/dev/null
 if [ -n "$__HPCSIF_APP" ]; then
   for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done
+  set +efuvx; IFS=$__ifs; cd "$__pwd" 2>/dev/null
 fi
+unset __pwd __ifs
 [ -n "${PS1+x}" ] || PS1=$__ps1; unset __ps1
 for __k in $__HPCSIF_HOST; do
   eval "[ -n \"\${$__k+x}\" ] || export $__k=\"\${__HPCSIF_HOST_$__k}\""; unset "__HPCSIF_HOST_$__k"

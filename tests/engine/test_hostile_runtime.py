@@ -298,3 +298,20 @@ def test_user_bind_the_image_cannot_take(run, images: Images, pub_tmp: Path, des
 def test_user_bind_onto_the_root_is_skipped(run, images: Images, pub_tmp: Path) -> None:
     res = run("exec", "-B", f"{pub_tmp}:/", str(images.sif), "/bin/echo", "hi")
     assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
+
+
+def test_env_scripts_that_change_the_shell(run, hostile) -> None:
+    # set -eu, a strange IFS, noglob and a cd in the image's environment script: Apptainer's
+    # interpreter keeps them from the action, and so must the launcher
+    image = hostile(
+        "env-shell-state",
+        lambda root: (root / ".singularity.d/env/50-odd.sh").write_text(
+            "set -euf\nIFS=x\ncd /opt\nexport ODD=1\n"
+        ),
+    )
+    res = run("exec", str(image), "/bin/sh", "-c", 'echo "$ODD $(pwd) [$IFS]"')
+    assert res.returncode == 0, res.stderr
+    cwd = os.getcwd() if run.user is None else run.user.home
+    assert res.stdout == f"1 {cwd} [ \t\n]\n"
+    res = run("run", str(image), "two words")
+    assert (res.returncode, res.stdout) == (0, "<two words>\n"), res.stderr
