@@ -179,6 +179,31 @@ def test_bad_layer_descriptor(proxy, tmp_path, manifest, change, message) -> Non
     assert took < 30
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(layers="x"), "'layers' is not a list"),
+        (lambda m: m.update(layers={"a": 1}), "'layers' is not a list"),
+        (lambda m: m["layers"].__setitem__(0, [1, 2]), "a descriptor is not a JSON object: [1, 2]"),
+        (lambda m: m.update(config=None), "a descriptor is not a JSON object: null"),
+        (lambda m: m["layers"][0].update(size=1.5), "descriptor size 1.5 is not an integer"),
+        (lambda m: m["layers"][0].update(size=True), "descriptor size true is not an integer"),
+        (lambda m: m.update(manifests="x", layers=None), "'manifests' is not a list"),
+        (
+            lambda m: m.update(manifests=[{**m["config"], "platform": "linux"}], layers=None),
+            'platform "linux"',
+        ),
+    ],
+)
+def test_malformed_manifest(proxy, tmp_path, manifest, change, message) -> None:
+    """Descriptors of the wrong JSON type: one line naming the manifest (crashes before)."""
+    change(manifest)
+    _doc(proxy, manifest, tag="odd")
+    proxy.arm()
+    line, _ = _pull(proxy, tmp_path, "odd")
+    assert "/private/busybox:odd" in line and message in line
+
+
 def test_ten_thousand_layers(proxy, tmp_path, manifest) -> None:
     """10^4 (empty) layers: converted in bounded time."""
     empty = b"\0" * 1024  # an empty tar archive
