@@ -217,6 +217,7 @@ def build_definition(
             if store is None:
                 store = OCIStore(stack.enter_context(tempfile.TemporaryDirectory(dir=work)))
             built: list[_Built] = []
+            sources = definition.source_stages()
             for i, stage in enumerate(definition.stages):
                 log.info("Building stage %d of %d (%s)", i + 1, len(definition.stages), stage.bootstrap)
                 update = dest if options.update and i == len(definition.stages) - 1 else None
@@ -226,6 +227,8 @@ def build_definition(
                 test = stage.sections.get("test")
                 if test is not None and test.body.strip() and not options.notest and options.runs("test"):
                     _run_test(built[-1].root, test, definition.where, binds, options)
+                if i < len(definition.stages) - 1 and i not in sources:  # no later %files needs it
+                    shutil.rmtree(built[-1].root, ignore_errors=True)
         final = built[-1]
         if options.sandbox:
             options.say("Creating sandbox directory...")
@@ -478,15 +481,18 @@ class _StageBuilder:
             (target if into_dir else target.parent).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BuildError(f"{self.where}:{copy.line}: cannot create {dst}: {exc.strerror}") from None
+        # --remove-destination: a symlink already in the tree where a file lands is replaced, not
+        # written through (Apptainer's plain cp -fLr writes through one pointing at a host file)
         proc = subprocess.run(
-            ["cp", "-fLr", *map(str, sources), str(target)],
+            ["cp", "-fLr", "--remove-destination", *map(str, sources), str(target)],
             capture_output=True,
             text=True,
             check=False,
             umask=BUILD_UMASK,
         )
         if proc.returncode != 0:
-            raise BuildError(f"{self.where}:{copy.line}: copying {copy.src}: {proc.stderr.strip()}")
+            why = "; ".join(proc.stderr.split("\n")[:3]).strip("; ")  # one FATAL line, however many cp wrote
+            raise BuildError(f"{self.where}:{copy.line}: copying {copy.src}: {why}")
 
     # -- SCIF apps ----------------------------------------------------------------------------
 
@@ -556,7 +562,7 @@ class _StageBuilder:
                 fakeroot=self.options.fakeroot,
             )
             if labels.is_file():
-                self.post_labels = parse_labels(labels.read_text(errors="replace"))
+                self.post_labels = parse_labels(_text(labels))
         finally:
             labels.unlink(missing_ok=True)
         if rc != 0:
@@ -584,7 +590,7 @@ class _StageBuilder:
                 self.options.say(step)
         if stage.body("environment") and runs("environment"):
             path = resolve_inside(self.root, f"{SD}/env/90-environment.sh")
-            old = path.read_text() if path.is_file() else md.ENV_90
+            old = _text(path) if path.is_file() else md.ENV_90
             self._write(f"{SD}/env/90-environment.sh", old + "\n" + stage.body("environment") + "\n", 0o755)
         for name, fname in (("runscript", "runscript"), ("startscript", "startscript"), ("test", "test")):
             if stage.body(name) and runs(name):
@@ -632,6 +638,12 @@ def _script(sec: Section, where: str) -> str:
     which no shell runs).
     """
     return f"#!{' '.join(sec.interpreter(where))}\n\n{sec.body}\n"
+
+
+def _text(path: Path) -> str:
+    """A file of the tree as text, exactly: a CR stays a CR (``read_text`` makes it a newline)
+    and bytes that are not UTF-8 become U+FFFD."""
+    return path.read_bytes().decode(errors="replace")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -784,11 +796,11 @@ def _pack(final: _Built, definition: Definition, dest: Path, options: ConvertOpt
 
     def read(inner: str) -> str | None:
         path = resolve_inside(final.root, inner)
-        return path.read_text(errors="replace").rstrip() if path.is_file() else None
+        return _text(path).rstrip() if path.is_file() else None
 
     env_dir = resolve_inside(final.root, f"{SD}/env")
     environment = {
-        f"{SD}/env/{p.name}": p.read_text(errors="replace").rstrip()
+        f"{SD}/env/{p.name}": _text(p).rstrip()
         for p in sorted(env_dir.glob("*.sh"))
         if p.name.startswith(("10-", "90-", "91-")) and p.is_file()
     }

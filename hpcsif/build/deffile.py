@@ -81,6 +81,9 @@ APP_SECTIONS = {
     "apprun": "run",
     "applabels": "labels",
 }
+#: the largest definition file read: its text is kept in the image's metadata several times
+#: (Apptainer 1.4 refuses any section over 64 KiB)
+MAX_SIZE = 4 << 20
 _STAGE_START = re.compile(r"^bootstrap\s*:", re.IGNORECASE | re.MULTILINE)
 _TEMPLATE = re.compile(r"{{\s*(\w+)\s*}}")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -98,7 +101,12 @@ class Section:
     def interpreter(self, where: str) -> list[str]:
         """The shell for a script section: the command ``-c PATH [ARGS…]`` names, else
         ``/bin/sh`` with the section's arguments (``%runscript -x``: ``#!/bin/sh -x``)."""
-        words = shlex.split(self.args)
+        try:
+            words = shlex.split(self.args)
+        except ValueError as exc:  # an unbalanced quote
+            raise DefinitionError(
+                f"{where}:{self.line}: bad %{self.name} arguments {self.args!r}: {exc}"
+            ) from None
         if words[:1] == ["-c"]:
             if len(words) < 2:
                 raise DefinitionError(f"{where}:{self.line}: %{self.name} -c needs a shell")
@@ -201,6 +209,15 @@ class Definition:
                 return i
         raise DefinitionError(f"{self.where}:{line}: no earlier stage named {name!r}")
 
+    def source_stages(self) -> set[int]:
+        """Indexes of the stages some later ``%files from STAGE`` copies from."""
+        return {
+            self.stage(block.stage, i, st.line)
+            for i, st in enumerate(self.stages)
+            for block in st.files
+            if block.stage is not None
+        }
+
 
 def is_definition_file(path: str | Path) -> bool:
     """True when ``path`` is a regular file that looks like a definition file, not a SIF or an archive."""
@@ -221,18 +238,26 @@ def is_definition_file(path: str | Path) -> bool:
         return False
     try:
         head.decode()
-    except UnicodeDecodeError:
-        return False
+    except UnicodeDecodeError:  # text in another encoding is a definition if it has a header
+        return _STAGE_START.search(head.decode(errors="replace")) is not None
     return True
 
 
 def load(path: str | Path, build_args: dict[str, str] | None = None) -> Definition:
-    """Read and parse the definition file at ``path``."""
+    """Read and parse the definition file at ``path`` (at most :data:`MAX_SIZE` bytes)."""
     p = Path(path)
     try:
-        text = p.read_bytes().decode()  # line endings as written: the image keeps the file as is
-    except (OSError, UnicodeDecodeError) as exc:
+        with p.open("rb") as f:
+            data = f.read(MAX_SIZE + 1)
+    except OSError as exc:
         raise DefinitionError(f"cannot read definition file {p}: {exc}") from None
+    if len(data) > MAX_SIZE:
+        raise DefinitionError(
+            f"definition file {p} is larger than {MAX_SIZE >> 20} MiB, the most hpcsif reads"
+        )
+    # line endings as written: the image keeps the file as is; bytes that are not UTF-8
+    # become U+FFFD, as they do in the labels and metadata Apptainer writes
+    text = data.decode(errors="replace")
     return parse(text, where=str(p), build_args=build_args)
 
 
@@ -247,16 +272,16 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
     raw = _substitute(text, where, build_args or {}, used)
     text = raw.replace("\r\n", "\n")
     starts = [m.start() for m in _STAGE_START.finditer(text)]
-    content = [ln.strip() for ln in text[: starts[0] if starts else len(text)].splitlines()]
+    content = [ln.strip() for ln in _lines(text[: starts[0] if starts else len(text)])]
     content = [ln for ln in content if ln and not ln.startswith("#")]
     if content and _STAGE_START.match(content[0]):  # an indented first header: the file is the stage
         starts.insert(0, 0)
     if not starts:
-        if not any(line.strip() and not line.strip().startswith("#") for line in text.splitlines()):
+        if not any(line.strip() and not line.strip().startswith("#") for line in _lines(text)):
             raise DefinitionError(f"{where}: no stages found in definition file")
         raise DefinitionError(f"{where}:1: no bootstrap specification found: no 'Bootstrap:' header")
     pre = text[: starts[0]]
-    for n, line in enumerate(pre.splitlines(), 1):
+    for n, line in enumerate(_lines(pre), 1):
         if line.strip() and not line.strip().startswith("#"):
             raise DefinitionError(f"{where}:{n}: {line.strip()!r} comes before the 'Bootstrap:' header")
     bounds = [*starts, len(text)]
@@ -279,6 +304,15 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
     return definition
 
 
+def _lines(text: str, keepends: bool = False) -> list[str]:
+    """``text`` split at ``\\n`` only, as Apptainer splits it: a form feed, a lone CR or
+    U+2028 in a script or a label is part of its line, not a line break (``str.splitlines``)."""
+    parts = text.split("\n")
+    tail = parts.pop()  # what follows the last newline
+    lines = [p + "\n" for p in parts] if keepends else parts
+    return [*lines, tail] if tail else lines
+
+
 def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str]) -> str:
     """Replace ``{{ NAME }}`` with ``--build-arg`` values or the ``%arguments`` defaults.
 
@@ -287,7 +321,7 @@ def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str
     if not _TEMPLATE.search(text) and "%arguments" not in text.lower():
         return text
     defaults: dict[str, str] = {}
-    lines = text.splitlines(keepends=True)
+    lines = _lines(text, keepends=True)
     in_args = False
     for line in lines:
         word = line.split(maxsplit=1)[0] if line.strip() else ""
@@ -323,7 +357,7 @@ def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str
 
 
 def _parse_stage(text: str, first_line: int, where: str) -> Stage:
-    lines = text.splitlines()
+    lines = _lines(text)
     # split into the header and (name line, args, body lines, line number) chunks
     chunks: list[tuple[str, str, list[str], int]] = []
     header_end = len(lines)
@@ -389,7 +423,10 @@ def _parse_header(lines: list[str], first_line: int, where: str) -> tuple[dict[s
         raise DefinitionError(f"{where}:{bline}: bootstrap agent {agent!r} is not supported by hpcsif")
     if agent not in AGENTS:
         known = ", ".join(AGENTS)
-        raise DefinitionError(f"{where}:{bline}: invalid build source {agent} (known: {known})")
+        shown = agent if agent.isprintable() else repr(agent)  # a lone CR would garble the line
+        if not agent:
+            raise DefinitionError(f"{where}:{bline}: 'Bootstrap:' names no build source (known: {known})")
+        raise DefinitionError(f"{where}:{bline}: invalid build source {shown} (known: {known})")
     if AGENTS[agent] and not header.get("from"):
         raise DefinitionError(f"{where}:{bline}: bootstrap {agent} needs a 'From:' header")
     return header, at
@@ -401,8 +438,11 @@ def _add_section(stage: Stage, name: str, args: str, body: str, line: int, where
         return
     if name in APP_SECTIONS:
         words = args.split()
-        if not words or not _APP_NAME.match(words[0]):
-            raise DefinitionError(f"{where}:{line}: %{name} needs an app name (letters, digits, _ . -)")
+        # "." or ".." would put the app's files in /scif or /scif/apps itself
+        if not words or not _APP_NAME.match(words[0]) or words[0] in (".", ".."):
+            raise DefinitionError(
+                f"{where}:{line}: %{name} needs an app name (letters, digits, _ . -; not . or ..)"
+            )
         app = stage.apps.setdefault(words[0], App(words[0]))
         key = APP_SECTIONS[name]
         if key == "files":
@@ -432,7 +472,7 @@ def _parse_files(args: str, body: str, line: int, where: str) -> FilesBlock:
             raise DefinitionError(f"{where}:{line}: %files takes no arguments but 'from STAGE', got {args!r}")
         stage = words[1]
     copies = []
-    for i, raw in enumerate(body.splitlines(), 1):
+    for i, raw in enumerate(_lines(body), 1):
         n = line + i
         text = raw.strip()
         if not text or text.startswith("#"):
@@ -452,7 +492,7 @@ def _parse_files(args: str, body: str, line: int, where: str) -> FilesBlock:
 def parse_labels(body: str) -> dict[str, str]:
     """``%labels`` lines ``KEY VALUE…`` as a dict (a key alone gets "")."""
     labels = {}
-    for raw in body.splitlines():
+    for raw in _lines(body):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -246,15 +246,19 @@ def _build_args(args: argparse.Namespace) -> dict[str, str]:
     A file line that is not KEY=VALUE is skipped with Apptainer's warning; a bad ``--build-arg``
     is an error.
     """
+    from hpcsif.build.deffile import MAX_SIZE
     from hpcsif.errors import UsageError
 
     build_args = {}
     if args.build_arg_file:
         try:
-            text = Path(args.build_arg_file).read_text()
+            with open(args.build_arg_file, "rb") as f:
+                data = f.read(MAX_SIZE + 1)  # bounded: /dev/zero must not fill the memory
         except OSError as exc:
             raise UsageError(f"--build-arg-file {args.build_arg_file}: {exc.strerror}") from None
-        for line in filter(str.strip, text.splitlines()):
+        if len(data) > MAX_SIZE:
+            raise UsageError(f"--build-arg-file {args.build_arg_file}: larger than {MAX_SIZE >> 20} MiB")
+        for line in filter(str.strip, data.decode(errors="replace").split("\n")):
             key, sep, value = line.partition("=")
             if not sep or not key.strip():
                 log.warning("Skipping %r in build arg file: expected KEY=VALUE", line)

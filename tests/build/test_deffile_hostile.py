@@ -1,0 +1,219 @@
+"""Hostile and unusual definition files through ``hpcsif build``.
+
+Each case pins what a user sees: one ``FATAL:`` line naming the problem (file:line where
+there is one), a non-zero exit, no output left and nothing written outside the build tree on
+the host; or, where Apptainer 1.4.5 builds the file, the same image content (measured with
+the peer: a form feed or a lone CR inside a script is no line break, bytes that are not
+UTF-8 become U+FFFD in labels).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import error_lines, run_cli
+from tests.services.images import TestImage
+from tests.services.users import USER_PYTHON, TestUser
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base(busybox_image: TestImage) -> Iterator[Path]:
+    """A busybox SIF to bootstrap from, where the unprivileged user can read it (not under
+    pytest's own directory, which each pytest run makes root's alone again)."""
+    with tempfile.TemporaryDirectory(prefix="hpcsif-hostile-base-") as d:
+        os.chmod(d, 0o755)
+        sif = Path(d) / "base.sif"
+        run_cli("build", str(sif), f"oci://{busybox_image.layout}:latest")
+        yield sif
+
+
+def header(base: Path) -> str:
+    """The header of a definition built from ``base``."""
+    return f"Bootstrap: localimage\nFrom: {base}\n"
+
+
+def fails(deffile: Path, dest: Path, *extra: str, status: int = 255) -> str:
+    """Build ``deffile``; assert one FATAL line, ``status``, nothing at ``dest``; return the line."""
+    proc = run_cli("build", *extra, str(dest), str(deffile), check=False, timeout=60)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == status, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("FATAL:   "), proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert not dest.exists()
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".hpcsif-build-")]
+    return lines[0]
+
+
+def test_form_feed_and_lone_cr_stay_in_their_line(base: Path, tmp_path: Path) -> None:
+    """Only ``\\n`` ends a line (Apptainer): a form feed or CR in a script is kept as written."""
+    deffile = tmp_path / "ff.def"
+    deffile.write_bytes(header(base).encode() + b"%runscript\n  echo 'x\x0cy\rz'\n%labels\n  k a\x0cb\n")
+    sif = tmp_path / "ff.sif"
+    run_cli("build", str(sif), str(deffile))
+    cmd = [sys.executable, "-m", "hpcsif.cli.main", "inspect", "-r", str(sif)]
+    script = subprocess.run(cmd, capture_output=True, check=True).stdout  # bytes: text mode reads CR as EOL
+    assert b"\n  echo 'x\x0cy\rz'\n" in script
+    assert "k: a\x0cb\n" in run_cli("inspect", "-l", str(sif)).stdout
+
+
+def test_definition_not_utf8_builds(base: Path, tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 do not make the file an image: they become U+FFFD, as in Apptainer."""
+    deffile = tmp_path / "latin1.def"
+    deffile.write_bytes(header(base).encode() + b"%labels\n  a \xff\xfe\n")
+    sif = tmp_path / "latin1.sif"
+    run_cli("build", str(sif), str(deffile))
+    assert "a: \ufffd\ufffd\n" in run_cli("inspect", "-l", str(sif)).stdout
+
+
+def test_lone_cr_line_endings_one_readable_line(base: Path, tmp_path: Path) -> None:
+    """A file with CR line endings is one line, as Apptainer reads it; the error shows the CRs."""
+    deffile = tmp_path / "cr.def"
+    deffile.write_bytes(header(base).replace("\n", "\r").encode())
+    line = fails(deffile, tmp_path / "cr.sif")
+    assert line.startswith(f"FATAL:   {deffile}:1: invalid build source 'localimage\\rfrom: ")
+    assert "\r" not in line
+
+
+def test_empty_bootstrap(tmp_path: Path) -> None:
+    deffile = tmp_path / "empty.def"
+    deffile.write_text("Bootstrap:\nFrom: x\n")
+    assert f"{deffile}:1: 'Bootstrap:' names no build source" in fails(deffile, tmp_path / "e.sif")
+
+
+def test_huge_inputs_are_refused_at_once(base: Path, tmp_path: Path) -> None:
+    """A definition over 4 MiB (Apptainer refuses sections over 64 KiB), or an endless
+    ``--build-arg-file``, is one FATAL line, not gigabytes of memory."""
+    deffile = tmp_path / "big.def"
+    deffile.write_text(header(base) + "%help\n" + ("  " + "v" * 97 + "\n") * 50_000)
+    line = fails(deffile, tmp_path / "big.sif")
+    assert line == f"FATAL:   definition file {deffile} is larger than 4 MiB, the most hpcsif reads"
+    small = tmp_path / "small.def"
+    small.write_text(header(base))
+    line = fails(small, tmp_path / "s.sif", "--build-arg-file", "/dev/zero", status=2)
+    assert line == "FATAL:   --build-arg-file /dev/zero: larger than 4 MiB"
+
+
+def test_build_arg_file_not_utf8(base: Path, tmp_path: Path) -> None:
+    """Lines that are no KEY=VALUE (binary ones too) are skipped with a warning, as Apptainer does."""
+    deffile = tmp_path / "args.def"
+    deffile.write_text(header(base) + "%labels\n  a {{ X }}\n")
+    args = tmp_path / "args"
+    args.write_bytes(b"\x00\xff\nX=v\xe9\n")
+    sif = tmp_path / "args.sif"
+    proc = run_cli("build", "--build-arg-file", str(args), str(sif), str(deffile))
+    assert "WARNING: Skipping '\\x00\ufffd' in build arg file" in proc.stderr
+    assert "a: v\ufffd\n" in run_cli("inspect", "-l", str(sif)).stdout
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_files_never_write_through_a_symlink_to_the_host(base: Path, tmp_path: Path, sandbox: bool) -> None:
+    """A symlink in the tree (from the base image, or %setup) where a copied file lands is
+    replaced; Apptainer's ``cp -fLr`` writes through it into the host file it names."""
+    victim = tmp_path / "victim"
+    victim.write_text("host file\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file").write_text("payload\n")
+    deffile = tmp_path / "sym.def"
+    deffile.write_text(
+        header(base) + f"%setup\n  mkdir -p $APPTAINER_ROOTFS/opt/src\n"
+        f"  ln -s {victim} $APPTAINER_ROOTFS/opt/src/file\n%files\n  {src} /opt\n"
+    )
+    dest = tmp_path / "sym.out"
+    run_cli("build", *(["--sandbox"] if sandbox else []), str(dest), str(deffile))
+    assert victim.read_text() == "host file\n"
+    out = run_cli("exec", str(dest), "cat", "/opt/src/file").stdout
+    assert out == "payload\n"
+
+
+def test_files_glob_failures_are_one_line(base: Path, tmp_path: Path) -> None:
+    """cp's complaint about each of several sources stays on the one FATAL line."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "loop1").symlink_to("loop2")
+    (ctx / "loop2").symlink_to("loop1")
+    deffile = tmp_path / "glob.def"
+    deffile.write_text(header(base) + f"%files\n  {ctx}/* /all/\n")
+    line = fails(deffile, tmp_path / "glob.sif")
+    assert line.startswith(f"FATAL:   {deffile}:4: copying {ctx}/*: cp: cannot stat")
+    assert "loop1" in line and "loop2" in line
+
+
+def test_unbalanced_quote_in_section_arguments(base: Path, tmp_path: Path) -> None:
+    deffile = tmp_path / "quote.def"
+    deffile.write_text(header(base) + "%runscript -c '/bin/sh\n  echo hi\n")
+    line = fails(deffile, tmp_path / "q.sif")
+    assert line == f"""FATAL:   {deffile}:3: bad %runscript arguments "-c '/bin/sh": No closing quotation"""
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../../x"])
+def test_app_names_cannot_leave_scif_apps(base: Path, tmp_path: Path, name: str) -> None:
+    deffile = tmp_path / "app.def"
+    deffile.write_text(header(base) + f"%apprun {name}\n  echo hi\n")
+    assert f"{deffile}:3: %apprun needs an app name" in fails(deffile, tmp_path / "app.sif")
+
+
+def test_stage_trees_go_once_no_later_stage_needs_them(base: Path, tmp_path: Path) -> None:
+    """Only the stages a later ``%files from`` names are kept while later ones build
+    (1000 stages would otherwise hold 1000 trees on disk)."""
+    seen = tmp_path / "seen"
+    stage = header(base) + "Stage: {}\n"
+    deffile = tmp_path / "stages.def"
+    deffile.write_text(
+        stage.format("a")
+        + stage.format("b")
+        + stage.format("c")
+        + f'%setup\n  ls "$APPTAINER_ROOTFS/.." > {seen}\n%files from a\n  /bin/sh /sh-from-a\n'
+    )
+    run_cli("build", str(tmp_path / "stages.sif"), str(deffile))
+    assert [n for n in seen.read_text().split() if n.startswith("stage")] == ["stage0", "stage2"]
+
+
+def test_post_daemon_does_not_outlive_the_build(base: Path, tmp_path: Path) -> None:
+    """A daemon %post starts (even in its own session) is gone when the build ends."""
+    deffile = tmp_path / "daemon.def"
+    deffile.write_text(header(base) + "%post\n  (setsid sleep 4242 </dev/null >/dev/null 2>&1 &)\n")
+    run_cli("build", str(tmp_path / "d.sif"), str(deffile), timeout=60)
+    procs = subprocess.run(["pgrep", "-f", "sleep 4242"], capture_output=True, text=True)
+    assert procs.stdout == ""
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_unprivileged_build_hostile_files(base: Path, unpriv_user: TestUser, sandbox: bool) -> None:
+    """As a plain user: a symlink to a file the user owns outside the tree is not written
+    through, a bad app name is one FATAL line, and no build directory is left."""
+    with tempfile.TemporaryDirectory(prefix="hpcsif-hostile-") as d:
+        work = Path(d)
+        os.chown(work, unpriv_user.uid, unpriv_user.gid)
+        victim = work / "victim"
+        victim.write_text("mine\n")
+        os.chown(victim, unpriv_user.uid, unpriv_user.gid)
+        (work / "file").write_text("payload\n")
+        good, bad = work / "good.def", work / "bad.def"
+        good.write_text(
+            header(base) + f"%setup\n  mkdir -p $APPTAINER_ROOTFS/opt\n"
+            f"  ln -s {victim} $APPTAINER_ROOTFS/opt/file\n%files\n  {work}/file /opt/file\n"
+        )
+        bad.write_text(header(base) + "%apprun ..\n  echo hi\n")
+        env = {"PYTHONPATH": str(ROOT), "HPCSIF_CACHEDIR": str(work / "cache")}
+        flag = ["--sandbox"] if sandbox else []
+        for deffile, status in ((good, 0), (bad, 255)):
+            dest = work / f"out-{deffile.stem}"
+            cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", *flag, str(dest), str(deffile)]
+            proc = unpriv_user.run(cmd, env=env, cwd=work, timeout=60)
+            assert proc.returncode == status, proc.stderr
+            assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+        assert len(error_lines(proc.stderr)) == 1 and not dest.exists(), proc.stderr
+        assert victim.read_text() == "mine\n"
+        assert not [p for p in work.iterdir() if p.name.startswith(".hpcsif-")]
