@@ -482,9 +482,12 @@ class _StageBuilder:
         except OSError as exc:
             raise BuildError(f"{self.where}:{copy.line}: cannot create {dst}: {exc.strerror}") from None
         # --remove-destination: a symlink already in the tree where a file lands is replaced, not
-        # written through (Apptainer's plain cp -fLr writes through one pointing at a host file)
+        # written through (Apptainer's plain cp -fLr writes through one pointing at a host file);
+        # symlinks inside what is copied from a stage stay symlinks (as Apptainer copies them):
+        # followed, one naming /etc/shadow would copy the host's into the image
+        follow = "-fLr" if src_root is None else "-fr"
         proc = subprocess.run(
-            ["cp", "-fLr", "--remove-destination", *map(str, sources), str(target)],
+            ["cp", follow, "--remove-destination", *map(str, sources), str(target)],
             capture_output=True,
             text=True,
             check=False,

@@ -217,3 +217,19 @@ def test_unprivileged_build_hostile_files(base: Path, unpriv_user: TestUser, san
         assert len(error_lines(proc.stderr)) == 1 and not dest.exists(), proc.stderr
         assert victim.read_text() == "mine\n"
         assert not [p for p in work.iterdir() if p.name.startswith(".hpcsif-")]
+
+
+def test_files_from_stage_keep_symlinks(base: Path, tmp_path: Path) -> None:
+    """Symlinks inside a tree copied from a stage stay symlinks, as Apptainer copies them:
+    followed on the host, ``/stuff/link -> /SECRET`` in a base image copied the host's file."""
+    secret = tmp_path / "secret"
+    secret.write_text("host secret\n")
+    deffile = tmp_path / "from.def"
+    deffile.write_text(
+        header(base) + "Stage: a\n%setup\n  mkdir -p $APPTAINER_ROOTFS/stuff\n"
+        f"  ln -s {secret} $APPTAINER_ROOTFS/stuff/link\n" + header(base) + "%files from a\n  /stuff /stuff\n"
+    )
+    sif = tmp_path / "from.sif"
+    run_cli("build", str(sif), str(deffile))
+    listing = run_cli("exec", "--no-mount", "tmp", str(sif), "ls", "-l", "/stuff/link").stdout
+    assert listing.startswith("l") and listing.rstrip().endswith(f"-> {secret}")
