@@ -374,12 +374,21 @@ class RegistryClient:
         data: Body = None,
         absolute: bool = False,
     ) -> requests.Response:
-        """An authenticated request to ``path`` (under ``/v2/``); renews the auth once on 401."""
+        """An authenticated request to ``path`` (under ``/v2/``); renews the auth once on 401.
+
+        An ``absolute`` URL the registry named (an upload location) on another host gets no
+        credentials: the registry may send us anywhere, our password stays with it.
+        """
         url = path if absolute else f"{self.base}/v2/{path}"
-        resp = self._send(
-            method, url, headers=headers, stream=stream, data=data, auth_header=self._auth_header(scope)
-        )
-        if resp.status_code == 401:
+        target = urllib.parse.urlsplit(url)
+        if target.scheme not in ("http", "https"):
+            raise RegistryError(
+                f"{self.registry}: the registry sent us to {_redact(url)}, not an http(s) URL"
+            )
+        ours = target.netloc == urllib.parse.urlsplit(self.base).netloc
+        auth = self._auth_header(scope) if ours else None
+        resp = self._send(method, url, headers=headers, stream=stream, data=data, auth_header=auth)
+        if resp.status_code == 401 and ours:
             resp.close()
             header = resp.headers.get("WWW-Authenticate", "")
             if header:
@@ -394,7 +403,7 @@ class RegistryClient:
                     data=data,
                     auth_header=self._auth_header(scope, fresh=True),
                 )
-        if resp.status_code in (401, 403):
+        if resp.status_code in (401, 403) and ours:
             resp.close()
             raise self._auth_error(scope)
         return resp

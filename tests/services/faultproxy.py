@@ -20,6 +20,7 @@ matching requests of each armed fault, misbehaves instead:
 * ``trickle``: a blob (with its right Content-Length) sent at one byte a second;
 * ``http10``: a blob as an HTTP/1.0 answer whose body ends when the connection closes;
 * ``notfound``: answer 404 to blob GETs;
+* ``upload_elsewhere``: start blob uploads at a location on :class:`BlobHost`;
 * Bearer faults: while one is armed, any request is answered 401 with a Bearer challenge and
   ``GET /token`` answers as the fault says: ``token_html`` (not JSON), ``token_list`` (a JSON
   list), ``token_number`` (``{"token": 5}``), ``token_empty`` (``{"token": ""}``), ``token_huge``
@@ -124,6 +125,10 @@ class BlobHost(_Base):
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def do_PUT(self) -> None:
+                host.seen.append(dict(self.headers))
+                self.send_error(403)  # an upload there: refused, after recording who came
 
             def do_GET(self) -> None:
                 host.seen.append(dict(self.headers))
@@ -230,6 +235,10 @@ class FaultProxy(_Base):
                     self.end_headers()
                     return
                 if blob and self._blob_fault():
+                    return
+                upload = self.command == "POST" and self.path.endswith("/blobs/uploads/")
+                if upload and proxy.blob_host and proxy._take("upload_elsewhere"):
+                    self._reply(202, {"Location": f"{proxy.blob_host.url}/upload/1"}, b"")
                     return
                 if self.command == "GET" and _MANIFEST.match(self.path) and proxy._take("schema1"):
                     doc = {"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": [], "history": []}

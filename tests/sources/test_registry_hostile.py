@@ -258,3 +258,18 @@ def test_index_served_as_a_manifest(proxy, tmp_path, manifest, busybox_image) ->
     proxy.arm()
     line, _ = _pull(proxy, tmp_path, "liar")
     assert "liar" in line
+
+
+def test_upload_location_on_another_host_gets_no_credentials(proxy, tmp_path, busybox_image) -> None:
+    """``push``: the registry names an upload location elsewhere; our password does not follow."""
+    from tests.conftest import run_cli
+
+    sif = tmp_path / "x.sif"
+    env = {"SINGULARITY_DOCKER_USERNAME": USER, "SINGULARITY_DOCKER_PASSWORD": PASSWORD}
+    run_cli("pull", str(sif), f"docker://{proxy.host}/{REPO}:1", env=env)
+    proxy.blob_host.seen.clear()
+    proxy.arm(upload_elsewhere=10)
+    proc = run_cli("push", str(sif), f"oras://{proxy.host}/{REPO}-sif:1", env=env, check=False)
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert proc.returncode != 0 and len(fatal) == 1 and "HTTP 403" in fatal[0], proc.stderr
+    assert proxy.blob_host.seen and all("Authorization" not in h for h in proxy.blob_host.seen)
