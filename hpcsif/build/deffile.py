@@ -102,8 +102,10 @@ class Section:
         """The shell for a script section: the command ``-c PATH [ARGS…]`` names, else
         ``/bin/sh`` with the section's arguments (``%runscript -x``: ``#!/bin/sh -x``)."""
         try:
+            if "\0" in self.args:
+                raise ValueError("a NUL byte")
             words = shlex.split(self.args)
-        except ValueError as exc:  # an unbalanced quote
+        except ValueError as exc:  # an unbalanced quote, a NUL
             raise DefinitionError(
                 f"{where}:{self.line}: bad %{self.name} arguments {self.args!r}: {exc}"
             ) from None
@@ -400,6 +402,8 @@ def _parse_header(lines: list[str], first_line: int, where: str) -> tuple[dict[s
                 header[cont_key], cont_key, cont_val = cont_val, "", ""
             continue
         line = line.split("#", 1)[0].strip()
+        if "\0" in line:  # no path, reference or name can hold one
+            raise DefinitionError(f"{where}:{n}: header line {line!r} contains a NUL byte")
         if cont_key:
             key, value = cont_key, cont_val + line
             cont_key, cont_val = "", ""
@@ -485,6 +489,8 @@ def _parse_files(args: str, body: str, line: int, where: str) -> FilesBlock:
             raise DefinitionError(f"{where}:{n}: bad %files line {text!r}: expected 'SOURCE [DESTINATION]'")
         if not parts:
             continue
+        if any("\0" in part for part in parts):
+            raise DefinitionError(f"{where}:{n}: bad %files line {text!r}: a path cannot contain a NUL byte")
         copies.append(FileCopy(parts[0], parts[1] if len(parts) == 2 else "", n))
     return FilesBlock(stage, copies)
 

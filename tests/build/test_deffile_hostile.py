@@ -233,3 +233,21 @@ def test_files_from_stage_keep_symlinks(base: Path, tmp_path: Path) -> None:
     run_cli("build", str(sif), str(deffile))
     listing = run_cli("exec", "--no-mount", "tmp", str(sif), "ls", "-l", "/stuff/link").stdout
     assert listing.startswith("l") and listing.rstrip().endswith(f"-> {secret}")
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "message"),
+    [
+        ("Stage: a\0b\n", 3, "header line 'Stage: a\\x00b' contains a NUL byte"),
+        ("%files\n  /etc/hostname\0x /a\n", 4, "bad %files line '/etc/hostname\\x00x /a': a path cannot"),
+        ("%post -c /bin/sh\0x\n  true\n", 3, "bad %post arguments '-c /bin/sh\\x00x': a NUL byte"),
+    ],
+)
+def test_nul_bytes_in_paths_and_arguments(
+    base: Path, tmp_path: Path, body: str, line: int, message: str
+) -> None:
+    """A NUL in a header, a %files path or a section's interpreter is one FATAL line naming it
+    (a NUL elsewhere, as in a label, is kept as Apptainer keeps it)."""
+    deffile = tmp_path / "nul.def"
+    deffile.write_text(header(base) + body)
+    assert fails(deffile, tmp_path / "nul.sif").startswith(f"FATAL:   {deffile}:{line}: {message}")
