@@ -328,7 +328,7 @@ def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str
     for line in lines:
         word = line.split(maxsplit=1)[0] if line.strip() else ""
         if word.startswith("%"):
-            in_args = word.lower() == "%arguments"
+            in_args = word.lstrip("%").lower() == "arguments"
             continue
         if in_args and line.strip() and not line.strip().startswith("#"):
             key, sep, value = line.strip().partition("=")
@@ -340,7 +340,7 @@ def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str
     for n, line in enumerate(lines, 1):
         word = line.split(maxsplit=1)[0] if line.strip() else ""
         if word.startswith("%"):
-            in_args = word.lower() == "%arguments"
+            in_args = word.lstrip("%").lower() == "arguments"
         if in_args:  # the defaults themselves stay as written
             out.append(line)
             continue
@@ -369,7 +369,8 @@ def _parse_stage(text: str, first_line: int, where: str) -> Stage:
             if not chunks:
                 header_end = i
             rest = line.strip()[len(word) :].strip()
-            chunks.append((word[1:].lower(), rest, [], first_line + i))
+            # "%%labels" is %labels to Apptainer too
+            chunks.append((word.lstrip("%").lower(), rest, [], first_line + i))
         elif chunks:
             chunks[-1][2].append(line)
     header, header_lines = _parse_header(lines[:header_end], first_line, where)

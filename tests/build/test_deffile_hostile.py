@@ -251,3 +251,12 @@ def test_nul_bytes_in_paths_and_arguments(
     deffile = tmp_path / "nul.def"
     deffile.write_text(header(base) + body)
     assert fails(deffile, tmp_path / "nul.sif").startswith(f"FATAL:   {deffile}:{line}: {message}")
+
+
+def test_doubled_percent_starts_the_section(base: Path, tmp_path: Path) -> None:
+    """``%%labels`` is ``%labels`` to Apptainer 1.4 too (it strips every leading ``%``)."""
+    deffile = tmp_path / "pct.def"
+    deffile.write_text(header(base) + "%%arguments\n  V=1\n%%labels\n  a {{ V }}\n")
+    sif = tmp_path / "pct.sif"
+    run_cli("build", str(sif), str(deffile))
+    assert "a: 1\n" in run_cli("inspect", "-l", str(sif)).stdout
