@@ -206,7 +206,7 @@ def build_definition(
         log.warning("Unused build args: %s", names)
     dest = Path(dest)
     binds = options.host_binds()
-    base = options.convert.tmpdir or dest.resolve().parent
+    base = options.convert.tmpdir or _work_base(definition, dest.resolve().parent)
     try:
         work = Path(tempfile.mkdtemp(prefix=".hpcsif-build-", dir=base))
     except OSError as exc:
@@ -240,6 +240,20 @@ def build_definition(
             log.warning("Build performed with no clean up option, build directory left at %s", work)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _work_base(definition: Definition, near: Path) -> Path:
+    """Where the build trees go by default: ``near`` (the output's directory), unless a host
+    ``%files`` source holds it (``%files . /app`` where the image is written would copy the
+    tree into itself); then the system's temporary directory, where Apptainer builds."""
+    for stage in definition.stages:
+        copies = [c for block in stage.files if block.stage is None for c in block.copies]
+        copies += [c for app in stage.apps.values() for c in app_files(app, definition.where)]
+        for copy in copies:
+            for src in sorted(glob.glob(copy.src)) if glob.has_magic(copy.src) else [copy.src]:
+                if near.is_relative_to(os.path.realpath(src)):
+                    return Path(tempfile.gettempdir())
+    return near
 
 
 def reference(stage: Stage) -> str:

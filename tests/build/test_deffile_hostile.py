@@ -260,3 +260,18 @@ def test_doubled_percent_starts_the_section(base: Path, tmp_path: Path) -> None:
     sif = tmp_path / "pct.sif"
     run_cli("build", str(sif), str(deffile))
     assert "a: 1\n" in run_cli("inspect", "-l", str(sif)).stdout
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_files_dot_where_the_image_is_written(base: Path, tmp_path: Path, sandbox: bool) -> None:
+    """``%files . /app`` run in the directory the image goes to builds, as with Apptainer
+    (the build tree was next to the output, so cp refused to copy '.' into itself)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text("print('hi')\n")
+    (project / "app.def").write_text(header(base) + "%files\n  . /app\n")
+    flag = ["--sandbox"] if sandbox else []
+    run_cli("build", *flag, "out", "app.def", cwd=project)
+    listing = run_cli("exec", str(project / "out"), "ls", "/app").stdout.split()
+    assert listing == ["app.def", "main.py"]
+    assert sorted(p.name for p in project.iterdir()) == ["app.def", "main.py", "out"]
