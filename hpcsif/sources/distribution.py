@@ -148,8 +148,30 @@ def _read_capped(resp: requests.Response, limit: int, what: str, timeout: float)
     return b"".join(chunks)
 
 
-def error_text(resp: requests.Response) -> str:
+def _preload(resp: requests.Response, timeout: float, limit: int = 64 << 10) -> None:
+    """Read the start of a streamed body, at most ``limit`` bytes, as ``resp.content``.
+
+    requests reads a body it does not stream to its end, however long: a registry answering
+    with an endless error page would take all memory. What is past ``limit`` is dropped with
+    the connection; a body that breaks off is kept as far as it came.
+    """
+    data = b""
+    try:
+        for block in _body(resp, timeout):
+            data += block
+            if len(data) >= limit:
+                resp.close()
+                break
+    except _TRANSIENT:
+        resp.close()
+    # requests' own attributes for a body already read: .json() and .text then use these bytes
+    resp._content, resp._content_consumed = data[:limit], True
+
+
+def error_text(resp: requests.Response, timeout: float = 10.0) -> str:
     """The HTTP status and the registry's error message(s) from a JSON error body, else its reason."""
+    if resp._content is False:  # streamed and not read yet: read no more than its start
+        _preload(resp, timeout)
     try:
         errors = resp.json().get("errors") or []
         text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
@@ -226,9 +248,9 @@ class RegistryClient:
         for attempt in range(self.retries + 1):
             try:
                 body = data() if callable(data) else data
-                try:
+                try:  # always streamed, so that no body is read without a bound
                     resp = self.session.request(
-                        method, url, headers=hdrs, stream=stream, data=body, timeout=self.timeout
+                        method, url, headers=hdrs, stream=True, data=body, timeout=self.timeout
                     )
                 finally:
                     if hasattr(body, "close"):
@@ -255,6 +277,8 @@ class RegistryClient:
                 self._sleep(attempt, resp)
                 resp.close()
                 continue
+            if not stream:
+                _preload(resp, self.timeout)
             return resp
         raise AssertionError("unreachable")  # the loop always returns or raises
 

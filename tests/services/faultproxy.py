@@ -9,6 +9,7 @@ matching requests of each armed fault, misbehaves instead:
 * ``short``: send a blob body that is 100 bytes short with a matching Content-Length;
 * ``wrong``: send a blob body of the right length with flipped bytes;
 * ``error500``: answer 500 to any request;
+* ``endless_error``: answer 500 to any request, with a body that never ends (1 GiB at most);
 * ``throttle``: answer 429 with ``Retry-After: 1`` to any request;
 * ``schema1``: answer manifest GETs with a Docker schema 1 manifest;
 * ``huge_manifest``: answer manifest GETs with an endless body (no Content-Length, 1 MiB
@@ -223,6 +224,9 @@ class FaultProxy(_Base):
                     return
                 if proxy._take("error500"):
                     self._reply(500, {}, b'{"errors":[{"code":"UNKNOWN","message":"injected"}]}')
+                    return
+                if proxy._take("endless_error"):
+                    self._endless(b"x" * (1 << 20), 1024, status=500)
                     return
                 if proxy._take("throttle"):
                     self._reply(429, {"Retry-After": "1"}, b'{"errors":[{"code":"TOOMANYREQUESTS"}]}')

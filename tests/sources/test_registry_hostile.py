@@ -25,6 +25,11 @@ pytestmark = pytest.mark.slow
 REPO = "private/busybox"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+#: a parent whose only child is the pull reports that child's peak RSS (KiB)
+PEAK = (
+    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+    "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,19 @@ def _pull(proxy: FaultProxy, tmp: Path, tag: str = "1", registry_conf: str = "")
     ref = f"docker://{proxy.host}/{REPO}:{tag}"
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "hpcsif.cli.main", "-d", "pull", "--dir", str(tmp / "out"), ref],
+        [
+            sys.executable,
+            "-c",
+            PEAK,
+            sys.executable,
+            "-m",
+            "hpcsif.cli.main",
+            "-d",
+            "pull",
+            "--dir",
+            str(tmp / "out"),
+            ref,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -70,6 +87,7 @@ def _pull(proxy: FaultProxy, tmp: Path, tag: str = "1", registry_conf: str = "")
     assert "internal error" not in err, err[-3000:]  # -d prints tracebacks, an unforeseen error says so
     assert PASSWORD not in err and "Authorization" not in err and "Basic " not in err, err
     assert list((tmp / "out").iterdir()) == []
+    assert int(err.split("PEAK ")[1].split()[0]) < 200 * 1024, "more than 200 MiB of memory"
     for oci in (tmp / "cache").rglob("oci"):
         if (oci / "blobs").is_dir():
             assert_store_sound(oci, partials=True)
@@ -146,8 +164,17 @@ def test_http10_close_delimited_blob_is_fine(proxy, tmp_path) -> None:
 def test_trickling_blob_times_out(proxy, tmp_path) -> None:
     """A blob at one byte a second ends after about ``registry.timeout`` seconds per try."""
     proxy.arm(trickle=1000)
-    line, took = _pull(proxy, tmp_path, registry_conf="timeout = 1\nretries = 0")
+    line, took = _pull(proxy, tmp_path, registry_conf="timeout = 2\nretries = 0")
     assert "too slow: " in line and "(at least 1024 bytes/s needed)" in line
+    assert took < 10
+
+
+def test_endless_error_body_is_not_read_to_the_end(proxy, tmp_path) -> None:
+    """A 500 whose body never ends: the error is reported from what little was read (all of it
+    was read before, gigabytes)."""
+    proxy.arm(endless_error=1000)
+    line, took = _pull(proxy, tmp_path, registry_conf="retries = 1")
+    assert line.endswith("/v2/: HTTP 500 Internal Server Error")
     assert took < 10
 
 
