@@ -177,7 +177,9 @@ def error_text(resp: requests.Response, timeout: float = 10.0) -> str:
         text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
     except (ValueError, AttributeError):
         text = ""
-    return f"HTTP {resp.status_code} ({text})" if text else f"HTTP {resp.status_code} {resp.reason}"
+    return _printable(
+        f"HTTP {resp.status_code} ({text})" if text else f"HTTP {resp.status_code} {resp.reason}"
+    )
 
 
 @dataclass
@@ -588,9 +590,8 @@ class RegistryClient:
                 if writer.size and not resp.headers.get("Content-Range", "").startswith(
                     f"bytes {writer.size}-"
                 ):
-                    raise _RestartBlob(
-                        f"{broke}the server resumed at the wrong offset ({resp.headers.get('Content-Range')})"
-                    )
+                    offset = _printable(str(resp.headers.get("Content-Range")))
+                    raise _RestartBlob(f"{broke}the server resumed at the wrong offset ({offset})")
                 for block in _body(resp, self.timeout):
                     writer.write(block)
                     if on_bytes:
@@ -658,7 +659,14 @@ def _check_redirect(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
 
 def _redact(url: str) -> str:
     """A URL without its query string (upload URLs and signed redirects carry secrets there)."""
-    return url.split("?", 1)[0]
+    return _printable(url.split("?", 1)[0])
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """Text a server chose, fit for one line on a terminal: control characters (newlines, escape
+    sequences) escaped, and cut at ``limit`` characters."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -682,4 +690,4 @@ def _reason(exc: BaseException) -> str:
     cause = _root_cause(exc)
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
-    return str(cause) or type(cause).__name__
+    return _printable(str(cause).strip()) or type(cause).__name__

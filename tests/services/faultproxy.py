@@ -9,6 +9,8 @@ matching requests of each armed fault, misbehaves instead:
 * ``short``: send a blob body that is 100 bytes short with a matching Content-Length;
 * ``wrong``: send a blob body of the right length with flipped bytes;
 * ``error500``: answer 500 to any request;
+* ``evil_error``: answer manifest GETs 400 with an error message holding a terminal escape
+  sequence and a newline;
 * ``endless_error``: answer 500 to any request, with a body that never ends (1 GiB at most);
 * ``throttle``: answer 429 with ``Retry-After: 1`` to any request;
 * ``schema1``: answer manifest GETs with a Docker schema 1 manifest;
@@ -243,6 +245,12 @@ class FaultProxy(_Base):
                 upload = self.command == "POST" and self.path.endswith("/blobs/uploads/")
                 if upload and proxy.blob_host and proxy._take("upload_elsewhere"):
                     self._reply(202, {"Location": f"{proxy.blob_host.url}/upload/1"}, b"")
+                    return
+                if self.command == "GET" and _MANIFEST.match(self.path) and proxy._take("evil_error"):
+                    error = {"code": "DENIED", "message": "\x1b[31mred\nFATAL:   fake"}
+                    self._reply(
+                        400, {"Content-Type": "application/json"}, json.dumps({"errors": [error]}).encode()
+                    )
                     return
                 if self.command == "GET" and _MANIFEST.match(self.path) and proxy._take("schema1"):
                     doc = {"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": [], "history": []}

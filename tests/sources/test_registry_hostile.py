@@ -151,6 +151,12 @@ def test_broken_blob_answers(proxy, tmp_path, fault, message) -> None:
     assert took < 10
 
 
+def test_server_text_cannot_forge_lines_or_escape_sequences(proxy, tmp_path) -> None:
+    proxy.arm(evil_error=10)
+    line, _ = _pull(proxy, tmp_path)
+    assert line.endswith("HTTP 400 (DENIED: \\x1b[31mred\\nFATAL:   fake)"), line
+
+
 def test_http10_close_delimited_blob_is_fine(proxy, tmp_path) -> None:
     proxy.arm(http10=1000)
     env = {"SINGULARITY_DOCKER_USERNAME": USER, "SINGULARITY_DOCKER_PASSWORD": PASSWORD}
