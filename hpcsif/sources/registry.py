@@ -139,6 +139,8 @@ def _check_descriptors(doc: dict[str, Any], where: str) -> None:
     for desc in descriptors:
         if not isinstance(desc, dict):
             raise SourceError(f"{where}: a descriptor is not a JSON object: {json.dumps(desc)[:100]}")
+        if not isinstance(desc.get("digest"), str):
+            raise SourceError(f"{where}: a descriptor has no digest: {json.dumps(desc)[:100]}")
         size = desc.get("size")
         if not isinstance(size, int) or isinstance(size, bool):
             raise SourceError(f"{where}: descriptor size {json.dumps(size)[:40]} is not an integer")

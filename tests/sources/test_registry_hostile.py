@@ -220,6 +220,7 @@ def test_bad_layer_descriptor(proxy, tmp_path, manifest, change, message) -> Non
         (lambda m: m["layers"].__setitem__(0, [1, 2]), "a descriptor is not a JSON object: [1, 2]"),
         (lambda m: m.update(config=None), "a descriptor is not a JSON object: null"),
         (lambda m: m["layers"][0].update(size=1.5), "descriptor size 1.5 is not an integer"),
+        (lambda m: m["layers"][0].update(digest=None), "a descriptor has no digest"),
         (lambda m: m["layers"][0].update(size=True), "descriptor size true is not an integer"),
         (lambda m: m.update(manifests="x", layers=None), "'manifests' is not a list"),
         (
