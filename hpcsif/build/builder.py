@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -501,7 +502,7 @@ class _StageBuilder:
         # followed, one naming /etc/shadow would copy the host's into the image
         follow = "-fLr" if src_root is None else "-fr"
         proc = subprocess.run(
-            ["cp", follow, "--remove-destination", *map(str, sources), str(target)],
+            ["cp", follow, "--remove-destination", "--", *map(str, sources), str(target)],
             capture_output=True,
             text=True,
             check=False,
@@ -657,15 +658,28 @@ def _script(sec: Section, where: str) -> str:
     return f"#!{' '.join(sec.interpreter(where))}\n\n{sec.body}\n"
 
 
+#: the most of one metadata file (labels, environment, runscript …) read back from a tree
+MAX_METADATA = 16 << 20
+
+
 def _text(path: Path) -> str:
-    """A file of the tree as text, exactly: a CR stays a CR (``read_text`` makes it a newline)
-    and bytes that are not UTF-8 become U+FFFD."""
-    return path.read_bytes().decode(errors="replace")
+    """A regular file of the tree as text, exactly: a CR stays a CR (``read_text`` makes it a
+    newline) and bytes that are not UTF-8 become U+FFFD. ``%post`` may have put anything
+    there: a FIFO or a device is not read (it would block, or never end), nor are more than
+    :data:`MAX_METADATA` bytes."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise BuildError(f"{path.name} in the image is not a regular file")
+        data = f.read(MAX_METADATA + 1)
+    if len(data) > MAX_METADATA:
+        raise BuildError(f"{path.name} in the image is larger than {MAX_METADATA >> 20} MiB")
+    return data.decode(errors="replace")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    with contextlib.suppress(OSError, ValueError):
-        value = json.loads(path.read_text())
+    """A JSON object of string values from the tree ({} when missing or not one)."""
+    with contextlib.suppress(OSError, ValueError, BuildError):
+        value = json.loads(_text(path))
         if isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}
     return {}
@@ -705,9 +719,15 @@ def run_in_tree(
     if not resolve_inside(root, "/bin/sh").exists():
         raise BuildError(f"{what}: the image has no /bin/sh to run the section with")
     binds = check_sources(binds or [])
-    created = [h for h in _HOST_BINDS if os.path.exists(h) and not os.path.lexists(root / h.lstrip("/"))]
+    # the tree's own paths (its symlinks resolved inside it), never the host's
+    created = [resolve_inside(root, h) for h in _HOST_BINDS if os.path.exists(h)]
+    created = [p for p in created if not os.path.lexists(p)]
     script_path = root / _SCRIPT_NAME
-    script_path.write_text(script)
+    # a new file: whatever the image put at that name (a symlink to a host file) is not followed
+    script_path.unlink(missing_ok=True)
+    fd = os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(fd, "w") as f:
+        f.write(script)
     env = {
         "PATH": POST_PATH,
         "HOME": "/root",
@@ -725,7 +745,7 @@ def run_in_tree(
     cmd += ["--die-with-parent", "--bind" if writable else "--ro-bind", str(root), "/"]
     cmd += ["--proc", "/proc", "--dev", "/dev"]
     for host in _HOST_BINDS:  # a read-only tree cannot get new mount points
-        if os.path.exists(host) and (writable or os.path.lexists(root / host.lstrip("/"))):
+        if os.path.exists(host) and (writable or os.path.lexists(resolve_inside(root, host))):
             cmd += ["--ro-bind", host, host]
     if not writable and resolve_inside(root, "/tmp").is_dir():
         cmd += ["--tmpfs", "/tmp"]
@@ -754,9 +774,9 @@ def run_in_tree(
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)
         # the mount points bwrap or the binds needed are not part of the image
-        for host in created:
+        for path in created:
             with contextlib.suppress(OSError):
-                (root / host.lstrip("/")).unlink()
+                path.unlink()
         for path in reversed(made):
             with contextlib.suppress(OSError):
                 path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -275,3 +275,38 @@ def test_files_dot_where_the_image_is_written(base: Path, tmp_path: Path, sandbo
     listing = run_cli("exec", str(project / "out"), "ls", "/app").stdout.split()
     assert listing == ["app.def", "main.py"]
     assert sorted(p.name for p in project.iterdir()) == ["app.def", "main.py", "out"]
+
+
+@pytest.mark.parametrize("make", ["mkfifo", "mknod"])
+def test_post_leaves_a_fifo_or_device_where_metadata_is_read(base: Path, tmp_path: Path, make: str) -> None:
+    """Read back from the tree, a FIFO blocked the build for ever and /dev/zero ate the memory."""
+    deffile = tmp_path / "special.def"
+    labels = "/.singularity.d/labels.json"
+    made = f"{make} {labels}" + (" c 1 5" if make == "mknod" else "")  # /dev/zero
+    deffile.write_text(header(base) + f"%post\n  rm -f {labels}\n  {made}\n%labels\n  a b\n")
+    sif = tmp_path / "special.sif"
+    run_cli("build", str(sif), str(deffile), timeout=60)
+    assert "a: b\n" in run_cli("inspect", "-l", str(sif)).stdout
+
+
+def test_build_script_never_written_through_a_symlink(base: Path, tmp_path: Path) -> None:
+    """The script hpcsif puts in the tree for %post is a new file: a symlink the image has at
+    that name (to a host file) is not followed on the host."""
+    victim = tmp_path / "victim"
+    victim.write_text("host file\n")
+    deffile = tmp_path / "script.def"
+    deffile.write_text(
+        header(base) + f"%setup\n  ln -s {victim} $APPTAINER_ROOTFS/.hpcsif-build-script\n"
+        "%post\n  echo in-post\n"
+    )
+    proc = run_cli("build", str(tmp_path / "script.sif"), str(deffile))
+    assert "in-post" in proc.stdout + proc.stderr
+    assert victim.read_text() == "host file\n"
+
+
+def test_files_source_named_like_an_option(base: Path, tmp_path: Path) -> None:
+    """A %files source called ``-s`` is a file to copy, not an option of cp (a symlink maker)."""
+    (tmp_path / "-s").write_text("plain\n")
+    (tmp_path / "dash.def").write_text(header(base) + "%files\n  -s /dash\n")
+    run_cli("build", "dash.sif", "dash.def", cwd=tmp_path)
+    assert run_cli("exec", str(tmp_path / "dash.sif"), "cat", "/dash").stdout == "plain\n"
