@@ -344,7 +344,7 @@ class RegistryClient:
         if (
             basic
             and realm_url.scheme == "http"
-            and realm_url.hostname != urllib.parse.urlsplit(self.base).hostname
+            and _machine(realm_url.hostname) != _machine(urllib.parse.urlsplit(self.base).hostname)
         ):
             # the password would cross the network in the clear to a host the user never named
             raise AuthError(
@@ -655,6 +655,11 @@ def _check_redirect(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
         target = urllib.parse.urljoin(resp.url, resp.headers["Location"])
         if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
             raise RegistryError(f"{_redact(resp.url)}: redirected to {_redact(target)}, not an http(s) URL")
+
+
+def _machine(host: str | None) -> str | None:
+    """``host``, with the names of this machine's usual loopback addresses made one."""
+    return "localhost" if host in ("localhost", "127.0.0.1", "::1") else host
 
 
 def _redact(url: str) -> str:

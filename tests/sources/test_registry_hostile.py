@@ -310,3 +310,15 @@ def test_upload_location_on_another_host_gets_no_credentials(proxy, tmp_path, bu
     fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
     assert proc.returncode != 0 and len(fatal) == 1 and "HTTP 403" in fatal[0], proc.stderr
     assert proxy.blob_host.seen and all("Authorization" not in h for h in proxy.blob_host.seen)
+
+
+def test_token_realm_on_the_same_machine_by_another_name(registry_token, busybox_image, tmp_path) -> None:
+    """``localhost`` and ``127.0.0.1`` are one machine: the realm there gets the credentials."""
+    from tests.conftest import run_cli
+
+    registry_token.push(busybox_image.oci_ref, "private/busybox:1")
+    assert registry_token.token_server.realm.startswith("http://127.0.0.1:")
+    env = {"SINGULARITY_DOCKER_USERNAME": USER, "SINGULARITY_DOCKER_PASSWORD": PASSWORD}
+    ref = f"docker://localhost:{registry_token.port}/private/busybox:1"
+    run_cli("pull", "--dir", str(tmp_path), ref, env=env)
+    assert len(list(tmp_path.glob("*.sif"))) == 1
