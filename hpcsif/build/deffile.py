@@ -362,6 +362,8 @@ def _parse_stage(text: str, first_line: int, where: str) -> Stage:
     lines = _lines(text)
     # split into the header and (name line, args, body lines, line number) chunks
     chunks: list[tuple[str, str, list[str], int]] = []
+    seen: dict[tuple[str, str], list[str]] = {}
+    body: list[str] | None = None
     header_end = len(lines)
     for i, line in enumerate(lines):
         word = line.split(maxsplit=1)[0] if line.strip() else ""
@@ -369,10 +371,17 @@ def _parse_stage(text: str, first_line: int, where: str) -> Stage:
             if not chunks:
                 header_end = i
             rest = line.strip()[len(word) :].strip()
-            # "%%labels" is %labels to Apptainer too
-            chunks.append((word.lstrip("%").lower(), rest, [], first_line + i))
-        elif chunks:
-            chunks[-1][2].append(line)
+            name = word.lstrip("%").lower()  # "%%labels" is %labels to Apptainer too
+            # a repeated section continues the first one (Apptainer), which keeps its line and
+            # arguments; %files blocks stay apart (each may copy from another stage)
+            key = (name, rest.split()[0] if name in APP_SECTIONS and rest.split() else "")
+            if name != "files" and key in seen:
+                body = seen[key]
+                continue
+            body = seen[key] = []
+            chunks.append((name, rest, body, first_line + i))
+        elif body is not None:
+            body.append(line)
     header, header_lines = _parse_header(lines[:header_end], first_line, where)
     stage = Stage(
         header=header,
@@ -452,21 +461,13 @@ def _add_section(stage: Stage, name: str, args: str, body: str, line: int, where
         key = APP_SECTIONS[name]
         if key == "files":
             _parse_files("", body, line, where)  # reject bad lines now, with their line numbers
-        _merge(app.sections, key, Section(name, " ".join(words[1:]), body, line))
+        app.sections[key] = Section(name, " ".join(words[1:]), body, line)
         return
     if name not in SECTIONS:
         if name == "pre":
             raise DefinitionError(f"{where}:{line}: %pre is not supported (Apptainer dropped it); use %setup")
         raise DefinitionError(f"{where}:{line}: invalid section(s) specified: {name}")
-    _merge(stage.sections, name, Section(name, args, body, line))
-
-
-def _merge(sections: dict[str, Section], key: str, sec: Section) -> None:
-    """Repeated sections concatenate (Apptainer); the first one's line and arguments stay."""
-    if key in sections:
-        sections[key].body += sec.body
-    else:
-        sections[key] = sec
+    stage.sections[name] = Section(name, args, body, line)
 
 
 def _parse_files(args: str, body: str, line: int, where: str) -> FilesBlock:

@@ -310,3 +310,13 @@ def test_files_source_named_like_an_option(base: Path, tmp_path: Path) -> None:
     (tmp_path / "dash.def").write_text(header(base) + "%files\n  -s /dash\n")
     run_cli("build", "dash.sif", "dash.def", cwd=tmp_path)
     assert run_cli("exec", str(tmp_path / "dash.sif"), "cat", "/dash").stdout == "plain\n"
+
+
+def test_many_repeated_sections_parse_in_linear_time(base: Path, tmp_path: Path) -> None:
+    """280,000 repeated ``%labels`` sections (within the 4 MiB cap) are concatenated, as
+    Apptainer does, in well under a second (joining them one by one took 16 s)."""
+    deffile = tmp_path / "many.def"
+    deffile.write_text(header(base) + "%labels\n a b\n" * 280_000)
+    sif = tmp_path / "many.sif"
+    run_cli("build", str(sif), str(deffile), timeout=10)
+    assert "a: b\n" in run_cli("inspect", "-l", str(sif)).stdout
