@@ -85,6 +85,12 @@ class BwrapEngine(Engine):
 
                 mounts.append(squashfs_mount(str(image), squashfs_offset(image)))
                 root = mounts[-1].acquire()
+                try:
+                    os.listdir(root)
+                except OSError as exc:
+                    raise EngineError(
+                        f"{image}: its squashfs file system cannot be read ({exc.strerror})"
+                    ) from None
             # -w on a sandbox writes into it directly; an overlay directory keeps the changes
             rw_root = (opts.writable and opts.sandbox) or upper is not None or opts.writable_tmpfs
             if layers or (rw_root and not (opts.writable and opts.sandbox)):

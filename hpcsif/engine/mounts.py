@@ -75,7 +75,12 @@ def _mount_state(mnt: Path) -> str:
     try:
         inner = os.stat(mnt).st_dev
     except OSError:
-        return "stale" if os.path.lexists(mnt) else "absent"
+        # even lstat reaches a FUSE mount's root (a damaged squashfs answers ENOENT there):
+        # the parent's listing says whether the mount point is there
+        try:
+            return "stale" if mnt.name in os.listdir(mnt.parent) else "absent"
+        except OSError:
+            return "absent"
     return "mounted" if inner != os.stat(mnt.parent).st_dev else "absent"
 
 

@@ -315,3 +315,19 @@ def test_env_scripts_that_change_the_shell(run, hostile) -> None:
     assert res.stdout == f"1 {cwd} [ \t\n]\n"
     res = run("run", str(image), "two words")
     assert (res.returncode, res.stdout) == (0, "<two words>\n"), res.stderr
+
+
+def test_damaged_squashfs_is_one_line_and_leaves_no_mount(run, images: Images) -> None:
+    # the superblock is intact (squashfuse mounts it) but the tables at the end are zeros: even
+    # the mount's root answers ENOENT, which made the mount look absent and stay behind
+    sif = images.base / "damaged.sif"
+    if not sif.exists():
+        data = bytearray(images.sif.read_bytes())
+        data[-20000:] = bytes(20000)
+        sif.write_bytes(bytes(data))
+        sif.chmod(0o644)
+    res = run("exec", str(sif), "/bin/true")
+    assert res.returncode == 255
+    assert error_lines(res.stderr) == [
+        f"FATAL:   {sif}: its squashfs file system cannot be read (No such file or directory)"
+    ]
