@@ -89,7 +89,15 @@ class ImageView:
             capture_output=True,
             check=False,
         )
+        self._check_damage(proc.stderr.decode(errors="replace"))
         return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
+
+    def _check_damage(self, stderr: str) -> None:
+        """SIFError when unsquashfs reports the file system damaged (not merely a file absent)."""
+        for line in stderr.splitlines():
+            if line.startswith("FATAL ERROR:"):
+                why = line.removeprefix("FATAL ERROR:").strip()
+                raise SIFError(f"{self.path}: its squashfs file system cannot be read ({why})")
 
     def _in_sandbox(self, inner: str) -> Path | None:
         from hpcsif.engine.bwrap import in_image
@@ -110,6 +118,7 @@ class ImageView:
             text=True,
             check=False,
         )
+        self._check_damage(proc.stderr)
         prefix = inner.rstrip("/") + "/"
         return sorted(
             {

@@ -331,3 +331,8 @@ def test_damaged_squashfs_is_one_line_and_leaves_no_mount(run, images: Images) -
     assert error_lines(res.stderr) == [
         f"FATAL:   {sif}: its squashfs file system cannot be read (No such file or directory)"
     ]
+    res = subprocess.run(
+        [sys.executable, "-m", "hpcsif.cli.main", "inspect", "-r", str(sif)], capture_output=True, text=True
+    )
+    assert res.returncode == 255  # it printed nothing and succeeded
+    assert res.stderr.startswith(f"FATAL:   {sif}: its squashfs file system cannot be read (")
