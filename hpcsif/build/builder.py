@@ -470,7 +470,8 @@ class _StageBuilder:
             src_root = None
             if block.stage is not None:
                 line = block.copies[0].line if block.copies else self.stage.line
-                src_root = self.earlier[self.definition.stage(block.stage, self.index, line)].root
+                index = self.definition.stage(block.stage, self.index, line)
+                src_root = self.root if index == self.index else self.earlier[index].root
             for copy in block.copies:
                 self.options.say(f"Copying {copy.src} to {copy.dst}")  # as Apptainer: blank dst too
                 self._copy(copy, src_root, copy.dst or copy.src, self.root)

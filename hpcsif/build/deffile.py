@@ -204,9 +204,10 @@ class Definition:
         """The stage that becomes the image."""
         return self.stages[-1]
 
-    def stage(self, name: str, before: int, line: int) -> int:
-        """Index of the stage called ``name`` among the first ``before`` stages."""
-        for i, st in enumerate(self.stages[:before]):
+    def stage(self, name: str, at: int, line: int) -> int:
+        """Index of the stage called ``name``: one before stage ``at``, or ``at`` itself
+        (``%files from`` its own stage copies within the tree, as in Apptainer)."""
+        for i, st in enumerate(self.stages[: at + 1]):
             if st.name == name:
                 return i
         raise DefinitionError(f"{self.where}:{line}: no earlier stage named {name!r}")
@@ -214,10 +215,10 @@ class Definition:
     def source_stages(self) -> set[int]:
         """Indexes of the stages some later ``%files from STAGE`` copies from."""
         return {
-            self.stage(block.stage, i, st.line)
+            j
             for i, st in enumerate(self.stages)
             for block in st.files
-            if block.stage is not None
+            if block.stage is not None and (j := self.stage(block.stage, i, st.line)) < i
         }
 
 

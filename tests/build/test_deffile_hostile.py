@@ -320,3 +320,13 @@ def test_many_repeated_sections_parse_in_linear_time(base: Path, tmp_path: Path)
     sif = tmp_path / "many.sif"
     run_cli("build", str(sif), str(deffile), timeout=10)
     assert "a: b\n" in run_cli("inspect", "-l", str(sif)).stdout
+
+
+def test_files_from_the_stage_itself(base: Path, tmp_path: Path) -> None:
+    """``%files from a`` in stage ``a`` copies within its own tree, as Apptainer 1.4 does."""
+    deffile = tmp_path / "self.def"
+    deffile.write_text(header(base) + "Stage: a\n%files from a\n  /bin/busybox /copied\n")
+    sif = tmp_path / "self.sif"
+    run_cli("build", str(sif), str(deffile))
+    same = "cmp /bin/busybox /copied && echo same"
+    assert run_cli("exec", str(sif), "sh", "-c", same).stdout == "same\n"
