@@ -260,7 +260,8 @@ def load(path: str | Path, build_args: dict[str, str] | None = None) -> Definiti
         )
     # line endings as written: the image keeps the file as is; bytes that are not UTF-8
     # become U+FFFD, as they do in the labels and metadata Apptainer writes
-    text = data.decode(errors="replace")
+    # a byte order mark (Windows editors write one) is no part of the first header key
+    text = data.decode(errors="replace").removeprefix("\ufeff")
     return parse(text, where=str(p), build_args=build_args)
 
 

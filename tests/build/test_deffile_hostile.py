@@ -330,3 +330,13 @@ def test_files_from_the_stage_itself(base: Path, tmp_path: Path) -> None:
     run_cli("build", str(sif), str(deffile))
     same = "cmp /bin/busybox /copied && echo same"
     assert run_cli("exec", str(sif), "sh", "-c", same).stdout == "same\n"
+
+
+def test_byte_order_mark_is_not_part_of_the_header(base: Path, tmp_path: Path) -> None:
+    """A file a Windows editor saved with a BOM builds (Apptainer 1.4 fails on the key
+    '\\ufeffbootstrap'); the stored definition starts at 'Bootstrap:'."""
+    deffile = tmp_path / "bom.def"
+    deffile.write_bytes(b"\xef\xbb\xbf" + header(base).encode())
+    sif = tmp_path / "bom.sif"
+    run_cli("build", str(sif), str(deffile))
+    assert run_cli("inspect", "-d", str(sif)).stdout.startswith("Bootstrap: localimage\n")
