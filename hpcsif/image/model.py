@@ -76,6 +76,8 @@ class Descriptor:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Descriptor:
         """Build from a descriptor JSON object (manifest layers, index entries)."""
+        if not isinstance(obj, dict):
+            raise SourceError(f"malformed descriptor {str(obj)[:100]}: not a JSON object")
         try:
             return cls(
                 media_type=obj.get("mediaType", ""),

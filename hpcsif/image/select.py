@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ def _matches_ref(entry: dict[str, Any], ref: str) -> bool:
 
 def select_from_index(index: dict[str, Any], ref: str | None, where: str) -> Descriptor:
     """The index entry for ``ref`` (a tag or digest); the only entry when ``ref`` is None."""
+    check_descriptors(index, f"{where}: index.json")
     manifests = index.get("manifests") or []
     if not manifests:
         raise NotFoundError(f"{where}: the index lists no images")
@@ -75,12 +77,42 @@ def select_platform(index: dict[str, Any], platform: Platform, where: str) -> De
     )
 
 
+def check_descriptors(doc: dict[str, Any], where: str) -> None:
+    """Refuse a manifest or index whose descriptors are not what the OCI spec says they are.
+
+    A registry, a layout or an archive holds what it likes: ``"layers": "x"``, ``"config": null``,
+    a ``"platform"`` string or a size of ``1.5``, ``true`` or ``-1`` must be one line naming the
+    document, not a crash later on.
+    """
+    descriptors = [("config", doc["config"])] if "config" in doc else []
+    for key in ("layers", "manifests"):
+        items = doc.get(key) or []
+        if not isinstance(items, list):
+            raise SourceError(f"{where}: {key!r} is not a list")
+        descriptors += [(key, item) for item in items]
+    for key, desc in descriptors:
+        if not isinstance(desc, dict):
+            raise SourceError(f"{where}: a {key!r} descriptor is not a JSON object: {json.dumps(desc)[:100]}")
+        if not isinstance(desc.get("digest"), str):
+            raise SourceError(f"{where}: a descriptor has no digest: {json.dumps(desc)[:100]}")
+        size = desc.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise SourceError(
+                f"{where}: descriptor size {json.dumps(size)[:40]} is not an integer byte count"
+            )
+        if not isinstance(desc.get("platform") or {}, dict):
+            raise SourceError(
+                f"{where}: descriptor platform {json.dumps(desc['platform'])[:60]} is not an object"
+            )
+
+
 def resolve_manifest(
     desc: Descriptor, read_json: Callable[[Descriptor], dict[str, Any]], platform: Platform, where: str
 ) -> tuple[Descriptor, dict[str, Any]]:
     """Follow indexes down to an image manifest; return its descriptor and parsed JSON."""
     for _ in range(_MAX_NESTING):
         doc = read_json(desc)
+        check_descriptors(doc, f"{where}: manifest {desc.digest}")
         media_type = doc.get("mediaType") or desc.media_type
         if media_type in mt.SCHEMA1_TYPES or doc.get("schemaVersion") == 1:
             raise SourceError(

@@ -24,7 +24,7 @@ from hpcsif.errors import IntegrityError, SourceError
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import check_digest
 from hpcsif.image.model import Descriptor, Image
-from hpcsif.image.select import load_image, resolve_manifest
+from hpcsif.image.select import check_descriptors, load_image, resolve_manifest
 from hpcsif.image.store import MAX_JSON_DOCUMENT, OCIStore, document_too_large, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
@@ -124,32 +124,6 @@ def clear_shared_clients() -> None:
         _shared.clear()
 
 
-def _check_descriptors(doc: dict[str, Any], where: str) -> None:
-    """Refuse a manifest or index whose descriptors are not what the OCI spec says they are.
-
-    A registry sends what it likes: ``"layers": "x"``, ``"config": null``, a ``"platform"`` string
-    or a size of ``1.5`` or ``true`` must be one line naming the document, not a crash later on.
-    """
-    descriptors = [doc["config"]] if "config" in doc else []
-    for key in ("layers", "manifests"):
-        items = doc.get(key) or []
-        if not isinstance(items, list):
-            raise SourceError(f"{where}: {key!r} is not a list")
-        descriptors += items
-    for desc in descriptors:
-        if not isinstance(desc, dict):
-            raise SourceError(f"{where}: a descriptor is not a JSON object: {json.dumps(desc)[:100]}")
-        if not isinstance(desc.get("digest"), str):
-            raise SourceError(f"{where}: a descriptor has no digest: {json.dumps(desc)[:100]}")
-        size = desc.get("size")
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise SourceError(f"{where}: descriptor size {json.dumps(size)[:40]} is not an integer")
-        if not isinstance(desc.get("platform") or {}, dict):
-            raise SourceError(
-                f"{where}: descriptor platform {json.dumps(desc['platform'])[:60]} is not an object"
-            )
-
-
 class _Stopped(Exception):
     """A download abandoned because the pull was interrupted (Ctrl-C, SIGTERM)."""
 
@@ -198,7 +172,7 @@ class RegistrySource(Source):
                 doc = load_json_object(data, f"{where}: manifest {digest}")
             except IntegrityError as exc:
                 raise SourceError(str(exc)) from None
-            _check_descriptors(doc, f"{where}: manifest {digest}")
+            check_descriptors(doc, f"{where}: manifest {digest}")
             if store is not None and not store.has_blob(digest, len(data)):
                 store.put_bytes(data, digest)
             docs[digest] = doc

@@ -29,6 +29,8 @@ def _hostile_layout(
     manifest: bytes | None = None,
     config: Callable[[dict[str, Any]], Any] | None = None,
     layer_size: int | None = None,
+    edit_manifest: Callable[[dict[str, Any]], None] | None = None,
+    edit_index: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """A one-layer layout whose index.json, manifest or config is replaced/edited."""
     layout = tmp / "layout"
@@ -43,15 +45,27 @@ def _hostile_layout(
         new = config(cfg)
         data = new if isinstance(new, bytes) else json.dumps(cfg).encode()
         man["config"]["digest"], man["config"]["size"] = _put(layout, data)
+    if edit_manifest is not None:
+        edit_manifest(man)
     mdesc["digest"], mdesc["size"] = _put(
         layout, manifest if manifest is not None else json.dumps(man).encode()
     )
+    if edit_index is not None:
+        edit_index(idx)
     (layout / "index.json").write_bytes(index if index is not None else json.dumps(idx).encode())
     return layout
 
 
 def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return lambda cfg: cfg["config"].__setitem__(key, value)
+
+
+def _layer(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda man: man["layers"][0].__setitem__(key, value)
+
+
+def _entry(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda idx: idx["manifests"][0].__setitem__(key, value)
 
 
 CASES: dict[str, tuple[dict[str, Any], str]] = {
@@ -65,6 +79,17 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "env-string": ({"config": _set("Env", "A=1")}, "Env must be a list of strings"),
     "entrypoint-int": ({"config": _set("Entrypoint", 5)}, "Entrypoint/Cmd"),
     "cmd-dict": ({"config": _set("Cmd", {"a": 1})}, "Entrypoint/Cmd"),
+    "layers-string": ({"edit_manifest": lambda man: man.__setitem__("layers", "x")}, "layers"),
+    "layer-number": ({"edit_manifest": lambda man: man.__setitem__("layers", [5])}, "descriptor"),
+    "config-null": ({"edit_manifest": lambda man: man.__setitem__("config", None)}, "config"),
+    "layer-size-float": ({"edit_manifest": _layer("size", 1.5)}, "size"),
+    "layer-size-bool": ({"edit_manifest": _layer("size", True)}, "size"),
+    "layer-size-negative": ({"edit_manifest": _layer("size", -1)}, "size"),
+    "layer-digest-number": ({"edit_manifest": _layer("digest", 7)}, "digest"),
+    "layer-annotations-list": ({"edit_manifest": _layer("annotations", [1, 2])}, "annotations"),
+    "manifests-string": ({"edit_index": lambda idx: idx.__setitem__("manifests", "x")}, "manifests"),
+    "manifests-number": ({"edit_index": lambda idx: idx.__setitem__("manifests", [5])}, "descriptor"),
+    "platform-string": ({"edit_index": _entry("platform", "linux")}, "platform"),
 }
 
 

@@ -198,7 +198,7 @@ def test_server_error_forever_ends_after_the_retries(proxy, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"size": -1}, "the blob a negative size (-1)"),
+        ({"size": -1}, "descriptor size -1 is not an integer byte count"),
         ({"size": 10**18}, "bytes, not the 1000000000000000000 bytes the manifest gives"),
         ({"digest": "sha512:" + "a" * 128}, "digest"),
         ({"digest": "sha256:" + "A" * 64}, "digest"),
@@ -220,8 +220,8 @@ def test_bad_layer_descriptor(proxy, tmp_path, manifest, change, message) -> Non
     [
         (lambda m: m.update(layers="x"), "'layers' is not a list"),
         (lambda m: m.update(layers={"a": 1}), "'layers' is not a list"),
-        (lambda m: m["layers"].__setitem__(0, [1, 2]), "a descriptor is not a JSON object: [1, 2]"),
-        (lambda m: m.update(config=None), "a descriptor is not a JSON object: null"),
+        (lambda m: m["layers"].__setitem__(0, [1, 2]), "descriptor is not a JSON object: [1, 2]"),
+        (lambda m: m.update(config=None), "'config' descriptor is not a JSON object: null"),
         (lambda m: m["layers"][0].update(size=1.5), "descriptor size 1.5 is not an integer"),
         (lambda m: m["layers"][0].update(digest=None), "a descriptor has no digest"),
         (lambda m: m["layers"][0].update(size=True), "descriptor size true is not an integer"),
