@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 
@@ -54,12 +55,19 @@ def test_an_unexpected_error_is_one_line_and_a_traceback_with_d(monkeypatch, cap
         raise RuntimeError("something no check foresaw")
 
     monkeypatch.setattr(hpcsif.cli.inspect, "run", broken)
-    assert cli.main(["inspect", "x.sif"]) == 255
-    err = capsys.readouterr().err
-    assert err.splitlines() == [
-        "FATAL:   internal error: RuntimeError: something no check foresaw "
-        "(run with -d for the traceback, and please report it)"
-    ]
-    assert cli.main(["-d", "inspect", "x.sif"]) == 255
-    err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and "in broken" in err
+    # main() sets up the "hpcsif" logger for a command line: put it back for the tests after
+    logger = logging.getLogger("hpcsif")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        assert cli.main(["inspect", "x.sif"]) == 255
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            "FATAL:   internal error: RuntimeError: something no check foresaw "
+            "(run with -d for the traceback, and please report it)"
+        ]
+        assert cli.main(["-d", "inspect", "x.sif"]) == 255
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "in broken" in err
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
