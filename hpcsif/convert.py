@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpcsif.errors import BuildError, SourceError
+from hpcsif.fsutil import read_regular
 from hpcsif.image.model import Image, Platform
 from hpcsif.image.store import OCIStore, atomic_write_bytes
 from hpcsif.refs import Reference, parse
@@ -371,16 +371,15 @@ def _read_json(text: str) -> dict[str, Any]:
 def _text_inside(directory: Path, name: str) -> str | None:
     """The regular file ``name`` in an image's ``directory``; None where either is a symbolic
     link (which could name a file of the host: a root build must not copy that into the SIF)."""
+    from hpcsif.sif.reader import SMALL_OBJECT_LIMIT
+
+    if directory.is_symlink():
+        return None
     try:
-        if directory.is_symlink():
-            return None
-        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular(directory / name, SMALL_OBJECT_LIMIT, follow=False)
     except OSError:
         return None
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return f.read(16 << 20).decode(errors="replace")
+    return None if data is None else data[:SMALL_OBJECT_LIMIT].decode(errors="replace")
 
 
 def fetch_image(

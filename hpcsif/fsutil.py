@@ -1,5 +1,6 @@
 """File helpers: atomic publication (write beside, fsync, rename, fsync the directory), fast copies,
-and a short exclusive ``flock`` around read-modify-write updates."""
+a short exclusive ``flock`` around read-modify-write updates, and bounded reads of files that
+an image or a user controls."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,25 @@ def flocked(path: str | os.PathLike[str]) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, *, follow: bool = True) -> bytes | None:
+    """At most ``limit + 1`` bytes of the regular file ``path`` (more than ``limit``: too large).
+
+    None when ``path`` is not a regular file: a FIFO or a device is never read (it would block,
+    or never end), nor, without ``follow``, a symbolic link. OSError (missing …) propagates.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            return None  # the link itself
+        raise
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read(limit + 1)
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

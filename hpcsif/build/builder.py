@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from hpcsif import __version__
 from hpcsif.build.deffile import App, Definition, FileCopy, Section, Stage, app_files, load, parse_labels
 from hpcsif.convert import ConvertOptions
 from hpcsif.errors import BuildError, MissingToolError, ReferenceError, SourceError
+from hpcsif.fsutil import read_regular
 from hpcsif.image.model import Platform
 from hpcsif.image.store import OCIStore
 from hpcsif.sif import metadata as md
@@ -668,10 +668,9 @@ def _text(path: Path) -> str:
     newline) and bytes that are not UTF-8 become U+FFFD. ``%post`` may have put anything
     there: a FIFO or a device is not read (it would block, or never end), nor are more than
     :data:`MAX_METADATA` bytes."""
-    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise BuildError(f"{path.name} in the image is not a regular file")
-        data = f.read(MAX_METADATA + 1)
+    data = read_regular(path, MAX_METADATA)
+    if data is None:
+        raise BuildError(f"{path.name} in the image is not a regular file")
     if len(data) > MAX_METADATA:
         raise BuildError(f"{path.name} in the image is larger than {MAX_METADATA >> 20} MiB")
     return data.decode(errors="replace")

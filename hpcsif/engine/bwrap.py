@@ -672,7 +672,8 @@ def _walk(root: str, path: str, *, follow_last: bool) -> tuple[str, list[str]] |
     the last component's own link is followed only with *follow_last*. None on a link loop
     or a non-directory before the last component.
     """
-    parts = [p for p in path.split("/") if p]
+    # '..' in *path* itself stops at the image's root too (a link's target is treated so below)
+    parts = [p for p in os.path.normpath("/" + path).split("/") if p]
     cur, hops = "/", 0
     while parts:
         cand = os.path.join(cur, parts[0])

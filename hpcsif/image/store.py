@@ -13,14 +13,13 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from hpcsif.errors import IntegrityError, NotFoundError
-from hpcsif.fsutil import atomic_write_bytes, flocked
+from hpcsif.fsutil import atomic_write_bytes, flocked, read_regular
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import CHUNK, check_digest
 from hpcsif.image.model import Descriptor
@@ -46,11 +45,9 @@ def read_document(path: Path, what: str) -> bytes:
 
     Only a regular file is read (a FIFO would block); FileNotFoundError propagates.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IntegrityError(f"{what} is not a regular file")
-        data = f.read(MAX_JSON_DOCUMENT + 1)
+    data = read_regular(path, MAX_JSON_DOCUMENT)
+    if data is None:
+        raise IntegrityError(f"{what} is not a regular file")
     if len(data) > MAX_JSON_DOCUMENT:
         raise document_too_large(what)
     return data
