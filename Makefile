@@ -16,7 +16,7 @@ APT_PACKAGES = squashfs-tools squashfs-tools-ng squashfuse fuse3 bubblewrap busy
 	python3-requests python3-fsspec python3-paramiko python3-cryptography python3-zstandard gnupg \
 	fuse-overlayfs libpmix2 libpmix-dev
 
-.PHONY: deps apt-deps py-deps demo test lint bench
+.PHONY: deps apt-deps py-deps native demo test lint bench
 
 apt-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
@@ -28,7 +28,19 @@ apt-deps:
 py-deps:
 	$(PIP) install -q -e '.[test]'
 
-deps: apt-deps py-deps
+# The native front (hpcsif/native/front.c) takes the place of the `hpcsif` console script pip
+# wrote: it repeats a container start the Python CLI saved (same command line, environment,
+# directory, unchanged files) without starting Python, and runs the Python CLI for all else.
+SCRIPTS_DIR = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+PYTHON_EXE = $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
+native: py-deps
+	mkdir -p build
+	$(CC) -O2 -Wall -Wextra -o build/hpcsif-front -DHPCSIF_PYTHON='"$(PYTHON_EXE)"' hpcsif/native/front.c
+	@if [ -f "$(SCRIPTS_DIR)/hpcsif" ]; then install -m 0755 build/hpcsif-front "$(SCRIPTS_DIR)/hpcsif"; \
+		echo "installed the native front as $(SCRIPTS_DIR)/hpcsif"; \
+	else echo "no hpcsif script in $(SCRIPTS_DIR): the native front is left in build/hpcsif-front"; fi
+
+deps: apt-deps py-deps native
 
 demo: deps
 	$(PYTHON) -m hpcsif.demo

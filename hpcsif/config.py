@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "convert": {"compression": "zstd", "level": 0, "tmpdir": "", "jobs": 0},
     "registry": {"mirrors": {}, "insecure": [], "retries": 5, "timeout": 60, "parallel_downloads": 4},
-    "engine": {"default": "auto", "squashfuse": "", "bwrap": "bwrap", "mount_dir": ""},
+    "engine": {"default": "auto", "squashfuse": "", "bwrap": "bwrap", "mount_dir": "", "launch_plans": True},
     "gpu": {"driver_root": "/", "dev_dir": "/dev", "nvliblist": "", "rocmliblist": ""},
     "mpi": {"default": "", "profile_dirs": [], "partition_defaults": {}},
     "slurm": {
@@ -93,6 +93,15 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[key] = value
 
 
+def config_files() -> list[Path]:
+    """The configuration files looked for, lowest layer first (each may be missing)."""
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    files = [SYSTEM_CONFIG, xdg / "hpcsif" / "hpcsif.toml"]
+    if os.environ.get("HPCSIF_CONFIG"):
+        files.append(Path(os.environ["HPCSIF_CONFIG"]))
+    return files
+
+
 class Config:
     """The effective configuration, read once per process."""
 
@@ -105,11 +114,7 @@ class Config:
         """Read every layer that exists, in order."""
         data = copy.deepcopy(DEFAULTS)
         sources = ["defaults"]
-        xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-        files = [SYSTEM_CONFIG, xdg / "hpcsif" / "hpcsif.toml"]
-        if os.environ.get("HPCSIF_CONFIG"):
-            files.append(Path(os.environ["HPCSIF_CONFIG"]))
-        for path in [*files, *(extra_files or [])]:
+        for path in [*config_files(), *(extra_files or [])]:
             if path.is_file():
                 import tomllib  # only when there is a file: exec's start-up time counts
 

@@ -174,8 +174,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns (and, as a console script, exits with) the exit status."""
+def main(argv: list[str] | None = None, *, front: bool = False) -> int:
+    """Run the CLI; returns (and, as a console script, exits with) the exit status.
+
+    *front*: the native ``hpcsif`` front started us with its own command line, and repeats
+    the launches we save (:mod:`hpcsif.engine.launch_plan`).
+    """
+    words = sys.argv[1:] if argv is None else None
     argv = sys.argv[1:] if argv is None else argv
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the container engine forwards its own
         signal.signal(signal.SIGTERM, _terminate)
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         [] if command in BUILTIN_COMMANDS else [fast] if fast else None, command if fast else None
     )
     args = parser.parse_args(attach_dash_values(parser, argv))
+    args.front_words = words if front else None
     setup_logging(args)
     from hpcsif.errors import HpcsifError
 
@@ -240,9 +246,12 @@ def _leaving(code: int) -> int:
     return code
 
 
-def console() -> int:
-    """The ``hpcsif`` command: :func:`main` on the command line, as the process's last act."""
-    return _leaving(main())
+def console(front: bool = False) -> int:
+    """The ``hpcsif`` command: :func:`main` on the command line, as the process's last act.
+
+    *front*: called by the native front (``hpcsif/native/front.c``) rather than as the console script.
+    """
+    return _leaving(main(front=front))
 
 
 def run_singularity_main() -> int:

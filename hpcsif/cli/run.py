@@ -188,6 +188,14 @@ def handle(args: argparse.Namespace) -> int:
     from hpcsif.cli.envflags import flags_from_env
     from hpcsif.engine.base import LaunchOptions, select_engine
 
+    recorder = None
+    if getattr(args, "front_words", None) is not None:  # the native front may repeat this launch
+        import logging
+
+        from hpcsif.engine.launch_plan import Recorder
+
+        recorder = Recorder(args.front_words)
+        logging.getLogger("hpcsif").addHandler(recorder)  # it counts what the command prints
     flags_from_env(args, _ENV, append=_ENV_APPEND)
     opts = LaunchOptions(
         action=args.action,
@@ -235,8 +243,8 @@ def handle(args: argparse.Namespace) -> int:
         apptainer_only=_apptainer_only(args),
     )
     engine = select_engine(args.engine)
-    if engine.name == "bwrap":  # Apptainer prints these itself
-        _legacy_env_notices(args)
+    if engine.name == "bwrap" and _legacy_env_notices(args) and recorder:  # Apptainer prints these itself
+        recorder.refuse()
     image = args.image
     if os.path.exists(image):
         from pathlib import Path
@@ -244,6 +252,7 @@ def handle(args: argparse.Namespace) -> int:
         path = Path(os.path.abspath(image))
         _check_trusted(path)
         opts.sandbox = path.is_dir()
+        opts.recorder = recorder  # a local image only: a URI goes through the cache each time
         return engine.launch(path, opts)
     from hpcsif.cli.pull import Notices, registry_options
     from hpcsif.slurm.jobrecord import job_image
@@ -263,14 +272,17 @@ def handle(args: argparse.Namespace) -> int:
         return engine.launch(path, opts)
 
 
-def _legacy_env_notices(args: argparse.Namespace) -> None:
-    """Apptainer's INFO line for each ``SINGULARITYENV_X`` given without ``APPTAINERENV_X``."""
+def _legacy_env_notices(args: argparse.Namespace) -> bool:
+    """Apptainer's INFO line for each ``SINGULARITYENV_X`` given without ``APPTAINERENV_X``; True if any."""
+    said = False
     for key in os.environ:
         name = key.removeprefix("SINGULARITYENV_")
         if name != key and f"APPTAINERENV_{name}" not in os.environ:
             from hpcsif.cli.pull import info
 
             info(args, f"Environment variable {key} is set, but APPTAINERENV_{name} is preferred")
+            said = True
+    return said
 
 
 def _launch_uncached(engine, image: str, opts, source_options: dict) -> int:  # Engine, LaunchOptions

@@ -70,6 +70,8 @@ class LaunchOptions:
     passthrough: list[tuple[str, str | None]] = field(default_factory=list)
     #: flags only Apptainer can honour (cgroups, --security …): the built-in engine refuses them
     apptainer_only: list[tuple[str, str | None]] = field(default_factory=list)
+    #: set by the CLI when the native front may repeat this launch (a launch_plan.Recorder)
+    recorder: object | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -108,6 +108,8 @@ class BwrapEngine(Engine):
             argv = plan.argv()
             # with --no-init the payload is the namespace's PID 1 itself, not a child of bwrap's
             pidns = opts.pid_namespace and not opts.no_init
+            if opts.recorder is not None and len(mounts) == 1 and not opts.sandbox:
+                _save_plan(opts.recorder, plan, bwrap, argv, mounts[0].dir, pidns)
             return _run(bwrap, argv, plan.env, plan.fds, signals, pidns=pidns, handshake=plan.direct is None)
         finally:
             if old_umask is not None:
@@ -115,6 +117,44 @@ class BwrapEngine(Engine):
             signals.restore()
             for m in reversed(mounts):
                 m.release()
+
+
+def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount_dir: Path, pidns: bool) -> None:
+    """Let the native front repeat this launch (see :mod:`hpcsif.engine.launch_plan`), when it can.
+
+    The witnesses are every host file the plan was made from: the configuration, bwrap, the
+    image and its directories (the trust check), the bind sources, the working directory,
+    ``/etc/resolv.conf``, ``--env-file`` files and hpcsif's own modules.
+    """
+    from hpcsif.config import config_files, get_config
+
+    opts, contrib, cfg = plan.opts, plan.contrib, get_config()
+    per_run = opts.action == "shell" or opts.fakeroot or opts.workdir or plan.interactive
+    added = contrib.binds or contrib.env or contrib.ld_paths or contrib.pass_prefixes or contrib.checks
+    if per_run or added or plan.direct is not None or not cfg.get("engine.launch_plans"):
+        return
+    if cfg.get("cache.require_signed"):
+        return  # the signatures are checked on every start
+    for path in [*map(str, config_files()), *(s for s in cfg.sources if s.startswith("/"))]:
+        recorder.file(path)
+    recorder.which(cfg.get("engine.bwrap") or "bwrap", bwrap)
+    recorder.file(plan.image)
+    real = Path(os.path.realpath(plan.image))
+    for d in real.parents:
+        recorder.identity(str(d))
+    for path in [*plan.sources, *([plan.cwd] if plan.cwd else []), "/etc/resolv.conf", *opts.env_files]:
+        recorder.identity(path)
+    recorder.save(
+        command=opts.command,
+        min_command=1 if opts.action == "exec" else 0,
+        bwrap=bwrap,
+        argv=argv,
+        data=plan.data,
+        env=plan.env,
+        mount_dir=mount_dir,
+        umask=0o022 if opts.no_umask else None,
+        pidns=pidns,
+    )
 
 
 def _check_network(opts: LaunchOptions) -> None:
@@ -227,6 +267,7 @@ class _Plan:
         self.opts = opts
         self.rw_root = rw_root  # the root file system is writable (-w sandbox, overlay)
         self.fds: list[int] = []
+        self.data: dict[str, str] = {}  # --ro-bind-data descriptor (as in argv) -> its content
         self.interactive = opts.action == "shell" and os.isatty(0)
         user = pwd.getpwuid(os.getuid())
         # --fakeroot: the image's root inside; as in Apptainer the caller's home is bound at /root
@@ -257,6 +298,7 @@ class _Plan:
         self.user_binds = user_binds
         # parents before children, so that a bind inside another bind's destination stays visible
         # (dict.fromkeys drops repeats such as a current directory that is the home directory)
+        self.sources = [b.src for b in binds + contrib.binds]  # host paths the binds depend on
         unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
         if (opts.writable and opts.sandbox) or (rw_root and opts.overlay):
             unique = self._existing_destinations(unique, user_binds, strict=opts.writable and opts.sandbox)
@@ -602,6 +644,7 @@ class _Plan:
         os.write(fd, text.encode())
         os.lseek(fd, 0, os.SEEK_SET)
         self.fds.append(fd)
+        self.data[str(fd)] = text
         return str(fd)
 
     def _image_lines(self, rel: str, skip) -> list[str]:

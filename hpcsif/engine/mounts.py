@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -39,18 +40,25 @@ def runtime_dir() -> Path:
     from hpcsif.config import get_config
 
     configured = get_config().get("engine.mount_dir")
-    if configured:
-        base = Path(os.path.expanduser(configured))
-    elif os.environ.get("XDG_RUNTIME_DIR") and os.access(os.environ["XDG_RUNTIME_DIR"], os.W_OK):
-        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "hpcsif"
-    else:
-        base = Path(f"/tmp/hpcsif-{os.getuid()}")
+    return private_dir(Path(os.path.expanduser(configured)) if configured else default_runtime_base())
+
+
+def default_runtime_base() -> Path:
+    """``$XDG_RUNTIME_DIR/hpcsif`` when that is writable, else ``/tmp/hpcsif-$UID``."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.access(xdg, os.W_OK):
+        return Path(xdg) / "hpcsif"
+    return Path(f"/tmp/hpcsif-{os.getuid()}")
+
+
+def private_dir(base: Path) -> Path:
+    """*base*, created 0700 if missing; refused unless the caller owns it and only the caller may write."""
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = base.lstat()
     except OSError as exc:
         raise EngineError(f"cannot create the mount directory {base}: {exc.strerror}") from None
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+    if st.st_uid != os.getuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
         # someone else made it (e.g. /tmp squatting): never mount or run from there
         raise EngineError(
             f"mount directory {base} is not private to uid {os.getuid()}; remove it or set engine.mount_dir"
@@ -127,6 +135,13 @@ class SharedMount:
         self._mount_cmd = mount_cmd
         self._holder: Path | None = None
 
+    @classmethod
+    def existing(cls, directory: Path) -> SharedMount:
+        """The mount kept in *directory*, to look after (it is never mounted from here)."""
+        mount = cls.__new__(cls)
+        mount.dir, mount.mnt, mount._holder = directory, directory / "mnt", None
+        return mount
+
     # -- locking -----------------------------------------------------------------------------
     def _locked(self) -> int:
         """Take the mount's lock; retried when the directory was removed while we waited."""
@@ -198,14 +213,26 @@ class SharedMount:
         try:
             _unlink(self._holder)
             self._holder = None
-            if self.live_holders():
-                return
-            if _mount_state(self.mnt) != "absent" and not _unmount_soon(self.mnt):
-                log.debug("%s busy; the watchdog will unmount it", self.mnt)
-                return
-            self._remove()
+            self._unmount_unused()
         finally:
             os.close(fd)
+
+    def tidy(self) -> None:
+        """Unmount if no live holder remains: the native front's last holder has left."""
+        fd = self._locked()
+        try:
+            self._unmount_unused()
+        finally:
+            os.close(fd)
+
+    def _unmount_unused(self) -> None:
+        """Unmount and remove the directory when no live holder remains (the lock is held)."""
+        if self.live_holders():
+            return
+        if _mount_state(self.mnt) != "absent" and not _unmount_soon(self.mnt):
+            log.debug("%s busy; the watchdog will unmount it", self.mnt)
+            return
+        self._remove()
 
     def __enter__(self) -> Path:
         return self.acquire()
@@ -319,8 +346,7 @@ def watch(directory: Path) -> int:
     """Watchdog loop: unmount *directory*'s mount once no holder is alive, then exit."""
     import select
 
-    mount = SharedMount.__new__(SharedMount)
-    mount.dir, mount.mnt, mount._holder = directory, directory / "mnt", None
+    mount = SharedMount.existing(directory)
     poller = select.poll()
     mounts_fd = os.open("/proc/self/mounts", os.O_RDONLY)
     poller.register(mounts_fd, select.POLLPRI | select.POLLERR)
@@ -353,4 +379,10 @@ if __name__ == "__main__":
         # here would keep that caller waiting for EOF)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         sys.exit(watch(Path(sys.argv[2])))
-    sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR")
+    if len(sys.argv) == 4 and sys.argv[1] == "--release":
+        # the native front's last step when its container was the mount's last holder: unmount,
+        # then end with the container's exit status
+        with contextlib.suppress(OSError, EngineError):
+            SharedMount.existing(Path(sys.argv[2])).tidy()
+        sys.exit(int(sys.argv[3]))
+    sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR | --release DIR STATUS")

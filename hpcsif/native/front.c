@@ -1,0 +1,573 @@
+/*
+ * The native `hpcsif` front (installed by `make native`).
+ *
+ * A container start through the Python CLI spends tens of milliseconds before bwrap runs. This
+ * program looks for a launch the Python CLI saved for the same command line, environment,
+ * working directory, uid, gid and umask (hpcsif/engine/launch_plan.py describes the format and
+ * what is saved). When every host file the plan was made from is unchanged, the caller's passwd
+ * entry is the same and the image is already mounted, it registers as a holder of the shared
+ * mount (hpcsif/engine/mounts.py), starts bwrap as the plan says and stays its parent as the
+ * Python engine does: signals are forwarded to the payload, its exit status returned (128+N
+ * when killed by signal N). Everything else, and anything unexpected on the way, runs the
+ * Python CLI with the same arguments, before anything was started.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef HPCSIF_PYTHON
+#define HPCSIF_PYTHON "python3"
+#endif
+
+#define FORMAT "hpcsif-plan-1"
+#define MAX_PLAN (1 << 20)
+#define MAX_PENDING 32
+
+extern char **environ;
+
+static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+#define N_FORWARDED (sizeof forwarded / sizeof forwarded[0])
+
+static char **g_argv;
+static int g_argc;
+
+/* ------------------------------------------------------------------ the Python CLI */
+
+static _Noreturn void run_python(char **args) {
+    execvp(HPCSIF_PYTHON, args);
+    fprintf(stderr, "FATAL:   cannot start %s: %s\n", HPCSIF_PYTHON, strerror(errno));
+    exit(255);
+}
+
+/* The Python CLI with our arguments; it saves what it launches for the next time. */
+static _Noreturn void python_cli(void) {
+    char **args = calloc((size_t)g_argc + 3, sizeof *args);
+    if (!args) {
+        fputs("FATAL:   out of memory\n", stderr);
+        exit(255);
+    }
+    args[0] = HPCSIF_PYTHON;
+    args[1] = "-c";
+    args[2] = "import sys; from hpcsif.cli.main import console; sys.exit(console(front=True))";
+    for (int i = 1; i < g_argc; i++) args[i + 2] = g_argv[i];
+    run_python(args);
+}
+
+/* ------------------------------------------------------------------ the key */
+
+typedef unsigned __int128 u128;
+
+static u128 fnv_field(u128 h, const char *s) {
+    const u128 prime = ((u128)1 << 88) + 0x13B;
+    for (const unsigned char *p = (const unsigned char *)s;; p++) {
+        h = (h ^ *p) * prime; /* the terminating NUL is part of the field */
+        if (!*p) return h;
+    }
+}
+
+static int by_bytes(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* ------------------------------------------------------------------ plan fields */
+
+struct cursor {
+    char *p, *end;
+};
+
+static char *field(struct cursor *c) {
+    if (!c->p || c->p >= c->end) return NULL;
+    char *s = c->p, *z = memchr(s, 0, (size_t)(c->end - s));
+    if (!z) return NULL;
+    c->p = z + 1;
+    return s;
+}
+
+static int number(struct cursor *c, long long *out) {
+    char *s = field(c), *e;
+    if (!s || !*s) return -1;
+    errno = 0;
+    long long v = strtoll(s, &e, 10);
+    if (*e || errno) return -1;
+    *out = v;
+    return 0;
+}
+
+/* A user-private directory: ours, a directory, writable by nobody else. */
+static int private_dir(const char *path) {
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == getuid() && !(st.st_mode & 022);
+}
+
+/* Read plan file *path* (ours, private, a regular file) into a buffer; NULL when unusable. */
+static char *read_plan(const char *path, size_t *len) {
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    struct stat st;
+    char *buf = NULL;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == getuid() && !(st.st_mode & 022) &&
+        st.st_size > 0 && st.st_size <= MAX_PLAN && (buf = malloc((size_t)st.st_size))) {
+        size_t got = 0;
+        while (got < (size_t)st.st_size) {
+            ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) break;
+            got += (size_t)n;
+        }
+        if (got != (size_t)st.st_size) {
+            free(buf);
+            buf = NULL;
+        }
+        *len = got;
+    }
+    close(fd);
+    return buf;
+}
+
+/*
+ * The saved plan for this command line, if any: the longest prefix of the arguments that has
+ * one (what follows it is the container's command). *split* gets the first command argument.
+ */
+static char *find_plan(size_t *len, int *split) {
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    char base[4096], path[4200], cwd[4096], num[64];
+    if (xdg && *xdg && access(xdg, W_OK) == 0)
+        snprintf(base, sizeof base, "%s/hpcsif", xdg);
+    else
+        snprintf(base, sizeof base, "/tmp/hpcsif-%u", (unsigned)getuid());
+    snprintf(path, sizeof path, "%s/plans", base);
+    if (!private_dir(base) || !private_dir(path) || !getcwd(cwd, sizeof cwd)) return NULL;
+
+    mode_t mask = umask(0);
+    umask(mask);
+    u128 h = ((u128)0x6C62272E07BB0142ULL << 64) | 0x62B821756295C58DULL;
+    h = fnv_field(h, FORMAT);
+    snprintf(num, sizeof num, "%u", (unsigned)getuid());
+    h = fnv_field(h, num);
+    snprintf(num, sizeof num, "%u", (unsigned)getgid());
+    h = fnv_field(h, num);
+    snprintf(num, sizeof num, "%o", (unsigned)mask);
+    h = fnv_field(h, num);
+    h = fnv_field(h, cwd);
+    size_t n_env = 0;
+    while (environ[n_env]) n_env++;
+    char **env = malloc((n_env + 1) * sizeof *env);
+    u128 *keys = malloc((size_t)g_argc * sizeof *keys);
+    if (!env || !keys) return NULL;
+    memcpy(env, environ, n_env * sizeof *env);
+    qsort(env, n_env, sizeof *env, by_bytes);
+    for (size_t i = 0; i < n_env; i++)
+        if (*env[i]) h = fnv_field(h, env[i]);
+    free(env);
+    h = fnv_field(h, "");
+    for (int k = 1; k < g_argc; k++) keys[k] = h = fnv_field(h, g_argv[k]);
+
+    char *plan = NULL;
+    for (int k = g_argc - 1; k >= 2 && !plan; k--) {
+        if (k + 1 < g_argc && strcmp(g_argv[k + 1], "--") == 0) continue; /* argparse drops it */
+        snprintf(path, sizeof path, "%s/plans/%016llx%016llx.plan", base, (unsigned long long)(keys[k] >> 64),
+                 (unsigned long long)keys[k]);
+        if ((plan = read_plan(path, len))) *split = k + 1;
+    }
+    free(keys);
+    return plan;
+}
+
+/* ------------------------------------------------------------------ checks */
+
+/* One witness: the host file must be as it was when the plan was made. */
+static int witness_holds(struct cursor *c) {
+    char *kind = field(c), *path = field(c);
+    long long v[8];
+    for (int i = 0; i < 8; i++)
+        if (number(c, &v[i])) return 0;
+    if (!kind || !path) return 0;
+    struct stat st;
+    if (strcmp(kind, "-") == 0) return stat(path, &st) != 0 && (errno == ENOENT || errno == ENOTDIR);
+    if (stat(path, &st) != 0) return 0;
+    if ((long long)st.st_dev != v[0] || (long long)st.st_ino != v[1] || (long long)st.st_mode != v[2] ||
+        (long long)st.st_uid != v[3] || (long long)st.st_gid != v[4])
+        return 0;
+    if (strcmp(kind, "d") == 0) return 1;
+    long long mtime = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+    long long ctime = (long long)st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec;
+    return strcmp(kind, "f") == 0 && (long long)st.st_size == v[5] && mtime == v[6] && ctime == v[7];
+}
+
+/* The caller's passwd entry and group name, as the plan's /etc/passwd and /etc/group lines used them. */
+static int user_holds(struct cursor *c) {
+    char *name = field(c), *uid = field(c), *gid = field(c), *gecos = field(c), *dir = field(c), *group = field(c);
+    struct passwd *pw = getpwuid(getuid());
+    char num[32];
+    if (!group || !pw) return 0;
+    snprintf(num, sizeof num, "%u", (unsigned)pw->pw_uid);
+    if (strcmp(name, pw->pw_name) || strcmp(uid, num) || strcmp(gecos, pw->pw_gecos ? pw->pw_gecos : "") ||
+        strcmp(dir, pw->pw_dir))
+        return 0;
+    snprintf(num, sizeof num, "%u", (unsigned)pw->pw_gid);
+    if (strcmp(gid, num)) return 0;
+    struct group *gr = getgrgid(pw->pw_gid);
+    return strcmp(group, gr ? gr->gr_name : num) == 0;
+}
+
+/* ------------------------------------------------------------------ the shared mount */
+
+static long long start_time(pid_t pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    if (!p) return -1;
+    p += 2;
+    for (int i = 0; i < 19; i++) { /* field 22, starttime */
+        p = strchr(p, ' ');
+        if (!p) return -1;
+        p++;
+    }
+    return strtoll(p, NULL, 10);
+}
+
+/* The mount directory's lock, taken as SharedMount._locked takes it; -1 when it is gone. */
+static int lock_mount(const char *dir) {
+    char lock[4200];
+    snprintf(lock, sizeof lock, "%s/lock", dir);
+    for (;;) {
+        int fd = open(lock, O_RDWR | O_CLOEXEC);
+        if (fd < 0) return -1; /* no mount there: the Python CLI mounts */
+        while (flock(fd, LOCK_EX) != 0)
+            if (errno != EINTR) {
+                close(fd);
+                return -1;
+            }
+        struct stat a, b;
+        if (stat(lock, &a) == 0 && fstat(fd, &b) == 0 && a.st_ino == b.st_ino) return fd;
+        close(fd); /* the last user removed it meanwhile */
+        if (errno == ENOENT || stat(dir, &a) != 0) return -1;
+    }
+}
+
+/* Live holders other than the ones removed; dead holders' files are removed as Python does. */
+static int live_holders(const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/holders", dir);
+    DIR *d = opendir(path);
+    if (!d) return 0;
+    int live = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        char *dot, *end;
+        if (e->d_name[0] == '.' || !(dot = strchr(e->d_name, '.'))) continue;
+        long pid = strtol(e->d_name, &end, 10);
+        long long start = end == dot ? strtoll(dot + 1, &end, 10) : -2;
+        if (pid > 0 && !*end && start >= 0 && start_time((pid_t)pid) == start) {
+            live++;
+        } else {
+            snprintf(path, sizeof path, "%s/holders/%s", dir, e->d_name);
+            unlink(path);
+        }
+    }
+    closedir(d);
+    return live;
+}
+
+static char g_holder[4300];
+static const char *g_mount_dir;
+
+/* Register as a holder of the mount in *dir* if it is mounted and readable; 0 when not. */
+static int hold_mount(const char *dir) {
+    char mnt[4200], holders[4200];
+    struct stat m, top;
+    int fd = lock_mount(dir);
+    if (fd < 0) return 0;
+    snprintf(mnt, sizeof mnt, "%s/mnt", dir);
+    snprintf(holders, sizeof holders, "%s/holders", dir);
+    long long started = start_time(getpid());
+    int ok = started >= 0 && stat(mnt, &m) == 0 && stat(dir, &top) == 0 && m.st_dev != top.st_dev;
+    if (ok) {
+        snprintf(g_holder, sizeof g_holder, "%s/%d.%lld", holders, (int)getpid(), started);
+        int h = -1;
+        if ((mkdir(holders, 0700) == 0 || errno == EEXIST) &&
+            (h = open(g_holder, O_WRONLY | O_CREAT | O_CLOEXEC, 0644)) >= 0)
+            close(h);
+        ok = h >= 0;
+    }
+    close(fd);
+    if (ok) {
+        DIR *d = opendir(mnt); /* a damaged squashfs: the Python CLI says what is wrong */
+        ok = d && readdir(d);
+        if (d) closedir(d);
+        if (!ok) unlink(g_holder);
+    }
+    if (ok) g_mount_dir = dir;
+    return ok;
+}
+
+/* Leave the mount and end with *status*; the last holder has Python unmount it. */
+static _Noreturn void leave(int status) {
+    if (!g_mount_dir) exit(status);
+    int fd = lock_mount(g_mount_dir);
+    if (fd < 0) exit(status);
+    unlink(g_holder);
+    int live = live_holders(g_mount_dir);
+    close(fd);
+    if (live) exit(status);
+    char code[16];
+    snprintf(code, sizeof code, "%d", status);
+    char *args[] = {HPCSIF_PYTHON, "-m", "hpcsif.engine.mounts", "--release", (char *)g_mount_dir, code, NULL};
+    execvp(HPCSIF_PYTHON, args);
+    exit(status); /* the mount's watchdog unmounts it */
+}
+
+/* ------------------------------------------------------------------ signals */
+
+static volatile sig_atomic_t g_child, g_pidns, g_forwarded, g_npending;
+static volatile sig_atomic_t g_pending[MAX_PENDING];
+
+static void put_number(char *out, long v) {
+    char tmp[24];
+    int n = 0;
+    do tmp[n++] = (char)('0' + v % 10);
+    while ((v /= 10) > 0);
+    while (n) *out++ = tmp[--n];
+    *out = 0;
+}
+
+/* As engine.bwrap._signal_payload: the payload's process group, or its PID 1's children. */
+static void signal_payload(pid_t child, int sig) {
+    pid_t targets[64];
+    int n = 0;
+    if (g_pidns) {
+        char path[96] = "/proc/", num[24], buf[512];
+        put_number(num, child);
+        strcat(path, num);
+        strcat(path, "/task/");
+        strcat(path, num);
+        strcat(path, "/children");
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            ssize_t len = read(fd, buf, sizeof buf - 1);
+            close(fd);
+            buf[len > 0 ? len : 0] = 0;
+            for (char *p = buf; *p && n < 64;) {
+                long v = 0;
+                while (*p == ' ') p++;
+                if (*p < '0' || *p > '9') break;
+                while (*p >= '0' && *p <= '9') v = v * 10 + (*p++ - '0');
+                targets[n++] = (pid_t)v;
+            }
+        }
+    }
+    if (!n) targets[n++] = child;
+    for (int i = 0; i < n; i++)
+        if (killpg(targets[i], sig) != 0 && errno == ESRCH) kill(targets[i], sig);
+}
+
+static void on_signal(int sig) {
+    int saved = errno;
+    if (g_child) {
+        g_forwarded = 1;
+        signal_payload((pid_t)g_child, sig);
+    } else if (g_npending < MAX_PENDING) {
+        g_pending[g_npending] = sig;
+        g_npending = g_npending + 1;
+    }
+    errno = saved;
+}
+
+static void block_forwarded(int how) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (size_t i = 0; i < N_FORWARDED; i++) sigaddset(&set, forwarded[i]);
+    sigprocmask(how, &set, NULL);
+}
+
+/* ------------------------------------------------------------------ the launch */
+
+static int read_all(int fd, char *buf, size_t size) {
+    size_t got = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + got, size - 1 - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0 || (got += (size_t)n) >= size - 1) break;
+    }
+    buf[got] = 0;
+    close(fd);
+    return (int)got;
+}
+
+static long child_pid(const char *info) {
+    const char *p = strstr(info, "\"child-pid\"");
+    if (!p) return 0;
+    p += strlen("\"child-pid\"");
+    while (*p == ' ' || *p == '\t' || *p == '\n') p++;
+    if (*p++ != ':') return 0;
+    while (*p == ' ' || *p == '\t' || *p == '\n') p++;
+    return strtol(p, NULL, 10);
+}
+
+static const char *host_value(const char *name) {
+    size_t n = strlen(name);
+    for (char **e = environ; *e; e++)
+        if (strncmp(*e, name, n) == 0 && (*e)[n] == '=') return *e + n + 1;
+    return NULL;
+}
+
+static char *joined(const char *name, const char *value) {
+    char *s = malloc(strlen(name) + strlen(value) + 2);
+    if (s) sprintf(s, "%s=%s", name, value);
+    return s;
+}
+
+/* Run the plan in *c* (past its checks) with the command from argv[split]; never returns. */
+static _Noreturn void launch(struct cursor *c, int split) {
+    long long umask_set = -1, pidns, n_args, n_data, n_env;
+    char *mount_dir = field(c), *umask_field = field(c);
+    if (!mount_dir || !umask_field || number(c, &pidns)) python_cli();
+    if (strcmp(umask_field, "-") != 0) umask_set = strtoll(umask_field, NULL, 8);
+    char *bwrap = field(c);
+    if (!bwrap || number(c, &n_args) || n_args < 1 || n_args > 100000) python_cli();
+    int n_cmd = g_argc - split;
+    char **argv = calloc((size_t)(n_args + n_cmd + 4), sizeof *argv);
+    if (!argv) python_cli();
+    char info_fd[16], ready_fd[16];
+    argv[0] = "bwrap";
+    argv[1] = "--info-fd";
+    argv[2] = info_fd;
+    for (long long i = 0; i < n_args; i++)
+        if (!(argv[3 + i] = field(c))) python_cli();
+    if (number(c, &n_data) || n_data < 0 || n_data > 16) python_cli();
+    int data_fds[16], n_fds = 0;
+    for (long long i = 0; i < n_data; i++) {
+        long long at;
+        char *text;
+        if (number(c, &at) || at < 0 || at >= n_args || !(text = field(c))) python_cli();
+        int fd = memfd_create("hpcsif-data", 0);
+        size_t len = strlen(text);
+        if (fd < 0 || write(fd, text, len) != (ssize_t)len || lseek(fd, 0, SEEK_SET) != 0) python_cli();
+        data_fds[n_fds++] = fd;
+        char *num = malloc(16);
+        if (!num) python_cli();
+        snprintf(num, 16, "%d", fd);
+        argv[3 + at] = num;
+    }
+    for (int i = 0; i < n_cmd; i++) argv[3 + n_args + i] = g_argv[split + i];
+    if (number(c, &n_env) || n_env < 0 || n_env > 100000) python_cli();
+    char **envp = calloc((size_t)n_env + 2, sizeof *envp);
+    if (!envp) python_cli();
+    for (long long i = 0; i < n_env; i++) {
+        char *mode = field(c), *name = field(c), *value = field(c);
+        const char *from = NULL;
+        if (!value) python_cli();
+        if (strcmp(mode, "s") == 0)
+            from = value;
+        else if (strcmp(mode, "i") == 0)
+            from = host_value(name);
+        else if (strcmp(mode, "c") == 0)
+            from = host_value(value);
+        if (!from || !(envp[i] = joined(name, from))) python_cli();
+    }
+    char *end = field(c);
+    if (!end || strcmp(end, "end") != 0) python_cli();
+    /* caught before the mount is held, as the Python engine does: nothing ends us holding it */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < N_FORWARDED; i++) sigaction(forwarded[i], &sa, NULL);
+    if (!hold_mount(mount_dir)) python_cli();
+
+    /* from here on we hold the mount: every exit goes through leave() */
+    if (g_npending) leave(128 + g_pending[0]);
+    int info[2], ready[2];
+    if (pipe2(info, O_CLOEXEC) || pipe2(ready, O_CLOEXEC)) {
+        fprintf(stderr, "FATAL:   cannot create a pipe: %s\n", strerror(errno));
+        leave(255);
+    }
+    snprintf(info_fd, sizeof info_fd, "%d", info[1]);
+    snprintf(ready_fd, sizeof ready_fd, "%d", ready[1]);
+    envp[n_env] = joined("__HPCSIF_READY", ready_fd);
+    fcntl(info[1], F_SETFD, 0);
+    fcntl(ready[1], F_SETFD, 0);
+    if (umask_set >= 0) umask((mode_t)umask_set);
+    g_pidns = (sig_atomic_t)pidns;
+
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    posix_spawnattr_setpgroup(&attr, 0); /* a terminal's Ctrl-C reaches us, and we forward it */
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+    pid_t pid;
+    int err = posix_spawn(&pid, bwrap, NULL, &attr, argv, envp);
+    close(info[1]);
+    close(ready[1]);
+    for (int i = 0; i < n_fds; i++) close(data_fds[i]);
+    if (err) {
+        close(info[0]);
+        close(ready[0]);
+        fprintf(stderr, "FATAL:   cannot start %s: %s\n", bwrap, strerror(err));
+        leave(255);
+    }
+    char buf[4096];
+    read_all(info[0], buf, sizeof buf);
+    long child = child_pid(buf);
+    if (child) {
+        block_forwarded(SIG_BLOCK);
+        g_child = (sig_atomic_t)child;
+        for (int i = 0; i < g_npending; i++) {
+            g_forwarded = 1;
+            signal_payload((pid_t)child, g_pending[i]);
+        }
+        block_forwarded(SIG_UNBLOCK);
+    }
+    char byte = 0;
+    ssize_t n;
+    while ((n = read(ready[0], &byte, 1)) < 0 && errno == EINTR) {
+    }
+    close(ready[0]);
+    int started = n == 1 && byte == 'x';
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) leave(255);
+    int code = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+    if (!started && !g_forwarded) {
+        fputs("FATAL:   bwrap could not set up the container (see its message above; if it is about "
+              "namespaces, this host does not allow unprivileged user namespaces: use --engine apptainer)\n",
+              stderr);
+        code = 255;
+    }
+    leave(code);
+}
+
+int main(int argc, char **argv) {
+    g_argc = argc;
+    g_argv = argv;
+    size_t len = 0;
+    int split = 0;
+    char *plan = argc >= 3 ? find_plan(&len, &split) : NULL;
+    if (!plan) python_cli();
+    struct cursor c = {plan, plan + len};
+    char *format = field(&c);
+    long long n_witness, min_command;
+    if (!format || strcmp(format, FORMAT) || number(&c, &n_witness)) python_cli();
+    for (long long i = 0; i < n_witness; i++)
+        if (!witness_holds(&c)) python_cli();
+    if (!user_holds(&c) || number(&c, &min_command) || argc - split < min_command) python_cli();
+    launch(&c, split);
+}

@@ -1,0 +1,415 @@
+"""The native ``hpcsif`` front (hpcsif/native/front.c): a saved launch repeated without Python.
+
+Each test builds the front from its source with ``cc``, with a small ``python`` wrapper as its
+interpreter that counts how often the front had to start the Python CLI. A repeated start must
+not start Python, and must give exactly what the Python CLI gives for the same command (output,
+exit status, signals, stdin). Anything that changed since the plan was saved must send the
+start back to Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.engine.conftest import (
+    ROOT,
+    USER_PYTHON,
+    as_user,
+    build_rootfs,
+    fuse_mounts,
+    hpcsif_cmd,
+    hpcsif_processes,
+    make_sif,
+)
+
+pytestmark = pytest.mark.slow
+
+PROBE = "env | sort; cat /etc/passwd /etc/group /etc/resolv.conf; pwd; umask; id; hostname; ls /; exit 3"
+
+
+@dataclass
+class Front:
+    """A built front and the file its python wrapper appends one line to per Python start."""
+
+    binary: Path
+    starts: Path
+
+    def python_starts(self) -> list[str]:
+        return self.starts.read_text().splitlines() if self.starts.exists() else []
+
+    def run(self, *args: str, **kw) -> tuple[subprocess.CompletedProcess, bool]:
+        """Run ``hpcsif ARGS`` through the front; also says whether it started Python."""
+        before = len(self.python_starts())
+        kw.setdefault("env", dict(os.environ))
+        proc = subprocess.run([str(self.binary), *args], capture_output=True, text=True, timeout=60, **kw)
+        return proc, len(self.python_starts()) > before
+
+
+#: the interpreter the test front starts: it notes each start, then runs the real one (a shell
+#: script would not do: the shell adds PWD to the environment, which is part of the plan's key)
+COUNTING_PYTHON = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    FILE *f = fopen(STARTS, "a");
+    if (f) {
+        for (int i = 1; i < argc; i++) fprintf(f, "%s ", argv[i]);
+        fputc('\n', f);
+        fclose(f);
+    }
+    argv[0] = PYTHON;
+    execv(PYTHON, argv);
+    return 127;
+}
+"""
+
+
+def build_front(directory: Path, python: str) -> Front:
+    """Compile the front into *directory* with a counting wrapper around *python*."""
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler")
+    directory.mkdir(parents=True, exist_ok=True)
+    starts = directory / "python-starts"
+    wrapper = directory / "python"
+    (directory / "python.c").write_text(COUNTING_PYTHON)
+    defs = [f'-DSTARTS="{starts}"', f'-DPYTHON="{python}"']
+    subprocess.run(["cc", "-O2", *defs, "-o", str(wrapper), str(directory / "python.c")], check=True)
+    out = directory / "hpcsif"
+    src = ROOT / "hpcsif/native/front.c"
+    cmd = [
+        "cc",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        f'-DHPCSIF_PYTHON="{wrapper}"',
+        "-o",
+        str(out),
+        str(src),
+    ]
+    subprocess.run(cmd, check=True)
+    return Front(out, starts)
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Front:
+    return build_front(tmp_path / "front", sys.executable)
+
+
+@contextlib.contextmanager
+def holding(sif: Path) -> Iterator[None]:
+    """A long-running container of *sif*: its mount is shared, as on a busy node."""
+    before = len(fuse_mounts())
+    proc = subprocess.Popen(hpcsif_cmd("exec", str(sif), "sleep", "300"))
+    try:
+        for _ in range(200):
+            if len(fuse_mounts()) > before:
+                break
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def no_mounts_left() -> bool:
+    for _ in range(100):
+        if not fuse_mounts():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def holder(images):
+    """The test SIF held by a long-running container for the whole test."""
+    with holding(images.sif):
+        yield
+    assert no_mounts_left(), "a mount was left behind"
+
+
+def plans() -> list[Path]:
+    base = Path(os.environ["XDG_RUNTIME_DIR"]) / "hpcsif/plans"
+    return sorted(base.glob("*.plan")) if base.is_dir() else []
+
+
+def python_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", dict(os.environ))
+    return subprocess.run(hpcsif_cmd(*args), capture_output=True, text=True, timeout=60, **kw)
+
+
+OPTION_SETS = [
+    [],
+    ["--cleanenv"],
+    ["--env", "X=1 2", "--env", "Y=$HOME", "-B", "{data}:/data:ro", "--pwd", "/data"],
+    ["--containall"],
+    ["-p"],
+    ["--no-umask", "--dns", "10.0.0.1"],
+    ["-S", "/scratch", "--hostname", "box", "-n"],
+    ["--no-home", "--no-mount", "tmp,cwd", "--pwd", "/"],
+    ["--home", "{data}:/home/elsewhere", "--add-caps", "chown"],
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: " ".join(o) or "plain")
+def test_repeat_runs_without_python_as_python_would(front, holder, images, tmp_path, options):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("in data\n")
+    opts = [o.format(data=data) for o in options]
+    args = ["exec", *opts, str(images.sif), "sh", "-c", PROBE, "arg", "with space"]
+    first, started = front.run(*args)
+    assert started, "the first start must go through Python (it saves the plan)"
+    again, started = front.run(*args)
+    assert not started, f"the repeat started Python: {front.python_starts()[-1:]}"
+    direct = python_cli(*args)
+    assert (again.returncode, again.stdout, again.stderr) == (direct.returncode, direct.stdout, direct.stderr)
+    assert again.returncode == 3 and "in data" not in again.stderr
+    assert (first.stdout, first.returncode) == (direct.stdout, direct.returncode)
+
+
+def test_run_and_test_actions_repeat(front, holder, images):
+    for args in (["run", str(images.sif), "a b", "c"], ["test", str(images.sif)], ["run", str(images.sif)]):
+        front.run(*args)
+        again, started = front.run(*args)
+        direct = python_cli(*args)
+        assert not started
+        assert (again.returncode, again.stdout, again.stderr) == (
+            direct.returncode,
+            direct.stdout,
+            direct.stderr,
+        )
+    # exec saved with a command needs one: without, Python says so
+    front.run("exec", str(images.sif), "true")
+    proc, started = front.run("exec", str(images.sif))
+    assert started and proc.returncode == 2 and "needs a command" in proc.stderr
+
+
+def test_status_signals_and_stdin_reach_the_payload(front, holder, images):
+    sif = str(images.sif)
+    for args in (["sh", "-c", "exit 42"], ["sh", "-c", "kill -9 $$"], ["cat"]):
+        front.run("exec", sif, *args, input="fed on stdin\n")
+    proc, started = front.run("exec", sif, "sh", "-c", "exit 42")
+    assert (proc.returncode, started) == (42, False)
+    proc, started = front.run("exec", sif, "sh", "-c", "kill -9 $$")
+    assert (proc.returncode, started) == (137, False)
+    proc, started = front.run("exec", sif, "cat", input="fed on stdin\n")
+    assert (proc.stdout, started) == ("fed on stdin\n", False)
+
+    # (a background child could still be between fork and exec when the signal comes, and live on)
+    trap = 'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 1; done'
+    before = len(front.python_starts())
+    p = subprocess.Popen(
+        [str(front.binary), "exec", sif, "sh", "-c", trap],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=30)
+    assert (out, p.returncode) == ("got TERM\n", 7)
+    assert len(front.python_starts()) == before, "the start was not repeated by the front"
+
+
+def test_anything_changed_goes_back_to_python(front, images, tmp_path):
+    sif = tmp_path / "app.sif"
+    shutil.copy(images.sif, sif)
+    with holding(sif):
+        _check_changes(front, sif, tmp_path)
+    assert no_mounts_left()
+
+
+def _check_changes(front: Front, sif: Path, tmp_path: Path) -> None:
+    args = [
+        "exec",
+        "-B",
+        f"{tmp_path}/src:/src",
+        str(sif),
+        "sh",
+        "-c",
+        "cat /etc/variant 2>/dev/null; ls /src",
+    ]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/one").write_text("")
+
+    def repeat_starts_python(**kw) -> tuple[subprocess.CompletedProcess, bool]:
+        front.run(*args, **kw)
+        return front.run(*args, **kw)
+
+    assert repeat_starts_python()[1] is False
+    # a configuration file appears
+    conf = Path(os.environ["XDG_CONFIG_HOME"]) / "hpcsif/hpcsif.toml"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text("[engine]\nbwrap = 'bwrap'\n")
+    assert front.run(*args)[1] is True
+    assert front.run(*args)[1] is False
+    # the environment, the directory
+    assert front.run(*args, env={**os.environ, "NEW_VAR": "1"})[1] is True
+    assert front.run(*args, cwd=tmp_path / "src")[1] is True
+    # the bind source is replaced by a file: Python decides (and refuses the directory bind's target)
+    shutil.rmtree(tmp_path / "src")
+    (tmp_path / "src").write_text("a file now")
+    proc, started = front.run(*args)
+    assert started
+    assert (proc.returncode, proc.stdout, proc.stderr) == (lambda d: (d.returncode, d.stdout, d.stderr))(
+        python_cli(*args)
+    )
+    (tmp_path / "src").unlink()
+    (tmp_path / "src").mkdir()
+    assert repeat_starts_python()[1] is False
+    # another image at the same path (same size, new inode): the new one runs
+    variant = tmp_path / "variant"
+    build_rootfs(variant)
+    (variant / "etc/variant").write_text("the variant\n")
+    make_sif(variant, tmp_path / "variant.sif")
+    os.replace(tmp_path / "variant.sif", sif)
+    proc, started = front.run(*args)
+    assert started and proc.stdout == "the variant\n"
+    with holding(sif):
+        assert front.run(*args)[1] is False
+        # a damaged plan: Python, which writes it anew
+        for plan in plans():
+            plan.write_bytes(plan.read_bytes()[:100])
+        proc, started = front.run(*args)
+        assert started and proc.stdout == "the variant\n"
+        proc, started = front.run(*args)
+        assert (proc.stdout, started) == ("the variant\n", False)
+
+
+def test_nothing_is_saved_for_starts_made_anew_each_time(front, holder, images, tmp_path):
+    sif = str(images.sif)
+    cases = [
+        ["exec", "--no-mount", "bogus", sif, "true"],  # prints a warning
+        ["exec", "--writable-tmpfs", sif, "true"],  # a fresh overlay
+        ["exec", "-W", str(tmp_path), "--contain", sif, "true"],  # creates directories
+        ["exec", "--fakeroot", sif, "true"],
+        ["exec", str(images.sandbox), "true"],  # a directory can change under us
+        ["shell", sif],
+    ]
+    for args in cases:
+        before = plans()
+        for _ in range(2):
+            proc, started = front.run(*args, input="exit\n")
+            assert started, args
+        assert proc.returncode == 0, proc.stderr
+        assert plans() == before, args
+
+
+def test_plans_hold_no_host_variable_values(front, holder, images):
+    secret = "s3cr3t-never-on-disk"
+    env = {**os.environ, "SINGULARITY_DOCKER_PASSWORD": secret, "APPTAINERENV_TOKEN": secret}
+    args = ["exec", str(images.sif), "sh", "-c", 'echo "$SINGULARITY_DOCKER_PASSWORD $TOKEN"']
+    front.run(*args, env=env)
+    proc, started = front.run(*args, env=env)
+    # Apptainer's own variables stay outside; APPTAINERENV_TOKEN becomes TOKEN
+    assert (proc.stdout, started) == (python_cli(*args, env=env).stdout, False)
+    assert proc.stdout == f" {secret}\n"
+    assert plans()
+    for plan in plans():
+        assert secret.encode() not in plan.read_bytes()
+        assert plan.stat().st_mode & 0o777 == 0o600
+
+
+def test_last_holder_unmounts_and_a_killed_front_leaves_nothing(front, images):
+    sif = str(images.sif)
+    front.run("exec", sif, "true")  # saves the plan; nothing mounted afterwards
+    assert not fuse_mounts()
+    first = subprocess.Popen(hpcsif_cmd("exec", sif, "sleep", "1"))
+    for _ in range(200):
+        if fuse_mounts():
+            break
+        time.sleep(0.05)
+    # the front's container outlives the Python one: it is the last holder and unmounts
+    proc, _ = front.run("exec", sif, "sh", "-c", "sleep 2; exit 5")
+    first.wait(timeout=30)
+    assert proc.returncode == 5
+    assert any("--release" in line for line in front.python_starts())
+    assert not fuse_mounts()
+
+    # SIGKILL: bwrap dies with its parent, the watchdog unmounts
+    first = subprocess.Popen(hpcsif_cmd("exec", sif, "sleep", "1"))
+    for _ in range(200):
+        if fuse_mounts():
+            break
+        time.sleep(0.05)
+    before = len(front.python_starts())
+    # (os.environ, as front.run passes: a library in this process may have put more into environ)
+    killed = subprocess.Popen([str(front.binary), "exec", sif, "sleep", "60"], env=dict(os.environ))
+    time.sleep(0.5)
+    killed.kill()
+    killed.wait()
+    first.wait(timeout=30)
+    for _ in range(100):
+        if not fuse_mounts() and not hpcsif_processes():
+            break
+        time.sleep(0.1)
+    assert len(front.python_starts()) == before, front.python_starts()
+    assert not fuse_mounts() and not hpcsif_processes()
+
+
+def test_a_plans_directory_others_could_write_is_ignored(front, holder, images):
+    args = ["exec", str(images.sif), "echo", "ok"]
+    front.run(*args)
+    base = Path(os.environ["XDG_RUNTIME_DIR"]) / "hpcsif/plans"
+    base.chmod(0o777)
+    try:
+        for _ in range(2):
+            proc, started = front.run(*args)
+            assert (proc.stdout, proc.returncode, started) == ("ok\n", 0, True)
+    finally:
+        base.chmod(0o700)
+    assert front.run(*args)[1] is False
+
+
+def test_repeat_as_an_unprivileged_user(images, unpriv_user, session_base):
+    user_front = build_front(session_base / f"front-user-{os.getpid()}", USER_PYTHON)
+    for p in (user_front.binary.parent, user_front.binary, user_front.binary.parent / "python"):
+        p.chmod(0o755)
+    user_front.starts.touch()
+    user_front.starts.chmod(0o666)
+    sif = str(images.sif)
+    hold_cmd, env = as_user(unpriv_user, hpcsif_cmd("exec", sif, "sleep", "300"))
+    holder = subprocess.Popen(hold_cmd, env=env, cwd=unpriv_user.home)
+    try:
+        time.sleep(1.5)
+        probe = ["exec", sif, "sh", "-c", PROBE]
+        results = []
+        for _ in range(2):
+            before = len(user_front.python_starts())
+            cmd, env = as_user(unpriv_user, [str(user_front.binary), *probe])
+            proc = subprocess.run(
+                cmd, env=env, cwd=unpriv_user.home, capture_output=True, text=True, timeout=60
+            )
+            results.append((proc, len(user_front.python_starts()) > before))
+        cmd, env = as_user(unpriv_user, hpcsif_cmd(*probe))
+        direct = subprocess.run(
+            cmd, env=env, cwd=unpriv_user.home, capture_output=True, text=True, timeout=60
+        )
+        (first, first_python), (again, again_python) = results
+        assert first_python and not again_python and first.returncode == 3
+        assert (again.returncode, again.stdout, again.stderr) == (
+            direct.returncode,
+            direct.stdout,
+            direct.stderr,
+        )
+        assert f"uid={unpriv_user.uid}" in again.stdout
+    finally:
+        holder.terminate()
+        holder.wait(timeout=30)
+    for _ in range(100):
+        if not fuse_mounts():
+            break
+        time.sleep(0.05)
+    assert not fuse_mounts()
