@@ -3,11 +3,15 @@
 
 Measured in one run, on one machine, with the same SIF:
 
-* ``hpcsif exec`` with a shared mount (another container of the image is running) and cold
-  (every run mounts and unmounts);
+* ``hpcsif exec`` through the native front (``hpcsif/native/front.c``, what ``make native``
+  installs as ``hpcsif``; built here with ``cc``) and through the Python CLI alone (pip's
+  script), with a shared mount (another container of the image is running) and cold (every
+  run mounts and unmounts; the front then runs the Python CLI);
 * raw ``bwrap --unshare-user --ro-bind MNT / … /bin/true`` on an existing squashfuse mount
-  (the floor for a shared mount) and raw ``squashfuse`` + ``bwrap`` + ``fusermount3 -u`` (cold);
-* ``python3 -c pass`` (the interpreter's own start-up, part of every hpcsif number);
+  (the floor for a shared mount), and the very ``bwrap`` command line hpcsif's engine makes for
+  this start (the same binds, ``/etc/passwd`` and environment set-up, run directly: what the
+  engine itself costs on top), and raw ``squashfuse`` + ``bwrap`` + ``fusermount3 -u`` (cold);
+* ``python3 -c pass`` (the interpreter's own start-up, part of every Python CLI number);
 * ``apptainer exec IMAGE true`` when ``apptainer`` or the ``peer-apptainer`` wrapper is installed
   (the wrapper adds a chroot hop, so its number is an upper bound for Apptainer itself).
 
@@ -22,6 +26,7 @@ without ``--image`` a busybox SIF is built with the engine tests' helpers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -29,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -74,6 +80,52 @@ def table(samples: dict[str, list[tuple[float, float]]]) -> tuple[list[str], dic
     return rows, medians
 
 
+#: runs the engine for ``exec SIF true`` with its last step replaced: prints the bwrap command
+#: line, environment and --ro-bind-data contents as JSON instead of starting bwrap
+_DUMP = textwrap.dedent(
+    """
+    import json, os, sys
+    import hpcsif.engine.bwrap as engine
+    def dump(bwrap, argv, env, fds, signals, **kw):
+        data = {str(fd): os.pread(fd, 1 << 20, 0).decode() for fd in fds}
+        json.dump({"argv": [bwrap, *argv[1:]], "env": env, "data": data}, sys.stdout)
+        return 0
+    engine._run = dump
+    from hpcsif.cli.main import main
+    main(["exec", sys.argv[1], "true"])
+    """
+)
+
+
+def engine_command(sif: Path, env: dict[str, str], work: Path) -> tuple[list[str], dict[str, str]]:
+    """The bwrap command hpcsif's engine makes for ``exec SIF true``, runnable directly."""
+    out = subprocess.run([sys.executable, "-c", _DUMP, str(sif)], env=env, capture_output=True, text=True)
+    made = json.loads(out.stdout)
+    argv, cmd = made["argv"], []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--ro-bind-data":  # the same content from a file instead of a descriptor
+            fd, dest = argv.pop(0), argv.pop(0)
+            path = work / f"data-{fd}"
+            path.write_text(made["data"][fd])
+            cmd += ["--ro-bind", str(path), dest]
+        else:
+            cmd.append(arg)
+    return cmd, made["env"]
+
+
+def build_front(work: Path) -> Path:
+    """``make native``'s front, compiled for this interpreter."""
+    out = work / "hpcsif"
+    src = ROOT / "hpcsif/native/front.c"
+    subprocess.run(["cc", "-O2", f'-DHPCSIF_PYTHON="{sys.executable}"', "-o", str(out), str(src)], check=True)
+    return out
+
+
+FRONT, PY = "hpcsif exec SIF true (native front)", "hpcsif exec SIF true (Python CLI only)"
+RAW, SAME = "raw bwrap on a shared mount", "bwrap as hpcsif's engine runs it (same binds and environment)"
+
+
 def main() -> int:
     compile_package()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,7 +150,9 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(work / "pycache")}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         hpcsif = [sys.executable, "-m", "hpcsif.cli.main", "exec", str(sif), "true"]
+        front = [str(build_front(work)), "exec", str(sif), "true"]
         run_once(hpcsif, env)  # warm-up: writes the bytecode
+        run_once(front, env)  # the Python CLI behind the front saves the plan
         mnt = work / "mnt"
         mnt.mkdir()
         mount = ["squashfuse", "-o", f"ro,offset={offset}", str(sif), str(mnt)]
@@ -109,7 +163,8 @@ def main() -> int:
         # phase 1: nothing mounted between runs
         samples = interleaved(
             {
-                "hpcsif exec SIF true, cold mount": (hpcsif, env),
+                "hpcsif exec SIF true, cold mount (native front: runs the Python CLI)": (front, env),
+                "hpcsif exec SIF true, cold mount (Python CLI only)": (hpcsif, env),
                 "raw squashfuse + bwrap + fusermount3 -u, cold (incl. sh)": (["sh", "-c", raw_cold], None),
                 "sh -c true (to subtract from the line above)": (["sh", "-c", "true"], None),
             },
@@ -120,11 +175,14 @@ def main() -> int:
         subprocess.run(mount, check=True)
         try:
             time.sleep(1.0)
+            same, same_env = engine_command(sif, env, work)
             shared: dict[str, Variant] = {
                 "python3 -c pass (interpreter start-up)": ([sys.executable, "-c", "pass"], env),
                 "python3 -S -c pass (no site-packages)": ([sys.executable, "-S", "-c", "pass"], env),
-                "hpcsif exec SIF true, shared mount": (hpcsif, env),
-                "raw bwrap on a shared mount": (bwrap, None),
+                FRONT: (front, env),
+                PY: (hpcsif, env),
+                RAW: (bwrap, None),
+                SAME: (same, same_env),
             }
             peer = shutil.which("apptainer") or shutil.which("peer-apptainer")
             if peer:
@@ -136,24 +194,26 @@ def main() -> int:
             holder.wait()
             subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         rows, med = table(samples)
-        shared_ms, cold_ms = (
-            med["hpcsif exec SIF true, shared mount"],
-            med["hpcsif exec SIF true, cold mount"],
-        )
-        raw_ms = med["raw bwrap on a shared mount"]
+        front_ms, py_ms = med[FRONT], med[PY]
+        raw_ms, same_ms = med[RAW], med[SAME]
+        cold_ms = med["hpcsif exec SIF true, cold mount (Python CLI only)"]
         interp = med["python3 -c pass (interpreter start-up)"]
         raw_cold_ms = med["raw squashfuse + bwrap + fusermount3 -u, cold (incl. sh)"]
         raw_cold_ms -= med["sh -c true (to subtract from the line above)"]
         notes = [
-            f"- shared mount: hpcsif {shared_ms:.0f} ms = {shared_ms / raw_ms:.1f}x raw bwrap "
-            f"({raw_ms:.0f} ms); the Python interpreter alone takes {interp:.0f} ms of it",
+            f"- shared mount, native front: {front_ms:.1f} ms = {front_ms / same_ms:.2f}x the engine's "
+            f"own bwrap command run directly ({same_ms:.1f} ms), {front_ms / raw_ms:.2f}x the bare "
+            f"bwrap ({raw_ms:.1f} ms)",
+            f"- shared mount, Python CLI only: {py_ms:.0f} ms = {py_ms / same_ms:.1f}x the engine's "
+            f"bwrap command, {py_ms / raw_ms:.1f}x the bare bwrap; the interpreter alone takes "
+            f"{interp:.0f} ms of it",
             f"- cold mount: hpcsif {cold_ms:.0f} ms, raw squashfuse+bwrap+unmount {raw_cold_ms:.0f} ms",
         ]
         for name, value in med.items():
             if "exec SIF true" in name and not name.startswith("hpcsif"):
                 notes.append(
-                    f"- {name}: {value:.0f} ms; hpcsif shared/cold = "
-                    f"{shared_ms / value:.2f}x / {cold_ms / value:.2f}x"
+                    f"- {name}: {value:.0f} ms; hpcsif native front (shared) / Python CLI shared / cold = "
+                    f"{front_ms / value:.2f}x / {py_ms / value:.2f}x / {cold_ms / value:.2f}x"
                 )
         load = os.getloadavg()
         text = "\n".join(
