@@ -110,17 +110,28 @@ def front(tmp_path: Path) -> Front:
 @contextlib.contextmanager
 def holding(sif: Path) -> Iterator[None]:
     """A long-running container of *sif*: its mount is shared, as on a busy node."""
-    before = len(fuse_mounts())
-    proc = subprocess.Popen(hpcsif_cmd("exec", str(sif), "sleep", "300"))
+    proc = mounted_by(hpcsif_cmd("exec", str(sif), "sleep", "300"))
     try:
-        for _ in range(200):
-            if len(fuse_mounts()) > before:
-                break
-            time.sleep(0.05)
         yield
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def mounted_by(cmd: list[str]) -> subprocess.Popen:
+    """Start *cmd* (a Python CLI container start) and wait until its mount is there."""
+    before = len(fuse_mounts())
+    proc = subprocess.Popen(cmd)
+    for _ in range(200):
+        if len(fuse_mounts()) > before:
+            break
+        time.sleep(0.05)
+    return proc
+
+
+def short_holder(sif: str) -> subprocess.Popen:
+    """A Python CLI container of *sif* that holds its mount for a second."""
+    return mounted_by(hpcsif_cmd("exec", sif, "sleep", "1"))
 
 
 def no_mounts_left() -> bool:
@@ -326,11 +337,7 @@ def test_last_holder_unmounts_and_a_killed_front_leaves_nothing(front, images):
     sif = str(images.sif)
     front.run("exec", sif, "true")  # saves the plan; nothing mounted afterwards
     assert not fuse_mounts()
-    first = subprocess.Popen(hpcsif_cmd("exec", sif, "sleep", "1"))
-    for _ in range(200):
-        if fuse_mounts():
-            break
-        time.sleep(0.05)
+    first = short_holder(sif)
     # the front's container outlives the Python one: it is the last holder and unmounts
     proc, _ = front.run("exec", sif, "sh", "-c", "sleep 2; exit 5")
     first.wait(timeout=30)
@@ -339,11 +346,7 @@ def test_last_holder_unmounts_and_a_killed_front_leaves_nothing(front, images):
     assert not fuse_mounts()
 
     # SIGKILL: bwrap dies with its parent, the watchdog unmounts
-    first = subprocess.Popen(hpcsif_cmd("exec", sif, "sleep", "1"))
-    for _ in range(200):
-        if fuse_mounts():
-            break
-        time.sleep(0.05)
+    first = short_holder(sif)
     before = len(front.python_starts())
     # (os.environ, as front.run passes: a library in this process may have put more into environ)
     killed = subprocess.Popen([str(front.binary), "exec", sif, "sleep", "60"], env=dict(os.environ))
