@@ -15,8 +15,8 @@ Measured in one run, on one machine, with the same SIF:
 * ``apptainer exec IMAGE true`` when ``apptainer`` or the ``peer-apptainer`` wrapper is installed
   (the wrapper adds a chroot hop, so its number is an upper bound for Apptainer itself).
 
-The variants of a phase run round-robin (one run of each, *n* times), so a change in the
-machine's load hits all of them alike; CPU time (user+sys of the waited-for processes) is
+The variants of a phase run round-robin (one run of each, in a random order, *n* times), so a
+change in the machine's load hits all of them alike; CPU time (user+sys of the waited-for processes) is
 reported beside wall time because it depends much less on other tenants.
 
 Writes ``benchmarks/results/startup.md``. Usage: ``python3 benchmarks/startup.py [--image SIF] [-n 30]``;
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -60,10 +61,18 @@ def run_once(cmd: list[str], env: dict[str, str] | None) -> tuple[float, float]:
 
 
 def interleaved(variants: dict[str, Variant], n: int) -> dict[str, list[tuple[float, float]]]:
-    """*n* rounds, each running every variant once; per variant the (wall, cpu) samples."""
+    """*n* rounds, each running every variant once; per variant the (wall, cpu) samples.
+
+    Each round takes the variants in a new random order: a variant that always followed the
+    same other one would find that one's binaries (bwrap, the interpreter) hot, or evicted.
+    """
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    rng = random.Random(0)
+    names = list(variants)
     for _ in range(n):
-        for name, (cmd, env) in variants.items():
+        rng.shuffle(names)
+        for name in names:
+            cmd, env = variants[name]
             samples[name].append(run_once(cmd, env))
     return samples
 
