@@ -123,13 +123,14 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount_dir: Pa
     """Let the native front repeat this launch (see :mod:`hpcsif.engine.launch_plan`), when it can.
 
     The witnesses are every host file the plan was made from: the configuration, bwrap, the
-    image and its directories (the trust check), the bind sources, the working directory,
-    ``/etc/resolv.conf``, ``--env-file`` files and hpcsif's own modules.
+    image and its directories (the trust check), the bind sources and working directories
+    inside binds, the current directory, ``/etc/resolv.conf`` and hpcsif's own modules.
     """
     from hpcsif.config import config_files, get_config
 
     opts, contrib, cfg = plan.opts, plan.contrib, get_config()
-    per_run = opts.action == "shell" or opts.fakeroot or opts.workdir or plan.interactive
+    # (an --env-file is a script the host's shell evaluates: it may say something new each time)
+    per_run = opts.action == "shell" or opts.fakeroot or opts.workdir or opts.env_files or plan.interactive
     added = contrib.binds or contrib.env or contrib.ld_paths or contrib.pass_prefixes or contrib.checks
     if per_run or added or plan.direct is not None or not cfg.get("engine.launch_plans"):
         return
@@ -142,7 +143,7 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount_dir: Pa
     real = Path(os.path.realpath(plan.image))
     for d in real.parents:
         recorder.identity(str(d))
-    for path in [*plan.sources, *([plan.cwd] if plan.cwd else []), "/etc/resolv.conf", *opts.env_files]:
+    for path in [*plan.host_paths, *([plan.cwd] if plan.cwd else []), "/etc/resolv.conf"]:
         recorder.identity(path)
     recorder.save(
         command=opts.command,
@@ -298,7 +299,8 @@ class _Plan:
         self.user_binds = user_binds
         # parents before children, so that a bind inside another bind's destination stays visible
         # (dict.fromkeys drops repeats such as a current directory that is the home directory)
-        self.sources = [b.src for b in binds + contrib.binds]  # host paths the binds depend on
+        # host paths the launch depends on: bind sources, working directories inside binds
+        self.host_paths = [b.src for b in binds + contrib.binds]
         unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
         if (opts.writable and opts.sandbox) or (rw_root and opts.overlay):
             unique = self._existing_destinations(unique, user_binds, strict=opts.writable and opts.sandbox)
@@ -587,6 +589,7 @@ class _Plan:
         for b in reversed(self.binds):  # the deepest bind holding *path* decides
             if path == b.dst or path.startswith(b.dst.rstrip("/") + "/"):
                 host = b.src + path[len(b.dst) :]
+                self.host_paths.append(host)  # what the launch depends on
                 try:
                     if not stat.S_ISDIR(os.stat(host).st_mode):
                         return "not a directory"

@@ -280,6 +280,17 @@ def _check_changes(front: Front, sif: Path, tmp_path: Path) -> None:
     (tmp_path / "src").unlink()
     (tmp_path / "src").mkdir()
     assert repeat_starts_python()[1] is False
+    # the --pwd directory inside a bind goes away: Python's own message, not bwrap's
+    (tmp_path / "src/sub").mkdir()
+    pwd_args = ["exec", "-B", f"{tmp_path}/src:/src", "--pwd", "/src/sub", str(sif), "pwd"]
+    assert front.run(*pwd_args)[0].stdout == "/src/sub\n"
+    assert front.run(*pwd_args)[1] is False
+    (tmp_path / "src/sub").rmdir()
+    proc, started = front.run(*pwd_args)
+    assert started and proc.returncode == 255
+    assert (
+        proc.stderr == "FATAL:   failed to set working directory: chdir /src/sub: no such file or directory\n"
+    )
     # another image at the same path (same size, new inode): the new one runs
     variant = tmp_path / "variant"
     build_rootfs(variant)
@@ -301,12 +312,15 @@ def _check_changes(front: Front, sif: Path, tmp_path: Path) -> None:
 
 def test_nothing_is_saved_for_starts_made_anew_each_time(front, holder, images, tmp_path):
     sif = str(images.sif)
+    env_file = tmp_path / "env"
+    env_file.write_text("STAMP=$(date +%N)\n")
     cases = [
         ["exec", "--no-mount", "bogus", sif, "true"],  # prints a warning
         ["exec", "--writable-tmpfs", sif, "true"],  # a fresh overlay
         ["exec", "-W", str(tmp_path), "--contain", sif, "true"],  # creates directories
         ["exec", "--fakeroot", sif, "true"],
         ["exec", str(images.sandbox), "true"],  # a directory can change under us
+        ["exec", "--env-file", str(env_file), sif, "true"],  # a script the host evaluates
         ["shell", sif],
     ]
     for args in cases:
