@@ -23,7 +23,8 @@ set (``-``: none); whether the payload runs in a PID namespace; the bwrap progra
 arguments, without the container's command; the ``--ro-bind-data`` contents with their
 argument index; the environment as (``i`` inherit | ``c`` copy from | ``s`` set, name, value);
 ``end``. The key is the 128-bit FNV-1a hash of the format name, uid, gid, umask (octal),
-working directory, the sorted environment entries, an empty field and the command words
+working directory, the sorted environment entries (only the name of a task's own variable,
+:func:`per_task`: the ranks of one ``srun`` share a plan), an empty field and the command words
 before the container's command, each NUL-terminated, in hex.
 """
 
@@ -78,6 +79,19 @@ def plans_dir() -> Path:
     from hpcsif.engine.mounts import default_runtime_base, private_dir
 
     return private_dir(private_dir(default_runtime_base()) / "plans")
+
+
+#: variables that differ between the tasks and steps of a job (rank, step, task pid …) but only
+#: pass through to the container: the key holds their names, not their values, so that every
+#: rank of an ``srun`` shares one plan
+PER_TASK_PREFIXES = (b"SLURM_", b"PMI_", b"PMIX_")
+#: … except those hpcsif reads (``mpi.partition_defaults``)
+KEYED_ANYWAY = (b"SLURM_JOB_PARTITION",)
+
+
+def per_task(name: bytes) -> bool:
+    """True for a variable of :data:`PER_TASK_PREFIXES` whose value the key leaves out."""
+    return name.startswith(PER_TASK_PREFIXES) and name not in KEYED_ANYWAY
 
 
 class Recorder(logging.Handler):
@@ -174,7 +188,9 @@ class Recorder(logging.Handler):
                     str(os.getgid()).encode(),
                     f"{self._umask:o}".encode(),
                     os.fsencode(os.getcwd()),
-                    *sorted(self._environ),
+                    *sorted(
+                        e.partition(b"=")[0] if per_task(e.partition(b"=")[0]) else e for e in self._environ
+                    ),
                     b"",
                     *(os.fsencode(w) for w in prefix),
                 ]
@@ -213,22 +229,31 @@ class Recorder(logging.Handler):
             log.debug("launch plan not saved: %s", exc)
 
     def _env_fields(self, env: dict[str, str]) -> list[str]:
-        """The container's environment as inherit/copy/set triples (host values are never written)."""
+        """The container's environment as inherit/copy/set triples (host values are never written).
+
+        A task's own variable (:func:`per_task`), which the key does not hold, may reach the
+        container only as itself or as the launcher's ``__HPCSIF_HOST_<NAME>`` copy of it.
+        """
         host: dict[bytes, bytes] = {}
         for entry in self._environ:
             k, sep, v = entry.partition(b"=")
             if sep:
                 host.setdefault(k, v)
-        by_value = {v: k for k, v in reversed(host.items()) if v}
+        by_value = {v: k for k, v in reversed(host.items()) if v and not per_task(k)}
         out = []
         for k, v in env.items():
             if k == "__HPCSIF_READY":
                 continue  # set per start
             kb, vb = os.fsencode(k), os.fsencode(v)
+            source = kb.removeprefix(b"__HPCSIF_HOST_")
             if "\0" in k or "\0" in v:
                 self.ok = False
             elif host.get(kb) == vb:
                 out += ["i", k, ""]
+            elif host.get(source) == vb:
+                out += ["c", k, os.fsdecode(source)]
+            elif per_task(source):
+                self.ok = False  # a task's variable made into something else
             elif vb in by_value:
                 out += ["c", k, os.fsdecode(by_value[vb])]
             else:

@@ -81,6 +81,21 @@ static u128 fnv_field(u128 h, const char *s) {
 
 static int by_bytes(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
+/*
+ * How an environment entry enters the key: whole, or only its name for a variable that differs
+ * between the tasks of a job and only passes through (launch_plan.per_task), so that the ranks
+ * of an srun share one plan. NULL when out of memory.
+ */
+static char *key_entry(char *entry) {
+    static const char *const prefixes[] = {"SLURM_", "PMI_", "PMIX_"};
+    size_t name = strcspn(entry, "=");
+    if (name == strlen("SLURM_JOB_PARTITION") && strncmp(entry, "SLURM_JOB_PARTITION", name) == 0)
+        return entry; /* hpcsif reads it (mpi.partition_defaults) */
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++)
+        if (strncmp(entry, prefixes[i], strlen(prefixes[i])) == 0) return strndup(entry, name);
+    return entry;
+}
+
 /* ------------------------------------------------------------------ plan fields */
 
 struct cursor {
@@ -166,11 +181,11 @@ static char *find_plan(size_t *len, int *split) {
     char **env = malloc((n_env + 1) * sizeof *env);
     u128 *keys = malloc((size_t)g_argc * sizeof *keys);
     if (!env || !keys) return NULL;
-    memcpy(env, environ, n_env * sizeof *env);
+    for (size_t i = 0; i < n_env; i++)
+        if (!(env[i] = key_entry(environ[i]))) return NULL;
     qsort(env, n_env, sizeof *env, by_bytes);
     for (size_t i = 0; i < n_env; i++)
         if (*env[i]) h = fnv_field(h, env[i]);
-    free(env);
     h = fnv_field(h, "");
     for (int k = 1; k < g_argc; k++) keys[k] = h = fnv_field(h, g_argv[k]);
 
