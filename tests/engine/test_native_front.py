@@ -456,3 +456,25 @@ def test_the_ranks_of_a_job_share_one_plan(front, holder, images):
     # the partition is read (MPI profile defaults), and a new variable's name counts
     assert front.run(*args, env=rank(1, SLURM_JOB_PARTITION="gpu"))[1] is True
     assert front.run(*args, env=rank(1, SLURM_NEW_THING="x"))[1] is True
+
+
+def test_32_concurrent_repeats_share_the_mount_and_leave_nothing(front, images):
+    sif = str(images.sif)
+    front.run("exec", sif, "true")
+    first = short_holder(sif)
+    before = len(front.python_starts())
+    procs = [
+        subprocess.Popen(
+            [str(front.binary), "exec", sif, "sh", "-c", f"sleep 1.5; exit {i % 7}"],
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+        )
+        for i in range(32)
+    ]
+    time.sleep(0.5)
+    assert len(fuse_mounts()) == 1
+    assert [p.wait(timeout=60) for p in procs] == [i % 7 for i in range(32)]
+    first.wait(timeout=30)
+    started = front.python_starts()[before:]
+    assert all("--release" in line for line in started), started  # only the last one's unmount
+    assert no_mounts_left() and not hpcsif_processes()
