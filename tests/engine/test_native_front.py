@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -478,3 +479,56 @@ def test_32_concurrent_repeats_share_the_mount_and_leave_nothing(front, images):
     started = front.python_starts()[before:]
     assert all("--release" in line for line in started), started  # only the last one's unmount
     assert no_mounts_left() and not hpcsif_processes()
+
+
+#: launch flags for random combinations ({d}: a directory with a subdirectory ``sub``)
+FLAG_POOL = [
+    ["--cleanenv"],
+    ["--env", "A=1"],
+    ["--env", "B=$HOME x"],
+    ["-B", "{d}:/data"],
+    ["-B", "{d}:/data:ro"],
+    ["--pwd", "/tmp"],
+    ["--pwd", "/data/sub"],
+    ["--contain"],
+    ["--containall"],
+    ["-p"],
+    ["-i"],
+    ["--hostname", "hx"],
+    ["-n"],
+    ["--no-home"],
+    ["--no-mount", "tmp"],
+    ["--no-mount", "home,cwd"],
+    ["--home", "{d}:/h"],
+    ["-S", "/s1"],
+    ["--dns", "1.2.3.4"],
+    ["--no-umask"],
+    ["--no-eval"],
+    ["--drop-caps", "all"],
+    ["--mount", "type=bind,src={d},dst=/m"],
+    ["--no-init", "-p"],
+]
+
+
+def test_random_flag_combinations_repeat_as_python_runs_them(front, holder, images, tmp_path):
+    (tmp_path / "d/sub").mkdir(parents=True)
+    rng = random.Random(20261127)
+    env = {**os.environ, "APPTAINERENV_NEW": "n", "SLURM_PROCID": "3"}
+    probe = PROBE.replace("ls /;", "ls / /data;")
+    repeated = 0
+    for _ in range(24):
+        flags = [
+            f.format(d=tmp_path / "d") for pick in rng.sample(FLAG_POOL, rng.randint(1, 4)) for f in pick
+        ]
+        action = rng.choice(["exec", "run", "test"])
+        args = [action, *flags, str(images.sif), *(["sh", "-c", probe] if action == "exec" else ["x y"])]
+        front.run(*args, env=env)
+        again, started = front.run(*args, env=env)
+        repeated += not started
+        direct = python_cli(*args, env=env)
+        assert (again.returncode, again.stdout, again.stderr) == (
+            direct.returncode,
+            direct.stdout,
+            direct.stderr,
+        ), args
+    assert repeated >= 18  # a few print a warning (then nothing is saved)
