@@ -20,6 +20,7 @@ import os
 import signal
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcsif.engine.base import (
     Engine,
@@ -31,6 +32,9 @@ from hpcsif.engine.base import (
 )
 from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home, parse_mount
 from hpcsif.errors import EngineError, MissingToolError, UsageError
+
+if TYPE_CHECKING:
+    from hpcsif.engine.mounts import SharedMount
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +113,7 @@ class BwrapEngine(Engine):
             # with --no-init the payload is the namespace's PID 1 itself, not a child of bwrap's
             pidns = opts.pid_namespace and not opts.no_init
             if opts.recorder is not None and len(mounts) == 1 and not opts.sandbox:
-                _save_plan(opts.recorder, plan, bwrap, argv, mounts[0].dir, pidns)
+                _save_plan(opts.recorder, plan, bwrap, argv, mounts[0], pidns)
             return _run(bwrap, argv, plan.env, plan.fds, signals, pidns=pidns, handshake=plan.direct is None)
         finally:
             if old_umask is not None:
@@ -119,14 +123,15 @@ class BwrapEngine(Engine):
                 m.release()
 
 
-def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount_dir: Path, pidns: bool) -> None:
+def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: SharedMount, pidns: bool) -> None:
     """Let the native front repeat this launch (see :mod:`hpcsif.engine.launch_plan`), when it can.
 
-    The witnesses are every host file the plan was made from: the configuration, bwrap, the
-    image and its directories (the trust check), the bind sources and working directories
-    inside binds, the current directory, ``/etc/resolv.conf`` and hpcsif's own modules.
+    The witnesses are every host file the plan was made from: the configuration, bwrap and
+    squashfuse, the image and its directories (the trust check), the bind sources and working
+    directories inside binds, the current directory, ``/etc/resolv.conf`` and hpcsif's modules.
     """
     from hpcsif.config import config_files, get_config
+    from hpcsif.engine.mounts import package_parent
 
     opts, contrib, cfg = plan.opts, plan.contrib, get_config()
     # (an --env-file is a script the host's shell evaluates: it may say something new each time)
@@ -139,6 +144,8 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount_dir: Pa
     for path in [*map(str, config_files()), *(s for s in cfg.sources if s.startswith("/"))]:
         recorder.file(path)
     recorder.which(cfg.get("engine.bwrap") or "bwrap", bwrap)
+    mount_cmd = mount.command()
+    recorder.file(mount_cmd[0])
     recorder.file(plan.image)
     real = Path(os.path.realpath(plan.image))
     for d in real.parents:
@@ -152,7 +159,9 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount_dir: Pa
         argv=argv,
         data=plan.data,
         env=plan.env,
-        mount_dir=mount_dir,
+        mount_dir=mount.dir,
+        mount_cmd=mount_cmd,
+        package_parent=package_parent(),
         umask=0o022 if opts.no_umask else None,
         pidns=pidns,
     )

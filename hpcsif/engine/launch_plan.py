@@ -3,14 +3,15 @@
 A container start through the Python CLI spends tens of milliseconds before bwrap runs: the
 interpreter, the imports, the plan. ``make native`` installs a small C program as ``hpcsif``
 that looks up a plan saved here for its exact command line, environment, working directory,
-uid, gid and umask. When every host file the plan was made from is unchanged, the caller's
-passwd entry is the same and the image is already mounted, it registers as a holder of the
-shared mount and starts bwrap itself, staying its parent as :func:`hpcsif.engine.bwrap._run`
-does. Anything else runs this CLI (``console(front=True)``), which saves what it launches.
+uid, gid and umask. When every host file the plan was made from is unchanged and the caller's
+passwd entry is the same, it registers as a holder of the image's shared mount (mounting it as
+:class:`~hpcsif.engine.mounts.SharedMount` does when nobody has, and unmounting it as the last
+holder) and starts bwrap itself, staying its parent as :func:`hpcsif.engine.bwrap._run` does.
+Anything else runs this CLI (``console(front=True)``), which saves what it launches.
 
 Only launches that need nothing made per run are saved: a SIF file on its shared
-``squashfuse`` mount (no sandbox, overlay, ``--writable-tmpfs``, ``--workdir``,
-``--fakeroot``), no GPU or MPI additions, an image with a shell, not ``shell``, and nothing
+``squashfuse`` mount (no sandbox, overlay, ``--writable-tmpfs``, ``--workdir``, ``--fakeroot``,
+``--env-file``), no GPU or MPI additions, an image with a shell, not ``shell``, and nothing
 printed before the start. The host environment is never written down (it may hold registry
 passwords): the plan names, for each variable the container gets, whether it is passed on or
 copied from a host variable; only values the launch made itself are written.
@@ -18,9 +19,10 @@ copied from a host variable; only values the launch made itself are written.
 ``<runtime dir>/plans/<key>.plan`` (private to the user, the newest 64 kept) is a list of
 NUL-terminated fields: the format name; the witnesses (kind ``f`` file, ``d`` identity,
 ``-`` absent; path, device, inode, mode, uid, gid, size, mtime and ctime in ns); the passwd
-entry and group name; the least number of command words; the mount directory; the umask to
-set (``-``: none); whether the payload runs in a PID namespace; the bwrap program; bwrap's
-arguments, without the container's command; the ``--ro-bind-data`` contents with their
+entry and group name; the least number of command words; the mount directory, the command
+that mounts the image there (counted) and the directory of the hpcsif package (for the mount's
+watchdog); the umask to set (``-``: none); whether the payload runs in a PID namespace; the
+bwrap program; bwrap's arguments, without the container's command; the ``--ro-bind-data`` contents with their
 argument index; the environment as (``i`` inherit | ``c`` copy from | ``s`` set, name, value);
 ``end``. The key is the 128-bit FNV-1a hash of the format name, uid, gid, umask (octal),
 working directory, the sorted environment entries (only the name of a task's own variable,
@@ -159,6 +161,8 @@ class Recorder(logging.Handler):
         data: dict[str, str],
         env: dict[str, str],
         mount_dir: Path,
+        mount_cmd: list[str],
+        package_parent: str,
         umask: int | None,
         pidns: bool,
     ) -> None:
@@ -212,6 +216,9 @@ class Recorder(logging.Handler):
                 group,
                 str(min_command),
                 str(mount_dir),
+                str(len(mount_cmd)),
+                *mount_cmd,
+                package_parent,
                 "-" if umask is None else f"{umask:o}",
                 "1" if pidns else "0",
                 bwrap,

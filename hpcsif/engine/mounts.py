@@ -213,26 +213,18 @@ class SharedMount:
         try:
             _unlink(self._holder)
             self._holder = None
-            self._unmount_unused()
+            if self.live_holders():
+                return
+            if _mount_state(self.mnt) != "absent" and not _unmount_soon(self.mnt):
+                log.debug("%s busy; the watchdog will unmount it", self.mnt)
+                return
+            self._remove()
         finally:
             os.close(fd)
 
-    def tidy(self) -> None:
-        """Unmount if no live holder remains: the native front's last holder has left."""
-        fd = self._locked()
-        try:
-            self._unmount_unused()
-        finally:
-            os.close(fd)
-
-    def _unmount_unused(self) -> None:
-        """Unmount and remove the directory when no live holder remains (the lock is held)."""
-        if self.live_holders():
-            return
-        if _mount_state(self.mnt) != "absent" and not _unmount_soon(self.mnt):
-            log.debug("%s busy; the watchdog will unmount it", self.mnt)
-            return
-        self._remove()
+    def command(self) -> list[str]:
+        """The command line that mounts it (the native front repeats it, hpcsif/native/front.c)."""
+        return self._mount_cmd(self.mnt)
 
     def __enter__(self) -> Path:
         return self.acquire()
@@ -261,11 +253,8 @@ class SharedMount:
 
     def _start_watchdog(self) -> None:
         """A detached ``python -m hpcsif.engine.mounts --watch DIR`` that cleans up after crashes."""
-        import hpcsif
-
         env = dict(os.environ)
-        pkg_parent = str(Path(hpcsif.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent(), env.get("PYTHONPATH")) if p)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
             os.posix_spawn(
@@ -277,6 +266,13 @@ class SharedMount:
             )
         finally:
             os.close(devnull)
+
+
+def package_parent() -> str:
+    """The directory holding the ``hpcsif`` package (on the watchdog's ``PYTHONPATH``)."""
+    import hpcsif
+
+    return str(Path(hpcsif.__file__).resolve().parent.parent)
 
 
 def _missing(tool: str) -> MissingToolError:
@@ -379,10 +375,4 @@ if __name__ == "__main__":
         # here would keep that caller waiting for EOF)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         sys.exit(watch(Path(sys.argv[2])))
-    if len(sys.argv) == 4 and sys.argv[1] == "--release":
-        # the native front's last step when its container was the mount's last holder: unmount,
-        # then end with the container's exit status
-        with contextlib.suppress(OSError, EngineError):
-            SharedMount.existing(Path(sys.argv[2])).tidy()
-        sys.exit(int(sys.argv[3]))
-    sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR | --release DIR STATUS")
+    sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR")

@@ -259,13 +259,17 @@ static long long start_time(pid_t pid) {
     return strtoll(p, NULL, 10);
 }
 
-/* The mount directory's lock, taken as SharedMount._locked takes it; -1 when it is gone. */
+/* The mount directory's lock, taken as SharedMount._locked takes it (both made if missing). */
 static int lock_mount(const char *dir) {
     char lock[4200];
     snprintf(lock, sizeof lock, "%s/lock", dir);
     for (;;) {
-        int fd = open(lock, O_RDWR | O_CLOEXEC);
-        if (fd < 0) return -1; /* no mount there: the Python CLI mounts */
+        if (mkdir(dir, 0700) != 0 && errno != EEXIST) return -1;
+        int fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            if (errno == ENOENT) continue; /* the directory went away between mkdir and open */
+            return -1;
+        }
         while (flock(fd, LOCK_EX) != 0)
             if (errno != EINTR) {
                 close(fd);
@@ -273,12 +277,11 @@ static int lock_mount(const char *dir) {
             }
         struct stat a, b;
         if (stat(lock, &a) == 0 && fstat(fd, &b) == 0 && a.st_ino == b.st_ino) return fd;
-        close(fd); /* the last user removed it meanwhile */
-        if (errno == ENOENT || stat(dir, &a) != 0) return -1;
+        close(fd); /* the last user removed it meanwhile: start again */
     }
 }
 
-/* Live holders other than the ones removed; dead holders' files are removed as Python does. */
+/* Live holders; dead holders' files are removed, as SharedMount.live_holders does. */
 static int live_holders(const char *dir) {
     char path[4200];
     snprintf(path, sizeof path, "%s/holders", dir);
@@ -302,19 +305,91 @@ static int live_holders(const char *dir) {
     return live;
 }
 
+/* Run *argv* (PATH searched) with stdio on /dev/null, and *env*; its exit status, -1 if it did not run. */
+static int run_quietly(char *const argv[], char *const env[], int wait_for_it, int new_session) {
+    posix_spawn_file_actions_t io;
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_init(&io);
+    posix_spawnattr_init(&attr);
+    for (int fd = 0; fd < 3; fd++) posix_spawn_file_actions_addopen(&io, fd, "/dev/null", O_RDWR, 0);
+    if (new_session) posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+    pid_t pid;
+    int err = posix_spawnp(&pid, argv[0], &io, &attr, argv, env);
+    posix_spawn_file_actions_destroy(&io);
+    posix_spawnattr_destroy(&attr);
+    if (err) return -1;
+    if (!wait_for_it) return 0;
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* mnt is a mount point over its directory (1), not (0), or cannot be looked at: a dead FUSE daemon (-1). */
+static int mounted(const char *dir, const char *mnt) {
+    struct stat m, top;
+    if (stat(mnt, &m) != 0) return errno == ENOENT ? 0 : -1;
+    return stat(dir, &top) == 0 && m.st_dev != top.st_dev;
+}
+
+/* fusermount3 -u, retried for about 0.2 s while busy (SharedMount._unmount_soon); 1 on success. */
+static int unmount(const char *mnt) {
+    for (int i = 0; i < 10; i++) {
+        for (int v = 0; v < 2; v++) {
+            char *argv[] = {v ? "fusermount" : "fusermount3", "-u", "-q", (char *)mnt, NULL};
+            int rc = run_quietly(argv, environ, 1, 0);
+            if (rc == 0) return 1;
+            if (rc > 0) break; /* it ran: busy, or not mounted */
+        }
+        usleep(20000);
+    }
+    return 0;
+}
+
+struct mount_plan {
+    char *dir;
+    char **argv; /* the squashfuse command line, ending with the mount point */
+    char *pythonpath;  /* for the watchdog: where hpcsif's package is */
+};
+
+/* Mount as SharedMount._mount does (the lock is held): squashfuse, then the watchdog; 1 on success. */
+static int mount_image(const struct mount_plan *plan, const char *mnt) {
+    if (mkdir(mnt, 0777) != 0 && errno != EEXIST) return 0;
+    if (run_quietly(plan->argv, environ, 1, 0) != 0) return 0; /* the Python CLI says why */
+    if (mounted(plan->dir, mnt) != 1) return 0;
+    size_t n = 0;
+    while (environ[n]) n++;
+    char **env = calloc(n + 2, sizeof *env), *old = getenv("PYTHONPATH");
+    if (env) {
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (strncmp(environ[i], "PYTHONPATH=", 11) != 0) env[k++] = environ[i];
+        char *path = malloc(strlen(plan->pythonpath) + (old ? strlen(old) : 0) + 16);
+        if (path) {
+            sprintf(path, "PYTHONPATH=%s%s%s", plan->pythonpath, old && *old ? ":" : "", old && *old ? old : "");
+            env[k++] = path;
+        }
+        char *argv[] = {HPCSIF_PYTHON, "-m", "hpcsif.engine.mounts", "--watch", plan->dir, NULL};
+        run_quietly(argv, env, 0, 1); /* detached: it unmounts after a SIGKILLed last holder */
+    }
+    return 1;
+}
+
 static char g_holder[4300];
 static const char *g_mount_dir;
 
-/* Register as a holder of the mount in *dir* if it is mounted; 0 when not. */
-static int hold_mount(const char *dir) {
+/* Register as a holder of the mount, mounting it first if needed; 0 when the Python CLI must. */
+static int hold_mount(const struct mount_plan *plan) {
     char mnt[4200], holders[4200];
-    struct stat m, top;
-    int fd = lock_mount(dir);
-    if (fd < 0) return 0;
-    snprintf(mnt, sizeof mnt, "%s/mnt", dir);
-    snprintf(holders, sizeof holders, "%s/holders", dir);
     long long started = start_time(getpid());
-    int ok = started >= 0 && stat(mnt, &m) == 0 && stat(dir, &top) == 0 && m.st_dev != top.st_dev;
+    int fd = lock_mount(plan->dir);
+    if (fd < 0 || started < 0) {
+        if (fd >= 0) close(fd);
+        return 0;
+    }
+    snprintf(mnt, sizeof mnt, "%s/mnt", plan->dir);
+    snprintf(holders, sizeof holders, "%s/holders", plan->dir);
+    int state = mounted(plan->dir, mnt), ok = state == 1 || (state == 0 && mount_image(plan, mnt));
     if (ok) {
         snprintf(g_holder, sizeof g_holder, "%s/%d.%lld", holders, (int)getpid(), started);
         int h = -1;
@@ -324,26 +399,29 @@ static int hold_mount(const char *dir) {
         ok = h >= 0;
     }
     close(fd);
-    /* (no listing of the root as Python does first: the plan was saved after this image's root
-       read fine, and a mount whose daemon died fails the stat above) */
-    if (ok) g_mount_dir = dir;
+    if (ok) g_mount_dir = plan->dir;
     return ok;
 }
 
-/* Leave the mount and end with *status*; the last holder has Python unmount it. */
+/* Leave the mount and end with *status*: the last holder unmounts and removes its directory. */
 static _Noreturn void leave(int status) {
     if (!g_mount_dir) exit(status);
     int fd = lock_mount(g_mount_dir);
     if (fd < 0) exit(status);
     unlink(g_holder);
-    int live = live_holders(g_mount_dir);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/mnt", g_mount_dir);
+    /* busy: the watchdog unmounts it later, as after SharedMount.release */
+    if (!live_holders(g_mount_dir) && (mounted(g_mount_dir, path) == 0 || unmount(path))) {
+        rmdir(path);
+        snprintf(path, sizeof path, "%s/holders", g_mount_dir);
+        rmdir(path);
+        snprintf(path, sizeof path, "%s/lock", g_mount_dir);
+        unlink(path); /* the lock goes last: a waiter sees it gone and starts again */
+        rmdir(g_mount_dir);
+    }
     close(fd);
-    if (live) exit(status);
-    char code[16];
-    snprintf(code, sizeof code, "%d", status);
-    char *args[] = {HPCSIF_PYTHON, "-m", "hpcsif.engine.mounts", "--release", (char *)g_mount_dir, code, NULL};
-    execvp(HPCSIF_PYTHON, args);
-    exit(status); /* the mount's watchdog unmounts it */
+    exit(status);
 }
 
 /* ------------------------------------------------------------------ signals */
@@ -448,9 +526,15 @@ static char *joined(const char *name, const char *value) {
 
 /* Run the plan in *c* (past its checks) with the command from argv[split]; never returns. */
 static _Noreturn void launch(struct cursor *c, int split) {
-    long long umask_set = -1, pidns, n_args, n_data, n_env;
-    char *mount_dir = field(c), *umask_field = field(c);
-    if (!mount_dir || !umask_field || number(c, &pidns)) python_cli();
+    long long umask_set = -1, pidns, n_args, n_data, n_env, n_mount;
+    struct mount_plan mount = {field(c), NULL, NULL};
+    if (!mount.dir || number(c, &n_mount) || n_mount < 1 || n_mount > 64) python_cli();
+    if (!(mount.argv = calloc((size_t)n_mount + 1, sizeof *mount.argv))) python_cli();
+    for (long long i = 0; i < n_mount; i++)
+        if (!(mount.argv[i] = field(c))) python_cli();
+    mount.pythonpath = field(c);
+    char *umask_field = field(c);
+    if (!mount.pythonpath || !umask_field || number(c, &pidns)) python_cli();
     if (strcmp(umask_field, "-") != 0) umask_set = strtoll(umask_field, NULL, 8);
     char *bwrap = field(c);
     if (!bwrap || number(c, &n_args) || n_args < 1 || n_args > 100000) python_cli();
@@ -503,7 +587,7 @@ static _Noreturn void launch(struct cursor *c, int split) {
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     for (size_t i = 0; i < N_FORWARDED; i++) sigaction(forwarded[i], &sa, NULL);
-    if (!hold_mount(mount_dir)) python_cli();
+    if (!hold_mount(&mount)) python_cli();
 
     /* from here on we hold the mount: every exit goes through leave() */
     if (g_npending) leave(128 + g_pending[0]);
