@@ -109,16 +109,21 @@ def unmount(mnt: Path, *, lazy: bool = False) -> bool:
     raise MissingToolError("fusermount3", "fuse3")
 
 
-def _unmount_soon(mnt: Path, tries: int = 10) -> bool:
-    """:func:`unmount`, retried briefly (about 0.2 s) while *mnt* is busy.
+#: seconds between the tries of :func:`_unmount_soon` (0.2 s in all)
+UNMOUNT_BACKOFF = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.073)
 
-    A FUSE daemon stacked on *mnt* (fuse-overlayfs over squashfuse) exits only just after its
-    own unmount and holds *mnt* busy until then.
+
+def _unmount_soon(mnt: Path) -> bool:
+    """:func:`unmount`, retried briefly (about 0.2 s, soon at first) while *mnt* is busy.
+
+    A container's mount namespace lets go of *mnt* only a moment after its last process has
+    exited, and a FUSE daemon stacked on it (fuse-overlayfs over squashfuse) only just after
+    its own unmount.
     """
-    for _ in range(tries - 1):
+    for delay in UNMOUNT_BACKOFF:
         if unmount(mnt):
             return True
-        time.sleep(0.02)
+        time.sleep(delay)
     return unmount(mnt)
 
 

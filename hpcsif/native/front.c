@@ -332,16 +332,17 @@ static int mounted(const char *dir, const char *mnt) {
     return stat(dir, &top) == 0 && m.st_dev != top.st_dev;
 }
 
-/* fusermount3 -u, retried for about 0.2 s while busy (SharedMount._unmount_soon); 1 on success. */
+/* fusermount3 -u, retried for about 0.2 s while busy, as mounts._unmount_soon does; 1 on success. */
 static int unmount(const char *mnt) {
-    for (int i = 0; i < 10; i++) {
+    static const int backoff_us[] = {1000, 2000, 4000, 8000, 16000, 32000, 64000, 73000, 0};
+    for (size_t i = 0; i < sizeof backoff_us / sizeof backoff_us[0]; i++) {
         for (int v = 0; v < 2; v++) {
             char *argv[] = {v ? "fusermount" : "fusermount3", "-u", "-q", (char *)mnt, NULL};
             int rc = run_quietly(argv, environ, 1, 0);
             if (rc == 0) return 1;
             if (rc > 0) break; /* it ran: busy, or not mounted */
         }
-        usleep(20000);
+        usleep((useconds_t)backoff_us[i]);
     }
     return 0;
 }
