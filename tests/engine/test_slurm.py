@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 from tests.engine.conftest import ROOT, fuse_mounts, hpcsif_cmd
@@ -44,4 +47,22 @@ def test_open_mpi_hello_world_two_ranks(openmpi_sif, slurm_cluster):  # noqa: F8
     assert [ln.split()[:3] for ln in lines] == [["0", "2", "3"], ["1", "2", "3"]], res.stderr
     assert "Open MPI" in lines[0]
     assert "not ABI-compatible" not in res.stderr  # host and container PMIx are both 4.2 (libpmix.so.2.6)
+    assert not fuse_mounts()
+
+
+def test_srun_ranks_repeat_through_the_native_front(images, slurm_cluster, tmp_path):  # noqa: F811
+    """The ranks of a second step start without Python: Slurm's per-task variables are not in the key."""
+    from tests.engine.test_native_front import build_front
+
+    front = build_front(tmp_path / "front", sys.executable)
+    script = 'echo "rank=$SLURM_PROCID step=$SLURM_STEP_ID pmix=${PMIX_RANK:-}"'
+    cmd = ["srun", "-n", "2", "--mpi=pmix", str(front.binary), "exec", str(images.sif), "sh", "-c", script]
+    env = {"PYTHONPATH": str(ROOT), "XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"]}
+    for step in range(3):
+        before = len(front.python_starts())
+        res = slurm_cluster.run(cmd, env=env, timeout=120)
+        assert sorted(line.split()[0] for line in res.stdout.splitlines()) == ["rank=0", "rank=1"], res.stderr
+        started = front.python_starts()[before:]
+        # the first step's ranks go through Python and save one plan between them
+        assert (started == []) == (step > 0), started
     assert not fuse_mounts()
