@@ -149,6 +149,12 @@ esac
 """.replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " ")).replace("@EXEC_RESOLVED@", EXEC_RESOLVED)
 
 
+def initial_environ() -> list[bytes]:
+    """The environment this process was started with (``KEY=VALUE`` entries), from ``/proc``."""
+    with open("/proc/self/environ", "rb") as f:
+        return [e for e in f.read().split(b"\0") if e]
+
+
 def host_environ() -> dict[str, str]:
     """This process's environment, less the ``LC_CTYPE`` Python's C-locale coercion (PEP 538) added.
 
@@ -159,8 +165,7 @@ def host_environ() -> dict[str, str]:
     env = dict(os.environ)
     if "LC_CTYPE" in env:
         try:
-            with open("/proc/self/environ", "rb") as f:
-                initial = f.read().split(b"\0")
+            initial = initial_environ()
         except OSError:
             return env
         if not any(item.startswith(b"LC_CTYPE=") for item in initial):

@@ -58,12 +58,6 @@ def fnv1a_128(fields: list[bytes]) -> str:
     return f"{h:032x}"
 
 
-def initial_environ() -> list[bytes]:
-    """The environment this process was started with (``KEY=VALUE`` entries), as the front saw it."""
-    with open("/proc/self/environ", "rb") as f:
-        return [e for e in f.read().split(b"\0") if e]
-
-
 def current_umask() -> int:
     """The process's umask, read without changing it."""
     with open("/proc/self/status") as f:
@@ -110,7 +104,9 @@ class Recorder(logging.Handler):
         self.printed = 0
         self.witnesses: list[str] = []
         self.ok = True
-        self._environ = initial_environ()
+        from hpcsif.engine.environment import initial_environ
+
+        self._environ = initial_environ()  # as the front saw it
         self._umask = current_umask()
 
     def emit(self, record: logging.LogRecord) -> None:
