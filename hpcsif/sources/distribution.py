@@ -443,13 +443,7 @@ class RegistryClient:
         """
         where = f"{self.registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
         for attempt in range(self.retries + 1):
-            resp = self.request(
-                "GET",
-                f"{repo}/manifests/{reference}",
-                scope=f"repository:{repo}:pull",
-                headers={"Accept": MANIFEST_ACCEPT},
-                stream=True,
-            )
+            resp = self._manifest_request("GET", repo, reference, stream=True)
             with resp:
                 if resp.status_code == 404:
                     raise NotFoundError(f"{where}: manifest unknown")
@@ -473,14 +467,19 @@ class RegistryClient:
         media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         return data, media_type, digest
 
-    def head_manifest(self, repo: str, reference: str) -> tuple[str | None, str]:
-        """(digest the registry reports or None, media type) for a tag or digest, without the body."""
-        resp = self.request(
-            "HEAD",
+    def _manifest_request(self, method: str, repo: str, reference: str, **kw):  # -> requests.Response
+        """A GET or HEAD of a manifest, accepting every manifest and index type we read."""
+        return self.request(
+            method,
             f"{repo}/manifests/{reference}",
             scope=f"repository:{repo}:pull",
             headers={"Accept": MANIFEST_ACCEPT},
+            **kw,
         )
+
+    def head_manifest(self, repo: str, reference: str) -> tuple[str | None, str]:
+        """(digest the registry reports or None, media type) for a tag or digest, without the body."""
+        resp = self._manifest_request("HEAD", repo, reference)
         if resp.status_code == 404:
             raise NotFoundError(f"{self.registry}/{repo}:{reference}: manifest unknown")
         if resp.status_code >= 400:
