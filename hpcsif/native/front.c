@@ -4,11 +4,11 @@
  * A container start through the Python CLI spends tens of milliseconds before bwrap runs. This
  * program looks for a launch the Python CLI saved for the same command line, environment,
  * working directory, uid, gid and umask (hpcsif/engine/launch_plan.py describes the format and
- * what is saved). When every host file the plan was made from is unchanged, the caller's passwd
- * entry is the same and the image is already mounted, it registers as a holder of the shared
- * mount (hpcsif/engine/mounts.py), starts bwrap as the plan says and stays its parent as the
- * Python engine does: signals are forwarded to the payload, its exit status returned (128+N
- * when killed by signal N). Everything else, and anything unexpected on the way, runs the
+ * what is saved). When every host file the plan was made from is unchanged and the caller's
+ * passwd entry is the same, it registers as a holder of the image's shared mount
+ * (hpcsif/engine/mounts.py; it mounts the image when nobody has, and the last holder unmounts),
+ * starts bwrap as the plan says and stays its parent as the Python engine does: signals are
+ * forwarded to the payload, its exit status returned (128+N when killed by signal N). Everything else, and anything unexpected on the way, runs the
  * Python CLI with the same arguments, before anything was started.
  */
 #define _GNU_SOURCE
