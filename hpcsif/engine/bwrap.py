@@ -131,7 +131,6 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: Shared
     directories inside binds, the current directory, ``/etc/resolv.conf`` and hpcsif's modules.
     """
     from hpcsif.config import config_files, get_config
-    from hpcsif.engine.mounts import package_parent
 
     opts, contrib, cfg = plan.opts, plan.contrib, get_config()
     # (an --env-file is a script the host's shell evaluates: it may say something new each time)
@@ -161,7 +160,6 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: Shared
         env=plan.env,
         mount_dir=mount.dir,
         mount_cmd=mount_cmd,
-        package_parent=package_parent(),
         umask=0o022 if opts.no_umask else None,
         pidns=pidns,
     )

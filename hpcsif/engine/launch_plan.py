@@ -20,14 +20,13 @@ copied from a host variable; only values the launch made itself are written.
 NUL-terminated fields: the format name; the witnesses (kind ``f`` file, ``d`` identity,
 ``-`` absent; path, device, inode, mode, uid, gid, size, mtime and ctime in ns); the passwd
 entry and group name; the least number of command words; the mount directory, the command
-that mounts the image there (counted) and the directory of the hpcsif package (for the mount's
-watchdog); the umask to set (``-``: none); whether the payload runs in a PID namespace; the
-bwrap program; bwrap's arguments, without the container's command; the ``--ro-bind-data`` contents with their
-argument index; the environment as (``i`` inherit | ``c`` copy from | ``s`` set, name, value);
-``end``. The key is the 128-bit FNV-1a hash of the format name, uid, gid, umask (octal),
-working directory, the sorted environment entries (only the name of a task's own variable,
-:func:`per_task`: the ranks of one ``srun`` share a plan), an empty field and the command words
-before the container's command, each NUL-terminated, in hex.
+that mounts the image there (counted); the umask to set (``-``: none); whether the payload runs
+in a PID namespace; the bwrap program; bwrap's arguments, without the container's command; the
+``--ro-bind-data`` contents with their argument index; the environment as (``i`` inherit |
+``c`` copy from | ``s`` set, name, value); ``end``. The key is the 128-bit FNV-1a hash of the
+format name, uid, gid, umask (octal), working directory, the sorted environment entries (only
+the name of a task's own variable, :func:`per_task`: the ranks of one ``srun`` share a plan), an
+empty field and the command words before the container's command, each NUL-terminated, in hex.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from hpcsif.errors import HpcsifError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "hpcsif-plan-1"
+FORMAT = "hpcsif-plan-2"
 MAX_PLANS = 64
 _FNV_BASIS = 0x6C62272E07BB014262B821756295C58D
 _FNV_PRIME = (1 << 88) + 0x13B
@@ -158,7 +157,6 @@ class Recorder(logging.Handler):
         env: dict[str, str],
         mount_dir: Path,
         mount_cmd: list[str],
-        package_parent: str,
         umask: int | None,
         pidns: bool,
     ) -> None:
@@ -214,7 +212,6 @@ class Recorder(logging.Handler):
                 str(mount_dir),
                 str(len(mount_cmd)),
                 *mount_cmd,
-                package_parent,
                 "-" if umask is None else f"{umask:o}",
                 "1" if pidns else "0",
                 bwrap,

@@ -6,16 +6,18 @@
  * working directory, uid, gid and umask (hpcsif/engine/launch_plan.py describes the format and
  * what is saved). When every host file the plan was made from is unchanged and the caller's
  * passwd entry is the same, it registers as a holder of the image's shared mount
- * (hpcsif/engine/mounts.py; it mounts the image when nobody has, and the last holder unmounts),
- * starts bwrap as the plan says and stays its parent as the Python engine does: signals are
- * forwarded to the payload, its exit status returned (128+N when killed by signal N). Everything else, and anything unexpected on the way, runs the
- * Python CLI with the same arguments, before anything was started.
+ * (hpcsif/engine/mounts.py; it mounts the image when nobody has, with a watchdog of its own, and
+ * the last holder unmounts), starts bwrap as the plan says and stays its parent as the Python
+ * engine does: signals are forwarded to the payload, its exit status returned (128+N when killed
+ * by signal N). Everything else, and anything unexpected on the way, runs the Python CLI with the
+ * same arguments, before anything was started.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <pwd.h>
 #include <signal.h>
 #include <spawn.h>
@@ -33,7 +35,7 @@
 #define HPCSIF_PYTHON "python3"
 #endif
 
-#define FORMAT "hpcsif-plan-1"
+#define FORMAT "hpcsif-plan-2"
 #define MAX_PLAN (1 << 20)
 #define MAX_PENDING 32
 
@@ -325,32 +327,122 @@ static int run_quietly(char *const argv[], char *const env[], int wait_for_it, i
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-/* mnt is a mount point over its directory (1), not (0), or cannot be looked at: a dead FUSE daemon (-1). */
+/* As mounts._mount_state: mnt (named "mnt" in dir) is a mount point (1), not (0), or stale (-1): a
+ * FUSE mount whose daemon is gone, which even stat cannot reach, but which dir's listing shows. */
 static int mounted(const char *dir, const char *mnt) {
     struct stat m, top;
-    if (stat(mnt, &m) != 0) return errno == ENOENT ? 0 : -1;
+    if (stat(mnt, &m) != 0) {
+        DIR *d = opendir(dir);
+        int listed = 0;
+        for (struct dirent *e; d && (e = readdir(d));) listed |= strcmp(e->d_name, "mnt") == 0;
+        if (d) closedir(d);
+        return listed ? -1 : 0;
+    }
     return stat(dir, &top) == 0 && m.st_dev != top.st_dev;
 }
 
-/* fusermount3 -u, retried for about 0.2 s while busy, as mounts._unmount_soon does; 1 on success. */
+/* As mounts.unmount: fusermount3 -u (-z: lazily), else fusermount; 1 on success. */
+static int unmount_once(const char *mnt, int lazy) {
+    for (int v = 0; v < 2; v++) {
+        char *argv[6] = {v ? "fusermount" : "fusermount3", "-u", "-q", NULL, NULL, NULL};
+        argv[3 + !!lazy] = (char *)mnt;
+        if (lazy) argv[3] = "-z";
+        int rc = run_quietly(argv, environ, 1, 0);
+        if (rc >= 0) return rc == 0; /* it ran: unmounted, or busy, or not mounted */
+    }
+    return 0;
+}
+
+/* Unmounted, retried for about 0.2 s while busy, as mounts._unmount_soon does; 1 on success. */
 static int unmount(const char *mnt) {
     static const int backoff_us[] = {1000, 2000, 4000, 8000, 16000, 32000, 64000, 73000, 0};
     for (size_t i = 0; i < sizeof backoff_us / sizeof backoff_us[0]; i++) {
-        for (int v = 0; v < 2; v++) {
-            char *argv[] = {v ? "fusermount" : "fusermount3", "-u", "-q", (char *)mnt, NULL};
-            int rc = run_quietly(argv, environ, 1, 0);
-            if (rc == 0) return 1;
-            if (rc > 0) break; /* it ran: busy, or not mounted */
-        }
+        if (unmount_once(mnt, 0)) return 1;
         usleep((useconds_t)backoff_us[i]);
     }
     return 0;
 }
 
+/* Delete dir once nothing is mounted there (its lock held), as SharedMount._remove; the lock
+ * file goes last: a waiter sees it gone and starts again. */
+static void remove_mount_dir(const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/mnt", dir);
+    rmdir(path);
+    snprintf(path, sizeof path, "%s/holders", dir);
+    rmdir(path); /* empty: live_holders removed the dead ones' files */
+    snprintf(path, sizeof path, "%s/lock", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
+#define WATCHDOG "hpcsif-mount-watchdog" /* argv[0] of the front run as a mount's watchdog */
+#define POLL_MS 500 /* mounts._POLL_MS */
+#define LAZY_AFTER 20 /* mounts._LAZY_AFTER */
+
+/* The mount's watchdog, as mounts.watch: wakes on every mount-table change and every half second,
+ * and unmounts once no holder is alive (a SIGKILLed last holder could not). */
+static _Noreturn void watch(const char *dir) {
+    char mnt[4200], buf[65536];
+    snprintf(mnt, sizeof mnt, "%s/mnt", dir);
+    int table = open("/proc/self/mounts", O_RDONLY | O_CLOEXEC), failures = 0;
+    for (;;) {
+        struct pollfd p = {table, POLLPRI | POLLERR, 0};
+        poll(&p, table >= 0, POLL_MS);
+        if (table >= 0 && lseek(table, 0, SEEK_SET) == 0)
+            while (read(table, buf, sizeof buf) > 0) {
+            }
+        struct stat st;
+        if (stat(dir, &st) != 0 || mounted(dir, mnt) == 0) _exit(0);
+        int fd = lock_mount(dir);
+        if (fd < 0) _exit(1);
+        if (mounted(dir, mnt) == 0) {
+            remove_mount_dir(dir); /* unmounted while we waited for the lock */
+            _exit(0);
+        }
+        if (live_holders(dir)) {
+            failures = 0;
+        } else if (unmount_once(mnt, failures >= LAZY_AFTER)) {
+            remove_mount_dir(dir);
+            _exit(0);
+        } else {
+            failures++;
+        }
+        close(fd);
+    }
+}
+
+/* Start watch(dir) detached (its own session, stdio on /dev/null, no other descriptor: a pipe held
+ * open there would keep the caller's reader waiting), as SharedMount._start_watchdog starts the
+ * Python one. Forked twice, so that nobody waits for it. */
+static void start_watchdog(const char *dir) {
+    pid_t pid = fork();
+    if (pid < 0) return;
+    if (pid > 0) {
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+        }
+        return;
+    }
+    if (setsid() < 0 || fork() != 0) _exit(0);
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (size_t i = 0; i < N_FORWARDED; i++) sigaction(forwarded[i], &dfl, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    int null = open("/dev/null", O_RDWR);
+    for (int fd = 0; fd < 3; fd++) dup2(null, fd);
+    closefrom(3);
+    /* under a name of its own: `pkill -f "hpcsif exec …"` must not end it with the containers */
+    char *argv[] = {WATCHDOG, (char *)dir, NULL};
+    execv("/proc/self/exe", argv);
+    watch(dir);
+}
+
 struct mount_plan {
     char *dir;
     char **argv; /* the squashfuse command line, ending with the mount point */
-    char *pythonpath;  /* for the watchdog: where hpcsif's package is */
 };
 
 /* Mount as SharedMount._mount does (the lock is held): squashfuse, then the watchdog; 1 on success. */
@@ -358,21 +450,7 @@ static int mount_image(const struct mount_plan *plan, const char *mnt) {
     if (mkdir(mnt, 0777) != 0 && errno != EEXIST) return 0;
     if (run_quietly(plan->argv, environ, 1, 0) != 0) return 0; /* the Python CLI says why */
     if (mounted(plan->dir, mnt) != 1) return 0;
-    size_t n = 0;
-    while (environ[n]) n++;
-    char **env = calloc(n + 2, sizeof *env), *old = getenv("PYTHONPATH");
-    if (env) {
-        size_t k = 0;
-        for (size_t i = 0; i < n; i++)
-            if (strncmp(environ[i], "PYTHONPATH=", 11) != 0) env[k++] = environ[i];
-        char *path = malloc(strlen(plan->pythonpath) + (old ? strlen(old) : 0) + 16);
-        if (path) {
-            sprintf(path, "PYTHONPATH=%s%s%s", plan->pythonpath, old && *old ? ":" : "", old && *old ? old : "");
-            env[k++] = path;
-        }
-        char *argv[] = {HPCSIF_PYTHON, "-m", "hpcsif.engine.mounts", "--watch", plan->dir, NULL};
-        run_quietly(argv, env, 0, 1); /* detached: it unmounts after a SIGKILLed last holder */
-    }
+    start_watchdog(plan->dir);
     return 1;
 }
 
@@ -413,14 +491,8 @@ static _Noreturn void leave(int status) {
     char path[4200];
     snprintf(path, sizeof path, "%s/mnt", g_mount_dir);
     /* busy: the watchdog unmounts it later, as after SharedMount.release */
-    if (!live_holders(g_mount_dir) && (mounted(g_mount_dir, path) == 0 || unmount(path))) {
-        rmdir(path);
-        snprintf(path, sizeof path, "%s/holders", g_mount_dir);
-        rmdir(path);
-        snprintf(path, sizeof path, "%s/lock", g_mount_dir);
-        unlink(path); /* the lock goes last: a waiter sees it gone and starts again */
-        rmdir(g_mount_dir);
-    }
+    if (!live_holders(g_mount_dir) && (mounted(g_mount_dir, path) == 0 || unmount(path)))
+        remove_mount_dir(g_mount_dir);
     close(fd);
     exit(status);
 }
@@ -528,14 +600,13 @@ static char *joined(const char *name, const char *value) {
 /* Run the plan in *c* (past its checks) with the command from argv[split]; never returns. */
 static _Noreturn void launch(struct cursor *c, int split) {
     long long umask_set = -1, pidns, n_args, n_data, n_env, n_mount;
-    struct mount_plan mount = {field(c), NULL, NULL};
+    struct mount_plan mount = {field(c), NULL};
     if (!mount.dir || number(c, &n_mount) || n_mount < 1 || n_mount > 64) python_cli();
     if (!(mount.argv = calloc((size_t)n_mount + 1, sizeof *mount.argv))) python_cli();
     for (long long i = 0; i < n_mount; i++)
         if (!(mount.argv[i] = field(c))) python_cli();
-    mount.pythonpath = field(c);
     char *umask_field = field(c);
-    if (!mount.pythonpath || !umask_field || number(c, &pidns)) python_cli();
+    if (!umask_field || number(c, &pidns)) python_cli();
     if (strcmp(umask_field, "-") != 0) umask_set = strtoll(umask_field, NULL, 8);
     char *bwrap = field(c);
     if (!bwrap || number(c, &n_args) || n_args < 1 || n_args > 100000) python_cli();
@@ -652,6 +723,7 @@ static _Noreturn void launch(struct cursor *c, int split) {
 }
 
 int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[0], WATCHDOG) == 0) watch(argv[1]);
     g_argc = argc;
     g_argv = argv;
     size_t len = 0;

@@ -175,8 +175,10 @@ def hpcsif_processes() -> list[str]:
         if "Z" in st:
             continue
         ours = any(str(d) in args for d in RUNTIME.values())
+        program = os.path.basename(args.split()[0])
         if ours and (
-            args.startswith(("squashfuse", "bwrap", "fuse-overlayfs")) or "hpcsif.engine.mounts" in args
+            program.startswith(("squashfuse", "bwrap", "fuse-overlayfs", "hpcsif-mount-watchdog"))
+            or "hpcsif.engine.mounts" in args
         ):
             found.append(line)
     return found

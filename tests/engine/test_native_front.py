@@ -363,7 +363,8 @@ def test_nothing_mounted_the_front_mounts_and_unmounts(front, images):
         assert (proc.returncode, started, proc.stderr) == (status, False, "")
         assert int(proc.stdout) > 0
         assert not fuse_mounts() and not list(Path(os.environ["XDG_RUNTIME_DIR"], "hpcsif").glob("sif-*"))
-    assert front.watchdogs() == 2  # one per mount it made (the Python CLI starts its own directly)
+    # the front watches the mounts it made itself: no Python started for a cold start either
+    assert front.watchdogs() == 0
     for _ in range(100):  # each watchdog ends once its mount is gone
         if not hpcsif_processes():
             break
@@ -391,6 +392,8 @@ def test_last_holder_unmounts_and_a_killed_front_leaves_nothing(front, images):
             break
         time.sleep(0.05)
     time.sleep(0.3)
+    # the front's own watchdog, under a name that `pkill -f "hpcsif exec"` does not match
+    assert any(" hpcsif-mount-watchdog " in p for p in hpcsif_processes()), hpcsif_processes()
     killed.kill()
     killed.wait()
     for _ in range(100):
