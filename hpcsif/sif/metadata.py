@@ -14,9 +14,10 @@ unchanged (Apptainer's ``SINGULARITY_NO_EVAL`` behaviour).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from hpcsif import __version__
 from hpcsif.engine.environment import EXEC_RESOLVED
 from hpcsif.errors import IntegrityError
 from hpcsif.image.layers import ExtraFile
+
+log = logging.getLogger(__name__)
 
 SD = "/.singularity.d"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -280,6 +283,100 @@ def trimmed(value: Any) -> Any:
     return value
 
 
+def _bool(value: Any) -> Any:
+    return value if isinstance(value, bool) else None
+
+
+def _str(value: Any) -> Any:
+    return value if isinstance(value, str) else None
+
+
+def _words_or_shell(value: Any) -> Any:
+    return value if isinstance(value, str) else _str_list(value)
+
+
+def _str_list(value: Any) -> Any:
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def _str_map(value: Any) -> Any:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
+
+
+def _key_set(value: Any) -> Any:
+    return {str(k): {} for k in value} if isinstance(value, dict) else None
+
+
+def _duration(value: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _health(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return None
+    return _fields(value, _HEALTH_FIELDS, "Healthcheck.")
+
+
+# go-containerregistry's v1.HealthConfig and v1.Config, in their order: Apptainer keeps the
+# image config in oci-config.json by decoding it into v1.Config and encoding it again, so
+# unknown keys go, empty values (false, "", [], {}) are left out and the values of Volumes
+# and ExposedPorts become {}. Cmd/Entrypoint may be a string (shell form, see _words).
+_HEALTH_FIELDS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("Test", _str_list),
+    ("Interval", _duration),
+    ("Timeout", _duration),
+    ("StartPeriod", _duration),
+    ("Retries", _duration),
+)
+_CONFIG_FIELDS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("AttachStderr", _bool),
+    ("AttachStdin", _bool),
+    ("AttachStdout", _bool),
+    ("Cmd", _words_or_shell),
+    ("Healthcheck", _health),
+    ("Domainname", _str),
+    ("Entrypoint", _words_or_shell),
+    ("Env", _str_list),
+    ("Hostname", _str),
+    ("Image", _str),
+    ("Labels", _str_map),
+    ("OnBuild", _str_list),
+    ("OpenStdin", _bool),
+    ("StdinOnce", _bool),
+    ("Tty", _bool),
+    ("User", _str),
+    ("Volumes", _key_set),
+    ("WorkingDir", _str),
+    ("ExposedPorts", _key_set),
+    ("ArgsEscaped", _bool),
+    ("NetworkDisabled", _bool),
+    ("MacAddress", _str),
+    ("StopSignal", _str),
+    ("Shell", _str_list),
+)
+
+
+def _fields(
+    obj: dict[str, Any], fields: Sequence[tuple[str, Callable[[Any], Any]]], where: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, convert in fields:
+        if obj.get(key) is None:
+            continue
+        value = convert(obj[key])
+        if value is None:  # Apptainer refuses the whole image; nothing here reads the field
+            log.warning("image config: ignoring %s%s of the wrong type: %.80r", where, key, obj[key])
+        elif value not in (False, "", [], {}) or key == "Healthcheck":
+            out[key] = value
+    return out
+
+
+def runtime_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``oci-config.json`` object for an image config's ``config`` member, as Apptainer
+    writes it: the fields of Docker's container config in its order, empty ones left out."""
+    return _fields(cfg, _CONFIG_FIELDS, "")
+
+
 def build_labels(*, bootstrap: str, source: str, arch: str, now: float | None = None) -> dict[str, str]:
     """The labels every build records: architecture, date, versions and where it came from."""
     return {
@@ -297,28 +394,21 @@ def for_image(
 ) -> Metadata:
     """Metadata for an image converted from ``source`` (labels, env, runscript)."""
     cfg = config.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise IntegrityError(f"image config: config must be a JSON object, not {cfg!r:.80}")
+    image_labels = cfg.get("Labels") or {}
+    if not isinstance(image_labels, dict):
+        raise IntegrityError(f"image config: Labels must be a JSON object, not {image_labels!r:.80}")
     labels = build_labels(bootstrap=bootstrap, source=source, arch=arch, now=now)
-    labels.update({str(k): str(v) for k, v in (cfg.get("Labels") or {}).items()})
+    labels.update(_str_map(image_labels))
     environment = {
         f"{SD}/env/10-docker2singularity.sh": env_script(cfg.get("Env") or []),
         f"{SD}/env/90-environment.sh": ENV_90,
     }
-    keep = (
-        "Cmd",
-        "Entrypoint",
-        "Env",
-        "Labels",
-        "WorkingDir",
-        "User",
-        "ExposedPorts",
-        "Volumes",
-        "StopSignal",
-    )
-    oci_config = {k: cfg[k] for k in keep if cfg.get(k) not in (None, [], {}, "")}
     return Metadata(
         deffile=f"bootstrap: {bootstrap}\nfrom: {source}\n",
         labels=labels,
         runscript=runscript_for(cfg.get("Entrypoint"), cfg.get("Cmd")),
         environment=environment,
-        oci_config=oci_config,
+        oci_config=runtime_config(cfg),
     )
