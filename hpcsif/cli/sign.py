@@ -94,7 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--new-password",
         action="store_true",
-        help="accepted and not used: private keys are stored unencrypted",
+        help="accepted and not used: a key is stored as given (a passphrase-protected OpenPGP key "
+        "keeps its passphrase, which 'hpcsif sign' asks for)",
     )
     _keyring_flags(p)
     p.set_defaults(func=_key_import)
@@ -252,11 +253,15 @@ def _key_list(args: argparse.Namespace) -> int:
 def _key_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from hpcsif.signing import pgp
+
     if args.new_password:
-        print("WARNING: --new-password is not used: hpcsif stores private keys unencrypted", file=sys.stderr)
+        print("WARNING: --new-password is not used: hpcsif stores the key as given", file=sys.stderr)
     key = _keyring(args).import_file(Path(args.file), args.name)
     kind = "key pair" if key.private_path else "public key"
     print(f"Imported {kind} {key.name} ({key.algorithm}, fingerprint {key.fingerprint})")
+    if key.private_path and key.scheme == "pgp" and pgp.is_protected(key.private_path.read_bytes()):
+        print("Its private key is protected by a passphrase: 'hpcsif sign' asks for it.")
     return 0
 
 
@@ -304,6 +309,17 @@ def _info(args: argparse.Namespace, message: str) -> None:
         print(f"INFO:    {message}", file=sys.stderr)
 
 
+def _ask_passphrase() -> str:
+    """The key's passphrase, as Apptainer asks it: unechoed from a terminal, else a line of stdin."""
+    prompt = "Enter key passphrase : "
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    print(prompt, end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    print(file=sys.stderr)
+    return line.removesuffix("\n").removesuffix("\r")
+
+
 def _sign(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -329,7 +345,7 @@ def _sign(args: argparse.Namespace) -> int:
             "PGP key material" if key.scheme == "pgp" else f"key material from keyring key {key.name!r}"
         )
         _info(args, f"Signing image with {material}")
-    sign_image(args.image, key, args.group_id, args.sif_id)
+    sign_image(args.image, key, args.group_id, args.sif_id, _ask_passphrase)
     _info(args, f"Signature created and applied to image '{args.image}'")
     return 0
 

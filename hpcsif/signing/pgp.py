@@ -150,16 +150,33 @@ def public_from_secret(secret: bytes) -> bytes:
         return _run(home, ["--armor", "--export"], what="gpg export")
 
 
-def clearsign(secret: bytes, fingerprint: str, message: bytes) -> bytes:
-    """Clear-sign *message* (SHA-256) with the unprotected armored secret key *secret*."""
+def is_protected(secret: bytes) -> bool:
+    """True if a secret key in *secret* is encrypted with a passphrase (Apptainer's keys usually are)."""
+    with _home() as home:
+        packets = _run(home, ["--list-packets"], secret, "reading OpenPGP key")
+    return re.search(rb"^\s+skey\[\d+\]: \[v\d protected\]", packets, re.M) is not None
+
+
+def clearsign(secret: bytes, fingerprint: str, message: bytes, passphrase: str = "") -> bytes:
+    """Clear-sign *message* (SHA-256) with the armored or binary secret key *secret*.
+
+    *passphrase* unlocks a protected key; it reaches gpg through a file in the private home,
+    never the command line (which other users may read).
+    """
     with _home() as home:
         _run(home, ["--passphrase", "", "--import"], secret, "importing OpenPGP key")
-        return _run(
-            home,
-            ["--passphrase", "", "--local-user", fingerprint, "--digest-algo", "SHA256", "--clearsign"],
-            message,
-            "OpenPGP signing",
-        )
+        pass_file = home / "passphrase"
+        pass_file.touch(mode=0o600)
+        pass_file.write_text(passphrase)
+        args = ["--passphrase-file", str(pass_file), "--local-user", fingerprint, "--digest-algo", "SHA256"]
+        try:
+            return _run(home, [*args, "--clearsign"], message, "OpenPGP signing")
+        except SignatureError as exc:
+            if "Bad passphrase" in str(exc) or "No passphrase given" in str(exc):
+                raise SignatureError(
+                    f"OpenPGP key {fingerprint}: {'wrong passphrase' if passphrase else 'passphrase needed'}"
+                ) from None
+            raise
 
 
 def verify(signed: bytes, public_keys: list[bytes]) -> tuple[bytes, str] | None:
