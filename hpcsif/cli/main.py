@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from hpcsif import __version__
 
@@ -64,12 +65,35 @@ def command_of(argv: list[str]) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistyped command line in one FATAL line naming the command, status 2.
+
+    argparse's own report is the top-level usage (for a subcommand's unknown flag too) and an
+    ``error:`` line; Apptainer's is one line naming the command (then its flag list).
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # the innermost command's default wins: main() names it for an unknown flag
+        self.set_defaults(command_prog=self.prog)
+
+    def error(self, message: str) -> NoReturn:
+        """Print *message* as one FATAL line for this (sub)command and exit with status 2."""
+        fail(self.prog, message)
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """Exit with status 2 after one line: what is wrong with the command line of *prog*."""
+    print(f"FATAL:   {prog}: {message} (see: {prog} --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 def build_parser(modules: list[str] | None = None, command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser with the commands of ``modules`` (default: all) registered.
 
     A module with ``register_one`` registers just ``command`` of its commands, when given.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hpcsif",
         description="Docker/OCI containers as Apptainer-compatible SIF images on HPC clusters.",
     )
@@ -195,7 +219,11 @@ def main(argv: list[str] | None = None, *, front: bool = False) -> int:
     parser = build_parser(
         [] if command in BUILTIN_COMMANDS else [fast] if fast else None, command if fast else None
     )
-    args = parser.parse_args(attach_dash_values(parser, argv))
+    args, unknown = parser.parse_known_args(attach_dash_values(parser, argv))
+    if unknown:  # the innermost command's, not the top-level usage argparse would name
+        flag = unknown[0].split("=", 1)[0]
+        what = f"unknown flag: {flag}" if flag.startswith("-") else f"unexpected argument: {unknown[0]!r}"
+        fail(args.command_prog, what)
     args.front_words = words if front else None
     setup_logging(args)
     from hpcsif.errors import HpcsifError

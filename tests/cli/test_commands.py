@@ -46,6 +46,29 @@ def test_help_and_unknown_commands_list_them_all() -> None:
     assert bad.returncode == 2 and "invalid choice: 'frobnicate'" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["exec", "--bogus", "x.sif", "true"], "FATAL:   hpcsif exec: unknown flag: --bogus"),
+        (["pull", "-q", "docker://busybox"], "FATAL:   hpcsif pull: unknown flag: -q"),
+        (["cache", "list", "--zz=1"], "FATAL:   hpcsif cache list: unknown flag: --zz"),
+        (["inspect", "a.sif", "b.sif"], "FATAL:   hpcsif inspect: unexpected argument: 'b.sif'"),
+        (["exec"], "FATAL:   hpcsif exec: the following arguments are required: image, args"),
+        (
+            ["sign", "-k", "one", "x.sif"],
+            "FATAL:   hpcsif sign: argument -k/--keyidx: invalid int value: 'one'",
+        ),
+    ],
+)
+def test_a_mistyped_command_line_is_one_line_naming_the_command(argv: list[str], line: str) -> None:
+    """Not argparse's top-level usage (which named no command for a subcommand's unknown flag) and
+    an ``error:`` line: one FATAL line for the command the flag belongs to, status 2."""
+    proc = run_cli(*argv, check=False)
+    command = line.split(":", 2)[1].strip()
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == f"{line} (see: {command} --help)\n", proc.stderr
+
+
 def test_an_unexpected_error_is_one_line_and_a_traceback_with_d(monkeypatch, capsys) -> None:
     """A bug (an exception no check foresaw) still ends in one FATAL line and status 255; -d adds
     the traceback."""
