@@ -181,8 +181,12 @@ def _admin_comment(client: JobClient, job_id: str) -> str | None:
     return client.job_info(job_id)["admin_comment"]
 
 
-def _comment(client: JobClient, job_id: str) -> str | None:
-    return client.job_info(job_id)["comment"]
+def _comment(client: JobClient, ctx: JobContext) -> str | None:
+    """The job's comment: slurmd hands it to the prolog (``SLURM_JOB_COMMENT``, as Slurm 22.05 does),
+    so only a job without one, or a Slurm that does not, costs a slurmctld query."""
+    if "SLURM_JOB_COMMENT" in ctx.env:
+        return ctx.env["SLURM_JOB_COMMENT"]
+    return client.job_info(ctx.job_id)["comment"]
 
 
 # --- staging -----------------------------------------------------------------------------------
@@ -250,8 +254,8 @@ def run_prolog(ctx: JobContext, client: JobClient, *, timeout: float | None = No
     requests = discover(
         ctx.env,
         batch_script=lambda: client.batch_script(ctx.job_id),
-        comment=lambda: _comment(client, ctx.job_id),
-        # each of directive and comment costs a slurmctld query per node and job
+        comment=lambda: _comment(client, ctx),
+        # directive costs a slurmctld query per node and job (comment only without SLURM_JOB_COMMENT)
         methods=get_config().get("slurm.discovery", METHODS),
     )
     report = PrologReport(ctx.job_id, requests)

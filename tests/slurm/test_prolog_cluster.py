@@ -290,3 +290,26 @@ def test_epilog_evicts_by_quota_but_never_a_leased_image(
         env_file.write_text(saved)
         flag.touch()
     assert cluster.wait(holder) == "COMPLETED"
+
+
+def test_the_comment_slurmd_passes_needs_no_query(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    """slurmd gives the prolog the job's comment (SLURM_JOB_COMMENT): no slurmctld query per node.
+
+    The job id is one slurmctld does not know, so a query for the comment would find nothing.
+    """
+    cluster = hpcsif_cluster
+    ref = write_os_archive(tmp_path / "os21.tar", 21)
+    env = {
+        **cluster.slurm.env,
+        "SLURM_JOB_ID": "987654",
+        "SLURM_SCRIPT_CONTEXT": "prolog_slurmd",
+        "SLURM_JOB_COMMENT": f"stage hpcsif:{ref} please",
+        "HPCSIF_SYSTEM_CACHEDIR": str(tmp_path / "system"),
+    }
+    proc = run_cli("slurm", "prolog", env=env)
+    assert f"{ref} (" in proc.stdout and "): staged " in proc.stdout, proc.stdout + proc.stderr
+    assert list((tmp_path / "system").glob("leases/*/job-987654.json"))
+    # without it (an older Slurm, a job without a comment) the comment is asked for
+    del env["SLURM_JOB_COMMENT"]
+    proc = run_cli("slurm", "prolog", env=env)
+    assert "cannot read the job's comment" in proc.stderr and "staged" not in proc.stdout, proc.stderr
