@@ -4,8 +4,8 @@ Starts the test Slurm cluster (tests/services/slurm.py, one node), submits a hel
 for the ``debian-py`` image (``--comment=hpcsif:oci://…``: an OCI layout, whose digest is read
 from its index as a registry tag's pinned digest would be; a docker-archive would add hashing
 the whole archive on every cold node), and runs the real prolog
-hook as slurmd would (``SLURM_JOB_ID``, ``SLURM_CONF`` … in its environment; it asks slurmctld
-for the job's batch script and comment) in three situations:
+hook as slurmd would (``SLURM_JOB_ID``, ``SLURM_CONF``, ``SLURM_JOB_COMMENT`` … in its
+environment; it asks slurmctld for the job's batch script) in three situations:
 
 * **cold**: empty node cache, no shared tier: one conversion;
 * **cold node, warm shared tier**: the node copies the SIF from ``cache.shared_dir``
@@ -191,6 +191,7 @@ def main() -> None:
             "SLURM_JOB_UID": "0",
             "SLURMD_NODENAME": cluster.nodes[0],
             "SLURM_SCRIPT_CONTEXT": "prolog_slurmd",
+            "SLURM_JOB_COMMENT": f"hpcsif:{ref}",  # slurmd passes the job's comment
         }
 
         def fresh(path: Path) -> None:
@@ -304,7 +305,7 @@ def main() -> None:
     notes = [
         f"Image: `{args.image}`{extra} (OCI layout, {layout_mb:.0f} MB); median of {args.repeat} "
         f"runs on {os.cpu_count()} cores. Each time is the whole `slurm/prolog` hook as slurmd runs it: "
-        "Python start, two slurmctld queries (batch script, comment), staging, lease, job record; "
+        "Python start, a slurmctld query (batch script), staging, lease, job record; "
         "'staging ms' is the staging step alone (as the prolog logs it).",
         f"Load average at the end: {os.getloadavg()[0]:.1f} (other work on the machine inflates wall times).",
         f"- warm: {warm_s[0]:.2f} s for the whole hook (goal < 0.5 s)",
