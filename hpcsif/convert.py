@@ -129,6 +129,7 @@ def image_to_sif(
 ) -> Path:
     """Convert ``image`` to a SIF at ``dest`` atomically; returns ``dest``."""
     from hpcsif.image.layers import flatten
+    from hpcsif.sif import metadata as md
     from hpcsif.sif.format import DataType, FSType, PartType
     from hpcsif.sif.squashfs import squashfs_from_tar
     from hpcsif.sif.writer import ObjectSpec, SIFWriter
@@ -153,7 +154,7 @@ def image_to_sif(
         )
         log.info("Creating SIF file %s", dest)
         with SIFWriter(dest, arch=image.architecture) as writer:
-            writer.add(ObjectSpec(DataType.DEFFILE, data=meta.deffile.encode()))
+            writer.add(ObjectSpec(DataType.DEFFILE, data=md.raw(meta.deffile)))
             writer.add(
                 ObjectSpec(DataType.GENERIC_JSON, data=meta.inspect_json(), name="inspect-metadata.json")
             )
@@ -240,8 +241,8 @@ def sandbox_to_sif(
     file record names as the source (default: ``src``). A ``scratch`` tree (ours to change) gets
     the renewed labels in its ``labels.json`` too; a user's sandbox is never written to.
     """
+    from hpcsif.sif import metadata as md
     from hpcsif.sif.format import DataType, FSType, PartType
-    from hpcsif.sif.metadata import trimmed
     from hpcsif.sif.squashfs import squashfs_from_dir
     from hpcsif.sif.writer import ObjectSpec, SIFWriter
 
@@ -251,7 +252,7 @@ def sandbox_to_sif(
     deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {origin or src}\n"
     arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
-        writer.add(ObjectSpec(DataType.DEFFILE, data=deffile.encode()))
+        writer.add(ObjectSpec(DataType.DEFFILE, data=md.raw(deffile)))
         if meta:
             inspect = meta.inspect_json()
             if meta.oci_config:
@@ -262,7 +263,6 @@ def sandbox_to_sif(
             if oci_config:
                 data = json.dumps(oci_config, separators=(",", ":")).encode()
                 writer.add(ObjectSpec(DataType.GENERIC_JSON, data=data, name="oci-config.json"))
-            from hpcsif.sif import metadata as md
 
             sd = src / ".singularity.d"
             labels = _read_json(_text_inside(sd, "labels.json") or "")
@@ -275,13 +275,16 @@ def sandbox_to_sif(
             )
             if scratch and sd.is_dir() and not sd.is_symlink():  # a link could point out of the tree
                 atomic_write_bytes(
-                    sd / "labels.json", json.dumps(dict(sorted(labels.items())), indent="\t").encode()
+                    sd / "labels.json",
+                    json.dumps(md.utf8(dict(sorted(labels.items()))), indent="\t").encode(),
                 )
             attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
             runscript = _text_inside(sd, "runscript")
             if runscript is not None:
                 attrs["runscript"] = runscript
-            inspect = json.dumps({"data": {"attributes": trimmed(attrs)}, "type": "container"}).encode()
+            inspect = json.dumps(
+                {"data": {"attributes": md.utf8(md.trimmed(attrs))}, "type": "container"}
+            ).encode()
         writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
         # mksquashfs 4.5 zeroes whatever precedes its -o offset, so it writes a file of its own
         # next to dest, which then becomes the SIF in place

@@ -453,8 +453,8 @@ class _StageBuilder:
         if sec is None or not sec.body.strip():
             return
         self.options.say("Running setup scriptlet")
-        with tempfile.NamedTemporaryFile("w", suffix=".sh", dir=self.root.parent, delete=False) as f:
-            f.write(sec.body)
+        with tempfile.NamedTemporaryFile(suffix=".sh", dir=self.root.parent, delete=False) as f:
+            f.write(md.raw(sec.body))
         env = {**os.environ, "APPTAINER_ROOTFS": str(self.root), "SINGULARITY_ROOTFS": str(self.root)}
         try:
             argv = [*sec.shell_argv(self.where), f.name]
@@ -538,7 +538,9 @@ class _StageBuilder:
             self._write(f"{meta}/env/90-environment.sh", app.body("env"), 0o755)
             global_env += f'export SCIF_APPENV_{var}="{meta}/env/90-environment.sh"\n'
         labels = {"SCIF_APP_NAME": app.name, **parse_labels(app.body("labels"))}
-        self._write(f"{meta}/labels.json", json.dumps(dict(sorted(labels.items())), indent="\t"), 0o644)
+        self._write(
+            f"{meta}/labels.json", json.dumps(md.utf8(dict(sorted(labels.items()))), indent="\t"), 0o644
+        )
         global_env += f'export SCIF_APPLABELS_{var}="{meta}/labels.json"\n'
         if app.body("run"):
             self._write(f"{meta}/runscript", _script(app.sections["run"], self.where), 0o755)
@@ -636,7 +638,9 @@ class _StageBuilder:
         if runs("labels"):
             labels.update(stage.labels)
         labels.update(self.post_labels)  # $APPTAINER_LABELS lines win over %labels (Apptainer)
-        self._write(f"{SD}/labels.json", json.dumps(dict(sorted(labels.items())), indent="\t"), 0o644)
+        self._write(
+            f"{SD}/labels.json", json.dumps(md.utf8(dict(sorted(labels.items()))), indent="\t"), 0o644
+        )
         self._write(f"{SD}/Singularity", self.definition.raw, 0o644)
 
     def _write(self, inner: str, text: str, mode: int) -> None:
@@ -646,7 +650,7 @@ class _StageBuilder:
         if path.is_dir():
             raise BuildError(f"cannot write {inner} in the image: it is a directory")
         path.unlink(missing_ok=True)
-        path.write_text(text)
+        path.write_bytes(md.raw(text))
         os.chmod(path, mode)
 
 
@@ -665,15 +669,15 @@ MAX_METADATA = 16 << 20
 
 def _text(path: Path) -> str:
     """A regular file of the tree as text, exactly: a CR stays a CR (``read_text`` makes it a
-    newline) and bytes that are not UTF-8 become U+FFFD. ``%post`` may have put anything
-    there: a FIFO or a device is not read (it would block, or never end), nor are more than
-    :data:`MAX_METADATA` bytes."""
+    newline) and bytes that are not UTF-8 are kept (:func:`hpcsif.sif.metadata.raw` gives them
+    back). ``%post`` may have put anything there: a FIFO or a device is not read (it would
+    block, or never end), nor are more than :data:`MAX_METADATA` bytes."""
     data = read_regular(path, MAX_METADATA)
     if data is None:
         raise BuildError(f"{path.name} in the image is not a regular file")
     if len(data) > MAX_METADATA:
         raise BuildError(f"{path.name} in the image is larger than {MAX_METADATA >> 20} MiB")
-    return data.decode(errors="replace")
+    return data.decode(errors="surrogateescape")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -726,8 +730,8 @@ def run_in_tree(
     # a new file: whatever the image put at that name (a symlink to a host file) is not followed
     script_path.unlink(missing_ok=True)
     fd = os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with open(fd, "w") as f:
-        f.write(script)
+    with open(fd, "wb") as f:
+        f.write(md.raw(script))
     env = {
         "PATH": POST_PATH,
         "HOME": "/root",

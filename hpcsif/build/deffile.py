@@ -258,10 +258,11 @@ def load(path: str | Path, build_args: dict[str, str] | None = None) -> Definiti
         raise DefinitionError(
             f"definition file {p} is larger than {MAX_SIZE >> 20} MiB, the most hpcsif reads"
         )
-    # line endings as written: the image keeps the file as is; bytes that are not UTF-8
-    # become U+FFFD, as they do in the labels and metadata Apptainer writes
-    # a byte order mark (Windows editors write one) is no part of the first header key
-    text = data.decode(errors="replace").removeprefix("\ufeff")
+    # line endings as written: the image keeps the file as is; bytes that are not UTF-8 stay
+    # in the scripts and files (surrogateescape), and become U+FFFD only in JSON (labels,
+    # inspect metadata), as in Apptainer; a byte order mark (Windows editors write one) is
+    # no part of the first header key
+    text = data.decode(errors="surrogateescape").removeprefix("\ufeff")
     return parse(text, where=str(p), build_args=build_args)
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SD = "/.singularity.d"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _SOURCE_ENV = f"""for _hpcsif_env in {SD}/env/*.sh; do
     [ -f "$_hpcsif_env" ] && . "$_hpcsif_env"
@@ -231,20 +232,20 @@ class Metadata:
         out += [ExtraFile(f"{SD}/actions", None, 0o755), ExtraFile(f"{SD}/libs", None, 0o755)]
         out += [ExtraFile(f"{SD}/actions/{n}", s.encode(), 0o755) for n, s in sorted(ACTIONS.items())]
         env = {**BASE_ENV, **self.environment}
-        out += [ExtraFile(p, s.encode(), 0o755) for p, s in sorted(env.items())]
-        out.append(ExtraFile(f"{SD}/runscript", self.runscript.encode(), 0o755))
-        out.append(ExtraFile(f"{SD}/startscript", self.startscript.encode(), 0o755))
-        out.append(ExtraFile(f"{SD}/Singularity", self.deffile.encode(), 0o644))
+        out += [ExtraFile(p, raw(s), 0o755) for p, s in sorted(env.items())]
+        out.append(ExtraFile(f"{SD}/runscript", raw(self.runscript), 0o755))
+        out.append(ExtraFile(f"{SD}/startscript", raw(self.startscript), 0o755))
+        out.append(ExtraFile(f"{SD}/Singularity", raw(self.deffile), 0o644))
         out.append(ExtraFile(f"{SD}/labels.json", self.labels_json().encode(), 0o644))
         if self.test is not None:
-            out.append(ExtraFile(f"{SD}/test", self.test.encode(), 0o755))
+            out.append(ExtraFile(f"{SD}/test", raw(self.test), 0o755))
         if self.helpfile is not None:
-            out.append(ExtraFile(f"{SD}/runscript.help", self.helpfile.encode(), 0o644))
+            out.append(ExtraFile(f"{SD}/runscript.help", raw(self.helpfile), 0o644))
         return out + self.extra_files
 
     def labels_json(self) -> str:
         """``labels.json`` as Apptainer writes it (sorted, tab indented)."""
-        return json.dumps(dict(sorted(self.labels.items())), indent="\t")
+        return json.dumps(utf8(dict(sorted(self.labels.items()))), indent="\t")
 
     def inspect_json(self) -> bytes:
         """The ``inspect-metadata.json`` SIF object ``apptainer inspect`` reads.
@@ -265,11 +266,30 @@ class Metadata:
             attrs["helpfile"] = trimmed(self.helpfile)
         if self.apps:
             attrs["apps"] = trimmed(self.apps)
-        return json.dumps({"data": {"attributes": attrs}, "type": "container"}).encode()
+        return json.dumps({"data": {"attributes": utf8(attrs)}, "type": "container"}).encode()
 
     def oci_config_json(self) -> bytes:
         """The ``oci-config.json`` SIF object (the image's runtime config)."""
         return json.dumps(self.oci_config, separators=(",", ":")).encode()
+
+
+def raw(text: str) -> bytes:
+    """``text`` as the bytes it was read from: definition files and files of the tree are read
+    with ``surrogateescape``, so bytes that are not UTF-8 (Latin-1 text) reach the image's
+    scripts and the ``%post`` shell unchanged, as in Apptainer."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def utf8(value: Any) -> Any:
+    """``value`` with every string made valid UTF-8 for JSON: each byte that was not UTF-8 (and
+    each lone surrogate escape of a JSON document) becomes U+FFFD, as Go's JSON coder has it."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {utf8(k): utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [utf8(v) for v in value]
+    return value
 
 
 def trimmed(value: Any) -> Any:
@@ -393,7 +413,7 @@ def for_image(
     config: dict[str, Any], *, bootstrap: str, source: str, arch: str, now: float | None = None
 ) -> Metadata:
     """Metadata for an image converted from ``source`` (labels, env, runscript)."""
-    cfg = config.get("config") or {}
+    cfg = utf8(config.get("config") or {})
     if not isinstance(cfg, dict):
         raise IntegrityError(f"image config: config must be a JSON object, not {cfg!r:.80}")
     image_labels = cfg.get("Labels") or {}

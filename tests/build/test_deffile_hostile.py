@@ -67,13 +67,29 @@ def test_form_feed_and_lone_cr_stay_in_their_line(base: Path, tmp_path: Path) ->
     assert "k: a\x0cb\n" in run_cli("inspect", "-l", str(sif)).stdout
 
 
-def test_definition_not_utf8_builds(base: Path, tmp_path: Path) -> None:
-    """Bytes that are not UTF-8 do not make the file an image: they become U+FFFD, as in Apptainer."""
+def test_definition_not_utf8_keeps_its_bytes_in_scripts(base: Path, tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (Latin-1 text) do not make the file an image; as in Apptainer
+    1.4.5, scripts, files and the kept definition have them unchanged, and only the JSON
+    metadata (labels, inspect) has U+FFFD in their place."""
     deffile = tmp_path / "latin1.def"
-    deffile.write_bytes(header(base).encode() + b"%labels\n  a \xff\xfe\n")
+    body = (
+        b'%post\n  echo "caf\xe9 post" > /post.txt\n%runscript\n  echo "caf\xe9 run"\n'
+        b'%environment\n  export GREET="caf\xe9 env"\n%labels\n  a \xff\xfe\n%help\n  caf\xe9 help\n'
+    )
+    deffile.write_bytes(header(base).encode() + body)
     sif = tmp_path / "latin1.sif"
-    run_cli("build", str(sif), str(deffile))
+    run_cli("build", str(sif), str(deffile), errors="surrogateescape")  # %post's trace has them
     assert "a: \ufffd\ufffd\n" in run_cli("inspect", "-l", str(sif)).stdout
+
+    def out(*args: str) -> bytes:
+        cmd = [sys.executable, "-m", "hpcsif.cli.main", *args]
+        return subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout
+
+    script = 'cat /post.txt /.singularity.d/runscript.help; printf "%s\\n" "$GREET"'
+    assert out("exec", str(sif), "sh", "-c", script) == b"caf\xe9 post\n  caf\xe9 help\n\ncaf\xe9 env\n"
+    assert out("run", str(sif)) == b"caf\xe9 run\n"
+    assert out("sif", "dump", "1", str(sif)) == header(base).encode() + body
+    assert out("inspect", "-H", str(sif)) == "  caf\ufffd help\n".encode()
 
 
 def test_lone_cr_line_endings_one_readable_line(base: Path, tmp_path: Path) -> None:

@@ -112,3 +112,17 @@ def test_fields_of_the_wrong_type_that_nothing_reads_are_left_out(tmp_path: Path
     runtime = {"Cmd": ["/bin/sh"], "Healthcheck": "x", "Volumes": ["/a"], "User": 5, "Tty": "yes"}
     run_cli("build", str(out), f"oci:{_layout(tmp_path, runtime)}")
     assert json.loads(_oci_config(out)) == {"Cmd": ["/bin/sh"]}
+
+
+def test_lone_surrogate_escapes_become_replacement_characters(tmp_path: Path) -> None:
+    """``"\\ud800"`` in the config's JSON is no character: U+FFFD, as Apptainer's decoder makes it
+    (it was an internal error)."""
+    out = tmp_path / "out.sif"
+    runtime = {"Cmd": ["/bin/sh", "\ud800"], "Env": ["A=\udce9x"], "Labels": {"l": "\ud800"}}
+    run_cli("build", str(out), f"oci:{_layout(tmp_path, runtime)}")
+    assert json.loads(_oci_config(out)) == {
+        "Cmd": ["/bin/sh", "\ufffd"],
+        "Env": ["A=\ufffdx"],
+        "Labels": {"l": "\ufffd"},
+    }
+    assert "l: \ufffd\n" in run_cli("inspect", "-l", str(out)).stdout
