@@ -29,11 +29,12 @@ def register_one(subparsers: argparse._SubParsersAction, action: str) -> None:
     p = subparsers.add_parser(action, help=text, description=text)
     _add_flags(p, action)
     p.add_argument("image", help="SIF file, sandbox directory or URI (docker://, oras://, oci-archive:// …)")
-    p.add_argument(
+    words = p.add_argument(
         "args",
         nargs=argparse.REMAINDER,
         help="command and arguments" if action == "exec" else "arguments",
     )
+    words.required = action == "exec"  # argparse requires every REMAINDER; only exec needs words
     p.set_defaults(func=handle, action=action)
 
 

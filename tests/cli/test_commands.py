@@ -54,6 +54,7 @@ def test_help_and_unknown_commands_list_them_all() -> None:
         (["cache", "list", "--zz=1"], "FATAL:   hpcsif cache list: unknown flag: --zz"),
         (["inspect", "a.sif", "b.sif"], "FATAL:   hpcsif inspect: unexpected argument: 'b.sif'"),
         (["exec"], "FATAL:   hpcsif exec: the following arguments are required: image, args"),
+        (["run"], "FATAL:   hpcsif run: the following arguments are required: image"),  # not ", args"
         (
             ["sign", "-k", "one", "x.sif"],
             "FATAL:   hpcsif sign: argument -k/--keyidx: invalid int value: 'one'",
