@@ -128,7 +128,8 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: Shared
 
     The witnesses are every host file the plan was made from: the configuration, bwrap and
     squashfuse, the image and its directories (the trust check), the bind sources and working
-    directories inside binds, the current directory, ``/etc/resolv.conf`` and hpcsif's modules.
+    directories inside binds, the current directory, ``/etc/resolv.conf``, the bound host
+    directories that lack a mount point (their entries) and hpcsif's modules.
     """
     from hpcsif.config import config_files, get_config
 
@@ -151,6 +152,8 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: Shared
         recorder.identity(str(d))
     for path in [*plan.host_paths, *([plan.cwd] if plan.cwd else []), "/etc/resolv.conf"]:
         recorder.identity(path)
+    for path in plan.listed:
+        recorder.file(path)  # (a directory's mtime changes with its entries)
     recorder.save(
         command=opts.command,
         min_command=1 if opts.action == "exec" else 0,
@@ -365,6 +368,7 @@ class _Plan:
         self._place([*dirs, *files], covers)
         self._drop_unreachable()
         self._check_user_binds(covers)
+        self._host_underlays(covers)
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
         if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
             raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
@@ -406,7 +410,7 @@ class _Plan:
             if b.dev and not self.minimal_dev and b.src == b.dst:
                 continue  # already there: the host's /dev is bound whole
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
-            args += [kind, b.src, at(b.dst)]
+            args += [kind, b.src, at(b.dst), *self.host_underlays.get(b, [])]
         # as Apptainer, root gets the image's own /etc/passwd: its entry is already there
         for name, text in (("passwd", self._passwd), ("group", self._group)):
             dest = at(f"/etc/{name}")
@@ -421,6 +425,8 @@ class _Plan:
             for d in sorted(self.underlaid, key=len):
                 if not any(m == d or d.startswith(m.rstrip("/") + "/") for m in mounted):
                     args += ["--remount-ro", d]
+        for d in self.host_underlaid:
+            args += ["--remount-ro", d]
         args += ["--chdir", workdir]
         from hpcsif.engine.environment import LAUNCHER
 
@@ -498,6 +504,60 @@ class _Plan:
             found = in_image(self.root, place)
             if found is not None and os.path.isdir(found) != os.path.isdir(b.src):
                 raise EngineError(f"mount {b.src}->{b.dst} error: could not mount {b.src}: not a directory")
+
+    def _host_underlays(self, covers: set[str]) -> None:
+        """Mount points inside bound host directories that must not be made on the host.
+
+        A mount inside a bound host directory that lacks its destination needs a mount point
+        there; bwrap (and Apptainer) create it on the host. A read-only bind, or a directory
+        the caller may not write, must stay untouched: its deepest existing directory becomes
+        a tmpfs holding binds of its entries (``host_underlays``, emitted right after the bind
+        that covers it), read-only once the mounts are in (``host_underlaid``). A destination
+        inside a bound file is refused in one line.
+        """
+        self.host_underlays: dict[Bind, list[str]] = {}
+        self.host_underlaid: list[str] = []
+        self.listed: list[str] = []  # host directories whose entries the plan depends on
+        by_dst = {b.dst: b for b in self.binds}  # the last bind of a destination is the one seen
+        needed: dict[Bind, set[str]] = {}
+        for b in self.binds:
+            inside = [c for c in by_dst if b.dst.startswith(c.rstrip("/") + "/")]
+            if not inside:
+                continue
+            c = by_dst[max(inside, key=len)]
+            if not os.path.isdir(c.src):
+                raise EngineError(
+                    f"mount {b.src}->{b.dst} error: destination {b.dst} is inside {c.dst}, where the "
+                    f"file {c.src} is bound"
+                )
+            if any(b.dst.startswith(t.rstrip("/") + "/") and len(t) > len(c.dst) for t in covers):
+                continue  # a tmpfs (--scratch, --contain) deeper than the bind holds it
+            cur = c.src
+            for part in os.path.relpath(b.dst, c.dst).split("/"):
+                nxt = os.path.join(cur, part)
+                if not os.path.lexists(nxt) or os.path.islink(nxt) or not os.path.isdir(nxt):
+                    break
+                cur = nxt
+            if os.path.lexists(nxt):
+                continue  # there already (or a link or file, which bwrap follows or refuses)
+            self.listed.append(cur)  # its entries matter: the missing one may appear
+            if c.readonly or not os.access(cur, os.W_OK):
+                needed.setdefault(c, set()).add(cur)
+        for c, dirs in needed.items():
+            args = []
+            for d in sorted(dirs, key=lambda p: p.count("/")):
+                dest = os.path.normpath(os.path.join(self.places[c.dst], os.path.relpath(d, c.src)))
+                try:
+                    entries = _entries(d, dest, "--ro-bind" if c.readonly else "--bind", skip=set())
+                    mode = os.stat(d).st_mode & 0o7777
+                except OSError as exc:
+                    raise EngineError(
+                        f"mount {c.src}->{c.dst} error: cannot make mount points inside it without writing "
+                        f"to {d} ({exc.strerror})"
+                    ) from None
+                args += ["--perms", f"{mode:o}", "--tmpfs", dest, *entries]
+                self.host_underlaid.append(dest)
+            self.host_underlays[c] = args
 
     def _existing_destinations(self, binds: list[Bind], user_binds: list[Bind], strict: bool) -> list[Bind]:
         """Binds for a persistent writable root, which an underlay would partly hide.
@@ -645,7 +705,7 @@ class _Plan:
         for d in sorted(need, key=lambda p: (p.count("/"), p)):
             if d != "/":
                 args += ["--tmpfs", d]
-            args += _entries(self.root, d, bind, skip=skip)
+            args += _entries(self.root + d if d != "/" else self.root, d, bind, skip=skip)
         return args
 
     def _data(self, text: str) -> str:
@@ -812,24 +872,26 @@ def _resolve_command(root: str, command: str, path: str) -> str:
     return command
 
 
-def _entries(root: str, d: str, bind: str, skip: set[str]) -> list[str]:
-    """bwrap arguments re-creating the image directory *d*'s entries inside a tmpfs at *d*.
+def _entries(host_dir: str, d: str, bind: str, skip: set[str]) -> list[str]:
+    """bwrap arguments re-creating the entries of *host_dir* inside a tmpfs at *d*.
 
     Entries that are mount destinations of another kind (*skip*: a symbolic link, a file where
     a directory is mounted) are left out: the mount creates its own mount point in their place.
     """
     args = []
-    host_dir = root + d if d != "/" else root
     for name in sorted(os.listdir(host_dir)):
         host = os.path.join(host_dir, name)
         dest = os.path.join(d, name)
-        st = os.lstat(host)
-        if dest in skip:
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            args += ["--symlink", os.readlink(host), dest]
-        elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-            args += [bind, host, dest]
+        try:
+            st = os.lstat(host)
+            if dest in skip:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                args += ["--symlink", os.readlink(host), dest]
+            else:  # (a host directory may hold sockets and fifos too)
+                args += [bind, host, dest]
+        except FileNotFoundError:
+            continue  # gone meanwhile (a host directory in use)
     return args
 
 

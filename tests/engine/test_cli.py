@@ -183,12 +183,43 @@ def test_sandbox_and_pwd_and_binds(run, images, pub_tmp):
 
 
 def test_setup_failure_is_an_error_and_leaves_no_mount(run, images, pub_tmp):
-    # a mount point to be made inside a read-only bind of the host: bwrap itself fails
-    binds = ["-B", "/usr/share:/opt/share:ro", "-B", f"{pub_tmp}:/opt/share/hpcsif-no-such-dir"]
+    # a mount point to be made through a link loop in a bound host directory: bwrap itself fails
+    loops = pub_tmp / "loops"
+    loops.mkdir()
+    (loops / "loop").symlink_to("loop")
+    binds = ["-B", f"{loops}:/opt/share:ro", "-B", f"{pub_tmp}:/opt/share/loop/x"]
     res = run("exec", *binds, str(images.sif), "/bin/sh", "-c", "true")
     assert res.returncode == 255
     assert "bwrap could not set up the container" in res.stderr
     # the run fixture checks that nothing stayed mounted
+
+
+def test_mount_points_inside_binds_the_host_does_not_get(run, images, pub_tmp):
+    ro, other = pub_tmp / "ro", pub_tmp / "other"
+    (ro / "keep").mkdir(parents=True)
+    (ro / "keep/old").write_text("old\n")
+    other.mkdir()
+    (other / "f").write_text("bound\n")
+    before = sorted(ro.rglob("*"))
+    # a read-only bind keeps its host directory as it is: the mount points go on a tmpfs
+    # (Apptainer makes them on the host, writing into a directory bound read-only)
+    binds = ["-B", f"{ro}:/data:ro", "-B", f"{other}:/data/sub/deeper", "-B", f"{other}/f:/data/keep/new"]
+    script = "cat /data/sub/deeper/f /data/keep/new /data/keep/old; for d in /data /data/keep; do "
+    script += "touch $d/x || echo ro; done"
+    res = run("exec", *binds, str(images.sif), "sh", "-c", script)
+    assert (res.returncode, res.stdout) == (0, "bound\nbound\nold\nro\nro\n"), res.stderr
+    assert sorted(ro.rglob("*")) == before
+    # a writable bind of a directory the caller may not write: the same; one it may write (root
+    # may) gets the mount point, as with Apptainer
+    ro.chmod(0o555)
+    res = run("exec", "-B", f"{ro}:/data", "-B", f"{other}:/data/new", str(images.sif), "cat", "/data/new/f")
+    assert (res.returncode, res.stdout) == (0, "bound\n"), res.stderr
+    assert sorted(ro.rglob("*")) == (before if run.user else sorted([*before, ro / "new"]))
+    # inside a bound file: one line
+    res = run("exec", "-B", f"{other}/f:/opt/f", "-B", f"{other}:/opt/f/sub", str(images.sif), "true")
+    assert res.returncode == 255
+    why = f"destination /opt/f/sub is inside /opt/f, where the file {other}/f is bound"
+    assert res.stderr == f"FATAL:   mount {other}->/opt/f/sub error: {why}\n"
 
 
 def test_missing_bind_source(run, images):
