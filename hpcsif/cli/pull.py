@@ -155,7 +155,10 @@ def _target(args: argparse.Namespace, ref) -> Path:  # ref: Reference
     name = args.name or (args.args[0] if len(args.args) == 2 else None)
     if not name:
         if ref.transport in COPY_TRANSPORTS:
-            name = os.path.basename(ref.path.split("?", 1)[0].rstrip("/")) or "download"
+            from urllib.parse import urlsplit
+
+            # the URL's path, not its host: https://host/ has none to name the file after
+            name = os.path.basename(urlsplit(ref.path).path.rstrip("/")) or "download"
         else:
             name = ref.short_name() + ".sif"
     target = Path(name)

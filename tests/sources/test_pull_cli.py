@@ -308,6 +308,15 @@ def test_pull_http_and_file_urls(http_files, tmp_path) -> None:
     assert not (tmp_path / "missing.tar").exists()
 
 
+def test_pull_http_names_the_file_after_the_url_path(http_files, tmp_path) -> None:
+    """Not after the host (``https://host/`` gave a file called ``host``), nor the query or fragment."""
+    (http_files.root / "index.html").write_bytes(b"<html>index</html>")
+    (http_files.root / "named.sif").write_bytes(b"sif bytes")
+    assert hpcsif(tmp_path, "pull", f"{http_files.url}/").returncode == 0
+    assert hpcsif(tmp_path, "pull", f"{http_files.url}/named.sif?v=2#top").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["download", "named.sif"]
+
+
 def test_pull_sftp_url_checks_the_host_key(sshd_server, tmp_path) -> None:
     src = sshd_server.workdir / "remote-file.tar"
     src.write_bytes(b"over ssh " * 500)
