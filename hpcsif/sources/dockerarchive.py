@@ -148,6 +148,11 @@ class DockerArchiveSource(Source):
         """Stream the archive into ``store`` and build the selected image."""
         where = f"docker-archive://{ref.path}"
         contents = read_archive(ref.path or "", store, where)
+        if "manifest.json" not in contents.documents and "index.json" in contents.documents:
+            # an OCI archive (podman save's default format), which Apptainer's docker-archive: reads too
+            from hpcsif.sources.ocilayout import image_from_layout_archive
+
+            return image_from_layout_archive(contents, store, ref, self.platform, where)
         return image_from_contents(contents, store, ref.name, where)
 
 

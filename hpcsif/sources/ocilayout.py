@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcsif.errors import NotFoundError
 from hpcsif.image.model import Descriptor, Image
@@ -10,6 +11,10 @@ from hpcsif.image.select import load_image, resolve_manifest, select_from_index
 from hpcsif.image.store import OCIStore, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
+
+if TYPE_CHECKING:
+    from hpcsif.image.model import Platform
+    from hpcsif.sources.archive import ArchiveContents
 
 
 class OCILayoutSource(Source):
@@ -56,6 +61,13 @@ class OCIArchiveSource(Source):
 
         where = f"oci-archive://{ref.path}"
         contents = read_archive(ref.path or "", store, where)
-        index = load_json_object(contents.document("index.json", where), f"{where}: index.json")
-        desc = select_from_index(index, ref.name, where)
-        return load_image(store, desc, self.platform, str(ref), spans=contents.blob_spans())
+        return image_from_layout_archive(contents, store, ref, self.platform, where)
+
+
+def image_from_layout_archive(
+    contents: ArchiveContents, store: OCIStore, ref: Reference, platform: Platform | None, where: str
+) -> Image:
+    """The image *ref* selects in an ingested OCI layout archive (its ``index.json``)."""
+    index = load_json_object(contents.document("index.json", where), f"{where}: index.json")
+    desc = select_from_index(index, ref.name, where)
+    return load_image(store, desc, platform, str(ref), spans=contents.blob_spans())

@@ -317,6 +317,17 @@ def test_pull_http_names_the_file_after_the_url_path(http_files, tmp_path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["download", "named.sif"]
 
 
+def test_docker_archive_of_an_oci_archive_as_apptainer_reads_it(busybox_image, tmp_path) -> None:
+    """``podman save`` writes OCI archives by default; Apptainer's ``docker-archive:`` reads them too."""
+    archive = tmp_path / "saved.tar"
+    layout = busybox_image.layout
+    subprocess.run(["tar", "-cf", str(archive), "-C", str(layout), *sorted(os.listdir(layout))], check=True)
+    res = hpcsif(tmp_path, "pull", "--disable-cache", f"docker-archive:{archive}")
+    assert res.returncode == 0, res.stderr
+    out = hpcsif(tmp_path, "exec", "saved.tar_latest.sif", "cat", "/etc/hello.txt")
+    assert out.returncode == 0 and out.stdout == busybox_image.files["etc/hello.txt"].decode(), out.stderr
+
+
 def test_pull_sftp_url_checks_the_host_key(sshd_server, tmp_path) -> None:
     src = sshd_server.workdir / "remote-file.tar"
     src.write_bytes(b"over ssh " * 500)
