@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _LOCAL_FILES = ("docker-archive", "oci-archive")  # keyed on the input file's bytes
 _NO_NETWORK = ("oci", *_LOCAL_FILES)  # resolving these reads only local files
+#: an oras:// artifact is a SIF itself: the cache downloads it, as Apptainer's oras cache does
+_ORAS = "oras"
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,10 @@ def _resolve_digest(
     Concurrent cold requests resolve once: the first asks the source under a lock, the
     others wait for its record (so 64 ranks make one registry request, or hash an archive once).
     """
-    from hpcsif.sources import get_source
-
     if ref.is_registry and ref.digest:
         return ref.digest
     if ref.transport == "oci":  # reading the layout's index is as cheap as a record
-        return get_source(ref, platform=options.platform, **source_options).resolve(ref)
+        return _source_digest(ref, options, source_options)
     try:
         ident = _identity(ref, options)
     except FileNotFoundError:
@@ -134,11 +134,22 @@ def _resolve_digest(
         if not taken:  # the record vanished again (cache clean): resolve ourselves
             lock.acquire()
         log.info("resolving %s", ref)
-        digest = get_source(ref, platform=options.platform, **source_options).resolve(ref)
+        digest = _source_digest(ref, options, source_options)
         _write_record(layout.user, ident, digest)
         return digest
     finally:
         lock.release()
+
+
+def _source_digest(ref: Reference, options: ConvertOptions, source_options: dict[str, Any]) -> str:
+    """What ``ref``'s source says its content digest is (a registry or file request)."""
+    if ref.transport == _ORAS:
+        from hpcsif.sources import oras
+
+        return oras.resolve(ref, **oras.oras_options(source_options))
+    from hpcsif.sources import get_source
+
+    return get_source(ref, platform=options.platform, **source_options).resolve(ref)
 
 
 def _request(
@@ -178,11 +189,20 @@ def _converter(layout: CacheLayout, req: Request) -> Producer:
             "transport": req.ref.transport,
         }
 
+    def download(dest: Path) -> dict[str, Any]:
+        from hpcsif.sources import oras
+
+        log.info("downloading %s (%s)", req.what, req.digest)
+        options = {**oras.oras_options(req.source_options), "notify": req.source_options.get("notify")}
+        oras.download_sif(req.ref.with_digest(req.digest), dest, **options)
+        return {"via": "oras", "ref": str(req.ref), "digest": req.digest, "transport": _ORAS}
+
+    produce = download if req.ref.transport == _ORAS else convert
     if layout.shared:
         from hpcsif.cache.shared import tiered_producer
 
-        return tiered_producer(layout.shared, req.key, req.name, convert, req.what)
-    return convert
+        return tiered_producer(layout.shared, req.key, req.name, produce, req.what)
+    return produce
 
 
 def _lookup(layout: CacheLayout, key: str) -> Entry | None:

@@ -334,19 +334,15 @@ def _copy_out(cached: Path, target: Path) -> None:
 
 
 def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Reference
-    import tempfile
-
     from hpcsif.cli.build import blob_store
-    from hpcsif.image.store import OCIStore
-    from hpcsif.sources.oras import pull_sif
+    from hpcsif.sources.oras import download_sif, pull_sif
 
     opts = {**oras_options(args), "notify": lambda message: info(args, message)}
     store = blob_store(args)
     if store is not None:
         pull_sif(ref, target, store, **opts)  # type: ignore[arg-type]
-        return
-    with tempfile.TemporaryDirectory(prefix="hpcsif-blobs-", dir=target.parent) as tmp:
-        pull_sif(ref, target, OCIStore(tmp), **opts)  # type: ignore[arg-type]
+    else:
+        download_sif(ref, target, **opts)
 
 
 def run_push(args: argparse.Namespace) -> int:

@@ -300,7 +300,12 @@ def _launch_uncached(engine, image: str, opts, source_options: dict) -> int:  # 
         return engine.launch(Path(os.path.abspath(ref.path or image)), opts)
     with tempfile.TemporaryDirectory(prefix="hpcsif-nocache-") as tmp:
         sif = Path(tmp) / "image.sif"
-        convert_ref(ref, sif, source_options=source_options)
+        if ref.transport == "oras":  # a SIF already: downloaded, not converted
+            from hpcsif.sources.oras import download_sif, oras_options
+
+            download_sif(ref, sif, **oras_options(source_options), notify=source_options.get("notify"))
+        else:
+            convert_ref(ref, sif, source_options=source_options)
         if notify := source_options.get("notify"):
             notify.done()
         return engine.launch(sif, opts)

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hpcsif.errors import SourceError
 from hpcsif.image import mediatypes as mt
@@ -28,6 +30,13 @@ log = logging.getLogger(__name__)
 
 TITLE = "org.opencontainers.image.title"
 _CONFIG = b"{}"
+#: the source options (as the CLI gathers them for every registry) that oras:// takes
+_OPTIONS = ("credentials", "insecure", "authfile")
+
+
+def oras_options(source_options: dict[str, Any]) -> dict[str, Any]:
+    """The options of *source_options* that :func:`resolve` (and :func:`pull_sif`, with ``notify``) take."""
+    return {k: v for k, v in source_options.items() if k in _OPTIONS}
 
 
 def _is_sif(path: Path) -> bool:
@@ -118,3 +127,23 @@ def pull_sif(
     with atomic_output(dest, umasked(0o777)) as out, open(store.blob_path(sifs[0].digest), "rb") as src:
         shutil.copyfileobj(src, out, 1 << 20)
     return dest
+
+
+def resolve(
+    ref: Reference,
+    *,
+    credentials: Credentials | None = None,
+    insecure: bool = False,
+    authfile: str | os.PathLike[str] | None = None,
+) -> str:
+    """The digest of the artifact manifest ``ref`` names (what a cached SIF of it is keyed on)."""
+    if ref.digest:
+        return ref.digest
+    client = _client(ref, credentials, insecure, authfile)
+    return client.get_manifest(ref.repository or "", ref.reference)[2]
+
+
+def download_sif(ref: Reference, dest: str | os.PathLike[str], **options: Any) -> Path:
+    """:func:`pull_sif` without a blob cache: the artifact passes through a throw-away store beside *dest*."""
+    with tempfile.TemporaryDirectory(prefix=".hpcsif-oras-", dir=Path(dest).parent) as tmp:
+        return pull_sif(ref, dest, OCIStore(tmp), **options)

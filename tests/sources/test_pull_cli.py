@@ -295,6 +295,28 @@ def test_oras_push_pull_cli_and_peer(registry_open, tmp_path) -> None:
         shutil.rmtree(peer_dir, ignore_errors=True)
 
 
+def test_run_oras_images_through_the_cache(registry_open, busybox_image, tmp_path) -> None:
+    """exec/run of ``oras://`` (as Apptainer's) downloads the SIF into the cache once, as an oras
+    entry; ``--disable-cache`` downloads it aside. It failed: "transport 'oras' cannot be converted"."""
+    sif = tmp_path / "bb.sif"
+    assert hpcsif(tmp_path, "build", str(sif), f"oci:{busybox_image.layout}:latest").returncode == 0
+    ref = registry_open.ref("team/runnable:1", transport="oras")
+    assert hpcsif(tmp_path, "push", str(sif), ref).returncode == 0
+    hello = busybox_image.files["etc/hello.txt"].decode()
+    for flags, said in (
+        ([], "Downloading oras image"),
+        ([], "Using cached SIF image"),
+        (["--disable-cache"], "Downloading oras image"),
+    ):
+        res = hpcsif(tmp_path, "exec", *flags, ref, "cat", "/etc/hello.txt")
+        assert res.returncode == 0 and res.stdout == hello, res.stderr
+        assert res.stderr == f"INFO:    {said}\n"
+    listing = hpcsif(tmp_path, "cache", "list", "-T", "oras").stdout
+    assert listing.startswith(f"There are 1 container file(s) using {sif.stat().st_size / 2**20:.2f} MiB")
+    res = hpcsif(tmp_path, "run", registry_open.ref("team/absent:1", transport="oras"))
+    assert res.returncode == 255 and res.stderr.endswith("team/absent:1: manifest unknown\n"), res.stderr
+
+
 def test_pull_http_and_file_urls(http_files, tmp_path) -> None:
     (http_files.root / "alpine-oci-archive.tar").write_bytes(b"archive bytes " * 1000)
     res = hpcsif(tmp_path, "pull", f"{http_files.url}/alpine-oci-archive.tar")
