@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 _LOCAL_FILES = ("docker-archive", "oci-archive")  # keyed on the input file's bytes
 _NO_NETWORK = ("oci", *_LOCAL_FILES)  # resolving these reads only local files
-#: an oras:// artifact is a SIF itself: the cache downloads it, as Apptainer's oras cache does
-_ORAS = "oras"
 
 
 @dataclass(frozen=True)
@@ -143,12 +141,10 @@ def _resolve_digest(
 
 def _source_digest(ref: Reference, options: ConvertOptions, source_options: dict[str, Any]) -> str:
     """What ``ref``'s source says its content digest is (a registry or file request)."""
-    if ref.transport == _ORAS:
-        from hpcsif.sources import oras
+    from hpcsif.sources import SIF_TRANSPORTS, get_source, sif_digest
 
-        return oras.resolve(ref, **oras.oras_options(source_options))
-    from hpcsif.sources import get_source
-
+    if ref.transport in SIF_TRANSPORTS:  # oras://, http(s)://: as Apptainer's oras and net caches
+        return sif_digest(ref, source_options)
     return get_source(ref, platform=options.platform, **source_options).resolve(ref)
 
 
@@ -190,14 +186,17 @@ def _converter(layout: CacheLayout, req: Request) -> Producer:
         }
 
     def download(dest: Path) -> dict[str, Any]:
-        from hpcsif.sources import oras
+        from hpcsif.sources import download_sif
 
         log.info("downloading %s (%s)", req.what, req.digest)
-        options = {**oras.oras_options(req.source_options), "notify": req.source_options.get("notify")}
-        oras.download_sif(req.ref.with_digest(req.digest), dest, **options)
-        return {"via": "oras", "ref": str(req.ref), "digest": req.digest, "transport": _ORAS}
+        # an oras tag is pinned to the digest it resolved to, as a registry tag is
+        ref = req.ref.with_digest(req.digest) if req.ref.is_registry else req.ref
+        download_sif(ref, dest, req.source_options)
+        return {"via": "download", "ref": str(req.ref), "digest": req.digest, "transport": req.ref.transport}
 
-    produce = download if req.ref.transport == _ORAS else convert
+    from hpcsif.sources import SIF_TRANSPORTS
+
+    produce = download if req.ref.transport in SIF_TRANSPORTS else convert
     if layout.shared:
         from hpcsif.cache.shared import tiered_producer
 

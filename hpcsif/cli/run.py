@@ -300,10 +300,10 @@ def _launch_uncached(engine, image: str, opts, source_options: dict) -> int:  # 
         return engine.launch(Path(os.path.abspath(ref.path or image)), opts)
     with tempfile.TemporaryDirectory(prefix="hpcsif-nocache-") as tmp:
         sif = Path(tmp) / "image.sif"
-        if ref.transport == "oras":  # a SIF already: downloaded, not converted
-            from hpcsif.sources.oras import download_sif, oras_options
+        from hpcsif.sources import SIF_TRANSPORTS, download_sif
 
-            download_sif(ref, sif, **oras_options(source_options), notify=source_options.get("notify"))
+        if ref.transport in SIF_TRANSPORTS:  # a SIF already: downloaded, not converted
+            download_sif(ref, sif, source_options)
         else:
             convert_ref(ref, sif, source_options=source_options)
         if notify := source_options.get("notify"):

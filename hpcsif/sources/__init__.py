@@ -10,8 +10,10 @@ imported only when a reference needs them.
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hpcsif.errors import ReferenceError
 
@@ -60,3 +62,35 @@ def get_source(ref: Reference, **options: object) -> Source:
         raise ReferenceError(f"{ref.raw!r}: transport {ref.transport!r} cannot be converted to an image")
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)(**options)
+
+
+#: transports whose references name a SIF file itself: it is downloaded, not converted
+SIF_TRANSPORTS = ("oras", "http", "https")
+
+
+def sif_digest(ref: Reference, source_options: dict[str, Any]) -> str:
+    """A digest naming what the SIF reference *ref* holds now (its manifest's, or the file's validators)."""
+    if ref.transport == "oras":
+        from hpcsif.sources import oras
+
+        return oras.resolve(ref, **oras.oras_options(source_options))
+    from hpcsif.sources.remote import fingerprint
+
+    return fingerprint(ref.path or ref.raw)
+
+
+def download_sif(ref: Reference, dest: str | os.PathLike[str], source_options: dict[str, Any]) -> Path:
+    """Download the SIF *ref* names (``oras://``, ``http(s)://``) to *dest*.
+
+    The ``notify`` of *source_options* hears Apptainer's line ("Downloading oras image" …).
+    """
+    notify = source_options.get("notify")
+    if ref.transport == "oras":
+        from hpcsif.sources import oras
+
+        return oras.download_sif(ref, dest, **oras.oras_options(source_options), notify=notify)
+    from hpcsif.sources.remote import download_sif as download
+
+    if notify:
+        notify("Downloading network image")
+    return download(ref.path or ref.raw, dest)

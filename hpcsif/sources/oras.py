@@ -24,7 +24,7 @@ from hpcsif.image.model import Descriptor
 from hpcsif.image.store import OCIStore, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources.credentials import Credentials
-from hpcsif.sources.remote import atomic_output, umasked
+from hpcsif.sources.remote import atomic_output, is_sif, umasked
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ _OPTIONS = ("credentials", "insecure", "authfile")
 def oras_options(source_options: dict[str, Any]) -> dict[str, Any]:
     """The options of *source_options* that :func:`resolve` (and :func:`pull_sif`, with ``notify``) take."""
     return {k: v for k, v in source_options.items() if k in _OPTIONS}
-
-
-def _is_sif(path: Path) -> bool:
-    """True if the file starts with a SIF header (launch line, then the magic)."""
-    from hpcsif.sif.format import LAUNCH_LEN, MAGIC
-
-    with open(path, "rb") as f:
-        return f.read(LAUNCH_LEN + len(MAGIC))[LAUNCH_LEN:] == MAGIC
 
 
 def _client(
@@ -69,7 +61,7 @@ def push_sif(
     path = Path(sif)
     if not path.is_file():
         raise SourceError(f"{path}: no such SIF file")
-    if not _is_sif(path):
+    if not is_sif(path):
         raise SourceError(f"{path}: not a SIF file")
     client = _client(ref, credentials, insecure, authfile)
     repo = ref.repository or ""
@@ -121,7 +113,7 @@ def pull_sif(
         cached = store.has_blob(sifs[0].digest, sifs[0].size)
         notify("Using cached SIF image" if cached else "Downloading oras image")
     client.fetch_blob(repo, sifs[0], store)
-    if not _is_sif(store.blob_path(sifs[0].digest)):
+    if not is_sif(store.blob_path(sifs[0].digest)):
         raise SourceError(f"{ref}: the artifact's {mt.SIF_LAYER} layer is not a SIF file")
     dest = Path(dest)
     with atomic_output(dest, umasked(0o777)) as out, open(store.blob_path(sifs[0].digest), "rb") as src:

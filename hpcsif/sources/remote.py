@@ -6,6 +6,7 @@ place, so a broken transfer never leaves a partial file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -50,7 +51,7 @@ def _copy(src: IO[bytes], out: IO[bytes], total: int, progress: Progress | None)
 def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, timeout: float) -> int:
     import requests
 
-    from hpcsif.sources.distribution import RETRY_STATUS, retry_after
+    from hpcsif.sources.distribution import RETRY_STATUS, _reason, retry_after
 
     for attempt in range(retries + 1):
         out.seek(0)
@@ -71,7 +72,7 @@ def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, tim
                 return _copy(resp.raw, out, total, progress)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if attempt >= retries:
-                raise NetworkError(f"{url}: download failed: {exc}") from None
+                raise NetworkError(f"{url}: download failed: {_reason(exc)}") from None
             log.warning("%s: %s; retrying", url, type(exc).__name__)
     raise NetworkError(f"{url}: download failed after {retries + 1} tries")
 
@@ -145,3 +146,45 @@ def download(
             size = _fsspec(url, out, progress)
     log.info("Downloaded %d bytes", size)
     return dest
+
+
+def is_sif(path: str | os.PathLike[str]) -> bool:
+    """True if the file starts with a SIF header (launch line, then the magic)."""
+    from hpcsif.sif.format import LAUNCH_LEN, MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(LAUNCH_LEN + len(MAGIC))[LAUNCH_LEN:] == MAGIC
+
+
+def fingerprint(url: str, *, timeout: float = 60.0) -> str:
+    """A digest naming what the http(s) file at *url* holds now, from one HEAD request.
+
+    It covers the URL and the server's validators (ETag, Last-Modified) and length, so a
+    changed file gets a new name; a server that sends no validator leaves the URL and length.
+    """
+    import requests
+
+    try:
+        resp = requests.head(url, allow_redirects=True, timeout=timeout)
+        if resp.status_code in (405, 501):  # no HEAD here: the headers of a GET, body unread
+            with requests.get(url, stream=True, timeout=timeout) as got:
+                resp = got
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        from hpcsif.sources.distribution import _reason
+
+        raise NetworkError(f"cannot reach {url}: {_reason(exc)}") from None
+    if resp.status_code == 404:
+        raise NotFoundError(f"{url}: not found (HTTP 404)")
+    if resp.status_code >= 400:
+        raise SourceError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+    fields = [url, *(resp.headers.get(h, "") for h in ("ETag", "Last-Modified", "Content-Length"))]
+    return "sha256:" + hashlib.sha256("\n".join(fields).encode()).hexdigest()
+
+
+def download_sif(url: str, dest: str | os.PathLike[str], **options: object) -> Path:
+    """:func:`download` of a file that must be a SIF image (nothing is left at *dest* otherwise)."""
+    download(url, dest, **options)  # type: ignore[arg-type]
+    if not is_sif(dest):
+        os.unlink(dest)
+        raise SourceError(f"{url}: not a SIF image")
+    return Path(dest)

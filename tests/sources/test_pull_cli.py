@@ -317,6 +317,29 @@ def test_run_oras_images_through_the_cache(registry_open, busybox_image, tmp_pat
     assert res.returncode == 255 and res.stderr.endswith("team/absent:1: manifest unknown\n"), res.stderr
 
 
+def test_run_http_images_through_the_cache(http_files, busybox_image, tmp_path) -> None:
+    """exec of an ``http(s)://`` SIF (as Apptainer's): downloaded once into the cache and used
+    again until the server's file changes; a page that is no SIF fails in one line, cached nowhere."""
+    sif = http_files.root / "served.sif"
+    assert hpcsif(tmp_path, "build", str(sif), f"oci:{busybox_image.layout}:latest").returncode == 0
+    hello = busybox_image.files["etc/hello.txt"].decode()
+    url = f"{http_files.url}/served.sif"
+    for said in ("Downloading network image", "Using cached SIF image"):
+        res = hpcsif(tmp_path, "exec", url, "cat", "/etc/hello.txt")
+        assert res.returncode == 0 and res.stdout == hello, res.stderr
+        assert res.stderr == f"INFO:    {said}\n"
+    asking = _env(tmp_path, HPCSIF_TAG_TTL="0")  # each start asks the server (HEAD) again
+    for said in ("Using cached SIF image", "Downloading network image"):
+        res = hpcsif(tmp_path, "exec", url, "true", env=asking)
+        assert res.returncode == 0 and res.stderr == f"INFO:    {said}\n", res.stderr
+        os.utime(sif, (1, 1))  # the server's Last-Modified changes: fetched again
+    (http_files.root / "page.html").write_text("<html></html>")
+    res = hpcsif(tmp_path, "run", f"{http_files.url}/page.html")
+    assert res.returncode == 255 and res.stderr.endswith("/page.html: not a SIF image\n"), res.stderr
+    listing = hpcsif(tmp_path, "cache", "list", "-T", "net").stdout
+    assert listing.startswith("There are 2 container file(s)"), listing
+
+
 def test_pull_http_and_file_urls(http_files, tmp_path) -> None:
     (http_files.root / "alpine-oci-archive.tar").write_bytes(b"archive bytes " * 1000)
     res = hpcsif(tmp_path, "pull", f"{http_files.url}/alpine-oci-archive.tar")
