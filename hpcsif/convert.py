@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hpcsif.errors import BuildError, SourceError
 from hpcsif.fsutil import read_regular
@@ -144,8 +144,13 @@ def image_to_sif(
         total = sum(d.size for d in image.layers)
         report = (lambda done, _t: progress("layers", done, total)) if progress else None
         log.info("Creating squashfs (%s) from %d layer(s)", options.compression, len(layers))
+
+        def write_tree(out: BinaryIO) -> None:
+            stats = flatten(layers, out, extra=meta.files(), progress=report)
+            log.debug("root filesystem: %d entries in a %d-byte tar stream", stats.entries, stats.bytes_out)
+
         squashfs_from_tar(
-            lambda out: flatten(layers, out, extra=meta.files(), progress=report),
+            write_tree,
             squash,
             compression=options.compression,
             level=options.level,

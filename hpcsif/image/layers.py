@@ -518,6 +518,24 @@ def _header(
     return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+def _sparse_header(name: str, src: tarfile.TarInfo, regions: list[tuple[int, int]]) -> bytes:
+    """The headers and map of a sparse file in GNU tar's PAX format 1.0, which tar2sqfs and
+    GNU tar read: the data that follows is the regions' bytes, one after the other."""
+    sparse_map = b"%d\n" % len(regions) + b"".join(b"%d\n%d\n" % r for r in regions)
+    sparse_map += bytes(-len(sparse_map) % BLOCK)
+    ti = tarfile.TarInfo("GNUSparseFile.0/data")  # readers take the name from GNU.sparse.name
+    ti.mode, ti.uid, ti.gid, ti.mtime = _fix_mode(src.mode, False), src.uid, src.gid, int(src.mtime)
+    ti.size = len(sparse_map) + sum(length for _, length in regions)
+    ti.uname = ti.gname = ""
+    ti.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(src.size),
+    }
+    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + sparse_map
+
+
 class _TarSink:
     """Writes the merged entries as one PAX tar archive."""
 
@@ -559,11 +577,19 @@ class _TarSink:
         self._stats.entries += 1
 
     def emit(self, name: str, src: tarfile.TarInfo, kind: str, data: BinaryIO | None, layer: str) -> None:
-        """Write one entry (``data`` holds ``src.size`` bytes for regular files)."""
-        self._header(name, src, kind)
-        if kind != "reg" or not src.size:
-            return
-        remaining = src.size
+        """Write one entry (``data`` holds ``src.size`` bytes for regular files, or the
+        stored regions of a sparse one, which stays sparse)."""
+        if isinstance(data, _Holes):
+            self._count(name)
+            self._write(_sparse_header(name, src, data.regions))
+            self._stats.entries += 1
+            size = data.stored
+        else:
+            self._header(name, src, kind)
+            if kind != "reg" or not src.size:
+                return
+            size = src.size
+        remaining = size
         while remaining:
             chunk = data.read(min(CHUNK, remaining))
             if not chunk:
@@ -575,8 +601,8 @@ class _TarSink:
                 self._stats.bytes_out += len(chunk)
             else:
                 self._write(chunk)
-        if src.size % BLOCK:
-            self._write(bytes(BLOCK - src.size % BLOCK))
+        if size % BLOCK:
+            self._write(bytes(BLOCK - size % BLOCK))
 
     def link(self, name: str, target: str) -> None:
         """Write a hard link ``name`` -> ``target`` (both root-relative)."""
@@ -654,14 +680,12 @@ class _DirSink:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(base, flags, 0o600, dir_fd=pfd)
             try:
-                remaining = src.size
-                while remaining:
-                    chunk = data.read(min(CHUNK, remaining))
-                    if not chunk:
-                        raise LayerError(f"layer {layer}: tar data of {name!r} is truncated")
-                    os.write(fd, chunk)
-                    remaining -= len(chunk)
-                    self._stats.bytes_out += len(chunk)
+                # a sparse member keeps its holes: only its stored regions are written
+                regions = data.regions if isinstance(data, _Holes) else [(0, src.size)]
+                for offset, length in regions:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    self._copy(fd, data, length, name, layer)
+                os.ftruncate(fd, src.size)
                 os.fchmod(fd, mode)
             finally:
                 os.close(fd)
@@ -673,6 +697,15 @@ class _DirSink:
             os.mkfifo(base, mode, dir_fd=pfd)
             self._owner_time(base, pfd, src)
         self._stats.entries += 1
+
+    def _copy(self, fd: int, data: BinaryIO, size: int, name: str, layer: str) -> None:
+        while size:
+            chunk = data.read(min(CHUNK, size))
+            if not chunk:
+                raise LayerError(f"layer {layer}: tar data of {name!r} is truncated")
+            os.write(fd, chunk)
+            size -= len(chunk)
+            self._stats.bytes_out += len(chunk)
 
     def link(self, name: str, target: str) -> None:
         """Hard-link ``name`` to the already written ``target``."""
@@ -1123,12 +1156,43 @@ class _Content:
         return data
 
 
+class _Holes(_Content):
+    """The stored regions of a sparse member, one after the other; ``regions`` are their
+    (offset, length) in the file, in order, and ``stored`` their total length."""
+
+    def __init__(self, stream: _LayerStream, regions: list[tuple[int, int]]) -> None:
+        self.regions = regions
+        self.stored = sum(length for _, length in regions)
+        super().__init__(stream, self.stored)
+
+
+def _regions(ti: tarfile.TarInfo, room: int) -> list[tuple[int, int]] | None:
+    """``ti``'s sparse map without empty regions, or None unless the regions are in order,
+    inside the file and inside the ``room`` bytes the member's data has in the archive."""
+    regions: list[tuple[int, int]] = []
+    end = 0
+    for offset, length in ti.sparse or ():
+        if not length:  # old GNU maps end in (0, 0) entries
+            continue
+        if offset < end or length < 0 or offset + length > ti.size:
+            return None
+        regions.append((offset, length))
+        end = offset + length
+    return regions if sum(length for _, length in regions) <= room else None
+
+
 def _member_data(tf: tarfile.TarFile, stream: _LayerStream, ti: tarfile.TarInfo) -> BinaryIO | None:
-    """A reader of ``ti``'s content (None for non-files); sparse files go through tarfile."""
+    """A reader of ``ti``'s content (None for non-files): for a sparse member, its stored
+    regions only (the holes are never read or written out), or, where its map is odd, all of
+    its bytes as tarfile expands them."""
     if not ti.isreg():
         return None
     if ti.sparse is not None:
-        return tf.extractfile(ti)
+        regions = _regions(ti, tf.offset - ti.offset_data)  # tf.offset: the next member's header
+        if regions is None:
+            return tf.extractfile(ti)
+        stream.seek(ti.offset_data)
+        return _Holes(stream, regions)  # type: ignore[return-value]
     stream.seek(ti.offset_data)
     return _Content(stream, ti.size)  # type: ignore[return-value]
 
