@@ -77,6 +77,21 @@ if [ -n "$__HPCSIF_APP" ]; then
   set +efuvx; IFS=$__ifs; cd "$__pwd" 2>/dev/null
 fi
 unset __pwd __ifs
+# what the scripts started in the background ends here, as in Apptainer (whose interpreter never
+# runs it): it would outlive the container and hold its output open. Its processes are stopped
+# while the tree is walked (no new forks), then killed and reaped; builtins only.
+__k=$$ __all=
+while :; do
+  __n=
+  for __p in $__k; do
+    [ "$__p" = $$ ] || { kill -STOP "$__p" 2>/dev/null; __all="$__all $__p"; }
+    __c=; [ -r "/proc/$__p/task/$__p/children" ] && read -r __c < "/proc/$__p/task/$__p/children"
+    __n="$__n $__c"
+  done
+  case $__n in *[0-9]*) __k=$__n ;; *) break ;; esac
+done
+if [ -n "$__all" ]; then kill -KILL $__all 2>/dev/null; wait; fi
+unset __k __all __n __p __c
 [ -n "${PS1+x}" ] || PS1=$__ps1; unset __ps1
 for __k in $__HPCSIF_HOST; do
   eval "[ -n \"\${$__k+x}\" ] || export $__k=\"\${__HPCSIF_HOST_$__k}\""; unset "__HPCSIF_HOST_$__k"

@@ -7,7 +7,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -220,6 +222,21 @@ def test_mount_points_inside_binds_the_host_does_not_get(run, images, pub_tmp):
     assert res.returncode == 255
     why = f"destination /opt/f/sub is inside /opt/f, where the file {other}/f is bound"
     assert res.stderr == f"FATAL:   mount {other}->/opt/f/sub error: {why}\n"
+
+
+def test_background_jobs_of_env_scripts_end_with_the_launch(run, images):
+    # as in Apptainer, whose interpreter never runs them: nothing outlives the launch, and the
+    # output is not held open (capturing it would wait for the job)
+    sandbox = Path(tempfile.mkdtemp(dir=images.base)) / "bg"  # (no directory others may write)
+    sandbox.parent.chmod(0o755)
+    shutil.copytree(images.sandbox, sandbox, symlinks=True)
+    tag = f"{os.getpid() % 1000 + 7000}"
+    (sandbox / ".singularity.d/env/95-bg.sh").write_text(f"sleep {tag} &\n(sleep 3{tag}; echo late) &\n")
+    for flags in ([], ["--pid"]):
+        res = run("exec", *flags, str(sandbox), "echo", "hi", timeout=20)
+        assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert f"sleep {tag}" not in ps and f"sleep 3{tag}" not in ps
 
 
 def test_missing_bind_source(run, images):
