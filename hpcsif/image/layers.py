@@ -7,7 +7,8 @@ into a directory (``build --sandbox``). Neither ever holds a whole layer in memo
 Merge model (overlayfs semantics, what Docker's overlay2 and Podman show at run time):
 layers are read **top-down**. A path emitted by an upper layer hides the same path in
 lower layers; an upper non-directory at ``P`` hides everything below ``P``; an upper
-directory merges with a lower one (the upper attributes win); ``.wh.NAME`` hides ``NAME``
+directory merges with a lower one (the upper attributes win), but not past a non-directory
+at ``P`` in between, which removed what the layers under it had below ``P``; ``.wh.NAME`` hides ``NAME``
 and ``.wh..wh..opq`` hides all lower children of its directory. Whiteouts apply only to
 lower layers and never appear in the output (an opaque directory stays, empty). A layer
 that has ``a/b`` (or a whiteout ``a/.wh.b``) but no entry ``a``
@@ -942,6 +943,8 @@ class _Merger:
         if level < lay.level:  # an upper layer has it
             if is_dir and kind == "sym" and name not in self.dirs:
                 self._found_through(lay, name, ti)
+            elif is_dir and kind != "dir":  # it replaced a directory below, children and all
+                lay.opaque.add(name)
             if is_dir and kind == "dir":
                 if name not in self.dirs:  # implicit upper directory: take these attributes
                     self.dirs[name] = (lay.level, ti)

@@ -202,6 +202,21 @@ def test_directory_with_children_replaced_in_its_layer(tmp_path: Path) -> None:
     assert not {"/n/c", "/m/c", "/k/old"} & set(tree)
 
 
+def test_directory_replaced_by_a_non_directory_and_back_loses_its_children(tmp_path: Path) -> None:
+    """A layer's symlink or file where a lower layer had a directory removes what it held; a
+    later directory there starts empty (as layers extracted one after the other)."""
+    lower = layer(
+        tmp_path, [d("a"), file("a/f", "1"), d("b"), file("b/g", "2"), d("c"), file("c/sub/x", "3")]
+    )
+    middle = layer(tmp_path, [sym("a", "b"), file("c", "file")])
+    upper = layer(tmp_path, [d("a"), file("a/h", "44"), d("c"), file("c/y", "5")], "zstd")
+    tree = _build_and_compare(tmp_path, [lower, middle, upper])
+    assert (
+        tree["/a/h"] == "-rw-r--r-- 2" and tree["/b/g"] == "-rw-r--r-- 1" and tree["/c/y"] == "-rw-r--r-- 1"
+    )
+    assert not {"/a/f", "/a/g", "/c/sub", "/c/sub/x"} & set(tree)
+
+
 def _pax(name: str, size: int) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.pax_headers = {"comment": "A" * size}
