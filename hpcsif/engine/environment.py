@@ -68,13 +68,14 @@ unset __HPCSIF_READY
 # SHLVL as this launcher found it (bash and busybox sh count themselves in; Apptainer's has none)
 __ps1=$PS1; unset PS1 PROMPT_COMMAND SHLVL
 # the image's scripts must not change how the rest runs (set -eu, IFS, cd: Apptainer's interpreter
-# keeps them apart), so the shell's options, IFS and directory are put back after them
+# keeps them apart), so the shell's options, IFS and directory are put back after them (and
+# OLDPWD is the host's, as there)
 __pwd=$PWD; __ifs=$IFS
 for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
-set +efuvx; IFS=$__ifs; cd "$__pwd" 2>/dev/null
+set +efuvx; IFS=$__ifs; [ "$PWD" = "$__pwd" ] || { cd "$__pwd" 2>/dev/null; unset OLDPWD; }
 if [ -n "$__HPCSIF_APP" ]; then
   for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done
-  set +efuvx; IFS=$__ifs; cd "$__pwd" 2>/dev/null
+  set +efuvx; IFS=$__ifs; [ "$PWD" = "$__pwd" ] || { cd "$__pwd" 2>/dev/null; unset OLDPWD; }
 fi
 unset __pwd __ifs
 # what the scripts started in the background ends here, as in Apptainer (whose interpreter never
@@ -400,6 +401,7 @@ def direct_env(launcher_env: dict[str, str], image_env: list[str]) -> dict[str, 
     ``launcher_env`` is :func:`build_env`'s result; ``image_env`` the image's ``Env`` (from the
     SIF's ``oci-config.json``). Same precedence: image values win over the host's, the default
     ``PATH`` directories are appended to the image's, explicit overrides win over both.
+    The variables are in name order, as Apptainer's ``env`` shows them.
     """
     env = {k: v for k, v in launcher_env.items() if not k.startswith("__HPCSIF")}
     for item in image_env:
@@ -418,7 +420,7 @@ def direct_env(launcher_env: dict[str, str], image_env: list[str]) -> dict[str, 
         env["PATH"] = f"{env['PATH']}:{launcher_env['__HPCSIF_APPEND_PATH']}"
     libs = [p for p in launcher_env.get("__HPCSIF_LD_PATH", "").split(":") if p]
     env["LD_LIBRARY_PATH"] = ":".join([*libs, "/.singularity.d/libs"])
-    return env
+    return dict(sorted(env.items()))  # in name order, as Apptainer's interpreter passes it on
 
 
 def direct_argv(action: str, command: list[str], config: dict, image: str) -> list[str]:

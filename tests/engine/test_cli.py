@@ -101,6 +101,17 @@ def test_no_coerced_locale_inside(images):
     assert res.stdout == "unset\n"
 
 
+def test_oldpwd_is_the_hosts(images):
+    """The launcher's return to the working directory must not set OLDPWD (Apptainer passes the host's)."""
+    env = {k: v for k, v in os.environ.items() if k != "OLDPWD"}
+    cmd = hpcsif_cmd("exec", str(images.sif), "sh", "-c", 'echo "${OLDPWD-unset}"')
+    for oldpwd, want in ((None, "unset\n"), ("/tmp", "/tmp\n")):
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, env={**env, "OLDPWD": oldpwd} if oldpwd else env
+        )
+        assert (res.returncode, res.stdout) == (0, want), res.stderr
+
+
 @pytest.mark.parametrize("code", [0, 1, 42])
 def test_exit_codes(run, images, code):
     assert run("exec", str(images.sif), "sh", "-c", f"exit {code}").returncode == code
