@@ -51,6 +51,7 @@ Hostile layers, decided per case:
   and so are names and hard-link targets whose ``..`` components would leave it (``..`` at
   the root is the root, as in Apptainer and Docker: ``../../x`` is ``x``);
 * a name component longer than 255 bytes -> ``LayerError`` (no file system can hold it);
+* a symlink target of 4096 bytes or more -> ``LayerError`` (``symlink(2)`` refuses it);
 * an entry below a symlink of the *same* layer goes where the symlink points, resolved
   inside the root, as Apptainer (umoci, securejoin) extracts it; below another
   non-directory of the same layer -> ``LayerError``; below a non-directory of an *upper*
@@ -97,6 +98,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = tarfile.BLOCKSIZE
 _NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX; squashfs refuses longer names)
+_PATH_MAX = 4096  # bytes in a symlink target, with its NUL (Linux PATH_MAX)
 
 #: set by the consumer of :func:`flatten`'s stream: the most entries one directory may get
 #: before :class:`WideDirectoryError` (``tar2sqfs`` slows down quadratically with them)
@@ -897,6 +899,16 @@ class _Merger:
         kind = _kind(ti)
         if kind == "unknown":  # as Apptainer (umoci) does: never guess what such an entry is
             raise LayerError(f"layer {lay.label}: entry {ti.name!r} has an unknown type flag {ti.type!r}")
+        if (
+            kind == "sym"
+            and len(ti.linkname) >= _PATH_MAX // 4
+            and len(ti.linkname.encode("utf-8", "surrogateescape")) >= _PATH_MAX
+        ):
+            # symlink(2) refuses it (Apptainer fails there too); squashfuse reads it as an I/O error
+            longest = _PATH_MAX - 1
+            raise LayerError(
+                f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
+            )
         if name in self.pending:
             self._resolve_pending(lay, name, ti, kind, data)
             return
