@@ -33,8 +33,9 @@ themselves). Such layers are rare (``tar -r``).
 
 Hard links: a link whose target is earlier in the same layer becomes a hard link in the
 output; if that target is hidden by an upper layer, the layer is read again to give the
-link the hidden target's content. A link whose target is not in its own layer resolves to
-the nearest lower layer that has the target.
+link the hidden target's content. A link whose target is not earlier in its own layer
+resolves to the nearest lower layer that has the target (a later entry of its own layer at
+that path is a new file, as in tar extraction).
 
 Permissions (like Apptainer's fix-perms): every file becomes readable by all (and
 executable by all where any execute bit is set), every directory readable and traversable
@@ -764,6 +765,9 @@ class _Layer:
         # ordinals of the members a later member of this layer replaces (known after a pre-scan)
         self.replaced = _REPEATS.get((str(blob.path), blob.offset, blob.digest), frozenset())
         self.symlinks: dict[str, str] = {}  # this layer's symlinks -> the root-relative path they name
+        # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
+        # layers below from the end of this one (a later entry of this layer is no target)
+        self.awaiting: dict[str, list[tuple[str, str]]] = {}
 
 
 _Sink = _TarSink | _DirSink
@@ -984,7 +988,7 @@ class _Merger:
         lay.symlinks.pop(name, None)
         target = lay.state.get(name)
         if isinstance(target, str):  # an earlier hard link: withdraw its request for content
-            for requests in (self.pending.get(target, []), lay.rereads.get(target, [])):
+            for requests in (lay.awaiting.get(target, []), lay.rereads.get(target, [])):
                 requests[:] = [r for r in requests if (r[0] if isinstance(r, tuple) else r) != name]
         self.stats.skip("duplicate")
         return None
@@ -1029,13 +1033,8 @@ class _Merger:
             lay.links[name] = target
         elif seen == _HIDDEN:
             lay.rereads.setdefault(target, []).append(name)
-        else:  # not in this layer: the nearest lower layer that has it
-            self._await(target, [(name, lay.label)])
-
-    def _await(self, target: str, links: list[tuple[str, str]]) -> None:
-        """Hard ``links`` (name, layer) wait for a lower layer to reach ``target``."""
-        self.pending.setdefault(target, []).extend(links)
-        self.pending_dirs.update(_ancestors(target))
+        else:  # not in this layer so far: the nearest lower layer that has it
+            lay.awaiting.setdefault(target, []).append((name, lay.label))
 
     def _resolve_pending(
         self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data: BinaryIO | None
@@ -1054,7 +1053,7 @@ class _Merger:
             elif seen == _HIDDEN:
                 lay.rereads.setdefault(target, []).extend(names)
             else:
-                self._await(target, [(n, lay.label) for n in names])
+                lay.awaiting.setdefault(target, []).extend((n, lay.label) for n in names)
             self.entry(lay, ti, data)
             return
         self.entry(lay, ti, data)
@@ -1080,6 +1079,10 @@ class _Merger:
         self.links += lay.links.items()
         self.hidden |= lay.whiteouts
         self.opaque |= lay.opaque
+        for target, links in lay.awaiting.items():
+            if links:
+                self.pending.setdefault(target, []).extend(links)
+                self.pending_dirs.update(_ancestors(target))
 
     def reread(self, lay: _Layer) -> None:
         """Read ``lay`` again for link targets that an upper layer hides."""

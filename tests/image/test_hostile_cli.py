@@ -217,6 +217,16 @@ def test_directory_replaced_by_a_non_directory_and_back_loses_its_children(tmp_p
     assert not {"/a/f", "/a/g", "/c/sub", "/c/sub/x"} & set(tree)
 
 
+def test_hard_link_to_a_lower_file_its_own_layer_replaces_later(tmp_path: Path) -> None:
+    """A hard link names the file as it is when the link is made: a later entry of its own
+    layer at the target's path is a new file, and the link keeps the lower one's content."""
+    lower = layer(tmp_path, [file("t", "T"), file("u", "U0")])
+    upper = layer(tmp_path, [link("l", "t"), file("t", "NEW"), link("m", "u"), link("u", "t")])
+    tree = _build_and_compare(tmp_path, [lower, upper])
+    assert tree["/l"] == "-rw-r--r-- 1" and tree["/t"] == "-rw-r--r-- 3"
+    assert tree["/m"] == "-rw-r--r-- 2" and tree["/u"] == "-rw-r--r-- 3"
+
+
 def _pax(name: str, size: int) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.pax_headers = {"comment": "A" * size}
