@@ -8,6 +8,7 @@ directories with private empty ones and drops the current directory.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from hpcsif.errors import EngineError, UsageError
@@ -27,28 +28,47 @@ class Bind:
 def parse_bind(spec: str) -> list[Bind]:
     """Parse one ``-B`` value (comma-separated ``src[:dst[:opts]]`` entries) into binds.
 
-    Options are ``ro`` and ``rw`` (Apptainer's), separated by commas inside the third field
-    is not supported; ``dst`` defaults to ``src``. Relative sources are made absolute.
+    As in Apptainer: ``\\,`` and ``\\:`` escape a comma and a colon in a path; the options
+    (``ro``, ``rw``; ``ro`` wins) may be a comma-separated list; ``dst`` defaults to ``src``.
+    Relative sources are made absolute.
     """
-    binds = []
-    for entry in spec.split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        parts = entry.split(":")
-        if len(parts) > 3:
-            raise UsageError(f"invalid bind {entry!r} (expected src[:dst[:ro|rw]])")
-        src = os.path.abspath(parts[0]) if parts[0] else ""
-        dst = parts[1] if len(parts) > 1 and parts[1] else src
-        opt = parts[2] if len(parts) > 2 else "rw"
-        if opt not in ("ro", "rw"):
+    entries: list[tuple[str, list[str]]] = []  # (the entry as given, its fields)
+    for piece in re.split(r"(?<!\\),", spec):
+        piece = piece.strip()
+        option = piece in _BIND_OPTIONS or piece.startswith(_IMAGE_OPTIONS)
+        if entries and len(entries[-1][1]) == 3 and option:
+            entries[-1][1][2] += "," + piece  # one more option of the entry before
+            entries[-1] = (f"{entries[-1][0]},{piece}", entries[-1][1])
+        elif piece:
+            fields = [f.replace("\\:", ":").replace("\\,", ",") for f in re.split(r"(?<!\\):", piece)]
+            entries.append((piece, fields))
+    return [_bind(fields, entry) for entry, fields in entries]
+
+
+#: Apptainer's bind options; those of image binds are not supported here
+_BIND_OPTIONS = ("ro", "rw")
+_IMAGE_OPTIONS = ("image-src=", "id=")
+
+
+def _bind(fields: list[str], entry: str) -> Bind:
+    """One ``src[:dst[:opts]]`` entry, already split into its fields, as a bind."""
+    if len(fields) > 3:
+        raise UsageError(f"invalid bind {entry!r} (expected src[:dst[:ro|rw]])")
+    src = os.path.abspath(fields[0]) if fields[0] else ""
+    dst = fields[1] if len(fields) > 1 and fields[1] else src
+    opts = fields[2].split(",") if len(fields) > 2 else ["rw"]
+    for opt in opts:
+        if opt.startswith(_IMAGE_OPTIONS):
+            raise UsageError(
+                f"bind option {opt!r} is not supported by hpcsif: image binds need --engine apptainer"
+            )
+        if opt not in _BIND_OPTIONS:
             raise UsageError(f"invalid bind option {opt!r} in {entry!r} (expected ro or rw)")
-        if not src:
-            raise UsageError(f"invalid bind {entry!r}: empty source")
-        if not dst.startswith("/"):
-            raise UsageError(f"invalid bind {entry!r}: the destination must be an absolute path")
-        binds.append(Bind(src, os.path.normpath(dst), readonly=opt == "ro"))
-    return binds
+    if not src:
+        raise UsageError(f"invalid bind {entry!r}: empty source")
+    if not dst.startswith("/"):
+        raise UsageError(f"invalid bind {entry!r}: the destination must be an absolute path")
+    return Bind(src, os.path.normpath(dst), readonly="ro" in opts)
 
 
 #: --mount field names and their aliases

@@ -303,8 +303,9 @@ class _Plan:
         if os.path.exists("/etc/resolv.conf") and not opts.dns:
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
         binds += self._workdir_binds()
-        user_binds = [b for spec in opts.binds for b in parse_bind(spec)]
-        user_binds += [parse_mount(spec) for spec in opts.mounts]
+        user_binds = _first_per_destination(
+            [b for spec in opts.binds for b in parse_bind(spec)] + [parse_mount(spec) for spec in opts.mounts]
+        )
         binds += user_binds
         self.user_binds = user_binds
         # parents before children, so that a bind inside another bind's destination stays visible
@@ -757,6 +758,19 @@ class _Plan:
         )
         lines.append(f"{name}:x:{gid}:{self.user.pw_name}")
         return "\n".join(lines) + "\n"
+
+
+def _first_per_destination(binds: list[Bind]) -> list[Bind]:
+    """The user's binds less those to a destination already taken, with Apptainer's warning."""
+    kept: dict[str, Bind] = {}
+    for b in binds:
+        if b.dst in kept:
+            log.warning(
+                "While bind mounting '%s:%s': destination is already in the mount point list", b.src, b.dst
+            )
+        else:
+            kept[b.dst] = b
+    return list(kept.values())
 
 
 def _resolv_conf(dns: str) -> str:

@@ -250,6 +250,23 @@ def test_background_jobs_of_env_scripts_end_with_the_launch(run, images):
         assert f"sleep {tag}" not in ps and f"sleep 3{tag}" not in ps
 
 
+def test_bind_escapes_and_repeated_destinations(run, images, pub_tmp):
+    odd, other = pub_tmp / "a,b:c", pub_tmp / "other"
+    for d in (odd, other):
+        d.mkdir()
+        (d / "f").write_text(f"{d.name}\n")
+    # as in Apptainer: \, and \: in a path; the first bind of a destination wins, with its warning
+    spec = str(odd).replace(",", "\\,").replace(":", "\\:") + ":/mnt:ro,rw"
+    res = run(
+        "exec", "-B", spec, "-B", f"{other}:/mnt", str(images.sif), "sh", "-c", "cat /mnt/f; touch /mnt/x"
+    )
+    assert (res.returncode, res.stdout) == (1, "a,b:c\n"), res.stderr
+    assert res.stderr.splitlines() == [
+        f"WARNING: While bind mounting '{other}:/mnt': destination is already in the mount point list",
+        "touch: /mnt/x: Read-only file system",
+    ]
+
+
 def test_missing_bind_source(run, images):
     res = run("exec", "-B", "/does/not/exist:/x", str(images.sif), "true")
     assert res.returncode != 0

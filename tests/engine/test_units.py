@@ -19,7 +19,10 @@ def test_parse_bind():
     assert parse_bind("/a") == [Bind("/a", "/a")]
     assert parse_bind("/a:/b:ro,/c:/d") == [Bind("/a", "/b", True), Bind("/c", "/d")]
     assert parse_bind("rel::rw")[0].src == os.path.abspath("rel")
-    for bad in ("/a:b", "/a:/b:rx", "/a:/b:ro:x", ":/b"):
+    # Apptainer's escapes and option lists
+    assert parse_bind(r"/a\,b:/c\:d:rw,ro,/e") == [Bind("/a,b", "/c:d", True), Bind("/e", "/e")]
+    assert parse_bind("/a:/b:ro,rootdir")[1].src == os.path.abspath("rootdir")
+    for bad in ("/a:b", "/a:/b:rx", "/a:/b:ro:x", ":/b", "/a:/b:image-src=/x"):
         with pytest.raises(UsageError):
             parse_bind(bad)
 
