@@ -71,6 +71,18 @@ def env_flag(*names: str) -> bool:
     return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
 
 
+def _warn_if_both_differ(names: tuple[str, ...]) -> None:
+    """Apptainer's warning when ``SINGULARITY_X`` and ``APPTAINER_X`` disagree (the latter wins)."""
+    values = {n.split("_", 1)[0]: os.environ.get(n) for n in names}
+    if values.get("HPCSIF") or not values.get("APPTAINER") or not values.get("SINGULARITY"):
+        return
+    if values["APPTAINER"] != values["SINGULARITY"]:
+        import logging
+
+        old, new = (next(n for n in names if n.startswith(p)) for p in ("SINGULARITY", "APPTAINER"))
+        logging.getLogger(__name__).warning("%s and %s have different values, using the latter", old, new)
+
+
 def parse_size(text: str | int) -> int:
     """Parse ``50GiB``, ``10G``, ``500M``, ``1024`` into bytes."""
     if isinstance(text, int):
@@ -124,6 +136,7 @@ class Config:
                     raise ConfigError(f"{path}: {exc}") from None
                 sources.append(str(path))
         for names, key, typ in ENV_OVERRIDES:
+            _warn_if_both_differ(names)
             for name in names:
                 if os.environ.get(name):
                     try:

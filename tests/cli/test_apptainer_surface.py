@@ -158,6 +158,17 @@ def test_cache_list_flags_and_total(tmp_path: Path) -> None:
     assert dry.startswith("User requested a dry run. Not actually deleting any data!\n")
 
 
+def test_singularity_and_apptainer_variables_that_disagree(tmp_path: Path) -> None:
+    """As Apptainer: a warning, and the APPTAINER_ value wins; agreeing values say nothing."""
+    env = {"HPCSIF_CACHEDIR": "", "HPCSIF_SYSTEM_CACHEDIR": "", "APPTAINER_CACHEDIR": str(tmp_path / "a")}
+    proc = run_cli("cache", "list", "-v", env={**env, "SINGULARITY_CACHEDIR": str(tmp_path / "s")})
+    assert proc.stderr == (
+        "WARNING: SINGULARITY_CACHEDIR and APPTAINER_CACHEDIR have different values, using the latter\n"
+    )
+    assert (tmp_path / "a").is_dir() and not (tmp_path / "s").exists()
+    assert run_cli("cache", "list", env={**env, "SINGULARITY_CACHEDIR": str(tmp_path / "a")}).stderr == ""
+
+
 def test_silent_still_prints_errors(tmp_path: Path) -> None:
     # Apptainer's -s is "only print errors", not "print nothing"
     for flag in ("-s", "-q"):
