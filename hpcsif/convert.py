@@ -258,17 +258,12 @@ def sandbox_to_sif(
     arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
         writer.add(ObjectSpec(DataType.DEFFILE, data=md.raw(deffile)))
+        # inspect-metadata.json, then oci-config.json (where there is one), as Apptainer orders them
         if meta:
             inspect = meta.inspect_json()
-            if meta.oci_config:
-                writer.add(
-                    ObjectSpec(DataType.GENERIC_JSON, data=meta.oci_config_json(), name="oci-config.json")
-                )
+            runtime = meta.oci_config_json() if meta.oci_config else None
         else:
-            if oci_config:
-                data = json.dumps(oci_config, separators=(",", ":")).encode()
-                writer.add(ObjectSpec(DataType.GENERIC_JSON, data=data, name="oci-config.json"))
-
+            runtime = json.dumps(oci_config, separators=(",", ":")).encode() if oci_config else None
             sd = src / ".singularity.d"
             labels = _read_json(_text_inside(sd, "labels.json") or "")
             labels.update(
@@ -291,6 +286,8 @@ def sandbox_to_sif(
                 {"data": {"attributes": md.utf8(md.trimmed(attrs))}, "type": "container"}
             ).encode()
         writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
+        if runtime is not None:
+            writer.add(ObjectSpec(DataType.GENERIC_JSON, data=runtime, name="oci-config.json"))
         # mksquashfs 4.5 zeroes whatever precedes its -o offset, so it writes a file of its own
         # next to dest, which then becomes the SIF in place
         squash = Path(tempfile.mkdtemp(prefix=".hpcsif-build-", dir=options.tmpdir or dest.parent))

@@ -126,3 +126,17 @@ def test_lone_surrogate_escapes_become_replacement_characters(tmp_path: Path) ->
         "Labels": {"l": "\ufffd"},
     }
     assert "l: \ufffd\n" in run_cli("inspect", "-l", str(out)).stdout
+
+
+def test_rebuilds_keep_it_after_the_inspect_metadata_as_apptainer(tmp_path: Path) -> None:
+    """``build new.sif old.sif`` and a definition file bootstrapped from the image store it
+    byte for byte, as the object after ``inspect-metadata.json`` (Apptainer's order)."""
+    image = tmp_path / "image.sif"
+    run_cli("build", str(image), f"oci:{_layout(tmp_path, FULL)}")
+    deffile = tmp_path / "def"
+    deffile.write_text(f"Bootstrap: localimage\nFrom: {image}\n%runscript\n  echo hi\n")
+    for name, source in (("repacked.sif", str(image)), ("built.sif", str(deffile))):
+        out = tmp_path / name
+        run_cli("build", str(out), source)
+        assert run_cli("sif", "dump", "2", str(out)).stdout.startswith('{"data": {"attributes": ')
+        assert _oci_config(out) == EXPECTED
