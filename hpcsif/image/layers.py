@@ -525,7 +525,8 @@ def _header(
 def _sparse_header(name: str, src: tarfile.TarInfo, regions: list[tuple[int, int]]) -> bytes:
     """The headers and map of a sparse file in GNU tar's PAX format 1.0, which tar2sqfs and
     GNU tar read: the data that follows is the regions' bytes, one after the other."""
-    sparse_map = b"%d\n" % len(regions) + b"".join(b"%d\n%d\n" % r for r in regions)
+    entries = [*regions, (src.size, 0)]  # GNU tar ends the map so (tar2sqfs needs an entry)
+    sparse_map = b"%d\n" % len(entries) + b"".join(b"%d\n%d\n" % r for r in entries)
     sparse_map += bytes(-len(sparse_map) % BLOCK)
     ti = tarfile.TarInfo("GNUSparseFile.0/data")  # readers take the name from GNU.sparse.name
     ti.mode, ti.uid, ti.gid, ti.mtime = _fix_mode(src.mode, False), src.uid, src.gid, int(src.mtime)

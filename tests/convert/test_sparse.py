@@ -19,7 +19,8 @@ DATA = [(0, b"head"), (GIB // 2 + 4096, b"middle"), (GIB - 3, b"end")]
 
 
 def _sparse_layer(tmp_path: Path, name: str, size: int, fmt: str) -> bytes:
-    """A layer made by GNU tar --sparse holding ``name``, ``size`` bytes, mostly holes."""
+    """A layer made by GNU tar --sparse holding ``name``, ``size`` bytes, mostly holes, and
+    ``name-hole``, ``size`` bytes of holes only."""
     src = tmp_path / f"src-{fmt}"
     src.mkdir()
     with open(src / name, "wb") as f:
@@ -27,6 +28,8 @@ def _sparse_layer(tmp_path: Path, name: str, size: int, fmt: str) -> bytes:
         for offset, data in DATA:
             f.seek(size - GIB + offset)
             f.write(data)
+    with open(src / f"{name}-hole", "wb") as f:
+        f.truncate(size)
     tar = tmp_path / f"{fmt}.tar"
     cmd = [
         "tar",
@@ -38,7 +41,7 @@ def _sparse_layer(tmp_path: Path, name: str, size: int, fmt: str) -> bytes:
         str(tar),
         "-C",
         str(src),
-        name,
+        ".",
     ]
     subprocess.run(cmd, check=True)
     return tar.read_bytes()
@@ -58,7 +61,7 @@ def _check(path: Path, size: int, holes: bool = True) -> None:
     with open(path, "rb") as f:
         for offset, data in DATA:
             f.seek(size - GIB + offset)
-            assert f.read(len(data)) == data
+            assert f.read(len(data)) == (bytes(len(data)) if path.name.endswith("-hole") else data)
         f.seek(size - GIB + 4096)
         assert f.read(1 << 16) == bytes(1 << 16)
 
@@ -74,14 +77,14 @@ def test_sparse_files_convert_without_their_holes_and_unpack_sparse(tmp_path: Pa
     assert sif.stat().st_size < (1 << 20)
     tree = tmp_path / "tree"
     run_cli("build", "--sandbox", str(tree), str(sif))
-    for name in ("pax", "gnu"):
+    for name in ("pax", "gnu", "pax-hole", "gnu-hole"):
         _check(tree / name, size)
 
 
 def test_a_sandbox_keeps_the_holes(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     run_cli("build", "--sandbox", str(tree), f"oci:{_layout(tmp_path, GIB)}")
-    for name in ("pax", "gnu"):
+    for name in ("pax", "gnu", "pax-hole", "gnu-hole"):
         _check(tree / name, GIB)
 
 
@@ -90,7 +93,7 @@ def test_apptainer_reads_our_sparse_files(tmp_path: Path, apptainer: str) -> Non
     run_cli("build", str(sif), f"oci:{_layout(tmp_path, GIB)}")
     tree = tmp_path / "peer-tree"
     subprocess.run([apptainer, "build", "--sandbox", str(tree), str(sif)], capture_output=True, check=True)
-    for name in ("pax", "gnu"):
+    for name in ("pax", "gnu", "pax-hole", "gnu-hole"):
         _check(tree / name, GIB, holes=False)
 
 
