@@ -67,9 +67,9 @@ def _check(path: Path, size: int, holes: bool = True) -> None:
 
 
 def test_sparse_files_convert_without_their_holes_and_unpack_sparse(tmp_path: Path) -> None:
-    """The holes never go through the pipe to tar2sqfs (the tar stream of two 8 GiB files is a
+    """The holes never go through the pipe to tar2sqfs (the tar stream of four 4 GiB files is a
     few KiB); the squashfs stores them as sparse blocks, which unsquashfs writes back as holes."""
-    size = 8 * GIB
+    size = 4 * GIB
     sif = tmp_path / "sparse.sif"
     proc = run_cli("-d", "build", str(sif), f"oci:{_layout(tmp_path, size)}", timeout=60)
     stream = re.search(r"in a (\d+)-byte tar stream", proc.stderr)
