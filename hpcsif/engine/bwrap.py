@@ -283,7 +283,8 @@ class _Plan:
         user = pwd.getpwuid(os.getuid())
         # --fakeroot: the image's root inside; as in Apptainer the caller's home is bound at /root
         self.user = pwd.getpwuid(0) if opts.fakeroot else user
-        home_src, self.home = parse_home(opts.home, os.environ.get("HOME") or user.pw_dir)
+        # as Apptainer, the home directory is the user database's, whatever $HOME says
+        home_src, self.home = parse_home(opts.home, user.pw_dir or os.environ.get("HOME") or "/")
         if opts.fakeroot and not opts.home:
             self.home = self.user.pw_dir
         try:
@@ -412,13 +413,17 @@ class _Plan:
                 continue  # already there: the host's /dev is bound whole
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
             args += [kind, b.src, at(b.dst), *self.host_underlays.get(b, [])]
-        # as Apptainer, root gets the image's own /etc/passwd: its entry is already there
-        for name, text in (("passwd", self._passwd), ("group", self._group)):
+        # as Apptainer, root gets the image's own /etc/passwd (its entry is already there), with
+        # the container's home in root's entry
+        for name, make in (("passwd", self._passwd), ("group", self._group)):
             dest = at(f"/etc/{name}")
             if dest is None:
                 log.warning("%s file doesn't exist in container, not updating", name)
-            elif name == "group" or self.user.pw_uid != 0 or not self._has_root_entry(dest):
-                args += ["--ro-bind-data", self._data(text()), dest]
+                continue
+            root_entry = name == "passwd" and self.user.pw_uid == 0 and self._has_root_entry(dest)
+            text = self._root_passwd() if root_entry else make()
+            if text is not None:
+                args += ["--ro-bind-data", self._data(text), dest]
         if opts.dns and at("/etc/resolv.conf"):
             args += ["--ro-bind-data", self._data(_resolv_conf(opts.dns)), at("/etc/resolv.conf")]
         if self.underlaid and not self.rw_root:
@@ -733,6 +738,15 @@ class _Plan:
     def _has_root_entry(self, dest: str) -> bool:
         """True when the image's own /etc/passwd (at *dest*, a plain file) has root in it."""
         return _is_file(self.root + dest) and bool(self._image_lines("etc/passwd", lambda f: f[0] != "root"))
+
+    def _root_passwd(self) -> str | None:
+        """The image's /etc/passwd with root's home made the container's (None: it is already)."""
+        lines = self._image_lines("etc/passwd", lambda f: False)
+        fixed = [
+            ":".join([*f[:5], self.home, *f[6:]]) if f[0] == "root" and len(f) > 5 else ln
+            for ln, f in ((ln, ln.split(":")) for ln in lines)
+        ]
+        return None if fixed == lines else "\n".join(fixed) + "\n"
 
     def _passwd(self) -> str:
         """The image's /etc/passwd with the calling user's entry (home and shell adjusted)."""

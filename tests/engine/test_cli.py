@@ -472,6 +472,23 @@ def test_root_sees_image_passwd(run, images):
     assert group.splitlines() == ["root:x:0:", "nogroup:x:65534:", "root:x:0:root"]
 
 
+def test_home_is_the_user_databases_and_home_flag_checks(run, images, pub_tmp):
+    """As Apptainer: $HOME does not choose the home; root's entry gets --home's; bad --home is one line."""
+    home = run.user.home if run.user else "/root"
+    res = run("exec", str(images.sif), "sh", "-c", 'echo "$HOME"', env={"HOME": str(pub_tmp)})
+    assert (res.returncode, res.stdout) == (0, f"{home}\n"), res.stderr
+    script = 'echo "$HOME"; ls ~; grep "^$(id -un):" /etc/passwd | cut -d: -f6'
+    (pub_tmp / "mine").write_text("")
+    res = run("exec", "--home", f"{pub_tmp}:/home/me", str(images.sif), "sh", "-c", script)
+    assert (res.returncode, res.stdout) == (0, "/home/me\nmine\n/home/me\n"), res.stderr
+    for spec, why in (
+        (f"{pub_tmp}:/home/me:ro", "home argument has incorrect number of elements: 3"),
+        (f"{pub_tmp}:rel", "the container's home rel is not an absolute path"),
+    ):
+        res = run("exec", "--home", spec, str(images.sif), "true")
+        assert (res.returncode, res.stderr) == (2, f"FATAL:   --home {spec}: {why}\n")
+
+
 def test_no_mount(run, images, pub_tmp):
     """--no-mount tmp,bind-paths: the image's /tmp and /etc/hosts; unknown names only warn."""
     (pub_tmp / "marker").write_text("")
