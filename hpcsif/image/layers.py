@@ -1175,6 +1175,10 @@ class _Content:
         return data
 
 
+# tar2sqfs 1.2 reads sparse maps of at most 65536 entries, the closing (size, 0) one included
+_MAX_REGIONS = 65535
+
+
 class _Holes(_Content):
     """The stored regions of a sparse member, one after the other; ``regions`` are their
     (offset, length) in the file, in order, and ``stored`` their total length."""
@@ -1187,7 +1191,8 @@ class _Holes(_Content):
 
 def _regions(ti: tarfile.TarInfo, room: int) -> list[tuple[int, int]] | None:
     """``ti``'s sparse map without empty regions, or None unless the regions are in order,
-    inside the file and inside the ``room`` bytes the member's data has in the archive."""
+    inside the file and inside the ``room`` bytes the member's data has in the archive, and
+    few enough for ``tar2sqfs`` (:data:`_MAX_REGIONS`)."""
     regions: list[tuple[int, int]] = []
     end = 0
     for offset, length in ti.sparse or ():
@@ -1197,7 +1202,9 @@ def _regions(ti: tarfile.TarInfo, room: int) -> list[tuple[int, int]] | None:
             return None
         regions.append((offset, length))
         end = offset + length
-    return regions if sum(length for _, length in regions) <= room else None
+    if len(regions) > _MAX_REGIONS or sum(length for _, length in regions) > room:
+        return None
+    return regions
 
 
 def _member_data(tf: tarfile.TarFile, stream: _LayerStream, ti: tarfile.TarInfo) -> BinaryIO | None:

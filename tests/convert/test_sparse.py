@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,33 @@ def _room(tmp_path: Path) -> None:
     st = os.statvfs(tmp_path)
     if st.f_bavail * st.f_frsize < 4 * GIB:
         pytest.skip("less than 4 GiB free under the test directory")
+
+
+def _many_regions(count: int) -> bytes:
+    """A layer with one sparse file of ``count`` one-byte regions (GNU PAX 1.0), 512 bytes apart."""
+    entries = [(i * 512, 1) for i in range(count)] + [(count * 512, 0)]
+    sparse_map = b"%d\n" % len(entries) + b"".join(b"%d\n%d\n" % e for e in entries)
+    sparse_map += bytes(-len(sparse_map) % 512)
+    ti = tarfile.TarInfo("GNUSparseFile.0/many")
+    ti.size = len(sparse_map) + count
+    ti.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "many",
+        "GNU.sparse.realsize": str(count * 512),
+    }
+    data = b"x" * count + bytes(-count % 512)
+    return ti.tobuf(tarfile.PAX_FORMAT) + sparse_map + data + bytes(1024)
+
+
+def test_a_map_too_long_for_tar2sqfs_is_expanded(tmp_path: Path) -> None:
+    """tar2sqfs reads at most 65536 map entries: a file with more regions goes in full."""
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, ImageSpec(layers=[_many_regions(65536)]))
+    sif = tmp_path / "many.sif"
+    run_cli("build", str(sif), f"oci:{layout}")
+    tree = tmp_path / "tree"
+    run_cli("build", "--sandbox", str(tree), str(sif))
+    expected = bytearray(65536 * 512)
+    expected[::512] = b"x" * 65536
+    assert (tree / "many").read_bytes() == expected
