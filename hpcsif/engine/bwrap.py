@@ -453,28 +453,57 @@ class _Plan:
         would put a mount point, or a new file, on the host. So every destination is handed
         to bwrap with the image's links already followed inside the image (``..`` stops at its
         root), as the container will see them; one below another mount (*covers*) keeps the
-        path within that mount. None: unreachable (a link loop, a file where a directory is
-        needed, a link into another mount), the mount is skipped.
+        path within that mount, or where a host link in a bound directory leads. None:
+        unreachable (a link loop, a file where a directory is needed, an image link into
+        another mount), the mount is skipped.
         """
         new = sorted(set(dests) - self.places.keys(), key=lambda p: p.count("/"))
+        in_image: set[str] = set()  # placed by the image's own links, not inside another mount
         for d in new:
-            over = [c for c in covers if d.startswith(c.rstrip("/") + "/") and c in self.places]
-            if over:
-                c = max(over, key=len)
-                base = self.places[c]
-                self.places[d] = None if base is None else base.rstrip("/") + d[len(c.rstrip("/")) :]
-                continue
-            walked = _walk(self.root, d, follow_last=False)
-            self.places[d] = None if walked is None else os.path.join(walked[0], *walked[1])
+            self.places[d], by_image = self._locate(d, covers)
+            if by_image:
+                in_image.add(d)
         # a link into another mount (the host's /tmp …) must not put a mount point there
         mounts = {c: p for c, p in self.places.items() if c in covers and p is not None}
-        for d in new:
+        for d in in_image:
             place = self.places[d]
             if place is not None and any(
                 place.startswith(p.rstrip("/") + "/") and not d.startswith(c.rstrip("/") + "/")
                 for c, p in mounts.items()
             ):
                 self.places[d] = None
+
+    def _locate(self, d: str, covers: set[str], hops: int = 0) -> tuple[str | None, bool]:
+        """Where *d* is for bwrap (see :meth:`_place`), and whether the image's links placed it.
+
+        Below a bind of a host directory the host's links are followed as the container sees
+        them (an absolute one from the container's root), since bwrap cannot follow them.
+        """
+        # (a bind onto the root itself is skipped: see _drop_unreachable)
+        over = [c for c in covers if c != "/" and d.startswith(c + "/")]
+        if not over:
+            walked = _walk(self.root, d, follow_last=False)
+            return (None if walked is None else os.path.join(walked[0], *walked[1])), True
+        c = max(over, key=len)
+        if c not in self.places:
+            self.places[c] = self._locate(c, covers, hops)[0]
+        base = self.places[c]
+        if base is None:
+            return None, False
+        bound = next((b for b in reversed(self.binds) if b.dst == c and os.path.isdir(b.src)), None)
+        parts = d[len(c) + 1 :].split("/")
+        host = bound.src if bound else None
+        for i, part in enumerate(parts if host else []):
+            host = os.path.join(host, part)
+            if os.path.islink(host):
+                if hops >= 40:
+                    return None, False
+                here = os.path.join(c, *parts[:i])
+                target = os.path.normpath(os.path.join(here, os.readlink(host), *parts[i + 1 :]))
+                return self._locate(target, covers, hops + 1)
+            if not os.path.isdir(host):
+                break
+        return base.rstrip("/") + d[len(c) :], False
 
     def _drop_unreachable(self) -> None:
         """Skip, with Apptainer's warning, the binds whose destination the image makes impossible.
@@ -489,7 +518,8 @@ class _Plan:
                 log.warning("Skipping mount %s [binds]: %s doesn't exist in container", b.dst, b.dst)
             else:
                 kept.append(b)
-        self.binds = kept
+        # parents before children where they are mounted (a link may take a bind deeper or higher)
+        self.binds = sorted(kept, key=lambda b: self.places[b.dst].count("/"))
 
     def _check_user_binds(self, covers: set[str]) -> None:
         """Apptainer's refusals of a user's bind the image cannot take (bwrap's would be less clear).
@@ -524,22 +554,26 @@ class _Plan:
         self.host_underlays: dict[Bind, list[str]] = {}
         self.host_underlaid: list[str] = []
         self.listed: list[str] = []  # host directories whose entries the plan depends on
-        by_dst = {b.dst: b for b in self.binds}  # the last bind of a destination is the one seen
+        at = self.places
+        # (where the binds go, links followed; the last bind of a destination is the one seen)
+        by_place = {at[b.dst]: b for b in self.binds}
+        tmpfs = [at[t] for t in covers if at.get(t) and t not in {b.dst for b in self.binds}]
         needed: dict[Bind, set[str]] = {}
         for b in self.binds:
-            inside = [c for c in by_dst if b.dst.startswith(c.rstrip("/") + "/")]
+            place = at[b.dst]
+            inside = [c for c in by_place if place.startswith(c.rstrip("/") + "/")]
             if not inside:
                 continue
-            c = by_dst[max(inside, key=len)]
+            c = by_place[max(inside, key=len)]
             if not os.path.isdir(c.src):
                 raise EngineError(
                     f"mount {b.src}->{b.dst} error: destination {b.dst} is inside {c.dst}, where the "
                     f"file {c.src} is bound"
                 )
-            if any(b.dst.startswith(t.rstrip("/") + "/") and len(t) > len(c.dst) for t in covers):
+            if any(place.startswith(t.rstrip("/") + "/") and len(t) > len(at[c.dst]) for t in tmpfs):
                 continue  # a tmpfs (--scratch, --contain) deeper than the bind holds it
             cur = c.src
-            for part in os.path.relpath(b.dst, c.dst).split("/"):
+            for part in os.path.relpath(place, at[c.dst]).split("/"):
                 nxt = os.path.join(cur, part)
                 if not os.path.lexists(nxt) or os.path.islink(nxt) or not os.path.isdir(nxt):
                     break
@@ -552,7 +586,7 @@ class _Plan:
         for c, dirs in needed.items():
             args = []
             for d in sorted(dirs, key=lambda p: p.count("/")):
-                dest = os.path.normpath(os.path.join(self.places[c.dst], os.path.relpath(d, c.src)))
+                dest = os.path.normpath(os.path.join(at[c.dst], os.path.relpath(d, c.src)))
                 try:
                     entries = _entries(d, dest, "--ro-bind" if c.readonly else "--bind", skip=set())
                     mode = os.stat(d).st_mode & 0o7777

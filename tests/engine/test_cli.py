@@ -196,11 +196,11 @@ def test_sandbox_and_pwd_and_binds(run, images, pub_tmp):
 
 
 def test_setup_failure_is_an_error_and_leaves_no_mount(run, images, pub_tmp):
-    # a mount point to be made through a link loop in a bound host directory: bwrap itself fails
-    loops = pub_tmp / "loops"
-    loops.mkdir()
-    (loops / "loop").symlink_to("loop")
-    binds = ["-B", f"{loops}:/opt/share:ro", "-B", f"{pub_tmp}:/opt/share/loop/x"]
+    # a directory bound onto a file of a bound host directory: bwrap itself fails
+    share = pub_tmp / "share"
+    share.mkdir()
+    (share / "file").write_text("")
+    binds = ["-B", f"{share}:/opt/share:ro", "-B", f"{pub_tmp}:/opt/share/file"]
     res = run("exec", *binds, str(images.sif), "/bin/sh", "-c", "true")
     assert res.returncode == 255
     assert "bwrap could not set up the container" in res.stderr
@@ -233,6 +233,22 @@ def test_mount_points_inside_binds_the_host_does_not_get(run, images, pub_tmp):
     assert res.returncode == 255
     why = f"destination /opt/f/sub is inside /opt/f, where the file {other}/f is bound"
     assert res.stderr == f"FATAL:   mount {other}->/opt/f/sub error: {why}\n"
+
+
+def test_destinations_through_links_in_bound_directories(run, images, pub_tmp):
+    # links in a bound host directory are followed as the container sees them (bwrap cannot
+    # follow an absolute one); a mount point still never goes into a read-only bind
+    tree, other = pub_tmp / "tree", pub_tmp / "other"
+    for d in (tree / "real", tree / "real2", other):
+        d.mkdir(parents=True)
+    (other / "f").write_text("other\n")
+    (tree / "abs").symlink_to("/data/real")
+    (tree / "rel").symlink_to("real2")
+    before = sorted(tree.rglob("*"))
+    binds = ["-B", f"{tree}:/data:ro", "-B", f"{other}:/data/abs", "-B", f"{other}:/data/rel/sub"]
+    res = run("exec", *binds, str(images.sif), "cat", "/data/real/f", "/data/real2/sub/f")
+    assert (res.returncode, res.stdout) == (0, "other\nother\n"), res.stderr
+    assert sorted(tree.rglob("*")) == before
 
 
 def test_background_jobs_of_env_scripts_end_with_the_launch(run, images):
