@@ -258,10 +258,12 @@ def _build_args(args: argparse.Namespace) -> dict[str, str]:
             raise UsageError(f"--build-arg-file {args.build_arg_file}: {exc.strerror}") from None
         if len(data) > MAX_SIZE:
             raise UsageError(f"--build-arg-file {args.build_arg_file}: larger than {MAX_SIZE >> 20} MiB")
-        for line in filter(str.strip, data.decode(errors="replace").split("\n")):
+        # bytes that are not UTF-8 reach the scripts unchanged, as the definition file's own do
+        for line in filter(str.strip, data.decode(errors="surrogateescape").split("\n")):
             key, sep, value = line.partition("=")
             if not sep or not key.strip():
-                log.warning("Skipping %r in build arg file: expected KEY=VALUE", line)
+                shown = line.encode(errors="surrogateescape").decode(errors="replace")
+                log.warning("Skipping %r in build arg file: expected KEY=VALUE", shown)
                 continue
             build_args[key.strip()] = value
     for item in args.build_arg:

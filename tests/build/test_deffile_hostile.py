@@ -92,6 +92,18 @@ def test_definition_not_utf8_keeps_its_bytes_in_scripts(base: Path, tmp_path: Pa
     assert out("inspect", "-H", str(sif)) == "  caf\ufffd help\n".encode()
 
 
+def test_build_arg_file_not_utf8_keeps_its_bytes(base: Path, tmp_path: Path) -> None:
+    """A --build-arg-file value in Latin-1 reaches the script as the same bytes."""
+    deffile = tmp_path / "arg.def"
+    deffile.write_text(header(base) + '%runscript\n  echo "{{ MSG }}"\n')
+    args = tmp_path / "args"
+    args.write_bytes(b"MSG=caf\xe9\n")
+    sif = tmp_path / "arg.sif"
+    run_cli("build", "--build-arg-file", str(args), str(sif), str(deffile))
+    cmd = [sys.executable, "-m", "hpcsif.cli.main", "run", str(sif)]
+    assert subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout == b"caf\xe9\n"
+
+
 def test_lone_cr_line_endings_one_readable_line(base: Path, tmp_path: Path) -> None:
     """A file with CR line endings is one line, as Apptainer reads it; the error shows the CRs."""
     deffile = tmp_path / "cr.def"
