@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from hpcsif.errors import BuildError, SourceError
+from hpcsif.errors import BuildError
 from hpcsif.fsutil import read_regular
 from hpcsif.image.model import Image, Platform
 from hpcsif.image.store import OCIStore, atomic_write_bytes
@@ -460,7 +460,12 @@ def convert_ref(
             return sif_to_sandbox(ref.path or "", dest)
         return sif_to_sif(ref.path or "", dest, options)
     if ref.transport in ("http", "https", "fsspec", "oras"):
-        raise SourceError(f"{ref.raw}: use `hpcsif pull` for {ref.transport} sources")
+        # a SIF somewhere else: downloaded aside, then repacked (or unpacked) as a local one
+        from hpcsif.sources import download_sif
+
+        with tempfile.TemporaryDirectory(prefix="hpcsif-download-", dir=options.tmpdir) as tmp:
+            local = str(download_sif(ref, Path(tmp) / "image.sif", source_options or {}))
+            return sif_to_sandbox(local, dest) if sandbox else sif_to_sif(local, dest, options)
     with contextlib.ExitStack() as stack:
         if store is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpcsif-blobs-", dir=options.tmpdir))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import error_lines
 from tests.services.faultproxy import fault_proxy
 from tests.services.registry import PASSWORD, USER, clean_env
 from tests.sources.helpers import assert_store_sound
@@ -338,6 +339,31 @@ def test_run_http_images_through_the_cache(http_files, busybox_image, tmp_path) 
     assert res.returncode == 255 and res.stderr.endswith("/page.html: not a SIF image\n"), res.stderr
     listing = hpcsif(tmp_path, "cache", "list", "-T", "net").stdout
     assert listing.startswith("There are 2 container file(s)"), listing
+
+
+def test_build_from_oras_and_https_sifs(registry_open, http_files, busybox_image, tmp_path) -> None:
+    """``build OUT oras://…`` and ``build OUT https://…/x.sif`` repack the SIF (or unpack it with
+    ``--sandbox``), as Apptainer's build does; they were refused ("use hpcsif pull")."""
+    sif = tmp_path / "bb.sif"
+    assert hpcsif(tmp_path, "build", str(sif), f"oci:{busybox_image.layout}:latest").returncode == 0
+    ref = registry_open.ref("team/buildable:1", transport="oras")
+    assert hpcsif(tmp_path, "push", str(sif), ref).returncode == 0
+    shutil.copy(sif, http_files.root / "bb.sif")
+    hello = busybox_image.files["etc/hello.txt"].decode()
+    for n, source in enumerate([ref, f"{http_files.url}/bb.sif"]):
+        out = tmp_path / f"out{n}.sif"
+        res = hpcsif(tmp_path, "build", str(out), source)
+        assert res.returncode == 0, res.stderr
+        assert hpcsif(tmp_path, "exec", str(out), "cat", "/etc/hello.txt").stdout == hello
+        box = tmp_path / f"box{n}"
+        assert hpcsif(tmp_path, "build", "--sandbox", str(box), source).returncode == 0
+        assert (box / "etc/hello.txt").read_text() == hello
+    (http_files.root / "page.html").write_text("<html>not a SIF</html>")
+    res = hpcsif(tmp_path, "build", str(tmp_path / "bad.sif"), f"{http_files.url}/page.html")
+    assert res.returncode == 255 and error_lines(res.stderr) == [
+        f"FATAL:   {http_files.url}/page.html: not a SIF image"
+    ], res.stderr
+    assert not (tmp_path / "bad.sif").exists()
 
 
 def test_pull_http_and_file_urls(http_files, tmp_path) -> None:
