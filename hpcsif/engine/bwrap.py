@@ -420,11 +420,13 @@ class _Plan:
             if dest is None:
                 log.warning("%s file doesn't exist in container, not updating", name)
                 continue
+            if self._lacking_bind(dest, f"/etc/{name}"):
+                continue  # a bound host directory without it (-B dir:/etc): as Apptainer, left so
             root_entry = name == "passwd" and self.user.pw_uid == 0 and self._has_root_entry(dest)
             text = self._root_passwd() if root_entry else make()
             if text is not None:
                 args += ["--ro-bind-data", self._data(text), dest]
-        if opts.dns and at("/etc/resolv.conf"):
+        if opts.dns and at("/etc/resolv.conf") and not self._lacking_bind(at("/etc/resolv.conf"), "--dns"):
             args += ["--ro-bind-data", self._data(_resolv_conf(opts.dns)), at("/etc/resolv.conf")]
         if self.underlaid and not self.rw_root:
             mounted = [at(b.dst) for b in self.binds]
@@ -548,38 +550,30 @@ class _Plan:
         there; bwrap (and Apptainer) create it on the host. A read-only bind, or a directory
         the caller may not write, must stay untouched: its deepest existing directory becomes
         a tmpfs holding binds of its entries (``host_underlays``, emitted right after the bind
-        that covers it), read-only once the mounts are in (``host_underlaid``). A destination
-        inside a bound file is refused in one line.
+        that covers it), read-only once the mounts are in (``host_underlaid``). A host file of
+        the defaults (``/etc/hosts`` …) is skipped there instead, as Apptainer skips it. A
+        destination inside a bound file is refused in one line.
         """
         self.host_underlays: dict[Bind, list[str]] = {}
         self.host_underlaid: list[str] = []
         self.listed: list[str] = []  # host directories whose entries the plan depends on
         at = self.places
         # (where the binds go, links followed; the last bind of a destination is the one seen)
-        by_place = {at[b.dst]: b for b in self.binds}
-        tmpfs = [at[t] for t in covers if at.get(t) and t not in {b.dst for b in self.binds}]
+        self._by_place = {at[b.dst]: b for b in self.binds}
+        self._tmpfs = [at[t] for t in covers if at.get(t) and t not in {b.dst for b in self.binds}]
         needed: dict[Bind, set[str]] = {}
-        for b in self.binds:
-            place = at[b.dst]
-            inside = [c for c in by_place if place.startswith(c.rstrip("/") + "/")]
-            if not inside:
+        for b in list(self.binds):
+            found = self._lacking_bind(at[b.dst], f"mount {b.src}->{b.dst} error: destination {b.dst}")
+            if found is None:
                 continue
-            c = by_place[max(inside, key=len)]
-            if not os.path.isdir(c.src):
-                raise EngineError(
-                    f"mount {b.src}->{b.dst} error: destination {b.dst} is inside {c.dst}, where the "
-                    f"file {c.src} is bound"
-                )
-            if any(place.startswith(t.rstrip("/") + "/") and len(t) > len(at[c.dst]) for t in tmpfs):
-                continue  # a tmpfs (--scratch, --contain) deeper than the bind holds it
-            cur = c.src
-            for part in os.path.relpath(place, at[c.dst]).split("/"):
-                nxt = os.path.join(cur, part)
-                if not os.path.lexists(nxt) or os.path.islink(nxt) or not os.path.isdir(nxt):
-                    break
-                cur = nxt
-            if os.path.lexists(nxt):
-                continue  # there already (or a link or file, which bwrap follows or refuses)
+            c, cur = found
+            if b not in self.user_binds and b.optional and not os.path.isdir(b.src):
+                # a host file of the defaults (/etc/hosts …): skipped, as Apptainer skips it (and
+                # says so, except for resolv.conf)
+                if b.dst != "/etc/resolv.conf":
+                    log.warning("Skipping mount %s [binds]: %s doesn't exist in container", b.dst, b.dst)
+                self.binds.remove(b)
+                continue
             self.listed.append(cur)  # its entries matter: the missing one may appear
             if c.readonly or not os.access(cur, os.W_OK):
                 needed.setdefault(c, set()).add(cur)
@@ -598,6 +592,30 @@ class _Plan:
                 args += ["--perms", f"{mode:o}", "--tmpfs", dest, *entries]
                 self.host_underlaid.append(dest)
             self.host_underlays[c] = args
+
+    def _lacking_bind(self, place: str, what: str) -> tuple[Bind, str] | None:
+        """The bind of a host directory that lacks *place* (inside it), and its deepest existing
+        directory there; None when *place* is not inside such a bind or is there already.
+
+        *what* names the mount for the error when *place* is inside a bound file.
+        """
+        inside = [c for c in self._by_place if place.startswith(c.rstrip("/") + "/")]
+        if not inside:
+            return None
+        c = self._by_place[max(inside, key=len)]
+        if not os.path.isdir(c.src):
+            raise EngineError(f"{what} is inside {c.dst}, where the file {c.src} is bound")
+        top = self.places[c.dst]
+        if any(place.startswith(t.rstrip("/") + "/") and len(t) > len(top) for t in self._tmpfs):
+            return None  # a tmpfs (--scratch, --contain) deeper than the bind holds it
+        cur = c.src
+        for part in os.path.relpath(place, top).split("/"):
+            nxt = os.path.join(cur, part)
+            if not os.path.lexists(nxt) or os.path.islink(nxt) or not os.path.isdir(nxt):
+                break
+            cur = nxt
+        # there already (or a link or a file, which bwrap follows or refuses)
+        return None if os.path.lexists(nxt) else (c, cur)
 
     def _existing_destinations(self, binds: list[Bind], user_binds: list[Bind], strict: bool) -> list[Bind]:
         """Binds for a persistent writable root, which an underlay would partly hide.

@@ -235,6 +235,17 @@ def test_mount_points_inside_binds_the_host_does_not_get(run, images, pub_tmp):
     assert res.stderr == f"FATAL:   mount {other}->/opt/f/sub error: {why}\n"
 
 
+def test_default_files_inside_a_bound_directory_are_skipped(run, images, pub_tmp):
+    # as Apptainer: /etc/hosts, /etc/localtime, passwd … are not added to a directory bound at
+    # /etc (bwrap would leave empty mount points in it on the host)
+    (pub_tmp / "f").write_text("")
+    res = run("exec", "-B", f"{pub_tmp}:/etc", str(images.sif), "ls", "/etc")
+    assert (res.returncode, res.stdout) == (0, "f\n"), res.stderr
+    assert [p.name for p in pub_tmp.iterdir()] == ["f"]
+    skipped = "WARNING: Skipping mount /etc/{0} [binds]: /etc/{0} doesn't exist in container"
+    assert res.stderr.splitlines() == [skipped.format("hosts"), skipped.format("localtime")]
+
+
 def test_destinations_through_links_in_bound_directories(run, images, pub_tmp):
     # links in a bound host directory are followed as the container sees them (bwrap cannot
     # follow an absolute one); a mount point still never goes into a read-only bind
