@@ -398,21 +398,23 @@ class _Plan:
             args += ["--dev", at("/dev"), "--perms", "01777", "--tmpfs", at("/dev") + "/shm"]
         elif at("/dev"):
             args += ["--dev-bind", "/dev", at("/dev")]
+        mounts: list[tuple[str, list[str]]] = []  # (where, bwrap's arguments)
         if opts.contain and not opts.workdir:
             # private temp directories with the host's sticky 1777 mode, as Apptainer's
             for d in ("/tmp", "/var/tmp"):
                 if at(d):
-                    args += ["--perms", "01777", "--tmpfs", at(d)]
+                    mounts.append((at(d), ["--perms", "01777", "--tmpfs", at(d)]))
             if not opts.no_home and not opts.home and at(self.home):
-                args += ["--tmpfs", at(self.home)]
-        for d in self.scratch_tmpfs:
-            if at(d):
-                args += ["--tmpfs", at(d)]
+                mounts.append((at(self.home), ["--tmpfs", at(self.home)]))
+        mounts += [(at(d), ["--tmpfs", at(d)]) for d in self.scratch_tmpfs if at(d)]
         for b in self.binds:
             if b.dev and not self.minimal_dev and b.src == b.dst:
                 continue  # already there: the host's /dev is bound whole
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
-            args += [kind, b.src, at(b.dst), *self.host_underlays.get(b, [])]
+            mounts.append((at(b.dst), [kind, b.src, at(b.dst), *self.host_underlays.get(b, [])]))
+        # parents first, so that a mount inside another one's place (-S /tmp/x) stays visible
+        for _, more in sorted(mounts, key=lambda m: m[0].count("/")):
+            args += more
         # as Apptainer, root gets the image's own /etc/passwd (its entry is already there), with
         # the container's home in root's entry
         for name, make in (("passwd", self._passwd), ("group", self._group)):
@@ -562,12 +564,14 @@ class _Plan:
         self._by_place = {at[b.dst]: b for b in self.binds}
         self._tmpfs = [at[t] for t in covers if at.get(t) and t not in {b.dst for b in self.binds}]
         needed: dict[Bind, set[str]] = {}
-        for b in list(self.binds):
-            found = self._lacking_bind(at[b.dst], f"mount {b.src}->{b.dst} error: destination {b.dst}")
+        targets = [(at[b.dst], b, f"mount {b.src}->{b.dst} error: destination {b.dst}") for b in self.binds]
+        targets += [(at[d], None, f"scratch directory {d}") for d in self.scratch_tmpfs if at.get(d)]
+        for place, b, name in targets:
+            found = self._lacking_bind(place, name)
             if found is None:
                 continue
             c, cur = found
-            if b not in self.user_binds and b.optional and not os.path.isdir(b.src):
+            if b is not None and b not in self.user_binds and b.optional and not os.path.isdir(b.src):
                 # a host file of the defaults (/etc/hosts …): skipped, as Apptainer skips it (and
                 # says so, except for resolv.conf)
                 if b.dst != "/etc/resolv.conf":

@@ -246,6 +246,17 @@ def test_default_files_inside_a_bound_directory_are_skipped(run, images, pub_tmp
     assert res.stderr.splitlines() == [skipped.format("hosts"), skipped.format("localtime")]
 
 
+def test_scratch_inside_binds(run, images, pub_tmp):
+    # mounted after the binds it lies in (it was hidden by them, or made in the read-only image)
+    (pub_tmp / "ro").mkdir()
+    binds = ["-B", f"{pub_tmp}/ro:/data:ro", "-S", f"/data/scr,{pub_tmp}/scr"]
+    script = f"touch /data/scr/x {pub_tmp}/scr/y && ls /data/scr {pub_tmp}/scr"
+    res = run("exec", *binds, str(images.sif), "sh", "-c", script)
+    assert (res.returncode, res.stdout) == (0, f"/data/scr:\nx\n\n{pub_tmp}/scr:\ny\n"), res.stderr
+    # the writable bind (/var/tmp) got the mount point, as with Apptainer; the read-only one nothing
+    assert (list((pub_tmp / "ro").iterdir()), list((pub_tmp / "scr").iterdir())) == ([], [])
+
+
 def test_destinations_through_links_in_bound_directories(run, images, pub_tmp):
     # links in a bound host directory are followed as the container sees them (bwrap cannot
     # follow an absolute one); a mount point still never goes into a read-only bind
