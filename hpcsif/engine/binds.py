@@ -84,7 +84,7 @@ _MOUNT_KEYS = {
 def parse_mount(spec: str) -> Bind:
     """Parse one ``--mount`` value (Apptainer's Docker-style syntax) into a bind.
 
-    ``type=bind,source=SRC,destination=DST[,ro|readonly]``; ``src``, ``dst`` and ``target``
+    ``[type=bind,]source=SRC,destination=DST[,ro|readonly]``; ``src``, ``dst`` and ``target``
     are aliases. Fields are comma-separated CSV, so a path holding a comma can be quoted
     (``"source=/a,b"``), as in Apptainer.
     """
@@ -106,11 +106,15 @@ def parse_mount(spec: str) -> Bind:
             found["type"] = value
         elif key in _MOUNT_KEYS and sep:
             found[_MOUNT_KEYS[key]] = value
+        elif key in ("image-src", "id"):
+            raise UsageError(
+                f"--mount {key}= is not supported by hpcsif: image binds need --engine apptainer"
+            )
         else:
             raise UsageError(
                 f"invalid --mount field {item!r} in {spec!r} (expected type, source, destination, ro)"
             )
-    missing = [k for k in ("type", "source", "destination") if not found.get(k)]
+    missing = [k for k in ("source", "destination") if not found.get(k)]  # (the type: bind)
     if missing:
         raise UsageError(f"invalid --mount {spec!r}: {missing[0]} is missing")
     if not found["destination"].startswith("/"):

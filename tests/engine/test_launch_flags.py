@@ -223,7 +223,7 @@ def test_scratch_and_workdir(run, images, pub_tmp):
 
 def test_mount_flag(run, images, pub_tmp):
     (pub_tmp / "f").write_text("mounted\n")
-    spec = f"type=bind,source={pub_tmp},destination=/m1"
+    spec = f"source={pub_tmp},destination=/m1"  # (type=bind is the default, as in Apptainer)
     alias = f"type=bind,src={pub_tmp},dst=/m2,ro"
     out = ok(run("exec", "--mount", spec, "--mount", alias, str(images.sif), "sh", "-c", "cat /m1/f /m2/f"))
     assert out == "mounted\nmounted\n"
@@ -241,6 +241,9 @@ def test_mount_flag(run, images, pub_tmp):
     assert (pub_tmp / "g").exists()
     res = run("exec", "--mount", "type=volume,src=x,dst=/y", str(images.sif), "true")
     assert res.stderr.strip() == "FATAL:   --mount type=volume is not supported by hpcsif: only type=bind"
+    res = run("exec", "--mount", f"src={pub_tmp},dst=/y,image-src=/", str(images.sif), "true")
+    want = "FATAL:   --mount image-src= is not supported by hpcsif: image binds need --engine apptainer"
+    assert (res.returncode, res.stderr.strip()) == (2, want)
 
 
 def test_overlay_directory(unpriv_user, user_sandbox, images, pub_tmp):
