@@ -13,6 +13,8 @@ class HpcsifError(Exception):
 
     #: process exit status the CLI uses for this class of error
     exit_code = 255
+    #: the word the CLI prints before the message (Apptainer says ERROR for some failures)
+    level = "FATAL"
 
 
 class UsageError(HpcsifError):
@@ -99,6 +101,13 @@ class SignatureError(TrustError):
 
 class EngineError(HpcsifError):
     """The container engine cannot start the container."""
+
+
+class NoShellError(EngineError):
+    """The image has nothing to run for ``run``/``shell``: Apptainer's ERROR line and status 1."""
+
+    exit_code = 1
+    level = "ERROR"
 
 
 class MissingToolError(EngineError):

@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None, *, front: bool = False) -> int:
             set_config(Config.load([Path(args.config)]))
         return int(args.func(args) or 0)
     except HpcsifError as exc:
-        print(f"FATAL:   {exc}", file=sys.stderr)  # even with -s, which Apptainer says prints errors
+        # even with -s, which Apptainer says prints errors
+        print(f"{exc.level + ':':<9}{exc}", file=sys.stderr)
         if args.debug:
             log.debug("traceback", exc_info=True)
         return exc.exit_code

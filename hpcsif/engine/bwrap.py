@@ -20,7 +20,7 @@ import os
 import signal
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from hpcsif.engine.base import (
     Engine,
@@ -31,7 +31,7 @@ from hpcsif.engine.base import (
     which,
 )
 from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home, parse_mount
-from hpcsif.errors import EngineError, MissingToolError, UsageError
+from hpcsif.errors import EngineError, MissingToolError, NoShellError, UsageError
 
 if TYPE_CHECKING:
     from hpcsif.engine.mounts import SharedMount
@@ -327,9 +327,7 @@ class _Plan:
         if not _is_executable(in_image(self.root, "/bin/sh")):
             self.direct = _oci_config(None if opts.sandbox else image, opts.action)
             if self.direct is None:
-                raise EngineError(
-                    f"{image}: the image has no /bin/sh and no oci-config.json to start it without"
-                )
+                _no_shell(image, opts.action, self.root if opts.sandbox else None)
         from hpcsif.engine.environment import build_env, host_environ
 
         self.env = build_env(
@@ -841,6 +839,16 @@ def _first_per_destination(binds: list[Bind]) -> list[Bind]:
         else:
             kept[b.dst] = b
     return list(kept.values())
+
+
+def _no_shell(image: Path, action: str, sandbox: str | None) -> NoReturn:
+    """Fail a start that needs the image's /bin/sh: Apptainer's ERROR lines for ``shell``, and for
+    ``run`` of a sandbox without a runscript."""
+    if action == "shell":
+        raise NoShellError("/bin/sh does not exist in container")
+    if action == "run" and sandbox and not _is_executable(in_image(sandbox, "/.singularity.d/runscript")):
+        raise NoShellError("No runscript and no /bin/sh executable found in container, aborting")
+    raise EngineError(f"{image}: the image has no /bin/sh and no oci-config.json to start it without")
 
 
 def _resolv_conf(dns: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,15 @@ def test_exec_without_oci_config(shell_less: Path, tmp_path: Path) -> None:
     assert run_cli("exec", str(sandbox), "/app/busybox", "echo", "ok").stdout == "ok\n"
     proc = run_cli("exec", str(sandbox), "true", check=False)
     assert (proc.returncode, proc.stderr) == (255, 'FATAL:   "true": executable file not found in $PATH\n')
+    # Apptainer 1.4.5's lines and status for run of such a sandbox without a runscript, and
+    # shell of either
+    (sandbox / ".singularity.d/runscript").unlink()
+    proc = run_cli("run", str(sandbox), check=False)
+    message = "ERROR:   No runscript and no /bin/sh executable found in container, aborting\n"
+    assert (proc.returncode, proc.stderr) == (1, message)
+    for image in (sif, sandbox):
+        proc = run_cli("shell", str(image), check=False, stdin=subprocess.DEVNULL)
+        assert (proc.returncode, proc.stderr) == (1, "ERROR:   /bin/sh does not exist in container\n")
 
 
 def test_localimage_build_keeps_oci_config(shell_less: Path, tmp_path: Path) -> None:
