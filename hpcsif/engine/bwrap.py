@@ -560,7 +560,8 @@ class _Plan:
         at = self.places
         # (where the binds go, links followed; the last bind of a destination is the one seen)
         self._by_place = {at[b.dst]: b for b in self.binds}
-        self._tmpfs = [at[t] for t in covers if at.get(t) and t not in {b.dst for b in self.binds}]
+        bound = {b.dst for b in self.binds}
+        self._tmpfs = [at[t] for t in covers - bound if at.get(t)]
         needed: dict[Bind, set[str]] = {}
         targets = [(at[b.dst], b, f"mount {b.src}->{b.dst} error: destination {b.dst}") for b in self.binds]
         targets += [(at[d], None, f"scratch directory {d}") for d in self.scratch_tmpfs if at.get(d)]
