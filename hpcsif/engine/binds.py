@@ -103,10 +103,9 @@ def parse_mount(spec: str) -> Bind:
         elif key == "type":
             if value != "bind":
                 raise UsageError(f"--mount type={value} is not supported by hpcsif: only type=bind")
-            found["type"] = value
         elif key in _MOUNT_KEYS and sep:
             found[_MOUNT_KEYS[key]] = value
-        elif key in ("image-src", "id"):
+        elif f"{key}=" in _IMAGE_OPTIONS:
             raise UsageError(
                 f"--mount {key}= is not supported by hpcsif: image binds need --engine apptainer"
             )
@@ -114,7 +113,7 @@ def parse_mount(spec: str) -> Bind:
             raise UsageError(
                 f"invalid --mount field {item!r} in {spec!r} (expected type, source, destination, ro)"
             )
-    missing = [k for k in ("source", "destination") if not found.get(k)]  # (the type: bind)
+    missing = [k for k in ("source", "destination") if not found.get(k)]  # (type= defaults to bind)
     if missing:
         raise UsageError(f"invalid --mount {spec!r}: {missing[0]} is missing")
     if not found["destination"].startswith("/"):
