@@ -274,10 +274,7 @@ def sandbox_to_sif(
                 )
             )
             if scratch and sd.is_dir() and not sd.is_symlink():  # a link could point out of the tree
-                atomic_write_bytes(
-                    sd / "labels.json",
-                    json.dumps(md.utf8(dict(sorted(labels.items()))), indent="\t").encode(),
-                )
+                atomic_write_bytes(sd / "labels.json", md.labels_json(labels).encode())
             attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
             runscript = _text_inside(sd, "runscript")
             if runscript is not None:

@@ -538,9 +538,7 @@ class _StageBuilder:
             self._write(f"{meta}/env/90-environment.sh", app.body("env"), 0o755)
             global_env += f'export SCIF_APPENV_{var}="{meta}/env/90-environment.sh"\n'
         labels = {"SCIF_APP_NAME": app.name, **parse_labels(app.body("labels"))}
-        self._write(
-            f"{meta}/labels.json", json.dumps(md.utf8(dict(sorted(labels.items()))), indent="\t"), 0o644
-        )
+        self._write(f"{meta}/labels.json", md.labels_json(labels), 0o644)
         global_env += f'export SCIF_APPLABELS_{var}="{meta}/labels.json"\n'
         if app.body("run"):
             self._write(f"{meta}/runscript", _script(app.sections["run"], self.where), 0o755)
@@ -638,9 +636,7 @@ class _StageBuilder:
         if runs("labels"):
             labels.update(stage.labels)
         labels.update(self.post_labels)  # $APPTAINER_LABELS lines win over %labels (Apptainer)
-        self._write(
-            f"{SD}/labels.json", json.dumps(md.utf8(dict(sorted(labels.items()))), indent="\t"), 0o644
-        )
+        self._write(f"{SD}/labels.json", md.labels_json(labels), 0o644)
         self._write(f"{SD}/Singularity", self.definition.raw, 0o644)
 
     def _write(self, inner: str, text: str, mode: int) -> None:

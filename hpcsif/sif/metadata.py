@@ -236,16 +236,12 @@ class Metadata:
         out.append(ExtraFile(f"{SD}/runscript", raw(self.runscript), 0o755))
         out.append(ExtraFile(f"{SD}/startscript", raw(self.startscript), 0o755))
         out.append(ExtraFile(f"{SD}/Singularity", raw(self.deffile), 0o644))
-        out.append(ExtraFile(f"{SD}/labels.json", self.labels_json().encode(), 0o644))
+        out.append(ExtraFile(f"{SD}/labels.json", labels_json(self.labels).encode(), 0o644))
         if self.test is not None:
             out.append(ExtraFile(f"{SD}/test", raw(self.test), 0o755))
         if self.helpfile is not None:
             out.append(ExtraFile(f"{SD}/runscript.help", raw(self.helpfile), 0o644))
         return out + self.extra_files
-
-    def labels_json(self) -> str:
-        """``labels.json`` as Apptainer writes it (sorted, tab indented)."""
-        return json.dumps(utf8(dict(sorted(self.labels.items()))), indent="\t")
 
     def inspect_json(self) -> bytes:
         """The ``inspect-metadata.json`` SIF object ``apptainer inspect`` reads.
@@ -271,6 +267,11 @@ class Metadata:
     def oci_config_json(self) -> bytes:
         """The ``oci-config.json`` SIF object (the image's runtime config)."""
         return json.dumps(self.oci_config, separators=(",", ":")).encode()
+
+
+def labels_json(labels: dict[str, Any]) -> str:
+    """``labels.json`` as Apptainer writes it (sorted, tab indented, valid UTF-8)."""
+    return json.dumps(utf8(dict(sorted(labels.items()))), indent="\t")
 
 
 def raw(text: str) -> bytes:
