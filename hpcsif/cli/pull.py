@@ -82,9 +82,9 @@ def registry_options(args: argparse.Namespace) -> dict[str, object]:
 
 def oras_options(args: argparse.Namespace) -> dict[str, object]:
     """The :func:`registry_options` that oras:// pushes and pulls take (no daemon there)."""
-    opts = registry_options(args)
-    opts.pop("docker_host", None)
-    return opts
+    from hpcsif.sources import oras
+
+    return oras.oras_options(registry_options(args))
 
 
 def prompt_credentials():  # -> Credentials
