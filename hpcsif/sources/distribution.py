@@ -263,7 +263,7 @@ class RegistryClient:
                 ) from None
             except _TRANSIENT as exc:
                 if attempt >= self.retries or self._hopeless(exc):
-                    raise NetworkError(f"cannot reach {_redact(url)}: {_reason(exc)}") from None
+                    raise NetworkError(f"cannot reach {_redact(url)}: {reason(exc)}") from None
                 log.warning("%s %s failed (%s); retrying", method, _redact(url), type(exc).__name__)
                 self._sleep(attempt)
                 continue
@@ -365,7 +365,7 @@ class RegistryClient:
             try:
                 data = _read_capped(resp, MAX_JSON_DOCUMENT, f"token server {_redact(realm)}", self.timeout)
             except _TRANSIENT as exc:
-                raise NetworkError(f"token server {_redact(realm)}: {_reason(exc)}") from None
+                raise NetworkError(f"token server {_redact(realm)}: {reason(exc)}") from None
         try:
             body = json.loads(data)
             value = body.get("token") or body["access_token"]
@@ -453,7 +453,7 @@ class RegistryClient:
                     data = _read_capped(resp, MAX_JSON_DOCUMENT, f"{where}: manifest", self.timeout)
                 except _TRANSIENT as exc:  # the connection broke while reading the body
                     if attempt >= self.retries:
-                        raise NetworkError(f"{where}: manifest download failed: {_reason(exc)}") from None
+                        raise NetworkError(f"{where}: manifest download failed: {reason(exc)}") from None
                     log.warning("%s: manifest download failed (%s); retrying", where, type(exc).__name__)
                     self._sleep(attempt)
                     continue
@@ -601,9 +601,9 @@ class RegistryClient:
             except _TRANSIENT as exc:
                 failures += 1
                 if failures > self.retries:
-                    why = _reason(exc)
+                    why = reason(exc)
                     raise NetworkError(f"{where}: download failed after {failures} tries: {why}") from None
-                broke = f"{_reason(exc)}; "
+                broke = f"{reason(exc)}; "
                 log.warning(
                     "%s: connection lost after %d bytes (%s); resuming",
                     where,
@@ -689,7 +689,7 @@ def _root_cause(exc: BaseException) -> BaseException:
     return cause
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     """The innermost cause of a connection failure, briefly ("connection refused", "timed out")."""
     cause = _root_cause(exc)
     if isinstance(cause, OSError) and cause.strerror:

@@ -51,7 +51,7 @@ def _copy(src: IO[bytes], out: IO[bytes], total: int, progress: Progress | None)
 def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, timeout: float) -> int:
     import requests
 
-    from hpcsif.sources.distribution import RETRY_STATUS, _reason, retry_after
+    from hpcsif.sources.distribution import RETRY_STATUS, reason, retry_after
 
     for attempt in range(retries + 1):
         out.seek(0)
@@ -72,7 +72,7 @@ def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, tim
                 return _copy(resp.raw, out, total, progress)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if attempt >= retries:
-                raise NetworkError(f"{url}: download failed: {_reason(exc)}") from None
+                raise NetworkError(f"{url}: download failed: {reason(exc)}") from None
             log.warning("%s: %s; retrying", url, type(exc).__name__)
     raise NetworkError(f"{url}: download failed after {retries + 1} tries")
 
@@ -170,9 +170,9 @@ def fingerprint(url: str, *, timeout: float = 60.0) -> str:
             with requests.get(url, stream=True, timeout=timeout) as got:
                 resp = got
     except (requests.ConnectionError, requests.Timeout) as exc:
-        from hpcsif.sources.distribution import _reason
+        from hpcsif.sources.distribution import reason
 
-        raise NetworkError(f"cannot reach {url}: {_reason(exc)}") from None
+        raise NetworkError(f"cannot reach {url}: {reason(exc)}") from None
     if resp.status_code == 404:
         raise NotFoundError(f"{url}: not found (HTTP 404)")
     if resp.status_code >= 400:
