@@ -165,14 +165,14 @@ def _request(
 
 def _converter(layout: CacheLayout, req: Request) -> Producer:
     """Fetch into the blob cache and convert; the producer the store calls under the key's lock."""
+    # a registry (or oras) tag is pinned to the digest it resolved to, so the key names what is built
+    ref = req.ref.with_digest(req.digest) if req.ref.is_registry else req.ref
 
     def convert(dest: Path) -> dict[str, Any]:
         from hpcsif.cache.blobs import blobs_in_use
         from hpcsif.convert import fetch_image, image_to_sif
         from hpcsif.image.store import OCIStore
 
-        # a registry tag is pinned to the digest it resolved to, so the key names what is built
-        ref = req.ref.with_digest(req.digest) if req.ref.is_registry else req.ref
         log.info("converting %s (%s)", req.what, req.digest)
         with blobs_in_use(layout.user):
             image = fetch_image(ref, OCIStore(layout.user.oci), req.options, req.source_options)
@@ -189,8 +189,6 @@ def _converter(layout: CacheLayout, req: Request) -> Producer:
         from hpcsif.sources import download_sif
 
         log.info("downloading %s (%s)", req.what, req.digest)
-        # an oras tag is pinned to the digest it resolved to, as a registry tag is
-        ref = req.ref.with_digest(req.digest) if req.ref.is_registry else req.ref
         download_sif(ref, dest, req.source_options)
         return {"via": "download", "ref": str(req.ref), "digest": req.digest, "transport": req.ref.transport}
 
