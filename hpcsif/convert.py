@@ -279,9 +279,7 @@ def sandbox_to_sif(
             runscript = _text_inside(sd, "runscript")
             if runscript is not None:
                 attrs["runscript"] = runscript
-            inspect = json.dumps(
-                {"data": {"attributes": md.utf8(md.trimmed(attrs))}, "type": "container"}
-            ).encode()
+            inspect = md.inspect_object(md.trimmed(attrs))
         writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
         if runtime is not None:
             writer.add(ObjectSpec(DataType.GENERIC_JSON, data=runtime, name="oci-config.json"))

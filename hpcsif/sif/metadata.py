@@ -262,7 +262,7 @@ class Metadata:
             attrs["helpfile"] = trimmed(self.helpfile)
         if self.apps:
             attrs["apps"] = trimmed(self.apps)
-        return json.dumps({"data": {"attributes": utf8(attrs)}, "type": "container"}).encode()
+        return inspect_object(attrs)
 
     def oci_config_json(self) -> bytes:
         """The ``oci-config.json`` SIF object (the image's runtime config)."""
@@ -272,6 +272,11 @@ class Metadata:
 def labels_json(labels: dict[str, Any]) -> str:
     """``labels.json`` as Apptainer writes it (sorted, tab indented, valid UTF-8)."""
     return json.dumps(utf8(dict(sorted(labels.items()))), indent="\t")
+
+
+def inspect_object(attrs: dict[str, Any]) -> bytes:
+    """The ``inspect-metadata.json`` SIF object holding the attributes *attrs* (valid UTF-8)."""
+    return json.dumps({"data": {"attributes": utf8(attrs)}, "type": "container"}).encode()
 
 
 def raw(text: str) -> bytes:
