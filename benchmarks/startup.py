@@ -10,7 +10,9 @@ Measured in one run, on one machine, with the same SIF:
 * raw ``bwrap --unshare-user --ro-bind MNT / … /bin/true`` on an existing squashfuse mount
   (the floor for a shared mount), and the very ``bwrap`` command line hpcsif's engine makes for
   this start (the same binds, ``/etc/passwd`` and environment set-up, run directly: what the
-  engine itself costs on top), and raw ``squashfuse`` + ``bwrap`` + ``fusermount3 -u`` (cold);
+  engine itself costs on top), the same command with ``/bin/true`` in place of the launcher shell
+  that sources the image's ``/.singularity.d/env`` scripts (what the mounts alone cost), and raw
+  ``squashfuse`` + ``bwrap`` + ``fusermount3 -u`` (cold);
 * ``python3 -c pass`` (the interpreter's own start-up, part of every Python CLI number);
 * ``apptainer exec IMAGE true`` when ``apptainer`` or the ``peer-apptainer`` wrapper is installed
   (the wrapper adds a chroot hop, so its number is an upper bound for Apptainer itself).
@@ -134,6 +136,13 @@ def build_front(work: Path) -> Path:
 FRONT, PY = "hpcsif exec SIF true (native front)", "hpcsif exec SIF true (Python CLI only)"
 FRONT_COLD = "hpcsif exec SIF true, cold mount (native front: mounts, runs, unmounts)"
 RAW, SAME = "raw bwrap on a shared mount", "bwrap as hpcsif's engine runs it (same binds and environment)"
+BINDS = "the same bwrap, /bin/true in place of the launcher shell (binds only)"
+
+
+def without_launcher(cmd: list[str]) -> list[str]:
+    """``cmd`` (the engine's bwrap command) running ``/bin/true`` instead of its launcher shell."""
+    at = next(i for i in range(len(cmd) - 1) if cmd[i] == "/bin/sh" and cmd[i + 1] == "-c")
+    return [*cmd[:at], "/bin/true"]
 
 
 def main() -> int:
@@ -193,6 +202,7 @@ def main() -> int:
                 PY: (hpcsif, env),
                 RAW: (bwrap, None),
                 SAME: (same, same_env),
+                BINDS: (without_launcher(same), same_env),
             }
             peer = shutil.which("apptainer") or shutil.which("peer-apptainer")
             if peer:
@@ -205,7 +215,7 @@ def main() -> int:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         rows, med = table(samples)
         front_ms, py_ms = med[FRONT], med[PY]
-        raw_ms, same_ms = med[RAW], med[SAME]
+        raw_ms, same_ms, binds_ms = med[RAW], med[SAME], med[BINDS]
         cold_ms = med["hpcsif exec SIF true, cold mount (Python CLI only)"]
         interp = med["python3 -c pass (interpreter start-up)"]
         raw_cold_ms = med["raw squashfuse + bwrap + fusermount3 -u, cold (incl. sh)"]
@@ -214,6 +224,10 @@ def main() -> int:
             f"- shared mount, native front: {front_ms:.1f} ms = {front_ms / same_ms:.2f}x the engine's "
             f"own bwrap command run directly ({same_ms:.1f} ms), {front_ms / raw_ms:.2f}x the bare "
             f"bwrap ({raw_ms:.1f} ms)",
+            f"- where the gap to the bare bwrap goes: the engine's mounts (Apptainer's default binds and "
+            f"the underlay for bind destinations the image lacks) {binds_ms - raw_ms:.1f} ms, the launcher "
+            f"shell and the image's env scripts {same_ms - binds_ms:.1f} ms, the front itself "
+            f"{front_ms - same_ms:.1f} ms",
             f"- shared mount, Python CLI only: {py_ms:.0f} ms = {py_ms / same_ms:.1f}x the engine's "
             f"bwrap command, {py_ms / raw_ms:.1f}x the bare bwrap; the interpreter alone takes "
             f"{interp:.0f} ms of it",
