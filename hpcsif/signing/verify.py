@@ -1,10 +1,11 @@
 """Verify the signatures of a SIF image, and the admin policy "only signed images".
 
 Verification follows Apptainer: every non-signature object must belong to an object group;
-every group needs at least one (non-legacy) signature linked to it; each signature we hold the
-key for must be valid and its metadata must match the header, every descriptor and every
-object of the group exactly. A signature by a key we do not hold is reported and skipped, but
-a group none of whose signatures we can check fails.
+every group needs at least one (non-legacy) signature linked to it; each signature must be
+valid and its metadata must match the header, every descriptor and every object of the group
+exactly. As in ``apptainer verify``, a signature by a key not given fails verification (an
+image signed by two keys verifies only with both); the ``cache.require_signed`` policy instead
+skips such a signature, as long as each group has one by a trusted key.
 """
 
 from __future__ import annotations
@@ -147,13 +148,17 @@ def verify_image(
     keys: list[KeyInfo],
     group_id: int | None = None,
     object_id: int | None = None,
+    skip_unknown_signers: bool = False,
 ) -> VerifyReport:
     """Verify every object group of the SIF at *path* against the public *keys*.
 
     *group_id* limits the check to one group, *object_id* to one object (some signature of its
     group must cover it), as Apptainer's ``verify --group-id/--sif-id``. Raises
     :class:`SignatureError` ("verification failed: …") naming the group without a signature,
-    the invalid signature, or the header/descriptor/object that changed.
+    the invalid signature, the signature by a key not in *keys*, or the header/descriptor/object
+    that changed. With *skip_unknown_signers*, a signature by a key not in *keys* is listed in
+    :attr:`VerifyReport.skipped` instead, and only a group none of whose signatures can be
+    checked fails.
     """
     report = VerifyReport(Path(path))
     with SIFImage.open(path) as img:
@@ -174,6 +179,8 @@ def verify_image(
             for sig in sigs:
                 result = _check_signature(img, sig, group, keys, digester, required)
                 if isinstance(result, str):
+                    if not skip_unknown_signers:
+                        raise _fail(f"signature object {sig.id} not valid: {result}")
                     report.skipped.append((sig, result))
                 else:
                     report.verified.append(result)
@@ -244,7 +251,7 @@ def verify_trusted(sif_path: str | os.PathLike, config: Config) -> VerifyReport:
             "signed SIF images"
         )
     try:
-        report = verify_image(sif_path, keys)
+        report = verify_image(sif_path, keys, skip_unknown_signers=True)
     except (SignatureError, SIFError) as exc:
         raise SignatureError(
             f"{sif_path}: not signed by a trusted key (cache.require_signed): {exc}"

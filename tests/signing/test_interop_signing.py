@@ -90,7 +90,7 @@ def test_we_verify_apptainer_dsse_signature(sif: Path, tmp_path: Path, keysdir: 
     (result,) = verify_image(sif, keyring.list()).verified
     assert result.key.name == "me" and [o.id for o in result.objects] == [1, 2, 3, 4]
     other = Keyring(tmp_path / "other").newpair("other", "ecdsa-p256")
-    with pytest.raises(SignatureError, match="no signature could be checked"):
+    with pytest.raises(SignatureError, match=r"signature object 5 not valid: .* key not given"):
         verify_image(sif, [other])
 
 
