@@ -22,6 +22,7 @@ from hpcsif.sif.format import (
     FSType,
     Header,
     PartType,
+    label_of,
 )
 from hpcsif.sif.superblock import SUPERBLOCK_SIZE, squashfs_bytes_used
 
@@ -99,8 +100,9 @@ class SIFImage:
         """The primary system partition (the root file system the image runs).
 
         Raises :class:`SIFError` when there is none or more than one and, with *check*, when it
-        is empty or encrypted, or when a squashfs one holds no valid file system or a truncated
-        one (its superblock's size exceeds the object), so that no mount or unpack is tried.
+        is empty, encrypted or not squashfs (an ext3 one, which Apptainer mounts as root), or
+        when it holds no valid squashfs file system or a truncated one (its superblock's size
+        exceeds the object), so that no mount or unpack is tried.
         """
         found = [d for d in self.find(DataType.PARTITION) if d.parttype == PartType.PRIMSYS]
         if not found:
@@ -118,18 +120,22 @@ class SIFImage:
                 f"{self.path}: encrypted SIF images are not supported by hpcsif "
                 "(decrypt with --engine apptainer and --passphrase or --pem-path)"
             )
-        if part.fstype == FSType.SQUASHFS:
-            used = squashfs_bytes_used(os.pread(self.fd, SUPERBLOCK_SIZE, part.offset))
-            if used is None:
-                raise SIFError(
-                    f"{self.path}: the primary partition (object {part.id}) holds no valid squashfs "
-                    "file system"
-                )
-            if used > part.size:
-                raise SIFError(
-                    f"{self.path}: the primary partition (object {part.id}) is truncated: its squashfs "
-                    f"file system has {used} bytes, the object {part.size}"
-                )
+        if part.fstype != FSType.SQUASHFS:
+            raise SIFError(
+                f"{self.path}: the primary partition (object {part.id}) has file system type "
+                f"{label_of(part.fstype)}: hpcsif reads only squashfs root file systems (convert the "
+                "image with 'apptainer build NEW.sif OLD.sif', or run it with --engine apptainer)"
+            )
+        used = squashfs_bytes_used(os.pread(self.fd, SUPERBLOCK_SIZE, part.offset))
+        if used is None:
+            raise SIFError(
+                f"{self.path}: the primary partition (object {part.id}) holds no valid squashfs file system"
+            )
+        if used > part.size:
+            raise SIFError(
+                f"{self.path}: the primary partition (object {part.id}) is truncated: its squashfs "
+                f"file system has {used} bytes, the object {part.size}"
+            )
         return part
 
     def read_object(self, desc: Descriptor, limit: int = SMALL_OBJECT_LIMIT) -> bytes:

@@ -176,6 +176,11 @@ BROKEN_ROOTFS = {
         _partition(lambda p, _d: setattr(p, "extra", partition_extra(FSType.ENCRYPTED_SQUASHFS, 2, "amd64"))),
         "encrypted SIF images are not supported",
     ),
+    # Apptainer mounts an ext3 root file system as root (`apptainer sif add --partfs 2` makes one)
+    "ext3": (
+        _partition(lambda p, _d: setattr(p, "extra", partition_extra(FSType.EXT3, 2, "amd64"))),
+        "the primary partition (object 3) has file system type Ext3: hpcsif reads only squashfs",
+    ),
     "two-primaries": (_second_primary, "several primary system partitions: objects 2 and 3"),
 }
 
@@ -192,7 +197,7 @@ def test_broken_root_fs_fails_before_mount_or_unpack(good: Path, tmp_path: Path,
     assert os.listdir(out) == []
 
 
-@pytest.mark.parametrize("case", ["garbage", "encrypted"])
+@pytest.mark.parametrize("case", ["garbage", "encrypted", "ext3"])
 def test_inspect_reads_metadata_when_root_fs_is_unusable(good: Path, tmp_path: Path, case: str) -> None:
     """Apptainer prints what inspect-metadata.json holds without the root fs; so do we."""
     sif = _variant(good, tmp_path / "x.sif", BROKEN_ROOTFS[case][0])
