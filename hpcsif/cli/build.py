@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import stat
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from hpcsif.cli.envflags import flags_from_env
 from hpcsif.cli.pull import add_registry_flags, refuse, registry_options
@@ -45,37 +51,76 @@ def convert_options(args: argparse.Namespace):  # -> ConvertOptions (imported la
     )
 
 
-def check_target(target: Path, force: bool) -> None:
-    """Refuse to replace an existing target unless forced; the old one goes only once the new is ready."""
+def check_target(target: Path, *, force: bool, sandbox: bool, update: bool = False) -> None:
+    """Apptainer's checks of a build target (its words, in its order), then that we can write there.
+
+    An existing target is refused unless forced (``--update`` runs over an existing sandbox); a
+    non-empty directory that does not look like a sandbox gets Apptainer's own warning. The old
+    target goes only once the new one is ready.
+    """
     from hpcsif.errors import BuildError
 
+    def refuse(why: str) -> NoReturn:
+        raise BuildError(f"While checking build target: {why}")
+
+    abspath = os.path.abspath(target)
+    if update and not sandbox:
+        refuse("only sandbox update is supported: --sandbox flag is missing")
+    try:
+        is_dir: bool | None = stat.S_ISDIR(os.stat(target).st_mode)
+    except OSError:
+        is_dir = None
+    if is_dir is None and update:
+        refuse(f"could not update sandbox {abspath}: doesn't exist")
+    if update and not is_dir:
+        refuse(f"only sandbox update is supported: {abspath} is not a directory")
+    if is_dir and not force:
+        try:
+            names = set(os.listdir(target))
+        except OSError as exc:
+            refuse(f"could not read sandbox directory {abspath}: {exc.strerror.lower()}")
+        if names and len(names & {".singularity.d", "dev", "proc", "sys"}) != 4:
+            refuse(
+                f"{abspath} is not empty and is not an Apptainer sandbox, check its content first "
+                "and use --force if you want to overwrite it"
+            )
+    if update:
+        return
+    # a dangling link counts too: it is not ours to replace unasked
+    if (is_dir is not None or target.is_symlink()) and not force:
+        name = os.path.basename(abspath)  # Apptainer names the file, not the path
+        refuse(f"build target '{name}' already exists. Use --force if you want to overwrite it")
     if not target.parent.is_dir():
         raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK | os.X_OK):
         # before any download or conversion, which would otherwise fail only at the end (as pull)
         raise BuildError(f"cannot write {target}: permission denied in directory {target.parent}")
-    if not target.exists() and not target.is_symlink():
+
+
+@contextlib.contextmanager
+def replacing(target: Path, sandbox: bool) -> Iterator[Path]:
+    """Where to build ``target``: itself, or beside it when ``--force`` replaces another kind of
+    file (a directory where a SIF goes, a file or link where a sandbox goes), swapped in once the
+    build is complete, as Apptainer replaces it. A failed build leaves the old one in place.
+    """
+    try:
+        was_dir = stat.S_ISDIR(os.lstat(target).st_mode)
+    except FileNotFoundError:
+        was_dir = sandbox
+    if was_dir == sandbox:  # the writers replace a target of their own kind themselves
+        yield target
         return
-    if not force:
-        raise BuildError(
-            f"While checking build target: build target '{target}' already exists. "
-            "Use --force if you want to overwrite it"
-        )
-
-
-def check_update_target(target: Path, sandbox: bool) -> None:
-    """``--update`` runs over an existing sandbox, named with ``--sandbox`` (Apptainer's checks)."""
-    from hpcsif.errors import BuildError
-
-    why = ""
-    if not sandbox:
-        why = "only sandbox update is supported: --sandbox flag is missing"
-    elif not target.exists():
-        why = f"could not update sandbox {target.absolute()}: doesn't exist"
-    elif not target.is_dir():
-        why = f"only sandbox update is supported: {target.absolute()} is not a directory"
-    if why:
-        raise BuildError(f"While checking build target: {why}")
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield aside / "new"
+        os.rename(target, aside / "old")
+        try:
+            os.rename(aside / "new", target)
+        except OSError:
+            os.rename(aside / "old", target)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -312,8 +357,6 @@ def blob_store(args: argparse.Namespace):  # -> OCIStore | None
 
 def run(args: argparse.Namespace) -> int:
     """Build ``target`` from ``source``."""
-    from hpcsif.cli.progress import progress_bar
-    from hpcsif.convert import convert_ref
     from hpcsif.refs import parse
 
     flags_from_env(args, BUILD_ENV)
@@ -328,13 +371,27 @@ def run(args: argparse.Namespace) -> int:
         from hpcsif.build.deffile import is_definition_file
 
         definition = is_definition_file(args.source)
+    check_target(target, force=args.force, sandbox=args.sandbox, update=args.update)
+    with replacing(target, args.sandbox) as out:
+        _build(args, ref, definition, out)
+    if not args.sandbox:
+        from hpcsif.sources.remote import umasked
+
+        os.chmod(target, umasked(0o777))  # Apptainer's (and our pull's) 0777 & ~umask
+    if not (args.quiet or args.silent):
+        # on stderr, as Apptainer's INFO lines: `out=$(hpcsif build …)` captures nothing
+        print(f"INFO:    Build complete: {target}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> None:  # ref: Reference
+    """Build ``target`` from the definition file or image ``ref`` names."""
+    from hpcsif.cli.progress import progress_bar
+    from hpcsif.convert import convert_ref
+
     if definition:
         from hpcsif.build.builder import BuildOptions, build_definition
 
-        if args.update:
-            check_update_target(target, args.sandbox)
-        else:
-            check_target(target, args.force)
         update = args.update and not args.force  # Apptainer: -u -F rebuilds the sandbox from scratch
         from hpcsif.cli.pull import info
 
@@ -362,7 +419,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         from hpcsif.cli.pull import Notices, info
 
-        check_target(target, args.force)
         log.info("Starting build of %s from %s", target, args.source)
         # Apptainer's INFO lines: an image from a URI's once it is found, a local image's when
         # it is done (input refused at once fails with its error line alone)
@@ -385,11 +441,3 @@ def run(args: argparse.Namespace) -> int:
             info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")
         else:
             notices.done()
-    if not args.sandbox:
-        from hpcsif.sources.remote import umasked
-
-        os.chmod(target, umasked(0o777))  # Apptainer's (and our pull's) 0777 & ~umask
-    if not (args.quiet or args.silent):
-        # on stderr, as Apptainer's INFO lines: `out=$(hpcsif build …)` captures nothing
-        print(f"INFO:    Build complete: {target}", file=sys.stderr, flush=True)
-    return 0

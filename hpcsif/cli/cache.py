@@ -192,7 +192,12 @@ def _confirm(what: str) -> bool:
         "Do you want to continue? [y/N] "
     )
     sys.stdout.flush()
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
+    answer = sys.stdin.readline()
+    if not answer:  # no terminal and nothing piped in: not a "no", as Apptainer says
+        from hpcsif.errors import CacheError
+
+        raise CacheError("Handle clean failed: could not prompt user: could not read user's input: EOF")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

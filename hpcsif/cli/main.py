@@ -182,7 +182,15 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 class _Formatter(logging.Formatter):
-    _NAMES = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR", "CRITICAL": "FATAL"}
+    # what -v adds is Apptainer's VERBOSE level: its INFO lines (shown by default) are printed
+    # by the commands themselves
+    _NAMES = {
+        "DEBUG": "DEBUG",
+        "INFO": "VERBOSE",
+        "WARNING": "WARNING",
+        "ERROR": "ERROR",
+        "CRITICAL": "FATAL",
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         name = self._NAMES.get(record.levelname, record.levelname)

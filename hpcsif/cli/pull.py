@@ -148,8 +148,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _target(args: argparse.Namespace, ref) -> Path:  # ref: Reference
     from hpcsif.errors import UsageError
 
-    if len(args.args) > 2:
-        raise UsageError("pull takes at most two arguments: [OUTPUT] URI")
     if len(args.args) == 2 and args.name:
         raise UsageError("give the output name either as --name or as an argument, not both")
     name = args.name or (args.args[0] if len(args.args) == 2 else None)
@@ -216,6 +214,10 @@ def run_pull(args: argparse.Namespace) -> int:
     from hpcsif.refs import parse
 
     flags_from_env(args, PULL_ENV)
+    if len(args.args) > 2:  # before the URI is looked at: the last of three words need not be one
+        from hpcsif.errors import UsageError
+
+        raise UsageError("pull takes at most two arguments: [OUTPUT] URI")
     ref = parse(args.args[-1])
     target = _target(args, ref)
     _check_target(target, args.force, args.sandbox)

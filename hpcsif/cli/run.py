@@ -198,6 +198,12 @@ def handle(args: argparse.Namespace) -> int:
         recorder = Recorder(args.front_words)
         logging.getLogger("hpcsif").addHandler(recorder)  # it counts what the command prints
     flags_from_env(args, _ENV, append=_ENV_APPEND)
+    if args.action == "shell" and args.args:
+        # as Apptainer's shell: the interactive shell starts without them (`shell IMG -c CMD` too)
+        import logging
+
+        logging.getLogger("hpcsif").warning("Parameters to shell command are ignored")
+        args.args = []
     opts = LaunchOptions(
         action=args.action,
         command=list(args.args),

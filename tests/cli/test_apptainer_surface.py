@@ -127,7 +127,7 @@ def test_existing_targets_are_refused_with_apptainers_words(tmp_path: Path) -> N
     build = run_cli("build", str(target), "docker://127.0.0.1:9/ns/busybox:1.36", check=False)
     assert build.returncode == 255
     assert build.stderr == (
-        f"FATAL:   While checking build target: build target '{target}' already exists. "
+        "FATAL:   While checking build target: build target 'x.sif' already exists. "
         "Use --force if you want to overwrite it\n"
     )
     assert target.read_bytes() == b"precious"

@@ -1,0 +1,119 @@
+"""What an Apptainer user types on day one, on an ordinary image: build targets that exist,
+``--force`` over another kind of file, ``shell`` with parameters, ``pull`` with too many words,
+``cache clean`` without a terminal and ``-v``'s lines. The expected texts are Apptainer 1.4.5's
+on the same inputs; where the peer is installed, the target checks are compared with it directly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_apptainer, run_cli
+from tests.services.images import TestImage
+
+NOT_SANDBOX = (
+    "FATAL:   While checking build target: {path} is not empty and is not an Apptainer sandbox, "
+    "check its content first and use --force if you want to overwrite it\n"
+)
+EXISTS = (
+    "FATAL:   While checking build target: build target '{name}' already exists. "
+    "Use --force if you want to overwrite it\n"
+)
+
+
+@pytest.fixture(scope="module")
+def sif(busybox_image: TestImage, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The busybox image as a SIF, built once through the CLI."""
+    path = tmp_path_factory.mktemp("day-one") / "busybox.sif"
+    run_cli("build", str(path), f"oci://{busybox_image.layout}")
+    return path
+
+
+def _targets(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Existing build targets -> (build flags, Apptainer's stderr)."""
+    (tmp_path / "data/sub").mkdir(parents=True)  # a user's directory: not a sandbox
+    box = tmp_path / "box"  # what Apptainer takes for a sandbox: these four entries
+    for name in (".singularity.d", "dev", "proc", "sys"):
+        (box / name).mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/old.sif").write_bytes(b"precious")
+    return {
+        "data": ([], NOT_SANDBOX.format(path=tmp_path / "data")),
+        "data/": (["--sandbox"], NOT_SANDBOX.format(path=tmp_path / "data")),
+        "box": (["--sandbox"], EXISTS.format(name="box")),
+        "empty": (["--sandbox"], EXISTS.format(name="empty")),
+        "d/old.sif": ([], EXISTS.format(name="old.sif")),  # the file's name, not the path given
+        "d/../d/old.sif": ([], EXISTS.format(name="old.sif")),
+    }
+
+
+def test_existing_build_targets_are_refused_as_apptainer_refuses_them(
+    busybox_image: TestImage, tmp_path: Path
+) -> None:
+    source = f"oci://{busybox_image.layout}"
+    exe = peer_apptainer()
+    for target, (flags, expected) in _targets(tmp_path).items():
+        path = f"{tmp_path}/{target}"
+        proc = run_cli("build", *flags, path, source, check=False)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (255, "", expected), target
+        if exe is not None and path.startswith("/tmp/"):
+            theirs = subprocess.run([exe, "build", *flags, path, source], capture_output=True, text=True)
+            assert (theirs.returncode, theirs.stderr) == (255, expected), target
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["sub"]
+    assert (tmp_path / "d/old.sif").read_bytes() == b"precious"
+
+
+def test_force_replaces_a_directory_with_a_sif_and_a_file_with_a_sandbox(
+    busybox_image: TestImage, tmp_path: Path
+) -> None:
+    source = f"oci://{busybox_image.layout}"
+    (tmp_path / "was_dir/sub").mkdir(parents=True)
+    run_cli("build", "--force", str(tmp_path / "was_dir"), source)
+    assert (tmp_path / "was_dir").read_bytes()[:30] == b"#!/usr/bin/env run-singularity"
+    (tmp_path / "was_file").write_text("old")
+    run_cli("build", "-F", "--sandbox", str(tmp_path / "was_file"), source)
+    assert (tmp_path / "was_file/bin/busybox").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["was_dir", "was_file"]  # nothing left aside
+
+
+def test_a_failed_forced_build_keeps_the_old_target(busybox_image: TestImage, tmp_path: Path) -> None:
+    deffile = tmp_path / "fails.def"
+    deffile.write_text(f"Bootstrap: oci\nFrom: {busybox_image.layout}\n\n%post\n    exit 3\n")
+    (tmp_path / "keep/sub").mkdir(parents=True)
+    proc = run_cli("build", "-F", str(tmp_path / "keep"), str(deffile), check=False)
+    assert proc.returncode == 255 and proc.stderr.splitlines()[-1].startswith("FATAL:   ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fails.def", "keep"]
+    assert [p.name for p in (tmp_path / "keep").iterdir()] == ["sub"]
+
+
+def test_shell_ignores_its_parameters_with_apptainers_warning(sif: Path) -> None:
+    """``shell IMG -c CMD`` is not ``exec``: Apptainer warns and starts the interactive shell."""
+    proc = run_cli("shell", str(sif), "-c", "echo not run", check=False, input="echo in shell $#; exit 3\n")
+    assert (proc.returncode, proc.stdout) == (3, "in shell 0\n")
+    assert proc.stderr == "WARNING: Parameters to shell command are ignored\n"
+
+
+def test_pull_with_three_words_is_a_usage_error() -> None:
+    proc = run_cli("pull", "docker://busybox", "a.sif", "b.sif", check=False)  # the last is no URI
+    assert (proc.returncode, proc.stderr) == (2, "FATAL:   pull takes at most two arguments: [OUTPUT] URI\n")
+
+
+def test_cache_clean_without_an_answer_fails_as_apptainer_does() -> None:
+    proc = run_cli("cache", "clean", check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 255
+    assert proc.stdout.endswith("Do you want to continue? [y/N] ")
+    eof = "could not prompt user: could not read user's input: EOF"
+    assert proc.stderr == f"FATAL:   Handle clean failed: {eof}\n"
+
+
+def test_verbose_lines_are_apptainers_verbose_level(sif: Path, tmp_path: Path) -> None:
+    proc = run_cli("-v", "build", str(tmp_path / "copy.sif"), str(sif))
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("VERBOSE: ") for line in lines), lines
+    # INFO: is left to the lines Apptainer prints at its default level
+    quiet = run_cli("build", str(tmp_path / "again.sif"), str(sif)).stderr.replace("again.sif", "copy.sif")
+    assert [line for line in lines if line.startswith("INFO:")] == quiet.splitlines()
