@@ -12,6 +12,7 @@ ids are the 1-based index of the descriptor slot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -100,7 +101,8 @@ class SIFWriter:
         capacity: int = DEFAULT_DESCRIPTOR_CAPACITY,
         _base: SIFImage | None = None,
     ) -> None:
-        self.dest = Path(dest)
+        # an edit rewrites the file a link points to, as Apptainer's in-place edits do, not the link
+        self.dest = Path(os.path.realpath(dest)) if _base is not None else Path(dest)
         arch_code(arch)  # validate early
         self.arch = arch
         self._committed = False
@@ -145,6 +147,7 @@ class SIFWriter:
         self._raw_slots: list[bytes] = [bytes(DESCRIPTOR_SIZE)] * capacity
         self._time = now
         self._mode = _SIF_MODE
+        self._owner: tuple[int, int] | None = None
         self._cursor = self.header.data_offset
 
     def _init_from(self, base: SIFImage, now: int) -> None:
@@ -159,7 +162,9 @@ class SIFWriter:
             raw[i * DESCRIPTOR_SIZE : (i + 1) * DESCRIPTOR_SIZE] for i in range(len(base.slots))
         ]
         self._time = now
-        self._mode = os.fstat(base.fd).st_mode & 0o7777
+        info = os.fstat(base.fd)
+        self._mode = info.st_mode & 0o7777
+        self._owner = (info.st_uid, info.st_gid)
         self._cursor = self._data_end()
         primary = [d for d in base.descriptors if d.parttype == PartType.PRIMSYS]
         if primary and primary[0].arch and primary[0].arch != "unknown":
@@ -372,6 +377,10 @@ class SIFWriter:
             _pwrite_all(self._fd, self.header.pack(), 0)
             if os.fstat(self._fd).st_size < self._cursor:  # an empty last object still ends here
                 os.ftruncate(self._fd, self._cursor)
+            if self._owner is not None:
+                # root signing a user's image must leave it the user's (Apptainer edits in place)
+                with contextlib.suppress(PermissionError):
+                    os.fchown(self._fd, *self._owner)
             os.fchmod(self._fd, self._mode)
             os.fsync(self._fd)
             os.close(self._fd)
