@@ -4,8 +4,10 @@ Order: explicit credentials (``--docker-login`` prompt, passed in by the CLI), t
 ``HPCSIF_DOCKER_USERNAME``/``HPCSIF_DOCKER_PASSWORD``, ``APPTAINER_DOCKER_*``,
 ``SINGULARITY_DOCKER_*``, then the ``auths`` of one Docker-style auth file for the registry:
 ``--authfile FILE`` (or ``$HPCSIF_AUTH_FILE``, ``$APPTAINER_AUTH_FILE``, ``$SINGULARITY_AUTH_FILE``)
-when given, which replaces the default ``$DOCKER_CONFIG/config.json`` (``~/.docker/config.json``),
-as Apptainer's ``--authfile`` does. Passwords are never logged, printed or written:
+when given, which replaces the default files, as Apptainer's ``--authfile`` does. The default
+files are ``~/.apptainer/docker-config.json`` (where ``apptainer registry login`` stores
+credentials, read first as Apptainer does), then ``$DOCKER_CONFIG/config.json``
+(``~/.docker/config.json``). Passwords are never logged, printed or written:
 :class:`Credentials` hides the password from ``repr`` and log lines name only where the
 credentials came from.
 """
@@ -61,6 +63,11 @@ def docker_config_path() -> Path:
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
+def apptainer_config_path() -> Path:
+    """``~/.apptainer/docker-config.json``: where ``apptainer registry login`` keeps credentials."""
+    return Path.home() / ".apptainer" / "docker-config.json"
+
+
 def _config_keys(registry: str) -> tuple[str, ...]:
     if registry == DOCKER_HUB:
         return _HUB_KEYS
@@ -68,8 +75,17 @@ def _config_keys(registry: str) -> tuple[str, ...]:
 
 
 def from_docker_config(registry: str, path: Path | None = None) -> Credentials | None:
-    """Credentials for ``registry`` from a Docker ``config.json`` ``auths`` entry."""
-    path = path or docker_config_path()
+    """Credentials for ``registry`` from the ``auths`` of the Docker-style auth file ``path``, or
+    without one of Apptainer's ``registry login`` file, else Docker's ``config.json``.
+
+    Apptainer reads only its own file when that exists; Docker's is read after it here too, so
+    that a ``docker login`` to another registry also works.
+    """
+    if path is None:
+        for default in (apptainer_config_path(), docker_config_path()):
+            if creds := from_docker_config(registry, default):
+                return creds
+        return None
     try:
         auths = json.loads(path.read_text()).get("auths") or {}
     except FileNotFoundError:
@@ -112,7 +128,7 @@ def find_credentials(
 
     ``authfile`` (``--authfile FILE``: a Docker-style ``{"auths": {"host:port": {"auth":
     base64("user:password")}}}`` JSON file, as Docker, Podman, skopeo and Apptainer write it)
-    replaces the default ``$DOCKER_CONFIG/config.json``; without it ``*_AUTH_FILE`` in the
+    replaces the default files (see :func:`from_docker_config`); without it ``*_AUTH_FILE`` in the
     environment may name one. Explicit and ``*_DOCKER_USERNAME/PASSWORD`` credentials still
     come first. A requested file that is missing or holds no entry for ``registry`` gives a
     warning and anonymous access, as in Apptainer. Nothing read from the file is logged.

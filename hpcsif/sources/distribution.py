@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -287,13 +288,16 @@ class RegistryClient:
     def _hopeless(self, exc: BaseException) -> bool:
         """True for a connection failure that waiting will not cure.
 
-        An unknown host name, or a refused connection before the registry ever answered (it is
-        down or the port is wrong), fails at once as Apptainer does, instead of after a minute of
+        An unknown host name, a refused connection before the registry ever answered (it is
+        down or the port is wrong), or a TLS handshake that cannot succeed (a plain-HTTP server,
+        an untrusted certificate) fails at once as Apptainer does, instead of after a minute of
         backoff; a refusal after the registry has answered (a restart mid-pull) is retried.
         """
         cause = _root_cause(exc)
-        return isinstance(cause, socket.gaierror) or (
-            isinstance(cause, ConnectionRefusedError) and not self._pinged
+        return (
+            isinstance(cause, socket.gaierror)
+            or (isinstance(cause, ConnectionRefusedError) and not self._pinged)
+            or _tls_mismatch(cause)
         )
 
     def _ping(self) -> None:
@@ -689,9 +693,22 @@ def _root_cause(exc: BaseException) -> BaseException:
     return cause
 
 
+def _tls_mismatch(cause: BaseException) -> bool:
+    """True for a TLS failure that a retry cannot cure: a server that does not speak TLS, an
+    untrusted certificate, no common protocol. A handshake cut short (EOF, a reset) may be
+    transient and is not one of these."""
+    transient = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+    return isinstance(cause, ssl.SSLError) and not isinstance(cause, transient)
+
+
 def reason(exc: BaseException) -> str:
     """The innermost cause of a connection failure, briefly ("connection refused", "timed out")."""
     cause = _root_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {_printable(cause.verify_message or str(cause))}"
+    if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+        # what a plain-HTTP registry's answer to a TLS hello looks like
+        return "the server answered in plain HTTP, not HTTPS (use --no-https for a registry without TLS)"
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
     return _printable(str(cause).strip()) or type(cause).__name__

@@ -21,6 +21,7 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         monkeypatch.delenv(f"{prefix}_DOCKER_PASSWORD", raising=False)
         monkeypatch.delenv(f"{prefix}_AUTH_FILE", raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.apptainer/docker-config.json
 
 
 def _docker_config(tmp_path, auths: dict) -> None:
@@ -110,3 +111,25 @@ def test_authfile_replaces_docker_config_and_env_names_one(tmp_path, monkeypatch
     monkeypatch.setenv("HPCSIF_DOCKER_PASSWORD", "p")
     assert find_credentials("reg.example:5000", authfile=authfile).username == "envuser"
     assert find_credentials("reg.example:5000", Credentials("x", "y")).username == "x"
+
+
+def test_apptainer_registry_login_file_comes_before_docker_config(tmp_path) -> None:
+    """``apptainer registry login`` writes ``~/.apptainer/docker-config.json``; Apptainer reads it
+    (and Docker's file only without it). Docker's file still answers for other registries here."""
+    (tmp_path / "home" / ".apptainer").mkdir(parents=True)
+    _authfile(tmp_path / "home" / ".apptainer" / "docker-config.json", "reg.example:5000", "apptainer")
+    _docker_config(
+        tmp_path,
+        {
+            "reg.example:5000": {"auth": base64.b64encode(b"docker:x").decode()},
+            "other.example": {"auth": base64.b64encode(b"docker:y").decode()},
+        },
+    )
+    creds = find_credentials("reg.example:5000")
+    assert (creds.username, creds.password) == ("apptainer", SECRET)
+    assert creds.source.endswith("/.apptainer/docker-config.json")
+    assert find_credentials("other.example").username == "docker"
+    # --authfile replaces both
+    authfile = _authfile(tmp_path / "auth.json", "reg.example:5000", "fromfile")
+    assert find_credentials("reg.example:5000", authfile=authfile).username == "fromfile"
+    assert find_credentials("other.example", authfile=authfile) is None

@@ -1,0 +1,235 @@
+"""What an Apptainer user does on day one with a private registry, through the CLI, beside
+Apptainer 1.4 where it is installed: credentials saved by ``apptainer registry login``, and a
+plain-HTTP registry on a non-loopback address (which needs ``--no-https``)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_apptainer
+from tests.services.registry import PASSWORD, USER, Registry, clean_env
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(work: Path) -> dict[str, str]:
+    """A user with an empty home and a cache under ``work``."""
+    env = clean_env()
+    env.pop("DOCKER_CONFIG", None)
+    env.update(HOME=str(work / "home"), APPTAINER_CACHEDIR=str(work / "cache"))
+    return env
+
+
+def hpcsif(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(_env(work), PYTHONPATH=str(REPO_ROOT))
+    argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
+    return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=120)
+
+
+def peer(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same command with Apptainer (skips the test when it is not installed)."""
+    exe = peer_apptainer()
+    if exe is None:
+        pytest.skip("neither apptainer nor peer-apptainer is on PATH")
+    env = dict(_env(work), APPTAINER_CACHEDIR=str(work / "peer-cache"))
+    env["PATH"] = env.get("PATH", "") + ":/usr/sbin"
+    return subprocess.run([exe, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A directory under /tmp that the peer (in its chroot) sees at the same path."""
+    assert str(tmp_path).startswith("/tmp/")
+    (tmp_path / "home").mkdir()
+    return tmp_path
+
+
+def _no_secret_under(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.name != "docker-config.json":
+            assert PASSWORD.encode() not in p.read_bytes(), f"the password was written to {p}"
+
+
+# -- credentials saved by `apptainer registry login` ---------------------------------------------
+def test_credentials_from_apptainer_registry_login_file(
+    registry_basic: Registry, busybox_image, work
+) -> None:
+    """``apptainer registry login`` keeps them in ``~/.apptainer/docker-config.json``, which
+    Apptainer reads for docker:// and oras://; they used to be ignored here."""
+    registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
+    ref = registry_basic.ref("private/busybox:1")
+    anonymous = hpcsif(work, "pull", "--name", "anon.sif", ref)
+    assert anonymous.returncode == 255 and "authentication required" in anonymous.stderr
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (work / "home" / ".apptainer").mkdir()
+    (work / "home" / ".apptainer" / "docker-config.json").write_text(
+        json.dumps({"auths": {registry_basic.host: {"auth": auth}}})
+    )
+    res = hpcsif(work, "-d", "pull", "--name", "a.sif", ref)
+    assert res.returncode == 0, res.stderr
+    assert "/.apptainer/docker-config.json" in res.stderr  # the debug line names the file
+    assert PASSWORD not in res.stderr + res.stdout
+    oras = registry_basic.ref("private/busybox-sif:1", transport="oras")
+    push = hpcsif(work, "push", "a.sif", oras)
+    assert push.returncode == 0, push.stderr
+    down = hpcsif(work, "pull", "--name", "b.sif", oras)
+    assert down.returncode == 0, down.stderr
+    assert (work / "b.sif").read_bytes() == (work / "a.sif").read_bytes()
+    _no_secret_under(work)
+    theirs = peer(work, "pull", "--no-https", "--name", "p.sif", ref)
+    assert theirs.returncode == 0, theirs.stderr
+
+
+# -- a plain-HTTP registry that is not on loopback -----------------------------------------------
+def _outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if not a loopback one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        addr = s.getsockname()[0]
+    return None if ipaddress.ip_address(addr).is_loopback else addr
+
+
+class Forwarder:
+    """A TCP forwarder from ``address:<free port>`` to a port on 127.0.0.1."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.upstream = port
+        self.sock = socket.create_server((address, 0))
+        self.host = f"{address}:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def outward_registry(registry_open: Registry) -> Iterator[str]:
+    """``ADDRESS:PORT`` of the open registry, reached on a non-loopback address of this machine."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    fwd = Forwarder(address, registry_open.port)
+    try:
+        yield fwd.host
+    finally:
+        fwd.close()
+
+
+def test_plain_http_registry_needs_no_https_and_says_so_at_once(
+    registry_open: Registry, outward_registry: str, busybox_image, work
+) -> None:
+    """Without ``--no-https`` the TLS handshake meets a plain-HTTP answer: that used to be retried
+    five times (15 s of warnings) and end in ``[ssl: wrong_version_number]``."""
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1")
+    ref = f"docker://{outward_registry}/team/busybox:1"
+    for uri in (ref, f"oras://{outward_registry}/team/busybox-sif:1"):
+        start = time.monotonic()
+        res = hpcsif(work, "pull", "--name", "x.sif", uri)
+        assert time.monotonic() - start < 10
+        assert res.returncode == 255
+        assert res.stderr.splitlines() == [
+            f"FATAL:   cannot reach https://{outward_registry}/v2/: the server answered in plain HTTP, "
+            "not HTTPS (use --no-https for a registry without TLS)"
+        ]
+        assert not (work / "x.sif").exists()
+    res = hpcsif(work, "pull", "--no-https", "--name", "a.sif", ref)
+    assert res.returncode == 0, res.stderr
+    theirs = peer(work, "pull", "--name", "p.sif", ref)
+    assert theirs.returncode == 255 and "server gave HTTP response to HTTPS client" in theirs.stderr
+    theirs = peer(work, "pull", "--no-https", "--name", "p.sif", ref)
+    assert theirs.returncode == 0, theirs.stderr
+
+
+def test_untrusted_certificate_is_not_retried(tmp_path: Path) -> None:
+    """A registry whose certificate no CA vouches for fails at once, naming why."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from hpcsif.errors import NetworkError
+    from hpcsif.sources.distribution import RegistryClient
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = time.time()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.fromtimestamp(now - 3600, dt.UTC))
+        .not_valid_after(dt.datetime.fromtimestamp(now + 3600, dt.UTC))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = socket.create_server(("127.0.0.1", 0))
+    handshakes: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            handshakes.append(1)
+            try:
+                ctx.wrap_socket(conn, server_side=True).close()
+            except (OSError, ssl.SSLError):
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = server.getsockname()[1]
+        client = RegistryClient(f"127.0.0.1:{port}", endpoint=f"https://127.0.0.1:{port}", backoff=1.0)
+        start = time.monotonic()
+        with pytest.raises(NetworkError, match="TLS certificate not trusted: self-signed certificate"):
+            client.head_manifest("team/app", "1")
+        assert time.monotonic() - start < 5 and len(handshakes) == 1
+    finally:
+        server.close()
