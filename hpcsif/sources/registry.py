@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def is_loopback(registry: str) -> bool:
-    """True for ``localhost[:port]``, ``127.x.x.x[:port]`` and ``[::1]:port``."""
+    """True for ``localhost[:port]`` (in any case, as host names are), ``127.x.x.x[:port]`` and
+    ``[::1]:port``."""
     if registry.startswith("["):
         host = registry[1:].split("]", 1)[0]
     else:
         host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

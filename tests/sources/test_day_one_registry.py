@@ -233,3 +233,19 @@ def test_untrusted_certificate_is_not_retried(tmp_path: Path) -> None:
         assert time.monotonic() - start < 5 and len(handshakes) == 1
     finally:
         server.close()
+
+
+def test_loopback_registry_named_in_capitals_is_plain_http(
+    registry_open: Registry, busybox_image, work
+) -> None:
+    """Host names have no case: ``LOCALHOST:PORT`` is loopback too (it used to be tried over
+    https, which the plain-HTTP registry cannot answer)."""
+    registry_open.push(busybox_image.oci_ref, "solo:V1.0-RC_1")
+    ref = f"docker://LOCALHOST:{registry_open.port}/solo:V1.0-RC_1"
+    res = hpcsif(work, "pull", ref)
+    assert res.returncode == 0, res.stderr
+    assert (work / "solo_V1.0-RC_1.sif").is_file()
+    (work / "peer").mkdir()
+    theirs = peer(work / "peer", "pull", "--no-https", ref)
+    assert theirs.returncode == 0, theirs.stderr
+    assert (work / "peer" / "solo_V1.0-RC_1.sif").is_file()
