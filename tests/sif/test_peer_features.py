@@ -1,0 +1,146 @@
+"""SIFs that Apptainer 1.4 makes with its less common features, through our CLI.
+
+* ``apptainer overlay create``: an ext3 overlay partition next to the squashfs one;
+* ``apptainer sif new/add --partfs 2``: an ext3 primary partition (Apptainer mounts it as root);
+* ``apptainer sif add/setprim``: a second system partition made the primary one.
+
+Skipped where neither ``apptainer`` nor ``peer-apptainer`` is on PATH.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcsif.sif.listing import format_list
+from hpcsif.sif.reader import SIFImage
+from hpcsif.signing.keys import Keyring
+from tests.conftest import peer_apptainer, run_cli
+
+APPTAINER = peer_apptainer()
+OCI_ARCHIVE = Path("/work/bench-images/busybox.oci-archive.tar")
+
+pytestmark = [
+    pytest.mark.peer,
+    pytest.mark.slow,
+    pytest.mark.skipif(APPTAINER is None, reason="neither apptainer nor peer-apptainer on PATH"),
+]
+
+
+def apptainer(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run Apptainer with *args* (text output captured)."""
+    return subprocess.run(
+        [str(APPTAINER), *map(str, args)], capture_output=True, text=True, check=check, timeout=120
+    )
+
+
+def _fatal(proc: subprocess.CompletedProcess) -> str:
+    """The one FATAL line of a failed hpcsif run."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("FATAL:")]
+    return line
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SIF Apptainer built from the busybox OCI archive."""
+    if not OCI_ARCHIVE.exists():
+        pytest.skip(f"{OCI_ARCHIVE} not built yet")
+    work = tmp_path_factory.mktemp("peer-features")
+    archive = shutil.copy(OCI_ARCHIVE, work / OCI_ARCHIVE.name)  # the peer sees /tmp, not /work
+    apptainer("build", "-F", work / "base.sif", f"oci-archive://{archive}")
+    return work / "base.sif"
+
+
+def test_overlay_partition(base: Path, tmp_path: Path) -> None:
+    """We list it as Apptainer does, run the image, refuse --writable in one line, and sign it whole."""
+    sif = Path(shutil.copy(base, tmp_path / "overlay.sif"))
+    apptainer("overlay", "create", "--size", "64", sif)
+    with SIFImage.open(sif) as img:
+        assert apptainer("sif", "list", sif).stdout == format_list(img)
+        assert "FS (Ext3/Overlay/amd64)" in format_list(img)
+    assert run_cli("exec", str(sif), "cat", "/etc/passwd").stdout.startswith("root:")
+    writable = run_cli("exec", "--writable", str(sif), "touch", "/x", check=False)
+    assert _fatal(writable).startswith("FATAL:   --writable with a SIF overlay partition is not supported")
+    key = Keyring(tmp_path / "keys").newpair("k")
+    run_cli("sign", "--key", str(key.private_path), str(sif))
+    apptainer("verify", "--key", key.public_path, sif)
+    apptainer("exec", "--writable", sif, "touch", "/written-by-apptainer")  # changes the overlay
+    for tool in ([sys.executable, "-m", "hpcsif.cli.main"], [str(APPTAINER)]):
+        proc = subprocess.run(
+            [*tool, "verify", "--key", str(key.public_path), str(sif)], capture_output=True, text=True
+        )
+        assert proc.returncode == 255 and "data object integrity compromised" in proc.stderr, proc.stderr
+        assert "5" in proc.stderr.splitlines()[-1]
+
+
+def test_ext3_primary_partition(base: Path, tmp_path: Path) -> None:
+    """Apptainer runs it as root; we say in one line that we read only squashfs ones."""
+    if shutil.which("mkfs.ext3") is None:
+        pytest.skip("mkfs.ext3 (e2fsprogs) not installed")
+    root = tmp_path / "root"
+    apptainer("build", "--sandbox", root, base)
+    (root / "marker").write_text("ext3 root\n")
+    fs = tmp_path / "root.ext3"
+    subprocess.run(["mkfs.ext3", "-q", "-d", str(root), str(fs), "16M"], check=True)
+    sif = tmp_path / "ext3.sif"
+    apptainer("sif", "new", sif)
+    apptainer(
+        "sif",
+        "add",
+        "--datatype",
+        4,
+        "--parttype",
+        2,
+        "--partfs",
+        2,
+        "--partarch",
+        2,
+        "--groupid",
+        1,
+        sif,
+        fs,
+    )
+    assert apptainer("exec", sif, "cat", "/marker").stdout == "ext3 root\n"
+    expect = "the primary partition (object 1) has file system type Ext3: hpcsif reads only squashfs"
+    for args in (
+        ["exec", str(sif), "true"],
+        ["inspect", str(sif)],
+        ["build", str(tmp_path / "new.sif"), str(sif)],
+    ):
+        assert expect in _fatal(run_cli(*args, check=False))
+    assert not (tmp_path / "new.sif").exists()
+
+
+def test_setprim_by_apptainer(base: Path, tmp_path: Path) -> None:
+    root = tmp_path / "second"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", root / "bin" / "busybox")
+    (root / "marker").write_text("second partition\n")
+    fs = tmp_path / "second.sqfs"
+    subprocess.run(["mksquashfs", str(root), str(fs), "-noappend", "-quiet", "-no-progress"], check=True)
+    sif = Path(shutil.copy(base, tmp_path / "two.sif"))
+    apptainer(
+        "sif",
+        "add",
+        "--datatype",
+        4,
+        "--parttype",
+        1,
+        "--partfs",
+        1,
+        "--partarch",
+        2,
+        "--groupid",
+        1,
+        sif,
+        fs,
+    )
+    apptainer("sif", "setprim", 5, sif)
+    assert run_cli("exec", str(sif), "/bin/busybox", "cat", "/marker").stdout == "second partition\n"
+    run_cli("sif", "setprim", "4", str(sif))
+    assert apptainer("exec", sif, "cat", "/etc/passwd").stdout.startswith("root:")
