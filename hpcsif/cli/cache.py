@@ -43,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="list cached images and blob usage")
     p.add_argument(
-        "-v", "--verbose", action="store_true", help="include the cache entries (a table) in the output"
+        "-v",
+        "--verbose",
+        action="store_true",
+        dest="table",  # not the global -v's dest: `hpcsif -v cache list` prints no table, as Apptainer
+        help="include the cache entries (a table) in the output",
     )
     p.add_argument("-T", "--type", action="append", metavar="TYPES", help=_TYPES_HELP)
     p.set_defaults(func=cmd_list)
@@ -168,7 +172,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append(
                 (digest, created, _size(e.size), entry_type(e), _when(e.last_used), leases or "-", name)
             )
-    if args.verbose:  # the header even for an empty cache, as Apptainer prints it; ours only with rows
+    if args.table:  # the header even for an empty cache, as Apptainer prints it; ours only with rows
         header = (
             "NAME",
             "DATE CREATED",

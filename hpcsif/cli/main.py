@@ -98,11 +98,12 @@ def build_parser(modules: list[str] | None = None, command: str | None = None) -
         description="Docker/OCI containers as Apptainer-compatible SIF images on HPC clusters.",
     )
     parser.add_argument("--version", action="version", version=f"hpcsif version {__version__}")
-    level = parser.add_mutually_exclusive_group()
-    level.add_argument("-d", "--debug", action="store_true", help="print debugging information")
-    level.add_argument("-v", "--verbose", action="store_true", help="print additional information")
-    level.add_argument("-q", "--quiet", action="store_true", help="suppress normal output")
-    level.add_argument("-s", "--silent", action="store_true", help="only print errors")
+    # as Apptainer's, these may be combined: the most verbose wins (-d, then -v, -q, -s)
+    parser.add_argument("-d", "--debug", action="store_true", help="print debugging information")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print additional information")
+    parser.add_argument("-q", "--quiet", action="store_true", help="suppress normal output")
+    parser.add_argument("-s", "--silent", action="store_true", help="only print errors")
+    parser.add_argument("--nocolor", action="store_true", help="accepted: hpcsif prints no colours")
     parser.add_argument("-c", "--config", metavar="FILE", help="extra configuration file (TOML)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -161,8 +162,29 @@ def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list
     return out + argv[i:]
 
 
+#: Apptainer's APPTAINER_<KEY> forms of the global flags
+GLOBAL_ENV = {
+    "debug": ("DEBUG",),
+    "verbose": ("VERBOSE",),
+    "quiet": ("QUIET",),
+    "silent": ("SILENT",),
+    "nocolor": ("NOCOLOR",),
+}
+
+
 def setup_logging(args: argparse.Namespace) -> None:
-    """Map -d/-v/-q/-s to log levels as Apptainer does (-q keeps warnings, -s only errors); to stderr."""
+    """Map -d/-v/-q/-s to log levels as Apptainer does (-q keeps warnings, -s only errors); to stderr.
+
+    The flags (or their variables) may be combined; the most verbose one wins, and the others
+    are turned off for the commands, which look at ``args.quiet`` and ``args.silent`` too.
+    """
+    from hpcsif.cli.envflags import flags_from_env
+
+    flags_from_env(args, GLOBAL_ENV)
+    if args.debug or args.verbose:
+        args.quiet = args.silent = False
+    elif args.quiet:
+        args.silent = False
     if args.debug:
         level = logging.DEBUG
     elif args.verbose:

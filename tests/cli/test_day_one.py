@@ -117,3 +117,19 @@ def test_verbose_lines_are_apptainers_verbose_level(sif: Path, tmp_path: Path) -
     # INFO: is left to the lines Apptainer prints at its default level
     quiet = run_cli("build", str(tmp_path / "again.sif"), str(sif)).stderr.replace("again.sif", "copy.sif")
     assert [line for line in lines if line.startswith("INFO:")] == quiet.splitlines()
+
+
+def test_global_flags_combine_and_have_apptainers_variables(sif: Path, tmp_path: Path) -> None:
+    """``--nocolor`` is accepted; ``-q -v`` is -v (the most verbose wins); APPTAINER_QUIET/SILENT/
+    VERBOSE act as the flags; the global -v is not ``cache list -v``."""
+    assert run_cli("--nocolor", "version").stdout == run_cli("version").stdout
+    both = run_cli("-s", "-q", "-v", "build", str(tmp_path / "a.sif"), str(sif)).stderr
+    assert "INFO:    Build complete: " in both and "VERBOSE: " in both
+    for variable in ("APPTAINER_QUIET", "SINGULARITY_SILENT"):
+        quiet = run_cli("build", "-F", str(tmp_path / "a.sif"), str(sif), env={variable: "1"})
+        assert (quiet.stdout, quiet.stderr) == ("", ""), variable
+    loud = run_cli("build", "-F", str(tmp_path / "a.sif"), str(sif), env={"APPTAINER_VERBOSE": "true"})
+    assert "VERBOSE: " in loud.stderr
+    summary = run_cli("cache", "list").stdout
+    assert run_cli("-v", "cache", "list").stdout == summary and summary.startswith("There are ")
+    assert run_cli("cache", "list", "-v").stdout.startswith("NAME ")
