@@ -138,6 +138,20 @@ class SIFImage:
             )
         return part
 
+    def overlay_partition(self) -> Descriptor | None:
+        """The ext3 overlay partition Apptainer stacks on the root file system, if any.
+
+        ``apptainer overlay create IMAGE.sif`` adds it; Apptainer mounts it read-only over the
+        primary partition (writable with ``--writable``): its ``upper/`` directory holds the
+        changes, with overlayfs whiteouts. As in Apptainer, an overlay partition of another
+        object group than the primary partition's does not count; nor does a non-ext3 one.
+        """
+        partitions = self.find(DataType.PARTITION)
+        primary = [d for d in partitions if d.parttype == PartType.PRIMSYS]
+        group = primary[0].group_id if len(primary) == 1 else 0
+        overlays = [d for d in partitions if d.parttype == PartType.OVERLAY and d.fstype == FSType.EXT3]
+        return next((d for d in overlays if not group or d.group_id == group), None)
+
     def read_object(self, desc: Descriptor, limit: int = SMALL_OBJECT_LIMIT) -> bytes:
         """The whole content of a small data object; :class:`SIFError` if over *limit* bytes."""
         if desc.size > limit:

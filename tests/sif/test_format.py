@@ -210,6 +210,27 @@ def test_default_partition_metadata_and_header_arch(tmp_path: Path) -> None:
             img.primary_partition(check=False)
 
 
+@pytest.mark.parametrize(
+    ("overlays", "found"),
+    [
+        ([(FSType.EXT3, 1)], 2),
+        ([(FSType.EXT3, 2)], None),  # another group than the root file system's: Apptainer ignores it
+        ([(FSType.SQUASHFS, 1)], None),
+        ([(FSType.EXT3, 2), (FSType.EXT3, 1)], 3),
+        ([], None),
+    ],
+)
+def test_overlay_partition(tmp_path: Path, overlays: list[tuple[FSType, int]], found: int | None) -> None:
+    part = ObjectSpec(DataType.PARTITION, data=b"root", fstype=FSType.SQUASHFS, parttype=PartType.PRIMSYS)
+    extra = [
+        ObjectSpec(DataType.PARTITION, data=b"ovl", fstype=fs, parttype=PartType.OVERLAY, group_id=group)
+        for fs, group in overlays
+    ]
+    with SIFImage.open(write_sif(tmp_path / "x.sif", [part, *extra])) as img:
+        overlay = img.overlay_partition()
+        assert (overlay.id if overlay else None) == found
+
+
 def test_add_and_remove_objects(tmp_path: Path) -> None:
     _, specs, part = _sample(tmp_path)
     dest = write_sif(tmp_path / "img.sif", specs[:4], uuid=FIXED_UUID, created=FIXED_TIME)

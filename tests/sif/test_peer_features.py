@@ -9,6 +9,7 @@ Skipped where neither ``apptainer`` nor ``peer-apptainer`` is on PATH.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,9 @@ def test_overlay_partition(base: Path, tmp_path: Path) -> None:
     with SIFImage.open(sif) as img:
         assert apptainer("sif", "list", sif).stdout == format_list(img)
         assert "FS (Ext3/Overlay/amd64)" in format_list(img)
+        overlay = img.overlay_partition()
+        assert overlay is not None and overlay.id == 5
+        assert os.pread(img.fd, 2, overlay.offset + 1080) == b"\x53\xef"  # the ext3 superblock's magic
     assert run_cli("exec", str(sif), "cat", "/etc/passwd").stdout.startswith("root:")
     writable = run_cli("exec", "--writable", str(sif), "touch", "/x", check=False)
     assert _fatal(writable).startswith("FATAL:   --writable with a SIF overlay partition is not supported")
