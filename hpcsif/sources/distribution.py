@@ -502,8 +502,9 @@ class RegistryClient:
             data=data,
         )
         if resp.status_code not in (200, 201, 202):
+            at = "@" if ":" in reference else ":"  # a digest, or a tag
             raise RegistryError(
-                f"{self.registry}/{repo}:{reference}: manifest upload failed: {error_text(resp)}"
+                f"{self.registry}/{repo}{at}{reference}: manifest upload failed: {error_text(resp)}"
             )
         return "sha256:" + hashlib.sha256(data).hexdigest()
 

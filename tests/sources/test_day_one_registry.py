@@ -249,3 +249,32 @@ def test_loopback_registry_named_in_capitals_is_plain_http(
     theirs = peer(work / "peer", "pull", "--no-https", ref)
     assert theirs.returncode == 0, theirs.stderr
     assert (work / "peer" / "solo_V1.0-RC_1.sif").is_file()
+
+
+def _tiny_sif(path: Path, text: bytes) -> Path:
+    from hpcsif.sif.format import DataType
+    from hpcsif.sif.writer import ObjectSpec, write_sif
+
+    return write_sif(path, [ObjectSpec(DataType.DEFFILE, data=text)])
+
+
+def test_push_to_a_digest_reference(registry_open: Registry, work) -> None:
+    """``push SIF oras://…@sha256:D`` stores it under D when D is its manifest's digest; another
+    SIF is refused by the registry, in one line that spells the reference with ``@``."""
+    first = _tiny_sif(work / "first.sif", b"bootstrap: scratch\n")
+    tag = registry_open.ref("team/pinned:1", transport="oras")
+    res = hpcsif(work, "push", str(first), tag)
+    assert res.returncode == 0, res.stderr
+    digest = res.stderr.split("(", 1)[1].split(")", 1)[0]
+    pinned = registry_open.ref(f"team/pinned@{digest}", transport="oras")
+    assert hpcsif(work, "push", str(first), pinned).returncode == 0
+    other = _tiny_sif(work / "other.sif", b"bootstrap: scratch\n# another\n")
+    res = hpcsif(work, "push", str(other), pinned)
+    assert res.returncode == 255
+    assert res.stderr.splitlines() == [
+        f"FATAL:   {registry_open.host}/team/pinned@{digest}: manifest upload failed: "
+        "HTTP 400 (DIGEST_INVALID: provided digest did not match uploaded content)"
+    ]
+    res = hpcsif(work, "pull", "--name", "back.sif", pinned)
+    assert res.returncode == 0, res.stderr
+    assert (work / "back.sif").read_bytes() == first.read_bytes()
