@@ -103,6 +103,9 @@ class SIFWriter:
     ) -> None:
         # an edit rewrites the file a link points to, as Apptainer's in-place edits do, not the link
         self.dest = Path(os.path.realpath(dest)) if _base is not None else Path(dest)
+        if _base is not None and not os.access(self.dest, os.W_OK):
+            # the rename would replace even a read-only image; Apptainer's in-place edit cannot
+            raise SIFError(f"cannot write {self.dest}: Permission denied")
         arch_code(arch)  # validate early
         self.arch = arch
         self._committed = False

@@ -1,12 +1,14 @@
 """Edits of an existing SIF (``sign``, ``sif add|del|setprim``) change the image a user named, as
 Apptainer's in-place edits do: through a symbolic link they rewrite the link's target (the link
-stays), and the image keeps its owner and mode when root edits a user's image.
+stays), the image keeps its owner and mode when root edits a user's image, and a user cannot
+edit an image that is read-only to them (a rename would replace it).
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from hpcsif.sif.format import DataType, FSType, PartType
 from hpcsif.sif.reader import SIFImage
 from hpcsif.sif.writer import ObjectSpec, write_sif
 from hpcsif.signing.keys import Keyring
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+from tests.services.users import USER_PYTHON, TestUser
 
 
 @pytest.fixture
@@ -62,3 +65,18 @@ def test_root_edit_keeps_owner_and_mode(image: Path, tmp_path: Path) -> None:
     info = image.stat()
     assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (4321, 4322, 0o640)
     assert _ids(image) == [1, 2, 3]
+
+
+def test_user_cannot_edit_a_read_only_image(unpriv_user: TestUser) -> None:
+    with tempfile.TemporaryDirectory(prefix="hpcsif-ro-") as d:
+        base = Path(d)  # pytest's tmp_path is root's alone
+        os.chown(base, unpriv_user.uid, unpriv_user.gid)
+        image = write_sif(base / "ro.sif", [ObjectSpec(DataType.DEFFILE, data=b"bootstrap: scratch\n")])
+        (base / "note.txt").write_text("note")
+        os.chown(image, unpriv_user.uid, unpriv_user.gid)
+        image.chmod(0o444)
+        before = image.read_bytes()
+        cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "sif", "add", "--datatype", "7", "ro.sif", "note.txt"]
+        proc = unpriv_user.run(cmd, env={"PYTHONPATH": str(ROOT)}, cwd=base, timeout=60)
+        assert proc.returncode == 255 and proc.stderr == f"FATAL:   cannot write {image}: Permission denied\n"
+        assert image.read_bytes() == before and sorted(os.listdir(base)) == ["note.txt", "ro.sif"]
