@@ -81,6 +81,13 @@ class _Parser(argparse.ArgumentParser):
         """Print *message* as one FATAL line for this (sub)command and exit with status 2."""
         fail(self.prog, message)
 
+    def _get_nargs_pattern(self, action: argparse.Action) -> str:
+        # argparse lets a positional take the `--` after it (and drops it); the container's words
+        # keep theirs, as Apptainer's (`exec IMG -- cmd` runs `--`, `run IMG -- x` passes `-- x`)
+        if getattr(action, "words_follow", False):
+            return "(-*A)"
+        return super()._get_nargs_pattern(action)
+
 
 def fail(prog: str, message: str) -> NoReturn:
     """Exit with status 2 after one line: what is wrong with the command line of *prog*."""

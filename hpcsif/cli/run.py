@@ -28,7 +28,10 @@ def register_one(subparsers: argparse._SubParsersAction, action: str) -> None:
     text = _HELPS[action]
     p = subparsers.add_parser(action, help=text, description=text)
     _add_flags(p, action)
-    p.add_argument("image", help="SIF file, sandbox directory or URI (docker://, oras://, oci-archive:// …)")
+    image = p.add_argument(
+        "image", help="SIF file, sandbox directory or URI (docker://, oras://, oci-archive:// …)"
+    )
+    image.words_follow = True  # type: ignore[attr-defined]  # a `--` after it is the container's
     words = p.add_argument(
         "args",
         nargs=argparse.REMAINDER,

@@ -133,3 +133,18 @@ def test_global_flags_combine_and_have_apptainers_variables(sif: Path, tmp_path:
     summary = run_cli("cache", "list").stdout
     assert run_cli("-v", "cache", "list").stdout == summary and summary.startswith("There are ")
     assert run_cli("cache", "list", "-v").stdout.startswith("NAME ")
+
+
+def test_a_double_dash_after_the_image_is_the_containers(sif: Path) -> None:
+    """As Apptainer: `--` before the image ends the options; after it, it is a word of the command."""
+    assert run_cli("exec", "--", str(sif), "echo", "hi").stdout == "hi\n"
+    assert run_cli("exec", str(sif), "echo", "--", "hi").stdout == "-- hi\n"
+    proc = run_cli("exec", str(sif), "--", "echo", "hi", check=False)
+    assert (proc.returncode, proc.stdout) == (255, "")
+    assert proc.stderr == 'FATAL:   "--": executable file not found in $PATH\n'
+    exe = peer_apptainer()
+    if exe is not None and str(sif).startswith("/tmp/"):
+        theirs = subprocess.run([exe, "exec", str(sif), "--", "echo", "hi"], capture_output=True, text=True)
+        # (it also warns that this image has no /etc/passwd and /etc/group)
+        assert (theirs.returncode, theirs.stdout) == (255, "")
+        assert theirs.stderr.splitlines()[-1] == proc.stderr.strip()
