@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpcsif.errors import AuthError
 from hpcsif.refs import DOCKER_HUB
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 ENV_PREFIXES = ("HPCSIF", "APPTAINER", "SINGULARITY")
 #: keys Docker Hub credentials may be stored under in config.json
 _HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
+#: the largest auth file read (real ones are a few KiB)
+MAX_AUTH_FILE = 4 << 20
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,7 @@ def from_env(environ: dict[str, str] | None = None) -> Credentials | None:
         if user and password is not None:
             return Credentials(user, password, f"${prefix}_DOCKER_USERNAME/PASSWORD")
         if user or password:
-            log.warning(
-                "%s_DOCKER_USERNAME and %s_DOCKER_PASSWORD must both be set; ignoring", prefix, prefix
-            )
+            _warn_once(f"{prefix}_DOCKER_USERNAME and {prefix}_DOCKER_PASSWORD must both be set; ignoring")
     return None
 
 
@@ -79,37 +81,70 @@ def from_docker_config(registry: str, path: Path | None = None) -> Credentials |
     without one of Apptainer's ``registry login`` file, else Docker's ``config.json``.
 
     Apptainer reads only its own file when that exists; Docker's is read after it here too, so
-    that a ``docker login`` to another registry also works.
+    that a ``docker login`` to another registry also works. A default file that cannot be read
+    is skipped with a warning; a requested one (``path``) is an :class:`AuthError`, as in
+    Apptainer. Malformed entries are skipped with a warning.
     """
     if path is None:
         for default in (apptainer_config_path(), docker_config_path()):
-            if creds := from_docker_config(registry, default):
+            if creds := _from_auths(registry, default, _read_auths(default, requested=False)):
                 return creds
         return None
+    return _from_auths(registry, path, _read_auths(path, requested=True))
+
+
+def _read_auths(path: Path, *, requested: bool) -> dict[str, object]:
+    """The ``auths`` table of the auth file at ``path`` (empty when there is no file)."""
     try:
-        auths = json.loads(path.read_text()).get("auths") or {}
+        with open(path, "rb") as f:
+            data = f.read(MAX_AUTH_FILE + 1)  # bounded: the file may be /dev/zero
+        if len(data) > MAX_AUTH_FILE:
+            raise ValueError(f"larger than {MAX_AUTH_FILE >> 20} MiB")
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        auths = doc.get("auths") or {}
+        if not isinstance(auths, dict):
+            raise ValueError('"auths" is not an object')
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError, RecursionError) as exc:
-        log.warning("ignoring unreadable Docker config %s: %s", path, str(exc)[:200])
-        return None
+        return {}
+    except (OSError, ValueError, RecursionError) as exc:
+        why = (exc.strerror.lower() if isinstance(exc, OSError) and exc.strerror else str(exc))[:200]
+        if requested:
+            raise AuthError(f"cannot read auth file {path}: {why}") from None
+        _warn_once(f"ignoring unreadable Docker config {path}: {why}")
+        return {}
+    return auths
+
+
+def _from_auths(registry: str, path: Path, auths: dict[str, object]) -> Credentials | None:
     for key in _config_keys(registry):
         entry = auths.get(key)
         if not isinstance(entry, dict):
             continue
         if entry.get("identitytoken"):
-            log.warning("%s: identity tokens (docker login via OAuth) are not supported for %s", path, key)
+            _warn_once(f"{path}: identity tokens (docker login via OAuth) are not supported for {key}")
             continue
-        if entry.get("auth"):
+        auth, user, password = entry.get("auth"), entry.get("username"), entry.get("password")
+        if auth:
             try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                log.warning("ignoring malformed auth entry for %s in %s", key, path)
+                user, colon, password = base64.b64decode(auth, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+                colon = ""
+            if not colon:  # Apptainer too ignores an entry that is not base64("user:password")
+                _warn_once(f"ignoring malformed auth entry for {key} in {path}")
                 continue
+        if isinstance(user, str) and user and isinstance(password, str):
             return Credentials(user, password, str(path))
-        if entry.get("username") and entry.get("password") is not None:
-            return Credentials(entry["username"], entry["password"], str(path))
     return None
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time only: credentials are looked up for each
+    request of a pull (its resolve, its fetch), and one line is enough."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def authfile_from_env(environ: dict[str, str] | None = None) -> Path | None:
@@ -139,7 +174,7 @@ def find_credentials(
         creds = from_docker_config(registry, path)
         if creds is None and path is not None:
             why = "does not exist" if not path.exists() else f"has no credentials for {registry}"
-            log.warning("auth file %s %s; proceeding with anonymous access", path, why)
+            _warn_once(f"auth file {path} {why}; proceeding with anonymous access")
     if creds:
         log.debug("using registry credentials for %s: %s", registry, creds)
     return creds

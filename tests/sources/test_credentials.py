@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from hpcsif.refs import DOCKER_HUB
+from hpcsif.sources import credentials
 from hpcsif.sources.credentials import Credentials, find_credentials, from_docker_config, from_env
 
 SECRET = "pw-should-never-show"
@@ -22,6 +23,7 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         monkeypatch.delenv(f"{prefix}_AUTH_FILE", raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.apptainer/docker-config.json
+    monkeypatch.setattr(credentials, "_warned", set())  # each test sees its warnings
 
 
 def _docker_config(tmp_path, auths: dict) -> None:

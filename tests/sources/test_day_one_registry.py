@@ -278,3 +278,57 @@ def test_push_to_a_digest_reference(registry_open: Registry, work) -> None:
     res = hpcsif(work, "pull", "--name", "back.sif", pinned)
     assert res.returncode == 0, res.stderr
     assert (work / "back.sif").read_bytes() == first.read_bytes()
+
+
+# -- auth files that are not what they should be -------------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "fatal"),
+    [
+        ("{bad", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        ("[1]", "not a JSON object"),
+        ('{"auths": [1]}', '"auths" is not an object'),
+        (None, "is a directory"),
+    ],
+)
+def test_unreadable_authfile_is_one_fatal_line(registry_basic: Registry, work, content, fatal) -> None:
+    """As Apptainer: a file the user named that is no auth file ends the pull (a list used to be
+    an internal error); nothing is fetched."""
+    path = work / "auth.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    res = hpcsif(work, "pull", "--authfile", str(path), registry_basic.ref("private/busybox:1"))
+    assert res.returncode == 255
+    assert res.stderr.splitlines() == [f"FATAL:   cannot read auth file {path}: {fatal}"]
+    if content == "{bad":
+        theirs = peer(
+            work, "pull", "--no-https", "--authfile", str(path), registry_basic.ref("private/busybox:1")
+        )
+        assert theirs.returncode == 255 and "unmarshaling JSON" in theirs.stderr, theirs.stderr
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"auth": 5}, {"auth": base64.b64encode(b"no-colon").decode()}, {"username": 5, "password": 1}, "text"],
+)
+def test_malformed_entry_is_skipped_with_one_warning(
+    registry_basic: Registry, busybox_image, work, entry
+) -> None:
+    """A number where base64 belongs used to be an internal error; each warning is said once,
+    though credentials are looked up for the resolve and again for the fetch."""
+    registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
+    path = work / "auth.json"
+    path.write_text(json.dumps({"auths": {registry_basic.host: entry}}))
+    res = hpcsif(work, "pull", "--authfile", str(path), registry_basic.ref("private/busybox:1"))
+    assert res.returncode == 255
+    lines = res.stderr.splitlines()
+    anonymous = (
+        f"WARNING: auth file {path} has no credentials for {registry_basic.host}; "
+        "proceeding with anonymous access"
+    )
+    assert lines.count(anonymous) == 1, lines
+    assert lines[-1].startswith(f"FATAL:   authentication required for {registry_basic.host}/private/busybox")
+    assert len(lines) == (3 if isinstance(entry, dict) and "auth" in entry else 2), lines
+    if len(lines) == 3:
+        assert lines[0] == f"WARNING: ignoring malformed auth entry for {registry_basic.host} in {path}"
