@@ -3,7 +3,8 @@
 A warm hit parses the reference, finds its digest (for tags: a record younger than
 ``cache.tag_ttl``; for archives: a record keyed on the file's identity), stats the entry and
 checks it is trusted, with no network request. ``HPCSIF_OFFLINE=1`` (or ``offline=True``)
-never touches the network; ``cache_first`` uses a remembered tag at any age when there is one.
+never touches the network; ``cache_first`` uses a remembered tag at any age when there is one;
+``refresh`` asks the registry what a tag names now, at any age (``pull``, as Apptainer's).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -89,9 +91,10 @@ def _resolve_digest(
     source_options: dict[str, Any],
     *,
     offline: bool,
-    cache_first: bool,
+    max_age: float,
 ) -> str:
-    """The content digest of ``ref``, from a record when one is fresh enough, else from its source.
+    """The content digest of ``ref``, from a record younger than ``max_age`` seconds (local
+    files: any record of the unchanged file; offline: any record), else from its source.
 
     Concurrent cold requests resolve once: the first asks the source under a lock, the
     others wait for its record (so 64 ranks make one registry request, or hash an archive once).
@@ -104,14 +107,13 @@ def _resolve_digest(
         ident = _identity(ref, options)
     except FileNotFoundError:
         raise CacheError(f"{ref.raw}: no such file {ref.path}") from None
-    ttl = float(get_config().get("cache.tag_ttl"))
 
     def usable(record: dict[str, Any] | None) -> bool:
         # local files: valid as long as the file is unchanged (its identity is in the ident)
         if not record:
             return False
         age = time.time() - float(record.get("resolved", 0))
-        return ref.transport in _LOCAL_FILES or offline or cache_first or age <= ttl
+        return ref.transport in _LOCAL_FILES or offline or age <= max_age
 
     if usable(record := _read_record(layout, ident)):
         return str(record["digest"])
@@ -154,11 +156,11 @@ def _request(
     options: ConvertOptions | None,
     source_options: dict[str, Any] | None,
     offline: bool,
-    cache_first: bool,
+    max_age: float,
 ) -> Request:
     options = options or ConvertOptions.from_config()
     source_options = dict(source_options or {})
-    digest = _resolve_digest(layout, ref, options, source_options, offline=offline, cache_first=cache_first)
+    digest = _resolve_digest(layout, ref, options, source_options, offline=offline, max_age=max_age)
     key = f"{digest.split(':', 1)[-1]}-{options.key()}"
     return Request(ref, options, source_options, digest, key, f"{ref.cache_name()}.sif")
 
@@ -240,13 +242,16 @@ def _prepare(
     offline: bool | None,
     cache_first: bool,
     source_options: dict | None,
+    refresh: bool = False,
 ) -> tuple[CacheLayout, Request, bool] | Path:
     parsed = parse(ref)
     if parsed.transport in ("sif", "sandbox"):
         return check_trusted_path(parsed.path or ref)
     offline = env_flag("HPCSIF_OFFLINE") if offline is None else offline
     layout = cache_layout()
-    return layout, _request(layout, parsed, options, source_options, offline, cache_first), offline
+    # how old a remembered tag resolution may be
+    max_age = -math.inf if refresh else math.inf if cache_first else float(get_config().get("cache.tag_ttl"))
+    return layout, _request(layout, parsed, options, source_options, offline, max_age), offline
 
 
 def ensure_image(
@@ -255,6 +260,7 @@ def ensure_image(
     options: ConvertOptions | None = None,
     offline: bool | None = None,
     cache_first: bool = False,
+    refresh: bool = False,
     source_options: dict[str, Any] | None = None,
 ) -> Path:
     """The path of a cached, trusted SIF for ``ref``, converting it exactly once across processes.
@@ -262,9 +268,12 @@ def ensure_image(
     Local SIF files (and sandbox directories) are returned as they are, after the trust check.
     ``offline`` (default: ``HPCSIF_OFFLINE``) forbids network access and raises
     :class:`OfflineError` when the image is not cached; ``cache_first`` reuses a remembered
-    tag resolution regardless of its age. ``source_options`` go to the source (credentials …).
+    tag resolution regardless of its age; ``refresh`` asks the registry what the tag names now
+    even within ``cache.tag_ttl`` (one manifest request: what ``pull`` wants, as a user who
+    has just pushed a new image under the tag expects it). ``source_options`` go to the
+    source (credentials …).
     """
-    prepared = _prepare(ref, options, offline, cache_first, source_options)
+    prepared = _prepare(ref, options, offline, cache_first, source_options, refresh)
     if isinstance(prepared, Path):
         return prepared
     layout, req, off = prepared

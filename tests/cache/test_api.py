@@ -265,3 +265,24 @@ def test_system_cache_is_consulted_first(
     assert cache_env.conversions() == []
     out = run_cli("cache", "list", env={"HPCSIF_SYSTEM_CACHEDIR": str(system)}).stdout
     assert f"in the system cache {system}" in out
+
+
+def test_refresh_asks_what_a_moved_tag_names_now(cache_env: CacheEnv, busybox_image, registry_open) -> None:
+    """A tag pushed again names another image: within ``cache.tag_ttl`` a plain request keeps the
+    image it remembered, ``refresh`` (what ``pull`` asks for) finds the new one at once."""
+    from tests.sources.test_registry_source import multi_arch_layout
+
+    registry_open.push(busybox_image.oci_ref, "cache/moving:1")
+    ref = registry_open.ref("cache/moving:1")
+    first = ensure_image(ref)
+    layout, digests = multi_arch_layout(busybox_image, cache_env.base / "multi", (("amd64", None),))
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:multi",
+         f"docker://{registry_open.host}/cache/moving:1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert ensure_image(ref) == first  # within the TTL: no registry request
+    second = ensure_image(ref, refresh=True)
+    assert second != first and digests["amd64"][7:] in str(second)
+    assert ensure_image(ref) == second  # the refreshed record serves the next requests
+    assert ensure_image(ref, refresh=True) == second and len(cache_env.conversions()) == 2
