@@ -55,10 +55,16 @@ class ImageView:
         inspected as far as its ``inspect-metadata.json`` object goes.
         """
         p = Path(path)
-        if p.is_dir():
-            return cls(p, sandbox=True)
         if not os.path.lexists(path):  # named as given: Path() would turn docker://x into docker:/x
             raise SIFError(f"Failed to open image {path}: no such file or directory")
+        if not os.access(path, os.R_OK | os.X_OK if p.is_dir() else os.R_OK):
+            # a sandbox whose files cannot be read is not an image without metadata
+            raise SIFError(
+                f"Failed to open image {path}: {os.path.abspath(path)} is not readable by the current "
+                "user, check permissions"
+            )
+        if p.is_dir():
+            return cls(p, sandbox=True)
         from hpcsif.sif.reader import SIFImage
 
         with SIFImage.open(p) as img:

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sif`` command group."""
     parser = subparsers.add_parser("sif", help="inspect the data objects of a SIF image")
     sub = parser.add_subparsers(dest="sif_command", metavar="SUBCOMMAND")
-    sub.required = True
+    # `sif` alone prints its help and succeeds, as Apptainer's does
+    parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
     for name, text, func, with_id in (
         ("list", "list the data objects of a SIF image", cmd_list, False),

@@ -6,13 +6,16 @@ on the same inputs; where the peer is installed, the target checks are compared 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import peer_apptainer, run_cli
+from tests.conftest import ROOT, peer_apptainer, run_cli
 from tests.services.images import TestImage
+from tests.services.users import USER_PYTHON, TestUser
 
 NOT_SANDBOX = (
     "FATAL:   While checking build target: {path} is not empty and is not an Apptainer sandbox, "
@@ -148,3 +151,32 @@ def test_a_double_dash_after_the_image_is_the_containers(sif: Path) -> None:
         # (it also warns that this image has no /etc/passwd and /etc/group)
         assert (theirs.returncode, theirs.stdout) == (255, "")
         assert theirs.stderr.splitlines()[-1] == proc.stderr.strip()
+
+
+def test_unreadable_images_are_named_as_apptainer_names_them(unpriv_user: TestUser, sif: Path) -> None:
+    """inspect/run-help of a SIF or sandbox the user cannot read: Apptainer's FATAL line, not an
+    empty (rc 0) report for the sandbox."""
+    work = Path(tempfile.mkdtemp(prefix="hpcsif-day-one-", dir="/tmp"))
+    try:
+        work.chmod(0o755)
+        shutil.copy(sif, work / "locked.sif")
+        (work / "locked.sif").chmod(0o000)
+        (work / "locked").mkdir(mode=0o700)
+        for image, command in [("locked.sif", "inspect"), ("locked", "inspect"), ("locked", "run-help")]:
+            proc = unpriv_user.run(
+                [USER_PYTHON, "-m", "hpcsif.cli.main", command, image],
+                env={"PYTHONPATH": str(ROOT)},
+                cwd=work,
+            )
+            assert (proc.returncode, proc.stdout) == (255, ""), (image, command)
+            assert proc.stderr == (
+                f"FATAL:   Failed to open image {image}: {work / image} is not readable by the current user, "
+                "check permissions\n"
+            )
+    finally:
+        shutil.rmtree(work)
+
+
+def test_sif_alone_prints_its_help() -> None:
+    proc = run_cli("sif")
+    assert proc.stdout == run_cli("sif", "--help").stdout and proc.stdout.startswith("usage: hpcsif sif")
