@@ -19,6 +19,7 @@ import binascii
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,15 +49,35 @@ class Credentials:
 
 
 def from_env(environ: dict[str, str] | None = None) -> Credentials | None:
-    """Credentials from ``{HPCSIF,APPTAINER,SINGULARITY}_DOCKER_USERNAME/PASSWORD``, first pair set."""
+    """Credentials from ``{HPCSIF,APPTAINER,SINGULARITY}_DOCKER_USERNAME`` and ``…_PASSWORD``.
+
+    As in Apptainer, each of the two is taken from the first prefix that sets it (so an
+    ``APPTAINER_DOCKER_USERNAME`` goes with a legacy ``SINGULARITY_DOCKER_PASSWORD``), and
+    ``SINGULARITY_X`` differing from ``APPTAINER_X`` is warned about.
+    """
     env = os.environ if environ is None else environ
-    for prefix in ENV_PREFIXES:
-        user, password = env.get(f"{prefix}_DOCKER_USERNAME"), env.get(f"{prefix}_DOCKER_PASSWORD")
-        if user and password is not None:
-            return Credentials(user, password, f"${prefix}_DOCKER_USERNAME/PASSWORD")
-        if user or password:
-            _warn_once(f"{prefix}_DOCKER_USERNAME and {prefix}_DOCKER_PASSWORD must both be set; ignoring")
+    user_var, user = _first_set(env, "DOCKER_USERNAME")
+    password_var, password = _first_set(env, "DOCKER_PASSWORD")
+    if user_var and password_var:
+        same = password_var == user_var.replace("USERNAME", "PASSWORD")
+        source = f"${user_var}/PASSWORD" if same else f"${user_var} and ${password_var}"
+        return Credentials(user, password, source)
+    if user_var or password_var:
+        _warn_once(
+            f"{user_var or password_var} is set without a DOCKER_{'PASSWORD' if user_var else 'USERNAME'}"
+            " (HPCSIF_, APPTAINER_ or SINGULARITY_); ignoring: both must be set"
+        )
     return None
+
+
+def _first_set(env: Mapping[str, str], name: str) -> tuple[str | None, str]:
+    """``(VARIABLE, value)`` of the first of ``{HPCSIF,APPTAINER,SINGULARITY}_name`` set and not
+    empty, else ``(None, "")``."""
+    names = [f"{prefix}_{name}" for prefix in ENV_PREFIXES]
+    legacy, current = env.get(names[2]), env.get(names[1])
+    if legacy and current and legacy != current and not env.get(names[0]):
+        _warn_once(f"{names[2]} and {names[1]} have different values, using the latter")
+    return next(((n, env[n]) for n in names if env.get(n)), (None, ""))
 
 
 def docker_config_path() -> Path:

@@ -49,7 +49,25 @@ def test_half_set_env_pair_is_ignored_with_a_warning(monkeypatch, caplog) -> Non
     monkeypatch.setenv("HPCSIF_DOCKER_USERNAME", "only-user")
     with caplog.at_level(logging.WARNING):
         assert from_env() is None
-    assert "must both be set" in caplog.text
+    assert "HPCSIF_DOCKER_USERNAME is set without a DOCKER_PASSWORD" in caplog.text
+
+
+def test_each_variable_from_its_first_prefix_as_apptainer(monkeypatch, caplog) -> None:
+    """Apptainer takes each variable from APPTAINER_ or else SINGULARITY_ on its own, and warns
+    when the two differ; a pair split across prefixes used to be refused."""
+    monkeypatch.setenv("APPTAINER_DOCKER_USERNAME", "app")
+    monkeypatch.setenv("SINGULARITY_DOCKER_PASSWORD", SECRET)
+    creds = from_env()
+    assert (creds.username, creds.password) == ("app", SECRET)
+    assert creds.source == "$APPTAINER_DOCKER_USERNAME and $SINGULARITY_DOCKER_PASSWORD"
+    monkeypatch.setenv("APPTAINER_DOCKER_PASSWORD", "newer")
+    monkeypatch.setenv("SINGULARITY_DOCKER_USERNAME", "")  # empty: as if unset
+    with caplog.at_level(logging.WARNING):
+        creds = from_env()
+    assert (creds.password, creds.source) == ("newer", "$APPTAINER_DOCKER_USERNAME/PASSWORD")
+    assert caplog.messages == [
+        "SINGULARITY_DOCKER_PASSWORD and APPTAINER_DOCKER_PASSWORD have different values, using the latter"
+    ]
 
 
 def test_docker_config_auths(tmp_path) -> None:

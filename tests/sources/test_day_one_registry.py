@@ -35,18 +35,18 @@ def _env(work: Path) -> dict[str, str]:
     return env
 
 
-def hpcsif(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(_env(work), PYTHONPATH=str(REPO_ROOT))
+def hpcsif(work: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(_env(work), PYTHONPATH=str(REPO_ROOT), **extra)
     argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
     return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=120)
 
 
-def peer(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def peer(work: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     """The same command with Apptainer (skips the test when it is not installed)."""
     exe = peer_apptainer()
     if exe is None:
         pytest.skip("neither apptainer nor peer-apptainer is on PATH")
-    env = dict(_env(work), APPTAINER_CACHEDIR=str(work / "peer-cache"))
+    env = dict(_env(work), APPTAINER_CACHEDIR=str(work / "peer-cache"), **extra)
     env["PATH"] = env.get("PATH", "") + ":/usr/sbin"
     return subprocess.run([exe, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
@@ -92,6 +92,34 @@ def test_credentials_from_apptainer_registry_login_file(
     assert (work / "b.sif").read_bytes() == (work / "a.sif").read_bytes()
     _no_secret_under(work)
     theirs = peer(work, "pull", "--no-https", "--name", "p.sif", ref)
+    assert theirs.returncode == 0, theirs.stderr
+
+
+def test_username_and_password_from_different_prefixes(registry_basic: Registry, busybox_image, work) -> None:
+    """Apptainer reads each variable from APPTAINER_ or else SINGULARITY_: a new
+    APPTAINER_DOCKER_USERNAME with an old SINGULARITY_DOCKER_PASSWORD works there (it was
+    refused here as half a pair), and SINGULARITY_X differing from APPTAINER_X is warned about."""
+    registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
+    ref = registry_basic.ref("private/busybox:1")
+    env = {"APPTAINER_DOCKER_USERNAME": USER, "SINGULARITY_DOCKER_PASSWORD": PASSWORD}
+    res = hpcsif(work, "pull", "--disable-cache", "--name", "a.sif", ref, **env)
+    assert res.returncode == 0, res.stderr
+    assert "WARNING" not in res.stderr
+    env |= {"APPTAINER_DOCKER_PASSWORD": "wrong", "SINGULARITY_DOCKER_USERNAME": "old-user"}
+    res = hpcsif(work, "pull", "--disable-cache", "--name", "b.sif", ref, **env)
+    assert res.returncode == 255
+    differ = (
+        "WARNING: SINGULARITY_DOCKER_{0} and APPTAINER_DOCKER_{0} have different values, using the latter"
+    )
+    assert res.stderr.splitlines() == [
+        differ.format("USERNAME"),
+        differ.format("PASSWORD"),
+        f"FATAL:   authentication failed for {registry_basic.host}/private/busybox: the registry "
+        f"refused user '{USER}' from $APPTAINER_DOCKER_USERNAME/PASSWORD (check the user name and "
+        "password, and that the repository exists)",
+    ]
+    mixed = {"APPTAINER_DOCKER_USERNAME": USER, "SINGULARITY_DOCKER_PASSWORD": PASSWORD}
+    theirs = peer(work, "pull", "--no-https", "--disable-cache", "--name", "p.sif", ref, **mixed)
     assert theirs.returncode == 0, theirs.stderr
 
 
