@@ -435,6 +435,31 @@ def test_fingerprints_header_verifies_the_base(work: Path, base: Path, tmp_path:
             assert not sif.exists()
 
 
+def test_fingerprints_header_checks_every_signer_against_the_keyring(
+    work: Path, base: Path, tmp_path: Path
+) -> None:
+    """As Apptainer: a second signer the keyring knows is fine; one it does not know fails the build."""
+    env = {"HPCSIF_KEYSDIR": str(tmp_path / "keys")}
+    for name in ("first", "second"):
+        run_cli("key", "newpair", "-N", name, "-t", "pgp", "-E", f"{name}@example.org", env=env)
+    listing = run_cli("key", "list", env=env).stdout
+    first, second = [line.split()[-1] for line in listing.splitlines() if "Fingerprint:" in line]
+    signed = Path(shutil.copy(base, tmp_path / "signed-twice.sif"))
+    for fpr in (first, second):
+        run_cli("sign", "--keyname", fpr, str(signed), env=env)
+    deffile = tmp_path / "fpr.def"
+    deffile.write_text(f"Bootstrap: localimage\nFrom: {signed}\nFingerprints: {first}\n")
+    sif = tmp_path / "fpr.sif"
+    proc = build(None, sif, deffile, env=env)
+    assert proc.returncode == 0, proc.stderr
+    sif.unlink()
+    run_cli("key", "remove", second, env=env)
+    proc = build(None, sif, deffile, env=env)
+    assert proc.returncode == 255, proc.stderr
+    assert fatal(proc).startswith(f"FATAL:   {deffile}:3: while checking fingerprint: "), proc.stderr
+    assert not sif.exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="real root only: fake root maps one uid")
 def test_post_as_root_can_give_files_to_other_users(work: Path, base: Path, tmp_path: Path) -> None:
     deffile = work / "chown.def"
