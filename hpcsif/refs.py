@@ -34,7 +34,7 @@ class Reference:
     """A parsed image reference. Which fields are set depends on ``transport``."""
 
     transport: str
-    raw: str
+    raw: str  # as given; for URLs with a password in them (user:PASSWORD@host) shown as ***
     path: str | None = None  # file transports, sif, sandbox; the URL for http(s)/fsspec
     name: str | None = None  # the ref inside an OCI layout/archive or docker archive
     registry: str | None = None
@@ -190,7 +190,7 @@ def parse(text: str) -> Reference:
         _check_reachable(text, path)
         return Reference(transport=scheme, raw=text, path=path, name=name)
     if scheme in URL_TRANSPORTS:
-        return Reference(transport=scheme, raw=text, path=text)
+        return Reference(transport=scheme, raw=redact_url(text), path=text)
     if scheme in ("library", "shub"):
         raise ReferenceError(f"{scheme}:// is not supported by hpcsif (use docker://, oras:// or https://)")
     try:
@@ -199,7 +199,18 @@ def parse(text: str) -> Reference:
         fsspec.get_filesystem_class(scheme)
     except (ImportError, ValueError):
         raise ReferenceError(f"unknown transport {scheme!r} in {text!r}") from None
-    return Reference(transport="fsspec", raw=text, path=text)
+    return Reference(transport="fsspec", raw=redact_url(text), path=text)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password in its user info (``scheme://user:PASSWORD@host/…``) replaced by
+    ``***``: what messages, logs and cache records show. Only ``path`` keeps the password."""
+    scheme, sep, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    userinfo, at, host = netloc.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{rest[len(netloc) :]}"
 
 
 def _parse_local(text: str) -> Reference:

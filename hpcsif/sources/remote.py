@@ -17,6 +17,7 @@ from typing import IO
 from hpcsif.errors import NetworkError, NotFoundError, SourceError
 from hpcsif.fsutil import atomic_output
 from hpcsif.image.digest import CHUNK
+from hpcsif.refs import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +60,22 @@ def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, tim
         try:
             with requests.get(url, stream=True, timeout=timeout) as resp:
                 if resp.status_code == 404:
-                    raise NotFoundError(f"{url}: not found (HTTP 404)")
+                    raise NotFoundError(f"{redact_url(url)}: not found (HTTP 404)")
                 if resp.status_code in RETRY_STATUS and attempt < retries:
                     delay = retry_after(resp) or 0.5 * 2**attempt
-                    log.warning("%s: HTTP %d; retrying in %.1f s", url, resp.status_code, delay)
+                    log.warning("%s: HTTP %d; retrying in %.1f s", redact_url(url), resp.status_code, delay)
                     time.sleep(delay)
                     continue
                 if resp.status_code >= 400:
-                    raise SourceError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+                    raise SourceError(f"{redact_url(url)}: HTTP {resp.status_code} {resp.reason}")
                 total = int(resp.headers.get("Content-Length") or 0)
                 resp.raw.decode_content = True
                 return _copy(resp.raw, out, total, progress)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if attempt >= retries:
-                raise NetworkError(f"{url}: download failed: {reason(exc)}") from None
-            log.warning("%s: %s; retrying", url, type(exc).__name__)
-    raise NetworkError(f"{url}: download failed after {retries + 1} tries")
+                raise NetworkError(f"{redact_url(url)}: download failed: {reason(exc)}") from None
+            log.warning("%s: %s; retrying", redact_url(url), type(exc).__name__)
+    raise NetworkError(f"{redact_url(url)}: download failed after {retries + 1} tries")
 
 
 def _known_hosts_policy():  # -> paramiko.MissingHostKeyPolicy
@@ -108,7 +109,7 @@ def _fsspec(url: str, out: IO[bytes], progress: Progress | None) -> int:
     try:
         import fsspec
     except ImportError:
-        raise SourceError(f"{url}: fsspec is not installed (pip install fsspec)") from None
+        raise SourceError(f"{redact_url(url)}: fsspec is not installed (pip install fsspec)") from None
     scheme = url.split("://", 1)[0].lower()
     options = {"host_key_policy": _known_hosts_policy()} if scheme in ("sftp", "ssh") else {}
     try:
@@ -117,14 +118,14 @@ def _fsspec(url: str, out: IO[bytes], progress: Progress | None) -> int:
         with fs.open(path, "rb") as src:
             return _copy(src, out, total, progress)
     except FileNotFoundError:
-        raise NotFoundError(f"{url}: no such file") from None
+        raise NotFoundError(f"{redact_url(url)}: no such file") from None
     except ImportError as exc:
-        raise SourceError(f"{url}: the fsspec backend needs a missing package ({exc})") from None
+        raise SourceError(f"{redact_url(url)}: the fsspec backend needs a missing package ({exc})") from None
     except OSError as exc:
-        raise NetworkError(f"{url}: {exc}") from None
+        raise NetworkError(f"{redact_url(url)}: {str(exc).replace(url, redact_url(url))}") from None
     except Exception as exc:  # paramiko's SSH and authentication errors are not OSErrors
         if scheme in ("sftp", "ssh"):
-            raise NetworkError(f"{url}: {exc}") from None
+            raise NetworkError(f"{redact_url(url)}: {str(exc).replace(url, redact_url(url))}") from None
         raise
 
 
@@ -138,7 +139,7 @@ def download(
 ) -> Path:
     """Copy the file at ``url`` to ``dest`` atomically (mode 0777 & ~umask, as Apptainer); returns it."""
     dest = Path(dest)
-    log.info("Downloading %s to %s", url, dest)
+    log.info("Downloading %s to %s", redact_url(url), dest)
     with atomic_output(dest, umasked(0o777)) as out:
         if url.split("://", 1)[0].lower() in ("http", "https"):
             size = _http(url, out, progress, retries, timeout)
@@ -172,11 +173,11 @@ def fingerprint(url: str, *, timeout: float = 60.0) -> str:
     except (requests.ConnectionError, requests.Timeout) as exc:
         from hpcsif.sources.distribution import reason
 
-        raise NetworkError(f"cannot reach {url}: {reason(exc)}") from None
+        raise NetworkError(f"cannot reach {redact_url(url)}: {reason(exc)}") from None
     if resp.status_code == 404:
-        raise NotFoundError(f"{url}: not found (HTTP 404)")
+        raise NotFoundError(f"{redact_url(url)}: not found (HTTP 404)")
     if resp.status_code >= 400:
-        raise SourceError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+        raise SourceError(f"{redact_url(url)}: HTTP {resp.status_code} {resp.reason}")
     fields = [url, *(resp.headers.get(h, "") for h in ("ETag", "Last-Modified", "Content-Length"))]
     return "sha256:" + hashlib.sha256("\n".join(fields).encode()).hexdigest()
 
@@ -186,5 +187,5 @@ def download_sif(url: str, dest: str | os.PathLike[str], **options: object) -> P
     download(url, dest, **options)  # type: ignore[arg-type]
     if not is_sif(dest):
         os.unlink(dest)
-        raise SourceError(f"{url}: not a SIF image")
+        raise SourceError(f"{redact_url(url)}: not a SIF image")
     return Path(dest)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import peer_apptainer
+from tests.services.httpd import FileServer
 from tests.services.registry import PASSWORD, USER, Registry, clean_env
 
 pytestmark = pytest.mark.slow
@@ -360,3 +361,31 @@ def test_malformed_entry_is_skipped_with_one_warning(
     assert len(lines) == (3 if isinstance(entry, dict) and "auth" in entry else 2), lines
     if len(lines) == 3:
         assert lines[0] == f"WARNING: ignoring malformed auth entry for {registry_basic.host} in {path}"
+
+
+# -- a password in a URL ---------------------------------------------------------------------------
+def test_password_in_a_url_is_never_shown_or_written(
+    registry_open: Registry, http_files: FileServer, busybox_image, work
+) -> None:
+    """``https://user:PASSWORD@host/image.sif`` used to be printed in -v/-d lines and errors, and
+    written to the cache's records (meta.json, journal, tag records, lock holders)."""
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1")
+    assert hpcsif(work, "pull", "--name", "bb.sif", registry_open.ref("team/busybox:1")).returncode == 0
+    (http_files.root / "bb.sif").write_bytes((work / "bb.sif").read_bytes())
+    url = f"http://{USER}:{PASSWORD}@127.0.0.1:{http_files.port}"
+    shown = f"http://{USER}:***@127.0.0.1:{http_files.port}"
+    runs = [
+        hpcsif(work, "-d", "pull", "--name", "a.sif", f"{url}/bb.sif"),
+        hpcsif(work, "-d", "exec", f"{url}/bb.sif", "cat", "/etc/hello.txt"),
+        hpcsif(work, "-d", "pull", "--sandbox", "--name", "sb", f"{url}/bb.sif"),
+        hpcsif(work, "cache", "list", "-v"),
+    ]
+    for res in runs:
+        assert res.returncode == 0, res.stderr
+        assert PASSWORD not in res.stdout + res.stderr
+    assert f"{shown}/bb.sif" in runs[0].stderr and f"{shown}/bb.sif" in runs[3].stdout
+    assert runs[1].stdout == "hello from the etc layer\n"
+    missing = hpcsif(work, "pull", f"{url}/missing.sif")
+    assert missing.returncode == 255
+    assert missing.stderr.splitlines()[-1] == f"FATAL:   {shown}/missing.sif: not found (HTTP 404)"
+    _no_secret_under(work)
