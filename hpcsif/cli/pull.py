@@ -196,6 +196,41 @@ def _sif_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> 
         sif_to_sandbox(sif, target)
 
 
+def _convert_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> None:  # ref: Reference
+    """``pull --sandbox`` of an image to convert: to a SIF through the cache (or a temporary one
+    with ``--disable-cache``), then unpacked, with the INFO lines of both builds, as Apptainer."""
+    import tempfile
+
+    from hpcsif.cli.build import blob_store, convert_options
+
+    options = convert_options(args)
+    notices = Notices(args, to_sandbox=False)
+    source_options = {**registry_options(args), "progress": progress, "notify": notices}
+    store = blob_store(args)
+    with tempfile.TemporaryDirectory(prefix=".hpcsif-pull-", dir=target.resolve().parent) as tmp:
+        if store is None:
+            from hpcsif.convert import convert_ref
+
+            sif = convert_ref(ref, Path(tmp) / "image.sif", options=options, source_options=source_options)
+        else:
+            from hpcsif.cache.api import ensure_image
+
+            sif = ensure_image(ref.raw, options=options, source_options=source_options)
+        notices.done()
+        _sandbox_from(sif, target, args)
+
+
+def _sandbox_from(sif: Path, target: Path, args: argparse.Namespace) -> None:
+    """Unpack ``sif`` into the sandbox ``target``, saying the steps of Apptainer's local build
+    (but its "Verifying bootstrap image PATH", whose path names a file of Apptainer's cache)."""
+    from hpcsif.convert import sif_to_sandbox
+
+    info(args, "Starting build...")
+    info(args, "Extracting local image...")
+    sif_to_sandbox(sif, target)
+    info(args, "Creating sandbox directory...")
+
+
 #: Apptainer's APPTAINER_* names of pull's flags
 PULL_ENV = {
     "arch": ("PULL_ARCH",),
@@ -225,13 +260,7 @@ def run_pull(args: argparse.Namespace) -> int:
     if args.sandbox and ref.transport in (*COPY_TRANSPORTS, "oras"):
         _sif_then_sandbox(ref, target, args, progress)
     elif args.sandbox:
-        from hpcsif.convert import convert_ref
-
-        source_options = {**registry_options(args), "progress": progress}
-        options = convert_options(args)
-        convert_ref(
-            ref, target, options=options, store=blob_store(args), sandbox=True, source_options=source_options
-        )
+        _convert_then_sandbox(ref, target, args, progress)
     if args.sandbox:  # Apptainer builds the sandbox from its SIF, with its build's last line
         info(args, f"Build complete: {target}")
     elif ref.transport in COPY_TRANSPORTS:
@@ -288,9 +317,13 @@ class Notices:
     "Converting" line, and the sandbox's last step where ``--sandbox`` asks for one.
     """
 
-    def __init__(self, args: argparse.Namespace, *, build: bool = False) -> None:
+    def __init__(
+        self, args: argparse.Namespace, *, build: bool = False, to_sandbox: bool | None = None
+    ) -> None:
         self.args = args
         self.build = build
+        #: whether the conversion's last step makes a sandbox (default: ``--sandbox``)
+        self.to_sandbox = getattr(args, "sandbox", False) if to_sandbox is None else to_sandbox
         self.said: list[str] = []
 
     def __call__(self, message: str) -> None:
@@ -304,9 +337,7 @@ class Notices:
     def done(self) -> None:
         """The conversion's last steps, or "Using cached SIF image" where nothing was announced."""
         if CONVERTING in self.said:
-            last = (
-                "Creating sandbox directory..." if getattr(self.args, "sandbox", False) else BUILD_STEPS[-1]
-            )
+            last = "Creating sandbox directory..." if self.to_sandbox else BUILD_STEPS[-1]
             for line in (*BUILD_STEPS[:-1], last):
                 info(self.args, line)
         elif not self.said:

@@ -6,6 +6,7 @@ on the same inputs; where the peer is installed, the target checks are compared 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, peer_apptainer, run_cli
+from tests.conftest import CONVERSION_INFO, ROOT, peer_apptainer, run_cli
 from tests.services.images import TestImage
 from tests.services.users import USER_PYTHON, TestUser
 
@@ -180,3 +181,46 @@ def test_unreadable_images_are_named_as_apptainer_names_them(unpriv_user: TestUs
 def test_sif_alone_prints_its_help() -> None:
     proc = run_cli("sif")
     assert proc.stdout == run_cli("sif", "--help").stdout and proc.stdout.startswith("usage: hpcsif sif")
+
+
+def test_pull_sandbox_goes_through_the_sif_cache_as_apptainers(
+    busybox_image: TestImage, tmp_path: Path
+) -> None:
+    """``pull --sandbox`` converts to a cached SIF, then unpacks it, saying both builds' steps."""
+    ref = f"oci://{busybox_image.layout}"
+    local = [
+        "INFO:    Starting build...",
+        "INFO:    Extracting local image...",
+        "INFO:    Creating sandbox directory...",
+    ]
+    cold = run_cli("pull", "--sandbox", str(tmp_path / "a"), ref)
+    assert cold.stderr.splitlines() == [
+        *CONVERSION_INFO,
+        *local,
+        f"INFO:    Build complete: {tmp_path / 'a'}",
+    ]
+    warm = run_cli("pull", "--sandbox", str(tmp_path / "b"), ref)
+    assert warm.stderr.splitlines() == [
+        "INFO:    Using cached SIF image",
+        *local,
+        f"INFO:    Build complete: {tmp_path / 'b'}",
+    ]
+    uncached = run_cli("pull", "--disable-cache", "--sandbox", str(tmp_path / "c"), ref)
+    assert uncached.stderr.splitlines() == cold.stderr.replace(f"{tmp_path}/a", f"{tmp_path}/c").splitlines()
+    for box in "abc":
+        assert (tmp_path / box / "bin/busybox").read_bytes() == busybox_image.files["bin/busybox"]
+        assert (tmp_path / box / ".singularity.d/runscript").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # nothing left aside
+    exe = peer_apptainer()
+    if exe is not None and str(tmp_path).startswith("/tmp/"):  # every line ours prints, Apptainer prints
+        env = {**os.environ, "APPTAINER_CACHEDIR": str(tmp_path / "peer-cache")}
+        for mine in (cold, warm):
+            theirs = subprocess.run(
+                [exe, "pull", "-F", "--sandbox", str(tmp_path / "a"), ref],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            assert theirs.returncode == 0, theirs.stderr
+            said = mine.stderr.replace(f"{tmp_path}/b", f"{tmp_path}/a")
+            assert set(said.splitlines()) <= set(theirs.stderr.splitlines())
