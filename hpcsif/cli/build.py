@@ -340,17 +340,36 @@ def _sections(args: argparse.Namespace) -> frozenset[str] | None:
     return frozenset(names - {"none"})
 
 
-def blob_store(args: argparse.Namespace):  # -> OCIStore | None
-    """The shared blob cache, or None for a temporary one (--disable-cache / *_DISABLE_CACHE)."""
-    from hpcsif.cache.blobs import pin_blobs
+def user_cache():  # -> CacheRoot | None
+    """The user's cache root, ready for use; None, after Apptainer's warning, when it cannot be
+    created or written: the command goes on with a throw-away cache, as Apptainer's does."""
     from hpcsif.cache.layout import CacheRoot
+    from hpcsif.config import get_config
+    from hpcsif.errors import CacheError
+
+    try:
+        root = CacheRoot(get_config().cache_dir()).ensure()
+    except CacheError as exc:
+        log.warning("Cache disabled - %s", exc)
+        return None
+    if not os.access(root.path, os.W_OK | os.X_OK):
+        log.warning("Cache disabled - cache location %s is not writable.", root.path)
+        return None
+    return root
+
+
+def blob_store(args: argparse.Namespace):  # -> OCIStore | None
+    """The shared blob cache, or None for a temporary one (--disable-cache / *_DISABLE_CACHE, or
+    a cache that cannot be used)."""
+    from hpcsif.cache.blobs import pin_blobs
     from hpcsif.config import get_config
     from hpcsif.image.store import OCIStore
 
-    cfg = get_config()
-    if getattr(args, "disable_cache", False) or cfg.cache_disabled():
+    if getattr(args, "disable_cache", False) or get_config().cache_disabled():
         return None
-    root = CacheRoot(cfg.cache_dir()).ensure()  # a CacheError names an unusable directory
+    root = user_cache()
+    if root is None:
+        return None
     pin_blobs(root)  # a cache gc elsewhere must not remove a layer this command is about to read
     return OCIStore(root.oci)
 

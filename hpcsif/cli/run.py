@@ -271,7 +271,9 @@ def handle(args: argparse.Namespace) -> int:
     image = job_image(image)
     notices = Notices(args)  # Apptainer's INFO lines: converting, or using the cached SIF
     source_options = {**registry_options(args), "notify": notices}
-    if args.disable_cache:
+    from hpcsif.cli.build import user_cache
+
+    if args.disable_cache or user_cache() is None:  # (the latter after Apptainer's warning)
         return _launch_uncached(engine, image, opts, source_options)
     from hpcsif.cache.api import leased_image
 

@@ -214,13 +214,3 @@ def test_inspect_keeps_empty_labels(tmp_path: Path) -> None:
         '{\n\t"data": {\n\t\t"attributes": {\n\t\t\t"labels": {\n\t\t\t\t"A": "1",\n\t\t\t\t"C": ""\n'
         '\t\t\t}\n\t\t}\n\t},\n\t"type": "container"\n}\n'
     )
-
-
-def test_unusable_cache_directory_is_one_line(tmp_path: Path, sandbox: Path) -> None:
-    """build/pull through the blob cache name a cache directory they cannot create (no traceback)."""
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    env = {"HPCSIF_CACHEDIR": str(blocker / "cache")}
-    proc = run_cli("pull", "--dir", str(tmp_path), f"oci-archive://{tmp_path}/x.tar", env=env, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr == f"FATAL:   cannot create cache directory {blocker / 'cache'}: Not a directory\n"

@@ -224,3 +224,25 @@ def test_pull_sandbox_goes_through_the_sif_cache_as_apptainers(
             assert theirs.returncode == 0, theirs.stderr
             said = mine.stderr.replace(f"{tmp_path}/b", f"{tmp_path}/a")
             assert set(said.splitlines()) <= set(theirs.stderr.splitlines())
+
+
+def test_an_unusable_cache_is_disabled_with_apptainers_warning(
+    busybox_image: TestImage, tmp_path: Path
+) -> None:
+    """As Apptainer: pull, build and exec of a URI go on with a throw-away cache, after one warning
+    (a cache directory that cannot be created, as here, or written)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {"HPCSIF_CACHEDIR": str(blocker / "cache")}
+    warning = f"WARNING: Cache disabled - cannot create cache directory {blocker / 'cache'}: Not a directory"
+    ref = f"oci://{busybox_image.layout}"
+    pull = run_cli("pull", str(tmp_path / "a.sif"), ref, env=env)
+    assert pull.stderr.splitlines() == [warning, *CONVERSION_INFO]
+    build = run_cli("build", str(tmp_path / "b.sif"), ref, env=env)
+    assert build.stderr.splitlines()[0] == warning and "Traceback" not in build.stderr
+    run = run_cli("exec", ref, "cat", "/etc/hello.txt", env=env)
+    assert (run.stdout, run.stderr.splitlines()) == (
+        "hello from the etc layer\n",
+        [warning, *CONVERSION_INFO],
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sif", "b.sif", "file"]
