@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -246,3 +247,20 @@ def test_an_unusable_cache_is_disabled_with_apptainers_warning(
         [warning, *CONVERSION_INFO],
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sif", "b.sif", "file"]
+
+
+def test_the_offline_demo_runs_and_says_what_the_cache_did(tmp_path: Path) -> None:
+    """``make demo`` (``python -m hpcsif.demo``), twice: the second demo finds the image converted."""
+    for first in ("cold cache: converts once: exit 0", "warm cache: converted by an earlier run: exit 0"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "hpcsif.demo"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HPCSIF_DEMO_DIR": str(tmp_path)},
+            cwd=ROOT,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"== {first} in " in proc.stdout and "== warm cache: no conversion: exit 0 in " in proc.stdout
+        assert proc.stdout.count("Hello from the hpcsif demo container!\n") == 2
+        assert "  arguments: arg one arg two\n" in proc.stdout
