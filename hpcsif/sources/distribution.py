@@ -101,6 +101,28 @@ def retry_after(resp: requests.Response, cap: float = 60.0) -> float | None:
     return max(0.0, min(delay, cap))
 
 
+class _SystemTrustAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose TLS connections trust the system's certificate authorities (OpenSSL's
+    default paths, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``) as well as requests' own bundle
+    (certifi, or ``REQUESTS_CA_BUNDLE``): a site's registry signed by the site's CA, installed
+    with ``update-ca-certificates``, is trusted as Apptainer and curl trust it."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("ssl_context", ssl.create_default_context())
+        super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("ssl_context", ssl.create_default_context())
+        return super().proxy_manager_for(proxy, **kwargs)
+
+
+def new_session() -> requests.Session:
+    """A :class:`requests.Session` for registries and downloads (see :class:`_SystemTrustAdapter`)."""
+    session = requests.Session()
+    session.mount("https://", _SystemTrustAdapter())
+    return session
+
+
 class _TooSlow(requests.ConnectionError):
     """A body arriving slower than :data:`LOW_SPEED` (a broken connection, for the retries)."""
 
@@ -214,7 +236,7 @@ class RegistryClient:
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
-        self.session = session or requests.Session()
+        self.session = session or new_session()
         self.session.headers["User-Agent"] = f"hpcsif/{__version__}"
         self.session.max_redirects = MAX_REDIRECTS
         self.session.hooks["response"].append(_check_redirect)

@@ -52,13 +52,14 @@ def _copy(src: IO[bytes], out: IO[bytes], total: int, progress: Progress | None)
 def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, timeout: float) -> int:
     import requests
 
-    from hpcsif.sources.distribution import RETRY_STATUS, reason, retry_after
+    from hpcsif.sources.distribution import RETRY_STATUS, new_session, reason, retry_after
 
+    session = new_session()
     for attempt in range(retries + 1):
         out.seek(0)
         out.truncate()
         try:
-            with requests.get(url, stream=True, timeout=timeout) as resp:
+            with session.get(url, stream=True, timeout=timeout) as resp:
                 if resp.status_code == 404:
                     raise NotFoundError(f"{redact_url(url)}: not found (HTTP 404)")
                 if resp.status_code in RETRY_STATUS and attempt < retries:
@@ -165,14 +166,15 @@ def fingerprint(url: str, *, timeout: float = 60.0) -> str:
     """
     import requests
 
+    from hpcsif.sources.distribution import new_session, reason
+
+    session = new_session()
     try:
-        resp = requests.head(url, allow_redirects=True, timeout=timeout)
+        resp = session.head(url, allow_redirects=True, timeout=timeout)
         if resp.status_code in (405, 501):  # no HEAD here: the headers of a GET, body unread
-            with requests.get(url, stream=True, timeout=timeout) as got:
+            with session.get(url, stream=True, timeout=timeout) as got:
                 resp = got
     except (requests.ConnectionError, requests.Timeout) as exc:
-        from hpcsif.sources.distribution import reason
-
         raise NetworkError(f"cannot reach {redact_url(url)}: {reason(exc)}") from None
     if resp.status_code == 404:
         raise NotFoundError(f"{redact_url(url)}: not found (HTTP 404)")

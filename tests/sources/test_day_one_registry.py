@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,129 @@ def test_plain_http_registry_needs_no_https_and_says_so_at_once(
     assert theirs.returncode == 255 and "server gave HTTP response to HTTPS client" in theirs.stderr
     theirs = peer(work, "pull", "--no-https", "--name", "p.sif", ref)
     assert theirs.returncode == 0, theirs.stderr
+
+
+def _certificate(
+    tmp_path: Path, name: str, address: str | None = None, ca: tuple[object, object] | None = None
+) -> tuple[object, object]:
+    """A key and certificate written to ``tmp_path/NAME.pem`` and ``NAME.key``: a CA of its own
+    when ``ca`` is None, else one for ``address`` signed by ``ca`` (its key, its certificate)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address or f"hpcsif test {name}")])
+    issuer_key, issuer = (key, subject) if ca is None else (ca[0], ca[1].subject)  # type: ignore[attr-defined]
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
+    )
+    if address:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))])
+        builder = builder.add_extension(san, critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+    (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return key, cert
+
+
+class TLSProxy:
+    """HTTPS on ``address:<free port>`` in front of a plain-HTTP registry (GET and HEAD)."""
+
+    def __init__(self, address: str, upstream: str, certdir: Path) -> None:
+        import requests
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                # a header sent on several lines (Apptainer's Accept) is one list to requests
+                headers = {
+                    k: ", ".join(self.headers.get_all(k) or []) for k in self.headers if k.lower() != "host"
+                }
+                resp = requests.request(
+                    self.command, upstream + self.path, headers=headers, allow_redirects=False
+                )
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in (
+                        "connection",
+                        "transfer-encoding",
+                        "content-encoding",
+                        "content-length",
+                    ):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", resp.headers.get("Content-Length", str(len(resp.content))))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(resp.content)
+
+            do_HEAD = do_GET
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(certdir / "server.pem", certdir / "server.key")
+        self.server = ThreadingHTTPServer((address, 0), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.host = f"{address}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_registry_signed_by_a_site_ca_in_ssl_cert_file(
+    registry_open: Registry, busybox_image, work, monkeypatch
+) -> None:
+    """A site's CA, given as OpenSSL and Go take it (``SSL_CERT_FILE``, or the system store), is
+    trusted as Apptainer trusts it; only requests' own bundle (certifi) used to be."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1")
+    ca = _certificate(work, "ca")
+    _certificate(work, "server", address, ca)
+    proxy = TLSProxy(address, registry_open.url, work)
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        ref = f"docker://{proxy.host}/team/busybox:1"
+        start = time.monotonic()
+        res = hpcsif(work, "pull", "--name", "a.sif", ref)
+        assert time.monotonic() - start < 10
+        assert res.returncode == 255
+        assert res.stderr.splitlines() == [
+            f"FATAL:   cannot reach https://{proxy.host}/v2/: TLS certificate not trusted: "
+            "unable to get local issuer certificate"
+        ]
+        trust = {"SSL_CERT_FILE": str(work / "ca.pem")}
+        res = hpcsif(work, "pull", "--name", "a.sif", ref, **trust)
+        assert res.returncode == 0, res.stderr
+        blob = f"https://{proxy.host}/v2/team/busybox/blobs/{busybox_image.config_digest}"
+        res = hpcsif(work, "pull", "--name", "config.json", blob, **trust)  # a download, not a registry
+        assert res.returncode == 0, res.stderr
+        assert json.loads((work / "config.json").read_text())["config"]["Env"]
+        theirs = peer(work, "pull", "--name", "p.sif", ref, **trust)
+        assert theirs.returncode == 0, theirs.stderr
+    finally:
+        proxy.close()
 
 
 def test_untrusted_certificate_is_not_retried(tmp_path: Path) -> None:
