@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -31,7 +32,7 @@ from hpcsif.engine.base import (
     which,
 )
 from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home, parse_mount
-from hpcsif.errors import EngineError, MissingToolError, NoShellError, UsageError
+from hpcsif.errors import EngineError, HpcsifError, MissingToolError, NoShellError, UsageError
 
 if TYPE_CHECKING:
     from hpcsif.engine.mounts import SharedMount
@@ -103,7 +104,8 @@ class BwrapEngine(Engine):
                 if not which("fuse-overlayfs"):
                     why = "needed for --writable-tmpfs and --overlay"
                     raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", why)
-                mounts.append(overlay_mount(root, layers, upper))
+                points = _overlay_mount_points(root, image, opts, contrib, rw_root)
+                mounts.append(overlay_mount(root, layers, upper, points))
                 root = mounts[-1].acquire()
             for check in contrib.checks:
                 for line in check(str(root)):
@@ -166,6 +168,28 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: Shared
         umask=0o022 if opts.no_umask else None,
         pidns=pidns,
     )
+
+
+def _overlay_mount_points(
+    lower: Path, image: Path, opts: LaunchOptions, contrib: HostContribution, rw_root: bool
+) -> dict[str, bool]:
+    """The mount points (path -> is a directory) the launch needs and the image lacks, for a
+    layer of their own in the overlay (as Apptainer's session layer): an underlay instead would
+    make the entries of their directory mount points (``sed -i``, ``rm`` there fail with EBUSY)
+    and hide what the user writes there from a persistent overlay.
+
+    Found by a silent trial plan on the image below the overlay; anything it fails on is
+    reported by the real plan.
+    """
+    logging.disable(logging.WARNING)
+    try:
+        probe = _Plan(lower, image, opts, contrib, rw_root=rw_root, probe=True)
+        probe.argv()
+        return probe.points
+    except (HpcsifError, OSError):
+        return {}
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _check_network(opts: LaunchOptions) -> None:
@@ -271,12 +295,16 @@ class _Plan:
         contrib: HostContribution,
         *,
         rw_root: bool = False,
+        probe: bool = False,
     ) -> None:
         import pwd
 
         self.root = str(root)
         self.opts = opts
         self.rw_root = rw_root  # the root file system is writable (-w sandbox, overlay)
+        # a trial plan (see _overlay_mount_points): what the image lacks is collected in points
+        self.probe = probe
+        self.points: dict[str, bool] = {}
         self.fds: list[int] = []
         self.data: dict[str, str] = {}  # --ro-bind-data descriptor (as in argv) -> its content
         self.interactive = opts.action == "shell" and os.isatty(0)
@@ -314,7 +342,7 @@ class _Plan:
         # host paths the launch depends on: bind sources, working directories inside binds
         self.host_paths = [b.src for b in binds + contrib.binds]
         unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
-        if (opts.writable and opts.sandbox) or (rw_root and opts.overlay):
+        if (opts.writable and opts.sandbox) or (rw_root and opts.overlay and not probe):
             unique = self._existing_destinations(unique, user_binds, strict=opts.writable and opts.sandbox)
         self.binds = sorted(unique, key=lambda b: b.dst.count("/"))
         self.contrib = contrib
@@ -328,6 +356,9 @@ class _Plan:
             self.direct = _oci_config(None if opts.sandbox else image, opts.action)
             if self.direct is None:
                 _no_shell(image, opts.action, self.root if opts.sandbox else None)
+        if probe:
+            self.env: dict[str, str] = {}  # (an --env-file is not read twice)
+            return
         from hpcsif.engine.environment import build_env, host_environ
 
         self.env = build_env(
@@ -387,6 +418,8 @@ class _Plan:
         self._place([workdir], covers)
         at = self.places.get
         args += self._root(set(files))
+        if self.probe:
+            return args  # the mount points are known
         if at("/proc"):
             args += ["--proc", at("/proc")]
         if at("/sys"):
@@ -745,7 +778,8 @@ class _Plan:
         bind = "--bind" if self.rw_root else "--ro-bind"
         places = {d: p for d, p in self.places.items() if p is not None}
         file_binds = {b.dst for b in self.binds if not os.path.isdir(b.src)}
-        need, skip = set(), set()
+        need: set[str] = set()
+        skip: dict[str, bool] = {}  # destination -> a directory is mounted there
         # below these the path comes from the host or a tmpfs, where bwrap can create mount points
         covered = [places[b.dst] for b in self.binds] + list(_NOT_UNDERLAID)
         covered += [places[d] for d in self.scratch_tmpfs if d in places]
@@ -754,13 +788,16 @@ class _Plan:
         for d, dest in places.items():
             if any(dest.startswith(c.rstrip("/") + "/") for c in covered):
                 continue
+            is_dir = d not in files and d not in file_binds
             parent = _missing_parent(self.root, dest)
             if parent is not None:
                 need.add(parent)
-                skip.add(dest)
-            elif dest != "/" and os.path.isdir(self.root + dest) != (d not in files and d not in file_binds):
+                skip[dest] = is_dir
+            elif dest != "/" and os.path.isdir(self.root + dest) != is_dir:
                 need.add(os.path.dirname(dest))
-                skip.add(dest)
+                skip[dest] = is_dir
+        if self.probe:
+            self.points = skip
         self.underlaid = need
         args = [] if "/" in need else [bind, self.root, "/"]
         for d in sorted(need, key=lambda p: (p.count("/"), p)):
@@ -965,7 +1002,7 @@ def _resolve_command(root: str, command: str, path: str) -> str:
     return command
 
 
-def _entries(host_dir: str, d: str, bind: str, skip: set[str]) -> list[str]:
+def _entries(host_dir: str, d: str, bind: str, skip: Container[str]) -> list[str]:
     """bwrap arguments re-creating the entries of *host_dir* inside a tmpfs at *d*.
 
     Entries that are mount destinations of another kind (*skip*: a symbolic link, a file where

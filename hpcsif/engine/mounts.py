@@ -168,7 +168,7 @@ class SharedMount:
     def _remove(self) -> None:
         """Delete the mount's directory (lock held, nothing mounted); the lock file goes last."""
         _remove_tree(self.dir / "holders")
-        for name in ("upper", "work"):
+        for name in ("upper", "work", "points"):
             _remove_tree(self.dir / name)
         with contextlib.suppress(OSError):
             os.rmdir(self.mnt)
@@ -324,23 +324,69 @@ def squashfs_mount(image: str, offset: int) -> SharedMount:
     return SharedMount(key, lambda mnt: [prog, "-o", f"ro,offset={offset}", image, str(mnt)])
 
 
-def overlay_mount(lower: Path, layers: list[Path] | None = None, upper: Path | None = None) -> SharedMount:
+def overlay_mount(
+    lower: Path,
+    layers: list[Path] | None = None,
+    upper: Path | None = None,
+    points: dict[str, bool] | None = None,
+) -> SharedMount:
     """A writable ``fuse-overlayfs`` over *lower*, with read-only *layers* above it (lowest first).
 
     Changes go to *upper*'s ``upper/`` directory (``work/`` beside it), as in an Apptainer
     overlay directory; without *upper* they live in the runtime dir and vanish with the mount.
+    *points* (path -> is a directory) are empty mount points made in a layer of their own,
+    above the others and below *upper*, so that they are never written into *upper*.
     """
     key = f"overlay-{os.getpid()}-{time.monotonic_ns():x}"
-    lowers = ":".join(str(p) for p in [*reversed(layers or []), lower])
 
     def cmd(mnt: Path) -> list[str]:
         base = upper or mnt.parent
         up, work = base / "upper", base / "work"
         up.mkdir(exist_ok=True)
         work.mkdir(exist_ok=True)
-        return ["fuse-overlayfs", "-o", f"lowerdir={lowers},upperdir={up},workdir={work}", str(mnt)]
+        stack = [*reversed(layers or []), lower]
+        if points:
+            stack.insert(0, _mount_point_layer(mnt.parent / "points", lower, points))
+        options = f"lowerdir={':'.join(map(str, stack))},upperdir={up},workdir={work}"
+        if os.getuid() != 0:
+            # the image's files show as the user's own, as in Apptainer (whose squashfuse mounts
+            # with uid=/gid=): otherwise they are nobody's and a user cannot change any of them
+            options += f",squash_to_uid={os.getuid()},squash_to_gid={os.getgid()}"
+        return ["fuse-overlayfs", "-o", options, str(mnt)]
 
     return SharedMount(key, cmd)
+
+
+def _mount_point_layer(layer: Path, lower: Path, points: dict[str, bool]) -> Path:
+    """*layer* holding the empty files and directories *points*; the directories on their way
+    keep the mode, owner and time of the same directories in *lower* (the layer hides those).
+    """
+    made: list[str] = []  # the directories on the way, parents first
+    layer.mkdir(exist_ok=True)
+    for path, is_dir in sorted(points.items()):
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            rel = "/".join(parts[:i])
+            if not (layer / rel).exists():
+                (layer / rel).mkdir()
+                made.append(rel)
+        if is_dir:
+            (layer / path.strip("/")).mkdir(exist_ok=True)
+        else:
+            (layer / path.strip("/")).touch()
+    for rel in reversed(made):  # children first: making an entry changes its parent's time
+        try:
+            st = os.lstat(lower / rel)
+        except OSError:
+            continue  # not in the image either: a plain new directory
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        if os.getuid() == 0:
+            os.lchown(layer / rel, st.st_uid, st.st_gid)
+        # (the owner keeps write access, so that the layer can be removed again)
+        os.chmod(layer / rel, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        os.utime(layer / rel, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    return layer
 
 
 def watch(directory: Path) -> int:

@@ -86,9 +86,14 @@ def test_fakeroot_as_the_peer(peer_sif):
 
 
 def test_fakeroot_gives_no_real_privilege(images, unpriv_user):
-    """The fake root cannot write what the user could not: root-owned image files stay read-only."""
-    res = user_run(unpriv_user, "exec", "-f", "--writable-tmpfs", str(images.sif), "touch", "/opt/x")
+    """The fake root changes the image only in its own overlay (as Apptainer's, where the image's
+    files are the user's), never a host directory the user could not write."""
+    script = "touch /opt/x && ls -l /opt/x && touch /host/x"
+    args = ["-f", "--writable-tmpfs", "-B", f"{images.base}:/host", str(images.sif), "sh", "-c", script]
+    res = user_run(unpriv_user, "exec", *args)
     assert res.returncode != 0 and "Permission denied" in res.stderr
+    assert res.stdout.split()[2:4] == ["root", "root"]
+    assert not (images.base / "x").exists()
 
 
 def test_writable_sandbox_persists(unpriv_user, user_sandbox):
