@@ -352,8 +352,10 @@ def build_env(
         result[_HOST] = " ".join(hidden)
         result.update((f"{_HOST}_{k}", v) for k, v in hidden.items())
     for special in ("PREPEND_PATH", "APPEND_PATH"):
-        if special in overrides:
-            result[f"__HPCSIF_{special}"] = overrides.pop(special)
+        value = overrides.pop(special, None)
+        # a PATH of the user's own is the whole PATH, as in Apptainer (its 99-runtimevars.sh)
+        if value is not None and "PATH" not in overrides:
+            result[f"__HPCSIF_{special}"] = value
     if ld_paths:
         result["__HPCSIF_LD_PATH"] = ":".join(ld_paths)
     if overrides:
@@ -387,7 +389,8 @@ def prefixed_overrides(host: dict[str, str]) -> dict[str, str]:
                     " [%s]",
                     key,
                     value,
-                    name,
+                    # (Apptainer's names for the PATH settings, in its message too)
+                    f"SING_USER_DEFINED_{name}" if name in ("PATH", "PREPEND_PATH", "APPEND_PATH") else name,
                     newer,
                 )
             continue

@@ -212,12 +212,14 @@ def hpcsif(request, debian: Debian):
     return _run
 
 
-def peer(debian: Debian, *args: str) -> subprocess.CompletedProcess[str] | None:
+def peer(
+    debian: Debian, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str] | None:
     """The same command with Apptainer as root on the same SIF, None without it."""
     exe = peer_apptainer()
     if exe is None:
         return None
-    env = {**os.environ, "APPTAINER_CACHEDIR": str(debian.base / "peer-cache")}
+    env = {**os.environ, "APPTAINER_CACHEDIR": str(debian.base / "peer-cache"), **(env or {})}
     return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=debian.base, timeout=120)
 
 
@@ -329,3 +331,37 @@ def test_venv_and_pip_install_user(debian: Debian, unpriv_user) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=120)
     assert (res.returncode, res.stdout) == (0, "pip\nhello8\n"), res.stderr
     assert (work / "venv/bin/python").is_symlink() and (work / ".local/bin/hello8").is_file()
+
+
+@pytest.mark.parametrize(
+    ("variables", "flags", "path"),
+    [
+        # a PATH of the user's own is the whole PATH: PREPEND_PATH and APPEND_PATH are not added
+        ({"APPTAINERENV_PREPEND_PATH": "/pre"}, ["--env", "PATH=/opt/p:/bin"], "/opt/p:/bin"),
+        ({"APPTAINERENV_APPEND_PATH": "/app"}, ["--env", "PATH=$PATH:/x"], ENV[0][5:] + ":/x"),
+        ({"APPTAINERENV_PATH": "/q:/bin", "SINGULARITYENV_APPEND_PATH": "/app"}, [], "/q:/bin"),
+        ({"APPTAINERENV_APPEND_PATH": "/app"}, ["--env", "PREPEND_PATH=/p2"], f"/p2:{ENV[0][5:]}:/app"),
+    ],
+)
+def test_path_settings(debian: Debian, variables: dict[str, str], flags: list[str], path: str) -> None:
+    """APPTAINERENV_/SINGULARITYENV_ and --env settings of PATH combine as in Apptainer."""
+    args = ["exec", *flags, str(debian.sif), "sh", "-c", "echo $PATH"]
+    res = subprocess.run(hpcsif_cmd(*args), capture_output=True, text=True, env={**os.environ, **variables})
+    assert (res.returncode, res.stdout) == (0, path + "\n"), res.stderr
+    if theirs := peer(debian, *args, env=variables):
+        assert (theirs.returncode, theirs.stdout) == (0, path + "\n"), theirs.stderr
+
+
+def test_warning_names_apptainers_path_setting(debian: Debian) -> None:
+    variables = {"SINGULARITYENV_PREPEND_PATH": "/a", "APPTAINERENV_PREPEND_PATH": "/b"}
+    res = subprocess.run(
+        hpcsif_cmd("exec", str(debian.sif), "true"),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **variables},
+    )
+    expected = (
+        "WARNING: Skipping environment variable [SINGULARITYENV_PREPEND_PATH=/a], "
+        "SING_USER_DEFINED_PREPEND_PATH is already overridden with different value [/b]"
+    )
+    assert res.returncode == 0 and expected in res.stderr.splitlines(), res.stderr
