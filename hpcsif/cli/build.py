@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -89,12 +90,37 @@ def check_target(target: Path, *, force: bool, sandbox: bool, update: bool = Fal
     # a dangling link counts too: it is not ours to replace unasked
     if (is_dir is not None or target.is_symlink()) and not force:
         name = os.path.basename(abspath)  # Apptainer names the file, not the path
-        refuse(f"build target '{name}' already exists. Use --force if you want to overwrite it")
+        if not sys.stdin.isatty():
+            refuse(f"build target '{name}' already exists. Use --force if you want to overwrite it")
+        # on a terminal Apptainer asks, in words that depend on what would be overwritten
+        question = (
+            f"Build target '{name}' already exists and will be deleted during the build process. "
+            "Do you want to continue? [y/N] "
+            if is_dir or _is_image_file(target)
+            else f"Build target '{name}' may be a definition file or a text/binary file that will be "
+            "overwritten. Do you still want to overwrite it? [y/N] "
+        )
+        print(question, end="", flush=True)
+        answer = sys.stdin.readline().rstrip("\n").lower()
+        if answer not in ("y", "yes", "n", "no", ""):
+            refuse(f"while reading the input: invalid answer: {json.dumps(answer, ensure_ascii=False)}")
+        if answer not in ("y", "yes"):
+            refuse("stopping build")
     if not target.parent.is_dir():
         raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK | os.X_OK):
         # before any download or conversion, which would otherwise fail only at the end (as pull)
         raise BuildError(f"cannot write {target}: permission denied in directory {target.parent}")
+
+
+def _is_image_file(path: Path) -> bool:
+    """Whether ``path`` starts as a SIF (after its launch line) or a bare squashfs image does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head[32:41] == b"SIF_MAGIC" or head[:4] == b"hsqs"
 
 
 @contextlib.contextmanager

@@ -6,17 +6,20 @@ on the same inputs; where the peer is installed, the target checks are compared 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
+from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
 from tests.conftest import CONVERSION_INFO, ROOT, peer_apptainer, run_cli
-from tests.services.images import TestImage
+from tests.services.images import TestImage, busybox_binary
 from tests.services.users import USER_PYTHON, TestUser
 
 NOT_SANDBOX = (
@@ -264,3 +267,44 @@ def test_the_offline_demo_runs_and_says_what_the_cache_did(tmp_path: Path) -> No
         assert f"== {first} in " in proc.stdout and "== warm cache: no conversion: exit 0 in " in proc.stdout
         assert proc.stdout.count("Hello from the hpcsif demo container!\n") == 2
         assert "  arguments: arg one arg two\n" in proc.stdout
+
+
+def test_the_progress_bar_on_a_terminal_ends_once(tmp_path: Path) -> None:
+    """On a terminal, a conversion's bar ends with one line (it was written again, on a new line,
+    for every tar member read after the last compressed byte: hundreds of lines for busybox)."""
+    # one gzip layer of many small members, as busybox images are (`busybox --install -s`)
+    entries = [Entry("bin", mode=0o755), Entry("bin/busybox", busybox_binary().read_bytes(), 0o755)]
+    entries += [Entry(f"bin/applet{i}", symlink="busybox") for i in range(300)]
+    write_oci_layout(tmp_path / "layout", ImageSpec([layer_tar(entries)], cmd=["sh"]))
+    master, slave = os.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # a pty holds a few KiB: read while the command writes
+        with contextlib.suppress(OSError):
+            while data := os.read(master, 65536):
+                chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hpcsif.cli.main",
+                "build",
+                str(tmp_path / "a.sif"),
+                f"oci://{tmp_path / 'layout'}",
+            ],
+            stderr=slave,
+            timeout=120,
+        )
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    lines = b"".join(chunks).decode().replace("\r\n", "\n").split("\n")
+    assert proc.returncode == 0, lines
+    bars = [line for line in lines if "layers   [" in line]
+    assert len(bars) == 1 and bars[0].endswith("\x1b[K"), lines
+    assert lines[-2] == f"INFO:    Build complete: {tmp_path / 'a.sif'}"
