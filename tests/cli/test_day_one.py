@@ -269,6 +269,33 @@ def test_the_offline_demo_runs_and_says_what_the_cache_did(tmp_path: Path) -> No
         assert "  arguments: arg one arg two\n" in proc.stdout
 
 
+def _on_a_terminal(*args: str, answer: str | None = None) -> tuple[int, list[str]]:
+    """``hpcsif ARGS`` with a terminal as stdin, stdout and stderr; ``answer`` is typed once it
+    asks ``[y/N]``. Returns the exit status and the lines it wrote."""
+    master, slave = os.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # a pty holds a few KiB: read while the command writes
+        asked = answer is None
+        with contextlib.suppress(OSError):
+            while data := os.read(master, 65536):
+                chunks.append(data)
+                if not asked and b"[y/N] " in b"".join(chunks):
+                    os.write(master, f"{answer}\n".encode())
+                    asked = True
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        cmd = [sys.executable, "-m", "hpcsif.cli.main", *args]
+        proc = subprocess.run(cmd, stdin=slave, stdout=slave, stderr=slave, timeout=120)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode().replace("\r\n", "\n").split("\n")
+
+
 def test_the_progress_bar_on_a_terminal_ends_once(tmp_path: Path) -> None:
     """On a terminal, a conversion's bar ends with one line (it was written again, on a new line,
     for every tar member read after the last compressed byte: hundreds of lines for busybox)."""
@@ -276,35 +303,36 @@ def test_the_progress_bar_on_a_terminal_ends_once(tmp_path: Path) -> None:
     entries = [Entry("bin", mode=0o755), Entry("bin/busybox", busybox_binary().read_bytes(), 0o755)]
     entries += [Entry(f"bin/applet{i}", symlink="busybox") for i in range(300)]
     write_oci_layout(tmp_path / "layout", ImageSpec([layer_tar(entries)], cmd=["sh"]))
-    master, slave = os.openpty()
-    chunks: list[bytes] = []
-
-    def drain() -> None:  # a pty holds a few KiB: read while the command writes
-        with contextlib.suppress(OSError):
-            while data := os.read(master, 65536):
-                chunks.append(data)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hpcsif.cli.main",
-                "build",
-                str(tmp_path / "a.sif"),
-                f"oci://{tmp_path / 'layout'}",
-            ],
-            stderr=slave,
-            timeout=120,
-        )
-    finally:
-        os.close(slave)
-        reader.join(timeout=10)
-        os.close(master)
-    lines = b"".join(chunks).decode().replace("\r\n", "\n").split("\n")
-    assert proc.returncode == 0, lines
+    rc, lines = _on_a_terminal("build", str(tmp_path / "a.sif"), f"oci://{tmp_path / 'layout'}")
+    assert rc == 0, lines
     bars = [line for line in lines if "layers   [" in line]
     assert len(bars) == 1 and bars[0].endswith("\x1b[K"), lines
     assert lines[-2] == f"INFO:    Build complete: {tmp_path / 'a.sif'}"
+
+
+def test_build_asks_on_a_terminal_before_overwriting(sif: Path, tmp_path: Path) -> None:
+    """As Apptainer: on a terminal, an existing target is a question (its words depend on whether
+    the file is an image), not a refusal; anything but y/yes keeps it."""
+    target = tmp_path / "t.sif"
+    text = "Build target 't.sif' may be a definition file or a text/binary file that will be overwritten. "
+    image = "Build target 't.sif' already exists and will be deleted during the build process. "
+    for before, question, answer, fatal in [
+        (b"text", text + "Do you still want to overwrite it? [y/N] ", "n", "stopping build"),
+        (b"text", text + "Do you still want to overwrite it? [y/N] ", "", "stopping build"),
+        (
+            sif.read_bytes(),
+            image + "Do you want to continue? [y/N] ",
+            "maybe",
+            'while reading the input: invalid answer: "maybe"',
+        ),
+        (sif.read_bytes(), image + "Do you want to continue? [y/N] ", "Yes", None),
+    ]:
+        target.write_bytes(before)
+        rc, lines = _on_a_terminal("build", str(target), str(sif), answer=answer)
+        assert lines[0] == question + answer, lines
+        if fatal:
+            assert (rc, lines[1:]) == (255, [f"FATAL:   While checking build target: {fatal}", ""])
+            assert target.read_bytes() == before
+        else:
+            assert rc == 0 and lines[-2] == f"INFO:    Build complete: {target}", lines
+            assert target.read_bytes() != before
