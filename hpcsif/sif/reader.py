@@ -24,12 +24,37 @@ from hpcsif.sif.format import (
     PartType,
     label_of,
 )
-from hpcsif.sif.superblock import SUPERBLOCK_SIZE, squashfs_bytes_used
+from hpcsif.sif.superblock import SQUASHFS_MAGIC, SUPERBLOCK_SIZE, squashfs_bytes_used
 
 _CHUNK = 1 << 20
 #: most bytes :meth:`SIFImage.read_object` loads into memory: metadata objects (JSON, def file,
 #: signatures) are a few KiB; a larger one is refused rather than read whole
 SMALL_OBJECT_LIMIT = 16 << 20
+#: where an ext2/3/4 file system keeps its magic number (superblock at 1024, s_magic at 56)
+_EXT_MAGIC_AT, _EXT_MAGIC = 1080, b"\x53\xef"
+
+
+def bare_filesystem(path: str | os.PathLike) -> str | None:
+    """``"squashfs"`` or ``"ext3"`` when *path* is a file system image file, not a SIF.
+
+    Apptainer runs such files as images (``mksquashfs ROOT img.sqfs``, an ext3 image made with
+    ``mkfs.ext3 -d``): the magic number at the start of the file, or the ext superblock's,
+    tells them apart from a SIF. None for anything else (a SIF, a directory, an unreadable file).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        if os.pread(fd, len(SQUASHFS_MAGIC), 0) == SQUASHFS_MAGIC:
+            return "squashfs"
+        if os.pread(fd, len(_EXT_MAGIC), _EXT_MAGIC_AT) == _EXT_MAGIC:
+            return "ext3"
+        return None
+    finally:
+        os.close(fd)
 
 
 class SIFImage:

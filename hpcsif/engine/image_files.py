@@ -1,0 +1,159 @@
+"""The root file system of an image file, as the bwrap engine mounts it.
+
+Apptainer runs more than a SIF's squashfs partition, and so does this engine:
+
+* a SIF with an ext3 overlay partition (``apptainer overlay create IMG.sif``): what
+  ``apptainer exec --writable`` wrote there is part of the image on every later start. Its
+  ``upper/`` directory (overlayfs whiteouts and opaque directories included) becomes the top
+  read-only layer of a ``fuse-overlayfs`` over the squashfs mount, the ext3 file system being
+  mounted read-only with ``fuse2fs``;
+* a bare squashfs file (``mksquashfs ROOT img.sqfs``), mounted as a SIF's partition at offset 0;
+* a bare ext3 image file, mounted read-only with ``fuse2fs``.
+
+Every mount is a :class:`~hpcsif.engine.mounts.SharedMount`, one per node and image, shared
+by concurrent containers and removed by the last one (or its watchdog after a SIGKILL).
+A SIF whose primary partition is built for an architecture this host cannot run is refused
+here, in Apptainer's words, before anything is mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcsif.engine.base import which
+from hpcsif.engine.mounts import SharedMount, squashfs_mount
+from hpcsif.errors import EngineError, MissingToolError, SIFError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RootImage:
+    """Where an image file keeps its root file system and the changes stacked on it."""
+
+    path: Path
+    #: ``"squashfs"`` or ``"ext3"``
+    fstype: str
+    #: byte offset of the root file system in the file
+    offset: int = 0
+    #: byte offset of a SIF's ext3 overlay partition, None without one
+    overlay: int | None = None
+    #: False for a bare file system image (no SIF around it)
+    sif: bool = True
+
+
+def root_image(image: Path) -> RootImage:
+    """What *image* (a SIF, or a bare squashfs or ext3 file) runs; :class:`SIFError` if nothing.
+
+    A SIF's primary partition must be a valid squashfs file system for an architecture this
+    host runs (:func:`hpcsif.sif.arch.require_runnable`).
+    """
+    from hpcsif.sif.reader import SIFImage, bare_filesystem
+    from hpcsif.sif.superblock import superblock_ok
+
+    bare = bare_filesystem(image)
+    if bare == "squashfs":
+        if not superblock_ok(image):
+            raise SIFError(f"{image}: not a valid squashfs file system (damaged or truncated)")
+        return RootImage(image, "squashfs", sif=False)
+    if bare == "ext3":
+        return RootImage(image, "ext3", sif=False)
+    from hpcsif.sif.arch import require_runnable
+
+    with SIFImage.open(image) as sif:
+        part = sif.primary_partition()
+        overlay = sif.overlay_partition()
+    require_runnable(image, part.arch or "unknown")
+    return RootImage(image, "squashfs", part.offset, overlay.offset if overlay else None)
+
+
+def refuse_writable(image: Path) -> None:
+    """``--writable`` on an image file: always refused (hpcsif never writes into an image).
+
+    A bare squashfs file gets Apptainer's words; a SIF (with or without an overlay partition)
+    and an ext3 image file, which Apptainer would change in place, get ours.
+    """
+    info = root_image(image)
+    if not info.sif and info.fstype == "squashfs":
+        raise EngineError(f"could not set {image} image writable: squashfs is a read-only filesystem")
+    if info.overlay is not None or not info.sif:
+        what = "a SIF overlay partition" if info.sif else "an ext3 image file"
+        raise UsageError(
+            f"--writable with {what} is not supported by hpcsif (it never writes into an image): "
+            "use --writable-tmpfs, an --overlay directory, a sandbox or --engine apptainer"
+        )
+    raise EngineError(f"no SIF writable overlay partition found in {image}")
+
+
+def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
+    """Mount *image*'s root file system (read-only) and return where it is.
+
+    Each mount is appended to *mounts* as soon as it is held, so that the caller releases
+    (in reverse order) whatever was mounted even when a later step fails. A SIF's overlay
+    partition is left out, with one warning, where ``fuse2fs`` or ``fuse-overlayfs`` is missing.
+    """
+    info = root_image(image)
+    if info.fstype == "squashfs":
+        base = squashfs_mount(str(image), info.offset)
+    else:
+        base = ext3_mount(image, info.offset)
+    mounts.append(base)
+    root = base.acquire()
+    if info.fstype == "ext3":
+        return root
+    if info.overlay is None:
+        return root
+    missing = next((t for t in ("fuse2fs", "fuse-overlayfs") if not which(t)), None)
+    if missing:
+        log.warning(
+            "ignoring the overlay partition of %s (what apptainer --writable wrote there is missing): "
+            "%s not found, install the Debian package '%s'",
+            image,
+            missing,
+            missing,
+        )
+        return root
+    changes = ext3_mount(image, info.overlay)
+    mounts.append(changes)
+    upper = changes.acquire() / "upper"
+    if not upper.is_dir():
+        return root  # nothing was ever written into it
+    top = SharedMount(
+        _key("sifov", image, info.overlay),
+        lambda mnt: ["fuse-overlayfs", "-o", f"lowerdir={upper}:{root}", str(mnt)],
+    )
+    mounts.append(top)
+    return top.acquire()
+
+
+@contextlib.contextmanager
+def mounted(image: Path) -> Iterator[Path]:
+    """*image*'s root file system mounted read-only for the time of the block (see :func:`mount_root`)."""
+    mounts: list[SharedMount] = []
+    try:
+        yield mount_root(image, mounts)
+    finally:
+        for m in reversed(mounts):
+            m.release()
+
+
+def ext3_mount(image: Path, offset: int) -> SharedMount:
+    """The shared read-only ``fuse2fs`` mount of the ext3 file system at *offset* in *image*."""
+    prog = which("fuse2fs")
+    if not prog:
+        raise MissingToolError("fuse2fs", "fuse2fs", "needed for ext3 images")
+    # fakeroot: as root inside the image, a user may read what the image's root owns, as with
+    # squashfuse (an image's files are readable by all when hpcsif makes them)
+    options = f"ro,fakeroot,offset={offset}"
+    return SharedMount(_key("ext3", image, offset), lambda mnt: [prog, str(image), str(mnt), "-o", options])
+
+
+def _key(prefix: str, image: Path, offset: int) -> str:
+    """The name of a shared mount of *image* at *offset*: the file's identity, as for squashfs."""
+    st = os.stat(image)
+    return f"{prefix}-{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}-{offset:x}"
