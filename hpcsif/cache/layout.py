@@ -41,10 +41,19 @@ class CacheRoot:
     path: Path
     writable: bool = True
 
-    def ensure(self) -> CacheRoot:
-        """Create the subdirectories (writable roots only); returns self."""
+    def ensure(self, *, private: bool = True) -> CacheRoot:
+        """Create the subdirectories (writable roots only); returns self.
+
+        ``private``: a root created here is made 0700, as Apptainer makes a user's cache (it
+        holds the images of private repositories); an existing root keeps its mode. The
+        prolog opens the system cache to the job users itself; a shared tier is not private.
+        """
         if self.writable:
             try:
+                if private and not self.path.is_dir():
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with contextlib.suppress(FileExistsError):  # another process was first
+                        self.path.mkdir(mode=0o700)
                 for name in SUBDIRS:
                     (self.path / name).mkdir(parents=True, exist_ok=True)
             except OSError as exc:

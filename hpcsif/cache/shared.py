@@ -47,7 +47,7 @@ def shared_store(location: str) -> SIFStore:
         raise CacheError(f"cache.shared_dir {location!r} is a URL, not a path")
     root = CacheRoot(path.absolute())
     try:
-        root.ensure()
+        root.ensure(private=False)  # other nodes' processes, maybe other users, read it
     except CacheError:
         root = CacheRoot(root.path, writable=False)
     if root.writable and not os.access(root.path / "sif", os.W_OK):

@@ -513,3 +513,21 @@ def test_password_in_a_url_is_never_shown_or_written(
     assert missing.returncode == 255
     assert missing.stderr.splitlines()[-1] == f"FATAL:   {shown}/missing.sif: not found (HTTP 404)"
     _no_secret_under(work)
+
+
+# -- the cache ---------------------------------------------------------------------------------------
+def test_a_new_cache_is_private_as_apptainers(registry_basic: Registry, busybox_image, work) -> None:
+    """A private image's layers and SIF land in the cache: a cache directory created by a pull
+    is 0700 (it was 0755, readable by every user of the node); an existing one keeps its mode."""
+    registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
+    creds = {"APPTAINER_DOCKER_USERNAME": USER, "APPTAINER_DOCKER_PASSWORD": PASSWORD}
+    ref = registry_basic.ref("private/busybox:1")
+    assert hpcsif(work, "pull", "--name", "a.sif", ref, **creds).returncode == 0
+    assert (work / "cache").stat().st_mode & 0o777 == 0o700
+    (work / "shared").mkdir(mode=0o755)
+    res = hpcsif(work, "pull", "--name", "b.sif", ref, APPTAINER_CACHEDIR=str(work / "shared"), **creds)
+    assert res.returncode == 0, res.stderr
+    assert (work / "shared").stat().st_mode & 0o777 == 0o755
+    theirs = peer(work, "pull", "--no-https", "--name", "p.sif", ref, **creds)
+    assert theirs.returncode == 0, theirs.stderr
+    assert (work / "peer-cache").stat().st_mode & 0o777 == 0o700
