@@ -75,7 +75,9 @@ class BwrapEngine(Engine):
         refuse_apptainer_only(opts)
         _check_network(opts)
         if opts.writable and not opts.sandbox:
-            _refuse_writable_sif(image)
+            from hpcsif.engine.image_files import refuse_writable
+
+            refuse_writable(image)
         layers, upper = _overlays(opts.overlay)
         contrib = host_contributions(opts)
         mounts = []
@@ -86,10 +88,9 @@ class BwrapEngine(Engine):
             if opts.sandbox:
                 root = image
             else:
-                from hpcsif.engine.mounts import squashfs_mount
+                from hpcsif.engine.image_files import mount_root
 
-                mounts.append(squashfs_mount(str(image), squashfs_offset(image)))
-                root = mounts[-1].acquire()
+                root = mount_root(image, mounts)
                 try:
                     os.listdir(root)
                 except OSError as exc:
@@ -199,21 +200,6 @@ def _check_network(opts: LaunchOptions) -> None:
             f"--network {opts.network} is not supported by hpcsif: without privileges only 'none' "
             "(loopback only) is possible; use --engine apptainer"
         )
-
-
-def _refuse_writable_sif(image: Path) -> None:
-    """``--writable`` on a SIF: Apptainer's refusal, or ours for an overlay partition we cannot mount."""
-    from hpcsif.sif.format import PartType
-    from hpcsif.sif.reader import SIFImage
-
-    with SIFImage.open(image) as sif:
-        overlay = any(d.parttype == PartType.OVERLAY for d in sif.descriptors)
-    if overlay:
-        raise UsageError(
-            "--writable with a SIF overlay partition is not supported by hpcsif: "
-            "use --writable-tmpfs, an --overlay directory, a sandbox or --engine apptainer"
-        )
-    raise EngineError(f"no SIF writable overlay partition found in {image}")
 
 
 def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
@@ -1191,10 +1177,10 @@ def _oci_config(image: Path | None, action: str) -> dict[str, list[str]] | None:
     import json
 
     from hpcsif.sif.format import DataType
-    from hpcsif.sif.reader import SIFImage
+    from hpcsif.sif.reader import SIFImage, bare_filesystem
 
     data = None
-    if image is not None:
+    if image is not None and bare_filesystem(image) is None:  # a bare file system has no objects
         with SIFImage.open(image) as sif:
             found = sif.find(DataType.GENERIC_JSON, "oci-config.json")
             data = sif.read_object(found[0]) if found else None
