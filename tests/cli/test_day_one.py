@@ -238,16 +238,18 @@ def test_an_unusable_cache_is_disabled_with_apptainers_warning(
     blocker = tmp_path / "file"
     blocker.write_text("")
     env = {"HPCSIF_CACHEDIR": str(blocker / "cache")}
-    warning = f"WARNING: Cache disabled - cannot create cache directory {blocker / 'cache'}: Not a directory"
+    warning = f"WARNING: Cache disabled - cannot create cache directory {blocker / 'cache'}: "
     ref = f"oci://{busybox_image.layout}"
-    pull = run_cli("pull", str(tmp_path / "a.sif"), ref, env=env)
-    assert pull.stderr.splitlines() == [warning, *CONVERSION_INFO]
+    pull = run_cli("pull", str(tmp_path / "a.sif"), ref, env=env).stderr.splitlines()
+    assert pull[0].startswith(warning) and pull[1:] == CONVERSION_INFO, pull
     build = run_cli("build", str(tmp_path / "b.sif"), ref, env=env)
-    assert build.stderr.splitlines()[0] == warning and "Traceback" not in build.stderr
+    assert build.stderr.startswith(warning) and "Traceback" not in build.stderr
     run = run_cli("exec", ref, "cat", "/etc/hello.txt", env=env)
-    assert (run.stdout, run.stderr.splitlines()) == (
-        "hello from the etc layer\n",
-        [warning, *CONVERSION_INFO],
+    said = run.stderr.splitlines()
+    assert (
+        run.stdout == "hello from the etc layer\n"
+        and said[0].startswith(warning)
+        and said[1:] == CONVERSION_INFO
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sif", "b.sif", "file"]
 
