@@ -18,10 +18,8 @@ here, in Apptainer's words, before anything is mounted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +129,17 @@ def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
     return top.acquire()
 
 
-@contextlib.contextmanager
-def mounted(image: Path) -> Iterator[Path]:
-    """*image*'s root file system mounted read-only for the time of the block (see :func:`mount_root`)."""
+def mounted_until_exit(image: Path) -> Path:
+    """*image*'s root file system (see :func:`mount_root`), held until this process exits.
+
+    For reading an image that only a mount makes readable (inspect of an ext3 image file):
+    the mounts are released at exit, or by their watchdogs should the process be killed.
+    """
+    import atexit
+
     mounts: list[SharedMount] = []
-    try:
-        yield mount_root(image, mounts)
-    finally:
-        for m in reversed(mounts):
-            m.release()
+    atexit.register(lambda: [m.release() for m in reversed(mounts)])
+    return mount_root(image, mounts)
 
 
 def ext3_mount(image: Path, offset: int) -> SharedMount:
