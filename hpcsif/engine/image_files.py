@@ -51,7 +51,7 @@ def root_image(image: Path) -> RootImage:
     A SIF's primary partition must be a valid squashfs file system for an architecture this
     host runs (:func:`hpcsif.sif.arch.require_runnable`).
     """
-    from hpcsif.sif.reader import SIFImage, bare_filesystem
+    from hpcsif.sif.reader import SIFImage, bare_filesystem, ext3_compatible
     from hpcsif.sif.superblock import superblock_ok
 
     bare = bare_filesystem(image)
@@ -60,6 +60,8 @@ def root_image(image: Path) -> RootImage:
             raise SIFError(f"{image}: not a valid squashfs file system (damaged or truncated)")
         return RootImage(image, "squashfs", sif=False)
     if bare == "ext3":
+        if not ext3_compatible(image):
+            raise SIFError(f"could not open image {image}: file is not a valid ext3 image")
         return RootImage(image, "ext3", sif=False)
     from hpcsif.sif.arch import require_runnable
 

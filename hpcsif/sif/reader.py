@@ -32,6 +32,11 @@ _CHUNK = 1 << 20
 SMALL_OBJECT_LIMIT = 16 << 20
 #: where an ext2/3/4 file system keeps its magic number (superblock at 1024, s_magic at 56)
 _EXT_MAGIC_AT, _EXT_MAGIC = 1080, b"\x53\xef"
+#: the superblock's compat, incompat and ro_compat feature words
+_EXT_FEATURES_AT = 1116
+#: what Apptainer accepts of an ext3 image: a journal; file types in directories, a journal to
+#: replay, meta block groups; sparse superblocks, large files, hashed directories (nothing of ext4)
+_EXT3_JOURNAL, _EXT3_INCOMPAT, _EXT3_ROCOMPAT = 0x4, 0x2 | 0x4 | 0x10, 0x1 | 0x2 | 0x4
 
 
 def bare_filesystem(path: str | os.PathLike) -> str | None:
@@ -55,6 +60,17 @@ def bare_filesystem(path: str | os.PathLike) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def ext3_compatible(path: str | os.PathLike, offset: int = 0) -> bool:
+    """True if the ext file system at *offset* in *path* has only the features Apptainer allows
+    in an ext3 image (an ext2 one without a journal and an ext4 one are refused, as there)."""
+    with open(path, "rb") as f:
+        raw = os.pread(f.fileno(), 12, offset + _EXT_FEATURES_AT)
+    if len(raw) < 12:
+        return False
+    compat, incompat, rocompat = (int.from_bytes(raw[i : i + 4], "little") for i in (0, 4, 8))
+    return bool(compat & _EXT3_JOURNAL) and not incompat & ~_EXT3_INCOMPAT and not rocompat & ~_EXT3_ROCOMPAT
 
 
 class SIFImage:

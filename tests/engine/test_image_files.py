@@ -48,11 +48,11 @@ def img_dir(images) -> Path:
     return d
 
 
-def _ext3(tree: Path, dest: Path, size_mb: int = 8) -> Path:
-    """An ext3 file system image of *tree* at *dest*."""
+def _ext3(tree: Path, dest: Path, size_mb: int = 8, kind: str = "ext3") -> Path:
+    """An ext3 (or *kind*) file system image of *tree* at *dest*."""
     with open(dest, "wb") as f:
         f.truncate(size_mb << 20)
-    subprocess.run(["mkfs.ext3", "-q", "-F", "-d", str(tree), str(dest)], check=True)
+    subprocess.run([f"mkfs.{kind}", "-q", "-F", "-d", str(tree), str(dest)], check=True)
     dest.chmod(0o644)
     return dest
 
@@ -216,6 +216,13 @@ def test_bare_ext3_image_is_read_only(run, images, img_dir):
         f"--writable with an ext3 image file {NOT_WRITABLE}"
     )
     assert ext3.read_bytes() == before
+    # as Apptainer: only ext3's features (an ext4 or a journal-less ext2 file system is refused)
+    for kind in ("ext4", "ext2"):
+        other = _ext3(images.sandbox, img_dir / f"root.{kind}", size_mb=16, kind=kind)
+        assert (
+            _fatal(run("exec", str(other), "true"))
+            == f"could not open image {other}: file is not a valid ext3 image"
+        )
 
 
 @pytest.mark.skipif(host_arch() != "amd64", reason="arm64 must be foreign here")
