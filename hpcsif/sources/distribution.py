@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import ipaddress
 import json
 import logging
 import re
@@ -116,9 +117,37 @@ class _SystemTrustAdapter(requests.adapters.HTTPAdapter):
         return super().proxy_manager_for(proxy, **kwargs)
 
 
+def is_loopback(registry: str) -> bool:
+    """True for ``localhost[:port]`` (in any case, as host names are), ``127.x.x.x[:port]`` and
+    ``[::1]:port``."""
+    if registry.startswith("["):
+        host = registry[1:].split("]", 1)[0]
+    else:
+        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Session(requests.Session):
+    """Never through a proxy to this machine, as Go's clients (Apptainer) do: an ``http_proxy``
+    set for the site does not know the user's loopback registry."""
+
+    def merge_environment_settings(self, url: str | bytes | None, *args: Any) -> dict[str, Any]:
+        settings = super().merge_environment_settings(url, *args)
+        host = urllib.parse.urlsplit(url.decode() if isinstance(url, bytes) else url or "").netloc
+        if is_loopback(host.rpartition("@")[2]):
+            settings["proxies"] = {}
+        return settings
+
+
 def new_session() -> requests.Session:
-    """A :class:`requests.Session` for registries and downloads (see :class:`_SystemTrustAdapter`)."""
-    session = requests.Session()
+    """A :class:`requests.Session` for registries and downloads: it trusts the system's
+    certificate authorities (:class:`_SystemTrustAdapter`) and reaches loopback hosts directly."""
+    session = _Session()
     session.mount("https://", _SystemTrustAdapter())
     return session
 
@@ -726,6 +755,14 @@ def _tls_mismatch(cause: BaseException) -> bool:
 
 def reason(exc: BaseException) -> str:
     """The innermost cause of a connection failure, briefly ("connection refused", "timed out")."""
+    if isinstance(exc, requests.exceptions.ProxyError):  # the proxy failed, not the server
+        pool = getattr(exc.__context__, "pool", None)
+        proxy = f" {pool.host}:{pool.port}" if pool is not None else ""
+        return f"via the proxy{proxy} ($https_proxy, $http_proxy, $no_proxy): {_cause_text(exc)}"
+    return _cause_text(exc)
+
+
+def _cause_text(exc: BaseException) -> str:
     cause = _root_cause(exc)
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted: {_printable(cause.verify_message or str(cause))}"

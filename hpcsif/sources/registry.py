@@ -10,7 +10,6 @@ tried in order before the registry itself.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -29,24 +28,9 @@ from hpcsif.image.store import MAX_JSON_DOCUMENT, OCIStore, document_too_large, 
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
 from hpcsif.sources.credentials import Credentials, find_credentials, from_docker_config
-from hpcsif.sources.distribution import RegistryClient
+from hpcsif.sources.distribution import RegistryClient, is_loopback
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(registry: str) -> bool:
-    """True for ``localhost[:port]`` (in any case, as host names are), ``127.x.x.x[:port]`` and
-    ``[::1]:port``."""
-    if registry.startswith("["):
-        host = registry[1:].split("]", 1)[0]
-    else:
-        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_clients(

@@ -531,3 +531,27 @@ def test_a_new_cache_is_private_as_apptainers(registry_basic: Registry, busybox_
     theirs = peer(work, "pull", "--no-https", "--name", "p.sif", ref, **creds)
     assert theirs.returncode == 0, theirs.stderr
     assert (work / "peer-cache").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_site_proxy_is_not_used_for_this_machine(registry_open: Registry, busybox_image, work) -> None:
+    """Go's clients (Apptainer's) never send loopback requests through ``http_proxy``: a pull from
+    a registry on this machine used to fail at the site's proxy; a proxy that fails is named."""
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1")
+    proxy = {
+        name: "http://127.0.0.1:1" for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")
+    } | {"no_proxy": "", "NO_PROXY": ""}
+    ref = registry_open.ref("team/busybox:1")
+    res = hpcsif(work, "pull", "--disable-cache", "--name", "a.sif", ref, **proxy)
+    assert res.returncode == 0, res.stderr
+    theirs = peer(work, "pull", "--no-https", "--disable-cache", "--name", "p.sif", ref, **proxy)
+    assert theirs.returncode == 0, theirs.stderr
+    address = _outward_address()
+    if address is not None:  # not this machine's loopback: through the proxy, which refuses
+        res = hpcsif(
+            work, "pull", "--no-https", "--name", "b.sif", f"docker://{address}:1/team/app:1", **proxy
+        )
+        assert res.returncode == 255
+        assert res.stderr.splitlines() == [
+            f"FATAL:   cannot reach http://{address}:1/v2/: via the proxy 127.0.0.1:1 ($https_proxy, "
+            "$http_proxy, $no_proxy): connection refused"
+        ]
