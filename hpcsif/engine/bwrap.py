@@ -90,13 +90,7 @@ class BwrapEngine(Engine):
             else:
                 from hpcsif.engine.image_files import mount_root
 
-                root = mount_root(image, mounts)
-                try:
-                    os.listdir(root)
-                except OSError as exc:
-                    raise EngineError(
-                        f"{image}: its squashfs file system cannot be read ({exc.strerror})"
-                    ) from None
+                root = mount_root(image, mounts)  # (checked readable: a damaged image fails there)
             # -w on a sandbox writes into it directly; an overlay directory keeps the changes
             rw_root = (opts.writable and opts.sandbox) or upper is not None or opts.writable_tmpfs
             if layers or (rw_root and not (opts.writable and opts.sandbox)):
@@ -836,20 +830,23 @@ class _Plan:
         return "\n".join(lines) + "\n"
 
     def _group(self) -> str:
-        """The image's /etc/group with the caller's primary group (root's: added to the image's lines)."""
+        """The image's /etc/group, then a line naming the user for each of the caller's groups
+        (supplementary and primary; root's alone with --fakeroot), as Apptainer writes it."""
         import grp
 
-        gid = self.user.pw_gid
-        try:
-            name = grp.getgrgid(gid).gr_name
-        except KeyError:
-            name = str(gid)
-        root = self.user.pw_uid == 0
-        lines = self._image_lines(
-            "etc/group", lambda f: not root and (f[0] == name or (len(f) > 2 and f[2] == str(gid)))
-        )
-        lines.append(f"{name}:x:{gid}:{self.user.pw_name}")
-        return "\n".join(lines) + "\n"
+        gids = [0] if self.opts.fakeroot else os.getgroups()
+        if self.user.pw_gid not in gids:
+            gids.append(self.user.pw_gid)
+        lines = self._image_lines("etc/group", lambda f: False)
+        added: list[str] = []
+        for gid in gids:
+            try:
+                line = f"{grp.getgrgid(gid).gr_name}:x:{gid}:{self.user.pw_name}"
+            except KeyError:
+                continue  # a group without a name gets no line (Apptainer's too)
+            if line not in added:
+                added.append(line)
+        return "\n".join(lines + added) + "\n"
 
 
 def _first_per_destination(binds: list[Bind]) -> list[Bind]:

@@ -103,10 +103,8 @@ def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
     else:
         base = ext3_mount(image, info.offset)
     mounts.append(base)
-    root = base.acquire()
-    if info.fstype == "ext3":
-        return root
-    if info.overlay is None:
+    root = _readable(base.acquire(), image, f"its {info.fstype} file system")
+    if info.fstype == "ext3" or info.overlay is None:
         return root
     missing = next((t for t in ("fuse2fs", "fuse-overlayfs") if not which(t)), None)
     if missing:
@@ -120,7 +118,7 @@ def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
         return root
     changes = ext3_mount(image, info.overlay)
     mounts.append(changes)
-    upper = changes.acquire() / "upper"
+    upper = _readable(changes.acquire(), image, "its overlay partition") / "upper"
     if not upper.is_dir():
         return root  # nothing was ever written into it
     top = SharedMount(
@@ -149,10 +147,21 @@ def ext3_mount(image: Path, offset: int) -> SharedMount:
     prog = which("fuse2fs")
     if not prog:
         raise MissingToolError("fuse2fs", "fuse2fs", "needed for ext3 images")
-    # fakeroot: as root inside the image, a user may read what the image's root owns, as with
-    # squashfuse (an image's files are readable by all when hpcsif makes them)
-    options = f"ro,fakeroot,offset={offset}"
+    # fakeroot: fuse2fs's own access checks let a user read what the image's root owns, as
+    # squashfuse does; norecovery: a journal left unreplayed (apptainer --writable killed) is
+    # ignored rather than refusing the mount, the file system being read only
+    options = f"ro,norecovery,fakeroot,offset={offset}"
     return SharedMount(_key("ext3", image, offset), lambda mnt: [prog, str(image), str(mnt), "-o", options])
+
+
+def _readable(mnt: Path, image: Path, what: str) -> Path:
+    """*mnt*, after checking that its root directory can be listed (a damaged file system
+    mounts but fails on the first read)."""
+    try:
+        os.listdir(mnt)
+    except OSError as exc:
+        raise EngineError(f"{image}: {what} cannot be read ({exc.strerror})") from None
+    return mnt
 
 
 def _key(prefix: str, image: Path, offset: int) -> str:

@@ -216,6 +216,18 @@ def test_bare_ext3_image_is_read_only(run, images, img_dir):
         f"--writable with an ext3 image file {NOT_WRITABLE}"
     )
     assert ext3.read_bytes() == before
+    # a journal left to replay (apptainer --writable killed) is ignored: the image is read only
+    subprocess.run(
+        ["debugfs", "-w", "-R", "feature needs_recovery", str(ext3)], capture_output=True, check=True
+    )
+    assert run("exec", str(ext3), "cat", "/etc/group").stdout.startswith("root:x:0:\n")
+    damaged = img_dir / "damaged.ext3"
+    damaged.write_bytes(before[:2048] + b"\xff" * (64 << 10) + before[2048 + (64 << 10) :])
+    damaged.chmod(0o644)
+    assert (
+        _fatal(run("exec", str(damaged), "true"))
+        == f"{damaged}: its ext3 file system cannot be read (Input/output error)"
+    )
     # as Apptainer: only ext3's features (an ext4 or a journal-less ext2 file system is refused)
     for kind in ("ext4", "ext2"):
         other = _ext3(images.sandbox, img_dir / f"root.{kind}", size_mb=16, kind=kind)
