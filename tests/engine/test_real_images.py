@@ -365,3 +365,17 @@ def test_warning_names_apptainers_path_setting(debian: Debian) -> None:
         "SING_USER_DEFINED_PREPEND_PATH is already overridden with different value [/b]"
     )
     assert res.returncode == 0 and expected in res.stderr.splitlines(), res.stderr
+
+
+def test_group_file_names_every_group_of_the_user(debian: Debian, unpriv_user) -> None:
+    """/etc/group keeps the image's lines and adds one for each of the user's groups, supplementary
+    ones too, as Apptainer's (a tool looking up its groups by name finds them)."""
+    cmd, env = as_user(unpriv_user, hpcsif_cmd("exec", str(debian.sif), "cat", "/etc/group"))
+    # the user in the groups users (100) and nogroup (65534) besides its own
+    cmd = [c.replace("--init-groups", "--groups=100,65534") for c in cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=debian.base, timeout=60)
+    lines = res.stdout.splitlines()
+    name, gid = unpriv_user.name, unpriv_user.gid
+    assert lines[-3:] == [f"users:x:100:{name}", f"nogroup:x:65534:{name}", f"{name}:x:{gid}:{name}"]
+    image = Path("/usr/share/base-passwd/group.master").read_text().splitlines()
+    assert lines[:-3] == image, res.stderr
