@@ -47,13 +47,14 @@ def hpcsif(cwd: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=cwd, env=_env(cwd), capture_output=True, text=True, **kw)
 
 
-def peer(cwd: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
-    """The same command with Apptainer (skips the test when it is not installed)."""
+def peer(cwd: Path, *args: str, cache: Path | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    """The same command with Apptainer (skips the test when it is not installed), its cache in
+    ``cache`` (default: ``cwd/peer-cache``)."""
     exe = peer_apptainer()
     if exe is None:
         pytest.skip("neither apptainer nor peer-apptainer is on PATH")
     env = clean_env()
-    env.update(APPTAINER_CACHEDIR=str(cwd / "peer-cache"), APPTAINER_NOHTTPS="1")
+    env.update(APPTAINER_CACHEDIR=str(cache or cwd / "peer-cache"), APPTAINER_NOHTTPS="1")
     env["PATH"] = env.get("PATH", "") + ":/usr/sbin"
     return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw)
 
@@ -82,7 +83,13 @@ def test_pull_and_push_print_apptainers_info_lines(registry_open, busybox_image,
     uncached = hpcsif(work, "pull", "--disable-cache", "--name", "d.sif", ref)
     assert uncached.stderr.splitlines() == CONVERSION_INFO
     sandbox = hpcsif(work, "pull", "--sandbox", "--name", "sb", ref)
-    assert sandbox.stderr.splitlines() == ["INFO:    Build complete: sb"]
+    assert sandbox.stderr.splitlines() == [  # the cached SIF, then a local build from it
+        "INFO:    Using cached SIF image",
+        "INFO:    Starting build...",
+        "INFO:    Extracting local image...",
+        "INFO:    Creating sandbox directory...",
+        "INFO:    Build complete: sb",
+    ]
 
     oras = registry_open.ref("peer/busybox-sif:1", transport="oras")
     push = hpcsif(work, "push", str(work / "a.sif"), oras)
@@ -104,7 +111,8 @@ def test_pull_and_push_print_apptainers_info_lines(registry_open, busybox_image,
     ):
         where = work / "peer" if name == "sb" else work  # beside our own "sb" directory
         where.mkdir(exist_ok=True)
-        theirs = peer(where, "pull", *(["--sandbox"] if name == "sb" else []), "--name", name, uri)
+        sandbox_flag = ["--sandbox"] if name == "sb" else []
+        theirs = peer(where, "pull", *sandbox_flag, "--name", name, uri, cache=work / "peer-cache")
         assert theirs.returncode == 0, theirs.stderr
         assert set(info_lines(ours.stderr)) <= set(info_lines(theirs.stderr)), (ours.stderr, theirs.stderr)
     assert (work / "p4.sif").read_bytes() == (work / "a.sif").read_bytes()
