@@ -67,7 +67,14 @@ class ImageView:
             return cls(p, sandbox=True)
         from hpcsif.sif.reader import SIFImage
 
-        with SIFImage.open(p) as img:
+        try:
+            sif = SIFImage.open(p)
+        except SIFError as exc:  # Apptainer's words first, then what is wrong with the file
+            reason = str(exc).removeprefix(f"{p}: ")
+            if reason.startswith("not a SIF file ("):  # "… (bad magic)", "… (only 6 bytes …)"
+                reason = f"image format not recognized {reason.removeprefix('not a SIF file ')}"
+            raise SIFError(f"Failed to open image {path}: {reason}") from None
+        with sif as img:
             attrs = _inspect_metadata(img)
             try:
                 return cls(p, False, img.primary_partition().offset, attrs)

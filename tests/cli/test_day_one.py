@@ -338,3 +338,21 @@ def test_build_asks_on_a_terminal_before_overwriting(sif: Path, tmp_path: Path) 
         else:
             assert rc == 0 and lines[-2] == f"INFO:    Build complete: {target}", lines
             assert target.read_bytes() != before
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"hello\n", "image format not recognized (only 6 bytes, a SIF header has 128)"),
+        (b"x" * 4096, "image format not recognized (bad magic)"),
+    ],
+)
+def test_inspect_of_a_file_that_is_no_image_says_so_as_apptainer(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    """Apptainer's ``Failed to open image X: image format not recognized``, with what is wrong."""
+    (tmp_path / "t.sif").write_bytes(content)
+    for command in ("inspect", "run-help"):
+        proc = run_cli(command, "t.sif", check=False, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+        assert (proc.returncode, proc.stdout) == (255, "")
+        assert proc.stderr == f"FATAL:   Failed to open image t.sif: {reason}\n"
