@@ -180,10 +180,9 @@ def _check_target(target: Path, force: bool, sandbox: bool = False) -> None:
 
 
 def _sif_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> None:  # ref: Reference
-    """``pull --sandbox`` of a SIF source (oras://, https://): fetch it aside, then unpack it."""
+    """``pull --sandbox`` of a SIF source (oras://, https://): fetch it aside, then unpack it,
+    with Apptainer's INFO lines for both."""
     import tempfile
-
-    from hpcsif.convert import sif_to_sandbox
 
     with tempfile.TemporaryDirectory(prefix=".hpcsif-pull-", dir=target.resolve().parent) as tmp:
         sif = Path(tmp) / "image.sif"
@@ -192,8 +191,9 @@ def _sif_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> 
         else:
             from hpcsif.sources.remote import download
 
+            info(args, "Downloading network image")
             download(ref.path or ref.raw, sif, progress=progress)
-        sif_to_sandbox(sif, target)
+        _sandbox_from(sif, target, args)
 
 
 def _convert_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> None:  # ref: Reference

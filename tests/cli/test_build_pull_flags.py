@@ -349,6 +349,13 @@ def test_pull_sandbox_of_a_sif_over_https_style_urls(
 ) -> None:
     run_cli("build", str(http_files.root / "served.sif"), busybox_image.oci_ref)
     box = tmp_path / "box"
-    run_cli("pull", "--sandbox", str(box), f"{http_files.url}/served.sif")
+    proc = run_cli("pull", "--sandbox", str(box), f"{http_files.url}/served.sif")
     assert (box / "bin/busybox").is_file() and (box / ".singularity.d/runscript").is_file()
+    assert proc.stderr.splitlines() == [  # Apptainer's lines for the download, then the unpacking
+        "INFO:    Downloading network image",
+        "INFO:    Starting build...",
+        "INFO:    Extracting local image...",
+        "INFO:    Creating sandbox directory...",
+        f"INFO:    Build complete: {box}",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["box"]  # the downloaded SIF is gone
