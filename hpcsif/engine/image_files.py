@@ -69,6 +69,10 @@ def root_image(image: Path) -> RootImage:
         part = sif.primary_partition()
         overlay = sif.overlay_partition()
     require_runnable(image, part.arch or "unknown")
+    if overlay is not None and not ext3_compatible(image, overlay.offset):
+        # as Apptainer, which skips it silently; a user who wrote there is told
+        log.warning("ignoring the overlay partition of %s: not a valid ext3 file system", image)
+        overlay = None
     return RootImage(image, "squashfs", part.offset, overlay.offset if overlay else None)
 
 

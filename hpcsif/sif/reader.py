@@ -63,13 +63,14 @@ def bare_filesystem(path: str | os.PathLike) -> str | None:
 
 
 def ext3_compatible(path: str | os.PathLike, offset: int = 0) -> bool:
-    """True if the ext file system at *offset* in *path* has only the features Apptainer allows
-    in an ext3 image (an ext2 one without a journal and an ext4 one are refused, as there)."""
+    """True if an ext file system starts at *offset* in *path* with only the features Apptainer
+    allows in an ext3 image (an ext2 one without a journal and an ext4 one are refused, as there)."""
     with open(path, "rb") as f:
-        raw = os.pread(f.fileno(), 12, offset + _EXT_FEATURES_AT)
-    if len(raw) < 12:
+        raw = os.pread(f.fileno(), _EXT_FEATURES_AT + 12 - _EXT_MAGIC_AT, offset + _EXT_MAGIC_AT)
+    features = raw[_EXT_FEATURES_AT - _EXT_MAGIC_AT :]
+    if not raw.startswith(_EXT_MAGIC) or len(features) < 12:
         return False
-    compat, incompat, rocompat = (int.from_bytes(raw[i : i + 4], "little") for i in (0, 4, 8))
+    compat, incompat, rocompat = (int.from_bytes(features[i : i + 4], "little") for i in (0, 4, 8))
     return bool(compat & _EXT3_JOURNAL) and not incompat & ~_EXT3_INCOMPAT and not rocompat & ~_EXT3_ROCOMPAT
 
 

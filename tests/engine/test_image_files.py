@@ -153,6 +153,25 @@ def test_overlay_partition_without_fuse2fs_is_ignored_with_one_warning(images, i
     _wait_clean()
 
 
+def test_overlay_partition_that_is_no_ext3_file_system_is_ignored_with_one_warning(images, img_dir):
+    from hpcsif.sif.reader import SIFImage
+
+    sif = _overlay_sif(images, img_dir / "damaged.sif")
+    with SIFImage.open(sif) as img:
+        superblock = img.overlay_partition().offset + 1024
+    with open(sif, "r+b") as f:
+        os.pwrite(f.fileno(), bytes(1024), superblock)
+    res = subprocess.run(
+        hpcsif_cmd("exec", str(sif), "sh", "-c", "cat /new 2>/dev/null || echo missing"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (res.returncode, res.stdout) == (0, "missing\n"), res.stderr
+    assert res.stderr == f"WARNING: ignoring the overlay partition of {sif}: not a valid ext3 file system\n"
+    _wait_clean()
+
+
 def test_overlay_mounts_are_shared_by_8_execs_and_go_after_sigkill(images, img_dir):
     sif = _overlay_sif(images, img_dir / "shared.sif")
     gate = img_dir / "go"
