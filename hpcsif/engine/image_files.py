@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcsif.engine.base import which
-from hpcsif.engine.mounts import SharedMount, squashfs_mount
+from hpcsif.engine.mounts import SharedMount, image_key, squashfs_mount
 from hpcsif.errors import EngineError, MissingToolError, SIFError, UsageError
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
     if not upper.is_dir():
         return root  # nothing was ever written into it
     top = SharedMount(
-        _key("sifov", image, info.overlay),
+        image_key("sifov", image, info.overlay),
         lambda mnt: ["fuse-overlayfs", "-o", f"lowerdir={upper}:{root}", str(mnt)],
     )
     mounts.append(top)
@@ -155,7 +155,8 @@ def ext3_mount(image: Path, offset: int) -> SharedMount:
     # squashfuse does; norecovery: a journal left unreplayed (apptainer --writable killed) is
     # ignored rather than refusing the mount, the file system being read only
     options = f"ro,norecovery,fakeroot,offset={offset}"
-    return SharedMount(_key("ext3", image, offset), lambda mnt: [prog, str(image), str(mnt), "-o", options])
+    key = image_key("ext3", image, offset)
+    return SharedMount(key, lambda mnt: [prog, str(image), str(mnt), "-o", options])
 
 
 def _readable(mnt: Path, image: Path, what: str) -> Path:
@@ -166,9 +167,3 @@ def _readable(mnt: Path, image: Path, what: str) -> Path:
     except OSError as exc:
         raise EngineError(f"{image}: {what} cannot be read ({exc.strerror})") from None
     return mnt
-
-
-def _key(prefix: str, image: Path, offset: int) -> str:
-    """The name of a shared mount of *image* at *offset*: the file's identity, as for squashfs."""
-    st = os.stat(image)
-    return f"{prefix}-{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}-{offset:x}"

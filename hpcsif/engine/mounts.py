@@ -316,10 +316,16 @@ def squashfuse_program() -> str:
     raise _missing(configured or "squashfuse")
 
 
+def image_key(prefix: str, image: str | os.PathLike, offset: int) -> str:
+    """The name of a shared mount of what is at *offset* in the file *image*: the file's identity
+    (device, inode, mtime, size), so that a changed or replaced file gets a mount of its own."""
+    st = os.stat(image)
+    return f"{prefix}-{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}-{offset:x}"
+
+
 def squashfs_mount(image: str, offset: int) -> SharedMount:
     """The shared read-only ``squashfuse`` mount of the squashfs at *offset* in *image*."""
-    st = os.stat(image)
-    key = f"sif-{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}-{offset:x}"
+    key = image_key("sif", image, offset)
     prog = squashfuse_program()
     return SharedMount(key, lambda mnt: [prog, "-o", f"ro,offset={offset}", image, str(mnt)])
 
