@@ -55,8 +55,13 @@ class ImageView:
         inspected as far as its ``inspect-metadata.json`` object goes.
         """
         p = Path(path)
-        if not os.path.lexists(path):  # named as given: Path() would turn docker://x into docker:/x
-            raise SIFError(f"Failed to open image {path}: no such file or directory")
+        try:  # named as given: Path() would turn docker://x into docker:/x
+            os.stat(path)
+        except FileNotFoundError:
+            dangling = f" (a symbolic link to {os.readlink(path)!r})" if os.path.islink(path) else ""
+            raise SIFError(f"Failed to open image {path}: no such file or directory{dangling}") from None
+        except OSError as exc:  # a link loop, a path through a file …
+            raise SIFError(f"Failed to open image {path}: {exc.strerror.lower()}") from None
         if not os.access(path, os.R_OK | os.X_OK if p.is_dir() else os.R_OK):
             # a sandbox whose files cannot be read is not an image without metadata
             raise SIFError(

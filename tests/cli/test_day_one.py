@@ -356,3 +356,16 @@ def test_inspect_of_a_file_that_is_no_image_says_so_as_apptainer(
         proc = run_cli(command, "t.sif", check=False, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
         assert (proc.returncode, proc.stdout) == (255, "")
         assert proc.stderr == f"FATAL:   Failed to open image t.sif: {reason}\n"
+
+
+def test_inspect_of_a_dangling_or_looping_link_names_it(tmp_path: Path) -> None:
+    """Not "not readable by the current user" (what a dangling link was called)."""
+    (tmp_path / "l.sif").symlink_to("nowhere")
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    for image, reason in [
+        ("l.sif", "no such file or directory (a symbolic link to 'nowhere')"),
+        ("a", "too many levels of symbolic links"),
+    ]:
+        proc = run_cli("inspect", image, check=False, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+        assert (proc.returncode, proc.stderr) == (255, f"FATAL:   Failed to open image {image}: {reason}\n")
