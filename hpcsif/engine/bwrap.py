@@ -82,7 +82,7 @@ class BwrapEngine(Engine):
         contrib = host_contributions(opts)
         mounts = []
         # from here on a SIGTERM (e.g. scancel during start-up) must not skip the cleanup below
-        signals = _Signals(interactive=opts.action == "shell" and os.isatty(0))
+        signals = _Signals(interactive=_on_terminal())
         old_umask = os.umask(0o022) if opts.no_umask else None  # bwrap and the payload inherit it
         try:
             if opts.sandbox:
@@ -287,7 +287,7 @@ class _Plan:
         self.points: dict[str, bool] = {}
         self.fds: list[int] = []
         self.data: dict[str, str] = {}  # --ro-bind-data descriptor (as in argv) -> its content
-        self.interactive = opts.action == "shell" and os.isatty(0)
+        self.interactive = _on_terminal()
         user = pwd.getpwuid(os.getuid())
         # --fakeroot: the image's root inside; as in Apptainer the caller's home is bound at /root
         self.user = pwd.getpwuid(0) if opts.fakeroot else user
@@ -365,10 +365,10 @@ class _Plan:
     # -- command line --------------------------------------------------------------------------
     def argv(self) -> list[str]:
         opts = self.opts
-        args = ["bwrap", "--unshare-user", "--die-with-parent", *self._namespaces(), *self._caps()]
+        args = ["bwrap", "--unshare-user", *self._namespaces(), *self._caps()]
         if not self.interactive:
-            # the payload cannot push characters into our terminal (TIOCSTI)
-            args.append("--new-session")
+            # the payload cannot push characters into our terminal (TIOCSTI); and it dies with us
+            args += ["--new-session", "--die-with-parent"]
         dirs = [*(b.dst for b in self.binds), *self.scratch_tmpfs, *_NOT_UNDERLAID]
         if opts.contain:
             dirs += [self.home, "/tmp", "/var/tmp"]
@@ -1076,6 +1076,8 @@ def _run(
         os.close(ready_w)
     for fd in [info_w, *fds]:
         os.set_inheritable(fd, True)
+    if signals.interactive:
+        _become_subreaper()
     try:
         try:
             # non-interactive: bwrap gets its own process group, so a terminal's Ctrl-C reaches only
@@ -1095,6 +1097,11 @@ def _run(
         with os.fdopen(ready_r, "rb", buffering=0) as ready:
             started = ready.read(1) == b"x" if handshake else bool(child)
         _, status = os.waitpid(pid, 0)
+        if signals.interactive and child and os.WIFSIGNALED(status):
+            # on a terminal bwrap's monitor is in the payload's process group, and a Ctrl-C or
+            # Ctrl-\ there ends it too; the payload goes on (no --die-with-parent), ours now
+            with contextlib.suppress(ChildProcessError):
+                _, status = os.waitpid(child, 0)
     finally:
         if signals.interactive:
             _reclaim_terminal()
@@ -1149,6 +1156,19 @@ def _signal_payload(child: int, signum: int, pidns: bool, group: bool) -> None:
                 pass  # not a group leader (yet): signal the process itself
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+
+
+def _on_terminal() -> bool:
+    """True when the container starts on a terminal: it is then its controlling terminal, with
+    the container in its foreground process group, as Apptainer's (bash's job control, /dev/tty)."""
+    return os.isatty(0)
+
+
+def _become_subreaper() -> None:
+    """Adopt the payload should bwrap's monitor die before it (see :func:`_run`)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def _reclaim_terminal() -> None:

@@ -76,3 +76,30 @@ def test_exec_on_terminal_reads_input_and_ctrl_c_reaches_payload(images):
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 9
     assert not fuse_mounts()
+
+
+@pytest.mark.parametrize("action", ["exec", "run"])
+def test_terminal_is_the_containers_controlling_terminal(images, pub_tmp, action):
+    """As in Apptainer, exec and run on a terminal get it as their controlling terminal, in the
+    foreground: /dev/tty opens, and an interactive shell (a runscript's, an image's CMD) has job
+    control instead of 'can't access tty' (bwrap --new-session took it away)."""
+    script = pub_tmp / "interactive"
+    script.write_text("#!/bin/sh\necho to-tty > /dev/tty && exec sh -i\n")
+    script.chmod(0o755)
+    args = [str(script)] if action == "exec" else []
+    cmd = hpcsif_cmd(action, "-B", f"{script}:/.singularity.d/runscript", str(images.sif), *args)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(cmd[0], cmd)
+    try:
+        out = _read_until(fd, b"> ", timeout=60)
+        assert b"to-tty" in out and b"job control" not in out, out
+        os.write(fd, b"sleep 30 &\njobs\n")
+        assert b"Running" in _read_until(fd, b"Running")
+        os.write(fd, b"kill %1; exit 4\n")
+        _read_until(fd, b"\0", timeout=5)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 4
+    assert not fuse_mounts()
