@@ -29,8 +29,9 @@ from hpcsif.refs import DOCKER_HUB
 log = logging.getLogger(__name__)
 
 ENV_PREFIXES = ("HPCSIF", "APPTAINER", "SINGULARITY")
-#: keys Docker Hub credentials may be stored under in config.json
-_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
+#: Docker Hub's host names in auth files (docker.io first: containers/image's, for namespaces);
+#: Docker's own key, https://index.docker.io/v1/, is one of them with a scheme and a path
+_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 #: the largest auth file read (real ones are a few KiB)
 MAX_AUTH_FILE = 4 << 20
 _warned: set[str] = set()
@@ -91,13 +92,22 @@ def apptainer_config_path() -> Path:
     return Path.home() / ".apptainer" / "docker-config.json"
 
 
-def _config_keys(registry: str) -> tuple[str, ...]:
-    if registry == DOCKER_HUB:
-        return _HUB_KEYS
-    return (registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/")
+def _config_keys(registry: str, repository: str | None, auths: dict[str, object]) -> list[str]:
+    """The ``auths`` keys that hold credentials for ``registry`` (and ``repository``), best
+    first, as containers/image (Apptainer, Podman, skopeo) looks them up: the repository and
+    its namespaces (``host/ns/repo``, ``host/ns``), the host, then keys spelled with a scheme
+    and a path (Docker's ``https://host/v1/``)."""
+    hosts = _HUB_HOSTS if registry == DOCKER_HUB else (registry,)
+    parts = repository.split("/") if repository else []
+    keys = [f"{hosts[0]}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
+    keys += hosts
+    keys += [k for k in auths if "://" in k and k.split("://", 1)[1].split("/", 1)[0] in hosts]
+    return [k for k in keys if k in auths]
 
 
-def from_docker_config(registry: str, path: Path | None = None) -> Credentials | None:
+def from_docker_config(
+    registry: str, path: Path | None = None, repository: str | None = None
+) -> Credentials | None:
     """Credentials for ``registry`` from the ``auths`` of the Docker-style auth file ``path``, or
     without one of Apptainer's ``registry login`` file, else Docker's ``config.json``.
 
@@ -108,10 +118,10 @@ def from_docker_config(registry: str, path: Path | None = None) -> Credentials |
     """
     if path is None:
         for default in (apptainer_config_path(), docker_config_path()):
-            if creds := _from_auths(registry, default, _read_auths(default, requested=False)):
+            if creds := _from_auths(registry, repository, default, _read_auths(default, requested=False)):
                 return creds
         return None
-    return _from_auths(registry, path, _read_auths(path, requested=True))
+    return _from_auths(registry, repository, path, _read_auths(path, requested=True))
 
 
 def _read_auths(path: Path, *, requested: bool) -> dict[str, object]:
@@ -138,8 +148,10 @@ def _read_auths(path: Path, *, requested: bool) -> dict[str, object]:
     return auths
 
 
-def _from_auths(registry: str, path: Path, auths: dict[str, object]) -> Credentials | None:
-    for key in _config_keys(registry):
+def _from_auths(
+    registry: str, repository: str | None, path: Path, auths: dict[str, object]
+) -> Credentials | None:
+    for key in _config_keys(registry, repository, auths):
         entry = auths.get(key)
         if not isinstance(entry, dict):
             continue
@@ -178,9 +190,13 @@ def authfile_from_env(environ: dict[str, str] | None = None) -> Path | None:
 
 
 def find_credentials(
-    registry: str, explicit: Credentials | None = None, authfile: str | os.PathLike[str] | None = None
+    registry: str,
+    explicit: Credentials | None = None,
+    authfile: str | os.PathLike[str] | None = None,
+    repository: str | None = None,
 ) -> Credentials | None:
-    """The credentials to use for ``registry``, in the documented order (None: anonymous).
+    """The credentials to use for ``repository`` on ``registry``, in the documented order (None:
+    anonymous).
 
     ``authfile`` (``--authfile FILE``: a Docker-style ``{"auths": {"host:port": {"auth":
     base64("user:password")}}}`` JSON file, as Docker, Podman, skopeo and Apptainer write it)
@@ -192,9 +208,10 @@ def find_credentials(
     creds = explicit or from_env()
     if creds is None:
         path = Path(authfile) if authfile is not None else authfile_from_env()
-        creds = from_docker_config(registry, path)
+        creds = from_docker_config(registry, path, repository)
         if creds is None and path is not None:
-            why = "does not exist" if not path.exists() else f"has no credentials for {registry}"
+            where = f"{registry}/{repository}" if repository else registry
+            why = "does not exist" if not path.exists() else f"has no credentials for {where}"
             _warn_once(f"auth file {path} {why}; proceeding with anonymous access")
     if creds:
         log.debug("using registry credentials for %s: %s", registry, creds)

@@ -46,7 +46,9 @@ def _client(
 
     if not ref.registry or not ref.repository:
         raise SourceError(f"{ref.raw}: not an oras://registry/repository[:tag] reference")
-    return shared_clients(ref.registry, credentials=credentials, insecure=insecure, authfile=authfile)[-1]
+    return shared_clients(
+        ref.registry, credentials=credentials, insecure=insecure, authfile=authfile, repository=ref.repository
+    )[-1]
 
 
 def push_sif(

@@ -39,15 +39,18 @@ def make_clients(
     credentials: Credentials | None = None,
     insecure: bool = False,
     authfile: str | os.PathLike[str] | None = None,
+    repository: str | None = None,
     **kwargs: Any,
 ) -> list[RegistryClient]:
     """Clients for the configured mirrors of ``registry`` (in order), then the registry itself.
 
     Mirrors come from the ``registry.mirrors`` table (``"index.docker.io" = ["https://m.example"]``);
     plain HTTP is used for ``registry.insecure`` entries, loopback registries and ``insecure``.
-    ``credentials`` and ``authfile`` are looked up with :func:`find_credentials`.
+    ``credentials`` and ``authfile`` are looked up with :func:`find_credentials` (for
+    ``repository``: auth files may hold credentials per repository or namespace).
     """
-    return _clients_for(registry, find_credentials(registry, credentials, authfile), insecure, **kwargs)
+    creds = find_credentials(registry, credentials, authfile, repository)
+    return _clients_for(registry, creds, insecure, **kwargs)
 
 
 def _clients_for(
@@ -87,6 +90,7 @@ def shared_clients(
     credentials: Credentials | None = None,
     insecure: bool = False,
     authfile: str | os.PathLike[str] | None = None,
+    repository: str | None = None,
     **kwargs: Any,
 ) -> list[RegistryClient]:
     """:func:`make_clients`, kept for the process: every source for the same registry,
@@ -95,7 +99,7 @@ def shared_clients(
     cfg = get_config()
     settings = json.dumps([cfg.get("registry"), sorted(kwargs.items())], sort_keys=True, default=str)
     # the pid: a forked child must not share its parent's sockets
-    creds = find_credentials(registry, credentials, authfile)
+    creds = find_credentials(registry, credentials, authfile, repository)
     key = (os.getpid(), registry, creds, insecure, settings)
     with _shared_lock:
         if key not in _shared:
@@ -128,6 +132,7 @@ class RegistrySource(Source):
             credentials=self.options.get("credentials"),  # type: ignore[arg-type]
             insecure=bool(self.options.get("insecure")),
             authfile=self.options.get("authfile"),  # type: ignore[arg-type]
+            repository=ref.repository,
             **extra,
         )
 

@@ -153,3 +153,15 @@ def test_apptainer_registry_login_file_comes_before_docker_config(tmp_path) -> N
     authfile = _authfile(tmp_path / "auth.json", "reg.example:5000", "fromfile")
     assert find_credentials("reg.example:5000", authfile=authfile).username == "fromfile"
     assert find_credentials("other.example", authfile=authfile) is None
+
+
+def test_docker_hub_namespaces_as_podman_writes_them(tmp_path) -> None:
+    """``podman login docker.io/team`` keys Hub credentials as ``docker.io/team``."""
+    token = base64.b64encode(b"team-user:" + SECRET.encode()).decode()
+    other = base64.b64encode(b"hub-user:x").decode()
+    _docker_config(
+        tmp_path, {"docker.io/team": {"auth": token}, "https://index.docker.io/v1/": {"auth": other}}
+    )
+    assert find_credentials(DOCKER_HUB, repository="team/app").username == "team-user"
+    assert find_credentials(DOCKER_HUB, repository="library/busybox").username == "hub-user"
+    assert find_credentials(DOCKER_HUB).username == "hub-user"

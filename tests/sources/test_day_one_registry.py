@@ -477,7 +477,7 @@ def test_malformed_entry_is_skipped_with_one_warning(
     assert res.returncode == 255
     lines = res.stderr.splitlines()
     anonymous = (
-        f"WARNING: auth file {path} has no credentials for {registry_basic.host}; "
+        f"WARNING: auth file {path} has no credentials for {registry_basic.host}/private/busybox; "
         "proceeding with anonymous access"
     )
     assert lines.count(anonymous) == 1, lines
@@ -555,3 +555,36 @@ def test_a_site_proxy_is_not_used_for_this_machine(registry_open: Registry, busy
             f"FATAL:   cannot reach http://{address}:1/v2/: via the proxy 127.0.0.1:1 ($https_proxy, "
             "$http_proxy, $no_proxy): connection refused"
         ]
+
+
+@pytest.mark.parametrize(
+    ("key", "found"),
+    [
+        ("{host}/private", True),  # podman login HOST/NAMESPACE
+        ("{host}/private/busybox", True),
+        ("http://{host}/v2/", True),  # a scheme and a path, as old Docker clients wrote them
+        ("{host}/other", False),
+    ],
+)
+def test_auth_file_entries_per_namespace(registry_basic: Registry, busybox_image, work, key, found) -> None:
+    """containers/image (Apptainer's docker://, Podman, skopeo) looks up an auth file by the
+    repository and its namespaces before the host, and reads keys with a scheme and a path;
+    only the host and four fixed spellings were read here."""
+    registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
+    ref = registry_basic.ref("private/busybox:1")
+    good = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    bad = base64.b64encode(f"{USER}:wrong".encode()).decode()
+    auths = {key.format(host=registry_basic.host): {"auth": good}}
+    namespaced = key.startswith("{host}/")
+    if namespaced and found:  # the most specific entry wins over the host's
+        auths[registry_basic.host] = {"auth": bad}
+    (work / "auth.json").write_text(json.dumps({"auths": auths}))
+    res = hpcsif(work, "pull", "--authfile", "auth.json", "--disable-cache", "--name", "a.sif", ref)
+    assert res.returncode == (0 if found else 255), res.stderr
+    if not found:
+        assert "authentication required" in res.stderr.splitlines()[-1]
+    elif namespaced:  # Apptainer, with the namespace's entry alone (with both it mixes them up)
+        del auths[registry_basic.host]
+        (work / "auth.json").write_text(json.dumps({"auths": auths}))
+        theirs = peer(work, "pull", "--no-https", "--authfile", "auth.json", "--name", "p.sif", ref)
+        assert theirs.returncode == 0, theirs.stderr
