@@ -270,7 +270,11 @@ def main(argv: list[str] | None = None, *, front: bool = False) -> int:
             from pathlib import Path
 
             from hpcsif.config import Config, set_config
+            from hpcsif.errors import ConfigError
 
+            if not Path(args.config).is_file():  # asked for by name: its absence is no default
+                why = "not a file" if Path(args.config).exists() else "no such file"
+                raise ConfigError(f"couldn't read configuration file {args.config}: {why}")
             set_config(Config.load([Path(args.config)]))
         return int(args.func(args) or 0)
     except HpcsifError as exc:

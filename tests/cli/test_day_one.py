@@ -369,3 +369,14 @@ def test_inspect_of_a_dangling_or_looping_link_names_it(tmp_path: Path) -> None:
     ]:
         proc = run_cli("inspect", image, check=False, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
         assert (proc.returncode, proc.stderr) == (255, f"FATAL:   Failed to open image {image}: {reason}\n")
+
+
+def test_a_configuration_file_named_with_c_must_exist(tmp_path: Path) -> None:
+    """``hpcsif -c FILE`` with a mistyped FILE fails (as Apptainer's -c), instead of going on
+    with the defaults."""
+    for path, why in [(tmp_path / "nope.toml", "no such file"), (tmp_path, "not a file")]:
+        proc = run_cli("-c", str(path), "version", check=False)
+        assert (proc.returncode, proc.stdout) == (255, "")
+        assert proc.stderr == f"FATAL:   couldn't read configuration file {path}: {why}\n"
+    (tmp_path / "ok.toml").write_text('[convert]\ncompression = "gzip"\n')
+    assert run_cli("-c", str(tmp_path / "ok.toml"), "version").returncode == 0
