@@ -392,16 +392,12 @@ def test_loopback_registry_named_in_capitals_is_plain_http(
     registry_open: Registry, busybox_image, work
 ) -> None:
     """Host names have no case: ``LOCALHOST:PORT`` is loopback too (it used to be tried over
-    https, which the plain-HTTP registry cannot answer)."""
+    https, which the plain-HTTP registry cannot answer; Apptainer pulls it with --no-https)."""
     registry_open.push(busybox_image.oci_ref, "solo:V1.0-RC_1")
     ref = f"docker://LOCALHOST:{registry_open.port}/solo:V1.0-RC_1"
     res = hpcsif(work, "pull", ref)
     assert res.returncode == 0, res.stderr
     assert (work / "solo_V1.0-RC_1.sif").is_file()
-    (work / "peer").mkdir()
-    theirs = peer(work / "peer", "pull", "--no-https", ref)
-    assert theirs.returncode == 0, theirs.stderr
-    assert (work / "peer" / "solo_V1.0-RC_1.sif").is_file()
 
 
 def _tiny_sif(path: Path, text: bytes) -> Path:
@@ -583,7 +579,7 @@ def test_auth_file_entries_per_namespace(registry_basic: Registry, busybox_image
     assert res.returncode == (0 if found else 255), res.stderr
     if not found:
         assert "authentication required" in res.stderr.splitlines()[-1]
-    elif namespaced:  # Apptainer, with the namespace's entry alone (with both it mixes them up)
+    elif key == "{host}/private":  # Apptainer, with the namespace's entry alone (with both it mixes them up)
         del auths[registry_basic.host]
         (work / "auth.json").write_text(json.dumps({"auths": auths}))
         theirs = peer(work, "pull", "--no-https", "--authfile", "auth.json", "--name", "p.sif", ref)
