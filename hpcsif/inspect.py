@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class ImageView:
 
     @classmethod
     def open(cls, path: str | Path) -> ImageView:
-        """Open ``path``: a sandbox directory or a SIF file (SIFError if neither).
+        """Open ``path``: a sandbox directory, a SIF file or a bare squashfs or ext3 file (SIFError if none).
 
         As in Apptainer, a SIF whose root file system is missing or unusable can still be
         inspected as far as its ``inspect-metadata.json`` object goes.
@@ -70,7 +71,15 @@ class ImageView:
             )
         if p.is_dir():
             return cls(p, sandbox=True)
-        from hpcsif.sif.reader import SIFImage
+        from hpcsif.sif.reader import SIFImage, bare_filesystem
+
+        kind = bare_filesystem(p)
+        if kind == "squashfs":  # mksquashfs of a root tree: no metadata objects, the file system at 0
+            return cls(p, sandbox=False)
+        if kind == "ext3":
+            from hpcsif.engine.image_files import mounted_until_exit
+
+            return cls(mounted_until_exit(p), sandbox=True)
 
         try:
             sif = SIFImage.open(p)
@@ -96,7 +105,7 @@ class ImageView:
             # links followed inside the sandbox: one to /etc/shadow names the image's, not the host's
             target = self._in_sandbox(inner)
             try:
-                return target.read_text(errors="replace") if target and target.is_file() else None
+                return _text(target.read_bytes()) if target and target.is_file() else None
             except OSError:
                 return None
         tool = shutil.which("unsquashfs")
@@ -108,7 +117,7 @@ class ImageView:
             check=False,
         )
         self._check_damage(proc.stderr.decode(errors="replace"))
-        return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
+        return _text(proc.stdout) if proc.returncode == 0 else None
 
     def _check_damage(self, stderr: str) -> None:
         """SIFError when unsquashfs reports the file system damaged (not merely a file absent)."""
@@ -154,7 +163,8 @@ class ImageView:
         """
         text = self.read(inner)
         try:
-            doc = json.loads(text) if text else {}
+            # each invalid UTF-8 byte is U+FFFD, as Go's encoding/json decodes it
+            doc = json.loads(INVALID_BYTE.sub("\ufffd", text)) if text else {}
         except (ValueError, RecursionError) as exc:
             problem = "nested too deeply" if isinstance(exc, RecursionError) else "not valid JSON"
             log.warning("Unable to parse labels: %s is %s", inner, problem)
@@ -183,6 +193,16 @@ class ImageView:
         if name in ATTRIBUTE_FILES:
             return self.read(f"{SD}/{ATTRIBUTE_FILES[name]}")
         raise SIFError(f"unknown inspect attribute {name!r}")
+
+
+#: a byte that is not UTF-8, as :func:`_text` keeps it (a lone surrogate, ``surrogateescape``)
+INVALID_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _text(data: bytes) -> str:
+    """A file's text with its bytes kept: Apptainer prints a runscript's or environment's bytes
+    as they are, and escapes each invalid one in JSON (see :data:`INVALID_BYTE`)."""
+    return data.decode("utf-8", "surrogateescape")
 
 
 def _inspect_metadata(img: SIFImage) -> dict[str, Any] | None:

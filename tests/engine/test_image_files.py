@@ -316,3 +316,24 @@ def test_what_apptainer_writes_into_its_overlay_partition(images, tmp_path):
     finally:
         work.unlink()
     _wait_clean()
+
+
+@pytest.mark.peer
+@pytest.mark.skipif(APPTAINER is None, reason="neither apptainer nor peer-apptainer on PATH")
+def test_inspect_bare_files_as_apptainer(images):
+    """inspect and run-help of a bare squashfs and ext3 file print what Apptainer prints, and
+    leave no mount behind."""
+    work = Path(tempfile.mkdtemp(dir="/tmp"))  # the peer sees /tmp
+    try:
+        sqfs = work / "root.sqfs"
+        subprocess.run(["mksquashfs", str(images.sandbox), str(sqfs), "-quiet", "-no-progress"], check=True)
+        for image in (sqfs, _ext3(images.sandbox, work / "root.ext3", size_mb=16)):
+            for args in (["inspect"], ["inspect", "--json", "--all"], ["inspect", "-r", "-e"], ["run-help"]):
+                ours = subprocess.run(hpcsif_cmd(*args, str(image)), capture_output=True, text=True)
+                theirs = subprocess.run([APPTAINER, *args, str(image)], capture_output=True, text=True)
+                assert (ours.returncode, ours.stdout, ours.stderr) == (0, theirs.stdout, ""), (image, args)
+                if args == ["inspect"]:
+                    assert "org.label-schema.schema-version: 1.0\n" in ours.stdout
+    finally:
+        shutil.rmtree(work)
+    _wait_clean()
