@@ -64,11 +64,20 @@ def root_image(image: Path) -> RootImage:
             raise SIFError(f"could not open image {image}: file is not a valid ext3 image")
         return RootImage(image, "ext3", sif=False)
     from hpcsif.sif.arch import require_runnable
+    from hpcsif.sif.format import FSType
 
     with SIFImage.open(image) as sif:
-        part = sif.primary_partition()
+        part = sif.primary_partition(check=False)
+        if part.fstype != FSType.EXT3 or not part.size:
+            part = sif.primary_partition()  # squashfs, checked
         overlay = sif.overlay_partition()
     require_runnable(image, part.arch or "unknown")
+    if part.fstype == FSType.EXT3:  # (Apptainer mounts it as the root file system too)
+        if not ext3_compatible(image, part.offset):
+            raise SIFError(
+                f"{image}: the primary partition (object {part.id}) is not a valid ext3 file system"
+            )
+        return RootImage(image, "ext3", part.offset)
     if overlay is not None and not ext3_compatible(image, overlay.offset):
         # as Apptainer, which skips it silently; a user who wrote there is told
         log.warning("ignoring the overlay partition of %s: not a valid ext3 file system", image)
