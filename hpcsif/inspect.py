@@ -201,8 +201,9 @@ INVALID_BYTE = re.compile("[\udc80-\udcff]")
 
 def _text(data: bytes) -> str:
     """A file's text with its bytes kept: Apptainer prints a runscript's or environment's bytes
-    as they are, and escapes each invalid one in JSON (see :data:`INVALID_BYTE`)."""
-    return data.decode("utf-8", "surrogateescape")
+    as they are, and escapes each invalid one in JSON (see :data:`INVALID_BYTE`); it reads the
+    file through a shell, which drops NUL bytes."""
+    return data.replace(b"\0", b"").decode("utf-8", "surrogateescape")
 
 
 def _inspect_metadata(img: SIFImage) -> dict[str, Any] | None:

@@ -87,11 +87,28 @@ def gather(image: str, wanted: list[str], app: str | None) -> dict[str, Any]:
 
 
 def go_json(obj: Any) -> str:
-    """``obj`` as Go's ``json.MarshalIndent(obj, "", "\\t")`` writes it."""
+    """``obj`` as Go's ``json.MarshalIndent(obj, "", "\\t")`` writes it (a byte that is not
+    UTF-8, kept by :mod:`hpcsif.inspect` as a lone surrogate, becomes ``\\ufffd``, as Go's)."""
+    from hpcsif.inspect import INVALID_BYTE
+
     text = json.dumps(obj, indent="\t", ensure_ascii=False)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escape)
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return INVALID_BYTE.sub(lambda _: "\\ufffd", text)
+
+
+def emit(text: str) -> None:
+    """Write ``text`` to stdout with the bytes of the image's files as they are (Apptainer
+    prints a runscript that is not UTF-8 unchanged)."""
+    data = text.encode("utf-8", "surrogateescape")
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (tests' capture)
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        return
+    sys.stdout.flush()
+    buffer.write(data)
+    buffer.flush()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(go_json({"data": {"attributes": attrs}, "type": "container"}))
         return 0
     mine = attrs.get("apps", {}).get(app, {}) if app else {}
-    out = sys.stdout
+    out: list[str] = []
     for name in TEXT_ORDER:
         if name == "apps" and name not in wanted:
             continue
@@ -116,13 +133,14 @@ def run(args: argparse.Namespace) -> int:
         if not value:
             continue
         if name == "apps":
-            out.writelines(f"{a}\n" for a in value)
+            out += [f"{a}\n" for a in value]
         elif name == "environment":
-            out.writelines(f"=== {path} ===\n{text}\n\n" for path, text in value.items())
+            out += [f"=== {path} ===\n{text}\n\n" for path, text in value.items()]
         elif name == "labels":
-            out.writelines(f"{key}: {val}\n" for key, val in value.items())
+            out += [f"{key}: {val}\n" for key, val in value.items()]
         else:
-            out.write(f"{value}\n")
+            out.append(f"{value}\n")
+    emit("".join(out))
     return 0
 
 
@@ -137,5 +155,5 @@ def run_help(args: argparse.Namespace) -> int:
     attrs = gather(args.image, ["helpfile"], args.app)
     text = (attrs.get("apps", {}).get(args.app, {}) if args.app else attrs).get("helpfile")
     # Apptainer runs `inspect --helpfile` and prints its output, or this line when it printed nothing
-    print(text if text else "No help sections were defined for this image")
+    emit(f"{text}\n" if text else "No help sections were defined for this image\n")
     return 0

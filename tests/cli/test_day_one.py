@@ -380,3 +380,28 @@ def test_a_configuration_file_named_with_c_must_exist(tmp_path: Path) -> None:
         assert proc.stderr == f"FATAL:   couldn't read configuration file {path}: {why}\n"
     (tmp_path / "ok.toml").write_text('[convert]\ncompression = "gzip"\n')
     assert run_cli("-c", str(tmp_path / "ok.toml"), "version").returncode == 0
+
+
+def test_inspect_keeps_the_bytes_of_files_that_are_not_utf8(tmp_path: Path) -> None:
+    """As Apptainer: text output gives a runscript's bytes as they are (less NULs, which its shell
+    drops); JSON escapes each invalid byte as \\ufffd; labels.json decodes each one to U+FFFD."""
+    box = tmp_path / "box"
+    (box / ".singularity.d/env").mkdir(parents=True)
+    runscript = b"#!/bin/sh\necho \xff\xfe caf\xc3\xa9 \x00nul\n\n"
+    (box / ".singularity.d/runscript").write_bytes(runscript)
+    (box / ".singularity.d/env/90-environment.sh").write_bytes(b'export X="\xc3\x28"\n')
+    (box / ".singularity.d/labels.json").write_bytes(b'{"k": "v\xe4\xbdA"}')
+
+    def inspect(*flags: str) -> bytes:
+        cmd = [sys.executable, "-m", "hpcsif.cli.main", "inspect", *flags, str(box)]
+        return subprocess.run(cmd, capture_output=True, check=True).stdout
+
+    assert inspect("-r") == b"#!/bin/sh\necho \xff\xfe caf\xc3\xa9 nul\n"
+    assert inspect("-e") == b'=== /.singularity.d/env/90-environment.sh ===\nexport X="\xc3\x28"\n\n'
+    assert inspect("-l") == "k: v\ufffd\ufffdA\n".encode()  # one U+FFFD per byte, as Go's decoder
+    assert b'"runscript": "#!/bin/sh\\necho \\ufffd\\ufffd caf\xc3\xa9 nul"' in inspect("--all")
+    exe = peer_apptainer()
+    if exe is not None and str(box).startswith("/tmp/"):
+        for flags in (["-r"], ["-e"], ["-l"], ["--all"], ["--json"]):
+            theirs = subprocess.run([exe, "inspect", *flags, str(box)], capture_output=True, check=True)
+            assert inspect(*flags) == theirs.stdout, flags
