@@ -43,6 +43,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 #: tty-generated signals reach an interactive shell directly; forwarding them would double them
 _TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 _NOT_UNDERLAID = ("/proc", "/dev", "/sys")
+#: the host's files bound by default that an overlay gets as copies of its own (_layer_files)
+_LAYERED = ("/etc/hosts", "/etc/localtime", "/etc/resolv.conf")
 
 
 class BwrapEngine(Engine):
@@ -81,6 +83,7 @@ class BwrapEngine(Engine):
         layers, upper = _overlays(opts.overlay)
         contrib = host_contributions(opts)
         mounts = []
+        layered: frozenset[str] = frozenset()
         # from here on a SIGTERM (e.g. scancel during start-up) must not skip the cleanup below
         signals = _Signals(interactive=_on_terminal())
         old_umask = os.umask(0o022) if opts.no_umask else None  # bwrap and the payload inherit it
@@ -99,13 +102,14 @@ class BwrapEngine(Engine):
                 if not which("fuse-overlayfs"):
                     why = "needed for --writable-tmpfs and --overlay"
                     raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", why)
-                points = _overlay_mount_points(root, image, opts, contrib, rw_root)
-                mounts.append(overlay_mount(root, layers, upper, points))
+                points, files = _overlay_mount_points(root, image, opts, contrib, rw_root)
+                mounts.append(overlay_mount(root, layers, upper, points, files))
                 root = mounts[-1].acquire()
+                layered = frozenset(files)
             for check in contrib.checks:
                 for line in check(str(root)):
                     log.warning("%s", line)
-            plan = _Plan(root, image, opts, contrib, rw_root=rw_root)
+            plan = _Plan(root, image, opts, contrib, rw_root=rw_root, layered=layered)
             argv = plan.argv()
             # with --no-init the payload is the namespace's PID 1 itself, not a child of bwrap's
             pidns = opts.pid_namespace and not opts.no_init
@@ -167,11 +171,12 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: Shared
 
 def _overlay_mount_points(
     lower: Path, image: Path, opts: LaunchOptions, contrib: HostContribution, rw_root: bool
-) -> dict[str, bool]:
-    """The mount points (path -> is a directory) the launch needs and the image lacks, for a
-    layer of their own in the overlay (as Apptainer's session layer): an underlay instead would
-    make the entries of their directory mount points (``sed -i``, ``rm`` there fail with EBUSY)
-    and hide what the user writes there from a persistent overlay.
+) -> tuple[dict[str, bool], dict[str, bytes]]:
+    """The mount points (path -> is a directory) the launch needs and the image lacks, and the
+    default files (path -> content), for a layer of their own in the overlay (as Apptainer's
+    session layer): an underlay instead would make the entries of their directory mount points
+    (``sed -i``, ``rm`` there fail with EBUSY) and hide what the user writes there from a
+    persistent overlay, and a mounted /etc/hosts could not be changed.
 
     Found by a silent trial plan on the image below the overlay; anything it fails on is
     reported by the real plan.
@@ -180,9 +185,9 @@ def _overlay_mount_points(
     try:
         probe = _Plan(lower, image, opts, contrib, rw_root=rw_root, probe=True)
         probe.argv()
-        return probe.points
+        return probe.points, probe.files
     except (HpcsifError, OSError):
-        return {}
+        return {}, {}
     finally:
         logging.disable(logging.NOTSET)
 
@@ -276,6 +281,7 @@ class _Plan:
         *,
         rw_root: bool = False,
         probe: bool = False,
+        layered: frozenset[str] = frozenset(),
     ) -> None:
         import pwd
 
@@ -285,6 +291,9 @@ class _Plan:
         # a trial plan (see _overlay_mount_points): what the image lacks is collected in points
         self.probe = probe
         self.points: dict[str, bool] = {}
+        self.files: dict[str, bytes] = {}
+        # where an overlay's mount point layer holds the default files (see _layer_files)
+        self.layered = layered
         self.fds: list[int] = []
         self.data: dict[str, str] = {}  # --ro-bind-data descriptor (as in argv) -> its content
         self.interactive = _on_terminal()
@@ -399,7 +408,8 @@ class _Plan:
         at = self.places.get
         args += self._root(set(files))
         if self.probe:
-            return args  # the mount points are known
+            self.files = self._layer_files()
+            return args  # the mount points and files are known
         if at("/proc"):
             args += ["--proc", at("/proc")]
         if at("/sys"):
@@ -421,26 +431,16 @@ class _Plan:
         for b in self.binds:
             if b.dev and not self.minimal_dev and b.src == b.dst:
                 continue  # already there: the host's /dev is bound whole
+            if at(b.dst) in self.layered and b not in self.user_binds:
+                continue  # a file of the overlay's own (see _layer_files)
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
             mounts.append((at(b.dst), [kind, b.src, at(b.dst), *self.host_underlays.get(b, [])]))
         # parents first, so that a mount inside another one's place (-S /tmp/x) stays visible
         for _, more in sorted(mounts, key=lambda m: m[0].count("/")):
             args += more
-        # as Apptainer, root gets the image's own /etc/passwd (its entry is already there), with
-        # the container's home in root's entry
-        for name, make in (("passwd", self._passwd), ("group", self._group)):
-            dest = at(f"/etc/{name}")
-            if dest is None:
-                log.warning("%s file doesn't exist in container, not updating", name)
-                continue
-            if self._lacking_bind(dest, f"/etc/{name}"):
-                continue  # a bound host directory without it (-B dir:/etc): as Apptainer, left so
-            root_entry = name == "passwd" and self.user.pw_uid == 0 and self._has_root_entry(dest)
-            text = self._root_passwd() if root_entry else make()
-            if text is not None:
+        for dest, text in self._etc_data():
+            if dest not in self.layered:
                 args += ["--ro-bind-data", self._data(text), dest]
-        if opts.dns and at("/etc/resolv.conf") and not self._lacking_bind(at("/etc/resolv.conf"), "--dns"):
-            args += ["--ro-bind-data", self._data(_resolv_conf(opts.dns)), at("/etc/resolv.conf")]
         if self.underlaid and not self.rw_root:
             mounted = [at(b.dst) for b in self.binds]
             for d in sorted(self.underlaid, key=len):
@@ -785,6 +785,42 @@ class _Plan:
                 args += ["--tmpfs", d]
             args += _entries(self.root + d if d != "/" else self.root, d, bind, skip=skip)
         return args
+
+    def _etc_data(self) -> list[tuple[str, str]]:
+        """The files made for the container (where they go, their text): /etc/passwd and
+        /etc/group with the user's entries, /etc/resolv.conf for --dns."""
+        at = self.places.get
+        made = []
+        # as Apptainer, root gets the image's own /etc/passwd (its entry is already there), with
+        # the container's home in root's entry
+        for name, make in (("passwd", self._passwd), ("group", self._group)):
+            dest = at(f"/etc/{name}")
+            if dest is None:
+                log.warning("%s file doesn't exist in container, not updating", name)
+                continue
+            if self._lacking_bind(dest, f"/etc/{name}"):
+                continue  # a bound host directory without it (-B dir:/etc): as Apptainer, left so
+            root_entry = name == "passwd" and self.user.pw_uid == 0 and self._has_root_entry(dest)
+            text = self._root_passwd() if root_entry else make()
+            if text is not None:
+                made.append((dest, text))
+        resolv = at("/etc/resolv.conf")
+        if self.opts.dns and resolv and not self._lacking_bind(resolv, "--dns"):
+            made.append((resolv, _resolv_conf(self.opts.dns)))
+        return made
+
+    def _layer_files(self) -> dict[str, bytes]:
+        """For an overlay: the default files (the made ones, the host's /etc/hosts …) as files
+        of the mount point layer instead of mounts, so that they can be changed as any other
+        (as in Apptainer's session layer); by where they go. Not where a bind covers them."""
+        covered = [self.places[b.dst].rstrip("/") + "/" for b in self.binds]
+        files = {dest: text.encode() for dest, text in self._etc_data()}
+        for b in self.binds:
+            dest = self.places[b.dst]
+            if b.dst in _LAYERED and b.optional and b not in self.user_binds and not os.path.isdir(b.src):
+                with contextlib.suppress(OSError):  # (unreadable: it stays a bind)
+                    files[dest] = Path(b.src).read_bytes()
+        return {d: data for d, data in files.items() if not any(d.startswith(c) for c in covered)}
 
     def _data(self, text: str) -> str:
         """A memfd holding *text* for ``--ro-bind-data``; returns its number as a string."""

@@ -335,13 +335,15 @@ def overlay_mount(
     layers: list[Path] | None = None,
     upper: Path | None = None,
     points: dict[str, bool] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> SharedMount:
     """A writable ``fuse-overlayfs`` over *lower*, with read-only *layers* above it (lowest first).
 
     Changes go to *upper*'s ``upper/`` directory (``work/`` beside it), as in an Apptainer
     overlay directory; without *upper* they live in the runtime dir and vanish with the mount.
     *points* (path -> is a directory) are empty mount points made in a layer of their own,
-    above the others and below *upper*, so that they are never written into *upper*.
+    above the others and below *upper*, so that they are never written into *upper*; *files*
+    (path -> content) go in that layer too.
     """
     key = f"overlay-{os.getpid()}-{time.monotonic_ns():x}"
 
@@ -351,8 +353,8 @@ def overlay_mount(
         up.mkdir(exist_ok=True)
         work.mkdir(exist_ok=True)
         stack = [*reversed(layers or []), lower]
-        if points:
-            stack.insert(0, _mount_point_layer(mnt.parent / "points", lower, points))
+        if points or files:
+            stack.insert(0, _mount_point_layer(mnt.parent / "points", lower, points or {}, files or {}))
         options = f"lowerdir={':'.join(map(str, stack))},upperdir={up},workdir={work}"
         if os.getuid() != 0:
             # the image's files show as the user's own, as in Apptainer (whose squashfuse mounts
@@ -363,13 +365,14 @@ def overlay_mount(
     return SharedMount(key, cmd)
 
 
-def _mount_point_layer(layer: Path, lower: Path, points: dict[str, bool]) -> Path:
-    """*layer* holding the empty files and directories *points*; the directories on their way
-    keep the mode, owner and time of the same directories in *lower* (the layer hides those).
+def _mount_point_layer(layer: Path, lower: Path, points: dict[str, bool], files: dict[str, bytes]) -> Path:
+    """*layer* holding the empty files and directories *points* and the *files*; the directories
+    on their way keep the mode, owner and time of the same directories in *lower* (the layer
+    hides those).
     """
     made: list[str] = []  # the directories on the way, parents first
     layer.mkdir(exist_ok=True)
-    for path, is_dir in sorted(points.items()):
+    for path, is_dir in sorted({**points, **dict.fromkeys(files, False)}.items()):
         parts = path.strip("/").split("/")
         for i in range(1, len(parts)):
             rel = "/".join(parts[:i])
@@ -379,7 +382,8 @@ def _mount_point_layer(layer: Path, lower: Path, points: dict[str, bool]) -> Pat
         if is_dir:
             (layer / path.strip("/")).mkdir(exist_ok=True)
         else:
-            (layer / path.strip("/")).touch()
+            (layer / path.strip("/")).write_bytes(files.get(path, b""))
+            os.chmod(layer / path.strip("/"), 0o644)
     for rel in reversed(made):  # children first: making an entry changes its parent's time
         try:
             st = os.lstat(lower / rel)

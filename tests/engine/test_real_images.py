@@ -272,16 +272,29 @@ def test_multiprocessing_with_shared_memory_semaphores(hpcsif, debian: Debian) -
 
 def test_writable_tmpfs_changes_the_images_files(hpcsif, debian: Debian) -> None:
     """--writable-tmpfs: files of the image (root's) can be made, edited in place, renamed over
-    and removed, by a user too, as in Apptainer; the changes go with the container."""
+    and removed, by a user too, as in Apptainer; so can the files it adds (/etc/hosts, /etc/passwd);
+    the changes go with the container."""
     script = (
         "touch /usr/x && stat -c %U /usr/x && sed -i s/Debian/Deb/ /etc/issue && head -c 3 /etc/issue && echo"
         " && rm /etc/motd && mv /usr/x /etc/y && ls /etc/motd /etc/y 2>&1; getent hosts localhost | wc -l"
     )
-    res = hpcsif("exec", "--writable-tmpfs", str(debian.sif), "sh", "-c", script)
+    # (not compared with Apptainer: as root its /etc/hosts there is the host's own, and writable)
+    added = (
+        "; echo '127.0.0.2 myhost' >> /etc/hosts && getent hosts myhost"
+        " && echo 'x:x:5:5::/:/bin/sh' >> /etc/passwd && getent passwd x"
+    )
+    res = hpcsif("exec", "--writable-tmpfs", str(debian.sif), "sh", "-c", script + added)
     name = hpcsif.user.name if hpcsif.user else "root"
     expected = f"{name}\nDeb\nls: cannot access '/etc/motd': No such file or directory\n/etc/y\n1\n"
-    assert (res.returncode, res.stdout, res.stderr) == (0, expected, "")
-    res = hpcsif("exec", str(debian.sif), "sh", "-c", "head -c 6 /etc/issue; ls /etc/motd; ls /usr/x")
+    assert (res.returncode, res.stdout, res.stderr) == (
+        0,
+        expected + "127.0.0.2       myhost\nx:x:5:5::/:/bin/sh\n",
+        "",
+    )
+    assert "myhost" not in Path("/etc/hosts").read_text()
+    res = hpcsif(
+        "exec", str(debian.sif), "sh", "-c", "head -c 6 /etc/issue; ls /etc/motd; getent hosts myhost"
+    )
     assert res.stdout == "Debian/etc/motd\n" and res.returncode != 0  # nothing kept
     if hpcsif.user is None and (
         theirs := peer(debian, "exec", "--writable-tmpfs", str(debian.sif), "sh", "-c", script)
