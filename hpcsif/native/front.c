@@ -193,7 +193,6 @@ static char *find_plan(size_t *len, int *split) {
 
     char *plan = NULL;
     for (int k = g_argc - 1; k >= 2 && !plan; k--) {
-        if (k + 1 < g_argc && strcmp(g_argv[k + 1], "--") == 0) continue; /* argparse drops it */
         snprintf(path, sizeof path, "%s/plans/%016llx%016llx.plan", base, (unsigned long long)(keys[k] >> 64),
                  (unsigned long long)keys[k]);
         if ((plan = read_plan(path, len))) *split = k + 1;

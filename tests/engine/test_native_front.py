@@ -198,7 +198,13 @@ def test_repeat_runs_without_python_as_python_would(front, holder, images, tmp_p
 
 
 def test_run_and_test_actions_repeat(front, holder, images):
-    for args in (["run", str(images.sif), "a b", "c"], ["test", str(images.sif)], ["run", str(images.sif)]):
+    runs = (
+        ["run", str(images.sif), "a b", "c"],
+        ["test", str(images.sif)],
+        ["run", str(images.sif)],
+        ["run", str(images.sif), "--", "x"],  # a -- after the image is the container's, as in Apptainer
+    )
+    for args in runs:
         front.run(*args)
         again, started = front.run(*args)
         direct = python_cli(*args)
