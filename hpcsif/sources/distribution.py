@@ -339,17 +339,15 @@ class RegistryClient:
     def _hopeless(self, exc: BaseException) -> bool:
         """True for a connection failure that waiting will not cure.
 
-        An unknown host name, a refused connection before the registry ever answered (it is
-        down or the port is wrong), or a TLS handshake that cannot succeed (a plain-HTTP server,
-        an untrusted certificate) fails at once as Apptainer does, instead of after a minute of
-        backoff; a refusal after the registry has answered (a restart mid-pull) is retried.
+        An unknown host name, a refused or timed-out connection before the registry ever
+        answered (it is down, firewalled, or the port is wrong), or a TLS handshake that cannot
+        succeed (a plain-HTTP server, an untrusted certificate) fails at once as Apptainer does,
+        instead of after minutes of backoff (six connection timeouts); once the registry has
+        answered, the same failures (a restart mid-pull) are retried.
         """
         cause = _root_cause(exc)
-        return (
-            isinstance(cause, socket.gaierror)
-            or (isinstance(cause, ConnectionRefusedError) and not self._pinged)
-            or _tls_mismatch(cause)
-        )
+        unanswered = isinstance(cause, ConnectionRefusedError) or isinstance(exc, requests.Timeout)
+        return isinstance(cause, socket.gaierror) or (unanswered and not self._pinged) or _tls_mismatch(cause)
 
     def _ping(self) -> None:
         """``GET /v2/`` once, to learn how this registry wants to be authenticated."""

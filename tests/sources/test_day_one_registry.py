@@ -584,3 +584,26 @@ def test_auth_file_entries_per_namespace(registry_basic: Registry, busybox_image
         (work / "auth.json").write_text(json.dumps({"auths": auths}))
         theirs = peer(work, "pull", "--no-https", "--authfile", "auth.json", "--name", "p.sif", ref)
         assert theirs.returncode == 0, theirs.stderr
+
+
+def test_a_registry_that_never_answers_fails_after_one_timeout(work) -> None:
+    """A port whose connections are never accepted (a full backlog: what a firewall dropping
+    packets looks like) or never answered fails after one timeout, not after six timeouts and
+    their backoff (more than six minutes with the default 60 s; Apptainer gives up after two)."""
+    (work / "hpcsif.toml").write_text("[registry]\ntimeout = 2\n")
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as silent:
+        port = silent.getsockname()[1]
+        queued = []  # fill the accept queue: the kernel then drops further connection attempts
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            queued.append(s)
+        start = time.monotonic()
+        res = hpcsif(work, "-c", "hpcsif.toml", "pull", f"docker://127.0.0.1:{port}/team/app:1")
+        elapsed = time.monotonic() - start
+        for s in queued:
+            s.close()
+    assert res.returncode == 255
+    assert res.stderr.splitlines() == [f"FATAL:   cannot reach http://127.0.0.1:{port}/v2/: timed out"]
+    assert elapsed < 6
