@@ -314,8 +314,9 @@ class RegistryClient:
                     f"{_redact(url)}: redirect loop (more than {MAX_REDIRECTS} redirects)"
                 ) from None
             except _TRANSIENT as exc:
-                if attempt >= self.retries or self._hopeless(exc):
-                    raise NetworkError(f"cannot reach {_redact(url)}: {reason(exc)}") from None
+                if attempt >= self.retries or hopeless(exc, answered=self._pinged):
+                    hint = " (use --no-https for a registry without TLS)" if plain_http(exc) else ""
+                    raise NetworkError(f"cannot reach {_redact(url)}: {reason(exc)}{hint}") from None
                 log.warning("%s %s failed (%s); retrying", method, _redact(url), type(exc).__name__)
                 self._sleep(attempt)
                 continue
@@ -335,19 +336,6 @@ class RegistryClient:
                 _preload(resp, self.timeout)
             return resp
         raise AssertionError("unreachable")  # the loop always returns or raises
-
-    def _hopeless(self, exc: BaseException) -> bool:
-        """True for a connection failure that waiting will not cure.
-
-        An unknown host name, a refused or timed-out connection before the registry ever
-        answered (it is down, firewalled, or the port is wrong), or a TLS handshake that cannot
-        succeed (a plain-HTTP server, an untrusted certificate) fails at once as Apptainer does,
-        instead of after minutes of backoff (six connection timeouts); once the registry has
-        answered, the same failures (a restart mid-pull) are retried.
-        """
-        cause = _root_cause(exc)
-        unanswered = isinstance(cause, ConnectionRefusedError) or isinstance(exc, requests.Timeout)
-        return isinstance(cause, socket.gaierror) or (unanswered and not self._pinged) or _tls_mismatch(cause)
 
     def _ping(self) -> None:
         """``GET /v2/`` once, to learn how this registry wants to be authenticated."""
@@ -743,6 +731,26 @@ def _root_cause(exc: BaseException) -> BaseException:
     return cause
 
 
+def hopeless(exc: BaseException, *, answered: bool) -> bool:
+    """True for a connection failure that waiting will not cure.
+
+    An unknown host name, a refused or timed-out connection before the server ever
+    ``answered`` (it is down, firewalled, or the port is wrong), or a TLS handshake that cannot
+    succeed (a plain-HTTP server, an untrusted certificate) fails at once as Apptainer does,
+    instead of after minutes of backoff (six connection timeouts); once the server has
+    answered, the same failures (a restart mid-pull) are retried.
+    """
+    cause = _root_cause(exc)
+    unanswered = isinstance(cause, ConnectionRefusedError) or isinstance(exc, requests.Timeout)
+    return isinstance(cause, socket.gaierror) or (unanswered and not answered) or _tls_mismatch(cause)
+
+
+def plain_http(exc: BaseException) -> bool:
+    """True when a TLS handshake met a plain-HTTP answer."""
+    cause = _root_cause(exc)
+    return isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER"
+
+
 def _tls_mismatch(cause: BaseException) -> bool:
     """True for a TLS failure that a retry cannot cure: a server that does not speak TLS, an
     untrusted certificate, no common protocol. A handshake cut short (EOF, a reset) may be
@@ -764,9 +772,8 @@ def _cause_text(exc: BaseException) -> str:
     cause = _root_cause(exc)
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted: {_printable(cause.verify_message or str(cause))}"
-    if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
-        # what a plain-HTTP registry's answer to a TLS hello looks like
-        return "the server answered in plain HTTP, not HTTPS (use --no-https for a registry without TLS)"
+    if plain_http(exc):
+        return "the server answered in plain HTTP, not HTTPS"
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
     return _printable(str(cause).strip()) or type(cause).__name__

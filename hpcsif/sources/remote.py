@@ -52,14 +52,23 @@ def _copy(src: IO[bytes], out: IO[bytes], total: int, progress: Progress | None)
 def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, timeout: float) -> int:
     import requests
 
-    from hpcsif.sources.distribution import RETRY_STATUS, new_session, reason, retry_after
+    from hpcsif.sources.distribution import (
+        RETRY_STATUS,
+        hopeless,
+        new_session,
+        plain_http,
+        reason,
+        retry_after,
+    )
 
     session = new_session()
+    answered = False
     for attempt in range(retries + 1):
         out.seek(0)
         out.truncate()
         try:
             with session.get(url, stream=True, timeout=timeout) as resp:
+                answered = True
                 if resp.status_code == 404:
                     raise NotFoundError(f"{redact_url(url)}: not found (HTTP 404)")
                 if resp.status_code in RETRY_STATUS and attempt < retries:
@@ -73,8 +82,9 @@ def _http(url: str, out: IO[bytes], progress: Progress | None, retries: int, tim
                 resp.raw.decode_content = True
                 return _copy(resp.raw, out, total, progress)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            if attempt >= retries:
-                raise NetworkError(f"{redact_url(url)}: download failed: {reason(exc)}") from None
+            if attempt >= retries or hopeless(exc, answered=answered):
+                hint = " (use an http:// URL for a server without TLS)" if plain_http(exc) else ""
+                raise NetworkError(f"{redact_url(url)}: download failed: {reason(exc)}{hint}") from None
             log.warning("%s: %s; retrying", redact_url(url), type(exc).__name__)
     raise NetworkError(f"{redact_url(url)}: download failed after {retries + 1} tries")
 

@@ -607,3 +607,28 @@ def test_a_registry_that_never_answers_fails_after_one_timeout(work) -> None:
     assert res.returncode == 255
     assert res.stderr.splitlines() == [f"FATAL:   cannot reach http://127.0.0.1:{port}/v2/: timed out"]
     assert elapsed < 6
+
+
+@pytest.mark.parametrize(
+    ("scheme", "port", "fatal"),
+    [
+        ("http", None, "connection refused"),
+        ("https", "http_files", "the server answered in plain HTTP, not HTTPS (use an http:// URL for a "
+         "server without TLS)"),
+    ],
+)  # fmt: skip
+def test_a_download_that_cannot_succeed_is_not_retried(request, work, scheme, port, fatal) -> None:
+    """A refused connection or a plain-HTTP answer to https:// used to be retried three times,
+    each with a WARNING line; Apptainer says one line."""
+    port = request.getfixturevalue(port).port if port else _closed_port()
+    url = f"{scheme}://127.0.0.1:{port}/image.sif"
+    res = hpcsif(work, "pull", url)
+    assert res.returncode == 255
+    assert [line for line in res.stderr.splitlines() if not line.startswith("INFO:")] == [
+        f"FATAL:   {url}: download failed: {fatal}"
+    ]
+
+
+def _closed_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
