@@ -100,6 +100,8 @@ log = logging.getLogger(__name__)
 BLOCK = tarfile.BLOCKSIZE
 _NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX; squashfs refuses longer names)
 _PATH_MAX = 4096  # bytes in a symlink target, with its NUL (Linux PATH_MAX)
+# symlinks followed to place one entry, as Apptainer (filepath-securejoin) follows them
+_MAX_SYMLINKS = 255
 
 #: set by the consumer of :func:`flatten`'s stream: the most entries one directory may get
 #: before :class:`WideDirectoryError` (``tar2sqfs`` slows down quadratically with them)
@@ -412,15 +414,34 @@ _EXT_TYPES = frozenset(
 _EMPTY_TAR = bytes(2 * BLOCK)
 
 
+# PAX records that Go's archive/tar (Apptainer) refuses when they hold a NUL byte; tarfile
+# would cut the name there and write another file than the one named
+_NO_NUL_RECORDS = ("path", "linkpath", "uname", "gname")
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """A tar member whose extended headers are checked for size before they are read."""
+    """A tar member whose extended headers are checked for size before they are read, and
+    whose damaged headers fail the layer as they fail it in Apptainer."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+            # tarfile takes a bad header after the first member for the end of the archive,
+            # which would drop the rest of the layer without a word
+            raise tarfile.ReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
 
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
             raise tarfile.ReadError(
                 f"an extended header of {self.size} bytes at offset {self.offset} (the limit is 1 MiB)"
             )
-        return super()._proc_member(tf)
+        member = super()._proc_member(tf)
+        for key in _NO_NUL_RECORDS:
+            if "\0" in member.pax_headers.get(key, ""):
+                raise tarfile.ReadError(f"the PAX {key} record at offset {self.offset} holds a NUL byte")
+        return member
 
 
 def _open_tar(stream: _LayerStream) -> tarfile.TarFile:
@@ -444,15 +465,16 @@ def _follow(name: str, symlink: Callable[[str], str | None], label: str) -> str:
     ``symlink(path)`` is the root-relative path that ``path`` points at, None if it is no
     symlink to follow.
     """
-    for _ in range(40):  # as the kernel's limit on nested symlinks
-        for anc in _ancestors(name):
+    path = name
+    for _ in range(_MAX_SYMLINKS + 1):
+        for anc in _ancestors(path):
             hit = symlink(anc)
             if hit is not None:
-                rest = name[len(anc) + 1 :]
-                name = f"{hit}/{rest}" if hit else rest
+                rest = path[len(anc) + 1 :]
+                path = f"{hit}/{rest}" if hit else rest
                 break
         else:
-            return name
+            return path
     raise LayerError(f"layer {label}: {name!r}: too many levels of symbolic links among its parents")
 
 

@@ -135,6 +135,8 @@ class Image:
         """The layers as :class:`LayerBlob` values, with diff_ids from the config when present."""
         from hpcsif.image.layers import LayerBlob
 
+        if not self.layers:  # as Apptainer: a config alone is no root file system to run
+            raise SourceError(f"image {self.source or self.manifest_digest} has no layers")
         diff_ids = (self.config.get("rootfs") or {}).get("diff_ids") or []
         if diff_ids and len(diff_ids) != len(self.layers):
             raise SourceError(

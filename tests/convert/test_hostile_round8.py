@@ -1,0 +1,112 @@
+"""Hostile and sloppy images that earlier campaigns did not try, through ``hpcsif build``.
+
+Each case is compared with Apptainer 1.4 (``apptainer`` or ``peer-apptainer`` on PATH) where
+it runs: what it builds hpcsif builds, what it refuses hpcsif refuses with one ``FATAL:``
+line, no traceback and nothing left in the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hpcsif.image.compose import ImageSpec, layer_tar, write_oci_layout
+from tests.convert.test_hostile_metadata import _put
+from tests.image.tarbuild import blob, d, file, layer, sym, tar_bytes
+from tests.image.test_hostile_cli import APPTAINER, _archive, _hpcsif_build, _tree
+
+
+def _peer_builds(work: Path, source: str) -> bool:
+    """Whether Apptainer builds ``source`` (an ``oci-archive:`` or ``oci:`` argument)."""
+    out = work / "peer.sif"
+    p = subprocess.run([APPTAINER, "-s", "build", str(out), source], capture_output=True, timeout=120)
+    out.unlink(missing_ok=True)
+    return p.returncode == 0
+
+
+def _refused(out_dir: Path, p: subprocess.CompletedProcess[str], message: str) -> None:
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    fatal = [line for line in p.stderr.splitlines() if line.startswith("FATAL:")]
+    assert len(fatal) == 1 and message in fatal[0], p.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def _chain(count: int) -> list:
+    """Directory d0, symlinks s1 -> d0 … s<count> -> s<count-1>, and a file written through them."""
+    links = [sym(f"s{i}", f"s{i - 1}" if i > 1 else "d0") for i in range(1, count + 1)]
+    return [d("d0"), *links, file(f"s{count}/x", "y")]
+
+
+def test_symlink_chains_are_followed_as_far_as_apptainer_follows_them(tmp_path: Path) -> None:
+    """Apptainer (filepath-securejoin) follows 255 symlinks to place an entry; hpcsif stopped at 40."""
+    for count, builds in ((255, True), (256, False)):
+        work = tmp_path / str(count)
+        (work / "out").mkdir(parents=True)
+        archive = _archive(work, [layer(work, _chain(count))])
+        p = _hpcsif_build(work / "out" / "x.sif", archive)
+        if builds:
+            assert p.returncode == 0, p.stderr
+            assert _tree(work / "out" / "x.sif")["/d0/x"] == "-rw-r--r-- 1"
+        else:
+            _refused(work / "out", p, f"'s{count}/x': too many levels of symbolic links")
+        if APPTAINER:
+            assert _peer_builds(work, f"oci-archive:{archive}") == builds
+
+
+def _bad_checksum() -> bytes:
+    """Two members; the second header's checksum is off by one bit."""
+    raw = bytearray(tar_bytes([file("a", "A"), file("b", "B")], tarfile.USTAR_FORMAT))
+    raw[2 * tarfile.BLOCKSIZE + 149] ^= 1
+    return bytes(raw)
+
+
+def _nul_in_pax_path() -> bytes:
+    member = tarfile.TarInfo("innocent")
+    member.pax_headers = {"path": "etc/passwd\0.txt"}
+    return tar_bytes([member])
+
+
+DAMAGED = {
+    # tarfile took the bad header for the end of the layer and dropped "b" without a word
+    "bad-checksum": (_bad_checksum, "invalid tar header at offset 1024: bad checksum"),
+    # tarfile cut the name at the NUL: another file than the one named
+    "nul-in-pax-path": (_nul_in_pax_path, "the PAX path record at offset 0 holds a NUL byte"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_tar_headers_fail_the_layer(tmp_path: Path, case: str) -> None:
+    """Go's archive/tar (Apptainer) refuses these headers; so does hpcsif, in one line."""
+    content, message = DAMAGED[case]
+    archive = _archive(tmp_path, [blob(tmp_path, content())])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    _refused(out_dir, _hpcsif_build(out_dir / "x.sif", archive), message)
+    if APPTAINER:
+        assert not _peer_builds(tmp_path, f"oci-archive:{archive}")
+
+
+def test_image_without_layers_is_refused(tmp_path: Path) -> None:
+    """A manifest with no layers (a config alone) has no root file system: Apptainer refuses it
+    ("no extractable OCI/Docker tar layers"); hpcsif built an empty image."""
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, ImageSpec(layers=[layer_tar([])]))
+    index = json.loads((layout / "index.json").read_text())
+    entry = index["manifests"][0]
+    manifest = json.loads((layout / "blobs/sha256" / entry["digest"][7:]).read_bytes())
+    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_bytes())
+    config["rootfs"]["diff_ids"], manifest["layers"] = [], []
+    manifest["config"]["digest"], manifest["config"]["size"] = _put(layout, json.dumps(config).encode())
+    entry["digest"], entry["size"] = _put(layout, json.dumps(manifest).encode())
+    (layout / "index.json").write_text(json.dumps(index))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = ["hpcsif", "build", str(out_dir / "x.sif"), f"oci:{layout}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    _refused(out_dir, p, f"image oci://{layout} has no layers")
+    if APPTAINER:
+        assert not _peer_builds(tmp_path, f"oci:{layout}")
