@@ -253,7 +253,8 @@ def sandbox_to_sif(
 
     src, dest = Path(src), Path(dest)
     if not (src / ".singularity.d").is_dir():
-        log.warning("%s has no /.singularity.d: the image will have no runscript or environment", src)
+        # Apptainer says nothing: such an image runs /bin/sh and has no image environment
+        log.debug("%s has no /.singularity.d: the image will have no runscript or environment", src)
     deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {origin or src}\n"
     arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
@@ -275,11 +276,13 @@ def sandbox_to_sif(
             )
             if scratch and sd.is_dir() and not sd.is_symlink():  # a link could point out of the tree
                 atomic_write_bytes(sd / "labels.json", md.labels_json(labels).encode())
-            attrs: dict[str, Any] = {"labels": labels, "deffile": deffile}
-            runscript = _text_inside(sd, "runscript")
-            if runscript is not None:
-                attrs["runscript"] = runscript
-            inspect = md.inspect_object(md.trimmed(attrs))
+            # what `inspect --all` shows of the tree (environment, help, test, apps …), as Apptainer
+            # records it: `apptainer inspect -e` and `run-help` read only this object
+            from hpcsif.inspect import ATTRIBUTE_ORDER, ImageView, gather, present
+
+            attrs = gather(ImageView(src, sandbox=True), ATTRIBUTE_ORDER)
+            attrs.update(labels=labels, deffile=deffile)
+            inspect = md.inspect_object(present(attrs, ATTRIBUTE_ORDER))
         writer.add(ObjectSpec(DataType.GENERIC_JSON, data=inspect, name="inspect-metadata.json"))
         if runtime is not None:
             writer.add(ObjectSpec(DataType.GENERIC_JSON, data=runtime, name="oci-config.json"))

@@ -36,6 +36,10 @@ ATTRIBUTE_FILES = {
     "helpfile": "runscript.help",
 }
 
+# the key order of Apptainer's inspect.Attributes and inspect.AppAttributes in its JSON
+ATTRIBUTE_ORDER = ["apps", "environment", "labels", "runscript", "test", "helpfile", "deffile", "startscript"]
+APP_ATTRIBUTES = ["environment", "labels", "runscript", "test", "helpfile"]
+
 
 @dataclass
 class ImageView:
@@ -265,3 +269,40 @@ def _app_attribute(view: ImageView, app: str, name: str) -> Any:
     if name == "apps":
         return view.listdir("/scif/apps")
     return view.read(f"{base}/{ATTRIBUTE_FILES[name]}")
+
+
+def present(attrs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """``attrs`` in ``order`` without empty values (Go's ``omitempty``); text loses trailing newlines."""
+    out = {}
+    for key in order:
+        value = attrs.get(key)
+        if isinstance(value, str):
+            value = value.rstrip("\n")
+        elif isinstance(value, dict) and key != "apps":
+            # an app's environment file that is not there is no entry (Apptainer reads only those
+            # present); an empty label is one
+            value = {
+                k: v.rstrip("\n") if isinstance(v, str) else v
+                for k, v in sorted(value.items())
+                if v or key == "labels"
+            }
+        if value:
+            out[key] = value
+    return out
+
+
+def gather(image: str | Path | ImageView, wanted: list[str], app: str | None = None) -> dict[str, Any]:
+    """The ``attributes`` object Apptainer's ``inspect --json`` prints for these flags."""
+    view = image if isinstance(image, ImageView) else ImageView.open(image)  # once: warnings once
+    top = [w for w in wanted if w != "apps" and not (app and w in APP_ATTRIBUTES)]
+    attrs = inspect(view, top)
+    apps: dict[str, Any] = {}
+    if "apps" in wanted:  # every app, with all of its attributes
+        for name in inspect(view, ["apps"])["apps"] or []:
+            apps[name] = present(inspect(view, APP_ATTRIBUTES, app=name), APP_ATTRIBUTES)
+    elif app:
+        mine = present(inspect(view, [w for w in wanted if w in APP_ATTRIBUTES], app=app), APP_ATTRIBUTES)
+        if mine:
+            apps[app] = mine
+    attrs["apps"] = dict(sorted(apps.items()))
+    return present(attrs, ATTRIBUTE_ORDER)

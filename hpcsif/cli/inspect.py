@@ -22,9 +22,6 @@ _FLAGS = [
     ("helpfile", "-H", "--helpfile", "show the help text"),
     ("apps", None, "--list-apps", "list the SCIF apps"),
 ]
-# the key order of Apptainer's inspect.Attributes and inspect.AppAttributes in its JSON
-ATTRIBUTE_ORDER = ["apps", "environment", "labels", "runscript", "test", "helpfile", "deffile", "startscript"]
-APP_ATTRIBUTES = ["environment", "labels", "runscript", "test", "helpfile"]
 # what the text form prints, in Apptainer's order (apps first, labels last)
 TEXT_ORDER = ["apps", "deffile", "runscript", "startscript", "test", "helpfile", "environment", "labels"]
 
@@ -45,45 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--app", help="show the help for an app")
     p.add_argument("image", help="SIF file or sandbox directory")
     p.set_defaults(func=run_help)
-
-
-def _present(attrs: dict[str, Any], order: list[str]) -> dict[str, Any]:
-    """``attrs`` in ``order`` without empty values (Go's ``omitempty``); text loses trailing newlines."""
-    out = {}
-    for key in order:
-        value = attrs.get(key)
-        if isinstance(value, str):
-            value = value.rstrip("\n")
-        elif isinstance(value, dict) and key != "apps":
-            # an app's environment file that is not there is no entry (Apptainer reads only those
-            # present); an empty label is one
-            value = {
-                k: v.rstrip("\n") if isinstance(v, str) else v
-                for k, v in sorted(value.items())
-                if v or key == "labels"
-            }
-        if value:
-            out[key] = value
-    return out
-
-
-def gather(image: str, wanted: list[str], app: str | None) -> dict[str, Any]:
-    """The ``attributes`` object Apptainer's ``inspect --json`` prints for these flags."""
-    from hpcsif.inspect import ImageView, inspect
-
-    view = ImageView.open(image)  # once: its warnings are given once
-    top = [w for w in wanted if w != "apps" and not (app and w in APP_ATTRIBUTES)]
-    attrs = inspect(view, top)
-    apps: dict[str, Any] = {}
-    if "apps" in wanted:  # every app, with all of its attributes
-        for name in inspect(view, ["apps"])["apps"] or []:
-            apps[name] = _present(inspect(view, APP_ATTRIBUTES, app=name), APP_ATTRIBUTES)
-    elif app:
-        mine = _present(inspect(view, [w for w in wanted if w in APP_ATTRIBUTES], app=app), APP_ATTRIBUTES)
-        if mine:
-            apps[app] = mine
-    attrs["apps"] = dict(sorted(apps.items()))
-    return _present(attrs, ATTRIBUTE_ORDER)
 
 
 def go_json(obj: Any) -> str:
@@ -120,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     # labels unless another attribute was asked for (--json and --app alone leave the default)
     if not any(w != "labels" for w in wanted) and "labels" not in wanted:
         wanted.append("labels")
+    from hpcsif.inspect import gather
+
     attrs = gather(args.image, wanted, app)
     if args.json:
         print(go_json({"data": {"attributes": attrs}, "type": "container"}))
@@ -152,6 +112,8 @@ def run_help(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.image):
         raise NotFoundError(f"container not found: stat {args.image}: no such file or directory")
+    from hpcsif.inspect import gather
+
     attrs = gather(args.image, ["helpfile"], args.app)
     text = (attrs.get("apps", {}).get(args.app, {}) if args.app else attrs).get("helpfile")
     # Apptainer runs `inspect --helpfile` and prints its output, or this line when it printed nothing
