@@ -74,6 +74,11 @@ def _fail(message: str) -> SignatureError:
     return SignatureError(f"verification failed: {message}")
 
 
+def _unknown_pgp_signer(fpr: str) -> str:
+    # Apptainer's words (Go's openpgp package), then which key it was
+    return f"openpgp: signature made by unknown entity (key {fpr}, which is not among the keys given)"
+
+
 def _check_signature(
     img: SIFImage,
     sig: Descriptor,
@@ -102,14 +107,13 @@ def _check_signature(
         except SignatureError as exc:
             raise _fail(f"{where}: {exc}") from None
         if checked is None:
-            fpr = sig.entity.hex().upper() if sig.entity else "unknown"
-            return f"OpenPGP signature by key {fpr}, which is not among the keys given"
+            return _unknown_pgp_signer(sig.entity.hex().upper() if sig.entity else "unknown")
         payload, fpr = checked
         if sig.entity and sig.entity.hex().upper() != fpr:
             raise _fail(f"{where}: fingerprint in descriptor does not correspond to signing entity")
         signer = next((k for k in pgps if k.matches(fpr)), None)
         if signer is None:  # a key that shares a keyring file with a given one, but was not given
-            return f"OpenPGP signature by key {fpr}, which is not among the keys given"
+            return _unknown_pgp_signer(fpr)
     else:
         raise _fail(f"{where}: signature format not recognized")
     try:
