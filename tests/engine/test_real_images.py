@@ -25,7 +25,7 @@ import pytest
 
 from hpcsif.image.compose import ImageSpec, write_oci_layout
 from tests.conftest import peer_apptainer
-from tests.engine.conftest import as_user, hpcsif_cmd, need_tools
+from tests.engine.conftest import as_user, fuse_mounts, hpcsif_cmd, need_tools
 
 pytestmark = pytest.mark.slow
 
@@ -209,7 +209,8 @@ def hpcsif(request, debian: Debian):
         )
 
     _run.user = user
-    return _run
+    yield _run
+    assert not fuse_mounts(), "a mount was left behind"
 
 
 def peer(
