@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import stat
 import tarfile
@@ -31,6 +32,7 @@ _SMALL = MAX_JSON_DOCUMENT
 #: the archive's own top-level documents, the only members kept in memory
 _TOP_DOCUMENTS = frozenset({"index.json", "manifest.json"})
 _BLOB_NAME = re.compile(r"^(?:\./)?blobs/sha256/([a-f0-9]{64})$")
+_MAX_LINK_HOPS = 8  # links to links followed to a regular member (a loop ends there)
 
 
 @dataclass
@@ -40,6 +42,30 @@ class ArchiveContents:
     documents: dict[str, bytes] = field(default_factory=dict)
     blobs: dict[str, str] = field(default_factory=dict)  # member name -> digest in the store
     spans: dict[str, BlobSpan] = field(default_factory=dict)  # member name -> bytes left in place
+    links: dict[str, str] = field(default_factory=dict)  # link member name -> the name it points at
+
+    def add_link(self, member: tarfile.TarInfo) -> None:
+        """Record a symlink or hard link member, resolved by :meth:`resolve_links`."""
+        name = member.name.removeprefix("./")
+        if member.issym():  # relative to the link's directory, joined as containers/image joins it
+            target = posixpath.normpath(f"{posixpath.dirname(name)}/{member.linkname}").lstrip("/")
+        else:
+            target = member.linkname.removeprefix("./")
+        self.links[name] = target
+
+    def resolve_links(self) -> None:
+        """Give each link member the content of the regular member it names, as Apptainer does:
+        ``docker save`` (before Docker 25) links a layer that the archive holds twice to its first
+        copy. Names are only looked up among the members; nothing is read outside the archive."""
+        for name, target in self.links.items():
+            for _ in range(_MAX_LINK_HOPS):
+                if target not in self.links:
+                    break
+                target = self.links[target]
+            if target in self.blobs:
+                self.blobs.setdefault(name, self.blobs[target])
+            elif target in self.spans:
+                self.spans.setdefault(name, self.spans[target])
 
     def blob_spans(self) -> dict[str, BlobSpan]:
         """Spans of members named ``blobs/sha256/<hex>``, by digest."""
@@ -116,6 +142,8 @@ def index_tar(path: Path, store: OCIStore, where: str) -> ArchiveContents:
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
+                if member.issym() or member.islnk():
+                    out.add_link(member)
                 if not member.isfile():
                     continue
                 name = member.name.removeprefix("./")
@@ -129,6 +157,7 @@ def index_tar(path: Path, store: OCIStore, where: str) -> ArchiveContents:
                     raise document_too_large(f"{where}: {name}")
                 else:
                     out.spans[name] = BlobSpan(path, member.offset_data, member.size)
+        out.resolve_links()
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
     except (tarfile.TarError, EOFError) as exc:
@@ -166,6 +195,9 @@ def ingest_fileobj(stream: IO[bytes], store: OCIStore, where: str) -> ArchiveCon
             for member in tar:
                 if member.isfile():
                     _ingest_member(tar, member, store, out, where)
+                elif member.issym() or member.islnk():
+                    out.add_link(member)
+        out.resolve_links()
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
     except (tarfile.TarError, EOFError, zlib.error) as exc:

@@ -7,6 +7,8 @@ line, no traceback and nothing left in the output directory.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import subprocess
 import tarfile
@@ -110,3 +112,54 @@ def test_image_without_layers_is_refused(tmp_path: Path) -> None:
     _refused(out_dir, p, f"image oci://{layout} has no layers")
     if APPTAINER:
         assert not _peer_builds(tmp_path, f"oci:{layout}")
+
+
+def _docker_save(work: Path, *, link: bytes, big: bool, gzipped: bool) -> Path:
+    """A legacy ``docker save`` archive whose third layer repeats the first as a ``link`` member
+    (a symlink ``../aaa/layer.tar`` or a hard link), as Docker before 25 writes it."""
+    first = tar_bytes([file("hello", bytes(5 << 20) if big else b"hi")])  # big: left in place
+    second = tar_bytes([file("second", "2")])
+    diff_ids = [_put_digest(first), _put_digest(second), _put_digest(first)]
+    config = json.dumps({"os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    layers = ["aaa/layer.tar", "bbb/layer.tar", "ccc/layer.tar"]
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": ["x:1"], "Layers": layers}]).encode()
+    archive = work / "saved.tar"
+    with tarfile.open(archive, "w:gz" if gzipped else "w") as tar:
+        for name, data in (("config.json", config), ("aaa/layer.tar", first), ("bbb/layer.tar", second)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("ccc/layer.tar")
+        info.type = link
+        info.linkname = "../aaa/layer.tar" if link == tarfile.SYMTYPE else "aaa/layer.tar"
+        tar.addfile(info)
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    return archive
+
+
+def _put_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "link,big,gzipped",
+    [(tarfile.SYMTYPE, True, False), (tarfile.LNKTYPE, False, False), (tarfile.SYMTYPE, False, True)],
+    ids=["symlink-in-place", "hardlink", "symlink-gzip"],
+)
+def test_docker_save_layer_linked_to_its_first_copy(
+    tmp_path: Path, link: bytes, big: bool, gzipped: bool
+) -> None:
+    """Layers that are links to another member of the archive were "missing"; Apptainer
+    (containers/image) follows them."""
+    archive = _docker_save(tmp_path, link=link, big=big, gzipped=gzipped)
+    out = tmp_path / "x.sif"
+    p = subprocess.run(
+        ["hpcsif", "build", str(out), f"docker-archive:{archive}"], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    tree = _tree(out)
+    assert tree["/hello"] == f"-rw-r--r-- {5 << 20 if big else 2}" and tree["/second"] == "-rw-r--r-- 1"
+    if APPTAINER and not gzipped:  # Apptainer 1.4.5 reads no compressed docker-archive at all
+        assert _peer_builds(tmp_path, f"docker-archive:{archive}")
