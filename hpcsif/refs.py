@@ -8,6 +8,7 @@ any fsspec protocol) and bare local paths (a SIF file or a sandbox directory).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, replace
@@ -26,7 +27,11 @@ KNOWN = (*REGISTRY_TRANSPORTS, *FILE_TRANSPORTS, *DAEMON_TRANSPORTS, *URL_TRANSP
 # repository path components and tags, per the distribution spec
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
+_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128})$")  # go-digest's
+# a registry: host name, IPv4 address or [IPv6 address], and an optional port
+_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[([0-9a-fA-F:.]+)\])(?::([0-9]+))?$")
+MAX_NAME = 255  # registry/repository, as Docker's reference grammar limits it
 
 
 @dataclass(frozen=True)
@@ -134,17 +139,38 @@ def parse_docker_name(
         registry = DOCKER_HUB
     if registry in _HUB_ALIASES:
         registry = DOCKER_HUB
+    elif not _valid_registry(registry):
+        raise ReferenceError(f"invalid registry {registry!r} in {raw!r} (expected HOST[:PORT])")
     if registry == DOCKER_HUB and len(parts) == 1:
         parts = ["library", *parts]
     for comp in parts:
         if not _COMPONENT.match(comp):
             why = " (repository names must be lowercase)" if _COMPONENT.match(comp.lower()) else ""
             raise ReferenceError(f"invalid repository name component {comp!r} in {raw!r}{why}")
+    if len(name) > MAX_NAME:
+        raise ReferenceError(
+            f"invalid image reference {raw[:80]!r}…: the name is longer than {MAX_NAME} characters"
+        )
     if tag is None and digest is None and default_tag:
         tag = "latest"
     return Reference(
         transport=transport, raw=raw, registry=registry, repository="/".join(parts), tag=tag, digest=digest
     )
+
+
+def _valid_registry(registry: str) -> bool:
+    match = _DOMAIN.match(registry)
+    if not match:
+        return False
+    ipv6, port = match.groups()
+    if port is not None and not 0 < int(port) < 65536:
+        return False
+    if ipv6 is not None:
+        try:
+            ipaddress.IPv6Address(ipv6)
+        except ValueError:
+            return False
+    return True
 
 
 def _split_path_ref(body: str) -> tuple[str, str | None]:

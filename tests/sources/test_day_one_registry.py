@@ -632,3 +632,25 @@ def test_a_download_that_cannot_succeed_is_not_retried(request, work, scheme, po
 def _closed_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("uri", "fatal"),
+    [
+        ("docker://[::1/team/app:1", "invalid registry '[::1' in 'docker://[::1/team/app:1' (expected HOST"),
+        ("docker://host:port/team/app:1", "invalid registry 'host:port'"),
+        ("oras://127.0.0.1:99999/team/app:1", "invalid registry '127.0.0.1:99999'"),
+        ("docker://:5000/team/app:1", "invalid registry ':5000'"),
+        ("docker://reg.example/team/app@md5:" + "0" * 32, "invalid digest 'md5:" + "0" * 32 + "'"),
+        ("docker://reg.example/" + "a/" * 130 + "app:1", "the name is longer than 255 characters"),
+    ],
+)  # fmt: skip
+def test_malformed_registry_names_are_one_reference_error(work, uri: str, fatal: str) -> None:
+    """As Apptainer ("invalid reference format"), refused before any request: an unclosed IPv6
+    bracket used to be an internal error, a bad port a 'Failed to parse: http://…' from urllib3."""
+    res = hpcsif(work, "pull", uri)
+    assert res.returncode == 255
+    assert len(res.stderr.splitlines()) == 1 and fatal in res.stderr, res.stderr
+    if uri.startswith("docker://[::1"):
+        theirs = peer(work, "pull", uri)
+        assert theirs.returncode == 255 and "invalid reference format" in theirs.stderr, theirs.stderr
