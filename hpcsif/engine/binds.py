@@ -136,7 +136,8 @@ def check_sources(binds: list[Bind]) -> list[Bind]:
 def parse_home(spec: str | None, default_home: str) -> tuple[str, str]:
     """``--home SRC[:DST]`` → (host source, container home); default: the user's home twice.
 
-    A third field, or a relative *DST*, is refused in one line, as Apptainer refuses them.
+    A third field, or a relative *DST*, is refused in one line, as Apptainer refuses them; so is
+    a relative *SRC* without *DST*, which Apptainer takes as the container's home as given.
     """
     if not spec:
         return default_home, default_home
@@ -144,7 +145,7 @@ def parse_home(spec: str | None, default_home: str) -> tuple[str, str]:
     if len(fields) > 2:
         raise UsageError(f"--home {spec}: home argument has incorrect number of elements: {len(fields)}")
     src = os.path.abspath(os.path.expanduser(fields[0]))
-    dst = fields[1] if len(fields) > 1 and fields[1] else src
+    dst = fields[1] if len(fields) > 1 and fields[1] else fields[0]
     if not dst.startswith("/"):
         raise UsageError(f"--home {spec}: the container's home {dst} is not an absolute path")
     return src, os.path.normpath(dst)

@@ -514,6 +514,7 @@ def test_home_is_the_user_databases_and_home_flag_checks(run, images, pub_tmp):
     for spec, why in (
         (f"{pub_tmp}:/home/me:ro", "home argument has incorrect number of elements: 3"),
         (f"{pub_tmp}:rel", "the container's home rel is not an absolute path"),
+        ("rel", "the container's home rel is not an absolute path"),  # (the host's ./rel, as given)
     ):
         res = run("exec", "--home", spec, str(images.sif), "true")
         assert (res.returncode, res.stderr) == (2, f"FATAL:   --home {spec}: {why}\n")
