@@ -359,6 +359,10 @@ class _StageBuilder:
             self._check_fingerprints(Path(stage.source))
             found = self._local_image(Path(stage.source), line)
             self.options.say(f"Verifying bootstrap image {stage.source}")
+            if Path(stage.source).is_file() and "fingerprints" not in stage.header:
+                from hpcsif.signing.verify import warn_unverified_base
+
+                warn_unverified_base(stage.source)
             self.options.say("Extracting local image...")
             return found
         if stage.bootstrap == "scratch":

@@ -481,7 +481,10 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
         if local:
             info(args, "Starting build...")
             if ref.transport == "sif":
+                from hpcsif.signing.verify import warn_unverified_base
+
                 info(args, f"Verifying bootstrap image {args.source}")
+                warn_unverified_base(ref.path or args.source)
             info(args, "Extracting local image...")
             info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")
         else:

@@ -263,3 +263,19 @@ def verify_trusted(sif_path: str | os.PathLike, config: Config) -> VerifyReport:
     signers = ", ".join(sorted({r.key.label for r in report.verified}))
     log.info("%s: signed by trusted key(s) %s", sif_path, signers)
     return report
+
+
+def warn_unverified_base(sif_path: str | os.PathLike) -> None:
+    """As Apptainer's build from a local SIF: a signed base that does not verify against the
+    local keyring is still built from, with its two warnings; an unsigned one, silently."""
+    from hpcsif.signing.keys import Keyring
+
+    with SIFImage.open(sif_path) as img:
+        if not img.find(DataType.SIGNATURE):
+            return
+    try:
+        verify_image(sif_path, Keyring().list())
+    except (SignatureError, SIFError) as exc:
+        reason = str(exc).removeprefix("verification failed: ")
+        log.warning("%s", reason if reason.startswith("integrity: ") else f"integrity: {reason}")
+        log.warning("Bootstrap image could not be verified, but build will continue.")
