@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, replace
 
 from hpcsif.errors import ReferenceError
@@ -216,6 +217,12 @@ def parse(text: str) -> Reference:
         _check_reachable(text, path)
         return Reference(transport=scheme, raw=text, path=path, name=name)
     if scheme in URL_TRANSPORTS:
+        try:
+            host = urllib.parse.urlsplit(text).hostname
+        except ValueError:  # an unclosed [IPv6 address
+            host = None
+        if not host:
+            raise ReferenceError(f"invalid URL {redact_url(text)!r}: no host name")
         return Reference(transport=scheme, raw=redact_url(text), path=text)
     if scheme in ("library", "shub"):
         raise ReferenceError(f"{scheme}:// is not supported by hpcsif (use docker://, oras:// or https://)")

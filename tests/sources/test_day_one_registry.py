@@ -643,6 +643,8 @@ def _closed_port() -> int:
         ("docker://:5000/team/app:1", "invalid registry ':5000'"),
         ("docker://reg.example/team/app@md5:" + "0" * 32, "invalid digest 'md5:" + "0" * 32 + "'"),
         ("docker://reg.example/" + "a/" * 130 + "app:1", "the name is longer than 255 characters"),
+        ("https://[::1/image.sif", "invalid URL 'https://[::1/image.sif': no host name"),
+        ("http:///image.sif", "invalid URL 'http:///image.sif': no host name"),
     ],
 )  # fmt: skip
 def test_malformed_registry_names_are_one_reference_error(work, uri: str, fatal: str) -> None:
