@@ -29,8 +29,8 @@ def parse_bind(spec: str) -> list[Bind]:
     """Parse one ``-B`` value (comma-separated ``src[:dst[:opts]]`` entries) into binds.
 
     As in Apptainer: ``\\,`` and ``\\:`` escape a comma and a colon in a path; the options
-    (``ro``, ``rw``; ``ro`` wins) may be a comma-separated list; ``dst`` defaults to ``src``.
-    Relative sources are made absolute.
+    (``ro``, ``rw``; ``ro`` wins) may be a comma-separated list; ``dst`` defaults to ``src`` as
+    given (a relative one is refused, as there). Relative sources are made absolute.
     """
     entries: list[tuple[str, list[str]]] = []  # (the entry as given, its fields)
     for piece in re.split(r"(?<!\\),", spec):
@@ -55,7 +55,7 @@ def _bind(fields: list[str], entry: str) -> Bind:
     if len(fields) > 3:
         raise UsageError(f"invalid bind {entry!r} (expected src[:dst[:ro|rw]])")
     src = os.path.abspath(fields[0]) if fields[0] else ""
-    dst = fields[1] if len(fields) > 1 and fields[1] else src
+    dst = fields[1] if len(fields) > 1 and fields[1] else fields[0]
     opts = fields[2].split(",") if len(fields) > 2 else ["rw"]
     for opt in opts:
         if opt.startswith(_IMAGE_OPTIONS):

@@ -305,6 +305,15 @@ def test_bind_escapes_and_repeated_destinations(run, images, pub_tmp):
     ]
 
 
+def test_relative_bind_alone_is_refused(run, images):
+    """-B rel: the destination is the source as given, relative, and refused (as Apptainer does)."""
+    res = run("exec", "-B", "rel-dir", str(images.sif), "true")
+    assert (res.returncode, res.stderr) == (
+        2,
+        "FATAL:   invalid bind 'rel-dir': the destination must be an absolute path\n",
+    )
+
+
 def test_missing_bind_source(run, images):
     res = run("exec", "-B", "/does/not/exist:/x", str(images.sif), "true")
     assert res.returncode != 0

@@ -18,11 +18,12 @@ from hpcsif.errors import ConfigError, EngineError, UsageError
 def test_parse_bind():
     assert parse_bind("/a") == [Bind("/a", "/a")]
     assert parse_bind("/a:/b:ro,/c:/d") == [Bind("/a", "/b", True), Bind("/c", "/d")]
-    assert parse_bind("rel::rw")[0].src == os.path.abspath("rel")
+    assert parse_bind("rel:/x:rw")[0].src == os.path.abspath("rel")
     # Apptainer's escapes and option lists
     assert parse_bind(r"/a\,b:/c\:d:rw,ro,/e") == [Bind("/a,b", "/c:d", True), Bind("/e", "/e")]
-    assert parse_bind("/a:/b:ro,rootdir")[1].src == os.path.abspath("rootdir")
-    for bad in ("/a:b", "/a:/b:rx", "/a:/b:ro:x", ":/b", "/a:/b:image-src=/x"):
+    assert parse_bind("/a:/b:ro,/rootdir")[1] == Bind("/rootdir", "/rootdir")
+    # a relative source alone is the destination too, as given: refused, as in Apptainer
+    for bad in ("/a:b", "/a:/b:rx", "/a:/b:ro:x", ":/b", "/a:/b:image-src=/x", "rel", "rel::rw"):
         with pytest.raises(UsageError):
             parse_bind(bad)
 
