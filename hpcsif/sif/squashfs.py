@@ -77,6 +77,14 @@ def _tail(stream: BinaryIO) -> str:
     return " ".join(text[-_STDERR_TAIL:].split()) or "no message"
 
 
+def _first_line(stream: BinaryIO) -> str:
+    """The first line a tool wrote to ``stream``: GNU tar names every entry it could not
+    extract, the same cause thousands of times, and ends with a summary that names none."""
+    stream.seek(0)
+    head = stream.read(_STDERR_TAIL).decode(errors="replace").strip()
+    return head.splitlines()[0].strip() if head else "no message"
+
+
 def _discard(pipe: BinaryIO) -> None:
     """Close a pipe whose reader is gone, dropping what is still buffered."""
     with contextlib.suppress(OSError):
@@ -226,7 +234,7 @@ def _from_tar_via_dir(
                 proc.wait()
                 raise
             if rc != 0:
-                raise SquashfsError(f"unpacking the root filesystem for {dest} failed: {_tail(err)}")
+                raise SquashfsError(f"unpacking the root filesystem failed: {_first_line(err)}")
         return _mksquashfs(root, dest, compression, level, jobs, 0)
 
 

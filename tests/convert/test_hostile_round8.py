@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from hpcsif.image.compose import ImageSpec, layer_tar, write_oci_layout
 from tests.convert.test_hostile_metadata import _put
-from tests.image.tarbuild import blob, d, file, layer, sym, tar_bytes
+from tests.image.tarbuild import blob, d, file, layer, link, sym, tar_bytes
 from tests.image.test_hostile_cli import APPTAINER, _archive, _hpcsif_build, _tree
 
 
@@ -163,3 +164,18 @@ def test_docker_save_layer_linked_to_its_first_copy(
     assert tree["/hello"] == f"-rw-r--r-- {5 << 20 if big else 2}" and tree["/second"] == "-rw-r--r-- 1"
     if APPTAINER and not gzipped:  # Apptainer 1.4.5 reads no compressed docker-archive at all
         assert _peer_builds(tmp_path, f"docker-archive:{archive}")
+
+
+def test_too_many_hard_links_name_the_first_failure(tmp_path: Path) -> None:
+    """66,000 hard links to one file in one directory: the wide directory is unpacked with tar,
+    which refuses links past the file system's limit (Apptainer fails too: "link: too many
+    links"). The FATAL line was the last 2000 characters of tar's repeated complaints."""
+    entries = [file("t", "T"), *(link(f"h{i}", "t") for i in range(66_000))]
+    archive = _archive(tmp_path, [layer(tmp_path, entries)])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    p = _hpcsif_build(out_dir / "x.sif", archive)
+    if p.returncode == 0:
+        pytest.skip(f"the file system of {tmp_path} takes 66,000 links to one file")
+    _refused(out_dir, p, "FATAL:   unpacking the root filesystem failed: tar: h")
+    assert re.search(r"FATAL: .*: tar: h\d+: Cannot hard link to .t.: Too many links\n$", p.stderr), p.stderr
