@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hpcsif.signing.keys import Keyring
+    from hpcsif.signing.verify import VerifyReport
 
 
 def _flag_bool(value: str) -> bool:
@@ -360,9 +361,9 @@ def _json_report(signatures: int, objects: list[dict[str, object]]) -> str:
 def _verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hpcsif.errors import SignatureError, UsageError
+    from hpcsif.errors import UsageError
     from hpcsif.signing.keys import Keyring
-    from hpcsif.signing.verify import keys_from_paths, verify_image
+    from hpcsif.signing.verify import VerificationFailed, VerifyReport, keys_from_paths, verify_image
 
     if args.legacy_insecure:
         _unsupported(
@@ -398,44 +399,59 @@ def _verify(args: argparse.Namespace) -> int:
         _info(args, "Verifying image with PGP key material")
     try:
         report = verify_image(args.image, keys, args.group_id, args.sif_id)
-    except SignatureError:
+    except VerificationFailed as exc:
+        # as Apptainer: what was verified before the failure, then the error on stdout too
+        done = exc.report or VerifyReport(Path(args.image))
         if args.json:
-            print(_json_report(0, []))
+            # Apptainer counts the signature that failed too, and lists only the verified ones
+            checked = len(done.verified) + (exc.signature is not None)
+            print(_json_report(checked, _json_entries(done, local)))
+        else:
+            _print_verified(done)
+            print(f"\nError encountered during signature verification: {exc.reason}")
         raise
     for sig, why in report.skipped:
         print(f"WARNING: signature object {sig.id} skipped: {why}", file=sys.stderr)
     if args.json:
-        entries = []
-        for result in report.verified:
-            pgp = result.key.scheme == "pgp"
-            for od in result.objects:
-                kind = od.datatype.label if hasattr(od.datatype, "label") else hex(od.datatype)
-                signer = {
-                    "Partition": kind,
-                    "Name": (result.key.uid or result.key.name) if pgp else "unknown",
-                    "Fingerprint": result.key.fingerprint.lower() if pgp else "",
-                    "KeyLocal": local,
-                    "KeyCheck": local,
-                    "DataCheck": True,
-                }
-                entries.append({"Signer": signer})
-        print(_json_report(len(report.verified), entries))
+        print(_json_report(len(report.verified), _json_entries(report, local)))
     else:
-        for result in report.verified:
-            key = result.key
-            if key.scheme == "pgp":  # Apptainer names the signer of OpenPGP signatures only
-                print(f"{'[LOCAL]':<18} Signing entity: {key.uid or key.name}")
-                print(f"{'[LOCAL]':<18} Fingerprint: {key.fingerprint}")
-            print("Objects verified:")
-            print(f"{'ID':<4}|{'GROUP':<8}|{'LINK':<8}|TYPE")
-            print("-" * 48)
-            for od in result.objects:
-                group = str(od.group_id) if od.group_id else "NONE"
-                link = (
-                    f"{od.link_id} (G)" if od.link_is_group else (str(od.link_id) if od.link_id else "NONE")
-                )
-                kind = od.datatype.label if hasattr(od.datatype, "label") else hex(od.datatype)
-                print(f"{od.id:<4}|{group:<8}|{link:<8}|{kind}")
+        _print_verified(report)
     signers = ", ".join(sorted({r.key.label for r in report.verified}))
     _info(args, f"Verified signature(s) from image '{args.image}' (signed by {signers})")
     return 0
+
+
+def _json_entries(report: VerifyReport, local: bool) -> list[dict[str, object]]:
+    """One ``Signer`` entry per verified object, as Apptainer's ``verify --json`` lists them."""
+    entries: list[dict[str, object]] = []
+    for result in report.verified:
+        pgp = result.key.scheme == "pgp"
+        for od in result.objects:
+            kind = od.datatype.label if hasattr(od.datatype, "label") else hex(od.datatype)
+            signer = {
+                "Partition": kind,
+                "Name": (result.key.uid or result.key.name) if pgp else "unknown",
+                "Fingerprint": result.key.fingerprint.lower() if pgp else "",
+                "KeyLocal": local,
+                "KeyCheck": local,
+                "DataCheck": True,
+            }
+            entries.append({"Signer": signer})
+    return entries
+
+
+def _print_verified(report: VerifyReport) -> None:
+    """Apptainer's table of the objects each verified signature covers."""
+    for result in report.verified:
+        key = result.key
+        if key.scheme == "pgp":  # Apptainer names the signer of OpenPGP signatures only
+            print(f"{'[LOCAL]':<18} Signing entity: {key.uid or key.name}")
+            print(f"{'[LOCAL]':<18} Fingerprint: {key.fingerprint}")
+        print("Objects verified:")
+        print(f"{'ID':<4}|{'GROUP':<8}|{'LINK':<8}|TYPE")
+        print("-" * 48)
+        for od in result.objects:
+            group = str(od.group_id) if od.group_id else "NONE"
+            link = f"{od.link_id} (G)" if od.link_is_group else (str(od.link_id) if od.link_id else "NONE")
+            kind = od.datatype.label if hasattr(od.datatype, "label") else hex(od.datatype)
+            print(f"{od.id:<4}|{group:<8}|{link:<8}|{kind}")

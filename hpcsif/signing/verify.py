@@ -70,8 +70,22 @@ class VerifyReport:
     skipped: list[tuple[Descriptor, str]] = field(default_factory=list)
 
 
-def _fail(message: str) -> SignatureError:
-    return SignatureError(f"verification failed: {message}")
+class VerificationFailed(SignatureError):
+    """Verification failed; :attr:`report` holds the signatures verified before the failure
+    (Apptainer's ``verify`` prints them before its error)."""
+
+    report: VerifyReport | None = None
+    #: the signature being checked when it failed (None: the failure is not a signature's)
+    signature: Descriptor | None = None
+
+    @property
+    def reason(self) -> str:
+        """The message without its ``verification failed:`` and ``integrity:`` prefixes."""
+        return str(self).removeprefix("verification failed: ").removeprefix("integrity: ")
+
+
+def _fail(message: str) -> VerificationFailed:
+    return VerificationFailed(f"verification failed: {message}")
 
 
 def _unknown_pgp_signer(fpr: str) -> str:
@@ -165,7 +179,23 @@ def verify_image(
     checked fails.
     """
     report = VerifyReport(Path(path))
-    with SIFImage.open(path) as img:
+    try:
+        _verify_groups(report, keys, group_id, object_id, skip_unknown_signers)
+    except VerificationFailed as exc:
+        exc.report = report
+        raise
+    return report
+
+
+def _verify_groups(
+    report: VerifyReport,
+    keys: list[KeyInfo],
+    group_id: int | None,
+    object_id: int | None,
+    skip_unknown_signers: bool,
+) -> None:
+    """:func:`verify_image`'s work, adding to *report* as it goes."""
+    with SIFImage.open(report.path) as img:
         digester = Digester(img)
         for group, required in _targets(img, group_id, object_id):
             linked = [d for d in img.find(DataType.SIGNATURE) if d.link_is_group and d.link_id == group]
@@ -181,10 +211,14 @@ def verify_image(
                 )
             checked = 0
             for sig in sigs:
-                result = _check_signature(img, sig, group, keys, digester, required)
-                if isinstance(result, str):
-                    if not skip_unknown_signers:
+                try:
+                    result = _check_signature(img, sig, group, keys, digester, required)
+                    if isinstance(result, str) and not skip_unknown_signers:
                         raise _fail(f"signature object {sig.id} not valid: {result}")
+                except VerificationFailed as exc:
+                    exc.signature = sig
+                    raise
+                if isinstance(result, str):
                     report.skipped.append((sig, result))
                 else:
                     report.verified.append(result)
@@ -192,7 +226,6 @@ def verify_image(
             if not checked:
                 reasons = "; ".join(why for d, why in report.skipped if d in sigs)
                 raise _fail(f"{group_label(img, group)}: no signature could be checked: {reasons}")
-    return report
 
 
 def keys_from_paths(paths: list[str | os.PathLike]) -> list[KeyInfo]:

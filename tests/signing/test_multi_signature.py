@@ -81,3 +81,26 @@ def test_wrong_key_fails(sif: Path, keysdir: Path) -> None:
     cfg.override("cache.trusted_keys", [str(stranger.public_path)])
     with pytest.raises(SignatureError, match=r"not signed by a trusted key.*no signature could be checked"):
         require_trusted(sif, cfg)
+
+
+def test_a_failed_verify_prints_what_was_verified_first(signed_twice: tuple[Path, Path, Path]) -> None:
+    """As Apptainer's: the objects alice's signature covers, then the error for bob's, on stdout;
+    ``--json`` counts both signatures and lists alice's objects."""
+    sif, alice, _ = signed_twice
+    text = run_cli("verify", "--key", str(alice), str(sif), check=False)
+    assert text.stdout.count("Objects verified:") == 1
+    assert text.stdout.endswith(
+        "\nError encountered during signature verification: signature object 6 not valid: "
+        "DSSE signature by a key not given (import the signer's public key or pass --key)\n"
+    )
+    doc = run_cli("verify", "--json", "--key", str(alice), str(sif), check=False)
+    assert doc.returncode == 255 and '"Signatures": 2' in doc.stdout and '"Signer"' in doc.stdout
+    if APPTAINER:
+        for args, ours in ((["verify"], text), (["verify", "--json"], doc)):
+            peer = subprocess.run(
+                [APPTAINER, *args, "--key", str(alice), str(sif)], capture_output=True, text=True, timeout=120
+            )
+            assert peer.returncode == 255
+            # the same up to the reasons' wording
+            cut = "Error encountered during signature verification: signature object 6 not valid: "
+            assert ours.stdout.split(cut)[0] == peer.stdout.split(cut)[0], (args, peer.stdout)
