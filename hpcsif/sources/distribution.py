@@ -220,6 +220,13 @@ def _preload(resp: requests.Response, timeout: float, limit: int = 64 << 10) -> 
     resp._content, resp._content_consumed = data[:limit], True
 
 
+def _asks_for_https(resp: requests.Response) -> bool:
+    """True for the 400 a TLS server gives a plain-HTTP request ("Client sent an HTTP request to
+    an HTTPS server.", nginx's "The plain HTTP request was sent to HTTPS port"); its body is
+    already read (a bounded start)."""
+    return "https" in (resp.content or b"")[:4096].decode("latin-1").lower()
+
+
 def error_text(resp: requests.Response, timeout: float = 10.0) -> str:
     """The HTTP status and the registry's error message(s) from a JSON error body, else its reason."""
     if resp._content is False:  # streamed and not read yet: read no more than its start
@@ -253,6 +260,7 @@ class RegistryClient:
         *,
         credentials: Credentials | None = None,
         insecure: bool = False,
+        tls_fallback: bool = False,
         endpoint: str | None = None,
         retries: int = 5,
         timeout: float = 60.0,
@@ -261,6 +269,8 @@ class RegistryClient:
     ) -> None:
         self.registry = registry
         self.base = (endpoint or f"{'http' if insecure else 'https'}://{api_host(registry)}").rstrip("/")
+        # plain HTTP chosen for a loopback registry, which may turn out to speak only HTTPS
+        self.tls_fallback = tls_fallback and self.base.startswith("http://")
         self.credentials = credentials
         self.retries = retries
         self.timeout = timeout
@@ -342,6 +352,11 @@ class RegistryClient:
         if self._pinged:
             return
         resp = self._send("GET", f"{self.base}/v2/")
+        if self.tls_fallback and resp.status_code == 400 and _asks_for_https(resp):
+            resp.close()
+            log.info("registry %s asks for HTTPS; using it", self.registry)
+            self.base = "https://" + self.base.split("://", 1)[1]
+            resp = self._send("GET", f"{self.base}/v2/")
         if resp.status_code == 401:
             header = resp.headers.get("WWW-Authenticate", "")
             self._challenge = parse_challenge(header) if header else ("basic", {})
@@ -446,6 +461,8 @@ class RegistryClient:
         An ``absolute`` URL the registry named (an upload location) on another host gets no
         credentials: the registry may send us anywhere, our password stays with it.
         """
+        if not absolute:
+            self._ping()  # first: it may move the registry from http:// to https://
         url = path if absolute else f"{self.base}/v2/{path}"
         target = urllib.parse.urlsplit(url)
         if target.scheme not in ("http", "https"):

@@ -58,8 +58,8 @@ def _clients_for(
 ) -> list[RegistryClient]:
     cfg = get_config()
     plain = insecure or registry in (cfg.get("registry.insecure") or []) or is_loopback(registry)
+    why = "--nohttps" if insecure else ("registry.insecure" if not is_loopback(registry) else "loopback")
     if plain:
-        why = "--nohttps" if insecure else ("registry.insecure" if not is_loopback(registry) else "loopback")
         log.info("using plain HTTP for registry %s (%s)", registry, why)
     opts = {
         "retries": int(cfg.get("registry.retries", 5)),
@@ -76,7 +76,9 @@ def _clients_for(
         )
         for mirror in (cfg.get("registry.mirrors") or {}).get(registry, [])
     ]
-    clients.append(RegistryClient(registry, credentials=creds, insecure=plain, **opts))
+    # a loopback registry is spoken to in plain HTTP, or in HTTPS when it asks for it (see tls_fallback)
+    fallback = plain and why == "loopback"
+    clients.append(RegistryClient(registry, credentials=creds, insecure=plain, tls_fallback=fallback, **opts))
     return clients
 
 

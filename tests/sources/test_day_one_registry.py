@@ -656,3 +656,49 @@ def test_malformed_registry_names_are_one_reference_error(work, uri: str, fatal:
     if uri.startswith("docker://[::1"):
         theirs = peer(work, "pull", uri)
         assert theirs.returncode == 255 and "invalid reference format" in theirs.stderr, theirs.stderr
+
+
+def test_a_loopback_registry_that_speaks_only_https(registry_open: Registry, busybox_image, work) -> None:
+    """A registry on this machine is spoken to in plain HTTP; one serving TLS only answers that
+    with a 400 asking for HTTPS, and is then spoken to in HTTPS (it was a FATAL 'HTTP 400 Bad
+    Request'; Apptainer uses HTTPS unless --no-https)."""
+    import shutil
+
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        pytest.skip("docker-registry is not installed")
+    registry_open.push(busybox_image.oci_ref, "team/busybox:1")
+    ca = _certificate(work, "ca")
+    _certificate(work, "server", "127.0.0.1", ca)
+    port = _closed_port()
+    config = {  # the open registry's storage, served over TLS
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(registry_open.root / "data")}},
+        "http": {
+            "addr": f"127.0.0.1:{port}",
+            "tls": {"certificate": str(work / "server.pem"), "key": str(work / "server.key")},
+        },
+    }
+    (work / "tls.yml").write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        [exe, "serve", str(work / "tls.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None, "the TLS registry did not start"
+            time.sleep(0.05)
+        trust = {"SSL_CERT_FILE": str(work / "ca.pem"), "REQUESTS_CA_BUNDLE": str(work / "ca.pem")}
+        ref = f"docker://127.0.0.1:{port}/team/busybox:1"
+        res = hpcsif(work, "-v", "pull", "--name", "a.sif", ref, **trust)
+        assert res.returncode == 0, res.stderr
+        assert f"VERBOSE: registry 127.0.0.1:{port} asks for HTTPS; using it" in res.stderr
+        theirs = peer(work, "pull", "--name", "p.sif", ref, **trust)
+        assert theirs.returncode == 0, theirs.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
