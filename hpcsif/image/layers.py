@@ -78,6 +78,7 @@ import logging
 import os
 import posixpath
 import queue
+import stat
 import tarfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -229,10 +230,14 @@ class _LayerStream(io.RawIOBase):
         self.layer = layer
         digest = layer.digest if verify else None
         diff_id = layer.diff_id if verify else None
-        try:
-            f = open(layer.path, "rb", buffering=0)  # noqa: SIM115 - the inflater closes it
+        try:  # without blocking: a FIFO is refused below, not waited on for ever
+            fd = os.open(layer.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise LayerError(f"layer {layer.label}: cannot open blob {layer.path}: {e.strerror}") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise LayerError(f"layer {layer.label}: blob {layer.path} is not a regular file")
+        f = open(fd, "rb", buffering=0)  # noqa: SIM115 - the inflater closes it
         self._source: _ThreadInflater | inflate.InflateProcess
         try:
             if process is None:

@@ -45,7 +45,10 @@ def read_document(path: Path, what: str) -> bytes:
 
     Only a regular file is read (a FIFO would block); FileNotFoundError propagates.
     """
-    data = read_regular(path, MAX_JSON_DOCUMENT)
+    try:
+        data = read_regular(path, MAX_JSON_DOCUMENT)
+    except IsADirectoryError:
+        data = None
     if data is None:
         raise IntegrityError(f"{what} is not a regular file")
     if len(data) > MAX_JSON_DOCUMENT:

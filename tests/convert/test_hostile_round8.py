@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import tarfile
@@ -179,3 +180,26 @@ def test_too_many_hard_links_name_the_first_failure(tmp_path: Path) -> None:
         pytest.skip(f"the file system of {tmp_path} takes 66,000 links to one file")
     _refused(out_dir, p, "FATAL:   unpacking the root filesystem failed: tar: h")
     assert re.search(r"FATAL: .*: tar: h\d+: Cannot hard link to .t.: Too many links\n$", p.stderr), p.stderr
+
+
+@pytest.mark.parametrize("blob_kind", ["fifo-layer", "directory-config"])
+def test_layout_blob_that_is_no_regular_file(tmp_path: Path, blob_kind: str) -> None:
+    """A FIFO as a layer blob hung the build for ever (as it hangs Apptainer's); a directory as
+    the config said "FATAL:   4: Is a directory". Both are one line naming the blob."""
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, ImageSpec(layers=[layer_tar([])]))
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    desc = manifest["layers"][0] if blob_kind == "fifo-layer" else manifest["config"]
+    path = layout / "blobs/sha256" / desc["digest"][7:]
+    path.unlink()
+    if blob_kind == "fifo-layer":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = ["hpcsif", "build", str(out_dir / "x.sif"), f"oci:{layout}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    name = f"blob {path}" if blob_kind == "fifo-layer" else f"blob {desc['digest']}"
+    _refused(out_dir, p, f"{name} is not a regular file")
