@@ -1114,6 +1114,8 @@ def _run(
         os.set_inheritable(fd, True)
     if signals.interactive:
         _become_subreaper()
+    # (a background job must not take the terminal from the shell when it ends)
+    foreground = signals.interactive and _in_foreground()
     try:
         try:
             # non-interactive: bwrap gets its own process group, so a terminal's Ctrl-C reaches only
@@ -1139,7 +1141,7 @@ def _run(
             with contextlib.suppress(ChildProcessError):
                 _, status = os.waitpid(child, 0)
     finally:
-        if signals.interactive:
+        if foreground:
             _reclaim_terminal()
     code = os.waitstatus_to_exitcode(status)
     if not started and not signals.forwarded:
@@ -1205,6 +1207,14 @@ def _become_subreaper() -> None:
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def _in_foreground() -> bool:
+    """True when our process group is the terminal's foreground (not a background job)."""
+    try:
+        return os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
 
 
 def _reclaim_terminal() -> None:

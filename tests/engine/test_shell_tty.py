@@ -103,3 +103,25 @@ def test_terminal_is_the_containers_controlling_terminal(images, pub_tmp, action
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 4
     assert not fuse_mounts()
+
+
+def test_background_job_leaves_the_terminal_to_the_shell(images):
+    """`hpcsif exec … &` from an interactive shell: when it ends, the shell waiting at its prompt
+    keeps its terminal (taking it back would leave the shell unable to read: it would exit)."""
+    line = " ".join(
+        f"'{a}'" for a in hpcsif_cmd("exec", str(images.sif), "sh", "-c", "sleep 1; echo job-$((6*7))")
+    )
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe("bash", ["bash", "--norc", "--noprofile", "-i"], {**os.environ, "TERM": "xterm"})
+    try:
+        os.write(fd, f"{line} &\n".encode())
+        assert b"job-42" in _read_until(fd, b"job-42", timeout=60)
+        time.sleep(1)  # the job has ended while the shell was reading
+        os.write(fd, b"echo still-$((6*7)); exit 5\n")
+        assert b"still-42" in _read_until(fd, b"still-42"), "the shell lost its terminal"
+        _read_until(fd, b"\0", timeout=5)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 5
