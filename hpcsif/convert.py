@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,7 +245,8 @@ def sandbox_to_sif(
     Apptainer renews them (date, ``localimage`` from ``origin``), and ``oci_config`` (a repacked
     SIF's) is stored when given. ``arch`` overrides ``options.arch``; ``origin`` is what the def
     file record names as the source (default: ``src``). A ``scratch`` tree (ours to change) gets
-    the renewed labels in its ``labels.json`` too; a user's sandbox is never written to.
+    the renewed labels and def file in its ``/.singularity.d`` too (:func:`renew_local_image`);
+    a user's sandbox is never written to.
     """
     from hpcsif.sif import metadata as md
     from hpcsif.sif.format import DataType, FSType, PartType
@@ -265,17 +267,10 @@ def sandbox_to_sif(
             runtime = meta.oci_config_json() if meta.oci_config else None
         else:
             runtime = json.dumps(oci_config, separators=(",", ":")).encode() if oci_config else None
-            sd = src / ".singularity.d"
-            labels = _read_json(_text_inside(sd, "labels.json") or "")
-            labels.update(
-                md.build_labels(
-                    bootstrap="localimage",
-                    source=origin or str(src),
-                    arch=str(labels.get("org.label-schema.build-arch") or arch),
-                )
-            )
-            if scratch and sd.is_dir() and not sd.is_symlink():  # a link could point out of the tree
-                atomic_write_bytes(sd / "labels.json", md.labels_json(labels).encode())
+            if scratch:
+                labels = renew_local_image(src, origin or str(src), arch)
+            else:
+                labels = _local_labels(src, origin or str(src), arch)
             # what `inspect --all` shows of the tree (environment, help, test, apps …), as Apptainer
             # records it: `apptainer inspect -e` and `run-help` read only this object
             from hpcsif.inspect import ATTRIBUTE_ORDER, ImageView, gather, present
@@ -328,13 +323,15 @@ def sif_oci_config(sif: str | os.PathLike[str]) -> dict[str, Any]:
     """The base SIF's ``oci-config.json``, which the new image keeps, as Apptainer's keeps it.
 
     A shell-less image needs it to start; one that is not a JSON object could not start it and
-    is left behind with a warning.
+    is left behind with a warning. A bare squashfs or ext3 image file has none.
     """
     from hpcsif.errors import IntegrityError
     from hpcsif.image.store import load_json_object
     from hpcsif.sif.format import DataType
-    from hpcsif.sif.reader import SIFImage
+    from hpcsif.sif.reader import SIFImage, bare_filesystem
 
+    if bare_filesystem(sif):
+        return {}
     with SIFImage.open(sif) as img:
         found = img.find(DataType.GENERIC_JSON, "oci-config.json")
         data = img.read_object(found[0]) if found else b""
@@ -347,20 +344,148 @@ def sif_oci_config(sif: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
-def sandbox_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Copy a sandbox directory (symlinks as symlinks, modes and times kept)."""
-    return _build_dir(Path(dest), lambda tmp: shutil.copytree(src, tmp, symlinks=True))
+def _local_labels(tree: Path, origin: str, arch: str) -> dict[str, Any]:
+    """The labels of an image built from the local image *tree*: its own, with the build
+    labels renewed as Apptainer renews them (date, ``localimage`` from *origin*)."""
+    from hpcsif.sif import metadata as md
+
+    labels = _read_json(_text_inside(tree / ".singularity.d", "labels.json") or "")
+    build_arch = str(labels.get("org.label-schema.build-arch") or arch)
+    labels.update(md.build_labels(bootstrap="localimage", source=origin, arch=build_arch))
+    return labels
 
 
-def sif_to_sandbox(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Unpack a SIF's primary partition into a new directory."""
-    from hpcsif.sif.reader import SIFImage
+def keep_bootstrap_history(tree: Path) -> None:
+    """Move *tree*'s def file to ``/.singularity.d/bootstrap_history/ApptainerN``, where (and as)
+    Apptainer keeps the def file of the image a build started from."""
+    from hpcsif.build.builder import resolve_inside  # symlinks resolved inside the tree
+
+    old = resolve_inside(tree, "/.singularity.d") / "Singularity"
+    if old.is_symlink() or old.is_file():  # a link is moved as it is, never followed
+        history = resolve_inside(tree, "/.singularity.d/bootstrap_history")
+        history.mkdir(parents=True, exist_ok=True)
+        os.replace(old, history / f"Apptainer{len(list(history.iterdir()))}")
+
+
+#: the runscript Apptainer gives an image built from a local one that has none
+NO_RUNSCRIPT = '#!/bin/sh\n\necho "There is no runscript defined for this container\\n";\n'
+
+
+def renew_local_image(tree: Path, origin: str, arch: str | None = None) -> dict[str, Any]:
+    """Record in *tree* (a scratch copy of a local image) that it was built from *origin*, as
+    Apptainer's ``build`` from a local image does: the old def file goes to the bootstrap history,
+    ``/.singularity.d/Singularity`` names ``localimage`` *origin* and ``labels.json`` has the
+    renewed build labels (returned). Apptainer's base environment (mount points, action scripts,
+    env files, a runscript that says there is none) is added where the tree has nothing, so an
+    image made with ``mksquashfs ROOT`` gets it as there."""
+    from hpcsif.build.builder import resolve_inside  # symlinks resolved inside the tree
+    from hpcsif.sif import metadata as md
+
+    labels = _local_labels(tree, origin, arch or Platform().architecture)
+    keep_bootstrap_history(tree)
+    meta = md.Metadata(
+        deffile=f"bootstrap: localimage\nfrom: {origin}\n\n",
+        labels=labels,
+        runscript=NO_RUNSCRIPT,
+        environment={f"{md.SD}/env/90-environment.sh": md.ENV_90},
+        oci_config={},
+    )
+    renewed = (f"{md.SD}/Singularity", f"{md.SD}/labels.json")
+    for f in meta.files():
+        parent = resolve_inside(tree, os.path.dirname(f.path))
+        path = parent / os.path.basename(f.path)
+        if not parent.is_dir() or (os.path.lexists(path) and (f.path not in renewed or path.is_symlink())):
+            continue  # the image's own (a link is never written through)
+        if f.symlink is not None:
+            os.symlink(f.symlink, path)
+        elif f.data is None:
+            path.mkdir()
+            os.chmod(path, f.mode)  # not the umask's
+        else:
+            atomic_write_bytes(path, f.data, f.mode)
+    return labels
+
+
+def sandbox_to_sandbox(
+    src: str | os.PathLike[str], dest: str | os.PathLike[str], *, origin: str | None = None
+) -> Path:
+    """Copy a sandbox directory (:func:`copy_tree`); with *origin*, the copy records it as its
+    source (:func:`renew_local_image`)."""
+
+    def fill(tmp: Path) -> None:
+        copy_tree(Path(src), tmp)
+        if origin is not None:
+            renew_local_image(tmp, origin)
+
+    return _build_dir(Path(dest), fill)
+
+
+def sif_to_sandbox(
+    src: str | os.PathLike[str], dest: str | os.PathLike[str], *, origin: str | None = None
+) -> Path:
+    """Unpack a local image's root file system into a new directory; with *origin*, the tree
+    records it as its source (:func:`renew_local_image`).
+
+    As Apptainer builds from them: a SIF's primary partition (squashfs, or ext3), a bare
+    squashfs file or a bare ext3 image file. A SIF's overlay partition (what ``apptainer exec
+    --writable`` wrote) is left out, as Apptainer leaves it out of a build.
+    """
+    from hpcsif.sif.format import FSType
+    from hpcsif.sif.reader import SIFImage, bare_filesystem
     from hpcsif.sif.squashfs import unsquash_to_dir
 
-    with SIFImage.open(src) as img:
-        offset = img.primary_partition().offset
-        path = img.path
-    return _build_dir(Path(dest), lambda tmp: unsquash_to_dir(path, tmp, offset=offset))
+    squashfs = False
+    if bare_filesystem(src) is None:
+        with SIFImage.open(src) as img:
+            part = img.primary_partition(check=False)
+            squashfs = part.fstype != FSType.EXT3 or not part.size
+            if squashfs:
+                offset, path = img.primary_partition().offset, img.path  # checked
+    if not squashfs:
+        from hpcsif.engine.image_files import root_image
+
+        info = root_image(Path(src))  # a bare file system, or a SIF's ext3 root: checked there
+        squashfs, offset, path = info.fstype == "squashfs", info.offset, info.path
+
+    def fill(tmp: Path) -> None:
+        if squashfs:
+            unsquash_to_dir(path, tmp, offset=offset)
+        else:
+            _copy_mounted(path, tmp)
+        if origin is not None:
+            renew_local_image(tmp, origin)
+
+    return _build_dir(Path(dest), fill)
+
+
+def _copy_mounted(image: Path, dest: Path) -> None:
+    """Copy the root file system of *image* (an ext3 one, mounted read-only) to the new *dest*."""
+    from hpcsif.engine.image_files import mount_root
+    from hpcsif.engine.mounts import SharedMount
+
+    mounts: list[SharedMount] = []
+    try:
+        copy_tree(mount_root(image, mounts), dest, what=f"the file system of {image}")
+    finally:
+        for mount in reversed(mounts):
+            mount.release()
+
+
+def copy_tree(src: Path, dest: Path, what: str | None = None) -> None:
+    """Copy the directory *src* to the new *dest* as ``cp -a`` copies it, as Apptainer copies a
+    sandbox: symlinks as they are, owners (where the caller may set them), modes, times, hard
+    links, FIFOs and sockets kept; xattrs dropped. One :class:`BuildError` line if anything
+    cannot be copied (an unreadable file), with nothing left at *dest*."""
+    proc = subprocess.run(
+        ["cp", "-a", "--no-preserve=xattr", "--", f"{src}/.", str(dest)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        detail = proc.stderr.strip().splitlines()
+        raise BuildError(f"cannot copy {what or src}: {detail[0] if detail else 'cp failed'}")
 
 
 def _read_json(text: str) -> dict[str, Any]:
@@ -451,11 +576,11 @@ def convert_ref(
     ref = parse(ref) if isinstance(ref, str) else ref
     if ref.transport == "sandbox":
         if sandbox:
-            return sandbox_to_sandbox(ref.path or "", dest)
+            return sandbox_to_sandbox(ref.path or "", dest, origin=ref.path or "")
         return sandbox_to_sif(ref.path or "", dest, options)
     if ref.transport == "sif":
         if sandbox:
-            return sif_to_sandbox(ref.path or "", dest)
+            return sif_to_sandbox(ref.path or "", dest, origin=ref.path or "")
         return sif_to_sif(ref.path or "", dest, options)
     if ref.transport in ("http", "https", "fsspec", "oras"):
         # a SIF somewhere else: downloaded aside, then repacked (or unpacked) as a local one

@@ -358,6 +358,11 @@ class _StageBuilder:
         if stage.bootstrap == "localimage":
             self._check_fingerprints(Path(stage.source))
             found = self._local_image(Path(stage.source), line)
+            from hpcsif.sif.reader import bare_filesystem
+
+            if bare_filesystem(stage.source):  # a squashfs or ext3 file: Apptainer verifies only a SIF
+                self.options.say("Extracting local image...")
+                return found
             self.options.say(f"Verifying bootstrap image {stage.source}")
             if Path(stage.source).is_file() and "fingerprints" not in stage.header:
                 from hpcsif.signing.verify import warn_unverified_base
@@ -421,14 +426,14 @@ class _StageBuilder:
             )
 
     def _local_image(self, src: Path, line: int) -> tuple[dict[str, Any], str]:
-        from hpcsif.convert import sif_oci_config, sif_to_sandbox
+        from hpcsif.convert import copy_tree, keep_bootstrap_history, sif_oci_config, sif_to_sandbox
 
         oci_config: dict[str, Any] = {}
         if src.is_dir():
-            self.root.mkdir()
-            proc = subprocess.run(["cp", "-a", f"{src}/.", str(self.root)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise BuildError(f"{self.where}:{line}: cannot copy sandbox {src}: {proc.stderr.strip()}")
+            try:
+                copy_tree(src, self.root, what=f"sandbox {src}")
+            except BuildError as exc:
+                raise BuildError(f"{self.where}:{line}: {exc}") from None
         elif src.is_file():
             sif_to_sandbox(src, self.root)
             oci_config = sif_oci_config(src)
@@ -442,12 +447,7 @@ class _StageBuilder:
         arch = (
             self.options.convert.arch or labels.get("org.label-schema.build-arch") or Platform().architecture
         )
-        history = resolve_inside(self.root, f"{SD}/bootstrap_history")
-        old = resolve_inside(self.root, f"{SD}/Singularity")
-        if old.is_file():  # keep the base image's def file where (and as) Apptainer does
-            history.mkdir(parents=True, exist_ok=True)
-            n = len(list(history.iterdir()))
-            os.replace(old, history / f"Apptainer{n}")
+        keep_bootstrap_history(self.root)
         return oci_config, arch
 
     # -- host side: %setup and %files ------------------------------------------------------------

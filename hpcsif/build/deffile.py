@@ -240,6 +240,10 @@ def is_definition_file(path: str | Path) -> bool:
         return False
     if head[LAUNCH_LEN : LAUNCH_LEN + len(MAGIC)] == MAGIC:
         return False
+    from hpcsif.sif.reader import bare_filesystem
+
+    if bare_filesystem(p):  # a squashfs or ext3 image file (an ext3 one starts with 1 KiB of zeros)
+        return False
     # gzip, zstd, xz, bzip2 and tar archives are images (docker-archive …), not text
     if head.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ", b"BZh")) or head[257:262] == b"ustar":
         return False

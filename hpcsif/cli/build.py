@@ -480,7 +480,9 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
         )
         if local:
             info(args, "Starting build...")
-            if ref.transport == "sif":
+            from hpcsif.sif.reader import bare_filesystem
+
+            if ref.transport == "sif" and not bare_filesystem(args.source):  # a SIF, not a .sqfs
                 from hpcsif.signing.verify import warn_unverified_base
 
                 info(args, f"Verifying bootstrap image {args.source}")

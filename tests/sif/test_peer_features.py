@@ -83,8 +83,8 @@ def test_overlay_partition(base: Path, tmp_path: Path) -> None:
 
 
 def test_ext3_primary_partition(base: Path, tmp_path: Path) -> None:
-    """Apptainer runs it as root, and so do we (fuse2fs); inspect and build say in one line that
-    we read only squashfs ones."""
+    """Apptainer runs it as root, and so do we (fuse2fs), and builds from it; inspect says in one
+    line that we read only squashfs ones."""
     if shutil.which("mkfs.ext3") is None:
         pytest.skip("mkfs.ext3 (e2fsprogs) not installed")
     root = tmp_path / "root"
@@ -114,12 +114,10 @@ def test_ext3_primary_partition(base: Path, tmp_path: Path) -> None:
     if shutil.which("fuse2fs"):
         assert run_cli("exec", str(sif), "cat", "/marker").stdout == "ext3 root\n"
     expect = "the primary partition (object 1) has file system type Ext3: hpcsif reads only squashfs"
-    for args in (
-        ["inspect", str(sif)],
-        ["build", str(tmp_path / "new.sif"), str(sif)],
-    ):
-        assert expect in _fatal(run_cli(*args, check=False))
-    assert not (tmp_path / "new.sif").exists()
+    assert expect in _fatal(run_cli("inspect", str(sif), check=False))
+    if shutil.which("fuse2fs"):  # build copies its tree out, as Apptainer does
+        run_cli("build", str(tmp_path / "new.sif"), str(sif))
+        assert run_cli("exec", str(tmp_path / "new.sif"), "cat", "/marker").stdout == "ext3 root\n"
 
 
 def test_setprim_by_apptainer(base: Path, tmp_path: Path) -> None:

@@ -1,0 +1,287 @@
+"""``hpcsif build`` from local image files and sandboxes, as Apptainer 1.4 builds from them.
+
+* a bare squashfs file, a bare ext3 image file and a SIF whose primary partition is ext3
+  (``build new.sif img.sqfs``, ``build --sandbox dir img.ext3``, ``Bootstrap: localimage``);
+* a SIF's ext3 overlay partition is left out of a build, as Apptainer leaves it out;
+* a build from a local image records it (``/.singularity.d/Singularity``, the old def file in
+  ``bootstrap_history``, the build labels) in a sandbox as in a SIF;
+* a sandbox is copied with owners, hard links and FIFOs;
+* bad image files: one FATAL line, nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_apptainer, run_cli
+
+pytestmark = pytest.mark.slow
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+OLD_DEF = "bootstrap: docker\nfrom: busybox\n"
+#: a local-image build's steps, as Apptainer says them (no "Verifying" for a bare file system)
+STEPS = ["INFO:    Starting build...", "INFO:    Extracting local image..."]
+
+
+def _fatal(proc: subprocess.CompletedProcess) -> str:
+    """The one FATAL line of a failed run (and nothing else on stderr)."""
+    assert proc.returncode != 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("INFO:")]
+    assert len(lines) == 1 and lines[0].startswith("FATAL:   "), proc.stderr
+    return lines[0].removeprefix("FATAL:   ")
+
+
+def _tree(root: Path) -> Path:
+    """A small image tree: busybox, an image def file and labels, a file of uid 1000 that only
+    its owner and group read, a hard-linked pair, a FIFO and a symlink out of the tree."""
+    for d in ("bin", ".singularity.d/env", "opt/data", "etc"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, root / "bin/busybox")
+    for tool in ("sh", "cat", "ls"):
+        (root / "bin" / tool).symlink_to("busybox")
+    sd = root / ".singularity.d"
+    (sd / "Singularity").write_text(OLD_DEF)
+    (sd / "labels.json").write_text('{\n\t"org.example.kept": "yes"\n}')
+    (sd / "runscript").write_text("#!/bin/sh\necho runscript\n")
+    (sd / "runscript").chmod(0o755)
+    (sd / "env/90-environment.sh").write_text("#!/bin/sh\nexport FROM_TREE=1\n")
+    (sd / "env/90-environment.sh").chmod(0o755)
+    private = root / "opt/data/private"
+    private.write_text("secret\n")
+    private.chmod(0o640)
+    os.chown(private, 1000, 1000)
+    (root / "opt/data/one").write_text("linked\n")
+    os.link(root / "opt/data/one", root / "opt/data/two")
+    os.mkfifo(root / "opt/data/fifo")
+    (root / "opt/data/out").symlink_to("/etc/passwd")
+    (root / "etc/marker").write_text("from the tree\n")
+    return root
+
+
+def _listing(root: Path) -> dict[str, tuple]:
+    """What a user sees of each entry: type and mode, owner, link count, link target."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            out[rel] = (stat.filemode(st.st_mode), st.st_uid, st.st_gid, st.st_nlink if p.is_file() else 0)
+            if p.is_symlink():
+                out[rel] += (os.readlink(p),)
+    return out
+
+
+#: what a build from a local image changes or adds (the record of where it came from)
+RENEWED = {".singularity.d/Singularity", ".singularity.d/labels.json", ".singularity.d/bootstrap_history"}
+
+
+#: Apptainer's base environment, which a build adds where the image has nothing
+BASE = {".exec", ".singularity.d/actions", ".singularity.d/actions/run", ".singularity.d/startscript", "proc"}
+
+
+def _same_tree(source: Path, built: Path) -> None:
+    """*built* has *source*'s entries as they are, and the base environment besides."""
+    got = _listing(built)
+    want = {k: v for k, v in _listing(source).items() if k not in RENEWED and k != "lost+found"}
+    assert {k: got.get(k) for k in want} == want
+    assert set(got) >= BASE
+
+
+def _records(tree: Path, origin: str) -> None:
+    """The sandbox records its local source as Apptainer's does."""
+    sd = tree / ".singularity.d"
+    assert (sd / "Singularity").read_text() == f"bootstrap: localimage\nfrom: {origin}\n\n"
+    assert (sd / "bootstrap_history/Apptainer0").read_text() == OLD_DEF
+    labels = (sd / "labels.json").read_text()
+    assert '"org.example.kept": "yes"' in labels
+    assert f'"org.label-schema.usage.singularity.deffile.from": "{origin}"' in labels
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """/tmp/…/tree plus tree.sqfs and tree.ext3 made from it (the peer sees /tmp)."""
+    d = tmp_path_factory.mktemp("local-sources")
+    tree = _tree(d / "tree")
+    subprocess.run(["mksquashfs", str(tree), str(d / "tree.sqfs"), "-quiet", "-noappend"], check=True)
+    with open(d / "tree.ext3", "wb") as f:
+        f.truncate(16 << 20)
+    mkfs = shutil.which("mkfs.ext3") or "/usr/sbin/mkfs.ext3"
+    subprocess.run([mkfs, "-q", "-F", "-d", str(tree), str(d / "tree.ext3")], check=True)
+    return d
+
+
+def _needs(fs: str) -> None:
+    if fs == "ext3" and not shutil.which("fuse2fs"):
+        pytest.skip("fuse2fs is not installed")
+
+
+@pytest.mark.parametrize("fs", ["sqfs", "ext3"])
+def test_build_from_a_bare_file_system_image(work: Path, tmp_path: Path, fs: str) -> None:
+    _needs(fs)
+    src = f"tree.{fs}"
+    proc = run_cli("build", "--sandbox", str(tmp_path / "box"), src, cwd=work)
+    assert proc.stderr.splitlines() == [
+        *STEPS,
+        "INFO:    Creating sandbox directory...",
+        f"INFO:    Build complete: {tmp_path / 'box'}",
+    ]
+    _same_tree(work / "tree", tmp_path / "box")
+    _records(tmp_path / "box", src)
+    sif = tmp_path / "new.sif"
+    proc = run_cli("build", str(sif), src, cwd=work)
+    assert proc.stderr.splitlines()[:2] == STEPS
+    assert run_cli("inspect", "--deffile", str(sif)).stdout.strip() == f"bootstrap: localimage\nfrom: {src}"
+    assert run_cli("exec", str(sif), "cat", "/etc/marker", "/.singularity.d/Singularity").stdout == (
+        f"from the tree\nbootstrap: localimage\nfrom: {src}\n\n"
+    )
+    # and the SIF back to a sandbox: the same tree, with its history one deeper
+    run_cli("build", "--sandbox", str(tmp_path / "again"), str(sif))
+    _same_tree(work / "tree", tmp_path / "again")
+    history = tmp_path / "again/.singularity.d/bootstrap_history"
+    assert (history / "Apptainer1").read_text() == f"bootstrap: localimage\nfrom: {src}\n\n"
+
+
+def test_ext3_primary_partition_and_overlay_partition(work: Path, tmp_path: Path) -> None:
+    """A SIF with an ext3 root builds as Apptainer builds it; an overlay partition (what
+    ``apptainer exec --writable`` wrote) is not part of the new image, as in Apptainer."""
+    _needs("ext3")
+    from hpcsif.sif.format import DataType, FSType, PartType
+    from hpcsif.sif.writer import ObjectSpec, SIFWriter, add_objects
+
+    ext3_root = tmp_path / "ext3-root.sif"
+    with SIFWriter(ext3_root, arch="amd64") as w:
+        w.add(ObjectSpec(DataType.PARTITION, path=work / "tree.ext3", fstype=FSType.EXT3))
+        w.commit()
+    run_cli("build", "--sandbox", str(tmp_path / "box"), str(ext3_root))
+    _same_tree(work / "tree", tmp_path / "box")
+
+    overlay = tmp_path / "overlay"
+    (overlay / "upper/etc").mkdir(parents=True)
+    (overlay / "upper/etc/written").write_text("by --writable\n")
+    (overlay / "work/work").mkdir(parents=True)
+    with open(tmp_path / "ov.ext3", "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(
+        [shutil.which("mkfs.ext3") or "/usr/sbin/mkfs.ext3", "-q", "-F", "-d", overlay, tmp_path / "ov.ext3"],
+        check=True,
+    )
+    base = tmp_path / "base.sif"
+    run_cli("build", str(base), str(work / "tree.sqfs"))
+    add_objects(
+        base,
+        [
+            ObjectSpec(
+                DataType.PARTITION, path=tmp_path / "ov.ext3", fstype=FSType.EXT3, parttype=PartType.OVERLAY
+            )
+        ],
+    )
+    assert run_cli("exec", str(base), "cat", "/etc/written").stdout == "by --writable\n"
+    run_cli("build", "--sandbox", str(tmp_path / "from-ov"), str(base))
+    assert not (tmp_path / "from-ov/etc/written").exists()
+    assert (tmp_path / "from-ov/etc/marker").is_file()
+
+
+def test_localimage_from_a_squashfs_file_relative_to_the_working_directory(
+    work: Path, tmp_path: Path
+) -> None:
+    sub = tmp_path / "defs"
+    sub.mkdir()
+    (sub / "local.def").write_text("Bootstrap: localimage\nFrom: tree.sqfs\n\n%post\n    echo post > /post\n")
+    out = tmp_path / "built.sif"
+    proc = run_cli("build", str(out), str(sub / "local.def"), cwd=work)  # as in Apptainer: not the def's dir
+    assert proc.stderr.splitlines()[:2] == STEPS  # no "Verifying bootstrap image" for a file system
+    got = run_cli(
+        "exec", str(out), "cat", "/post", "/etc/marker", "/.singularity.d/bootstrap_history/Apptainer0"
+    )
+    assert got.stdout == f"post\nfrom the tree\n{OLD_DEF}"
+    out.unlink()
+    proc = run_cli("build", str(out), str(sub / "local.def"), check=False, cwd=tmp_path)
+    assert _fatal(proc) == f"{sub / 'local.def'}:2: localimage tree.sqfs: no such file or directory"
+    assert not out.exists()
+
+
+def test_sandbox_copy_keeps_owners_hard_links_and_fifos(work: Path, tmp_path: Path) -> None:
+    """``build --sandbox new old-sandbox`` copies as Apptainer does (a plain copy lost the owner
+    of a file of uid 1000 and split hard links) and records the old sandbox as its source."""
+    box = tmp_path / "copy"
+    run_cli("build", "--sandbox", str(box), str(work / "tree"))
+    _same_tree(work / "tree", box)
+    _records(box, str(work / "tree"))
+    assert (box / ".singularity.d/runscript").read_text() == "#!/bin/sh\necho runscript\n"  # the image's
+    assert (work / "tree/.singularity.d/Singularity").read_text() == OLD_DEF  # the source is left alone
+
+
+@pytest.mark.parametrize(
+    ("make", "expect"),
+    [
+        ("truncated.sqfs", "truncated.sqfs: not a valid squashfs file system (damaged or truncated)"),
+        ("ext2.img", "could not open image ext2.img: file is not a valid ext3 image"),
+        ("ext4.img", "could not open image ext4.img: file is not a valid ext3 image"),
+    ],
+)
+def test_bad_file_system_images_are_one_line(work: Path, tmp_path: Path, make: str, expect: str) -> None:
+    if make == "truncated.sqfs":
+        (tmp_path / make).write_bytes((work / "tree.sqfs").read_bytes()[:20000])
+    else:
+        with open(tmp_path / make, "wb") as f:
+            f.truncate(8 << 20)
+        kind = make.split(".")[0]
+        subprocess.run(
+            [shutil.which(f"mkfs.{kind}") or f"/usr/sbin/mkfs.{kind}", "-q", "-F", tmp_path / make],
+            check=True,
+        )
+    for flags in ([], ["--sandbox"]):
+        proc = run_cli("build", *flags, "out", make, check=False, cwd=tmp_path)
+        assert _fatal(proc) == expect
+        assert sorted(p.name for p in tmp_path.iterdir()) == [make]
+
+
+def test_same_sandbox_as_apptainer_from_a_squashfs_file(work: Path, tmp_path: Path) -> None:
+    exe = peer_apptainer()
+    if exe is None:
+        pytest.skip("neither apptainer nor peer-apptainer on PATH")
+    subprocess.run(
+        [exe, "-q", "build", "--sandbox", str(tmp_path / "peer"), "tree.sqfs"], cwd=work, check=True
+    )
+    run_cli("-q", "build", "--sandbox", str(tmp_path / "ours"), "tree.sqfs", cwd=work)
+    # what Apptainer adds to every build it makes (its own apps/env files and bind points)
+    added = {
+        ".singularity.d/env/94-appsbase.sh",
+        ".singularity.d/env/95-apps.sh",
+        "etc/hosts",
+        "etc/resolv.conf",
+    }
+    peer = {k: v for k, v in _listing(tmp_path / "peer").items() if k not in added}
+    ours = _listing(tmp_path / "ours")
+    for listing in (peer, ours):
+        listing.pop(".singularity.d/labels.json")  # Apptainer adds its version label
+    assert ours == peer
+    for name in ("Singularity", "bootstrap_history/Apptainer0"):
+        sd = ".singularity.d/"
+        assert (tmp_path / "ours" / sd / name).read_text() == (tmp_path / "peer" / sd / name).read_text()
+
+
+def test_a_bare_root_file_system_gets_the_base_environment(tmp_path: Path) -> None:
+    """``mksquashfs ROOT img.sqfs`` of a tree without ``/.singularity.d``: the built image runs
+    Apptainer's "no runscript" runscript and has its mount points and action scripts."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, root / "bin/busybox")
+    (root / "bin/sh").symlink_to("busybox")
+    subprocess.run(
+        ["mksquashfs", root, tmp_path / "root.sqfs", "-quiet", "-noappend", "-no-progress"], check=True
+    )
+    sif = tmp_path / "root.sif"
+    run_cli("build", str(sif), str(tmp_path / "root.sqfs"))
+    assert run_cli("run", str(sif)).stdout == "There is no runscript defined for this container\\n\n"
+    attrs = run_cli("inspect", "--json", "--all", str(sif)).stdout
+    assert '"startscript": "#!/bin/sh"' in attrs and "90-environment.sh" in attrs
+    listing = run_cli("exec", str(sif), "/bin/busybox", "ls", "-a", "/").stdout.split()
+    assert {".exec", ".run", "environment", "singularity", "proc", "home", "var"} <= set(listing)
