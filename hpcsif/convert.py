@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from hpcsif.errors import BuildError
 from hpcsif.fsutil import read_regular
@@ -217,7 +218,7 @@ def _build_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
             os.replace(dest, old / "tree")
         os.replace(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         if old is not None and not dest.exists():
             os.replace(old / "tree", dest)
         raise
@@ -254,6 +255,8 @@ def sandbox_to_sif(
     from hpcsif.sif.writer import ObjectSpec, SIFWriter
 
     src, dest = Path(src), Path(dest)
+    if not scratch:
+        refuse_unreadable(src)
     if not (src / ".singularity.d").is_dir():
         # Apptainer says nothing: such an image runs /bin/sh and has no image environment
         log.debug("%s has no /.singularity.d: the image will have no runscript or environment", src)
@@ -483,9 +486,46 @@ def copy_tree(src: Path, dest: Path, what: str | None = None) -> None:
         text=True,
     )
     if proc.returncode != 0:
-        shutil.rmtree(dest, ignore_errors=True)
-        detail = proc.stderr.strip().splitlines()
+        remove_tree(dest)
+        detail = proc.stderr.replace(f"{src}/./", f"{src}/").strip().splitlines()
         raise BuildError(f"cannot copy {what or src}: {detail[0] if detail else 'cp failed'}")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove *path* even where a copied directory has no write or search permission for its
+    owner (``chmod 000`` in the image): each is made accessible before it is emptied."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    os.chmod(path, 0o700)
+    for dirpath, dirs, _files in os.walk(path):  # top-down: a directory is opened after its chmod
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                if not os.path.islink(os.path.join(dirpath, d)):
+                    os.chmod(os.path.join(dirpath, d), 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def refuse_unreadable(tree: Path) -> None:
+    """One :class:`BuildError` line for the first entry of *tree* the caller cannot read.
+
+    mksquashfs packs such a file as an empty one and leaves out such a directory with a warning
+    only; Apptainer's build, which copies the sandbox first, fails there. Root reads everything.
+    """
+    if os.geteuid() == 0:
+        return
+
+    def unreadable(path: str, exc: OSError | None = None) -> NoReturn:
+        why = os.strerror(exc.errno) if exc and exc.errno else "Permission denied"
+        raise BuildError(f"cannot build from {tree}: {path} cannot be read ({why})")
+
+    for dirpath, dirs, files in os.walk(tree, onerror=lambda exc: unreadable(exc.filename, exc)):
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            need = os.R_OK | os.X_OK if stat.S_ISDIR(mode) else os.R_OK
+            if (stat.S_ISDIR(mode) or stat.S_ISREG(mode)) and not os.access(path, need):
+                unreadable(path)
 
 
 def _read_json(text: str) -> dict[str, Any]:

@@ -6,20 +6,23 @@
 * a build from a local image records it (``/.singularity.d/Singularity``, the old def file in
   ``bootstrap_history``, the build labels) in a sandbox as in a SIF;
 * a sandbox is copied with owners, hard links and FIFOs;
-* bad image files: one FATAL line, nothing written.
+* bad image files, and a sandbox with files its user cannot read: one FATAL line, nothing written.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import peer_apptainer, run_cli
+from tests.services.users import USER_PYTHON, TestUser
 
 pytestmark = pytest.mark.slow
 
@@ -285,3 +288,25 @@ def test_a_bare_root_file_system_gets_the_base_environment(tmp_path: Path) -> No
     assert '"startscript": "#!/bin/sh"' in attrs and "90-environment.sh" in attrs
     listing = run_cli("exec", str(sif), "/bin/busybox", "ls", "-a", "/").stdout.split()
     assert {".exec", ".run", "environment", "singularity", "proc", "home", "var"} <= set(listing)
+
+
+def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser) -> None:
+    """mksquashfs would pack a file the user cannot read as an empty one and leave out a closed
+    directory, with a warning only; the copy of a sandbox left a directory it could not remove."""
+    work = Path(tempfile.mkdtemp(prefix="hpcsif-unreadable-"))  # pytest's tmp_path is root's alone
+    os.chown(work, unpriv_user.uid, unpriv_user.gid)
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HPCSIF_CACHEDIR": str(work / "cache")}
+    setup = "mkdir -p sb/bin sb/x/closed && echo s > sb/x/secret && chmod 000 sb/x/secret sb/x/closed"
+    assert unpriv_user.run(setup, cwd=work).returncode == 0
+    for flags, expect in (
+        ([], r"cannot build from sb: sb/x/(closed|secret) cannot be read \(Permission denied\)"),
+        (
+            ["--sandbox"],
+            r"cannot copy sb: cp: cannot (open|access) 'sb/x/(secret|closed)'.*: Permission denied",
+        ),
+    ):
+        cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", *flags, "out", "sb"]
+        assert re.fullmatch(expect, _fatal(unpriv_user.run(cmd, env=env, cwd=work, timeout=60)))
+        assert sorted(p.name for p in work.iterdir() if p.name != "cache") == ["sb"]
+    subprocess.run(["chmod", "-R", "u+rwx", work], check=True)
+    shutil.rmtree(work)
