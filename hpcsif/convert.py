@@ -347,15 +347,21 @@ def sif_oci_config(sif: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
-def _local_labels(tree: Path, origin: str, arch: str) -> dict[str, Any]:
+def _local_labels(
+    tree: Path, origin: str, arch: str, bootstrap: str = "localimage", update: bool = False
+) -> dict[str, Any]:
     """The labels of an image built from the local image *tree*: its own, with the build
-    labels renewed as Apptainer renews them (date, ``localimage`` from *origin*)."""
+    labels renewed as Apptainer renews them (date, *bootstrap* from *origin*); an *update*
+    renews only the date, as Apptainer's ``--update`` keeps the labels a sandbox has."""
     from hpcsif.sif import metadata as md
 
     labels = _read_json(_text_inside(tree / ".singularity.d", "labels.json") or "")
     build_arch = str(labels.get("org.label-schema.build-arch") or arch)
-    labels.update(md.build_labels(bootstrap="localimage", source=origin, arch=build_arch))
-    return labels
+    renewed = md.build_labels(bootstrap=bootstrap, source=origin, arch=build_arch)
+    if update:
+        date = "org.label-schema.build-date"
+        return {**renewed, **labels, date: renewed[date]}
+    return {**labels, **renewed}
 
 
 def keep_bootstrap_history(tree: Path) -> None:
@@ -374,7 +380,9 @@ def keep_bootstrap_history(tree: Path) -> None:
 NO_RUNSCRIPT = '#!/bin/sh\n\necho "There is no runscript defined for this container\\n";\n'
 
 
-def renew_local_image(tree: Path, origin: str, arch: str | None = None) -> dict[str, Any]:
+def renew_local_image(
+    tree: Path, origin: str, arch: str | None = None, bootstrap: str = "localimage", update: bool = False
+) -> dict[str, Any]:
     """Record in *tree* (a scratch copy of a local image) that it was built from *origin*, as
     Apptainer's ``build`` from a local image does: the old def file goes to the bootstrap history,
     ``/.singularity.d/Singularity`` names ``localimage`` *origin* and ``labels.json`` has the
@@ -384,10 +392,10 @@ def renew_local_image(tree: Path, origin: str, arch: str | None = None) -> dict[
     from hpcsif.build.builder import resolve_inside  # symlinks resolved inside the tree
     from hpcsif.sif import metadata as md
 
-    labels = _local_labels(tree, origin, arch or Platform().architecture)
+    labels = _local_labels(tree, origin, arch or Platform().architecture, bootstrap, update)
     keep_bootstrap_history(tree)
     meta = md.Metadata(
-        deffile=f"bootstrap: localimage\nfrom: {origin}\n\n",
+        deffile=f"bootstrap: {bootstrap}\nfrom: {origin}\n\n",
         labels=labels,
         runscript=NO_RUNSCRIPT,
         environment={f"{md.SD}/env/90-environment.sh": md.ENV_90},
@@ -407,6 +415,14 @@ def renew_local_image(tree: Path, origin: str, arch: str | None = None) -> dict[
         else:
             atomic_write_bytes(path, f.data, f.mode)
     return labels
+
+
+def update_sandbox(sandbox: Path, ref: Reference) -> Path:
+    """``build --update --sandbox DIR IMAGE``, as Apptainer 1.4 does it: the image is not fetched
+    and the sandbox keeps its files; only its record of where it came from is renewed
+    (:func:`renew_local_image`), naming *ref*."""
+    renew_local_image(sandbox, from_of(ref), bootstrap=bootstrap_of(ref), update=True)
+    return sandbox
 
 
 def sandbox_to_sandbox(

@@ -328,7 +328,7 @@ class _StageBuilder:
     def build(self, update: Path | None = None) -> _Built:
         """Bootstrap (or, with ``update``, copy that existing sandbox), then run the sections."""
         if update is not None:
-            log.info("Building into existing container: %s", update)
+            self.options.say(f"Building into existing container: {os.path.abspath(update)}")
             oci_config, arch = self._local_image(update, self.stage.line)
         else:
             oci_config, arch = self.bootstrap()

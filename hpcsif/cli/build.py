@@ -461,6 +461,14 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
             fakeroot=args.fakeroot,
         )
         build_definition(args.source, target, opts)
+    elif args.update and not args.force:  # Apptainer keeps the sandbox and fetches nothing
+        from hpcsif.cli.pull import info
+        from hpcsif.convert import update_sandbox
+
+        info(args, "Starting build...")
+        info(args, f"Building into existing container: {os.path.abspath(target)}")
+        update_sandbox(target, ref)
+        info(args, "Creating sandbox directory...")
     else:
         from hpcsif.cli.pull import Notices, info
 

@@ -310,3 +310,37 @@ def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser)
         assert sorted(p.name for p in work.iterdir() if p.name != "cache") == ["sb"]
     subprocess.run(["chmod", "-R", "u+rwx", work], check=True)
     shutil.rmtree(work)
+
+
+def test_update_of_a_sandbox(work: Path, tmp_path: Path) -> None:
+    """``--update``: with a definition file, Apptainer's step line and the sandbox's files kept;
+    with an image, as Apptainer 1.4, nothing is fetched and no file is replaced (the sandbox was
+    replaced by the image, losing what the user had written there), only the record renewed."""
+    box = tmp_path / "box"
+    run_cli("build", "--sandbox", str(box), str(work / "tree.sqfs"))
+    (box / "mine").write_text("kept\n")
+    definition = tmp_path / "up.def"
+    definition.write_text(
+        f"Bootstrap: localimage\nFrom: {work / 'tree.sqfs'}\n\n%post\n    echo up >> /log\n"
+    )
+    proc = run_cli("build", "--update", "--sandbox", "box", str(definition), cwd=tmp_path)
+    assert proc.stderr.splitlines()[:2] == [STEPS[0], f"INFO:    Building into existing container: {box}"]
+    assert (box / "mine").read_text() == "kept\n" and (box / "log").read_text() == "up\n"
+    labels = (box / ".singularity.d/labels.json").read_text()
+    for source in ("docker://nowhere.invalid/x:1", "tree.sqfs"):
+        proc = run_cli("build", "--update", "--sandbox", str(box), source, cwd=work)
+        assert proc.stderr.splitlines() == [
+            STEPS[0],
+            f"INFO:    Building into existing container: {box}",
+            "INFO:    Creating sandbox directory...",
+            f"INFO:    Build complete: {box}",
+        ]
+        assert (box / "mine").read_text() == "kept\n" and (box / "log").read_text() == "up\n"
+    assert (box / ".singularity.d/Singularity").read_text() == "bootstrap: localimage\nfrom: tree.sqfs\n\n"
+    history = box / ".singularity.d/bootstrap_history"
+    assert (history / "Apptainer3").read_text() == "bootstrap: docker\nfrom: nowhere.invalid/x:1\n\n"
+    date = "org.label-schema.build-date"
+    keep = [ln for ln in labels.splitlines() if date not in ln]  # only the date is renewed
+    assert [
+        ln for ln in (box / ".singularity.d/labels.json").read_text().splitlines() if date not in ln
+    ] == keep
