@@ -78,8 +78,9 @@ def plans_dir() -> Path:
 
 #: variables that differ between the tasks and steps of a job (rank, step, task pid …) but only
 #: pass through to the container: the key holds their names, not their values, so that every
-#: rank of an ``srun`` (or of Open MPI's ``mpirun``, MPICH's Hydra, Cray's PALS) shares one plan
-PER_TASK_PREFIXES = (b"SLURM_", b"PMI_", b"PMIX_", b"OMPI_", b"MPI_LOCAL", b"PALS_")
+#: rank of an ``srun`` (or of Open MPI's ``mpirun``, MPICH's Hydra, Cray's PALS) shares one plan,
+#: on whichever node (``SLURMD_NODENAME``) it lands
+PER_TASK_PREFIXES = (b"SLURM_", b"SLURMD_", b"PMI_", b"PMIX_", b"OMPI_", b"MPI_LOCAL", b"PALS_")
 #: … except those hpcsif reads (``mpi.partition_defaults``)
 KEYED_ANYWAY = (b"SLURM_JOB_PARTITION",)
 

@@ -89,7 +89,7 @@ static int by_bytes(const void *a, const void *b) { return strcmp(*(char *const 
  * of an srun share one plan. NULL when out of memory.
  */
 static char *key_entry(char *entry) {
-    static const char *const prefixes[] = {"SLURM_", "PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "PALS_"};
+    static const char *const prefixes[] = {"SLURM_", "SLURMD_", "PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "PALS_"};
     size_t name = strcspn(entry, "=");
     if (name == strlen("SLURM_JOB_PARTITION") && strncmp(entry, "SLURM_JOB_PARTITION", name) == 0)
         return entry; /* hpcsif reads it (mpi.partition_defaults) */

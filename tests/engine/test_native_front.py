@@ -467,21 +467,22 @@ def test_repeat_as_an_unprivileged_user(images, unpriv_user, session_base):
 
 
 def test_the_ranks_of_a_job_share_one_plan(front, holder, images):
-    """Slurm's, PMI's and the mpirun launchers' per-task variables pass through: their values are
-    not part of the key."""
+    """Slurm's (slurmd's node name too), PMI's and the mpirun launchers' per-task variables pass
+    through: their values are not part of the key."""
     probe = (
         'echo "$SLURM_PROCID $SLURM_STEP_ID $PMI_RANK $PMIX_RANK $OMPI_COMM_WORLD_RANK $MPI_LOCALRANKID '
-        '$PALS_RANKID"; env | grep -c __HPCSIF || true'
+        '$PALS_RANKID $SLURMD_NODENAME"; env | grep -c __HPCSIF || true'
     )
     args = ["exec", str(images.sif), "sh", "-c", probe]
 
     def rank(n: int, **extra: str) -> dict[str, str]:
         ids = {"SLURM_PROCID": str(n), "SLURM_STEP_ID": str(10 + n), "PMI_RANK": str(n), "PMIX_RANK": str(n)}
         ids.update(OMPI_COMM_WORLD_RANK=str(n), MPI_LOCALRANKID=str(n), PALS_RANKID=str(n))
+        ids["SLURMD_NODENAME"] = f"node{n}"  # another node's ranks, under another srun
         return {**os.environ, "SLURM_JOB_PARTITION": "batch", **ids, **extra}
 
     proc, started = front.run(*args, env=rank(0))
-    assert started and proc.stdout.startswith("0 10 0 0 0 0 0\n")
+    assert started and proc.stdout.startswith("0 10 0 0 0 0 0 node0\n")
     for n in (1, 7):
         proc, started = front.run(*args, env=rank(n))
         assert not started
@@ -491,7 +492,7 @@ def test_the_ranks_of_a_job_share_one_plan(front, holder, images):
             direct.stdout,
             direct.stderr,
         )
-        assert proc.stdout.startswith(f"{n} {10 + n} {n} {n} {n} {n} {n}\n")
+        assert proc.stdout.startswith(f"{n} {10 + n} {n} {n} {n} {n} {n} node{n}\n")
     # the partition is read (MPI profile defaults), and a new variable's name counts
     assert front.run(*args, env=rank(1, SLURM_JOB_PARTITION="gpu"))[1] is True
     assert front.run(*args, env=rank(1, SLURM_NEW_THING="x"))[1] is True
