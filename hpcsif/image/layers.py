@@ -58,6 +58,11 @@ Hostile layers, decided per case:
   non-directory of the same layer -> ``LayerError``; below a non-directory of an *upper*
   layer it is hidden;
 * a hard link to a missing target, to a directory or to itself -> ``LayerError``;
+* an entry placed through more than 255 symlinks (Apptainer's securejoin limit), a damaged
+  tar header after the first member, or a PAX path with a NUL byte -> ``LayerError`` (tarfile
+  would take the bad header for the end of the layer and cut the name at the NUL);
+* sparse files whose holes add up to over :data:`MAX_HOLES` in one SIF -> ``LayerError``
+  (``tar2sqfs`` reads holes as zeros: a 300-byte layer could keep it busy for hours);
 * symlink targets are kept verbatim: absolute targets resolve inside the container at run
   time, and :func:`extract_tree` never follows a symlink while writing (``O_NOFOLLOW`` and
   directory file descriptors), so no entry can be written outside ``dest``.
@@ -103,6 +108,9 @@ _NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX; squashfs refuses
 _PATH_MAX = 4096  # bytes in a symlink target, with its NUL (Linux PATH_MAX)
 # symlinks followed to place one entry, as Apptainer (filepath-securejoin) follows them
 _MAX_SYMLINKS = 255
+# holes of sparse files in one image: tar2sqfs reads them as zeros (about 8 GiB/s; a 1 TiB
+# hole, a 300-byte layer, took it 4 minutes and then crashed); Apptainer writes them to disk
+MAX_HOLES = 256 << 30
 
 #: set by the consumer of :func:`flatten`'s stream: the most entries one directory may get
 #: before :class:`WideDirectoryError` (``tar2sqfs`` slows down quadratically with them)
@@ -577,6 +585,7 @@ class _TarSink:
         self._buf = bytearray()
         self._wide = WIDE_DIRECTORY.get()
         self._children: dict[str, int] = {}  # directory -> entries written in it, with a limit
+        self._holes = 0  # bytes of holes in the sparse files written so far
 
     def _write(self, data: bytes) -> None:
         self._buf += data
@@ -612,6 +621,12 @@ class _TarSink:
         """Write one entry (``data`` holds ``src.size`` bytes for regular files, or the
         stored regions of a sparse one, which stays sparse)."""
         if isinstance(data, _Holes):
+            self._holes += src.size - data.stored
+            if self._holes > MAX_HOLES:
+                raise LayerError(
+                    f"layer {layer}: sparse file {name!r} of {src.size} bytes takes the holes of the "
+                    f"image's sparse files over {MAX_HOLES >> 30} GiB"
+                )
             self._count(name)
             self._write(_sparse_header(name, src, data.regions))
             self._stats.entries += 1

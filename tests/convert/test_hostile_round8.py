@@ -203,3 +203,32 @@ def test_layout_blob_that_is_no_regular_file(tmp_path: Path, blob_kind: str) -> 
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     name = f"blob {path}" if blob_kind == "fifo-layer" else f"blob {desc['digest']}"
     _refused(out_dir, p, f"{name} is not a regular file")
+
+
+def _sparse_layer(size: int) -> bytes:
+    """A layer of one GNU PAX 1.0 sparse file of ``size`` bytes storing its last byte only."""
+    sparse_map = b"1\n%d\n1\n" % (size - 1)
+    data = sparse_map + bytes(tarfile.BLOCKSIZE - len(sparse_map)) + b"x"
+    member = tarfile.TarInfo("GNUSparseFile.0/huge")
+    member.size = len(data)
+    member.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "huge",
+        "GNU.sparse.realsize": str(size),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_sparse_file_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """A 300-byte layer holding a 300 GiB sparse file kept tar2sqfs busy reading zeros (a 1 TiB
+    one for 4 minutes, and then it crashed); Apptainer fills the disk with them. Holes over
+    256 GiB in all are refused before packing starts."""
+    archive = _archive(tmp_path, [blob(tmp_path, _sparse_layer(300 << 30))])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    p = _hpcsif_build(out_dir / "x.sif", archive)
+    _refused(out_dir, p, f"sparse file 'huge' of {300 << 30} bytes takes the holes of the image's")
