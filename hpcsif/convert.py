@@ -215,7 +215,10 @@ def _build_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
         os.chmod(tmp, 0o755)
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=parent))
-            os.replace(dest, old / "tree")
+            try:
+                os.replace(dest, old / "tree")
+            except OSError as exc:  # another user's sandbox (or one in a sticky directory)
+                raise BuildError(f"cannot replace {dest}: {exc.strerror}") from None
         os.replace(tmp, dest)
     except BaseException:
         remove_tree(tmp)

@@ -344,3 +344,30 @@ def test_update_of_a_sandbox(work: Path, tmp_path: Path) -> None:
     assert [
         ln for ln in (box / ".singularity.d/labels.json").read_text().splitlines() if date not in ln
     ] == keep
+
+
+def test_force_over_a_sandbox_the_user_cannot_replace(work: Path, unpriv_user: TestUser) -> None:
+    """Root's sandbox in a directory the user may write: one line naming it, nothing changed."""
+    d = Path(tempfile.mkdtemp(prefix="hpcsif-force-"))
+    try:
+        os.chmod(d, 0o777)
+        shutil.copy(work / "tree.sqfs", d)  # pytest's tmp_path is root's alone
+        run_cli("build", "--sandbox", str(d / "rootbox"), str(d / "tree.sqfs"))
+        before = _listing(d / "rootbox")
+        env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HPCSIF_CACHEDIR": str(d / "cache")}
+        cmd = [
+            USER_PYTHON,
+            "-m",
+            "hpcsif.cli.main",
+            "build",
+            "-F",
+            "--sandbox",
+            "rootbox",
+            "tree.sqfs",
+        ]
+        proc = unpriv_user.run(cmd, env=env, cwd=d, timeout=60)
+        assert _fatal(proc) == "cannot replace rootbox: Permission denied"
+        assert _listing(d / "rootbox") == before
+        assert sorted(p.name for p in d.iterdir()) == ["cache", "rootbox", "tree.sqfs"]
+    finally:
+        shutil.rmtree(d)
