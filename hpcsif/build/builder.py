@@ -505,10 +505,14 @@ class _StageBuilder:
         # --remove-destination: a symlink already in the tree where a file lands is replaced, not
         # written through (Apptainer's plain cp -fLr writes through one pointing at a host file);
         # symlinks inside what is copied from a stage stay symlinks (as Apptainer copies them):
-        # followed, one naming /etc/shadow would copy the host's into the image
-        follow = "-fLr" if src_root is None else "-fr"
+        # followed, one naming /etc/shadow would copy the host's into the image. From a stage,
+        # Apptainer keeps owners, modes, times and hard links, but makes each directory it copies
+        # anew (0755, now)
+        flags = ["-fLr"] if src_root is None else ["-fr", "--preserve=mode,ownership,timestamps,links"]
+        tops = [target / s.name if into_dir else target for s in sources if src_root and s.is_dir()]
+        made = [t for t in tops if not os.path.lexists(t)]
         proc = subprocess.run(
-            ["cp", follow, "--remove-destination", "--", *map(str, sources), str(target)],
+            ["cp", *flags, "--remove-destination", "--", *map(str, sources), str(target)],
             capture_output=True,
             text=True,
             check=False,
@@ -517,6 +521,10 @@ class _StageBuilder:
         if proc.returncode != 0:
             why = "; ".join(proc.stderr.split("\n")[:3]).strip("; ")  # one FATAL line, however many cp wrote
             raise BuildError(f"{self.where}:{copy.line}: copying {copy.src}: {why}")
+        for top in made:
+            if top.is_dir() and not top.is_symlink():
+                os.chmod(top, 0o755)
+                os.utime(top)
 
     # -- SCIF apps ----------------------------------------------------------------------------
 

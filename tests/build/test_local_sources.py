@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,24 @@ def test_force_over_a_sandbox_the_user_cannot_replace(work: Path, unpriv_user: T
         assert sorted(p.name for p in d.iterdir()) == ["cache", "rootbox", "tree.sqfs"]
     finally:
         shutil.rmtree(d)
+
+
+def test_files_from_a_stage_keep_owners_times_and_hard_links(work: Path, tmp_path: Path) -> None:
+    """As Apptainer copies from a stage: owners, modes, times and hard links kept inside, a
+    directory copied anew (0755); a plain ``cp -r`` gave root's files and split hard links."""
+    definition = tmp_path / "stages.def"
+    definition.write_text(
+        f"Bootstrap: localimage\nFrom: {work / 'tree.sqfs'}\nStage: one\n\n%post\n"
+        "    mkdir -p /src/sub && echo a > /src/a && ln /src/a /src/hard && chown 1000:1000 /src/a\n"
+        "    touch -d 2001-01-01 /src/a /src/sub && chmod 750 /src && chmod 700 /src/sub\n\n"
+        f"Bootstrap: localimage\nFrom: {work / 'tree.sqfs'}\nStage: two\n\n"
+        "%files from one\n    /src /dst\n    /src /opt/\n"
+    )
+    box = tmp_path / "box"
+    run_cli("build", "--sandbox", str(box), str(definition))
+    for top in (box / "dst", box / "opt/src"):
+        assert stat.S_IMODE(top.stat().st_mode) == 0o755
+        a, hard, sub = (top / "a").stat(), (top / "hard").stat(), (top / "sub").stat()
+        assert (a.st_uid, a.st_gid, a.st_ino, a.st_nlink) == (1000, 1000, hard.st_ino, 2)
+        assert stat.S_IMODE(sub.st_mode) == 0o700
+        assert time.gmtime(a.st_mtime)[:3] == time.gmtime(sub.st_mtime)[:3] == (2001, 1, 1)
