@@ -232,3 +232,14 @@ def test_sparse_file_bomb_is_refused_at_once(tmp_path: Path) -> None:
     out_dir.mkdir()
     p = _hpcsif_build(out_dir / "x.sif", archive)
     _refused(out_dir, p, f"sparse file 'huge' of {300 << 30} bytes takes the holes of the image's")
+
+
+def test_bzip2_bomb_is_refused(tmp_path: Path) -> None:
+    """bzip2 (which Apptainer does not read in layers) expands zeros over a million times:
+    a 1 MiB layer would have kept the build decoding 1.3 TiB for an hour. Past 32768 times
+    (what zstd reaches) it is refused; a 256 MiB file from 200 bytes is one line, at once."""
+    raw = tar_bytes([file("zeros", bytes(256 << 20))])
+    archive = _archive(tmp_path, [blob(tmp_path, raw, "bz2")])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    _refused(out_dir, _hpcsif_build(out_dir / "x.sif", archive), "the bzip2 stream expands over 32768 times")
