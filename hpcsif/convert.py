@@ -28,6 +28,7 @@ from hpcsif.image.store import OCIStore, atomic_write_bytes
 from hpcsif.refs import Reference, parse
 
 if TYPE_CHECKING:  # the converter's heavy parts load only when converting
+    from hpcsif.image.layers import ExtraFile
     from hpcsif.sif import metadata as md
 
 log = logging.getLogger(__name__)
@@ -260,9 +261,16 @@ def sandbox_to_sif(
     src, dest = Path(src), Path(dest)
     if not scratch:
         refuse_unreadable(src)
-    if not (src / ".singularity.d").is_dir():
-        # Apptainer says nothing: such an image runs /bin/sh and has no image environment
-        log.debug("%s has no /.singularity.d: the image will have no runscript or environment", src)
+    if not scratch and meta is None and lacks_base_environment(src):
+        # Apptainer builds from a copy of the sandbox, to which it adds its base environment (a
+        # root file system made with debootstrap, say): so does this, where part of it is missing
+        work = Path(tempfile.mkdtemp(prefix=".hpcsif-rebuild-", dir=options.tmpdir or dest.parent))
+        try:
+            copy_tree(src, work / "rootfs")
+            origin = origin or str(src)
+            return sandbox_to_sif(work / "rootfs", dest, options, arch=arch, origin=origin, scratch=True)
+        finally:
+            remove_tree(work)
     deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {origin or src}\n"
     arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
@@ -383,6 +391,22 @@ def keep_bootstrap_history(tree: Path) -> None:
 NO_RUNSCRIPT = '#!/bin/sh\n\necho "There is no runscript defined for this container\\n";\n'
 
 
+def _base_environment(deffile: str, labels: dict[str, Any]) -> list[ExtraFile]:
+    """Apptainer's base environment of an image built from a local one, with *deffile* and
+    *labels* as its record."""
+    from hpcsif.sif import metadata as md
+
+    environment = {f"{md.SD}/env/90-environment.sh": md.ENV_90}
+    meta = md.Metadata(deffile, labels, NO_RUNSCRIPT, environment, oci_config={})
+    return meta.files()
+
+
+def lacks_base_environment(tree: Path) -> bool:
+    """Whether the sandbox *tree* lacks part of Apptainer's base environment (a root file system
+    made with debootstrap, say), which a build from it adds."""
+    return any(not os.path.lexists(tree / f.path.lstrip("/")) for f in _base_environment("", {}))
+
+
 def renew_local_image(
     tree: Path, origin: str, arch: str | None = None, bootstrap: str = "localimage", update: bool = False
 ) -> dict[str, Any]:
@@ -397,15 +421,9 @@ def renew_local_image(
 
     labels = _local_labels(tree, origin, arch or Platform().architecture, bootstrap, update)
     keep_bootstrap_history(tree)
-    meta = md.Metadata(
-        deffile=f"bootstrap: {bootstrap}\nfrom: {origin}\n\n",
-        labels=labels,
-        runscript=NO_RUNSCRIPT,
-        environment={f"{md.SD}/env/90-environment.sh": md.ENV_90},
-        oci_config={},
-    )
+    deffile = f"bootstrap: {bootstrap}\nfrom: {origin}\n\n"
     renewed = (f"{md.SD}/Singularity", f"{md.SD}/labels.json")
-    for f in meta.files():
+    for f in _base_environment(deffile, labels):
         parent = resolve_inside(tree, os.path.dirname(f.path))
         path = parent / os.path.basename(f.path)
         if not parent.is_dir() or (os.path.lexists(path) and (f.path not in renewed or path.is_symlink())):

@@ -272,9 +272,11 @@ def test_same_sandbox_as_apptainer_from_a_squashfs_file(work: Path, tmp_path: Pa
         assert (tmp_path / "ours" / sd / name).read_text() == (tmp_path / "peer" / sd / name).read_text()
 
 
-def test_a_bare_root_file_system_gets_the_base_environment(tmp_path: Path) -> None:
-    """``mksquashfs ROOT img.sqfs`` of a tree without ``/.singularity.d``: the built image runs
-    Apptainer's "no runscript" runscript and has its mount points and action scripts."""
+@pytest.mark.parametrize("source", ["root.sqfs", "root"])
+def test_a_bare_root_file_system_gets_the_base_environment(tmp_path: Path, source: str) -> None:
+    """``mksquashfs ROOT img.sqfs`` of a tree without ``/.singularity.d``, or the tree itself (a
+    debootstrap directory, say): the built image runs Apptainer's "no runscript" runscript and
+    has its mount points and action scripts; the tree is not changed."""
     root = tmp_path / "root"
     (root / "bin").mkdir(parents=True)
     shutil.copy(BUSYBOX, root / "bin/busybox")
@@ -283,12 +285,14 @@ def test_a_bare_root_file_system_gets_the_base_environment(tmp_path: Path) -> No
         ["mksquashfs", root, tmp_path / "root.sqfs", "-quiet", "-noappend", "-no-progress"], check=True
     )
     sif = tmp_path / "root.sif"
-    run_cli("build", str(sif), str(tmp_path / "root.sqfs"))
+    run_cli("build", str(sif), str(tmp_path / source))
     assert run_cli("run", str(sif)).stdout == "There is no runscript defined for this container\\n\n"
     attrs = run_cli("inspect", "--json", "--all", str(sif)).stdout
     assert '"startscript": "#!/bin/sh"' in attrs and "90-environment.sh" in attrs
     listing = run_cli("exec", str(sif), "/bin/busybox", "ls", "-a", "/").stdout.split()
     assert {".exec", ".run", "environment", "singularity", "proc", "home", "var"} <= set(listing)
+    assert sorted(os.listdir(root)) == ["bin"]
+    assert sorted(os.listdir(tmp_path)) == ["root", "root.sif", "root.sqfs"]
 
 
 def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser) -> None:
