@@ -261,10 +261,13 @@ def sandbox_to_sif(
     src, dest = Path(src), Path(dest)
     if not scratch:
         refuse_unreadable(src)
-    if not scratch and meta is None and lacks_base_environment(src):
+    inside = dest.resolve().parent.is_relative_to(src.resolve())  # mksquashfs would pack dest too
+    if not scratch and meta is None and (inside or lacks_base_environment(src)):
         # Apptainer builds from a copy of the sandbox, to which it adds its base environment (a
         # root file system made with debootstrap, say): so does this, where part of it is missing
-        work = Path(tempfile.mkdtemp(prefix=".hpcsif-rebuild-", dir=options.tmpdir or dest.parent))
+        # or where the image is written into the sandbox itself
+        base = options.tmpdir or (tempfile.gettempdir() if inside else dest.parent)
+        work = Path(tempfile.mkdtemp(prefix=".hpcsif-rebuild-", dir=base))
         try:
             copy_tree(src, work / "rootfs")
             origin = origin or str(src)

@@ -397,3 +397,14 @@ def test_files_from_a_stage_keep_owners_times_and_hard_links(work: Path, tmp_pat
         assert (a.st_uid, a.st_gid, a.st_ino, a.st_nlink) == (1000, 1000, hard.st_ino, 2)
         assert stat.S_IMODE(sub.st_mode) == 0o700
         assert time.gmtime(a.st_mtime)[:3] == time.gmtime(sub.st_mtime)[:3] == (2001, 1, 1)
+
+
+def test_image_written_into_the_sandbox_it_is_built_from(work: Path, tmp_path: Path) -> None:
+    """``build box/out.sif box``: the image does not hold its own temporary files (mksquashfs
+    packed the half-written SIF beside it), as Apptainer's, built from a copy, does not."""
+    box = tmp_path / "box"
+    run_cli("build", "--sandbox", str(box), str(work / "tree.sqfs"))
+    run_cli("build", str(box / "out.sif"), str(box))
+    listing = run_cli("exec", str(box / "out.sif"), "/bin/busybox", "ls", "-a", "/").stdout.split()
+    assert not [name for name in listing if "sif" in name or "hpcsif" in name]
+    assert sorted(p.name for p in box.iterdir() if "sif" in p.name) == ["out.sif"]
