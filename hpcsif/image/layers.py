@@ -18,8 +18,9 @@ root, as Apptainer (umoci), containerd and Podman extract layers: ``a/b`` lands 
 only when it reaches the lower layer: it remembers it and asks for another pass
 (:class:`~hpcsif.errors.WriteThroughError`). An upper *explicit* directory ``a`` replaces
 the lower symlink, as tar extraction does. AUFS bookkeeping entries
-(``.wh..wh.plnk``, ``.wh..wh.aufs``) are skipped. Directories are
-written last, once each, with the attributes of the topmost layer that has them.
+(``.wh..wh.aufs``, ``.wh..wh.plnk`` …) are skipped, but not what lies below them, as in
+Apptainer: AUFS keeps hard-linked files in ``.wh..wh.plnk``, and hard links may point
+there. Directories are written last, once each, with the attributes of the topmost layer that has them.
 
 Duplicates inside one layer: the last entry wins, like tar extraction. Entries without
 content (directories, symlinks, FIFOs, empty files, hard links) are held back until the
@@ -118,7 +119,7 @@ WIDE_DIRECTORY: contextvars.ContextVar[int | None] = contextvars.ContextVar("wid
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-_AUFS_META = "/.wh..wh."
+_AUFS_META = ".wh..wh."
 
 
 @dataclass(frozen=True)
@@ -928,9 +929,9 @@ class _Merger:
         if self.through:
             name = self._written_through(name, lay)
         parent, base = posixpath.split(name)
-        if base.startswith(WHITEOUT_PREFIX) or _AUFS_META in f"/{parent}/":
-            if _AUFS_META in f"/{parent}/" or (base.startswith(_AUFS_META[1:]) and base != OPAQUE_MARKER):
-                return  # AUFS bookkeeping (.wh..wh.plnk, .wh..wh.aufs): never content
+        if base.startswith(WHITEOUT_PREFIX):
+            if base.startswith(_AUFS_META) and base != OPAQUE_MARKER:
+                return  # AUFS bookkeeping (.wh..wh.aufs, .wh..wh.plnk itself): never content
             if base == OPAQUE_MARKER:
                 if self._blocked(name, lay) is None:
                     self._claim_parents(name, lay.level)  # the directory is the layer's: it stays

@@ -243,3 +243,25 @@ def test_bzip2_bomb_is_refused(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     _refused(out_dir, _hpcsif_build(out_dir / "x.sif", archive), "the bzip2 stream expands over 32768 times")
+
+
+def test_hard_links_into_the_aufs_link_store(tmp_path: Path) -> None:
+    """Layers from AUFS hosts keep hard-linked files in ``.wh..wh.plnk`` and may link to them:
+    hpcsif skipped what lay in AUFS directories and refused the links ("points at missing
+    file"). Apptainer keeps it; the AUFS entries themselves still go."""
+    entries = [d(".wh..wh.plnk"), file(".wh..wh.plnk/1.2", "plinked"), link("x", ".wh..wh.plnk/1.2")]
+    entries += [file(".wh..wh.aufs"), d(".wh..wh.orph"), file(".wh..wh.orph/o", "o")]
+    archive = _archive(tmp_path, [layer(tmp_path, entries)])
+    out = tmp_path / "x.sif"
+    p = _hpcsif_build(out, archive)
+    assert p.returncode == 0, p.stderr
+    tree = _tree(out)
+    assert tree["/x"] == tree["/.wh..wh.plnk/1.2"] == "-rw-r--r-- 7" and "/.wh..wh.aufs" not in tree
+    assert tree["/.wh..wh.orph/o"] == "-rw-r--r-- 1" and tree["/.wh..wh.plnk"].startswith("d")
+    if APPTAINER:
+        theirs = tmp_path / "theirs.sif"
+        subprocess.run(
+            [APPTAINER, "-s", "build", str(theirs), f"oci-archive:{archive}"], check=True, timeout=120
+        )
+        implied = {p: "d" if v[0] == "d" else v for p, v in tree.items()}  # hpcsif: 0755, Apptainer: 0775
+        assert implied == {p: "d" if v[0] == "d" else v for p, v in _tree(theirs).items()}

@@ -276,7 +276,9 @@ def test_root_entry_aufs_metadata_and_replaced_link(tmp_path: Path):
         "zstd",
     )
     root, _ = squash_and_unpack([lower, upper], tmp_path)
-    assert sorted(p.name for p in root.iterdir()) == ["lowfile", "x"]
+    # AUFS's hard-link store stays (as in Apptainer: links may point there), the rest goes
+    assert sorted(p.name for p in root.iterdir()) == [".wh..wh.plnk", "lowfile", "x"]
+    assert (root / ".wh..wh.plnk/123.456").read_text() == "aufs hardlink stash"
     assert os.readlink(root / "x") == "elsewhere"
     assert stat.S_IMODE(root.stat().st_mode) == 0o755  # the upper root entry (0750), made traversable
 
