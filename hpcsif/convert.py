@@ -429,7 +429,8 @@ def renew_local_image(
     for f in _base_environment(deffile, labels):
         parent = resolve_inside(tree, os.path.dirname(f.path))
         path = parent / os.path.basename(f.path)
-        if not parent.is_dir() or (os.path.lexists(path) and (f.path not in renewed or path.is_symlink())):
+        ours = f.path in renewed and not path.is_symlink() and not path.is_dir()
+        if not parent.is_dir() or (os.path.lexists(path) and not ours):
             continue  # the image's own (a link is never written through)
         if f.symlink is not None:
             os.symlink(f.symlink, path)

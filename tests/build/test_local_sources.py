@@ -408,3 +408,30 @@ def test_image_written_into_the_sandbox_it_is_built_from(work: Path, tmp_path: P
     listing = run_cli("exec", str(box / "out.sif"), "/bin/busybox", "ls", "-a", "/").stdout.split()
     assert not [name for name in listing if "sif" in name or "hpcsif" in name]
     assert sorted(p.name for p in box.iterdir() if "sif" in p.name) == ["out.sif"]
+
+
+def test_hostile_metadata_entries_in_the_source(work: Path, tmp_path: Path) -> None:
+    """What a build renews in a copy (def file, history, labels) is never written through a
+    link to the host, and a directory where a file is expected stays (no temp-path error)."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "file").write_text("host\n")
+    for case in ("links", "dirs"):
+        src = tmp_path / f"src-{case}"
+        run_cli("build", "--sandbox", str(src), str(work / "tree.sqfs"))
+        sd = src / ".singularity.d"
+        for name in ("Singularity", "labels.json"):
+            (sd / name).unlink()
+            if case == "links":
+                (sd / name).symlink_to(host / "file")
+            else:
+                (sd / name).mkdir()
+        shutil.rmtree(sd / "bootstrap_history")
+        if case == "links":
+            (sd / "bootstrap_history").symlink_to(host)
+        out = tmp_path / f"out-{case}"
+        run_cli("build", "--sandbox", str(out), str(src))
+        run_cli("build", str(out) + ".sif", str(src))
+        assert sorted(os.listdir(host)) == ["file"] and (host / "file").read_text() == "host\n"
+        renewed = out / ".singularity.d/Singularity"  # the link went into the history
+        assert renewed.is_dir() if case == "dirs" else renewed.read_text().startswith("bootstrap: localimage")
