@@ -707,6 +707,13 @@ class _DirSink:
 
     def emit(self, name: str, src: tarfile.TarInfo, kind: str, data: BinaryIO | None, layer: str) -> None:
         """Create one entry; directories come last, after all their children."""
+        try:
+            self._emit(name, src, kind, data, layer)
+        except OSError as e:  # a full disk, a file too large for the file system …
+            where = f"layer {layer}: " if layer else ""
+            raise LayerError(f"{where}cannot write /{name} in the sandbox: {e.strerror or e}") from e
+
+    def _emit(self, name: str, src: tarfile.TarInfo, kind: str, data: BinaryIO | None, layer: str) -> None:
         parent, base = posixpath.split(name)
         pfd = self._dir_fd(parent, create=True)
         # sandboxes stay writable by their owner, as Apptainer's do

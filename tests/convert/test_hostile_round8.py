@@ -265,3 +265,17 @@ def test_hard_links_into_the_aufs_link_store(tmp_path: Path) -> None:
         )
         implied = {p: "d" if v[0] == "d" else v for p, v in tree.items()}  # hpcsif: 0755, Apptainer: 0775
         assert implied == {p: "d" if v[0] == "d" else v for p, v in _tree(theirs).items()}
+
+
+def test_sandbox_file_too_large_for_the_file_system(tmp_path: Path) -> None:
+    """A 20 TiB sparse file (ext4 holds 16 TiB) in a sandbox failed as "FATAL:   Invalid argument";
+    the line now names the layer and the file, and the sandbox is gone."""
+    archive = _archive(tmp_path, [blob(tmp_path, _sparse_layer(20 << 40))])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = ["hpcsif", "build", "--sandbox", str(out_dir / "sb"), f"oci-archive:{archive}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if p.returncode == 0:
+        pytest.skip(f"the file system of {tmp_path} holds a 20 TiB file")
+    _refused(out_dir, p, ": cannot write /huge in the sandbox: ")
+    assert "FATAL:   layer sha256:" in p.stderr
