@@ -228,7 +228,7 @@ def _build_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
         raise
     finally:
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
     return dest
 
 

@@ -313,6 +313,12 @@ def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser)
         cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", *flags, "out", "sb"]
         assert re.fullmatch(expect, _fatal(unpriv_user.run(cmd, env=env, cwd=work, timeout=60)))
         assert sorted(p.name for p in work.iterdir() if p.name != "cache") == ["sb"]
+    # --force over the user's own sandbox with such a directory: the old one goes entirely
+    make = "mkdir old && echo x > old/f && mksquashfs old img.sqfs -quiet -no-progress"
+    assert unpriv_user.run(make, cwd=work).returncode == 0
+    cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", "-F", "--sandbox", "sb", "img.sqfs"]
+    assert unpriv_user.run(cmd, env=env, cwd=work, timeout=60).returncode == 0
+    assert sorted(p.name for p in work.iterdir() if p.name != "cache") == ["img.sqfs", "old", "sb"]
     subprocess.run(["chmod", "-R", "u+rwx", work], check=True)
     shutil.rmtree(work)
 
