@@ -24,7 +24,8 @@ that mounts the image there (counted); the umask to set (``-``: none); whether t
 in a PID namespace; the bwrap program; bwrap's arguments, without the container's command; the
 ``--ro-bind-data`` contents with their argument index; the environment as (``i`` inherit |
 ``c`` copy from | ``s`` set, name, value); ``end``. The key is the 128-bit FNV-1a hash of the
-format name, uid, gid, umask (octal), working directory, the sorted environment entries (only
+format name, uid, gid, the supplementary groups (:func:`groups_field`: the container's
+``/etc/group`` names them), umask (octal), working directory, the sorted environment entries (only
 the name of a task's own variable, :func:`per_task`: the ranks of one ``srun`` share a plan), an
 empty field and the command words before the container's command, each NUL-terminated, in hex.
 """
@@ -42,7 +43,7 @@ from hpcsif.errors import HpcsifError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "hpcsif-plan-2"
+FORMAT = "hpcsif-plan-3"
 MAX_PLANS = 64
 _FNV_BASIS = 0x6C62272E07BB014262B821756295C58D
 _FNV_PRIME = (1 << 88) + 0x13B
@@ -55,6 +56,11 @@ def fnv1a_128(fields: list[bytes]) -> str:
     for byte in b"".join(f + b"\0" for f in fields):
         h = ((h ^ byte) * _FNV_PRIME) & _MASK
     return f"{h:032x}"
+
+
+def groups_field() -> str:
+    """The caller's groups as the key holds them: sorted, unique, comma-separated decimal ids."""
+    return ",".join(str(g) for g in sorted(set(os.getgroups())))
 
 
 def current_umask() -> int:
@@ -178,6 +184,7 @@ class Recorder(logging.Handler):
             for m in list(sys.modules.values()):
                 if getattr(m, "__name__", "").startswith("hpcsif") and getattr(m, "__file__", None):
                     self.file(m.__file__)
+            self.file("/etc/group")  # the container's /etc/group names the caller's groups
             user = pwd.getpwuid(os.getuid())
             group = _group_name(user.pw_gid)
             key = fnv1a_128(
@@ -185,6 +192,7 @@ class Recorder(logging.Handler):
                     FORMAT.encode(),
                     str(os.getuid()).encode(),
                     str(os.getgid()).encode(),
+                    groups_field().encode(),
                     f"{self._umask:o}".encode(),
                     os.fsencode(os.getcwd()),
                     *sorted(

@@ -35,7 +35,7 @@
 #define HPCSIF_PYTHON "python3"
 #endif
 
-#define FORMAT "hpcsif-plan-2"
+#define FORMAT "hpcsif-plan-3"
 #define MAX_PLAN (1 << 20)
 #define MAX_PENDING 32
 
@@ -153,6 +153,31 @@ static char *read_plan(const char *path, size_t *len) {
     return buf;
 }
 
+static int by_gid(const void *a, const void *b) {
+    gid_t x = *(const gid_t *)a, y = *(const gid_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The caller's groups as launch_plan.groups_field writes them: sorted, unique, comma-separated. */
+static char *groups_field(void) {
+    int n = getgroups(0, NULL);
+    if (n < 0) return NULL;
+    gid_t *gids = calloc((size_t)n + 1, sizeof *gids);
+    char *out = calloc((size_t)n + 1, 12);
+    if (!gids || !out || getgroups(n, gids) != n) {
+        free(gids);
+        free(out);
+        return NULL;
+    }
+    qsort(gids, (size_t)n, sizeof *gids, by_gid);
+    size_t len = 0;
+    for (int i = 0; i < n; i++)
+        if (i == 0 || gids[i] != gids[i - 1])
+            len += (size_t)sprintf(out + len, "%s%u", len ? "," : "", (unsigned)gids[i]);
+    free(gids);
+    return out;
+}
+
 /*
  * The saved plan for this command line, if any: the longest prefix of the arguments that has
  * one (what follows it is the container's command). *split* gets the first command argument.
@@ -175,6 +200,10 @@ static char *find_plan(size_t *len, int *split) {
     h = fnv_field(h, num);
     snprintf(num, sizeof num, "%u", (unsigned)getgid());
     h = fnv_field(h, num);
+    char *groups = groups_field();
+    if (!groups) return NULL;
+    h = fnv_field(h, groups);
+    free(groups);
     snprintf(num, sizeof num, "%o", (unsigned)mask);
     h = fnv_field(h, num);
     h = fnv_field(h, cwd);
@@ -727,7 +756,9 @@ int main(int argc, char **argv) {
     g_argv = argv;
     size_t len = 0;
     int split = 0;
-    char *plan = argc >= 3 ? find_plan(&len, &split) : NULL;
+    /* on a terminal the Python engine makes it the container's controlling terminal, a launch it
+     * does not save (bwrap.py: _on_terminal) */
+    char *plan = argc >= 3 && !isatty(0) ? find_plan(&len, &split) : NULL;
     if (!plan) python_cli();
     struct cursor c = {plan, plan + len};
     char *format = field(&c);

@@ -570,3 +570,48 @@ def test_random_flag_combinations_repeat_as_python_runs_them(front, holder, imag
             direct.stderr,
         ), args
     assert repeated >= 18  # a few print a warning (then nothing is saved)
+
+
+def test_a_start_on_a_terminal_goes_to_python(front, holder, images):
+    """On a terminal the engine gives the container the terminal (job control, /dev/tty), which
+    a saved plan does not do: the front leaves such starts to Python."""
+    import pty
+
+    args = ["exec", str(images.sif), "sh", "-c", "test -t 0 && echo tty"]
+    front.run(*args)
+    assert front.run(*args)[1] is False  # saved, repeated without a terminal
+    before = len(front.python_starts())
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its controlling terminal and stdin
+        os.execve(str(front.binary), [str(front.binary), *args], dict(os.environ))
+    out = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 1024):
+            out += chunk
+    os.waitpid(pid, 0)
+    os.close(fd)
+    assert b"tty" in out
+    assert len(front.python_starts()) == before + 1
+
+
+def test_other_supplementary_groups_make_a_new_plan(front, holder, images):
+    """The container's /etc/group names the caller's groups: other groups, other plan."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to change the supplementary groups")
+    import grp
+
+    named = next(g for g in grp.getgrall() if g.gr_gid not in (0, os.getgid()))
+    args = ["exec", str(images.sif), "cat", "/etc/group"]
+
+    def with_groups(groups: str) -> tuple[subprocess.CompletedProcess, bool]:
+        before = len(front.python_starts())
+        cmd = ["setpriv", f"--groups={groups}", str(front.binary), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return proc, len(front.python_starts()) > before
+
+    with_groups("0")
+    assert with_groups("0")[1] is False  # saved, then repeated
+    line = f"{named.gr_name}:x:{named.gr_gid}:root"
+    for _ in range(2):  # through Python, then repeated: the same file both times
+        proc, _started = with_groups(f"0,{named.gr_gid}")
+        assert line in proc.stdout.splitlines(), proc.stdout
