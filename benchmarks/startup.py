@@ -56,7 +56,8 @@ def run_once(cmd: list[str], env: dict[str, str] | None) -> tuple[float, float]:
     """
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    # (not the terminal: on one, the engine hands it to the container, a start it does not repeat)
+    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
