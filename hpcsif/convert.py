@@ -509,17 +509,18 @@ def _copy_mounted(image: Path, dest: Path) -> None:
 
     mounts: list[SharedMount] = []
     try:
-        copy_tree(mount_root(image, mounts), dest, what=f"the file system of {image}")
+        copy_tree(mount_root(image, mounts), dest, what=f"the file system of {image}", shown=f"{image}:")
     finally:
         for mount in reversed(mounts):
             mount.release()
 
 
-def copy_tree(src: Path, dest: Path, what: str | None = None) -> None:
+def copy_tree(src: Path, dest: Path, what: str | None = None, shown: str | None = None) -> None:
     """Copy the directory *src* to the new *dest* as ``cp -a`` copies it, as Apptainer copies a
     sandbox: symlinks as they are, owners (where the caller may set them), modes, times, hard
     links, FIFOs and sockets kept; xattrs dropped. One :class:`BuildError` line if anything
-    cannot be copied (an unreadable file), with nothing left at *dest*."""
+    cannot be copied (an unreadable file), with nothing left at *dest*; *shown* is how *src* is
+    named there (a mount point means nothing to the user)."""
     proc = subprocess.run(
         ["cp", "-a", "--no-preserve=xattr", "--", f"{src}/.", str(dest)],
         stdin=subprocess.DEVNULL,
@@ -528,7 +529,7 @@ def copy_tree(src: Path, dest: Path, what: str | None = None) -> None:
     )
     if proc.returncode != 0:
         remove_tree(dest)
-        detail = proc.stderr.replace(f"{src}/./", f"{src}/").strip().splitlines()
+        detail = proc.stderr.replace(f"{src}/./", f"{shown or src}/").strip().splitlines()
         raise BuildError(f"cannot copy {what or src}: {detail[0] if detail else 'cp failed'}")
 
 
