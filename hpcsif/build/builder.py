@@ -409,7 +409,10 @@ class _StageBuilder:
         from hpcsif.signing.verify import verify_image
 
         where = f"{self.where}:{self.stage.header_lines['fingerprints']}: while checking fingerprint"
-        if not src.is_file():
+        from hpcsif.sif.reader import bare_filesystem
+
+        # Apptainer skips the check there; a build that asked for it is not made unchecked
+        if not src.is_file() or bare_filesystem(src):
             raise BuildError(f"{where}: {src} is not a SIF file, so it cannot be verified")
         # as Apptainer: every signature is checked against the whole local keyring (a signer the
         # keyring does not know fails), and the wanted keys must be among the signers

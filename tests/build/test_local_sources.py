@@ -446,3 +446,16 @@ def test_hostile_metadata_entries_in_the_source(work: Path, tmp_path: Path) -> N
         assert sorted(os.listdir(host)) == ["file"] and (host / "file").read_text() == "host\n"
         renewed = out / ".singularity.d/Singularity"  # the link went into the history
         assert renewed.is_dir() if case == "dirs" else renewed.read_text().startswith("bootstrap: localimage")
+
+
+def test_fingerprints_of_a_squashfs_file_cannot_be_checked(work: Path, tmp_path: Path) -> None:
+    """Kept different: Apptainer skips a ``Fingerprints:`` check it cannot make (no signature
+    outside a SIF) and builds; a build that asked for one is refused in one line instead."""
+    definition = tmp_path / "fpr.def"
+    fpr = "1234567890ABCDEF1234567890ABCDEF12345678"
+    definition.write_text(f"Bootstrap: localimage\nFrom: tree.sqfs\nFingerprints: {fpr}\n")
+    proc = run_cli("build", str(tmp_path / "out.sif"), str(definition), check=False, cwd=work)
+    assert _fatal(proc) == (
+        f"{definition}:3: while checking fingerprint: tree.sqfs is not a SIF file, so it cannot be verified"
+    )
+    assert not (tmp_path / "out.sif").exists()
