@@ -369,7 +369,11 @@ def _local_labels(
     renews only the date, as Apptainer's ``--update`` keeps the labels a sandbox has."""
     from hpcsif.sif import metadata as md
 
-    labels = _read_json(_text_inside(tree / ".singularity.d", "labels.json") or "")
+    found = _read_json(_text_inside(tree / ".singularity.d", "labels.json") or "")
+    labels = {k: v for k, v in found.items() if isinstance(v, str)}
+    if len(labels) < len(found):  # Apptainer refuses to build; its inspect could not read them
+        dropped = ", ".join(sorted(found.keys() - labels))
+        log.warning("labels of %s that are not strings are left out: %s", origin, dropped)
     build_arch = str(labels.get("org.label-schema.build-arch") or arch)
     renewed = md.build_labels(bootstrap=bootstrap, source=origin, arch=build_arch)
     if update:

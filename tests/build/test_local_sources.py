@@ -459,3 +459,17 @@ def test_fingerprints_of_a_squashfs_file_cannot_be_checked(work: Path, tmp_path:
         f"{definition}:3: while checking fingerprint: tree.sqfs is not a SIF file, so it cannot be verified"
     )
     assert not (tmp_path / "out.sif").exists()
+
+
+def test_labels_that_are_not_strings(tmp_path: Path) -> None:
+    """Apptainer refuses to build from an image whose labels.json has values that are not
+    strings; kept different: they are left out with one warning, not made into an image that
+    ``inspect`` cannot read."""
+    root = _tree(tmp_path / "root")
+    (root / ".singularity.d/labels.json").write_text('{"kept": "yes", "n": 1, "o": {"c": 2}}')
+    sif = tmp_path / "out.sif"
+    proc = run_cli("build", str(sif), str(root))
+    assert f"WARNING: labels of {root} that are not strings are left out: n, o" in proc.stderr.splitlines()
+    labels = run_cli("inspect", "-l", str(sif))
+    assert "kept: yes" in labels.stdout.splitlines() and not labels.stderr
+    assert not [ln for ln in labels.stdout.splitlines() if ln.startswith(("n:", "o:"))]
