@@ -31,8 +31,15 @@ from hpcsif.image.store import MAX_JSON_DOCUMENT, OCIStore, document_too_large
 _SMALL = MAX_JSON_DOCUMENT
 #: the archive's own top-level documents, the only members kept in memory
 _TOP_DOCUMENTS = frozenset({"index.json", "manifest.json"})
-_BLOB_NAME = re.compile(r"^(?:\./)?blobs/sha256/([a-f0-9]{64})$")
+_BLOB_NAME = re.compile(r"^blobs/sha256/([a-f0-9]{64})$")
 _MAX_LINK_HOPS = 8  # links to links followed to a regular member (a loop ends there)
+
+
+def member_name(name: str) -> str:
+    """An archive member's name (or a name manifest.json gives) as the members are looked up:
+    ``./index.json``, ``/index.json`` (``tar -P``, which Apptainer reads) and ``index.json``
+    are one name; ``../x`` stays outside and is never found."""
+    return posixpath.normpath(name).lstrip("/")
 
 
 @dataclass
@@ -46,11 +53,11 @@ class ArchiveContents:
 
     def add_link(self, member: tarfile.TarInfo) -> None:
         """Record a symlink or hard link member, resolved by :meth:`resolve_links`."""
-        name = member.name.removeprefix("./")
+        name = member_name(member.name)
         if member.issym():  # relative to the link's directory, joined as containers/image joins it
-            target = posixpath.normpath(f"{posixpath.dirname(name)}/{member.linkname}").lstrip("/")
+            target = member_name(f"{posixpath.dirname(name)}/{member.linkname}")
         else:
-            target = member.linkname.removeprefix("./")
+            target = member_name(member.linkname)
         self.links[name] = target
 
     def resolve_links(self) -> None:
@@ -79,7 +86,7 @@ class ArchiveContents:
     def document(self, name: str, where: str) -> bytes:
         """A top document's bytes (``index.json``, ``manifest.json``); NotFoundError if absent."""
         try:
-            return self.documents[name.removeprefix("./")]
+            return self.documents[member_name(name)]
         except KeyError:
             raise NotFoundError(f"{where}: archive has no {name}") from None
 
@@ -146,7 +153,7 @@ def index_tar(path: Path, store: OCIStore, where: str) -> ArchiveContents:
                     out.add_link(member)
                 if not member.isfile():
                     continue
-                name = member.name.removeprefix("./")
+                name = member_name(member.name)
                 if member.offset_data + member.size > size:
                     raise SourceError(f"{where}: archive is truncated (in {name})")
                 if member.size <= _SMALL:
@@ -210,7 +217,7 @@ def ingest_fileobj(stream: IO[bytes], store: OCIStore, where: str) -> ArchiveCon
 def _ingest_member(
     tar: tarfile.TarFile, member: tarfile.TarInfo, store: OCIStore, out: ArchiveContents, where: str
 ) -> None:
-    name = member.name.removeprefix("./")
+    name = member_name(member.name)
     src = tar.extractfile(member)
     assert src is not None  # regular files always have data
     m = _BLOB_NAME.match(name)

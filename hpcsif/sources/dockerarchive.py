@@ -20,7 +20,7 @@ from hpcsif.image.model import BlobSpan, Descriptor, Image
 from hpcsif.image.store import OCIStore, document_too_large, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources import Source
-from hpcsif.sources.archive import ArchiveContents, read_archive, selection_digest
+from hpcsif.sources.archive import ArchiveContents, member_name, read_archive, selection_digest
 
 _MAGIC_TYPES = ((b"\x1f\x8b", mt.OCI_LAYER_GZIP), (b"\x28\xb5\x2f\xfd", mt.OCI_LAYER_ZSTD))
 
@@ -91,7 +91,7 @@ def image_from_contents(contents: ArchiveContents, store: OCIStore, name: str | 
             raise TypeError("Layers must be a list of paths")
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise IntegrityError(f"{where}: malformed manifest.json ({exc})") from None
-    config_member = config_name.removeprefix("./")
+    config_member = member_name(config_name)
     if config_member in contents.spans:
         raise document_too_large(f"{where}: image config {config_name}")
     if config_member not in contents.blobs:
@@ -104,7 +104,7 @@ def image_from_contents(contents: ArchiveContents, store: OCIStore, name: str | 
         raise IntegrityError(f"{where}: config lists {len(diff_ids)} diff_ids for {len(layer_names)} layers")
     layers, spans = [], {}
     for layer_name, diff_id in zip(layer_names, diff_ids, strict=True):
-        name = layer_name.removeprefix("./")
+        name = member_name(layer_name)
         if name in contents.spans:  # a large layer left in place in an uncompressed archive
             span = contents.spans[name]
             media = _media_type_at(span.path, span.offset)

@@ -279,3 +279,22 @@ def test_sandbox_file_too_large_for_the_file_system(tmp_path: Path) -> None:
         pytest.skip(f"the file system of {tmp_path} holds a 20 TiB file")
     _refused(out_dir, p, ": cannot write /huge in the sandbox: ")
     assert "FATAL:   layer sha256:" in p.stderr
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_oci_archive_with_absolute_member_names(tmp_path: Path, gzipped: bool) -> None:
+    """``tar -P`` keeps the leading ``/`` (``/index.json``, ``/blobs/sha256/…``): Apptainer reads
+    such an archive; hpcsif said "archive has no index.json"."""
+    plain = _archive(tmp_path, [layer(tmp_path, [file("x", "1")])])
+    archive = tmp_path / "absolute.tar"
+    with tarfile.open(plain) as src, tarfile.open(archive, "w:gz" if gzipped else "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member) if member.isfile() else None
+            member.name = "/" + member.name
+            dst.addfile(member, data)
+    out = tmp_path / "x.sif"
+    p = _hpcsif_build(out, archive)
+    assert p.returncode == 0, p.stderr
+    assert _tree(out)["/x"] == "-rw-r--r-- 1"
+    if APPTAINER and not gzipped:
+        assert _peer_builds(tmp_path, f"oci-archive:{archive}")
