@@ -19,9 +19,13 @@ import binascii
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hpcsif.errors import AuthError
 from hpcsif.refs import DOCKER_HUB
@@ -32,6 +36,7 @@ ENV_PREFIXES = ("HPCSIF", "APPTAINER", "SINGULARITY")
 #: Docker Hub's host names in auth files (docker.io first: containers/image's, for namespaces);
 #: Docker's own key, https://index.docker.io/v1/, is one of them with a scheme and a path
 _HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+_HUB_SERVER = "https://index.docker.io/v1/"
 #: the largest auth file read (real ones are a few KiB)
 MAX_AUTH_FILE = 4 << 20
 _warned: set[str] = set()
@@ -114,18 +119,62 @@ def from_docker_config(
     Apptainer reads only its own file when that exists; Docker's is read after it here too, so
     that a ``docker login`` to another registry also works. A default file that cannot be read
     is skipped with a warning; a requested one (``path``) is an :class:`AuthError`, as in
-    Apptainer. Malformed entries are skipped with a warning.
+    Apptainer. Malformed entries are skipped with a warning. Docker's credential helpers are
+    asked as Docker asks them: ``credHelpers`` for the registry first, ``credsStore`` last.
     """
     if path is None:
         for default in (apptainer_config_path(), docker_config_path()):
-            if creds := _from_auths(registry, repository, default, _read_auths(default, requested=False)):
+            if creds := _from_config(registry, repository, default, _read_config(default, requested=False)):
                 return creds
         return None
-    return _from_auths(registry, repository, path, _read_auths(path, requested=True))
+    return _from_config(registry, repository, path, _read_config(path, requested=True))
 
 
-def _read_auths(path: Path, *, requested: bool) -> dict[str, object]:
-    """The ``auths`` table of the auth file at ``path`` (empty when there is no file)."""
+def _from_config(
+    registry: str, repository: str | None, path: Path, config: dict[str, Any]
+) -> Credentials | None:
+    server = _HUB_SERVER if registry == DOCKER_HUB else registry  # what Docker asks helpers for
+    helpers = config.get("credHelpers") or {}
+    names = (*_HUB_HOSTS, _HUB_SERVER) if registry == DOCKER_HUB else (registry,)
+    helper = next((helpers[name] for name in names if name in helpers), None)
+    if helper and (creds := _from_helper(helper, server, path)):
+        return creds
+    if creds := _from_auths(registry, repository, path, config.get("auths") or {}):
+        return creds
+    store = config.get("credsStore")
+    return _from_helper(store, server, path) if store else None
+
+
+def _from_helper(helper: object, server: str, path: Path) -> Credentials | None:
+    """``docker-credential-HELPER get`` for ``server`` (Docker's credential helper protocol)."""
+    if not isinstance(helper, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", helper):
+        _warn_once(f"ignoring credential helper {helper!r} in {path}")
+        return None
+    name = f"docker-credential-{helper}"
+    exe = shutil.which(name)
+    if exe is None:
+        _warn_once(f"{path} names the credential helper {name}, which is not on PATH")
+        return None
+    try:
+        proc = subprocess.run([exe, "get"], input=server, capture_output=True, text=True, timeout=60)
+        answer = json.loads(proc.stdout) if proc.returncode == 0 else None
+        user, secret = (answer["Username"], answer["Secret"]) if answer else (None, None)
+    except (OSError, subprocess.TimeoutExpired, ValueError, TypeError, KeyError) as exc:
+        _warn_once(f"credential helper {name} failed for {server}: {type(exc).__name__}")
+        return None
+    if answer is None:  # "credentials not found in native keychain": nothing stored for it
+        return None
+    if user == "<token>":
+        _warn_once(f"{name}: identity tokens (docker login via OAuth) are not supported for {server}")
+        return None
+    if not (isinstance(user, str) and user and isinstance(secret, str)):
+        _warn_once(f"credential helper {name} gave no user name and password for {server}")
+        return None
+    return Credentials(user, secret, f"{path} ({name})")
+
+
+def _read_config(path: Path, *, requested: bool) -> dict[str, Any]:
+    """The Docker-style auth file at ``path`` (empty when there is no file)."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_AUTH_FILE + 1)  # bounded: the file may be /dev/zero
@@ -134,9 +183,9 @@ def _read_auths(path: Path, *, requested: bool) -> dict[str, object]:
         doc = json.loads(data)
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
-        auths = doc.get("auths") or {}
-        if not isinstance(auths, dict):
-            raise ValueError('"auths" is not an object')
+        for key, kind in (("auths", dict), ("credHelpers", dict), ("credsStore", str)):
+            if doc.get(key) is not None and not isinstance(doc[key], kind):
+                raise ValueError(f'"{key}" is not {"an object" if kind is dict else "a string"}')
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, RecursionError) as exc:
@@ -145,7 +194,7 @@ def _read_auths(path: Path, *, requested: bool) -> dict[str, object]:
             raise AuthError(f"cannot read auth file {path}: {why}") from None
         _warn_once(f"ignoring unreadable Docker config {path}: {why}")
         return {}
-    return auths
+    return doc
 
 
 def _from_auths(

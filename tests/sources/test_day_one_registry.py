@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import ipaddress
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -51,6 +52,16 @@ def peer(work: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[st
     env = dict(_env(work), APPTAINER_CACHEDIR=str(work / "peer-cache"), **extra)
     env["PATH"] = env.get("PATH", "") + ":/usr/sbin"
     return subprocess.run([exe, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
+    """A file server of this test's own (the session's is left to the tests that share it)."""
+    server = FileServer(tmp_path_factory.mktemp("files"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -484,15 +495,15 @@ def test_malformed_entry_is_skipped_with_one_warning(
 
 # -- a password in a URL ---------------------------------------------------------------------------
 def test_password_in_a_url_is_never_shown_or_written(
-    registry_open: Registry, http_files: FileServer, busybox_image, work
+    registry_open: Registry, files: FileServer, busybox_image, work
 ) -> None:
     """``https://user:PASSWORD@host/image.sif`` used to be printed in -v/-d lines and errors, and
     written to the cache's records (meta.json, journal, tag records, lock holders)."""
     registry_open.push(busybox_image.oci_ref, "team/busybox:1")
     assert hpcsif(work, "pull", "--name", "bb.sif", registry_open.ref("team/busybox:1")).returncode == 0
-    (http_files.root / "bb.sif").write_bytes((work / "bb.sif").read_bytes())
-    url = f"http://{USER}:{PASSWORD}@127.0.0.1:{http_files.port}"
-    shown = f"http://{USER}:***@127.0.0.1:{http_files.port}"
+    (files.root / "bb.sif").write_bytes((work / "bb.sif").read_bytes())
+    url = f"http://{USER}:{PASSWORD}@127.0.0.1:{files.port}"
+    shown = f"http://{USER}:***@127.0.0.1:{files.port}"
     runs = [
         hpcsif(work, "-d", "pull", "--name", "a.sif", f"{url}/bb.sif"),
         hpcsif(work, "-d", "exec", f"{url}/bb.sif", "cat", "/etc/hello.txt"),
@@ -612,7 +623,7 @@ def test_a_registry_that_never_answers_fails_after_one_timeout(work) -> None:
     ("scheme", "port", "fatal"),
     [
         ("http", None, "connection refused"),
-        ("https", "http_files", "the server answered in plain HTTP, not HTTPS (use an http:// URL for a "
+        ("https", "files", "the server answered in plain HTTP, not HTTPS (use an http:// URL for a "
          "server without TLS)"),
     ],
 )  # fmt: skip
@@ -701,3 +712,55 @@ def test_a_loopback_registry_that_speaks_only_https(registry_open: Registry, bus
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+HELPER = """#!/bin/sh
+# a Docker credential helper: `get` reads a server on stdin, answers from the store beside it
+[ "$1" = get ] || exit 1
+read -r server
+echo "$server" >> "$(dirname "$0")/asked"
+grep -q "^$server " "$(dirname "$0")/store" || { echo "credentials not found in native keychain"; exit 1; }
+grep "^$server " "$(dirname "$0")/store" | cut -d' ' -f2-
+"""
+
+
+@pytest.mark.parametrize("how", ["credHelpers", "credsStore"])
+def test_docker_credential_helpers(registry_basic: Registry, busybox_image, work, how: str) -> None:
+    """``docker login`` with a credential store leaves ``credsStore``/``credHelpers`` in
+    config.json and the password with a ``docker-credential-NAME`` program, which Apptainer
+    (containers/image) asks; it was not asked here."""
+    registry_basic.push(busybox_image.oci_ref, "private/busybox:1")
+    bin_dir = work / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker-credential-hpcsiftest").write_text(HELPER)
+    (bin_dir / "docker-credential-hpcsiftest").chmod(0o755)
+    answer = {"ServerURL": registry_basic.host, "Username": USER, "Secret": PASSWORD}
+    (bin_dir / "store").write_text(f"{registry_basic.host} {json.dumps(answer)}\n")
+    config = {"credHelpers": {registry_basic.host: "hpcsiftest"}} if how == "credHelpers" else {}
+    config |= {"credsStore": "hpcsiftest"} if how == "credsStore" else {}
+    (work / "home" / ".docker").mkdir()
+    (work / "home" / ".docker" / "config.json").write_text(json.dumps(config))
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    res = hpcsif(
+        work,
+        "-d",
+        "pull",
+        "--disable-cache",
+        "--name",
+        "a.sif",
+        registry_basic.ref("private/busybox:1"),
+        PATH=path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "(docker-credential-hpcsiftest)" in res.stderr and PASSWORD not in res.stderr
+    assert (bin_dir / "asked").read_text() == f"{registry_basic.host}\n"
+    other = hpcsif(
+        work,
+        "pull",
+        "--name",
+        "b.sif",
+        f"docker://localhost:{registry_basic.port}/private/busybox:1",
+        PATH=path,
+    )
+    assert other.returncode == 255 and "authentication required" in other.stderr  # nothing stored for it
+    _no_secret_under(work / "cache")
