@@ -112,6 +112,9 @@ _MAX_SYMLINKS = 255
 # holes of sparse files in one image: tar2sqfs reads them as zeros (about 8 GiB/s; a 1 TiB
 # hole, a 300-byte layer, took it 4 minutes and then crashed); Apptainer writes them to disk
 MAX_HOLES = 256 << 30
+# bytes of the directory paths that an image's entries imply: a hundred deeply nested entries
+# (a few KiB of layer) implied 200,000 directories of 2 KiB paths, 800 MiB of memory
+_MAX_DIR_PATH_BYTES = 256 << 20
 
 #: set by the consumer of :func:`flatten`'s stream: the most entries one directory may get
 #: before :class:`WideDirectoryError` (``tar2sqfs`` slows down quadratically with them)
@@ -376,7 +379,9 @@ def _normalise(name: str, layer: LayerBlob, what: str = "entry") -> str:
 
     A ``..`` at the root stays at the root, as Apptainer (umoci, securejoin) and Docker
     extract layers: ``../../etc/x`` is ``etc/x``. A component longer than the 255 bytes
-    any Linux file system (and squashfs) allows is a ``LayerError``.
+    any Linux file system (and squashfs) allows is a ``LayerError``, and so is a path of
+    4096 bytes or more, which no system call takes (Apptainer fails on it too); its
+    thousands of parent directories made the merge's memory grow with the square of its length.
     """
     parts: list[str] = []
     for comp in name.split("/"):
@@ -393,7 +398,12 @@ def _normalise(name: str, layer: LayerBlob, what: str = "entry") -> str:
                     f"{_NAME_MAX} bytes"
                 )
             parts.append(comp)
-    return "/".join(parts)
+    path = "/".join(parts)
+    if len(path) >= _PATH_MAX // 4 and len(path.encode("utf-8", "surrogateescape")) >= _PATH_MAX:
+        raise LayerError(
+            f"layer {layer.label}: {what} {name[:80]!r}... has a path of {_PATH_MAX} bytes or more"
+        )
+    return path
 
 
 def _ancestors(path: str) -> Iterator[str]:
@@ -876,6 +886,7 @@ class _Merger:
         self.done_in = 0
         # path -> level * 2 + is_dir, for every path an upper layer (or this one) claimed
         self.claims: dict[str, int] = {}
+        self.claimed_dir_bytes = 0  # the length of the directory paths in claims
         self.dirs: dict[str, tuple[int, tarfile.TarInfo]] = {}  # explicit directory attributes
         self.hidden: set[str] = set()  # whiteouts of the layers above
         self.opaque: set[str] = set()
@@ -921,10 +932,16 @@ class _Merger:
             return "whiteout"
         return None
 
-    def _claim_parents(self, name: str, level: int) -> None:
+    def _claim_parents(self, name: str, lay: _Layer) -> None:
         for anc in _ancestors(name):
             if anc not in self.claims:
-                self.claims[anc] = level * 2 + 1
+                self.claims[anc] = lay.level * 2 + 1
+                self.claimed_dir_bytes += len(anc)
+        if self.claimed_dir_bytes > _MAX_DIR_PATH_BYTES:
+            raise LayerError(
+                f"layer {lay.label}: the image's directory paths add up to over "
+                f"{_MAX_DIR_PATH_BYTES >> 20} MiB (at {name[:80]!r}...: directories nested too deep?)"
+            )
 
     # -- entries -------------------------------------------------------------------------
 
@@ -941,7 +958,7 @@ class _Merger:
                 return  # AUFS bookkeeping (.wh..wh.aufs, .wh..wh.plnk itself): never content
             if base == OPAQUE_MARKER:
                 if self._blocked(name, lay) is None:
-                    self._claim_parents(name, lay.level)  # the directory is the layer's: it stays
+                    self._claim_parents(name, lay)  # the directory is the layer's: it stays
                 lay.opaque.add(parent)
             else:
                 for anc in _ancestors(name):
@@ -983,7 +1000,7 @@ class _Merger:
             elif kind != "dir":
                 lay.state[name] = _HIDDEN
             return
-        self._claim_parents(name, lay.level)
+        self._claim_parents(name, lay)
         self.claims[name] = lay.level * 2 + (kind == "dir")
         if kind == "dir":
             self.dirs[name] = (lay.level, ti)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from hpcsif.image.compose import ImageSpec, layer_tar, write_oci_layout
 from tests.convert.test_hostile_metadata import _put
 from tests.image.tarbuild import blob, d, file, layer, link, sym, tar_bytes
-from tests.image.test_hostile_cli import APPTAINER, _archive, _hpcsif_build, _tree
+from tests.image.test_hostile_cli import _PEAK_RSS, APPTAINER, _archive, _hpcsif_build, _tree
 
 
 def _peer_builds(work: Path, source: str) -> bool:
@@ -298,3 +299,31 @@ def test_oci_archive_with_absolute_member_names(tmp_path: Path, gzipped: bool) -
     assert _tree(out)["/x"] == "-rw-r--r-- 1"
     if APPTAINER and not gzipped:
         assert _peer_builds(tmp_path, f"oci-archive:{archive}")
+
+
+def test_paths_past_path_max_are_refused(tmp_path: Path) -> None:
+    """A 4096-byte path: no system call takes it, Apptainer fails on it, and a 20,000-deep one
+    took hpcsif 800 MiB (the merge kept each of its parents' paths)."""
+    name = "a/" * 2047 + "fg"  # 4096 bytes; 4095 pass
+    archive = _archive(tmp_path, [layer(tmp_path, [file(name[1:], "ok"), file(name, "x")])])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    p = _hpcsif_build(out_dir / "x.sif", archive)
+    _refused(out_dir, p, "has a path of 4096 bytes or more")
+    if APPTAINER:
+        assert not _peer_builds(tmp_path, f"oci-archive:{archive}")
+
+
+def test_deeply_nested_directories_take_bounded_memory(tmp_path: Path) -> None:
+    """200 entries 4000 bytes deep (a few KiB of layer) imply 400,000 directories with 800 MiB
+    of paths, which the merge kept (100 such entries: 840 MiB of memory, 18 s); past 256 MiB
+    of directory paths the build stops, in under 400 MiB."""
+    deep = "/".join(["a"] * 1990)
+    archive = _archive(tmp_path, [layer(tmp_path, [file(f"b{i}/{deep}/f", "x") for i in range(200)])])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = [sys.executable, "-c", _PEAK_RSS, "hpcsif", "build", str(out_dir / "x.sif")]
+    cmd.append(f"oci-archive:{archive}")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    _refused(out_dir, p, "the image's directory paths add up to over 256 MiB")
+    assert int(p.stdout.split()[-1]) < 400_000  # KiB
