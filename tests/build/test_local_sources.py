@@ -18,6 +18,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -300,10 +301,22 @@ def test_a_bare_root_file_system_gets_the_base_environment(tmp_path: Path, sourc
     assert sorted(os.listdir(tmp_path)) == ["root", "root.sif", "root.sqfs"]
 
 
-def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser) -> None:
+@pytest.fixture
+def user_dir(unpriv_user: TestUser) -> Iterator[Path]:
+    """A directory under /tmp that the test user owns (pytest's tmp_path is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="hpcsif-build-user-"))
+    os.chmod(d, 0o777)
+    try:
+        yield d
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", d], check=False)  # what the user closed
+        shutil.rmtree(d)
+
+
+def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser, user_dir: Path) -> None:
     """mksquashfs would pack a file the user cannot read as an empty one and leave out a closed
     directory, with a warning only; the copy of a sandbox left a directory it could not remove."""
-    work = Path(tempfile.mkdtemp(prefix="hpcsif-unreadable-"))  # pytest's tmp_path is root's alone
+    work = user_dir
     os.chown(work, unpriv_user.uid, unpriv_user.gid)
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HPCSIF_CACHEDIR": str(work / "cache")}
     setup = "mkdir -p sb/bin sb/x/closed && echo s > sb/x/secret && chmod 000 sb/x/secret sb/x/closed"
@@ -324,8 +337,6 @@ def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser)
     cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", "-F", "--sandbox", "sb", "img.sqfs"]
     assert unpriv_user.run(cmd, env=env, cwd=work, timeout=60).returncode == 0
     assert sorted(p.name for p in work.iterdir() if p.name != "cache") == ["img.sqfs", "old", "sb"]
-    subprocess.run(["chmod", "-R", "u+rwx", work], check=True)
-    shutil.rmtree(work)
 
 
 def test_update_of_a_sandbox(work: Path, tmp_path: Path) -> None:
@@ -362,31 +373,30 @@ def test_update_of_a_sandbox(work: Path, tmp_path: Path) -> None:
     ] == keep
 
 
-def test_force_over_a_sandbox_the_user_cannot_replace(work: Path, unpriv_user: TestUser) -> None:
+def test_force_over_a_sandbox_the_user_cannot_replace(
+    work: Path, unpriv_user: TestUser, user_dir: Path
+) -> None:
     """Root's sandbox in a directory the user may write: one line naming it, nothing changed."""
-    d = Path(tempfile.mkdtemp(prefix="hpcsif-force-"))
-    try:
-        os.chmod(d, 0o777)
-        shutil.copy(work / "tree.sqfs", d)  # pytest's tmp_path is root's alone
-        run_cli("build", "--sandbox", str(d / "rootbox"), str(d / "tree.sqfs"))
-        before = _listing(d / "rootbox")
-        env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HPCSIF_CACHEDIR": str(d / "cache")}
-        cmd = [
-            USER_PYTHON,
-            "-m",
-            "hpcsif.cli.main",
-            "build",
-            "-F",
-            "--sandbox",
-            "rootbox",
-            "tree.sqfs",
-        ]
-        proc = unpriv_user.run(cmd, env=env, cwd=d, timeout=60)
-        assert _fatal(proc) == "cannot replace rootbox: Permission denied"
-        assert _listing(d / "rootbox") == before
-        assert sorted(p.name for p in d.iterdir()) == ["cache", "rootbox", "tree.sqfs"]
-    finally:
-        shutil.rmtree(d)
+    d = user_dir
+    os.chmod(d, 0o777)  # root's sandbox in the user's reach
+    shutil.copy(work / "tree.sqfs", d)  # pytest's tmp_path is root's alone
+    run_cli("build", "--sandbox", str(d / "rootbox"), str(d / "tree.sqfs"))
+    before = _listing(d / "rootbox")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HPCSIF_CACHEDIR": str(d / "cache")}
+    cmd = [
+        USER_PYTHON,
+        "-m",
+        "hpcsif.cli.main",
+        "build",
+        "-F",
+        "--sandbox",
+        "rootbox",
+        "tree.sqfs",
+    ]
+    proc = unpriv_user.run(cmd, env=env, cwd=d, timeout=60)
+    assert _fatal(proc) == "cannot replace rootbox: Permission denied"
+    assert _listing(d / "rootbox") == before
+    assert sorted(p.name for p in d.iterdir()) == ["cache", "rootbox", "tree.sqfs"]
 
 
 def test_files_from_a_stage_keep_owners_times_and_hard_links(work: Path, tmp_path: Path) -> None:
