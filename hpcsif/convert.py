@@ -663,7 +663,7 @@ def convert_ref(
     if ref.transport == "sandbox":
         if sandbox:
             return sandbox_to_sandbox(ref.path or "", dest, origin=ref.path or "")
-        return sandbox_to_sif(ref.path or "", dest, options)
+        return sandbox_to_sif(ref.path or "", dest, options, origin=ref.path)  # as typed: ./dir/
     if ref.transport == "sif":
         if sandbox:
             return sif_to_sandbox(ref.path or "", dest, origin=ref.path or "")

@@ -221,6 +221,11 @@ def test_sandbox_copy_keeps_owners_hard_links_and_fifos(work: Path, tmp_path: Pa
     _records(box, str(work / "tree"))
     assert (box / ".singularity.d/runscript").read_text() == "#!/bin/sh\necho runscript\n"  # the image's
     assert (work / "tree/.singularity.d/Singularity").read_text() == OLD_DEF  # the source is left alone
+    run_cli("build", str(tmp_path / "tree.sif"), "./tree/", cwd=work)  # recorded as typed, as Apptainer
+    assert (
+        run_cli("inspect", "--deffile", str(tmp_path / "tree.sif")).stdout
+        == "bootstrap: localimage\nfrom: ./tree/\n"
+    )
 
 
 @pytest.mark.parametrize(
