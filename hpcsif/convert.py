@@ -275,7 +275,10 @@ def sandbox_to_sif(
         finally:
             remove_tree(work)
     deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {origin or src}\n"
-    arch = arch or options.arch or Platform().architecture
+    if meta is None:  # a local image: built for this host, labelled with what --arch asked
+        wanted, arch = local_arch(arch or options.arch), Platform().architecture
+    else:
+        arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
         writer.add(ObjectSpec(DataType.DEFFILE, data=md.raw(deffile)))
         # inspect-metadata.json, then oci-config.json (where there is one), as Apptainer orders them
@@ -285,9 +288,9 @@ def sandbox_to_sif(
         else:
             runtime = json.dumps(oci_config, separators=(",", ":")).encode() if oci_config else None
             if scratch:
-                labels = renew_local_image(src, origin or str(src), arch)
+                labels = renew_local_image(src, origin or str(src), wanted)
             else:
-                labels = _local_labels(src, origin or str(src), arch)
+                labels = _local_labels(src, origin or str(src), wanted)
             # what `inspect --all` shows of the tree (environment, help, test, apps …), as Apptainer
             # records it: `apptainer inspect -e` and `run-help` read only this object
             from hpcsif.inspect import ATTRIBUTE_ORDER, ImageView, gather, present
@@ -361,12 +364,22 @@ def sif_oci_config(sif: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
+def local_arch(wanted: str | None) -> str | None:
+    """``--arch`` of a build from a local image: Apptainer labels the image with it but builds
+    for this host, saying so when they differ."""
+    host = Platform().architecture
+    if wanted and wanted != host:
+        log.warning("Architecture %s does not match build arch %s", host, wanted)
+    return wanted
+
+
 def _local_labels(
-    tree: Path, origin: str, arch: str, bootstrap: str = "localimage", update: bool = False
+    tree: Path, origin: str, arch: str | None, bootstrap: str = "localimage", update: bool = False
 ) -> dict[str, Any]:
     """The labels of an image built from the local image *tree*: its own, with the build
-    labels renewed as Apptainer renews them (date, *bootstrap* from *origin*); an *update*
-    renews only the date, as Apptainer's ``--update`` keeps the labels a sandbox has."""
+    labels renewed as Apptainer renews them (date, *bootstrap* from *origin*, *arch* or the
+    image's own or this host's); an *update* renews only the date, as Apptainer's ``--update``
+    keeps the labels a sandbox has."""
     from hpcsif.sif import metadata as md
 
     found = _read_json(_text_inside(tree / ".singularity.d", "labels.json") or "")
@@ -374,7 +387,7 @@ def _local_labels(
     if len(labels) < len(found):  # Apptainer refuses to build; its inspect could not read them
         dropped = ", ".join(sorted(found.keys() - labels))
         log.warning("labels of %s that are not strings are left out: %s", origin, dropped)
-    build_arch = str(labels.get("org.label-schema.build-arch") or arch)
+    build_arch = arch or str(labels.get("org.label-schema.build-arch") or Platform().architecture)
     renewed = md.build_labels(bootstrap=bootstrap, source=origin, arch=build_arch)
     if update:
         date = "org.label-schema.build-date"
@@ -426,7 +439,7 @@ def renew_local_image(
     from hpcsif.build.builder import resolve_inside  # symlinks resolved inside the tree
     from hpcsif.sif import metadata as md
 
-    labels = _local_labels(tree, origin, arch or Platform().architecture, bootstrap, update)
+    labels = _local_labels(tree, origin, arch, bootstrap, update)
     keep_bootstrap_history(tree)
     deffile = f"bootstrap: {bootstrap}\nfrom: {origin}\n\n"
     renewed = (f"{md.SD}/Singularity", f"{md.SD}/labels.json")
@@ -455,7 +468,11 @@ def update_sandbox(sandbox: Path, ref: Reference) -> Path:
 
 
 def sandbox_to_sandbox(
-    src: str | os.PathLike[str], dest: str | os.PathLike[str], *, origin: str | None = None
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    origin: str | None = None,
+    arch: str | None = None,
 ) -> Path:
     """Copy a sandbox directory (:func:`copy_tree`); with *origin*, the copy records it as its
     source (:func:`renew_local_image`)."""
@@ -463,13 +480,17 @@ def sandbox_to_sandbox(
     def fill(tmp: Path) -> None:
         copy_tree(Path(src), tmp)
         if origin is not None:
-            renew_local_image(tmp, origin)
+            renew_local_image(tmp, origin, arch)
 
     return _build_dir(Path(dest), fill)
 
 
 def sif_to_sandbox(
-    src: str | os.PathLike[str], dest: str | os.PathLike[str], *, origin: str | None = None
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    origin: str | None = None,
+    arch: str | None = None,
 ) -> Path:
     """Unpack a local image's root file system into a new directory; with *origin*, the tree
     records it as its source (:func:`renew_local_image`).
@@ -501,7 +522,7 @@ def sif_to_sandbox(
         else:
             _copy_mounted(path, tmp)
         if origin is not None:
-            renew_local_image(tmp, origin)
+            renew_local_image(tmp, origin, arch)
 
     return _build_dir(Path(dest), fill)
 
@@ -662,11 +683,11 @@ def convert_ref(
     ref = parse(ref) if isinstance(ref, str) else ref
     if ref.transport == "sandbox":
         if sandbox:
-            return sandbox_to_sandbox(ref.path or "", dest, origin=ref.path or "")
+            return sandbox_to_sandbox(ref.path or "", dest, origin=ref.path, arch=local_arch(options.arch))
         return sandbox_to_sif(ref.path or "", dest, options, origin=ref.path)  # as typed: ./dir/
     if ref.transport == "sif":
         if sandbox:
-            return sif_to_sandbox(ref.path or "", dest, origin=ref.path or "")
+            return sif_to_sandbox(ref.path or "", dest, origin=ref.path, arch=local_arch(options.arch))
         return sif_to_sif(ref.path or "", dest, options)
     if ref.transport in ("http", "https", "fsspec", "oras"):
         # a SIF somewhere else: downloaded aside, then repacked (or unpacked) as a local one
