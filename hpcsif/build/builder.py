@@ -429,7 +429,13 @@ class _StageBuilder:
             )
 
     def _local_image(self, src: Path, line: int) -> tuple[dict[str, Any], str]:
-        from hpcsif.convert import copy_tree, keep_bootstrap_history, sif_oci_config, sif_to_sandbox
+        from hpcsif.convert import (
+            copy_tree,
+            keep_bootstrap_history,
+            local_arch,
+            sif_oci_config,
+            sif_to_sandbox,
+        )
 
         oci_config: dict[str, Any] = {}
         if src.is_dir():
@@ -446,12 +452,9 @@ class _StageBuilder:
             error = stat_error(src)
             why = reason(error) if error else "not a file or directory"
             raise BuildError(f"{self.where}:{line}: localimage {src}: {why}")
-        labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
-        arch = (
-            self.options.convert.arch or labels.get("org.label-schema.build-arch") or Platform().architecture
-        )
+        local_arch(self.options.convert.arch)  # built for this host, labelled with --arch (Apptainer)
         keep_bootstrap_history(self.root)
-        return oci_config, arch
+        return oci_config, Platform().architecture
 
     # -- host side: %setup and %files ------------------------------------------------------------
 
@@ -633,8 +636,8 @@ class _StageBuilder:
         labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
         labels.update(
             {
-                "org.label-schema.build-arch": labels.get("org.label-schema.build-arch")
-                or self.options.convert.arch
+                "org.label-schema.build-arch": self.options.convert.arch
+                or labels.get("org.label-schema.build-arch")
                 or Platform().architecture,
                 "org.label-schema.build-date": md.build_date(),
                 "org.label-schema.schema-version": "1.0",

@@ -504,3 +504,9 @@ def test_arch_flag_with_a_local_image(work: Path, tmp_path: Path) -> None:
     assert f"org.label-schema.build-arch: {other}" in run_cli("inspect", "-l", str(sif)).stdout.splitlines()
     assert f'"org.label-schema.build-arch": "{other}"' in (box / ".singularity.d/labels.json").read_text()
     assert run_cli("exec", str(sif), "cat", "/etc/marker").stdout == "from the tree\n"
+    definition = tmp_path / "local.def"
+    definition.write_text(f"Bootstrap: localimage\nFrom: {work / 'tree.sqfs'}\n")
+    proc = run_cli("build", "-F", "--arch", other, str(sif), str(definition))
+    assert [ln for ln in proc.stderr.splitlines() if not ln.startswith("INFO:")] == [warning]
+    assert f"org.label-schema.build-arch: {other}" in run_cli("inspect", "-l", str(sif)).stdout.splitlines()
+    assert run_cli("exec", str(sif), "cat", "/etc/marker").stdout == "from the tree\n"
