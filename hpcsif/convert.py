@@ -463,7 +463,8 @@ def update_sandbox(sandbox: Path, ref: Reference) -> Path:
     """``build --update --sandbox DIR IMAGE``, as Apptainer 1.4 does it: the image is not fetched
     and the sandbox keeps its files; only its record of where it came from is renewed
     (:func:`renew_local_image`), naming *ref*."""
-    renew_local_image(sandbox, from_of(ref), bootstrap=bootstrap_of(ref), update=True)
+    source = ref.raw.split("://", 1)[1] if "://" in ref.raw else from_of(ref)  # as typed: alpine
+    renew_local_image(sandbox, source, bootstrap=bootstrap_of(ref), update=True)
     return sandbox
 
 

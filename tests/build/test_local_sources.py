@@ -359,7 +359,7 @@ def test_update_of_a_sandbox(work: Path, tmp_path: Path) -> None:
     assert proc.stderr.splitlines()[:2] == [STEPS[0], f"INFO:    Building into existing container: {box}"]
     assert (box / "mine").read_text() == "kept\n" and (box / "log").read_text() == "up\n"
     labels = (box / ".singularity.d/labels.json").read_text()
-    for source in ("docker://nowhere.invalid/x:1", "tree.sqfs"):
+    for source in ("docker://alpine", "docker://nowhere.invalid/x:1", "tree.sqfs"):
         proc = run_cli("build", "--update", "--sandbox", str(box), source, cwd=work)
         assert proc.stderr.splitlines() == [
             STEPS[0],
@@ -370,7 +370,8 @@ def test_update_of_a_sandbox(work: Path, tmp_path: Path) -> None:
         assert (box / "mine").read_text() == "kept\n" and (box / "log").read_text() == "up\n"
     assert (box / ".singularity.d/Singularity").read_text() == "bootstrap: localimage\nfrom: tree.sqfs\n\n"
     history = box / ".singularity.d/bootstrap_history"
-    assert (history / "Apptainer3").read_text() == "bootstrap: docker\nfrom: nowhere.invalid/x:1\n\n"
+    assert (history / "Apptainer3").read_text() == "bootstrap: docker\nfrom: alpine\n\n"  # as typed
+    assert (history / "Apptainer4").read_text() == "bootstrap: docker\nfrom: nowhere.invalid/x:1\n\n"
     date = "org.label-schema.build-date"
     keep = [ln for ln in labels.splitlines() if date not in ln]  # only the date is renewed
     assert [
