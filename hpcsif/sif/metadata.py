@@ -116,6 +116,9 @@ BASE_TREE = [
     *(ExtraFile(p, None, 0o755, under=True) for p in ("dev", "etc", "home", "proc", "root", "sys", "tmp")),
     ExtraFile("var", None, 0o755, under=True),
     ExtraFile("var/tmp", None, 0o755, under=True),
+    # empty, as Apptainer's build leaves them: the engine binds the host's over them, so no image
+    # needs a tmpfs underlay of /etc (one bind per entry) to make room for them
+    *(ExtraFile(f"etc/{name}", b"", 0o644, under=True) for name in ("hosts", "resolv.conf")),
     # Singularity 2's entry points, which Apptainer still adds
     *(
         ExtraFile(f".{a}", symlink=f".singularity.d/actions/{a}", under=True)
