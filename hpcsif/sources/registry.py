@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hpcsif.config import get_config
@@ -113,6 +112,39 @@ def clear_shared_clients() -> None:
     """Forget the kept clients (their tokens and connections)."""
     with _shared_lock:
         _shared.clear()
+
+
+def _in_parallel(calls: list[Callable[[], object]], workers: int) -> None:
+    """Run ``calls`` on up to ``workers`` threads; raise the first failure (in call order) once
+    the running calls have ended, none being started after a failure.
+
+    The threads are daemons and an interrupt (Ctrl-C, SIGTERM) in the waiting thread leaves them
+    behind: a download waiting for a silent registry must not hold the process's exit for the
+    request's timeout and retries (a thread pool is joined at exit).
+    """
+    todo = list(enumerate(calls))
+    failures: dict[int, BaseException] = {}
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if failures or not todo:
+                    return
+                i, call = todo.pop(0)
+            try:
+                call()
+            except BaseException as exc:  # handed to the waiting thread
+                with lock:
+                    failures[i] = exc
+
+    threads = [threading.Thread(target=work, name="hpcsif-blob", daemon=True) for _ in range(max(1, workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()  # a signal interrupts the wait, not the downloads
+    if failures:
+        raise failures[min(failures)]
 
 
 class _Stopped(Exception):
@@ -241,17 +273,12 @@ class RegistrySource(Source):
             if progress:
                 progress(n)
 
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hpcsif-blob") as pool:
-            futures = [pool.submit(client.fetch_blob, repo, d, store, on_bytes) for d in blobs]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException as exc:
-                if not isinstance(exc, Exception):
-                    stop.set()
-                for f in futures:
-                    f.cancel()
-                raise
+        try:
+            _in_parallel([lambda d=d: client.fetch_blob(repo, d, store, on_bytes) for d in blobs], workers)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                stop.set()
+            raise
         name = (
             f"{ref.registry}/{repo}"
             + (f":{ref.tag}" if ref.tag else "")

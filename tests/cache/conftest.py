@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -89,29 +91,76 @@ def busybox_ref(busybox_oci_layout: Path) -> str:
     return f"oci://{busybox_oci_layout}:latest"
 
 
+class Gate:
+    """A registry proxy that holds back the body of one blob until :meth:`open` is called: a
+    conversion from it stays under way, inside its work directory, for as long as a test likes.
+    (A FIFO standing in for a layer blob did this once; layers are now refused unless regular.)"""
+
+    def __init__(self, upstream: str, digest: str) -> None:
+        import requests
+
+        gate = self
+        self.opened = threading.Event()
+        self.waiting = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.endswith(f"/blobs/{digest}"):
+                    gate.waiting.set()
+                    gate.opened.wait(300)
+                headers = {
+                    k: ", ".join(self.headers.get_all(k) or []) for k in self.headers if k.lower() != "host"
+                }
+                resp = requests.request(
+                    self.command, upstream + self.path, headers=headers, allow_redirects=False
+                )
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in (
+                        "connection",
+                        "transfer-encoding",
+                        "content-encoding",
+                        "content-length",
+                    ):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(resp.content)))
+                self.end_headers()
+                if self.command == "GET":
+                    with contextlib.suppress(OSError):  # the client was stopped meanwhile
+                        self.wfile.write(resp.content)
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def open(self) -> None:
+        """Let the held blob through (now and from now on)."""
+        self.opened.set()
+
+    def close(self) -> None:
+        self.open()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
-def blocking_layout(busybox_oci_layout: Path, tmp_path: Path) -> Iterator[tuple[Path, Path, bytes]]:
-    """A copy of the busybox layout whose first layer blob is a FIFO: a conversion blocks there.
-
-    Yields (layout, fifo path, the real blob bytes); ``unblock`` by replacing the FIFO.
-    """
-    layout = tmp_path / "blocking"
-    shutil.copytree(busybox_oci_layout, layout)
-    index = json.loads((layout / "index.json").read_text())
-    manifest_digest = index["manifests"][0]["digest"]
-    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest[7:]).read_text())
-    blob = layout / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]
-    data = blob.read_bytes()
-    blob.unlink()
-    os.mkfifo(blob)
-    yield layout, blob, data
-
-
-def unblock(fifo: Path, data: bytes) -> None:
-    """Replace the FIFO with the real blob, atomically."""
-    tmp = fifo.with_name(fifo.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, fifo)
+def blocking_ref(busybox_image, registry_open) -> Iterator[tuple[str, Gate]]:  # noqa: F811
+    """``docker://`` reference to the busybox image behind a :class:`Gate` on its first layer:
+    a conversion of it blocks downloading that layer until ``gate.open()``."""
+    registry_open.push(busybox_image.oci_ref, "cache/blocking:1")
+    gate = Gate(registry_open.url, busybox_image.layer_digests[0])
+    try:
+        yield f"docker://{gate.host}/cache/blocking:1", gate
+    finally:
+        gate.close()
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

@@ -99,14 +99,14 @@ def test_blobs_in_use_are_left_alone(cache_env: CacheEnv, pulled: str) -> None:
 
 
 def test_a_running_build_keeps_gc_off_the_blobs(
-    cache_env: CacheEnv, pulled: str, blocking_layout, tmp_path: Path
+    cache_env: CacheEnv, pulled: str, blocking_ref, tmp_path: Path
 ) -> None:
     """``hpcsif build`` holds the blob lock for its whole run (it may read cached layers)."""
     cache = cache_env.cache
     blobs = _blob_files(cache)
-    layout, _, _ = blocking_layout
+    ref, _ = blocking_ref
     build = subprocess.Popen(
-        [sys.executable, "-m", "hpcsif.cli.main", "build", str(tmp_path / "b.sif"), f"oci://{layout}:latest"],
+        [sys.executable, "-m", "hpcsif.cli.main", "build", str(tmp_path / "b.sif"), ref],
         env=cache_env.env(),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -122,7 +122,7 @@ def test_a_running_build_keeps_gc_off_the_blobs(
         out = run_cli("cache", "gc", "--quota", "1").stdout
         assert "oci blob" not in out and sorted(_blob_files(cache)) == sorted(blobs)
     finally:
-        reap(build)  # blocked on its FIFO layer: killed, its lock goes with it
+        reap(build)  # blocked on its held layer: killed, its lock goes with it
     assert f"removed {len(blobs)} oci blob file(s)" in run_cli("cache", "gc", "--quota", "1").stdout
 
 

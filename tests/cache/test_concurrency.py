@@ -14,7 +14,7 @@ from hpcsif.cache.api import ensure_image
 from hpcsif.cache.locking import key_lock
 from hpcsif.cache.store import validate_sif
 from hpcsif.errors import CacheBusy
-from tests.cache.conftest import CacheEnv, unblock, wait_until
+from tests.cache.conftest import CacheEnv, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -66,15 +66,14 @@ def test_many_processes_one_conversion(
     assert not list((cache_env.cache / "tmp").iterdir())
 
 
-def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_layout, caplog) -> None:
-    layout, fifo, data = blocking_layout
-    ref = f"oci://{layout}:latest"
+def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_ref, caplog) -> None:
+    ref, gate = blocking_ref
     child = cache_env.spawn(
         "import sys; from hpcsif.cache.api import ensure_image; ensure_image(sys.argv[1])", ref
     )
     tmp = cache_env.cache / "tmp"
-    # the child is blocked reading the FIFO layer, inside its build directory
-    wait_until(lambda: tmp.is_dir() and any(tmp.iterdir()), 60, "the conversion to start")
+    # the child is blocked downloading the held layer, inside its build directory
+    wait_until(lambda: gate.waiting.is_set() and tmp.is_dir() and any(tmp.iterdir()), 60, "the conversion")
     time.sleep(0.2)
     assert child.poll() is None
 
@@ -83,14 +82,14 @@ def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_layout
     caplog.set_level(logging.WARNING, logger="hpcsif")
     with pytest.raises(CacheBusy, match=f"held by pid {child.pid}"):
         ensure_image(ref)
-    assert f"waiting for conversion of oci://{layout}:latest (held by pid {child.pid}" in caplog.text
+    assert f"waiting for conversion of {ref} (held by pid {child.pid}" in caplog.text
 
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not any((cache_env.cache / "sif").iterdir()), "a killed conversion must publish nothing"
     assert any(tmp.iterdir()), "the killed converter's work directory is expected as garbage"
 
-    unblock(fifo, data)
+    gate.open()
     cache_env.configure()
     path = ensure_image(ref)
     validate_sif(path)
@@ -100,20 +99,23 @@ def test_sigkilled_converter_leaves_nothing(cache_env: CacheEnv, blocking_layout
 
 @pytest.mark.parametrize("command", ["build", "pull"])
 def test_sigterm_unwinds_and_leaves_nothing(
-    cache_env: CacheEnv, blocking_layout, tmp_path: Path, command: str
+    cache_env: CacheEnv, blocking_ref, tmp_path: Path, command: str
 ) -> None:
     """As scancel or a job's time limit stops a conversion: exit 143, no output, no leftovers."""
-    layout, _, _ = blocking_layout
+    ref, gate = blocking_ref
     out = tmp_path / "out"
     out.mkdir()
     extra = ["--disable-cache"] if command == "build" else []
     child = cache_env.spawn(
         "import sys; from hpcsif.cli.main import main; sys.exit(main(sys.argv[1:]))",
-        command, *extra, str(out / "x.sif"), f"oci://{layout}:latest",
+        command, *extra, str(out / "x.sif"), ref,
     )  # fmt: skip
     tmp = out if command == "build" else cache_env.cache / "tmp"
-    # the conversion is under way: blocked opening the FIFO layer, inside its work directory
-    wait_until(lambda: tmp.is_dir() and any(tmp.iterdir()), 60, "the conversion to start")
+    # the conversion is under way: blocked downloading the held layer (a pull inside its work
+    # directory in the cache; a build without the cache fetches into a temporary one)
+    wait_until(
+        lambda: gate.waiting.is_set() and (command == "build" or any(tmp.iterdir())), 60, "the conversion"
+    )
     time.sleep(0.2)
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=30)
