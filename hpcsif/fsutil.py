@@ -40,9 +40,10 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, follow: bool = Tru
         if exc.errno == errno.ELOOP and not follow:
             return None  # the link itself
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before open(), which refuses a directory
+        os.close(fd)
+        return None
     with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         return f.read(limit + 1)
 
 
