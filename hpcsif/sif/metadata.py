@@ -195,13 +195,13 @@ def env_script(env: Sequence[str]) -> str:
     if not isinstance(env, (list, tuple)) or not all(isinstance(item, str) for item in env):
         raise IntegrityError(f"image config: Env must be a list of strings, not {env!r:.80}")
     for item in env:
-        name, _, value = item.partition("=")
+        name, equals, value = item.partition("=")
         if not _ENV_NAME.match(name):
             continue  # not a shell variable name; Apptainer skips these too
         if name == "PATH":
             lines.append(f"export PATH={_dquote(value)}")
-        else:
-            lines.append(f'export {name}="${{{name}:-{_dquote(value)}}}"')
+        else:  # (a name without "=" has no value at all: Apptainer's line has none)
+            lines.append(f'export {name}="${{{name}:-{_dquote(value) if equals else ""}}}"')
     return "\n".join(lines) + "\n"
 
 

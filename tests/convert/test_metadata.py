@@ -64,6 +64,18 @@ def test_env_script_defaults_host_wins_path_from_image(tmp_path: Path) -> None:
     assert out == '/img/bin:/bin|a b  c|it\'s "q" $x|host|'
 
 
+def test_env_script_lines_are_apptainers() -> None:
+    """A name without ``=`` has no value in the line (Apptainer's ``${NAME:-}``); ``NAME=`` an
+    empty one (``${NAME:-""}``)."""
+    lines = md.env_script(["NOEQ", "EMPTY=", "A=b c"]).splitlines()
+    assert lines == [
+        "#!/bin/sh",
+        'export NOEQ="${NOEQ:-}"',
+        'export EMPTY="${EMPTY:-""}"',
+        'export A="${A:-"b c"}"',
+    ]
+
+
 def test_metadata_objects_match_apptainers_shape() -> None:
     config = {
         "architecture": "amd64",
