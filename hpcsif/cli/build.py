@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import stat
 import sys
 import tempfile
@@ -146,7 +145,9 @@ def replacing(target: Path, sandbox: bool) -> Iterator[Path]:
             os.rename(aside / "old", target)
             raise
     finally:
-        shutil.rmtree(aside, ignore_errors=True)
+        from hpcsif.convert import remove_tree
+
+        remove_tree(aside)  # the old sandbox may hold chmod 000 directories
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -342,6 +342,12 @@ def test_unreadable_files_in_a_users_sandbox_are_one_line(unpriv_user: TestUser,
     cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", "-F", "--sandbox", "sb", "img.sqfs"]
     assert unpriv_user.run(cmd, env=env, cwd=work, timeout=60).returncode == 0
     assert sorted(p.name for p in work.iterdir() if p.name != "cache") == ["img.sqfs", "old", "sb"]
+    # a SIF forced over a sandbox of such directories: the old sandbox goes entirely too
+    assert unpriv_user.run("mkdir -p box/x/closed && chmod 000 box/x/closed", cwd=work).returncode == 0
+    cmd = [USER_PYTHON, "-m", "hpcsif.cli.main", "build", "-F", "box", "img.sqfs"]
+    assert unpriv_user.run(cmd, env=env, cwd=work, timeout=60).returncode == 0
+    assert (work / "box").is_file()
+    assert sorted(p.name for p in work.iterdir() if p.name != "cache") == ["box", "img.sqfs", "old", "sb"]
 
 
 def test_update_of_a_sandbox(work: Path, tmp_path: Path) -> None:
