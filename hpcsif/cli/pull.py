@@ -215,7 +215,7 @@ def _convert_then_sandbox(ref, target: Path, args: argparse.Namespace, progress)
         else:
             from hpcsif.cache.api import ensure_image
 
-            sif = ensure_image(ref.raw, options=options, source_options=source_options)
+            sif = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
         notices.done()
         _sandbox_from(sif, target, args)
 
@@ -290,7 +290,8 @@ def run_pull(args: argparse.Namespace) -> int:
             # through the SIF cache, so that a later `exec docker://…` of the same image converts nothing
             from hpcsif.cache.api import ensure_image
 
-            cached = ensure_image(ref.raw, options=options, source_options=source_options)
+            # refresh: as Apptainer's, a pull asks what the tag names now, even within cache.tag_ttl
+            cached = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
             notices.done()
             _copy_out(cached, target)
     log.info("Pulled %s to %s", ref.raw, target)

@@ -286,3 +286,31 @@ def test_refresh_asks_what_a_moved_tag_names_now(cache_env: CacheEnv, busybox_im
     assert second != first and digests["amd64"][7:] in str(second)
     assert ensure_image(ref) == second  # the refreshed record serves the next requests
     assert ensure_image(ref, refresh=True) == second and len(cache_env.conversions()) == 2
+
+
+def test_pull_gets_what_a_tag_pushed_again_names(
+    cache_env: CacheEnv, busybox_image, registry_open, tmp_path
+) -> None:
+    """``pull`` of a tag pushed again gives the new image at once, as Apptainer's pull does (the
+    cache kept serving the old one for cache.tag_ttl); ``--sandbox`` too."""
+    import hashlib
+
+    from tests.sources.test_registry_source import multi_arch_layout
+
+    registry_open.push(busybox_image.oci_ref, "cache/repushed:1")
+    ref = registry_open.ref("cache/repushed:1")
+    out, box = tmp_path / "out.sif", tmp_path / "box"
+    run_cli("pull", str(out), ref)
+    run_cli("pull", "--sandbox", str(box), ref)
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    layout, _ = multi_arch_layout(busybox_image, cache_env.base / "multi2", (("amd64", None),))
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:multi",
+         f"docker://{registry_open.host}/cache/repushed:1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    run_cli("pull", "-F", str(out), ref)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() != before
+    assert len(cache_env.conversions()) == 2
+    run_cli("pull", "-F", "--sandbox", str(box), ref)
+    assert len(cache_env.conversions()) == 2  # the sandbox comes from the new image, converted once
