@@ -653,7 +653,10 @@ def fetch_image(
             options.platform,
             Platform(architecture=image.architecture, variant=image.config.get("variant") or None),
         )
-        if got.architecture != want.architecture or want.variant not in (None, got.variant):
+        # (compared by Apptainer's names: a variant counts only for arm, as there)
+        if _arch_name(got) != _arch_name(want) and not (
+            want.variant is None and got.architecture == want.architecture
+        ):
             log.warning("Architecture %s does not match build arch %s", _arch_name(got), _arch_name(want))
     return image
 

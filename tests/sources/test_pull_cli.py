@@ -175,6 +175,9 @@ def test_arch_that_a_single_arch_image_lacks_warns(busybox_image, tmp_path) -> N
     assert "WARNING: Architecture amd64 does not match build arch arm32v7\n" in res.stderr
     res = hpcsif(tmp_path, "pull", "--arch", "amd64", "--name", "b.sif", uri)
     assert res.returncode == 0 and "WARNING" not in res.stderr, res.stderr
+    # a variant alone counts only for arm, as in Apptainer: amd64 is amd64
+    res = hpcsif(tmp_path, "pull", "--arch-variant", "7", "--name", "c.sif", uri)
+    assert res.returncode == 0 and "WARNING" not in res.stderr, res.stderr
 
 
 # -- errors and --docker-login (no conversion needed: they fail or use oras://) -------------------
