@@ -20,6 +20,7 @@ import pytest
 from hpcsif.cache.layout import CacheRoot
 from hpcsif.config import set_config
 from tests.services.registry import registry_open  # noqa: F401
+from tests.services.relay import relay
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,8 +98,6 @@ class Gate:
     (A FIFO standing in for a layer blob did this once; layers are now refused unless regular.)"""
 
     def __init__(self, upstream: str, digest: str) -> None:
-        import requests
-
         gate = self
         self.opened = threading.Event()
         self.waiting = threading.Event()
@@ -113,26 +112,9 @@ class Gate:
                 if self.path.endswith(f"/blobs/{digest}"):
                     gate.waiting.set()
                     gate.opened.wait(300)
-                headers = {
-                    k: ", ".join(self.headers.get_all(k) or []) for k in self.headers if k.lower() != "host"
-                }
-                resp = requests.request(
-                    self.command, upstream + self.path, headers=headers, allow_redirects=False
-                )
-                self.send_response(resp.status_code)
-                for k, v in resp.headers.items():
-                    if k.lower() not in (
-                        "connection",
-                        "transfer-encoding",
-                        "content-encoding",
-                        "content-length",
-                    ):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(resp.content)))
-                self.end_headers()
-                if self.command == "GET":
-                    with contextlib.suppress(OSError):  # the client was stopped meanwhile
-                        self.wfile.write(resp.content)
+                body = relay(self, upstream)
+                with contextlib.suppress(OSError):  # the client was stopped meanwhile
+                    self.wfile.write(body)
 
             do_HEAD = do_GET
 

@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import peer_apptainer
 from tests.services.httpd import FileServer
 from tests.services.registry import PASSWORD, USER, Registry, clean_env
+from tests.services.relay import relay
 
 pytestmark = pytest.mark.slow
 
@@ -258,8 +259,6 @@ class TLSProxy:
     """HTTPS on ``address:<free port>`` in front of a plain-HTTP registry (GET and HEAD)."""
 
     def __init__(self, address: str, upstream: str, certdir: Path) -> None:
-        import requests
-
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
@@ -267,26 +266,7 @@ class TLSProxy:
                 pass
 
             def do_GET(self) -> None:
-                # a header sent on several lines (Apptainer's Accept) is one list to requests
-                headers = {
-                    k: ", ".join(self.headers.get_all(k) or []) for k in self.headers if k.lower() != "host"
-                }
-                resp = requests.request(
-                    self.command, upstream + self.path, headers=headers, allow_redirects=False
-                )
-                self.send_response(resp.status_code)
-                for k, v in resp.headers.items():
-                    if k.lower() not in (
-                        "connection",
-                        "transfer-encoding",
-                        "content-encoding",
-                        "content-length",
-                    ):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", resp.headers.get("Content-Length", str(len(resp.content))))
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(resp.content)
+                self.wfile.write(relay(self, upstream))
 
             do_HEAD = do_GET
 

@@ -21,11 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.conftest import CONVERSION_INFO, peer_apptainer
 from tests.services.images import TestImage
 from tests.services.registry import Registry, clean_env, start_registry
+from tests.services.relay import relay
 from tests.services.users import USER_PYTHON, unpriv_user  # noqa: F401 (fixture)
 from tests.sources.helpers import assert_store_sound
 
@@ -203,22 +203,7 @@ class SlowProxy:
                 pass
 
             def do_GET(self) -> None:
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                resp = requests.request(
-                    self.command, outer.upstream + self.path, headers=headers, allow_redirects=False
-                )
-                body = resp.content
-                self.send_response(resp.status_code)
-                for k, v in resp.headers.items():
-                    if k.lower() not in (
-                        "connection",
-                        "transfer-encoding",
-                        "content-encoding",
-                        "content-length",
-                    ):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", resp.headers.get("Content-Length", str(len(body))))
-                self.end_headers()
+                body = relay(self, outer.upstream)
                 for i in range(0, len(body), 1 << 16):
                     try:
                         self.wfile.write(body[i : i + (1 << 16)])
