@@ -267,6 +267,15 @@ def test_system_cache_is_consulted_first(
     assert f"in the system cache {system}" in out
 
 
+def push_again(registry, layout: Path, repo_tag: str) -> None:
+    """Push the ``multi`` image of *layout* under *repo_tag*, which names another image already."""
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:multi",
+         f"docker://{registry.host}/{repo_tag}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
 def test_refresh_asks_what_a_moved_tag_names_now(cache_env: CacheEnv, busybox_image, registry_open) -> None:
     """A tag pushed again names another image: within ``cache.tag_ttl`` a plain request keeps the
     image it remembered, ``refresh`` (what ``pull`` asks for) finds the new one at once."""
@@ -276,11 +285,7 @@ def test_refresh_asks_what_a_moved_tag_names_now(cache_env: CacheEnv, busybox_im
     ref = registry_open.ref("cache/moving:1")
     first = ensure_image(ref)
     layout, digests = multi_arch_layout(busybox_image, cache_env.base / "multi", (("amd64", None),))
-    subprocess.run(
-        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:multi",
-         f"docker://{registry_open.host}/cache/moving:1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    push_again(registry_open, layout, "cache/moving:1")
     assert ensure_image(ref) == first  # within the TTL: no registry request
     second = ensure_image(ref, refresh=True)
     assert second != first and digests["amd64"][7:] in str(second)
@@ -304,11 +309,7 @@ def test_pull_gets_what_a_tag_pushed_again_names(
     run_cli("pull", "--sandbox", str(box), ref)
     before = hashlib.sha256(out.read_bytes()).hexdigest()
     layout, _ = multi_arch_layout(busybox_image, cache_env.base / "multi2", (("amd64", None),))
-    subprocess.run(
-        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:multi",
-         f"docker://{registry_open.host}/cache/repushed:1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    push_again(registry_open, layout, "cache/repushed:1")
     run_cli("pull", "-F", str(out), ref)
     assert hashlib.sha256(out.read_bytes()).hexdigest() != before
     assert len(cache_env.conversions()) == 2

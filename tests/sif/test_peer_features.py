@@ -94,22 +94,7 @@ def test_ext3_primary_partition(base: Path, tmp_path: Path) -> None:
     subprocess.run(["mkfs.ext3", "-q", "-d", str(root), str(fs), "16M"], check=True)
     sif = tmp_path / "ext3.sif"
     apptainer("sif", "new", sif)
-    apptainer(
-        "sif",
-        "add",
-        "--datatype",
-        4,
-        "--parttype",
-        2,
-        "--partfs",
-        2,
-        "--partarch",
-        2,
-        "--groupid",
-        1,
-        sif,
-        fs,
-    )
+    add_partition(sif, fs, parttype=2, partfs=2)  # a system partition, ext3
     assert apptainer("exec", sif, "cat", "/marker").stdout == "ext3 root\n"
     if shutil.which("fuse2fs"):
         assert run_cli("exec", str(sif), "cat", "/marker").stdout == "ext3 root\n"
@@ -120,6 +105,14 @@ def test_ext3_primary_partition(base: Path, tmp_path: Path) -> None:
         assert run_cli("exec", str(tmp_path / "new.sif"), "cat", "/marker").stdout == "ext3 root\n"
 
 
+def add_partition(sif: Path, fs: Path, *, parttype: int, partfs: int) -> None:
+    """``apptainer sif add`` of the file system *fs* as an amd64 partition in object group 1."""
+    apptainer(
+        "sif", "add", "--datatype", 4, "--parttype", parttype, "--partfs", partfs,
+        "--partarch", 2, "--groupid", 1, sif, fs,
+    )  # fmt: skip
+
+
 def test_setprim_by_apptainer(base: Path, tmp_path: Path) -> None:
     root = tmp_path / "second"
     (root / "bin").mkdir(parents=True)
@@ -128,22 +121,7 @@ def test_setprim_by_apptainer(base: Path, tmp_path: Path) -> None:
     fs = tmp_path / "second.sqfs"
     subprocess.run(["mksquashfs", str(root), str(fs), "-noappend", "-quiet", "-no-progress"], check=True)
     sif = Path(shutil.copy(base, tmp_path / "two.sif"))
-    apptainer(
-        "sif",
-        "add",
-        "--datatype",
-        4,
-        "--parttype",
-        1,
-        "--partfs",
-        1,
-        "--partarch",
-        2,
-        "--groupid",
-        1,
-        sif,
-        fs,
-    )
+    add_partition(sif, fs, parttype=1, partfs=1)  # a primary system partition, squashfs
     apptainer("sif", "setprim", 5, sif)
     assert run_cli("exec", str(sif), "/bin/busybox", "cat", "/marker").stdout == "second partition\n"
     run_cli("sif", "setprim", "4", str(sif))
