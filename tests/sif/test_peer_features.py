@@ -20,23 +20,9 @@ import pytest
 from hpcsif.sif.listing import format_list
 from hpcsif.sif.reader import SIFImage
 from hpcsif.signing.keys import Keyring
-from tests.conftest import peer_apptainer, run_cli
-
-APPTAINER = peer_apptainer()
-OCI_ARCHIVE = Path("/work/bench-images/busybox.oci-archive.tar")
-
-pytestmark = [
-    pytest.mark.peer,
-    pytest.mark.slow,
-    pytest.mark.skipif(APPTAINER is None, reason="neither apptainer nor peer-apptainer on PATH"),
-]
-
-
-def apptainer(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run Apptainer with *args* (text output captured)."""
-    return subprocess.run(
-        [str(APPTAINER), *map(str, args)], capture_output=True, text=True, check=check, timeout=120
-    )
+from tests.conftest import run_cli
+from tests.sif.test_interop_format import APPTAINER, OCI_ARCHIVE, apptainer
+from tests.sif.test_interop_format import pytestmark as pytestmark  # the peer's, skipped without it
 
 
 def _fatal(proc: subprocess.CompletedProcess) -> str:
