@@ -11,7 +11,10 @@ The key of a SIF mount is the image file's identity (device, inode, mtime, size)
 partition offset, so all containers of one image on a node share one ``squashfuse``. The last
 holder to leave unmounts. A holder that dies without leaving (SIGKILL) is covered by a small
 watchdog process started with the mount: it wakes on every mount-table change and every half
-second, and unmounts once no holder is alive (pid reuse is ruled out by the start time).
+second, and unmounts once no holder is alive (pid reuse is ruled out by the start time). The
+watchdog is started before the mount command, which runs in the watchdog's process group; the
+watchdog looks after the mount once the command has ended, so that a holder killed while it
+mounts leaves no mount without a watchdog.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import stat
 import sys
 import time
@@ -242,32 +246,46 @@ class SharedMount:
 
         self.mnt.mkdir(exist_ok=True)
         cmd = self._mount_cmd(self.mnt)
+        # the watchdog first: should we be killed while the command mounts, the mount it makes
+        # has a watchdog all the same (one that waits for the command's end: see watch())
+        group = self._start_watchdog()
         try:
-            res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                process_group=group,
+            )
         except FileNotFoundError:
             raise _missing(cmd[0]) from None
-        if res.returncode != 0:
-            msg = res.stderr.strip().splitlines()
+        stderr = proc.communicate()[1]
+        if proc.returncode != 0:
+            msg = stderr.strip().splitlines()
             hint = ""
             if not os.access("/dev/fuse", os.R_OK | os.W_OK):
                 hint = " (/dev/fuse is not usable by this user: an admin must make it mode 0666)"
             raise EngineError(
-                f"{cmd[0]} failed to mount {self.dir.name}: {msg[-1] if msg else res.returncode}{hint}"
+                f"{cmd[0]} failed to mount {self.dir.name}: {msg[-1] if msg else proc.returncode}{hint}"
             )
-        self._start_watchdog()
 
-    def _start_watchdog(self) -> None:
-        """A detached ``python -m hpcsif.engine.mounts --watch DIR`` that cleans up after crashes."""
+    def _start_watchdog(self) -> int:
+        """``python -m hpcsif.engine.mounts --watch DIR --group``, which cleans up after crashes:
+        its pid, the id of the process group it leads (for the mount command)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent(), env.get("PYTHONPATH")) if p)
         devnull = os.open(os.devnull, os.O_RDWR)
         try:
-            os.posix_spawn(
+            return os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-m", "hpcsif.engine.mounts", "--watch", str(self.dir)],
+                [sys.executable, "-m", "hpcsif.engine.mounts", "--watch", str(self.dir), "--group"],
                 env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, devnull, i) for i in (0, 1, 2)],
-                setsid=True,
+                setpgroup=0,
+                # until it ignores it: a group orphaned (we are killed) while a member is stopped
+                # gets a SIGHUP
+                setsigmask=[signal.SIGHUP],
             )
         finally:
             os.close(devnull)
@@ -399,6 +417,46 @@ def _mount_point_layer(layer: Path, lower: Path, points: dict[str, bool], files:
     return layer
 
 
+def _detach_after_mount(directory: Path) -> bool:
+    """Become a daemon of our own session once the mount command in our process group has ended;
+    False (nothing to look after) when the mount's directory is gone already.
+
+    The command is started (in our group) by whoever holds the mount's lock: once we hold it,
+    the command, if ever there is one, is in the group. The group is left (a fork in a session
+    of its own) and waited for until only zombies are in it: the command has mounted or failed,
+    and a FUSE daemon it forked has gone to a session of its own.
+    """
+    group = os.getpgrp()
+    try:
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # mounted and unmounted again (or never mounted) before we ran
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.close(fd)
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    while _live_members(group):
+        time.sleep(0.01)
+    return True
+
+
+def _live_members(group: int) -> bool:
+    """Whether a process other than a zombie is in the process group *group*."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
 def watch(directory: Path) -> int:
     """Watchdog loop: unmount *directory*'s mount once no holder is alive, then exit."""
     import select
@@ -408,8 +466,10 @@ def watch(directory: Path) -> int:
     mounts_fd = os.open("/proc/self/mounts", os.O_RDONLY)
     poller.register(mounts_fd, select.POLLPRI | select.POLLERR)
     failures = 0
+    wait = 0  # (a look at once: the mount may be unused already)
     while True:
-        poller.poll(_POLL_MS)
+        poller.poll(wait)
+        wait = _POLL_MS
         os.lseek(mounts_fd, 0, os.SEEK_SET)
         os.read(mounts_fd, 1 << 20)  # re-arm the change notification
         if not directory.exists() or _mount_state(mount.mnt) == "absent":
@@ -431,9 +491,14 @@ def watch(directory: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--watch":
+    if sys.argv[1:2] == ["--watch"] and sys.argv[3:] in ([], ["--group"]):
         # drop descriptors inherited from whoever started the first container (a pipe held open
         # here would keep that caller waiting for EOF)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        if sys.argv[3:]:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGHUP])
+            if not _detach_after_mount(Path(sys.argv[2])):
+                sys.exit(0)
         sys.exit(watch(Path(sys.argv[2])))
-    sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR")
+    sys.exit("usage: python -m hpcsif.engine.mounts --watch DIR [--group]")

@@ -93,7 +93,7 @@ def _our_mounts() -> list[str]:
 
 def _our_daemons() -> list[str]:
     """Live fuse2fs, fuse-overlayfs, squashfuse and watchdog processes of this session."""
-    out = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "stat,args"], capture_output=True, text=True).stdout
     return [
         ln
         for ln in out.splitlines()[1:]
@@ -201,6 +201,48 @@ def test_overlay_mounts_are_shared_by_8_execs_and_go_after_sigkill(images, img_d
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     _wait_clean()
+
+
+def test_a_launcher_killed_while_it_mounts_leaves_no_mount(images, img_dir):
+    """SIGKILL while fuse-overlayfs mounts (the command held stopped until then): its mount
+    is there after the launcher is gone, and its watchdog unmounts it, the lower mounts too."""
+    sif = _overlay_sif(images, img_dir / "killed.sif")
+    for _ in range(10):  # (a command that ends before it is seen cannot be held)
+        victim = subprocess.Popen(hpcsif_cmd("exec", str(sif), "true"))
+        mounter = _stopped_child(victim.pid, "fuse-overlayfs")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        if mounter:
+            os.kill(mounter, signal.SIGCONT)
+        _wait_clean()
+        if mounter:
+            return
+    pytest.fail("fuse-overlayfs was never seen mounting")
+
+
+def _stopped_child(parent: int, comm: str, seconds: float = 60) -> int:
+    """The child of *parent* running *comm*, stopped (SIGSTOP) as soon as it is seen; 0 if
+    *parent* ended first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{parent}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return 0
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return 0
+        for child in children:
+            try:
+                with open(f"/proc/{child}/comm") as f:
+                    if f.read().strip() != comm:
+                        continue
+            except OSError:
+                continue
+            os.kill(int(child), signal.SIGSTOP)
+            return int(child)
+    return 0
 
 
 def test_bare_squashfs_file(run, images, img_dir):
