@@ -430,9 +430,11 @@ def _detach_after_mount(directory: Path) -> bool:
     try:
         fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False  # mounted and unmounted again (or never mounted) before we ran
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.close(fd)
+        if _mount_state(directory / "mnt") == "absent":
+            return False  # mounted and unmounted again (or never mounted) before we ran
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.close(fd)
     if os.fork():
         os._exit(0)
     os.setsid()
