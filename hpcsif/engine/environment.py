@@ -61,8 +61,10 @@ shift; exec "$__c" "$@"
 # word after the image's scripts ran (`--env 'PATH=$PATH:/x'`): those come as __HPCSIF_EXP_<KEY>
 # with `"` and `\` escaped, so only `$…` and command substitution take effect.
 LAUNCHER = r"""
-# tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error)
-if [ -n "$__HPCSIF_READY" ]; then printf x > "/proc/self/fd/$__HPCSIF_READY"; fi
+# tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error); with
+# hpcsif gone (the pipe broken: killed while bwrap set up, before bwrap had bound the container's
+# life to its own) the container ends here rather than run on unowned
+if [ -n "$__HPCSIF_READY" ]; then printf x 2>/dev/null > "/proc/self/fd/$__HPCSIF_READY" || exit 255; fi
 unset __HPCSIF_READY
 # Apptainer's prompt is the default: a PS1 the image sets wins (PROMPT_COMMAND is made below);
 # SHLVL as this launcher found it (bash and busybox sh count themselves in; Apptainer's has none)

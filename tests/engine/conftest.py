@@ -168,7 +168,8 @@ def fuse_mounts() -> list[str]:
 
 def hpcsif_processes() -> list[str]:
     """Live (non-zombie) squashfuse, bwrap, fuse-overlayfs and watchdog processes of this session."""
-    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    # (-ww: a long command line is not cut at the terminal's width, which hid daemons)
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     found = []
     for line in out.splitlines()[1:]:
         _pid, st, args = line.split(None, 2)

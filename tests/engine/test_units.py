@@ -182,3 +182,29 @@ def test_user_namespace_switches(tmp_path, files, uid, refused):
             check_user_namespaces(str(tmp_path), uid)
     else:
         check_user_namespaces(str(tmp_path), uid)
+
+
+def test_launcher_ends_when_hpcsif_is_gone(tmp_path) -> None:
+    """The launcher reports ready on hpcsif's pipe before the payload starts; a broken pipe (hpcsif
+    killed while bwrap set up) ends the container there instead of running the payload unowned."""
+    import subprocess
+
+    from hpcsif.engine.environment import LAUNCHER
+
+    mark = tmp_path / "ran"
+    for reader_alive in (True, False):
+        r, w = os.pipe()
+        if not reader_alive:
+            os.close(r)
+        env = {"PATH": "/usr/bin:/bin", "__HPCSIF_READY": str(w), "__HPCSIF_ACTION": "exec"}
+        cmd = ["/bin/sh", "-c", LAUNCHER, "hpcsif", "touch", str(mark)]
+        # SIGPIPE ignored, as the engine's posix_spawn leaves it (Python ignores it): printf fails
+        kw = {"pass_fds": (w,), "restore_signals": False, "capture_output": True, "text": True}
+        proc = subprocess.run(cmd, env=env, timeout=30, **kw)
+        os.close(w)
+        if reader_alive:
+            assert os.read(r, 1) == b"x" and proc.returncode == 0 and mark.exists(), proc.stderr
+            os.close(r)
+            mark.unlink()
+        else:
+            assert proc.returncode != 0 and not mark.exists(), proc.stderr
