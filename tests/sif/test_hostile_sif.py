@@ -176,10 +176,10 @@ BROKEN_ROOTFS = {
         _partition(lambda p, _d: setattr(p, "extra", partition_extra(FSType.ENCRYPTED_SQUASHFS, 2, "amd64"))),
         "encrypted SIF images are not supported",
     ),
-    # Apptainer mounts an ext3 root file system as root (`apptainer sif add --partfs 2` makes one)
+    # an ext3 root file system runs as in Apptainer (fuse2fs); this one is squashfs labelled ext3
     "ext3": (
         _partition(lambda p, _d: setattr(p, "extra", partition_extra(FSType.EXT3, 2, "amd64"))),
-        "the primary partition (object 3) has file system type Ext3: hpcsif reads only squashfs",
+        "the primary partition (object 3) is not a valid ext3 file system",
     ),
     "two-primaries": (_second_primary, "several primary system partitions: objects 2 and 3"),
 }
