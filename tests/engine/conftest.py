@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,15 @@ def hpcsif_processes() -> list[str]:
         ):
             found.append(line)
     return found
+
+
+def left_behind(seconds: float = 10) -> list[str]:
+    """The mounts and processes still there after up to *seconds*: a watchdog notices the unmount
+    and ends a moment after the last container, not at once."""
+    deadline = time.monotonic() + seconds
+    while (fuse_mounts() or hpcsif_processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [*fuse_mounts(), *hpcsif_processes()]
 
 
 @pytest.fixture(params=["root", "user"])

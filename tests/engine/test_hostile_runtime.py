@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import error_lines
-from tests.engine.conftest import Images, build_rootfs, fuse_mounts, hpcsif_cmd, hpcsif_processes, make_sif
+from tests.engine.conftest import Images, build_rootfs, hpcsif_cmd, left_behind, make_sif
 
 pytestmark = pytest.mark.slow
 
@@ -263,7 +263,7 @@ def test_concurrent_hostile_launches_leave_nothing_behind(hostile, host_dir: Pat
     codes = [p.wait(timeout=60) for p in procs]
     assert codes[1::2] == [0] * 12
     assert codes[::2] == [128 + signal.SIGTERM] * 12
-    assert not fuse_mounts() and not hpcsif_processes()
+    assert left_behind() == []
     assert os.listdir(host_dir) == []
     ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
     assert not [ln for ln in ps.splitlines() if ln.endswith("sleep 600") and not ln.startswith("Z")]

@@ -31,6 +31,7 @@ from tests.engine.conftest import (
     fuse_mounts,
     hpcsif_cmd,
     hpcsif_processes,
+    left_behind,
     make_sif,
 )
 
@@ -516,7 +517,7 @@ def test_32_concurrent_repeats_share_the_mount_and_leave_nothing(front, images):
     assert [p.wait(timeout=60) for p in procs] == [i % 7 for i in range(32)]
     first.wait(timeout=30)
     assert front.python_starts()[before:] == []
-    assert no_mounts_left() and not hpcsif_processes()
+    assert left_behind() == []
 
 
 #: launch flags for random combinations ({d}: a directory with a subdirectory ``sub``)
