@@ -335,20 +335,23 @@ static int live_holders(const char *dir) {
     return live;
 }
 
-/* Run *argv* (PATH searched) with stdio on /dev/null, and *env*; its exit status, -1 if it did not run. */
-static int run_quietly(char *const argv[], char *const env[], int wait_for_it, int new_session) {
+/* Run *argv* (PATH searched) with stdio on /dev/null, and *env*, in process *group* when it is > 0;
+ * its exit status, -1 if it did not run. */
+static int run_quietly(char *const argv[], char *const env[], pid_t group) {
     posix_spawn_file_actions_t io;
     posix_spawnattr_t attr;
     posix_spawn_file_actions_init(&io);
     posix_spawnattr_init(&attr);
     for (int fd = 0; fd < 3; fd++) posix_spawn_file_actions_addopen(&io, fd, "/dev/null", O_RDWR, 0);
-    if (new_session) posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+    if (group > 0) {
+        posix_spawnattr_setpgroup(&attr, group);
+        posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+    }
     pid_t pid;
     int err = posix_spawnp(&pid, argv[0], &io, &attr, argv, env);
     posix_spawn_file_actions_destroy(&io);
     posix_spawnattr_destroy(&attr);
     if (err) return -1;
-    if (!wait_for_it) return 0;
     int status;
     while (waitpid(pid, &status, 0) < 0)
         if (errno != EINTR) return -1;
@@ -375,7 +378,7 @@ static int unmount_once(const char *mnt, int lazy) {
         char *argv[6] = {v ? "fusermount" : "fusermount3", "-u", "-q", NULL, NULL, NULL};
         argv[3 + !!lazy] = (char *)mnt;
         if (lazy) argv[3] = "-z";
-        int rc = run_quietly(argv, environ, 1, 0);
+        int rc = run_quietly(argv, environ, -1);
         if (rc >= 0) return rc == 0; /* it ran: unmounted, or busy, or not mounted */
     }
     return 0;
@@ -408,15 +411,15 @@ static void remove_mount_dir(const char *dir) {
 #define POLL_MS 500 /* mounts._POLL_MS */
 #define LAZY_AFTER 20 /* mounts._LAZY_AFTER */
 
-/* The mount's watchdog, as mounts.watch: wakes on every mount-table change and every half second,
- * and unmounts once no holder is alive (a SIGKILLed last holder could not). */
+/* The mount's watchdog, as mounts.watch: looks at once, then on every mount-table change and every
+ * half second, and unmounts once no holder is alive (a SIGKILLed last holder could not). */
 static _Noreturn void watch(const char *dir) {
     char mnt[4200], buf[65536];
     snprintf(mnt, sizeof mnt, "%s/mnt", dir);
-    int table = open("/proc/self/mounts", O_RDONLY | O_CLOEXEC), failures = 0;
-    for (;;) {
+    int table = open("/proc/self/mounts", O_RDONLY | O_CLOEXEC), failures = 0, wait_ms = 0;
+    for (;; wait_ms = POLL_MS) {
         struct pollfd p = {table, POLLPRI | POLLERR, 0};
-        poll(&p, table >= 0, POLL_MS);
+        poll(&p, table >= 0, wait_ms);
         if (table >= 0 && lseek(table, 0, SEEK_SET) == 0)
             while (read(table, buf, sizeof buf) > 0) {
             }
@@ -440,22 +443,68 @@ static _Noreturn void watch(const char *dir) {
     }
 }
 
-/* Start watch(dir) detached (its own session, stdio on /dev/null, no other descriptor: a pipe held
- * open there would keep the caller's reader waiting), as SharedMount._start_watchdog starts the
- * Python one. Forked twice, so that nobody waits for it. */
-static void start_watchdog(const char *dir) {
-    pid_t pid = fork();
-    if (pid < 0) return;
-    if (pid > 0) {
-        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
-        }
-        return;
+/* Whether a process other than a zombie is in process *group*, as mounts._live_members. */
+static int live_members(pid_t group) {
+    DIR *d = opendir("/proc");
+    int live = 0;
+    for (struct dirent *e; d && !live && (e = readdir(d));) {
+        char path[300], buf[1024];
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) continue;
+        buf[n] = 0;
+        char state, *paren = strrchr(buf, ')');
+        long pgrp;
+        if (paren && sscanf(paren + 1, " %c %*d %ld", &state, &pgrp) == 2)
+            live = pgrp == (long)group && state != 'Z' && state != 'X';
     }
-    if (setsid() < 0 || fork() != 0) _exit(0);
+    if (d) closedir(d);
+    return live;
+}
+
+/* As mounts._detach_after_mount: once whoever holds the lock has run the mount command in our
+ * process group, leave the group (a session of our own) and wait until its members have ended; 0
+ * when there is nothing to look after (the mount came and went, or never came, before we ran). */
+static int detach_after_mount(const char *dir) {
+    char lock[4200], mnt[4200];
+    pid_t group = getpgrp();
+    snprintf(lock, sizeof lock, "%s/lock", dir);
+    snprintf(mnt, sizeof mnt, "%s/mnt", dir);
+    int fd = open(lock, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        if (mounted(dir, mnt) == 0) return 0;
+    } else {
+        while (flock(fd, LOCK_EX) != 0 && errno == EINTR) {
+        }
+        close(fd);
+    }
+    if (fork() != 0) _exit(0);
+    setsid();
+    while (live_members(group)) usleep(10000);
+    return 1;
+}
+
+/* Start the mount's watchdog before the mount command, as SharedMount._start_watchdog does: should
+ * the front be killed while the command mounts, the mount has a watchdog all the same. It leads a
+ * process group of its own, for the command (see detach_after_mount), with SIGHUP ignored (a group
+ * orphaned with a stopped member gets one), stdio on /dev/null and no other descriptor (a pipe held
+ * open there would keep the caller's reader waiting). Its pid, -1 if it could not start. */
+static pid_t start_watchdog(const char *dir) {
+    pid_t pid = fork();
+    if (pid != 0) {
+        if (pid > 0) setpgid(pid, pid); /* (also in the child: whichever runs first) */
+        return pid;
+    }
+    setpgid(0, 0);
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
     for (size_t i = 0; i < N_FORWARDED; i++) sigaction(forwarded[i], &dfl, NULL);
+    signal(SIGHUP, SIG_IGN);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -463,9 +512,10 @@ static void start_watchdog(const char *dir) {
     for (int fd = 0; fd < 3; fd++) dup2(null, fd);
     closefrom(3);
     /* under a name of its own: `pkill -f "hpcsif exec …"` must not end it with the containers */
-    char *argv[] = {WATCHDOG, (char *)dir, NULL};
+    char *argv[] = {WATCHDOG, (char *)dir, "--group", NULL};
     execv("/proc/self/exe", argv);
-    watch(dir);
+    if (detach_after_mount(dir)) watch(dir);
+    _exit(0);
 }
 
 struct mount_plan {
@@ -473,13 +523,14 @@ struct mount_plan {
     char **argv; /* the squashfuse command line, ending with the mount point */
 };
 
-/* Mount as SharedMount._mount does (the lock is held): squashfuse, then the watchdog; 1 on success. */
+/* Mount as SharedMount._mount does (the lock is held): the watchdog, then squashfuse in its process
+ * group; 1 on success. */
 static int mount_image(const struct mount_plan *plan, const char *mnt) {
     if (mkdir(mnt, 0777) != 0 && errno != EEXIST) return 0;
-    if (run_quietly(plan->argv, environ, 1, 0) != 0) return 0; /* the Python CLI says why */
-    if (mounted(plan->dir, mnt) != 1) return 0;
-    start_watchdog(plan->dir);
-    return 1;
+    pid_t watchdog = start_watchdog(plan->dir);
+    if (watchdog < 0) return 0;
+    if (run_quietly(plan->argv, environ, watchdog) != 0) return 0; /* the Python CLI says why */
+    return mounted(plan->dir, mnt) == 1;
 }
 
 static char g_holder[4300];
@@ -751,7 +802,10 @@ static _Noreturn void launch(struct cursor *c, int split) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 2 && strcmp(argv[0], WATCHDOG) == 0) watch(argv[1]);
+    if (argc == 3 && strcmp(argv[0], WATCHDOG) == 0 && strcmp(argv[2], "--group") == 0) {
+        if (detach_after_mount(argv[1])) watch(argv[1]);
+        return 0;
+    }
     g_argc = argc;
     g_argv = argv;
     size_t len = 0;

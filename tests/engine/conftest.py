@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,32 @@ def left_behind(seconds: float = 10) -> list[str]:
     while (fuse_mounts() or hpcsif_processes()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return [*fuse_mounts(), *hpcsif_processes()]
+
+
+def catch_child(parent: int, comm: str, *, stop: bool = True, seconds: float = 60) -> int:
+    """The child of *parent* running *comm*, as soon as it is seen, stopped (SIGSTOP) unless
+    *stop* is false; 0 if *parent* ended first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{parent}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return 0
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return 0
+        for child in children:
+            try:
+                with open(f"/proc/{child}/comm") as f:
+                    if f.read().strip() != comm:
+                        continue
+            except OSError:
+                continue
+            if stop:
+                os.kill(int(child), signal.SIGSTOP)
+            return int(child)
+    return 0
 
 
 @pytest.fixture(params=["root", "user"])

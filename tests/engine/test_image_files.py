@@ -21,7 +21,7 @@ import pytest
 
 from hpcsif.image.model import host_arch
 from tests.conftest import peer_apptainer
-from tests.engine.conftest import RUNTIME, hpcsif_cmd
+from tests.engine.conftest import RUNTIME, catch_child, hpcsif_cmd
 
 pytestmark = [
     pytest.mark.slow,
@@ -209,7 +209,7 @@ def test_a_launcher_killed_while_it_mounts_leaves_no_mount(images, img_dir):
     sif = _overlay_sif(images, img_dir / "killed.sif")
     for _ in range(10):  # (a command that ends before it is seen cannot be held)
         victim = subprocess.Popen(hpcsif_cmd("exec", str(sif), "true"))
-        mounter = _stopped_child(victim.pid, "fuse-overlayfs")
+        mounter = catch_child(victim.pid, "fuse-overlayfs")
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         if mounter:
@@ -218,31 +218,6 @@ def test_a_launcher_killed_while_it_mounts_leaves_no_mount(images, img_dir):
         if mounter:
             return
     pytest.fail("fuse-overlayfs was never seen mounting")
-
-
-def _stopped_child(parent: int, comm: str, seconds: float = 60) -> int:
-    """The child of *parent* running *comm*, stopped (SIGSTOP) as soon as it is seen; 0 if
-    *parent* ended first."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{parent}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] == "Z":
-                    return 0
-            with open(f"/proc/{parent}/task/{parent}/children") as f:
-                children = f.read().split()
-        except OSError:
-            return 0
-        for child in children:
-            try:
-                with open(f"/proc/{child}/comm") as f:
-                    if f.read().strip() != comm:
-                        continue
-            except OSError:
-                continue
-            os.kill(int(child), signal.SIGSTOP)
-            return int(child)
-    return 0
 
 
 def test_bare_squashfs_file(run, images, img_dir):

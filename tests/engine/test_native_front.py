@@ -28,6 +28,7 @@ from tests.engine.conftest import (
     USER_PYTHON,
     as_user,
     build_rootfs,
+    catch_child,
     fuse_mounts,
     hpcsif_cmd,
     hpcsif_processes,
@@ -409,6 +410,22 @@ def test_last_holder_unmounts_and_a_killed_front_leaves_nothing(front, images):
         time.sleep(0.1)
     assert len(front.python_starts()) == before, front.python_starts()
     assert not fuse_mounts() and not hpcsif_processes()
+
+
+def test_a_front_killed_while_it_mounts_leaves_nothing(front, images):
+    """SIGKILL the moment squashfuse runs: the mount it makes after the front is gone has the
+    watchdog the front started before it, which unmounts it."""
+    sif = str(images.sif)
+    front.run("exec", sif, "true")  # saves the plan; nothing mounted afterwards
+    for _ in range(10):  # (a command that ends before it is seen cannot be caught)
+        victim = subprocess.Popen([str(front.binary), "exec", sif, "true"], env=dict(os.environ))
+        mounter = catch_child(victim.pid, "squashfuse_ll", stop=False)
+        victim.kill()
+        victim.wait()
+        assert not left_behind()
+        if mounter:
+            return
+    pytest.fail("squashfuse_ll was never seen mounting")
 
 
 def test_a_plans_directory_others_could_write_is_ignored(front, holder, images):
