@@ -99,7 +99,7 @@ def _resolve_digest(
     Concurrent cold requests resolve once: the first asks the source under a lock, the
     others wait for its record (so 64 ranks make one registry request, or hash an archive once).
     """
-    if ref.is_registry and ref.digest:
+    if ref.is_registry and ref.digest and ref.transport != "oras":  # oras: keyed on the SIF layer
         return ref.digest
     if ref.transport == "oci":  # reading the layout's index is as cheap as a record
         return _source_digest(ref, options, source_options)
@@ -109,11 +109,12 @@ def _resolve_digest(
         raise CacheError(f"{ref.raw}: no such file {ref.path}") from None
 
     def usable(record: dict[str, Any] | None) -> bool:
-        # local files: valid as long as the file is unchanged (its identity is in the ident)
+        # local files: valid as long as the file is unchanged (its identity is in the ident);
+        # what a manifest digest names never changes
         if not record:
             return False
         age = time.time() - float(record.get("resolved", 0))
-        return ref.transport in _LOCAL_FILES or offline or age <= max_age
+        return ref.transport in _LOCAL_FILES or bool(ref.digest) or offline or age <= max_age
 
     if usable(record := _read_record(layout, ident)):
         return str(record["digest"])
@@ -161,14 +162,20 @@ def _request(
     options = options or ConvertOptions.from_config()
     source_options = dict(source_options or {})
     digest = _resolve_digest(layout, ref, options, source_options, offline=offline, max_age=max_age)
-    key = f"{digest.split(':', 1)[-1]}-{options.key()}"
+    from hpcsif.sources import SIF_TRANSPORTS
+
+    # a downloaded SIF is the same file whatever the conversion options (Apptainer's oras and net caches)
+    key = digest.split(":", 1)[-1]
+    if ref.transport not in SIF_TRANSPORTS:
+        key = f"{key}-{options.key()}"
     return Request(ref, options, source_options, digest, key, f"{ref.cache_name()}.sif")
 
 
 def _converter(layout: CacheLayout, req: Request) -> Producer:
     """Fetch into the blob cache and convert; the producer the store calls under the key's lock."""
-    # a registry (or oras) tag is pinned to the digest it resolved to, so the key names what is built
-    ref = req.ref.with_digest(req.digest) if req.ref.is_registry else req.ref
+    # a registry tag is pinned to the digest it resolved to, so the key names what is built (an
+    # oras:// one names the SIF's own digest, which the download is given instead)
+    ref = req.ref.with_digest(req.digest) if req.ref.transport == "docker" else req.ref
 
     def convert(dest: Path) -> dict[str, Any]:
         from hpcsif.cache.blobs import blobs_in_use
@@ -191,7 +198,7 @@ def _converter(layout: CacheLayout, req: Request) -> Producer:
         from hpcsif.sources import download_sif
 
         log.info("downloading %s (%s)", req.what, req.digest)
-        download_sif(ref, dest, req.source_options)
+        download_sif(ref, dest, req.source_options, req.digest)
         return {"via": "download", "ref": str(req.ref), "digest": req.digest, "transport": req.ref.transport}
 
     from hpcsif.sources import SIF_TRANSPORTS

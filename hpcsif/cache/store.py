@@ -33,6 +33,7 @@ from hpcsif.cache.locking import KeyLock, key_lock
 from hpcsif.errors import CacheError, SIFError
 from hpcsif.fsutil import copy_file, fsync_dir
 from hpcsif.image.store import atomic_write_bytes
+from hpcsif.sources import SIF_TRANSPORTS
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,10 @@ class SIFStore:
         try:
             started = time.time()
             info = produce(work / name)
-            validate_sif(work / name)
+            # a downloaded SIF is kept as it is, whatever it holds (Apptainer pulls one without
+            # a root file system too); a conversion's output must have a sound partition
+            if info.get("transport") not in SIF_TRANSPORTS:
+                validate_sif(work / name)
             meta = {
                 **info,
                 "key": key,

@@ -166,7 +166,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             )
         for e in sorted(entries, key=lambda e: -e.last_used):
             leases = ", ".join(describe_lease(r) for r in active_leases(root, e.key, reap=root.writable))
-            digest = str(e.meta.get("digest", e.key)).removeprefix("sha256:")[:22]
+            digest = str(e.meta.get("digest", e.key))
+            if entry_type(e) != "oras":  # Apptainer names its oras entries sha256:HEX, the others HEX
+                digest = digest.removeprefix("sha256:")
+            digest = digest[:22]
             name = e.meta.get("ref", e.meta["name"])
             created = _when(_created(e), True)
             rows.append(

@@ -187,7 +187,7 @@ def _sif_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> 
     with tempfile.TemporaryDirectory(prefix=".hpcsif-pull-", dir=target.resolve().parent) as tmp:
         sif = Path(tmp) / "image.sif"
         if ref.transport == "oras":
-            _pull_oras(ref, sif, args)
+            sif = _oras_sif(ref, args, sif)
         else:
             from hpcsif.sources.remote import download
 
@@ -367,16 +367,29 @@ def _copy_out(cached: Path, target: Path) -> None:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
-def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Reference
+def _oras_sif(ref, args: argparse.Namespace, aside: Path) -> Path:  # ref: Reference
+    """The SIF ``oras://…`` names: in the SIF cache (an ``oras`` entry keyed on the SIF's digest,
+    as Apptainer's oras cache), or, with the cache disabled, downloaded to ``aside``."""
     from hpcsif.cli.build import blob_store
-    from hpcsif.sources.oras import download_sif, pull_sif
 
-    opts = {**oras_options(args), "notify": lambda message: info(args, message)}
-    store = blob_store(args)
-    if store is not None:
-        pull_sif(ref, target, store, **opts)  # type: ignore[arg-type]
-    else:
-        download_sif(ref, target, **opts)
+    notices = Notices(args)
+    source_options = {**oras_options(args), "notify": notices}
+    if blob_store(args) is None:
+        from hpcsif.sources import download_sif
+
+        return download_sif(ref, aside, source_options)
+    from hpcsif.cache.api import ensure_image
+
+    # refresh: as Apptainer's, a pull asks the registry which SIF the tag names now
+    cached = ensure_image(ref.raw, source_options=source_options, refresh=True)
+    notices.done()  # "Using cached SIF image" where nothing was downloaded
+    return cached
+
+
+def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Reference
+    sif = _oras_sif(ref, args, target)
+    if sif != target:
+        _copy_out(sif, target)
 
 
 def run_push(args: argparse.Namespace) -> int:

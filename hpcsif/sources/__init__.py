@@ -69,7 +69,7 @@ SIF_TRANSPORTS = ("oras", "http", "https")
 
 
 def sif_digest(ref: Reference, source_options: dict[str, Any]) -> str:
-    """A digest naming what the SIF reference *ref* holds now (its manifest's, or the file's validators)."""
+    """A digest naming what the SIF reference *ref* holds now (its SIF layer's, or the file's validators)."""
     if ref.transport == "oras":
         from hpcsif.sources import oras
 
@@ -79,16 +79,21 @@ def sif_digest(ref: Reference, source_options: dict[str, Any]) -> str:
     return fingerprint(ref.path or ref.raw)
 
 
-def download_sif(ref: Reference, dest: str | os.PathLike[str], source_options: dict[str, Any]) -> Path:
+def download_sif(
+    ref: Reference, dest: str | os.PathLike[str], source_options: dict[str, Any], digest: str | None = None
+) -> Path:
     """Download the SIF *ref* names (``oras://``, ``http(s)://``) to *dest*.
 
     The ``notify`` of *source_options* hears Apptainer's line ("Downloading oras image" …).
+    ``digest``: what :func:`sif_digest` said; for ``oras://``, the SIF fetched even if the tag
+    has moved on since (an http(s) server can only be asked for what it serves now).
     """
     notify = source_options.get("notify")
     if ref.transport == "oras":
         from hpcsif.sources import oras
 
-        return oras.download_sif(ref, dest, **oras.oras_options(source_options), notify=notify)
+        opts = oras.oras_options(source_options)
+        return oras.download_sif(ref, dest, layer=digest, **opts, notify=notify)
     from hpcsif.sources.remote import download_sif as download
 
     if notify:

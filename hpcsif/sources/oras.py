@@ -3,7 +3,8 @@
 The layout is Apptainer's: an OCI image manifest whose config has media type
 ``application/vnd.sylabs.sif.config.v1+json`` (content ``{}``) and whose single layer is the
 SIF file, media type ``application/vnd.sylabs.sif.layer.v1.sif``, titled with the file name.
-Pulled SIFs pass through the blob cache, so a second pull of the same digest is a local copy.
+As Apptainer's oras cache, a pulled SIF is known by its layer's digest (:func:`resolve`): the
+SIF cache keeps it under that key, so another tag or manifest naming the same file is a hit.
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpcsif.errors import SourceError
+from hpcsif.errors import NotFoundError, RegistryError, SourceError
+from hpcsif.fsutil import fsync_dir
 from hpcsif.image import mediatypes as mt
-from hpcsif.image.digest import sha256_bytes, sha256_file
+from hpcsif.image.digest import check_digest, sha256_bytes, sha256_file
 from hpcsif.image.model import Descriptor
 from hpcsif.image.store import OCIStore, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources.credentials import Credentials
-from hpcsif.sources.remote import atomic_output, is_sif, umasked
+from hpcsif.sources.remote import is_sif, umasked
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ _OPTIONS = ("credentials", "insecure", "authfile")
 
 
 def oras_options(source_options: dict[str, Any]) -> dict[str, Any]:
-    """The options of *source_options* that :func:`resolve` (and :func:`pull_sif`, with ``notify``) take."""
+    """The options of *source_options* that :func:`resolve` and :func:`download_sif` take."""
     return {k: v for k, v in source_options.items() if k in _OPTIONS}
 
 
@@ -85,23 +86,9 @@ def push_sif(
     return client.put_manifest(repo, ref.digest or ref.tag or "latest", data, mt.OCI_MANIFEST)
 
 
-def pull_sif(
-    ref: Reference,
-    dest: str | os.PathLike[str],
-    store: OCIStore,
-    *,
-    credentials: Credentials | None = None,
-    insecure: bool = False,
-    authfile: str | os.PathLike[str] | None = None,
-    notify: Callable[[str], None] | None = None,
-) -> Path:
-    """Pull the SIF artifact at ``ref`` through ``store`` and copy it to ``dest`` atomically.
-
-    ``notify`` hears Apptainer's "Downloading oras image" or "Using cached SIF image".
-    """
-    client = _client(ref, credentials, insecure, authfile)
-    repo = ref.repository or ""
-    data, _media_type, _digest = client.get_manifest(repo, ref.digest or ref.reference)
+def _sif_layer(client: Any, ref: Reference) -> Descriptor:
+    """The descriptor of the one SIF layer of the artifact manifest ``ref`` names."""
+    data, _media_type, _digest = client.get_manifest(ref.repository or "", ref.digest or ref.reference)
     manifest = load_json_object(data, f"{ref}: manifest")  # hostile nesting, lists: one line
     try:
         layers = [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
@@ -111,16 +98,21 @@ def pull_sif(
     if len(sifs) != 1:
         found = ", ".join(sorted({d.media_type for d in layers})) or "no layers"
         raise SourceError(f"{ref}: not a SIF artifact (expected one {mt.SIF_LAYER} layer, found {found})")
-    if notify:
-        cached = store.has_blob(sifs[0].digest, sifs[0].size)
-        notify("Using cached SIF image" if cached else "Downloading oras image")
-    client.fetch_blob(repo, sifs[0], store)
-    if not is_sif(store.blob_path(sifs[0].digest)):
-        raise SourceError(f"{ref}: the artifact's {mt.SIF_LAYER} layer is not a SIF file")
-    dest = Path(dest)
-    with atomic_output(dest, umasked(0o777)) as out, open(store.blob_path(sifs[0].digest), "rb") as src:
-        shutil.copyfileobj(src, out, 1 << 20)
-    return dest
+    return sifs[0]
+
+
+def _blob(client: Any, ref: Reference, digest: str) -> Descriptor:
+    """The SIF blob ``digest`` of ``ref``'s repository, which the tag no longer names (its size: HEAD)."""
+    repo = ref.repository or ""
+    resp = client.request("HEAD", f"{repo}/blobs/{check_digest(digest)}", scope=f"repository:{repo}:pull")
+    resp.close()
+    if resp.status_code == 404:
+        raise NotFoundError(f"{ref}: the SIF {digest} it named is gone from the registry; pull it again")
+    try:
+        size = int(resp.headers["Content-Length"])
+    except (KeyError, ValueError):
+        raise RegistryError(f"{ref}: the registry gives no size for blob {digest}") from None
+    return Descriptor(mt.SIF_LAYER, digest, size)
 
 
 def resolve(
@@ -130,14 +122,42 @@ def resolve(
     insecure: bool = False,
     authfile: str | os.PathLike[str] | None = None,
 ) -> str:
-    """The digest of the artifact manifest ``ref`` names (what a cached SIF of it is keyed on)."""
-    if ref.digest:
-        return ref.digest
+    """The digest of the SIF layer of the artifact ``ref`` names (what a cached SIF of it is keyed on)."""
+    return _sif_layer(_client(ref, credentials, insecure, authfile), ref).digest
+
+
+def download_sif(
+    ref: Reference,
+    dest: str | os.PathLike[str],
+    *,
+    layer: str | None = None,
+    credentials: Credentials | None = None,
+    insecure: bool = False,
+    authfile: str | os.PathLike[str] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> Path:
+    """Download the SIF artifact at ``ref`` to ``dest`` atomically (mode 0777 less the umask).
+
+    ``layer``: the SIF's digest, as :func:`resolve` gave it; that file is fetched even where the
+    tag has moved on since (the cache keeps it under that digest). ``notify`` hears
+    Apptainer's "Downloading oras image".
+    """
     client = _client(ref, credentials, insecure, authfile)
-    return client.get_manifest(ref.repository or "", ref.reference)[2]
-
-
-def download_sif(ref: Reference, dest: str | os.PathLike[str], **options: Any) -> Path:
-    """:func:`pull_sif` without a blob cache: the artifact passes through a throw-away store beside *dest*."""
-    with tempfile.TemporaryDirectory(prefix=".hpcsif-oras-", dir=Path(dest).parent) as tmp:
-        return pull_sif(ref, dest, OCIStore(tmp), **options)
+    desc = _sif_layer(client, ref)
+    if layer and desc.digest != layer:
+        log.info("%s now names %s; fetching the %s it named", ref, desc.digest, layer)
+        desc = _blob(client, ref, layer)
+    if notify:
+        notify("Downloading oras image")
+    dest = Path(dest)
+    # the blob is fetched (resumably, verified) beside dest, then renamed there: no second copy
+    with tempfile.TemporaryDirectory(prefix=".hpcsif-oras-", dir=dest.parent) as tmp:
+        store = OCIStore(tmp)
+        client.fetch_blob(ref.repository or "", desc, store)
+        blob = store.blob_path(desc.digest)
+        if not is_sif(blob):
+            raise SourceError(f"{ref}: the artifact's {mt.SIF_LAYER} layer is not a SIF file")
+        os.chmod(blob, umasked(0o777))
+        os.replace(blob, dest)
+    fsync_dir(dest.parent)
+    return dest

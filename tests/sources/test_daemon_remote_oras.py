@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ from hpcsif.refs import parse
 from hpcsif.sources import get_source
 from hpcsif.sources.credentials import Credentials
 from hpcsif.sources.distribution import RegistryClient
-from hpcsif.sources.oras import pull_sif, push_sif
+from hpcsif.sources.oras import download_sif, push_sif, resolve
 from hpcsif.sources.remote import download
 from tests.services.images import busybox_binary
 from tests.services.registry import PASSWORD, USER
@@ -99,7 +98,7 @@ def small_sif(tmp_path_factory) -> Path:
     return write_sif(work / "small.sif", [ObjectSpec(DataType.DEFFILE, data=b"bootstrap: scratch\n"), part])
 
 
-def test_oras_round_trip(registry_open, small_sif, tmp_path, caplog) -> None:
+def test_oras_round_trip(registry_open, small_sif, tmp_path) -> None:
     ref = parse(registry_open.ref("team/small:1", transport="oras"))
     digest = push_sif(small_sif, ref)
     client = RegistryClient(registry_open.host, insecure=True)
@@ -111,20 +110,19 @@ def test_oras_round_trip(registry_open, small_sif, tmp_path, caplog) -> None:
     assert layer["mediaType"] == mt.SIF_LAYER
     assert layer["annotations"]["org.opencontainers.image.title"] == "small.sif"
 
-    store = OCIStore(tmp_path / "store")
-    out = pull_sif(ref, tmp_path / "pulled.sif", store)
+    assert resolve(ref) == resolve(ref.with_digest(digest)) == layer["digest"]  # the SIF's own digest
+    out = download_sif(ref, tmp_path / "pulled.sif")
     assert out.read_bytes() == small_sif.read_bytes()
-    with caplog.at_level(logging.INFO, logger="hpcsif"):
-        pull_sif(ref.with_digest(digest), tmp_path / "again.sif", store)
-    assert f"Skipping fetch of repeat blob {layer['digest']}" in caplog.text
+    download_sif(ref.with_digest(digest), tmp_path / "again.sif", layer=layer["digest"])
     assert (tmp_path / "again.sif").read_bytes() == small_sif.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.sif", "pulled.sif"]  # nothing left aside
 
 
 def test_oras_pull_refuses_a_container_image(registry_open, busybox_image, tmp_path) -> None:
     registry_open.push(busybox_image.oci_ref, "team/busybox:1.0")
     ref = parse(registry_open.ref("team/busybox:1.0", transport="oras"))
     with pytest.raises(SourceError, match="not a SIF artifact"):
-        pull_sif(ref, tmp_path / "x.sif", OCIStore(tmp_path / "store"))
+        download_sif(ref, tmp_path / "x.sif")
     assert not (tmp_path / "x.sif").exists()
 
 
@@ -134,7 +132,7 @@ def test_oras_push_with_token_auth(registry_token, small_sif, tmp_path) -> None:
         push_sif(small_sif, ref)
     creds = Credentials(USER, PASSWORD, "test")
     push_sif(small_sif, ref, credentials=creds)
-    out = pull_sif(ref, tmp_path / "p.sif", OCIStore(tmp_path / "s"), credentials=creds)
+    out = download_sif(ref, tmp_path / "p.sif", credentials=creds)
     assert out.read_bytes() == small_sif.read_bytes()
 
 
@@ -166,5 +164,5 @@ def test_oras_refuses_non_sif_files(registry_open, tmp_path) -> None:
     }
     client.put_manifest("team/fake", "1", json.dumps(manifest).encode(), mt.OCI_MANIFEST)
     with pytest.raises(SourceError, match="layer is not a SIF file"):
-        pull_sif(ref, tmp_path / "out.sif", OCIStore(tmp_path / "store"))
+        download_sif(ref, tmp_path / "out.sif")
     assert not (tmp_path / "out.sif").exists()
