@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,21 +355,23 @@ class _StageBuilder:
 
         stage, opts = self.stage, self.options.convert
         line = self.stage.header_lines.get("from", stage.line)
-        if stage.bootstrap == "localimage":
-            self._check_fingerprints(Path(stage.source))
-            found = self._local_image(Path(stage.source), line)
-            from hpcsif.sif.reader import bare_filesystem
+        if stage.bootstrap in ("localimage", "oras"):
+            with self._base_image(line) as src:
+                self._check_fingerprints(Path(src))
+                found = self._local_image(Path(src), line)
+                from hpcsif.sif.reader import bare_filesystem
 
-            if bare_filesystem(stage.source):  # a squashfs or ext3 file: Apptainer verifies only a SIF
-                self.options.say("Extracting local image...")
+                if bare_filesystem(src):  # a squashfs or ext3 file: Apptainer verifies only a SIF
+                    self.options.say("Extracting local image...")
+                    return found
+                self.options.say(f"Verifying bootstrap image {src}")
+                if Path(src).is_file() and "fingerprints" not in stage.header:
+                    from hpcsif.signing.verify import warn_unverified_base
+
+                    warn_unverified_base(src)
+                if stage.bootstrap == "localimage":  # Apptainer's oras build does not say it
+                    self.options.say("Extracting local image...")
                 return found
-            self.options.say(f"Verifying bootstrap image {stage.source}")
-            if Path(stage.source).is_file() and "fingerprints" not in stage.header:
-                from hpcsif.signing.verify import warn_unverified_base
-
-                warn_unverified_base(stage.source)
-            self.options.say("Extracting local image...")
-            return found
         if stage.bootstrap == "scratch":
             arch = opts.arch or Platform().architecture
             meta = md.for_image({}, bootstrap="scratch", source="", arch=arch)
@@ -395,6 +397,46 @@ class _StageBuilder:
         self.options.say("Extracting OCI image...")
         self.options.say("Inserting Apptainer configuration...")
         return meta.oci_config, image.architecture
+
+    @contextlib.contextmanager
+    def _base_image(self, line: int) -> Iterator[str]:
+        """The local image a ``localimage`` or ``oras`` stage starts from. ``oras``: the SIF pulled
+        into the SIF cache (as Apptainer's oras cache) and leased while it is read, or, with the
+        cache disabled, downloaded into the build directory."""
+        stage = self.stage
+        if stage.bootstrap != "oras":
+            yield stage.source
+            return
+        from hpcsif.refs import parse
+
+        said: list[str] = []
+
+        def notify(message: str) -> None:
+            said.append(message)
+            self.options.say(message)
+
+        source_options = {**self.options.source_options, "notify": notify}
+        with contextlib.ExitStack() as stack:
+            try:
+                ref = parse(reference(stage))
+                if self.options.store is None:
+                    from hpcsif.sources import download_sif
+
+                    aside = self.root.parent / f"stage{self.index}-base.sif"
+                    self.options.say(f"Downloading oras image to tmp cache: {aside}")
+                    sif = download_sif(ref, aside, source_options)
+                else:
+                    from hpcsif.cache.api import leased_image
+
+                    # refresh: as Apptainer's, a build asks the registry which SIF the tag names now
+                    sif = stack.enter_context(
+                        leased_image(ref.raw, source_options=source_options, refresh=True)
+                    )
+                    if not said:
+                        self.options.say("Using cached SIF image")
+            except (SourceError, ReferenceError) as exc:  # told where the reference came from
+                raise type(exc)(f"{self.where}:{line}: {exc}") from exc
+            yield str(sif)
 
     def _check_fingerprints(self, src: Path) -> None:
         """``Fingerprints: FPR[,FPR…]``: the base SIF must be signed by every one of these keys.

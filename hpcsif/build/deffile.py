@@ -26,13 +26,13 @@ AGENTS = {
     "oci": True,
     "oci-archive": True,
     "localimage": True,
+    "oras": True,
     "scratch": False,
 }
 #: agents Apptainer knows that hpcsif does not build from (a clearer error than "unknown")
 UNSUPPORTED_AGENTS = (
     "library",
     "shub",
-    "oras",
     "yum",
     "dnf",
     "zypper",

@@ -295,13 +295,14 @@ def leased_image(
     options: ConvertOptions | None = None,
     offline: bool | None = None,
     cache_first: bool = False,
+    refresh: bool = False,
     source_options: dict[str, Any] | None = None,
 ) -> Iterator[Path]:
     """Like :func:`ensure_image`, holding a lease (this process, or ``holder="job:ID"``) meanwhile.
 
     While the lease is held, eviction leaves the image alone.
     """
-    prepared = _prepare(ref, options, offline, cache_first, source_options)
+    prepared = _prepare(ref, options, offline, cache_first, source_options, refresh)
     if isinstance(prepared, Path):
         yield prepared
         return
