@@ -58,7 +58,11 @@ Hostile layers, decided per case:
   inside the root, as Apptainer (umoci, securejoin) extracts it; below another
   non-directory of the same layer -> ``LayerError``; below a non-directory of an *upper*
   layer it is hidden;
-* a hard link to a missing target, to a directory or to itself -> ``LayerError``;
+* a hard link to a missing target, to a directory or to itself -> ``LayerError``; so is one
+  to a file that a whiteout, an opaque directory or a non-directory of its own layer (before
+  it) or of a layer between it and the target removed, as in Apptainer, which extracts layer
+  after layer: the link would bring back a file the image deleted. A directory that replaces
+  a non-directory of its own layer starts empty (the non-directory removed the lower one);
 * an entry placed through more than 255 symlinks (Apptainer's securejoin limit), a damaged
   tar header after the first member, or a PAX path with a NUL byte -> ``LayerError`` (tarfile
   would take the bad header for the end of the layer and cut the name at the NUL);
@@ -825,6 +829,7 @@ class _Layer:
         self.opaque: set[str] = set()
         # ordinals of the members a later member of this layer replaces (known after a pre-scan)
         self.replaced = _REPEATS.get((str(blob.path), blob.offset, blob.digest), frozenset())
+        self.replaced_nondirs: set[str] = set()  # names of replaced non-directories skipped so far
         self.symlinks: dict[str, str] = {}  # this layer's symlinks -> the root-relative path they name
         # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
         # layers below from the end of this one (a later entry of this layer is no target)
@@ -981,6 +986,10 @@ class _Merger:
             raise LayerError(
                 f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
             )
+        if kind == "dir" and (name in lay.state or name in lay.replaced_nondirs):
+            # a directory where this layer had a non-directory: tar extraction removed the lower
+            # layers' directory (children and all) for that one, and this one starts empty
+            lay.opaque.add(name)
         if name in self.pending:
             self._resolve_pending(lay, name, ti, kind, data)
             return
@@ -1101,8 +1110,26 @@ class _Merger:
             lay.links[name] = target
         elif seen == _HIDDEN:
             lay.rereads.setdefault(target, []).append(name)
+        elif self._removed_by(lay, target):  # tar extraction finds nothing to link to
+            raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
         else:  # not in this layer so far: the nearest lower layer that has it
             lay.awaiting.setdefault(target, []).append((name, lay.label))
+
+    def _removed_by(self, lay: _Layer, target: str) -> bool:
+        """True if layer ``lay`` (so far) removed what the layers below have at ``target``: a
+        whiteout of it or of a directory above it, an opaque directory above it, or a
+        non-directory of its own (no symlink) in place of such a directory. Apptainer, which
+        extracts layer after layer, then has no file to link to, and neither may hpcsif: the
+        link would bring back a file that the image deleted."""
+        if target in lay.whiteouts or "" in lay.opaque:
+            return True
+        for anc in _ancestors(target):
+            if anc in lay.whiteouts or anc in lay.opaque:
+                return True
+            state = lay.state.get(anc)
+            if state is not None and state != _HIDDEN and (lay.held.get(anc) or (None, ""))[1] != "sym":
+                return True
+        return False
 
     def _resolve_pending(
         self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data: BinaryIO | None
@@ -1147,6 +1174,10 @@ class _Merger:
         self.links += lay.links.items()
         self.hidden |= lay.whiteouts
         self.opaque |= lay.opaque
+        for target, users in self.pending.items():  # links of upper layers to a file this one removed
+            if self._removed_by(lay, target):
+                name, label = users[0]
+                raise LayerError(f"layer {label}: hard link {name!r} points at missing file {target!r}")
         for target, links in lay.awaiting.items():
             if links:
                 self.pending.setdefault(target, []).extend(links)
@@ -1211,6 +1242,8 @@ class _Merger:
                     tf.members.clear()  # tarfile keeps every member; we need none of them
                     if ordinal in lay.replaced:  # a later member of this layer replaces it
                         self.stats.skip("duplicate")
+                        if not ti.isdir():  # a directory that replaces it later starts empty
+                            lay.replaced_nondirs.add(_normalise(ti.name, blob))
                         continue
                     self.entry(lay, ti, _member_data(tf, stream, ti))
                     if self.progress:

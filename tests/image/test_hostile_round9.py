@@ -1,0 +1,86 @@
+"""Hostile layers, round 9: what one layer removes, across layers, through ``hpcsif build``.
+
+Apptainer extracts layer after layer (umoci): a whiteout, an opaque directory or a
+non-directory removes what the layers below have there at that point of the layer. A hard
+link made after that to a removed file fails there, and a directory that replaces a
+non-directory of its own layer starts empty. hpcsif, which merges top-down, gave such links
+the deleted file's content and kept the lower directory's children.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.image.tarbuild import d, file, layer, link, opaque, sym, whiteout
+from tests.image.test_hostile_cli import APPTAINER, _archive, _build_and_compare, _hpcsif_build
+
+
+@pytest.fixture
+def inflater() -> str:
+    """The CLI chooses its own inflater in its own process."""
+    return "cli"
+
+
+# (lower layers' entries, the top layer's entries); the top layer's link names a removed file
+MISSING_LINK_TARGETS = {
+    "whiteout-first": ([[file("t", "T")]], [whiteout("t"), link("h", "t")]),
+    "opaque-first": ([[d("a"), file("a/t", "T")]], [opaque("a"), link("h", "a/t")]),
+    "parent-whiteout-first": ([[d("a"), file("a/t", "T")]], [whiteout("a"), link("h", "a/t")]),
+    "root-opaque-first": ([[file("t", "T")]], [opaque(""), link("h", "t")]),
+    "parent-replaced-by-a-file": ([[d("a"), file("a/t", "T")]], [file("a", "F"), link("h", "a/t")]),
+    "parent-replaced-and-back": ([[d("a"), file("a/t", "T")]], [file("a", "F"), d("a"), link("h", "a/t")]),
+    "whiteout-in-a-layer-between": ([[file("t", "T")], [whiteout("t")]], [link("h", "t")]),
+    "opaque-in-a-layer-between": (
+        [[d("a"), file("a/t", "T")], [opaque("a"), file("a/n")]],
+        [link("h", "a/t")],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISSING_LINK_TARGETS))
+def test_hard_link_to_a_removed_file_fails_as_in_apptainer(tmp_path: Path, case: str) -> None:
+    """Apptainer: 'link: no such file or directory' (or 'not a directory'); the file the image
+    deleted must not come back under the link's name."""
+    lowers, top = MISSING_LINK_TARGETS[case]
+    layers = [layer(tmp_path, entries) for entries in lowers] + [layer(tmp_path, top, "zstd")]
+    archive = _archive(tmp_path, layers)
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _hpcsif_build(out / "x.sif", archive)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert len(fatal) == 1 and "hard link 'h' points at missing file" in fatal[0], p.stderr
+    assert list(out.iterdir()) == []
+    if APPTAINER:
+        theirs = subprocess.run(
+            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert theirs.returncode != 0 and "link: " in theirs.stderr, theirs.stderr
+
+
+def test_links_made_before_the_removal_or_to_a_new_file_stay(tmp_path: Path) -> None:
+    """The counterparts that Apptainer builds: the link comes first, or the file is added again."""
+    lower = layer(tmp_path, [file("t", "T"), file("u", "U0"), d("a"), file("a/v", "V")])
+    upper = layer(tmp_path, [link("h", "t"), whiteout("t"), whiteout("u"), file("u", "NEW"), link("hu", "u")])
+    top = layer(tmp_path, [link("hv", "a/v"), opaque("a"), file("a/w", "W")], "zstd")
+    tree = _build_and_compare(tmp_path, [lower, upper, top])
+    assert tree["/h"] == "-rw-r--r-- 1" and tree["/hu"] == "-rw-r--r-- 3" and tree["/hv"] == "-rw-r--r-- 1"
+    assert not {"/t", "/a/v"} & set(tree)
+
+
+@pytest.mark.parametrize("first", ["file", "empty-file", "symlink"])
+def test_directory_replacing_a_non_directory_of_its_layer_starts_empty(tmp_path: Path, first: str) -> None:
+    """``a`` (a file or symlink), then ``a/`` in one layer over a lower ``a/t``: the file took
+    the lower directory away, so ``a/t`` is gone, as after Apptainer's extraction."""
+    entry = {"file": file("a", "F"), "empty-file": file("a"), "symlink": sym("a", "x")}[first]
+    lower = layer(tmp_path, [d("a"), file("a/t", "T"), file("keep", "K")])
+    upper = layer(tmp_path, [entry, d("a"), file("a/n", "nn")])
+    tree = _build_and_compare(tmp_path, [lower, upper])
+    assert tree["/a/n"] == "-rw-r--r-- 2" and tree["/keep"] == "-rw-r--r-- 1"
+    assert "/a/t" not in tree
