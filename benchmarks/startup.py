@@ -102,7 +102,7 @@ _DUMP = textwrap.dedent(
         data = {str(fd): os.pread(fd, 1 << 20, 0).decode() for fd in fds}
         json.dump({"argv": [bwrap, *argv[1:]], "env": env, "data": data}, sys.stdout)
         return 0
-    engine._run = dump
+    engine.run_bwrap = dump
     from hpcsif.cli.main import main
     main(["exec", sys.argv[1], "true"])
     """

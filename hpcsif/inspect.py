@@ -38,7 +38,7 @@ ATTRIBUTE_FILES = {
 
 # the key order of Apptainer's inspect.Attributes and inspect.AppAttributes in its JSON
 ATTRIBUTE_ORDER = ["apps", "environment", "labels", "runscript", "test", "helpfile", "deffile", "startscript"]
-APP_ATTRIBUTES = ["environment", "labels", "runscript", "test", "helpfile"]
+APP_ATTRIBUTES = ["environment", "labels", "runscript", "startscript", "test", "helpfile"]
 
 
 @dataclass
@@ -131,7 +131,7 @@ class ImageView:
                 raise SIFError(f"{self.path}: its squashfs file system cannot be read ({why})")
 
     def _in_sandbox(self, inner: str) -> Path | None:
-        from hpcsif.engine.bwrap import in_image
+        from hpcsif.engine.image_paths import in_image
 
         found = in_image(str(self.path), inner)
         return Path(found) if found else None

@@ -6,10 +6,8 @@ per node (:mod:`hpcsif.engine.mounts`); destinations the read-only image lacks (
 ``/home``, the current directory, ``/etc/resolv.conf``) are made possible with an *underlay*,
 as Apptainer does: the parent directory becomes a tmpfs holding binds of the image's entries.
 
-Python stays the parent of ``bwrap``: it forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2
-to the payload, returns the payload's exit status (128+N when killed by signal N) and
-releases the mount. If Python itself is SIGKILLed, ``--die-with-parent`` ends the container
-and the mount watchdog unmounts.
+Python stays the parent of ``bwrap`` (:mod:`hpcsif.engine.supervise`) and releases the mount
+when the payload ends; if Python itself is SIGKILLed, the mount's watchdog unmounts.
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import stat
-from collections.abc import Container
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from hpcsif.engine.base import (
     Engine,
@@ -32,16 +28,16 @@ from hpcsif.engine.base import (
     which,
 )
 from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home, parse_mount
-from hpcsif.errors import EngineError, HpcsifError, MissingToolError, NoShellError, UsageError
+from hpcsif.engine.image_paths import in_image, is_executable, is_file, missing_parent, underlay_entries, walk
+from hpcsif.engine.no_shell import oci_start_config, refuse_without_shell, resolve_command
+from hpcsif.engine.supervise import Signals, on_terminal, run_bwrap
+from hpcsif.errors import EngineError, HpcsifError, MissingToolError, UsageError
 
 if TYPE_CHECKING:
     from hpcsif.engine.mounts import SharedMount
 
 log = logging.getLogger(__name__)
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-#: tty-generated signals reach an interactive shell directly; forwarding them would double them
-_TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 _NOT_UNDERLAID = ("/proc", "/dev", "/sys")
 #: the host's files bound by default that an overlay gets as copies of its own (_layer_files)
 _LAYERED = ("/etc/hosts", "/etc/localtime", "/etc/resolv.conf")
@@ -85,7 +81,7 @@ class BwrapEngine(Engine):
         mounts = []
         layered: frozenset[str] = frozenset()
         # from here on a SIGTERM (e.g. scancel during start-up) must not skip the cleanup below
-        signals = _Signals(interactive=_on_terminal())
+        signals = Signals(interactive=on_terminal())
         old_umask = os.umask(0o022) if opts.no_umask else None  # bwrap and the payload inherit it
         try:
             if opts.sandbox:
@@ -115,7 +111,9 @@ class BwrapEngine(Engine):
             pidns = opts.pid_namespace and not opts.no_init
             if opts.recorder is not None and len(mounts) == 1 and not opts.sandbox:
                 _save_plan(opts.recorder, plan, bwrap, argv, mounts[0], pidns)
-            return _run(bwrap, argv, plan.env, plan.fds, signals, pidns=pidns, handshake=plan.direct is None)
+            return run_bwrap(
+                bwrap, argv, plan.env, plan.fds, signals, pidns=pidns, handshake=plan.direct is None
+            )
         finally:
             if old_umask is not None:
                 os.umask(old_umask)
@@ -296,7 +294,7 @@ class _Plan:
         self.layered = layered
         self.fds: list[int] = []
         self.data: dict[str, str] = {}  # --ro-bind-data descriptor (as in argv) -> its content
-        self.interactive = _on_terminal()
+        self.interactive = on_terminal()
         user = pwd.getpwuid(os.getuid())
         # --fakeroot: the image's root inside; as in Apptainer the caller's home is bound at /root
         self.user = pwd.getpwuid(0) if opts.fakeroot else user
@@ -341,10 +339,10 @@ class _Plan:
         # an image without a usable shell (distroless, a dangling /bin/sh) starts its command
         # directly, configured from the SIF's oci-config.json instead of the /.singularity.d scripts
         self.direct = None
-        if not _is_executable(in_image(self.root, "/bin/sh")):
-            self.direct = _oci_config(None if opts.sandbox else image, opts.action)
+        if not is_executable(in_image(self.root, "/bin/sh")):
+            self.direct = oci_start_config(None if opts.sandbox else image, opts.action)
             if self.direct is None:
-                _no_shell(image, opts.action, self.root if opts.sandbox else None)
+                refuse_without_shell(image, opts.action, self.root if opts.sandbox else None)
         if probe:
             self.env: dict[str, str] = {}  # (an --env-file is not read twice)
             return
@@ -456,7 +454,7 @@ class _Plan:
 
             argv = direct_argv(opts.action, opts.command, self.direct, self.image)
             # exec's command or the image's ENTRYPOINT/CMD: both fail with Apptainer's one-liners
-            argv = [_resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
+            argv = [resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
             return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 
@@ -497,7 +495,7 @@ class _Plan:
         # (a bind onto the root itself is skipped: see _drop_unreachable)
         over = [c for c in covers if c != "/" and d.startswith(c + "/")]
         if not over:
-            walked = _walk(self.root, d, follow_last=False)
+            walked = walk(self.root, d, follow_last=False)
             return (None if walked is None else os.path.join(walked[0], *walked[1])), True
         c = max(over, key=len)
         if c not in self.places:
@@ -598,7 +596,7 @@ class _Plan:
             for d in sorted(dirs, key=lambda p: p.count("/")):
                 dest = os.path.normpath(os.path.join(at[c.dst], os.path.relpath(d, c.src)))
                 try:
-                    entries = _entries(d, dest, "--ro-bind" if c.readonly else "--bind", skip=set())
+                    entries = underlay_entries(d, dest, "--ro-bind" if c.readonly else "--bind", skip=set())
                     mode = os.stat(d).st_mode & 0o7777
                 except OSError as exc:
                     raise EngineError(
@@ -644,7 +642,7 @@ class _Plan:
         kept = []
         home_bound = not self.opts.no_home and (self.opts.home or "home" not in self.opts.no_mount)
         for b in binds:
-            if _missing_parent(self.root, b.dst) is None or b.dev:
+            if missing_parent(self.root, b.dst) is None or b.dev:
                 kept.append(b)
             elif strict and (b in user_binds or (home_bound and b.dst == self.home)):
                 raise EngineError(
@@ -739,7 +737,7 @@ class _Plan:
                 except OSError:
                     return "no such file or directory"
                 return None if os.access(host, os.X_OK) else "permission denied"
-        walked = _walk(self.root, path, follow_last=True)
+        walked = walk(self.root, path, follow_last=True)
         if walked is None:
             return "a symbolic link loop or not a directory"
         if walked[1]:
@@ -769,7 +767,7 @@ class _Plan:
             if any(dest.startswith(c.rstrip("/") + "/") for c in covered):
                 continue
             is_dir = d not in files and d not in file_binds
-            parent = _missing_parent(self.root, dest)
+            parent = missing_parent(self.root, dest)
             if parent is not None:
                 need.add(parent)
                 skip[dest] = is_dir
@@ -783,7 +781,7 @@ class _Plan:
         for d in sorted(need, key=lambda p: (p.count("/"), p)):
             if d != "/":
                 args += ["--tmpfs", d]
-            args += _entries(self.root + d if d != "/" else self.root, d, bind, skip=skip)
+            args += underlay_entries(self.root + d if d != "/" else self.root, d, bind, skip=skip)
         return args
 
     def _etc_data(self) -> list[tuple[str, str]]:
@@ -835,7 +833,7 @@ class _Plan:
         # the image's file, its links followed inside the image (never a host file such as a
         # link to /etc/shadow would name)
         path = in_image(self.root, "/" + rel)
-        if path is None or not _is_file(path):
+        if path is None or not is_file(path):
             return []
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -845,7 +843,7 @@ class _Plan:
 
     def _has_root_entry(self, dest: str) -> bool:
         """True when the image's own /etc/passwd (at *dest*, a plain file) has root in it."""
-        return _is_file(self.root + dest) and bool(self._image_lines("etc/passwd", lambda f: f[0] != "root"))
+        return is_file(self.root + dest) and bool(self._image_lines("etc/passwd", lambda f: f[0] != "root"))
 
     def _root_passwd(self) -> str | None:
         """The image's /etc/passwd with root's home made the container's (None: it is already)."""
@@ -898,16 +896,6 @@ def _first_per_destination(binds: list[Bind]) -> list[Bind]:
     return list(kept.values())
 
 
-def _no_shell(image: Path, action: str, sandbox: str | None) -> NoReturn:
-    """Fail a start that needs the image's /bin/sh: Apptainer's ERROR lines for ``shell``, and for
-    ``run`` of a sandbox without a runscript."""
-    if action == "shell":
-        raise NoShellError("/bin/sh does not exist in container")
-    if action == "run" and sandbox and not _is_executable(in_image(sandbox, "/.singularity.d/runscript")):
-        raise NoShellError("No runscript and no /bin/sh executable found in container, aborting")
-    raise EngineError(f"{image}: the image has no /bin/sh and no oci-config.json to start it without")
-
-
 def _resolv_conf(dns: str) -> str:
     """``--dns IP[,IP]`` as a resolv.conf (only those name servers, as Apptainer writes it)."""
     import ipaddress
@@ -925,360 +913,3 @@ def _resolv_conf(dns: str) -> str:
 def _shell_env(shell: str | None) -> dict[str, str]:
     """``shell -s PATH``: Apptainer tells the container's shell action through these variables."""
     return {"APPTAINER_SHELL": shell, "SINGULARITY_SHELL": shell} if shell else {}
-
-
-def _walk(root: str, path: str, *, follow_last: bool) -> tuple[str, list[str]] | None:
-    """Follow the image's *path* as far as it exists, its symbolic links followed inside the image.
-
-    Returns the image path reached and the components left (none when all of *path* exists);
-    the last component's own link is followed only with *follow_last*. None on a link loop
-    or a non-directory before the last component.
-    """
-    # '..' in *path* itself stops at the image's root too (a link's target is treated so below)
-    parts = [p for p in os.path.normpath("/" + path).split("/") if p]
-    cur, hops = "/", 0
-    while parts:
-        cand = os.path.join(cur, parts[0])
-        try:
-            st = os.lstat(root + cand)
-        except OSError:
-            return cur, parts
-        if stat.S_ISLNK(st.st_mode) and (follow_last or len(parts) > 1):
-            hops += 1
-            if hops > 40:
-                return None
-            target = os.readlink(root + cand)
-            base = "/" if target.startswith("/") else cur
-            parts = [p for p in os.path.normpath(os.path.join(base, target)).split("/") if p] + parts[1:]
-            cur = "/"
-            continue
-        parts.pop(0)
-        if parts and not stat.S_ISDIR(st.st_mode):
-            return None
-        cur = cand
-    return cur, []
-
-
-def _missing_parent(root: str, dest: str) -> str | None:
-    """The deepest directory of *dest*'s path that exists in the image when *dest* itself does not.
-
-    Symbolic links in the image are followed inside the image (as bwrap will); None when
-    *dest* exists (a mount point is already there).
-    """
-    walked = _walk(root, dest, follow_last=False)
-    if walked is None:
-        return None
-    cur, left = walked
-    if left:
-        return cur
-    # the destination itself is a link (/etc/localtime -> a zoneinfo file the image may lack):
-    # bwrap would create the mount point at the link's target, so the parent is underlaid and
-    # the link left out of it (see _entries)
-    return os.path.dirname(cur) if cur != "/" and os.path.islink(root + cur) else None
-
-
-def _is_file(path: str) -> bool:
-    """True when *path* is a regular file itself (not a symbolic link to one)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _is_executable(path: str | None) -> bool:
-    """True when *path* (a host path, or None) is an executable regular file."""
-    return path is not None and os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def in_image(root: str, path: str) -> str | None:
-    """The host path of the image's *path* with its symbolic links followed inside the image.
-
-    *root* is the image's root directory on the host; None when *path* is not there (or on
-    a link loop). An absolute link or a ``..`` chain never leads out of *root*.
-    """
-    walked = _walk(root, path, follow_last=True)
-    return root + walked[0] if walked is not None and not walked[1] else None
-
-
-def _resolve_command(root: str, command: str, path: str) -> str:
-    """*command* as exec will run it in an image without a shell, with Apptainer's errors.
-
-    Apptainer looks the command up itself and reports what is wrong in one line (exit 255).
-    """
-    if "/" not in command:
-        for d in path.split(":"):
-            found = in_image(root, os.path.join(d or ".", command))
-            if _is_executable(found):
-                return os.path.join(d or ".", command)
-        raise EngineError(f'"{command}": executable file not found in $PATH')
-    found = in_image(root, command) if command.startswith("/") else command
-    if not found or not os.path.exists(found):
-        raise EngineError(f"stat {command}: no such file or directory")
-    if os.path.isdir(found):
-        raise EngineError("is a directory")
-    if not os.access(found, os.X_OK):
-        raise EngineError("permission denied")
-    return command
-
-
-def _entries(host_dir: str, d: str, bind: str, skip: Container[str]) -> list[str]:
-    """bwrap arguments re-creating the entries of *host_dir* inside a tmpfs at *d*.
-
-    Entries that are mount destinations of another kind (*skip*: a symbolic link, a file where
-    a directory is mounted) are left out: the mount creates its own mount point in their place.
-    """
-    args = []
-    for name in sorted(os.listdir(host_dir)):
-        host = os.path.join(host_dir, name)
-        dest = os.path.join(d, name)
-        try:
-            st = os.lstat(host)
-            if dest in skip:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                args += ["--symlink", os.readlink(host), dest]
-            else:  # (a host directory may hold sockets and fifos too)
-                args += [bind, host, dest]
-        except FileNotFoundError:
-            continue  # gone meanwhile (a host directory in use)
-    return args
-
-
-class _Signals:
-    """Catches the forwarded signals for the whole launch and passes them on to the payload.
-
-    Signals that arrive before the payload runs are kept and delivered once it does (or, when
-    the launch has not started bwrap yet, end the launch with 128+N after cleaning up).
-    """
-
-    def __init__(self, interactive: bool) -> None:
-        self.interactive = interactive
-        self.pending: list[int] = []
-        self.child = 0
-        self.pidns = False
-        self.forwarded = False  # a signal went to the payload (it may have died before starting)
-        self._old = {s: signal.signal(s, self._handle) for s in FORWARDED}
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.interactive and signum in _TTY_SIGNALS:
-            return  # the terminal already sent it to the shell's process group
-        if self.child:
-            self.forwarded = True
-            _signal_payload(self.child, signum, self.pidns, group=not self.interactive)
-        else:
-            self.pending.append(signum)
-
-    def started(self, child: int, pidns: bool) -> None:
-        """The payload runs as *child*: deliver what arrived meanwhile."""
-        self.child, self.pidns = child, pidns
-        for signum in self.pending:
-            self.forwarded = True
-            _signal_payload(child, signum, pidns, group=not self.interactive)
-
-    def restore(self) -> None:
-        """Put back the previous handlers (idempotent)."""
-        for signum, handler in self._old.items():
-            signal.signal(signum, handler)
-        self._old = {}
-
-
-def _run(
-    bwrap: str,
-    argv: list[str],
-    env: dict[str, str],
-    fds: list[int],
-    signals: _Signals,
-    *,
-    pidns: bool,
-    handshake: bool = True,
-) -> int:
-    """Start bwrap, forward signals to the payload, wait; returns its exit status.
-
-    With ``handshake`` the in-container launcher reports the end of bwrap's set-up; a payload
-    started directly (no shell in the image) cannot, and then bwrap's child pid stands for it.
-    """
-    if signals.pending:
-        for fd in fds:
-            os.close(fd)
-        return 128 + signals.pending[0]  # stopped before the container started
-    info_r, info_w = os.pipe()
-    # the launcher writes one byte here once it runs: EOF instead means bwrap's set-up failed
-    ready_r, ready_w = os.pipe()
-    argv = [argv[0], "--info-fd", str(info_w), *argv[1:]]
-    if handshake:
-        env = {**env, "__HPCSIF_READY": str(ready_w)}
-        fds = [ready_w, *fds]
-    else:
-        os.close(ready_w)
-    for fd in [info_w, *fds]:
-        os.set_inheritable(fd, True)
-    if signals.interactive:
-        _become_subreaper()
-    # (a background job must not take the terminal from the shell when it ends)
-    foreground = signals.interactive and _in_foreground()
-    try:
-        try:
-            # non-interactive: bwrap gets its own process group, so a terminal's Ctrl-C reaches only
-            # us (and we forward it) rather than killing bwrap's monitor process
-            spawn_opts = {} if signals.interactive else {"setpgroup": 0}
-            pid = os.posix_spawn(bwrap, argv, env, **spawn_opts)
-        except OSError as exc:
-            os.close(info_r)
-            os.close(ready_r)
-            raise EngineError(f"cannot start {bwrap}: {exc.strerror}") from None
-        finally:
-            for fd in [info_w, *fds]:
-                os.close(fd)
-        child = _child_pid(_read_all(info_r))
-        if child:
-            signals.started(child, pidns)
-        with os.fdopen(ready_r, "rb", buffering=0) as ready:
-            started = ready.read(1) == b"x" if handshake else bool(child)
-        _, status = os.waitpid(pid, 0)
-        if signals.interactive and child and os.WIFSIGNALED(status):
-            # on a terminal bwrap's monitor is in the payload's process group, and a Ctrl-C or
-            # Ctrl-\ there ends it too; the payload goes on (no --die-with-parent), ours now
-            with contextlib.suppress(ChildProcessError):
-                _, status = os.waitpid(child, 0)
-    finally:
-        if foreground:
-            _reclaim_terminal()
-    code = os.waitstatus_to_exitcode(status)
-    if not started and not signals.forwarded:
-        raise EngineError(
-            "bwrap could not set up the container (see its message above; if it is about namespaces, "
-            "this host does not allow unprivileged user namespaces: use --engine apptainer)"
-        )
-    return 128 - code if code < 0 else code
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    try:
-        while True:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-
-
-def _child_pid(info: bytes) -> int:
-    """The ``child-pid`` of bwrap's ``--info-fd`` JSON (0 when bwrap failed before writing it)."""
-    import re  # already loaded by argparse; json would be a fresh import on every launch
-
-    m = re.search(rb'"child-pid"\s*:\s*(\d+)', info)
-    return int(m.group(1)) if m else 0
-
-
-def _signal_payload(child: int, signum: int, pidns: bool, group: bool) -> None:
-    """Send *signum* to the payload: bwrap's child, or its children when bwrap runs a PID-1 reaper.
-
-    With *group* (the payload leads its own session, ``--new-session``) the whole process group
-    gets it, as a terminal would deliver Ctrl-C: a shell's foreground child sees it too.
-    """
-    targets = [child]
-    if pidns:
-        try:
-            with open(f"/proc/{child}/task/{child}/children") as f:
-                targets = [int(p) for p in f.read().split()] or [child]
-        except OSError:
-            pass
-    for pid in targets:
-        if group:
-            try:
-                os.killpg(pid, signum)
-                continue
-            except ProcessLookupError:
-                pass  # not a group leader (yet): signal the process itself
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-
-def _on_terminal() -> bool:
-    """True when the container starts on a terminal: it is then its controlling terminal, with
-    the container in its foreground process group, as Apptainer's (bash's job control, /dev/tty)."""
-    return os.isatty(0)
-
-
-def _become_subreaper() -> None:
-    """Adopt the payload should bwrap's monitor die before it (see :func:`_run`)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def _in_foreground() -> bool:
-    """True when our process group is the terminal's foreground (not a background job)."""
-    try:
-        return os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False
-
-
-def _reclaim_terminal() -> None:
-    """Make our process group the terminal's foreground again after an interactive shell."""
-    try:
-        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        try:
-            os.tcsetpgrp(0, os.getpgrp())
-        finally:
-            signal.signal(signal.SIGTTOU, old)
-    except OSError:
-        pass
-
-
-def _oci_config(image: Path | None, action: str) -> dict[str, list[str]] | None:
-    """``Env``, ``Entrypoint`` and ``Cmd`` of the SIF's ``oci-config.json`` as string lists.
-
-    None if there is no such object (or no SIF: *image* None for a sandbox) and the action needs
-    it; ``exec`` needs none. A string ``Entrypoint``/``Cmd`` is Docker's shell form.
-    A document that cannot say how to start the image fails ``run`` with one line; ``exec``
-    (which Apptainer runs without reading it at all) ignores it with a warning.
-    """
-    import json
-
-    from hpcsif.sif.format import DataType
-    from hpcsif.sif.reader import SIFImage, bare_filesystem
-
-    data = None
-    if image is not None and bare_filesystem(image) is None:  # a bare file system has no objects
-        with SIFImage.open(image) as sif:
-            found = sif.find(DataType.GENERIC_JSON, "oci-config.json")
-            data = sif.read_object(found[0]) if found else None
-    nothing: dict[str, list[str]] = {"Env": [], "Entrypoint": [], "Cmd": []}
-    if data is None:
-        return nothing if action == "exec" else None
-    try:
-        problem, config = None, _oci_lists(json.loads(data))
-    except RecursionError:
-        problem = "is nested too deeply"
-    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
-        problem = str(e) if isinstance(e, TypeError) else "is not valid JSON"
-    if problem is None:
-        return config
-    if action != "exec":
-        raise EngineError(f"{image}: the image has no /bin/sh, and its oci-config.json {problem}")
-    log.warning("ignoring the image's oci-config.json: it %s", problem)
-    return nothing
-
-
-def _oci_lists(doc: object) -> dict[str, list[str]]:
-    """The string lists of a parsed ``oci-config.json``; TypeError naming the first wrong part."""
-    if not isinstance(doc, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-            type(doc), "a number"
-        )
-        raise TypeError(f"is {kind}, not a JSON object")
-    config = {}
-    for key in ("Env", "Entrypoint", "Cmd"):
-        value = doc.get(key)
-        if isinstance(value, str) and key != "Env":
-            value = ["/bin/sh", "-c", value]  # Docker's shell form, as the runscript has it
-        elif value is None:
-            value = []
-        if not isinstance(value, list) or not all(isinstance(v, str) and "\0" not in v for v in value):
-            raise TypeError(f"has {key} that is not a list of strings")
-        config[key] = value
-    return config

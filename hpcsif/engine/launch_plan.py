@@ -6,7 +6,7 @@ that looks up a plan saved here for its exact command line, environment, working
 uid, gid and umask. When every host file the plan was made from is unchanged and the caller's
 passwd entry is the same, it registers as a holder of the image's shared mount (mounting it as
 :class:`~hpcsif.engine.mounts.SharedMount` does when nobody has, and unmounting it as the last
-holder) and starts bwrap itself, staying its parent as :func:`hpcsif.engine.bwrap._run` does.
+holder) and starts bwrap itself, staying its parent as :func:`hpcsif.engine.supervise.run_bwrap` does.
 Anything else runs this CLI (``console(front=True)``), which saves what it launches.
 
 Only launches that need nothing made per run are saved: a SIF file on its shared

@@ -590,7 +590,7 @@ static void put_number(char *out, long v) {
     *out = 0;
 }
 
-/* As engine.bwrap._signal_payload: the payload's process group, or its PID 1's children. */
+/* As engine.supervise._signal_payload: the payload's process group, or its PID 1's children. */
 static void signal_payload(pid_t child, int sig) {
     pid_t targets[64];
     int n = 0;
@@ -811,7 +811,7 @@ int main(int argc, char **argv) {
     size_t len = 0;
     int split = 0;
     /* on a terminal the Python engine makes it the container's controlling terminal, a launch it
-     * does not save (bwrap.py: _on_terminal) */
+     * does not save (supervise.py: on_terminal) */
     char *plan = argc >= 3 && !isatty(0) ? find_plan(&len, &split) : NULL;
     if (!plan) python_cli();
     struct cursor c = {plan, plan + len};

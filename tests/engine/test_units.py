@@ -8,9 +8,10 @@ import pytest
 
 from hpcsif.engine.base import LaunchOptions, mpi_profile_name
 from hpcsif.engine.binds import Bind, check_sources, parse_bind, parse_home
-from hpcsif.engine.bwrap import _missing_parent, check_user_namespaces
+from hpcsif.engine.bwrap import check_user_namespaces
 from hpcsif.engine.environment import build_env, parse_env_file
 from hpcsif.engine.gpu import read_liblist
+from hpcsif.engine.image_paths import missing_parent
 from hpcsif.engine.mpi import load_profile
 from hpcsif.errors import ConfigError, EngineError, UsageError
 
@@ -102,13 +103,13 @@ def test_missing_parent(tmp_path):
     (tmp_path / "var/run").symlink_to("/run")
     (tmp_path / "run").mkdir()
     root = str(tmp_path)
-    assert _missing_parent(root, "/etc/passwd") is None
-    assert _missing_parent(root, "/etc/resolv.conf") == "/etc"
-    assert _missing_parent(root, "/home/user/x") == "/home"
-    assert _missing_parent(root, "/work/dir") == "/"
-    assert _missing_parent(root, "/var/run/x") == "/run"  # followed inside the image
+    assert missing_parent(root, "/etc/passwd") is None
+    assert missing_parent(root, "/etc/resolv.conf") == "/etc"
+    assert missing_parent(root, "/home/user/x") == "/home"
+    assert missing_parent(root, "/work/dir") == "/"
+    assert missing_parent(root, "/var/run/x") == "/run"  # followed inside the image
     (tmp_path / "etc/localtime").symlink_to("/usr/share/zoneinfo/UTC")
-    assert _missing_parent(root, "/etc/localtime") == "/etc"  # a link as the destination itself
+    assert missing_parent(root, "/etc/localtime") == "/etc"  # a link as the destination itself
 
 
 def test_liblist(tmp_path):
