@@ -447,6 +447,10 @@ _EMPTY_TAR = bytes(2 * BLOCK)
 _NO_NUL_RECORDS = ("path", "linkpath", "uname", "gname")
 
 
+class _RefusedMember(tarfile.ReadError):
+    """A member that the tar format allows but a layer may not hold (its message says why)."""
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
     """A tar member whose extended headers are checked for size before they are read, and
     whose damaged headers fail the layer as they fail it in Apptainer."""
@@ -461,6 +465,13 @@ class _BoundedTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
 
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.XGLTYPE:
+            # tarfile would give its records (a path, an owner) to every later member, so a
+            # layer's files all became one; Apptainer refuses such a member as an unknown type
+            raise _RefusedMember(
+                f"the member at offset {self.offset} is a PAX global header (type 'g'), which "
+                "Apptainer does not extract either"
+            )
         if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
             raise tarfile.ReadError(
                 f"an extended header of {self.size} bytes at offset {self.offset} (the limit is 1 MiB)"
@@ -1249,6 +1260,8 @@ class _Merger:
                     if self.progress:
                         self.progress(self.done_in + stream.bytes_in, self.total)
                 stream.drain()  # the digests are checked at the very end of the stream
+            except _RefusedMember as e:
+                raise LayerError(f"layer {blob.label}: {e}") from e
             except tarfile.TarError as e:
                 raise LayerError(f"layer {blob.label}: not a valid tar archive or truncated ({e})") from e
             except RecursionError as e:  # tarfile reads chained extended headers recursively

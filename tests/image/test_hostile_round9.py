@@ -9,12 +9,14 @@ the deleted file's content and kept the lower directory's children.
 
 from __future__ import annotations
 
+import io
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.image.tarbuild import d, file, layer, link, opaque, sym, whiteout
+from tests.image.tarbuild import blob, d, file, layer, link, opaque, sym, tar_bytes, whiteout
 from tests.image.test_hostile_cli import APPTAINER, _archive, _build_and_compare, _hpcsif_build
 
 
@@ -84,3 +86,33 @@ def test_directory_replacing_a_non_directory_of_its_layer_starts_empty(tmp_path:
     tree = _build_and_compare(tmp_path, [lower, upper])
     assert tree["/a/n"] == "-rw-r--r-- 2" and tree["/keep"] == "-rw-r--r-- 1"
     assert "/a/t" not in tree
+
+
+def _with_global_header(records: dict[str, str]) -> bytes:
+    """A file ``a``, then a PAX global header holding ``records``, then a file ``b``."""
+    first = tar_bytes([file("a", "aa")])[: 2 * tarfile.BLOCKSIZE]  # a's header and data, no end
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers=records) as tf:
+        tf.addfile(file("b", "bb").tarinfo(), io.BytesIO(b"bb"))
+    return first + buf.getvalue()
+
+
+def test_pax_global_header_is_refused_as_in_apptainer(tmp_path: Path) -> None:
+    """tarfile gave a global header's ``path`` and ``uid`` to every later member: ``a`` and
+    ``b`` became one file named by the header. Apptainer refuses the member (typeflag 'g')."""
+    archive = _archive(tmp_path, [blob(tmp_path, _with_global_header({"path": "renamed", "uid": "42"}))])
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _hpcsif_build(out / "x.sif", archive)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert len(fatal) == 1 and "offset 1024 is a PAX global header (type 'g')" in fatal[0], p.stderr
+    assert list(out.iterdir()) == []
+    if APPTAINER:
+        theirs = subprocess.run(
+            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert theirs.returncode != 0 and "unknown typeflag" in theirs.stderr, theirs.stderr
