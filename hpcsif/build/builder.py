@@ -86,7 +86,8 @@ APPS_ACTIVE_ENV = """#!/bin/sh
 _hpcsif_app="${APPTAINER_APPNAME:-${SINGULARITY_APPNAME:-}}"
 if [ -n "$_hpcsif_app" ]; then
     if [ ! -d "/scif/apps/$_hpcsif_app" ]; then
-        echo "no app $_hpcsif_app in this container" >&2
+        # Apptainer's words, and on standard output as Apptainer prints them
+        echo "Could not locate the container application: $_hpcsif_app"
         exit 1
     fi
     SCIF_APPS=/scif/apps
@@ -604,6 +605,9 @@ class _StageBuilder:
         if app.body("run"):
             self._write(f"{meta}/runscript", _script(app.sections["run"], self.where), 0o755)
             global_env += f'export SCIF_APPRUN_{var}="{meta}/runscript"\n'
+        if app.body("start"):
+            self._write(f"{meta}/startscript", _script(app.sections["start"], self.where), 0o755)
+            global_env += f'export SCIF_APPSTART_{var}="{meta}/startscript"\n'
         if app.body("test"):
             self._write(f"{meta}/test", _script(app.sections["test"], self.where), 0o755)
         if app.body("help"):
@@ -908,7 +912,12 @@ def _pack(final: _Built, definition: Definition, dest: Path, options: ConvertOpt
     for name in sorted(p.name for p in app_dir.iterdir() if p.is_dir()) if app_dir.is_dir() else []:
         meta_dir = f"/scif/apps/{name}/scif"
         env = read(f"{meta_dir}/env/90-environment.sh")
-        texts = {"runscript": "runscript", "test": "test", "helpfile": "runscript.help"}
+        texts = {
+            "runscript": "runscript",
+            "startscript": "startscript",
+            "test": "test",
+            "helpfile": "runscript.help",
+        }
         apps[name] = {
             "environment": {f"{meta_dir}/env/90-environment.sh": env} if env is not None else {},
             "labels": _read_json(resolve_inside(final.root, f"{meta_dir}/labels.json")),

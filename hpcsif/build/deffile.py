@@ -80,6 +80,7 @@ APP_SECTIONS = {
     "apptest": "test",
     "apphelp": "help",
     "apprun": "run",
+    "appstart": "start",
     "applabels": "labels",
 }
 #: the largest definition file read: its text is kept in the image's metadata several times
@@ -149,7 +150,7 @@ class FilesBlock:
 
 @dataclass
 class App:
-    """One SCIF app: its sections keyed install, files, env, test, help, run, labels."""
+    """One SCIF app: its sections keyed install, files, env, test, help, run, start, labels."""
 
     name: str
     sections: dict[str, Section] = field(default_factory=dict)

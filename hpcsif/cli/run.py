@@ -214,7 +214,7 @@ def handle(args: argparse.Namespace) -> int:
         pwd=args.pwd,
         cleanenv=args.cleanenv,
         env=args.env,
-        env_files=args.env_file,
+        env_files=_env_files(args.env_file),
         contain=args.contain,
         containall=args.containall,
         writable_tmpfs=args.writable_tmpfs,
@@ -402,6 +402,14 @@ def _no_mount(specs: list[str]) -> list[str]:
         if name not in NO_MOUNT and not name.startswith("/"):
             logging.getLogger(__name__).warning("Ignoring unknown mount type '%s'", name)
     return names
+
+
+def _env_files(specs: list[str]) -> list[str]:
+    """``--env-file`` values as files: each may name several, comma separated (Apptainer's string
+    slice, read as CSV, so a quoted name keeps its comma); later files win, as in Apptainer."""
+    import csv
+
+    return [name for spec in specs for row in csv.reader([spec]) for name in row if name]
 
 
 def _check_trusted(path: os.PathLike) -> None:

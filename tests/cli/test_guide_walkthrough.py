@@ -1,0 +1,146 @@
+"""The Apptainer 1.4 user guide's own examples, typed as a new user types them, on local images.
+
+Each test follows one page of the guide (definition files' SCIF apps, environment and metadata,
+…) where hpcsif once differed from Apptainer 1.4.5. The expected texts are Apptainer's on the
+same inputs; where the peer is installed, its outputs are compared directly as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_apptainer, run_cli
+from tests.services.images import TestImage
+
+#: the guide's SCIF example (definition_files "SCIF Apps"), on a local base image
+APPS_DEF = """\
+Bootstrap: localimage
+From: {base}
+
+%environment
+    GLOBAL=variables
+    AVAILABLE="to all apps"
+
+%apprun foo
+    exec echo "RUNNING FOO"
+
+%appstart foo
+    exec echo "STARTING FOO"
+
+%applabels foo
+    BESTAPP FOO
+
+%appinstall foo
+    touch foo.exec
+
+%appenv foo
+    SOFTWARE=foo
+    export SOFTWARE
+
+%apphelp foo
+    This is the help for foo.
+
+%apprun bar
+    exec echo "RUNNING BAR"
+
+%appstart bar
+    exec echo "STARTING BAR"
+
+%appenv bar
+    SOFTWARE=bar
+    export SOFTWARE
+"""
+
+
+@pytest.fixture(scope="module")
+def base(busybox_image: TestImage, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The busybox image as a SIF (under /tmp, which the peer sees), built once through the CLI."""
+    path = tmp_path_factory.mktemp("guide") / "base.sif"
+    run_cli("build", str(path), f"oci://{busybox_image.layout}")
+    return path
+
+
+def _tool(
+    exe: str | None, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``hpcsif ARGS`` (exe None) or the peer's ``apptainer ARGS``, unchecked; ``env`` is added."""
+    if exe is None:
+        return run_cli(*args, check=False, env=env, cwd=cwd)
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd
+    )
+
+
+def _apps_sif(exe: str | None, base: Path) -> Path:
+    work = base.parent
+    deffile = work / "apps.def"
+    deffile.write_text(APPS_DEF.format(base=base))
+    sif = work / f"apps-{'peer' if exe else 'ours'}.sif"
+    if not sif.exists():
+        flags = ["--fakeroot"] if exe else []  # the peer's root has too few capabilities for %post
+        built = _tool(exe, "build", *flags, str(sif), str(deffile))
+        assert built.returncode == 0, built.stderr
+    return sif
+
+
+def _app_view(exe: str | None, sif: Path) -> dict[str, object]:
+    """What a user sees of the apps: inspect's apps object, app scripts and a missing app."""
+    attrs = json.loads(_tool(exe, "inspect", "--json", "--all", str(sif)).stdout)["data"]["attributes"]
+    missing = _tool(exe, "run", "--app", "baz", str(sif))
+    return {
+        "apps": attrs["apps"],
+        "start": _tool(exe, "inspect", "--startscript", "--app", "bar", str(sif)).stdout,
+        "start-json": _tool(exe, "inspect", "--json", "-s", "--app", "foo", str(sif)).stdout,
+        "exports": _tool(exe, "exec", str(sif), "sh", "-c", "echo $SCIF_APPSTART_foo").stdout,
+        "run": _tool(exe, "run", "--app", "foo", str(sif)).stdout,
+        "env": _tool(exe, "exec", "--app", "bar", str(sif), "sh", "-c", "echo $SOFTWARE").stdout,
+        # (Apptainer also warns that this image has no /etc/passwd and /etc/group to update)
+        "missing": (missing.returncode, missing.stdout, _no_passwd_warnings(missing.stderr)),
+    }
+
+
+def _no_passwd_warnings(stderr: str) -> str:
+    return "".join(line for line in stderr.splitlines(True) if "file doesn't exist in container" not in line)
+
+
+def test_the_guides_scif_apps_build_with_appstart_as_in_apptainer(base: Path) -> None:
+    ours = _app_view(None, _apps_sif(None, base))
+    foo = ours["apps"]["foo"]
+    # Apptainer's AppAttributes order: environment, labels, runscript, startscript, test, helpfile
+    assert list(foo) == ["environment", "labels", "runscript", "startscript", "helpfile"]
+    assert foo["startscript"] == '#!/bin/sh\n\n    exec echo "STARTING FOO"'
+    assert ours["start"] == '#!/bin/sh\n\n    exec echo "STARTING BAR"\n'
+    assert json.loads(ours["start-json"])["data"]["attributes"] == {
+        "apps": {"foo": {"startscript": '#!/bin/sh\n\n    exec echo "STARTING FOO"'}}
+    }
+    assert ours["exports"] == "/scif/apps/foo/scif/startscript\n"
+    assert ours["run"] == "RUNNING FOO\n"
+    assert ours["env"] == "bar\n"
+    # Apptainer's words, on standard output, status 1
+    assert ours["missing"] == (1, "Could not locate the container application: baz\n", "")
+    if exe := peer_apptainer():
+        assert ours == _app_view(exe, _apps_sif(exe, base))
+
+
+def test_env_file_names_several_files_separated_by_commas(base: Path, tmp_path: Path) -> None:
+    (tmp_path / "myenvs").write_text('MYVAR="Hello from a file"\n')
+    (tmp_path / "myenvs2").write_text('MYVAR="Hello from a file 2"\n')
+    (tmp_path / "my,envs").write_text('MYVAR="a name with a comma"\n')
+    show = [str(base), "sh", "-c", "echo $MYVAR"]
+    cases = {  # the guide's examples: the later file wins
+        ("--env-file", "myenvs", "--env-file", "myenvs2"): "Hello from a file 2\n",
+        ("--env-file", "myenvs2,myenvs"): "Hello from a file\n",
+        ("--env-file", '"my,envs"'): "a name with a comma\n",  # a CSV field, as Apptainer reads it
+    }
+    tools = [None] + ([exe] if (exe := peer_apptainer()) else [])
+    for exe in tools:
+        for flags, expected in cases.items():
+            got = _tool(exe, "exec", *flags, *show, cwd=tmp_path)
+            assert (got.returncode, got.stdout) == (0, expected), (exe, flags, got.stderr)
+        got = _tool(exe, "exec", *show, cwd=tmp_path, env={"APPTAINER_ENV_FILE": "myenvs2,myenvs"})
+        assert (got.returncode, got.stdout) == (0, "Hello from a file\n"), (exe, got.stderr)
