@@ -447,6 +447,9 @@ _EMPTY_TAR = bytes(2 * BLOCK)
 _NO_NUL_RECORDS = ("path", "linkpath", "uname", "gname")
 
 
+_REFUSED_HEADERS = {tarfile.XGLTYPE: "PAX global header", tarfile.SOLARIS_XHDTYPE: "Solaris extended header"}
+
+
 class _RefusedMember(tarfile.ReadError):
     """A member that the tar format allows but a layer may not hold (its message says why)."""
 
@@ -465,12 +468,13 @@ class _BoundedTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
 
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type == tarfile.XGLTYPE:
-            # tarfile would give its records (a path, an owner) to every later member, so a
-            # layer's files all became one; Apptainer refuses such a member as an unknown type
+        if self.type in _REFUSED_HEADERS:
+            # tarfile would give a global header's records (a path, an owner) to every later
+            # member, so a layer's files all became one, and a Solaris header's to the next one;
+            # Apptainer refuses both as members of an unknown type
             raise _RefusedMember(
-                f"the member at offset {self.offset} is a PAX global header (type 'g'), which "
-                "Apptainer does not extract either"
+                f"the member at offset {self.offset} is a {_REFUSED_HEADERS[self.type]} "
+                f"(type {self.type.decode()!r}), which Apptainer does not extract either"
             )
         if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
             raise tarfile.ReadError(
@@ -1089,8 +1093,8 @@ class _Merger:
         """Note the symlink ``name``: upper layers put entries or whiteouts below it without an
         entry of their own for it, so extraction (Apptainer's, containerd's) writes them through it.
         """
-        if name not in self.through:
-            self.found[name] = (lay.level, _link_path(name, ti.linkname))
+        if name not in self.through:  # the topmost symlink there is the one written through
+            self.found.setdefault(name, (lay.level, _link_path(name, ti.linkname)))
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
