@@ -7,8 +7,10 @@ Order: explicit credentials (``--docker-login`` prompt, passed in by the CLI), t
 when given, which replaces the default files, as Apptainer's ``--authfile`` does. The default
 files are ``~/.apptainer/docker-config.json`` (where ``apptainer registry login`` stores
 credentials, read first as Apptainer does), then ``$DOCKER_CONFIG/config.json``
-(``~/.docker/config.json``). Passwords are never logged, printed or written:
-:class:`Credentials` hides the password from ``repr`` and log lines name only where the
+(``~/.docker/config.json``). An ``identitytoken`` (what ``docker login`` saves for a registry
+that speaks OAuth2) is kept as such: the registry client trades it for access tokens. Passwords
+and identity tokens are never logged, printed or written:
+:class:`Credentials` hides them from ``repr`` and log lines name only where the
 credentials came from.
 """
 
@@ -44,13 +46,20 @@ _warned: set[str] = set()
 
 @dataclass(frozen=True)
 class Credentials:
-    """A username and password (or identity token) for one registry; ``source`` says where from."""
+    """A username and password, or an identity token, for one registry; ``source`` says where from.
+
+    ``identity_token``: an OAuth2 refresh token (``docker login``'s ``identitytoken``), which the
+    registry's token server exchanges for access tokens; there is no password then.
+    """
 
     username: str
     password: str = field(repr=False)
     source: str = "explicit"
+    identity_token: str = field(default="", repr=False)
 
     def __str__(self) -> str:
+        if self.identity_token:
+            return f"the identity token from {self.source}"
         return f"user {self.username!r} from {self.source}"
 
 
@@ -164,12 +173,11 @@ def _from_helper(helper: object, server: str, path: Path) -> Credentials | None:
         return None
     if answer is None:  # "credentials not found in native keychain": nothing stored for it
         return None
-    if user == "<token>":
-        _warn_once(f"{name}: identity tokens (docker login via OAuth) are not supported for {server}")
-        return None
     if not (isinstance(user, str) and user and isinstance(secret, str)):
         _warn_once(f"credential helper {name} gave no user name and password for {server}")
         return None
+    if user == "<token>":  # Docker's mark of an identity token (docker login via OAuth)
+        return Credentials(user, "", f"{path} ({name})", identity_token=secret) if secret else None
     return Credentials(user, secret, f"{path} ({name})")
 
 
@@ -204,8 +212,11 @@ def _from_auths(
         entry = auths.get(key)
         if not isinstance(entry, dict):
             continue
-        if entry.get("identitytoken"):
-            _warn_once(f"{path}: identity tokens (docker login via OAuth) are not supported for {key}")
+        token = entry.get("identitytoken")
+        if token:  # an OAuth2 refresh token: it replaces the user name and password Docker leaves out
+            if isinstance(token, str) and token.isprintable():
+                return Credentials("<token>", "", str(path), identity_token=token)
+            _warn_once(f"ignoring malformed identity token for {key} in {path}")
             continue
         auth, user, password = entry.get("auth"), entry.get("username"), entry.get("password")
         if auth:

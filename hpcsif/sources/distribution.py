@@ -379,8 +379,9 @@ class RegistryClient:
         raise RegistryError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
 
     def _basic(self) -> str | None:
-        """The Basic ``Authorization`` value for our credentials (None when anonymous)."""
-        if not self.credentials:
+        """The Basic ``Authorization`` value for our credentials (None when anonymous, or when
+        they are an identity token, which only a token server takes)."""
+        if not self.credentials or self.credentials.identity_token:
             return None
         raw = f"{self.credentials.username}:{self.credentials.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
@@ -397,8 +398,9 @@ class RegistryClient:
         if realm_url.scheme not in ("http", "https") or not realm_url.hostname:
             raise AuthError(f"{self.registry}: token realm {_redact(realm)!r} is not an http(s) URL")
         basic = self._basic()
+        refresh = self.credentials.identity_token if self.credentials else ""
         if (
-            basic
+            (basic or refresh)
             and realm_url.scheme == "http"
             and _machine(realm_url.hostname) != _machine(urllib.parse.urlsplit(self.base).hostname)
         ):
@@ -410,10 +412,19 @@ class RegistryClient:
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
-        sep = "&" if "?" in realm else "?"
         log.debug("requesting a token for %s from %s", scope, realm)
-        url = f"{realm}{sep}{urllib.parse.urlencode(query)}"
-        with self._send("GET", url, auth_header=basic, stream=True) as resp:
+        if refresh:
+            # an identity token is an OAuth2 refresh token, traded as Docker and containers/image
+            # trade it: in a POSTed form (never in the URL, which proxies and logs may keep)
+            form = {"grant_type": "refresh_token", "refresh_token": refresh, "client_id": "hpcsif", **query}
+            body = urllib.parse.urlencode(form).encode()
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            sent = self._send("POST", realm, headers=headers, data=body, stream=True)
+        else:
+            sep = "&" if "?" in realm else "?"
+            url = f"{realm}{sep}{urllib.parse.urlencode(query)}"
+            sent = self._send("GET", url, auth_header=basic, stream=True)
+        with sent as resp:
             if resp.status_code in (401, 403):
                 raise self._auth_error(scope)
             if resp.status_code >= 400:
@@ -439,9 +450,14 @@ class RegistryClient:
         name = scope.split(":")[1] if scope.count(":") >= 2 else scope
         where = f"{self.registry}/{name}"
         if self.credentials:
+            check = (
+                "it may have expired or been revoked: log in again; check"
+                if self.credentials.identity_token
+                else "check the user name and password, and"
+            )
             return AuthError(
                 f"authentication failed for {where}: the registry refused {self.credentials} "
-                "(check the user name and password, and that the repository exists)"
+                f"({check} that the repository exists)"
             )
         return AuthError(f"authentication required for {where}: {auth_hint()}")
 

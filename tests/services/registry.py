@@ -7,7 +7,9 @@ Three flavours, each a session-scoped fixture:
 * ``registry_token``: token auth, with :class:`TokenServer` (written here) issuing JWTs signed
   with a test RSA key whose self-signed certificate is the registry's ``rootcertbundle``.
   Anonymous clients get ``pull`` on repositories under ``public/``; the test user gets
-  ``pull,push`` everywhere.
+  ``pull,push`` everywhere, asking with its password (``GET``, Basic auth) or with the OAuth2
+  refresh token :data:`IDENTITY_TOKEN` (``POST``, ``grant_type=refresh_token``), the
+  ``identitytoken`` that ``docker login`` saves for such registries.
 
 Images are pushed with ``skopeo copy`` (:meth:`Registry.push`).
 """
@@ -36,6 +38,7 @@ import pytest
 USER = "hpcuser"
 PASSWORD = "s3cret-Pa55-word-xyz"  # distinctive, so tests can grep for leaks
 SERVICE = "hpcsif-test-registry"
+IDENTITY_TOKEN = "hpcsif-refresh-T0ken-4f9c2e71"  # distinctive, so tests can grep for leaks
 ISSUER = "hpcsif-test-issuer"
 
 
@@ -67,15 +70,23 @@ def _b64url(data: bytes) -> str:
 
 
 class TokenServer:
-    """A minimal Docker token server: ``GET /token?service=…&scope=…`` -> ``{"token": JWT}``."""
+    """A minimal Docker token server: ``GET /token?service=…&scope=…`` -> ``{"token": JWT}``, and
+    the OAuth2 form ``POST /token`` (``grant_type=refresh_token``) -> ``{"access_token": JWT}``."""
 
-    def __init__(self, workdir: Path, users: dict[str, str], expires_in: int = 300) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        users: dict[str, str],
+        expires_in: int = 300,
+        refresh_tokens: dict[str, str] | None = None,
+    ) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
         from cryptography.x509.oid import NameOID
 
         self.users = users
+        self.refresh_tokens = refresh_tokens or {}  # OAuth2 refresh token -> user
         self.expires_in = expires_in
         self.requests: list[dict[str, object]] = []  # one record per token request, for assertions
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -155,6 +166,47 @@ class TokenServer:
                     user = u
                 scopes = [s for value in query.get("scope", []) for s in value.split(" ")]
                 server.requests.append({"user": user, "scopes": scopes, "service": query.get("service")})
+                self.answer(user, scopes, "token")
+
+            def do_POST(self) -> None:
+                """OAuth2: a refresh token (Docker's identity token) for an access token."""
+                # the fields in the form, or (containers/image's scope and service) in the query
+                query = urllib.parse.urlsplit(self.path).query
+                form = urllib.parse.parse_qs(f"{query}&{self.body().decode()}", keep_blank_values=True)
+                field = {k: v[-1] for k, v in form.items()}
+                scopes = [s for value in form.get("scope", []) for s in value.split(" ")]
+                user = server.refresh_tokens.get(field.get("refresh_token", ""))
+                server.requests.append(
+                    {
+                        "user": user,
+                        "scopes": scopes,
+                        "service": form.get("service"),
+                        "grant_type": field.get("grant_type"),
+                        "client_id": field.get("client_id"),
+                        "authorization": self.headers.get("Authorization"),
+                    }
+                )
+                if field.get("grant_type") != "refresh_token" or not field.get("client_id"):
+                    self.send_error(400, "unsupported_grant_type")
+                    return
+                if user is None:
+                    self.send_error(401, "invalid_grant")
+                    return
+                self.answer(user, scopes, "access_token")
+
+            def body(self) -> bytes:
+                """The request body, sized or chunked (Go sends a form of unknown length chunked)."""
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()  # the empty line after the last chunk
+                return data
+
+            def answer(self, user: str | None, scopes: list[str], name: str) -> None:
+                """A signed token for ``user`` and ``scopes``, in the field ``name``."""
                 now = int(time.time())
                 claims = {
                     "iss": ISSUER,
@@ -168,7 +220,7 @@ class TokenServer:
                 }
                 issued = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
                 token = server.sign(claims)
-                body = json.dumps({"token": token, "expires_in": server.expires_in, "issued_at": issued})
+                body = json.dumps({name: token, "expires_in": server.expires_in, "issued_at": issued})
                 body = body.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -251,7 +303,7 @@ def start_registry(workdir: Path, kind: str = "open") -> Registry:
         auth = {"htpasswd": {"realm": "hpcsif-test", "path": str(workdir / "htpasswd")}}
         username, password = USER, PASSWORD
     elif kind == "token":
-        token_server = TokenServer(workdir, {USER: PASSWORD}).start()
+        token_server = TokenServer(workdir, {USER: PASSWORD}, refresh_tokens={IDENTITY_TOKEN: USER}).start()
         auth = {
             "token": {
                 "realm": token_server.realm,
