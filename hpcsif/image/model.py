@@ -128,8 +128,12 @@ class Image:
 
     @property
     def architecture(self) -> str:
-        """The image's GOARCH name, defaulting to the host's."""
-        return self.config.get("architecture") or host_arch()
+        """The image's GOARCH name; the host's where the config names none, or a name that is
+        no GOARCH name (``x86_64``, ``AMD64``), as Apptainer builds such images for the host."""
+        from hpcsif.sif.format import ARCH_CODES
+
+        arch = self.config.get("architecture")
+        return arch if isinstance(arch, str) and arch in ARCH_CODES else host_arch()
 
     def layer_blobs(self) -> list[LayerBlob]:
         """The layers as :class:`LayerBlob` values, with diff_ids from the config when present."""

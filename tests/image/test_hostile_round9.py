@@ -139,3 +139,23 @@ def test_entries_go_through_the_topmost_lower_symlink(tmp_path: Path) -> None:
     ]
     tree = _build_and_compare(tmp_path, layers)
     assert tree["/y/f"] == "-rw-r--r-- 1" and tree["/a"] == "lrwxrwxrwx y" and "/x/f" not in tree
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "AMD64", "not/an/arch"])
+def test_config_architecture_that_is_no_goarch_name_builds_for_this_host(tmp_path: Path, arch: str) -> None:
+    """Apptainer builds such an image (labelled for the host); hpcsif failed: 'unknown architecture'."""
+    from hpcsif.image.compose import ImageSpec, layer_tar, write_oci_layout
+    from hpcsif.image.model import host_arch
+    from hpcsif.sif.reader import SIFImage
+
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, ImageSpec(layers=[layer_tar([])], architecture=arch))
+    sif = tmp_path / "x.sif"
+    p = subprocess.run(
+        ["hpcsif", "build", str(sif), f"oci:{layout}"], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    with SIFImage.open(sif) as img:
+        assert img.primary_partition().arch == host_arch()
+    labels = subprocess.run(["hpcsif", "inspect", "--labels", str(sif)], capture_output=True, text=True)
+    assert f"org.label-schema.build-arch: {host_arch()}" in labels.stdout
