@@ -470,6 +470,8 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
         info(args, f"Building into existing container: {os.path.abspath(target)}")
         update_sandbox(target, ref)
         info(args, "Creating sandbox directory...")
+    elif ref.transport == "oras":
+        _build_from_oras(args, ref, target)
     else:
         from hpcsif.cli.pull import Notices, info
 
@@ -500,3 +502,25 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
             info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")
         else:
             notices.done()
+
+
+def _build_from_oras(args: argparse.Namespace, ref, target: Path) -> None:  # ref: Reference
+    """``build OUT oras://…``, as Apptainer's: the SIF pulled through the SIF cache (an oras
+    entry; with the cache disabled, into a temporary file), then built from as a local image."""
+    import tempfile
+
+    from hpcsif.cli.pull import info, oras_sif
+    from hpcsif.convert import convert_ref
+    from hpcsif.refs import parse
+    from hpcsif.signing.verify import warn_unverified_base
+
+    info(args, "Starting build...")
+    with tempfile.TemporaryDirectory(prefix=".hpcsif-build-", dir=target.resolve().parent) as tmp:
+        aside = Path(tmp) / "image.sif"
+        if blob_store(args) is None:
+            info(args, f"Downloading oras image to tmp cache: {aside}")
+        sif = oras_sif(ref, args, aside)
+        info(args, f"Verifying bootstrap image {sif}")
+        warn_unverified_base(sif)
+        convert_ref(parse(str(sif)), target, options=convert_options(args), sandbox=args.sandbox)
+    info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")

@@ -187,7 +187,7 @@ def _sif_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> 
     with tempfile.TemporaryDirectory(prefix=".hpcsif-pull-", dir=target.resolve().parent) as tmp:
         sif = Path(tmp) / "image.sif"
         if ref.transport == "oras":
-            sif = _oras_sif(ref, args, sif)
+            sif = oras_sif(ref, args, sif)
         else:
             from hpcsif.sources.remote import download
 
@@ -367,7 +367,7 @@ def _copy_out(cached: Path, target: Path) -> None:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
-def _oras_sif(ref, args: argparse.Namespace, aside: Path) -> Path:  # ref: Reference
+def oras_sif(ref, args: argparse.Namespace, aside: Path) -> Path:  # ref: Reference
     """The SIF ``oras://…`` names: in the SIF cache (an ``oras`` entry keyed on the SIF's digest,
     as Apptainer's oras cache), or, with the cache disabled, downloaded to ``aside``."""
     from hpcsif.cli.build import blob_store
@@ -387,7 +387,7 @@ def _oras_sif(ref, args: argparse.Namespace, aside: Path) -> Path:  # ref: Refer
 
 
 def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Reference
-    sif = _oras_sif(ref, args, target)
+    sif = oras_sif(ref, args, target)
     if sif != target:
         _copy_out(sif, target)
 

@@ -44,7 +44,7 @@ def said(proc: subprocess.CompletedProcess[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def busybox_sif(busybox_image, tmp_path_factory) -> Path:
-    """A runnable SIF, and its digest in the name of a copy (to push under another file name)."""
+    """A runnable SIF of the busybox test image."""
     work = tmp_path_factory.mktemp("oras-sif")
     sif = work / "bb.sif"
     said(hpcsif(work, "build", str(sif), f"oci:{busybox_image.layout}:latest"))
@@ -80,6 +80,17 @@ def test_pull_and_exec_oras_use_the_sif_cache(registry_open, busybox_image, busy
         ]
     run = hpcsif(tmp_path, "exec", other_ref, "cat", "/etc/hello.txt")
     assert run.stdout == hello and said(run) == ["INFO:    Using cached SIF image"]
+    # build from it too (Apptainer's lines; it was downloaded aside, not cached, saying less)
+    built = said(hpcsif(tmp_path, "build", "built.sif", ref))
+    entry = tmp_path / "cache" / "sif" / digest[7:] / "bb_1.sif"
+    assert built == [
+        "INFO:    Starting build...",
+        "INFO:    Using cached SIF image",
+        f"INFO:    Verifying bootstrap image {entry}",
+        "INFO:    Creating SIF file...",
+        "INFO:    Build complete: built.sif",
+    ]
+    assert hpcsif(tmp_path, "exec", "built.sif", "cat", "/etc/hello.txt").stdout == hello
     box = said(hpcsif(tmp_path, "pull", "--sandbox", "--name", "box", ref))
     assert box[0] == "INFO:    Using cached SIF image"
     assert (tmp_path / "box/etc/hello.txt").read_text() == hello
