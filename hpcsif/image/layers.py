@@ -481,6 +481,10 @@ class _BoundedTarInfo(tarfile.TarInfo):
                 f"an extended header of {self.size} bytes at offset {self.offset} (the limit is 1 MiB)"
             )
         member = super()._proc_member(tf)
+        # owners are 32-bit (uid_t): base-256 or PAX values beyond that wrap as they do in
+        # Apptainer's chown (the sandbox's chown raised OverflowError)
+        member.uid &= 0xFFFFFFFF
+        member.gid &= 0xFFFFFFFF
         for key in _NO_NUL_RECORDS:
             if "\0" in member.pax_headers.get(key, ""):
                 raise tarfile.ReadError(f"the PAX {key} record at offset {self.offset} holds a NUL byte")

@@ -159,3 +159,21 @@ def test_config_architecture_that_is_no_goarch_name_builds_for_this_host(tmp_pat
         assert img.primary_partition().arch == host_arch()
     labels = subprocess.run(["hpcsif", "inspect", "--labels", str(sif)], capture_output=True, text=True)
     assert f"org.label-schema.build-arch: {host_arch()}" in labels.stdout
+
+
+def test_owners_beyond_32_bits_wrap_in_the_sif_and_the_sandbox(tmp_path: Path) -> None:
+    """A base-256 (or PAX) owner over 2^32: the sandbox build was 'internal error: OverflowError'."""
+    big = file("a", "x").tarinfo()
+    big.uid, big.gid = 2**33 + 5, 2**40 + 7
+    layers = [blob(tmp_path, tar_bytes([big], tarfile.GNU_FORMAT))]
+    assert _build_and_compare(tmp_path, layers)["/a"] == "-rw-r--r-- 1"
+    box = tmp_path / "box"
+    p = subprocess.run(
+        ["hpcsif", "build", "--sandbox", str(box), f"oci-archive:{tmp_path / 'image.oci-archive.tar'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    st = (box / "a").stat()
+    assert (st.st_uid, st.st_gid) == (5, 7)
