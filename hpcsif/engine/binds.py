@@ -185,3 +185,25 @@ def default_binds(
     if cwd and not contain and "cwd" not in no_mount:
         binds.append(Bind(cwd, cwd, optional=True))
     return [b for b in binds if b.dst not in no_mount]
+
+
+#: directories of the operating system that Apptainer never binds as the current directory
+_SYSTEM_DIRS = ("/", "/etc", "/bin", "/mnt", "/usr", "/var", "/opt", "/sbin", "/lib", "/lib64")
+_VIRTUAL_DIRS = ("/sys", "/proc", "/dev")
+
+
+def system_directory(cwd: str) -> str | None:
+    """The name of the current directory *cwd* (resolved) when Apptainer does not bind it: one
+    of the operating system's top directories (the host's would replace the image's), or inside
+    ``/sys``, ``/proc`` or ``/dev`` (the container has its own). That is ``$PWD`` where it names
+    *cwd* through a link (``/bin`` for ``/usr/bin``): the container starts in its own directory
+    of that name. None: *cwd* is bound as usual.
+    """
+    names = [cwd]
+    given = os.environ.get("PWD", "")
+    if given.startswith("/") and os.path.normpath(given) != cwd and os.path.realpath(given) == cwd:
+        names.insert(0, os.path.normpath(given))
+    for name in names:
+        if name in _SYSTEM_DIRS or any(name == v or name.startswith(v + "/") for v in _VIRTUAL_DIRS):
+            return names[0]
+    return None

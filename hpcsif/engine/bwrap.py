@@ -1,10 +1,11 @@
 """The built-in engine: ``squashfuse`` (shared mount) + ``bwrap`` in a user namespace.
 
 The user inside is the user outside (``--unshare-user`` maps the caller's uid to itself; no
-setuid helper, no capabilities on the host). The image's squashfs partition is mounted once
-per node (:mod:`hpcsif.engine.mounts`); destinations the read-only image lacks (a home under
-``/home``, the current directory, ``/etc/resolv.conf``) are made possible with an *underlay*,
-as Apptainer does: the parent directory becomes a tmpfs holding binds of the image's entries.
+setuid helper, no capabilities on the host; root, as in Apptainer, is the host's root). The
+image's squashfs partition is mounted once per node (:mod:`hpcsif.engine.mounts`); destinations
+the read-only image lacks (a home under ``/home``, the current directory, ``/etc/resolv.conf``)
+are made possible with an *underlay*, as Apptainer does: the parent directory becomes a tmpfs
+holding binds of the image's entries.
 
 Python stays the parent of ``bwrap`` (:mod:`hpcsif.engine.supervise`) and releases the mount
 when the payload ends; if Python itself is SIGKILLed, the mount's watchdog unmounts.
@@ -27,7 +28,15 @@ from hpcsif.engine.base import (
     refuse_apptainer_only,
     which,
 )
-from hpcsif.engine.binds import Bind, check_sources, default_binds, parse_bind, parse_home, parse_mount
+from hpcsif.engine.binds import (
+    Bind,
+    check_sources,
+    default_binds,
+    parse_bind,
+    parse_home,
+    parse_mount,
+    system_directory,
+)
 from hpcsif.engine.image_paths import in_image, is_executable, is_file, missing_parent, underlay_entries, walk
 from hpcsif.engine.no_shell import oci_start_config, refuse_without_shell, resolve_command
 from hpcsif.engine.supervise import Signals, on_terminal, run_bwrap
@@ -306,14 +315,17 @@ class _Plan:
             cwd: str | None = os.getcwd()
         except OSError:
             cwd = None
-        self.cwd = cwd
+        # as Apptainer, a system directory (/usr, /etc, /dev/…) is not bound: the payload starts
+        # in the image's own directory of that name
+        system = system_directory(cwd) if cwd else None
+        self.cwd = system or cwd
         binds = default_binds(
             home_src,
             self.home,
             contain=opts.contain,
             no_home=opts.no_home,
             home_given=bool(opts.home),
-            cwd=cwd,
+            cwd=None if system else cwd,
             no_mount=opts.no_mount,
         )
         if os.path.exists("/etc/resolv.conf") and not opts.dns:
@@ -372,7 +384,7 @@ class _Plan:
     # -- command line --------------------------------------------------------------------------
     def argv(self) -> list[str]:
         opts = self.opts
-        args = ["bwrap", "--unshare-user", *self._namespaces(), *self._caps()]
+        args = ["bwrap", *self._user_namespace(), *self._namespaces(), *self._caps()]
         if not self.interactive:
             # the payload cannot push characters into our terminal (TIOCSTI); and it dies with us
             args += ["--new-session", "--die-with-parent"]
@@ -434,7 +446,9 @@ class _Plan:
             kind = "--dev-bind" if b.dev else "--ro-bind" if b.readonly else "--bind"
             mounts.append((at(b.dst), [kind, b.src, at(b.dst), *self.host_underlays.get(b, [])]))
         # parents first, so that a mount inside another one's place (-S /tmp/x) stays visible
-        for _, more in sorted(mounts, key=lambda m: m[0].count("/")):
+        made: set[str] = set()
+        for where, more in sorted(mounts, key=lambda m: m[0].count("/")):
+            args += self._parents(where, [m[0] for m in mounts], made)
             args += more
         for dest, text in self._etc_data():
             if dest not in self.layered:
@@ -457,6 +471,20 @@ class _Plan:
             argv = [resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
             return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
+
+    def _parents(self, place: str, places: list[str], made: set[str]) -> list[str]:
+        """``--dir`` for each parent of the mount point *place* that the image lacks, outside
+        every other mount (*places*), top down: bwrap 0.8 would make them mode 0700, Apptainer
+        makes them 0755 (``-B file:/data/x``: a ``/data`` that everyone may enter)."""
+        missing = []
+        d = os.path.dirname(place)
+        while d != "/" and d not in made and not os.path.lexists(self.root + d):
+            if any(d == p or d.startswith(p.rstrip("/") + "/") for p in places if p != place):
+                break  # inside another mount: its own tmpfs or host directory
+            missing.append(d)
+            d = os.path.dirname(d)
+        made.update(missing)
+        return [arg for d in reversed(missing) for arg in ("--dir", d)]
 
     def _place(self, dests: list[str], covers: set[str]) -> None:
         """Record in ``self.places`` where each destination is in the image, for bwrap.
@@ -654,6 +682,17 @@ class _Plan:
                 kept.append(b)
         return kept
 
+    def _user_namespace(self) -> list[str]:
+        """A user namespace, except for root without ``--fakeroot`` or ``-u/--userns``.
+
+        As in Apptainer, root runs as the host's root: a namespace that maps uid 0 alone shows
+        every other user's files as nobody's, and root could not read or write them.
+        """
+        opts = self.opts
+        if os.getuid() == 0 and not opts.fakeroot and ("--userns", None) not in opts.passthrough:
+            return []
+        return ["--unshare-user"]
+
     def _namespaces(self) -> list[str]:
         """bwrap's options for the identity and the namespaces besides the user namespace."""
         opts = self.opts
@@ -846,10 +885,11 @@ class _Plan:
         return is_file(self.root + dest) and bool(self._image_lines("etc/passwd", lambda f: f[0] != "root"))
 
     def _root_passwd(self) -> str | None:
-        """The image's /etc/passwd with root's home made the container's (None: it is already)."""
+        """The image's /etc/passwd with root's home made the container's and its password field
+        ``x``, as Apptainer writes root's entry (None: it is so already)."""
         lines = self._image_lines("etc/passwd", lambda f: False)
         fixed = [
-            ":".join([*f[:5], self.home, *f[6:]]) if f[0] == "root" and len(f) > 5 else ln
+            ":".join([f[0], "x", *f[2:5], self.home, *f[6:]]) if f[0] == "root" and len(f) > 5 else ln
             for ln, f in ((ln, ln.split(":")) for ln in lines)
         ]
         return None if fixed == lines else "\n".join(fixed) + "\n"

@@ -1,0 +1,131 @@
+"""What a container run looks like from inside, compared with Apptainer 1.4 (round 9).
+
+Root is the host's root (no user namespace of its own unless ``-u``/``--fakeroot``), root's
+``/etc/passwd`` entry as Apptainer writes it, and the current directory when it is a system
+directory. Expectations are Apptainer 1.4.5's outputs for the same commands.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.engine.conftest import Images, as_user, fuse_mounts, hpcsif_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["root", "user"])
+def hpcsif(request, images: Images):
+    """``hpcsif(*args, cwd=…, env=…)``: hpcsif as root or as the test user, from directory *cwd*."""
+    user = request.getfixturevalue("unpriv_user") if request.param == "user" else None
+
+    def _run(*args: str, cwd: str | Path = "/tmp", env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd, base = hpcsif_cmd(*args), {**os.environ}
+        if user is not None:
+            cmd, base = as_user(user, cmd)
+        base.pop("PWD", None)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env={**base, **(env or {})}, cwd=cwd, timeout=60
+        )
+
+    _run.user = user
+    yield _run
+    assert not fuse_mounts(), "a mount was left behind"
+
+
+def test_root_is_the_hosts_root(hpcsif, images: Images, pub_tmp: Path, unpriv_user) -> None:
+    """As Apptainer, root sees other users' files as theirs and may read and write them; with
+    ``-u``/``--userns`` (a namespace of root alone) they are nobody's and closed to it."""
+    if hpcsif.user is not None:
+        pytest.skip("root only")
+    private = pub_tmp / "private"
+    private.mkdir(mode=0o700)
+    (private / "secret").write_text("only theirs\n")
+    for p in (private, private / "secret"):
+        os.chown(p, unpriv_user.uid, unpriv_user.gid)
+    (private / "secret").chmod(0o600)
+    script = f"stat -c %u:%g {private}; cat {private}/secret; touch {private}/made; cat /proc/self/uid_map"
+    res = hpcsif("exec", str(images.sif), "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:2] == [f"{unpriv_user.uid}:{unpriv_user.gid}", "only theirs"]
+    assert lines[2].split() == ["0", "0", "4294967295"]
+    assert (private / "made").stat().st_uid == 0
+    res = hpcsif("exec", "--userns", str(images.sif), "sh", "-c", script)
+    assert res.stdout.split() == ["65534:65534", "0", "0", "1"]
+    assert res.stderr.count("Permission denied") == 2, res.stderr
+
+
+def test_roots_passwd_entry_as_apptainer_writes_it(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """Root's entry keeps the image's name, gecos and shell; the password field is ``x`` and
+    the home the container's (an image with ``root:*`` showed ``root:*`` before)."""
+    if hpcsif.user is not None:
+        pytest.skip("root only")
+    pub_tmp.chmod(0o755)  # (a sandbox in a directory every user may write is refused)
+    sandbox = pub_tmp / "sandbox"
+    shutil.copytree(images.sandbox, sandbox, symlinks=True)
+    (sandbox / "etc/passwd").write_text(
+        "root:*:0:0:Root Gecos:/rootdir:/bin/ash\nnobody:*:65534:65534::/:/bin/false\n"
+    )
+    res = hpcsif("exec", str(sandbox), "cat", "/etc/passwd")
+    assert (res.returncode, res.stdout) == (
+        0,
+        "root:x:0:0:Root Gecos:/root:/bin/ash\nnobody:*:65534:65534::/:/bin/false\n",
+    ), res.stderr
+
+
+@pytest.mark.parametrize(
+    ("cwd", "pwd", "script", "expected", "warns"),
+    [
+        # the host's /usr or /etc over the image's broke it (no /bin/sh) or showed the host's files
+        ("/usr", None, "pwd; ls", "/usr\nbin\nlib\n", False),
+        ("/etc", None, "pwd; ls hosts passwd; ls | wc -l", "/etc\nhosts\npasswd\nN\n", False),
+        ("/var", None, "pwd; ls", "/var\ntmp\n", False),
+        # a nodev bind of the host's /dev over the container's: no /dev/null, no start at all
+        ("/dev", None, "pwd; echo x > /dev/null && echo ok", "/dev\nok\n", False),
+        # the image has no /mnt: Apptainer's warning and the home directory
+        ("/mnt", None, "pwd", "HOME\n", True),
+        # $PWD names the system directory through the host's merged-/usr link: the image's /bin
+        ("/usr/bin", "/bin", "pwd; ls busybox", "/bin\nbusybox\n", False),
+    ],
+)
+def test_current_directory_that_is_a_system_directory(hpcsif, images, cwd, pwd, script, expected, warns):
+    """As Apptainer, /, /etc, /usr, /var, /opt, /mnt, /bin, /sbin, /lib, /lib64 and what lies in
+    /sys, /proc or /dev are not bound from the host: the payload starts in the image's own."""
+    if not os.path.isdir(cwd) or (pwd and os.path.realpath(pwd) != cwd):
+        pytest.skip(f"this host has no {cwd} (or {pwd} is not a link to it)")
+    home = hpcsif.user.home if hpcsif.user else "/root"
+    res = hpcsif("exec", str(images.sif), "sh", "-c", script, cwd=cwd, env={"PWD": pwd} if pwd else None)
+    # the image's /etc: its files and the host's /etc/localtime, /etc/hosts and resolv.conf
+    in_etc = 4 + os.path.exists("/etc/localtime")
+    assert res.stdout == expected.replace("HOME", home).replace("N", str(in_etc)), res.stderr
+    if warns:
+        assert res.stderr == (
+            f"WARNING: Error changing the container working directory. Using '{home}' instead: "
+            f"chdir {cwd}: no such file or directory\n"
+        )
+
+
+def test_parents_of_a_bind_the_image_lacks_are_0755(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """``-B file:/data/y/x`` and ``--scratch /s/t``: the directories made on the way are
+    0755, as Apptainer makes them (bwrap alone made them 0700)."""
+    (pub_tmp / "hostfile").write_text("from the host\n")
+    (pub_tmp / "hostfile").chmod(0o644)
+    res = hpcsif(
+        "exec",
+        "-B",
+        f"{pub_tmp}/hostfile:/data/y/x",
+        "--scratch",
+        "/s/t",
+        str(images.sif),
+        "sh",
+        "-c",
+        "stat -c '%A %n' /data /data/y /s; cat /data/y/x",
+    )
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout == "drwxr-xr-x /data\ndrwxr-xr-x /data/y\ndrwxr-xr-x /s\nfrom the host\n"
