@@ -370,10 +370,11 @@ def _copy_out(cached: Path, target: Path) -> None:
 def oras_sif(ref, args: argparse.Namespace, aside: Path) -> Path:  # ref: Reference
     """The SIF ``oras://…`` names: in the SIF cache (an ``oras`` entry keyed on the SIF's digest,
     as Apptainer's oras cache), or, with the cache disabled, downloaded to ``aside``."""
-    from hpcsif.cli.build import blob_store
+    from hpcsif.cli.build import blob_store, convert_options
 
     notices = Notices(args)
-    source_options = {**oras_options(args), "notify": notices}
+    options = convert_options(args)  # --arch: the platform picked from a multi-arch artifact
+    source_options = {**oras_options(args), "platform": options.platform, "notify": notices}
     if blob_store(args) is None:
         from hpcsif.sources import download_sif
 
@@ -381,7 +382,7 @@ def oras_sif(ref, args: argparse.Namespace, aside: Path) -> Path:  # ref: Refere
     from hpcsif.cache.api import ensure_image
 
     # refresh: as Apptainer's, a pull asks the registry which SIF the tag names now
-    cached = ensure_image(ref.raw, source_options=source_options, refresh=True)
+    cached = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
     notices.done()  # "Using cached SIF image" where nothing was downloaded
     return cached
 

@@ -3,6 +3,7 @@
 The layout is Apptainer's: an OCI image manifest whose config has media type
 ``application/vnd.sylabs.sif.config.v1+json`` (content ``{}``) and whose single layer is the
 SIF file, media type ``application/vnd.sylabs.sif.layer.v1.sif``, titled with the file name.
+An index of such manifests (a multi-architecture artifact) gives the one for the platform asked.
 As Apptainer's oras cache, a pulled SIF is known by its layer's digest (:func:`resolve`): the
 SIF cache keeps it under that key, so another tag or manifest naming the same file is a hit.
 """
@@ -21,7 +22,8 @@ from hpcsif.errors import NotFoundError, RegistryError, SourceError
 from hpcsif.fsutil import fsync_dir
 from hpcsif.image import mediatypes as mt
 from hpcsif.image.digest import check_digest, sha256_bytes, sha256_file
-from hpcsif.image.model import Descriptor
+from hpcsif.image.model import Descriptor, Platform
+from hpcsif.image.select import resolve_manifest
 from hpcsif.image.store import OCIStore, load_json_object
 from hpcsif.refs import Reference
 from hpcsif.sources.credentials import Credentials
@@ -31,8 +33,10 @@ log = logging.getLogger(__name__)
 
 TITLE = "org.opencontainers.image.title"
 _CONFIG = b"{}"
+#: the SIF layer media types Apptainer pulls: the current one and its prototype's (sic)
+_SIF_LAYERS = (mt.SIF_LAYER, "appliciation/vnd.sylabs.sif.layer.tar")
 #: the source options (as the CLI gathers them for every registry) that oras:// takes
-_OPTIONS = ("credentials", "insecure", "authfile")
+_OPTIONS = ("credentials", "insecure", "authfile", "platform")
 
 
 def oras_options(source_options: dict[str, Any]) -> dict[str, Any]:
@@ -86,15 +90,25 @@ def push_sif(
     return client.put_manifest(repo, ref.digest or ref.tag or "latest", data, mt.OCI_MANIFEST)
 
 
-def _sif_layer(client: Any, ref: Reference) -> Descriptor:
-    """The descriptor of the one SIF layer of the artifact manifest ``ref`` names."""
-    data, _media_type, _digest = client.get_manifest(ref.repository or "", ref.digest or ref.reference)
-    manifest = load_json_object(data, f"{ref}: manifest")  # hostile nesting, lists: one line
+def _sif_layer(client: Any, ref: Reference, platform: Platform | None) -> Descriptor:
+    """The descriptor of the one SIF layer of the artifact manifest ``ref`` names (from an index:
+    the manifest for ``platform``, by default this host's, as Apptainer picks it)."""
+    repo, docs = ref.repository or "", {}
+
+    def get(reference: str) -> Descriptor:
+        data, media_type, digest = client.get_manifest(repo, reference)
+        docs[digest] = load_json_object(data, f"{ref}: manifest")  # hostile nesting, lists: one line
+        return Descriptor(docs[digest].get("mediaType") or media_type, digest, len(data))
+
+    def read(desc: Descriptor) -> dict[str, Any]:
+        return docs[desc.digest] if desc.digest in docs else docs[get(desc.digest).digest]
+
+    _, manifest = resolve_manifest(get(ref.digest or ref.reference), read, platform or Platform(), str(ref))
     try:
         layers = [Descriptor.from_json(layer) for layer in manifest.get("layers") or []]
     except (ValueError, AttributeError, TypeError, KeyError) as exc:
         raise SourceError(f"{ref}: unreadable manifest: {exc}") from None
-    sifs = [d for d in layers if d.media_type == mt.SIF_LAYER]
+    sifs = [d for d in layers if d.media_type in _SIF_LAYERS]
     if len(sifs) != 1:
         found = ", ".join(sorted({d.media_type for d in layers})) or "no layers"
         raise SourceError(f"{ref}: not a SIF artifact (expected one {mt.SIF_LAYER} layer, found {found})")
@@ -121,9 +135,10 @@ def resolve(
     credentials: Credentials | None = None,
     insecure: bool = False,
     authfile: str | os.PathLike[str] | None = None,
+    platform: Platform | None = None,
 ) -> str:
     """The digest of the SIF layer of the artifact ``ref`` names (what a cached SIF of it is keyed on)."""
-    return _sif_layer(_client(ref, credentials, insecure, authfile), ref).digest
+    return _sif_layer(_client(ref, credentials, insecure, authfile), ref, platform).digest
 
 
 def download_sif(
@@ -134,6 +149,7 @@ def download_sif(
     credentials: Credentials | None = None,
     insecure: bool = False,
     authfile: str | os.PathLike[str] | None = None,
+    platform: Platform | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> Path:
     """Download the SIF artifact at ``ref`` to ``dest`` atomically (mode 0777 less the umask).
@@ -143,7 +159,7 @@ def download_sif(
     Apptainer's "Downloading oras image".
     """
     client = _client(ref, credentials, insecure, authfile)
-    desc = _sif_layer(client, ref)
+    desc = _sif_layer(client, ref, platform)
     if layer and desc.digest != layer:
         log.info("%s now names %s; fetching the %s it named", ref, desc.digest, layer)
         desc = _blob(client, ref, layer)

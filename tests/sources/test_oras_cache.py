@@ -8,6 +8,7 @@ used to go to the blob cache, where neither saw it.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from hpcsif.image import mediatypes as mt
+from hpcsif.image.model import host_arch
+from hpcsif.sources.distribution import RegistryClient
 from tests.conftest import peer_apptainer
 from tests.services.registry import clean_env
 
@@ -78,6 +82,33 @@ def test_pull_and_exec_oras_use_the_sif_cache(registry_open, busybox_image, busy
         assert said(hpcsif(tmp_path, "pull", "--force", "--name", "c.sif", uri)) == [
             "INFO:    Using cached SIF image"
         ]
+    # an index of SIF manifests (a multi-arch artifact): the host's is picked, or --arch's
+    index = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": mt.OCI_MANIFEST,
+                "digest": manifest,
+                "size": 1,
+                "platform": {"os": "linux", "architecture": a},
+            }
+            for a in ("riscv64", host_arch())
+        ],
+    }
+    client = RegistryClient(registry_open.host, insecure=True)
+    size = len(client.get_manifest("cache/other", manifest)[0])
+    for entry in index["manifests"]:
+        entry["size"] = size
+    client.put_manifest("cache/other", "multi", json.dumps(index).encode(), mt.OCI_INDEX)
+    multi = registry_open.ref("cache/other:multi", transport="oras")
+    assert said(hpcsif(tmp_path, "pull", "--name", "m.sif", multi)) == ["INFO:    Using cached SIF image"]
+    wrong = hpcsif(tmp_path, "pull", "--arch", "s390x", "--name", "s.sif", multi)
+    available = f"linux/{host_arch()}, linux/riscv64"
+    assert wrong.returncode == 255 and wrong.stderr.splitlines() == [
+        f"FATAL:   {multi}: no image for platform linux/s390x (available: {available}); "
+        "use --arch to choose another"
+    ], wrong.stderr
     run = hpcsif(tmp_path, "exec", other_ref, "cat", "/etc/hello.txt")
     assert run.stdout == hello and said(run) == ["INFO:    Using cached SIF image"]
     # build from it too (Apptainer's lines; it was downloaded aside, not cached, saying less)
