@@ -166,3 +166,27 @@ def test_oras_refuses_non_sif_files(registry_open, tmp_path) -> None:
     with pytest.raises(SourceError, match="layer is not a SIF file"):
         download_sif(ref, tmp_path / "out.sif")
     assert not (tmp_path / "out.sif").exists()
+
+
+def test_oras_pull_takes_the_prototype_sif_media_type(registry_open, small_sif, tmp_path) -> None:
+    """Apptainer still pulls SIFs pushed with its prototype's layer media type (sic)."""
+    from hpcsif.image.digest import sha256_bytes
+
+    client = RegistryClient(registry_open.host, insecure=True)
+    data, config = small_sif.read_bytes(), b"{}"
+    client.push_blob("team/proto", sha256_bytes(data), len(data), data)
+    client.push_blob("team/proto", sha256_bytes(config), len(config), config)
+    layer = {
+        "mediaType": "appliciation/vnd.sylabs.sif.layer.tar",
+        "digest": sha256_bytes(data),
+        "size": len(data),
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.SIF_CONFIG, "digest": sha256_bytes(config), "size": 2},
+        "layers": [layer],
+    }
+    client.put_manifest("team/proto", "1", json.dumps(manifest).encode(), mt.OCI_MANIFEST)
+    out = download_sif(parse(registry_open.ref("team/proto:1", transport="oras")), tmp_path / "p.sif")
+    assert out.read_bytes() == data
