@@ -78,6 +78,8 @@ def _identity(ref: Reference, options: ConvertOptions) -> str:
     """What a tag record is keyed on: the reference, platform, and for local files their identity."""
     # source options (credentials …) do not change what a tag names, and must never be written
     ident: dict[str, Any] = {"ref": str(ref), "platform": str(options.platform)}
+    if ref.transport == "oras":  # records of its SIF's digest, not (as before) its manifest's
+        ident["names"] = "sif-layer"
     if ref.transport in _LOCAL_FILES:
         st = os.stat(ref.path or "")
         ident["file"] = [os.path.realpath(ref.path or ""), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
