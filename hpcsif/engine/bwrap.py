@@ -414,6 +414,11 @@ class _Plan:
                 reason,
             )
             workdir = fallback
+        # the image's links followed, as Apptainer's working directory (--pwd /bin: /usr/bin); a
+        # link left as the destination would be left out of the root's underlay
+        if not any(workdir == c or workdir.startswith(c.rstrip("/") + "/") for c in covers):
+            walked = walk(self.root, workdir, follow_last=True)
+            workdir = walked[0] if walked and not walked[1] else workdir
         self._place([workdir], covers)
         at = self.places.get
         args += self._root(set(files))
@@ -460,7 +465,7 @@ class _Plan:
                     args += ["--remount-ro", d]
         for d in self.host_underlaid:
             args += ["--remount-ro", d]
-        args += ["--chdir", workdir]
+        args += ["--chdir", at(workdir) or workdir]  # (a host link in a bound directory followed)
         from hpcsif.engine.environment import LAUNCHER
 
         if self.direct is not None:

@@ -129,3 +129,19 @@ def test_parents_of_a_bind_the_image_lacks_are_0755(hpcsif, images: Images, pub_
     )
     assert (res.returncode, res.stderr) == (0, "")
     assert res.stdout == "drwxr-xr-x /data\ndrwxr-xr-x /data/y\ndrwxr-xr-x /s\nfrom the host\n"
+
+
+def test_pwd_through_links_is_where_they_lead(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """``--pwd`` to an image's link (a merged-/usr ``/lib``) started nowhere ("bwrap: Can't chdir");
+    as in Apptainer the container starts where the link leads, inside the image or through a
+    host link in a bound directory, and ``$PWD`` says so."""
+    pub_tmp.chmod(0o755)  # (a sandbox in a directory every user may write is refused)
+    sandbox = pub_tmp / "merged"
+    shutil.copytree(images.sandbox, sandbox, symlinks=True)
+    (sandbox / "usr/lib/tools").mkdir()
+    (sandbox / "lib").symlink_to("usr/lib")
+    (pub_tmp / "real").mkdir()
+    (pub_tmp / "link").symlink_to("real")
+    for pwd, expected in (("/lib/tools", "/usr/lib/tools"), (f"{pub_tmp}/link", f"{pub_tmp}/real")):
+        res = hpcsif("exec", "-B", str(pub_tmp), "--pwd", pwd, str(sandbox), "sh", "-c", 'pwd; echo "$PWD"')
+        assert (res.returncode, res.stdout, res.stderr) == (0, f"{expected}\n{expected}\n", "")
