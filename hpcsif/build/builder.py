@@ -123,7 +123,8 @@ class BuildOptions:
     finds them) apply to ``%post`` and ``%test``; ``writable_tmpfs`` lets ``%test`` write to a
     throw-away overlay; ``no_cleanup`` keeps the build directory and says where it is;
     ``fakeroot`` runs ``%post``/``%test`` as fake root even for root (as ``--fakeroot``);
-    ``notify`` hears each step in Apptainer's words ("Running post scriptlet" …).
+    ``force`` (``-F``) lets ``%help`` and ``%labels`` replace the base image's; ``notify``
+    hears each step in Apptainer's words ("Running post scriptlet" …).
     """
 
     convert: ConvertOptions = field(default_factory=ConvertOptions)
@@ -142,6 +143,7 @@ class BuildOptions:
     writable_tmpfs: bool = False
     no_cleanup: bool = False
     fakeroot: bool = False  # -f: fake root in a user namespace even when root builds
+    force: bool = False  # -F: %help and %labels replace what the base image has
     notify: Callable[[str], None] | None = None
     _started: bool = field(default=False, repr=False)
 
@@ -658,27 +660,11 @@ class _StageBuilder:
         """Environment, runscript, startscript, test, help, labels and the def file.
 
         ``--section`` leaves out the sections not named; a build over an existing sandbox
-        (``bootstrapped`` False) keeps its bootstrap labels, as Apptainer does.
+        (``bootstrapped`` False) keeps its bootstrap labels, as Apptainer does. As in Apptainer,
+        a ``%help`` or ``%labels`` entry the base image already has is kept, with a warning,
+        unless the build is forced (``-F``).
         """
-        stage, where, runs = self.stage, self.where, self.options.runs
-        # Apptainer's words and order (the files themselves do not depend on it)
-        for name, step in (
-            ("help", "Adding help info"),
-            ("labels", "Adding labels"),
-            ("environment", "Adding environment to container"),
-            ("startscript", "Adding startscript"),
-            ("runscript", "Adding runscript"),
-            ("test", "Adding testscript"),
-        ):
-            if (stage.labels if name == "labels" else stage.body(name)) and runs(name):
-                self.options.say(step)
-        if stage.body("environment") and runs("environment"):
-            path = resolve_inside(self.root, f"{SD}/env/90-environment.sh")
-            old = _text(path) if path.is_file() else md.ENV_90
-            self._write(f"{SD}/env/90-environment.sh", old + "\n" + stage.body("environment") + "\n", 0o755)
-        for name, fname in (("runscript", "runscript"), ("startscript", "startscript"), ("test", "test")):
-            if stage.body(name) and runs(name):
-                self._write(f"{SD}/{fname}", _script(stage.sections[name], where), 0o755)
+        stage, where, runs, force = self.stage, self.where, self.options.runs, self.options.force
         labels = _read_json(resolve_inside(self.root, f"{SD}/labels.json"))
         labels.update(
             {
@@ -694,13 +680,41 @@ class _StageBuilder:
             for key, value in stage.header.items():
                 labels[f"org.label-schema.usage.singularity.deffile.{key}"] = value
             labels["org.label-schema.usage.singularity.deffile.bootstrap"] = stage.bootstrap
-        if stage.body("help") and runs("help"):
+        labels.update(self.post_labels)  # $APPTAINER_LABELS lines come first (Apptainer)
+        kept = [key for key in stage.labels if key in labels] if runs("labels") and not force else []
+        write_help = bool(stage.body("help")) and runs("help")
+        if write_help and not force and resolve_inside(self.root, f"{SD}/runscript.help").is_file():
+            write_help = False
+        # Apptainer's words and order (the files themselves do not depend on it)
+        for name, step in (
+            ("help", "Adding help info"),
+            ("labels", "Adding labels"),
+            ("environment", "Adding environment to container"),
+            ("startscript", "Adding startscript"),
+            ("runscript", "Adding runscript"),
+            ("test", "Adding testscript"),
+        ):
+            if not ((stage.labels if name == "labels" else stage.body(name)) and runs(name)):
+                continue
+            if name == "help" and not write_help:
+                log.warning("Help message already exists and force option is false, not overwriting")
+                continue
+            self.options.say(step)
+            for key in kept if name == "labels" else ():
+                log.warning("Label: %s already exists and force option is false, not overwriting", key)
+        if stage.body("environment") and runs("environment"):
+            path = resolve_inside(self.root, f"{SD}/env/90-environment.sh")
+            old = _text(path) if path.is_file() else md.ENV_90
+            self._write(f"{SD}/env/90-environment.sh", old + "\n" + stage.body("environment") + "\n", 0o755)
+        for name, fname in (("runscript", "runscript"), ("startscript", "startscript"), ("test", "test")):
+            if stage.body(name) and runs(name):
+                self._write(f"{SD}/{fname}", _script(stage.sections[name], where), 0o755)
+        if write_help:
             self._write(f"{SD}/runscript.help", stage.body("help") + "\n", 0o644)
             labels["org.label-schema.usage"] = f"{SD}/runscript.help"
             labels["org.label-schema.usage.apptainer.runscript.help"] = f"{SD}/runscript.help"
         if runs("labels"):
-            labels.update(stage.labels)
-        labels.update(self.post_labels)  # $APPTAINER_LABELS lines win over %labels (Apptainer)
+            labels.update({key: value for key, value in stage.labels.items() if key not in kept})
         self._write(f"{SD}/labels.json", md.labels_json(labels), 0o644)
         self._write(f"{SD}/Singularity", self.definition.raw, 0o644)
 

@@ -460,6 +460,7 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
             rocm=args.rocm,
             no_cleanup=args.no_cleanup,
             fakeroot=args.fakeroot,
+            force=args.force,
         )
         build_definition(args.source, target, opts)
     elif args.update and not args.force:  # Apptainer keeps the sandbox and fetches nothing

@@ -214,7 +214,7 @@ def test_localimage_keeps_base_apps_and_history(
     top_def = tmp_path / "top.def"
     top_def.write_text(f"Bootstrap: localimage\nFrom: {base}\n%labels\n    Author other\n")
     top = tmp_path / "top.sif"
-    run_cli("build", str(top), str(top_def))
+    run_cli("build", "-F", str(top), str(top_def))  # (without -F the base's Author would stay)
     assert inspect(top, "--list-apps") == "foo\n"
     assert "Author: other\n" in inspect(top, "--labels")
     assert inspect(top, "--runscript") == inspect(base, "--runscript")  # inherited

@@ -144,3 +144,80 @@ def test_env_file_names_several_files_separated_by_commas(base: Path, tmp_path: 
             assert (got.returncode, got.stdout) == (0, expected), (exe, flags, got.stderr)
         got = _tool(exe, "exec", *show, cwd=tmp_path, env={"APPTAINER_ENV_FILE": "myenvs2,myenvs"})
         assert (got.returncode, got.stdout) == (0, "Hello from a file\n"), (exe, got.stderr)
+
+
+BASE_DEF = """\
+Bootstrap: localimage
+From: {base}
+
+%help
+    first help
+
+%labels
+    A 1
+    B 2
+"""
+CHILD_DEF = """\
+Bootstrap: localimage
+From: {base}
+
+%help
+    second help
+
+%post
+    echo "A from-post" >> $APPTAINER_LABELS
+    echo "C from-post" >> $APPTAINER_LABELS
+
+%labels
+    B 3
+    C 4
+    org.label-schema.build-arch bogus
+"""
+KEPT = "WARNING: Label: {} already exists and force option is false, not overwriting"
+
+
+def _labels_view(exe: str | None, base: Path, work: Path) -> list[tuple[str, dict[str, str], list[str]]]:
+    """For a build without and with -F: the help text, the labels a user set, the warnings."""
+    parent, child = work / f"parent-{bool(exe)}.sif", work / f"child-{bool(exe)}.sif"
+    (work / "parent.def").write_text(BASE_DEF.format(base=base))
+    (work / "child.def").write_text(CHILD_DEF.format(base=parent))
+    flags = ["--fakeroot"] if exe else []
+    assert _tool(exe, "build", *flags, str(parent), str(work / "parent.def")).returncode == 0
+    seen = []
+    for force in ([], ["-F"]):
+        built = _tool(exe, "build", *flags, *force, str(child), str(work / "child.def"))
+        assert built.returncode == 0, built.stderr
+        attrs = json.loads(_tool(exe, "inspect", "--json", "-l", "-H", str(child)).stdout)["data"][
+            "attributes"
+        ]
+        mine = {
+            k: v for k, v in attrs["labels"].items() if k in ("A", "B", "C", "org.label-schema.build-arch")
+        }
+        warnings = sorted(line for line in built.stderr.splitlines() if line.startswith("WARNING"))
+        seen.append((attrs["helpfile"], mine, warnings))
+    return seen
+
+
+def test_inherited_help_and_labels_stay_unless_forced(base: Path, tmp_path: Path) -> None:
+    # environment_and_metadata, "Inherited Labels": without --force a base image's label (and
+    # %help) is kept, with a warning; $APPTAINER_LABELS lines of %post are set before %labels
+    ours = _labels_view(None, base, tmp_path)
+    assert ours == [
+        (
+            "    first help",
+            {"A": "from-post", "B": "2", "C": "from-post", "org.label-schema.build-arch": "amd64"},
+            sorted(
+                [
+                    "WARNING: Help message already exists and force option is false, not overwriting",
+                    *(KEPT.format(k) for k in ("B", "C", "org.label-schema.build-arch")),
+                ]
+            ),
+        ),
+        (
+            "    second help",
+            {"A": "from-post", "B": "3", "C": "4", "org.label-schema.build-arch": "bogus"},
+            [],
+        ),
+    ]
+    if exe := peer_apptainer():
+        assert ours == _labels_view(exe, base, tmp_path)
