@@ -94,7 +94,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from hpcsif.errors import (
     DuplicateEntryError,
@@ -843,11 +843,13 @@ class _Layer:
         self.held: dict[str, tuple[tarfile.TarInfo, str]] = {}  # contentless entries, replaceable
         self.written: set[str] = set()  # regular files whose content is already out
         self.links: dict[str, str] = {}  # hard links (name -> target), replaceable
+        self.linked: set[str] = set()  # the targets in links (and maybe some no longer there)
         self.rereads: dict[str, list[str]] = {}  # hidden link target -> link names
         self.whiteouts: set[str] = set()
         self.opaque: set[str] = set()
         # ordinals of the members a later member of this layer replaces (known after a pre-scan)
-        self.replaced = _REPEATS.get((str(blob.path), blob.offset, blob.digest), frozenset())
+        self.repeats = _REPEATS.get((str(blob.path), blob.offset, blob.digest), _Repeats())
+        self.replaced = self.repeats.replaced
         self.replaced_nondirs: set[str] = set()  # names of replaced non-directories skipped so far
         self.symlinks: dict[str, str] = {}  # this layer's symlinks -> the root-relative path they name
         # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
@@ -861,26 +863,48 @@ _Progress = Callable[[int, int], None]
 # The members of a layer that later members replace, found by a pre-scan once the stream
 # met a replacement it could not take back: the next pass over that layer (layers are
 # immutable blobs) skips them. Keyed by the blob's identity; values are member ordinals.
-_REPEATS: dict[tuple[str, int, str | None], frozenset[int]] = {}
+_REPEATS: dict[tuple[str, int, str | None], _Repeats] = {}
 _MAX_REPEATS = 64
 # For an image (its layers' identities): the lower symlinks that upper layers write through,
 # path -> (level of the symlink's layer, the root-relative path it points at)
 _THROUGH: dict[tuple[tuple[str, int, str | None], ...], dict[str, tuple[int, str]]] = {}
 
 
-def _scan_repeats(blob: LayerBlob) -> frozenset[int]:
-    """Ordinals of the members of ``blob`` that a later member replaces, as tar extraction does.
+class _Repeats(NamedTuple):
+    """What a pre-scan of a layer found (member ordinals): the members later ones replace; of
+    those, the files that hard links made before the replacement keep (the ordinal -> the
+    name of the first such link, which becomes the file: ``kept``); those first links
+    (``absorbed``), and the other links, which now point at that name (``retarget``)."""
+
+    replaced: frozenset[int] = frozenset()
+    kept: dict[int, str] = {}
+    absorbed: frozenset[int] = frozenset()
+    retarget: dict[int, str] = {}
+
+
+def _scan_repeats(blob: LayerBlob) -> _Repeats:
+    """The members of ``blob`` that a later member replaces, as tar extraction does.
 
     An earlier occurrence of a name is replaced by the last one; a later non-directory also
     removes what the layer put below that name before it (a directory replaced by a file).
+    A hard link made to a file before the file is replaced keeps the replaced file's content.
     """
     names: list[tuple[str, bool]] = []
+    link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
+    links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
     stream = _LayerStream(blob, verify=False)
     try:
         with _open_tar(stream) as tf:
-            for ti in tf:
+            for i, ti in enumerate(tf):
                 tf.members.clear()
-                names.append((_normalise(ti.name, blob), ti.isdir()))
+                name = _normalise(ti.name, blob)
+                names.append((name, ti.isdir()))
+                links.pop(name, None)
+                if ti.islnk():
+                    target = _normalise(ti.linkname, blob)
+                    target = links.get(target, target)
+                    links[name] = target
+                    link_ordinals.setdefault(target, []).append(i)
     finally:
         stream.close()
     last: dict[str, int] = {}
@@ -889,7 +913,7 @@ def _scan_repeats(blob: LayerBlob) -> frozenset[int]:
         last[name] = i
         if not is_dir:
             last_nondir[name] = i
-    return frozenset(
+    replaced = frozenset(
         i
         for i, (name, is_dir) in enumerate(names)
         # replaced by a later occurrence (a directory over a directory merges) or removed with
@@ -897,6 +921,23 @@ def _scan_repeats(blob: LayerBlob) -> frozenset[int]:
         if (last[name] != i and not (is_dir and names[last[name]][1]))
         or any(last_nondir.get(anc, -1) > i for anc in _ancestors(name))
     )
+    kept: dict[int, str] = {}
+    absorbed: set[int] = set()
+    retarget: dict[int, str] = {}
+    following: dict[str, int] = {}  # name -> the ordinal of its next occurrence (walking back)
+    for i in range(len(names) - 1, -1, -1):
+        name, is_dir = names[i]
+        end = following.get(name, len(names))
+        following[name] = i
+        if is_dir or i not in replaced:
+            continue
+        keepers = [j for j in link_ordinals.get(name, ()) if i < j < end and j not in replaced]
+        if keepers:
+            host = names[keepers[0]][0]
+            kept[i] = host
+            absorbed.add(keepers[0])
+            retarget.update((j, host) for j in keepers[1:])
+    return _Repeats(replaced, kept, frozenset(absorbed), retarget)
 
 
 class _Merger:
@@ -1079,7 +1120,9 @@ class _Merger:
                 f"layer {lay.label}: entry {name!r} replaces an earlier entry whose content or children "
                 "are written already; converting again (the layer's replaced entries are now known)"
             )
-        lay.held.pop(name, None)
+        held = lay.held.pop(name, None)
+        if held is not None and name in lay.linked:
+            self._keep_for_links(lay, name, held)
         lay.links.pop(name, None)
         lay.symlinks.pop(name, None)
         target = lay.state.get(name)
@@ -1088,6 +1131,21 @@ class _Merger:
                 requests[:] = [r for r in requests if (r[0] if isinstance(r, tuple) else r) != name]
         self.stats.skip("duplicate")
         return None
+
+    def _keep_for_links(self, lay: _Layer, name: str, held: tuple[tarfile.TarInfo, str]) -> None:
+        """Hard links of this layer to ``name``, a contentless entry that a later one replaces,
+        keep it (as tar extraction leaves them the old inode): it moves to the first link's
+        name, and the other links point there."""
+        linkers = [n for n, t in lay.links.items() if t == name]
+        if not linkers:
+            return
+        host = linkers[0]
+        del lay.links[host]
+        lay.held[host] = held
+        lay.state[host] = _EMITTED
+        for other in linkers[1:]:
+            lay.links[other] = lay.state[other] = host
+        lay.linked.add(host)
 
     def _lies_below(self, name: str, level: int) -> bool:
         """True if upper layers than ``level`` put whiteouts or hard-link targets below ``name``."""
@@ -1127,6 +1185,7 @@ class _Merger:
         lay.state[name] = target
         if seen == _EMITTED:
             lay.links[name] = target
+            lay.linked.add(target)
         elif seen == _HIDDEN:
             lay.rereads.setdefault(target, []).append(name)
         elif self._removed_by(lay, target):  # tar extraction finds nothing to link to
@@ -1260,10 +1319,17 @@ class _Merger:
                 for ordinal, ti in enumerate(tf):
                     tf.members.clear()  # tarfile keeps every member; we need none of them
                     if ordinal in lay.replaced:  # a later member of this layer replaces it
-                        self.stats.skip("duplicate")
                         if not ti.isdir():  # a directory that replaces it later starts empty
                             lay.replaced_nondirs.add(_normalise(ti.name, blob))
+                        host = lay.repeats.kept.get(ordinal)
+                        if host is None:
+                            self.stats.skip("duplicate")
+                            continue
+                        ti.name = host  # hard links kept it: it goes under the first one's name
+                    elif ordinal in lay.repeats.absorbed:  # that first link: it is the file now
                         continue
+                    elif ordinal in lay.repeats.retarget:
+                        ti.linkname = lay.repeats.retarget[ordinal]
                     self.entry(lay, ti, _member_data(tf, stream, ti))
                     if self.progress:
                         self.progress(self.done_in + stream.bytes_in, self.total)

@@ -177,3 +177,24 @@ def test_owners_beyond_32_bits_wrap_in_the_sif_and_the_sandbox(tmp_path: Path) -
     assert p.returncode == 0, p.stderr
     st = (box / "a").stat()
     assert (st.st_uid, st.st_gid) == (5, 7)
+
+
+# one layer: an entry ``t``, hard links h1 and h2 to it, then ``t`` replaced (``tar -r`` or a
+# tool appending): (the first ``t``, what replaces it, what the links hold then)
+LINKED_THEN_REPLACED = {
+    "file-by-file": ([file("t", "A")], [file("t", "BBBB"), link("g", "t")], "-rw-r--r-- 1"),
+    "file-by-symlink": ([file("t", "A")], [sym("t", "/etc/passwd")], "-rw-r--r-- 1"),
+    "file-by-directory": ([file("t", "A")], [d("t"), file("t/x", "xx")], "-rw-r--r-- 1"),
+    "empty-file-by-file": ([file("t")], [file("t", "full")], "-rw-r--r-- 0"),
+    "symlink-by-file": ([sym("t", "/etc/x")], [file("t", "new")], "lrwxrwxrwx /etc/x"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINKED_THEN_REPLACED))
+def test_hard_links_keep_the_file_their_layer_replaces_later(tmp_path: Path, case: str) -> None:
+    """As tar extraction, the links keep the old file: hpcsif failed ('points at missing file')
+    where it had written the old content, and gave the links the new one where it had not."""
+    first, replacement, kept = LINKED_THEN_REPLACED[case]
+    entries = [*first, link("h1", "t"), link("h2", "h1"), *replacement]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)])
+    assert tree["/h1"] == tree["/h2"] == kept and tree["/t"] != kept
