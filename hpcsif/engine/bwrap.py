@@ -331,6 +331,14 @@ class _Plan:
         if os.path.exists("/etc/resolv.conf") and not opts.dns:
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
         binds += self._workdir_binds()
+        home_bind = next((b for b in binds if b.dst == self.home and b.src == home_src), None)
+        missing_home = home_bind is not None and not os.path.exists(home_src)
+        if missing_home:
+            # as Apptainer (its issue #4208): a home the host lacks is an empty private directory
+            binds.remove(home_bind)
+            self.scratch_tmpfs.append(self.home)
+        elif home_bind is not None and opts.home and not os.path.isdir(home_src):
+            raise EngineError(f"--home {opts.home}: could not mount {home_src}: not a directory")
         user_binds = _first_per_destination(
             [b for spec in opts.binds for b in parse_bind(spec)] + [parse_mount(spec) for spec in opts.mounts]
         )
@@ -339,7 +347,7 @@ class _Plan:
         # parents before children, so that a bind inside another bind's destination stays visible
         # (dict.fromkeys drops repeats such as a current directory that is the home directory)
         # host paths the launch depends on: bind sources, working directories inside binds
-        self.host_paths = [b.src for b in binds + contrib.binds]
+        self.host_paths = [b.src for b in binds + contrib.binds] + ([home_src] if missing_home else [])
         unique = list(dict.fromkeys(check_sources(binds + contrib.binds)))
         if (opts.writable and opts.sandbox) or (rw_root and opts.overlay and not probe):
             unique = self._existing_destinations(unique, user_binds, strict=opts.writable and opts.sandbox)
@@ -767,8 +775,8 @@ class _Plan:
 
     def _cannot_enter(self, path: str) -> str | None:
         """Why *path* cannot be the working directory inside (None if it can): bound or the image's."""
-        if self.opts.contain and path in (self.home, "/tmp", "/var/tmp"):
-            return None  # the private tmpfs directories of --contain
+        if (self.opts.contain and path in (self.home, "/tmp", "/var/tmp")) or path in self.scratch_tmpfs:
+            return None  # the private tmpfs directories of --contain, --scratch, a missing home
         for b in reversed(self.binds):  # the deepest bind holding *path* decides
             if path == b.dst or path.startswith(b.dst.rstrip("/") + "/"):
                 host = b.src + path[len(b.dst) :]

@@ -145,3 +145,21 @@ def test_pwd_through_links_is_where_they_lead(hpcsif, images: Images, pub_tmp: P
     for pwd, expected in (("/lib/tools", "/usr/lib/tools"), (f"{pub_tmp}/link", f"{pub_tmp}/real")):
         res = hpcsif("exec", "-B", str(pub_tmp), "--pwd", pwd, str(sandbox), "sh", "-c", 'pwd; echo "$PWD"')
         assert (res.returncode, res.stdout, res.stderr) == (0, f"{expected}\n{expected}\n", "")
+
+
+def test_home_the_host_lacks_is_an_empty_private_directory(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """As Apptainer (its issue #4208), ``--home`` to a directory the host lacks gives an empty
+    writable home there, not a failure; nothing is made on the host. A file is refused."""
+    missing = Path("/nonexistent/hpcsif-home")  # (Debian's home of users without one)
+    assert not missing.parent.exists()
+    script = 'echo "$HOME"; ls -A ~; touch ~/made && echo written'
+    for spec, home in ((str(missing), str(missing)), (f"{missing}:/home/elsewhere", "/home/elsewhere")):
+        res = hpcsif("exec", "--home", spec, str(images.sif), "sh", "-c", script)
+        assert (res.returncode, res.stdout, res.stderr) == (0, f"{home}\nwritten\n", "")
+    assert not missing.exists()
+    (pub_tmp / "file").write_text("")
+    res = hpcsif("exec", "--home", f"{pub_tmp}/file", str(images.sif), "true")
+    assert (res.returncode, res.stderr) == (
+        255,
+        f"FATAL:   --home {pub_tmp}/file: could not mount {pub_tmp}/file: not a directory\n",
+    )
