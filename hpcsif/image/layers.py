@@ -924,11 +924,19 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
     kept: dict[int, str] = {}
     absorbed: set[int] = set()
     retarget: dict[int, str] = {}
-    following: dict[str, int] = {}  # name -> the ordinal of its next occurrence (walking back)
+    # walking back: name -> the ordinal of its next occurrence, of its next non-directory
+    following: dict[str, int] = {}
+    following_nondir: dict[str, int] = {}
     for i in range(len(names) - 1, -1, -1):
         name, is_dir = names[i]
-        end = following.get(name, len(names))
+        # the member is gone at its next occurrence, or where a non-directory takes an ancestor
+        end = min(
+            [following.get(name, len(names))]
+            + [following_nondir[anc] for anc in _ancestors(name) if anc in following_nondir]
+        )
         following[name] = i
+        if not is_dir:
+            following_nondir[name] = i
         if is_dir or i not in replaced:
             continue
         keepers = [j for j in link_ordinals.get(name, ()) if i < j < end and j not in replaced]

@@ -33,6 +33,7 @@ MISSING_LINK_TARGETS = {
     "root-opaque-first": ([[file("t", "T")]], [opaque(""), link("h", "t")]),
     "parent-replaced-by-a-file": ([[d("a"), file("a/t", "T")]], [file("a", "F"), link("h", "a/t")]),
     "parent-replaced-and-back": ([[d("a"), file("a/t", "T")]], [file("a", "F"), d("a"), link("h", "a/t")]),
+    "parent-replaced-in-its-layer": ([], [d("a"), file("a/t", "T"), file("a", "F"), link("h", "a/t")]),
     "whiteout-in-a-layer-between": ([[file("t", "T")], [whiteout("t")]], [link("h", "t")]),
     "opaque-in-a-layer-between": (
         [[d("a"), file("a/t", "T")], [opaque("a"), file("a/n")]],
@@ -68,11 +69,14 @@ def test_hard_link_to_a_removed_file_fails_as_in_apptainer(tmp_path: Path, case:
 def test_links_made_before_the_removal_or_to_a_new_file_stay(tmp_path: Path) -> None:
     """The counterparts that Apptainer builds: the link comes first, or the file is added again."""
     lower = layer(tmp_path, [file("t", "T"), file("u", "U0"), d("a"), file("a/v", "V")])
-    upper = layer(tmp_path, [link("h", "t"), whiteout("t"), whiteout("u"), file("u", "NEW"), link("hu", "u")])
+    entries = [link("h", "t"), whiteout("t"), whiteout("u"), file("u", "NEW"), link("hu", "u")]
+    entries += [d("p"), file("p/x", "PX"), link("hp", "p/x"), file("p", "P")]
+    upper = layer(tmp_path, entries)
     top = layer(tmp_path, [link("hv", "a/v"), opaque("a"), file("a/w", "W")], "zstd")
     tree = _build_and_compare(tmp_path, [lower, upper, top])
     assert tree["/h"] == "-rw-r--r-- 1" and tree["/hu"] == "-rw-r--r-- 3" and tree["/hv"] == "-rw-r--r-- 1"
-    assert not {"/t", "/a/v"} & set(tree)
+    assert tree["/hp"] == "-rw-r--r-- 2" and tree["/p"] == "-rw-r--r-- 1"
+    assert not {"/t", "/a/v", "/p/x"} & set(tree)
 
 
 @pytest.mark.parametrize("first", ["file", "empty-file", "symlink"])
