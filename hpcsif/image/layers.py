@@ -30,7 +30,9 @@ be taken back from the stream: the layer is then pre-scanned for the members tha
 ones replace (earlier occurrences of a name, and what lies below a name a later
 non-directory takes) and :class:`~hpcsif.errors.DuplicateEntryError` asks for a second
 pass, which skips them (``squashfs_from_tar`` and :func:`extract_tree` retry by
-themselves). Such layers are rare (``tar -r``).
+themselves). Such layers are rare (``tar -r``). Hard links made to an entry before a later
+entry of their layer replaces it keep the old entry, as tar extraction leaves them the old
+inode: it goes under the first link's name (the pre-scan names it), the other links link there.
 
 Hard links: a link whose target is earlier in the same layer becomes a hard link in the
 output; if that target is hidden by an upper layer, the layer is read again to give the
