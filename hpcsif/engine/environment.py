@@ -65,6 +65,8 @@ LAUNCHER = r"""
 # hpcsif gone (the pipe broken: killed while bwrap set up, before bwrap had bound the container's
 # life to its own) the container ends here rather than run on unowned
 if [ -n "$__HPCSIF_READY" ]; then printf x 2>/dev/null > "/proc/self/fd/$__HPCSIF_READY" || exit 255; fi
+# and the payload does not inherit it (a shell such as dash names descriptors 0-9 only)
+case $__HPCSIF_READY in [3-9]) eval "exec $__HPCSIF_READY>&-" ;; esac
 unset __HPCSIF_READY
 # Apptainer's prompt is the default: a PS1 the image sets wins (PROMPT_COMMAND is made below);
 # SHLVL as this launcher found it (bash and busybox sh count themselves in; Apptainer's has none)

@@ -33,7 +33,15 @@ def hpcsif(request, images: Images):
             cmd, capture_output=True, text=True, env={**base, **(env or {})}, cwd=cwd, timeout=60
         )
 
+    def _shell(script: str) -> subprocess.CompletedProcess:
+        """*script* run by the host's sh, as root or as the test user."""
+        cmd, env = ["sh", "-c", script], {**os.environ}
+        if user is not None:
+            cmd, env = as_user(user, cmd)
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/tmp", timeout=60)
+
     _run.user = user
+    _run.shell = _shell
     yield _run
     assert not fuse_mounts(), "a mount was left behind"
 
@@ -163,3 +171,15 @@ def test_home_the_host_lacks_is_an_empty_private_directory(hpcsif, images: Image
         255,
         f"FATAL:   --home {pub_tmp}/file: could not mount {pub_tmp}/file: not a directory\n",
     )
+
+
+def test_payload_inherits_only_the_callers_descriptors(hpcsif, images: Images) -> None:
+    """The launcher's start-up pipe was still open in the payload (an extra ``/proc/self/fd``
+    entry that Apptainer's has not); a descriptor the caller passes (3 here) stays."""
+    script = "exec 3>/dev/null; " + " ".join(
+        hpcsif_cmd("exec", str(images.sif), "sh", "-c", "'ls /proc/$$/fd; exit 0'")
+    )
+    if hpcsif.user is not None:
+        script = script.replace(hpcsif_cmd()[0], "/usr/bin/python3")
+    res = hpcsif.shell(script)
+    assert (res.returncode, res.stdout.split(), res.stderr) == (0, ["0", "1", "2", "3"], "")
