@@ -176,13 +176,16 @@ def initial_environ() -> list[bytes]:
 
 
 def host_environ() -> dict[str, str]:
-    """This process's environment, less the ``LC_CTYPE`` Python's C-locale coercion (PEP 538) added.
+    """This process's environment, less the ``LC_CTYPE`` Python's C-locale coercion (PEP 538) added
+    and the ``_`` a calling shell sets to the command's path.
 
     The coercion sets ``LC_CTYPE=C.UTF-8`` in ``os.environ`` when the caller's locale is C or
     unset; the container must not see it, since the caller never set it. ``/proc/self/environ``
-    still holds the environment the process was started with.
+    still holds the environment the process was started with. ``$_`` in Apptainer's container
+    is the container's shell's own, never hpcsif's path.
     """
     env = dict(os.environ)
+    env.pop("_", None)
     if "LC_CTYPE" in env:
         try:
             initial = initial_environ()

@@ -183,3 +183,12 @@ def test_payload_inherits_only_the_callers_descriptors(hpcsif, images: Images) -
         script = script.replace(hpcsif_cmd()[0], "/usr/bin/python3")
     res = hpcsif.shell(script)
     assert (res.returncode, res.stdout.split(), res.stderr) == (0, ["0", "1", "2", "3"], "")
+
+
+def test_the_callers_shell_underscore_stays_outside(hpcsif, images: Images) -> None:
+    """A calling shell exports ``_`` (the command's path, hpcsif's interpreter here); as in
+    Apptainer the container does not get it."""
+    res = hpcsif(
+        "exec", str(images.sif), "sh", "-c", 'echo "[$_]"; env | grep -c "^_=" || :', env={"_": "/x/hpcsif"}
+    )
+    assert (res.returncode, res.stdout) == (0, "[]\n0\n"), res.stderr
