@@ -469,6 +469,27 @@ class _BoundedTarInfo(tarfile.TarInfo):
             # which would drop the rest of the layer without a word
             raise tarfile.ReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
 
+    # the GNU long name/link records of this member, field -> value (the later ones, see below)
+    _gnu: dict[str, str] = {}
+
+    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        """A GNU long name or link record and the member it names, read as Go's archive/tar
+        (Apptainer) reads them: the record's ``size`` bytes up to a NUL (tarfile read its
+        padding too), an empty record names nothing (the member kept no name at all), of two
+        records of a kind in a row the later one wins (tarfile took the first), and they win
+        over a PAX path of the same member (see :meth:`_proc_member`)."""
+        value = tarfile.nts(tf.fileobj.read(self._block(self.size))[: self.size], tf.encoding, tf.errors)
+        try:
+            member = self.fromtarfile(tf)  # the following records are applied first
+        except tarfile.HeaderError as e:
+            raise tarfile.SubsequentHeaderError(str(e)) from None
+        member.offset = self.offset
+        field = "name" if self.type == tarfile.GNUTYPE_LONGNAME else "linkname"
+        if value and field not in member._gnu:
+            member._gnu = {**member._gnu, field: value}
+        _apply_gnu(member)
+        return member
+
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _REFUSED_HEADERS:
             # tarfile would give a global header's records (a path, an owner) to every later
@@ -483,6 +504,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
                 f"an extended header of {self.size} bytes at offset {self.offset} (the limit is 1 MiB)"
             )
         member = super()._proc_member(tf)
+        _apply_gnu(member)  # a PAX header before the GNU records set its path over theirs
         # owners are 32-bit (uid_t): base-256 or PAX values beyond that wrap as they do in
         # Apptainer's chown (the sandbox's chown raised OverflowError)
         member.uid &= 0xFFFFFFFF
@@ -491,6 +513,14 @@ class _BoundedTarInfo(tarfile.TarInfo):
             if "\0" in member.pax_headers.get(key, ""):
                 raise tarfile.ReadError(f"the PAX {key} record at offset {self.offset} holds a NUL byte")
         return member
+
+
+def _apply_gnu(member: tarfile.TarInfo) -> None:
+    """Give ``member`` the GNU long name/link its records hold (:class:`_BoundedTarInfo`)."""
+    for key, value in getattr(member, "_gnu", {}).items():
+        setattr(member, key, value)
+    if member.isdir():
+        member.name = member.name.removesuffix("/")
 
 
 def _open_tar(stream: _LayerStream) -> tarfile.TarFile:

@@ -202,3 +202,45 @@ def test_hard_links_keep_the_file_their_layer_replaces_later(tmp_path: Path, cas
     entries = [*first, link("h1", "t"), link("h2", "h1"), *replacement]
     tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)])
     assert tree["/h1"] == tree["/h2"] == kept and tree["/t"] != kept
+
+
+def _raw_header(name: bytes, kind: bytes, size: int) -> bytes:
+    """A ustar header block naming ``name`` exactly (GNU long name records and the like)."""
+    info = tarfile.TarInfo("x")
+    info.type, info.size = kind, size
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[0:100] = name.ljust(100, b"\0")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _long_name(value: bytes, size: int | None = None) -> bytes:
+    """A GNU long name record holding ``value`` (its size field says ``size``, else its length)."""
+    size = len(value) if size is None else size
+    return _raw_header(b"././@LongLink", tarfile.GNUTYPE_LONGNAME, size) + value + bytes(-len(value) % 512)
+
+
+_FILE_Z = _raw_header(b"short", tarfile.REGTYPE, 1) + b"z".ljust(512, b"\0")
+_PAX_PATH = tarfile.TarInfo("x")
+_PAX_PATH.pax_headers, _PAX_PATH.size = {"path": "paxpath"}, 1
+
+# GNU long name records as Go's archive/tar (Apptainer) reads them: (layer, the file's name)
+GNU_LONG_NAMES = {
+    "two-in-a-row": (_long_name(b"first\0") + _long_name(b"second\0") + _FILE_Z, "/second"),
+    "empty": (_long_name(b"", 0) + _FILE_Z, "/short"),
+    "shorter-than-its-block": (_long_name(b"gnuname", 6) + _FILE_Z, "/gnunam"),
+    "after-a-pax-path": (
+        _PAX_PATH.tobuf(tarfile.PAX_FORMAT)[:-512] + _long_name(b"gnupath\0") + _FILE_Z,
+        "/gnupath",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GNU_LONG_NAMES))
+def test_gnu_long_names_are_read_as_apptainer_reads_them(tmp_path: Path, case: str) -> None:
+    """tarfile took the first of two records, read the record's padding as part of the name,
+    let an empty record name the root (the build failed) and a PAX path win over the record."""
+    content, name = GNU_LONG_NAMES[case]
+    tree = _build_and_compare(tmp_path, [blob(tmp_path, content + bytes(1024))])
+    assert tree[name] == "-rw-r--r-- 1"
