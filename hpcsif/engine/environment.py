@@ -16,7 +16,7 @@ import logging
 import os
 import re
 
-from hpcsif.errors import UsageError
+from hpcsif.errors import EngineError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -245,22 +245,30 @@ def _env_pairs(item: str, what: str) -> list[str]:
 def parse_env_file(path: str) -> dict[str, str]:
     """Evaluate ``--env-file`` as Apptainer does: a shell script run in the caller's environment.
 
-    Quoting, ``$VAR`` and ``$(…)`` work as in a shell (the host's ``/bin/sh``, with ``set -e``);
-    returns the variables the file sets or changes. A failing line is a :class:`UsageError`.
+    Quoting, ``$VAR`` and ``$(…)`` work as in a shell (the host's ``/bin/sh``, with ``set -e``;
+    the status of the file's last line does not count, so that ``[ -d X ] && A=…`` ends a file,
+    as there); returns the variables the file sets or changes. A file that cannot be read, or a
+    failing line, is an :class:`EngineError` (status 255, as Apptainer's).
     """
     import subprocess
 
-    path = os.path.abspath(path)
-    if not os.access(path, os.R_OK) or not os.path.isfile(path):
-        raise UsageError(f"cannot read env file {path}")
+    given, path = path, os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        why = "is a directory" if os.path.isdir(path) else (exc.strerror or str(exc)).lower()
+        raise EngineError(f'could not read environment file "{given}": {why}') from None
     marker = b"\0__HPCSIF_ENV_FILE__\0"
-    script = 'env -0; printf "\\0__HPCSIF_ENV_FILE__\\0"; set -ae; . "$1" >/dev/null; env -0'
+    # (eval of the text and then `:`, where `. FILE` would fail on the last line's status)
+    script = 'env -0; printf "\\0__HPCSIF_ENV_FILE__\\0"; set -ae; eval "$(cat -- "$1")\n:" >/dev/null;'
+    script += " env -0"
     proc = subprocess.run(
         ["/bin/sh", "-c", script, "sh", path], capture_output=True, stdin=subprocess.DEVNULL
     )
     if proc.returncode != 0 or marker not in proc.stdout:
         lines = proc.stderr.decode(errors="replace").strip().splitlines() or [f"status {proc.returncode}"]
-        raise UsageError(f"env file {path}: {lines[-1]}")
+        raise EngineError(f"while processing environment file {given}: {lines[-1]}")
 
     def parse(block: bytes) -> dict[str, str]:
         items = (item.decode(errors="surrogateescape").partition("=") for item in block.split(b"\0") if item)

@@ -192,3 +192,19 @@ def test_the_callers_shell_underscore_stays_outside(hpcsif, images: Images) -> N
         "exec", str(images.sif), "sh", "-c", 'echo "[$_]"; env | grep -c "^_=" || :', env={"_": "/x/hpcsif"}
     )
     assert (res.returncode, res.stdout) == (0, "[]\n0\n"), res.stderr
+
+
+def test_env_file_as_apptainer_reads_it(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """An env file whose last line is a test that fails (``[ -d X ] && A=…``) is read, as in
+    Apptainer (it was "status 1"); one that cannot be read is Apptainer's line, status 255."""
+    env_file = pub_tmp / "vars"
+    env_file.write_text('A="one two"\n[ -d /nonexistent/dir ] && B=set\n')
+    env_file.chmod(0o644)
+    res = hpcsif("exec", "--env-file", str(env_file), str(images.sif), "sh", "-c", 'echo "$A|${B-unset}"')
+    assert (res.returncode, res.stdout, res.stderr) == (0, "one two|unset\n", "")
+    res = hpcsif("exec", "--env-file", f"{pub_tmp}/missing", str(images.sif), "true")
+    assert (res.returncode, res.stdout, res.stderr) == (
+        255,
+        "",
+        f'FATAL:   could not read environment file "{pub_tmp}/missing": no such file or directory\n',
+    )

@@ -48,7 +48,7 @@ def test_env_file(tmp_path):
     f.write_text('X=$HOME/a\nY="$(echo sub) z"\n')
     assert parse_env_file(str(f)) == {"X": os.environ["HOME"] + "/a", "Y": "sub z"}
     f.write_text("A=two words\n")
-    with pytest.raises(UsageError, match="words"):
+    with pytest.raises(EngineError, match="words"):
         parse_env_file(str(f))
 
 
