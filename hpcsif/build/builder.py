@@ -708,7 +708,7 @@ class _StageBuilder:
             self._write(f"{SD}/env/90-environment.sh", old + "\n" + stage.body("environment") + "\n", 0o755)
         for name, fname in (("runscript", "runscript"), ("startscript", "startscript"), ("test", "test")):
             if stage.body(name) and runs(name):
-                self._write(f"{SD}/{fname}", _script(stage.sections[name], where), 0o755)
+                self._write(f"{SD}/{fname}", _script(stage.sections[name], where, shebang=True), 0o755)
         if write_help:
             self._write(f"{SD}/runscript.help", stage.body("help") + "\n", 0o644)
             labels["org.label-schema.usage"] = f"{SD}/runscript.help"
@@ -729,12 +729,18 @@ class _StageBuilder:
         os.chmod(path, mode)
 
 
-def _script(sec: Section, where: str) -> str:
+def _script(sec: Section, where: str, shebang: bool = False) -> str:
     """A section as an executable script, as Apptainer writes runscript, test and startscript.
 
     ``-c /bin/bash`` gives ``#!/bin/bash`` (Apptainer 1.4 writes ``#!/bin/sh -c /bin/bash``,
-    which no shell runs).
+    which no shell runs). With ``shebang`` (``%runscript``, ``%startscript`` and ``%test``, not
+    the apps' sections, as in Apptainer) a first line ``#!INTERPRETER`` is the script's own, the
+    section's arguments added (``%runscript -x`` over ``#!/bin/bash``: ``#!/bin/bash -x``).
     """
+    first, _, rest = sec.body.partition("\n")
+    if shebang and first.strip().startswith("#!") and sec.args.split()[:1] != ["-c"]:
+        args = sec.args.split("#")[0].strip()  # Apptainer leaves out a comment after them
+        return f"{first.strip()}{' ' + args if args else ''}\n\n{rest}\n"
     return f"#!{' '.join(sec.interpreter(where))}\n\n{sec.body}\n"
 
 

@@ -221,3 +221,48 @@ def test_inherited_help_and_labels_stay_unless_forced(base: Path, tmp_path: Path
     ]
     if exe := peer_apptainer():
         assert ours == _labels_view(exe, base, tmp_path)
+
+
+SHEBANG_DEF = """\
+Bootstrap: localimage
+From: {base}
+
+%runscript -e
+    #!/bin/sh
+    false
+    echo not reached
+
+%startscript
+#!/bin/cat
+    started
+
+%test
+    #!/bin/sh -e
+    echo "testing $0"
+    false
+    echo not reached
+"""
+
+
+def test_script_sections_keep_their_hashbang_lines(base: Path, tmp_path: Path) -> None:
+    # definition_files: "%test and %runscript recognise hashbang lines (#!) for specifying a
+    # custom shell"; as in Apptainer 1.4.5 also %startscript, and the section's arguments follow
+    (tmp_path / "shebang.def").write_text(SHEBANG_DEF.format(base=base))
+    for exe in [None] + ([peer] if (peer := peer_apptainer()) else []):
+        sif = tmp_path / f"shebang-{bool(exe)}.sif"
+        flags = ["--fakeroot"] if exe else []
+        built = _tool(exe, "build", *flags, "--notest", str(sif), str(tmp_path / "shebang.def"))
+        assert built.returncode == 0, built.stderr
+        inspected = json.loads(_tool(exe, "inspect", "--json", "-r", "-s", "-t", str(sif)).stdout)
+        assert inspected["data"]["attributes"] == {
+            "runscript": "#!/bin/sh -e\n\n    false\n    echo not reached",
+            "test": '#!/bin/sh -e\n\n    echo "testing $0"\n    false\n    echo not reached',
+            "startscript": "#!/bin/cat\n\n    started",
+        }, exe
+        ran = _tool(exe, "run", str(sif))
+        assert (ran.returncode, ran.stdout) == (1, ""), exe
+        # the build's own %test runs the script under its #! line: -e stops it at `false`
+        failed = _tool(exe, "build", *flags, str(tmp_path / "no.sif"), str(tmp_path / "shebang.def"))
+        assert failed.returncode != 0 and not (tmp_path / "no.sif").exists(), exe
+        assert "testing /.singularity.d/test\n" in failed.stdout + failed.stderr, exe
+        assert "not reached" not in failed.stdout, exe
