@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -400,6 +401,7 @@ class _Plan:
         if opts.contain:
             dirs += [self.home, "/tmp", "/var/tmp"]
         files = ["/etc/passwd", "/etc/group", *(["/etc/resolv.conf"] if opts.dns else [])]
+        files += ["/etc/hostname"] if opts.hostname else []
         self.places: dict[str, str | None] = {}
         # the directories other mounts may lie in (not a file bound at /etc/hosts …)
         covers = set(dirs) - {b.dst for b in self.binds if not os.path.isdir(b.src)}
@@ -465,7 +467,9 @@ class _Plan:
             args += more
         for dest, text in self._etc_data():
             if dest not in self.layered:
-                args += ["--ro-bind-data", self._data(text), dest]
+                # readable by all, as Apptainer's (bwrap's own mode is 0600: no other user the
+                # payload switches to could read /etc/passwd)
+                args += ["--perms", "0644", "--ro-bind-data", self._data(text), dest]
         if self.underlaid and not self.rw_root:
             mounted = [at(b.dst) for b in self.binds]
             for d in sorted(self.underlaid, key=len):
@@ -857,6 +861,9 @@ class _Plan:
         resolv = at("/etc/resolv.conf")
         if self.opts.dns and resolv and not self._lacking_bind(resolv, "--dns"):
             made.append((resolv, _resolv_conf(self.opts.dns)))
+        hostname = at("/etc/hostname")
+        if self.opts.hostname and hostname and not self._lacking_bind(hostname, "--hostname"):
+            made.append((hostname, _hostname_file(self.opts.hostname)))
         return made
 
     def _layer_files(self) -> dict[str, bytes]:
@@ -961,6 +968,21 @@ def _resolv_conf(dns: str) -> str:
             raise UsageError(f"--dns: DNS nameserver {server!r} is not a valid IP address") from None
         lines.append(f"nameserver {server}\n")
     return "".join(lines)
+
+
+#: what Apptainer takes as a host name (dot-separated labels of letters, digits and inner '-')
+_LABEL = "([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOSTNAME = re.compile(rf"({_LABEL}\.)*{_LABEL}")
+
+
+def _hostname_file(hostname: str) -> str:
+    """``--hostname NAME`` as the container's /etc/hostname, as Apptainer writes it."""
+    if not _HOSTNAME.fullmatch(hostname):
+        raise EngineError(
+            f"container creation failed: unable to add {hostname} to hostname file: "
+            f"{hostname} is not a valid hostname"
+        )
+    return hostname + "\n"
 
 
 def _shell_env(shell: str | None) -> dict[str, str]:

@@ -208,3 +208,29 @@ def test_env_file_as_apptainer_reads_it(hpcsif, images: Images, pub_tmp: Path) -
         "",
         f'FATAL:   could not read environment file "{pub_tmp}/missing": no such file or directory\n',
     )
+
+
+def test_hostname_file_and_made_files_readable_by_all(hpcsif, images: Images) -> None:
+    """``--hostname`` writes the container's /etc/hostname as Apptainer does (a name it refuses
+    is its one line); the files made for the container are 0644 there, not bwrap's 0600."""
+    script = (
+        "hostname; cat /etc/hostname; stat -c '%a %n' /etc/hostname /etc/passwd /etc/group /etc/resolv.conf"
+    )
+    res = hpcsif(
+        "exec", "--hostname", "box-9.example", "--dns", "192.0.2.1", str(images.sif), "sh", "-c", script
+    )
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout.splitlines() == [
+        "box-9.example",
+        "box-9.example",
+        "644 /etc/hostname",
+        "644 /etc/passwd",
+        "644 /etc/group",
+        "644 /etc/resolv.conf",
+    ]
+    res = hpcsif("exec", "--hostname", "bad_name", str(images.sif), "true")
+    assert (res.returncode, res.stderr) == (
+        255,
+        "FATAL:   container creation failed: unable to add bad_name to hostname file: "
+        "bad_name is not a valid hostname\n",
+    )
