@@ -90,6 +90,7 @@ import logging
 import os
 import posixpath
 import queue
+import re
 import stat
 import tarfile
 import threading
@@ -339,6 +340,15 @@ class _LayerStream(io.RawIOBase):
             need -= len(part)
         return b"".join(parts)
 
+    def peek(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer only at end of stream), left to be read."""
+        while len(self._buf) - self._pos < size and not self._eof:
+            out = self._source.get()
+            self._eof = not out
+            self._offset += self._pos
+            self._buf, self._pos = self._buf[self._pos :] + out, 0
+        return self._buf[self._pos : self._pos + size]
+
     def read_some(self, size: int) -> bytes:
         """Up to ``size`` bytes without copying across buffers (short reads allowed)."""
         if self._pos >= len(self._buf) and not self._fill():
@@ -490,6 +500,21 @@ class _BoundedTarInfo(tarfile.TarInfo):
         _apply_gnu(member)
         return member
 
+    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        """An extended header and the member it describes; its records are checked first as
+        Go's archive/tar (Apptainer) checks them (tarfile read a record whose length is wrong,
+        or has no newline, as best it could, and a number it could not parse as 0)."""
+        if isinstance(tf.fileobj, _LayerStream):
+            _check_pax_records(tf.fileobj.peek(self.size), self.offset)
+        return super()._proc_pax(tf)
+
+    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None:
+        # as in Go's archive/tar, an empty record keeps the header's value (an empty path
+        # made the member the root, and the build failed)
+        kept = {key: value for key, value in pax_headers.items() if value != ""}
+        super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]
+        self.pax_headers = pax_headers.copy()
+
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _REFUSED_HEADERS:
             # tarfile would give a global header's records (a path, an owner) to every later
@@ -513,6 +538,30 @@ class _BoundedTarInfo(tarfile.TarInfo):
             if "\0" in member.pax_headers.get(key, ""):
                 raise tarfile.ReadError(f"the PAX {key} record at offset {self.offset} holds a NUL byte")
         return member
+
+
+_PAX_INTEGER = re.compile(rb"[+-]?[0-9]+")
+_PAX_TIME = re.compile(rb"[+-]?[0-9]+(\.[0-9]*)?")
+# the records whose values Go's archive/tar parses as numbers (a bad one fails the header)
+_PAX_NUMBERS = {b"uid": _PAX_INTEGER, b"gid": _PAX_INTEGER, b"size": _PAX_INTEGER}
+_PAX_NUMBERS.update(dict.fromkeys((b"mtime", b"atime", b"ctime"), _PAX_TIME))
+
+
+def _check_pax_records(data: bytes, offset: int) -> None:
+    """Refuse the extended header ``data`` unless each record is ``LEN KEY=VALUE\\n`` with
+    LEN its exact length, and the numbers are numbers, as Go's archive/tar refuses it."""
+    pos = 0
+    while pos < len(data):
+        length, space, _ = data[pos : pos + 24].partition(b" ")
+        end = pos + int(length) if space and _PAX_INTEGER.fullmatch(length) else 0
+        record = data[pos:end]
+        key, equals, value = record[len(length) + 1 : -1].partition(b"=")
+        if end - pos < 5 or end > len(data) or record[-1:] != b"\n" or not equals or not key:
+            raise tarfile.ReadError(f"a malformed extended header record at offset {offset + pos}")
+        number = _PAX_NUMBERS.get(key)
+        if number is not None and value and not number.fullmatch(value):
+            raise tarfile.ReadError(f"the PAX {key.decode()} record at offset {offset} is no number")
+        pos = end
 
 
 def _apply_gnu(member: tarfile.TarInfo) -> None:

@@ -244,3 +244,55 @@ def test_gnu_long_names_are_read_as_apptainer_reads_them(tmp_path: Path, case: s
     content, name = GNU_LONG_NAMES[case]
     tree = _build_and_compare(tmp_path, [blob(tmp_path, content + bytes(1024))])
     assert tree[name] == "-rw-r--r-- 1"
+
+
+def _pax_member(records: bytes) -> bytes:
+    """An extended header holding exactly ``records``, then a one-byte file ``f``."""
+    head = tarfile.TarInfo("PaxHeader")
+    head.type, head.size = tarfile.XHDTYPE, len(records)
+    member = tarfile.TarInfo("f")
+    member.size = 1
+    return (
+        head.tobuf(tarfile.USTAR_FORMAT)
+        + records.ljust(-(-len(records) // 512) * 512, b"\0")
+        + member.tobuf(tarfile.USTAR_FORMAT)
+        + b"c".ljust(512, b"\0")
+        + bytes(1024)
+    )
+
+
+BAD_PAX_RECORDS = {
+    "length-too-short": (b"11 path=one\n", "malformed extended header record at offset 0"),
+    "no-newline": (b"10 path=xy", "malformed extended header record at offset 0"),
+    "nul-after-the-records": (b"11 path=ab\n\0\0\0", "malformed extended header record at offset 11"),
+    "uid-no-number": (b"13 uid=abcde\n", "the PAX uid record at offset 0 is no number"),
+    "mtime-infinite": (b"15 mtime=1e999\n", "the PAX mtime record at offset 0 is no number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAX_RECORDS))
+def test_malformed_pax_records_fail_the_layer_as_in_apptainer(tmp_path: Path, case: str) -> None:
+    """Go's archive/tar refuses these ('invalid tar header'); tarfile read them as best it
+    could (a name cut short, uid 0, an infinite mtime that tar2sqfs then failed on)."""
+    records, message = BAD_PAX_RECORDS[case]
+    archive = _archive(tmp_path, [blob(tmp_path, _pax_member(records))])
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _hpcsif_build(out / "x.sif", archive)
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert p.returncode != 0 and len(fatal) == 1 and message in fatal[0], p.stderr
+    assert list(out.iterdir()) == []
+    if APPTAINER:
+        theirs = subprocess.run(
+            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert theirs.returncode != 0 and "invalid tar header" in theirs.stderr, theirs.stderr
+
+
+def test_empty_pax_records_keep_the_header_values(tmp_path: Path) -> None:
+    """As in Go's archive/tar: an empty ``path`` made the member the root (the build failed)."""
+    tree = _build_and_compare(tmp_path, [blob(tmp_path, _pax_member(b"8 path=\n7 uid=\n"))])
+    assert tree["/f"] == "-rw-r--r-- 1"
