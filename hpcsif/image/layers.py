@@ -471,6 +471,17 @@ class _BoundedTarInfo(tarfile.TarInfo):
     whose damaged headers fail the layer as they fail it in Apptainer."""
 
     @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        obj = super().frombuf(buf, encoding, errors)
+        if buf[345:346] != b"\0" and buf[257:265] != b"ustar\x0000" and obj.type not in tarfile.GNU_TYPES:
+            # only POSIX ustar headers have a name prefix there, as Go's archive/tar reads them:
+            # GNU ones keep times (incremental dumps), V7 ones nothing, yet tarfile joined it
+            obj.name = tarfile.nts(buf[:100], encoding, errors)
+            if obj.isdir():
+                obj.name = obj.name.rstrip("/")
+        return obj
+
+    @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
         try:
             return super().fromtarfile(tf)

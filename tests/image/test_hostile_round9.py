@@ -296,3 +296,26 @@ def test_empty_pax_records_keep_the_header_values(tmp_path: Path) -> None:
     """As in Go's archive/tar: an empty ``path`` made the member the root (the build failed)."""
     tree = _build_and_compare(tmp_path, [blob(tmp_path, _pax_member(b"8 path=\n7 uid=\n"))])
     assert tree["/f"] == "-rw-r--r-- 1"
+
+
+def _with_prefix_area(magic: bytes, prefix: bytes) -> bytes:
+    """A one-byte file ``f`` whose header has ``magic`` and ``prefix`` at the ustar prefix field."""
+    info = tarfile.TarInfo("f")
+    info.size = 1
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    block[257:265], block[345:500] = magic, prefix.ljust(155, b"\0")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + b"c".ljust(512, b"\0") + bytes(1024)
+
+
+@pytest.mark.parametrize(
+    ("magic", "prefix"),
+    [(b"ustar  \0", b"14515271244\x0014515271244"), (bytes(8), b"junk")],
+    ids=["gnu-incremental-times", "v7"],
+)
+def test_only_posix_headers_have_a_name_prefix(tmp_path: Path, magic: bytes, prefix: bytes) -> None:
+    """GNU tar keeps atime/ctime where POSIX has the prefix (incremental dumps): tarfile made
+    them a directory above the file; Go's archive/tar (Apptainer) reads no prefix there."""
+    tree = _build_and_compare(tmp_path, [blob(tmp_path, _with_prefix_area(magic, prefix))])
+    assert tree["/f"] == "-rw-r--r-- 1"
