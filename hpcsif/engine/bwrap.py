@@ -79,6 +79,7 @@ class BwrapEngine(Engine):
         bwrap = which(cfg.get("engine.bwrap") or "bwrap")
         if not bwrap:
             raise MissingToolError("bwrap", "bubblewrap")
+        _open_standard_descriptors()
         check_user_namespaces()
         refuse_apptainer_only(opts)
         _check_network(opts)
@@ -198,6 +199,21 @@ def _overlay_mount_points(
         return {}, {}
     finally:
         logging.disable(logging.NOTSET)
+
+
+def _open_standard_descriptors() -> None:
+    """A closed stdin, stdout or stderr becomes /dev/null, as for Apptainer (a Go program): the
+    payload reads nothing or writes nowhere rather than failing with EBADF, and no pipe of the
+    launch takes the free number (the container would write into it)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # (a lower one was closed too: it is opened first, so never here)
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)
 
 
 def _check_network(opts: LaunchOptions) -> None:

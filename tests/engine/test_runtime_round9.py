@@ -234,3 +234,12 @@ def test_hostname_file_and_made_files_readable_by_all(hpcsif, images: Images) ->
         "FATAL:   container creation failed: unable to add bad_name to hostname file: "
         "bad_name is not a valid hostname\n",
     )
+
+
+def test_closed_standard_descriptors_are_dev_null(hpcsif, images: Images) -> None:
+    """Started with stdin or stdout closed, the payload gets /dev/null there, as under Apptainer
+    (a Go program), rather than failing with "Bad file descriptor"."""
+    python = "/usr/bin/python3" if hpcsif.user else hpcsif_cmd()[0]
+    exe = " ".join([python, *hpcsif_cmd("exec", str(images.sif))[1:]])
+    res = hpcsif.shell(f"{exe} cat <&- && {exe} echo lost >&- && {exe} sh -c 'readlink /proc/$$/fd/0' <&-")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "/dev/null\n", "")
