@@ -806,6 +806,10 @@ int main(int argc, char **argv) {
         if (detach_after_mount(argv[1])) watch(argv[1]);
         return 0;
     }
+    /* as engine.bwrap._open_standard_descriptors (and Apptainer, a Go program): a closed stdin,
+     * stdout or stderr is /dev/null, so that no descriptor of the launch takes its number */
+    for (int fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0 && errno == EBADF) open("/dev/null", O_RDWR);
     g_argc = argc;
     g_argv = argv;
     size_t len = 0;

@@ -428,6 +428,15 @@ def test_a_front_killed_while_it_mounts_leaves_nothing(front, images):
     pytest.fail("squashfuse_ll was never seen mounting")
 
 
+def test_a_closed_stdin_is_dev_null_for_the_payload(front, holder, images):
+    """As in the Python engine: with stdin closed the payload reads nothing, not one of the
+    launch's pipes that took descriptor 0."""
+    for _ in range(2):  # the first start saves the plan, the second repeats it
+        proc, started = front.run("exec", str(images.sif), "cat", stdin=None, preexec_fn=lambda: os.close(0))
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert not started
+
+
 def test_a_plans_directory_others_could_write_is_ignored(front, holder, images):
     args = ["exec", str(images.sif), "echo", "ok"]
     front.run(*args)
