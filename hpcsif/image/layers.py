@@ -523,6 +523,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
         # as in Go's archive/tar, an empty record keeps the header's value (an empty path
         # made the member the root, and the build failed)
         kept = {key: value for key, value in pax_headers.items() if value != ""}
+        if self.type == tarfile.AREGTYPE and kept.get("path", "").endswith("/"):
+            self.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
         super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]
         self.pax_headers = pax_headers.copy()
 
@@ -579,6 +581,8 @@ def _apply_gnu(member: tarfile.TarInfo) -> None:
     """Give ``member`` the GNU long name/link its records hold (:class:`_BoundedTarInfo`)."""
     for key, value in getattr(member, "_gnu", {}).items():
         setattr(member, key, value)
+    if member.type == tarfile.AREGTYPE and member.name.endswith("/"):
+        member.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
     if member.isdir():
         member.name = member.name.removesuffix("/")
 

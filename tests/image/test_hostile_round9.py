@@ -319,3 +319,24 @@ def test_only_posix_headers_have_a_name_prefix(tmp_path: Path, magic: bytes, pre
     them a directory above the file; Go's archive/tar (Apptainer) reads no prefix there."""
     tree = _build_and_compare(tmp_path, [blob(tmp_path, _with_prefix_area(magic, prefix))])
     assert tree["/f"] == "-rw-r--r-- 1"
+
+
+def _old_style_directory(how: str) -> bytes:
+    """A type '\\0' member whose PAX path or GNU long name ends in '/', then a file below it."""
+    old = tarfile.TarInfo("x")
+    old.type = tarfile.AREGTYPE
+    if how == "pax":
+        old.pax_headers = {"path": "d/"}
+        head = old.tobuf(tarfile.PAX_FORMAT)
+    else:
+        old.name = "d" * 120 + "/"
+        head = old.tobuf(tarfile.GNU_FORMAT)
+    return head + tar_bytes([file(("d" if how == "pax" else "d" * 120) + "/child", "c")])
+
+
+@pytest.mark.parametrize("how", ["pax", "gnu"])
+def test_old_style_directories_named_by_long_names(tmp_path: Path, how: str) -> None:
+    """Go's archive/tar makes a type '\\0' member whose final name ends in '/' a directory;
+    tarfile did so only for the ustar name: a file, and the build failed on its child."""
+    tree = _build_and_compare(tmp_path, [blob(tmp_path, _old_style_directory(how))], implied=True)
+    assert tree[f"/{'d' if how == 'pax' else 'd' * 120}/child"] == "-rw-r--r-- 1"
