@@ -861,6 +861,13 @@ class _Plan:
         /etc/group with the user's entries, /etc/resolv.conf for --dns."""
         at = self.places.get
         made = []
+        # as in Apptainer, whose user binds come after these files, a user's bind of the file or
+        # of a directory holding it (-B mine:/etc/passwd, -B dir:/etc) wins
+        users = [self.places[b.dst].rstrip("/") + "/" for b in self.user_binds]
+
+        def user_bound(dest: str) -> bool:
+            return any((dest + "/").startswith(u) for u in users)
+
         # as Apptainer, root gets the image's own /etc/passwd (its entry is already there), with
         # the container's home in root's entry
         for name, make in (("passwd", self._passwd), ("group", self._group)):
@@ -868,17 +875,22 @@ class _Plan:
             if dest is None:
                 log.warning("%s file doesn't exist in container, not updating", name)
                 continue
-            if self._lacking_bind(dest, f"/etc/{name}"):
+            if user_bound(dest) or self._lacking_bind(dest, f"/etc/{name}"):
                 continue  # a bound host directory without it (-B dir:/etc): as Apptainer, left so
             root_entry = name == "passwd" and self.user.pw_uid == 0 and self._has_root_entry(dest)
             text = self._root_passwd() if root_entry else make()
             if text is not None:
                 made.append((dest, text))
         resolv = at("/etc/resolv.conf")
-        if self.opts.dns and resolv and not self._lacking_bind(resolv, "--dns"):
+        if self.opts.dns and resolv and not user_bound(resolv) and not self._lacking_bind(resolv, "--dns"):
             made.append((resolv, _resolv_conf(self.opts.dns)))
         hostname = at("/etc/hostname")
-        if self.opts.hostname and hostname and not self._lacking_bind(hostname, "--hostname"):
+        if (
+            self.opts.hostname
+            and hostname
+            and not user_bound(hostname)
+            and not self._lacking_bind(hostname, "--hostname")
+        ):
             made.append((hostname, _hostname_file(self.opts.hostname)))
         return made
 

@@ -243,3 +243,21 @@ def test_closed_standard_descriptors_are_dev_null(hpcsif, images: Images) -> Non
     exe = " ".join([python, *hpcsif_cmd("exec", str(images.sif))[1:]])
     res = hpcsif.shell(f"{exe} cat <&- && {exe} echo lost >&- && {exe} sh -c 'readlink /proc/$$/fd/0' <&-")
     assert (res.returncode, res.stdout, res.stderr) == (0, "/dev/null\n", "")
+
+
+def test_users_bind_over_made_files_wins(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """``-B mine:/etc/passwd`` (or ``/etc/group``, ``/etc/hostname``): the user's file, as in
+    Apptainer, whose user binds come after the files it makes (ours hid the user's)."""
+    uid = hpcsif.user.uid if hpcsif.user else 0
+    for name, text in (
+        ("passwd", f"me:x:{uid}:0::/home/me:/bin/sh\n"),
+        ("group", "mine:x:0:\n"),
+        ("hostname", "h\n"),
+    ):
+        (pub_tmp / name).write_text(text)
+        (pub_tmp / name).chmod(0o644)
+    binds = ",".join(f"{pub_tmp}/{n}:/etc/{n}" for n in ("passwd", "group", "hostname"))
+    script = "cat /etc/passwd /etc/group /etc/hostname; id -un"
+    res = hpcsif("exec", "-B", binds, "--hostname", "other", str(images.sif), "sh", "-c", script)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout == f"me:x:{uid}:0::/home/me:/bin/sh\nmine:x:0:\nh\nme\n"
