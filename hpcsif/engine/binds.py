@@ -45,6 +45,24 @@ def parse_bind(spec: str) -> list[Bind]:
     return [_bind(fields, entry) for entry, fields in entries]
 
 
+def _bare_quote(spec: str) -> int | None:
+    """Where a ``"`` stands inside a field that does not start with one (Go's CSV reader, and so
+    Apptainer's ``--mount``, refuses it); None if nowhere."""
+    in_quotes, field_start = False, True
+    for i, c in enumerate(spec):
+        if in_quotes:
+            in_quotes = c != '"'
+        elif c == ",":
+            field_start = True
+        elif c == '"' and (field_start or spec[i - 1] == '"'):
+            in_quotes, field_start = True, False  # a quoted field, or a doubled "" in one
+        elif c == '"':
+            return i
+        else:
+            field_start = False
+    return None
+
+
 #: Apptainer's bind options; those of image binds are not supported here
 _BIND_OPTIONS = ("ro", "rw")
 _IMAGE_OPTIONS = ("image-src=", "id=")
@@ -86,39 +104,51 @@ def parse_mount(spec: str) -> Bind:
 
     ``[type=bind,]source=SRC,destination=DST[,ro|readonly]``; ``src``, ``dst`` and ``target``
     are aliases. Fields are comma-separated CSV, so a path holding a comma can be quoted
-    (``"source=/a,b"``), as in Apptainer.
+    (``"source=/a,b"``), as in Apptainer; what it refuses is its one line (status 255). Image
+    binds (``image-src=``, ``id=``) are refused as not supported here.
     """
     import csv
 
+    def refuse(why: str) -> EngineError:
+        quoted = '"' + spec.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return EngineError(f"While setting bind mount configuration: while parsing mount {quoted}: {why}")
+
+    if (bare := _bare_quote(spec)) is not None:
+        raise refuse(
+            f'error parsing mount: parse error on line 1, column {bare + 1}: bare " in non-quoted-field'
+        )
     try:
         fields = next(csv.reader([spec], strict=True))
-    except (csv.Error, StopIteration):
-        raise UsageError(f"invalid --mount {spec!r}") from None
+    except (csv.Error, StopIteration) as exc:
+        raise refuse(f"error parsing mount: {exc}") from None
     found: dict[str, str] = {}
     readonly = False
     for item in fields:
-        key, sep, value = item.strip().partition("=")
-        if key in ("ro", "readonly") and (not sep or value.lower() in ("true", "1")):
-            readonly = True
+        key, _, value = item.partition("=")
+        if key in ("ro", "readonly"):
+            readonly = True  # (whatever its value, as in Apptainer)
         elif key == "type":
             if value != "bind":
-                raise UsageError(f"--mount type={value} is not supported by hpcsif: only type=bind")
-        elif key in _MOUNT_KEYS and sep:
+                raise refuse(f"unsupported mount type \"{value}\", only 'bind' is supported")
+        elif key in _MOUNT_KEYS:
+            if not value:
+                raise refuse(f"mount {_MOUNT_KEYS[key]} cannot be empty")
             found[_MOUNT_KEYS[key]] = value
         elif f"{key}=" in _IMAGE_OPTIONS:
             raise UsageError(
                 f"--mount {key}= is not supported by hpcsif: image binds need --engine apptainer"
             )
+        elif key == "bind-propagation":
+            why = "not supported for individual mounts, check apptainer.conf for global setting"
+            raise refuse(f"bind-propagation {why}")
         else:
-            raise UsageError(
-                f"invalid --mount field {item!r} in {spec!r} (expected type, source, destination, ro)"
-            )
-    missing = [k for k in ("source", "destination") if not found.get(k)]  # (type= defaults to bind)
-    if missing:
-        raise UsageError(f"invalid --mount {spec!r}: {missing[0]} is missing")
-    if not found["destination"].startswith("/"):
-        raise UsageError(f"invalid --mount {spec!r}: the destination must be an absolute path")
+            raise refuse(f'invalid key "{key}" in mount specification')
+    if not found.get("source") or not found.get("destination"):
+        raise refuse("mounts must specify a source and a destination")
     src = os.path.abspath(found["source"])
+    if not found["destination"].startswith("/"):
+        why = "destination must be an absolute path"
+        raise EngineError(f"container creation failed: unable to add {src} to mount list: {why}")
     return Bind(src, os.path.normpath(found["destination"]), readonly=readonly)
 
 

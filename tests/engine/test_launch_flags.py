@@ -245,7 +245,11 @@ def test_mount_flag(run, images, pub_tmp):
     )
     assert (pub_tmp / "g").exists()
     res = run("exec", "--mount", "type=volume,src=x,dst=/y", str(images.sif), "true")
-    assert res.stderr.strip() == "FATAL:   --mount type=volume is not supported by hpcsif: only type=bind"
+    assert (res.returncode, res.stderr.strip()) == (
+        255,
+        "FATAL:   While setting bind mount configuration: while parsing mount "
+        '"type=volume,src=x,dst=/y": unsupported mount type "volume", only \'bind\' is supported',
+    )
     res = run("exec", "--mount", f"src={pub_tmp},dst=/y,image-src=/", str(images.sif), "true")
     want = "FATAL:   --mount image-src= is not supported by hpcsif: image binds need --engine apptainer"
     assert (res.returncode, res.stderr.strip()) == (2, want)

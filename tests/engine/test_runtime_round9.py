@@ -261,3 +261,40 @@ def test_users_bind_over_made_files_wins(hpcsif, images: Images, pub_tmp: Path) 
     res = hpcsif("exec", "-B", binds, "--hostname", "other", str(images.sif), "sh", "-c", script)
     assert (res.returncode, res.stderr) == (0, "")
     assert res.stdout == f"me:x:{uid}:0::/home/me:/bin/sh\nmine:x:0:\nh\nme\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("type=bind,src=/tmp,dst=/d,foo=bar", 'invalid key "foo" in mount specification'),
+        ("type=bind,src=,dst=/d", "mount source cannot be empty"),
+        ("type=bind,source=/tmp", "mounts must specify a source and a destination"),
+        (
+            'type=bind,src="/tmp',
+            'error parsing mount: parse error on line 1, column 15: bare " in non-quoted-field',
+        ),
+        (
+            "type=bind,src=/tmp,dst=/d,bind-propagation=rprivate",
+            "bind-propagation not supported for individual mounts, check apptainer.conf for global setting",
+        ),
+    ],
+)
+def test_mount_spec_errors_as_apptainer_words_them(hpcsif, images: Images, spec: str, why: str) -> None:
+    """A ``--mount`` that Apptainer refuses: its line, word for word, and its status 255."""
+    res = hpcsif("exec", "--mount", spec, str(images.sif), "true")
+    quoted = spec.replace('"', '\\"')
+    want = f'FATAL:   While setting bind mount configuration: while parsing mount "{quoted}": {why}\n'
+    assert (res.returncode, res.stdout, res.stderr) == (255, "", want)
+
+
+def test_mount_ro_with_any_value_and_relative_destination(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """``ro=false`` still mounts read-only (Apptainer looks at the key alone); a relative
+    destination is Apptainer's line."""
+    res = hpcsif("exec", "--mount", f"src={pub_tmp},dst=/d,ro=false", str(images.sif), "touch", "/d/x")
+    assert res.returncode != 0 and "Read-only file system" in res.stderr
+    res = hpcsif("exec", "--mount", f"src={pub_tmp},dst=rel", str(images.sif), "true")
+    assert (res.returncode, res.stderr) == (
+        255,
+        f"FATAL:   container creation failed: unable to add {pub_tmp} to mount list: "
+        "destination must be an absolute path\n",
+    )
