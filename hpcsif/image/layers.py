@@ -1101,6 +1101,17 @@ class _Merger:
             return "whiteout"
         return None
 
+    def _claim_unhidden_parents(self, name: str, lay: _Layer) -> None:
+        """The parent directories of a whited-out entry stay, as extraction left them, down to
+        the one an upper whiteout removed or an upper opaque directory emptied."""
+        if "" in self.opaque:
+            return
+        stop = next((anc for anc in _ancestors(name) if anc in self.hidden or anc in self.opaque), None)
+        if stop is None or stop in self.opaque:
+            self._claim_parents(name if stop is None else f"{stop}/", lay)
+        else:
+            self._claim_parents(stop, lay)
+
     def _claim_parents(self, name: str, lay: _Layer) -> None:
         for anc in _ancestors(name):
             if anc not in self.claims:
@@ -1125,13 +1136,12 @@ class _Merger:
         if base.startswith(WHITEOUT_PREFIX):
             if base.startswith(_AUFS_META) and base != OPAQUE_MARKER:
                 return  # AUFS bookkeeping (.wh..wh.aufs, .wh..wh.plnk itself): never content
+            # a whiteout creates no directory (Apptainer's extraction makes none for it)
+            for anc in _ancestors(name):
+                self.whiteout_dirs.setdefault(anc, lay.level)
             if base == OPAQUE_MARKER:
-                if self._blocked(name, lay) is None:
-                    self._claim_parents(name, lay)  # the directory is the layer's: it stays
                 lay.opaque.add(parent)
             else:
-                for anc in _ancestors(name):
-                    self.whiteout_dirs.setdefault(anc, lay.level)
                 target = base[len(WHITEOUT_PREFIX) :]
                 if target in ("", ".", ".."):
                     raise LayerError(f"layer {lay.label}: invalid whiteout {ti.name!r}")
@@ -1160,6 +1170,8 @@ class _Merger:
         if not name and kind != "dir":
             raise LayerError(f"layer {lay.label}: the root entry {ti.name!r} is not a directory")
         reason = self._blocked(name, lay)
+        if reason == "whiteout":
+            self._claim_unhidden_parents(name, lay)
         claim = self.claims.get(name)
         if reason is None and claim is not None:
             reason = self._against_claim(lay, name, ti, kind, claim)

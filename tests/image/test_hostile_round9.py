@@ -340,3 +340,15 @@ def test_old_style_directories_named_by_long_names(tmp_path: Path, how: str) -> 
     tarfile did so only for the ustar name: a file, and the build failed on its child."""
     tree = _build_and_compare(tmp_path, [blob(tmp_path, _old_style_directory(how))], implied=True)
     assert tree[f"/{'d' if how == 'pax' else 'd' * 120}/child"] == "-rw-r--r-- 1"
+
+
+def test_whiteouts_create_no_directory_and_keep_their_entries_parents(tmp_path: Path) -> None:
+    """An opaque marker of a directory no layer has made that directory (hpcsif kept it); the
+    parent directories of a whited-out entry went with it (they stay after extraction)."""
+    lower = layer(tmp_path, [file("f", "F"), sym("p/q/z", "c"), file("o/t", "T")])
+    upper = layer(
+        tmp_path, [opaque("new"), opaque("f"), opaque("o/q"), whiteout("p/q/z"), opaque("o")], "zstd"
+    )
+    tree = _build_and_compare(tmp_path, [lower, upper], implied=True)
+    assert tree["/f"] == "-rw-r--r-- 1" and tree["/p/q"].startswith("d") and tree["/o"].startswith("d")
+    assert not {"/new", "/o/q", "/o/t", "/p/q/z"} & set(tree)
