@@ -69,11 +69,19 @@ _IMAGE_OPTIONS = ("image-src=", "id=")
 
 
 def _bind(fields: list[str], entry: str) -> Bind:
-    """One ``src[:dst[:opts]]`` entry, already split into its fields, as a bind."""
+    """One ``src[:dst[:opts]]`` entry, already split into its fields, as a bind (Apptainer's
+    lines, status 255, for what it refuses)."""
+
+    def refuse(why: str) -> EngineError:
+        return EngineError(
+            f"While setting bind mount configuration: while parsing bind path: while getting bind path: {why}"
+        )
+
     if len(fields) > 3:
-        raise UsageError(f"invalid bind {entry!r} (expected src[:dst[:ro|rw]])")
+        # (Apptainer's reader has taken the entry up to the third colon when it says so)
+        raise refuse(f'bad bind syntax "{":".join(fields[:3])}:": should be {":".join(fields[:3])}')
     src = os.path.abspath(fields[0]) if fields[0] else ""
-    dst = fields[1] if len(fields) > 1 and fields[1] else fields[0]
+    dst = fields[1] if len(fields) > 1 else fields[0]
     opts = fields[2].split(",") if len(fields) > 2 else ["rw"]
     for opt in opts:
         if opt.startswith(_IMAGE_OPTIONS):
@@ -81,12 +89,27 @@ def _bind(fields: list[str], entry: str) -> Bind:
                 f"bind option {opt!r} is not supported by hpcsif: image binds need --engine apptainer"
             )
         if opt not in _BIND_OPTIONS:
-            raise UsageError(f"invalid bind option {opt!r} in {entry!r} (expected ro or rw)")
+            raise refuse(f"{opt} is not a valid bind option")
     if not src:
-        raise UsageError(f"invalid bind {entry!r}: empty source")
+        raise refuse(f'empty bind source for bind path "{entry}"')
+    if not dst and len(fields) == 2:
+        raise unable_to_add(src, "mount point must contain a destination")
     if not dst.startswith("/"):
-        raise UsageError(f"invalid bind {entry!r}: the destination must be an absolute path")
+        raise unable_to_add(src, "destination must be an absolute path")
     return Bind(src, os.path.normpath(dst), readonly="ro" in opts)
+
+
+def unable_to_add(src: str, why: str) -> EngineError:
+    """Apptainer's error for a bind it cannot list (a relative destination …)."""
+    return EngineError(f"container creation failed: unable to add {src} to mount list: {why}")
+
+
+def mount_failure(src: str, dst: str, why: str) -> EngineError:
+    """Apptainer's error for a bind it cannot mount (*why*: the reason, as it words it)."""
+    return EngineError(
+        f"container creation failed: mount hook function failure: mount {src}->{dst} error: "
+        f"while mounting {src}: {why}"
+    )
 
 
 #: --mount field names and their aliases
@@ -147,8 +170,7 @@ def parse_mount(spec: str) -> Bind:
         raise refuse("mounts must specify a source and a destination")
     src = os.path.abspath(found["source"])
     if not found["destination"].startswith("/"):
-        why = "destination must be an absolute path"
-        raise EngineError(f"container creation failed: unable to add {src} to mount list: {why}")
+        raise unable_to_add(src, "destination must be an absolute path")
     return Bind(src, os.path.normpath(found["destination"]), readonly=readonly)
 
 
@@ -159,7 +181,7 @@ def check_sources(binds: list[Bind]) -> list[Bind]:
         if os.path.exists(b.src):
             kept.append(b)
         elif not b.optional:
-            raise EngineError(f"bind source {b.src} does not exist on the host (bind {b.src}:{b.dst})")
+            raise mount_failure(b.src, b.dst, f"mount source {b.src} doesn't exist")
     return kept
 
 

@@ -33,6 +33,7 @@ from hpcsif.engine.binds import (
     Bind,
     check_sources,
     default_binds,
+    mount_failure,
     parse_bind,
     parse_home,
     parse_mount,
@@ -355,7 +356,7 @@ class _Plan:
             binds.remove(home_bind)
             self.scratch_tmpfs.append(self.home)
         elif home_bind is not None and opts.home and not os.path.isdir(home_src):
-            raise EngineError(f"--home {opts.home}: could not mount {home_src}: not a directory")
+            raise mount_failure(home_src, self.home, f"could not mount {home_src}: not a directory")
         user_binds = _first_per_destination(
             [b for spec in opts.binds for b in parse_bind(spec)] + [parse_mount(spec) for spec in opts.mounts]
         )
@@ -606,14 +607,12 @@ class _Plan:
             if b not in self.user_binds or b.dev:
                 continue
             if place.startswith(("/proc/", "/sys/")):
-                raise EngineError(
-                    f"mount {b.src}->{b.dst} error: destination {b.dst} doesn't exist in container"
-                )
+                raise mount_failure(b.src, b.dst, f"destination {b.dst} doesn't exist in container")
             if any(b.dst.startswith(c.rstrip("/") + "/") for c in covers):
                 continue  # inside another mount: the image's entry there is hidden
             found = in_image(self.root, place)
             if found is not None and os.path.isdir(found) != os.path.isdir(b.src):
-                raise EngineError(f"mount {b.src}->{b.dst} error: could not mount {b.src}: not a directory")
+                raise mount_failure(b.src, b.dst, f"could not mount {b.src}: not a directory")
 
     def _host_underlays(self, covers: set[str]) -> None:
         """Mount points inside bound host directories that must not be made on the host.

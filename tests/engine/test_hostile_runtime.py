@@ -292,7 +292,10 @@ def test_test_script_that_is_a_directory_or_not_executable(run, hostile) -> None
 def test_user_bind_the_image_cannot_take(run, images: Images, pub_tmp: Path, dest: str, why: str) -> None:
     res = run("exec", "-B", f"{pub_tmp}:{dest}", str(images.sif), "/bin/true")
     assert res.returncode == 255
-    assert error_lines(res.stderr) == [f"FATAL:   mount {pub_tmp}->{dest} error: {why.format(src=pub_tmp)}"]
+    assert error_lines(res.stderr) == [
+        "FATAL:   container creation failed: mount hook function failure: "
+        f"mount {pub_tmp}->{dest} error: while mounting {pub_tmp}: {why.format(src=pub_tmp)}"
+    ]
 
 
 def test_user_bind_onto_the_root_is_skipped(run, images: Images, pub_tmp: Path) -> None:

@@ -169,7 +169,9 @@ def test_home_the_host_lacks_is_an_empty_private_directory(hpcsif, images: Image
     res = hpcsif("exec", "--home", f"{pub_tmp}/file", str(images.sif), "true")
     assert (res.returncode, res.stderr) == (
         255,
-        f"FATAL:   --home {pub_tmp}/file: could not mount {pub_tmp}/file: not a directory\n",
+        f"FATAL:   container creation failed: mount hook function failure: mount {pub_tmp}/file->"
+        f"{pub_tmp}/file error: while mounting {pub_tmp}/file: could not mount {pub_tmp}/file: "
+        "not a directory\n",
     )
 
 
@@ -298,3 +300,41 @@ def test_mount_ro_with_any_value_and_relative_destination(hpcsif, images: Images
         f"FATAL:   container creation failed: unable to add {pub_tmp} to mount list: "
         "destination must be an absolute path\n",
     )
+
+
+@pytest.mark.parametrize(
+    ("bind", "fatal"),
+    [
+        (
+            "{d}:/x:rx",
+            "While setting bind mount configuration: while parsing bind path: while getting bind path: "
+            "rx is not a valid bind option",
+        ),
+        (
+            "{d}:/x:ro:more",
+            "While setting bind mount configuration: while parsing bind path: while getting bind "
+            'path: bad bind syntax "{d}:/x:ro:": should be {d}:/x:ro',
+        ),
+        (
+            "{d}:",
+            "container creation failed: unable to add {d} to mount list: "
+            "mount point must contain a destination",
+        ),
+        (
+            "{d}/gone:/x",
+            "container creation failed: mount hook function failure: mount {d}/gone->/x error: "
+            "while mounting {d}/gone: mount source {d}/gone doesn't exist",
+        ),
+        (
+            "{d}:/proc/x",
+            "container creation failed: mount hook function failure: mount {d}->/proc/x error: "
+            "while mounting {d}: destination /proc/x doesn't exist in container",
+        ),
+    ],
+)
+def test_bind_errors_as_apptainer_words_them(
+    hpcsif, images: Images, pub_tmp: Path, bind: str, fatal: str
+) -> None:
+    """A ``-B`` that Apptainer refuses: its line, word for word, and its status 255."""
+    res = hpcsif("exec", "-B", bind.format(d=pub_tmp), str(images.sif), "true")
+    assert (res.returncode, res.stdout, res.stderr) == (255, "", f"FATAL:   {fatal.format(d=pub_tmp)}\n")
