@@ -238,7 +238,10 @@ def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
         path, _, mode = spec.rpartition(":") if spec.endswith((":ro", ":rw")) else (spec, "", "rw")
         p = Path(os.path.abspath(path))
         if not p.exists():
-            raise EngineError(f"failed to open overlay image {path}: no such file or directory")
+            raise EngineError(
+                f"while loading overlay images: failed to open overlay image {path}: failed to retrieve "
+                f"path for {path}: lstat {path}: no such file or directory"
+            )
         if not p.is_dir():
             raise UsageError(
                 f"--overlay {path} is not supported by hpcsif: overlay images (ext3, squashfs) need "
@@ -767,9 +770,15 @@ class _Plan:
         opts = self.opts
         scratch = [d.strip() for spec in opts.scratch for d in spec.split(",") if d.strip()]
         for d in scratch:
+            why = None
             if not d.startswith("/"):
                 why = "destination must be an absolute path"
-                raise EngineError(f"could not bind scratch directory {d} into container: {why}")
+            elif os.path.normpath(d).startswith(("/proc/", "/sys/")):
+                why = f"destination {d} doesn't exist in container"  # (bwrap's "Can't mkdir" else)
+            if why:
+                raise EngineError(
+                    f"container creation failed: could not bind scratch directory {d} into container: {why}"
+                )
         self.scratch_tmpfs = [] if opts.workdir else [os.path.normpath(d) for d in scratch]
         if not opts.workdir:
             return []
@@ -992,7 +1001,9 @@ def _resolv_conf(dns: str) -> str:
         try:
             ipaddress.ip_address(server)
         except ValueError:
-            raise UsageError(f"--dns: DNS nameserver {server!r} is not a valid IP address") from None
+            raise EngineError(
+                f"container creation failed: dns ip {server} is not a valid IP address"
+            ) from None
         lines.append(f"nameserver {server}\n")
     return "".join(lines)
 

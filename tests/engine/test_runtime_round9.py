@@ -338,3 +338,31 @@ def test_bind_errors_as_apptainer_words_them(
     """A ``-B`` that Apptainer refuses: its line, word for word, and its status 255."""
     res = hpcsif("exec", "-B", bind.format(d=pub_tmp), str(images.sif), "true")
     assert (res.returncode, res.stdout, res.stderr) == (255, "", f"FATAL:   {fatal.format(d=pub_tmp)}\n")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fatal"),
+    [
+        (["--dns", "1.1.1"], "container creation failed: dns ip 1.1.1 is not a valid IP address"),
+        (
+            ["-S", "/proc/x"],
+            "container creation failed: could not bind scratch directory /proc/x into container: "
+            "destination /proc/x doesn't exist in container",
+        ),
+        (
+            ["-S", "rel"],
+            "container creation failed: could not bind scratch directory rel into container: "
+            "destination must be an absolute path",
+        ),
+        (
+            ["--overlay", "/nonexistent/o"],
+            "while loading overlay images: failed to open overlay image /nonexistent/o: "
+            "failed to retrieve path for /nonexistent/o: lstat /nonexistent/o: no such file or directory",
+        ),
+    ],
+)
+def test_launch_errors_as_apptainer_words_them(hpcsif, images: Images, flags: list[str], fatal: str) -> None:
+    """What Apptainer refuses at start-up: its line and status 255 (``-S /proc/x`` was bwrap's
+    own "Can't mkdir" and a generic line; ``--dns`` a usage error, status 2)."""
+    res = hpcsif("exec", *flags, str(images.sif), "true")
+    assert (res.returncode, res.stdout, res.stderr) == (255, "", f"FATAL:   {fatal}\n")
