@@ -871,7 +871,7 @@ class _Plan:
         made = []
         # as in Apptainer, whose user binds come after these files, a user's bind of the file or
         # of a directory holding it (-B mine:/etc/passwd, -B dir:/etc) wins
-        users = [self.places[b.dst].rstrip("/") + "/" for b in self.user_binds]
+        users = [p.rstrip("/") + "/" for b in self.user_binds if (p := self.places.get(b.dst))]
 
         def user_bound(dest: str) -> bool:
             return any((dest + "/").startswith(u) for u in users)

@@ -366,3 +366,15 @@ def test_launch_errors_as_apptainer_words_them(hpcsif, images: Images, flags: li
     own "Can't mkdir" and a generic line; ``--dns`` a usage error, status 2)."""
     res = hpcsif("exec", *flags, str(images.sif), "true")
     assert (res.returncode, res.stdout, res.stderr) == (255, "", f"FATAL:   {fatal}\n")
+
+
+def test_unreachable_user_bind_is_skipped_not_an_internal_error(
+    hpcsif, images: Images, pub_tmp: Path
+) -> None:
+    """A user's bind below an image file (``/etc/passwd/x``) is skipped with the warning; the
+    check for user binds over the made files must not trip over it."""
+    res = hpcsif("exec", "-B", f"{pub_tmp}:/etc/passwd/x", str(images.sif), "/bin/true")
+    assert (res.returncode, res.stderr) == (
+        0,
+        "WARNING: Skipping mount /etc/passwd/x [binds]: /etc/passwd/x doesn't exist in container\n",
+    )
