@@ -7,6 +7,7 @@ directories with private empty ones and drops the current directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -23,13 +24,18 @@ class Bind:
     readonly: bool = False
     dev: bool = False  # a device node (bwrap --dev-bind)
     optional: bool = False  # skip silently when *src* is missing (defaults, GPU files)
+    #: an image bind: the path inside the file system image *src* to bind (``image-src=``)
+    image_src: str | None = None
+    #: an image bind: the SIF object id of the data partition (``id=``)
+    image_id: int | None = None
 
 
 def parse_bind(spec: str) -> list[Bind]:
     """Parse one ``-B`` value (comma-separated ``src[:dst[:opts]]`` entries) into binds.
 
     As in Apptainer: ``\\,`` and ``\\:`` escape a comma and a colon in a path; the options
-    (``ro``, ``rw``; ``ro`` wins) may be a comma-separated list; ``dst`` defaults to ``src`` as
+    (``ro``, ``rw``; ``ro`` wins; ``image-src=``, ``id=`` of an image bind) may be a
+    comma-separated list; ``dst`` defaults to ``src`` as
     given (a relative one is refused, as there). Relative sources are made absolute.
     """
     entries: list[tuple[str, list[str]]] = []  # (the entry as given, its fields)
@@ -63,7 +69,7 @@ def _bare_quote(spec: str) -> int | None:
     return None
 
 
-#: Apptainer's bind options; those of image binds are not supported here
+#: Apptainer's bind options, and those of image binds (:mod:`hpcsif.engine.data_images`)
 _BIND_OPTIONS = ("ro", "rw")
 _IMAGE_OPTIONS = ("image-src=", "id=")
 
@@ -83,12 +89,11 @@ def _bind(fields: list[str], entry: str) -> Bind:
     src = os.path.abspath(fields[0]) if fields[0] else ""
     dst = fields[1] if len(fields) > 1 else fields[0]
     opts = fields[2].split(",") if len(fields) > 2 else ["rw"]
+    image: dict[str, str] = {}
     for opt in opts:
         if opt.startswith(_IMAGE_OPTIONS):
-            raise UsageError(
-                f"bind option {opt!r} is not supported by hpcsif: image binds need --engine apptainer"
-            )
-        if opt not in _BIND_OPTIONS:
+            key, _, image[key] = opt.partition("=")
+        elif opt not in _BIND_OPTIONS:
             raise refuse(f"{opt} is not a valid bind option")
     if not src:
         raise refuse(f'empty bind source for bind path "{entry}"')
@@ -96,7 +101,22 @@ def _bind(fields: list[str], entry: str) -> Bind:
         raise unable_to_add(src, "mount point must contain a destination")
     if not dst.startswith("/"):
         raise unable_to_add(src, "destination must be an absolute path")
-    return Bind(src, os.path.normpath(dst), readonly="ro" in opts)
+    return _image_bind(Bind(src, os.path.normpath(dst), readonly="ro" in opts), image)
+
+
+def _image_bind(bind: Bind, image: dict[str, str]) -> Bind:
+    """*bind* made an image bind by its ``image-src``/``id`` options, if any (as in Apptainer,
+    either makes one; ``image-src`` defaults to the image's root, a relative one starts there)."""
+    if not image:
+        return bind
+    image_id = None
+    if "id" in image:
+        if not image["id"].isdigit():
+            why = f'strconv.ParseUint: parsing "{image["id"]}": invalid syntax'
+            raise EngineError(f"container creation failed: while parsing id bind option: {why}")
+        image_id = int(image["id"])
+    src_in_image = os.path.normpath("/" + image.get("image-src", "/").lstrip("/"))
+    return dataclasses.replace(bind, image_src=src_in_image, image_id=image_id)
 
 
 def unable_to_add(src: str, why: str) -> EngineError:
@@ -127,8 +147,8 @@ def parse_mount(spec: str) -> Bind:
 
     ``[type=bind,]source=SRC,destination=DST[,ro|readonly]``; ``src``, ``dst`` and ``target``
     are aliases. Fields are comma-separated CSV, so a path holding a comma can be quoted
-    (``"source=/a,b"``), as in Apptainer; what it refuses is its one line (status 255). Image
-    binds (``image-src=``, ``id=``) are refused as not supported here.
+    (``"source=/a,b"``), as in Apptainer; what it refuses is its one line (status 255).
+    ``image-src=`` and ``id=`` make an image bind, as in ``-B``.
     """
     import csv
 
@@ -145,6 +165,7 @@ def parse_mount(spec: str) -> Bind:
     except (csv.Error, StopIteration) as exc:
         raise refuse(f"error parsing mount: {exc}") from None
     found: dict[str, str] = {}
+    image: dict[str, str] = {}
     readonly = False
     for item in fields:
         key, _, value = item.partition("=")
@@ -158,9 +179,7 @@ def parse_mount(spec: str) -> Bind:
                 raise refuse(f"mount {_MOUNT_KEYS[key]} cannot be empty")
             found[_MOUNT_KEYS[key]] = value
         elif f"{key}=" in _IMAGE_OPTIONS:
-            raise UsageError(
-                f"--mount {key}= is not supported by hpcsif: image binds need --engine apptainer"
-            )
+            image[key] = value
         elif key == "bind-propagation":
             why = "not supported for individual mounts, check apptainer.conf for global setting"
             raise refuse(f"bind-propagation {why}")
@@ -171,7 +190,7 @@ def parse_mount(spec: str) -> Bind:
     src = os.path.abspath(found["source"])
     if not found["destination"].startswith("/"):
         raise unable_to_add(src, "destination must be an absolute path")
-    return Bind(src, os.path.normpath(found["destination"]), readonly=readonly)
+    return _image_bind(Bind(src, os.path.normpath(found["destination"]), readonly=readonly), image)
 
 
 def check_sources(binds: list[Bind]) -> list[Bind]:

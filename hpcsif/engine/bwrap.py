@@ -102,6 +102,10 @@ class BwrapEngine(Engine):
                 from hpcsif.engine.image_files import mount_root
 
                 root = mount_root(image, mounts)  # (checked readable: a damaged image fails there)
+            if any(p.is_file() for p in layers):
+                from hpcsif.engine.data_images import mount_overlay_image
+
+                layers = [mount_overlay_image(p, mounts) if p.is_file() else p for p in layers]
             # -w on a sandbox writes into it directly; an overlay directory keeps the changes
             rw_root = (opts.writable and opts.sandbox) or upper is not None or opts.writable_tmpfs
             if layers or (rw_root and not (opts.writable and opts.sandbox)):
@@ -110,14 +114,14 @@ class BwrapEngine(Engine):
                 if not which("fuse-overlayfs"):
                     why = "needed for --writable-tmpfs and --overlay"
                     raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", why)
-                points, files = _overlay_mount_points(root, image, opts, contrib, rw_root)
+                points, files = _overlay_mount_points(root, image, opts, contrib, rw_root, mounts)
                 mounts.append(overlay_mount(root, layers, upper, points, files))
                 root = mounts[-1].acquire()
                 layered = frozenset(files)
             for check in contrib.checks:
                 for line in check(str(root)):
                     log.warning("%s", line)
-            plan = _Plan(root, image, opts, contrib, rw_root=rw_root, layered=layered)
+            plan = _Plan(root, image, opts, contrib, mounts, rw_root=rw_root, layered=layered)
             argv = plan.argv()
             # with --no-init the payload is the namespace's PID 1 itself, not a child of bwrap's
             pidns = opts.pid_namespace and not opts.no_init
@@ -180,7 +184,12 @@ def _save_plan(recorder, plan: _Plan, bwrap: str, argv: list[str], mount: Shared
 
 
 def _overlay_mount_points(
-    lower: Path, image: Path, opts: LaunchOptions, contrib: HostContribution, rw_root: bool
+    lower: Path,
+    image: Path,
+    opts: LaunchOptions,
+    contrib: HostContribution,
+    rw_root: bool,
+    mounts: list[SharedMount],
 ) -> tuple[dict[str, bool], dict[str, bytes]]:
     """The mount points (path -> is a directory) the launch needs and the image lacks, and the
     default files (path -> content), for a layer of their own in the overlay (as Apptainer's
@@ -193,7 +202,7 @@ def _overlay_mount_points(
     """
     logging.disable(logging.WARNING)
     try:
-        probe = _Plan(lower, image, opts, contrib, rw_root=rw_root, probe=True)
+        probe = _Plan(lower, image, opts, contrib, mounts, rw_root=rw_root, probe=True)
         probe.argv()
         return probe.points, probe.files
     except (HpcsifError, OSError):
@@ -230,8 +239,12 @@ def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
     """``--overlay DIR[:ro]`` values as (read-only layers, lowest first; the writable directory).
 
     A read-only directory that holds ``upper/`` (written by an earlier writable use) contributes
-    that, as in Apptainer. Overlay image files (ext3, squashfs) are refused.
+    that, as in Apptainer. Image files are read-only layers (mounted by
+    :func:`hpcsif.engine.data_images.mount_overlay_image`): a squashfs file (with Apptainer's
+    warning unless ``:ro``), an ext3 one with ``:ro``; hpcsif never writes into an image.
     """
+    from hpcsif.sif.reader import bare_filesystem
+
     layers: list[Path] = []
     upper = None
     for spec in specs:
@@ -243,11 +256,17 @@ def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
                 f"path for {path}: lstat {path}: no such file or directory"
             )
         if not p.is_dir():
-            raise UsageError(
-                f"--overlay {path} is not supported by hpcsif: overlay images (ext3, squashfs) need "
-                "--engine apptainer; use an overlay directory or --writable-tmpfs"
-            )
-        if mode == "ro":
+            fstype = bare_filesystem(p)
+            if fstype == "squashfs" and mode != "ro":
+                log.warning("Overlay image %s is not writable, proceeding with read-only", p)
+            elif fstype != "squashfs" and not (fstype == "ext3" and mode == "ro"):
+                raise UsageError(
+                    f"--overlay {path} is not supported by hpcsif (it never writes into an image): "
+                    "a squashfs file or an ext3 one with :ro is a read-only layer; use an overlay "
+                    "directory, --writable-tmpfs or --engine apptainer"
+                )
+            layers.append(p)
+        elif mode == "ro":
             layers.append(p / "upper" if (p / "upper").is_dir() else p)
         elif upper is not None:
             raise UsageError("only one writable --overlay is possible; add :ro to the others")
@@ -306,6 +325,7 @@ class _Plan:
         image: Path,
         opts: LaunchOptions,
         contrib: HostContribution,
+        mounts: list[SharedMount],
         *,
         rw_root: bool = False,
         probe: bool = False,
@@ -363,6 +383,10 @@ class _Plan:
         user_binds = _first_per_destination(
             [b for spec in opts.binds for b in parse_bind(spec)] + [parse_mount(spec) for spec in opts.mounts]
         )
+        if any(b.image_src is not None for b in user_binds):
+            from hpcsif.engine.data_images import resolve_image_binds
+
+            user_binds = resolve_image_binds(user_binds, mounts)  # (mounted, held in *mounts*)
         binds += user_binds
         self.user_binds = user_binds
         # parents before children, so that a bind inside another bind's destination stays visible

@@ -162,6 +162,24 @@ def _user_runtime(user: TestUser) -> Path:
     return RUNTIME["user"]
 
 
+@pytest.fixture
+def img_dir(images) -> Path:
+    """A fresh directory for images, readable by the test user, writable by root only (the
+    engine refuses an image another user could replace)."""
+    d = Path(tempfile.mkdtemp(dir=images.base))
+    d.chmod(0o755)
+    return d
+
+
+def ext3_image(tree: Path, dest: Path, size_mb: int = 8, kind: str = "ext3") -> Path:
+    """An ext3 (or *kind*) file system image of *tree* at *dest*."""
+    with open(dest, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run([f"mkfs.{kind}", "-q", "-F", "-d", str(tree), str(dest)], check=True)
+    dest.chmod(0o644)
+    return dest
+
+
 def fuse_mounts() -> list[str]:
     """Lines of /proc/mounts for FUSE mounts under this session's runtime directories."""
     with open("/proc/mounts") as f:

@@ -21,7 +21,7 @@ import pytest
 
 from hpcsif.image.model import host_arch
 from tests.conftest import peer_apptainer
-from tests.engine.conftest import RUNTIME, catch_child, hpcsif_cmd
+from tests.engine.conftest import RUNTIME, catch_child, ext3_image, hpcsif_cmd
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,24 +37,6 @@ def _fatal(proc: subprocess.CompletedProcess) -> str:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("FATAL:   "), proc.stderr
     return lines[0].removeprefix("FATAL:   ")
-
-
-@pytest.fixture
-def img_dir(images) -> Path:
-    """A fresh directory for images, readable by the test user, writable by root only (the
-    engine refuses an image another user could replace)."""
-    d = Path(tempfile.mkdtemp(dir=images.base))
-    d.chmod(0o755)
-    return d
-
-
-def _ext3(tree: Path, dest: Path, size_mb: int = 8, kind: str = "ext3") -> Path:
-    """An ext3 (or *kind*) file system image of *tree* at *dest*."""
-    with open(dest, "wb") as f:
-        f.truncate(size_mb << 20)
-    subprocess.run([f"mkfs.{kind}", "-q", "-F", "-d", str(tree), str(dest)], check=True)
-    dest.chmod(0o644)
-    return dest
 
 
 def _overlay_sif(images, dest: Path) -> Path:
@@ -76,7 +58,7 @@ def _overlay_sif(images, dest: Path) -> Path:
     shutil.copy(images.sif, dest)
     spec = ObjectSpec(
         DataType.PARTITION,
-        path=_ext3(tree, dest.with_suffix(".ext3")),
+        path=ext3_image(tree, dest.with_suffix(".ext3")),
         fstype=FSType.EXT3,
         parttype=PartType.OVERLAY,
     )
@@ -242,7 +224,7 @@ def test_bare_squashfs_file(run, images, img_dir):
 
 
 def test_bare_ext3_image_is_read_only(run, images, img_dir):
-    ext3 = _ext3(images.sandbox, img_dir / "root.ext3", size_mb=16)
+    ext3 = ext3_image(images.sandbox, img_dir / "root.ext3", size_mb=16)
     before = ext3.read_bytes()
     res = run("exec", str(ext3), "sh", "-c", "cat /etc/group; touch /x 2>&1")
     assert res.returncode == 1 and res.stdout.splitlines()[0] == "root:x:0:", res.stderr
@@ -266,7 +248,7 @@ def test_bare_ext3_image_is_read_only(run, images, img_dir):
     )
     # as Apptainer: only ext3's features (an ext4 or a journal-less ext2 file system is refused)
     for kind in ("ext4", "ext2"):
-        other = _ext3(images.sandbox, img_dir / f"root.{kind}", size_mb=16, kind=kind)
+        other = ext3_image(images.sandbox, img_dir / f"root.{kind}", size_mb=16, kind=kind)
         assert (
             _fatal(run("exec", str(other), "true"))
             == f"could not open image {other}: file is not a valid ext3 image"
@@ -344,7 +326,7 @@ def test_inspect_bare_files_as_apptainer(images):
     try:
         sqfs = work / "root.sqfs"
         subprocess.run(["mksquashfs", str(images.sandbox), str(sqfs), "-quiet", "-no-progress"], check=True)
-        for image in (sqfs, _ext3(images.sandbox, work / "root.ext3", size_mb=16)):
+        for image in (sqfs, ext3_image(images.sandbox, work / "root.ext3", size_mb=16)):
             for args in (["inspect"], ["inspect", "--json", "--all"], ["inspect", "-r", "-e"], ["run-help"]):
                 ours = subprocess.run(hpcsif_cmd(*args, str(image)), capture_output=True, text=True)
                 theirs = subprocess.run([APPTAINER, *args, str(image)], capture_output=True, text=True)

@@ -251,8 +251,9 @@ def test_mount_flag(run, images, pub_tmp):
         '"type=volume,src=x,dst=/y": unsupported mount type "volume", only \'bind\' is supported',
     )
     res = run("exec", "--mount", f"src={pub_tmp},dst=/y,image-src=/", str(images.sif), "true")
-    want = "FATAL:   --mount image-src= is not supported by hpcsif: image binds need --engine apptainer"
-    assert (res.returncode, res.stderr.strip()) == (2, want)
+    why = "not supported image format"
+    want = f"FATAL:   container creation failed: could not use {pub_tmp} for image binding: {why}"
+    assert (res.returncode, res.stderr.strip()) == (255, want)
 
 
 def test_overlay_directory(unpriv_user, user_sandbox, images, pub_tmp):
@@ -273,7 +274,7 @@ def test_overlay_directory(unpriv_user, user_sandbox, images, pub_tmp):
     res = user_run(unpriv_user, "exec", "-o", str(img), str(images.sif), "true")
     assert res.returncode != 0
     assert res.stderr.strip().startswith(
-        f"FATAL:   --overlay {img} is not supported by hpcsif: overlay images"
+        f"FATAL:   --overlay {img} is not supported by hpcsif (it never writes into an image)"
     )
 
 

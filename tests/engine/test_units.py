@@ -27,8 +27,13 @@ def test_parse_bind():
     for bad in ("/a:b", "/a:/b:rx", "/a:/b:ro:x", ":/b", "rel", "rel::rw"):
         with pytest.raises(EngineError):  # Apptainer's lines, status 255
             parse_bind(bad)
-    with pytest.raises(UsageError):  # not supported here
-        parse_bind("/a:/b:image-src=/x")
+    # an image bind: the path in the image (from its root), the SIF object id
+    assert parse_bind("/a:/b:image-src=x,id=2,ro") == [
+        Bind("/a", "/b", readonly=True, image_src="/x", image_id=2)
+    ]
+    assert parse_bind("/a:/b:id=1")[0].image_src == "/"
+    with pytest.raises(EngineError, match="while parsing id bind option"):
+        parse_bind("/a:/b:id=x")
 
 
 def test_missing_bind_source_is_an_engine_error():
