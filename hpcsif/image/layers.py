@@ -56,15 +56,16 @@ Hostile layers, decided per case:
   the root is the root, as in Apptainer and Docker: ``../../x`` is ``x``);
 * a name component longer than 255 bytes -> ``LayerError`` (no file system can hold it);
 * a symlink target of 4096 bytes or more -> ``LayerError`` (``symlink(2)`` refuses it);
-* an entry below a symlink of the *same* layer goes where the symlink points, resolved
-  inside the root, as Apptainer (umoci, securejoin) extracts it; below another
-  non-directory of the same layer -> ``LayerError``; below a non-directory of an *upper*
-  layer it is hidden;
+* an entry below a symlink of the *same* layer (even one an upper layer hides) goes where
+  the symlink points, resolved inside the root, as Apptainer (umoci, securejoin) extracts
+  it; below another non-directory of the same layer it replaces that with a directory, as
+  Apptainer's extraction does; below a non-directory of an *upper* layer it is hidden;
 * a hard link to a missing target, to a directory or to itself -> ``LayerError``; so is one
   to a file that a whiteout, an opaque directory or a non-directory of its own layer (before
   it) or of a layer between it and the target removed, as in Apptainer, which extracts layer
   after layer: the link would bring back a file the image deleted. A directory that replaces
   a non-directory of its own layer starts empty (the non-directory removed the lower one);
+  a hard link that a later entry or an upper layer replaces still needs its target;
 * an entry placed through more than 255 symlinks (Apptainer's securejoin limit), a damaged
   tar header after the first member, or a PAX path with a NUL byte -> ``LayerError`` (tarfile
   would take the bad header for the end of the layer and cut the name at the NUL);
@@ -951,6 +952,9 @@ class _Layer:
         # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
         # layers below from the end of this one (a later entry of this layer is no target)
         self.awaiting: dict[str, list[tuple[str, str]]] = {}
+        # targets in lower layers of hard links that a later entry of this layer replaced: the
+        # link needs no content, yet extraction made it, so the target must be there
+        self.required: dict[str, tuple[str, str]] = {}
 
 
 _Sink = _TarSink | _DirSink
@@ -986,6 +990,7 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
     A hard link made to a file before the file is replaced keeps the replaced file's content.
     """
     names: list[tuple[str, bool]] = []
+    symlinks: set[int] = set()  # what lies below a symlink of the layer goes through it
     link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
     links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
     stream = _LayerStream(blob, verify=False)
@@ -995,6 +1000,8 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
                 tf.members.clear()
                 name = _normalise(ti.name, blob)
                 names.append((name, ti.isdir()))
+                if ti.issym():
+                    symlinks.add(i)
                 links.pop(name, None)
                 if ti.islnk():
                     target = _normalise(ti.linkname, blob)
@@ -1005,16 +1012,21 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
         stream.close()
     last: dict[str, int] = {}
     last_nondir: dict[str, int] = {}
+    last_below: dict[str, int] = {}  # name -> the last member below it
     for i, (name, is_dir) in enumerate(names):
         last[name] = i
         if not is_dir:
             last_nondir[name] = i
+        for anc in _ancestors(name):
+            last_below[anc] = i
     replaced = frozenset(
         i
         for i, (name, is_dir) in enumerate(names)
-        # replaced by a later occurrence (a directory over a directory merges) or removed with
-        # an ancestor that a later non-directory replaces
+        # replaced by a later occurrence (a directory over a directory merges), by the
+        # directory a later member below it needs, or removed with an ancestor that a later
+        # non-directory replaces
         if (last[name] != i and not (is_dir and names[last[name]][1]))
+        or (not is_dir and i not in symlinks and last_below.get(name, -1) > i)
         or any(last_nondir.get(anc, -1) > i for anc in _ancestors(name))
     )
     kept: dict[int, str] = {}
@@ -1023,16 +1035,20 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
     # walking back: name -> the ordinal of its next occurrence, of its next non-directory
     following: dict[str, int] = {}
     following_nondir: dict[str, int] = {}
+    following_below: dict[str, int] = {}
     for i in range(len(names) - 1, -1, -1):
         name, is_dir = names[i]
-        # the member is gone at its next occurrence, or where a non-directory takes an ancestor
+        # the member is gone at its next occurrence, at the next member below it (a directory
+        # replaces it), or where a non-directory takes an ancestor
         end = min(
-            [following.get(name, len(names))]
+            [following.get(name, len(names)), following_below.get(name, len(names))]
             + [following_nondir[anc] for anc in _ancestors(name) if anc in following_nondir]
         )
         following[name] = i
         if not is_dir:
             following_nondir[name] = i
+        for anc in _ancestors(name):
+            following_below[anc] = i
         if is_dir or i not in replaced:
             continue
         keepers = [j for j in link_ordinals.get(name, ()) if i < j < end and j not in replaced]
@@ -1060,6 +1076,7 @@ class _Merger:
         self.hidden: set[str] = set()  # whiteouts of the layers above
         self.opaque: set[str] = set()
         self.pending: dict[str, list[tuple[str, str]]] = {}  # lower link target -> [(name, layer)]
+        self.required: dict[str, tuple[str, str]] = {}  # lower targets of replaced links (_Layer)
         self.pending_dirs: set[str] = set()  # the ancestors of every target that was pending
         self.links: list[tuple[str, str]] = []
         self.through: dict[str, tuple[int, str]] = {}  # lower symlinks known to be written through
@@ -1091,12 +1108,13 @@ class _Merger:
                 return "whiteout"
             claim = self.claims.get(anc)
             if claim is not None and not claim & 1:
-                if claim >> 1 == lay.level:
-                    raise LayerError(
-                        f"layer {lay.label}: entry {name!r} lies below the non-directory {anc!r} of the "
-                        "same layer (writing through a symlink)"
-                    )
-                return "shadowed"
+                if claim >> 1 != lay.level:
+                    return "shadowed"
+                # below a non-directory of its own layer: Apptainer's extraction replaces that
+                # with a directory (hpcsif refused the layer)
+                self._take_back(lay, anc, False)
+                self.claims[anc] = lay.level * 2 + 1
+                lay.opaque.add(anc)  # what the layers below had there went with the non-directory
         if name in self.hidden:
             return "whiteout"
         return None
@@ -1164,6 +1182,10 @@ class _Merger:
             # a directory where this layer had a non-directory: tar extraction removed the lower
             # layers' directory (children and all) for that one, and this one starts empty
             lay.opaque.add(name)
+        if name in self.required:
+            link, label = self.required.pop(name)
+            if kind == "dir":
+                raise LayerError(f"layer {label}: hard link {link!r} points at directory {name!r}")
         if name in self.pending:
             self._resolve_pending(lay, name, ti, kind, data)
             return
@@ -1180,10 +1202,12 @@ class _Merger:
         if reason is not None:
             if reason != "merged":
                 self.stats.skip(reason)
-            if kind == "lnk":
-                lay.state[name] = self._link_target(lay, name, ti)
+            if kind == "lnk":  # made all the same: its target must be there
+                lay.state[name] = self._require(lay, name, ti)
             elif kind != "dir":
                 lay.state[name] = _HIDDEN
+                if kind == "sym":  # the layer's later entries below it go where it points
+                    lay.symlinks[name] = _link_path(name, ti.linkname)
             return
         self._claim_parents(name, lay)
         self.claims[name] = lay.level * 2 + (kind == "dir")
@@ -1223,6 +1247,12 @@ class _Merger:
         if is_dir and kind == "dir":
             self.dirs[name] = (lay.level, ti)
             return "merged"
+        self._take_back(lay, name, is_dir)
+        return None
+
+    def _take_back(self, lay: _Layer, name: str, is_dir: bool) -> None:
+        """Withdraw entry ``name`` of layer ``lay``, which a later entry of the layer replaces
+        (``is_dir``: it is a directory), or ask for a second pass that skips it."""
         if name in lay.written or is_dir:  # content already streamed, or a directory (maybe with children)
             if lay.replaced:  # the pre-scan of an earlier pass did not settle it
                 raise LayerError(
@@ -1243,10 +1273,11 @@ class _Merger:
         lay.symlinks.pop(name, None)
         target = lay.state.get(name)
         if isinstance(target, str):  # an earlier hard link: withdraw its request for content
+            if any(user == name for user, _ in lay.awaiting.get(target, [])):
+                lay.required.setdefault(target, (name, lay.label))
             for requests in (lay.awaiting.get(target, []), lay.rereads.get(target, [])):
                 requests[:] = [r for r in requests if (r[0] if isinstance(r, tuple) else r) != name]
         self.stats.skip("duplicate")
-        return None
 
     def _keep_for_links(self, lay: _Layer, name: str, held: tuple[tarfile.TarInfo, str]) -> None:
         """Hard links of this layer to ``name``, a contentless entry that a later one replaces,
@@ -1309,6 +1340,17 @@ class _Merger:
         else:  # not in this layer so far: the nearest lower layer that has it
             lay.awaiting.setdefault(target, []).append((name, lay.label))
 
+    def _require(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
+        """The target of hard link ``name`` (``ti``), which a later entry of its layer or an upper
+        layer replaces: it was made, so its target must exist (Apptainer fails otherwise)
+        though it needs no content."""
+        target = self._link_target(lay, name, ti)
+        if lay.state.get(target) is None:
+            if self._removed_by(lay, target):
+                raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
+            lay.required.setdefault(target, (name, lay.label))
+        return target
+
     def _removed_by(self, lay: _Layer, target: str) -> bool:
         """True if layer ``lay`` (so far) removed what the layers below have at ``target``: a
         whiteout of it or of a directory above it, an opaque directory above it, or a
@@ -1368,10 +1410,14 @@ class _Merger:
         self.links += lay.links.items()
         self.hidden |= lay.whiteouts
         self.opaque |= lay.opaque
-        for target, users in self.pending.items():  # links of upper layers to a file this one removed
+        # links of upper layers to a file this one removed
+        for target, (name, label) in [(t, users[0]) for t, users in self.pending.items()] + list(
+            self.required.items()
+        ):
             if self._removed_by(lay, target):
-                name, label = users[0]
                 raise LayerError(f"layer {label}: hard link {name!r} points at missing file {target!r}")
+        for target, user in lay.required.items():
+            self.required.setdefault(target, user)
         for target, links in lay.awaiting.items():
             if links:
                 self.pending.setdefault(target, []).extend(links)
@@ -1411,9 +1457,9 @@ class _Merger:
 
     def finish(self) -> None:
         """Write hard links, then every directory (deepest first), then the root."""
-        if self.pending:
-            target, users = next(iter(self.pending.items()))
-            name, label = users[0]
+        missing = [(t, users[0]) for t, users in self.pending.items()] + list(self.required.items())
+        if missing:
+            target, (name, label) = missing[0]
             raise LayerError(f"layer {label}: hard link {name!r} points at missing file {target!r}")
         for name, target in self.links:
             self.sink.link(name, target)
@@ -1440,6 +1486,8 @@ class _Merger:
                         host = lay.repeats.kept.get(ordinal)
                         if host is None:
                             self.stats.skip("duplicate")
+                            if ti.islnk():  # replaced, yet made: its target must be there
+                                self._require(lay, _normalise(ti.name, blob), ti)
                             continue
                         ti.name = host  # hard links kept it: it goes under the first one's name
                     elif ordinal in lay.repeats.absorbed:  # that first link: it is the file now

@@ -352,3 +352,45 @@ def test_whiteouts_create_no_directory_and_keep_their_entries_parents(tmp_path: 
     tree = _build_and_compare(tmp_path, [lower, upper], implied=True)
     assert tree["/f"] == "-rw-r--r-- 1" and tree["/p/q"].startswith("d") and tree["/o"].startswith("d")
     assert not {"/new", "/o/q", "/o/t", "/p/q/z"} & set(tree)
+
+
+def test_entries_below_a_non_directory_of_their_layer_make_it_a_directory(tmp_path: Path) -> None:
+    """As Apptainer's extraction: a file, FIFO or hard link that a later entry of its layer
+    lies below becomes a directory (hpcsif refused the layer); a symlink of the layer that an
+    upper layer hides still leads its layer's later entries (they went below the hidden name)."""
+    fifo = tarfile.TarInfo("f3")
+    fifo.type = tarfile.FIFOTYPE
+    entries = [file("f1", "F"), file("f1/x", "1"), file("f2"), file("f2/x", "22"), fifo, file("f3/x", "333")]
+    entries += [
+        file("t", "T"),
+        link("f4", "t"),
+        file("f4/x", "4444"),
+        d("c"),
+        sym("a", "c"),
+        file("a/x", "5"),
+    ]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries), layer(tmp_path, [d("a")])], implied=True)
+    assert [tree[f"/f{i}/x"] for i in (1, 2, 3, 4)] == [f"-rw-r--r-- {i}" for i in (1, 2, 3, 4)]
+    assert tree["/t"] == "-rw-r--r-- 1" and tree["/c/x"] == "-rw-r--r-- 1" and "/a/x" not in tree
+
+
+# hard links that were made (so their target had to be there) though a later entry of their
+# layer, or an upper layer, replaces them: (layers, bottom first)
+REPLACED_LINKS_TO_NOTHING = {
+    "replaced-later": [[whiteout("y")], [link("h", "missing"), file("h", "1")]],
+    "hidden-by-an-upper-layer": [[link("h", "missing"), file("s", "S")], [file("h", "H")]],
+    "replaced-on-the-second-pass": [[file("h", "22"), link("h", "missing"), file("h", "333")]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLACED_LINKS_TO_NOTHING))
+def test_replaced_hard_links_still_need_their_target(tmp_path: Path, case: str) -> None:
+    """Apptainer fails ('link: no such file or directory'); hpcsif built the image."""
+    layers = [layer(tmp_path, entries) for entries in REPLACED_LINKS_TO_NOTHING[case]]
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _hpcsif_build(out / "x.sif", _archive(tmp_path, layers))
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert p.returncode != 0 and len(fatal) == 1, p.stderr
+    assert "hard link 'h' points at missing file 'missing'" in fatal[0]
+    assert list(out.iterdir()) == []
