@@ -131,10 +131,21 @@ export PATH LD_LIBRARY_PATH PS1 PROMPT_COMMAND
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
 unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
+# a script whose #! interpreter the image lacks fails with Apptainer's line, not the shell's
+__interp() {
+  __l=; IFS= read -r __l < "$1" 2>/dev/null
+  case $__l in
+  '#!'*)
+    set -f; set -- "$1" ${__l#??}; set +f
+    if [ -n "${2:-}" ] && [ ! -x "$2" ]; then
+      echo "FATAL:   exec $1 failed: a shared library is likely missing in the image" >&2; exit 255
+    fi ;;
+  esac
+}
 case $__a in
 exec)
   unset __a __app
-@EXEC_RESOLVED@ ;;
+@EXEC_CHECKED@ ;;
 run)
   __r=/.singularity.d/runscript
   if [ -n "$__app" ]; then
@@ -144,7 +155,7 @@ run)
   unset __a __app
   # as Apptainer: a directory is an error, a runscript that is not executable is none at all
   if [ -d "$__r" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
-  if [ -x "$__r" ]; then exec "$__r" "$@"; fi
+  if [ -x "$__r" ]; then __interp "$__r"; exec "$__r" "$@"; fi
   echo "INFO:    No runscript found in container, executing /bin/sh" >&2
   exec /bin/sh "$@" ;;
 test)
@@ -155,7 +166,8 @@ test)
   fi
   unset __a __app
   if [ -d "$__r" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
-  if [ -f "$__r" ] && [ -x "$__r" ]; then exec /bin/sh "$__r" "$@"; fi
+  # (run by its own #! line, as Apptainer runs it)
+  if [ -f "$__r" ] && [ -x "$__r" ]; then __interp "$__r"; exec "$__r" "$@"; fi
   # both lines, as Apptainer 1.4 prints them (its own, then its action script's on stdout)
   echo "INFO:    No test script found in container, exiting" >&2
   echo "No test found in container, executing /bin/sh -c true"; exit 0 ;;
@@ -166,7 +178,9 @@ shell)
   if [ -x /bin/bash ]; then export SHELL=/bin/bash; exec /bin/bash --norc "$@"; fi
   export SHELL=/bin/sh; exec /bin/sh "$@" ;;
 esac
-""".replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " ")).replace("@EXEC_RESOLVED@", EXEC_RESOLVED)
+""".replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " ")).replace(
+    "@EXEC_CHECKED@", EXEC_RESOLVED.replace('shift; exec "$__c"', '__interp "$__c"; shift; exec "$__c"')
+)
 
 
 def initial_environ() -> list[bytes]:
