@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import peer_apptainer
 from tests.engine.conftest import Images, as_user, fuse_mounts, hpcsif_cmd
 
 pytestmark = pytest.mark.slow
@@ -378,3 +380,33 @@ def test_unreachable_user_bind_is_skipped_not_an_internal_error(
         0,
         "WARNING: Skipping mount /etc/passwd/x [binds]: /etc/passwd/x doesn't exist in container\n",
     )
+
+
+def test_root_view_as_the_peer_shows_it(images: Images, unpriv_user) -> None:
+    """Root from /usr, reading a user's private file: the same output from Apptainer 1.4."""
+    exe = peer_apptainer()
+    if exe is None:
+        pytest.skip("neither apptainer nor peer-apptainer on PATH")
+    base = Path(tempfile.mkdtemp(prefix="hpcsif-round9-", dir="/tmp"))  # (the peer sees /tmp)
+    try:
+        base.chmod(0o755)
+        sif = Path(shutil.copy(images.sif, base / "bb.sif"))
+        private = base / "private"
+        private.write_text("only theirs\n")
+        private.chmod(0o600)
+        os.chown(private, unpriv_user.uid, unpriv_user.gid)
+        script = f"pwd; ls; stat -c %u:%g {private}; cat {private}; id -u"
+        outs = []
+        for cmd in (
+            hpcsif_cmd("exec", str(sif), "sh", "-c", script),
+            [exe, "exec", str(sif), "sh", "-c", script],
+        ):
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd="/usr", timeout=120)
+            outs.append((res.returncode, res.stdout))
+        assert (
+            outs[0]
+            == outs[1]
+            == (0, f"/usr\nbin\nlib\n{unpriv_user.uid}:{unpriv_user.gid}\nonly theirs\n0\n")
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
