@@ -98,7 +98,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, TypeVar
 
 from hpcsif.errors import (
     DuplicateEntryError,
@@ -1670,16 +1670,31 @@ def extract_tree(layers: Sequence[LayerBlob], dest: Path, *, extra: Sequence[Ext
     elif not dest.is_dir() or dest.is_symlink() or any(dest.iterdir()):
         raise LayerError(f"sandbox destination {dest} exists and is not an empty directory")
     try:
-        for _ in range(MergeAgainError.passes - 1):
-            try:
-                return _extract(layers, dest, extra)
-            except MergeAgainError as e:  # repeated names or lower symlinks are known now
-                log.info("%s", e)
-        return _extract(layers, dest, extra)
+        return merge_passes(lambda: _extract(layers, dest, extra))
     except BaseException:
         if created:
             shutil.rmtree(dest, ignore_errors=True)
         raise
+
+
+#: most passes of one merge: each pass that asks for another (:class:`MergeAgainError`) has
+#: learnt the repeated names of one more layer or the lower symlinks that layers write through
+MERGE_PASSES = 16
+_T = TypeVar("_T")
+
+
+def merge_passes(merge: Callable[[], _T]) -> _T:
+    """``merge()`` again while it raises :class:`MergeAgainError`, up to :data:`MERGE_PASSES`
+    passes (an image with several layers that repeat names needs a pass for each)."""
+    for _ in range(MERGE_PASSES - 1):
+        try:
+            return merge()
+        except MergeAgainError as e:  # repeated names or lower symlinks are known now
+            log.info("%s", e)
+    try:
+        return merge()
+    except MergeAgainError as e:
+        raise LayerError(f"the layers could not be merged in {MERGE_PASSES} passes: {e}") from e
 
 
 def _extract(layers: Sequence[LayerBlob], dest: Path, extra: Sequence[ExtraFile]) -> FlattenStats:

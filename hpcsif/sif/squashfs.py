@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from hpcsif.errors import MergeAgainError, MissingToolError, SquashfsError, WideDirectoryError
+from hpcsif.errors import MissingToolError, SquashfsError, WideDirectoryError
 from hpcsif.sif.superblock import superblock_ok
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,9 @@ def squashfs_from_tar(
     """
     dest = Path(dest)
     lvl = _level(compression, level)
-    for _ in range(MergeAgainError.passes - 1):
-        try:
-            return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
-        except MergeAgainError as e:
-            log.info("%s", e)
-    return _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir)
+    from hpcsif.image.layers import merge_passes
+
+    return merge_passes(lambda: _from_tar(tar_stream_writer, dest, compression, lvl, jobs, tmpdir))
 
 
 def _from_tar(

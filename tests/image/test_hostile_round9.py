@@ -394,3 +394,19 @@ def test_replaced_hard_links_still_need_their_target(tmp_path: Path, case: str) 
     assert p.returncode != 0 and len(fatal) == 1, p.stderr
     assert "hard link 'h' points at missing file 'missing'" in fatal[0]
     assert list(out.iterdir()) == []
+
+
+def test_many_layers_that_repeat_names(tmp_path: Path) -> None:
+    """Each such layer needs a pass of its own: the third failed with 'converting again'."""
+    layers = [layer(tmp_path, [file(f"d{i}", "A" * (i + 2)), file(f"d{i}", "B")]) for i in range(5)]
+    tree = _build_and_compare(tmp_path, layers)
+    assert all(tree[f"/d{i}"] == "-rw-r--r-- 1" for i in range(5))
+    box = tmp_path / "box"
+    p = subprocess.run(
+        ["hpcsif", "build", "--sandbox", str(box), f"oci-archive:{tmp_path / 'image.oci-archive.tar'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert all((box / f"d{i}").read_text() == "B" for i in range(5))
