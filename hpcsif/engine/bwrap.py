@@ -84,6 +84,9 @@ class BwrapEngine(Engine):
         check_user_namespaces()
         refuse_apptainer_only(opts)
         _check_network(opts)
+        if opts.writable and opts.writable_tmpfs:
+            # (--writable wins below: a writable sandbox is written directly)
+            log.warning("Disabling --writable-tmpfs flag, mutually exclusive with --writable")
         if opts.writable and not opts.sandbox:
             from hpcsif.engine.image_files import refuse_writable
 
@@ -728,8 +731,20 @@ class _Plan:
         """
         kept = []
         home_bound = not self.opts.no_home and (self.opts.home or "home" not in self.opts.no_mount)
+
+        def in_bound_directory(b: Bind) -> bool:
+            # below another bind of a host directory (the working directory in the host's
+            # /tmp): as in Apptainer, the image need not have it
+            return any(
+                c is not b
+                and b.dst.startswith(c.dst.rstrip("/") + "/")
+                and os.path.isdir(c.src)
+                and missing_parent(self.root, c.dst) is None
+                for c in binds
+            )
+
         for b in binds:
-            if missing_parent(self.root, b.dst) is None or b.dev:
+            if missing_parent(self.root, b.dst) is None or b.dev or in_bound_directory(b):
                 kept.append(b)
             elif strict and (b in user_binds or (home_bound and b.dst == self.home)):
                 raise EngineError(

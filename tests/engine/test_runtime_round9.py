@@ -410,3 +410,26 @@ def test_root_view_as_the_peer_shows_it(images: Images, unpriv_user) -> None:
         )
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_writable_sandbox_from_a_directory_in_the_hosts_tmp(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """``-w`` on a sandbox, started in a directory of the host's /tmp (bound, so there already):
+    no "Skipping mount" warning for it, as in Apptainer; ``--writable-tmpfs`` with ``-w`` is
+    Apptainer's warning, and ``-w`` wins."""
+    pub_tmp.chmod(0o755)  # (a sandbox in a directory every user may write is refused)
+    sandbox = pub_tmp / "rw"
+    shutil.copytree(images.sandbox, sandbox, symlinks=True)
+    if hpcsif.user:
+        for p in [sandbox, *sandbox.rglob("*")]:
+            os.lchown(p, hpcsif.user.uid, hpcsif.user.gid)
+    work = Path(tempfile.mkdtemp(dir="/tmp"))
+    work.chmod(0o777)
+    try:
+        flags = ["-w", "--writable-tmpfs", "--no-home"]  # (the sandbox has no home for the user)
+        res = hpcsif("exec", *flags, str(sandbox), "sh", "-c", "pwd; touch /made", cwd=work)
+        assert (res.returncode, res.stdout) == (0, f"{work}\n"), res.stderr
+        lines = [ln for ln in res.stderr.splitlines() if "/etc/localtime" not in ln]  # (the image has none)
+        assert lines == ["WARNING: Disabling --writable-tmpfs flag, mutually exclusive with --writable"]
+        assert (sandbox / "made").exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
