@@ -1017,8 +1017,9 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
         last[name] = i
         if not is_dir:
             last_nondir[name] = i
-        for anc in _ancestors(name):
-            last_below[anc] = i
+        if not posixpath.basename(name).startswith(WHITEOUT_PREFIX):  # whiteouts need no directory
+            for anc in _ancestors(name):
+                last_below[anc] = i
     replaced = frozenset(
         i
         for i, (name, is_dir) in enumerate(names)
@@ -1047,8 +1048,9 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
         following[name] = i
         if not is_dir:
             following_nondir[name] = i
-        for anc in _ancestors(name):
-            following_below[anc] = i
+        if not posixpath.basename(name).startswith(WHITEOUT_PREFIX):
+            for anc in _ancestors(name):
+                following_below[anc] = i
         if is_dir or i not in replaced:
             continue
         keepers = [j for j in link_ordinals.get(name, ()) if i < j < end and j not in replaced]
@@ -1125,10 +1127,12 @@ class _Merger:
         if "" in self.opaque:
             return
         stop = next((anc for anc in _ancestors(name) if anc in self.hidden or anc in self.opaque), None)
-        if stop is None or stop in self.opaque:
-            self._claim_parents(name if stop is None else f"{stop}/", lay)
-        else:
+        if stop is None:
+            self._claim_parents(name, lay)
+        elif stop in self.hidden:
             self._claim_parents(stop, lay)
+        else:  # the opaque directory stays
+            self._claim_parents(f"{stop}/", lay)
 
     def _claim_parents(self, name: str, lay: _Layer) -> None:
         for anc in _ancestors(name):
@@ -1178,6 +1182,8 @@ class _Merger:
             raise LayerError(
                 f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
             )
+        if kind != "sym" and name in self.found and self.found[name][0] == lay.level:
+            del self.found[name]  # a later entry of the symlink's layer replaced it
         if kind == "dir" and (name in lay.state or name in lay.replaced_nondirs):
             # a directory where this layer had a non-directory: tar extraction removed the lower
             # layers' directory (children and all) for that one, and this one starts empty
@@ -1302,8 +1308,11 @@ class _Merger:
         """Note the symlink ``name``: upper layers put entries or whiteouts below it without an
         entry of their own for it, so extraction (Apptainer's, containerd's) writes them through it.
         """
-        if name not in self.through:  # the topmost symlink there is the one written through
-            self.found.setdefault(name, (lay.level, _link_path(name, ti.linkname)))
+        if name in self.through:
+            return
+        hit = self.found.get(name)
+        if hit is None or hit[0] == lay.level:  # the topmost layer's (its last) symlink there
+            self.found[name] = (lay.level, _link_path(name, ti.linkname))
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
@@ -1425,7 +1434,9 @@ class _Merger:
 
     def reread(self, lay: _Layer) -> None:
         """Read ``lay`` again for link targets that an upper layer hides."""
-        wanted = lay.rereads
+        wanted = {target: names for target, names in lay.rereads.items() if names}  # some withdrawn
+        if not wanted:
+            return
         stream = _LayerStream(lay.blob, verify=False)
         try:
             with _open_tar(stream) as tf:

@@ -410,3 +410,28 @@ def test_many_layers_that_repeat_names(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stderr
     assert all((box / f"d{i}").read_text() == "B" for i in range(5))
+
+
+# (layers, bottom first; a path that must be there, one that must not)
+ODD_MERGES = {
+    # a whiteout below a file is no reason for a directory there (on the second pass the file went)
+    "whiteout-below-a-file": ([[file("b"), whiteout("b/x"), file("c", "1"), file("c", "22")]], "/b", "/b/x"),
+    # an upper layer whites out and empties 'a': no directory stays
+    "whited-out-and-opaque": ([[file("a/x/z", "1")], [opaque("a"), whiteout("a")]], "/etc", "/a"),
+    # the symlink's own layer replaced it with a directory: nothing goes through it
+    "symlink-replaced-in-its-layer": ([[sym("a/x", "/a"), d("a/x")], [file("a/x/z", "1")]], "/a/x/z", "/a/z"),
+    # a link to a file an upper layer hides, then replaced: hpcsif crashed (IndexError)
+    "withdrawn-link-to-a-hidden-file": (
+        [[file("t", "T"), link("h", "t"), file("h", "HH")], [file("t", "U")]],
+        "/h",
+        "/x",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_MERGES))
+def test_odd_merges_found_by_a_differential_fuzzer(tmp_path: Path, case: str) -> None:
+    """Random layer stacks built by hpcsif and Apptainer (tree compared): these differed."""
+    stacks, there, absent = ODD_MERGES[case]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries) for entries in stacks], implied=True)
+    assert there in tree and absent not in tree
