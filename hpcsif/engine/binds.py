@@ -236,8 +236,10 @@ def default_binds(
     home_given: bool,
     cwd: str | None,
     no_mount: list[str] | tuple[str, ...] = (),
+    cwd_dst: str | None = None,
 ) -> list[Bind]:
-    """Apptainer's default host binds (see module docstring); *cwd* None: do not bind it.
+    """Apptainer's default host binds (see module docstring); *cwd* None: do not bind it, else
+    it is bound at *cwd_dst* (default: *cwd*; the name ``$PWD`` gives it, see :func:`logical_cwd`).
 
     Under ``--contain`` the home directory is bound only when ``--home`` named one (*home_given*).
     *no_mount* (``--no-mount``) leaves out ``home`` (unless named by ``--home``), ``tmp``,
@@ -254,13 +256,23 @@ def default_binds(
     if not no_home and (home_given or (not contain and "home" not in no_mount)):
         binds.append(Bind(home_src, home_dst, optional=not home_given))
     if cwd and not contain and "cwd" not in no_mount:
-        binds.append(Bind(cwd, cwd, optional=True))
+        binds.append(Bind(cwd, cwd_dst or cwd, optional=True))
     return [b for b in binds if b.dst not in no_mount]
 
 
 #: directories of the operating system that Apptainer never binds as the current directory
 _SYSTEM_DIRS = ("/", "/etc", "/bin", "/mnt", "/usr", "/var", "/opt", "/sbin", "/lib", "/lib64")
 _VIRTUAL_DIRS = ("/sys", "/proc", "/dev")
+
+
+def logical_cwd(cwd: str) -> str:
+    """``$PWD`` where it names the current directory *cwd* (resolved) through links, else *cwd*:
+    as Apptainer takes the working directory (Go's ``os.Getwd``), a ``/scratch/me`` that is a
+    link on the host to ``/lustre/scratch/me`` is bound and entered as ``/scratch/me``."""
+    given = os.environ.get("PWD", "")
+    if given.startswith("/") and os.path.normpath(given) != cwd and os.path.realpath(given) == cwd:
+        return os.path.normpath(given)
+    return cwd
 
 
 def system_directory(cwd: str) -> str | None:
@@ -270,10 +282,7 @@ def system_directory(cwd: str) -> str | None:
     *cwd* through a link (``/bin`` for ``/usr/bin``): the container starts in its own directory
     of that name. None: *cwd* is bound as usual.
     """
-    names = [cwd]
-    given = os.environ.get("PWD", "")
-    if given.startswith("/") and os.path.normpath(given) != cwd and os.path.realpath(given) == cwd:
-        names.insert(0, os.path.normpath(given))
+    names = list(dict.fromkeys([logical_cwd(cwd), cwd]))
     for name in names:
         if name in _SYSTEM_DIRS or any(name == v or name.startswith(v + "/") for v in _VIRTUAL_DIRS):
             return names[0]

@@ -33,6 +33,7 @@ from hpcsif.engine.binds import (
     Bind,
     check_sources,
     default_binds,
+    logical_cwd,
     mount_failure,
     parse_bind,
     parse_home,
@@ -362,7 +363,8 @@ class _Plan:
         # as Apptainer, a system directory (/usr, /etc, /dev/…) is not bound: the payload starts
         # in the image's own directory of that name
         system = system_directory(cwd) if cwd else None
-        self.cwd = system or cwd
+        logical = logical_cwd(cwd) if cwd else None
+        self.cwd = system or logical
         binds = default_binds(
             home_src,
             self.home,
@@ -371,6 +373,7 @@ class _Plan:
             home_given=bool(opts.home),
             cwd=None if system else cwd,
             no_mount=opts.no_mount,
+            cwd_dst=logical,
         )
         if os.path.exists("/etc/resolv.conf") and not opts.dns:
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))

@@ -433,3 +433,21 @@ def test_writable_sandbox_from_a_directory_in_the_hosts_tmp(hpcsif, images: Imag
         assert (sandbox / "made").exists()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_working_directory_by_its_pwd_name_through_a_host_link(hpcsif, images: Images, pub_tmp: Path) -> None:
+    """Started in ``/scratch/me`` where ``/scratch`` is a host link (to ``/lustre/scratch``):
+    as Apptainer (Go's ``os.Getwd`` takes ``$PWD``), the directory is bound and entered as
+    ``/scratch/me``, so paths named that way work inside (ours bound it at the link's target)."""
+    real = pub_tmp / "real"
+    (real / "me").mkdir(parents=True)
+    os.chmod(real / "me", 0o777)
+    link = Path(f"/hpcsif-round9-{os.getpid()}")  # (outside every directory bound by default)
+    link.symlink_to(real)
+    try:
+        script = f'pwd; echo "$PWD"; echo data > {link}/me/out; ls {link}/me'
+        res = hpcsif("exec", str(images.sif), "sh", "-c", script, cwd=link / "me", env={"PWD": f"{link}/me"})
+        assert (res.returncode, res.stdout) == (0, f"{link}/me\n{link}/me\nout\n"), res.stderr
+        assert (real / "me/out").read_text() == "data\n"
+    finally:
+        link.unlink()
