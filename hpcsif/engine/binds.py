@@ -223,8 +223,9 @@ def parse_home(spec: str | None, default_home: str) -> tuple[str, str]:
 
 
 #: what ``--no-mount`` names, besides a destination path (Apptainer's ``hostfs``/``devpts``
-#: are off here anyway); ``proc``/``sys``/``dev`` are always mounted by this engine
-NO_MOUNT = ("home", "tmp", "cwd", "bind-paths", "hostfs", "devpts")
+#: are off here anyway; ``sys`` and ``dev`` leave the image's own directory); ``proc`` is always
+#: mounted by this engine
+NO_MOUNT = ("home", "tmp", "cwd", "bind-paths", "hostfs", "devpts", "sys", "dev")
 
 
 def default_binds(

@@ -487,10 +487,13 @@ class _Plan:
             return args  # the mount points and files are known
         if at("/proc"):
             args += ["--proc", at("/proc")]
-        if at("/sys"):
+        # --no-mount sys, dev: the image's own directory, as in Apptainer
+        if at("/sys") and "sys" not in opts.no_mount:
             args += ["--ro-bind", "/sys", at("/sys")]
         # bwrap's own /dev has a 0755 /dev/shm: a sticky world-writable one as on a host
-        if at("/dev") and self.minimal_dev:
+        if at("/dev") and "dev" in opts.no_mount:
+            pass
+        elif at("/dev") and self.minimal_dev:
             args += ["--dev", at("/dev"), "--perms", "01777", "--tmpfs", at("/dev") + "/shm"]
         elif at("/dev"):
             args += ["--dev-bind", "/dev", at("/dev")]
@@ -504,7 +507,7 @@ class _Plan:
                 mounts.append((at(self.home), ["--tmpfs", at(self.home)]))
         mounts += [(at(d), ["--tmpfs", at(d)]) for d in self.scratch_tmpfs if at(d)]
         for b in self.binds:
-            if b.dev and not self.minimal_dev and b.src == b.dst:
+            if b.dev and not self.minimal_dev and b.src == b.dst and "dev" not in opts.no_mount:
                 continue  # already there: the host's /dev is bound whole
             if at(b.dst) in self.layered and b not in self.user_binds:
                 continue  # a file of the overlay's own (see _layer_files)

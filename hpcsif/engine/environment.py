@@ -64,7 +64,7 @@ LAUNCHER = r"""
 # tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error); with
 # hpcsif gone (the pipe broken: killed while bwrap set up, before bwrap had bound the container's
 # life to its own) the container ends here rather than run on unowned
-if [ -n "$__HPCSIF_READY" ]; then printf x 2>/dev/null > "/proc/self/fd/$__HPCSIF_READY" || exit 255; fi
+if [ -n "$__HPCSIF_READY" ]; then printf x 2>&- > "/proc/self/fd/$__HPCSIF_READY" || exit 255; fi
 # and the payload does not inherit it (a shell such as dash names descriptors 0-9 only)
 case $__HPCSIF_READY in [3-9]) eval "exec $__HPCSIF_READY>&-" ;; esac
 unset __HPCSIF_READY
@@ -76,10 +76,10 @@ __ps1=$PS1; unset PS1 PROMPT_COMMAND SHLVL
 # OLDPWD is the host's, as there)
 __pwd=$PWD; __ifs=$IFS
 for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done
-set +efuvx; IFS=$__ifs; [ "$PWD" = "$__pwd" ] || { cd "$__pwd" 2>/dev/null; unset OLDPWD; }
+set +efuvx; IFS=$__ifs; [ "$PWD" = "$__pwd" ] || { cd "$__pwd" 2>&-; unset OLDPWD; }
 if [ -n "$__HPCSIF_APP" ]; then
   for __f in "/scif/apps/$__HPCSIF_APP/scif/env/"*.sh; do [ -f "$__f" ] && . "$__f"; done
-  set +efuvx; IFS=$__ifs; [ "$PWD" = "$__pwd" ] || { cd "$__pwd" 2>/dev/null; unset OLDPWD; }
+  set +efuvx; IFS=$__ifs; [ "$PWD" = "$__pwd" ] || { cd "$__pwd" 2>&-; unset OLDPWD; }
 fi
 unset __pwd __ifs
 # what the scripts started in the background ends here, as in Apptainer (whose interpreter never
@@ -89,13 +89,13 @@ __k=$$ __all=
 while :; do
   __n=
   for __p in $__k; do
-    [ "$__p" = $$ ] || { kill -STOP "$__p" 2>/dev/null; __all="$__all $__p"; }
+    [ "$__p" = $$ ] || { kill -STOP "$__p" 2>&-; __all="$__all $__p"; }
     __c=; [ -r "/proc/$__p/task/$__p/children" ] && read -r __c < "/proc/$__p/task/$__p/children"
     __n="$__n $__c"
   done
   case $__n in *[0-9]*) __k=$__n ;; *) break ;; esac
 done
-if [ -n "$__all" ]; then kill -KILL $__all 2>/dev/null; wait; fi
+if [ -n "$__all" ]; then kill -KILL $__all 2>&-; wait; fi
 unset __k __all __n __p __c
 [ -n "${PS1+x}" ] || PS1=$__ps1; unset __ps1
 for __k in $__HPCSIF_HOST; do
@@ -133,7 +133,7 @@ unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 # a script whose #! interpreter the image lacks fails with Apptainer's line, not the shell's
 __interp() {
-  __l=; IFS= read -r __l < "$1" 2>/dev/null
+  __l=; IFS= read -r __l 2>&- < "$1"
   case $__l in
   '#!'*)
     set -f; set -- "$1" ${__l#??}; set +f
