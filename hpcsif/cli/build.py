@@ -38,10 +38,13 @@ def add_convert_flags(p: argparse.ArgumentParser) -> None:
 
 
 def convert_options(args: argparse.Namespace):  # -> ConvertOptions (imported lazily)
-    """ConvertOptions from flags layered over the configuration."""
+    """ConvertOptions from flags layered over the configuration; a temporary directory
+    (``--tmpdir``, ``APPTAINER_TMPDIR`` …) that is none is Apptainer's one line (it named a
+    temporary file of ours)."""
     from hpcsif.convert import ConvertOptions
+    from hpcsif.errors import BuildError
 
-    return ConvertOptions.from_config(
+    options = ConvertOptions.from_config(
         compression=args.compression,
         level=args.level,
         tmpdir=Path(args.tmpdir) if args.tmpdir else None,
@@ -49,6 +52,11 @@ def convert_options(args: argparse.Namespace):  # -> ConvertOptions (imported la
         variant=args.arch_variant,
         jobs=getattr(args, "jobs", None),  # --mksquashfs-args -processors N
     )
+    if options.tmpdir and not options.tmpdir.is_dir():
+        why = "not a directory" if options.tmpdir.exists() else "no such file or directory"
+        where = f"stat {options.tmpdir}: {why}"
+        raise BuildError(f"Unable to create build: failed to create build parent dir: {where}")
+    return options
 
 
 def check_target(target: Path, *, force: bool, sandbox: bool, update: bool = False) -> None:

@@ -166,6 +166,19 @@ def test_no_cleanup_keeps_the_build_directory(busybox_image: TestImage, tmp_path
     assert [p.name for p in tmp_path.glob(".hpcsif-build-*")] == [kept.name]  # without it: removed
 
 
+def test_a_missing_tmpdir_is_apptainers_line(busybox_image: TestImage, tmp_path: Path) -> None:
+    """--tmpdir or APPTAINER_TMPDIR that is no directory: Apptainer's line, not our temporary file's
+    name, and nothing written."""
+    missing = tmp_path / "nonexist"
+    why = f"stat {missing}: no such file or directory"
+    want = f"FATAL:   Unable to create build: failed to create build parent dir: {why}\n"
+    out = tmp_path / "x.sif"
+    for flags, env in ((["--tmpdir", str(missing)], None), ([], {"APPTAINER_TMPDIR": str(missing)})):
+        proc = run_cli("build", *flags, str(out), f"oci://{busybox_image.layout}", check=False, env=env)
+        assert (proc.returncode, proc.stderr) == (255, want)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mksquashfs_args_map_or_refuse(busybox_image: TestImage, tmp_path: Path) -> None:
     out = tmp_path / "g.sif"
     run_cli("build", "--mksquashfs-args", "-comp gzip -Xcompression-level 2", str(out), busybox_image.oci_ref)
