@@ -7,7 +7,7 @@ Measured in one run, on one machine, with the same SIF:
   installs as ``hpcsif``; built here with ``cc``) and through the Python CLI alone (pip's
   script), with a shared mount (another container of the image is running) and cold (every
   run mounts and unmounts);
-* raw ``bwrap --unshare-user --ro-bind MNT / … /bin/true`` on an existing squashfuse mount
+* raw ``bwrap [--unshare-user] --ro-bind MNT / … /bin/true`` on an existing squashfuse mount
   (the floor for a shared mount), and the very ``bwrap`` command line hpcsif's engine makes for
   this start (the same binds, ``/etc/passwd`` and environment set-up, run directly: what the
   engine itself costs on top), the same command with ``/bin/true`` in place of the launcher shell
@@ -176,7 +176,9 @@ def main() -> int:
         mnt = work / "mnt"
         mnt.mkdir()
         mount = ["squashfuse", "-o", f"ro,offset={offset}", str(sif), str(mnt)]
-        bwrap = ["bwrap", "--unshare-user", "--die-with-parent", "--ro-bind", str(mnt), "/"]
+        # (root runs in no user namespace, as hpcsif's engine and Apptainer run it)
+        userns = ["--unshare-user"] if os.getuid() else []
+        bwrap = ["bwrap", *userns, "--die-with-parent", "--ro-bind", str(mnt), "/"]
         bwrap += ["--proc", "/proc", "--dev", "/dev", "/bin/true"]
         raw_cold = " ".join([*mount, "&&", *bwrap, ";", "fusermount3", "-u", str(mnt)])
 
