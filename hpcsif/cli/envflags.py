@@ -29,8 +29,9 @@ def flags_from_env(
     """Apply the variables of ``table`` (flag dest -> keys) to the flags not given in ``args``.
 
     A switch (False) is turned on by a true value; a value or list flag left empty takes the
-    variable's value; a list flag named in ``append`` gets the value added in front of what the
-    command line gave (Apptainer's EnvAppendValue: ``APPTAINER_BIND`` and ``-B`` both apply).
+    variable's value; a list flag named in ``append`` gets the value added after what the
+    command line gave (Apptainer's EnvAppendValue: ``APPTAINER_BIND`` and ``-B`` both apply, and
+    of two binds to one destination the command line's wins).
     Dests the command lacks are skipped (commands share tables).
     """
     for dest, keys in table.items():
@@ -40,6 +41,6 @@ def flags_from_env(
         if current is False:
             setattr(args, dest, value.strip().lower() in _TRUE)
         elif dest in append:
-            setattr(args, dest, [value, *current])
+            setattr(args, dest, [*current, value])
         elif not current:
             setattr(args, dest, [value] if isinstance(current, list) else value)

@@ -52,8 +52,8 @@ APPTAINER_ONLY = {
 }
 #: accepted and passed to a delegated Apptainer; the built-in engine needs nothing for them
 PASSTHROUGH = {
-    "--userns": "accepted: the built-in engine always runs in a user namespace",
-    "--keep-privs": "accepted: root keeps its capabilities (in its user namespace) anyway",
+    "--userns": "run in a user namespace (as the built-in engine always runs a user other than root)",
+    "--keep-privs": "accepted: root keeps its capabilities anyway",
 }
 
 
@@ -207,6 +207,14 @@ def handle(args: argparse.Namespace) -> int:
 
         logging.getLogger("hpcsif").warning("Parameters to shell command are ignored")
         args.args = []
+    # (a network type refused later gets its one FATAL line alone)
+    if args.network and not args.net and all(n.strip() == "none" for n in args.network.split(",")):
+        if not (args.quiet or args.silent):  # (Apptainer's INFO line: shown by default)
+            import sys
+
+            print("INFO:    Setting --net (required by --network)", file=sys.stderr, flush=True)
+        if recorder is not None:
+            recorder.refuse()  # the front would start it without the line
     opts = LaunchOptions(
         action=args.action,
         command=list(args.args),

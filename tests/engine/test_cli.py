@@ -90,6 +90,11 @@ def test_apptainer_variables_and_prompt(run, images, pub_tmp):
     assert res.returncode == 0, res.stderr
     assert "marker" in res.stdout
     assert res.stdout.splitlines()[-1] == "[][/mnt9][][Apptainer> ]"
+    # -B and APPTAINER_BIND to one destination: -B's wins, as in Apptainer (the variable's comes after)
+    (pub_tmp / "other").mkdir(exist_ok=True)
+    res = run("exec", "-B", f"{pub_tmp}/other:/mnt9", str(images.sif), "ls", "/mnt9", env=env)
+    assert (res.returncode, res.stdout) == (0, ""), res.stderr
+    assert "destination is already in the mount point list" in res.stderr
 
 
 def test_no_coerced_locale_inside(images):

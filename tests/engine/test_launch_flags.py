@@ -131,6 +131,10 @@ def test_namespaces(run, images):
     assert ok(run("exec", str(images.sif), "sh", "-c", ns)).splitlines() == host
     links = ok(run("exec", "--net", "--network", "none", str(images.sif), "cat", "/proc/net/dev"))
     assert [ln.split(":")[0].strip() for ln in links.splitlines()[2:]] == ["lo"]
+    # --network alone sets --net, saying so as Apptainer does
+    res = run("exec", "--network", "none", str(images.sif), "cat", "/proc/net/dev")
+    assert (res.returncode, res.stderr) == (0, "INFO:    Setting --net (required by --network)\n")
+    assert [ln.split(":")[0].strip() for ln in res.stdout.splitlines()[2:]] == ["lo"]
     res = run("exec", "--network", "bridge", str(images.sif), "true")
     assert res.returncode != 0 and res.stderr.startswith(
         "FATAL:   --network bridge is not supported by hpcsif:"
