@@ -1115,6 +1115,7 @@ class _Merger:
                 # below a non-directory of its own layer: Apptainer's extraction replaces that
                 # with a directory (hpcsif refused the layer)
                 self._take_back(lay, anc, False)
+                lay.state.pop(anc, None)  # a directory now: a hard link to it fails
                 self.claims[anc] = lay.level * 2 + 1
                 lay.opaque.add(anc)  # what the layers below had there went with the non-directory
         if name in self.hidden:

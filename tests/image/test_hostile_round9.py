@@ -435,3 +435,15 @@ def test_odd_merges_found_by_a_differential_fuzzer(tmp_path: Path, case: str) ->
     stacks, there, absent = ODD_MERGES[case]
     tree = _build_and_compare(tmp_path, [layer(tmp_path, entries) for entries in stacks], implied=True)
     assert there in tree and absent not in tree
+
+
+def test_hard_link_to_a_link_that_became_a_directory_fails(tmp_path: Path) -> None:
+    """``a`` (a hard link) became a directory for ``a/q``: a link to ``a`` is a link to a directory,
+    which Apptainer refuses ('operation not permitted'); hpcsif linked the file ``a`` had named."""
+    out = tmp_path / "out"
+    out.mkdir()
+    entries = [file("s", "S"), link("a", "s"), file("a/q", "Q"), link("a/x", "a")]
+    p = _hpcsif_build(out / "x.sif", _archive(tmp_path, [layer(tmp_path, entries)]))
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert p.returncode != 0 and len(fatal) == 1 and "hard link 'a/x' points at directory 'a'" in fatal[0]
+    assert list(out.iterdir()) == []
