@@ -8,29 +8,14 @@ The SIF is pulled through the SIF cache (an ``oras`` entry, leased while it is r
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import peer_apptainer
 from tests.services.registry import clean_env, registry_open  # noqa: F401 - fixture
+from tests.services.registry import loopback_cli as hpcsif
 
 pytestmark = pytest.mark.slow
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def hpcsif(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in ``cwd``, its cache in ``cwd/cache``, plain HTTP to the loopback registry."""
-    env = {
-        **clean_env(),
-        "PYTHONPATH": str(REPO_ROOT),
-        "HPCSIF_CACHEDIR": str(cwd / "cache"),
-        "APPTAINER_NOHTTPS": "1",
-    }
-    argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def steps(proc: subprocess.CompletedProcess[str]) -> list[str]:

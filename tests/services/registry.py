@@ -366,3 +366,19 @@ def clean_env() -> dict[str, str]:
     """The environment without any registry credentials or hpcsif cache settings from the caller."""
     drop = ("DOCKER_USERNAME", "DOCKER_PASSWORD", "CACHEDIR", "DISABLE_CACHE")
     return {k: v for k, v in os.environ.items() if not any(k.endswith(d) for d in drop)}
+
+
+def loopback_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``hpcsif ARGS`` in ``cwd``, its cache in ``cwd/cache``, plain HTTP to the loopback registry
+    (*env* added to a :func:`clean_env`)."""
+    import sys
+
+    environ = {
+        **clean_env(),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "HPCSIF_CACHEDIR": str(cwd / "cache"),
+        "APPTAINER_NOHTTPS": "1",
+        **env,
+    }
+    argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
+    return subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=300)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,23 +20,9 @@ from hpcsif.image.model import host_arch
 from hpcsif.sources.distribution import RegistryClient
 from tests.conftest import peer_apptainer
 from tests.services.registry import clean_env
+from tests.services.registry import loopback_cli as hpcsif
 
 pytestmark = pytest.mark.slow
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def hpcsif(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in ``cwd``, its cache in ``cwd/cache``, plain HTTP to the loopback registry."""
-    environ = {
-        **clean_env(),
-        "PYTHONPATH": str(REPO_ROOT),
-        "HPCSIF_CACHEDIR": str(cwd / "cache"),
-        "APPTAINER_NOHTTPS": "1",
-        **env,
-    }
-    argv = [sys.executable, "-m", "hpcsif.cli.main", *args]
-    return subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=300)
 
 
 def said(proc: subprocess.CompletedProcess[str]) -> list[str]:
