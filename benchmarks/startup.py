@@ -113,14 +113,18 @@ def engine_command(sif: Path, env: dict[str, str], work: Path) -> tuple[list[str
     """The bwrap command hpcsif's engine makes for ``exec SIF true``, runnable directly."""
     out = subprocess.run([sys.executable, "-c", _DUMP, str(sif)], env=env, capture_output=True, text=True)
     made = json.loads(out.stdout)
-    argv, cmd = made["argv"], []
+    argv, cmd, mode = made["argv"], [], 0o600
     while argv:
         arg = argv.pop(0)
-        if arg == "--ro-bind-data":  # the same content from a file instead of a descriptor
+        if arg == "--perms" and argv[1:2] == ["--ro-bind-data"]:
+            mode = int(argv.pop(0), 8)  # (bwrap takes --perms before a file it makes only)
+        elif arg == "--ro-bind-data":  # the same content from a file instead of a descriptor
             fd, dest = argv.pop(0), argv.pop(0)
             path = work / f"data-{fd}"
             path.write_text(made["data"][fd])
+            path.chmod(mode)
             cmd += ["--ro-bind", str(path), dest]
+            mode = 0o600
         else:
             cmd.append(arg)
     return cmd, made["env"]
