@@ -991,6 +991,7 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
     """
     names: list[tuple[str, bool]] = []
     symlinks: set[int] = set()  # what lies below a symlink of the layer goes through it
+    targets: dict[str, str] = {}  # the layer's symlinks so far -> the root-relative path they name
     link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
     links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
     stream = _LayerStream(blob, verify=False)
@@ -999,9 +1000,14 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
             for i, ti in enumerate(tf):
                 tf.members.clear()
                 name = _normalise(ti.name, blob)
+                if targets:  # below a symlink of the layer: where it points, as the merge puts it
+                    name = _follow(name, targets.get, blob.label)
                 names.append((name, ti.isdir()))
                 if ti.issym():
                     symlinks.add(i)
+                    targets[name] = _link_path(name, ti.linkname)
+                else:
+                    targets.pop(name, None)
                 links.pop(name, None)
                 if ti.islnk():
                     target = _normalise(ti.linkname, blob)

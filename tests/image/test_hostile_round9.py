@@ -447,3 +447,11 @@ def test_hard_link_to_a_link_that_became_a_directory_fails(tmp_path: Path) -> No
     fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
     assert p.returncode != 0 and len(fatal) == 1 and "hard link 'a/x' points at directory 'a'" in fatal[0]
     assert list(out.iterdir()) == []
+
+
+def test_the_pre_scan_follows_the_layers_symlinks(tmp_path: Path) -> None:
+    """``a/x/z`` goes through ``a/x -> ../b`` below the file ``b``, which becomes a directory: the
+    second pass did not know it and failed ('cannot be merged')."""
+    entries = [sym("a/x", "../b"), d("c"), link("b/x", "a/x"), file("b", "22"), file("a/x/z", "1")]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)], implied=True)
+    assert tree["/b/z"] == "-rw-r--r-- 1" and tree["/a/x"] == "lrwxrwxrwx ../b"
