@@ -1142,6 +1142,8 @@ class _Merger:
             self._claim_parents(f"{stop}/", lay)
 
     def _claim_parents(self, name: str, lay: _Layer) -> None:
+        if lay.replaced_nondirs:  # the directory where a skipped non-directory was starts empty
+            lay.opaque.update(anc for anc in _ancestors(name) if anc in lay.replaced_nondirs)
         for anc in _ancestors(name):
             if anc not in self.claims:
                 self.claims[anc] = lay.level * 2 + 1

@@ -426,6 +426,12 @@ ODD_MERGES = {
         "/h",
         "/x",
     ),
+    # 'a' (a file) became a directory for 'a/y' on a second pass: the lower 'a/x' came back
+    "file-made-a-directory-on-the-second-pass": (
+        [[d("a"), file("a/x", "333")], [file("a"), file("a/y", "333"), file("a/y", "22")]],
+        "/a/y",
+        "/a/x",
+    ),
 }
 
 
