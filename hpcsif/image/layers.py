@@ -1335,6 +1335,8 @@ class _Merger:
             target = seen
         if target == name or not target:
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at itself or the root")
+        if target.startswith(name + "/"):  # extraction removes what is at name, target and all
+            raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
         claim = self.claims.get(target)
         if claim is not None and claim & 1 and claim >> 1 == lay.level:
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at directory {target!r}")
