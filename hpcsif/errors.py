@@ -140,10 +140,8 @@ class MergeAgainError(LayerError):
     """The merge learnt something about the layers that only another pass can use.
 
     :func:`hpcsif.sif.squashfs.squashfs_from_tar` and :func:`hpcsif.image.layers.extract_tree`
-    convert again by themselves, up to ``passes`` passes in all.
+    convert again by themselves, up to :data:`hpcsif.image.layers.MERGE_PASSES` passes in all.
     """
-
-    passes = 3
 
 
 class DuplicateEntryError(MergeAgainError):

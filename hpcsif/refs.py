@@ -182,6 +182,10 @@ def _split_path_ref(body: str) -> tuple[str, str | None]:
     """
     if os.path.exists(body) or ":" not in body:
         return body, None
+    # Apptainer's oci:DIR@sha256:HEX (its own error for a layout of several images asks for it)
+    at = re.fullmatch(r"(.+)@(sha256:[0-9a-f]{64})", body)
+    if at and os.path.exists(at[1]):
+        return at[1], at[2]
     for i, ch in enumerate(body):
         if ch == ":" and os.path.exists(body[:i]):
             return body[:i], body[i + 1 :] or None

@@ -62,6 +62,9 @@ def test_file_transports_split_the_ref(tmp_path) -> None:
     assert (ref.path, ref.name) == (str(archive), "team/app:1.2")
     ref = parse(f"oci-archive:{archive}:latest")  # Apptainer's single-colon spelling
     assert (ref.transport, ref.path, ref.name) == ("oci-archive", str(archive), "latest")
+    digest = "sha256:" + "0" * 64  # Apptainer's oci:DIR@DIGEST, which its own errors ask for
+    ref = parse(f"oci:{layout}@{digest}")
+    assert (ref.transport, ref.path, ref.name) == ("oci", str(layout), digest)
 
 
 def test_local_paths(tmp_path) -> None:
