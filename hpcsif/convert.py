@@ -286,7 +286,7 @@ def sandbox_to_sif(
             inspect = meta.inspect_json()
             runtime = meta.oci_config_json() if meta.oci_config else None
         else:
-            runtime = json.dumps(oci_config, separators=(",", ":")).encode() if oci_config else None
+            runtime = md.go_json(md.utf8(oci_config), separators=(",", ":")).encode() if oci_config else None
             if scratch:
                 labels = renew_local_image(src, origin or str(src), wanted)
             else:

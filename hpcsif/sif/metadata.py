@@ -269,17 +269,30 @@ class Metadata:
 
     def oci_config_json(self) -> bytes:
         """The ``oci-config.json`` SIF object (the image's runtime config)."""
-        return json.dumps(self.oci_config, separators=(",", ":")).encode()
+        return go_json(utf8(self.oci_config), separators=(",", ":")).encode()
 
 
 def labels_json(labels: dict[str, Any]) -> str:
     """``labels.json`` as Apptainer writes it (sorted, tab indented, valid UTF-8)."""
-    return json.dumps(utf8(dict(sorted(labels.items()))), indent="\t")
+    return go_json(utf8(dict(sorted(labels.items()))), indent="\t")
 
 
 def inspect_object(attrs: dict[str, Any]) -> bytes:
-    """The ``inspect-metadata.json`` SIF object holding the attributes *attrs* (valid UTF-8)."""
-    return json.dumps({"data": {"attributes": utf8(attrs)}, "type": "container"}).encode()
+    """The ``inspect-metadata.json`` SIF object holding the attributes *attrs* (valid UTF-8), as
+    Apptainer writes it: compact, the attributes in the order given (its struct's order)."""
+    doc = {"data": {"attributes": utf8(attrs)}, "type": "container"}
+    return go_json(doc, separators=(",", ":")).encode()
+
+
+#: what Go's JSON encoder (Apptainer's) escapes that Python's leaves as it is
+_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def go_json(value: Any, **kw: Any) -> str:
+    """*value* as JSON text the way Go's ``json.Marshal`` writes it: characters beyond ASCII as
+    UTF-8, and ``<``, ``>``, ``&``, U+2028 and U+2029 escaped (they appear in strings only)."""
+    text = json.dumps(value, ensure_ascii=False, **kw)
+    return text.translate(str.maketrans(_GO_ESCAPES))
 
 
 def raw(text: str) -> bytes:

@@ -509,3 +509,25 @@ def test_same_result_as_apptainer(
     ta, tb = tree(unpack(ours, tmp_path / "a")), tree(unpack(theirs, tmp_path / "b"))
     assert sorted(ta) == sorted(tb)
     assert ta == tb
+
+
+def test_metadata_json_is_written_as_go_writes_it(busybox_image: TestImage, tmp_path: Path) -> None:
+    """labels.json and inspect-metadata.json as Apptainer's Go encoder writes them: text beyond
+    ASCII as UTF-8, ``<``, ``>`` and ``&`` escaped, inspect-metadata.json compact (Apptainer
+    reads either; bytes are what a comparison of images sees)."""
+    from hpcsif.sif.format import DataType
+
+    deffile = tmp_path / "labels.def"
+    deffile.write_text(
+        f"Bootstrap: oci\nFrom: {busybox_image.layout}\n%labels\n    NOTE grüße <b> & co\n"
+        "%help\n    Hilfe <hier>\n",
+        encoding="utf-8",
+    )
+    sif = tmp_path / "labels.sif"
+    run_cli("build", str(sif), str(deffile))
+    labels = run_cli("exec", str(sif), "cat", "/.singularity.d/labels.json").stdout
+    assert '\t"NOTE": "grüße \\u003cb\\u003e \\u0026 co",\n' in labels
+    with SIFImage.open(sif) as image:
+        text = image.read_object(image.find(DataType.GENERIC_JSON, "inspect-metadata.json")[0]).decode()
+    assert text.startswith('{"data":{"attributes":{') and "Hilfe \\u003chier\\u003e" in text
+    assert text.endswith('},"type":"container"}')

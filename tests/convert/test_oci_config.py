@@ -138,5 +138,5 @@ def test_rebuilds_keep_it_after_the_inspect_metadata_as_apptainer(tmp_path: Path
     for name, source in (("repacked.sif", str(image)), ("built.sif", str(deffile))):
         out = tmp_path / name
         run_cli("build", str(out), source)
-        assert run_cli("sif", "dump", "2", str(out)).stdout.startswith('{"data": {"attributes": ')
+        assert run_cli("sif", "dump", "2", str(out)).stdout.startswith('{"data":{"attributes":')
         assert _oci_config(out) == EXPECTED
