@@ -10,6 +10,7 @@ the deleted file's content and kept the lower directory's children.
 from __future__ import annotations
 
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -23,6 +24,39 @@ from tests.image.test_hostile_cli import APPTAINER, _archive, _build_and_compare
 def inflater() -> str:
     """The CLI chooses its own inflater in its own process."""
     return "cli"
+
+
+def _both_refuse(tmp_path: Path, archive: Path, ours: list[str], theirs: str) -> None:
+    """Building *archive* fails with one FATAL line holding each of *ours*, no traceback and
+    nothing written; Apptainer's build (when there is one) fails saying *theirs*."""
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _hpcsif_build(out / "x.sif", archive)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert len(fatal) == 1 and all(part in fatal[0] for part in ours), p.stderr
+    assert list(out.iterdir()) == []
+    if APPTAINER:
+        peer = subprocess.run(
+            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert peer.returncode != 0 and theirs in peer.stderr, peer.stderr
+
+
+def _sandbox_of_compared(tmp_path: Path) -> Path:
+    """The image :func:`_build_and_compare` built, built again as a sandbox (``tmp_path/box``)."""
+    box, archive = tmp_path / "box", tmp_path / "image.oci-archive.tar"
+    p = subprocess.run(
+        [sys.executable, "-m", "hpcsif.cli.main", "build", "--sandbox", str(box), f"oci-archive:{archive}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    return box
 
 
 # (lower layers' entries, the top layer's entries); the top layer's link names a removed file
@@ -48,22 +82,7 @@ def test_hard_link_to_a_removed_file_fails_as_in_apptainer(tmp_path: Path, case:
     deleted must not come back under the link's name."""
     lowers, top = MISSING_LINK_TARGETS[case]
     layers = [layer(tmp_path, entries) for entries in lowers] + [layer(tmp_path, top, "zstd")]
-    archive = _archive(tmp_path, layers)
-    out = tmp_path / "out"
-    out.mkdir()
-    p = _hpcsif_build(out / "x.sif", archive)
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
-    assert len(fatal) == 1 and "hard link 'h' points at missing file" in fatal[0], p.stderr
-    assert list(out.iterdir()) == []
-    if APPTAINER:
-        theirs = subprocess.run(
-            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert theirs.returncode != 0 and "link: " in theirs.stderr, theirs.stderr
+    _both_refuse(tmp_path, _archive(tmp_path, layers), ["hard link 'h' points at missing file"], "link: ")
 
 
 def test_links_made_before_the_removal_or_to_a_new_file_stay(tmp_path: Path) -> None:
@@ -116,21 +135,7 @@ def test_global_and_solaris_headers_are_refused_as_in_apptainer(tmp_path: Path, 
     ``b`` became one file named by the header), a Solaris header's to the next one. Apptainer
     refuses both members (unknown typeflag)."""
     archive = _archive(tmp_path, [blob(tmp_path, _with_header(kind, {"path": "renamed", "uid": "42"}))])
-    out = tmp_path / "out"
-    out.mkdir()
-    p = _hpcsif_build(out / "x.sif", archive)
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
-    assert len(fatal) == 1 and "offset 1024 is a" in fatal[0] and f"(type {kind.decode()!r})" in fatal[0]
-    assert list(out.iterdir()) == []
-    if APPTAINER:
-        theirs = subprocess.run(
-            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert theirs.returncode != 0 and "unknown typeflag" in theirs.stderr, theirs.stderr
+    _both_refuse(tmp_path, archive, ["offset 1024 is a", f"(type {kind.decode()!r})"], "unknown typeflag")
 
 
 def test_entries_go_through_the_topmost_lower_symlink(tmp_path: Path) -> None:
@@ -171,14 +176,7 @@ def test_owners_beyond_32_bits_wrap_in_the_sif_and_the_sandbox(tmp_path: Path) -
     big.uid, big.gid = 2**33 + 5, 2**40 + 7
     layers = [blob(tmp_path, tar_bytes([big], tarfile.GNU_FORMAT))]
     assert _build_and_compare(tmp_path, layers)["/a"] == "-rw-r--r-- 1"
-    box = tmp_path / "box"
-    p = subprocess.run(
-        ["hpcsif", "build", "--sandbox", str(box), f"oci-archive:{tmp_path / 'image.oci-archive.tar'}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode == 0, p.stderr
+    box = _sandbox_of_compared(tmp_path)
     st = (box / "a").stat()
     assert (st.st_uid, st.st_gid) == (5, 7)
 
@@ -276,20 +274,7 @@ def test_malformed_pax_records_fail_the_layer_as_in_apptainer(tmp_path: Path, ca
     could (a name cut short, uid 0, an infinite mtime that tar2sqfs then failed on)."""
     records, message = BAD_PAX_RECORDS[case]
     archive = _archive(tmp_path, [blob(tmp_path, _pax_member(records))])
-    out = tmp_path / "out"
-    out.mkdir()
-    p = _hpcsif_build(out / "x.sif", archive)
-    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
-    assert p.returncode != 0 and len(fatal) == 1 and message in fatal[0], p.stderr
-    assert list(out.iterdir()) == []
-    if APPTAINER:
-        theirs = subprocess.run(
-            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert theirs.returncode != 0 and "invalid tar header" in theirs.stderr, theirs.stderr
+    _both_refuse(tmp_path, archive, [message], "invalid tar header")
 
 
 def test_empty_pax_records_keep_the_header_values(tmp_path: Path) -> None:
@@ -402,14 +387,7 @@ def test_many_layers_that_repeat_names(tmp_path: Path) -> None:
     layers = [layer(tmp_path, [file(f"d{i}", "A" * (i + 2)), file(f"d{i}", "B")]) for i in range(5)]
     tree = _build_and_compare(tmp_path, layers)
     assert all(tree[f"/d{i}"] == "-rw-r--r-- 1" for i in range(5))
-    box = tmp_path / "box"
-    p = subprocess.run(
-        ["hpcsif", "build", "--sandbox", str(box), f"oci-archive:{tmp_path / 'image.oci-archive.tar'}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode == 0, p.stderr
+    box = _sandbox_of_compared(tmp_path)
     assert all((box / f"d{i}").read_text() == "B" for i in range(5))
 
 
