@@ -75,11 +75,9 @@ Hostile layers, decided per case:
   time, and :func:`extract_tree` never follows a symlink while writing (``O_NOFOLLOW`` and
   directory file descriptors), so no entry can be written outside ``dest``.
 
-Integrity: :func:`open_layer` hashes the compressed bytes (the blob digest) and the
-decompressed bytes (the config's ``diff_id``) while streaming and raises
-:class:`~hpcsif.errors.IntegrityError` at end of stream when either differs or the
-compressed stream is truncated. The compression is detected from the magic bytes
-(gzip, zstd, bzip2, xz or plain tar), whatever the media type says.
+Each layer is read through :mod:`hpcsif.image.layer_stream` (decompressed, its digests checked
+while it streams) and :mod:`hpcsif.image.tar_members` (its members read as Go's archive/tar
+reads them, names normalised into the root, modes made Apptainer's).
 """
 
 from __future__ import annotations
@@ -90,12 +88,8 @@ import io
 import logging
 import os
 import posixpath
-import queue
-import re
-import stat
 import tarfile
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, TypeVar
@@ -107,16 +101,23 @@ from hpcsif.errors import (
     WideDirectoryError,
     WriteThroughError,
 )
-from hpcsif.image import inflate
-from hpcsif.image.decode import CHUNK, LayerDecoder, Window, is_compressed
+from hpcsif.image.decode import CHUNK
+from hpcsif.image.layer_stream import LayerBlob, LayerStream
+from hpcsif.image.tar_members import (
+    BLOCK,
+    PATH_MAX,
+    RefusedMember,
+    ancestors,
+    fix_mode,
+    follow_links,
+    link_path,
+    member_kind,
+    normalise_name,
+    open_tar,
+)
 
 log = logging.getLogger(__name__)
 
-BLOCK = tarfile.BLOCKSIZE
-_NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX; squashfs refuses longer names)
-_PATH_MAX = 4096  # bytes in a symlink target, with its NUL (Linux PATH_MAX)
-# symlinks followed to place one entry, as Apptainer (filepath-securejoin) follows them
-_MAX_SYMLINKS = 255
 # holes of sparse files in one image: tar2sqfs reads them as zeros (about 8 GiB/s; a 1 TiB
 # hole, a 300-byte layer, took it 4 minutes and then crashed); Apptainer writes them to disk
 MAX_HOLES = 256 << 30
@@ -131,24 +132,6 @@ WIDE_DIRECTORY: contextvars.ContextVar[int | None] = contextvars.ContextVar("wid
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _AUFS_META = ".wh..wh."
-
-
-@dataclass(frozen=True)
-class LayerBlob:
-    """A layer blob on disk, with the digests to verify while reading it."""
-
-    path: Path
-    media_type: str
-    digest: str | None
-    diff_id: str | None
-    # a byte range of ``path`` (a layer inside an uncompressed archive, read in place)
-    offset: int = 0
-    size: int | None = None
-
-    @property
-    def label(self) -> str:
-        """How messages name this layer: its digest, or its file name."""
-        return self.digest or str(self.path)
 
 
 @dataclass(frozen=True)
@@ -178,469 +161,6 @@ class FlattenStats:
     def skip(self, reason: str, count: int = 1) -> None:
         """Count ``count`` entries left out for ``reason``."""
         self.skipped[reason] = self.skipped.get(reason, 0) + count
-
-
-# ---------------------------------------------------------------------------------------
-# reading one layer
-
-
-class _ThreadInflater:
-    """Runs a :class:`LayerDecoder` in a thread, a few chunks ahead of the reader (bounded memory).
-
-    For small and uncompressed layers, where a child process (:mod:`hpcsif.image.inflate`)
-    would cost more than it saves.
-    """
-
-    _DEPTH = 4
-
-    def __init__(self, decoder: LayerDecoder, name: str) -> None:
-        self._decoder = decoder
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._DEPTH)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def bytes_in(self) -> int:
-        """Compressed bytes read so far."""
-        return self._decoder.raw.count
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                chunk = self._decoder.produce()
-                self._put(chunk)
-                if not chunk:
-                    return
-        except BaseException as e:  # handed to the reader, raised in its thread
-            self._put(e)
-
-    def _put(self, item: bytes | BaseException) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def get(self) -> bytes:
-        """The next chunk (b"" at the end); re-raises what the decoder raised."""
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the decoder thread (the reader may stop early), wait for it, close the blob."""
-        self._stop.set()
-        self._thread.join()
-        self._decoder.close()
-
-
-class _LayerStream(io.RawIOBase):
-    """Decompressed bytes of a layer blob; verifies digest and diff_id at end of stream.
-
-    Supports ``tell`` and forward ``seek`` so :mod:`tarfile` can read it in its
-    random-access mode, which copies far less than its stream mode. Large compressed
-    layers are inflated by a child process, the rest by a thread.
-    """
-
-    def __init__(self, layer: LayerBlob, verify: bool = True, *, process: bool | None = None) -> None:
-        super().__init__()
-        self.layer = layer
-        digest = layer.digest if verify else None
-        diff_id = layer.diff_id if verify else None
-        try:  # without blocking: a FIFO is refused below, not waited on for ever
-            fd = os.open(layer.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise LayerError(f"layer {layer.label}: cannot open blob {layer.path}: {e.strerror}") from e
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise LayerError(f"layer {layer.label}: blob {layer.path} is not a regular file")
-        f = open(fd, "rb", buffering=0)  # noqa: SIM115 - the inflater closes it
-        self._source: _ThreadInflater | inflate.InflateProcess
-        try:
-            if process is None:
-                size = layer.size if layer.size is not None else os.fstat(f.fileno()).st_size - layer.offset
-                process = inflate.worthwhile(size) and is_compressed(os.pread(f.fileno(), 8, layer.offset))
-            window = Window(layer.label, digest, diff_id, layer.offset, layer.size)
-            if process:
-                self._source = inflate.InflateProcess(f.fileno(), window)
-                self._file = f
-            else:
-                decoder = LayerDecoder(f, window)
-                self._source = _ThreadInflater(decoder, f"hpcsif-layer-{layer.label[7:19]}")
-                self._file = None
-        except OSError as e:
-            f.close()
-            raise LayerError(f"layer {layer.label}: cannot read blob {layer.path}: {e.strerror}") from e
-        self._buf = b""
-        self._pos = 0  # position in _buf
-        self._offset = 0  # stream position of _buf[0]
-        self._eof = False
-
-    @property
-    def bytes_in(self) -> int:
-        """Compressed bytes read so far."""
-        return self._source.bytes_in
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._offset + self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        """Move forward only (skipping is reading)."""
-        if whence == io.SEEK_CUR:
-            pos += self.tell()
-        elif whence != io.SEEK_SET:
-            raise io.UnsupportedOperation("a layer stream seeks forward only")
-        skip = pos - self.tell()
-        if skip < 0:
-            raise io.UnsupportedOperation("a layer stream seeks forward only")
-        while skip:
-            n = len(self.read(min(skip, CHUNK)))
-            if not n:
-                break
-            skip -= n
-        return self.tell()
-
-    def _fill(self) -> bool:
-        """Refill the buffer; False at end of stream."""
-        if self._eof:
-            return False
-        out = self._source.get()
-        self._offset += len(self._buf)
-        self._buf, self._pos = out, 0
-        self._eof = not out
-        return bool(out)
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes: fewer only at end of stream (tarfile relies on that)."""
-        if size is None or size < 0:
-            return b"".join(iter(lambda: self.read(CHUNK), b""))
-        if self._pos >= len(self._buf) and not self._fill():
-            return b""
-        if self._pos == 0 and size == len(self._buf):
-            self._pos = len(self._buf)
-            return self._buf
-        data = self._buf[self._pos : self._pos + size]
-        self._pos += len(data)
-        if len(data) == size:
-            return data
-        parts = [data]
-        need = size - len(data)
-        while need and self._fill():
-            part = self._buf[:need]
-            self._pos = len(part)
-            parts.append(part)
-            need -= len(part)
-        return b"".join(parts)
-
-    def peek(self, size: int) -> bytes:
-        """The next ``size`` bytes (fewer only at end of stream), left to be read."""
-        while len(self._buf) - self._pos < size and not self._eof:
-            out = self._source.get()
-            self._eof = not out
-            self._offset += self._pos
-            self._buf, self._pos = self._buf[self._pos :] + out, 0
-        return self._buf[self._pos : self._pos + size]
-
-    def read_some(self, size: int) -> bytes:
-        """Up to ``size`` bytes without copying across buffers (short reads allowed)."""
-        if self._pos >= len(self._buf) and not self._fill():
-            return b""
-        if self._pos == 0 and size >= len(self._buf):
-            self._pos = len(self._buf)
-            return self._buf
-        data = self._buf[self._pos : self._pos + size]
-        self._pos += len(data)
-        return data
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> None:
-        """Read to the end of the stream, which verifies the digests."""
-        while self.read(CHUNK):
-            pass
-
-    def close(self) -> None:
-        self._source.close()
-        if self._file is not None:  # the child process's blob: ours to close
-            self._file.close()
-        super().close()
-
-
-def open_layer(layer: LayerBlob) -> BinaryIO:
-    """Open ``layer`` as a stream of uncompressed tar bytes.
-
-    The blob digest and the diff_id (when given) are verified as the bytes go by; reading
-    to the end raises :class:`IntegrityError` on a mismatch or a truncated stream.
-    """
-    return _LayerStream(layer)  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------
-# names and modes
-
-
-def _normalise(name: str, layer: LayerBlob, what: str = "entry") -> str:
-    """``name`` relative to the root ("" is the root).
-
-    A ``..`` at the root stays at the root, as Apptainer (umoci, securejoin) and Docker
-    extract layers: ``../../etc/x`` is ``etc/x``. A component longer than the 255 bytes
-    any Linux file system (and squashfs) allows is a ``LayerError``, and so is a path of
-    4096 bytes or more, which no system call takes (Apptainer fails on it too); its
-    thousands of parent directories made the merge's memory grow with the square of its length.
-    """
-    parts: list[str] = []
-    for comp in name.split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if parts:
-                parts.pop()
-        else:
-            # 63 characters or fewer are at most 252 bytes: encode only the rare long ones
-            if len(comp) > _NAME_MAX // 4 and len(comp.encode("utf-8", "surrogateescape")) > _NAME_MAX:
-                raise LayerError(
-                    f"layer {layer.label}: {what} {name[:80]!r}... has a name component longer than "
-                    f"{_NAME_MAX} bytes"
-                )
-            parts.append(comp)
-    path = "/".join(parts)
-    if len(path) >= _PATH_MAX // 4 and len(path.encode("utf-8", "surrogateescape")) >= _PATH_MAX:
-        raise LayerError(
-            f"layer {layer.label}: {what} {name[:80]!r}... has a path of {_PATH_MAX} bytes or more"
-        )
-    return path
-
-
-def _ancestors(path: str) -> Iterator[str]:
-    """The strict ancestors of ``path`` from the top: "a", "a/b" for "a/b/c"."""
-    i = path.find("/")
-    while i != -1:
-        yield path[:i]
-        i = path.find("/", i + 1)
-
-
-def _fix_mode(mode: int, is_dir: bool) -> int:
-    """Readable (and traversable) by all, no setuid/setgid; sticky bits stay."""
-    mode &= 0o1777
-    if is_dir:
-        return mode | 0o555
-    mode |= 0o444
-    return mode | 0o111 if mode & 0o111 else mode
-
-
-# PAX and GNU long-name headers are read whole into memory: refuse bigger ones, as Go's
-# archive/tar (Apptainer) does, instead of reading a hostile gigabyte header
-_MAX_EXT_HEADER = 1 << 20
-_EXT_TYPES = frozenset(
-    {
-        tarfile.XHDTYPE,
-        tarfile.XGLTYPE,
-        tarfile.SOLARIS_XHDTYPE,
-        tarfile.GNUTYPE_LONGNAME,
-        tarfile.GNUTYPE_LONGLINK,
-    }
-)
-_EMPTY_TAR = bytes(2 * BLOCK)
-
-
-# PAX records that Go's archive/tar (Apptainer) refuses when they hold a NUL byte; tarfile
-# would cut the name there and write another file than the one named
-_NO_NUL_RECORDS = ("path", "linkpath", "uname", "gname")
-
-
-_REFUSED_HEADERS = {tarfile.XGLTYPE: "PAX global header", tarfile.SOLARIS_XHDTYPE: "Solaris extended header"}
-
-
-class _RefusedMember(tarfile.ReadError):
-    """A member that the tar format allows but a layer may not hold (its message says why)."""
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """A tar member whose extended headers are checked for size before they are read, and
-    whose damaged headers fail the layer as they fail it in Apptainer."""
-
-    @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
-        obj = super().frombuf(buf, encoding, errors)
-        if buf[345:346] != b"\0" and buf[257:265] != b"ustar\x0000" and obj.type not in tarfile.GNU_TYPES:
-            # only POSIX ustar headers have a name prefix there, as Go's archive/tar reads them:
-            # GNU ones keep times (incremental dumps), V7 ones nothing, yet tarfile joined it
-            obj.name = tarfile.nts(buf[:100], encoding, errors)
-            if obj.isdir():
-                obj.name = obj.name.rstrip("/")
-        return obj
-
-    @classmethod
-    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tf)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
-            # tarfile takes a bad header after the first member for the end of the archive,
-            # which would drop the rest of the layer without a word
-            raise tarfile.ReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
-
-    # the GNU long name/link records of this member, field -> value (the later ones, see below)
-    _gnu: dict[str, str] = {}
-
-    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        """A GNU long name or link record and the member it names, read as Go's archive/tar
-        (Apptainer) reads them: the record's ``size`` bytes up to a NUL (tarfile read its
-        padding too), an empty record names nothing (the member kept no name at all), of two
-        records of a kind in a row the later one wins (tarfile took the first), and they win
-        over a PAX path of the same member (see :meth:`_proc_member`)."""
-        value = tarfile.nts(tf.fileobj.read(self._block(self.size))[: self.size], tf.encoding, tf.errors)
-        try:
-            member = self.fromtarfile(tf)  # the following records are applied first
-        except tarfile.HeaderError as e:
-            raise tarfile.SubsequentHeaderError(str(e)) from None
-        member.offset = self.offset
-        field = "name" if self.type == tarfile.GNUTYPE_LONGNAME else "linkname"
-        if value and field not in member._gnu:
-            member._gnu = {**member._gnu, field: value}
-        _apply_gnu(member)
-        return member
-
-    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        """An extended header and the member it describes; its records are checked first as
-        Go's archive/tar (Apptainer) checks them (tarfile read a record whose length is wrong,
-        or has no newline, as best it could, and a number it could not parse as 0)."""
-        if isinstance(tf.fileobj, _LayerStream):
-            _check_pax_records(tf.fileobj.peek(self.size), self.offset)
-        return super()._proc_pax(tf)
-
-    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None:
-        # as in Go's archive/tar, an empty record keeps the header's value (an empty path
-        # made the member the root, and the build failed)
-        kept = {key: value for key, value in pax_headers.items() if value != ""}
-        if self.type == tarfile.AREGTYPE and kept.get("path", "").endswith("/"):
-            self.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
-        super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]
-        self.pax_headers = pax_headers.copy()
-
-    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in _REFUSED_HEADERS:
-            # tarfile would give a global header's records (a path, an owner) to every later
-            # member, so a layer's files all became one, and a Solaris header's to the next one;
-            # Apptainer refuses both as members of an unknown type
-            raise _RefusedMember(
-                f"the member at offset {self.offset} is a {_REFUSED_HEADERS[self.type]} "
-                f"(type {self.type.decode()!r}), which Apptainer does not extract either"
-            )
-        if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
-            raise tarfile.ReadError(
-                f"an extended header of {self.size} bytes at offset {self.offset} (the limit is 1 MiB)"
-            )
-        member = super()._proc_member(tf)
-        _apply_gnu(member)  # a PAX header before the GNU records set its path over theirs
-        # owners are 32-bit (uid_t): base-256 or PAX values beyond that wrap as they do in
-        # Apptainer's chown (the sandbox's chown raised OverflowError)
-        member.uid &= 0xFFFFFFFF
-        member.gid &= 0xFFFFFFFF
-        for key in _NO_NUL_RECORDS:
-            if "\0" in member.pax_headers.get(key, ""):
-                raise tarfile.ReadError(f"the PAX {key} record at offset {self.offset} holds a NUL byte")
-        return member
-
-
-_PAX_INTEGER = re.compile(rb"[+-]?[0-9]+")
-_PAX_TIME = re.compile(rb"[+-]?[0-9]+(\.[0-9]*)?")
-# the records whose values Go's archive/tar parses as numbers (a bad one fails the header)
-_PAX_NUMBERS = {b"uid": _PAX_INTEGER, b"gid": _PAX_INTEGER, b"size": _PAX_INTEGER}
-_PAX_NUMBERS.update(dict.fromkeys((b"mtime", b"atime", b"ctime"), _PAX_TIME))
-
-
-def _check_pax_records(data: bytes, offset: int) -> None:
-    """Refuse the extended header ``data`` unless each record is ``LEN KEY=VALUE\\n`` with
-    LEN its exact length, and the numbers are numbers, as Go's archive/tar refuses it."""
-    pos = 0
-    while pos < len(data):
-        length, space, _ = data[pos : pos + 24].partition(b" ")
-        end = pos + int(length) if space and _PAX_INTEGER.fullmatch(length) else 0
-        record = data[pos:end]
-        key, equals, value = record[len(length) + 1 : -1].partition(b"=")
-        if end - pos < 5 or end > len(data) or record[-1:] != b"\n" or not equals or not key:
-            raise tarfile.ReadError(f"a malformed extended header record at offset {offset + pos}")
-        number = _PAX_NUMBERS.get(key)
-        if number is not None and value and not number.fullmatch(value):
-            raise tarfile.ReadError(f"the PAX {key.decode()} record at offset {offset} is no number")
-        pos = end
-
-
-def _apply_gnu(member: tarfile.TarInfo) -> None:
-    """Give ``member`` the GNU long name/link its records hold (:class:`_BoundedTarInfo`)."""
-    for key, value in getattr(member, "_gnu", {}).items():
-        setattr(member, key, value)
-    if member.type == tarfile.AREGTYPE and member.name.endswith("/"):
-        member.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
-    if member.isdir():
-        member.name = member.name.removesuffix("/")
-
-
-def _open_tar(stream: _LayerStream) -> tarfile.TarFile:
-    """``stream`` as a tar archive; an empty stream is an empty layer, as in Apptainer."""
-    try:
-        return tarfile.open(fileobj=stream, mode="r:", tarinfo=_BoundedTarInfo)
-    except tarfile.ReadError:
-        if stream.tell():
-            raise
-        return tarfile.open(fileobj=io.BytesIO(_EMPTY_TAR), mode="r:")
-
-
-def _link_path(name: str, target: str) -> str:
-    """The root-relative path symlink ``name`` -> ``target`` names, resolved inside the root."""
-    return posixpath.normpath(posixpath.join("/", posixpath.dirname(name), target)).lstrip("/")
-
-
-def _follow(name: str, symlink: Callable[[str], str | None], label: str) -> str:
-    """``name`` with the symlinks among its ancestors followed, inside the root.
-
-    ``symlink(path)`` is the root-relative path that ``path`` points at, None if it is no
-    symlink to follow.
-    """
-    path = name
-    for _ in range(_MAX_SYMLINKS + 1):
-        for anc in _ancestors(path):
-            hit = symlink(anc)
-            if hit is not None:
-                rest = path[len(anc) + 1 :]
-                path = f"{hit}/{rest}" if hit else rest
-                break
-        else:
-            return path
-    raise LayerError(f"layer {label}: {name!r}: too many levels of symbolic links among its parents")
-
-
-_REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
-
-
-def _kind(ti: tarfile.TarInfo) -> str:
-    """One of "reg", "dir", "sym", "lnk", "fifo", "dev" or "unknown" for a tar member."""
-    t = ti.type
-    if t in _REG_TYPES:
-        return "reg"
-    if t == tarfile.DIRTYPE:
-        return "dir"
-    if t == tarfile.SYMTYPE:
-        return "sym"
-    if t == tarfile.LNKTYPE:
-        return "lnk"
-    if t == tarfile.FIFOTYPE:
-        return "fifo"
-    if t in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        return "dev"
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------
@@ -695,7 +215,7 @@ def _sparse_header(name: str, src: tarfile.TarInfo, regions: list[tuple[int, int
     sparse_map = b"%d\n" % len(entries) + b"".join(b"%d\n%d\n" % r for r in entries)
     sparse_map += bytes(-len(sparse_map) % BLOCK)
     ti = tarfile.TarInfo("GNUSparseFile.0/data")  # readers take the name from GNU.sparse.name
-    ti.mode, ti.uid, ti.gid, ti.mtime = _fix_mode(src.mode, False), src.uid, src.gid, int(src.mtime)
+    ti.mode, ti.uid, ti.gid, ti.mtime = fix_mode(src.mode, False), src.uid, src.gid, int(src.mtime)
     ti.size = len(sparse_map) + sum(length for _, length in regions)
     ti.uname = ti.gname = ""
     ti.pax_headers = {
@@ -740,7 +260,7 @@ class _TarSink:
 
     def _header(self, name: str, src: tarfile.TarInfo, kind: str) -> None:
         self._count(name)
-        mode = 0o777 if kind == "sym" else _fix_mode(src.mode, kind == "dir")
+        mode = 0o777 if kind == "sym" else fix_mode(src.mode, kind == "dir")
         size = src.size if kind == "reg" else 0
         linkname = src.linkname if kind == "sym" else ""
         self._write(
@@ -847,7 +367,7 @@ class _DirSink:
         parent, base = posixpath.split(name)
         pfd = self._dir_fd(parent, create=True)
         # sandboxes stay writable by their owner, as Apptainer's do
-        mode = _fix_mode(src.mode, kind == "dir") | (0o700 if kind == "dir" else 0o600)
+        mode = fix_mode(src.mode, kind == "dir") | (0o700 if kind == "dir" else 0o600)
         if kind == "dir":
             if name:
                 with contextlib.suppress(FileExistsError):
@@ -994,23 +514,23 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
     targets: dict[str, str] = {}  # the layer's symlinks so far -> the root-relative path they name
     link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
     links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
-    stream = _LayerStream(blob, verify=False)
+    stream = LayerStream(blob, verify=False)
     try:
-        with _open_tar(stream) as tf:
+        with open_tar(stream) as tf:
             for i, ti in enumerate(tf):
                 tf.members.clear()
-                name = _normalise(ti.name, blob)
+                name = normalise_name(ti.name, blob)
                 if targets:  # below a symlink of the layer: where it points, as the merge puts it
-                    name = _follow(name, targets.get, blob.label)
+                    name = follow_links(name, targets.get, blob.label)
                 names.append((name, ti.isdir()))
                 if ti.issym():
                     symlinks.add(i)
-                    targets[name] = _link_path(name, ti.linkname)
+                    targets[name] = link_path(name, ti.linkname)
                 else:
                     targets.pop(name, None)
                 links.pop(name, None)
                 if ti.islnk():
-                    target = _normalise(ti.linkname, blob)
+                    target = normalise_name(ti.linkname, blob)
                     target = links.get(target, target)
                     links[name] = target
                     link_ordinals.setdefault(target, []).append(i)
@@ -1024,7 +544,7 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
         if not is_dir:
             last_nondir[name] = i
         if not posixpath.basename(name).startswith(WHITEOUT_PREFIX):  # whiteouts need no directory
-            for anc in _ancestors(name):
+            for anc in ancestors(name):
                 last_below[anc] = i
     replaced = frozenset(
         i
@@ -1034,7 +554,7 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
         # non-directory replaces
         if (last[name] != i and not (is_dir and names[last[name]][1]))
         or (not is_dir and i not in symlinks and last_below.get(name, -1) > i)
-        or any(last_nondir.get(anc, -1) > i for anc in _ancestors(name))
+        or any(last_nondir.get(anc, -1) > i for anc in ancestors(name))
     )
     kept: dict[int, str] = {}
     absorbed: set[int] = set()
@@ -1049,13 +569,13 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
         # replaces it), or where a non-directory takes an ancestor
         end = min(
             [following.get(name, len(names)), following_below.get(name, len(names))]
-            + [following_nondir[anc] for anc in _ancestors(name) if anc in following_nondir]
+            + [following_nondir[anc] for anc in ancestors(name) if anc in following_nondir]
         )
         following[name] = i
         if not is_dir:
             following_nondir[name] = i
         if not posixpath.basename(name).startswith(WHITEOUT_PREFIX):
-            for anc in _ancestors(name):
+            for anc in ancestors(name):
                 following_below[anc] = i
         if is_dir or i not in replaced:
             continue
@@ -1101,7 +621,7 @@ class _Merger:
             hit = self.through.get(path)
             return hit[1] if hit is not None and hit[0] > level else None
 
-        return _follow(name, lower, lay.label)
+        return follow_links(name, lower, lay.label)
 
     # -- visibility ----------------------------------------------------------------------
 
@@ -1109,7 +629,7 @@ class _Merger:
         """Why ``name`` of layer ``lay`` is hidden by an ancestor, or None."""
         if "" in self.opaque and name:
             return "whiteout"
-        for anc in _ancestors(name):
+        for anc in ancestors(name):
             if anc in self.hidden:
                 return "whiteout"
             if anc in self.opaque:
@@ -1133,7 +653,7 @@ class _Merger:
         the one an upper whiteout removed or an upper opaque directory emptied."""
         if "" in self.opaque:
             return
-        stop = next((anc for anc in _ancestors(name) if anc in self.hidden or anc in self.opaque), None)
+        stop = next((anc for anc in ancestors(name) if anc in self.hidden or anc in self.opaque), None)
         if stop is None:
             self._claim_parents(name, lay)
         elif stop in self.hidden:
@@ -1143,8 +663,8 @@ class _Merger:
 
     def _claim_parents(self, name: str, lay: _Layer) -> None:
         if lay.replaced_nondirs:  # the directory where a skipped non-directory was starts empty
-            lay.opaque.update(anc for anc in _ancestors(name) if anc in lay.replaced_nondirs)
-        for anc in _ancestors(name):
+            lay.opaque.update(anc for anc in ancestors(name) if anc in lay.replaced_nondirs)
+        for anc in ancestors(name):
             if anc not in self.claims:
                 self.claims[anc] = lay.level * 2 + 1
                 self.claimed_dir_bytes += len(anc)
@@ -1158,9 +678,9 @@ class _Merger:
 
     def entry(self, lay: _Layer, ti: tarfile.TarInfo, data: BinaryIO | None) -> None:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
-        name = _normalise(ti.name, lay.blob)
+        name = normalise_name(ti.name, lay.blob)
         if lay.symlinks:
-            name = _follow(name, lay.symlinks.get, lay.label)
+            name = follow_links(name, lay.symlinks.get, lay.label)
         if self.through:
             name = self._written_through(name, lay)
         parent, base = posixpath.split(name)
@@ -1168,7 +688,7 @@ class _Merger:
             if base.startswith(_AUFS_META) and base != OPAQUE_MARKER:
                 return  # AUFS bookkeeping (.wh..wh.aufs, .wh..wh.plnk itself): never content
             # a whiteout creates no directory (Apptainer's extraction makes none for it)
-            for anc in _ancestors(name):
+            for anc in ancestors(name):
                 self.whiteout_dirs.setdefault(anc, lay.level)
             if base == OPAQUE_MARKER:
                 lay.opaque.add(parent)
@@ -1178,16 +698,16 @@ class _Merger:
                     raise LayerError(f"layer {lay.label}: invalid whiteout {ti.name!r}")
                 lay.whiteouts.add(posixpath.join(parent, target))
             return
-        kind = _kind(ti)
+        kind = member_kind(ti)
         if kind == "unknown":  # as Apptainer (umoci) does: never guess what such an entry is
             raise LayerError(f"layer {lay.label}: entry {ti.name!r} has an unknown type flag {ti.type!r}")
         if (
             kind == "sym"
-            and len(ti.linkname) >= _PATH_MAX // 4
-            and len(ti.linkname.encode("utf-8", "surrogateescape")) >= _PATH_MAX
+            and len(ti.linkname) >= PATH_MAX // 4
+            and len(ti.linkname.encode("utf-8", "surrogateescape")) >= PATH_MAX
         ):
             # symlink(2) refuses it (Apptainer fails there too); squashfuse reads it as an I/O error
-            longest = _PATH_MAX - 1
+            longest = PATH_MAX - 1
             raise LayerError(
                 f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
             )
@@ -1222,7 +742,7 @@ class _Merger:
             elif kind != "dir":
                 lay.state[name] = _HIDDEN
                 if kind == "sym":  # the layer's later entries below it go where it points
-                    lay.symlinks[name] = _link_path(name, ti.linkname)
+                    lay.symlinks[name] = link_path(name, ti.linkname)
             return
         self._claim_parents(name, lay)
         self.claims[name] = lay.level * 2 + (kind == "dir")
@@ -1241,7 +761,7 @@ class _Merger:
             lay.held[name] = (ti, kind)
             lay.state[name] = _EMITTED
             if kind == "sym":
-                lay.symlinks[name] = _link_path(name, ti.linkname)
+                lay.symlinks[name] = link_path(name, ti.linkname)
 
     def _against_claim(
         self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, claim: int
@@ -1321,13 +841,13 @@ class _Merger:
             return
         hit = self.found.get(name)
         if hit is None or hit[0] == lay.level:  # the topmost layer's (its last) symlink there
-            self.found[name] = (lay.level, _link_path(name, ti.linkname))
+            self.found[name] = (lay.level, link_path(name, ti.linkname))
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
-        target = _normalise(ti.linkname, lay.blob, what=f"hard link target of {name!r}")
+        target = normalise_name(ti.linkname, lay.blob, what=f"hard link target of {name!r}")
         if lay.symlinks:
-            target = _follow(target, lay.symlinks.get, lay.label)
+            target = follow_links(target, lay.symlinks.get, lay.label)
         if self.through:
             target = self._written_through(target, lay)
         seen = lay.state.get(target)
@@ -1379,7 +899,7 @@ class _Merger:
         link would bring back a file that the image deleted."""
         if target in lay.whiteouts or "" in lay.opaque:
             return True
-        for anc in _ancestors(target):
+        for anc in ancestors(target):
             if anc in lay.whiteouts or anc in lay.opaque:
                 return True
             state = lay.state.get(anc)
@@ -1441,25 +961,25 @@ class _Merger:
         for target, links in lay.awaiting.items():
             if links:
                 self.pending.setdefault(target, []).extend(links)
-                self.pending_dirs.update(_ancestors(target))
+                self.pending_dirs.update(ancestors(target))
 
     def reread(self, lay: _Layer) -> None:
         """Read ``lay`` again for link targets that an upper layer hides."""
         wanted = {target: names for target, names in lay.rereads.items() if names}  # some withdrawn
         if not wanted:
             return
-        stream = _LayerStream(lay.blob, verify=False)
+        stream = LayerStream(lay.blob, verify=False)
         try:
-            with _open_tar(stream) as tf:
+            with open_tar(stream) as tf:
                 for ti in tf:
                     tf.members.clear()
-                    name = _normalise(ti.name, lay.blob)
+                    name = normalise_name(ti.name, lay.blob)
                     if self.through:
                         name = self._written_through(name, lay)
                     names = wanted.pop(name, None)
                     if names is None:
                         continue
-                    kind = _kind(ti)
+                    kind = member_kind(ti)
                     if kind == "dev":  # dropped: so are the links
                         self.stats.skip("device", len(names))
                         continue
@@ -1493,23 +1013,23 @@ class _Merger:
 
     # -- whole layers --------------------------------------------------------------------
 
-    def layer(self, level: int, blob: LayerBlob, stream: _LayerStream | None = None) -> None:
+    def layer(self, level: int, blob: LayerBlob, stream: LayerStream | None = None) -> None:
         """Merge one layer blob (level 1 is the topmost layer), from ``stream`` if already open."""
         lay = _Layer(level, blob)
-        stream = stream or _LayerStream(blob)
+        stream = stream or LayerStream(blob)
         try:
             try:
-                tf = _open_tar(stream)  # the stream is closed below
+                tf = open_tar(stream)  # the stream is closed below
                 for ordinal, ti in enumerate(tf):
                     tf.members.clear()  # tarfile keeps every member; we need none of them
                     if ordinal in lay.replaced:  # a later member of this layer replaces it
                         if not ti.isdir():  # a directory that replaces it later starts empty
-                            lay.replaced_nondirs.add(_normalise(ti.name, blob))
+                            lay.replaced_nondirs.add(normalise_name(ti.name, blob))
                         host = lay.repeats.kept.get(ordinal)
                         if host is None:
                             self.stats.skip("duplicate")
                             if ti.islnk():  # replaced, yet made: its target must be there
-                                self._require(lay, _normalise(ti.name, blob), ti)
+                                self._require(lay, normalise_name(ti.name, blob), ti)
                             continue
                         ti.name = host  # hard links kept it: it goes under the first one's name
                     elif ordinal in lay.repeats.absorbed:  # that first link: it is the file now
@@ -1520,7 +1040,7 @@ class _Merger:
                     if self.progress:
                         self.progress(self.done_in + stream.bytes_in, self.total)
                 stream.drain()  # the digests are checked at the very end of the stream
-            except _RefusedMember as e:
+            except RefusedMember as e:
                 raise LayerError(f"layer {blob.label}: {e}") from e
             except tarfile.TarError as e:
                 raise LayerError(f"layer {blob.label}: not a valid tar archive or truncated ({e})") from e
@@ -1538,7 +1058,7 @@ class _Merger:
 class _Content:
     """The content of a regular tar member read straight from the layer stream."""
 
-    def __init__(self, stream: _LayerStream, size: int) -> None:
+    def __init__(self, stream: LayerStream, size: int) -> None:
         self._stream = stream
         self._left = size
 
@@ -1556,7 +1076,7 @@ class _Holes(_Content):
     """The stored regions of a sparse member, one after the other; ``regions`` are their
     (offset, length) in the file, in order, and ``stored`` their total length."""
 
-    def __init__(self, stream: _LayerStream, regions: list[tuple[int, int]]) -> None:
+    def __init__(self, stream: LayerStream, regions: list[tuple[int, int]]) -> None:
         self.regions = regions
         self.stored = sum(length for _, length in regions)
         super().__init__(stream, self.stored)
@@ -1580,7 +1100,7 @@ def _regions(ti: tarfile.TarInfo, room: int) -> list[tuple[int, int]] | None:
     return regions
 
 
-def _member_data(tf: tarfile.TarFile, stream: _LayerStream, ti: tarfile.TarInfo) -> BinaryIO | None:
+def _member_data(tf: tarfile.TarFile, stream: LayerStream, ti: tarfile.TarInfo) -> BinaryIO | None:
     """A reader of ``ti``'s content (None for non-files): for a sparse member, its stored
     regions only (the holes are never read or written out), or, where its map is odd, all of
     its bytes as tarfile expands them."""
@@ -1628,13 +1148,13 @@ def _merge(
     merger.through = dict(_THROUGH.get(image, {}))
     _extra_layer(merger, [ef for ef in extra if not ef.under], 0)
     order = list(reversed(layers))
-    ahead: _LayerStream | None = None
+    ahead: LayerStream | None = None
     try:
         for level, blob in enumerate(order, start=1):
-            stream, ahead = ahead or _LayerStream(blob), None
+            stream, ahead = ahead or LayerStream(blob), None
             try:
                 # the next layer starts inflating (its child process starting) while this one merges
-                ahead = _LayerStream(order[level]) if level < len(order) else None
+                ahead = LayerStream(order[level]) if level < len(order) else None
             except BaseException:
                 stream.close()
                 raise

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from hpcsif.errors import SourceError
 
 if TYPE_CHECKING:
-    from hpcsif.image.layers import LayerBlob
+    from hpcsif.image.layer_stream import LayerBlob
     from hpcsif.image.store import OCIStore
 
 _MACHINE_TO_GOARCH = {
@@ -137,7 +137,7 @@ class Image:
 
     def layer_blobs(self) -> list[LayerBlob]:
         """The layers as :class:`LayerBlob` values, with diff_ids from the config when present."""
-        from hpcsif.image.layers import LayerBlob
+        from hpcsif.image.layer_stream import LayerBlob
 
         if not self.layers:  # as Apptainer: a config alone is no root file system to run
             raise SourceError(f"image {self.source or self.manifest_digest} has no layers")

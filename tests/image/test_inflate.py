@@ -10,7 +10,7 @@ import pytest
 
 from hpcsif.errors import IntegrityError
 from hpcsif.image import inflate
-from hpcsif.image.layers import LayerBlob, _LayerStream
+from hpcsif.image.layer_stream import LayerBlob, LayerStream
 from tests.image.tarbuild import blob, d, file, tar_bytes
 
 RAW = tar_bytes([d("etc"), file("etc/hostname", "box\n"), file("big", os.urandom(3_000_000))])
@@ -19,7 +19,7 @@ RAW = tar_bytes([d("etc"), file("etc/hostname", "box\n"), file("big", os.urandom
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "bz2", "xz"])
 def test_child_process_yields_the_thread_bytes(tmp_path: Path, compression: str):
     lay = blob(tmp_path, RAW, compression)
-    stream = _LayerStream(lay, process=True)
+    stream = LayerStream(lay, process=True)
     try:
         assert isinstance(stream._source, inflate.InflateProcess)
         assert stream.read(-1) == RAW
@@ -31,7 +31,7 @@ def test_child_process_yields_the_thread_bytes(tmp_path: Path, compression: str)
 def test_child_process_reports_a_digest_mismatch(tmp_path: Path):
     lay = blob(tmp_path, RAW, "gzip")
     lay = type(lay)(lay.path, lay.media_type, "sha256:" + "0" * 64, lay.diff_id)
-    stream = _LayerStream(lay, process=True)
+    stream = LayerStream(lay, process=True)
     try:
         with pytest.raises(IntegrityError, match=r"blob digest mismatch: expected sha256:0{64}, got sha256:"):
             stream.read(-1)
@@ -41,7 +41,7 @@ def test_child_process_reports_a_digest_mismatch(tmp_path: Path):
 
 def test_a_killed_child_is_an_integrity_error_not_a_short_layer(tmp_path: Path):
     lay = blob(tmp_path, RAW, "gzip")
-    stream = _LayerStream(lay, process=True)
+    stream = LayerStream(lay, process=True)
     try:
         stream.read(1000)
         os.kill(stream._source._proc.pid, signal.SIGKILL)
@@ -53,7 +53,7 @@ def test_a_killed_child_is_an_integrity_error_not_a_short_layer(tmp_path: Path):
 
 def test_stopping_early_reaps_the_child(tmp_path: Path):
     lay = blob(tmp_path, RAW, "gzip")
-    stream = _LayerStream(lay, process=True)
+    stream = LayerStream(lay, process=True)
     stream.read(1000)
     proc = stream._source._proc
     stream.close()
@@ -64,9 +64,9 @@ def test_large_compressed_layers_use_a_process_small_ones_a_thread(tmp_path: Pat
     monkeypatch.setattr(inflate, "MIN_BYTES", 1 << 20)
     for sub in ("big", "plain", "small"):
         (tmp_path / sub).mkdir()
-    big = _LayerStream(blob(tmp_path / "big", RAW, "gzip"))
-    plain = _LayerStream(blob(tmp_path / "plain", RAW, "none"))  # nothing to inflate
-    small = _LayerStream(blob(tmp_path / "small", tar_bytes([file("a", "x")]), "gzip"))
+    big = LayerStream(blob(tmp_path / "big", RAW, "gzip"))
+    plain = LayerStream(blob(tmp_path / "plain", RAW, "none"))  # nothing to inflate
+    small = LayerStream(blob(tmp_path / "small", tar_bytes([file("a", "x")]), "gzip"))
     try:
         assert isinstance(big._source, inflate.InflateProcess)
         assert not isinstance(plain._source, inflate.InflateProcess)
@@ -85,7 +85,7 @@ def test_a_window_inside_a_larger_file(tmp_path: Path, process: bool):
     container = tmp_path / "archive.tar"
     container.write_bytes(b"x" * 1536 + data + b"y" * 4096)  # other members around it
     window = LayerBlob(container, lay.media_type, lay.digest, lay.diff_id, offset=1536, size=len(data))
-    stream = _LayerStream(window, process=process)
+    stream = LayerStream(window, process=process)
     try:
         assert stream.read(-1) == RAW
         assert stream.bytes_in == len(data)
@@ -106,7 +106,7 @@ def test_xz_streams_padding_and_memory_limit(tmp_path: Path):
     path = tmp_path / "multi.xz"
     path.write_bytes(data)
     lay = LayerBlob(path, "", sha(data), sha(raw))
-    stream = _LayerStream(lay)
+    stream = LayerStream(lay)
     try:
         assert stream.read(-1) == raw
     finally:
@@ -115,7 +115,7 @@ def test_xz_streams_padding_and_memory_limit(tmp_path: Path):
     data = lzma.compress(tail, format=lzma.FORMAT_XZ, filters=huge)
     path = tmp_path / "huge.xz"
     path.write_bytes(data)
-    stream = _LayerStream(LayerBlob(path, "", sha(data), sha(tail)))
+    stream = LayerStream(LayerBlob(path, "", sha(data), sha(tail)))
     try:
         with pytest.raises(IntegrityError, match="needs more than 256 MiB"):
             stream.read(-1)

@@ -11,7 +11,8 @@ import pytest
 
 from hpcsif.errors import IntegrityError, LayerError
 from hpcsif.image import mediatypes as mt
-from hpcsif.image.layers import LayerBlob, flatten, open_layer
+from hpcsif.image.layer_stream import LayerBlob, open_layer
+from hpcsif.image.layers import flatten
 from hpcsif.sif.squashfs import squashfs_from_tar
 from tests.image.tarbuild import blob, compress, d, file, sha, tar_bytes
 

@@ -1,0 +1,276 @@
+"""The members of a layer's tar stream, read as Apptainer (Go's archive/tar) reads them.
+
+Names are normalised into the root and their symlinks followed inside it; modes are made
+Apptainer's (:func:`fix_mode`); PAX and GNU extension records are checked and applied as Go
+applies them (a global or Solaris header, a malformed record: the layer fails in one line).
+:mod:`hpcsif.image.layers` merges the members of all layers.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+
+from hpcsif.errors import LayerError
+from hpcsif.image.layer_stream import LayerBlob, LayerStream
+
+BLOCK = tarfile.BLOCKSIZE
+_NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX; squashfs refuses longer names)
+PATH_MAX = 4096  # bytes in a symlink target, with its NUL (Linux PATH_MAX)
+# symlinks followed to place one entry, as Apptainer (filepath-securejoin) follows them
+_MAX_SYMLINKS = 255
+
+
+def normalise_name(name: str, layer: LayerBlob, what: str = "entry") -> str:
+    """``name`` relative to the root ("" is the root).
+
+    A ``..`` at the root stays at the root, as Apptainer (umoci, securejoin) and Docker
+    extract layers: ``../../etc/x`` is ``etc/x``. A component longer than the 255 bytes
+    any Linux file system (and squashfs) allows is a ``LayerError``, and so is a path of
+    4096 bytes or more, which no system call takes (Apptainer fails on it too); its
+    thousands of parent directories made the merge's memory grow with the square of its length.
+    """
+    parts: list[str] = []
+    for comp in name.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if parts:
+                parts.pop()
+        else:
+            # 63 characters or fewer are at most 252 bytes: encode only the rare long ones
+            if len(comp) > _NAME_MAX // 4 and len(comp.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+                raise LayerError(
+                    f"layer {layer.label}: {what} {name[:80]!r}... has a name component longer than "
+                    f"{_NAME_MAX} bytes"
+                )
+            parts.append(comp)
+    path = "/".join(parts)
+    if len(path) >= PATH_MAX // 4 and len(path.encode("utf-8", "surrogateescape")) >= PATH_MAX:
+        raise LayerError(
+            f"layer {layer.label}: {what} {name[:80]!r}... has a path of {PATH_MAX} bytes or more"
+        )
+    return path
+
+
+def ancestors(path: str) -> Iterator[str]:
+    """The strict ancestors of ``path`` from the top: "a", "a/b" for "a/b/c"."""
+    i = path.find("/")
+    while i != -1:
+        yield path[:i]
+        i = path.find("/", i + 1)
+
+
+def fix_mode(mode: int, is_dir: bool) -> int:
+    """Readable (and traversable) by all, no setuid/setgid; sticky bits stay."""
+    mode &= 0o1777
+    if is_dir:
+        return mode | 0o555
+    mode |= 0o444
+    return mode | 0o111 if mode & 0o111 else mode
+
+
+# PAX and GNU long-name headers are read whole into memory: refuse bigger ones, as Go's
+# archive/tar (Apptainer) does, instead of reading a hostile gigabyte header
+_MAX_EXT_HEADER = 1 << 20
+_EXT_TYPES = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
+_EMPTY_TAR = bytes(2 * BLOCK)
+
+
+# PAX records that Go's archive/tar (Apptainer) refuses when they hold a NUL byte; tarfile
+# would cut the name there and write another file than the one named
+_NO_NUL_RECORDS = ("path", "linkpath", "uname", "gname")
+
+
+_REFUSED_HEADERS = {tarfile.XGLTYPE: "PAX global header", tarfile.SOLARIS_XHDTYPE: "Solaris extended header"}
+
+
+class RefusedMember(tarfile.ReadError):
+    """A member that the tar format allows but a layer may not hold (its message says why)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar member whose extended headers are checked for size before they are read, and
+    whose damaged headers fail the layer as they fail it in Apptainer."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        obj = super().frombuf(buf, encoding, errors)
+        if buf[345:346] != b"\0" and buf[257:265] != b"ustar\x0000" and obj.type not in tarfile.GNU_TYPES:
+            # only POSIX ustar headers have a name prefix there, as Go's archive/tar reads them:
+            # GNU ones keep times (incremental dumps), V7 ones nothing, yet tarfile joined it
+            obj.name = tarfile.nts(buf[:100], encoding, errors)
+            if obj.isdir():
+                obj.name = obj.name.rstrip("/")
+        return obj
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+            # tarfile takes a bad header after the first member for the end of the archive,
+            # which would drop the rest of the layer without a word
+            raise tarfile.ReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
+
+    # the GNU long name/link records of this member, field -> value (the later ones, see below)
+    _gnu: dict[str, str] = {}
+
+    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        """A GNU long name or link record and the member it names, read as Go's archive/tar
+        (Apptainer) reads them: the record's ``size`` bytes up to a NUL (tarfile read its
+        padding too), an empty record names nothing (the member kept no name at all), of two
+        records of a kind in a row the later one wins (tarfile took the first), and they win
+        over a PAX path of the same member (see :meth:`_proc_member`)."""
+        value = tarfile.nts(tf.fileobj.read(self._block(self.size))[: self.size], tf.encoding, tf.errors)
+        try:
+            member = self.fromtarfile(tf)  # the following records are applied first
+        except tarfile.HeaderError as e:
+            raise tarfile.SubsequentHeaderError(str(e)) from None
+        member.offset = self.offset
+        field = "name" if self.type == tarfile.GNUTYPE_LONGNAME else "linkname"
+        if value and field not in member._gnu:
+            member._gnu = {**member._gnu, field: value}
+        _apply_gnu(member)
+        return member
+
+    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        """An extended header and the member it describes; its records are checked first as
+        Go's archive/tar (Apptainer) checks them (tarfile read a record whose length is wrong,
+        or has no newline, as best it could, and a number it could not parse as 0)."""
+        if isinstance(tf.fileobj, LayerStream):
+            _check_pax_records(tf.fileobj.peek(self.size), self.offset)
+        return super()._proc_pax(tf)
+
+    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None:
+        # as in Go's archive/tar, an empty record keeps the header's value (an empty path
+        # made the member the root, and the build failed)
+        kept = {key: value for key, value in pax_headers.items() if value != ""}
+        if self.type == tarfile.AREGTYPE and kept.get("path", "").endswith("/"):
+            self.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
+        super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]
+        self.pax_headers = pax_headers.copy()
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _REFUSED_HEADERS:
+            # tarfile would give a global header's records (a path, an owner) to every later
+            # member, so a layer's files all became one, and a Solaris header's to the next one;
+            # Apptainer refuses both as members of an unknown type
+            raise RefusedMember(
+                f"the member at offset {self.offset} is a {_REFUSED_HEADERS[self.type]} "
+                f"(type {self.type.decode()!r}), which Apptainer does not extract either"
+            )
+        if self.type in _EXT_TYPES and self.size > _MAX_EXT_HEADER:
+            raise tarfile.ReadError(
+                f"an extended header of {self.size} bytes at offset {self.offset} (the limit is 1 MiB)"
+            )
+        member = super()._proc_member(tf)
+        _apply_gnu(member)  # a PAX header before the GNU records set its path over theirs
+        # owners are 32-bit (uid_t): base-256 or PAX values beyond that wrap as they do in
+        # Apptainer's chown (the sandbox's chown raised OverflowError)
+        member.uid &= 0xFFFFFFFF
+        member.gid &= 0xFFFFFFFF
+        for key in _NO_NUL_RECORDS:
+            if "\0" in member.pax_headers.get(key, ""):
+                raise tarfile.ReadError(f"the PAX {key} record at offset {self.offset} holds a NUL byte")
+        return member
+
+
+_PAX_INTEGER = re.compile(rb"[+-]?[0-9]+")
+_PAX_TIME = re.compile(rb"[+-]?[0-9]+(\.[0-9]*)?")
+# the records whose values Go's archive/tar parses as numbers (a bad one fails the header)
+_PAX_NUMBERS = {b"uid": _PAX_INTEGER, b"gid": _PAX_INTEGER, b"size": _PAX_INTEGER}
+_PAX_NUMBERS.update(dict.fromkeys((b"mtime", b"atime", b"ctime"), _PAX_TIME))
+
+
+def _check_pax_records(data: bytes, offset: int) -> None:
+    """Refuse the extended header ``data`` unless each record is ``LEN KEY=VALUE\\n`` with
+    LEN its exact length, and the numbers are numbers, as Go's archive/tar refuses it."""
+    pos = 0
+    while pos < len(data):
+        length, space, _ = data[pos : pos + 24].partition(b" ")
+        end = pos + int(length) if space and _PAX_INTEGER.fullmatch(length) else 0
+        record = data[pos:end]
+        key, equals, value = record[len(length) + 1 : -1].partition(b"=")
+        if end - pos < 5 or end > len(data) or record[-1:] != b"\n" or not equals or not key:
+            raise tarfile.ReadError(f"a malformed extended header record at offset {offset + pos}")
+        number = _PAX_NUMBERS.get(key)
+        if number is not None and value and not number.fullmatch(value):
+            raise tarfile.ReadError(f"the PAX {key.decode()} record at offset {offset} is no number")
+        pos = end
+
+
+def _apply_gnu(member: tarfile.TarInfo) -> None:
+    """Give ``member`` the GNU long name/link its records hold (:class:`_BoundedTarInfo`)."""
+    for key, value in getattr(member, "_gnu", {}).items():
+        setattr(member, key, value)
+    if member.type == tarfile.AREGTYPE and member.name.endswith("/"):
+        member.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
+    if member.isdir():
+        member.name = member.name.removesuffix("/")
+
+
+def open_tar(stream: LayerStream) -> tarfile.TarFile:
+    """``stream`` as a tar archive; an empty stream is an empty layer, as in Apptainer."""
+    try:
+        return tarfile.open(fileobj=stream, mode="r:", tarinfo=_BoundedTarInfo)
+    except tarfile.ReadError:
+        if stream.tell():
+            raise
+        return tarfile.open(fileobj=io.BytesIO(_EMPTY_TAR), mode="r:")
+
+
+def link_path(name: str, target: str) -> str:
+    """The root-relative path symlink ``name`` -> ``target`` names, resolved inside the root."""
+    return posixpath.normpath(posixpath.join("/", posixpath.dirname(name), target)).lstrip("/")
+
+
+def follow_links(name: str, symlink: Callable[[str], str | None], label: str) -> str:
+    """``name`` with the symlinks among its ancestors followed, inside the root.
+
+    ``symlink(path)`` is the root-relative path that ``path`` points at, None if it is no
+    symlink to follow.
+    """
+    path = name
+    for _ in range(_MAX_SYMLINKS + 1):
+        for anc in ancestors(path):
+            hit = symlink(anc)
+            if hit is not None:
+                rest = path[len(anc) + 1 :]
+                path = f"{hit}/{rest}" if hit else rest
+                break
+        else:
+            return path
+    raise LayerError(f"layer {label}: {name!r}: too many levels of symbolic links among its parents")
+
+
+_REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})
+
+
+def member_kind(ti: tarfile.TarInfo) -> str:
+    """One of "reg", "dir", "sym", "lnk", "fifo", "dev" or "unknown" for a tar member."""
+    t = ti.type
+    if t in _REG_TYPES:
+        return "reg"
+    if t == tarfile.DIRTYPE:
+        return "dir"
+    if t == tarfile.SYMTYPE:
+        return "sym"
+    if t == tarfile.LNKTYPE:
+        return "lnk"
+    if t == tarfile.FIFOTYPE:
+        return "fifo"
+    if t in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        return "dev"
+    return "unknown"
