@@ -410,6 +410,7 @@ class _StageBuilder:
         if stage.bootstrap != "oras":
             yield stage.source
             return
+        from hpcsif.cache.api import downloaded_sif
         from hpcsif.refs import parse
 
         said: list[str] = []
@@ -419,26 +420,17 @@ class _StageBuilder:
             self.options.say(message)
 
         source_options = {**self.options.source_options, "notify": notify}
+        aside = self.root.parent / f"stage{self.index}-base.sif" if self.options.store is None else None
         with contextlib.ExitStack() as stack:
             try:
                 ref = parse(reference(stage))
-                if self.options.store is None:
-                    from hpcsif.sources import download_sif
-
-                    aside = self.root.parent / f"stage{self.index}-base.sif"
+                if aside is not None:
                     self.options.say(f"Downloading oras image to tmp cache: {aside}")
-                    sif = download_sif(ref, aside, source_options)
-                else:
-                    from hpcsif.cache.api import leased_image
-
-                    # refresh: as Apptainer's, a build asks the registry which SIF the tag names now
-                    sif = stack.enter_context(
-                        leased_image(ref.raw, source_options=source_options, refresh=True)
-                    )
-                    if not said:
-                        self.options.say("Using cached SIF image")
+                sif = stack.enter_context(downloaded_sif(ref.raw, source_options, aside=aside))
             except (SourceError, ReferenceError) as exc:  # told where the reference came from
                 raise type(exc)(f"{self.where}:{line}: {exc}") from exc
+            if aside is None and not said:
+                self.options.say("Using cached SIF image")
             yield str(sif)
 
     def _check_fingerprints(self, src: Path) -> None:

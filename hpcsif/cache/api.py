@@ -315,3 +315,23 @@ def leased_image(
         # eviction may have run between finding the entry and taking the lease
         entry = _obtain(layout, req, off)
         yield entry.path
+
+
+@contextlib.contextmanager
+def downloaded_sif(
+    ref: str,
+    source_options: dict[str, Any],
+    *,
+    aside: Path | None = None,
+    options: ConvertOptions | None = None,
+) -> Iterator[Path]:
+    """The SIF an ``oras://`` (or ``http(s)://``) reference names, while it is read: in the SIF
+    cache, leased, the source asked which SIF a tag names now (as Apptainer's ``pull`` and
+    ``build`` ask), or, with *aside* (the cache disabled), downloaded to that file."""
+    if aside is not None:
+        from hpcsif.sources import download_sif
+
+        yield download_sif(parse(ref), aside, source_options)
+        return
+    with leased_image(ref, options=options, source_options=source_options, refresh=True) as path:
+        yield path

@@ -528,8 +528,8 @@ def _build_from_oras(args: argparse.Namespace, ref, target: Path) -> None:  # re
         aside = Path(tmp) / "image.sif"
         if blob_store(args) is None:
             info(args, f"Downloading oras image to tmp cache: {aside}")
-        sif = oras_sif(ref, args, aside)
-        info(args, f"Verifying bootstrap image {sif}")
-        warn_unverified_base(sif)
-        convert_ref(parse(str(sif)), target, options=convert_options(args), sandbox=args.sandbox)
+        with oras_sif(ref, args, aside) as sif:
+            info(args, f"Verifying bootstrap image {sif}")
+            warn_unverified_base(sif)
+            convert_ref(parse(str(sif)), target, options=convert_options(args), sandbox=args.sandbox)
     info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")

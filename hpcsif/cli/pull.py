@@ -8,9 +8,11 @@ fsspec URLs copy the file as it is. ``push SIF oras://…`` uploads a SIF as App
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -187,12 +189,13 @@ def _sif_then_sandbox(ref, target: Path, args: argparse.Namespace, progress) -> 
     with tempfile.TemporaryDirectory(prefix=".hpcsif-pull-", dir=target.resolve().parent) as tmp:
         sif = Path(tmp) / "image.sif"
         if ref.transport == "oras":
-            sif = oras_sif(ref, args, sif)
-        else:
-            from hpcsif.sources.remote import download
+            with oras_sif(ref, args, sif) as cached:
+                _sandbox_from(cached, target, args)
+            return
+        from hpcsif.sources.remote import download
 
-            info(args, "Downloading network image")
-            download(ref.path or ref.raw, sif, progress=progress)
+        info(args, "Downloading network image")
+        download(ref.path or ref.raw, sif, progress=progress)
         _sandbox_from(sif, target, args)
 
 
@@ -367,30 +370,28 @@ def _copy_out(cached: Path, target: Path) -> None:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
-def oras_sif(ref, args: argparse.Namespace, aside: Path) -> Path:  # ref: Reference
-    """The SIF ``oras://…`` names: in the SIF cache (an ``oras`` entry keyed on the SIF's digest,
-    as Apptainer's oras cache), or, with the cache disabled, downloaded to ``aside``."""
+@contextlib.contextmanager
+def oras_sif(ref, args: argparse.Namespace, aside: Path) -> Iterator[Path]:  # ref: Reference
+    """The SIF ``oras://…`` names, while it is read: in the SIF cache (an ``oras`` entry keyed on
+    the SIF's digest, as Apptainer's oras cache, leased), or, with the cache disabled, downloaded
+    to ``aside``."""
+    from hpcsif.cache.api import downloaded_sif
     from hpcsif.cli.build import blob_store, convert_options
 
     notices = Notices(args)
     options = convert_options(args)  # --arch: the platform picked from a multi-arch artifact
     source_options = {**oras_options(args), "platform": options.platform, "notify": notices}
-    if blob_store(args) is None:
-        from hpcsif.sources import download_sif
-
-        return download_sif(ref, aside, source_options)
-    from hpcsif.cache.api import ensure_image
-
-    # refresh: as Apptainer's, a pull asks the registry which SIF the tag names now
-    cached = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
-    notices.done()  # "Using cached SIF image" where nothing was downloaded
-    return cached
+    cached = blob_store(args) is not None
+    with downloaded_sif(ref.raw, source_options, aside=None if cached else aside, options=options) as sif:
+        if cached:
+            notices.done()  # "Using cached SIF image" where nothing was downloaded
+        yield sif
 
 
 def _pull_oras(ref, target: Path, args: argparse.Namespace) -> None:  # ref: Reference
-    sif = oras_sif(ref, args, target)
-    if sif != target:
-        _copy_out(sif, target)
+    with oras_sif(ref, args, target) as sif:
+        if sif != target:
+            _copy_out(sif, target)
 
 
 def run_push(args: argparse.Namespace) -> int:
