@@ -468,13 +468,23 @@ class _Layer:
         self.repeats = _REPEATS.get((str(blob.path), blob.offset, blob.digest), _Repeats())
         self.replaced = self.repeats.replaced
         self.replaced_nondirs: set[str] = set()  # names of replaced non-directories skipped so far
-        self.symlinks: dict[str, str] = {}  # this layer's symlinks -> the root-relative path they name
+        # this layer's symlinks, and hard links to them, which are symlinks too -> their targets
+        self.symlinks: dict[str, str] = {}
         # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
         # layers below from the end of this one (a later entry of this layer is no target)
         self.awaiting: dict[str, list[tuple[str, str]]] = {}
+        # what the layer did, for the symlinks of lower layers (_Merger.below, .touched): the
+        # paths it put entries below, and those it put an entry at (-> whether all were directories)
+        self.below: set[str] = set()
+        self.touched: dict[str, bool] = {}
         # targets in lower layers of hard links that a later entry of this layer replaced: the
         # link needs no content, yet extraction made it, so the target must be there
         self.required: dict[str, tuple[str, str]] = {}
+
+    def symlink(self, path: str) -> str | None:
+        """The root-relative path that ``path``, if a symlink of this layer, points at."""
+        target = self.symlinks.get(path)
+        return None if target is None else link_path(path, target)
 
 
 _Sink = _TarSink | _DirSink
@@ -486,8 +496,18 @@ _Progress = Callable[[int, int], None]
 _REPEATS: dict[tuple[str, int, str | None], _Repeats] = {}
 _MAX_REPEATS = 64
 # For an image (its layers' identities): the lower symlinks that upper layers write through,
-# path -> (level of the symlink's layer, the root-relative path it points at)
-_THROUGH: dict[tuple[tuple[str, int, str | None], ...], dict[str, tuple[int, str]]] = {}
+# path -> where it points and which layers wrote through it
+_THROUGH: dict[tuple[tuple[str, int, str | None], ...], dict[str, list[_Through]]] = {}
+
+
+class _Through(NamedTuple):
+    """A lower symlink that layers write through: the level of its layer, the root-relative
+    path it points at, and the level of the nearest layer above that replaced or removed it
+    (0: none did). Only the layers in between met it while they were extracted."""
+
+    level: int
+    target: str
+    upto: int
 
 
 class _Repeats(NamedTuple):
@@ -512,6 +532,7 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
     names: list[tuple[str, bool]] = []
     symlinks: set[int] = set()  # what lies below a symlink of the layer goes through it
     targets: dict[str, str] = {}  # the layer's symlinks so far -> the root-relative path they name
+    texts: dict[str, str] = {}  # … and their targets as written
     link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
     links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
     stream = LayerStream(blob, verify=False)
@@ -523,17 +544,22 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
                 if targets:  # below a symlink of the layer: where it points, as the merge puts it
                     name = follow_links(name, targets.get, blob.label)
                 names.append((name, ti.isdir()))
-                if ti.issym():
-                    symlinks.add(i)
-                    targets[name] = link_path(name, ti.linkname)
-                else:
-                    targets.pop(name, None)
                 links.pop(name, None)
+                text = ti.linkname if ti.issym() else None
                 if ti.islnk():
                     target = normalise_name(ti.linkname, blob)
+                    if targets:
+                        target = follow_links(target, targets.get, blob.label)
+                    text = texts.get(target)  # a link to a symlink is one too
                     target = links.get(target, target)
                     links[name] = target
                     link_ordinals.setdefault(target, []).append(i)
+                if text is not None:
+                    symlinks.add(i)
+                    targets[name], texts[name] = link_path(name, text), text
+                else:
+                    targets.pop(name, None)
+                    texts.pop(name, None)
     finally:
         stream.close()
     last: dict[str, int] = {}
@@ -605,21 +631,25 @@ class _Merger:
         self.opaque: set[str] = set()
         self.pending: dict[str, list[tuple[str, str]]] = {}  # lower link target -> [(name, layer)]
         self.required: dict[str, tuple[str, str]] = {}  # lower targets of replaced links (_Layer)
-        self.pending_dirs: set[str] = set()  # the ancestors of every target that was pending
         self.links: list[tuple[str, str]] = []
-        self.through: dict[str, tuple[int, str]] = {}  # lower symlinks known to be written through
-        self.found: dict[str, tuple[int, str]] = {}  # … and those this pass found
-        # directories that upper whiteouts lie in -> topmost level: whiteouts claim nothing (a
-        # whiteout alone creates no directory), yet a lower symlink there redirects them too
-        self.whiteout_dirs: dict[str, int] = {}
+        self.through: dict[str, list[_Through]] = {}  # lower symlinks known to be written through
+        self.found: dict[str, list[_Through]] = {}  # … and those this pass found
+        # for the symlinks of lower layers, what the layers read so far did at a path, each the
+        # lowest such layer: put entries, whiteouts or hard-link targets below it (-> level),
+        # an entry or a whiteout at it (-> level * 2 + is_dir), an opaque marker in it (-> level)
+        self.below: dict[str, int] = {}
+        self.touched: dict[str, int] = {}
+        self.opaque_at: dict[str, int] = {}
 
     def _written_through(self, name: str, lay: _Layer) -> str:
         """``name`` of layer ``lay`` with the known lower symlinks among its ancestors followed."""
         level = lay.level
 
         def lower(path: str) -> str | None:
-            hit = self.through.get(path)
-            return hit[1] if hit is not None and hit[0] > level else None
+            for hit in self.through.get(path, ()):
+                if hit.upto < level < hit.level:
+                    return hit.target
+            return None
 
         return follow_links(name, lower, lay.label)
 
@@ -680,7 +710,7 @@ class _Merger:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
         name = normalise_name(ti.name, lay.blob)
         if lay.symlinks:
-            name = follow_links(name, lay.symlinks.get, lay.label)
+            name = follow_links(name, lay.symlink, lay.label)
         if self.through:
             name = self._written_through(name, lay)
         parent, base = posixpath.split(name)
@@ -688,8 +718,7 @@ class _Merger:
             if base.startswith(_AUFS_META) and base != OPAQUE_MARKER:
                 return  # AUFS bookkeeping (.wh..wh.aufs, .wh..wh.plnk itself): never content
             # a whiteout creates no directory (Apptainer's extraction makes none for it)
-            for anc in ancestors(name):
-                self.whiteout_dirs.setdefault(anc, lay.level)
+            lay.below.update(ancestors(name))
             if base == OPAQUE_MARKER:
                 lay.opaque.add(parent)
             else:
@@ -711,8 +740,32 @@ class _Merger:
             raise LayerError(
                 f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
             )
-        if kind != "sym" and name in self.found and self.found[name][0] == lay.level:
-            del self.found[name]  # a later entry of the symlink's layer replaced it
+        lay.below.update(ancestors(name))
+        lay.touched[name] = lay.touched.get(name, True) and kind == "dir"
+        text = ti.linkname if kind == "sym" else self._linked_symlink(lay, ti) if kind == "lnk" else None
+        if text is not None:
+            self._found_through(lay, name, text)
+        elif name in self.found:  # a later entry of the symlink's layer replaced it
+            self.found[name] = [hit for hit in self.found[name] if hit.level != lay.level]
+        self._place(lay, name, ti, kind, data)
+        # the layer's later entries below a symlink go where it points, even where it is hidden
+        if text is not None:
+            lay.symlinks[name] = text
+        else:
+            lay.symlinks.pop(name, None)
+
+    def _linked_symlink(self, lay: _Layer, ti: tarfile.TarInfo) -> str | None:
+        """The target of the symlink of layer ``lay`` that hard link ``ti`` names, if it names
+        one: the link is that symlink too, its target read from the link's own directory."""
+        if not lay.symlinks:
+            return None
+        target = follow_links(normalise_name(ti.linkname, lay.blob), lay.symlink, lay.label)
+        if self.through:
+            target = self._written_through(target, lay)
+        return lay.symlinks.get(target)
+
+    def _place(self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data: BinaryIO | None) -> None:
+        """Merge entry ``ti`` (no whiteout) of layer ``lay`` at ``name``."""
         if kind == "dir" and (name in lay.state or name in lay.replaced_nondirs):
             # a directory where this layer had a non-directory: tar extraction removed the lower
             # layers' directory (children and all) for that one, and this one starts empty
@@ -732,8 +785,6 @@ class _Merger:
         claim = self.claims.get(name)
         if reason is None and claim is not None:
             reason = self._against_claim(lay, name, ti, kind, claim)
-        elif reason is None and kind == "sym" and self._lies_below(name, lay.level):
-            self._found_through(lay, name, ti)
         if reason is not None:
             if reason != "merged":
                 self.stats.skip(reason)
@@ -741,8 +792,6 @@ class _Merger:
                 lay.state[name] = self._require(lay, name, ti)
             elif kind != "dir":
                 lay.state[name] = _HIDDEN
-                if kind == "sym":  # the layer's later entries below it go where it points
-                    lay.symlinks[name] = link_path(name, ti.linkname)
             return
         self._claim_parents(name, lay)
         self.claims[name] = lay.level * 2 + (kind == "dir")
@@ -760,8 +809,6 @@ class _Merger:
         else:
             lay.held[name] = (ti, kind)
             lay.state[name] = _EMITTED
-            if kind == "sym":
-                lay.symlinks[name] = link_path(name, ti.linkname)
 
     def _against_claim(
         self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, claim: int
@@ -769,9 +816,7 @@ class _Merger:
         """Settle ``name`` that is already claimed; None means this entry takes it."""
         level, is_dir = claim >> 1, claim & 1
         if level < lay.level:  # an upper layer has it
-            if is_dir and kind == "sym" and name not in self.dirs:
-                self._found_through(lay, name, ti)
-            elif is_dir and kind != "dir":  # it replaced a directory below, children and all
+            if is_dir and kind != "dir":  # it replaced a directory below, children and all
                 lay.opaque.add(name)
             if is_dir and kind == "dir":
                 if name not in self.dirs:  # implicit upper directory: take these attributes
@@ -829,27 +874,34 @@ class _Merger:
             lay.links[other] = lay.state[other] = host
         lay.linked.add(host)
 
-    def _lies_below(self, name: str, level: int) -> bool:
-        """True if upper layers than ``level`` put whiteouts or hard-link targets below ``name``."""
-        return self.whiteout_dirs.get(name, level) < level or name in self.pending_dirs
-
-    def _found_through(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:
-        """Note the symlink ``name``: upper layers put entries or whiteouts below it without an
-        entry of their own for it, so extraction (Apptainer's, containerd's) writes them through it.
+    def _found_through(self, lay: _Layer, name: str, text: str) -> None:
+        """Note the symlink ``name`` -> ``text`` if layers above put entries, whiteouts or hard-link targets
+        below it after the nearest one that replaced or removed it (or a whiteout, opaque
+        directory or non-directory above it did): extraction layer after layer (Apptainer's,
+        containerd's) wrote those through the symlink, whatever the layers above did later.
         """
-        if name in self.through:
+        upto = self.touched.get(name, 0) >> 1
+        for anc in ancestors(name):
+            touched = self.touched.get(anc, 0)
+            if not touched & 1:
+                upto = max(upto, touched >> 1)
+            upto = max(upto, self.opaque_at.get(anc, 0))
+        upto = max(upto, self.opaque_at.get("", 0) if name else 0)
+        if self.below.get(name, 0) <= upto:
             return
-        hit = self.found.get(name)
-        if hit is None or hit[0] == lay.level:  # the topmost layer's (its last) symlink there
-            self.found[name] = (lay.level, link_path(name, ti.linkname))
+        hit = _Through(lay.level, link_path(name, text), upto)
+        known = self.found.setdefault(name, [])
+        if hit not in self.through.get(name, ()):  # a later symlink of the layer replaces an earlier one
+            known[:] = [h for h in known if h.level != lay.level] + [hit]
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
         target = normalise_name(ti.linkname, lay.blob, what=f"hard link target of {name!r}")
         if lay.symlinks:
-            target = follow_links(target, lay.symlinks.get, lay.label)
+            target = follow_links(target, lay.symlink, lay.label)
         if self.through:
             target = self._written_through(target, lay)
+        lay.below.update(ancestors(target))
         seen = lay.state.get(target)
         if isinstance(seen, str):
             target = seen
@@ -950,6 +1002,10 @@ class _Merger:
         self.links += lay.links.items()
         self.hidden |= lay.whiteouts
         self.opaque |= lay.opaque
+        self.below.update(dict.fromkeys(lay.below, lay.level))
+        self.touched.update((path, lay.level * 2 + is_dir) for path, is_dir in lay.touched.items())
+        self.touched.update(dict.fromkeys(lay.whiteouts, lay.level * 2))
+        self.opaque_at.update(dict.fromkeys(lay.opaque, lay.level))
         # links of upper layers to a file this one removed
         for target, (name, label) in [(t, users[0]) for t, users in self.pending.items()] + list(
             self.required.items()
@@ -961,7 +1017,6 @@ class _Merger:
         for target, links in lay.awaiting.items():
             if links:
                 self.pending.setdefault(target, []).extend(links)
-                self.pending_dirs.update(ancestors(target))
 
     def reread(self, lay: _Layer) -> None:
         """Read ``lay`` again for link targets that an upper layer hides."""
@@ -1145,7 +1200,7 @@ def _merge(
     )
     merger = _Merger(sink, stats, total, progress)
     image = tuple((str(b.path), b.offset, b.digest) for b in layers)
-    merger.through = dict(_THROUGH.get(image, {}))
+    merger.through = {path: list(hits) for path, hits in _THROUGH.get(image, {}).items()}
     _extra_layer(merger, [ef for ef in extra if not ef.under], 0)
     order = list(reversed(layers))
     ahead: LayerStream | None = None
@@ -1162,11 +1217,12 @@ def _merge(
     finally:
         if ahead is not None:
             ahead.close()
-    if merger.found:  # this pass wrote entries beside symlinks they belong below: once more
+    found = {path: hits for path, hits in merger.found.items() if hits}
+    if found:  # this pass wrote entries beside symlinks they belong below: once more
         if len(_THROUGH) >= _MAX_REPEATS:
             _THROUGH.clear()
-        _THROUGH[image] = {**merger.through, **merger.found}
-        shown = ", ".join(f"{p!r} -> {t or '/'!r}" for p, (_, t) in merger.found.items())
+        _THROUGH[image] = {p: merger.through.get(p, []) + found.get(p, []) for p in {*merger.through, *found}}
+        shown = ", ".join(f"{p!r} -> {hit.target or '/'!r}" for p, hits in found.items() for hit in hits)
         raise WriteThroughError(f"upper layers write through lower symlinks ({shown}); converting again")
     # the image's whiteouts hide lower layers, not the base directories laid under them (Apptainer
     # creates those after extracting): an opaque root keeps its /proc, /dev, /tmp …

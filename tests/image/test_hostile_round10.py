@@ -1,0 +1,77 @@
+"""Hostile layers, round 10: symlinks that layers write through, through ``hpcsif build``.
+
+Apptainer extracts layer after layer (umoci): a layer's entry below a lower symlink lands
+where the symlink points, whatever an upper layer does to the symlink later, and a hard link
+to a symlink is that symlink too. hpcsif merges top-down and learns of such symlinks on a
+later pass; it dropped or misplaced those entries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.image.tarbuild import d, file, layer, link, opaque, sym, whiteout
+from tests.image.test_hostile_cli import _build_and_compare
+
+
+@pytest.fixture
+def inflater() -> str:
+    """The CLI chooses its own inflater in its own process."""
+    return "cli"
+
+
+# what the top layer does to the symlink ``a -> x`` after the middle layer wrote ``a/f``
+TOPS = {
+    "whiteout": [whiteout("a")],
+    "file": [file("a", "F")],
+    "directory": [d("a"), file("a/g", "g")],
+    "other-symlink": [sym("a", "y")],
+    "opaque-root": [opaque(""), file("k", "k")],
+}
+
+
+@pytest.mark.parametrize("top", sorted(TOPS))
+def test_a_layer_writes_through_a_symlink_an_upper_layer_replaces(tmp_path: Path, top: str) -> None:
+    """``a/f`` of the middle layer is ``x/f``; the top layer's ``a`` (or whiteout) does not hide
+    it (hpcsif hid it, or wrote it below the top layer's directory)."""
+    layers = [
+        layer(tmp_path, [d("x"), d("y"), sym("a", "x")]),
+        layer(tmp_path, [file("a/f", "f"), whiteout("a/gone")]),
+        layer(tmp_path, TOPS[top], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers)
+    if top == "opaque-root":
+        assert "/x/f" not in tree and "/a" not in tree
+    else:
+        assert tree["/x/f"] == "-rw-r--r-- 1" and "/a/f" not in tree and "/y/f" not in tree
+
+
+def test_each_layer_writes_through_the_symlink_it_found(tmp_path: Path) -> None:
+    """``a -> x``, a layer writing ``a/f``, ``a -> y`` over it, a layer writing ``a/g``: ``f``
+    is in ``x``, ``g`` in ``y`` (both went where the topmost symlink pointed)."""
+    layers = [
+        layer(tmp_path, [d("x"), d("y"), sym("a", "x")]),
+        layer(tmp_path, [file("a/f", "f")]),
+        layer(tmp_path, [sym("a", "y")]),
+        layer(tmp_path, [file("a/g", "gg")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers)
+    assert tree["/x/f"] == "-rw-r--r-- 1" and tree["/y/g"] == "-rw-r--r-- 2" and tree["/a"] == "lrwxrwxrwx y"
+
+
+@pytest.mark.parametrize("where", ["same-layer", "upper-layer", "other-directory"])
+def test_entries_go_through_a_hard_link_to_a_symlink(tmp_path: Path, where: str) -> None:
+    """``h`` hard-linked to symlink ``q/s -> ../x`` is a symlink ``../x``: ``h/f`` is ``x/f``
+    (hpcsif made ``h`` a directory)."""
+    base = [d("x"), d("q"), sym("q/s", "../x"), link("h", "q/s")]
+    if where == "same-layer":
+        layers = [layer(tmp_path, [*base, file("h/f", "f")])]
+    elif where == "upper-layer":
+        layers = [layer(tmp_path, base), layer(tmp_path, [file("h/f", "f"), whiteout("h/gone")], "zstd")]
+    else:  # the link's target text names another place from the link's directory
+        entries = [d("x"), d("q"), d("q/x"), sym("q/s", "x"), link("h", "q/s"), file("h/f", "f")]
+        layers = [layer(tmp_path, entries)]
+    tree = _build_and_compare(tmp_path, layers)
+    assert tree["/x/f"] == "-rw-r--r-- 1" and tree["/h"] == tree["/q/s"] and "/h/f" not in tree
