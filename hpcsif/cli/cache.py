@@ -217,6 +217,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from hpcsif.cache.leases import active_leases
     from hpcsif.cache.store import SIFStore
 
+    def report(line: str) -> None:  # what is (or would be) removed; Apptainer's -q/-s silence it
+        if not (args.quiet or args.silent):
+            print(line)
+
     kinds = selected_types(args.type)
     everything = kinds == {"sif", "blob"} and args.days is None
     cutoff = time.time() - args.days * 86400 if args.days is not None else None
@@ -231,9 +235,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print("User requested a dry run. Not actually deleting any data!")
         for e in entries:
             busy = " (in use: would be kept)" if active_leases(root, e.key, reap=False) else ""
-            print(f"would remove {e.meta.get('ref', e.meta['name'])} {e.path} {_size(e.size)}{busy}")
+            report(f"would remove {e.meta.get('ref', e.meta['name'])} {e.path} {_size(e.size)}{busy}")
         if blobs:
-            print(f"would remove {len(blobs)} oci blob file(s) using {_size(blob_bytes)} in {root.oci}")
+            report(f"would remove {len(blobs)} oci blob file(s) using {_size(blob_bytes)} in {root.oci}")
         return 0
     parts = []
     if kinds - {"blob"}:
@@ -254,7 +258,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     kept = 0
     for e in entries:
         if store.remove(e.key, reason="clean"):
-            print(f"Removing {e.meta.get('ref', e.meta['name'])} ({_size(e.size)})")
+            report(f"Removing {e.meta.get('ref', e.meta['name'])} ({_size(e.size)})")
         else:
             kept += 1
     if "sif" in kinds and cutoff is None:
@@ -264,15 +268,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
             stale = store.is_stale(key)
             if store.remove(key, reason="clean"):
                 kind = "stale copy from an earlier boot" if stale else "unreadable entry"
-                print(f"Removing {kind} {root.entry_dir(key)}")
+                report(f"Removing {kind} {root.entry_dir(key)}")
     if kept:
-        print(f"Kept {kept} image(s) that are in use or being converted.")
+        report(f"Kept {kept} image(s) that are in use or being converted.")
     if blobs:
         # swap the whole layout out in one rename; the next fetch starts a fresh one
         doomed = tempfile.mkdtemp(prefix="oci.clean-", dir=root.tmp)
         os.rename(root.oci, os.path.join(doomed, "oci"))
         shutil.rmtree(doomed, ignore_errors=True)
-        print(f"Removed {len(blobs)} oci blob file(s) ({_size(blob_bytes)})")
+        report(f"Removed {len(blobs)} oci blob file(s) ({_size(blob_bytes)})")
     if everything:
         shutil.rmtree(root.tags, ignore_errors=True)
     return 0

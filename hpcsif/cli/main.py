@@ -112,6 +112,9 @@ def build_parser(modules: list[str] | None = None, command: str | None = None) -
     parser.add_argument("-s", "--silent", action="store_true", help="only print errors")
     parser.add_argument("--nocolor", action="store_true", help="accepted: hpcsif prints no colours")
     parser.add_argument("-c", "--config", metavar="FILE", help="extra configuration file (TOML)")
+    parser.add_argument(
+        "--build-config", action="store_true", help="accepted: builds use the same configuration as runs"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES if modules is None else modules:
@@ -135,7 +138,10 @@ def help_argv(argv: list[str]) -> list[str]:
     if command_of(argv) != "help":
         return argv
     at = argv.index("help")
-    return [*argv[:at], *argv[at + 1 :], "--help"]
+    rest = [*argv[:at], *argv[at + 1 :]]
+    if command_of(rest) == "help":  # `help help`: the command list, as Apptainer's help of help
+        rest.remove("help")
+    return [*rest, "--help"]
 
 
 def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -100,7 +100,11 @@ def prompt_credentials():  # -> Credentials
         sys.stderr.write("Enter Docker Username: ")
         sys.stderr.flush()
         user = sys.stdin.readline().strip()
-        password = getpass.getpass("Enter Docker Password: ", stream=sys.stderr)
+        if sys.stdin.isatty():
+            password = getpass.getpass("Enter Docker Password: ", stream=sys.stderr)
+        else:  # piped in, as Apptainer reads it (getpass would warn that it cannot hide it)
+            sys.stderr.write("Enter Docker Password: \n")
+            password = sys.stdin.readline().removesuffix("\n")
     except (EOFError, OSError):
         raise UsageError("--docker-login needs a terminal or credentials on stdin") from None
     if not user:
@@ -226,11 +230,13 @@ def _convert_then_sandbox(ref, target: Path, args: argparse.Namespace, progress)
 def _sandbox_from(sif: Path, target: Path, args: argparse.Namespace) -> None:
     """Unpack ``sif`` into the sandbox ``target``, saying the steps of Apptainer's local build
     (but its "Verifying bootstrap image PATH", whose path names a file of Apptainer's cache)."""
+    from hpcsif.cli.build import replacing
     from hpcsif.convert import sif_to_sandbox
 
     info(args, "Starting build...")
     info(args, "Extracting local image...")
-    sif_to_sandbox(sif, target)
+    with replacing(target, sandbox=True) as where:  # --force over a file: swapped in once unpacked
+        sif_to_sandbox(sif, where)
     info(args, "Creating sandbox directory...")
 
 

@@ -408,16 +408,18 @@ def _verify(args: argparse.Namespace) -> int:
             print(_json_report(checked, _json_entries(done, local)))
         else:
             _print_verified(done)
-            print(f"\nError encountered during signature verification: {exc.reason}")
-        raise
+            if exc.signature is not None:  # Apptainer says it only where a signature failed
+                print(f"\nError encountered during signature verification: {exc.reason}")
+        # Apptainer's words (its integrity package names every failure)
+        raise VerificationFailed(f"Failed to verify container: integrity: {exc.reason}") from None
     for sig, why in report.skipped:
         print(f"WARNING: signature object {sig.id} skipped: {why}", file=sys.stderr)
     if args.json:
         print(_json_report(len(report.verified), _json_entries(report, local)))
-    else:
+    else:  # the report says it all with --json, as Apptainer's
         _print_verified(report)
-    signers = ", ".join(sorted({r.key.label for r in report.verified}))
-    _info(args, f"Verified signature(s) from image '{args.image}' (signed by {signers})")
+        signers = ", ".join(sorted({r.key.label for r in report.verified}))
+        _info(args, f"Verified signature(s) from image '{args.image}' (signed by {signers})")
     return 0
 
 

@@ -66,9 +66,9 @@ def push_sif(
 ) -> str:
     """Push the SIF file to ``ref`` as an ORAS artifact; returns the manifest digest."""
     path = Path(sif)
-    if not path.is_file():
+    if not path.exists():
         raise SourceError(f"{path}: no such SIF file")
-    if not is_sif(path):
+    if not path.is_file() or not is_sif(path):  # a sandbox directory too: Apptainer's words
         raise SourceError(f"{path}: not a SIF file")
     client = _client(ref, credentials, insecure, authfile)
     repo = ref.repository or ""

@@ -153,8 +153,9 @@ def test_cli_sign_verify(sif: Path, keysdir: Path) -> None:
     proc = run_cli("verify", str(sif), check=False)
     assert proc.returncode != 0
     assert proc.stderr.startswith("INFO:    Verifying image with PGP key material\n")
-    assert f"FATAL:   verification failed: integrity: signature not found for object group 1: {UNSIGNED}" in (
-        proc.stderr
+    assert (
+        f"FATAL:   Failed to verify container: integrity: signature not found for object group 1: {UNSIGNED}"
+        in (proc.stderr)
     )
     run_cli("key", "newpair", "--name", "alice")
     run_cli("sign", str(sif))

@@ -1,0 +1,131 @@
+"""Session 10's flag-by-flag comparison with Apptainer 1.4.5: what differed, through the CLI.
+
+``pull -F --sandbox`` over a file, ``push`` of a directory, ``verify`` of an unsigned image and
+``verify --json``, credentials piped to ``--docker-login``, ``-q cache clean``, ``help help`` and
+``--build-config``. Where the peer is installed the same command runs there too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_apptainer, run_cli
+from tests.services.images import TestImage
+from tests.services.registry import PASSWORD, USER, Registry, registry_basic  # noqa: F401 - fixture
+
+
+@pytest.fixture(scope="module")
+def sif(busybox_image: TestImage, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The busybox image as a SIF, built once through the CLI."""
+    path = tmp_path_factory.mktemp("round10") / "busybox.sif"
+    run_cli("build", str(path), f"oci://{busybox_image.layout}")
+    return path
+
+
+def _peer(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None):
+    exe = peer_apptainer()
+    assert exe is not None
+    environ = {**os.environ, **(env or {})}
+    cmd = [exe, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd, env=environ)
+
+
+def test_pull_force_sandbox_replaces_a_file(busybox_image: TestImage, tmp_path: Path) -> None:
+    """As Apptainer's: ``pull -F --sandbox X`` where X is a file makes X the sandbox (it failed,
+    "X exists and is not a directory", after saying the build had started)."""
+    target = tmp_path / "x.sif"
+    target.write_text("old")
+    ref = f"oci://{busybox_image.layout}"
+    proc = run_cli("pull", "-F", "--sandbox", str(target), ref)
+    assert (target / "bin/busybox").read_bytes() == busybox_image.files["bin/busybox"]
+    assert proc.stderr.splitlines()[-1] == f"INFO:    Build complete: {target}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.sif"]  # nothing left aside
+    if peer_apptainer() is not None and str(tmp_path).startswith("/tmp/"):
+        theirs = tmp_path / "p.sif"
+        theirs.write_text("old")
+        peer = _peer(
+            "pull", "-F", "--sandbox", theirs, f"oci-archive:{_archive(busybox_image, tmp_path)}",
+            env={"APPTAINER_CACHEDIR": str(tmp_path / "peer-cache")},
+        )  # fmt: skip
+        assert peer.returncode == 0 and (theirs / "bin/busybox").is_file(), peer.stderr
+
+
+def _archive(image: TestImage, tmp_path: Path) -> Path:
+    """The layout as an oci-archive without ``./`` prefixes, which the peer reads (not oci:DIR)."""
+    out = tmp_path / "img.tar"
+    names = sorted(os.listdir(image.layout))
+    subprocess.run(["tar", "-cf", str(out), "-C", str(image.layout), *names], check=True)
+    return out
+
+
+def test_push_of_a_directory_says_it_is_no_sif(tmp_path: Path) -> None:
+    (tmp_path / "box").mkdir()
+    proc = run_cli("push", str(tmp_path / "box"), "oras://127.0.0.1:9/ns/x:1", check=False)
+    assert (proc.returncode, proc.stderr) == (255, f"FATAL:   {tmp_path / 'box'}: not a SIF file\n")
+    proc = run_cli("push", str(tmp_path / "none.sif"), "oras://127.0.0.1:9/ns/x:1", check=False)
+    assert proc.stderr == f"FATAL:   {tmp_path / 'none.sif'}: no such SIF file\n"
+
+
+def test_verify_of_an_unsigned_image_as_apptainer(sif: Path, tmp_path: Path) -> None:
+    """No "Error encountered" report on stdout (Apptainer prints one only for a signature that
+    failed), and Apptainer's FATAL words."""
+    key = tmp_path / "k.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    pub = tmp_path / "k.pub.pem"
+    subprocess.run(["openssl", "rsa", "-in", key, "-pubout", "-out", pub], check=True, capture_output=True)
+    fatal = "FATAL:   Failed to verify container: integrity: signature not found for object group 1"
+    for flags in ([], ["-q"]):
+        proc = run_cli(*flags, "verify", "--key", str(pub), str(sif), check=False)
+        assert (proc.returncode, proc.stdout) == (255, "")
+        assert proc.stderr.splitlines()[-1].startswith(fatal), proc.stderr
+    exe = peer_apptainer()
+    if exe is not None and str(sif).startswith("/tmp/"):
+        peer = _peer("verify", "--key", pub, sif)
+        assert (peer.returncode, peer.stdout) == (255, "")
+        assert peer.stderr.splitlines()[-1] == fatal
+    # signed: with --json the document says it all, no INFO verdict (as Apptainer's)
+    signed = tmp_path / "s.sif"
+    signed.write_bytes(sif.read_bytes())
+    run_cli("sign", "--key", str(key), str(signed))
+    doc = run_cli("verify", "--key", str(pub), "--json", str(signed))
+    assert doc.stderr == f"INFO:    Verifying image with key material from '{pub}'\n"
+    assert doc.stdout.startswith('{\n  "Signatures": 1,\n')
+    if exe is not None and str(sif).startswith("/tmp/"):
+        peer = _peer("verify", "--key", pub, "--json", signed)
+        assert (peer.returncode, peer.stdout, peer.stderr) == (0, doc.stdout, doc.stderr)
+
+
+def test_docker_login_reads_piped_credentials(
+    registry_basic: Registry,  # noqa: F811 - the fixture
+    sif: Path,
+) -> None:
+    """``printf 'user\\npass\\n' | hpcsif push --docker-login``: the password line is read as
+    Apptainer reads it, without getpass's "Can not control echo" warning and its source line."""
+    ref = registry_basic.ref("login/piped:1", transport="oras")
+    proc = run_cli("push", "--docker-login", str(sif), ref, input=f"{USER}\n{PASSWORD}\n")
+    assert "Warning" not in proc.stderr and "getpass" not in proc.stderr and PASSWORD not in proc.stderr
+    assert proc.stderr.startswith("Enter Docker Username: Enter Docker Password: \n"), proc.stderr
+    wrong = run_cli("push", "--docker-login", str(sif), ref, input=f"{USER}\nnope\n", check=False)
+    assert wrong.returncode != 0
+
+
+def test_quiet_cache_clean_prints_nothing(busybox_image: TestImage, tmp_path: Path) -> None:
+    """Apptainer's -q/-s silence what ``cache clean`` reports removing (ours printed it anyway)."""
+    env = {"HPCSIF_CACHEDIR": str(tmp_path / "cache")}
+    run_cli("pull", str(tmp_path / "a.sif"), f"oci://{busybox_image.layout}", env=env)
+    dry = run_cli("-q", "cache", "clean", "-n", env=env)
+    assert (dry.stdout, dry.stderr) == ("User requested a dry run. Not actually deleting any data!\n", "")
+    for flag in ("-q", "-s"):
+        proc = run_cli(flag, "cache", "clean", "-f", env=env)
+        assert (proc.stdout, proc.stderr) == ("", "")
+    assert run_cli("cache", "list", env=env).stdout.startswith("There are 0 container file(s)")
+
+
+def test_help_of_help_and_build_config() -> None:
+    """``help help`` and the global ``--build-config`` (Apptainer's) are accepted."""
+    assert run_cli("help", "help").stdout == run_cli("--help").stdout
+    assert run_cli("--build-config", "version").returncode == 0
