@@ -263,6 +263,10 @@ def run_pull(args: argparse.Namespace) -> int:
 
         raise UsageError("pull takes at most two arguments: [OUTPUT] URI")
     ref = parse(args.args[-1])
+    if ref.transport in ("sif", "sandbox"):  # before the target: `pull x.sif` names no image to pull
+        from hpcsif.errors import UsageError
+
+        raise UsageError(f"{ref.raw} is a local image; pull needs a URI (docker://, oras://, https:// …)")
     target = _target(args, ref)
     _check_target(target, args.force, args.sandbox)
     progress = progress_bar(not (args.quiet or args.silent))
@@ -279,10 +283,6 @@ def run_pull(args: argparse.Namespace) -> int:
         download(ref.path or ref.raw, target, progress=progress)
     elif ref.transport == "oras":
         _pull_oras(ref, target, args)
-    elif ref.transport in ("sif", "sandbox"):
-        from hpcsif.errors import UsageError
-
-        raise UsageError(f"{ref.raw} is a local file; pull needs a URI (docker://, oras://, https:// …)")
     else:
         options = convert_options(args)
         notices = Notices(args)

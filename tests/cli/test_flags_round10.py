@@ -129,3 +129,17 @@ def test_help_of_help_and_build_config() -> None:
     """``help help`` and the global ``--build-config`` (Apptainer's) are accepted."""
     assert run_cli("help", "help").stdout == run_cli("--help").stdout
     assert run_cli("--build-config", "version").returncode == 0
+
+
+def test_pull_of_a_local_image_says_so_before_the_target(sif: Path, tmp_path: Path) -> None:
+    """``pull busybox.sif`` next to that file: not "Image file already exists" (the name made
+    from it), but that a local image is no URI to pull, as Apptainer says."""
+    proc = run_cli("pull", sif.name, check=False, cwd=sif.parent)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert (
+        proc.stderr
+        == f"FATAL:   {sif.name} is a local image; pull needs a URI (docker://, oras://, https:// …)\n"
+    )
+    if peer_apptainer() is not None and str(sif).startswith("/tmp/"):
+        peer = _peer("pull", sif.name, cwd=sif.parent)
+        assert (peer.returncode, peer.stderr) == (255, "FATAL:   No transport type URI supplied\n")
