@@ -156,7 +156,7 @@ def describe_file(path: Path, name: str = "") -> KeyInfo:
         data = path.read_bytes()
     except OSError as exc:
         raise SignatureError(f"cannot read key {path}: {exc.strerror}") from None
-    name = name or re.sub(r"(\.(pub|key|pem|asc|gpg))+$", "", path.name)
+    name = name or re.sub(r"(\.(pub|key|pem|asc|gpg|bin))+$", "", path.name)
     if pgp.is_pgp_key(data):
         first, *more = pgp.describe_keys(data)
         private = path if first.secret else None
@@ -288,7 +288,14 @@ class Keyring:
     def import_file(self, path: Path, name: str = "") -> KeyInfo:
         """Add the key in *path* (PEM private/public key or armored OpenPGP key) as *name*."""
         info = describe_file(Path(path))
-        name = self._free_name(name or info.name)
+        # a key already here is not added twice under another name (as Apptainer's keyring);
+        # its private half, brought later, joins the public key already imported
+        same = next((k for k in self.list() if k.fingerprint == info.fingerprint), None)
+        if same is not None and (same.private_path or not info.private_path):
+            raise SignatureError(
+                f"the key with fingerprint {info.fingerprint} already belongs to the keyring (as {same.name})"
+            )
+        name = same.name if same is not None else self._free_name(name or info.name)
         data = Path(path).read_bytes()
         if info.scheme == "pgp":
             public = pgp.public_from_secret(data) if info.private_path else data

@@ -143,3 +143,29 @@ def test_pull_of_a_local_image_says_so_before_the_target(sif: Path, tmp_path: Pa
     if peer_apptainer() is not None and str(sif).startswith("/tmp/"):
         peer = _peer("pull", sif.name, cwd=sif.parent)
         assert (peer.returncode, peer.stderr) == (255, "FATAL:   No transport type URI supplied\n")
+
+
+def test_key_import_adds_a_key_once(tmp_path: Path) -> None:
+    """Importing a key the keyring holds is refused in Apptainer's words (it was added again under
+    another name: ``key list`` showed it twice and ``sign -k`` indices moved); its private half,
+    imported after the public one, makes that entry a key pair."""
+    source = {"HPCSIF_KEYSDIR": str(tmp_path / "source")}
+    run_cli("key", "newpair", "-N", "Jane", "-E", "jane@example.org", env=source)
+    run_cli("key", "export", "Jane", str(tmp_path / "jane.pub.asc"), env=source)
+    run_cli("key", "export", "--secret", "Jane", str(tmp_path / "jane.key.asc"), env=source)
+    env = {"HPCSIF_KEYSDIR": str(tmp_path / "keys")}
+    run_cli("key", "import", str(tmp_path / "jane.pub.asc"), env=env)
+    again = run_cli("key", "import", str(tmp_path / "jane.pub.asc"), env=env, check=False)
+    fpr = run_cli("key", "list", env=env).stdout.split("Fingerprint:")[1].split()[0]
+    belongs = f"FATAL:   the key with fingerprint {fpr} already belongs to the keyring (as jane)\n"
+    assert (again.returncode, again.stderr) == (255, belongs)
+    pair = run_cli("key", "import", str(tmp_path / "jane.key.asc"), env=env)
+    assert pair.stdout.startswith("Imported key pair jane (")
+    assert run_cli("key", "import", str(tmp_path / "jane.key.asc"), env=env, check=False).stderr == belongs
+    listing = run_cli("key", "list", "--secret", env=env).stdout
+    assert listing.count("Fingerprint:") == 1 and "1)" not in listing
+    if peer_apptainer() is not None:  # Apptainer refuses the second import too
+        peer_env = {"APPTAINER_KEYSDIR": str(tmp_path / "peer-keys")}
+        assert _peer("key", "import", tmp_path / "jane.pub.asc", env=peer_env).returncode == 0
+        peer = _peer("key", "import", tmp_path / "jane.pub.asc", env=peer_env)
+        assert peer.returncode != 0 and f"the key with fingerprint {fpr} already belongs" in peer.stderr

@@ -201,9 +201,11 @@ def test_cli_key_round_trip(tmp_path: Path) -> None:
     listing = run_cli("key", "list", env=env_b).stdout
     assert "alice" in listing and fpr in listing and "public key" in listing
     proc = run_cli("key", "import", str(tmp_path / "alice.pub"), env=env_b, check=False)
-    assert proc.returncode != 0 and "already exists" in proc.stderr
+    assert proc.returncode != 0 and "already belongs to the keyring (as alice)" in proc.stderr
+    # the private half joins the public key imported before (whatever name it is given)
     run_cli("key", "import", "--name", "alice2", str(tmp_path / "alice.pem"), env=env_b)
-    assert "alice2  [default]" in run_cli("key", "list", env=env_b).stdout
+    listing = run_cli("key", "list", env=env_b).stdout
+    assert "alice  [default]" in listing and "key pair" in listing and "alice2" not in listing
     run_cli("key", "remove", fpr, env=env_a)
     assert "No keys" in run_cli("key", "list", env=env_a).stdout
     assert not (keys / "alice.key").exists() and not (keys / "default").exists()
