@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None, *, front: bool = False) -> int:
         fail(args.command_prog, what)
     args.front_words = words if front else None
     setup_logging(args)
+    log.debug("hpcsif version: %s", __version__)  # as Apptainer's first -d line
     from hpcsif.errors import HpcsifError
 
     try:

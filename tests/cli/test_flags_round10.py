@@ -131,6 +131,15 @@ def test_help_of_help_and_build_config() -> None:
     assert run_cli("--build-config", "version").returncode == 0
 
 
+def test_debug_says_something_for_every_command(sif: Path) -> None:
+    """``-d`` prints DEBUG lines (Apptainer's first is its version), even for a command that
+    has nothing to log at that level; without it, none."""
+    for argv in (["version"], ["inspect", str(sif)]):
+        proc = run_cli("-d", *argv)
+        assert proc.stderr.startswith("DEBUG:   hpcsif version: "), proc.stderr
+        assert "DEBUG" not in run_cli(*argv).stderr
+
+
 def test_pull_of_a_local_image_says_so_before_the_target(sif: Path, tmp_path: Path) -> None:
     """``pull busybox.sif`` next to that file: not "Image file already exists" (the name made
     from it), but that a local image is no URI to pull, as Apptainer says."""
