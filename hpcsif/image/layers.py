@@ -474,12 +474,33 @@ class _Layer:
         # layers below from the end of this one (a later entry of this layer is no target)
         self.awaiting: dict[str, list[tuple[str, str]]] = {}
         # what the layer did, for the symlinks of lower layers (_Merger.below, .touched): the
-        # paths it put entries below, and those it put an entry at (-> whether all were directories)
+        # paths it put entries below before it replaced or removed them (and those it did so
+        # first), and the paths it put an entry at (-> whether all were directories)
         self.below: set[str] = set()
+        self.late: set[str] = set()
         self.touched: dict[str, bool] = {}
         # targets in lower layers of hard links that a later entry of this layer replaced: the
         # link needs no content, yet extraction made it, so the target must be there
         self.required: dict[str, tuple[str, str]] = {}
+        # the targets of upper layers' hard links found in this layer -> (a link, its layer): a
+        # later entry of the layer that makes one a directory fails them, as in Apptainer
+        self.resolved: dict[str, tuple[str, str]] = {}
+
+    def note_below(self, name: str) -> None:
+        """Note that the layer put an entry (or a whiteout, a hard link's target) at ``name``."""
+        for anc in ancestors(name):
+            if anc not in self.below and anc not in self.late:
+                (self.late if self.removed(anc) else self.below).add(anc)
+
+    def removed(self, path: str) -> bool:
+        """True if the layer so far put an entry or a whiteout at ``path``, or a whiteout, an
+        opaque marker or a non-directory above it: what lower layers have there is gone."""
+        if path in self.touched or path in self.whiteouts or "" in self.opaque:
+            return True
+        return any(
+            anc in self.whiteouts or anc in self.opaque or self.touched.get(anc) is False
+            for anc in ancestors(path)
+        )
 
     def symlink(self, path: str) -> str | None:
         """The root-relative path that ``path``, if a symlink of this layer, points at."""
@@ -508,6 +529,11 @@ class _Through(NamedTuple):
     level: int
     target: str
     upto: int
+
+    def applies(self, lay: _Layer, path: str) -> bool:
+        """True if layer ``lay`` met the symlink at ``path`` (the layer that replaced or removed
+        it did until it did so)."""
+        return self.upto < lay.level < self.level or (lay.level == self.upto and not lay.removed(path))
 
 
 class _Repeats(NamedTuple):
@@ -643,13 +669,9 @@ class _Merger:
 
     def _written_through(self, name: str, lay: _Layer) -> str:
         """``name`` of layer ``lay`` with the known lower symlinks among its ancestors followed."""
-        level = lay.level
 
         def lower(path: str) -> str | None:
-            for hit in self.through.get(path, ()):
-                if hit.upto < level < hit.level:
-                    return hit.target
-            return None
+            return next((hit.target for hit in self.through.get(path, ()) if hit.applies(lay, path)), None)
 
         return follow_links(name, lower, lay.label)
 
@@ -718,7 +740,7 @@ class _Merger:
             if base.startswith(_AUFS_META) and base != OPAQUE_MARKER:
                 return  # AUFS bookkeeping (.wh..wh.aufs, .wh..wh.plnk itself): never content
             # a whiteout creates no directory (Apptainer's extraction makes none for it)
-            lay.below.update(ancestors(name))
+            lay.note_below(name)
             if base == OPAQUE_MARKER:
                 lay.opaque.add(parent)
             else:
@@ -740,7 +762,7 @@ class _Merger:
             raise LayerError(
                 f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
             )
-        lay.below.update(ancestors(name))
+        lay.note_below(name)
         lay.touched[name] = lay.touched.get(name, True) and kind == "dir"
         text = ti.linkname if kind == "sym" else self._linked_symlink(lay, ti) if kind == "lnk" else None
         if text is not None:
@@ -770,10 +792,16 @@ class _Merger:
             # a directory where this layer had a non-directory: tar extraction removed the lower
             # layers' directory (children and all) for that one, and this one starts empty
             lay.opaque.add(name)
+        if lay.resolved:  # a file that upper hard links found, which this entry makes a directory
+            for path in (name, *ancestors(name)) if kind == "dir" else ancestors(name):
+                if path in lay.resolved:
+                    link, label = lay.resolved[path]
+                    raise LayerError(f"layer {label}: hard link {link!r} points at directory {path!r}")
         if name in self.required:
             link, label = self.required.pop(name)
             if kind == "dir":
                 raise LayerError(f"layer {label}: hard link {link!r} points at directory {name!r}")
+            lay.resolved.setdefault(name, (link, label))
         if name in self.pending:
             self._resolve_pending(lay, name, ti, kind, data)
             return
@@ -887,7 +915,8 @@ class _Merger:
                 upto = max(upto, touched >> 1)
             upto = max(upto, self.opaque_at.get(anc, 0))
         upto = max(upto, self.opaque_at.get("", 0) if name else 0)
-        if self.below.get(name, 0) <= upto:
+        below = self.below.get(name, 0)
+        if not below or below < upto:  # that layer wrote below it before it replaced it
             return
         hit = _Through(lay.level, link_path(name, text), upto)
         known = self.found.setdefault(name, [])
@@ -901,7 +930,7 @@ class _Merger:
             target = follow_links(target, lay.symlink, lay.label)
         if self.through:
             target = self._written_through(target, lay)
-        lay.below.update(ancestors(target))
+        lay.note_below(target)
         seen = lay.state.get(target)
         if isinstance(seen, str):
             target = seen
@@ -963,9 +992,11 @@ class _Merger:
         self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data: BinaryIO | None
     ) -> None:
         """A lower layer reached the target of hard links from upper layers."""
-        names = [n for n, _ in self.pending.pop(name)]
+        users = self.pending.pop(name)
+        names = [n for n, _ in users]
         if kind == "dir":
             raise LayerError(f"layer {lay.label}: hard link {names[0]!r} points at directory {name!r}")
+        lay.resolved.setdefault(name, users[0])
         if kind == "lnk":  # this layer links it onwards: follow
             target = self._link_target(lay, name, ti)
             seen = lay.state.get(target)

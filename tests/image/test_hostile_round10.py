@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.image.tarbuild import d, file, layer, link, opaque, sym, whiteout
-from tests.image.test_hostile_cli import _build_and_compare
+from tests.image.test_hostile_cli import _archive, _build_and_compare
+from tests.image.test_hostile_round9 import _both_refuse
 
 
 @pytest.fixture
@@ -75,3 +76,34 @@ def test_entries_go_through_a_hard_link_to_a_symlink(tmp_path: Path, where: str)
         layers = [layer(tmp_path, entries)]
     tree = _build_and_compare(tmp_path, layers)
     assert tree["/x/f"] == "-rw-r--r-- 1" and tree["/h"] == tree["/q/s"] and "/h/f" not in tree
+
+
+# one layer writes below the lower symlink ``q/a -> x`` and removes it; the order counts
+IN_ORDER = {
+    "write-then-whiteout": ([file("q/a/f", "f"), whiteout("q/a")], "/q/x/f"),
+    "write-then-opaque": ([file("q/a/f", "f"), opaque("q")], "/q/x/f"),
+    "whiteout-then-write": ([whiteout("q/a"), file("q/a/f", "f")], "/q/a/f"),
+    "opaque-then-write": ([opaque("q"), file("q/a/f", "f")], "/q/a/f"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_ORDER))
+def test_a_layer_writes_through_a_symlink_it_removes_until_it_removes_it(tmp_path: Path, case: str) -> None:
+    """Before its whiteout or opaque marker, a layer's entry went through the lower symlink
+    (hpcsif left it below a new directory ``q/a``); after it, it makes that directory."""
+    entries, where = IN_ORDER[case]
+    layers = [layer(tmp_path, [d("q"), d("q/x"), sym("q/a", "x")]), layer(tmp_path, entries, "zstd")]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert tree[where] == "-rw-r--r-- 1"
+
+
+def test_hard_link_to_a_file_its_layer_makes_a_directory_fails(tmp_path: Path) -> None:
+    """``a`` then ``a/x`` below it make ``a`` a directory; an upper hard link to ``a`` fails, as
+    in Apptainer ('link: operation not permitted'); hpcsif linked the file while an upper
+    layer had ``a/x`` too."""
+    layers = [
+        layer(tmp_path, [file("a", "A"), sym("a/x", "y")]),
+        layer(tmp_path, [link("b", "a")]),
+        layer(tmp_path, [file("a/x", "X")], "zstd"),
+    ]
+    _both_refuse(tmp_path, _archive(tmp_path, layers), ["hard link 'b' points at directory 'a'"], "link: ")
