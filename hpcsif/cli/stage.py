@@ -43,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ssh.add_argument("--port", type=int, help="SSH port (default: remote.ssh_port or 22)")
     ssh.add_argument("--user", help="SSH user (default: remote.ssh_user or the current user)")
     ssh.add_argument("-i", "--identity", metavar="KEYFILE", help="private key (default: agent, ~/.ssh keys)")
-    ssh.add_argument("--known-hosts", metavar="FILE", help="host keys (default: ~/.ssh/known_hosts)")
+    ssh.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="host keys (default: ~/.ssh/known_hosts; /etc/ssh/ssh_known_hosts is read too)",
+    )
     ssh.add_argument(
         "--remote-command", metavar="CMD", default="hpcsif", help="hpcsif on the nodes (default: hpcsif)"
     )

@@ -7,8 +7,12 @@
   temporary name in the destination directory, flushed to disk, then renamed into place.
 * :func:`copy_to_nodes` does that for many nodes in parallel.
 
-Host keys come from ``~/.ssh/known_hosts`` (or the ``known_hosts`` file given); an unknown host
-is refused unless ``auto_add`` is set, and even then each accepted key is logged with its
+Host keys come from ``~/.ssh/known_hosts`` (or the ``known_hosts`` file given) and from
+``/etc/ssh/ssh_known_hosts``, read as OpenSSH reads them: hashed names, ``*``/``?`` patterns and
+``!`` negations (``node* ssh-ed25519 …`` for nodes sharing one host key), ``[host]:port`` names,
+``@revoked`` keys refused; ``@cert-authority`` lines (host certificates, which paramiko cannot
+check) and lines that do not parse are skipped, the latter with a warning. An unknown host is
+refused unless ``auto_add`` is set, and even then each accepted key is logged with its
 fingerprint. Keys are never written back to a known_hosts file.
 """
 
@@ -18,14 +22,16 @@ import contextlib
 import logging
 import os
 import posixpath
+import re
 import select
 import shlex
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import paramiko
@@ -35,6 +41,8 @@ from hpcsif.errors import RemoteError
 log = logging.getLogger(__name__)
 
 TAIL_BYTES = 4096  # output kept per node and stream: enough for the summary table and errors
+#: read besides the user's known_hosts, as OpenSSH's GlobalKnownHostsFile
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,15 @@ class NodeResult:
 
 
 @dataclass(frozen=True)
+class _KnownHost:
+    """One line of a known_hosts file."""
+
+    patterns: tuple[str, ...]
+    key: paramiko.PKey
+    revoked: bool
+
+
+@dataclass(frozen=True)
 class SshOptions:
     """How to reach the nodes."""
 
@@ -60,24 +77,125 @@ class SshOptions:
     known_hosts: str | None = None  # default: ~/.ssh/known_hosts
     auto_add: bool = False
     timeout: float = 600.0  # per node: connect + authenticate + command
+    known: tuple[_KnownHost, ...] = ()  # the lines of the known_hosts files, read once
 
 
-class _AcceptAndLog(paramiko.MissingHostKeyPolicy):
-    """Accept an unknown host key for this connection only, and say so."""
+class _RevokedHostKey(paramiko.SSHException):
+    """The node presented a key marked ``@revoked`` in known_hosts."""
+
+
+class _UnknownHostKey(paramiko.MissingHostKeyPolicy):
+    """What to do with a host key no known_hosts line names: refuse it (a revoked one always),
+    or with ``auto_add`` accept it for this connection only, and say so."""
+
+    def __init__(self, auto_add: bool, revoked: set[bytes]) -> None:
+        self.auto_add, self.revoked = auto_add, revoked
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        if key.asbytes() in self.revoked:
+            raise _RevokedHostKey(hostname)
+        if not self.auto_add:
+            raise paramiko.SSHException(f"Server {hostname!r} not found in known_hosts")
         log.warning("accepting unknown host key for %s: %s %s", hostname, key.get_name(), key.fingerprint)
         client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def _known_hosts_files(opts: SshOptions) -> tuple[str, ...]:
+    """The user's file (or the one given), then the system-wide one, as OpenSSH reads them."""
+    return (opts.known_hosts or os.path.expanduser("~/.ssh/known_hosts"), SYSTEM_KNOWN_HOSTS)
+
+
+@lru_cache(maxsize=8)
+def _read_known_hosts(path: str, mtime_ns: int) -> tuple[_KnownHost, ...]:
+    """The usable lines of one known_hosts file (cached per file version: one read per fan-out)."""
+    entries = []
+    with open(path, errors="replace") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            marker = None
+            if line.startswith("@"):
+                marker, _, line = line.partition(" ")
+                if marker != "@revoked":
+                    log.debug("%s:%d: %s entries are not supported; skipped", path, number, marker)
+                    continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+            except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError) as exc:
+                entry, why = None, exc
+            else:
+                why = "unknown key type" if entry is None or entry.key is None else None
+            if why is not None:
+                log.warning("%s:%d: unreadable known_hosts line skipped (%s)", path, number, why)
+                continue
+            entries.append(_KnownHost(tuple(entry.hostnames), entry.key, marker == "@revoked"))
+    return tuple(entries)
+
+
+def _pattern_matches(name: str, pattern: str) -> bool:
+    """OpenSSH's host pattern match: ``*`` and ``?`` wildcards, case-insensitive; hashed names."""
+    if pattern.startswith("|1|"):
+        return paramiko.util.constant_time_bytes_eq(paramiko.HostKeys.hash_host(name, pattern), pattern)
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, name, re.IGNORECASE) is not None
+
+
+def _host_matches(name: str, patterns: Iterable[str]) -> bool:
+    """A line applies to ``name`` when one pattern matches it and no ``!pattern`` does."""
+    matched = False
+    for pattern in patterns:
+        if pattern.startswith("!"):
+            if _pattern_matches(name, pattern[1:]):
+                return False
+        elif _pattern_matches(name, pattern):
+            matched = True
+    return matched
+
+
+def _lookup_name(node: str, port: int) -> str:
+    """The name known_hosts files list ``node`` under: ``[node]:port`` off port 22."""
+    return node if port == 22 else f"[{node}]:{port}"
+
+
+def _known_hosts(files: Sequence[str]) -> tuple[_KnownHost, ...]:
+    """The lines of every known_hosts file there is, in order (a missing file is none)."""
+    entries: list[_KnownHost] = []
+    for path in files:
+        try:
+            entries += _read_known_hosts(path, os.stat(path).st_mtime_ns)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc.strerror or exc)
+    return tuple(entries)
+
+
+def _known_keys(node: str, opts: SshOptions) -> tuple[list[paramiko.PKey], set[bytes]]:
+    """The host keys known for ``node``, and those revoked for it."""
+    name = _lookup_name(node, opts.port)
+    keys: list[paramiko.PKey] = []
+    revoked: set[bytes] = set()
+    for entry in opts.known:
+        if not _host_matches(name, entry.patterns):
+            continue
+        if entry.revoked:
+            revoked.add(entry.key.asbytes())
+        else:
+            keys.append(entry.key)
+    return [k for k in keys if k.asbytes() not in revoked], revoked
 
 
 def _connect(node: str, opts: SshOptions, deadline: float) -> paramiko.SSHClient:
     """An authenticated client for ``node``; raises paramiko/socket errors."""
     client = paramiko.SSHClient()
-    known = opts.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
-    if os.path.exists(known):
-        # loaded as "system" keys so that paramiko never rewrites the file
-        client.load_system_host_keys(known)
-    client.set_missing_host_key_policy(_AcceptAndLog() if opts.auto_add else paramiko.RejectPolicy())
+    keys, revoked = _known_keys(node, opts)
+    # the keys that apply, under the exact name paramiko looks up (it knows no patterns); in
+    # memory only, so that paramiko never rewrites a file
+    lookup = _lookup_name(node, opts.port)
+    for key in reversed(keys):  # (paramiko compares one key per type: the first one listed)
+        client.get_host_keys().add(lookup, key.get_name(), key)
+    client.set_missing_host_key_policy(_UnknownHostKey(opts.auto_add, revoked))
     left = _remaining(deadline)
     try:
         client.connect(
@@ -111,8 +229,15 @@ def _describe(exc: BaseException, node: str, opts: SshOptions) -> str:
         return f"host key of {node} does not match known_hosts (possible impostor)"
     if isinstance(exc, paramiko.AuthenticationException):
         return f"authentication failed as {opts.user or 'the current user'}"
+    if isinstance(exc, _RevokedHostKey):
+        return f"host key of {node} is marked @revoked in known_hosts (refused)"
     if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
-        return f"host key of {node} is not in known_hosts (refused; auto_add accepts unknown hosts)"
+        files = " or ".join(_known_hosts_files(opts))
+        return (
+            f"host key of {_lookup_name(node, opts.port)} is not in {files} (refused; add it with "
+            f"ssh-keyscan{'' if opts.port == 22 else f' -p {opts.port}'} {node}, or set "
+            "remote.auto_add_host_keys = true)"
+        )
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return f"timed out after {opts.timeout:g} s"
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
@@ -209,7 +334,7 @@ def _options(
         raise RemoteError(f"SSH timeout must be positive, not {timeout}")
     if known_hosts and not os.path.exists(known_hosts):
         raise RemoteError(f"known_hosts file {os.fspath(known_hosts)} does not exist")
-    return SshOptions(
+    opts = SshOptions(
         port=port,
         user=user,
         key_filename=os.fspath(key_filename) if key_filename else None,
@@ -217,6 +342,7 @@ def _options(
         auto_add=auto_add,
         timeout=timeout,
     )
+    return replace(opts, known=_known_hosts(_known_hosts_files(opts)))
 
 
 def sftp_copy(

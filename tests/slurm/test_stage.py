@@ -112,7 +112,7 @@ def test_stage_nodes_refuses_unknown_host_keys(
     assert proc.returncode == 1
     table = _table(proc.stdout)
     assert table["127.0.0.2"][0] == "ok"
-    assert table["127.0.0.3"][0] == "FAILED" and "not in known_hosts" in table["127.0.0.3"][2]
+    assert table["127.0.0.3"][0] == "FAILED" and f"is not in {known} or" in table["127.0.0.3"][2]
     assert not (caches / "127.0.0.3").exists()
 
 
@@ -152,3 +152,44 @@ def test_stage_from_a_node_whose_entry_is_an_unsynced_copy(
     (copied,) = (caches / "127.0.0.2").glob("sif/*/meta.json")
     assert "unsynced_boot" not in json.loads(copied.read_text())  # the upload was synced there
     assert json.loads(copied.read_text())["via"] == meta["via"]
+
+
+@pytest.mark.slow
+def test_stage_nodes_reads_known_hosts_as_openssh_does(
+    sshd_server: SshServer, ssh_nodes: tuple[list[str], Path], tmp_path: Path
+) -> None:
+    """Known_hosts lines as clusters write them: one pattern for nodes sharing a host key, a
+    negation, a host CA, a line paramiko cannot parse, a revoked key; and the system-wide file."""
+    args, caches = ssh_nodes
+    key, port = sshd_server.host_key_line, sshd_server.port
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        f"@cert-authority *.cluster {key}\n"
+        "node01 ssh-unknown-type AAAAB3Nz\n"
+        f"[127.0.0.*]:{port},![127.0.0.3]:{port} {key}\n"
+        f"@revoked [127.0.0.4]:{port} {key}\n"
+    )
+    ref = write_os_archive(tmp_path / "os12.tar", 12)
+    proc = run_cli("stage", "--nodes", "127.0.0.[2-4]", *args, "--known-hosts", str(known), ref, check=False)
+    table = _table(proc.stdout)
+    assert table["127.0.0.2"][0] == "ok", proc.stdout + proc.stderr
+    assert f"{known}:2: unreadable known_hosts line skipped" in proc.stderr
+    assert table["127.0.0.3"][0] == "FAILED"
+    assert (
+        f"host key of [127.0.0.3]:{port} is not in {known} or /etc/ssh/ssh_known_hosts"
+        in table["127.0.0.3"][2]
+    )
+    assert f"ssh-keyscan -p {port} 127.0.0.3" in table["127.0.0.3"][2]
+    assert table["127.0.0.4"][0] == "FAILED" and "@revoked" in table["127.0.0.4"][2]
+    assert not (caches / "127.0.0.3").exists() and not (caches / "127.0.0.4").exists()
+
+    system = Path("/etc/ssh/ssh_known_hosts")
+    if system.exists():
+        pytest.skip(f"{system} exists: not replaced by a test")
+    known.write_text("")
+    system.write_text(f"[127.0.0.3]:{port} {key}\n")
+    try:
+        proc = run_cli("stage", "--nodes", "127.0.0.3", *args, "--known-hosts", str(known), ref)
+    finally:
+        system.unlink()
+    assert _table(proc.stdout)["127.0.0.3"][0] == "ok"
