@@ -235,7 +235,12 @@ def test_sandbox_copy_keeps_owners_hard_links_and_fifos(work: Path, tmp_path: Pa
         ("ext2.img", r"could not open image ext2.img: file is not a valid ext3 image"),
         ("ext4.img", r"could not open image ext4.img: file is not a valid ext3 image"),
         # the superblock is whole, the rest is not: the copy names the image, not its mount point
-        ("cut.ext3", r"cannot copy the file system of cut.ext3: cp: .*'cut.ext3:/.*': Input/output error"),
+        # (fuse2fs answers a read past the end with EIO or, now and then, ERANGE)
+        (
+            "cut.ext3",
+            r"cannot copy the file system of cut.ext3: cp: .*'cut.ext3:/.*': "
+            r"(Input/output error|Numerical result out of range)",
+        ),
     ],
 )
 def test_bad_file_system_images_are_one_line(work: Path, tmp_path: Path, make: str, expect: str) -> None:
