@@ -276,7 +276,7 @@ def sandbox_to_sif(
             remove_tree(work)
     deffile = meta.deffile if meta else f"bootstrap: localimage\nfrom: {origin or src}\n"
     if meta is None:  # a local image: built for this host, labelled with what --arch asked
-        wanted, arch = local_arch(arch or options.arch), Platform().architecture
+        wanted, arch = local_arch(arch or options.arch, options.variant), Platform().architecture
     else:
         arch = arch or options.arch or Platform().architecture
     with SIFWriter(dest, arch=arch) as writer:
@@ -364,12 +364,13 @@ def sif_oci_config(sif: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
-def local_arch(wanted: str | None) -> str | None:
+def local_arch(wanted: str | None, variant: str | None = None) -> str | None:
     """``--arch`` of a build from a local image: Apptainer labels the image with it but builds
-    for this host, saying so when they differ."""
+    for this host, saying so when they differ (naming it with its *variant*: ``arm32v7``)."""
     host = Platform().architecture
     if wanted and wanted != host:
-        log.warning("Architecture %s does not match build arch %s", host, wanted)
+        asked = Platform(architecture=wanted, variant=f"v{variant.removeprefix('v')}" if variant else None)
+        log.warning("Architecture %s does not match build arch %s", host, _arch_name(asked))
     return wanted
 
 
@@ -687,11 +688,15 @@ def convert_ref(
     ref = parse(ref) if isinstance(ref, str) else ref
     if ref.transport == "sandbox":
         if sandbox:
-            return sandbox_to_sandbox(ref.path or "", dest, origin=ref.path, arch=local_arch(options.arch))
+            return sandbox_to_sandbox(
+                ref.path or "", dest, origin=ref.path, arch=local_arch(options.arch, options.variant)
+            )
         return sandbox_to_sif(ref.path or "", dest, options, origin=ref.path)  # as typed: ./dir/
     if ref.transport == "sif":
         if sandbox:
-            return sif_to_sandbox(ref.path or "", dest, origin=ref.path, arch=local_arch(options.arch))
+            return sif_to_sandbox(
+                ref.path or "", dest, origin=ref.path, arch=local_arch(options.arch, options.variant)
+            )
         return sif_to_sif(ref.path or "", dest, options)
     if ref.transport in ("http", "https", "fsspec", "oras"):
         # a SIF somewhere else: downloaded aside, then repacked (or unpacked) as a local one

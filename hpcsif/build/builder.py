@@ -489,7 +489,8 @@ class _StageBuilder:
             error = stat_error(src)
             why = reason(error) if error else "not a file or directory"
             raise BuildError(f"{self.where}:{line}: localimage {src}: {why}")
-        local_arch(self.options.convert.arch)  # built for this host, labelled with --arch (Apptainer)
+        # built for this host, labelled with --arch (Apptainer)
+        local_arch(self.options.convert.arch, self.options.convert.variant)
         keep_bootstrap_history(self.root)
         return oci_config, Platform().architecture
 

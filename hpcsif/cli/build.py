@@ -37,19 +37,55 @@ def add_convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-cache", action="store_true", help="use no blob cache (a temporary one)")
 
 
-def convert_options(args: argparse.Namespace):  # -> ConvertOptions (imported lazily)
+#: the ``--arch`` values Apptainer's pull and build take, and the variants of those that have them
+ARCHS = ("arm", "arm64", "amd64", "386", "ppc64le", "s390x", "riscv64")
+_VARIANTS = {"arm": ("5", "6", "7"), "arm64": ("8",)}
+_SET_VARIANT = "please set --arch-variant option"
+
+
+def check_arch(arch: str, variant: str) -> str:
+    """Apptainer's check of ``--arch``/``--arch-variant`` (before anything is fetched): a
+    mistyped architecture is refused, not built for as a label; arm needs its variant
+    (or ``$GOARM``), arm64's can only be 8. Returns the variant (``$GOARM``'s for arm)."""
+    from hpcsif.errors import BuildError
+
+    def bad(why: str) -> NoReturn:
+        raise BuildError(f"While processing the arch and arch variant: arch: {why}")
+
+    known = f"supported archs are: [{' '.join(ARCHS)}]"
+    if arch not in _VARIANTS:
+        if arch not in ARCHS:
+            bad(f"{arch} is not valid, {known}")
+        return variant  # a variant of another architecture is ignored, as there
+    if arch == "arm" and not variant:
+        variant = os.environ.get("GOARM", "")
+        if not variant:
+            bad("arm needs variant specification, supported variants are [5, 6, 7], " + _SET_VARIANT)
+    if variant and variant.removeprefix("v") not in _VARIANTS[arch]:
+        name = f"{'arm32' if arch == 'arm' else arch}v{variant.removeprefix('v')}"
+        wanted = ", ".join(_VARIANTS[arch])
+        tail = ", please remove --arch-variant option" if arch == "arm64" else ""
+        bad(f"{name} is not valid, {known}, supported variants are [{wanted}]{tail}")
+    return variant
+
+
+def convert_options(args: argparse.Namespace, *, arch_checked: bool = True):  # -> ConvertOptions
     """ConvertOptions from flags layered over the configuration; a temporary directory
     (``--tmpdir``, ``APPTAINER_TMPDIR`` …) that is none is Apptainer's one line (it named a
-    temporary file of ours)."""
+    temporary file of ours). ``arch_checked``: ``--arch`` is checked as Apptainer checks it
+    for images it converts (not for the SIFs of ``oras://``)."""
     from hpcsif.convert import ConvertOptions
     from hpcsif.errors import BuildError
 
+    variant = args.arch_variant
+    if args.arch and arch_checked:
+        variant = check_arch(args.arch, variant or "") or None
     options = ConvertOptions.from_config(
         compression=args.compression,
         level=args.level,
         tmpdir=Path(args.tmpdir) if args.tmpdir else None,
         arch=args.arch,
-        variant=args.arch_variant,
+        variant=variant,
         jobs=getattr(args, "jobs", None),  # --mksquashfs-args -processors N
     )
     if options.tmpdir and not options.tmpdir.is_dir():

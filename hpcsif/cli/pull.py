@@ -385,7 +385,8 @@ def oras_sif(ref, args: argparse.Namespace, aside: Path) -> Iterator[Path]:  # r
     from hpcsif.cli.build import blob_store, convert_options
 
     notices = Notices(args)
-    options = convert_options(args)  # --arch: the platform picked from a multi-arch artifact
+    # --arch: the platform picked from a multi-arch artifact (any name: Apptainer checks none)
+    options = convert_options(args, arch_checked=False)
     source_options = {**oras_options(args), "platform": options.platform, "notify": notices}
     cached = blob_store(args) is not None
     with downloaded_sif(ref.raw, source_options, aside=None if cached else aside, options=options) as sif:

@@ -178,3 +178,48 @@ def test_key_import_adds_a_key_once(tmp_path: Path) -> None:
         assert _peer("key", "import", tmp_path / "jane.pub.asc", env=peer_env).returncode == 0
         peer = _peer("key", "import", tmp_path / "jane.pub.asc", env=peer_env)
         assert peer.returncode != 0 and f"the key with fingerprint {fpr} already belongs" in peer.stderr
+
+
+ALL_ARCHS = "supported archs are: [arm arm64 amd64 386 ppc64le s390x riscv64]"
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (["--arch", "x86_64"], f"x86_64 is not valid, {ALL_ARCHS}"),
+        (
+            ["--arch", "arm"],
+            "arm needs variant specification, supported variants are [5, 6, 7], "
+            "please set --arch-variant option",
+        ),
+        (
+            ["--arch", "arm", "--arch-variant", "v9"],
+            f"arm32v9 is not valid, {ALL_ARCHS}, supported variants are [5, 6, 7]",
+        ),
+        (
+            ["--arch", "arm64", "--arch-variant", "9"],
+            f"arm64v9 is not valid, {ALL_ARCHS}, supported variants are [8], "
+            "please remove --arch-variant option",
+        ),
+    ],
+)
+def test_a_mistyped_arch_is_refused_before_anything_is_built(
+    flags: list[str], why: str, sif: Path, busybox_image: TestImage, tmp_path: Path
+) -> None:
+    """As Apptainer's pull and build: not an image labelled with the typo (after a warning)."""
+    fatal = f"FATAL:   While processing the arch and arch variant: arch: {why}\n"
+    for argv in (
+        ["build", *flags, str(tmp_path / "b.sif"), str(sif)],
+        ["pull", *flags, str(tmp_path / "p.sif"), f"oci://{busybox_image.layout}"],
+    ):
+        proc = run_cli(*argv, check=False, env={"GOARM": ""})
+        assert (proc.returncode, proc.stdout, proc.stderr) == (255, "", fatal), argv
+        if peer_apptainer() is not None and argv[0] == "build" and str(sif).startswith("/tmp/"):
+            peer = _peer(*argv)
+            assert (peer.returncode, peer.stderr) == (255, fatal)
+    assert list(tmp_path.iterdir()) == []
+    if flags == ["--arch", "arm"]:  # $GOARM names the variant, as there
+        proc = run_cli("build", *flags, str(tmp_path / "b.sif"), str(sif), env={"GOARM": "7"})
+        from hpcsif.image.model import host_arch
+
+        assert f"WARNING: Architecture {host_arch()} does not match build arch arm32v7" in proc.stderr
