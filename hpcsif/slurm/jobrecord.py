@@ -7,7 +7,8 @@ Two places:
   reference, the digest-pinned reference that was staged, or the error that stopped it;
 * the job's **admin comment** in Slurm, shared by every node of the job: ``hpcsif-pin REF
   DIGEST`` segments (a tag resolves to one digest per job, whichever node resolves it first)
-  and ``hpcsif-error REF: MESSAGE`` segments, separated by `` | `` from anything else there.
+  and ``hpcsif-error REF: MESSAGE`` segments (``hpcsif-error REF (restart N): MESSAGE`` when a
+  requeued job's prolog failed again), separated by `` | `` from anything else there.
 
 :func:`job_image` is what ``hpcsif exec`` calls inside a job: it turns a requested reference
 into the pinned one the prolog staged, or raises the prolog's error at once.
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ JOBS_DIR = "jobs"
 SEPARATOR = " | "
 PIN = "hpcsif-pin "
 ERROR = "hpcsif-error "
+_RUN = re.compile(r"(\S+) \(restart (\d+)\)")
 
 
 def jobs_dir(system_dir: str | os.PathLike[str]) -> Path:
@@ -146,6 +150,8 @@ class AdminComment:
     pins: dict[str, str] = field(default_factory=dict)  # requested ref -> digest
     errors: dict[str, str] = field(default_factory=dict)  # requested ref -> message
     other: list[str] = field(default_factory=list)
+    # requested ref -> the job's restart count when its error was recorded (absent: 0)
+    error_runs: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str | None) -> AdminComment:
@@ -157,6 +163,9 @@ class AdminComment:
                 out.pins[ref] = digest
             elif seg.startswith(ERROR) and ": " in seg:
                 ref, message = seg[len(ERROR) :].split(": ", 1)
+                if run := _RUN.fullmatch(ref):
+                    ref = run.group(1)
+                    out.error_runs[ref] = int(run.group(2))
                 out.errors[ref] = message
             elif seg:
                 out.other.append(seg)
@@ -165,5 +174,17 @@ class AdminComment:
     def format(self) -> str:
         """The admin comment text (foreign segments first, unchanged)."""
         ours = [f"{PIN}{r} {d}" for r, d in self.pins.items()]
-        ours += [f"{ERROR}{r}: {' '.join(m.replace('|', '/').split())}" for r, m in self.errors.items()]
+        for ref, message in self.errors.items():
+            run = self.error_runs.get(ref, 0)
+            named = f"{ref} (restart {run})" if run else ref
+            ours.append(f"{ERROR}{named}: {' '.join(message.replace('|', '/').split())}")
         return SEPARATOR.join([*self.other, *ours])
+
+    def drop_stale_errors(self, refs: Iterable[str], run: int) -> bool:
+        """Forget the errors of ``refs`` recorded before restart ``run`` of the job (they were
+        staged this time); True if any went. Errors of this run, from other nodes, stay."""
+        stale = [r for r in refs if r in self.errors and self.error_runs.get(r, 0) < run]
+        for ref in stale:
+            del self.errors[ref]
+            self.error_runs.pop(ref, None)
+        return bool(stale)

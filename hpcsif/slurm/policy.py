@@ -38,8 +38,11 @@ def failure_policy() -> str:
     return policy
 
 
-def apply_failure_policy(job_id: str, failed: Sequence[ImageOutcome], client: SlurmClient) -> str:
-    """Record ``failed`` on the job and act per the policy; returns the policy applied.
+def apply_failure_policy(
+    job_id: str, failed: Sequence[ImageOutcome], client: SlurmClient, *, run: int = 0
+) -> str:
+    """Record ``failed`` on the job (as errors of its restart ``run``) and act per the policy;
+    returns the policy applied.
 
     Problems while recording (Slurm unreachable …) are logged, not raised: the prolog's
     exit status must not depend on them.
@@ -55,6 +58,7 @@ def apply_failure_policy(job_id: str, failed: Sequence[ImageOutcome], client: Sl
         comment = AdminComment.parse(client.job_info(job_id)["admin_comment"])
         for outcome in failed:
             comment.errors[outcome.ref] = outcome.error or "unknown error"
+            comment.error_runs[outcome.ref] = run
         client.set_admin_comment(job_id, comment.format())
     except (HpcsifError, OSError) as exc:
         log.error("job %s: cannot record the staging error on the job: %s", job_id, exc)

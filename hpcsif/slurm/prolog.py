@@ -59,6 +59,12 @@ class JobContext:
         """This node's Slurm name (``SLURMD_NODENAME``)."""
         return self.env.get("SLURMD_NODENAME") or None
 
+    @property
+    def restarts(self) -> int:
+        """How often the job was requeued before this run (``SLURM_JOB_RESTART_COUNT``)."""
+        count = self.env.get("SLURM_JOB_RESTART_COUNT", "")
+        return int(count) if count.isdigit() else 0
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> JobContext:
         """Read ``SLURM_JOB_ID``, ``SLURM_JOB_USER``, ``SLURM_JOB_UID`` (and keep SPANK_*)."""
@@ -285,10 +291,23 @@ def run_prolog(ctx: JobContext, client: JobClient, *, timeout: float | None = No
             ]
         report.outcomes = list(results)
         JobRecord(ctx.job_id, {o.ref: o for o in report.outcomes}).save(root)
+    if ctx.restarts and len(report.failed) < len(report.outcomes):
+        _drop_stale_errors(ctx, [o.ref for o in report.outcomes if o.ok], client)
     if report.failed:
-        apply_failure_policy(ctx.job_id, report.failed, client)
+        apply_failure_policy(ctx.job_id, report.failed, client, run=ctx.restarts)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _drop_stale_errors(ctx: JobContext, staged: list[str], client: JobClient) -> None:
+    """A requeued job's images staged this time: their errors from an earlier run leave the
+    admin comment (``scontrol show job`` would show a failure that is fixed)."""
+    try:
+        comment = AdminComment.parse(_admin_comment(client, ctx.job_id))
+        if comment.drop_stale_errors(staged, ctx.restarts):
+            client.set_admin_comment(ctx.job_id, comment.format())
+    except (HpcsifError, OSError) as exc:
+        log.warning("job %s: cannot clear the earlier run's errors: %s", ctx.job_id, exc)
 
 
 @dataclass

@@ -128,7 +128,8 @@ def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path:
     config.chmod(0o644)
     env_file.write_text(saved + f"HPCSIF_CONFIG={config}\n")
     try:
-        bad = "docker-archive:///nonexistent/hpcsif-hold.tar"
+        archive = tmp_path / "hpcsif-hold.tar"  # not there yet: a typo the user fixes below
+        bad = f"docker-archive://{archive}"
         job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", f"--comment=hpcsif:{bad}", tmp=tmp_path)
         for _ in range(200):
             if (
@@ -139,9 +140,15 @@ def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path:
             time.sleep(0.3)
         assert cluster.job_field(job, "JobState") == "PENDING"
         assert "held" in (cluster.job_field(job, "Reason") or "").lower(), cluster.job_field(job, "Reason")
-        cluster.run("scancel", job)
-        cluster.slurm.wait_nodes(("idle",))
         assert set(cluster.node_states().values()) == {"idle"}
+        assert f"hpcsif-error {bad}: " in (cluster.job_field(job, "AdminComment") or "")
+        # fixed and released (StartTime=now: Slurm keeps a requeued job waiting for 2 minutes),
+        # the job runs, and its comment no longer shows the first run's error
+        write_os_archive(archive, 13)
+        cluster.run("scontrol", "release", job)
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        assert cluster.wait(job) == "COMPLETED"
+        assert "hpcsif-error" not in (cluster.job_field(job, "AdminComment") or "")
     finally:
         env_file.write_text(saved)
 

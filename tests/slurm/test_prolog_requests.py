@@ -103,6 +103,15 @@ def test_admin_comment_keeps_foreign_segments() -> None:
     again = AdminComment.parse(c.format())
     assert again.pins == c.pins and again.other == ["budget=42"]
     assert again.errors == {"docker://bad/x:1": "not found / really not"}
+    # a requeued job's error names its run; a later run drops only earlier runs' errors
+    again.errors["docker://h:5000/y:2"] = "timed out"
+    again.error_runs["docker://h:5000/y:2"] = 2
+    assert "hpcsif-error docker://h:5000/y:2 (restart 2): timed out" in again.format()
+    third = AdminComment.parse(again.format())
+    assert third.error_runs == {"docker://h:5000/y:2": 2}
+    assert not third.drop_stale_errors(["docker://h:5000/y:2"], 2)
+    assert third.drop_stale_errors(["docker://bad/x:1", "docker://h:5000/y:2"], 3)
+    assert third.errors == {} and third.pins == c.pins
 
 
 def test_job_record_round_trip_and_job_image(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
