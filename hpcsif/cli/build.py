@@ -149,11 +149,20 @@ def check_target(target: Path, *, force: bool, sandbox: bool, update: bool = Fal
             refuse(f"while reading the input: invalid answer: {json.dumps(answer, ensure_ascii=False)}")
         if answer not in ("y", "yes"):
             refuse("stopping build")
-    if not target.parent.is_dir():
-        raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        # before any download or conversion, which would otherwise fail only at the end (as pull)
-        raise BuildError(f"cannot write {target}: permission denied in directory {target.parent}")
+    check_parent(target)
+
+
+def check_parent(target: Path) -> None:
+    """That ``target`` can be written: its directory exists (as one) and lets us in, checked
+    before any download or conversion, which would otherwise fail only at the end."""
+    from hpcsif.errors import BuildError
+
+    parent = target.parent
+    if not parent.is_dir():
+        why = f"{parent} is not a directory" if parent.exists() else f"directory {parent} does not exist"
+        raise BuildError(f"cannot write {target}: {why}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildError(f"cannot write {target}: permission denied in directory {parent}")
 
 
 def _is_image_file(path: Path) -> bool:

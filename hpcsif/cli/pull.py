@@ -172,13 +172,10 @@ def _target(args: argparse.Namespace, ref) -> Path:  # ref: Reference
 
 
 def _check_target(target: Path, force: bool, sandbox: bool = False) -> None:
+    from hpcsif.cli.build import check_parent
     from hpcsif.errors import BuildError
 
-    if not target.parent.is_dir():
-        raise BuildError(f"cannot write {target}: directory {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        # before any download or conversion, which would otherwise fail only at the end
-        raise BuildError(f"cannot write {target}: permission denied in directory {target.parent}")
+    check_parent(target)
     if (target.exists() or target.is_symlink()) and not force:
         raise BuildError(f'Image file already exists: "{target}" - will not overwrite')
     if target.is_dir() and not sandbox:

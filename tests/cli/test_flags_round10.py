@@ -223,3 +223,16 @@ def test_a_mistyped_arch_is_refused_before_anything_is_built(
         from hpcsif.image.model import host_arch
 
         assert f"WARNING: Architecture {host_arch()} does not match build arch arm32v7" in proc.stderr
+
+
+def test_an_output_under_a_file_names_the_file(sif: Path, tmp_path: Path) -> None:
+    """``build FILE/x.sif``: the part of the path that is a file is named as one (it was
+    "directory FILE does not exist", which it does); nothing is fetched or written."""
+    (tmp_path / "f").write_text("")
+    want = f"FATAL:   cannot write {tmp_path}/f/x.sif: {tmp_path}/f is not a directory\n"
+    for argv in (
+        ["build", f"{tmp_path}/f/x.sif", str(sif)],
+        ["pull", f"{tmp_path}/f/x.sif", "docker://127.0.0.1:9/x"],
+    ):
+        proc = run_cli(*argv, check=False)
+        assert (proc.returncode, proc.stderr) == (255, want), argv
