@@ -121,3 +121,14 @@ def test_nv_and_mpi_options_reach_hpcsif_exec(
         "srun", "-N1", image, "--sif-mpi=no-such-profile", "true", env=env, cwd=tmp_path, check=False
     )
     assert mpi.returncode != 0 and "unknown MPI profile 'no-such-profile'" in mpi.stderr, mpi.stderr
+
+
+def test_task_finds_hpcsif_through_the_hooks_settings(
+    hpcsif_cluster: HpcsifCluster, os_ref: str, tmp_path: Path
+) -> None:
+    """hpcsif installed off the users' PATH (a virtualenv): the tasks use the hooks' HPCSIF_BIN."""
+    env = {**hpcsif_cluster.job_env(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = hpcsif_cluster.run(
+        "srun", "-N1", f"--sif-image={os_ref}", "cat", "/etc/os-release", env=env, cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 0 and 'PRETTY_NAME="hpcsif test OS 6"' in proc.stdout, proc.stdout + proc.stderr
