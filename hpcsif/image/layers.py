@@ -470,6 +470,7 @@ class _Layer:
         self.replaced_nondirs: set[str] = set()  # names of replaced non-directories skipped so far
         # this layer's symlinks, and hard links to them, which are symlinks too -> their targets
         self.symlinks: dict[str, str] = {}
+        self.symlink_dirs: set[str] = set()  # the directories they lie in (some maybe no more)
         # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
         # layers below from the end of this one (a later entry of this layer is no target)
         self.awaiting: dict[str, list[tuple[str, str]]] = {}
@@ -548,6 +549,12 @@ class _Repeats(NamedTuple):
     retarget: dict[int, str] = {}
 
 
+def _drop_below(paths: dict[str, str], name: str) -> None:
+    """Remove the paths below ``name`` from ``paths``."""
+    for path in [p for p in paths if p.startswith(name + "/")]:
+        del paths[path]
+
+
 def _scan_repeats(blob: LayerBlob) -> _Repeats:
     """The members of ``blob`` that a later member replaces, as tar extraction does.
 
@@ -559,6 +566,7 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
     symlinks: set[int] = set()  # what lies below a symlink of the layer goes through it
     targets: dict[str, str] = {}  # the layer's symlinks so far -> the root-relative path they name
     texts: dict[str, str] = {}  # … and their targets as written
+    link_dirs: set[str] = set()  # … and the directories they lie in
     link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
     links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
     stream = LayerStream(blob, verify=False)
@@ -583,9 +591,13 @@ def _scan_repeats(blob: LayerBlob) -> _Repeats:
                 if text is not None:
                     symlinks.add(i)
                     targets[name], texts[name] = link_path(name, text), text
+                    link_dirs.update(ancestors(name))
                 else:
                     targets.pop(name, None)
                     texts.pop(name, None)
+                    if not ti.isdir() and name in link_dirs:  # a non-directory takes those below it away
+                        _drop_below(targets, name)
+                        _drop_below(texts, name)
     finally:
         stream.close()
     last: dict[str, int] = {}
@@ -773,8 +785,11 @@ class _Merger:
         # the layer's later entries below a symlink go where it points, even where it is hidden
         if text is not None:
             lay.symlinks[name] = text
+            lay.symlink_dirs.update(ancestors(name))
         else:
             lay.symlinks.pop(name, None)
+            if kind != "dir" and name in lay.symlink_dirs:  # a non-directory took them away
+                _drop_below(lay.symlinks, name)
 
     def _linked_symlink(self, lay: _Layer, ti: tarfile.TarInfo) -> str | None:
         """The target of the symlink of layer ``lay`` that hard link ``ti`` names, if it names
@@ -938,6 +953,8 @@ class _Merger:
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at itself or the root")
         if target.startswith(name + "/"):  # extraction removes what is at name, target and all
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
+        if name.startswith(target + "/"):  # its directory is the target, or replaced it
+            raise LayerError(f"layer {lay.label}: hard link {name!r} points at directory {target!r}")
         claim = self.claims.get(target)
         if claim is not None and claim & 1 and claim >> 1 == lay.level:
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at directory {target!r}")

@@ -107,3 +107,26 @@ def test_hard_link_to_a_file_its_layer_makes_a_directory_fails(tmp_path: Path) -
         layer(tmp_path, [file("a/x", "X")], "zstd"),
     ]
     _both_refuse(tmp_path, _archive(tmp_path, layers), ["hard link 'b' points at directory 'a'"], "link: ")
+
+
+def test_a_file_takes_away_the_symlinks_below_its_name(tmp_path: Path) -> None:
+    """``s/x -> ../a``, then a file ``s``, then ``s/x/z``: the file took ``s/x`` away, so ``s``
+    becomes a directory again and ``s/x/z`` lands there (hpcsif followed the old symlink and
+    then could not merge the layer)."""
+    entries = [d("a"), sym("s/x", "../a"), file("s", "S"), sym("s/x/z", "../b"), file("k", "k")]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)], implied=True)
+    assert tree["/s/x/z"] == "lrwxrwxrwx ../b" and "/a/z" not in tree
+
+
+@pytest.mark.parametrize("lower", ["file", "directory"])
+def test_hard_link_below_its_own_target_fails(tmp_path: Path, lower: str) -> None:
+    """``a/y`` linked to ``a``: making ``a/`` for the link replaced the file ``a`` (or ``a`` is a
+    directory), so the link fails as in Apptainer ('link: operation not permitted'); hpcsif
+    linked the file where an upper layer had ``a/x``."""
+    base = [file("a", "A")] if lower == "file" else [d("a")]
+    layers = [
+        layer(tmp_path, base),
+        layer(tmp_path, [link("a/y", "a")]),
+        layer(tmp_path, [file("a/x")], "zstd"),
+    ]
+    _both_refuse(tmp_path, _archive(tmp_path, layers), ["hard link 'a/y' points at directory 'a'"], "link: ")
