@@ -117,9 +117,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = keysub.add_parser("remove", help="delete a key from the keyring")
     p.add_argument("key", help="key name or fingerprint")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("-b", "--both", action="store_true", help="remove the key pair (the default)")
+    which.add_argument("-b", "--both", action="store_true", help="remove the public and the private key")
     which.add_argument("-s", "--secret", action="store_true", help="remove only the private key")
-    which.add_argument("-p", "--public", action="store_true", help="remove a public key (not a key pair)")
+    which.add_argument(
+        "-p",
+        "--public",
+        action="store_true",
+        help="remove only the public key (the default, as Apptainer's: a private key stays and signs)",
+    )
     _keyring_flags(p)
     p.set_defaults(func=_key_remove)
 
@@ -232,7 +237,7 @@ def _key_newpair(args: argparse.Namespace) -> int:
 
 def _key_list(args: argparse.Namespace) -> int:
     keyring = _keyring(args)
-    keys = [k for k in keyring.list() if k.private_path or not args.secret]
+    keys = keyring.secret_keys() if args.secret else keyring.list()
     # Apptainer's layout; the index under --secret is what `sign --keyidx` takes
     print(f"{'Private' if args.secret else 'Public'} key listing ({keyring.root}):")
     print()
@@ -241,7 +246,13 @@ def _key_list(args: argparse.Namespace) -> int:
     default = keyring.default_name()
     for i, key in enumerate(keys):
         scheme = "OpenPGP" if key.scheme == "pgp" else "PEM/DSSE"
-        pair = "key pair" if key.private_path else "public key"
+        pair = (
+            "key pair"
+            if key.private_path and key.has_public
+            else "private key"
+            if key.private_path
+            else "public key"
+        )
         mark = "  [default]" if key.name == default else ""
         print(f"{f'{i})':<4}User:              {key.uid or key.name}")
         print(f"    Name:              {key.name}{mark}")
@@ -292,9 +303,10 @@ def _key_export(args: argparse.Namespace) -> int:
 
 
 def _key_remove(args: argparse.Namespace) -> int:
-    which = "secret" if args.secret else "public" if args.public else "both"
+    which = "secret" if args.secret else "both" if args.both else "public"
     key = _keyring(args).remove(args.key, which)
-    print(f"Removed {'private key of ' if args.secret else ''}key {key.label}")
+    what = {"secret": "private key", "public": "public key", "both": "public and private key"}[which]
+    print(f"Removed the {what} of {key.label}")
     return 0
 
 
@@ -334,7 +346,7 @@ def _sign(args: argparse.Namespace) -> int:
     else:
         keyring = Keyring()
         if args.keyidx is not None:
-            secret = [k for k in keyring.list() if k.private_path]
+            secret = keyring.secret_keys()
             if not 0 <= args.keyidx < len(secret):
                 raise UsageError(
                     f"--keyidx {args.keyidx}: index out of range (see: hpcsif key list --secret)"

@@ -4,7 +4,8 @@ Layout of the keyring directory (``$HPCSIF_KEYSDIR``, else ``$XDG_CONFIG_HOME/hp
 or ``~/.config/hpcsif/keys``; mode 0700)::
 
     NAME.pub      public key: PEM ``PUBLIC KEY`` or an armored OpenPGP public key block
-    NAME.key      private key (mode 0600): PKCS#8 PEM, or an armored OpenPGP secret key
+    NAME.key      private key (mode 0600): PKCS#8 PEM, or an armored OpenPGP secret key;
+                  alone (NAME.pub removed by ``key remove``) it still signs, and verifies nothing
     default       the NAME used by ``hpcsif sign`` when no key is named
 
 Every file is written atomically (temp file, fsync, rename), private keys with mode 0600 from
@@ -137,6 +138,12 @@ class KeyInfo:
         return any(f == want or (long_id and f.endswith(want)) for f in mine)
 
     @property
+    def has_public(self) -> bool:
+        """False for a private key whose public key was removed from the keyring (its one file
+        is the private key)."""
+        return self.public_path != self.private_path
+
+    @property
     def label(self) -> str:
         """``NAME (FINGERPRINT)`` for messages."""
         return f"{self.name} ({self.fingerprint})"
@@ -199,9 +206,22 @@ class Keyring:
             )
         return keys
 
+    def secret_keys(self) -> list[KeyInfo]:
+        """Every private key, by name: those of key pairs, and those whose public key was
+        removed (``key remove`` removes only the public key, as Apptainer's): such a key
+        still signs, and verifies nothing, as it is not in :meth:`list`."""
+        if not self.root.is_dir():
+            return []
+        public = {k.name: k for k in self.list()}
+        keys = []
+        for path in sorted(self.root.glob("*.key")):
+            name = path.name.removesuffix(".key")
+            keys.append(public.get(name) or describe_file(path, name))
+        return keys
+
     def get(self, ref: str) -> KeyInfo:
         """The key named *ref*, or whose fingerprint is *ref* (PGP: also its last 16 digits)."""
-        for key in self.list():
+        for key in self.list() + [k for k in self.secret_keys() if not k.has_public]:
             if ref == key.name or key.matches(ref):
                 return key
         raise SignatureError(f"no key {ref!r} in keyring {self.root} (see: hpcsif key list)")
@@ -225,7 +245,7 @@ class Keyring:
         if ref:
             key = self.get(ref)
         else:
-            private = [k for k in self.list() if k.private_path]
+            private = self.secret_keys()
             default = self.default_name()
             chosen = [k for k in private if k.name == default] or (private if len(private) == 1 else [])
             if not chosen:
@@ -246,7 +266,7 @@ class Keyring:
     def _free_name(self, name: str) -> str:
         if not _NAME.match(name):
             raise UsageError(f"invalid key name {name!r} (letters, digits and ._@+- only)")
-        if (self.root / f"{name}.pub").exists():
+        if (self.root / f"{name}.pub").exists() or (self.root / f"{name}.key").exists():
             raise SignatureError(f"a key named {name!r} already exists in {self.root}")
         return name
 
@@ -289,9 +309,10 @@ class Keyring:
         """Add the key in *path* (PEM private/public key or armored OpenPGP key) as *name*."""
         info = describe_file(Path(path))
         # a key already here is not added twice under another name (as Apptainer's keyring);
-        # its private half, brought later, joins the public key already imported
-        same = next((k for k in self.list() if k.fingerprint == info.fingerprint), None)
-        if same is not None and (same.private_path or not info.private_path):
+        # the half it lacks (a private key, a removed public key) joins it
+        known = self.list() + [k for k in self.secret_keys() if not k.has_public]
+        same = next((k for k in known if k.fingerprint == info.fingerprint), None)
+        if same is not None and (same.private_path if info.private_path else same.has_public):
             raise SignatureError(
                 f"the key with fingerprint {info.fingerprint} already belongs to the keyring (as {same.name})"
             )
@@ -315,27 +336,25 @@ class Keyring:
             if key.private_path is None:
                 raise SignatureError(f"key {key.label} has no private key")
             atomic_write(Path(dest), key.private_path.read_bytes(), 0o600)
+        elif not key.has_public:
+            raise SignatureError(f"key {key.label} has no public key (it was removed); export --secret")
         else:
             atomic_write(Path(dest), key.public_bytes(), 0o644)
         return Path(dest)
 
-    def remove(self, ref: str, which: str = "both") -> KeyInfo:
-        """Delete key *ref*: ``both`` halves, only its ``secret`` half, or a ``public`` key.
-
-        A key pair is one keyring entry, so ``public`` refuses a pair; removing the key that is
-        the default signing key (or its secret half) clears the default.
-        """
+    def remove(self, ref: str, which: str = "public") -> KeyInfo:
+        """Delete key *ref*'s ``public`` key (as Apptainer's default: a key pair's private key
+        stays, and signs), its ``secret`` key, or ``both``; removing the default signing key's
+        private key clears the default."""
         key = self.get(ref)
-        if which == "public" and key.private_path:
-            raise UsageError(
-                f"key {key.label} is a key pair: remove it whole (default) or only its private key (--secret)"
-            )
+        if which == "public" and not key.has_public:
+            raise SignatureError(f"key {key.label} has no public key (it was removed)")
         if which == "secret" and key.private_path is None:
             raise SignatureError(f"key {key.label} has no private key")
-        if key.private_path:
+        if which != "public" and key.private_path:
             key.private_path.unlink(missing_ok=True)
-        if which != "secret":
+            if self.default_name() == key.name:
+                (self.root / "default").unlink(missing_ok=True)
+        if which != "secret" and key.has_public:
             key.public_path.unlink(missing_ok=True)
-        if self.default_name() == key.name:
-            (self.root / "default").unlink(missing_ok=True)
         return key

@@ -236,3 +236,34 @@ def test_an_output_under_a_file_names_the_file(sif: Path, tmp_path: Path) -> Non
     ):
         proc = run_cli(*argv, check=False)
         assert (proc.returncode, proc.stderr) == (255, want), argv
+
+
+def test_key_remove_keeps_the_private_key_by_default(sif: Path, tmp_path: Path) -> None:
+    """As Apptainer's: ``key remove FPR`` removes the public key only (it removed the private
+    key too, for good); the private key still signs and is listed by ``key list -s``, nothing
+    verifies with it until its public key is imported again; ``-b`` removes both."""
+    env = {"HPCSIF_KEYSDIR": str(tmp_path / "keys")}
+    run_cli("key", "newpair", "-N", "Jane", "-E", "jane@example.org", env=env)
+    run_cli("key", "export", "Jane", str(tmp_path / "jane.asc"), env=env)
+    fpr = run_cli("key", "list", env=env).stdout.split("Fingerprint:")[1].split()[0]
+    assert run_cli("key", "remove", fpr, env=env).stdout == f"Removed the public key of Jane ({fpr})\n"
+    assert fpr not in run_cli("key", "list", env=env).stdout
+    assert f"Fingerprint:       {fpr}" in run_cli("key", "list", "-s", env=env).stdout
+    image = tmp_path / "s.sif"
+    image.write_bytes(sif.read_bytes())
+    run_cli("sign", "-k", "0", str(image), env=env)
+    assert run_cli("verify", str(image), env=env, check=False).returncode == 255
+    run_cli("key", "import", str(tmp_path / "jane.asc"), env=env)
+    assert "key pair" in run_cli("key", "list", env=env).stdout
+    assert run_cli("verify", str(image), env=env).returncode == 0
+    run_cli("key", "remove", "-b", fpr, env=env)
+    assert "No keys" in run_cli("key", "list", "-s", env=env).stdout
+    if peer_apptainer() is not None:  # the peer's default is the same
+        peer_env = {"APPTAINER_KEYSDIR": str(tmp_path / "peer-keys")}
+        run_cli("key", "newpair", "-N", "Jane", "-E", "jane@example.org", env=env)
+        run_cli("key", "export", "--secret", "Jane", str(tmp_path / "jane.key.asc"), env=env)
+        assert _peer("key", "import", tmp_path / "jane.key.asc", env=peer_env).returncode == 0
+        fpr = run_cli("key", "list", env=env).stdout.split("Fingerprint:")[1].split()[0]
+        assert _peer("key", "remove", fpr, env=peer_env).returncode == 0
+        assert fpr not in _peer("key", "list", env=peer_env).stdout
+        assert fpr in _peer("key", "list", "-s", env=peer_env).stdout

@@ -206,7 +206,7 @@ def test_cli_key_round_trip(tmp_path: Path) -> None:
     run_cli("key", "import", "--name", "alice2", str(tmp_path / "alice.pem"), env=env_b)
     listing = run_cli("key", "list", env=env_b).stdout
     assert "alice  [default]" in listing and "key pair" in listing and "alice2" not in listing
-    run_cli("key", "remove", fpr, env=env_a)
+    run_cli("key", "remove", "--both", fpr, env=env_a)
     assert "No keys" in run_cli("key", "list", env=env_a).stdout
     assert not (keys / "alice.key").exists() and not (keys / "default").exists()
 
