@@ -3,7 +3,7 @@
 * ``hpcsif stage REF…``: here, through the cache (converted once, then a cache hit); prints
   ``REF<TAB>PATH`` per image;
 * ``hpcsif stage --slurm REF…``: inside an allocation, once on every node of it, through
-  ``srun --ntasks-per-node=1 -N $SLURM_NNODES hpcsif stage REF…``;
+  ``srun --overlap --ntasks-per-node=1 -N $SLURM_NNODES hpcsif stage REF…``;
 * ``hpcsif stage --nodes 'node[01-04,07]' REF…``: over SSH on each node (paramiko, bounded
   parallelism, per-node timeout, host keys from known_hosts), with a table of per-node results;
   exits 1 if any node failed. With ``--from NODE`` the image is staged on NODE only and its
@@ -107,7 +107,9 @@ def _stage_slurm(args: argparse.Namespace) -> int:
     nnodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES")
     if not os.environ.get("SLURM_JOB_ID") or not nnodes:
         raise UsageError("--slurm works inside a Slurm allocation (SLURM_JOB_ID and SLURM_NNODES unset)")
-    cmd = ["srun", "--ntasks-per-node=1", "-N", nnodes, "--label", *_self_command(), "stage"]
+    # --overlap: a step that holds the allocation's CPUs or memory (srun --pty bash, a running
+    # solver) would otherwise keep this one waiting for ever
+    cmd = ["srun", "--overlap", "--ntasks-per-node=1", "-N", nnodes, "--label", *_self_command(), "stage"]
     cmd += ["--system"] if args.system else []
     sys.stdout.flush()
     os.execvp(cmd[0], [*cmd, *args.refs])

@@ -51,6 +51,20 @@ def test_stage_slurm_once_on_every_node(hpcsif_cluster: HpcsifCluster, tmp_path:
         assert _converts(cluster.syscache(node), ref) == 1
 
 
+@pytest.mark.slow
+def test_stage_slurm_beside_a_step_that_holds_every_cpu(
+    hpcsif_cluster: HpcsifCluster, tmp_path: Path
+) -> None:
+    """``srun -c ALL --pty bash``, then ``hpcsif stage --slurm``: the staging step overlaps it."""
+    cluster = hpcsif_cluster
+    ref = write_os_archive(tmp_path / "os14.tar", 14)
+    proc = cluster.run(
+        "srun", "-N1", f"-c{cluster.slurm.cpus}", "hpcsif", "stage", "--slurm", ref,
+        env=cluster.job_env(tmp_path), cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert proc.stdout.startswith(f"0: {ref}\t"), proc.stdout + proc.stderr
+
+
 @pytest.fixture
 def ssh_nodes(sshd_server: SshServer, tmp_path: Path) -> tuple[list[str], Path]:
     """SSH arguments for ``hpcsif stage --nodes`` and where each node's cache is.
