@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from hpcsif.cli.envflags import flags_from_env
-from hpcsif.cli.pull import add_registry_flags, refuse, registry_options
+from hpcsif.cli.pull import add_registry_flags, arch_warning_when_made, refuse, registry_options
 
 log = logging.getLogger("hpcsif")
 
@@ -515,7 +515,8 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
             fakeroot=args.fakeroot,
             force=args.force,
         )
-        build_definition(args.source, target, opts)
+        with arch_warning_when_made(sif=not args.sandbox):
+            build_definition(args.source, target, opts)
     elif args.update and not args.force:  # Apptainer keeps the sandbox and fetches nothing
         from hpcsif.cli.pull import info
         from hpcsif.convert import update_sandbox
@@ -525,7 +526,8 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
         update_sandbox(target, ref)
         info(args, "Creating sandbox directory...")
     elif ref.transport == "oras":
-        _build_from_oras(args, ref, target)
+        with arch_warning_when_made(sif=not args.sandbox):
+            _build_from_oras(args, ref, target)
     else:
         from hpcsif.cli.pull import Notices, info
 
@@ -534,28 +536,29 @@ def _build(args: argparse.Namespace, ref, definition: bool, target: Path) -> Non
         # it is done (input refused at once fails with its error line alone)
         local = ref.transport in ("sif", "sandbox")
         notices = Notices(args, build=True)
-        convert_ref(
-            ref,
-            target,
-            options=convert_options(args),
-            store=blob_store(args),
-            sandbox=args.sandbox,
-            source_options={**registry_options(args), **({} if local else {"notify": notices})},
-            progress=progress_bar(not (args.quiet or args.silent)),
-        )
-        if local:
-            info(args, "Starting build...")
-            from hpcsif.sif.reader import bare_filesystem
+        with arch_warning_when_made(sif=not args.sandbox):
+            convert_ref(
+                ref,
+                target,
+                options=convert_options(args),
+                store=blob_store(args),
+                sandbox=args.sandbox,
+                source_options={**registry_options(args), **({} if local else {"notify": notices})},
+                progress=progress_bar(not (args.quiet or args.silent)),
+            )
+            if local:
+                info(args, "Starting build...")
+                from hpcsif.sif.reader import bare_filesystem
 
-            if ref.transport == "sif" and not bare_filesystem(args.source):  # a SIF, not a .sqfs
-                from hpcsif.signing.verify import warn_unverified_base
+                if ref.transport == "sif" and not bare_filesystem(args.source):  # a SIF, not a .sqfs
+                    from hpcsif.signing.verify import warn_unverified_base
 
-                info(args, f"Verifying bootstrap image {args.source}")
-                warn_unverified_base(ref.path or args.source)
-            info(args, "Extracting local image...")
-            info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")
-        else:
-            notices.done()
+                    info(args, f"Verifying bootstrap image {args.source}")
+                    warn_unverified_base(ref.path or args.source)
+                info(args, "Extracting local image...")
+                info(args, "Creating sandbox directory..." if args.sandbox else "Creating SIF file...")
+            else:
+                notices.done()
 
 
 def _build_from_oras(args: argparse.Namespace, ref, target: Path) -> None:  # ref: Reference

@@ -212,15 +212,18 @@ def _convert_then_sandbox(ref, target: Path, args: argparse.Namespace, progress)
     source_options = {**registry_options(args), "progress": progress, "notify": notices}
     store = blob_store(args)
     with tempfile.TemporaryDirectory(prefix=".hpcsif-pull-", dir=target.resolve().parent) as tmp:
-        if store is None:
-            from hpcsif.convert import convert_ref
+        with arch_warning_when_made(sif=True):  # the SIF the sandbox is made from
+            if store is None:
+                from hpcsif.convert import convert_ref
 
-            sif = convert_ref(ref, Path(tmp) / "image.sif", options=options, source_options=source_options)
-        else:
-            from hpcsif.cache.api import ensure_image
+                sif = convert_ref(
+                    ref, Path(tmp) / "image.sif", options=options, source_options=source_options
+                )
+            else:
+                from hpcsif.cache.api import ensure_image
 
-            sif = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
-        notices.done()
+                sif = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
+            notices.done()
         _sandbox_from(sif, target, args)
 
 
@@ -289,16 +292,18 @@ def run_pull(args: argparse.Namespace) -> int:
             from hpcsif.convert import convert_ref
             from hpcsif.sources.remote import umasked
 
-            convert_ref(ref, target, options=options, source_options=source_options, progress=progress)
-            notices.done()
+            with arch_warning_when_made(sif=True):
+                convert_ref(ref, target, options=options, source_options=source_options, progress=progress)
+                notices.done()
             os.chmod(target, umasked(0o777))  # the SIF writer's 0755, narrowed as the umask asks
         else:
             # through the SIF cache, so that a later `exec docker://…` of the same image converts nothing
             from hpcsif.cache.api import ensure_image
 
             # refresh: as Apptainer's, a pull asks what the tag names now, even within cache.tag_ttl
-            cached = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
-            notices.done()
+            with arch_warning_when_made(sif=True):
+                cached = ensure_image(ref.raw, options=options, source_options=source_options, refresh=True)
+                notices.done()
             _copy_out(cached, target)
     log.info("Pulled %s to %s", ref.raw, target)
     return 0
@@ -349,6 +354,33 @@ class Notices:
                 info(self.args, line)
         elif not self.said:
             info(self.args, "Using cached SIF image")
+
+
+@contextlib.contextmanager
+def arch_warning_when_made(sif: bool) -> Iterator[None]:
+    """Apptainer warns that an image is not of the architecture ``--arch`` asked for as it
+    writes the SIF, after its "Creating SIF file..." line, and never for a sandbox; the
+    conversion here says so as soon as it sees the image. Its warning is held while the block
+    runs, then said where *sif*, else dropped (and dropped if the block fails)."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.getMessage().startswith("Architecture "):
+            held.append(record)
+            return False
+        return True
+
+    handlers = list(log.handlers)
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+    if sif:
+        for record in held:
+            log.handle(record)
 
 
 def _copy_out(cached: Path, target: Path) -> None:

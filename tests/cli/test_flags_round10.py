@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -267,3 +268,27 @@ def test_key_remove_keeps_the_private_key_by_default(sif: Path, tmp_path: Path) 
         assert _peer("key", "remove", fpr, env=peer_env).returncode == 0
         assert fpr not in _peer("key", "list", env=peer_env).stdout
         assert fpr in _peer("key", "list", "-s", env=peer_env).stdout
+
+
+def test_the_arch_warning_comes_once_the_sif_is_made(
+    busybox_image: TestImage, sif: Path, tmp_path: Path
+) -> None:
+    """Apptainer warns that the image is not of ``--arch``'s architecture as it writes the SIF:
+    after "Creating SIF file...", and never for a sandbox (ours said it first, and for sandboxes)."""
+    from hpcsif.image.model import host_arch
+
+    other = "arm64" if host_arch() != "arm64" else "amd64"
+    warning = f"WARNING: Architecture {host_arch()} does not match build arch {other}"
+    env = {"HPCSIF_CACHEDIR": str(tmp_path / "cache")}
+    pull = run_cli("pull", "--arch", other, str(tmp_path / "p.sif"), f"oci://{busybox_image.layout}", env=env)
+    assert pull.stderr.splitlines()[-2:] == ["INFO:    Creating SIF file...", warning]
+    build = run_cli("build", "--arch", other, str(tmp_path / "b.sif"), str(sif))
+    assert build.stderr.splitlines()[-3:] == [
+        "INFO:    Creating SIF file...",
+        warning,
+        f"INFO:    Build complete: {tmp_path / 'b.sif'}",
+    ]
+    for source in (str(sif), f"oci://{busybox_image.layout}"):
+        box = run_cli("build", "--arch", other, "--sandbox", str(tmp_path / "box"), source, env=env)
+        assert "WARNING" not in box.stderr
+        shutil.rmtree(tmp_path / "box")
