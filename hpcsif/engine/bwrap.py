@@ -450,7 +450,10 @@ class _Plan:
         dirs = [*(b.dst for b in self.binds), *self.scratch_tmpfs, *_NOT_UNDERLAID]
         if opts.contain:
             dirs += [self.home, "/tmp", "/var/tmp"]
-        files = ["/etc/passwd", "/etc/group", *(["/etc/resolv.conf"] if opts.dns else [])]
+        # as Apptainer, no /etc/passwd or /etc/group is made where the image has none (an entry
+        # of any kind counts: a link out of the image still gets the made file)
+        self.etc_files = [f for f in ("/etc/passwd", "/etc/group") if _has_entry(self.root, f)]
+        files = [*self.etc_files, *(["/etc/resolv.conf"] if opts.dns else [])]
         files += ["/etc/hostname"] if opts.hostname else []
         self.places: dict[str, str | None] = {}
         # the directories other mounts may lie in (not a file bound at /etc/hosts …)
@@ -538,7 +541,7 @@ class _Plan:
 
             argv = direct_argv(opts.action, opts.command, self.direct, self.image)
             # exec's command or the image's ENTRYPOINT/CMD: both fail with Apptainer's one-liners
-            argv = [resolve_command(self.root, argv[0], self.env.get("PATH", "")), *argv[1:]]
+            argv = [resolve_command(self.root, argv[0], self.env.get("PATH", ""), workdir), *argv[1:]]
             return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 
@@ -925,8 +928,11 @@ class _Plan:
         # the container's home in root's entry
         for name, make in (("passwd", self._passwd), ("group", self._group)):
             dest = at(f"/etc/{name}")
-            if dest is None:
-                log.warning("%s file doesn't exist in container, not updating", name)
+            if dest is None or f"/etc/{name}" not in self.etc_files:
+                # not in the image (FROM scratch, an unreachable /etc …); as Apptainer, said
+                # where there is no overlay, whose layer Apptainer checks instead of the image
+                if not self.probe and not self.rw_root:
+                    log.warning("%s file doesn't exist in container, not updating", name)
                 continue
             if user_bound(dest) or self._lacking_bind(dest, f"/etc/{name}"):
                 continue  # a bound host directory without it (-B dir:/etc): as Apptainer, left so
@@ -1022,6 +1028,13 @@ class _Plan:
             if line not in added:
                 added.append(line)
         return "\n".join(lines + added) + "\n"
+
+
+def _has_entry(root: str, path: str) -> bool:
+    """True when the image at *root* has an entry (of any kind) at *path*, its directories'
+    links followed inside the image."""
+    walked = walk(root, path, follow_last=False)
+    return walked is not None and not walked[1]
 
 
 def _first_per_destination(binds: list[Bind]) -> list[Bind]:

@@ -48,7 +48,19 @@ case $__c in
   *) echo "FATAL:   \"$1\": executable file not found in \$PATH" >&2; exit 255 ;;
   esac ;;
 esac
-if [ ! -e "$__c" ]; then echo "FATAL:   stat $__c: no such file or directory" >&2; exit 255; fi
+if [ ! -e "$__c" ]; then
+  # a relative path named as Go's filepath.Abs makes it: joined to $PWD and cleaned
+  case $__c in
+  /*) ;;
+  *)
+    __c=$PWD/$__c __p=; IFS=/; set -f
+    for __s in $__c; do
+      case $__s in ''|.) ;; ..) __p=${__p%/*} ;; *) __p=$__p/$__s ;; esac
+    done
+    __c=${__p:-/} ;;
+  esac
+  echo "FATAL:   stat $__c: no such file or directory" >&2; exit 255
+fi
 if [ -d "$__c" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
 if [ ! -x "$__c" ]; then echo "FATAL:   permission denied" >&2; exit 255; fi
 shift; exec "$__c" "$@"
@@ -60,7 +72,8 @@ shift; exec "$__c" "$@"
 # Values of --env and APPTAINERENV_* are, as in Apptainer, evaluated like a double-quoted shell
 # word after the image's scripts ran (`--env 'PATH=$PATH:/x'`): those come as __HPCSIF_EXP_<KEY>
 # with `"` and `\` escaped, so only `$…` and command substitution take effect.
-LAUNCHER = r"""
+LAUNCHER = (
+    r"""
 # tell hpcsif that bwrap's set-up is over (a failure before this line is an engine error); with
 # hpcsif gone (the pipe broken: killed while bwrap set up, before bwrap had bound the container's
 # life to its own) the container ends here rather than run on unowned
@@ -131,13 +144,42 @@ export PATH LD_LIBRARY_PATH PS1 PROMPT_COMMAND
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
 unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
-# a script whose #! interpreter the image lacks fails with Apptainer's line, not the shell's
+# a script whose #! interpreter the image lacks, or a program whose ELF loader it lacks, fails
+# with Apptainer's line, not the shell's "not found"
 __interp() {
   __l=; IFS= read -r __l 2>&- < "$1"
   case $__l in
   '#!'*)
     set -f; set -- "$1" ${__l#??}; set +f
     if [ -n "${2:-}" ] && [ ! -x "$2" ]; then
+      echo "FATAL:   exec $1 failed: a shared library is likely missing in the image" >&2; exit 255
+    fi ;;
+  @DEL@ELF*)
+    # the loader's path (PT_INTERP) lies in the first lines, read without their NUL bytes, in a
+    # run of path characters that other bytes may go on: each run from a / that names a loader
+    # (.so, then dots and digits) is a candidate; one that exists (or none found) lets it run.
+    # Read as bytes: bash in a UTF-8 locale stops such a line short (and where that locale is
+    # missing, setting LC_ALL would warn).
+    __n=0 __m= __l=@E_ACUTE@
+    if [ ${#__l} = 1 ]; then __rd() { LC_ALL=C IFS= read -r __l; }; else __rd() { IFS= read -r __l; }; fi
+    while [ $__n -lt 3 ] && __rd; do
+      __n=$((__n + 1))
+      while :; do
+        case $__l in */*) __l=${__l#*/} ;; *) break ;; esac
+        __t=/${__l%%[!A-Za-z0-9._/+-]*}
+        case $__t in
+        /*/ld*.so*)
+          __d=${__t%/*} __b=${__t##*/}; __r=${__b#*.so}; __b=${__b%"$__r"}
+          while :; do
+            if [ -e "$__d/$__b" ]; then __m=0; break 3; fi
+            case $__r in [.0-9]*) __b=$__b${__r%"${__r#?}"} __r=${__r#?} ;; *) break ;; esac
+          done
+          __m=1 ;;
+        esac
+      done
+      [ -z "$__m" ] || break
+    done 2>&- < "$1"
+    if [ "$__m" = 1 ]; then
       echo "FATAL:   exec $1 failed: a shared library is likely missing in the image" >&2; exit 255
     fi ;;
   esac
@@ -178,8 +220,12 @@ shell)
   if [ -x /bin/bash ]; then export SHELL=/bin/bash; exec /bin/bash --norc "$@"; fi
   export SHELL=/bin/sh; exec /bin/sh "$@" ;;
 esac
-""".replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " ")).replace(
-    "@EXEC_CHECKED@", EXEC_RESOLVED.replace('shift; exec "$__c"', '__interp "$__c"; shift; exec "$__c"')
+""".replace("@DEFAULT_DIRS@", DEFAULT_PATH.replace(":", " "))
+    .replace("@DEL@", "\x7f")
+    .replace("@E_ACUTE@", "\u00e9")
+    .replace(
+        "@EXEC_CHECKED@", EXEC_RESOLVED.replace('shift; exec "$__c"', '__interp "$__c"; shift; exec "$__c"')
+    )
 )
 
 

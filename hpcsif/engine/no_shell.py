@@ -23,10 +23,11 @@ def refuse_without_shell(image: Path, action: str, sandbox: str | None) -> NoRet
     raise EngineError(f"{image}: the image has no /bin/sh and no oci-config.json to start it without")
 
 
-def resolve_command(root: str, command: str, path: str) -> str:
+def resolve_command(root: str, command: str, path: str, cwd: str) -> str:
     """*command* as exec will run it in an image without a shell, with Apptainer's errors.
 
-    Apptainer looks the command up itself and reports what is wrong in one line (exit 255).
+    Apptainer looks the command up itself and reports what is wrong in one line (exit 255),
+    naming a relative path as joined to the container's working directory *cwd*.
     """
     if "/" not in command:
         for d in path.split(":"):
@@ -36,7 +37,8 @@ def resolve_command(root: str, command: str, path: str) -> str:
         raise EngineError(f'"{command}": executable file not found in $PATH')
     found = in_image(root, command) if command.startswith("/") else command
     if not found or not os.path.exists(found):
-        raise EngineError(f"stat {command}: no such file or directory")
+        shown = command if command.startswith("/") else os.path.normpath(os.path.join(cwd, command))
+        raise EngineError(f"stat {shown}: no such file or directory")
     if os.path.isdir(found):
         raise EngineError("is a directory")
     if not os.access(found, os.X_OK):

@@ -9,16 +9,18 @@ import pytest
 
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archive
 from tests.conftest import run_cli
-from tests.services.images import busybox_binary
+from tests.services.images import ETC_USERS, busybox_binary
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def distroless(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A static busybox in /app and nothing else: no /bin/sh."""
+    """A static busybox in /app, /etc/passwd and /etc/group (as distroless images have them), and
+    nothing else: no /bin/sh."""
     d = tmp_path_factory.mktemp("distroless")
-    layer = layer_tar([Entry("app", mode=0o755), Entry("app/busybox", busybox_binary().read_bytes(), 0o755)])
+    app = [Entry("app", mode=0o755), Entry("app/busybox", busybox_binary().read_bytes(), 0o755)]
+    layer = layer_tar([*app, Entry("etc", mode=0o755), *(Entry(k, v) for k, v in ETC_USERS.items())])
     spec = ImageSpec(
         [layer],
         entrypoint=["/app/busybox", "echo"],
@@ -83,6 +85,9 @@ def test_exec_of_what_cannot_run(distroless: Path) -> None:
     ):
         proc = run_cli("exec", str(distroless), command, check=False)
         assert (proc.returncode, proc.stderr) == (255, f"FATAL:   {message}\n")
+    # a relative path joined to the working directory and cleaned, as Go's filepath.Abs names it
+    proc = run_cli("exec", "--pwd", "/app", str(distroless), "./x/../nope", check=False)
+    assert (proc.returncode, proc.stderr) == (255, "FATAL:   stat /app/nope: no such file or directory\n")
     assert run_cli("exec", str(distroless), "busybox", "true").returncode == 0
 
 

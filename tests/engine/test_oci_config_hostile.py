@@ -17,7 +17,7 @@ from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archi
 from hpcsif.sif.format import DataType
 from hpcsif.sif.reader import SIFImage
 from tests.conftest import run_cli
-from tests.services.images import busybox_binary
+from tests.services.images import ETC_USERS, busybox_binary
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,11 @@ HOSTILE = {
 
 @pytest.fixture(scope="module")
 def shell_less(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A static busybox in /app and nothing else: no /bin/sh."""
+    """A static busybox in /app, /etc/passwd and /etc/group (as distroless images have them), and
+    nothing else: no /bin/sh."""
     d = tmp_path_factory.mktemp("shell-less")
-    layer = layer_tar([Entry("app", mode=0o755), Entry("app/busybox", busybox_binary().read_bytes(), 0o755)])
+    app = [Entry("app", mode=0o755), Entry("app/busybox", busybox_binary().read_bytes(), 0o755)]
+    layer = layer_tar([*app, Entry("etc", mode=0o755), *(Entry(k, v) for k, v in ETC_USERS.items())])
     spec = ImageSpec([layer], entrypoint=GOOD["Entrypoint"], cmd=GOOD["Cmd"], env=GOOD["Env"])
     archive = write_docker_archive(d / "shell-less.tar", [("test/shell-less:1", spec)])
     run_cli("build", str(d / "shell-less.sif"), f"docker-archive://{archive}")

@@ -2,11 +2,12 @@
 
 ``busybox_oci_layout`` is a session-scoped fixture: an OCI image layout directory with tag
 ``latest`` holding a five-layer image built from the ``busybox-static`` package's
-``/bin/busybox``: the binary, then ``/bin`` applet symlinks, ``/data``, ``/etc`` (one gzip
-layer each), then a layer whiting out ``/etc/removed``. The config sets ENTRYPOINT, CMD and
-Env. The layers are written with :mod:`tarfile` (Debian's umoci 0.4.7 ``insert`` writes
-tar streams without padding or end-of-archive blocks, which GNU tar and Python reject), through
-:mod:`hpcsif.image.compose` with fixed timestamps, so digests are the same in every session.
+``/bin/busybox``: the binary, then ``/bin`` applet symlinks, ``/data``, ``/etc`` (with
+``passwd`` and ``group``; one gzip layer each), then a layer whiting out ``/etc/removed``.
+The config sets ENTRYPOINT, CMD and Env. The layers are written with :mod:`tarfile` (Debian's
+umoci 0.4.7 ``insert`` writes tar streams without padding or end-of-archive blocks, which GNU
+tar and Python reject), through :mod:`hpcsif.image.compose` with fixed timestamps, so digests
+are the same in every session.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ APPLETS = ("sh", "ls", "cat", "echo", "env", "true", "false", "id", "sleep", "pw
 ENTRYPOINT = ["/bin/sh", "-c"]
 CMD = ["echo hello from busybox"]
 ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "HPCSIF_TEST=busybox", "GREETING=hello world"]
+#: the /etc/passwd and /etc/group real images have (an image without them starts with Apptainer's
+#: two warnings that it has none)
+ETC_USERS = {
+    "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n",
+    "etc/group": b"root:x:0:\nnogroup:x:65534:\n",
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ def build_busybox_layout(dest: Path, tag: str = "latest") -> TestImage:
     files = {
         "etc/hello.txt": b"hello from the etc layer\n",
         "etc/removed": b"this file is whited out by the top layer\n",
+        **ETC_USERS,
         "data/numbers.txt": b"".join(b"%d\n" % i for i in range(2000)),
     }
     layers = [
