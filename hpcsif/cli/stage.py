@@ -64,9 +64,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
     if not args.refs:
         raise UsageError("stage: name at least one image reference")
-    if args.from_node and not args.nodes:
+    if args.from_node and args.nodes is None:
         raise UsageError("--from needs --nodes")
-    if args.nodes:
+    if args.nodes is not None:
         return _stage_nodes(args)
     if args.slurm:
         return _stage_slurm(args)
@@ -154,10 +154,13 @@ def _staged_paths(stdout: str) -> list[str]:
 def _stage_nodes(args: argparse.Namespace) -> int:
     """Stage on every node of a hostlist over SSH; print a table; 1 if any node failed."""
     from hpcsif.config import get_config
+    from hpcsif.errors import UsageError
     from hpcsif.remote.ssh import fan_out
     from hpcsif.slurm.hostlist import expand
 
     nodes = expand(args.nodes)
+    if not nodes:  # (--nodes "$EMPTY" must not stage here instead)
+        raise UsageError(f"--nodes {args.nodes!r} names no node")
     parallel = args.parallel or int(get_config().get("remote.ssh_parallel"))
     remote = shlex.split(args.remote_command)
     stage = [*remote, "stage", *(["--system"] if args.system else [])]

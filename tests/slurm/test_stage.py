@@ -34,6 +34,8 @@ def test_stage_usage_errors(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "inside a Slurm allocation" in proc.stderr
     proc = run_cli("stage", "--from", "n1", "docker://x/y:1", check=False)
     assert proc.returncode == 2 and "--from needs --nodes" in proc.stderr
+    proc = run_cli("stage", "--nodes", "", "docker://x/y:1", check=False)  # --nodes "$UNSET"
+    assert proc.returncode == 2 and proc.stderr == "FATAL:   --nodes '' names no node\n"
 
 
 @pytest.mark.slow
