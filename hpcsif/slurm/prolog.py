@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import os
 import threading
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 
 from hpcsif.cache.layout import CacheRoot
 from hpcsif.config import Config, get_config, set_config
-from hpcsif.errors import HpcsifError, SlurmError
+from hpcsif.errors import CacheError, HpcsifError, SlurmError
 from hpcsif.slurm.jobrecord import AdminComment, ImageOutcome, JobRecord, load_record, remove_record
 from hpcsif.slurm.requests import METHODS, ImageRequest, discover
 
@@ -110,8 +111,14 @@ def system_cache_config() -> Any:
     set_config(cfg)
     old_umask = os.umask(0o022)  # published files must be readable by the job user
     try:
-        CacheRoot(root).ensure()
-        os.chmod(root, 0o755)
+        try:
+            if os.geteuid() != 0 and not os.access(root if root.exists() else root.parent, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            CacheRoot(root).ensure()
+            os.chmod(root, 0o755)
+        except PermissionError as exc:
+            hint = "" if os.geteuid() == 0 else " (root's: run as root, or stage into your own cache)"
+            raise CacheError(f"cannot write the system cache {root}: {exc.strerror}{hint}") from None
         yield root
     finally:
         os.umask(old_umask)

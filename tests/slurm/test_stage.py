@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, run_cli
 from tests.services.sshd import SshServer
+from tests.services.users import USER_PYTHON, TestUser
 from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive
 
 
@@ -36,6 +39,23 @@ def test_stage_usage_errors(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--from needs --nodes" in proc.stderr
     proc = run_cli("stage", "--nodes", "", "docker://x/y:1", check=False)  # --nodes "$UNSET"
     assert proc.returncode == 2 and proc.stderr == "FATAL:   --nodes '' names no node\n"
+
+
+def test_stage_system_as_a_user_says_whose_cache_it_is(unpriv_user: TestUser) -> None:
+    system = Path(tempfile.mkdtemp(prefix="hpcsif-syscache-", dir="/tmp"))  # root's, 0755
+    try:
+        system.chmod(0o755)
+        proc = unpriv_user.run(
+            [USER_PYTHON, "-m", "hpcsif.cli.main", "stage", "--system", "docker://x/y:1"],
+            env={"PYTHONPATH": str(ROOT), "HPCSIF_SYSTEM_CACHEDIR": str(system)},
+        )
+        assert proc.returncode == 255, proc.stderr
+        assert proc.stderr == (
+            f"FATAL:   cannot write the system cache {system}: Permission denied "
+            "(root's: run as root, or stage into your own cache)\n"
+        )
+    finally:
+        shutil.rmtree(system)
 
 
 @pytest.mark.slow
