@@ -50,3 +50,14 @@ def test_settings_reach_hpcsif(hooks: Path, tmp_path: Path) -> None:
     proc = _run(hooks, "prolog", f"HPCSIF_BIN={fake}\nHPCSIF_SYSTEM_CACHEDIR=/srv/cache", log)
     assert proc.returncode == 0
     assert seen.read_text().strip() == "-v slurm prolog|/srv/cache|0022"
+
+
+def test_an_unwritable_log_does_not_stop_staging(hooks: Path, tmp_path: Path) -> None:
+    blocker, seen = tmp_path / "not-a-dir", tmp_path / "seen"
+    blocker.write_text("")
+    fake = tmp_path / "fake-hpcsif"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {seen}\n')
+    fake.chmod(0o755)
+    proc = _run(hooks, "prolog", f"HPCSIF_BIN={fake}", blocker / "slurm.log")
+    assert proc.returncode == 0
+    assert seen.read_text().strip() == "-v slurm prolog"
