@@ -19,6 +19,7 @@ fingerprint. Keys are never written back to a known_hosts file.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import logging
 import os
 import posixpath
@@ -227,8 +228,15 @@ def _describe(exc: BaseException, node: str, opts: SshOptions) -> str:
     """One line for a connection or command failure."""
     if isinstance(exc, paramiko.BadHostKeyException):
         return f"host key of {node} does not match known_hosts (possible impostor)"
+    user = opts.user or getpass.getuser()
+    if isinstance(exc, paramiko.PasswordRequiredException):
+        if opts.key_filename:
+            return f"private key {opts.key_filename} needs its passphrase: ssh-add it and leave out -i"
+        return "a private key in ~/.ssh needs its passphrase: add it to ssh-agent (ssh-add)"
     if isinstance(exc, paramiko.AuthenticationException):
-        return f"authentication failed as {opts.user or 'the current user'}"
+        return f"authentication failed as {user}"
+    if isinstance(exc, paramiko.SSHException) and "No authentication methods" in str(exc):
+        return f"no key to log in as {user}: no ssh-agent and no ~/.ssh/id_* key (give -i KEYFILE)"
     if isinstance(exc, _RevokedHostKey):
         return f"host key of {node} is marked @revoked in known_hosts (refused)"
     if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
@@ -334,6 +342,8 @@ def _options(
         raise RemoteError(f"SSH timeout must be positive, not {timeout}")
     if known_hosts and not os.path.exists(known_hosts):
         raise RemoteError(f"known_hosts file {os.fspath(known_hosts)} does not exist")
+    if key_filename and not os.path.isfile(key_filename):
+        raise RemoteError(f"identity file {os.fspath(key_filename)} does not exist")
     opts = SshOptions(
         port=port,
         user=user,

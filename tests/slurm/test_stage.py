@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -229,3 +230,27 @@ def test_stage_nodes_reads_known_hosts_as_openssh_does(
     finally:
         system.unlink()
     assert _table(proc.stdout)["127.0.0.3"][0] == "ok"
+
+
+@pytest.mark.slow
+def test_stage_nodes_says_what_is_wrong_with_the_key(
+    ssh_nodes: tuple[list[str], Path], tmp_path: Path
+) -> None:
+    args, _ = ssh_nodes
+    key = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pass phrase", "-f", key], check=True)
+    proc = run_cli("stage", "--nodes", "127.0.0.2", *args, "-i", str(key), "docker://x/y:1", check=False)
+    assert proc.returncode == 1
+    assert f"private key {key} needs its passphrase: ssh-add it and leave out -i" in proc.stdout
+    proc = run_cli("stage", "--nodes", "127.0.0.2", *args, "-i", str(tmp_path / "nokey"), "x", check=False)
+    assert (
+        proc.returncode == 255
+        and proc.stderr == f"FATAL:   identity file {tmp_path / 'nokey'} does not exist\n"
+    )
+    # no -i, no agent and no key in ~/.ssh
+    home = tmp_path / "home"
+    home.mkdir()
+    bare = [a for a in args if a not in ("-i", str(args[args.index("-i") + 1]))]
+    env = {"HOME": str(home), "SSH_AUTH_SOCK": ""}
+    proc = run_cli("stage", "--nodes", "127.0.0.2", *bare, "docker://x/y:1", check=False, env=env)
+    assert "no key to log in as root: no ssh-agent and no ~/.ssh/id_* key (give -i KEYFILE)" in proc.stdout
