@@ -190,6 +190,7 @@ def _add_flags(p: argparse.ArgumentParser, action: str) -> None:
 def handle(args: argparse.Namespace) -> int:
     """Resolve the image, then launch it with the selected engine."""
     from hpcsif.cli.envflags import flags_from_env
+    from hpcsif.cli.pull import REGISTRY_ENV
     from hpcsif.engine.base import LaunchOptions, select_engine
 
     recorder = None
@@ -200,7 +201,7 @@ def handle(args: argparse.Namespace) -> int:
 
         recorder = Recorder(args.front_words)
         logging.getLogger("hpcsif").addHandler(recorder)  # it counts what the command prints
-    flags_from_env(args, _ENV, append=_ENV_APPEND)
+    flags_from_env(args, {**_ENV, **REGISTRY_ENV}, append=_ENV_APPEND)  # (in one pass: Apptainer's order)
     if args.action == "shell" and args.args:
         # as Apptainer's shell: the interactive shell starts without them (`shell IMG -c CMD` too)
         import logging
@@ -261,7 +262,8 @@ def handle(args: argparse.Namespace) -> int:
         apptainer_only=_apptainer_only(args),
     )
     engine = select_engine(args.engine)
-    if engine.name == "bwrap" and _legacy_env_notices(args) and recorder:  # Apptainer prints these itself
+    said = engine.name == "bwrap" and _legacy_env_notices(args)  # (Apptainer prints these itself)
+    if recorder and (said or getattr(args, "env_notices", False)):  # the front would not say them
         recorder.refuse()
     image = args.image
     if os.path.exists(image):

@@ -14,6 +14,7 @@ when the payload ends; if Python itself is SIGKILLed, the mount's watchdog unmou
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -831,23 +832,27 @@ class _Plan:
         if not opts.workdir:
             return []
         work = os.path.abspath(opts.workdir)
-        wanted = [(os.path.join(work, "scratch", d.strip("/")), os.path.normpath(d), 0o755) for d in scratch]
-        if opts.contain:
-            wanted += [
-                (os.path.join(work, "tmp"), "/tmp", 0o1777),
-                (os.path.join(work, "var_tmp"), "/var/tmp", 0o1777),
-            ]
-            if not opts.no_home and not opts.home:
-                wanted.append((os.path.join(work, "home"), self.home, 0o700))
         binds = []
-        for src, dst, mode in wanted:
-            if not os.path.isdir(work):
-                raise EngineError(f"failed to create {src}: workdir {work} does not exist")
-            if not os.path.isdir(src):
-                os.makedirs(src, exist_ok=True)
-                os.chmod(src, mode)
-            binds.append(Bind(src, dst))
-        return binds
+        if opts.contain:
+            # as Apptainer: the home, then /tmp and /var/tmp, each made in an existing work
+            # directory, then the scratch directories, made with their parents
+            wanted = [("home", self.home, 0o700)] if not opts.no_home and not opts.home else []
+            for name, dst, mode in [*wanted, ("tmp", "/tmp", 0o1777), ("var_tmp", "/var/tmp", 0o1777)]:
+                src = os.path.join(work, name)
+                if not os.path.isdir(src):
+                    try:
+                        os.mkdir(src)
+                        os.chmod(src, mode)
+                    except OSError as e:
+                        why = f"failed to create {src}: mkdir {src}: {_go_error(e)}"
+                        raise EngineError(f"container creation failed: {why}") from None
+                binds.append(Bind(src, dst))
+        sources = [os.path.join(work, "scratch", d.strip("/")) for d in scratch]
+        for d in [os.path.join(work, "scratch"), *sources] if scratch else []:
+            if (failed := _mkdir_all(d, 0o750)) is not None:
+                why = f"could not create scratch working directory {d}: mkdir {failed[0]}: {failed[1]}"
+                raise EngineError(f"container creation failed: {why}")
+        return binds + [Bind(src, os.path.normpath(d)) for src, d in zip(sources, scratch, strict=True)]
 
     def _cannot_enter(self, path: str) -> str | None:
         """Why *path* cannot be the working directory inside (None if it can): bound or the image's."""
@@ -1028,6 +1033,29 @@ class _Plan:
             if line not in added:
                 added.append(line)
         return "\n".join(lines + added) + "\n"
+
+
+def _go_error(e: OSError) -> str:
+    """An OS error as Go prints it ("no such file or directory": strerror, lower case)."""
+    text = os.strerror(e.errno) if e.errno else str(e)
+    return text[:1].lower() + text[1:]
+
+
+def _mkdir_all(path: str, mode: int) -> tuple[str, str] | None:
+    """Go's os.MkdirAll: *path* and its missing parents made with *mode* (less the umask);
+    on failure, the path it failed at and Go's text for why."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent not in ("", "/", path) and (failed := _mkdir_all(parent, mode)) is not None:
+            return failed
+        try:
+            os.mkdir(path, mode)
+        except OSError as e:
+            return None if os.path.isdir(path) and not os.path.islink(path) else (path, _go_error(e))
+        return None
+    return None if stat.S_ISDIR(st.st_mode) else (path, _go_error(OSError(errno.ENOTDIR, "")))
 
 
 def _has_entry(root: str, path: str) -> bool:

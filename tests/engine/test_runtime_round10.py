@@ -101,3 +101,60 @@ def test_relative_command_named_as_apptainer_does(run, images: Images) -> None:
     assert (res.returncode, res.stderr) == (255, "FATAL:   stat /opt/nothere: no such file or directory\n")
     res = run("exec", "--pwd", "/", str(images.sif), "../x//y/")
     assert (res.returncode, res.stderr) == (255, "FATAL:   stat /x/y: no such file or directory\n")
+
+
+def test_singularity_variables_of_flags_get_apptainers_lines(run, images: Images) -> None:
+    """``SINGULARITY_<K>`` of a flag: Apptainer's INFO that ``APPTAINER_<K>`` is preferred (global
+    flags first, then the command's in flag order, even empty); where both are set and differ,
+    a WARNING, and ``APPTAINER_<K>`` wins even empty (hpcsif said nothing and took the other)."""
+    legacy = {"SINGULARITY_NV": "0", "SINGULARITY_CLEANENV": "", "SINGULARITY_DEBUG": "0"}
+    legacy |= {"SINGULARITY_NOHTTPS": "0"}
+    res = run("exec", str(images.sif), "true", env=legacy)
+    lines = [
+        f"INFO:    Environment variable SINGULARITY_{k} is set, but APPTAINER_{k} is preferred\n"
+        for k in ("DEBUG", "CLEANENV", "NOHTTPS", "NV")
+    ]
+    assert (res.returncode, res.stderr) == (0, "".join(lines))
+    assert run("-q", "exec", str(images.sif), "true", env=legacy).stderr == ""
+    # (images.base is under /var/tmp, which --contain makes the container's own)
+    contain = {"SINGULARITY_CONTAIN": "1", "APPTAINER_CONTAIN": ""}
+    res = run("exec", str(images.sif), "ls", str(images.sif), env=contain)
+    warning = "WARNING: SINGULARITY_CONTAIN and APPTAINER_CONTAIN have different values, using the latter\n"
+    assert (res.returncode, res.stdout, res.stderr) == (0, f"{images.sif}\n", warning)
+    assert run("-s", "exec", str(images.sif), "true", env=contain).stderr == ""
+    res = run("exec", str(images.sif), "ls", str(images.sif), env={"SINGULARITY_CONTAIN": "1"})
+    assert res.returncode == 1 and "Environment variable SINGULARITY_CONTAIN is set" in res.stderr
+
+
+def test_work_directory_made_as_apptainer_makes_it(run, images: Images, pub_tmp: Path) -> None:
+    """``-W``: scratch directories are made with their parents (mode 0750), the work directory
+    too, as Go's MkdirAll makes them; under ``--contain`` the home, /tmp and /var/tmp are made
+    in an existing one only; failures in Apptainer's words (hpcsif refused a missing work
+    directory for -S, and said it in words of its own)."""
+    work = pub_tmp / "work"
+    res = run("exec", "-S", "/scr", "-W", str(work), str(images.sif), "sh", "-c", "touch /scr/x")
+    assert (res.returncode, res.stderr) == (0, "")
+    made = {p.relative_to(pub_tmp): p.stat().st_mode & 0o7777 for p in sorted(work.rglob("*"))}
+    assert (work.stat().st_mode & 0o7777, made) == (
+        0o750,
+        {Path("work/scratch"): 0o750, Path("work/scratch/scr"): 0o750, Path("work/scratch/scr/x"): 0o644},
+    )
+    missing, file = pub_tmp / "missing", pub_tmp / "file"
+    file.write_text("")
+    for flags, why in (
+        (
+            ["-c", "-S", "/scr", "-W", str(missing)],
+            f"failed to create {missing}/home: mkdir {missing}/home: no such file or directory",
+        ),
+        (
+            ["-c", "--no-home", "-W", str(file)],
+            f"failed to create {file}/tmp: mkdir {file}/tmp: not a directory",
+        ),
+        (
+            ["-S", "/scr", "-W", str(file)],
+            f"could not create scratch working directory {file}/scratch: mkdir {file}: not a directory",
+        ),
+    ):
+        res = run("exec", *flags, str(images.sif), "true")
+        assert (res.returncode, res.stderr) == (255, f"FATAL:   container creation failed: {why}\n")
+    assert not missing.exists()
