@@ -151,7 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_push)
 
 
-def _target(args: argparse.Namespace, ref) -> Path:  # ref: Reference
+def _target(args: argparse.Namespace, ref) -> tuple[Path, str]:  # ref: Reference
+    """The output path, and how Apptainer names it in messages: as typed, or joined to --dir."""
     from hpcsif.errors import UsageError
 
     if len(args.args) == 2 and args.name:
@@ -168,16 +169,17 @@ def _target(args: argparse.Namespace, ref) -> Path:  # ref: Reference
     target = Path(name)
     if args.dir and not target.is_absolute():
         target = Path(args.dir) / target
-    return target
+        name = os.path.normpath(os.path.join(args.dir, name))
+    return target, name
 
 
-def _check_target(target: Path, force: bool, sandbox: bool = False) -> None:
+def _check_target(target: Path, shown: str, force: bool, sandbox: bool = False) -> None:
     from hpcsif.cli.build import check_parent
     from hpcsif.errors import BuildError
 
     check_parent(target)
     if (target.exists() or target.is_symlink()) and not force:
-        raise BuildError(f'Image file already exists: "{target}" - will not overwrite')
+        raise BuildError(f'Image file already exists: "{shown}" - will not overwrite')
     if target.is_dir() and not sandbox:
         raise BuildError(f"{target} is a directory")
 
@@ -267,8 +269,8 @@ def run_pull(args: argparse.Namespace) -> int:
         from hpcsif.errors import UsageError
 
         raise UsageError(f"{ref.raw} is a local image; pull needs a URI (docker://, oras://, https:// …)")
-    target = _target(args, ref)
-    _check_target(target, args.force, args.sandbox)
+    target, shown = _target(args, ref)
+    _check_target(target, shown, args.force, args.sandbox)
     progress = progress_bar(not (args.quiet or args.silent))
     if args.sandbox and ref.transport in (*COPY_TRANSPORTS, "oras"):
         _sif_then_sandbox(ref, target, args, progress)

@@ -292,3 +292,17 @@ def test_the_arch_warning_comes_once_the_sif_is_made(
         box = run_cli("build", "--arch", other, "--sandbox", str(tmp_path / "box"), source, env=env)
         assert "WARNING" not in box.stderr
         shutil.rmtree(tmp_path / "box")
+
+
+def test_an_existing_pull_target_is_named_as_typed(tmp_path: Path) -> None:
+    """Apptainer's "Image file already exists" names the output as typed (``sub/``, ``./x.sif``)
+    or joined to --dir; nothing is fetched (the registry is unreachable)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "x.sif").write_text("")
+    ref = "docker://127.0.0.1:9/ns/busybox:1.36"
+    for args, shown in ((["sub/"], "sub/"), (["./x.sif"], "./x.sif"), (["--dir", "./", "x.sif"], "x.sif")):
+        proc = run_cli("pull", *args, ref, check=False, cwd=tmp_path)
+        assert (proc.returncode, proc.stderr) == (
+            255,
+            f'FATAL:   Image file already exists: "{shown}" - will not overwrite\n',
+        )
