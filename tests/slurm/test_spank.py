@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive
 
 pytestmark = pytest.mark.slow
@@ -132,3 +135,20 @@ def test_task_finds_hpcsif_through_the_hooks_settings(
         "srun", "-N1", f"--sif-image={os_ref}", "cat", "/etc/os-release", env=env, cwd=tmp_path, check=False
     )
     assert proc.returncode == 0 and 'PRETTY_NAME="hpcsif test OS 6"' in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_install_with_another_libexecdir_rebuilds_the_plugin(tmp_path: Path) -> None:
+    """``make && make install LIBEXECDIR=…``: the plugin runs the task-exec that was installed."""
+    src = tmp_path / "slurm"
+    shutil.copytree(ROOT / "slurm", src, ignore=shutil.ignore_patterns("*.so", "*.stamp"))
+    make = ["make", "-C", str(src)]
+    subprocess.run(make, check=True, capture_output=True)
+    root = tmp_path / "root"
+    install = [*make, "install", f"DESTDIR={root}", "LIBEXECDIR=/opt/hpcsif", "PLUGINDIR=/p"]
+    subprocess.run(install, check=True, capture_output=True)
+    plugin = (root / "p" / "spank_hpcsif.so").read_bytes()
+    assert b"/opt/hpcsif/task-exec\0" in plugin and b"/usr/libexec/hpcsif/task-exec" not in plugin
+    assert (root / "opt" / "hpcsif" / "task-exec").is_file()
+    # nothing changed: not built again
+    again = subprocess.run(install, check=True, capture_output=True, text=True).stdout
+    assert "-DHPCSIF_TASK_EXEC" not in again, again
