@@ -91,12 +91,12 @@ class SIFImage:
     @classmethod
     def open(cls, path: str | os.PathLike) -> SIFImage:
         """Open *path* read-only and validate it; raises :class:`SIFError` naming the problem."""
-        path = Path(path)
+        shown, path = os.fspath(path), Path(path)  # named as given: Path makes docker://x docker:/x
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise SIFError(f"{path}: cannot open: {exc.strerror}") from exc
+            raise SIFError(f"{shown}: cannot open: {exc.strerror}") from exc
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):

@@ -306,3 +306,12 @@ def test_an_existing_pull_target_is_named_as_typed(tmp_path: Path) -> None:
             255,
             f'FATAL:   Image file already exists: "{shown}" - will not overwrite\n',
         )
+
+
+def test_a_uri_given_to_sif_is_named_as_typed() -> None:
+    """``sif list docker://…``: the URI as typed (it read ``docker:/…``, a path's spelling)."""
+    proc = run_cli("sif", "list", "docker://127.0.0.1:9/x:1", check=False)
+    assert (proc.returncode, proc.stderr) == (
+        255,
+        "FATAL:   docker://127.0.0.1:9/x:1: cannot open: No such file or directory\n",
+    )
