@@ -14,7 +14,8 @@ watchdog process started with the mount: it wakes on every mount-table change an
 second, and unmounts once no holder is alive (pid reuse is ruled out by the start time). The
 watchdog is started before the mount command, which runs in the watchdog's process group; the
 watchdog looks after the mount once the command has ended, so that a holder killed while it
-mounts leaves no mount without a watchdog.
+mounts leaves no mount without a watchdog. Whoever finds a dead holder also ends the bwrap
+processes on the mount that no live holder started (:func:`end_orphaned_bwraps`).
 """
 
 from __future__ import annotations
@@ -70,16 +71,22 @@ def private_dir(base: Path) -> Path:
     return base
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of *pid*, None when it does not exist."""
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` from the state on (``[0]`` state, ``[1]`` parent,
+    ``[2]`` process group, ``[19]`` start time); None when *pid* does not exist."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # the command name may contain spaces and parentheses: fields start after the last ')'
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[19])
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of *pid*, None when it does not exist."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def _mount_state(mnt: Path) -> str:
@@ -181,18 +188,23 @@ class SharedMount:
             os.rmdir(self.dir)
 
     def live_holders(self) -> list[str]:
-        """Names of holder files whose process is alive; removes those of dead processes."""
+        """Names of holder files whose process is alive; removes those of dead processes, and
+        ends what a holder that died without leaving (SIGKILL) left of its container."""
         alive = []
         try:
             names = os.listdir(self.dir / "holders")
         except FileNotFoundError:
             return []
+        dead = False
         for name in names:
             pid, _, start = name.partition(".")
             if pid.isdigit() and str(process_start_time(int(pid))) == start:
                 alive.append(name)
             else:
                 _unlink(self.dir / "holders" / name)
+                dead = True
+        if dead:
+            end_orphaned_bwraps(self.mnt, {int(name.partition(".")[0]) for name in alive})
         return alive
 
     # -- public --------------------------------------------------------------------------------
@@ -446,17 +458,61 @@ def _detach_after_mount(directory: Path) -> bool:
 def _live_members(group: int) -> bool:
     """Whether a process other than a zombie is in the process group *group*."""
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields and int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
             return True
     return False
+
+
+def _orphaned_bwrap(pid: int, mnt: Path, holders: set[int]) -> bool:
+    """Whether *pid* is a ``bwrap`` set up on *mnt* that no live holder started (its holder
+    was SIGKILLed: bwrap's ``--die-with-parent`` leaves a child it had not yet armed waiting
+    for its dead parent for ever, holding the caller's output pipe and the mount)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    root = os.fsencode(mnt)
+    if os.path.basename(argv[0]) != b"bwrap" or not any(a == root or a.startswith(root + b"/") for a in argv):
+        return False
+    ancestor = pid
+    for _ in range(64):  # (a holder's container is a few generations below it)
+        fields = _stat_fields(ancestor)
+        if not fields:
+            return True
+        ancestor = int(fields[1])
+        if ancestor in holders:
+            return False
+        if ancestor <= 1:
+            return True
+    return False
+
+
+def end_orphaned_bwraps(mnt: Path, holders: set[int]) -> None:
+    """SIGKILL every :func:`_orphaned_bwrap` of *mnt*, until none is left (a killed bwrap may
+    have just started a child of its own)."""
+    for _ in range(10):
+        ended = 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                pidfd = os.pidfd_open(int(name))  # the process itself, whatever reuses its pid
+            except OSError:
+                continue
+            try:
+                if _orphaned_bwrap(int(name), mnt, holders):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    log.debug("ended bwrap %s, left by a killed holder of %s", name, mnt)
+                    ended += 1
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        if not ended:
+            return
+        time.sleep(0.02)
 
 
 def watch(directory: Path) -> int:

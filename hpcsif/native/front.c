@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/pidfd.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -269,7 +270,9 @@ static int user_holds(struct cursor *c) {
 
 /* ------------------------------------------------------------------ the shared mount */
 
-static long long start_time(pid_t pid) {
+/* Field *index* of /proc/PID/stat counted from the state (1: the parent, 19: the start time), as
+ * mounts._stat_fields; -1 when the process does not exist. */
+static long long stat_field(pid_t pid, int index) {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -281,12 +284,62 @@ static long long start_time(pid_t pid) {
     char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
     if (!p) return -1;
     p += 2;
-    for (int i = 0; i < 19; i++) { /* field 22, starttime */
+    for (int i = 0; i < index; i++) {
         p = strchr(p, ' ');
         if (!p) return -1;
         p++;
     }
     return strtoll(p, NULL, 10);
+}
+
+static long long start_time(pid_t pid) { return stat_field(pid, 19); }
+
+#define MAX_HOLDERS 4096
+
+static int read_all(int fd, char *buf, size_t size);
+
+/* As mounts._orphaned_bwrap: *pid* is a bwrap set up on *mnt* that no live holder started. */
+static int orphaned_bwrap(pid_t pid, const char *mnt, const long *holders, int n_holders) {
+    char path[64];
+    static char argv[1 << 18];
+    snprintf(path, sizeof path, "/proc/%d/cmdline", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t len = read_all(fd, argv, sizeof argv);
+    const char *base = strrchr(argv, '/');
+    if (len <= 0 || strcmp(base ? base + 1 : argv, "bwrap") != 0) return 0;
+    size_t n = strlen(mnt);
+    int uses = 0;
+    for (const char *a = argv; a < argv + len && !uses; a += strlen(a) + 1)
+        uses = strncmp(a, mnt, n) == 0 && (a[n] == 0 || a[n] == '/');
+    if (!uses) return 0;
+    long long ancestor = pid;
+    for (int depth = 0; depth < 64; depth++) { /* a holder's container is a few generations below it */
+        if ((ancestor = stat_field((pid_t)ancestor, 1)) <= 1) return 1;
+        for (int i = 0; i < n_holders; i++)
+            if (holders[i] == ancestor) return 0;
+    }
+    return 0;
+}
+
+/* As mounts.end_orphaned_bwraps: SIGKILL them until none is left. */
+static void end_orphaned_bwraps(const char *mnt, const long *holders, int n_holders) {
+    for (int round = 0; round < 10; round++) {
+        int ended = 0;
+        DIR *d = opendir("/proc");
+        for (struct dirent *e; d && (e = readdir(d));) {
+            if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+            pid_t pid = (pid_t)atol(e->d_name);
+            int pidfd = pidfd_open(pid, 0); /* the process itself, whatever reuses its pid */
+            if (pidfd < 0) continue;
+            if (orphaned_bwrap(pid, mnt, holders, n_holders) && pidfd_send_signal(pidfd, SIGKILL, NULL, 0) == 0)
+                ended++;
+            close(pidfd);
+        }
+        if (d) closedir(d);
+        if (!ended) return;
+        usleep(20000);
+    }
 }
 
 /* The mount directory's lock, taken as SharedMount._locked takes it (both made if missing). */
@@ -311,13 +364,15 @@ static int lock_mount(const char *dir) {
     }
 }
 
-/* Live holders; dead holders' files are removed, as SharedMount.live_holders does. */
+/* Live holders; dead holders' files are removed, and what they left ended, as
+ * SharedMount.live_holders does. */
 static int live_holders(const char *dir) {
     char path[4200];
+    static long holders[MAX_HOLDERS];
     snprintf(path, sizeof path, "%s/holders", dir);
     DIR *d = opendir(path);
     if (!d) return 0;
-    int live = 0;
+    int live = 0, dead = 0;
     struct dirent *e;
     while ((e = readdir(d))) {
         char *dot, *end;
@@ -325,13 +380,19 @@ static int live_holders(const char *dir) {
         long pid = strtol(e->d_name, &end, 10);
         long long start = end == dot ? strtoll(dot + 1, &end, 10) : -2;
         if (pid > 0 && !*end && start >= 0 && start_time((pid_t)pid) == start) {
+            if (live < MAX_HOLDERS) holders[live] = pid;
             live++;
         } else {
             snprintf(path, sizeof path, "%s/holders/%s", dir, e->d_name);
             unlink(path);
+            dead = 1;
         }
     }
     closedir(d);
+    if (dead && live <= MAX_HOLDERS) {
+        snprintf(path, sizeof path, "%s/mnt", dir);
+        end_orphaned_bwraps(path, holders, live);
+    }
     return live;
 }
 
