@@ -3,7 +3,9 @@
 Names are normalised into the root and their symlinks followed inside it; modes are made
 Apptainer's (:func:`fix_mode`); PAX and GNU extension records are checked and applied as Go
 applies them (a global or Solaris header, a malformed record: the layer fails in one line).
-:mod:`hpcsif.image.layers` merges the members of all layers.
+A regular member's content is read straight from the layer stream (:func:`member_data`), a
+sparse member's as its stored regions only. :mod:`hpcsif.image.layers` merges the members of
+all layers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from hpcsif.errors import LayerError
 from hpcsif.image.layer_stream import LayerBlob, LayerStream
@@ -274,3 +277,64 @@ def member_kind(ti: tarfile.TarInfo) -> str:
     if t in (tarfile.CHRTYPE, tarfile.BLKTYPE):
         return "dev"
     return "unknown"
+
+
+class MemberContent:
+    """The content of a regular tar member read straight from the layer stream."""
+
+    def __init__(self, stream: LayerStream, size: int) -> None:
+        self._stream = stream
+        self._left = size
+
+    def read(self, size: int) -> bytes:
+        data = self._stream.read_some(min(size, self._left))
+        self._left -= len(data)
+        return data
+
+
+# tar2sqfs 1.2 reads sparse maps of at most 65536 entries, the closing (size, 0) one included
+_MAX_REGIONS = 65535
+
+
+class SparseContent(MemberContent):
+    """The stored regions of a sparse member, one after the other; ``regions`` are their
+    (offset, length) in the file, in order, and ``stored`` their total length."""
+
+    def __init__(self, stream: LayerStream, regions: list[tuple[int, int]]) -> None:
+        self.regions = regions
+        self.stored = sum(length for _, length in regions)
+        super().__init__(stream, self.stored)
+
+
+def _regions(ti: tarfile.TarInfo, room: int) -> list[tuple[int, int]] | None:
+    """``ti``'s sparse map without empty regions, or None unless the regions are in order,
+    inside the file and inside the ``room`` bytes the member's data has in the archive, and
+    few enough for ``tar2sqfs`` (:data:`_MAX_REGIONS`)."""
+    regions: list[tuple[int, int]] = []
+    end = 0
+    for offset, length in ti.sparse or ():
+        if not length:  # old GNU maps end in (0, 0) entries
+            continue
+        if offset < end or length < 0 or offset + length > ti.size:
+            return None
+        regions.append((offset, length))
+        end = offset + length
+    if len(regions) > _MAX_REGIONS or sum(length for _, length in regions) > room:
+        return None
+    return regions
+
+
+def member_data(tf: tarfile.TarFile, stream: LayerStream, ti: tarfile.TarInfo) -> BinaryIO | None:
+    """A reader of ``ti``'s content (None for non-files): for a sparse member, its stored
+    regions only (the holes are never read or written out), or, where its map is odd, all of
+    its bytes as tarfile expands them."""
+    if not ti.isreg():
+        return None
+    if ti.sparse is not None:
+        regions = _regions(ti, tf.offset - ti.offset_data)  # tf.offset: the next member's header
+        if regions is None:
+            return tf.extractfile(ti)
+        stream.seek(ti.offset_data)
+        return SparseContent(stream, regions)  # type: ignore[return-value]
+    stream.seek(ti.offset_data)
+    return MemberContent(stream, ti.size)  # type: ignore[return-value]
