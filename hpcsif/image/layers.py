@@ -190,9 +190,11 @@ class _Layer:
 
     def note_below(self, name: str) -> None:
         """Note that the layer put an entry (or a whiteout, a hard link's target) at ``name``."""
+        gone = "" in self.opaque  # what lower layers have at the ancestor is gone
         for anc in ancestors(name):
             if anc not in self.below and anc not in self.late:
-                (self.late if self.removed(anc) else self.below).add(anc)
+                (self.late if gone or anc in self.touched or anc in self.whiteouts else self.below).add(anc)
+            gone = gone or anc in self.whiteouts or anc in self.opaque or self.touched.get(anc) is False
 
     def removed(self, path: str) -> bool:
         """True if the layer so far put an entry or a whiteout at ``path``, or a whiteout, an

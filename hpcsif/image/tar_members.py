@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import posixpath
 import re
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -60,10 +61,11 @@ def normalise_name(name: str, layer: LayerBlob, what: str = "entry") -> str:
 
 
 def ancestors(path: str) -> Iterator[str]:
-    """The strict ancestors of ``path`` from the top: "a", "a/b" for "a/b/c"."""
+    """The strict ancestors of ``path`` from the top: "a", "a/b" for "a/b/c" (interned: the
+    merge keeps each in several tables, and a hostile layer's can be kilobytes long)."""
     i = path.find("/")
     while i != -1:
-        yield path[:i]
+        yield sys.intern(path[:i])
         i = path.find("/", i + 1)
 
 
