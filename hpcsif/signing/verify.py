@@ -140,19 +140,21 @@ def _check_signature(
 def _targets(
     img: SIFImage, group_id: int | None, object_id: int | None
 ) -> list[tuple[int, list[Descriptor] | None]]:
-    """(group, objects that must be covered or None for all) to verify, as Apptainer selects them."""
-    if object_id is not None:
-        desc = next((d for d in img.descriptors if d.id == object_id), None)
-        if desc is None or not desc.group_id:
-            raise _fail(f"integrity: object {object_id} not found in an object group")
-        if group_id is not None and desc.group_id != group_id:
-            raise _fail(f"integrity: object {object_id} is not in object group {group_id}")
-        return [(desc.group_id, [desc])]
+    """(group, objects that must be covered or None for all) to verify, as Apptainer selects them:
+    with both a group and an object, the group, then the object (each checked on its own)."""
+    targets: list[tuple[int, list[Descriptor] | None]] = []
     groups = group_ids(img)
     if group_id is not None:
         if group_id not in groups:
             raise _fail(f"integrity: group {group_id} not found")
-        return [(group_id, None)]
+        targets.append((group_id, None))
+    if object_id is not None:
+        desc = next((d for d in img.descriptors if d.id == object_id), None)
+        if desc is None or not desc.group_id:
+            raise _fail(f"integrity: object {object_id} not found in an object group")
+        targets.append((desc.group_id, [desc]))
+    if targets:
+        return targets
     for desc in img.descriptors:
         if desc.group_id == 0 and desc.datatype != DataType.SIGNATURE:
             raise _fail(f"{describe(desc)} is not in an object group, so no signature can cover it")

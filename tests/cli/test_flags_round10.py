@@ -315,3 +315,22 @@ def test_a_uri_given_to_sif_is_named_as_typed() -> None:
         255,
         "FATAL:   docker://127.0.0.1:9/x:1: cannot open: No such file or directory\n",
     )
+
+
+def test_verify_of_a_group_and_an_object_checks_both(sif: Path, tmp_path: Path) -> None:
+    """``verify -g 1 -i 1``: the group's signature, then the object's, as Apptainer (it
+    verified only the object)."""
+    key, pub = tmp_path / "k.pem", tmp_path / "k.pub.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    subprocess.run(["openssl", "rsa", "-in", key, "-pubout", "-out", pub], check=True, capture_output=True)
+    image = tmp_path / "s.sif"
+    image.write_bytes(sif.read_bytes())
+    run_cli("sign", "--key", str(key), str(image))
+    out = run_cli("verify", "--key", str(pub), "-g", "1", "-i", "1", str(image)).stdout
+    assert out.count("Objects verified:") == 2 and out.endswith("\n1   |1       |NONE    |Def.FILE\n")
+    doc = run_cli("verify", "--json", "--key", str(pub), "-g", "1", "-i", "1", str(image)).stdout
+    assert doc.count('"Partition"') == 5  # the group's four objects, then the object
+    if peer_apptainer() is not None and str(tmp_path).startswith("/tmp/"):
+        for flags in ([], ["--json"]):
+            peer = _peer("verify", *flags, "--key", pub, "-g", "1", "-i", "1", image)
+            assert (peer.returncode, peer.stdout) == (0, doc if flags else out)
