@@ -19,25 +19,30 @@
  *
  *  - With resolve_at_submit, sbatch/salloc resolve a registry tag to its digest at submission
  *    ("hpcsif slurm resolve REF") and pass it as SPANK_HPCSIF_DIGEST, so every node stages the
- *    image the tag named when the job was submitted. A failure there is only a warning: the
- *    first prolog then resolves the tag and records it on the job.
+ *    image the tag named when the job was submitted. A failure there, or no answer within
+ *    resolve_timeout seconds (a registry that hangs must not hang sbatch), is only a warning:
+ *    the first prolog then resolves the tag and records it on the job.
  *
  * Plugin arguments (plugstack.conf):
  *    task_exec=PATH     the wrapper run as the task (default: HPCSIF_TASK_EXEC below)
  *    disable_task       only stage through the prolog; never wrap tasks
  *    resolve_at_submit  pin registry tags to a digest in sbatch/salloc (needs hpcsif there)
  *    hpcsif=COMMAND     how to run hpcsif for that (default: hpcsif on PATH)
+ *    resolve_timeout=S  seconds sbatch/salloc wait for that (default 30)
  *
  * Because sbatch exports its SPANK options to the job's environment, an srun inside a batch
  * job submitted with --sif-image runs its tasks in that image too (as Pyxis does).
  */
 
 #include <errno.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -62,6 +67,7 @@ static char *task_exec;
 static int disable_task;
 static int resolve_at_submit;
 static char *hpcsif_cmd;
+static long resolve_timeout = 30;
 
 static int option_cb(int val, const char *optarg, int remote);
 
@@ -128,6 +134,14 @@ static int parse_plugin_args(int ac, char **av)
 		} else if (strncmp(av[i], "hpcsif=", 7) == 0) {
 			if (replace(&hpcsif_cmd, av[i] + 7) < 0)
 				return -1;
+		} else if (strncmp(av[i], "resolve_timeout=", 16) == 0) {
+			char *end;
+
+			resolve_timeout = strtol(av[i] + 16, &end, 10);
+			if (end == av[i] + 16 || *end || resolve_timeout <= 0) {
+				slurm_error("hpcsif: resolve_timeout=%s: expected seconds > 0", av[i] + 16);
+				return -1;
+			}
 		} else {
 			slurm_error("hpcsif: unknown plugin argument '%s' in plugstack.conf", av[i]);
 			return -1;
@@ -161,17 +175,57 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+/* Seconds on the monotonic clock. */
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Read what fd gives (up to size-1 bytes) until EOF or the deadline; 0 if in time. */
+static int read_line_until(int fd, char *line, size_t size, double deadline)
+{
+	size_t used = 0;
+
+	for (;;) {
+		struct pollfd p = { fd, POLLIN, 0 };
+		double left = deadline - now();
+		ssize_t n;
+
+		if (left <= 0)
+			return -1;
+		if (poll(&p, 1, (int)(left * 1000) + 1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		if (!p.revents)
+			continue;
+		n = read(fd, line + used, size - 1 - used);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return 0; /* EOF (or an error: the exit status tells) */
+		used += (size_t)n;
+		line[used] = '\0';
+		if (used == size - 1)
+			return 0; /* more than a digest: the rest is not read (the child may get SIGPIPE) */
+	}
+}
+
 /*
  * Run "HPCSIF slurm resolve REF" and return its first output line (the digest, or empty for
- * references that need no pin), or NULL on failure. HPCSIF may be several words, so it goes
- * through /bin/sh, with the reference passed as a positional argument, never spliced in.
+ * references that need no pin), or NULL on failure or after resolve_timeout seconds (the child
+ * is killed). HPCSIF may be several words, so it goes through /bin/sh, with the reference passed
+ * as a positional argument, never spliced in.
  */
 static char *resolve_digest(const char *ref)
 {
 	char line[256] = "";
-	int pfd[2], status = 0;
+	int pfd[2], status = 0, in_time;
 	pid_t pid;
-	FILE *out;
 	size_t n;
 
 	if (pipe(pfd) < 0)
@@ -191,17 +245,15 @@ static char *resolve_digest(const char *ref)
 		_exit(127);
 	}
 	close(pfd[1]);
-	out = fdopen(pfd[0], "r");
-	if (out) {
-		if (!fgets(line, sizeof(line), out))
-			line[0] = '\0';
-		fclose(out);
-	} else {
-		close(pfd[0]);
+	in_time = read_line_until(pfd[0], line, sizeof(line), now() + resolve_timeout) == 0;
+	close(pfd[0]);
+	if (!in_time) {
+		slurm_info("hpcsif: warning: no answer from 'hpcsif slurm resolve' in %ld s", resolve_timeout);
+		kill(pid, SIGKILL);
 	}
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
-	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+	if (!in_time || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
 		return NULL;
 	n = strcspn(line, "\r\n");
 	line[n] = '\0';

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,22 @@ def test_install_with_another_libexecdir_rebuilds_the_plugin(tmp_path: Path) -> 
     # nothing changed: not built again
     again = subprocess.run(install, check=True, capture_output=True, text=True).stdout
     assert "-DHPCSIF_TASK_EXEC" not in again, again
+
+
+def test_a_hanging_registry_does_not_hang_sbatch(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    """resolve_at_submit gives up after resolve_timeout seconds; the prolog resolves later."""
+    plugstack = hpcsif_cluster.base / "plugstack.conf"
+    saved = plugstack.read_text()
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        ref = f"docker://127.0.0.1:{silent.getsockname()[1]}/team/app:1"
+        plugstack.write_text(saved.rstrip("\n") + " resolve_timeout=2\n")
+        try:
+            started = time.monotonic()
+            job = hpcsif_cluster.sbatch("#!/bin/sh\ntrue\n", "--hold", f"--sif-image={ref}", tmp=tmp_path)
+            took = time.monotonic() - started
+        finally:
+            plugstack.write_text(saved)
+        hpcsif_cluster.run("scancel", job)
+    assert took < 15, took
