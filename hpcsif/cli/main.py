@@ -44,11 +44,11 @@ UNSUPPORTED_COMMANDS = {
     "keyserver": _NO_LIBRARY,
     "search": _NO_LIBRARY,
     "delete": _NO_LIBRARY,
-    "plugin": "Apptainer plugins are not supported",
+    "plugin": "there is no plugin interface; admins configure hpcsif in /etc/hpcsif/hpcsif.toml",
     "capability": "hpcsif runs unprivileged and grants no capabilities; see --add-caps and --fakeroot",
     "config": "hpcsif has no setuid configuration; settings live in /etc/hpcsif/hpcsif.toml (see hpcsif -c)",
-    "checkpoint": "checkpointing (DMTCP) is not supported",
-    "completion": "shell completion scripts are not provided",
+    "checkpoint": "there is no DMTCP checkpointing; save the application's own checkpoints to a bound directory",
+    "completion": "there are no shell completion scripts; see hpcsif help and hpcsif COMMAND --help",
 }
 
 log = logging.getLogger("hpcsif")
