@@ -47,7 +47,7 @@ UNSUPPORTED_COMMANDS = {
     "plugin": "there is no plugin interface; admins configure hpcsif in /etc/hpcsif/hpcsif.toml",
     "capability": "hpcsif runs unprivileged and grants no capabilities; see --add-caps and --fakeroot",
     "config": "hpcsif has no setuid configuration; settings live in /etc/hpcsif/hpcsif.toml (see hpcsif -c)",
-    "checkpoint": "there is no DMTCP checkpointing; save the application's own checkpoints to a bound directory",
+    "checkpoint": "there is no DMTCP checkpointing; let the application checkpoint to a bound directory",
     "completion": "there are no shell completion scripts; see hpcsif help and hpcsif COMMAND --help",
 }
 
