@@ -43,8 +43,8 @@ def test_verify_needs_every_signer(signed_twice: tuple[Path, Path, Path]) -> Non
         assert proc.returncode == 255
         fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL:")]
         assert fatal == [
-            f"FATAL:   Failed to verify container: integrity: signature object {other} not valid: DSSE signature by a key "
-            "not given (import the signer's public key or pass --key)"
+            f"FATAL:   Failed to verify container: integrity: signature object {other} not valid: "
+            "DSSE signature by a key not given (import the signer's public key or pass --key)"
         ]
     if APPTAINER:  # the peer agrees: one key is not enough
         peer = subprocess.run(
@@ -73,8 +73,8 @@ def test_wrong_key_fails(sif: Path, keysdir: Path) -> None:
     proc = run_cli("verify", "--key", str(stranger.public_path), str(sif), check=False)
     assert proc.returncode == 255
     assert proc.stderr.splitlines()[-1] == (
-        "FATAL:   Failed to verify container: integrity: signature object 5 not valid: DSSE signature by a key not given "
-        "(import the signer's public key or pass --key)"
+        "FATAL:   Failed to verify container: integrity: signature object 5 not valid: "
+        "DSSE signature by a key not given (import the signer's public key or pass --key)"
     )
     cfg = Config.load()
     cfg.override("cache.require_signed", True)
