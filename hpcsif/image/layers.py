@@ -180,6 +180,7 @@ class _Layer:
         # first), and the paths it put an entry at (-> whether all were directories)
         self.below: set[str] = set()
         self.late: set[str] = set()
+        self.parents: set[str] = set()  # the directories the layer's visible entries lie in
         self.touched: dict[str, bool] = {}
         # targets in lower layers of hard links that a later entry of this layer replaced: the
         # link needs no content, yet extraction made it, so the target must be there
@@ -431,6 +432,7 @@ class _Merger:
         if lay.replaced_nondirs:  # the directory where a skipped non-directory was starts empty
             lay.opaque.update(anc for anc in ancestors(name) if anc in lay.replaced_nondirs)
         for anc in ancestors(name):
+            lay.parents.add(anc)
             if anc not in self.claims:
                 self.claims[anc] = lay.level * 2 + 1
                 self.claimed_dir_bytes += len(anc)
@@ -562,6 +564,8 @@ class _Merger:
         level, is_dir = claim >> 1, claim & 1
         if level < lay.level:  # an upper layer has it
             if is_dir and kind != "dir":  # it replaced a directory below, children and all
+                if name in lay.parents:  # … the layer's own ones too
+                    self._take_back(lay, name, True)
                 lay.opaque.add(name)
             if is_dir and kind == "dir":
                 if name not in self.dirs:  # implicit upper directory: take these attributes

@@ -130,3 +130,15 @@ def test_hard_link_below_its_own_target_fails(tmp_path: Path, lower: str) -> Non
         layer(tmp_path, [file("a/x")], "zstd"),
     ]
     _both_refuse(tmp_path, _archive(tmp_path, layers), ["hard link 'a/y' points at directory 'a'"], "link: ")
+
+
+@pytest.mark.parametrize("below", ["symlink", "file"])
+def test_a_file_hidden_by_an_upper_directory_still_removes_its_layers_entries_below(
+    tmp_path: Path, below: str
+) -> None:
+    """``a/y``, then a file ``a`` in one layer; ``a/x/z`` a layer up: the file took ``a/y`` away
+    before the upper layer made ``a`` a directory again (hpcsif kept ``a/y``)."""
+    entry = sym("a/y", "x") if below == "symlink" else file("a/y", "Y")
+    layers = [layer(tmp_path, [entry, file("a", "A"), file("k")]), layer(tmp_path, [d("a/x/z")], "zstd")]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert "/a/y" not in tree and tree["/a/x/z"][0] == "d"
