@@ -9,7 +9,8 @@ What happens to the job depends on the policy:
 * ``hold``: as ``record``, and the job is requeued and held (``scontrol requeuehold``), so it
   waits, with the reason visible, until the user or an admin fixes and releases it;
 * ``requeue``: as ``record``, and the job is requeued to try again (a transient registry
-  outage may be over by then).
+  outage may be over by then); after :data:`REQUEUE_LIMIT` requeues it is held instead, so a
+  lasting error does not requeue it for ever.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICIES = ("record", "hold", "requeue")
+#: requeues of a job by the ``requeue`` policy before it holds the job instead
+REQUEUE_LIMIT = 3
 
 
 def failure_policy() -> str:
@@ -64,6 +67,9 @@ def apply_failure_policy(
         log.error("job %s: cannot record the staging error on the job: %s", job_id, exc)
     if policy == "record":
         return policy
+    if policy == "requeue" and run >= REQUEUE_LIMIT:
+        log.warning("job %s: staging failed in %d runs; holding it instead of requeueing", job_id, run + 1)
+        policy = "hold"
     try:
         client.requeue(job_id, hold=policy == "hold")
         log.warning("job %s: %s because staging failed", job_id, "held" if policy == "hold" else "requeued")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcsif.slurm.policy import REQUEUE_LIMIT
 from tests.conftest import run_cli
 from tests.services.registry import Registry
 from tests.services.users import USER_PATH, TestUser
@@ -149,6 +150,34 @@ def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path:
         cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         assert cluster.wait(job) == "COMPLETED"
         assert "hpcsif-error" not in (cluster.job_field(job, "AdminComment") or "")
+    finally:
+        env_file.write_text(saved)
+
+
+def test_requeue_policy_holds_after_the_limit(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    """A lasting error under ``requeue``: requeued REQUEUE_LIMIT times, then held (not for ever)."""
+    cluster = hpcsif_cluster
+    env_file = cluster.base / "hooks" / "hpcsif.env"
+    saved = env_file.read_text()
+    config = tmp_path / "requeue.toml"
+    config.write_text('[slurm]\nfailure_policy = "requeue"\n')
+    config.chmod(0o644)
+    env_file.write_text(saved + f"HPCSIF_CONFIG={config}\n")
+    try:
+        bad = "docker-archive:///nonexistent/hpcsif-requeue.tar"
+        job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", f"--comment=hpcsif:{bad}", tmp=tmp_path)
+        deadline = time.monotonic() + 120
+        while "held" not in (reason := (cluster.job_field(job, "Reason") or "").lower()):
+            assert time.monotonic() < deadline, cluster.job_field(job, "JobState") + " " + reason
+            if reason == "begintime":  # Slurm's 2-minute requeue delay, skipped
+                cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            time.sleep(0.3)
+        assert cluster.job_field(job, "Restarts") == str(REQUEUE_LIMIT + 1)
+        assert f"hpcsif-error {bad} (restart {REQUEUE_LIMIT}): " in (
+            cluster.job_field(job, "AdminComment") or ""
+        )
+        cluster.run("scancel", job)
+        cluster.slurm.wait_nodes(("idle",))
     finally:
         env_file.write_text(saved)
 
