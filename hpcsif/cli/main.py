@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None, *, front: bool = False) -> int:
     parser = build_parser(
         [] if command in BUILTIN_COMMANDS else [fast] if fast else None, command if fast else None
     )
+    if not command and not {"-h", "--help", "--version"} & set(argv):
+        parser.print_help()  # `hpcsif` alone: the command list, as Apptainer prints its usage
+        return 1
     args, unknown = parser.parse_known_args(attach_dash_values(parser, argv))
     if unknown:  # the innermost command's, not the top-level usage argparse would name
         flag = unknown[0].split("=", 1)[0]

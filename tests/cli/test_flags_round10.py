@@ -334,3 +334,12 @@ def test_verify_of_a_group_and_an_object_checks_both(sif: Path, tmp_path: Path) 
         for flags in ([], ["--json"]):
             peer = _peer("verify", *flags, "--key", pub, "-g", "1", "-i", "1", image)
             assert (peer.returncode, peer.stdout) == (0, doc if flags else out)
+
+
+def test_hpcsif_alone_lists_the_commands() -> None:
+    """``hpcsif`` with no command: the command list on stdout, status 1, as Apptainer's usage
+    (it was one FATAL line saying a COMMAND is required)."""
+    for argv in ([], ["-q"]):
+        proc = run_cli(*argv, check=False)
+        assert (proc.returncode, proc.stderr) == (1, "")
+        assert proc.stdout == run_cli("--help").stdout
