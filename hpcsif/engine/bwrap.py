@@ -89,11 +89,14 @@ class BwrapEngine(Engine):
         if opts.writable and opts.writable_tmpfs:
             # (--writable wins below: a writable sandbox is written directly)
             log.warning("Disabling --writable-tmpfs flag, mutually exclusive with --writable")
+        sif_overlay = None  # (offset, size) of the SIF overlay partition --writable writes into
         if opts.writable and not opts.sandbox:
-            from hpcsif.engine.image_files import refuse_writable
+            from hpcsif.engine.image_files import writable_overlay
 
-            refuse_writable(image)
+            sif_overlay = writable_overlay(image)
         layers, upper = _overlays(opts.overlay)
+        if sif_overlay and upper is not None:
+            raise UsageError("only one writable overlay is possible: --writable or a writable --overlay")
         contrib = host_contributions(opts)
         mounts = []
         layered: frozenset[str] = frozenset()
@@ -106,11 +109,17 @@ class BwrapEngine(Engine):
             else:
                 from hpcsif.engine.image_files import mount_root
 
-                root = mount_root(image, mounts)  # (checked readable: a damaged image fails there)
+                # (checked readable: a damaged image fails there)
+                root = mount_root(image, mounts, with_overlay=sif_overlay is None)
             if any(p.is_file() for p in layers):
                 from hpcsif.engine.data_images import mount_overlay_image
 
                 layers = [mount_overlay_image(p, mounts) if p.is_file() else p for p in layers]
+            if sif_overlay or (upper is not None and upper.is_file()):
+                from hpcsif.engine.overlay_images import writable_ext3_mount
+
+                where = (image, *sif_overlay) if sif_overlay else (upper, 0, upper.stat().st_size)
+                upper = writable_ext3_mount(*where, mounts)
             # -w on a sandbox writes into it directly; an overlay directory keeps the changes
             rw_root = (opts.writable and opts.sandbox) or upper is not None or opts.writable_tmpfs
             if layers or (rw_root and not (opts.writable and opts.sandbox)):
@@ -244,9 +253,10 @@ def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
     """``--overlay DIR[:ro]`` values as (read-only layers, lowest first; the writable directory).
 
     A read-only directory that holds ``upper/`` (written by an earlier writable use) contributes
-    that, as in Apptainer. Image files are read-only layers (mounted by
-    :func:`hpcsif.engine.data_images.mount_overlay_image`): a squashfs file (with Apptainer's
-    warning unless ``:ro``), an ext3 one with ``:ro``; hpcsif never writes into an image.
+    that, as in Apptainer. Image files with ``:ro`` are read-only layers (mounted by
+    :func:`hpcsif.engine.data_images.mount_overlay_image`), a squashfs file always (with
+    Apptainer's warning unless ``:ro``); an ext3 file without ``:ro`` is the writable one
+    (:mod:`hpcsif.engine.overlay_images`).
     """
     from hpcsif.sif.reader import bare_filesystem
 
@@ -264,13 +274,17 @@ def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
             fstype = bare_filesystem(p)
             if fstype == "squashfs" and mode != "ro":
                 log.warning("Overlay image %s is not writable, proceeding with read-only", p)
-            elif fstype != "squashfs" and not (fstype == "ext3" and mode == "ro"):
-                raise UsageError(
-                    f"--overlay {path} is not supported by hpcsif (it never writes into an image): "
-                    "a squashfs file or an ext3 one with :ro is a read-only layer; use an overlay "
-                    "directory, --writable-tmpfs or --engine apptainer"
+            elif fstype not in ("squashfs", "ext3"):
+                raise EngineError(
+                    f"while loading overlay images: failed to open overlay image {path}: "
+                    "image format not recognized"
                 )
-            layers.append(p)
+            if fstype == "ext3" and mode != "ro":
+                if upper is not None:
+                    raise UsageError("only one writable --overlay is possible; add :ro to the others")
+                upper = p
+            else:
+                layers.append(p)
         elif mode == "ro":
             layers.append(p / "upper" if (p / "upper").is_dir() else p)
         elif upper is not None:
@@ -366,6 +380,7 @@ class _Plan:
         system = system_directory(cwd) if cwd else None
         logical = logical_cwd(cwd) if cwd else None
         self.cwd = system or logical
+        self.bound_cwd = None if system or opts.contain else logical  # (the host's, at its name)
         binds = default_binds(
             home_src,
             self.home,
@@ -542,7 +557,8 @@ class _Plan:
 
             argv = direct_argv(opts.action, opts.command, self.direct, self.image)
             # exec's command or the image's ENTRYPOINT/CMD: both fail with Apptainer's one-liners
-            argv = [resolve_command(self.root, argv[0], self.env.get("PATH", ""), workdir), *argv[1:]]
+            path = self.env.get("PATH", "")
+            argv = [resolve_command(self.root, argv[0], path, workdir, self.bound_cwd), *argv[1:]]
             return [*args, "--", *argv]
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 

@@ -48,19 +48,17 @@ case $__c in
   *) echo "FATAL:   \"$1\": executable file not found in \$PATH" >&2; exit 255 ;;
   esac ;;
 esac
-if [ ! -e "$__c" ]; then
-  # a relative path named as Go's filepath.Abs makes it: joined to $PWD and cleaned
-  case $__c in
-  /*) ;;
-  *)
-    __c=$PWD/$__c __p=; IFS=/; set -f
-    for __s in $__c; do
-      case $__s in ''|.) ;; ..) __p=${__p%/*} ;; *) __p=$__p/$__s ;; esac
-    done
-    __c=${__p:-/} ;;
-  esac
-  echo "FATAL:   stat $__c: no such file or directory" >&2; exit 255
-fi
+# a relative path is run (and named) as Go's filepath.Abs makes it: joined to $PWD and cleaned
+case $__c in
+/*) ;;
+*)
+  __c=$PWD/$__c __p= __o=$IFS; IFS=/; set -f
+  for __s in $__c; do
+    case $__s in ''|.) ;; ..) __p=${__p%/*} ;; *) __p=$__p/$__s ;; esac
+  done
+  __c=${__p:-/}; IFS=$__o; set +f ;;
+esac
+if [ ! -e "$__c" ]; then echo "FATAL:   stat $__c: no such file or directory" >&2; exit 255; fi
 if [ -d "$__c" ]; then echo "FATAL:   is a directory" >&2; exit 255; fi
 if [ ! -x "$__c" ]; then echo "FATAL:   permission denied" >&2; exit 255; fi
 shift; exec "$__c" "$@"
@@ -119,19 +117,27 @@ for __k in @DEFAULT_DIRS@; do
   case ":$PATH:" in *":$__k:"*) ;; *) PATH="${PATH:+$PATH:}$__k" ;; esac
 done
 IFS=$__o; unset __o
+__nolibs=
 for __k in $__HPCSIF_SET; do
   if eval "[ -n \"\${__HPCSIF_EXP_$__k+x}\" ]"; then
-    eval "__v=\${__HPCSIF_EXP_$__k}"; eval "export $__k=\"$__v\""
+    eval "__v=\${__HPCSIF_EXP_$__k}"; eval "__v=\"$__v\""
   else
-    eval "export $__k=\"\${__HPCSIF_SET_$__k}\""
+    eval "__v=\${__HPCSIF_SET_$__k}"
   fi
+  # as Apptainer: an empty PATH or PS1 leaves the one there was; with an empty LD_LIBRARY_PATH,
+  # /.singularity.d/libs is not added
+  case $__k${__v:+=} in
+  PATH | PS1) ;;
+  LD_LIBRARY_PATH) __nolibs=1; export LD_LIBRARY_PATH= ;;
+  *) eval "export $__k=\"\$__v\"" ;;
+  esac
   unset "__HPCSIF_SET_$__k" "__HPCSIF_EXP_$__k" __v
 done
 [ -n "$__HPCSIF_PREPEND_PATH" ] && PATH="$__HPCSIF_PREPEND_PATH:$PATH"
 [ -n "$__HPCSIF_APPEND_PATH" ] && PATH="$PATH:$__HPCSIF_APPEND_PATH"
 [ -n "$__HPCSIF_LD_PATH" ] && LD_LIBRARY_PATH="$__HPCSIF_LD_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-case ":$LD_LIBRARY_PATH:" in
-*:/.singularity.d/libs:*) ;;
+case $__nolibs:$LD_LIBRARY_PATH: in
+1:* | *:/.singularity.d/libs:*) ;;
 *) LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/.singularity.d/libs" ;;
 esac
 # as Apptainer's: PS1 re-set after a shell's rc files, after the user's own PROMPT_COMMAND if any
@@ -142,7 +148,7 @@ else
 fi
 export PATH LD_LIBRARY_PATH PS1 PROMPT_COMMAND
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
-unset __f __k __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
+unset __f __k __nolibs __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 # a script whose #! interpreter the image lacks, or a program whose ELF loader it lacks, fails
 # with Apptainer's line, not the shell's "not found"
@@ -310,6 +316,7 @@ def parse_env_file(path: str) -> dict[str, str]:
     as there); returns the variables the file sets or changes. A file that cannot be read, or a
     failing line, is an :class:`EngineError` (status 255, as Apptainer's).
     """
+    import shutil
     import subprocess
 
     given, path = path, os.path.abspath(path)
@@ -320,11 +327,13 @@ def parse_env_file(path: str) -> dict[str, str]:
         why = "is a directory" if os.path.isdir(path) else (exc.strerror or str(exc)).lower()
         raise EngineError(f'could not read environment file "{given}": {why}') from None
     marker = b"\0__HPCSIF_ENV_FILE__\0"
-    # (eval of the text and then `:`, where `. FILE` would fail on the last line's status)
-    script = 'env -0; printf "\\0__HPCSIF_ENV_FILE__\\0"; set -ae; eval "$(cat -- "$1")\n:" >/dev/null;'
-    script += " env -0"
+    # (eval of the text and then `:`, where `. FILE` would fail on the last line's status; env
+    # by its full path, which the file's PATH does not change)
+    script = '"$2" -0; printf "\\0__HPCSIF_ENV_FILE__\\0"; set -ae; eval "$(cat -- "$1")\n:" >/dev/null;'
+    script += ' "$2" -0'
+    env = shutil.which("env") or "/usr/bin/env"
     proc = subprocess.run(
-        ["/bin/sh", "-c", script, "sh", path], capture_output=True, stdin=subprocess.DEVNULL
+        ["/bin/sh", "-c", script, "sh", path, env], capture_output=True, stdin=subprocess.DEVNULL
     )
     if proc.returncode != 0 or marker not in proc.stdout:
         lines = proc.stderr.decode(errors="replace").strip().splitlines() or [f"status {proc.returncode}"]

@@ -23,27 +23,37 @@ def refuse_without_shell(image: Path, action: str, sandbox: str | None) -> NoRet
     raise EngineError(f"{image}: the image has no /bin/sh and no oci-config.json to start it without")
 
 
-def resolve_command(root: str, command: str, path: str, cwd: str) -> str:
+def resolve_command(root: str, command: str, path: str, cwd: str, host_cwd: str | None) -> str:
     """*command* as exec will run it in an image without a shell, with Apptainer's errors.
 
-    Apptainer looks the command up itself and reports what is wrong in one line (exit 255),
-    naming a relative path as joined to the container's working directory *cwd*.
+    Apptainer looks the command up itself and reports what is wrong in one line (exit 255); a
+    relative path it runs (and names) joined to the container's working directory *cwd* and
+    cleaned, as Go's filepath.Abs makes it. Below *host_cwd* (the host's working directory,
+    bound at its own path) a path is the host's, elsewhere the image's.
     """
+
+    def absolute(p: str) -> str:
+        return p if p.startswith("/") else os.path.normpath(os.path.join(cwd, p))
+
+    def host_path(p: str) -> str | None:
+        if host_cwd and (p + "/").startswith(host_cwd.rstrip("/") + "/"):
+            return p if os.path.exists(p) else None
+        return in_image(root, p)
+
     if "/" not in command:
         for d in path.split(":"):
-            found = in_image(root, os.path.join(d or ".", command))
-            if is_executable(found):
-                return os.path.join(d or ".", command)
+            candidate = absolute(os.path.join(d or ".", command))
+            if is_executable(host_path(candidate)):
+                return candidate
         raise EngineError(f'"{command}": executable file not found in $PATH')
-    found = in_image(root, command) if command.startswith("/") else command
-    if not found or not os.path.exists(found):
-        shown = command if command.startswith("/") else os.path.normpath(os.path.join(cwd, command))
-        raise EngineError(f"stat {shown}: no such file or directory")
+    found = host_path(absolute(command))
+    if not found:
+        raise EngineError(f"stat {absolute(command)}: no such file or directory")
     if os.path.isdir(found):
         raise EngineError("is a directory")
     if not os.access(found, os.X_OK):
         raise EngineError("permission denied")
-    return command
+    return absolute(command)
 
 
 def oci_start_config(image: Path | None, action: str) -> dict[str, list[str]] | None:

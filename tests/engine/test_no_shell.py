@@ -85,9 +85,16 @@ def test_exec_of_what_cannot_run(distroless: Path) -> None:
     ):
         proc = run_cli("exec", str(distroless), command, check=False)
         assert (proc.returncode, proc.stderr) == (255, f"FATAL:   {message}\n")
-    # a relative path joined to the working directory and cleaned, as Go's filepath.Abs names it
+    # a relative path joined to the working directory (the image's /app here) and cleaned, as
+    # Go's filepath.Abs makes it (hpcsif looked for it in the host's working directory)
     proc = run_cli("exec", "--pwd", "/app", str(distroless), "./x/../nope", check=False)
     assert (proc.returncode, proc.stderr) == (255, "FATAL:   stat /app/nope: no such file or directory\n")
+    for flags, command in (
+        (["--pwd", "/app"], "./busybox"),
+        (["--pwd", "/app", "--env", "PATH=:/x"], "busybox"),
+    ):
+        proc = run_cli("exec", *flags, str(distroless), command, "sh", "-c", 'echo "$0"')
+        assert (proc.returncode, proc.stdout) == (0, "sh\n")
     assert run_cli("exec", str(distroless), "busybox", "true").returncode == 0
 
 

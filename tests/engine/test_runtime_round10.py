@@ -95,8 +95,11 @@ def test_loader_check_reads_programs_as_bytes(tmp_path: Path) -> None:
 
 
 def test_relative_command_named_as_apptainer_does(run, images: Images) -> None:
-    """A relative command that is not there is named joined to the working directory and
-    cleaned, as Go's filepath.Abs names it (hpcsif printed it as given)."""
+    """A relative command is run, and named when it is not there, joined to the working directory
+    and cleaned, as Go's filepath.Abs makes it (hpcsif ran and printed it as given)."""
+    for flags, command in ((["--pwd", "/"], "./bin/../bin/sh"), (["--pwd", "/", "--env", "PATH=bin"], "sh")):
+        res = run("exec", *flags, str(images.sif), command, "-c", 'echo "$0"')
+        assert (res.returncode, res.stdout) == (0, "/bin/sh\n"), res.stderr
     res = run("exec", "--pwd", "/opt", str(images.sif), "./sub/../nothere")
     assert (res.returncode, res.stderr) == (255, "FATAL:   stat /opt/nothere: no such file or directory\n")
     res = run("exec", "--pwd", "/", str(images.sif), "../x//y/")
@@ -158,3 +161,24 @@ def test_work_directory_made_as_apptainer_makes_it(run, images: Images, pub_tmp:
         res = run("exec", *flags, str(images.sif), "true")
         assert (res.returncode, res.stderr) == (255, f"FATAL:   container creation failed: {why}\n")
     assert not missing.exists()
+
+
+def test_empty_overrides_as_apptainer_reads_them(run, images: Images, pub_tmp: Path) -> None:
+    """An empty PATH or PS1 given (--env, APPTAINERENV_*, an env file) leaves the container's
+    own, and an empty LD_LIBRARY_PATH stays empty, as in Apptainer (hpcsif set them empty, and
+    added /.singularity.d/libs); an env file that sets PATH is read (hpcsif's reader lost env)."""
+    show = 'echo "[$PATH][$PS1][$LD_LIBRARY_PATH]"'
+    image_path = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+    want = f"[{image_path}][Apptainer> ][]\n"
+    res = run("exec", "--env", "PATH=,PS1=,LD_LIBRARY_PATH=", str(images.sif), "/bin/sh", "-c", show)
+    assert (res.returncode, res.stdout, res.stderr) == (0, want, "")
+    empty = {"APPTAINERENV_PATH": "", "APPTAINERENV_PS1": "$NOSUCH", "APPTAINERENV_LD_LIBRARY_PATH": ""}
+    res = run("exec", str(images.sif), "/bin/sh", "-c", show, env=empty)
+    assert (res.returncode, res.stdout) == (0, want)
+    env_file = pub_tmp / "env"
+    env_file.write_text("PATH=\n")
+    res = run("exec", "--env-file", str(env_file), str(images.sif), "/bin/sh", "-c", show)
+    assert (res.returncode, res.stdout) == (0, f"[{image_path}][Apptainer> ][/.singularity.d/libs]\n")
+    env_file.write_text("PATH=/opt/x\nA=$PATH\n")
+    res = run("exec", "--env-file", str(env_file), str(images.sif), "/bin/sh", "-c", 'echo "$PATH|$A"')
+    assert (res.returncode, res.stdout, res.stderr) == (0, "/opt/x|/opt/x\n", "")
