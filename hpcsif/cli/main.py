@@ -18,7 +18,7 @@ from typing import NoReturn
 from hpcsif import __version__
 
 # command modules, in the order their commands appear in --help
-COMMAND_MODULES = ["build", "pull", "inspect", "sif", "cache", "run", "sign", "stage", "slurm"]
+COMMAND_MODULES = ["build", "pull", "inspect", "sif", "cache", "overlay", "run", "sign", "stage", "slurm"]
 # command word -> its module: a command loads only its own module (about 10 ms less per start,
 # which container starts, prolog hooks and conversions all pay); --help and unknown words get all
 FAST_COMMANDS = {
@@ -26,7 +26,7 @@ FAST_COMMANDS = {
     **{c: "sign" for c in ("sign", "verify", "key")},
     **{c: "pull" for c in ("pull", "push")},
     "run-help": "inspect",
-    **{c: c for c in ("build", "inspect", "sif", "cache", "stage", "slurm")},
+    **{c: c for c in ("build", "inspect", "sif", "cache", "overlay", "stage", "slurm")},
 }
 
 # commands main.py itself provides, which need no command module
@@ -37,7 +37,6 @@ _NO_LIBRARY = "there is no Library, keyserver or remote endpoint client; use doc
 UNSUPPORTED_COMMANDS = {
     "instance": "there are no background instances; start the service with `hpcsif exec IMAGE CMD &`",
     "oci": "there are no OCI runtime commands; run/exec/shell run OCI images (docker://, oci://, …)",
-    "overlay": "ext3 overlay images are not supported; use --overlay DIR or --writable-tmpfs",
     "registry": "credentials are never written to disk; use --docker-login, --authfile FILE or "
     "APPTAINER_DOCKER_USERNAME/APPTAINER_DOCKER_PASSWORD",
     "remote": _NO_LIBRARY,

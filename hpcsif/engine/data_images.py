@@ -51,7 +51,7 @@ def _resolve(bind: Bind, mounts: list[SharedMount]) -> Bind:
         writable = os.access(image, os.W_OK)
         if not readonly and not writable:
             log.warning("Data image %s is not writable, proceeding with read-only", image)
-        mount = _ext3_data_mount(image, offset, writable)
+        mount = ext3_data_mount(image, offset, writable)
         readonly = readonly or not writable
     mounts.append(mount)
     root = mount.acquire()
@@ -99,7 +99,7 @@ def _data_filesystem(path: str, image_id: int | None) -> tuple[str, int]:
     return ("squashfs" if found.fstype == FSType.SQUASHFS else "ext3"), found.offset
 
 
-def _ext3_data_mount(image: Path, offset: int, writable: bool) -> SharedMount:
+def ext3_data_mount(image: Path, offset: int, writable: bool) -> SharedMount:
     """The shared ``fuse2fs`` mount of an ext3 data image, read-write when *writable*."""
     prog = which("fuse2fs")
     if not prog:
@@ -119,7 +119,14 @@ def mount_overlay_image(image: Path, mounts: list[SharedMount]) -> Path:
     from hpcsif.engine.image_files import ext3_mount
     from hpcsif.sif.reader import bare_filesystem
 
-    mount = squashfs_mount(str(image), 0) if bare_filesystem(image) == "squashfs" else ext3_mount(image, 0)
+    if bare_filesystem(image) == "squashfs":
+        mount = squashfs_mount(str(image), 0)
+    else:
+        from hpcsif.engine.overlay_images import lock_partition
+
+        lock = lock_partition(image, 0, image.stat().st_size, write=False)  # (no writer meanwhile)
+        mount = ext3_mount(image, 0)
+        mount.pass_fds = (lock,)
     mounts.append(mount)
     root = mount.acquire()
     return root / "upper" if (root / "upper").is_dir() else root

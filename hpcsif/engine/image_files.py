@@ -41,6 +41,8 @@ class RootImage:
     offset: int = 0
     #: byte offset of a SIF's ext3 overlay partition, None without one
     overlay: int | None = None
+    #: its size in bytes
+    overlay_size: int = 0
     #: False for a bare file system image (no SIF around it)
     sif: bool = True
 
@@ -82,33 +84,39 @@ def root_image(image: Path) -> RootImage:
         # as Apptainer, which skips it silently; a user who wrote there is told
         log.warning("ignoring the overlay partition of %s: not a valid ext3 file system", image)
         overlay = None
-    return RootImage(image, "squashfs", part.offset, overlay.offset if overlay else None)
+    if overlay is None:
+        return RootImage(image, "squashfs", part.offset)
+    return RootImage(image, "squashfs", part.offset, overlay.offset, overlay.size)
 
 
-def refuse_writable(image: Path) -> None:
-    """``--writable`` on an image file: always refused (hpcsif never writes into an image).
+def writable_overlay(image: Path) -> tuple[int, int]:
+    """(offset, size) of the SIF overlay partition that ``--writable`` on *image* writes into.
 
-    A bare squashfs file gets Apptainer's words; a SIF (with or without an overlay partition)
-    and an ext3 image file, which Apptainer would change in place, get ours.
+    As in Apptainer, a bare squashfs file is read-only and a SIF needs an overlay partition
+    (``hpcsif overlay create IMAGE.sif``); an ext3 image file (Singularity 2's writable images)
+    is not written into here.
     """
     info = root_image(image)
     if not info.sif and info.fstype == "squashfs":
         raise EngineError(f"could not set {image} image writable: squashfs is a read-only filesystem")
-    if info.overlay is not None or not info.sif:
-        what = "a SIF overlay partition" if info.sif else "an ext3 image file"
+    if not info.sif:
         raise UsageError(
-            f"--writable with {what} is not supported by hpcsif (it never writes into an image): "
-            "use --writable-tmpfs, an --overlay directory, a sandbox or --engine apptainer"
+            "--writable with an ext3 image file is not supported by hpcsif: use it as --overlay "
+            "IMG over a SIF, --writable-tmpfs, a sandbox or --engine apptainer"
         )
-    raise EngineError(f"no SIF writable overlay partition found in {image}")
+    if info.overlay is None:
+        raise EngineError(f"no SIF writable overlay partition found in {image}")
+    return info.overlay, info.overlay_size
 
 
-def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
+def mount_root(image: Path, mounts: list[SharedMount], *, with_overlay: bool = True) -> Path:
     """Mount *image*'s root file system (read-only) and return where it is.
 
     Each mount is appended to *mounts* as soon as it is held, so that the caller releases
     (in reverse order) whatever was mounted even when a later step fails. A SIF's overlay
-    partition is left out, with one warning, where ``fuse2fs`` or ``fuse-overlayfs`` is missing.
+    partition is stacked on it read-only (locked for reading, as Apptainer does) unless not
+    *with_overlay* (``--writable`` stacks it writable itself); it is left out, with one
+    warning, where ``fuse2fs`` or ``fuse-overlayfs`` is missing.
     """
     info = root_image(image)
     if info.fstype == "squashfs":
@@ -117,7 +125,7 @@ def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
         base = ext3_mount(image, info.offset)
     mounts.append(base)
     root = _readable(base.acquire(), image, f"its {info.fstype} file system")
-    if info.fstype == "ext3" or info.overlay is None:
+    if info.fstype == "ext3" or info.overlay is None or not with_overlay:
         return root
     missing = next((t for t in ("fuse2fs", "fuse-overlayfs") if not which(t)), None)
     if missing:
@@ -129,7 +137,11 @@ def mount_root(image: Path, mounts: list[SharedMount]) -> Path:
             missing,
         )
         return root
+    from hpcsif.engine.overlay_images import lock_partition
+
+    lock = lock_partition(image, info.overlay, info.overlay_size, write=False)
     changes = ext3_mount(image, info.overlay)
+    changes.pass_fds = (lock,)
     mounts.append(changes)
     upper = _readable(changes.acquire(), image, "its overlay partition") / "upper"
     if not upper.is_dir():

@@ -150,12 +150,17 @@ class SharedMount:
         self.mnt = self.dir / "mnt"
         self._mount_cmd = mount_cmd
         self._holder: Path | None = None
+        #: called with the mount point by the last holder to leave, before it unmounts
+        self.before_unmount: Callable[[Path], None] | None = None
+        #: descriptors the mount command inherits (a lock that must live as long as the mount)
+        self.pass_fds: tuple[int, ...] = ()
 
     @classmethod
     def existing(cls, directory: Path) -> SharedMount:
         """The mount kept in *directory*, to look after (it is never mounted from here)."""
         mount = cls.__new__(cls)
         mount.dir, mount.mnt, mount._holder = directory, directory / "mnt", None
+        mount.before_unmount, mount.pass_fds = None, ()
         return mount
 
     # -- locking -----------------------------------------------------------------------------
@@ -236,6 +241,8 @@ class SharedMount:
             self._holder = None
             if self.live_holders():
                 return
+            if self.before_unmount and _mount_state(self.mnt) == "mounted":
+                self.before_unmount(self.mnt)
             if _mount_state(self.mnt) != "absent" and not _unmount_soon(self.mnt):
                 log.debug("%s busy; the watchdog will unmount it", self.mnt)
                 return
@@ -269,6 +276,7 @@ class SharedMount:
                 stderr=subprocess.PIPE,
                 text=True,
                 process_group=group,
+                pass_fds=self.pass_fds,
             )
         except FileNotFoundError:
             raise _missing(cmd[0]) from None

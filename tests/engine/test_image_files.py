@@ -1,7 +1,7 @@
 """Image files other than a plain SIF, run as Apptainer 1.4 runs them (hpcsif.engine.image_files).
 
-* a SIF with an ext3 overlay partition: what ``apptainer exec --writable`` wrote there is seen
-  on every start (read-only, through fuse2fs and fuse-overlayfs);
+* a SIF with an ext3 overlay partition: what ``exec --writable`` wrote there is seen on every
+  start (read-only, through fuse2fs and fuse-overlayfs);
 * a bare squashfs file and a bare ext3 image file;
 * a SIF built for an architecture this host cannot run: Apptainer's one line, before any mount.
 """
@@ -27,8 +27,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not shutil.which("fuse2fs"), reason="fuse2fs is not installed"),
 ]
-
-NOT_WRITABLE = "is not supported by hpcsif (it never writes into an image)"
 
 
 def _fatal(proc: subprocess.CompletedProcess) -> str:
@@ -107,10 +105,16 @@ def test_sif_overlay_partition_is_the_top_read_only_layer(run, images, img_dir):
     res = run("exec", "--writable-tmpfs", str(sif), "sh", "-c", "echo more >> /new && cat /new")
     assert res.stdout == "written with --writable\nmore\n", res.stderr
     assert run("exec", str(sif), "cat", "/new").stdout == "written with --writable\n"
-    # we never write into an image
-    assert _fatal(run("exec", "--writable", str(sif), "touch", "/y")).startswith(
-        f"--writable with a SIF overlay partition {NOT_WRITABLE}"
-    )
+    # --writable writes into the partition, for every later start; a user needs write access
+    res = run("exec", "--writable", str(sif), "sh", "-c", "echo y > /y; rm /new")
+    if run.user is not None:
+        assert (
+            _fatal(res)
+            == f"while loading overlay images: failed to open overlay image {sif}: permission denied"
+        )
+        return
+    assert (res.returncode, res.stderr) == (0, ""), res.stderr
+    assert run("exec", str(sif), "sh", "-c", "cat /y; ls /new 2>&1").stdout.startswith("y\nls: /new: No such")
     _wait_clean()
 
 
@@ -231,7 +235,7 @@ def test_bare_ext3_image_is_read_only(run, images, img_dir):
     assert "Read-only file system" in res.stdout
     assert run("run", str(ext3)).stdout == "<default cmd>\n"
     assert _fatal(run("exec", "--writable", str(ext3), "true")).startswith(
-        f"--writable with an ext3 image file {NOT_WRITABLE}"
+        "--writable with an ext3 image file is not supported by hpcsif: use it as --overlay IMG"
     )
     assert ext3.read_bytes() == before
     # a journal left to replay (apptainer --writable killed) is ignored: the image is read only

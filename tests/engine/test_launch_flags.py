@@ -277,8 +277,9 @@ def test_overlay_directory(unpriv_user, user_sandbox, images, pub_tmp):
     img.write_bytes(b"\0" * 4096)
     res = user_run(unpriv_user, "exec", "-o", str(img), str(images.sif), "true")
     assert res.returncode != 0
-    assert res.stderr.strip().startswith(
-        f"FATAL:   --overlay {img} is not supported by hpcsif (it never writes into an image)"
+    assert res.stderr.strip() == (
+        f"FATAL:   while loading overlay images: failed to open overlay image {img}: "
+        "image format not recognized"
     )
 
 

@@ -1,0 +1,204 @@
+"""Writable ext3 overlay images, as Apptainer's persistent overlays.
+
+``hpcsif overlay create [--size MiB] IMG`` makes an ext3 file system holding Apptainer's overlay
+layout (``upper/`` for the changes, ``work/`` for fuse-overlayfs), or adds one to a SIF as its
+overlay partition. ``--overlay IMG`` (an ext3 file without ``:ro``) and ``--writable`` on a SIF
+with an overlay partition then keep what a container writes there, for later containers and
+for Apptainer alike (overlayfs whiteouts, as Apptainer's kernel overlay writes them).
+
+One writer at a time: as Apptainer, a writer takes an open-file-description write lock over the
+ext3 partition's bytes, and a reader (``:ro``, a SIF's overlay partition stacked read-only) a
+read lock, so that neither tool ever mounts a file system another process is writing. The lock
+lives as long as the process that launched the container.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+from hpcsif.engine.base import which
+from hpcsif.errors import EngineError, MissingToolError
+
+#: Apptainer's smallest overlay (MiB)
+MIN_SIZE_MIB = 64
+
+#: descriptors of the partition locks this process holds (kept open until it exits)
+_HELD: list[int] = []
+
+
+def lock_partition(image: Path, offset: int, size: int, *, write: bool) -> int:
+    """Lock bytes [*offset*, *offset* + *size*) of *image* as Apptainer does (F_OFD_SETLK: a
+    write lock for a writer, a read lock for a reader), held until this process exits, and
+    longer by whoever inherits the descriptor returned (the file system's mount daemon)."""
+    try:
+        fd = os.open(image, os.O_RDWR if write else os.O_RDONLY)
+    except OSError as exc:
+        raise EngineError(
+            f"while loading overlay images: failed to open overlay image {image}: {exc.strerror.lower()}"
+        ) from None
+    kind = fcntl.F_WRLCK if write else fcntl.F_RDLCK
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for an OFD lock)
+    request = struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, offset, size, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError:
+        os.close(fd)
+        how = (
+            "writing, currently in use by another process"
+            if write
+            else "reading, currently in use for writing by another process"
+        )
+        raise EngineError(
+            f"while loading overlay images: failed to open overlay image {image}: while locking ext3 "
+            f"partition from {image}: can't open {image} for {how}"
+        ) from None
+    _HELD.append(fd)
+    return fd
+
+
+def writable_ext3_mount(image: Path, offset: int, size: int, mounts: list) -> Path:
+    """Lock the ext3 file system at *offset* in *image* for writing and mount it read-write;
+    returns its root (where ``upper/`` and ``work/`` are). The mount is appended to *mounts*."""
+    from hpcsif.engine.data_images import ext3_data_mount
+
+    lock = lock_partition(image, offset, size, write=True)
+    mount = ext3_data_mount(image, offset, writable=True)
+    mount.pass_fds = (lock,)  # (no reader may mount the file system while it is mounted writable)
+    if os.getuid() == 0:  # (a user may not make device nodes or trusted.* attributes)
+        mount.before_unmount = lambda mnt: kernel_whiteouts(mnt / "upper")
+    mounts.append(mount)
+    return mount.acquire()
+
+
+def kernel_whiteouts(upper: Path) -> None:
+    """Turn fuse-overlayfs's whiteout files in *upper* into the kernel's, as Apptainer's
+    overlay writes them: over a FUSE upper (fuse2fs) fuse-overlayfs marks a deleted NAME with
+    an empty ``.wh.NAME`` file and an opaque directory with ``.wh..wh..opq``, which Apptainer
+    run as root (kernel overlayfs) shows as files. The kernel's forms are a 0/0 character
+    device NAME and the ``trusted.overlay.opaque`` attribute, and no whiteouts at all in an
+    opaque directory (the kernel lists them there). fuse-overlayfs reads both forms.
+    """
+    for top, _dirs, files in os.walk(upper):
+        marks = [n for n in files if n.startswith(".wh.") and _empty_file(os.path.join(top, n))]
+        opaque = ".wh..wh..opq" in marks or b"trusted.overlay.opaque" in map(os.fsencode, os.listxattr(top))
+        if opaque:
+            os.setxattr(top, "trusted.overlay.opaque", b"y")
+            for name in files:  # nothing below an opaque directory needs hiding
+                st = os.lstat(os.path.join(top, name))
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    os.unlink(os.path.join(top, name))
+        for name in marks:
+            hidden = name[4:]
+            where = os.path.join(top, hidden)
+            if not opaque and name != ".wh..wh..opq" and not os.path.lexists(where):
+                os.mknod(where, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+            os.unlink(os.path.join(top, name))
+
+
+def _empty_file(path: str) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISREG(st.st_mode) and not st.st_size
+
+
+def create_overlay(
+    path: Path,
+    size_mib: int = MIN_SIZE_MIB,
+    *,
+    sparse: bool = False,
+    create_dirs: list[str] | None = None,
+    fakeroot: bool = False,
+) -> None:
+    """``overlay create``: a new ext3 overlay image at *path*, or, where *path* is a SIF, its
+    overlay partition. Nothing appears (or changes) at *path* unless all of it was made."""
+    if size_mib < MIN_SIZE_MIB:
+        raise EngineError(f"image size must be equal or greater than {MIN_SIZE_MIB} MiB")
+    if not which("mkfs.ext3"):
+        raise MissingToolError("mkfs.ext3", "e2fsprogs", "needed to create overlay images")
+    exists = os.path.lexists(path)
+    if exists:
+        _overlay_partition_free(path)
+    target = Path(os.path.abspath(path)).parent
+    try:
+        tmp = tempfile.mkdtemp(prefix=".hpcsif-overlay-", dir=target)
+    except OSError as exc:
+        raise EngineError(f"cannot create the overlay image {path}: {target}: {exc.strerror}") from None
+    try:
+        _create(path, exists, Path(tmp), size_mib, sparse, create_dirs or [], fakeroot)
+    except OSError as exc:  # (a full disk, a file system without fallocate …)
+        raise EngineError(f"cannot create the overlay image {path}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create(
+    path: Path, exists: bool, tmp: Path, size_mib: int, sparse: bool, create_dirs: list[str], fakeroot: bool
+) -> None:
+    """:func:`create_overlay`'s work, in the scratch directory *tmp* beside *path*."""
+    layout = tmp / "layout"
+    for d in ["upper", "work", *(f"upper/{d.strip('/')}" for d in create_dirs)]:
+        (layout / d).mkdir(mode=0o755, parents=True, exist_ok=True)
+    fs = tmp / "fs.img"
+    with open(fs, "wb") as f:
+        if sparse:
+            f.truncate(size_mib << 20)
+        else:
+            os.posix_fallocate(f.fileno(), 0, size_mib << 20)
+    owner = "0:0" if fakeroot else f"{os.getuid()}:{os.getgid()}"
+    cmd = ["mkfs.ext3", "-q", "-F", "-d", str(layout), "-E", f"root_owner={owner}", str(fs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise EngineError(
+            f"while creating the overlay image {path}: {lines[-1] if lines else proc.returncode}"
+        )
+    if exists:
+        _add_partition(path, fs)
+    else:
+        os.chmod(fs, 0o600)
+        try:
+            os.link(fs, path)  # (never over a file that appeared meanwhile)
+        except FileExistsError:
+            raise EngineError(f"EXT3 overlay image {path} already exists") from None
+
+
+def _overlay_partition_free(path: Path):
+    """The primary partition of the SIF at *path*, which has no overlay partition yet; the
+    error Apptainer gives for any other existing file."""
+    from hpcsif.errors import SIFError
+    from hpcsif.sif.reader import SIFImage
+
+    try:
+        with SIFImage.open(path) as image:
+            overlay = image.overlay_partition()
+            if overlay is None:
+                return image.primary_partition()
+    except SIFError:
+        raise EngineError(f"EXT3 overlay image {path} already exists") from None
+    raise EngineError(
+        f"a writable overlay partition already exists in {path} (ID: {overlay.id}), "
+        f'delete it first with "hpcsif sif del {overlay.id} {path}"'
+    )
+
+
+def _add_partition(sif: Path, fs: Path) -> None:
+    """Add *fs* to the SIF *sif* as its ext3 overlay partition."""
+    from hpcsif.sif.format import FSType, PartType
+    from hpcsif.sif.writer import ObjectSpec, add_objects
+
+    primary = _overlay_partition_free(sif)  # (again: it may have changed meanwhile)
+    spec = ObjectSpec(
+        primary.datatype,
+        path=fs,
+        group_id=primary.group_id,
+        fstype=FSType.EXT3,
+        parttype=PartType.OVERLAY,
+        arch=primary.arch,
+    )
+    add_objects(sif, [spec])
