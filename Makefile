@@ -14,7 +14,7 @@ APT_PACKAGES = squashfs-tools squashfs-tools-ng squashfuse fuse3 bubblewrap busy
 	slurm-wlm slurm-client munge libslurm-dev gcc make \
 	openssh-server openssh-client debootstrap util-linux procps psmisc iproute2 \
 	python3-requests python3-fsspec python3-paramiko python3-cryptography python3-zstandard gnupg \
-	fuse-overlayfs fuse2fs libpmix2 libpmix-dev python3-venv python3-pip
+	fuse-overlayfs fuse2fs e2fsprogs libpmix2 libpmix-dev python3-venv python3-pip
 
 .PHONY: deps apt-deps py-deps native demo test lint bench
 
