@@ -166,10 +166,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             )
         for e in sorted(entries, key=lambda e: -e.last_used):
             leases = ", ".join(describe_lease(r) for r in active_leases(root, e.key, reap=root.writable))
-            digest = str(e.meta.get("digest", e.key))
-            if entry_type(e) != "oras":  # Apptainer names its oras entries sha256:HEX, the others HEX
-                digest = digest.removeprefix("sha256:")
-            digest = digest[:22]
+            digest = _entry_name(e)[:22]
             name = e.meta.get("ref", e.meta["name"])
             created = _when(_created(e), True)
             rows.append(
@@ -216,10 +213,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from hpcsif.cache.layout import cache_layout
     from hpcsif.cache.leases import active_leases
     from hpcsif.cache.store import SIFStore
-
-    def report(line: str) -> None:  # what is (or would be) removed; Apptainer's -q/-s silence it
-        if not (args.quiet or args.silent):
-            print(line)
+    from hpcsif.cli.pull import info
 
     kinds = selected_types(args.type)
     everything = kinds == {"sif", "blob"} and args.days is None
@@ -230,15 +224,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     blobs = _blobs(root) if "blob" in kinds else []
     if cutoff is not None and blobs and max(b[2] for b in blobs) >= cutoff:
         blobs = []  # blobs are removed together or not at all: a fetch may be using the layout
-    blob_bytes = sum(b[1] for b in blobs)
-    if args.dry_run:
+    if args.dry_run:  # then Apptainer's lines, as if it removed what it lists
         print("User requested a dry run. Not actually deleting any data!")
-        for e in entries:
-            busy = " (in use: would be kept)" if active_leases(root, e.key, reap=False) else ""
-            report(f"would remove {e.meta.get('ref', e.meta['name'])} {e.path} {_size(e.size)}{busy}")
-        if blobs:
-            report(f"would remove {len(blobs)} oci blob file(s) using {_size(blob_bytes)} in {root.oci}")
-        return 0
     parts = []
     if kinds - {"blob"}:
         types = ", ".join(sorted(kinds - {"blob"}))
@@ -252,34 +239,51 @@ def cmd_clean(args: argparse.Namespace) -> int:
         if everything
         else f"{what} from your cache"
     )
-    if not args.force and not _confirm(what):
+    if not (args.force or args.dry_run) and not _confirm(what):
         print("INFO:    Handle cleanup canceled", file=sys.stderr)
         return 0
-    kept = 0
+    # what was removed goes to stderr in Apptainer's INFO lines (quiet with -q/-s), blobs first
+    if blobs:
+        # as Apptainer names its blob cache's entries (our lock and partial downloads left unsaid)
+        for name in sorted(n for n in os.listdir(root.oci) if not n.startswith(".")):
+            info(args, f"Removing blob cache entry: {name}")
+        if not args.dry_run:  # swap the whole layout out in one rename; the next fetch starts a new one
+            doomed = tempfile.mkdtemp(prefix="oci.clean-", dir=root.tmp)
+            os.rename(root.oci, os.path.join(doomed, "oci"))
+            shutil.rmtree(doomed, ignore_errors=True)
+    elif "blob" in kinds:
+        info(args, f"No cached files to remove at {root.oci}")
+    removed = 0
     for e in entries:
-        if store.remove(e.key, reason="clean"):
-            report(f"Removing {e.meta.get('ref', e.meta['name'])} ({_size(e.size)})")
+        name = f"{entry_type(e)} cache entry: {_entry_name(e)} ({e.meta.get('ref', e.meta['name'])})"
+        if args.dry_run:
+            busy = bool(active_leases(root, e.key, reap=False))
         else:
-            kept += 1
+            busy = not store.remove(e.key, reason="clean")
+        if busy:
+            print(f"WARNING: Not removing {name}: it is in use or being converted", file=sys.stderr)
+        else:
+            info(args, f"Removing {name}")
+            removed += 1
     if "sif" in kinds and cutoff is None:
         # entries whose meta.json cannot be read (damaged by hand or by the disk) go too, and
         # copies left unsynced by an earlier boot (lookups already ignore them)
         for key in set(store.keys()) - {e.key for e in store.entries()}:
-            stale = store.is_stale(key)
-            if store.remove(key, reason="clean"):
-                kind = "stale copy from an earlier boot" if stale else "unreadable entry"
-                report(f"Removing {kind} {root.entry_dir(key)}")
-    if kept:
-        report(f"Kept {kept} image(s) that are in use or being converted.")
-    if blobs:
-        # swap the whole layout out in one rename; the next fetch starts a fresh one
-        doomed = tempfile.mkdtemp(prefix="oci.clean-", dir=root.tmp)
-        os.rename(root.oci, os.path.join(doomed, "oci"))
-        shutil.rmtree(doomed, ignore_errors=True)
-        report(f"Removed {len(blobs)} oci blob file(s) ({_size(blob_bytes)})")
-    if everything:
+            kind = "stale copy from an earlier boot" if store.is_stale(key) else "unreadable cache entry"
+            if args.dry_run or store.remove(key, reason="clean"):
+                info(args, f"Removing {kind}: {root.entry_dir(key)}")
+                removed += 1
+    if not (entries or removed) and kinds - {"blob"}:
+        info(args, f"No cached files to remove at {root.path / 'sif'}")
+    if everything and not args.dry_run:
         shutil.rmtree(root.tags, ignore_errors=True)
     return 0
+
+
+def _entry_name(entry: Entry) -> str:
+    """An image's name in Apptainer's cache: its digest (``sha256:HEX`` for oras, else HEX)."""
+    digest = str(entry.meta.get("digest", entry.key))
+    return digest if entry_type(entry) == "oras" else digest.removeprefix("sha256:")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

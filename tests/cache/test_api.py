@@ -215,16 +215,17 @@ def test_cache_list_and_clean(cache_env: CacheEnv, busybox_ref: str) -> None:
     assert "There are 1 container file(s) using" in out
     assert "oci blob file(s) using" in out
     assert busybox_ref.split(":latest")[0] in out and "LAST USED" in out
-    dry = run_cli("cache", "clean", "--dry-run").stdout
-    assert "would remove" in dry and path.exists()
+    dry = run_cli("cache", "clean", "--dry-run")
+    assert dry.stdout == "User requested a dry run. Not actually deleting any data!\n"
+    assert "INFO:    Removing oci-tmp cache entry: " in dry.stderr and path.exists()
     cancelled = run_cli("cache", "clean", input="n\n").stdout
     assert "Do you want to continue? [y/N]" in cancelled and path.exists()
     broken = cache_env.cache / "sif" / "0123-broken"
     broken.mkdir()
     (broken / "meta.json").write_text("{not json")
-    out = run_cli("cache", "clean", "--force", "--type", "sif").stdout
+    out = run_cli("cache", "clean", "--force", "--type", "sif")
     assert not path.exists() and not broken.exists()
-    assert "Removing unreadable entry" in out
+    assert f"INFO:    Removing unreadable cache entry: {broken}" in out.stderr and out.stdout == ""
     assert "There are 0 container file(s)" in run_cli("cache", "list").stdout
 
 

@@ -153,6 +153,6 @@ def test_cache_clean_names_a_stale_copy(
     _, copied, _ = two_nodes
     _set_boot(copied, OTHER_BOOT)
     monkeypatch.setenv("HPCSIF_CACHEDIR", str(copied.parents[2]))
-    out = run_cli("cache", "clean", "--force").stdout
-    assert f"Removing stale copy from an earlier boot {copied.parent}" in out
+    err = run_cli("cache", "clean", "--force").stderr
+    assert f"INFO:    Removing stale copy from an earlier boot: {copied.parent}" in err
     assert not copied.parent.exists()

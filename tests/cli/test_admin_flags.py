@@ -335,17 +335,30 @@ def test_cache_types_and_days(tmp_path: Path) -> None:
         assert (theirs.stdout, theirs.stderr) == (cancelled.stdout, cancelled.stderr)
     # nothing is older than a day, and no image came from oras://
     for flags in (["-D", "1"], ["-T", "oras"]):
-        assert "Removing" not in run_cli("cache", "clean", "-f", *flags, env=env).stdout
+        kept = run_cli("cache", "clean", "-f", *flags, env=env)
+        assert kept.stdout == "" and "Removing" not in kept.stderr
+        assert f"INFO:    No cached files to remove at {tmp_path / 'cache/sif'}\n" in kept.stderr
     assert run_cli("cache", "list", "-T", "sif", env=env).stdout.startswith(one)
     (meta,) = (tmp_path / "cache" / "sif").glob("*/meta.json")
     record = json.loads(meta.read_text())
     record["created"] -= 2 * 86400  # as if converted two days ago
     meta.write_text(json.dumps(record))
-    assert "would remove oci-archive://" in run_cli("cache", "clean", "-n", "--days", "1", env=env).stdout
-    out = run_cli("cache", "clean", "--force", "--days=1", "--type=oci", env=env).stdout
-    assert out.startswith(f"Removing oci-archive://{OCI_ARCHIVE} (")
+    # Apptainer's lines, on stderr, for a dry run too; the image's name is its digest
+    removing = (
+        f"INFO:    Removing oci-tmp cache entry: {record['digest'][7:]} (oci-archive://{OCI_ARCHIVE})\n"
+    )
+    dry = run_cli("cache", "clean", "-n", "--days", "1", env=env)
+    assert dry.stdout == "User requested a dry run. Not actually deleting any data!\n"
+    # the blobs are newer than a day: they stay
+    assert dry.stderr == f"INFO:    No cached files to remove at {tmp_path / 'cache/oci'}\n" + removing
+    out = run_cli("cache", "clean", "--force", "--days=1", "--type=oci", env=env)
+    assert (out.stdout, out.stderr) == ("", removing)
     assert run_cli("cache", "list", "-T", "blob", env=env).stdout == blobs  # -T oci kept the blobs
-    assert "Removed " in run_cli("cache", "clean", "-f", "-T", "blob", env=env).stdout
+    out = run_cli("cache", "clean", "-f", "-T", "blob", env=env)
+    assert out.stderr.splitlines() == [
+        f"INFO:    Removing blob cache entry: {name}" for name in ("blobs", "index.json", "oci-layout")
+    ]
+    assert run_cli("-q", "cache", "clean", "-f", env=env).stderr == ""
     assert run_cli("cache", "list", "-T", "blob", env=env).stdout.startswith("There are 0 oci blob file(s)")
     bad = run_cli("cache", "clean", "-f", "-T", "oci,nope", env=env, check=False)
     known = "library, oci, shub, blob, net, oras, all"
