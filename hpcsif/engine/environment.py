@@ -328,9 +328,9 @@ def parse_env_file(path: str) -> dict[str, str]:
         raise EngineError(f'could not read environment file "{given}": {why}') from None
     marker = b"\0__HPCSIF_ENV_FILE__\0"
     # (eval of the text and then `:`, where `. FILE` would fail on the last line's status; env
-    # by its full path, which the file's PATH does not change)
-    script = '"$2" -0; printf "\\0__HPCSIF_ENV_FILE__\\0"; set -ae; eval "$(cat -- "$1")\n:" >/dev/null;'
-    script += ' "$2" -0'
+    # by its full path, which neither the file's PATH nor its `set --` changes)
+    script = '__hpcsif_env=$2; readonly __hpcsif_env; "$__hpcsif_env" -0; printf "\\0__HPCSIF_ENV_FILE__\\0"'
+    script += '; set -ae; eval "$(cat -- "$1")\n:" >/dev/null; "$__hpcsif_env" -0'
     env = shutil.which("env") or "/usr/bin/env"
     proc = subprocess.run(
         ["/bin/sh", "-c", script, "sh", path, env], capture_output=True, stdin=subprocess.DEVNULL

@@ -166,7 +166,8 @@ def test_work_directory_made_as_apptainer_makes_it(run, images: Images, pub_tmp:
 def test_empty_overrides_as_apptainer_reads_them(run, images: Images, pub_tmp: Path) -> None:
     """An empty PATH or PS1 given (--env, APPTAINERENV_*, an env file) leaves the container's
     own, and an empty LD_LIBRARY_PATH stays empty, as in Apptainer (hpcsif set them empty, and
-    added /.singularity.d/libs); an env file that sets PATH is read (hpcsif's reader lost env)."""
+    added /.singularity.d/libs); an env file that sets PATH or the positional parameters is read
+    (hpcsif's reader lost the env it ran by name, or by $2)."""
     show = 'echo "[$PATH][$PS1][$LD_LIBRARY_PATH]"'
     image_path = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
     want = f"[{image_path}][Apptainer> ][]\n"
@@ -179,6 +180,6 @@ def test_empty_overrides_as_apptainer_reads_them(run, images: Images, pub_tmp: P
     env_file.write_text("PATH=\n")
     res = run("exec", "--env-file", str(env_file), str(images.sif), "/bin/sh", "-c", show)
     assert (res.returncode, res.stdout) == (0, f"[{image_path}][Apptainer> ][/.singularity.d/libs]\n")
-    env_file.write_text("PATH=/opt/x\nA=$PATH\n")
-    res = run("exec", "--env-file", str(env_file), str(images.sif), "/bin/sh", "-c", 'echo "$PATH|$A"')
-    assert (res.returncode, res.stdout, res.stderr) == (0, "/opt/x|/opt/x\n", "")
+    env_file.write_text("PATH=/opt/x\nA=$PATH\nset -- x\nB=$1\n")
+    res = run("exec", "--env-file", str(env_file), str(images.sif), "/bin/sh", "-c", 'echo "$PATH|$A|$B"')
+    assert (res.returncode, res.stdout, res.stderr) == (0, "/opt/x|/opt/x|x\n", "")
