@@ -14,10 +14,15 @@ lower layers and never appear in the output (an opaque directory stays, empty). 
 that has ``a/b`` (or a whiteout ``a/.wh.b``) but no entry ``a``
 over a lower *symlink* ``a`` (a usr-merge ``bin -> usr/bin``) writes through it, inside the
 root, as Apptainer (umoci), containerd and Podman extract layers: ``a/b`` lands at
-``usr/bin/b`` and the symlink stays. The merge is top-down, so it learns of such a symlink
-only when it reaches the lower layer: it remembers it and asks for another pass
-(:class:`~hpcsif.errors.WriteThroughError`). An upper *explicit* directory ``a`` replaces
-the lower symlink, as tar extraction does. AUFS bookkeeping entries
+``usr/bin/b`` and the symlink stays. Each layer writes through the symlink it met when it
+was extracted: the nearest lower one that no layer in between replaced or removed (the layer
+that replaces or whites it out does until it does), whatever upper layers do to it later. The
+merge is top-down, so it learns of such a symlink only when it reaches the lower layer: it
+remembers it and asks for another pass (:class:`~hpcsif.errors.WriteThroughError`). An upper
+*explicit* directory ``a`` replaces the lower symlink, as tar extraction does. A hard link
+to a symlink is that symlink (its target read from the link's directory). Symlinks are
+followed component by component as securejoin follows them: ``..`` after a symlink leaves
+the directory it named, not the symlink's own directory. AUFS bookkeeping entries
 (``.wh..wh.aufs``, ``.wh..wh.plnk`` …) are skipped, but not what lies below them, as in
 Apptainer: AUFS keeps hard-linked files in ``.wh..wh.plnk``, and hard links may point
 there. Directories are written last, once each, with the attributes of the topmost layer that has them.
@@ -107,7 +112,6 @@ from hpcsif.image.tar_members import (
     RefusedMember,
     ancestors,
     follow_links,
-    link_path,
     member_data,
     member_kind,
     normalise_name,
@@ -162,7 +166,10 @@ class _Layer:
         self.written: set[str] = set()  # regular files whose content is already out
         self.links: dict[str, str] = {}  # hard links (name -> target), replaceable
         self.linked: set[str] = set()  # the targets in links (and maybe some no longer there)
-        self.rereads: dict[str, list[str]] = {}  # hidden link target -> link names
+        self.ordinal = -1  # the member being merged
+        self.hidden_at: dict[str, int] = {}  # hidden non-directories -> their member's ordinal
+        # hidden link targets (their ordinals: the member there when the link was made) -> links
+        self.rereads: dict[int, list[str]] = {}
         self.whiteouts: set[str] = set()
         self.opaque: set[str] = set()
         # ordinals of the members a later member of this layer replaces (known after a pre-scan)
@@ -197,6 +204,11 @@ class _Layer:
                 (self.late if gone or anc in self.touched or anc in self.whiteouts else self.below).add(anc)
             gone = gone or anc in self.whiteouts or anc in self.opaque or self.touched.get(anc) is False
 
+    def note(self, name: str, is_dir: bool) -> None:
+        """Note that the layer put an entry at ``name`` (a directory: ``is_dir``)."""
+        self.note_below(name)
+        self.touched[name] = self.touched.get(name, True) and is_dir
+
     def removed(self, path: str) -> bool:
         """True if the layer so far put an entry or a whiteout at ``path``, or a whiteout, an
         opaque marker or a non-directory above it: what lower layers have there is gone."""
@@ -206,11 +218,6 @@ class _Layer:
             anc in self.whiteouts or anc in self.opaque or self.touched.get(anc) is False
             for anc in ancestors(path)
         )
-
-    def symlink(self, path: str) -> str | None:
-        """The root-relative path that ``path``, if a symlink of this layer, points at."""
-        target = self.symlinks.get(path)
-        return None if target is None else link_path(path, target)
 
 
 _Progress = Callable[[int, int], None]
@@ -226,12 +233,12 @@ _THROUGH: dict[tuple[tuple[str, int, str | None], ...], dict[str, list[_Through]
 
 
 class _Through(NamedTuple):
-    """A lower symlink that layers write through: the level of its layer, the root-relative
-    path it points at, and the level of the nearest layer above that replaced or removed it
+    """A lower symlink that layers write through: the level of its layer, its target (as
+    written), and the level of the nearest layer above that replaced or removed it
     (0: none did). Only the layers in between met it while they were extracted."""
 
     level: int
-    target: str
+    text: str
     upto: int
 
     def applies(self, lay: _Layer, path: str) -> bool:
@@ -258,48 +265,60 @@ def _drop_below(paths: dict[str, str], name: str) -> None:
         del paths[path]
 
 
-def _scan_repeats(blob: LayerBlob) -> _Repeats:
-    """The members of ``blob`` that a later member replaces, as tar extraction does.
+def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | None) -> _Repeats:
+    """The members of layer ``lay`` that a later member replaces, as tar extraction does
+    (``through`` gives the targets of the lower symlinks that the layer writes through).
 
     An earlier occurrence of a name is replaced by the last one; a later non-directory also
     removes what the layer put below that name before it (a directory replaced by a file).
     A hard link made to a file before the file is replaced keeps the replaced file's content.
     """
+    blob = lay.blob
+    seen = _Layer(lay.level, blob)  # what the layer removed so far, for ``through``
     names: list[tuple[str, bool]] = []
     symlinks: set[int] = set()  # what lies below a symlink of the layer goes through it
-    targets: dict[str, str] = {}  # the layer's symlinks so far -> the root-relative path they name
-    texts: dict[str, str] = {}  # … and their targets as written
+    texts: dict[str, str] = {}  # the layer's symlinks so far -> their targets
     link_dirs: set[str] = set()  # … and the directories they lie in
     link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
     links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
+
+    def symlink(path: str) -> str | None:
+        text = texts.get(path)
+        return through(path, seen) if text is None and through else text
+
+    def placed(path: str) -> str:
+        return follow_links(path, symlink, blob.label) if texts or through else path
+
     stream = LayerStream(blob, verify=False)
     try:
         with open_tar(stream) as tf:
             for i, ti in enumerate(tf):
                 tf.members.clear()
-                name = normalise_name(ti.name, blob)
-                if targets:  # below a symlink of the layer: where it points, as the merge puts it
-                    name = follow_links(name, targets.get, blob.label)
+                name = placed(normalise_name(ti.name, blob))  # as the merge places it
+                if through:
+                    parent, base = posixpath.split(name)
+                    if base == OPAQUE_MARKER:
+                        seen.opaque.add(parent)
+                    elif base.startswith(WHITEOUT_PREFIX):
+                        seen.whiteouts.add(posixpath.join(parent, base[len(WHITEOUT_PREFIX) :]))
+                    else:
+                        seen.touched[name] = seen.touched.get(name, True) and ti.isdir()
                 names.append((name, ti.isdir()))
                 links.pop(name, None)
                 text = ti.linkname if ti.issym() else None
                 if ti.islnk():
-                    target = normalise_name(ti.linkname, blob)
-                    if targets:
-                        target = follow_links(target, targets.get, blob.label)
+                    target = placed(normalise_name(ti.linkname, blob))
                     text = texts.get(target)  # a link to a symlink is one too
                     target = links.get(target, target)
                     links[name] = target
                     link_ordinals.setdefault(target, []).append(i)
                 if text is not None:
                     symlinks.add(i)
-                    targets[name], texts[name] = link_path(name, text), text
+                    texts[name] = text
                     link_dirs.update(ancestors(name))
                 else:
-                    targets.pop(name, None)
                     texts.pop(name, None)
                     if not ti.isdir() and name in link_dirs:  # a non-directory takes those below it away
-                        _drop_below(targets, name)
                         _drop_below(texts, name)
     finally:
         stream.close()
@@ -374,6 +393,7 @@ class _Merger:
         self.required: dict[str, tuple[str, str]] = {}  # lower targets of replaced links (_Layer)
         self.links: list[tuple[str, str]] = []
         self.through: dict[str, list[_Through]] = {}  # lower symlinks known to be written through
+        self.dir_links: list[str] = []  # hard links to implied directories: errors unless …
         self.found: dict[str, list[_Through]] = {}  # … and those this pass found
         # for the symlinks of lower layers, what the layers read so far did at a path, each the
         # lowest such layer: put entries, whiteouts or hard-link targets below it (-> level),
@@ -382,13 +402,25 @@ class _Merger:
         self.touched: dict[str, int] = {}
         self.opaque_at: dict[str, int] = {}
 
-    def _written_through(self, name: str, lay: _Layer) -> str:
-        """``name`` of layer ``lay`` with the known lower symlinks among its ancestors followed."""
+    def _lower_symlink(self, path: str, lay: _Layer) -> str | None:
+        """The target of the lower symlink at ``path`` if layer ``lay`` writes through it."""
+        return next((hit.text for hit in self.through.get(path, ()) if hit.applies(lay, path)), None)
 
-        def lower(path: str) -> str | None:
-            return next((hit.target for hit in self.through.get(path, ()) if hit.applies(lay, path)), None)
+    def _placed(self, path: str, lay: _Layer) -> str:
+        """Where ``path`` (root-relative) of layer ``lay`` lies: through the symlinks among its
+        parents, the layer's own and the lower ones it writes through."""
+        if not lay.symlinks and not self.through:
+            return path
 
-        return follow_links(name, lower, lay.label)
+        def symlink(parent: str) -> str | None:
+            text = lay.symlinks.get(parent)
+            return self._lower_symlink(parent, lay) if text is None and self.through else text
+
+        left: list[str] = []
+        placed = follow_links(path, symlink, lay.label, left)
+        for directory in left:  # if a lower symlink, the layer wrote through it
+            lay.note_below(f"{directory}/")
+        return placed
 
     # -- visibility ----------------------------------------------------------------------
 
@@ -444,13 +476,14 @@ class _Merger:
 
     # -- entries -------------------------------------------------------------------------
 
+    def _name(self, lay: _Layer, ti: tarfile.TarInfo) -> str:
+        """Where member ``ti`` of layer ``lay`` goes in the root: through the symlinks of its
+        layer and the lower ones it writes through."""
+        return self._placed(normalise_name(ti.name, lay.blob), lay)
+
     def entry(self, lay: _Layer, ti: tarfile.TarInfo, data: BinaryIO | None) -> None:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
-        name = normalise_name(ti.name, lay.blob)
-        if lay.symlinks:
-            name = follow_links(name, lay.symlink, lay.label)
-        if self.through:
-            name = self._written_through(name, lay)
+        name = self._name(lay, ti)
         parent, base = posixpath.split(name)
         if base.startswith(WHITEOUT_PREFIX):
             if base.startswith(_AUFS_META) and base != OPAQUE_MARKER:
@@ -478,8 +511,7 @@ class _Merger:
             raise LayerError(
                 f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
             )
-        lay.note_below(name)
-        lay.touched[name] = lay.touched.get(name, True) and kind == "dir"
+        lay.note(name, kind == "dir")
         text = ti.linkname if kind == "sym" else self._linked_symlink(lay, ti) if kind == "lnk" else None
         if text is not None:
             self._found_through(lay, name, text)
@@ -500,10 +532,7 @@ class _Merger:
         one: the link is that symlink too, its target read from the link's own directory."""
         if not lay.symlinks:
             return None
-        target = follow_links(normalise_name(ti.linkname, lay.blob), lay.symlink, lay.label)
-        if self.through:
-            target = self._written_through(target, lay)
-        return lay.symlinks.get(target)
+        return lay.symlinks.get(self._placed(normalise_name(ti.linkname, lay.blob), lay))
 
     def _place(self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, data: BinaryIO | None) -> None:
         """Merge entry ``ti`` (no whiteout) of layer ``lay`` at ``name``."""
@@ -539,6 +568,7 @@ class _Merger:
                 lay.state[name] = self._require(lay, name, ti)
             elif kind != "dir":
                 lay.state[name] = _HIDDEN
+                lay.hidden_at[name] = lay.ordinal
             return
         self._claim_parents(name, lay)
         self.claims[name] = lay.level * 2 + (kind == "dir")
@@ -590,7 +620,8 @@ class _Merger:
                 )
             if len(_REPEATS) >= _MAX_REPEATS:
                 _REPEATS.clear()
-            _REPEATS[(str(lay.blob.path), lay.blob.offset, lay.blob.digest)] = _scan_repeats(lay.blob)
+            through = self._lower_symlink if self.through else None
+            _REPEATS[(str(lay.blob.path), lay.blob.offset, lay.blob.digest)] = _scan_repeats(lay, through)
             raise DuplicateEntryError(
                 f"layer {lay.label}: entry {name!r} replaces an earlier entry whose content or children "
                 "are written already; converting again (the layer's replaced entries are now known)"
@@ -604,7 +635,10 @@ class _Merger:
         if isinstance(target, str):  # an earlier hard link: withdraw its request for content
             if any(user == name for user, _ in lay.awaiting.get(target, [])):
                 lay.required.setdefault(target, (name, lay.label))
-            for requests in (lay.awaiting.get(target, []), lay.rereads.get(target, [])):
+            for requests in (
+                lay.awaiting.get(target, []),
+                lay.rereads.get(lay.hidden_at.get(target, -1), []),
+            ):
                 requests[:] = [r for r in requests if (r[0] if isinstance(r, tuple) else r) != name]
         self.stats.skip("duplicate")
 
@@ -639,18 +673,16 @@ class _Merger:
         below = self.below.get(name, 0)
         if not below or below < upto:  # that layer wrote below it before it replaced it
             return
-        hit = _Through(lay.level, link_path(name, text), upto)
+        hit = _Through(lay.level, text, upto)
         known = self.found.setdefault(name, [])
         if hit not in self.through.get(name, ()):  # a later symlink of the layer replaces an earlier one
             known[:] = [h for h in known if h.level != lay.level] + [hit]
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
-        target = normalise_name(ti.linkname, lay.blob, what=f"hard link target of {name!r}")
-        if lay.symlinks:
-            target = follow_links(target, lay.symlink, lay.label)
-        if self.through:
-            target = self._written_through(target, lay)
+        target = self._placed(
+            normalise_name(ti.linkname, lay.blob, what=f"hard link target of {name!r}"), lay
+        )
         lay.note_below(target)
         seen = lay.state.get(target)
         if isinstance(seen, str):
@@ -663,7 +695,12 @@ class _Merger:
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at directory {target!r}")
         claim = self.claims.get(target)
         if claim is not None and claim & 1 and claim >> 1 == lay.level:
-            raise LayerError(f"layer {lay.label}: hard link {name!r} points at directory {target!r}")
+            error = f"layer {lay.label}: hard link {name!r} points at directory {target!r}"
+            if self.dirs.get(target, (0,))[0] == lay.level:
+                raise LayerError(error)
+            # a directory the layer's entries below it imply, unless they go through a lower
+            # symlink there (the link is then that symlink): the layers below tell
+            self.dir_links.append(error)
         return target
 
     def _link(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:
@@ -678,7 +715,7 @@ class _Merger:
             lay.links[name] = target
             lay.linked.add(target)
         elif seen == _HIDDEN:
-            lay.rereads.setdefault(target, []).append(name)
+            lay.rereads.setdefault(lay.hidden_at[target], []).append(name)
         elif self._removed_by(lay, target):  # tar extraction finds nothing to link to
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
         else:  # not in this layer so far: the nearest lower layer that has it
@@ -707,7 +744,7 @@ class _Merger:
             if anc in lay.whiteouts or anc in lay.opaque:
                 return True
             state = lay.state.get(anc)
-            if state is not None and state != _HIDDEN and (lay.held.get(anc) or (None, ""))[1] != "sym":
+            if state is not None and state != _HIDDEN and anc not in lay.symlinks:
                 return True
         return False
 
@@ -728,7 +765,7 @@ class _Merger:
             elif seen == _EMITTED:
                 self.links += [(n, target) for n in names]
             elif seen == _HIDDEN:
-                lay.rereads.setdefault(target, []).extend(names)
+                lay.rereads.setdefault(lay.hidden_at[target], []).extend(names)
             else:
                 lay.awaiting.setdefault(target, []).extend((n, lay.label) for n in names)
             self.entry(lay, ti, data)
@@ -773,21 +810,20 @@ class _Merger:
                 self.pending.setdefault(target, []).extend(links)
 
     def reread(self, lay: _Layer) -> None:
-        """Read ``lay`` again for link targets that an upper layer hides."""
-        wanted = {target: names for target, names in lay.rereads.items() if names}  # some withdrawn
+        """Read ``lay`` again for link targets that an upper layer hides (the members that
+        were there when the links were made)."""
+        wanted = {ordinal: names for ordinal, names in lay.rereads.items() if names}  # some withdrawn
         if not wanted:
             return
         stream = LayerStream(lay.blob, verify=False)
         try:
             with open_tar(stream) as tf:
-                for ti in tf:
+                for ordinal, ti in enumerate(tf):
                     tf.members.clear()
-                    name = normalise_name(ti.name, lay.blob)
-                    if self.through:
-                        name = self._written_through(name, lay)
-                    names = wanted.pop(name, None)
+                    names = wanted.pop(ordinal, None)
                     if names is None:
                         continue
+                    name = normalise_name(ti.name, lay.blob)
                     kind = member_kind(ti)
                     if kind == "dev":  # dropped: so are the links
                         self.stats.skip("device", len(names))
@@ -803,8 +839,10 @@ class _Merger:
         finally:
             stream.close()
         if wanted:
-            name = next(iter(wanted))
-            raise LayerError(f"layer {lay.label}: hard link target {name!r} vanished on a second read")
+            names = next(iter(wanted.values()))
+            raise LayerError(
+                f"layer {lay.label}: the target of hard link {names[0]!r} vanished on a second read"
+            )
 
     def finish(self) -> None:
         """Write hard links, then every directory (deepest first), then the root."""
@@ -831,14 +869,21 @@ class _Merger:
                 tf = open_tar(stream)  # the stream is closed below
                 for ordinal, ti in enumerate(tf):
                     tf.members.clear()  # tarfile keeps every member; we need none of them
+                    lay.ordinal = ordinal
                     if ordinal in lay.replaced:  # a later member of this layer replaces it
+                        name = self._name(lay, ti)
+                        # it went through the lower symlinks, and replaced them, all the same
+                        if posixpath.basename(name).startswith(WHITEOUT_PREFIX):
+                            lay.note_below(name)
+                        else:
+                            lay.note(name, ti.isdir())
                         if not ti.isdir():  # a directory that replaces it later starts empty
-                            lay.replaced_nondirs.add(normalise_name(ti.name, blob))
+                            lay.replaced_nondirs.add(name)
                         host = lay.repeats.kept.get(ordinal)
                         if host is None:
                             self.stats.skip("duplicate")
                             if ti.islnk():  # replaced, yet made: its target must be there
-                                self._require(lay, normalise_name(ti.name, blob), ti)
+                                self._require(lay, name, ti)
                             continue
                         ti.name = host  # hard links kept it: it goes under the first one's name
                     elif ordinal in lay.repeats.absorbed:  # that first link: it is the file now
@@ -881,6 +926,22 @@ def _extra_layer(merger: _Merger, extra: Sequence[ExtraFile], level: int) -> Non
     merger.end_layer(lay)
 
 
+def _learn_through(merger: _Merger, layers: Sequence[LayerBlob]) -> WriteThroughError | None:
+    """Keep the lower symlinks that upper layers write through, found by this pass of the
+    merge, for the next pass, and the error that asks for it (None if it found none)."""
+    found = {path: hits for path, hits in merger.found.items() if hits}
+    if not found:
+        return None
+    image = tuple((str(b.path), b.offset, b.digest) for b in layers)
+    if len(_THROUGH) >= _MAX_REPEATS:
+        _THROUGH.clear()
+    _THROUGH[image] = {p: merger.through.get(p, []) + found.get(p, []) for p in {*merger.through, *found}}
+    for blob in layers:  # their pre-scans placed names without these symlinks
+        _REPEATS.pop((str(blob.path), blob.offset, blob.digest), None)
+    shown = ", ".join(f"{p!r} -> {hit.text!r}" for p, hits in found.items() for hit in hits)
+    return WriteThroughError(f"upper layers write through lower symlinks ({shown}); converting again")
+
+
 def _merge(
     layers: Sequence[LayerBlob],
     sink: Sink,
@@ -907,16 +968,19 @@ def _merge(
                 stream.close()
                 raise
             merger.layer(level, blob, stream)
+    except LayerError as e:  # maybe only for want of the lower symlinks this pass found
+        again = _learn_through(merger, layers)
+        if again is None:
+            raise
+        raise again from e
     finally:
         if ahead is not None:
             ahead.close()
-    found = {path: hits for path, hits in merger.found.items() if hits}
-    if found:  # this pass wrote entries beside symlinks they belong below: once more
-        if len(_THROUGH) >= _MAX_REPEATS:
-            _THROUGH.clear()
-        _THROUGH[image] = {p: merger.through.get(p, []) + found.get(p, []) for p in {*merger.through, *found}}
-        shown = ", ".join(f"{p!r} -> {hit.target or '/'!r}" for p, hits in found.items() for hit in hits)
-        raise WriteThroughError(f"upper layers write through lower symlinks ({shown}); converting again")
+    again = _learn_through(merger, layers)
+    if again is not None:
+        raise again
+    if merger.dir_links:  # … these are lower symlinks written through
+        raise LayerError(merger.dir_links[0])
     # the image's whiteouts hide lower layers, not the base directories laid under them (Apptainer
     # creates those after extracting): an opaque root keeps its /proc, /dev, /tmp …
     merger.hidden.clear()

@@ -11,7 +11,6 @@ all layers.
 from __future__ import annotations
 
 import io
-import posixpath
 import re
 import sys
 import tarfile
@@ -236,28 +235,45 @@ def open_tar(stream: LayerStream) -> tarfile.TarFile:
         return tarfile.open(fileobj=io.BytesIO(_EMPTY_TAR), mode="r:")
 
 
-def link_path(name: str, target: str) -> str:
-    """The root-relative path symlink ``name`` -> ``target`` names, resolved inside the root."""
-    return posixpath.normpath(posixpath.join("/", posixpath.dirname(name), target)).lstrip("/")
+def follow_links(
+    name: str, symlink: Callable[[str], str | None], label: str, left: list[str] | None = None
+) -> str:
+    """``name`` with the symlinks among its parents followed inside the root, component by
+    component as Apptainer (filepath-securejoin) follows them: ``..`` after a symlink leaves
+    the directory the symlink named, and ``..`` at the root is the root.
 
-
-def follow_links(name: str, symlink: Callable[[str], str | None], label: str) -> str:
-    """``name`` with the symlinks among its ancestors followed, inside the root.
-
-    ``symlink(path)`` is the root-relative path that ``path`` points at, None if it is no
-    symlink to follow.
+    ``symlink(path)`` is the target (as written) of the symlink at root-relative ``path``, None
+    if there is none to follow there. The directories that a ``..`` left are added to ``left``
+    (they were passed through, and may be symlinks that only a later pass knows).
     """
-    path = name
-    for _ in range(_MAX_SYMLINKS + 1):
-        for anc in ancestors(path):
-            hit = symlink(anc)
-            if hit is not None:
-                rest = path[len(anc) + 1 :]
-                path = f"{hit}/{rest}" if hit else rest
-                break
-        else:
-            return path
-    raise LayerError(f"layer {label}: {name!r}: too many levels of symbolic links among its parents")
+    parent, slash, base = name.rpartition("/")
+    if not slash:
+        return name
+    todo = parent.split("/")
+    todo.reverse()  # a stack: the next component last
+    here = ""  # the directory resolved so far
+    followed = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if here and left is not None:
+                left.append(here)
+            here = here.rpartition("/")[0]
+            continue
+        path = f"{here}/{part}" if here else part
+        target = symlink(path)
+        if target is None:
+            here = path
+            continue
+        followed += 1
+        if followed > _MAX_SYMLINKS:
+            raise LayerError(f"layer {label}: {name!r}: too many levels of symbolic links among its parents")
+        if target.startswith("/"):
+            here = ""
+        todo.extend(reversed(target.split("/")))
+    return f"{here}/{base}" if here else base
 
 
 _REG_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE})

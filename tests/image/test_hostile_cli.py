@@ -37,6 +37,9 @@ from tests.image.tarbuild import (
 )
 
 APPTAINER = shutil.which("apptainer") or shutil.which("peer-apptainer")
+# Apptainer rewrites its cache's index.json unlocked (builds running side by side corrupt it),
+# and every build adds to it: the test images need no cache
+PEER_NO_CACHE = ("--disable-cache",)
 # what Apptainer adds that hpcsif does not (and the metadata both add)
 _NOT_COMPARED = re.compile(r"^/(\.singularity\.d|etc/hosts$|etc/resolv\.conf$)")
 
@@ -99,7 +102,9 @@ def _build_and_compare(tmp_path: Path, layers: list[LayerBlob], *, implied: bool
     if APPTAINER:
         theirs = tmp_path / "theirs.sif"
         subprocess.run(
-            [APPTAINER, "-s", "build", str(theirs), f"oci-archive:{archive}"], check=True, timeout=120
+            [APPTAINER, "-s", "build", *PEER_NO_CACHE, str(theirs), f"oci-archive:{archive}"],
+            check=True,
+            timeout=120,
         )
 
         def loose(t: dict[str, str]) -> dict[str, str]:

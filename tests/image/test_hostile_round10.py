@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.image.tarbuild import d, file, layer, link, opaque, sym, whiteout
+from tests.image.tarbuild import E, d, file, layer, link, opaque, sym, whiteout
 from tests.image.test_hostile_cli import _archive, _build_and_compare
 from tests.image.test_hostile_round9 import _both_refuse
 
@@ -142,3 +142,63 @@ def test_a_file_hidden_by_an_upper_directory_still_removes_its_layers_entries_be
     layers = [layer(tmp_path, [entry, file("a", "A"), file("k")]), layer(tmp_path, [d("a/x/z")], "zstd")]
     tree = _build_and_compare(tmp_path, layers, implied=True)
     assert "/a/y" not in tree and tree["/a/x/z"][0] == "d"
+
+
+def test_hard_link_to_a_hidden_file_gets_the_content_it_had_then(tmp_path: Path) -> None:
+    """``f`` twice, then a link to it, all hidden by an upper opaque directory: the link is the
+    second ``f`` (hpcsif read the layer again and gave it the first)."""
+    entries = [file("b/f", "first"), file("b/f", "2nd"), link("h", "b/f"), file("b/f", "third")]
+    layers = [layer(tmp_path, entries), layer(tmp_path, [opaque("b"), file("k")], "zstd")]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert tree["/h"] == "-rw-r--r-- 3" and "/b/f" not in tree
+
+
+# lower layer, upper layer: the upper layer's entries go through the lower symlinks
+THROUGH_CHAINS = {
+    # the upper layer's entries below a/x imply a directory there, which is the symlink
+    "link-to-a-symlink-written-through": (
+        [d("q"), sym("a/x", "/q")],
+        [file("a/x/z", "22"), link("t/y", "a/x")],
+        {"/q/z": "-rw-r--r-- 2", "/t/y": "lrwxrwxrwx /q"},
+    ),
+    # b/x is a/x, through b: the file replaces the directory a/x/z made, children and all
+    "file-replaces-its-layers-directory-through-a-symlink": (
+        [sym("b", "/a")],
+        [file("a/x/z", "1"), file("b/x", "22")],
+        {"/a/x": "-rw-r--r-- 2"},
+    ),
+    # a/x/z went through a -> / before the layer replaced a (hpcsif's pre-scan dropped it)
+    "entry-then-its-symlink-replaced": (
+        [sym("a", "/")],
+        [file("x/keep"), file("a/x/z", "1"), sym("a", "/a")],
+        {"/x/z": "-rw-r--r-- 1", "/a": "lrwxrwxrwx /a"},
+    ),
+    # .. after a symlink leaves the directory it names, as securejoin resolves it (hpcsif
+    # resolved a -> x/../y to y)
+    "dotdot-after-a-symlink": (
+        [d("p"), d("p/q"), sym("x", "p/q"), sym("a", "x/../y")],
+        [file("a/f", "f")],
+        {"/p/y/f": "-rw-r--r-- 1"},
+    ),
+    # s is a hard link to the symlink a/x -> /a: s/x/z is a/z (hpcsif: 'missing file')
+    "link-target-through-a-linked-symlink": (
+        [sym("a/x", "/a"), link("s", "a/x")],
+        [file("a/x/z", "22"), link("a/y", "s/x/z")],
+        {"/a/z": "-rw-r--r-- 2", "/a/y": "-rw-r--r-- 2"},
+    ),
+    # s/x is a/x through s, which the directory replaces; then s itself is replaced
+    "symlink-replaced-before-an-entry-below-it": (
+        [sym("a/x", "/a"), link("s", "a/x")],
+        [d("s/x"), E("s", "fifo"), d("s/x/z")],
+        {"/s/x/z": "drwxr-xr-x ", "/a/x": "drwxr-xr-x "},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(THROUGH_CHAINS))
+def test_entries_through_lower_symlinks_land_as_in_apptainer(tmp_path: Path, case: str) -> None:
+    """Each failed or differed before (see the comments)."""
+    lower, upper, expected = THROUGH_CHAINS[case]
+    layers = [layer(tmp_path, lower), layer(tmp_path, upper, "zstd")]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert {path: tree.get(path) for path in expected} == expected

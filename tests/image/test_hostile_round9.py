@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.image.tarbuild import blob, d, file, layer, link, opaque, sym, tar_bytes, whiteout
-from tests.image.test_hostile_cli import APPTAINER, _archive, _build_and_compare, _hpcsif_build
+from tests.image.test_hostile_cli import (
+    APPTAINER,
+    PEER_NO_CACHE,
+    _archive,
+    _build_and_compare,
+    _hpcsif_build,
+)
 
 
 @pytest.fixture
@@ -38,7 +44,7 @@ def _both_refuse(tmp_path: Path, archive: Path, ours: list[str], theirs: str) ->
     assert list(out.iterdir()) == []
     if APPTAINER:
         peer = subprocess.run(
-            [APPTAINER, "-s", "build", str(out / "theirs.sif"), f"oci-archive:{archive}"],
+            [APPTAINER, "-s", "build", *PEER_NO_CACHE, str(out / "theirs.sif"), f"oci-archive:{archive}"],
             capture_output=True,
             text=True,
             timeout=120,
