@@ -15,16 +15,20 @@ lives as long as the process that launched the container.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import stat
 import struct
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hpcsif.engine.base import which
 from hpcsif.errors import EngineError, MissingToolError
+
+log = logging.getLogger(__name__)
 
 #: Apptainer's smallest overlay (MiB)
 MIN_SIZE_MIB = 64
@@ -72,9 +76,18 @@ def writable_ext3_mount(image: Path, offset: int, size: int, mounts: list) -> Pa
     mount = ext3_data_mount(image, offset, writable=True)
     mount.pass_fds = (lock,)  # (no reader may mount the file system while it is mounted writable)
     if os.getuid() == 0:  # (a user may not make device nodes or trusted.* attributes)
-        mount.before_unmount = lambda mnt: kernel_whiteouts(mnt / "upper")
+        mount.before_unmount = _kernel_whiteouts_of
     mounts.append(mount)
     return mount.acquire()
+
+
+def _kernel_whiteouts_of(mnt: Path) -> None:
+    """:func:`kernel_whiteouts` of the overlay mounted at *mnt*; a failure is only a warning
+    (fuse-overlayfs, hpcsif and Apptainer's unprivileged mode read the changes all the same)."""
+    try:
+        kernel_whiteouts(mnt / "upper")
+    except OSError as exc:
+        log.warning("deletions in the overlay %s stay fuse-overlayfs's .wh. files: %s", mnt, exc)
 
 
 def kernel_whiteouts(upper: Path) -> None:
@@ -85,26 +98,50 @@ def kernel_whiteouts(upper: Path) -> None:
     device NAME and the ``trusted.overlay.opaque`` attribute, and no whiteouts at all in an
     opaque directory (the kernel lists them there). fuse-overlayfs reads both forms.
     """
-    for top, _dirs, files in os.walk(upper):
-        marks = [n for n in files if n.startswith(".wh.") and _empty_file(os.path.join(top, n))]
-        opaque = ".wh..wh..opq" in marks or b"trusted.overlay.opaque" in map(os.fsencode, os.listxattr(top))
+    for top, names in _directories(str(upper)):
+        marks = [n for n in names if n.startswith(".wh.") and _empty_file(os.path.join(top, n))]
+        opaque = ".wh..wh..opq" in marks or "trusted.overlay.opaque" in os.listxattr(top)
         if opaque:
             os.setxattr(top, "trusted.overlay.opaque", b"y")
-            for name in files:  # nothing below an opaque directory needs hiding
-                st = os.lstat(os.path.join(top, name))
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                    os.unlink(os.path.join(top, name))
+            # nothing in an opaque directory needs hiding: fuse-overlayfs's own whiteout there
+            # (.wh..opq) goes too
+            for name in names:
+                if name.startswith(".wh.") and name not in marks:
+                    st = os.lstat(os.path.join(top, name))
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        os.unlink(os.path.join(top, name))
         for name in marks:
-            hidden = name[4:]
-            where = os.path.join(top, hidden)
-            if not opaque and name != ".wh..wh..opq" and not os.path.lexists(where):
-                os.mknod(where, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+            hidden = os.path.join(top, name[4:])
+            if not opaque and name != ".wh..wh..opq" and not os.path.lexists(hidden):
+                os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0))
             os.unlink(os.path.join(top, name))
 
 
 def _empty_file(path: str) -> bool:
     st = os.lstat(path)
     return stat.S_ISREG(st.st_mode) and not st.st_size
+
+
+def _directories(top: str) -> Iterator[tuple[str, list[str]]]:
+    """(directory, its entries' names) for *top* and every directory below it.
+
+    Through FUSE a stat costs a round trip and fuse2fs's listings carry no file types, so the
+    entries are looked at only until the directory's link count (2 + its subdirectories, on
+    ext3) says that all its subdirectories were found: a directory of files costs one listing.
+    """
+    names = os.listdir(top)
+    links = os.lstat(top).st_nlink
+    left = links - 2 if links >= 2 else len(names)  # (1: too many to count, as ext4's dir_nlink)
+    below = []
+    for name in names:
+        if left <= 0:
+            break
+        if stat.S_ISDIR(os.lstat(os.path.join(top, name)).st_mode):
+            below.append(os.path.join(top, name))
+            left -= 1
+    yield top, names  # (the caller may remove entries that are not directories)
+    for path in below:
+        yield from _directories(path)
 
 
 def create_overlay(
