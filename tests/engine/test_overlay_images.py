@@ -27,9 +27,9 @@ pytestmark = [
 
 APPTAINER = peer_apptainer()
 #: deletions and a directory made anew (opaque), then what a later container sees of them
-CHANGE = "echo new > /new; rm /bin/vi; rm -r /opt; mkdir /opt; touch /opt/o"
+CHANGE = "echo new > /new; rm /bin/vi; rm -r /opt; mkdir /opt; touch /opt/o; mkdir -p /opt/n/m"
 LOOK = "cat /new; ls /opt; ls /bin/vi 2>&1"
-LOOKED = "new\no\nls: /bin/vi: No such file or directory\n"
+LOOKED = "new\nn\no\nls: /bin/vi: No such file or directory\n"
 
 
 def hpcsif(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -97,7 +97,8 @@ def test_a_writable_overlay_image_keeps_what_containers_write(run, pub_tmp, imag
     if run.user is None:
         # as Apptainer's kernel overlay writes them: a 0/0 character device, an opaque attribute
         assert upper == {"vi": 0o20600}, upper
-        assert listing(img, "/upper/opt") == {"o": 0o100644}
+        assert listing(img, "/upper/opt") == {"o": 0o100644, "n": 0o40755}
+        assert listing(img, "/upper/opt/n") == {"m": 0o40755}
         attrs = subprocess.run(
             ["debugfs", "-R", "ea_list /upper/opt", str(img)], capture_output=True, text=True
         )
