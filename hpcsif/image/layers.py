@@ -426,17 +426,14 @@ class _Merger:
 
     def _blocked(self, name: str, lay: _Layer) -> str | None:
         """Why ``name`` of layer ``lay`` is hidden by an ancestor, or None."""
-        if "" in self.opaque and name:
-            return "whiteout"
+        reason = "whiteout" if "" in self.opaque and name else None
         for anc in ancestors(name):
-            if anc in self.hidden:
-                return "whiteout"
-            if anc in self.opaque:
-                return "whiteout"
+            if reason is None and (anc in self.hidden or anc in self.opaque):
+                reason = "whiteout"  # yet a non-directory of the layer above it becomes a directory
             claim = self.claims.get(anc)
             if claim is not None and not claim & 1:
                 if claim >> 1 != lay.level:
-                    return "shadowed"
+                    return reason or "shadowed"
                 # below a non-directory of its own layer: Apptainer's extraction replaces that
                 # with a directory (hpcsif refused the layer)
                 self._take_back(lay, anc, False)
@@ -445,7 +442,7 @@ class _Merger:
                 lay.opaque.add(anc)  # what the layers below had there went with the non-directory
         if name in self.hidden:
             return "whiteout"
-        return None
+        return reason
 
     def _claim_unhidden_parents(self, name: str, lay: _Layer) -> None:
         """The parent directories of a whited-out entry stay, as extraction left them, down to
@@ -684,23 +681,24 @@ class _Merger:
             normalise_name(ti.linkname, lay.blob, what=f"hard link target of {name!r}"), lay
         )
         lay.note_below(target)
-        seen = lay.state.get(target)
-        if isinstance(seen, str):
-            target = seen
         if target == name or not target:
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at itself or the root")
         if target.startswith(name + "/"):  # extraction removes what is at name, target and all
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
+        error = f"layer {lay.label}: hard link {name!r} points at directory {target!r}"
         if name.startswith(target + "/"):  # its directory is the target, or replaced it
-            raise LayerError(f"layer {lay.label}: hard link {name!r} points at directory {target!r}")
-        claim = self.claims.get(target)
-        if claim is not None and claim & 1 and claim >> 1 == lay.level:
-            error = f"layer {lay.label}: hard link {name!r} points at directory {target!r}"
-            if self.dirs.get(target, (0,))[0] == lay.level:
-                raise LayerError(error)
-            # a directory the layer's entries below it imply, unless they go through a lower
+            raise LayerError(error)
+        seen = lay.state.get(target)
+        if isinstance(seen, str):  # a hard link of the layer: the same file as its target
+            target = seen
+        elif self.dirs.get(target, (0,))[0] == lay.level:
+            raise LayerError(error)
+        elif target in lay.parents or self.claims.get(target) == lay.level * 2 + 1:
+            # a directory the layer's entries below it made, unless they went through a lower
             # symlink there (the link is then that symlink): the layers below tell
             self.dir_links.append(error)
+        if target == name:  # through hard links of the layer
+            raise LayerError(f"layer {lay.label}: hard link {name!r} points at itself or the root")
         return target
 
     def _link(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> None:

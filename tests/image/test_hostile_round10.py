@@ -202,3 +202,36 @@ def test_entries_through_lower_symlinks_land_as_in_apptainer(tmp_path: Path, cas
     layers = [layer(tmp_path, lower), layer(tmp_path, upper, "zstd")]
     tree = _build_and_compare(tmp_path, layers, implied=True)
     assert {path: tree.get(path) for path in expected} == expected
+
+
+def test_a_file_its_layer_makes_a_directory_stays_one_below_an_upper_opaque_marker(tmp_path: Path) -> None:
+    """``b`` then ``b/x`` make ``b`` a directory, which the upper opaque marker empties; hpcsif
+    kept the file ``b``."""
+    layers = [
+        layer(tmp_path, [file("b", "333"), d("b/x")]),
+        layer(tmp_path, [opaque("b"), file("k")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert tree["/b"][0] == "d" and "/b/x" not in tree
+
+
+def test_hard_link_to_a_link_whose_target_is_replaced_later(tmp_path: Path) -> None:
+    """``s`` links the lower symlink ``t/y``, a directory then replaces ``t/y``, ``a/x`` links
+    ``s``: it is that symlink too (hpcsif: 'points at directory')."""
+    layers = [
+        layer(tmp_path, [sym("t/y", "/")]),
+        layer(tmp_path, [link("s", "t/y"), d("t/y"), link("a/x", "s")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert tree["/s"] == tree["/a/x"] == "lrwxrwxrwx /" and tree["/t/y"][0] == "d"
+
+
+def test_hard_link_to_a_lower_file_its_layer_made_a_directory_fails(tmp_path: Path) -> None:
+    """``a/x/z`` made the lower file ``a`` a directory before ``b/x`` links it: Apptainer fails
+    ('link: operation not permitted'); hpcsif linked the file where an upper layer had ``a/x``."""
+    layers = [
+        layer(tmp_path, [file("a", "A")]),
+        layer(tmp_path, [file("a/x/z", "22"), link("b/x", "a")]),
+        layer(tmp_path, [d("a/x")], "zstd"),
+    ]
+    _both_refuse(tmp_path, _archive(tmp_path, layers), ["hard link 'b/x' points at directory 'a'"], "link: ")
