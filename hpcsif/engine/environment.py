@@ -151,44 +151,45 @@ __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
 unset __f __k __nolibs __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 # a script whose #! interpreter the image lacks, or a program whose ELF loader it lacks, fails
-# with Apptainer's line, not the shell's "not found"
+# with Apptainer's line, not the shell's "not found". The file is read as bytes: bash in a UTF-8
+# locale stops such a line short (and where that locale is missing, setting LC_ALL would warn).
 __interp() {
-  __l=; IFS= read -r __l 2>&- < "$1"
-  case $__l in
-  '#!'*)
-    set -f; set -- "$1" ${__l#??}; set +f
-    if [ -n "${2:-}" ] && [ ! -x "$2" ]; then
-      echo "FATAL:   exec $1 failed: a shared library is likely missing in the image" >&2; exit 255
-    fi ;;
-  @DEL@ELF*)
-    # the loader's path (PT_INTERP) lies in the first lines, read without their NUL bytes, in a
-    # run of path characters that other bytes may go on: each run from a / that names a loader
-    # (.so, then dots and digits) is a candidate; one that exists (or none found) lets it run.
-    # Read as bytes: bash in a UTF-8 locale stops such a line short (and where that locale is
-    # missing, setting LC_ALL would warn).
-    __n=0 __m= __l=@E_ACUTE@
-    if [ ${#__l} = 1 ]; then __rd() { LC_ALL=C IFS= read -r __l; }; else __rd() { IFS= read -r __l; }; fi
-    while [ $__n -lt 3 ] && __rd; do
-      __n=$((__n + 1))
+  __l=@E_ACUTE@ __m=
+  if [ ${#__l} = 1 ]; then __rd() { LC_ALL=C IFS= read -r __l; }; else __rd() { IFS= read -r __l; }; fi
+  {
+    __l=; __rd
+    case $__l in
+    '#!'*)
+      set -f; set -- "$1" ${__l#??}; set +f
+      [ -z "${2:-}" ] || [ -x "$2" ] || __m=1 ;;
+    @DEL@ELF*)
+      # the loader's path (PT_INTERP) lies in the first lines, read without their NUL bytes, in
+      # a run of path characters that other bytes may go on: each run from a / that names a
+      # loader (.so, then dots and digits) is a candidate; one that exists (or none) lets it run.
+      # It starts in the first 256 bytes (NULs aside), which bounds what a static program costs.
+      __k=0
       while :; do
-        case $__l in */*) __l=${__l#*/} ;; *) break ;; esac
-        __t=/${__l%%[!A-Za-z0-9._/+-]*}
-        case $__t in
-        /*/ld*.so*)
-          __d=${__t%/*} __b=${__t##*/}; __r=${__b#*.so}; __b=${__b%"$__r"}
-          while :; do
-            if [ -e "$__d/$__b" ]; then __m=0; break 3; fi
-            case $__r in [.0-9]*) __b=$__b${__r%"${__r#?}"} __r=${__r#?} ;; *) break ;; esac
-          done
-          __m=1 ;;
-        esac
-      done
-      [ -z "$__m" ] || break
-    done 2>&- < "$1"
-    if [ "$__m" = 1 ]; then
-      echo "FATAL:   exec $1 failed: a shared library is likely missing in the image" >&2; exit 255
-    fi ;;
-  esac
+        __k=$((__k + ${#__l}))
+        while :; do
+          case $__l in */*) __l=${__l#*/} ;; *) break ;; esac
+          __t=/${__l%%[!A-Za-z0-9._/+-]*}
+          case $__t in
+          /*/ld*.so*)
+            __d=${__t%/*} __b=${__t##*/}; __r=${__b#*.so}; __b=${__b%"$__r"}
+            while :; do
+              if [ -e "$__d/$__b" ]; then __m=0; break 3; fi
+              case $__r in [.0-9]*) __b=$__b${__r%"${__r#?}"} __r=${__r#?} ;; *) break ;; esac
+            done
+            __m=1 ;;
+          esac
+        done
+        [ -z "$__m" ] && [ $__k -lt 256 ] && __rd || break
+      done ;;
+    esac
+  } 2>&- < "$1"
+  if [ "$__m" = 1 ]; then
+    echo "FATAL:   exec $1 failed: a shared library is likely missing in the image" >&2; exit 255
+  fi
 }
 case $__a in
 exec)
