@@ -242,9 +242,9 @@ class _Through(NamedTuple):
     upto: int
 
     def applies(self, lay: _Layer, path: str) -> bool:
-        """True if layer ``lay`` met the symlink at ``path`` (the layer that replaced or removed
-        it did until it did so)."""
-        return self.upto < lay.level < self.level or (lay.level == self.upto and not lay.removed(path))
+        """True if layer ``lay`` met the symlink at ``path``: a layer between it and the one that
+        replaced or removed it (that one too), until the layer replaced or removed it itself."""
+        return lay.level > 0 and self.upto <= lay.level < self.level and not lay.removed(path)
 
 
 class _Repeats(NamedTuple):

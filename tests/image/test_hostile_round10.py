@@ -235,3 +235,14 @@ def test_hard_link_to_a_lower_file_its_layer_made_a_directory_fails(tmp_path: Pa
         layer(tmp_path, [d("a/x")], "zstd"),
     ]
     _both_refuse(tmp_path, _archive(tmp_path, layers), ["hard link 'b/x' points at directory 'a'"], "link: ")
+
+
+def test_a_layer_that_empties_the_root_through_a_symlink_removes_a_looping_one(tmp_path: Path) -> None:
+    """``t -> /`` makes ``t/.wh..wh..opq`` an opaque root, which removes ``a -> a/x`` before the
+    layer's ``a/x/.wh.z`` could loop through it (hpcsif: 'too many levels of symbolic links')."""
+    layers = [
+        layer(tmp_path, [sym("t", "/"), sym("a", "a/x"), file("gone")]),
+        layer(tmp_path, [opaque("t"), whiteout("a/x/z"), file("k")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers)
+    assert not {"/a", "/t", "/gone"} & set(tree) and tree["/k"] == "-rw-r--r-- 0"
