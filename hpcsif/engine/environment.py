@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: kept by --cleanenv, as Apptainer does
-CLEANENV_KEEP = ("TERM", "http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy")
+#: kept by --cleanenv, as Apptainer does (the proxies in either case)
+_PROXIES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "ftp_proxy")
+CLEANENV_KEEP = ("TERM", *_PROXIES, *(p.upper() for p in _PROXIES))
 #: never taken from the host: the image (or the launcher) sets them
 NOT_FROM_HOST = ("PATH", "LD_LIBRARY_PATH", "PS1", "PROMPT_COMMAND")
 _PREFIXES = ("APPTAINERENV_", "SINGULARITYENV_")

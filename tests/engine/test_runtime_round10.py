@@ -183,3 +183,23 @@ def test_empty_overrides_as_apptainer_reads_them(run, images: Images, pub_tmp: P
     env_file.write_text("PATH=/opt/x\nA=$PATH\nset -- x\nB=$1\n")
     res = run("exec", "--env-file", str(env_file), str(images.sif), "/bin/sh", "-c", 'echo "$PATH|$A|$B"')
     assert (res.returncode, res.stdout, res.stderr) == (0, "/opt/x|/opt/x|x\n", "")
+
+
+def test_cleanenv_keeps_the_proxies_in_either_case(run, images: Images) -> None:
+    """--cleanenv (and --containall) keep TERM and the proxy variables, upper case too, as
+    Apptainer does (hpcsif dropped HTTP_PROXY and the other upper-case ones)."""
+    proxies = {
+        "HTTP_PROXY": "hp",
+        "HTTPS_PROXY": "hsp",
+        "NO_PROXY": "np",
+        "ALL_PROXY": "ap",
+        "FTP_PROXY": "fp",
+    }
+    proxies |= {"http_proxy": "lhp", "OTHER": "x"}
+    for flag in ("--cleanenv", "--containall"):
+        res = run(
+            "exec", flag, str(images.sif), "sh", "-c", "env | grep -i -e proxy -e other | sort", env=proxies
+        )
+        assert res.stdout.split() == sorted(f"{k}={v}" for k, v in proxies.items() if k != "OTHER"), (
+            res.stderr
+        )
