@@ -501,14 +501,23 @@ def direct_env(launcher_env: dict[str, str], image_env: list[str]) -> dict[str, 
         env.setdefault(key, launcher_env[f"{_HOST}_{key}"])
     path = [p for p in env["PATH"].split(":") if p]
     env["PATH"] = ":".join(path + [p for p in DEFAULT_PATH.split(":") if p not in path])
+    nolibs = False
     for key in launcher_env.get(_OVERRIDE, "").split():
-        env[key] = launcher_env[f"{_OVERRIDE}_{key}"]
+        value = launcher_env[f"{_OVERRIDE}_{key}"]
+        if value or key not in ("PATH", "PS1"):  # (an empty one leaves the container's, as there)
+            env[key] = value
+        nolibs = nolibs or (key, value) == ("LD_LIBRARY_PATH", "")
     if launcher_env.get("__HPCSIF_PREPEND_PATH"):
         env["PATH"] = f"{launcher_env['__HPCSIF_PREPEND_PATH']}:{env['PATH']}"
     if launcher_env.get("__HPCSIF_APPEND_PATH"):
         env["PATH"] = f"{env['PATH']}:{launcher_env['__HPCSIF_APPEND_PATH']}"
-    libs = [p for p in launcher_env.get("__HPCSIF_LD_PATH", "").split(":") if p]
-    env["LD_LIBRARY_PATH"] = ":".join([*libs, "/.singularity.d/libs"])
+    # as the launcher: the engine's libraries first, /.singularity.d/libs last (not after an
+    # LD_LIBRARY_PATH given empty)
+    ld = [*(p for p in launcher_env.get("__HPCSIF_LD_PATH", "").split(":") if p)]
+    ld += [env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []
+    if not nolibs and "/.singularity.d/libs" not in ":".join(ld).split(":"):
+        ld.append("/.singularity.d/libs")
+    env["LD_LIBRARY_PATH"] = ":".join(ld)
     return dict(sorted(env.items()))  # in name order, as Apptainer's interpreter passes it on
 
 

@@ -107,3 +107,17 @@ def test_a_repacked_image_keeps_its_oci_config(distroless: Path, tmp_path: Path)
     assert run_cli("run", str(repacked)).stdout == "default args\n"
     out = run_cli("exec", str(repacked), "busybox", "sh", "-c", 'echo "$GREETING"').stdout
     assert out == "from the image\n"
+
+
+def test_overrides_of_path_and_libraries(distroless: Path) -> None:
+    """As with a shell (and in Apptainer): an empty PATH or PS1 given leaves the container's, an
+    empty LD_LIBRARY_PATH stays empty, and one given goes before /.singularity.d/libs (hpcsif
+    dropped it and set the empty ones)."""
+    path = "/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    for given, libs in (
+        ("PATH=,LD_LIBRARY_PATH=,PS1=", ""),
+        ("LD_LIBRARY_PATH=/x", "/x:/.singularity.d/libs"),
+    ):
+        show = 'echo "[$PATH][$LD_LIBRARY_PATH][$PS1]"'
+        out = run_cli("exec", "--env", given, str(distroless), "busybox", "sh", "-c", show).stdout
+        assert out == f"[{path}][{libs}][Apptainer> ]\n"
