@@ -555,6 +555,9 @@ class _Plan:
         if self.direct is not None:
             from hpcsif.engine.environment import direct_argv
 
+            if "PWD" not in self.env:  # (bwrap sets it after --chdir, last: in name order instead)
+                self.env = dict(sorted({**self.env, "PWD": workdir}.items()))
+
             argv = direct_argv(opts.action, opts.command, self.direct, self.image)
             # exec's command or the image's ENTRYPOINT/CMD: both fail with Apptainer's one-liners
             path = self.env.get("PATH", "")

@@ -55,11 +55,11 @@ def test_exec_environment_and_exit_codes(distroless: Path) -> None:
         out
         == "from the image|image|by flag|/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     )
-    # in name order, as Apptainer's interpreter passes them on
-    names = [
-        ln.partition("=")[0] for ln in run_cli("exec", str(distroless), "busybox", "env").stdout.splitlines()
-    ]
-    assert names == sorted(names) and "GREETING" in names
+    # in name order, as Apptainer's interpreter passes them on (PWD too, which bwrap sets last)
+    for flags in ([], ["--cleanenv"]):
+        out = run_cli("exec", *flags, str(distroless), "busybox", "env").stdout
+        names = [ln.partition("=")[0] for ln in out.splitlines()]
+        assert names == sorted(names) and "GREETING" in names and "PWD" in names
     proc = run_cli("exec", str(distroless), "busybox", "sh", "-c", "exit 42", check=False)
     assert proc.returncode == 42
     proc = subprocess.run(
