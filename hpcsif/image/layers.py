@@ -542,6 +542,11 @@ class _Merger:
                 if path in lay.resolved:
                     link, label = lay.resolved[path]
                     raise LayerError(f"layer {label}: hard link {link!r} points at directory {path!r}")
+        if self.pending:  # … or will find, when this layer ends with a directory there
+            for path in ancestors(name):
+                if path in self.pending:  # (unless it is a lower symlink written through)
+                    link, label = self.pending[path][0]
+                    self.dir_links.append(f"layer {label}: hard link {link!r} points at directory {path!r}")
         if name in self.required:
             link, label = self.required.pop(name)
             if kind == "dir":

@@ -246,3 +246,23 @@ def test_a_layer_that_empties_the_root_through_a_symlink_removes_a_looping_one(t
     ]
     tree = _build_and_compare(tmp_path, layers)
     assert not {"/a", "/t", "/gone"} & set(tree) and tree["/k"] == "-rw-r--r-- 0"
+
+
+@pytest.mark.parametrize("last", ["directory", "file"])
+def test_hard_link_to_what_a_lower_layer_ends_with(tmp_path: Path, last: str) -> None:
+    """The lower layer has file ``t`` twice, then ``t/y`` (``t`` is a directory: the upper link
+    fails as in Apptainer; hpcsif linked the lower symlink ``t`` that the file had replaced),
+    or then ``t`` again (a file: the link is that file)."""
+    ending = [sym("t/y", "t")] if last == "directory" else [sym("t/y", "t"), file("t", "333")]
+    layers = [
+        layer(tmp_path, [sym("t", "a/x")]),
+        layer(tmp_path, [file("t", "dup"), file("t", "22"), *ending]),
+        layer(tmp_path, [link("b", "t")], "zstd"),
+    ]
+    if last == "directory":
+        _both_refuse(
+            tmp_path, _archive(tmp_path, layers), ["hard link 'b' points at directory 't'"], "link: "
+        )
+    else:
+        tree = _build_and_compare(tmp_path, layers)
+        assert tree["/b"] == tree["/t"] == "-rw-r--r-- 3"
