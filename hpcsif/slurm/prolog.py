@@ -7,7 +7,9 @@ The prolog (as root, once per node with ``PrologFlags=Alloc``):
    the job's admin comment where the first node recorded it, else resolved here and recorded;
 3. stages each pinned reference into the node's **system cache** (``cache.system_dir``) through
    the cache coordinator (exactly once per node; from the shared tier when configured), and
-   takes a lease ``job-<id>`` on it so eviction leaves it alone while the job runs;
+   takes a lease ``job-<id>`` on it so eviction leaves it alone while the job runs. Relative
+   paths name files in the job's working directory; a local archive or layout is staged only
+   if the job's user may read it (the system cache is readable by every user);
 4. writes the node's job record (:mod:`hpcsif.slurm.jobrecord`) and applies the failure policy
    (:mod:`hpcsif.slurm.policy`) to whatever failed.
 
@@ -59,6 +61,11 @@ class JobContext:
     def node(self) -> str | None:
         """This node's Slurm name (``SLURMD_NODENAME``)."""
         return self.env.get("SLURMD_NODENAME") or None
+
+    @property
+    def workdir(self) -> str | None:
+        """The job's working directory (``SLURM_JOB_WORK_DIR``), where relative paths point."""
+        return self.env.get("SLURM_JOB_WORK_DIR") or None
 
     @property
     def restarts(self) -> int:
@@ -205,6 +212,64 @@ def _comment(client: JobClient, ctx: JobContext) -> str | None:
 # --- staging -----------------------------------------------------------------------------------
 
 
+def _local_input(ref_text: str) -> str | None:
+    """The host file or directory that staging ``ref_text`` copies into the system cache (an
+    archive, an OCI layout, a file:// URL), or None (registries, SIFs and sandboxes used in place)."""
+    from hpcsif.refs import FILE_TRANSPORTS, parse
+
+    ref = parse(ref_text)
+    if ref.transport in FILE_TRANSPORTS:
+        return ref.path
+    if ref.transport == "fsspec" and ref.path and ref.path.startswith("file://"):
+        return ref.path[len("file://") :]
+    return None
+
+
+def check_user_may_read(ref_text: str, ctx: JobContext) -> None:
+    """Refuse a local input the job's user cannot read: the prolog reads it as root, and what
+    it stages is readable by every user. The check runs ``test -r`` as that user."""
+    import pwd
+    import subprocess
+
+    path = _local_input(ref_text)
+    if path is None or ctx.uid is None or ctx.uid == os.geteuid():
+        return
+    try:
+        account = pwd.getpwuid(ctx.uid)
+        gid = int(ctx.env.get("SLURM_JOB_GID") or account.pw_gid)
+        groups = os.getgrouplist(account.pw_name, gid)
+    except (KeyError, ValueError) as exc:
+        raise SlurmError(f"cannot look up the job's user {ctx.uid}: {exc}") from None
+    # a file readable; a directory (an OCI layout) searchable, with its index.json readable
+    test = 'test -r "$1" && { test ! -d "$1" || { test -x "$1" && '
+    test += '{ test ! -e "$1/index.json" || test -r "$1/index.json"; }; }; }'
+    proc = subprocess.run(
+        ["/bin/sh", "-c", test, "sh", path],
+        user=ctx.uid,
+        group=gid,
+        extra_groups=groups,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        who = ctx.user or account.pw_name
+        raise SlurmError(
+            f"{path}: not readable by the job's user {who} (staged only what the job could read)"
+        )
+
+
+def _enter_workdir(ctx: JobContext, stack: contextlib.ExitStack) -> None:
+    """Relative image paths of the job name files in its working directory: go there (back when
+    ``stack`` closes); a directory root cannot enter (root-squashed NFS) is only logged."""
+    if not ctx.workdir:
+        return
+    try:
+        stack.enter_context(contextlib.chdir(ctx.workdir))
+    except OSError as exc:
+        log.warning("job %s: cannot enter %s (%s): relative image paths fail", ctx.job_id, ctx.workdir, exc)
+
+
 def stage_for_job(ref: str, job_id: str, root: Path) -> tuple[Path, str]:
     """Stage ``ref`` into the system cache at ``root`` and lease it for ``job_id``.
 
@@ -241,6 +306,7 @@ def _stage_all(
         started = time.monotonic()
         try:
             outcome.pinned = pin_reference(req, ctx.job_id, client, node=ctx.node)
+            check_user_may_read(outcome.pinned, ctx)
             path, key = stage_for_job(outcome.pinned, ctx.job_id, root)
             outcome.path, outcome.key = str(path), key
             log.info("job %s: %s staged as %s", ctx.job_id, req.ref, path)
@@ -275,7 +341,8 @@ def run_prolog(ctx: JobContext, client: JobClient, *, timeout: float | None = No
     if not requests:
         log.debug("job %s requests no images", ctx.job_id)
         return report
-    with system_cache_config() as root:
+    with system_cache_config() as root, contextlib.ExitStack() as workdir:
+        _enter_workdir(ctx, workdir)
         results: list[ImageOutcome] = []
         cancelled = threading.Event()
         worker = threading.Thread(

@@ -17,6 +17,7 @@ import pytest
 from hpcsif.slurm.policy import REQUEUE_LIMIT
 from tests.conftest import run_cli
 from tests.services.registry import Registry
+from tests.services.slurm import ENDED
 from tests.services.users import USER_PATH, TestUser
 from tests.slurm.cluster_setup import HpcsifCluster, write_os_archive, write_os_layout
 
@@ -168,7 +169,10 @@ def test_requeue_policy_holds_after_the_limit(hpcsif_cluster: HpcsifCluster, tmp
         job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", f"--comment=hpcsif:{bad}", tmp=tmp_path)
         deadline = time.monotonic() + 120
         while "held" not in (reason := (cluster.job_field(job, "Reason") or "").lower()):
-            assert time.monotonic() < deadline, cluster.job_field(job, "JobState") + " " + reason
+            state = cluster.job_field(job, "JobState")
+            assert time.monotonic() < deadline and state not in ENDED, (
+                f"{state} {reason}\n{cluster.slurm.logs_tail(40)}"
+            )
             if reason == "begintime":  # Slurm's 2-minute requeue delay, skipped
                 cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             time.sleep(0.3)
@@ -293,6 +297,53 @@ def test_an_unprivileged_job_reads_the_system_cache_but_cannot_change_it(
         assert not list((work / "cache").glob("sif/*/*.sif"))  # the user converted nothing
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_relative_paths_name_files_in_the_jobs_directory(
+    hpcsif_cluster: HpcsifCluster, tmp_path: Path
+) -> None:
+    cluster = hpcsif_cluster
+    write_os_archive(tmp_path / "os15.tar", 15)
+    job = cluster.sbatch(
+        "#!/bin/sh\nsrun cat /etc/os-release\n", "-N1", "--sif-image=docker-archive:os15.tar", tmp=tmp_path
+    )
+    assert cluster.wait(job) == "COMPLETED"
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert 'VERSION_ID="6.15"' in out, out
+    assert any(
+        list(cluster.syscache(n).glob("sif/*/os15.sif")) for n in cluster.nodes
+    )  # the prolog staged it
+
+
+def test_a_user_cannot_stage_what_they_cannot_read(
+    hpcsif_cluster: HpcsifCluster, unpriv_user: TestUser
+) -> None:
+    """The prolog reads as root, and the system cache is readable by all: a root-only archive
+    named by a user's job is refused, not published."""
+    cluster = hpcsif_cluster
+    private = Path(tempfile.mkdtemp(prefix="hpcsif-private-", dir="/tmp"))  # root's, 0700
+    work = Path(tempfile.mkdtemp(prefix="hpcsif-userjob-", dir="/tmp"))
+    try:
+        os.chown(work, unpriv_user.uid, unpriv_user.gid)
+        work.chmod(0o755)
+        ref = write_os_archive(private / "secret16.tar", 16)
+        env = {"SLURM_CONF": str(cluster.slurm.conf), "PATH": f"{cluster.user_bin}:{USER_PATH}"}
+        submit = unpriv_user.run(
+            ["sbatch", "--parsable", "-N1", f"--comment=hpcsif:{ref}", f"--output={work}/out", "--wrap=true"],
+            env=env,
+            cwd=work,
+        )
+        assert submit.returncode == 0, submit.stderr
+        job = submit.stdout.strip()
+        cluster.wait(job)
+        comment = cluster.job_field(job, "AdminComment") or ""
+        assert f"{private}/secret16.tar: not readable by the job's user {unpriv_user.name}" in comment, (
+            comment
+        )
+        assert not any(list(cluster.syscache(n).glob("sif/*/secret16.sif")) for n in cluster.nodes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def test_epilog_evicts_by_quota_but_never_a_leased_image(
