@@ -204,6 +204,18 @@ class _Layer:
                 (self.late if gone or anc in self.touched or anc in self.whiteouts else self.below).add(anc)
             gone = gone or anc in self.whiteouts or anc in self.opaque or self.touched.get(anc) is False
 
+    def track_symlink(self, name: str, kind: str, text: str | None) -> None:
+        """Note entry ``name`` (of ``kind``; a symlink to ``text``, or a hard link to one): the
+        layer's later entries below a symlink go where it points, even where it is hidden or a
+        later entry replaces it."""
+        if text is not None:
+            self.symlinks[name] = text
+            self.symlink_dirs.update(ancestors(name))
+        else:
+            self.symlinks.pop(name, None)
+            if kind != "dir" and name in self.symlink_dirs:  # a non-directory took them away
+                _drop_below(self.symlinks, name)
+
     def note(self, name: str, is_dir: bool) -> None:
         """Note that the layer put an entry at ``name`` (a directory: ``is_dir``)."""
         self.note_below(name)
@@ -509,25 +521,20 @@ class _Merger:
                 f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
             )
         lay.note(name, kind == "dir")
-        text = ti.linkname if kind == "sym" else self._linked_symlink(lay, ti) if kind == "lnk" else None
+        text = self._symlink_text(lay, ti, kind)
         if text is not None:
             self._found_through(lay, name, text)
         elif name in self.found:  # a later entry of the symlink's layer replaced it
             self.found[name] = [hit for hit in self.found[name] if hit.level != lay.level]
         self._place(lay, name, ti, kind, data)
-        # the layer's later entries below a symlink go where it points, even where it is hidden
-        if text is not None:
-            lay.symlinks[name] = text
-            lay.symlink_dirs.update(ancestors(name))
-        else:
-            lay.symlinks.pop(name, None)
-            if kind != "dir" and name in lay.symlink_dirs:  # a non-directory took them away
-                _drop_below(lay.symlinks, name)
+        lay.track_symlink(name, kind, text)
 
-    def _linked_symlink(self, lay: _Layer, ti: tarfile.TarInfo) -> str | None:
-        """The target of the symlink of layer ``lay`` that hard link ``ti`` names, if it names
-        one: the link is that symlink too, its target read from the link's own directory."""
-        if not lay.symlinks:
+    def _symlink_text(self, lay: _Layer, ti: tarfile.TarInfo, kind: str) -> str | None:
+        """The target of member ``ti`` of layer ``lay`` if a symlink, or a hard link to a symlink
+        of the layer (the link is that symlink too, its target read from its own directory)."""
+        if kind == "sym":
+            return ti.linkname
+        if kind != "lnk" or not lay.symlinks:
             return None
         return lay.symlinks.get(self._placed(normalise_name(ti.linkname, lay.blob), lay))
 
@@ -732,7 +739,8 @@ class _Merger:
         if lay.state.get(target) is None:
             if self._removed_by(lay, target):
                 raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
-            lay.required.setdefault(target, (name, lay.label))
+            if target not in lay.replaced_nondirs:  # not an earlier member of the layer, left out
+                lay.required.setdefault(target, (name, lay.label))
         return target
 
     def _removed_by(self, lay: _Layer, target: str) -> bool:
@@ -880,6 +888,8 @@ class _Merger:
                             lay.note_below(name)
                         else:
                             lay.note(name, ti.isdir())
+                            kind = member_kind(ti)
+                            lay.track_symlink(name, kind, self._symlink_text(lay, ti, kind))
                         if not ti.isdir():  # a directory that replaces it later starts empty
                             lay.replaced_nondirs.add(name)
                         host = lay.repeats.kept.get(ordinal)

@@ -266,3 +266,15 @@ def test_hard_link_to_what_a_lower_layer_ends_with(tmp_path: Path, last: str) ->
     else:
         tree = _build_and_compare(tmp_path, layers)
         assert tree["/b"] == tree["/t"] == "-rw-r--r-- 3"
+
+
+def test_a_layer_that_repeats_names_keeps_its_replaced_symlinks_and_link_targets(tmp_path: Path) -> None:
+    """A layer that must be merged twice (``t`` then ``t/y``) skips its replaced members the
+    second time: entries below the symlink ``a`` still go through it (hpcsif: 'cannot be
+    merged'), and a replaced link to the replaced symlink ``c/x`` still had its target (hpcsif:
+    'points at missing file')."""
+    entries = [file("t", "333"), sym("a", "b"), file("a/x", "22"), sym("c/x", "s/x"), link("s/x", "c/x")]
+    entries += [E("t/y", "fifo"), file("a", "22"), file("s", "3"), file("c/x", "1")]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)], implied=True)
+    assert tree["/b/x"] == "-rw-r--r-- 2" and tree["/a"] == "-rw-r--r-- 2" and tree["/t/y"][0] == "p"
+    assert tree["/c/x"] == "-rw-r--r-- 1" and tree["/s"] == "-rw-r--r-- 1"
