@@ -105,6 +105,18 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[key] = value
 
 
+def _unknown_keys(layer: dict[str, Any], known: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of *layer* that *known* lacks (a typo an admin would not see otherwise);
+    below a table that is empty in *known* (``registry.mirrors`` …) every key is the user's."""
+    unknown = []
+    for key, value in layer.items():
+        if key not in known:
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(known[key], dict) and known[key]:
+            unknown += _unknown_keys(value, known[key], f"{prefix}{key}.")
+    return unknown
+
+
 def config_files() -> list[Path]:
     """The configuration files looked for, lowest layer first (each may be missing)."""
     xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
@@ -131,9 +143,14 @@ class Config:
                 import tomllib  # only when there is a file: exec's start-up time counts
 
                 try:
-                    _merge(data, tomllib.loads(path.read_text()))
+                    layer = tomllib.loads(path.read_text())
                 except (OSError, tomllib.TOMLDecodeError) as exc:
                     raise ConfigError(f"{path}: {exc}") from None
+                for key in _unknown_keys(layer, DEFAULTS):
+                    import logging
+
+                    logging.getLogger(__name__).warning("%s: unknown setting %s (ignored)", path, key)
+                _merge(data, layer)
                 sources.append(str(path))
         for names, key, typ in ENV_OVERRIDES:
             _warn_if_both_differ(names)
