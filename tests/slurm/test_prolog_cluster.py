@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,15 +123,24 @@ def test_bad_image_error_reaches_hpcsif_exec_in_the_script(
     assert set(cluster.node_states().values()) == {"idle"}
 
 
-def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
-    cluster = hpcsif_cluster
+@contextlib.contextmanager
+def failure_policy(cluster: HpcsifCluster, tmp_path: Path, policy: str) -> Iterator[None]:
+    """The hooks run with ``slurm.failure_policy = POLICY`` for the ``with`` block."""
     env_file = cluster.base / "hooks" / "hpcsif.env"
     saved = env_file.read_text()
-    config = tmp_path / "hold.toml"
-    config.write_text('[slurm]\nfailure_policy = "hold"\n')
+    config = tmp_path / f"{policy}.toml"
+    config.write_text(f'[slurm]\nfailure_policy = "{policy}"\n')
     config.chmod(0o644)
     env_file.write_text(saved + f"HPCSIF_CONFIG={config}\n")
     try:
+        yield
+    finally:
+        env_file.write_text(saved)
+
+
+def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
+    cluster = hpcsif_cluster
+    with failure_policy(cluster, tmp_path, "hold"):
         archive = tmp_path / "hpcsif-hold.tar"  # not there yet: a typo the user fixes below
         bad = f"docker-archive://{archive}"
         job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", f"--comment=hpcsif:{bad}", tmp=tmp_path)
@@ -151,20 +162,12 @@ def test_hold_policy_requeues_and_holds(hpcsif_cluster: HpcsifCluster, tmp_path:
         cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         assert cluster.wait(job) == "COMPLETED"
         assert "hpcsif-error" not in (cluster.job_field(job, "AdminComment") or "")
-    finally:
-        env_file.write_text(saved)
 
 
 def test_requeue_policy_holds_after_the_limit(hpcsif_cluster: HpcsifCluster, tmp_path: Path) -> None:
     """A lasting error under ``requeue``: requeued REQUEUE_LIMIT times, then held (not for ever)."""
     cluster = hpcsif_cluster
-    env_file = cluster.base / "hooks" / "hpcsif.env"
-    saved = env_file.read_text()
-    config = tmp_path / "requeue.toml"
-    config.write_text('[slurm]\nfailure_policy = "requeue"\n')
-    config.chmod(0o644)
-    env_file.write_text(saved + f"HPCSIF_CONFIG={config}\n")
-    try:
+    with failure_policy(cluster, tmp_path, "requeue"):
         bad = "docker-archive:///nonexistent/hpcsif-requeue.tar"
         job = cluster.sbatch("#!/bin/bash\ntrue\n", "-N1", f"--comment=hpcsif:{bad}", tmp=tmp_path)
         deadline = time.monotonic() + 120
@@ -182,8 +185,6 @@ def test_requeue_policy_holds_after_the_limit(hpcsif_cluster: HpcsifCluster, tmp
         )
         cluster.run("scancel", job)
         cluster.slurm.wait_nodes(("idle",))
-    finally:
-        env_file.write_text(saved)
 
 
 def test_one_digest_per_job_while_the_tag_moves(
