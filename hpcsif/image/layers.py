@@ -96,6 +96,7 @@ import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from sys import intern
 from typing import BinaryIO, NamedTuple, TypeVar
 
 from hpcsif.errors import (
@@ -198,10 +199,15 @@ class _Layer:
 
     def note_below(self, name: str) -> None:
         """Note that the layer put an entry (or a whiteout, a hard link's target) at ``name``."""
+        parent = name.rpartition("/")[0]
+        if parent in self.below or parent in self.late:  # so are all above it
+            return
         gone = "" in self.opaque  # what lower layers have at the ancestor is gone
         for anc in ancestors(name):
-            if anc not in self.below and anc not in self.late:
-                (self.late if gone or anc in self.touched or anc in self.whiteouts else self.below).add(anc)
+            if anc not in self.below and anc not in self.late:  # interned: the merge's tables share it
+                (self.late if gone or anc in self.touched or anc in self.whiteouts else self.below).add(
+                    intern(anc)
+                )
             gone = gone or anc in self.whiteouts or anc in self.opaque or self.touched.get(anc) is False
 
     def track_symlink(self, name: str, kind: str, text: str | None) -> None:
@@ -472,10 +478,11 @@ class _Merger:
     def _claim_parents(self, name: str, lay: _Layer) -> None:
         if lay.replaced_nondirs:  # the directory where a skipped non-directory was starts empty
             lay.opaque.update(anc for anc in ancestors(name) if anc in lay.replaced_nondirs)
+        if name.rpartition("/")[0] not in lay.parents:  # else all of them are there
+            lay.parents.update(map(intern, ancestors(name)))
         for anc in ancestors(name):
-            lay.parents.add(anc)
-            if anc not in self.claims:
-                self.claims[anc] = lay.level * 2 + 1
+            if anc not in self.claims:  # interned: a hostile layer's are kilobytes long, and many
+                self.claims[intern(anc)] = lay.level * 2 + 1
                 self.claimed_dir_bytes += len(anc)
         if self.claimed_dir_bytes > _MAX_DIR_PATH_BYTES:
             raise LayerError(

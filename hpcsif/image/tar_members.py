@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -60,11 +59,10 @@ def normalise_name(name: str, layer: LayerBlob, what: str = "entry") -> str:
 
 
 def ancestors(path: str) -> Iterator[str]:
-    """The strict ancestors of ``path`` from the top: "a", "a/b" for "a/b/c" (interned: the
-    merge keeps each in several tables, and a hostile layer's can be kilobytes long)."""
+    """The strict ancestors of ``path`` from the top: "a", "a/b" for "a/b/c"."""
     i = path.find("/")
     while i != -1:
-        yield sys.intern(path[:i])
+        yield path[:i]
         i = path.find("/", i + 1)
 
 
