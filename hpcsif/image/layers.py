@@ -196,6 +196,7 @@ class _Layer:
         # the targets of upper layers' hard links found in this layer -> (a link, its layer): a
         # later entry of the layer that makes one a directory fails them, as in Apptainer
         self.resolved: dict[str, tuple[str, str]] = {}
+        self.pending_dirs: set[str] = set()  # … and those it has directories at
 
     def note_below(self, name: str) -> None:
         """Note that the layer put an entry (or a whiteout, a hard link's target) at ``name``."""
@@ -411,7 +412,9 @@ class _Merger:
         self.required: dict[str, tuple[str, str]] = {}  # lower targets of replaced links (_Layer)
         self.links: list[tuple[str, str]] = []
         self.through: dict[str, list[_Through]] = {}  # lower symlinks known to be written through
-        self.dir_links: list[str] = []  # hard links to implied directories: errors unless …
+        # hard links to directories, unless the pass turns out to need another (lower symlinks
+        # written through, a layer that repeats names): raised at the end of the pass
+        self.dir_links: list[str] = []
         self.found: dict[str, list[_Through]] = {}  # … and those this pass found
         # for the symlinks of lower layers, what the layers read so far did at a path, each the
         # lowest such layer: put entries, whiteouts or hard-link targets below it (-> level),
@@ -553,9 +556,9 @@ class _Merger:
             lay.opaque.add(name)
         if lay.resolved:  # a file that upper hard links found, which this entry makes a directory
             for path in (name, *ancestors(name)) if kind == "dir" else ancestors(name):
-                if path in lay.resolved:
+                if path in lay.resolved:  # (unless a later entry replaces it again: another pass)
                     link, label = lay.resolved[path]
-                    raise LayerError(f"layer {label}: hard link {link!r} points at directory {path!r}")
+                    self.dir_links.append(f"layer {label}: hard link {link!r} points at directory {path!r}")
         if self.pending:  # … or will find, when this layer ends with a directory there
             for path in ancestors(name):
                 if path in self.pending:  # (unless it is a lower symlink written through)
@@ -567,8 +570,10 @@ class _Merger:
                 raise LayerError(f"layer {label}: hard link {link!r} points at directory {name!r}")
             lay.resolved.setdefault(name, (link, label))
         if name in self.pending:
-            self._resolve_pending(lay, name, ti, kind, data)
-            return
+            if kind != "dir":
+                self._resolve_pending(lay, name, ti, kind, data)
+                return
+            lay.pending_dirs.add(name)  # the links fail unless a later entry replaces it
         if not name and kind != "dir":
             raise LayerError(f"layer {lay.label}: the root entry {ti.name!r} is not a directory")
         reason = self._blocked(name, lay)
@@ -762,7 +767,7 @@ class _Merger:
             if anc in lay.whiteouts or anc in lay.opaque:
                 return True
             state = lay.state.get(anc)
-            if state is not None and state != _HIDDEN and anc not in lay.symlinks:
+            if state is not None and anc not in lay.symlinks:  # (hidden or not: it was there)
                 return True
         return False
 
@@ -772,8 +777,6 @@ class _Merger:
         """A lower layer reached the target of hard links from upper layers."""
         users = self.pending.pop(name)
         names = [n for n, _ in users]
-        if kind == "dir":
-            raise LayerError(f"layer {lay.label}: hard link {names[0]!r} points at directory {name!r}")
         lay.resolved.setdefault(name, users[0])
         if kind == "lnk":  # this layer links it onwards: follow
             target = self._link_target(lay, name, ti)
@@ -806,6 +809,10 @@ class _Merger:
 
     def end_layer(self, lay: _Layer) -> None:
         """Write the held-back entries and apply the layer's whiteouts to the layers below."""
+        for name in lay.pending_dirs & self.pending.keys():
+            raise LayerError(
+                f"layer {lay.label}: hard link {self.pending[name][0][0]!r} points at directory {name!r}"
+            )
         for name, (ti, kind) in lay.held.items():
             self.sink.emit(name, ti, kind, None, lay.label)
         self.links += lay.links.items()
@@ -999,7 +1006,7 @@ def _merge(
     again = _learn_through(merger, layers)
     if again is not None:
         raise again
-    if merger.dir_links:  # … these are lower symlinks written through
+    if merger.dir_links:
         raise LayerError(merger.dir_links[0])
     # the image's whiteouts hide lower layers, not the base directories laid under them (Apptainer
     # creates those after extracting): an opaque root keeps its /proc, /dev, /tmp …

@@ -278,3 +278,28 @@ def test_a_layer_that_repeats_names_keeps_its_replaced_symlinks_and_link_targets
     tree = _build_and_compare(tmp_path, [layer(tmp_path, entries)], implied=True)
     assert tree["/b/x"] == "-rw-r--r-- 2" and tree["/a"] == "-rw-r--r-- 2" and tree["/t/y"][0] == "p"
     assert tree["/c/x"] == "-rw-r--r-- 1" and tree["/s"] == "-rw-r--r-- 1"
+
+
+def test_hard_link_below_a_file_an_earlier_layer_made_fails(tmp_path: Path) -> None:
+    """``a`` replaced the directory ``a/`` below: ``b`` linked to ``a/y`` fails as in Apptainer
+    ('link: not a directory'), though the link's own layer replaces ``a`` afterwards (hpcsif
+    linked the removed ``a/y``)."""
+    layers = [
+        layer(tmp_path, [file("a/y", "1")]),
+        layer(tmp_path, [file("a", "333")]),
+        layer(tmp_path, [link("b", "a/y"), file("a")], "zstd"),
+    ]
+    _both_refuse(
+        tmp_path, _archive(tmp_path, layers), ["hard link 'b' points at missing file 'a/y'"], "link: "
+    )
+
+
+def test_hard_link_to_a_name_a_directory_held_for_a_while(tmp_path: Path) -> None:
+    """``s`` a file, a directory, a file again: the upper link is the last file (hpcsif: 'points
+    at directory')."""
+    layers = [
+        layer(tmp_path, [file("s", "dup"), d("s"), file("s", "1")]),
+        layer(tmp_path, [link("b/x", "s")]),
+    ]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert tree["/b/x"] == tree["/s"] == "-rw-r--r-- 1"
