@@ -168,3 +168,10 @@ class WideDirectoryError(LayerError):
     ``tar2sqfs`` 1.2 looks each new name up among all its siblings (quadratic in the size of
     a directory); :func:`hpcsif.sif.squashfs.squashfs_from_tar` then packs with mksquashfs.
     """
+
+
+class AppNotFoundError(EngineError):
+    """``--app NAME`` names no app of an image without a shell to say so: Apptainer's line, which
+    the CLI prints on standard output, as Apptainer does, and status 1."""
+
+    exit_code = 1

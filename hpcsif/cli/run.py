@@ -189,6 +189,16 @@ def _add_flags(p: argparse.ArgumentParser, action: str) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Resolve the image, then launch it with the selected engine."""
+    from hpcsif.errors import AppNotFoundError
+
+    try:
+        return _handle(args)
+    except AppNotFoundError as exc:
+        print(exc, flush=True)  # (Apptainer's line, on standard output)
+        return exc.exit_code
+
+
+def _handle(args: argparse.Namespace) -> int:
     from hpcsif.cli.envflags import flags_from_env
     from hpcsif.cli.pull import REGISTRY_ENV
     from hpcsif.engine.base import LaunchOptions, select_engine

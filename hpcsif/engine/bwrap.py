@@ -44,7 +44,7 @@ from hpcsif.engine.binds import (
 from hpcsif.engine.image_paths import in_image, is_executable, is_file, missing_parent, underlay_entries, walk
 from hpcsif.engine.no_shell import oci_start_config, refuse_without_shell, resolve_command
 from hpcsif.engine.supervise import Signals, on_terminal, run_bwrap
-from hpcsif.errors import EngineError, HpcsifError, MissingToolError, UsageError
+from hpcsif.errors import AppNotFoundError, EngineError, HpcsifError, MissingToolError, UsageError
 
 if TYPE_CHECKING:
     from hpcsif.engine.mounts import SharedMount
@@ -555,6 +555,10 @@ class _Plan:
         if self.direct is not None:
             from hpcsif.engine.environment import direct_argv
 
+            if opts.app and not os.path.isdir(in_image(self.root, f"/scif/apps/{opts.app}") or ""):
+                # (what the image's env script says where a shell runs it; after the set-up's
+                # warnings, as there)
+                raise AppNotFoundError(f"Could not locate the container application: {opts.app}")
             if "PWD" not in self.env:  # (bwrap sets it after --chdir, last: in name order instead)
                 self.env = dict(sorted({**self.env, "PWD": workdir}.items()))
 

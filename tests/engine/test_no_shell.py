@@ -9,6 +9,7 @@ import pytest
 
 from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_docker_archive
 from tests.conftest import run_cli
+from tests.engine.conftest import fuse_mounts
 from tests.services.images import ETC_USERS, busybox_binary
 
 pytestmark = pytest.mark.slow
@@ -121,3 +122,17 @@ def test_overrides_of_path_and_libraries(distroless: Path) -> None:
         show = 'echo "[$PATH][$LD_LIBRARY_PATH][$PS1]"'
         out = run_cli("exec", "--env", given, str(distroless), "busybox", "sh", "-c", show).stdout
         assert out == f"[{path}][{libs}][Apptainer> ]\n"
+
+
+def test_an_app_the_image_lacks(distroless: Path) -> None:
+    """``--app NAME`` of an app the image lacks: Apptainer's line on standard output and status
+    1, as its env script says it where a shell runs (hpcsif ran the command, ignoring --app)."""
+    for args in (["run"], ["exec", "busybox", "true"]):
+        action, *command = args
+        proc = run_cli(action, "--app", "nosuch", str(distroless), *command, check=False)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (
+            1,
+            "Could not locate the container application: nosuch\n",
+            "",
+        )
+    assert not fuse_mounts()
