@@ -55,6 +55,14 @@ def listing(image: Path, path: str) -> dict[str, int]:
     return entries
 
 
+def _write_locked(path: Path) -> bool:
+    """Whether some process holds a write lock on *path* (/proc/locks)."""
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    with open("/proc/locks") as f:
+        return any(" WRITE " in line and inode in line for line in f)
+
+
 def test_overlay_create_makes_apptainers_layout(tmp_path, images):
     img = tmp_path / "ov.img"
     assert hpcsif("overlay", "create", "--create-dir", "/data/in,rel", str(img)).returncode == 0
@@ -169,17 +177,15 @@ def test_apptainer_reads_what_we_wrote_and_shares_the_lock(images):
         )
         assert theirs.stdout == LOOKED, theirs.stderr
         # Apptainer writing: we are kept out, in its words
-        holder = subprocess.Popen([APPTAINER, "exec", "--overlay", str(img), str(sif), "sleep", "30"])
+        holder = subprocess.Popen([APPTAINER, "exec", "--overlay", str(img), str(sif), "sleep", "10"])
         try:
             deadline = time.monotonic() + 60
-            while True:
-                res = hpcsif("exec", "--overlay", str(img), str(sif), "true")
-                if res.returncode != 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)  # (until Apptainer holds the lock)
+            while not _write_locked(img):  # (until Apptainer holds its lock)
+                assert time.monotonic() < deadline and holder.poll() is None, "Apptainer never locked it"
+                time.sleep(0.05)
+            res = hpcsif("exec", "--overlay", str(img), str(sif), "true")
             assert fatal(res).endswith(f"can't open {img} for writing, currently in use by another process")
         finally:
-            holder.kill()
-            holder.wait()
+            holder.wait(timeout=120)  # (killing the peer's wrapper would leave Apptainer running)
     finally:
         shutil.rmtree(work)
