@@ -178,8 +178,7 @@ class _Layer:
         self.replaced = self.repeats.replaced
         self.replaced_nondirs: set[str] = set()  # names of replaced non-directories skipped so far
         # this layer's symlinks, and hard links to them, which are symlinks too -> their targets
-        self.symlinks: dict[str, str] = {}
-        self.symlink_dirs: set[str] = set()  # the directories they lie in (some maybe no more)
+        self.symlinks = _Symlinks()
         # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
         # layers below from the end of this one (a later entry of this layer is no target)
         self.awaiting: dict[str, list[tuple[str, str]]] = {}
@@ -216,12 +215,11 @@ class _Layer:
         layer's later entries below a symlink go where it points, even where it is hidden or a
         later entry replaces it."""
         if text is not None:
-            self.symlinks[name] = text
-            self.symlink_dirs.update(ancestors(name))
+            self.symlinks.put(name, text)
         else:
-            self.symlinks.pop(name, None)
-            if kind != "dir" and name in self.symlink_dirs:  # a non-directory took them away
-                _drop_below(self.symlinks, name)
+            self.symlinks.forget(name)
+            if kind != "dir":  # a non-directory took those below it away
+                self.symlinks.forget_below(name)
 
     def note(self, name: str, is_dir: bool) -> None:
         """Note that the layer put an entry at ``name`` (a directory: ``is_dir``)."""
@@ -278,10 +276,36 @@ class _Repeats(NamedTuple):
     retarget: dict[int, str] = {}
 
 
-def _drop_below(paths: dict[str, str], name: str) -> None:
-    """Remove the paths below ``name`` from ``paths``."""
-    for path in [p for p in paths if p.startswith(name + "/")]:
-        del paths[path]
+class _Symlinks(dict[str, str]):
+    """The symlinks of a layer (path -> target), indexed by the directories they lie in: a
+    non-directory takes those below its name away (a hostile layer can alternate thousands
+    of such names with thousands of symlinks elsewhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._below: dict[str, set[str]] = {}
+
+    def put(self, name: str, text: str) -> None:
+        """Note the symlink ``name`` -> ``text``."""
+        if name not in self:
+            for anc in ancestors(name):
+                self._below.setdefault(anc, set()).add(name)
+        self[name] = text
+
+    def forget(self, name: str) -> None:
+        """``name`` is no symlink (any more)."""
+        if self.pop(name, None) is None:
+            return
+        for anc in ancestors(name):
+            below = self._below[anc]
+            below.discard(name)
+            if not below:
+                del self._below[anc]
+
+    def forget_below(self, name: str) -> None:
+        """Forget the symlinks below ``name``."""
+        for path in list(self._below.get(name, ())):
+            self.forget(path)
 
 
 def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | None) -> _Repeats:
@@ -296,8 +320,7 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
     seen = _Layer(lay.level, blob)  # what the layer removed so far, for ``through``
     names: list[tuple[str, bool]] = []
     symlinks: set[int] = set()  # what lies below a symlink of the layer goes through it
-    texts: dict[str, str] = {}  # the layer's symlinks so far -> their targets
-    link_dirs: set[str] = set()  # … and the directories they lie in
+    texts = _Symlinks()  # the layer's symlinks so far -> their targets
     link_ordinals: dict[str, list[int]] = {}  # hard link target -> the links' ordinals
     links: dict[str, str] = {}  # hard link name -> the name of the file it ultimately names
 
@@ -333,12 +356,11 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
                     link_ordinals.setdefault(target, []).append(i)
                 if text is not None:
                     symlinks.add(i)
-                    texts[name] = text
-                    link_dirs.update(ancestors(name))
+                    texts.put(name, text)
                 else:
-                    texts.pop(name, None)
-                    if not ti.isdir() and name in link_dirs:  # a non-directory takes those below it away
-                        _drop_below(texts, name)
+                    texts.forget(name)
+                    if not ti.isdir():  # a non-directory takes those below it away
+                        texts.forget_below(name)
     finally:
         stream.close()
     last: dict[str, int] = {}
@@ -651,7 +673,7 @@ class _Merger:
         if held is not None and name in lay.linked:
             self._keep_for_links(lay, name, held)
         lay.links.pop(name, None)
-        lay.symlinks.pop(name, None)
+        lay.symlinks.forget(name)
         target = lay.state.get(name)
         if isinstance(target, str):  # an earlier hard link: withdraw its request for content
             if any(user == name for user, _ in lay.awaiting.get(target, [])):
