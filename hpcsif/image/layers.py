@@ -195,6 +195,7 @@ class _Layer:
         # the targets of upper layers' hard links found in this layer -> (a link, its layer): a
         # later entry of the layer that makes one a directory fails them, as in Apptainer
         self.resolved: dict[str, tuple[str, str]] = {}
+        self.resolved_in: set[str] = set()  # the directories they lie in
         self.pending_dirs: set[str] = set()  # … and those it has directories at
 
     def note_below(self, name: str) -> None:
@@ -209,6 +210,11 @@ class _Layer:
                     intern(anc)
                 )
             gone = gone or anc in self.whiteouts or anc in self.opaque or self.touched.get(anc) is False
+
+    def resolve(self, target: str, link: tuple[str, str]) -> None:
+        """Note that ``target``, here, is what the upper hard link ``link`` (name, layer) links."""
+        self.resolved.setdefault(target, link)
+        self.resolved_in.update(ancestors(target))
 
     def track_symlink(self, name: str, kind: str, text: str | None) -> None:
         """Note entry ``name`` (of ``kind``; a symlink to ``text``, or a hard link to one): the
@@ -434,9 +440,9 @@ class _Merger:
         self.required: dict[str, tuple[str, str]] = {}  # lower targets of replaced links (_Layer)
         self.links: list[tuple[str, str]] = []
         self.through: dict[str, list[_Through]] = {}  # lower symlinks known to be written through
-        # hard links to directories, unless the pass turns out to need another (lower symlinks
-        # written through, a layer that repeats names): raised at the end of the pass
-        self.dir_links: list[str] = []
+        # hard links to directories or removed files, unless the pass turns out to need another (lower
+        # symlinks written through, a layer that repeats names): raised at the end of the pass
+        self.deferred: list[str] = []
         self.found: dict[str, list[_Through]] = {}  # … and those this pass found
         # for the symlinks of lower layers, what the layers read so far did at a path, each the
         # lowest such layer: put entries, whiteouts or hard-link targets below it (-> level),
@@ -580,17 +586,23 @@ class _Merger:
             for path in (name, *ancestors(name)) if kind == "dir" else ancestors(name):
                 if path in lay.resolved:  # (unless a later entry replaces it again: another pass)
                     link, label = lay.resolved[path]
-                    self.dir_links.append(f"layer {label}: hard link {link!r} points at directory {path!r}")
+                    self.deferred.append(f"layer {label}: hard link {link!r} points at directory {path!r}")
+            if kind != "dir" and name in lay.resolved_in:  # … or which it takes away
+                for path, (link, label) in lay.resolved.items():
+                    if path.startswith(name + "/"):
+                        self.deferred.append(
+                            f"layer {label}: hard link {link!r} points at missing file {path!r}"
+                        )
         if self.pending:  # … or will find, when this layer ends with a directory there
             for path in ancestors(name):
                 if path in self.pending:  # (unless it is a lower symlink written through)
                     link, label = self.pending[path][0]
-                    self.dir_links.append(f"layer {label}: hard link {link!r} points at directory {path!r}")
+                    self.deferred.append(f"layer {label}: hard link {link!r} points at directory {path!r}")
         if name in self.required:
             link, label = self.required.pop(name)
             if kind == "dir":
                 raise LayerError(f"layer {label}: hard link {link!r} points at directory {name!r}")
-            lay.resolved.setdefault(name, (link, label))
+            lay.resolve(name, (link, label))
         if name in self.pending:
             if kind != "dir":
                 self._resolve_pending(lay, name, ti, kind, data)
@@ -742,7 +754,7 @@ class _Merger:
         elif target in lay.parents or self.claims.get(target) == lay.level * 2 + 1:
             # a directory the layer's entries below it made, unless they went through a lower
             # symlink there (the link is then that symlink): the layers below tell
-            self.dir_links.append(error)
+            self.deferred.append(error)
         if target == name:  # through hard links of the layer
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at itself or the root")
         return target
@@ -799,7 +811,7 @@ class _Merger:
         """A lower layer reached the target of hard links from upper layers."""
         users = self.pending.pop(name)
         names = [n for n, _ in users]
-        lay.resolved.setdefault(name, users[0])
+        lay.resolve(name, users[0])
         if kind == "lnk":  # this layer links it onwards: follow
             target = self._link_target(lay, name, ti)
             seen = lay.state.get(target)
@@ -1028,8 +1040,8 @@ def _merge(
     again = _learn_through(merger, layers)
     if again is not None:
         raise again
-    if merger.dir_links:
-        raise LayerError(merger.dir_links[0])
+    if merger.deferred:
+        raise LayerError(merger.deferred[0])
     # the image's whiteouts hide lower layers, not the base directories laid under them (Apptainer
     # creates those after extracting): an opaque root keeps its /proc, /dev, /tmp …
     merger.hidden.clear()

@@ -318,3 +318,15 @@ def test_names_that_take_symlinks_away_over_many_symlinks_take_linear_time(tmp_p
     p = _hpcsif_build(tmp_path / "x.sif", archive)
     assert p.returncode == 0, p.stderr
     assert time.monotonic() - start < 10
+
+
+def test_hard_link_to_a_lower_file_its_layer_then_takes_away_fails(tmp_path: Path) -> None:
+    """``a/x/z``, then a file ``a`` took it away: the upper link to it fails as in Apptainer
+    ('link: not a directory'; hpcsif linked it where the upper layer has ``a/x``)."""
+    layers = [
+        layer(tmp_path, [file("a/x/z", "1"), file("a", "dup")]),
+        layer(tmp_path, [link("c", "a/x/z"), sym("a/x", "t")], "zstd"),
+    ]
+    _both_refuse(
+        tmp_path, _archive(tmp_path, layers), ["hard link 'c' points at missing file 'a/x/z'"], "link: "
+    )
