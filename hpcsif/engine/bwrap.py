@@ -294,6 +294,27 @@ def _overlays(specs: list[str]) -> tuple[list[Path], Path | None]:
     return layers, upper
 
 
+def _runs_as_is(root: Path, command: str, bound: list[str]) -> str | None:
+    """The image path exec's *command* names (along the default ``PATH`` for a bare name) when it
+    is a program :func:`~hpcsif.engine.image_paths.runs_as_is` (the launcher's check then skips
+    it); None otherwise: a relative path, one below a bind destination (*bound*: a host file
+    there), or where the launcher, with the image's own ``PATH``, may find another."""
+    from hpcsif.engine.environment import DEFAULT_PATH
+    from hpcsif.engine.image_paths import in_image, runs_as_is
+
+    if "/" in command:
+        candidates = [command] if command.startswith("/") else []
+    else:
+        candidates = [f"{d}/{command}" for d in DEFAULT_PATH.split(":")]
+    for candidate in candidates:
+        found = in_image(str(root), candidate)
+        if found and os.path.isfile(found):
+            if any(candidate == d or candidate.startswith(d.rstrip("/") + "/") for d in bound):
+                return None
+            return candidate if runs_as_is(str(root), found) else None
+    return None
+
+
 def squashfs_offset(image: Path) -> int:
     """Byte offset of the primary squashfs partition in the SIF *image* (SIFError if none)."""
     from hpcsif.errors import SIFError
@@ -567,6 +588,11 @@ class _Plan:
             path = self.env.get("PATH", "")
             argv = [resolve_command(self.root, argv[0], path, workdir, self.bound_cwd), *argv[1:]]
             return [*args, "--", *argv]
+        if opts.action == "exec" and opts.command:
+            runs = _runs_as_is(self.root, opts.command[0], [b.dst for b in self.binds])
+            self.env.pop("__HPCSIF_RUNS", None)
+            if runs:
+                self.env["__HPCSIF_RUNS"] = runs
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 
     def _parents(self, place: str, places: list[str], made: set[str]) -> list[str]:

@@ -148,11 +148,12 @@ else
   PROMPT_COMMAND="PS1=\"$PS1\"; unset PROMPT_COMMAND"
 fi
 export PATH LD_LIBRARY_PATH PS1 PROMPT_COMMAND
-__a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP
-unset __f __k __nolibs __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP
+__a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP; __ok=$__HPCSIF_RUNS
+unset __f __k __nolibs __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP __HPCSIF_RUNS
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 # a script whose #! interpreter the image lacks, or a program whose ELF loader it lacks, fails
-# with Apptainer's line, not the shell's "not found". The file is read as bytes: bash in a UTF-8
+# with Apptainer's line, not the shell's "not found" (the program hpcsif found runnable in the
+# image beforehand, __HPCSIF_RUNS, is not read again). The file is read as bytes: bash in a UTF-8
 # locale stops such a line short (and where that locale is missing, setting LC_ALL would warn).
 __interp() {
   __l=@E_ACUTE@ __m=
@@ -232,7 +233,10 @@ esac
     .replace("@DEL@", "\x7f")
     .replace("@E_ACUTE@", "\u00e9")
     .replace(
-        "@EXEC_CHECKED@", EXEC_RESOLVED.replace('shift; exec "$__c"', '__interp "$__c"; shift; exec "$__c"')
+        "@EXEC_CHECKED@",
+        EXEC_RESOLVED.replace(
+            'shift; exec "$__c"', '[ "$__c" = "$__ok" ] || __interp "$__c"; shift; exec "$__c"'
+        ),
     )
 )
 

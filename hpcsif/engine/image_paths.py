@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from collections.abc import Container
 
 
@@ -78,6 +79,39 @@ def in_image(root: str, path: str) -> str | None:
     """
     walked = walk(root, path, follow_last=True)
     return root + walked[0] if walked is not None and not walked[1] else None
+
+
+def runs_as_is(root: str, path: str) -> bool:
+    """Whether the image's program at *path* (a host path below *root*) is an ELF file that needs
+    no loader, or whose loader (its ``PT_INTERP``) the image has; False when it cannot be told.
+
+    The launcher checks this itself (reading the file in the image's shell, a millisecond or two
+    for a static program): a program found runnable here is not checked again there.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] not in (1, 2):
+                return False
+            wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
+            (table,) = struct.unpack_from(order + ("Q" if wide else "I"), head, 32 if wide else 28)
+            size, count = struct.unpack_from(order + "HH", head, 54 if wide else 42)
+            if count > 512 or size < (56 if wide else 32):
+                return False
+            f.seek(table)
+            headers = f.read(size * count)
+            for i in range(count):
+                if struct.unpack_from(order + "I", headers, i * size)[0] != 3:  # PT_INTERP
+                    continue
+                word = order + ("Q" if wide else "I")
+                (offset,) = struct.unpack_from(word, headers, i * size + (8 if wide else 4))
+                (length,) = struct.unpack_from(word, headers, i * size + (32 if wide else 16))
+                f.seek(offset)
+                loader = f.read(min(length, 4096)).split(b"\0")[0]
+                return loader.startswith(b"/") and in_image(root, os.fsdecode(loader)) is not None
+            return True  # (static: no loader)
+    except (OSError, struct.error):
+        return False
 
 
 def underlay_entries(host_dir: str, d: str, bind: str, skip: Container[str]) -> list[str]:
