@@ -177,6 +177,7 @@ class _Layer:
         self.repeats = _REPEATS.get((str(blob.path), blob.offset, blob.digest), _Repeats())
         self.replaced = self.repeats.replaced
         self.replaced_nondirs: set[str] = set()  # names of replaced non-directories skipped so far
+        self.skipped_live: set[str] = set()  # … of those, the ones no later entry replaced yet
         # this layer's symlinks, and hard links to them, which are symlinks too -> their targets
         self.symlinks = _Symlinks()
         # hard links to a target not (yet) in this layer -> [(name, layer)]: they wait for the
@@ -564,6 +565,7 @@ class _Merger:
             self._found_through(lay, name, text)
         elif name in self.found:  # a later entry of the symlink's layer replaced it
             self.found[name] = [hit for hit in self.found[name] if hit.level != lay.level]
+        lay.skipped_live.discard(name)
         self._place(lay, name, ti, kind, data)
         lay.track_symlink(name, kind, text)
 
@@ -785,7 +787,7 @@ class _Merger:
         if lay.state.get(target) is None:
             if self._removed_by(lay, target):
                 raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
-            if target not in lay.replaced_nondirs:  # not an earlier member of the layer, left out
+            if target not in lay.skipped_live:  # not an earlier member of the layer, left out
                 lay.required.setdefault(target, (name, lay.label))
         return target
 
@@ -801,7 +803,7 @@ class _Merger:
             if anc in lay.whiteouts or anc in lay.opaque:
                 return True
             state = lay.state.get(anc)
-            if state is not None and anc not in lay.symlinks:  # (hidden or not: it was there)
+            if (state is not None or anc in lay.skipped_live) and anc not in lay.symlinks:  # (hidden or not)
                 return True
         return False
 
@@ -940,6 +942,7 @@ class _Merger:
                             lay.track_symlink(name, kind, self._symlink_text(lay, ti, kind))
                         if not ti.isdir():  # a directory that replaces it later starts empty
                             lay.replaced_nondirs.add(name)
+                            lay.skipped_live.add(name)
                         host = lay.repeats.kept.get(ordinal)
                         if host is None:
                             self.stats.skip("duplicate")

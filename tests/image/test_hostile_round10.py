@@ -330,3 +330,15 @@ def test_hard_link_to_a_lower_file_its_layer_then_takes_away_fails(tmp_path: Pat
     _both_refuse(
         tmp_path, _archive(tmp_path, layers), ["hard link 'c' points at missing file 'a/x/z'"], "link: "
     )
+
+
+def test_hard_link_below_a_file_that_its_layer_replaces_later_fails(tmp_path: Path) -> None:
+    """``t`` (a file then, replaced by another file later) stands where the link's ``t/y`` is:
+    Apptainer fails ('link: not a directory'); hpcsif, merging the layer a second time (``a``
+    becomes a directory) without the first ``t``, linked the lower ``t/y``."""
+    layers = [
+        layer(tmp_path, [file("t/y", "Y")]),
+        layer(tmp_path, [file("a", "22"), file("t", "1"), link("a/y", "t/y"), file("t")], "zstd"),
+    ]
+    error = ["hard link 'a/y' points at missing file 't/y'"]
+    _both_refuse(tmp_path, _archive(tmp_path, layers), error, "link: ")
