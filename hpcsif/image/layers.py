@@ -445,6 +445,7 @@ class _Merger:
         # symlinks written through, a layer that repeats names): raised at the end of the pass
         self.deferred: list[str] = []
         self.found: dict[str, list[_Through]] = {}  # … and those this pass found
+        self.dropped: set[tuple[str, int]] = set()  # … and (path, level) of those it found replaced
         # for the symlinks of lower layers, what the layers read so far did at a path, each the
         # lowest such layer: put entries, whiteouts or hard-link targets below it (-> level),
         # an entry or a whiteout at it (-> level * 2 + is_dir), an opaque marker in it (-> level)
@@ -563,8 +564,11 @@ class _Merger:
         text = self._symlink_text(lay, ti, kind)
         if text is not None:
             self._found_through(lay, name, text)
-        elif name in self.found:  # a later entry of the symlink's layer replaced it
-            self.found[name] = [hit for hit in self.found[name] if hit.level != lay.level]
+        else:  # a later entry of the symlink's layer replaced it (a non-directory: those below too)
+            for table in (self.found, self.through):
+                for path in [name] if kind == "dir" or not table else list(table):
+                    if path in table and (path == name or path.startswith(name + "/")):
+                        self._replaced_symlink(lay, path)
         lay.skipped_live.discard(name)
         self._place(lay, name, ti, kind, data)
         lay.track_symlink(name, kind, text)
@@ -714,6 +718,14 @@ class _Merger:
             lay.links[other] = lay.state[other] = host
         lay.linked.add(host)
 
+    def _replaced_symlink(self, lay: _Layer, path: str) -> None:
+        """A later entry of layer ``lay`` replaced or took away its symlink at ``path``: no layer
+        writes through it (an earlier pass, interrupted before the entry, may have thought so)."""
+        if path in self.found:
+            self.found[path] = [hit for hit in self.found[path] if hit.level != lay.level]
+        if any(hit.level == lay.level for hit in self.through.get(path, ())):
+            self.dropped.add((path, lay.level))
+
     def _found_through(self, lay: _Layer, name: str, text: str) -> None:
         """Note the symlink ``name`` -> ``text`` if layers above put entries, whiteouts or hard-link targets
         below it after the nearest one that replaced or removed it (or a whiteout, opaque
@@ -727,10 +739,13 @@ class _Merger:
                 upto = max(upto, touched >> 1)
             upto = max(upto, self.opaque_at.get(anc, 0))
         upto = max(upto, self.opaque_at.get("", 0) if name else 0)
-        below = self.below.get(name, 0)
-        if not below or below < upto:  # that layer wrote below it before it replaced it
-            return
         hit = _Through(lay.level, text, upto)
+        below = self.below.get(name, 0)
+        # that layer wrote below it before it replaced it; or a pass wrote through it more layers
+        # than those, which it knew less of then: correct it
+        stale = any(h.level == lay.level and h != hit for h in self.through.get(name, ()))
+        if (not below or below < upto) and not stale:
+            return
         known = self.found.setdefault(name, [])
         if hit not in self.through.get(name, ()):  # a later symlink of the layer replaces an earlier one
             known[:] = [h for h in known if h.level != lay.level] + [hit]
@@ -994,15 +1009,23 @@ def _learn_through(merger: _Merger, layers: Sequence[LayerBlob]) -> WriteThrough
     """Keep the lower symlinks that upper layers write through, found by this pass of the
     merge, for the next pass, and the error that asks for it (None if it found none)."""
     found = {path: hits for path, hits in merger.found.items() if hits}
-    if not found:
+    if not found and not merger.dropped:
         return None
     image = tuple((str(b.path), b.offset, b.digest) for b in layers)
     if len(_THROUGH) >= _MAX_REPEATS:
         _THROUGH.clear()
-    _THROUGH[image] = {p: merger.through.get(p, []) + found.get(p, []) for p in {*merger.through, *found}}
+    through = {
+        path: [hit for hit in hits if (path, hit.level) not in merger.dropped]
+        for path, hits in merger.through.items()
+    }
+    for path, hits in found.items():  # a symlink found again, with the layers above known better
+        levels = {hit.level for hit in hits}
+        through[path] = [hit for hit in through.get(path, []) if hit.level not in levels] + hits
+    _THROUGH[image] = through
     for blob in layers:  # their pre-scans placed names without these symlinks
         _REPEATS.pop((str(blob.path), blob.offset, blob.digest), None)
-    shown = ", ".join(f"{p!r} -> {hit.text!r}" for p, hits in found.items() for hit in hits)
+    shown = [f"{p!r} -> {hit.text!r}" for p, hits in found.items() for hit in hits]
+    shown = ", ".join(shown + [f"not {p!r}" for p, _ in sorted(merger.dropped)])
     return WriteThroughError(f"upper layers write through lower symlinks ({shown}); converting again")
 
 
@@ -1032,6 +1055,8 @@ def _merge(
                 stream.close()
                 raise
             merger.layer(level, blob, stream)
+    except MergeAgainError:  # the pass was cut short: what it found of lower symlinks may not hold
+        raise
     except LayerError as e:  # maybe only for want of the lower symlinks this pass found
         again = _learn_through(merger, layers)
         if again is None:

@@ -342,3 +342,25 @@ def test_hard_link_below_a_file_that_its_layer_replaces_later_fails(tmp_path: Pa
     ]
     error = ["hard link 'a/y' points at missing file 't/y'"]
     _both_refuse(tmp_path, _archive(tmp_path, layers), error, "link: ")
+
+
+def test_a_symlink_its_layer_takes_away_after_a_second_pass_is_no_way_through(tmp_path: Path) -> None:
+    """``a/x -> s/x`` (through ``s -> a``), then the file ``a`` takes it away, in a layer merged
+    twice: the upper ``a/x/z`` is a file in a new ``a/x`` (hpcsif went through the removed
+    symlink, learnt in the pass that the layer's repeated names cut short)."""
+    lower = [file("a/y", "dup"), sym("s", "a"), sym("s/x", "s/x"), d("a/y"), file("a", "22")]
+    layers = [layer(tmp_path, lower), layer(tmp_path, [file("a/x/z", "333")], "zstd")]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert tree["/a/x/z"] == "-rw-r--r-- 3" and "/a/s" not in tree
+
+
+def test_a_whiteout_above_the_layer_that_removed_the_symlink_is_not_written_through(tmp_path: Path) -> None:
+    """``t -> /``; ``t/.wh..wh..opq`` (an opaque root, which removes ``t``) and ``t/y``; then
+    ``t/.wh.y`` a layer up removes that ``t/y`` (hpcsif wrote the whiteout through ``t``)."""
+    layers = [
+        layer(tmp_path, [sym("t", "/")]),
+        layer(tmp_path, [opaque("t"), sym("t/y", "/../a/x")]),
+        layer(tmp_path, [whiteout("t/y"), file("k")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert "/t/y" not in tree and tree["/t"][0] == "d"
