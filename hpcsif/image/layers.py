@@ -445,6 +445,9 @@ class _Merger:
         # symlinks written through, a layer that repeats names): raised at the end of the pass
         self.deferred: list[str] = []
         self.found: dict[str, list[_Through]] = {}  # … and those this pass found
+        self.levels: dict[str, int] = {}  # layer label -> its level (the topmost, if repeated)
+        # hard links to lower targets -> the lowest layer above them that replaced their name
+        self.link_upto: dict[str, int] = {}
         self.dropped: set[tuple[str, int]] = set()  # … and (path, level) of those it found replaced
         # for the symlinks of lower layers, what the layers read so far did at a path, each the
         # lowest such layer: put entries, whiteouts or hard-link targets below it (-> level),
@@ -563,11 +566,12 @@ class _Merger:
         lay.note(name, kind == "dir")
         text = self._symlink_text(lay, ti, kind)
         if text is not None:
-            self._found_through(lay, name, text)
+            self._found_through(lay.level, name, text)
         else:  # a later entry of the symlink's layer replaced it (a non-directory: those below too)
             for table in (self.found, self.through):
                 for path in [name] if kind == "dir" or not table else list(table):
-                    if path in table and (path == name or path.startswith(name + "/")):
+                    # (a hard link there may be a lower symlink itself: _linked_through)
+                    if path in table and ((path == name and kind != "lnk") or path.startswith(name + "/")):
                         self._replaced_symlink(lay, path)
         lay.skipped_live.discard(name)
         self._place(lay, name, ti, kind, data)
@@ -609,6 +613,8 @@ class _Merger:
             if kind == "dir":
                 raise LayerError(f"layer {label}: hard link {link!r} points at directory {name!r}")
             lay.resolve(name, (link, label))
+            if kind == "sym":
+                self._linked_through(link, label, ti.linkname)
         if name in self.pending:
             if kind != "dir":
                 self._resolve_pending(lay, name, ti, kind, data)
@@ -696,6 +702,7 @@ class _Merger:
         if isinstance(target, str):  # an earlier hard link: withdraw its request for content
             if any(user == name for user, _ in lay.awaiting.get(target, [])):
                 lay.required.setdefault(target, (name, lay.label))
+                self.link_upto[name] = self._upto(name)
             for requests in (
                 lay.awaiting.get(target, []),
                 lay.rereads.get(lay.hidden_at.get(target, -1), []),
@@ -726,29 +733,40 @@ class _Merger:
         if any(hit.level == lay.level for hit in self.through.get(path, ())):
             self.dropped.add((path, lay.level))
 
-    def _found_through(self, lay: _Layer, name: str, text: str) -> None:
-        """Note the symlink ``name`` -> ``text`` if layers above put entries, whiteouts or hard-link targets
-        below it after the nearest one that replaced or removed it (or a whiteout, opaque
-        directory or non-directory above it did): extraction layer after layer (Apptainer's,
-        containerd's) wrote those through the symlink, whatever the layers above did later.
-        """
+    def _linked_through(self, link: str, label: str, text: str) -> None:
+        """The hard link ``link`` of the layer ``label`` (the topmost of that digest) to a lower
+        symlink -> ``text`` is that symlink: the layers above it may write through it."""
+        if label in self.levels and link in self.link_upto:
+            self._found_through(self.levels[label], link, text, self.link_upto[link])
+
+    def _upto(self, name: str) -> int:
+        """The level of the lowest layer read so far that replaced or removed ``name`` (an
+        entry or whiteout there, a whiteout, opaque marker or non-directory above it), or 0."""
         upto = self.touched.get(name, 0) >> 1
         for anc in ancestors(name):
             touched = self.touched.get(anc, 0)
             if not touched & 1:
                 upto = max(upto, touched >> 1)
             upto = max(upto, self.opaque_at.get(anc, 0))
-        upto = max(upto, self.opaque_at.get("", 0) if name else 0)
-        hit = _Through(lay.level, text, upto)
+        return max(upto, self.opaque_at.get("", 0) if name else 0)
+
+    def _found_through(self, level: int, name: str, text: str, upto: int | None = None) -> None:
+        """Note the symlink ``name`` -> ``text`` of the layer at ``level`` if layers above put
+        entries, whiteouts or hard-link targets below it after the nearest one that replaced or
+        removed it (``upto``, if known then): extraction layer after layer (Apptainer's,
+        containerd's) wrote those through the symlink, whatever the layers above did later.
+        """
+        upto = self._upto(name) if upto is None else upto
+        hit = _Through(level, text, upto)
         below = self.below.get(name, 0)
         # that layer wrote below it before it replaced it; or a pass wrote through it more layers
         # than those, which it knew less of then: correct it
-        stale = any(h.level == lay.level and h != hit for h in self.through.get(name, ()))
+        stale = any(h.level == level and h != hit for h in self.through.get(name, ()))
         if (not below or below < upto) and not stale:
             return
         known = self.found.setdefault(name, [])
         if hit not in self.through.get(name, ()):  # a later symlink of the layer replaces an earlier one
-            known[:] = [h for h in known if h.level != lay.level] + [hit]
+            known[:] = [h for h in known if h.level != level] + [hit]
 
     def _link_target(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The root-relative path a hard link entry ultimately points at."""
@@ -793,6 +811,7 @@ class _Merger:
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
         else:  # not in this layer so far: the nearest lower layer that has it
             lay.awaiting.setdefault(target, []).append((name, lay.label))
+            self.link_upto[name] = self._upto(name)
 
     def _require(self, lay: _Layer, name: str, ti: tarfile.TarInfo) -> str:
         """The target of hard link ``name`` (``ti``), which a later entry of its layer or an upper
@@ -804,6 +823,7 @@ class _Merger:
                 raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
             if target not in lay.skipped_live:  # not an earlier member of the layer, left out
                 lay.required.setdefault(target, (name, lay.label))
+                self.link_upto[name] = self._upto(name)
         return target
 
     def _removed_by(self, lay: _Layer, target: str) -> bool:
@@ -829,6 +849,9 @@ class _Merger:
         users = self.pending.pop(name)
         names = [n for n, _ in users]
         lay.resolve(name, users[0])
+        if kind == "sym":
+            for link, label in users:
+                self._linked_through(link, label, ti.linkname)
         if kind == "lnk":  # this layer links it onwards: follow
             target = self._link_target(lay, name, ti)
             seen = lay.state.get(target)
@@ -939,6 +962,7 @@ class _Merger:
     def layer(self, level: int, blob: LayerBlob, stream: LayerStream | None = None) -> None:
         """Merge one layer blob (level 1 is the topmost layer), from ``stream`` if already open."""
         lay = _Layer(level, blob)
+        self.levels.setdefault(blob.label, level)
         stream = stream or LayerStream(blob)
         try:
             try:

@@ -364,3 +364,15 @@ def test_a_whiteout_above_the_layer_that_removed_the_symlink_is_not_written_thro
     ]
     tree = _build_and_compare(tmp_path, layers, implied=True)
     assert "/t/y" not in tree and tree["/t"][0] == "d"
+
+
+def test_entries_go_through_a_hard_link_to_a_lower_symlink(tmp_path: Path) -> None:
+    """``t`` hard-linked to the lower symlink ``c -> x`` is that symlink: a layer above writes
+    ``t/f`` into ``x`` (hpcsif made ``t`` a directory)."""
+    layers = [
+        layer(tmp_path, [d("x"), sym("c", "x")]),
+        layer(tmp_path, [link("t", "c")]),
+        layer(tmp_path, [file("t/f", "f")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers)
+    assert tree["/t"] == "lrwxrwxrwx x" and tree["/x/f"] == "-rw-r--r-- 1"
