@@ -254,6 +254,8 @@ _MAX_REPEATS = 64
 # For an image (its layers' identities): the lower symlinks that upper layers write through,
 # path -> where it points and which layers wrote through it
 _THROUGH: dict[tuple[tuple[str, int, str | None], ...], dict[str, list[_Through]]] = {}
+# … and (path, level) of those that changed after they were learnt: they change no more
+_SETTLED: dict[tuple[tuple[str, int, str | None], ...], set[tuple[str, int]]] = {}
 
 
 class _Through(NamedTuple):
@@ -1031,15 +1033,27 @@ def _extra_layer(merger: _Merger, extra: Sequence[ExtraFile], level: int) -> Non
 
 def _learn_through(merger: _Merger, layers: Sequence[LayerBlob]) -> WriteThroughError | None:
     """Keep the lower symlinks that upper layers write through, found by this pass of the
-    merge, for the next pass, and the error that asks for it (None if it found none)."""
-    found = {path: hits for path, hits in merger.found.items() if hits}
-    if not found and not merger.dropped:
-        return None
+    merge, for the next pass, and the error that asks for it (None if it found none).
+
+    A symlink once learnt changes at most once more (dropped, or its layers corrected): each
+    pass knows more than the one before, yet two passes could otherwise undo each other."""
     image = tuple((str(b.path), b.offset, b.digest) for b in layers)
+    settled = _SETTLED.setdefault(image, set())
+    known = {(path, hit.level) for path, hits in merger.through.items() for hit in hits}
+    dropped = merger.dropped - settled
+    found = {
+        path: [hit for hit in hits if (path, hit.level) not in settled] for path, hits in merger.found.items()
+    }
+    found = {path: hits for path, hits in found.items() if hits}
+    if not found and not dropped:
+        return None
+    settled |= dropped | {(path, hit.level) for path, hits in found.items() for hit in hits} & known
     if len(_THROUGH) >= _MAX_REPEATS:
         _THROUGH.clear()
+        _SETTLED.clear()
+        _SETTLED[image] = settled
     through = {
-        path: [hit for hit in hits if (path, hit.level) not in merger.dropped]
+        path: [hit for hit in hits if (path, hit.level) not in dropped]
         for path, hits in merger.through.items()
     }
     for path, hits in found.items():  # a symlink found again, with the layers above known better
@@ -1049,7 +1063,7 @@ def _learn_through(merger: _Merger, layers: Sequence[LayerBlob]) -> WriteThrough
     for blob in layers:  # their pre-scans placed names without these symlinks
         _REPEATS.pop((str(blob.path), blob.offset, blob.digest), None)
     shown = [f"{p!r} -> {hit.text!r}" for p, hits in found.items() for hit in hits]
-    shown = ", ".join(shown + [f"not {p!r}" for p, _ in sorted(merger.dropped)])
+    shown = ", ".join(shown + [f"not {p!r}" for p, _ in sorted(dropped)])
     return WriteThroughError(f"upper layers write through lower symlinks ({shown}); converting again")
 
 

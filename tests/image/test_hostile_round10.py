@@ -376,3 +376,15 @@ def test_entries_go_through_a_hard_link_to_a_lower_symlink(tmp_path: Path) -> No
     ]
     tree = _build_and_compare(tmp_path, layers)
     assert tree["/t"] == "lrwxrwxrwx x" and tree["/x/f"] == "-rw-r--r-- 1"
+
+
+def test_passes_that_disagree_on_a_lower_symlink_end(tmp_path: Path) -> None:
+    """A layer that repeats ``a`` (content, then a symlink ``a -> t``) under a layer that whites
+    out ``a/x``, then ``a``: each pass undid what the one before learnt of ``a``, and the build
+    failed after 16 ('could not be merged'); Apptainer builds it."""
+    layers = [
+        layer(tmp_path, [file("a", "dup"), sym("a", "t"), file("k")]),
+        layer(tmp_path, [whiteout("a/x"), whiteout("a")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers)
+    assert "/a" not in tree and tree["/k"] == "-rw-r--r-- 0"
