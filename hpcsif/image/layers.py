@@ -605,11 +605,8 @@ class _Merger:
                         self.deferred.append(
                             f"layer {label}: hard link {link!r} points at missing file {path!r}"
                         )
-        if self.pending:  # … or will find, when this layer ends with a directory there
-            for path in ancestors(name):
-                if path in self.pending:  # (unless it is a lower symlink written through)
-                    link, label = self.pending[path][0]
-                    self.deferred.append(f"layer {label}: hard link {link!r} points at directory {path!r}")
+        if self.pending:  # … or will find, if this layer ends with a directory there
+            lay.pending_dirs.update(path for path in ancestors(name) if path in self.pending)
         if name in self.required:
             link, label = self.required.pop(name)
             if kind == "dir":

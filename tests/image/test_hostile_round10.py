@@ -388,3 +388,15 @@ def test_passes_that_disagree_on_a_lower_symlink_end(tmp_path: Path) -> None:
     ]
     tree = _build_and_compare(tmp_path, layers)
     assert "/a" not in tree and tree["/k"] == "-rw-r--r-- 0"
+
+
+def test_hard_link_to_a_file_that_replaced_a_directory_in_its_layer(tmp_path: Path) -> None:
+    """``t/y`` then the file ``t``: the upper link to ``t`` is that file (hpcsif: 'points at
+    directory', from the directory ``t/y`` implied before the file replaced it)."""
+    layers = [
+        layer(tmp_path, [d("t/y"), file("t", "22")]),
+        layer(tmp_path, [link("c", "t")]),
+        layer(tmp_path, [file("t", "333")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers)
+    assert tree["/c"] == "-rw-r--r-- 2" and tree["/t"] == "-rw-r--r-- 3"
