@@ -573,7 +573,8 @@ class _Merger:
             for table in (self.found, self.through):
                 for path in [name] if kind == "dir" or not table else list(table):
                     # (a hard link there may be a lower symlink itself: _linked_through)
-                    if path in table and ((path == name and kind != "lnk") or path.startswith(name + "/")):
+                    below = (path == name and kind != "lnk") or path.startswith(name + "/")
+                    if path in table and below and path in lay.symlinks:  # (the layer had it, until now)
                         self._replaced_symlink(lay, path)
         lay.skipped_live.discard(name)
         self._place(lay, name, ti, kind, data)

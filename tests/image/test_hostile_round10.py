@@ -400,3 +400,14 @@ def test_hard_link_to_a_file_that_replaced_a_directory_in_its_layer(tmp_path: Pa
     ]
     tree = _build_and_compare(tmp_path, layers)
     assert tree["/c"] == "-rw-r--r-- 2" and tree["/t"] == "-rw-r--r-- 3"
+
+
+def test_a_directory_before_the_symlink_at_its_name_leaves_it_a_way_through(tmp_path: Path) -> None:
+    """``a/`` then ``a -> c`` in one layer; ``s/x`` through ``s -> a`` a layer up lands in
+    ``c`` (hpcsif took the directory, which came first, for a replacement of the symlink)."""
+    layers = [
+        layer(tmp_path, [sym("s", "../../../a"), d("a"), sym("a", "c")]),
+        layer(tmp_path, [sym("s/x", "/../a/x"), whiteout("a")], "zstd"),
+    ]
+    tree = _build_and_compare(tmp_path, layers, implied=True)
+    assert tree["/c/x"] == "lrwxrwxrwx /../a/x" and "/a" not in tree
