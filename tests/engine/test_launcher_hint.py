@@ -1,5 +1,5 @@
 """The launcher's ELF loader check is skipped for the program hpcsif found runnable in the image
-beforehand (``__HPCSIF_RUNS``, hpcsif/engine/bwrap.py ``_runs_as_is``), and only for it: a host
+beforehand (``__HPCSIF_RUNS``, hpcsif/engine/bwrap_command.py ``_runs_as_is``), and only for it: a host
 file bound over that path is still checked, and the hint never reaches the payload."""
 
 from __future__ import annotations
