@@ -303,8 +303,7 @@ class BwrapCommand:
             return [*args, "--", *argv]
         if opts.action == "exec" and opts.command:
             runs = _runs_as_is(self.root, opts.command[0], [b.dst for b in self.binds])
-            self.env.pop("__HPCSIF_RUNS", None)
-            if runs:
+            if runs:  # (the host's __HPCSIF_* variables never come in: build_env drops them)
                 self.env["__HPCSIF_RUNS"] = runs
         return [*args, "/bin/sh", "-c", LAUNCHER, "hpcsif", *opts.command]
 

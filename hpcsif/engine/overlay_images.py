@@ -9,7 +9,8 @@ for Apptainer alike (overlayfs whiteouts, as Apptainer's kernel overlay writes t
 One writer at a time: as Apptainer, a writer takes an open-file-description write lock over the
 ext3 partition's bytes, and a reader (``:ro``, a SIF's overlay partition stacked read-only) a
 read lock, so that neither tool ever mounts a file system another process is writing. The lock
-lives as long as the process that launched the container.
+lives as long as the process that launched the container, and as long as the ``fuse2fs`` it
+started, which inherits it.
 """
 
 from __future__ import annotations
@@ -24,23 +25,25 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcsif.engine.base import which
 from hpcsif.errors import EngineError, MissingToolError
+
+if TYPE_CHECKING:
+    from hpcsif.sif.format import Descriptor
 
 log = logging.getLogger(__name__)
 
 #: Apptainer's smallest overlay (MiB)
 MIN_SIZE_MIB = 64
 
-#: descriptors of the partition locks this process holds (kept open until it exits)
-_HELD: list[int] = []
-
 
 def lock_partition(image: Path, offset: int, size: int, *, write: bool) -> int:
     """Lock bytes [*offset*, *offset* + *size*) of *image* as Apptainer does (F_OFD_SETLK: a
-    write lock for a writer, a read lock for a reader), held until this process exits, and
-    longer by whoever inherits the descriptor returned (the file system's mount daemon)."""
+    write lock for a writer, a read lock for a reader). The descriptor returned is never closed:
+    the lock lasts until this process exits, and longer in whoever inherits it (the file
+    system's mount daemon)."""
     try:
         fd = os.open(image, os.O_RDWR if write else os.O_RDONLY)
     except OSError as exc:
@@ -63,7 +66,6 @@ def lock_partition(image: Path, offset: int, size: int, *, write: bool) -> int:
             f"while loading overlay images: failed to open overlay image {image}: while locking ext3 "
             f"partition from {image}: can't open {image} for {how}"
         ) from None
-    _HELD.append(fd)
     return fd
 
 
@@ -205,7 +207,7 @@ def _create(
             raise EngineError(f"EXT3 overlay image {path} already exists") from None
 
 
-def _overlay_partition_free(path: Path):
+def _overlay_partition_free(path: Path) -> Descriptor:
     """The primary partition of the SIF at *path*, which has no overlay partition yet; the
     error Apptainer gives for any other existing file."""
     from hpcsif.errors import SIFError
