@@ -161,7 +161,7 @@ def _add_flags(p: argparse.ArgumentParser, action: str) -> None:
     a(
         "--unsquash",
         action="store_true",
-        help="accepted: the built-in engine never needs to extract a SIF (squashfuse mounts it)",
+        help="run from a temporary sandbox unpacked from the SIF (removed when the container ends)",
     )
     a("--nv", action="store_true", help="NVIDIA GPU devices and driver libraries")
     a("--nvccli", action="store_true", help="--nv, set up with nvidia-container-cli")
@@ -196,6 +196,12 @@ def handle(args: argparse.Namespace) -> int:
     except AppNotFoundError as exc:
         print(exc, flush=True)  # (Apptainer's line, on standard output)
         return exc.exit_code
+
+
+def _info(args: argparse.Namespace, message: str) -> None:
+    from hpcsif.cli.pull import info
+
+    info(args, message)
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -270,6 +276,7 @@ def _handle(args: argparse.Namespace) -> int:
         nvccli=args.nvccli,
         passthrough=_passthrough(args),
         apptainer_only=_apptainer_only(args),
+        notify=lambda message: _info(args, message),
     )
     engine = select_engine(args.engine)
     said = engine.name == "bwrap" and _legacy_env_notices(args)  # (Apptainer prints these itself)

@@ -11,8 +11,12 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcsif.errors import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 ACTIONS = ("exec", "run", "shell", "test")
 ENGINE_NAMES = ("auto", "bwrap", "apptainer", "singularity")
@@ -72,6 +76,8 @@ class LaunchOptions:
     apptainer_only: list[tuple[str, str | None]] = field(default_factory=list)
     #: set by the CLI when the native front may repeat this launch (a launch_plan.Recorder)
     recorder: object | None = None
+    #: prints one of Apptainer's INFO lines the engine has to say (set by the CLI; else logged)
+    notify: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ class BwrapEngine(Engine):
 
     @classmethod
     def available(cls) -> bool:
-        """True when bwrap and squashfuse are installed."""
+        """True when bwrap is installed, and squashfuse or ``unsquashfs`` (a temporary sandbox)."""
         from hpcsif.config import get_config
         from hpcsif.engine.mounts import squashfuse_program
         from hpcsif.errors import MissingToolError
@@ -50,7 +51,8 @@ class BwrapEngine(Engine):
         try:
             squashfuse_program()
         except MissingToolError:
-            return False
+            if get_config().get("engine.squashfuse") or not which("unsquashfs"):
+                return False
         return bool(which(get_config().get("engine.bwrap") or "bwrap"))
 
     def launch(self, image: Path, opts: LaunchOptions) -> int:
@@ -65,6 +67,22 @@ class BwrapEngine(Engine):
         check_user_namespaces()
         refuse_apptainer_only(opts)
         _check_network(opts)
+        temporary = None  # the root of a temporary sandbox the SIF was unpacked into
+        if not opts.sandbox:
+            from hpcsif.engine import temporary_sandbox
+
+            say = opts.notify or log.info
+            if temporary_sandbox.needed(opts.unsquash, say):
+                # (as in Apptainer, --writable then writes into the sandbox, removed at the end)
+                temporary = temporary_sandbox.extract(image, say)
+                image, opts = temporary, replace(opts, sandbox=True)
+        try:
+            return self._launch(bwrap, image, opts)
+        finally:
+            if temporary is not None:
+                temporary_sandbox.remove(temporary, say)
+
+    def _launch(self, bwrap: str, image: Path, opts: LaunchOptions) -> int:
         if opts.writable and opts.writable_tmpfs:
             # (--writable wins below: a writable sandbox is written directly)
             log.warning("Disabling --writable-tmpfs flag, mutually exclusive with --writable")

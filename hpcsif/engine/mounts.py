@@ -285,7 +285,10 @@ class SharedMount:
             msg = stderr.strip().splitlines()
             hint = ""
             if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-                hint = " (/dev/fuse is not usable by this user: an admin must make it mode 0666)"
+                hint = (
+                    " (/dev/fuse is not usable by this user: an admin must make it mode 0666,"
+                    " or run a SIF with --unsquash)"
+                )
             raise EngineError(
                 f"{cmd[0]} failed to mount {self.dir.name}: {msg[-1] if msg else proc.returncode}{hint}"
             )
