@@ -15,8 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # (a GPU node's own selection, e.g. NVIDIA_VISIBLE_DEVICES=0 from its container runtime, is
+    # not the test's)
+    host = {
+        k: v for k, v in os.environ.items() if k not in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+    }
     return subprocess.run(
-        hpcsif_cmd(*args), capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60
+        hpcsif_cmd(*args), capture_output=True, text=True, env={**host, **(env or {})}, timeout=60
     )
 
 

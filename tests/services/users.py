@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import pytest
 
 NAME = "hpcsif-test"
-USER_PYTHON = "/usr/bin/python3"
+#: (HPCSIF_TEST_USER_PYTHON: another interpreter the user may run, with hpcsif's dependencies)
+USER_PYTHON = os.environ.get("HPCSIF_TEST_USER_PYTHON", "/usr/bin/python3")
 USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 
 
