@@ -441,8 +441,9 @@ def for_image(
     image_labels = cfg.get("Labels") or {}
     if not isinstance(image_labels, dict):
         raise IntegrityError(f"image config: Labels must be a JSON object, not {image_labels!r:.80}")
-    labels = build_labels(bootstrap=bootstrap, source=source, arch=arch, now=now)
-    labels.update(_str_map(image_labels))
+    # the build's own labels win over the image's labels of the same name, as in Apptainer
+    built = build_labels(bootstrap=bootstrap, source=source, arch=arch, now=now)
+    labels = {**_str_map(image_labels), **built}
     environment = {
         f"{SD}/env/10-docker2singularity.sh": env_script(cfg.get("Env") or []),
         f"{SD}/env/90-environment.sh": ENV_90,
