@@ -266,6 +266,25 @@ _SYSTEM_DIRS = ("/", "/etc", "/bin", "/mnt", "/usr", "/var", "/opt", "/sbin", "/
 _VIRTUAL_DIRS = ("/sys", "/proc", "/dev")
 
 
+def cwd_shown(cwd: str, dst: str, binds: list[Bind]) -> str | None:
+    """Why the current directory *cwd* (the host's, resolved) needs no bind at *dst*, as
+    Apptainer decides after its other mounts: ``"mounted"`` where one of *binds* (the home
+    directory, a ``-B``) has *dst* as its destination (that bind is what the container shows
+    there), ``"visible"`` where the deepest bind above *dst* already shows *cwd* itself (the
+    host's /tmp; a read-only ``-B`` stays read-only there); None: bind it."""
+    above = [b for b in binds if b.image_src is None and (dst + "/").startswith(b.dst.rstrip("/") + "/")]
+    if not above:
+        return None
+    deepest = max(reversed(above), key=lambda b: len(b.dst.rstrip("/")))  # (the later of equals)
+    try:
+        inside = os.path.normpath(os.path.join(deepest.src, os.path.relpath(dst, deepest.dst)))
+        if os.path.samestat(os.stat(inside), os.stat(cwd)):
+            return "visible"
+    except (OSError, ValueError):
+        pass
+    return "mounted" if deepest.dst.rstrip("/") == dst.rstrip("/") else None
+
+
 def logical_cwd(cwd: str) -> str:
     """``$PWD`` where it names the current directory *cwd* (resolved) through links, else *cwd*:
     as Apptainer takes the working directory (Go's ``os.Getwd``), a ``/scratch/me`` that is a

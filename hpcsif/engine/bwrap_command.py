@@ -25,6 +25,7 @@ from hpcsif.engine.base import (
 from hpcsif.engine.binds import (
     Bind,
     check_sources,
+    cwd_shown,
     default_binds,
     logical_cwd,
     mount_failure,
@@ -125,6 +126,10 @@ class BwrapCommand:
             no_mount=opts.no_mount,
             cwd_dst=logical,
         )
+        # (default_binds puts the current directory's last)
+        cwd_bind = (
+            binds[-1] if binds and not system and (binds[-1].src, binds[-1].dst) == (cwd, logical) else None
+        )
         if os.path.exists("/etc/resolv.conf") and not opts.dns:
             binds.append(Bind("/etc/resolv.conf", "/etc/resolv.conf", readonly=True, optional=True))
         binds += self._workdir_binds()
@@ -136,15 +141,24 @@ class BwrapCommand:
             self.scratch_tmpfs.append(self.home)
         elif home_bind is not None and opts.home and not os.path.isdir(home_src):
             raise mount_failure(home_src, self.home, f"could not mount {home_src}: not a directory")
-        user_binds = _first_per_destination(
-            [b for spec in opts.binds for b in parse_bind(spec)] + [parse_mount(spec) for spec in opts.mounts]
-        )
+        given = [b for spec in opts.binds for b in parse_bind(spec)]
+        given += [parse_mount(spec) for spec in opts.mounts]
+        self.bind_dests = [b.dst for b in given]  # (APPTAINER_BIND inside: repeats too, as there)
+        user_binds = _first_per_destination(given)
         if any(b.image_src is not None for b in user_binds):
             from hpcsif.engine.data_images import resolve_image_binds
 
             user_binds = resolve_image_binds(user_binds, mounts)  # (mounted, held in *mounts*)
         binds += user_binds
         self.user_binds = user_binds
+        if cwd_bind is not None:
+            # as Apptainer: not where another mount already shows it or something else
+            others = [b for b in binds if b is not cwd_bind]
+            shown = cwd_shown(cwd, cwd_bind.dst, [*others, *contrib.binds])
+            if shown:
+                binds = others
+            if shown == "mounted":
+                self.bound_cwd = None  # (what the container shows there is not the host's)
         # parents before children, so that a bind inside another bind's destination stays visible
         # (dict.fromkeys drops repeats such as a current directory that is the home directory)
         # host paths the launch depends on: bind sources, working directories inside binds
@@ -181,7 +195,7 @@ class BwrapCommand:
             pass_prefixes=contrib.pass_prefixes,
             extra={**contrib.env, **_shell_env(opts.shell)},
             ld_paths=contrib.ld_paths,
-            bind_dests=[b.dst for b in user_binds],
+            bind_dests=self.bind_dests,
             no_eval=opts.no_eval,
         )
         self.image = str(image)

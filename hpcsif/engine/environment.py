@@ -134,6 +134,9 @@ for __k in $__HPCSIF_SET; do
   esac
   unset "__HPCSIF_SET_$__k" "__HPCSIF_EXP_$__k" __v
 done
+# (as Apptainer's: given by --env or APPTAINERENV_, they are expanded too: PREPEND_PATH='$HOME/bin')
+[ -z "${__HPCSIF_EXP_PREPEND_PATH+x}" ] || eval "__HPCSIF_PREPEND_PATH=\"$__HPCSIF_EXP_PREPEND_PATH\""
+[ -z "${__HPCSIF_EXP_APPEND_PATH+x}" ] || eval "__HPCSIF_APPEND_PATH=\"$__HPCSIF_EXP_APPEND_PATH\""
 [ -n "$__HPCSIF_PREPEND_PATH" ] && PATH="$__HPCSIF_PREPEND_PATH:$PATH"
 [ -n "$__HPCSIF_APPEND_PATH" ] && PATH="$PATH:$__HPCSIF_APPEND_PATH"
 [ -n "$__HPCSIF_LD_PATH" ] && LD_LIBRARY_PATH="$__HPCSIF_LD_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -151,6 +154,7 @@ export PATH LD_LIBRARY_PATH PS1 PROMPT_COMMAND
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP; __ok=$__HPCSIF_RUNS
 unset __f __k __nolibs __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP __HPCSIF_RUNS
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
+unset __HPCSIF_EXP_PREPEND_PATH __HPCSIF_EXP_APPEND_PATH
 # a script whose #! interpreter the image lacks, or a program whose ELF loader it lacks, fails
 # with Apptainer's line, not the shell's "not found" (the program hpcsif found runnable in the
 # image beforehand, __HPCSIF_RUNS, is not read again). The file is read as bytes: bash in a UTF-8
@@ -443,9 +447,12 @@ def build_env(
         result.update((f"{_HOST}_{k}", v) for k, v in hidden.items())
     for special in ("PREPEND_PATH", "APPEND_PATH"):
         value = overrides.pop(special, None)
-        # a PATH of the user's own is the whole PATH, as in Apptainer (its 99-runtimevars.sh)
-        if value is not None and "PATH" not in overrides:
+        # a PATH of the user's own is the whole PATH, as in Apptainer (its 99-runtimevars.sh);
+        # an empty one leaves the container's, to which they are added
+        if value is not None and not overrides.get("PATH"):
             result[f"__HPCSIF_{special}"] = value
+            if special in expand:
+                result[f"__HPCSIF_EXP_{special}"] = _quoted(value)
     if ld_paths:
         result["__HPCSIF_LD_PATH"] = ":".join(ld_paths)
     if overrides:
@@ -453,8 +460,14 @@ def build_env(
         for key, value in overrides.items():
             result[f"{_OVERRIDE}_{key}"] = value
             if key in expand:
-                result[f"__HPCSIF_EXP_{key}"] = value.replace("\\", "\\\\").replace('"', '\\"')
+                result[f"__HPCSIF_EXP_{key}"] = _quoted(value)
     return result
+
+
+def _quoted(value: str) -> str:
+    """*value* for the launcher's ``eval "v=\"…\""``: expanded as Apptainer expands ``--env``
+    values (``$VAR``, ``$(…)``), its backslashes and double quotes kept."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def prefixed_overrides(host: dict[str, str]) -> dict[str, str]:
