@@ -152,6 +152,11 @@ class HostContribution:
     pass_prefixes: tuple[str, ...] = ()  # host variables kept even with --cleanenv
     #: checks run against the mounted root before launch; each returns warning lines
     checks: list = field(default_factory=list)
+    #: host files these parts were found from (a directory: its entries), which a saved launch
+    #: (:mod:`hpcsif.engine.launch_plan`) checks before it repeats them; absent ones must stay so
+    witnesses: list[str] = field(default_factory=list)
+    #: whether a saved launch may repeat these parts at all (False: found anew each time)
+    replayable: bool = True
 
     def merge(self, other: HostContribution) -> None:
         """Add *other*'s parts to this one."""
@@ -160,6 +165,8 @@ class HostContribution:
         self.ld_paths += [p for p in other.ld_paths if p not in self.ld_paths]
         self.pass_prefixes += tuple(p for p in other.pass_prefixes if p not in self.pass_prefixes)
         self.checks += other.checks
+        self.witnesses += other.witnesses
+        self.replayable = self.replayable and other.replayable
 
 
 def host_contributions(opts: LaunchOptions) -> HostContribution:

@@ -157,15 +157,18 @@ def _save_plan(
     The witnesses are every host file the plan was made from: the configuration, bwrap and
     squashfuse, the image and its directories (the trust check), the bind sources and working
     directories inside binds, the current directory, ``/etc/resolv.conf``, the bound host
-    directories that lack a mount point (their entries) and hpcsif's modules.
+    directories that lack a mount point (their entries), what GPU binds were found from
+    (``HostContribution.witnesses``) and hpcsif's modules.
     """
     from hpcsif.config import config_files, get_config
 
     opts, contrib, cfg = plan.opts, plan.contrib, get_config()
     # (an --env-file is a script the host's shell evaluates: it may say something new each time)
     per_run = opts.action == "shell" or opts.fakeroot or opts.workdir or opts.env_files or plan.interactive
-    added = contrib.binds or contrib.env or contrib.ld_paths or contrib.pass_prefixes or contrib.checks
-    if per_run or added or plan.direct is not None or not cfg.get("engine.launch_plans"):
+    # (GPU binds repeat where what they were found from is unchanged; MPI profiles check the
+    # image's libraries against the host's before each start)
+    per_run = per_run or contrib.checks or not contrib.replayable
+    if per_run or plan.direct is not None or not cfg.get("engine.launch_plans"):
         return
     if cfg.get("cache.require_signed"):
         return  # the signatures are checked on every start
@@ -180,7 +183,7 @@ def _save_plan(
         recorder.identity(str(d))
     for path in [*plan.host_paths, *([plan.cwd] if plan.cwd else []), "/etc/resolv.conf"]:
         recorder.identity(path)
-    for path in plan.listed:
+    for path in [*plan.listed, *contrib.witnesses]:
         recorder.file(path)  # (a directory's mtime changes with its entries)
     recorder.save(
         command=opts.command,

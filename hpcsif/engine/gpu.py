@@ -31,14 +31,19 @@ BIN_DIR = "/usr/local/bin"
 _BIN_DIRS = ("usr/bin", "usr/sbin", "bin", "sbin", "usr/local/bin")
 
 
-def conf_file(name: str, configured: str = "") -> Path:
-    """Locate an admin config file: the configured path, /etc/hpcsif, then the shipped copy."""
+def conf_file(name: str, configured: str = "", looked: list[str] | None = None) -> Path:
+    """Locate an admin config file: the configured path, /etc/hpcsif, then the shipped copy.
+
+    *looked*, when given, gets every path looked at, the one found last.
+    """
     import hpcsif
 
     pkg = Path(hpcsif.__file__).resolve().parent
     candidates = [Path(configured)] if configured else []
     candidates += [Path("/etc/hpcsif") / name, pkg / "data" / name]
     for c in candidates:
+        if looked is not None:
+            looked.append(str(c))
         if c.is_file():
             return c
     raise ConfigError(f"{name} not found (looked in {', '.join(map(str, candidates))})")
@@ -151,15 +156,24 @@ def _discover(kind: str) -> HostContribution:
         log.warning("%s: no GPU devices found in %s; continuing without GPU devices", flag, dev_dir)
     for n in shared + devices:
         contrib.binds.append(Bind(os.path.join(dev_dir, n), f"/dev/{n}", dev=True, optional=True))
+    # what a saved launch must find unchanged to repeat these binds: the device directory, the
+    # list, the linker cache and the directories programs are looked for in (and whatever
+    # nvidia-container-cli reads, which is not known: its answer is asked for each time)
+    contrib.witnesses.append(dev_dir)
     listed = _container_cli_list() if kind == "nv" and root == "/" else None
     if listed is None:
-        progs_names, lib_names = read_liblist(
-            conf_file(listname, cfg.get(f"gpu.{'nvliblist' if kind == 'nv' else 'rocmliblist'}"))
-        )
+        configured = cfg.get(f"gpu.{'nvliblist' if kind == 'nv' else 'rocmliblist'}")
+        progs_names, lib_names = read_liblist(conf_file(listname, configured, contrib.witnesses))
         progs = _programs(progs_names, root)
         libs = _select(lib_names, ldconfig_cache(root))
+        contrib.witnesses.append(os.path.join(root, "etc/ld.so.cache"))
+        if root == "/":
+            contrib.witnesses += [d or "." for d in os.environ.get("PATH", os.defpath).split(os.pathsep)]
+        else:
+            contrib.witnesses += [os.path.join(root, d) for d in _BIN_DIRS]
     else:
         progs, libs = listed
+        contrib.replayable = False
     if not libs:
         log.warning("%s: no driver libraries found under %s; the container may not see the GPU", flag, root)
     for name, path in sorted(libs.items()):

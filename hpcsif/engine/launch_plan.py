@@ -11,10 +11,12 @@ Anything else runs this CLI (``console(front=True)``), which saves what it launc
 
 Only launches that need nothing made per run are saved: a SIF file on its shared
 ``squashfuse`` mount (no sandbox, overlay, ``--writable-tmpfs``, ``--workdir``, ``--fakeroot``,
-``--env-file``), no GPU or MPI additions, an image with a shell, not ``shell``, and nothing
-printed before the start. The host environment is never written down (it may hold registry
-passwords): the plan names, for each variable the container gets, whether it is passed on or
-copied from a host variable; only values the launch made itself are written.
+``--env-file``), no MPI profile (``--nv``/``--rocm`` binds repeat while what they were found
+from is unchanged, unless ``nvidia-container-cli`` found them), an image with a shell, not
+``shell``, and nothing printed before the start. The host environment is never written down
+(it may hold registry passwords): the plan names, for each variable the container gets,
+whether it is passed on or copied from a host variable; only values the launch made itself
+are written.
 
 ``<runtime dir>/plans/<key>.plan`` (private to the user, the newest 64 kept) is a list of
 NUL-terminated fields: the format name; the witnesses (kind ``f`` file, ``d`` identity,

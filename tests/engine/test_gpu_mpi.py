@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,40 +22,6 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         hpcsif_cmd(*args), capture_output=True, text=True, env={**host, **(env or {})}, timeout=60
     )
-
-
-@pytest.fixture
-def fake_driver(pub_tmp: Path) -> Path:
-    """A driver root with real ELF libraries registered in its own ld.so.cache, a program and devices."""
-    if not shutil.which("gcc") or os.geteuid() != 0:
-        pytest.skip("needs gcc and root (ldconfig -r)")
-    root = pub_tmp / "driver"
-    libdir = root / "usr/lib/x86_64-linux-gnu"
-    libdir.mkdir(parents=True)
-    src = pub_tmp / "empty.c"
-    src.write_text("int hpcsif_fake(void) { return 1; }\n")
-    for soname, real in [
-        ("libcuda.so.1", "libcuda.so.535.104.05"),
-        ("libnvidia-ml.so.1", "libnvidia-ml.so.535.104.05"),
-        ("libunrelated.so.1", "libunrelated.so.1.0"),
-    ]:
-        subprocess.run(
-            ["gcc", "-shared", f"-Wl,-soname,{soname}", "-o", str(libdir / real), str(src)], check=True
-        )
-    (root / "etc").mkdir()
-    (root / "etc/ld.so.conf").write_text("/usr/lib/x86_64-linux-gnu\n")
-    subprocess.run(["ldconfig", "-r", str(root)], check=True)
-    (root / "usr/bin").mkdir()
-    smi = root / "usr/bin/nvidia-smi"
-    smi.write_text("#!/bin/sh\necho fake nvidia-smi\n")
-    smi.chmod(0o755)
-    dev = pub_tmp / "dev"
-    dev.mkdir()
-    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "unrelated"):
-        (dev / name).write_text(name)
-    conf = pub_tmp / "hpcsif.toml"
-    conf.write_text(f'[gpu]\ndriver_root = "{root}"\ndev_dir = "{dev}"\n')
-    return conf
 
 
 def test_nv_binds_fake_driver(images, fake_driver):

@@ -642,3 +642,47 @@ def test_other_supplementary_groups_make_a_new_plan(front, holder, images):
     for _ in range(2):  # through Python, then repeated: the same file both times
         proc, _started = with_groups(f"0,{named.gr_gid}")
         assert line in proc.stdout.splitlines(), proc.stdout
+
+
+def test_nv_repeats_until_the_driver_changes(front, images, fake_driver):
+    """``--nv`` starts repeat without Python (GPU jobs start often) and as Python runs them, until
+    anything the binds were found from changes: a device node, the linker cache, a program in
+    the driver's directories, or the device selection in the environment."""
+    driver = Path(str(fake_driver).replace("hpcsif.toml", "driver"))
+    dev = fake_driver.parent / "dev"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VISIBLE_DEVICES")}
+    env["HPCSIF_CONFIG"] = str(fake_driver)
+    args = ["exec", "--nv", str(images.sif), "sh", "-c", "ls /dev /.singularity.d/libs /usr/local/bin"]
+
+    def repeats(*seen: str, **extra: str) -> None:
+        run_env = {**env, **extra}
+        first, started = front.run(*args, env=run_env)
+        assert started, "a change must send the start back to Python"
+        assert first.returncode == 0, first.stderr
+        assert all(name in first.stdout.split() for name in seen), first.stdout
+        again, started = front.run(*args, env=run_env)
+        assert not started, f"the repeat started Python: {front.python_starts()[-1:]}"
+        direct = python_cli(*args, env=run_env)
+        assert (again.returncode, again.stdout, again.stderr) == (
+            direct.returncode,
+            direct.stdout,
+            direct.stderr,
+        )
+
+    repeats("nvidia0", "nvidia1", "libcuda.so.1", "nvidia-smi")
+    (dev / "nvidia2").write_text("nvidia2")
+    repeats("nvidia2")
+    lib = driver / "usr/lib/x86_64-linux-gnu"
+    soname, real = "libnvidia-ptxjitcompiler.so.1", lib / "libnvidia-ptxjitcompiler.so.535.104.05"
+    gcc = ["gcc", "-shared", f"-Wl,-soname,{soname}", "-o", str(real), "-x", "c", "/dev/null"]
+    subprocess.run(gcc, check=True)
+    subprocess.run(["ldconfig", "-r", str(driver)], check=True)  # (makes the .so.1 link too)
+    repeats("libnvidia-ptxjitcompiler.so.1")
+    (driver / "usr/sbin").mkdir()
+    (driver / "usr/sbin/nvidia-persistenced").write_text("#!/bin/sh\n")
+    (driver / "usr/sbin/nvidia-persistenced").chmod(0o755)
+    repeats("nvidia-persistenced")
+    repeats("nvidia1", NVIDIA_VISIBLE_DEVICES="1")
+    proc, _ = front.run(*args, env={**env, "NVIDIA_VISIBLE_DEVICES": "1"})
+    assert "nvidia0" not in proc.stdout.split()
+    assert no_mounts_left()
