@@ -413,6 +413,21 @@ def _fields(
     return out
 
 
+def _nulls_as_go_reads_them(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with the JSON nulls inside its string lists and its Labels as empty strings, as
+    Apptainer's Go decoder reads them (``"Env": [null, "A=1"]`` is ``["", "A=1"]``)."""
+    out = dict(cfg)
+    for key in ("Cmd", "Entrypoint", "Env", "OnBuild", "Shell"):
+        if isinstance(out.get(key), list):
+            out[key] = ["" if v is None else v for v in out[key]]
+    if isinstance(out.get("Labels"), dict):
+        out["Labels"] = {k: "" if v is None else v for k, v in out["Labels"].items()}
+    health = out.get("Healthcheck")
+    if isinstance(health, dict) and isinstance(health.get("Test"), list):
+        out["Healthcheck"] = {**health, "Test": ["" if v is None else v for v in health["Test"]]}
+    return out
+
+
 def runtime_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The ``oci-config.json`` object for an image config's ``config`` member, as Apptainer
     writes it: the fields of Docker's container config in its order, empty ones left out."""
@@ -438,9 +453,13 @@ def for_image(
     cfg = utf8(config.get("config") or {})
     if not isinstance(cfg, dict):
         raise IntegrityError(f"image config: config must be a JSON object, not {cfg!r:.80}")
+    cfg = _nulls_as_go_reads_them(cfg)
     image_labels = cfg.get("Labels") or {}
     if not isinstance(image_labels, dict):
         raise IntegrityError(f"image config: Labels must be a JSON object, not {image_labels!r:.80}")
+    for key, value in image_labels.items():
+        if not isinstance(value, str):  # Apptainer refuses the image too
+            raise IntegrityError(f"image config: label {key!r} is not a string: {value!r:.80}")
     # the build's own labels win over the image's labels of the same name, as in Apptainer
     built = build_labels(bootstrap=bootstrap, source=source, arch=arch, now=now)
     labels = {**_str_map(image_labels), **built}

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hpcsif.image.compose import ImageSpec, layer_tar, write_oci_layout
 from tests.conftest import run_cli
 
@@ -53,3 +55,24 @@ def test_the_build_labels_win_over_image_labels_of_the_same_name(tmp_path: Path)
     assert labels["org.label-schema.usage.singularity.deffile.bootstrap"] == "oci"
     assert labels["org.label-schema.usage.singularity.deffile.from"] == str(tmp_path / "layout")
     assert labels["org.label-schema.usage.singularity.version"] == "kept"  # no build label of that name
+
+
+def test_json_nulls_in_string_lists_and_labels_are_empty_strings(tmp_path: Path) -> None:
+    runtime = {"Env": [None, "A=1"], "Entrypoint": [None, "x"], "Labels": {"b": None}, "Shell": [None]}
+    sif = _sif(tmp_path, runtime)  # Apptainer builds it: Go reads each null as ""
+    assert _labels(sif)["b"] == ""
+    assert run_cli("sif", "dump", "3", str(sif)).stdout == (
+        '{"Entrypoint":["","x"],"Env":["","A=1"],"Labels":{"b":""},"Shell":[""]}'
+    )
+    env = run_cli("inspect", "--environment", str(sif)).stdout
+    assert 'export A="${A:-"1"}"' in env
+
+
+@pytest.mark.parametrize("value", [1, True, {"x": 1}, ["v"]])
+def test_a_label_that_is_no_string_refuses_the_image(tmp_path: Path, value: Any) -> None:
+    layout, sif = tmp_path / "layout", tmp_path / "img.sif"
+    write_oci_layout(layout, _Spec(layers=[layer_tar([])], runtime={"Labels": {"a": value}}))
+    proc = run_cli("build", str(sif), f"oci:{layout}", check=False)
+    assert proc.returncode != 0 and not sif.exists()
+    fatal = [line for line in proc.stderr.splitlines() if not line.startswith("INFO:")]
+    assert fatal == [f"FATAL:   image config: label 'a' is not a string: {value!r}"]
