@@ -341,12 +341,13 @@ def _str_list(value: Any) -> Any:
     return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
+# Go's JSON encoder writes a map's keys sorted (Labels, Volumes, ExposedPorts)
 def _str_map(value: Any) -> Any:
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
+    return {str(k): str(v) for k, v in sorted(value.items())} if isinstance(value, dict) else None
 
 
 def _key_set(value: Any) -> Any:
-    return {str(k): {} for k in value} if isinstance(value, dict) else None
+    return {str(k): {} for k in sorted(value)} if isinstance(value, dict) else None
 
 
 def _duration(value: Any) -> Any:

@@ -76,3 +76,14 @@ def test_a_label_that_is_no_string_refuses_the_image(tmp_path: Path, value: Any)
     assert proc.returncode != 0 and not sif.exists()
     fatal = [line for line in proc.stderr.splitlines() if not line.startswith("INFO:")]
     assert fatal == [f"FATAL:   image config: label 'a' is not a string: {value!r}"]
+
+
+def test_oci_config_maps_are_written_with_sorted_keys_as_go_writes_them(tmp_path: Path) -> None:
+    runtime = {
+        "Labels": {"z": "1", "a": "2"},
+        "Volumes": {"/z": {}, "/a": {}},
+        "ExposedPorts": {"80/tcp": {}, "53/udp": {}},
+    }
+    assert run_cli("sif", "dump", "3", str(_sif(tmp_path, runtime))).stdout == (
+        '{"Labels":{"a":"2","z":"1"},"Volumes":{"/a":{},"/z":{}},"ExposedPorts":{"53/udp":{},"80/tcp":{}}}'
+    )
