@@ -7,6 +7,7 @@ are what Apptainer 1.4.5 gives for the same image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,23 @@ class _Spec(ImageSpec):
 def _sif(tmp_path: Path, runtime: dict[str, Any]) -> Path:
     layout, sif = tmp_path / "layout", tmp_path / "img.sif"
     write_oci_layout(layout, _Spec(layers=[layer_tar([])], runtime=runtime))
+    # the config as given, its keys in their order (compose writes them sorted)
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
+    manifest["config"] = _blob(blobs, {**config, "config": runtime}, manifest["config"]["mediaType"])
+    index["manifests"][0].update(_blob(blobs, manifest, index["manifests"][0]["mediaType"]))
+    (layout / "index.json").write_text(json.dumps(index))
     run_cli("build", str(sif), f"oci:{layout}")
     return sif
+
+
+def _blob(blobs: Path, doc: dict[str, Any], media_type: str) -> dict[str, Any]:
+    data = json.dumps(doc).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
 
 def _labels(sif: Path) -> dict[str, str]:
