@@ -312,11 +312,19 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def _legacy_env_notices(args: argparse.Namespace) -> bool:
-    """Apptainer's INFO line for each ``SINGULARITYENV_X`` given without ``APPTAINERENV_X``; True if any."""
+    """Apptainer's INFO line for each ``SINGULARITYENV_X`` given without ``APPTAINERENV_X`` (or
+    ``--env X=``, the same to Apptainer); True if any."""
+    from hpcsif.engine.environment import parse_assignments
+    from hpcsif.errors import UsageError
+
+    try:
+        given = parse_assignments(args.env or [])
+    except UsageError:
+        given = {}  # (the launch says what is wrong)
     said = False
     for key in os.environ:
         name = key.removeprefix("SINGULARITYENV_")
-        if name != key and f"APPTAINERENV_{name}" not in os.environ:
+        if name != key and f"APPTAINERENV_{name}" not in os.environ and name not in given:
             from hpcsif.cli.pull import info
 
             info(args, f"Environment variable {key} is set, but APPTAINERENV_{name} is preferred")

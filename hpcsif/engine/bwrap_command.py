@@ -106,6 +106,11 @@ class BwrapCommand:
         home_src, self.home = parse_home(opts.home, user.pw_dir or os.environ.get("HOME") or "/")
         if opts.fakeroot and not opts.home:
             self.home = self.user.pw_dir
+        # what --contain makes private (a tmpfs, or the work directory's), less what --no-mount
+        # names: as in Apptainer, that is the image's own directory
+        self.private = [d for d in ("/tmp", "/var/tmp") if "tmp" not in opts.no_mount] if opts.contain else []
+        if opts.contain and not opts.no_home and not opts.home and "home" not in opts.no_mount:
+            self.private.append(self.home)
         try:
             cwd: str | None = os.getcwd()
         except OSError:
@@ -213,7 +218,7 @@ class BwrapCommand:
             args += ["--new-session", "--die-with-parent"]
         dirs = [*(b.dst for b in self.binds), *self.scratch_tmpfs, *_NOT_UNDERLAID]
         if opts.contain:
-            dirs += [self.home, "/tmp", "/var/tmp"]
+            dirs += [self.home, *self.private]
         # as Apptainer, no /etc/passwd or /etc/group is made where the image has none (an entry
         # of any kind counts: a link out of the image still gets the made file)
         self.etc_files = [f for f in ("/etc/passwd", "/etc/group") if _has_entry(self.root, f)]
@@ -265,13 +270,12 @@ class BwrapCommand:
         elif at("/dev"):
             args += ["--dev-bind", "/dev", at("/dev")]
         mounts: list[tuple[str, list[str]]] = []  # (where, bwrap's arguments)
-        if opts.contain and not opts.workdir:
+        if not opts.workdir:
             # private temp directories with the host's sticky 1777 mode, as Apptainer's
-            for d in ("/tmp", "/var/tmp"):
+            for d in self.private:
                 if at(d):
-                    mounts.append((at(d), ["--perms", "01777", "--tmpfs", at(d)]))
-            if not opts.no_home and not opts.home and at(self.home):
-                mounts.append((at(self.home), ["--tmpfs", at(self.home)]))
+                    perms = [] if d == self.home else ["--perms", "01777"]
+                    mounts.append((at(d), [*perms, "--tmpfs", at(d)]))
         mounts += [(at(d), ["--tmpfs", at(d)]) for d in self.scratch_tmpfs if at(d)]
         for b in self.binds:
             if b.dev and not self.minimal_dev and b.src == b.dst and "dev" not in opts.no_mount:
@@ -611,8 +615,8 @@ class BwrapCommand:
         if opts.contain:
             # as Apptainer: the home, then /tmp and /var/tmp, each made in an existing work
             # directory, then the scratch directories, made with their parents
-            wanted = [("home", self.home, 0o700)] if not opts.no_home and not opts.home else []
-            for name, dst, mode in [*wanted, ("tmp", "/tmp", 0o1777), ("var_tmp", "/var/tmp", 0o1777)]:
+            wanted = [("home", self.home, 0o700), ("tmp", "/tmp", 0o1777), ("var_tmp", "/var/tmp", 0o1777)]
+            for name, dst, mode in [w for w in wanted if w[1] in self.private]:
                 src = os.path.join(work, name)
                 if not os.path.isdir(src):
                     try:
@@ -631,7 +635,7 @@ class BwrapCommand:
 
     def _cannot_enter(self, path: str) -> str | None:
         """Why *path* cannot be the working directory inside (None if it can): bound or the image's."""
-        if (self.opts.contain and path in (self.home, "/tmp", "/var/tmp")) or path in self.scratch_tmpfs:
+        if path in self.private or path in self.scratch_tmpfs:
             return None  # the private tmpfs directories of --contain, --scratch, a missing home
         for b in reversed(self.binds):  # the deepest bind holding *path* decides
             if path == b.dst or path.startswith(b.dst.rstrip("/") + "/"):
@@ -669,8 +673,7 @@ class BwrapCommand:
         # below these the path comes from the host or a tmpfs, where bwrap can create mount points
         covered = [places[b.dst] for b in self.binds] + list(_NOT_UNDERLAID)
         covered += [places[d] for d in self.scratch_tmpfs if d in places]
-        if self.opts.contain:
-            covered += [places[d] for d in ("/tmp", "/var/tmp", self.home) if d in places]
+        covered += [places[d] for d in self.private if d in places]
         for d, dest in places.items():
             if any(dest.startswith(c.rstrip("/") + "/") for c in covered):
                 continue

@@ -404,18 +404,20 @@ def build_env(
         hidden["USER_PATH"] = host["PATH"]  # Apptainer's copy of the caller's PATH
     if cleanenv:
         hidden["LANG"] = "C"  # Apptainer's --cleanenv default, under the image's value
-    overrides.update(prefixed_overrides(host))
-    expand = set(overrides)
     flags = parse_assignments(env)
-    if flags.pop("HOME", None) is not None:  # --env is APPTAINERENV_ to Apptainer
-        log.warning("Overriding HOME environment variable with APPTAINERENV_HOME is not permitted")
+    files: dict[str, str] = {}
     for path in env_files:
         from_file = parse_env_file(path)
         from_file.pop("HOME", None)  # Apptainer ignores it there without a word
         for name in (n for n in from_file if n in flags):
             log.warning("Ignored environment file variable %s: override from --env", name)
-        overrides.update(from_file)
-        expand -= set(from_file)
+        files.update(from_file)
+    # (--env and --env-file values are APPTAINERENV_ ones to Apptainer, also against SINGULARITYENV_)
+    overrides.update(prefixed_overrides(host, {**files, **flags}))
+    expand = set(overrides) - set(files)
+    if flags.pop("HOME", None) is not None:
+        log.warning("Overriding HOME environment variable with APPTAINERENV_HOME is not permitted")
+    overrides.update(files)
     overrides.update(flags)
     expand = set() if no_eval else (expand | set(flags)) - set(extra or {})
     overrides.update(extra or {})
@@ -470,10 +472,11 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def prefixed_overrides(host: dict[str, str]) -> dict[str, str]:
+def prefixed_overrides(host: dict[str, str], given: dict[str, str] | None = None) -> dict[str, str]:
     """The host's ``APPTAINERENV_*``/``SINGULARITYENV_*`` values by name, as Apptainer takes them:
     ``APPTAINERENV_`` wins where both are set (with its two warnings when they differ), and
-    ``HOME`` is refused with a warning (``--home`` sets it).
+    ``HOME`` is refused with a warning (``--home`` sets it). *given*: the values of ``--env`` and
+    ``--env-file``, which are ``APPTAINERENV_`` ones there (they win over the host's).
     """
     out: dict[str, str] = {}
     for key, value in host.items():
@@ -483,7 +486,7 @@ def prefixed_overrides(host: dict[str, str]) -> dict[str, str]:
         if name == "HOME":
             log.warning("Overriding HOME environment variable with %s is not permitted", key)
             continue
-        newer = host.get(f"APPTAINERENV_{name}")
+        newer = (given or {}).get(name, host.get(f"APPTAINERENV_{name}"))
         if prefix == "SINGULARITY" and newer is not None:
             if newer != value:
                 log.warning("%s and APPTAINERENV_%s have different values, using the latter", key, name)

@@ -87,3 +87,31 @@ def test_empty_path_override_keeps_prepend_path(run, images: Images) -> None:
     res = run("exec", str(images.sif), "sh", "-c", 'echo "$PATH"', env=env)
     image_path = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
     assert (res.returncode, res.stderr, res.stdout) == (0, "", f"/p:{image_path}:/a\n")
+
+
+def test_contain_leaves_what_no_mount_names(run, images: Images, pub_tmp: Path) -> None:
+    """--contain with --no-mount tmp leaves the image's own /tmp and /var/tmp, as Apptainer
+    does (hpcsif still gave private writable ones, with --workdir its WORKDIR/tmp)."""
+    show = ["sh", "-c", "touch /tmp/x /var/tmp/x 2>&1; echo done"]
+    want = "touch: /tmp/x: Read-only file system\ntouch: /var/tmp/x: Read-only file system\ndone\n"
+    res = run("exec", "--contain", "--no-mount", "tmp", str(images.sif), *show)
+    assert (res.returncode, res.stdout) == (0, want), res.stderr
+    res = run("exec", "--contain", "--no-mount", "tmp", "--workdir", str(pub_tmp), str(images.sif), *show)
+    assert (res.returncode, res.stdout) == (0, want), res.stderr
+    assert sorted(p.name for p in pub_tmp.iterdir()) == ["home"]
+
+
+def test_env_flag_is_an_apptainerenv_value_against_singularityenv(run, images: Images) -> None:
+    """--env X= is APPTAINERENV_X to Apptainer: a SINGULARITYENV_X beside it gets the two
+    warnings where the values differ and nothing where they agree (hpcsif said the INFO line
+    that APPTAINERENV_X is preferred, as if none were given)."""
+    show = [str(images.sif), "sh", "-c", 'echo "$E1"']
+    res = run("exec", "--env", "E1=b", *show, env={"SINGULARITYENV_E1": "a"})
+    assert (res.returncode, res.stdout) == (0, "b\n")
+    assert res.stderr == (
+        "WARNING: SINGULARITYENV_E1 and APPTAINERENV_E1 have different values, using the latter\n"
+        "WARNING: Skipping environment variable [SINGULARITYENV_E1=a], E1 is already overridden with"
+        " different value [b]\n"
+    )
+    res = run("exec", "--env", "E1=a", *show, env={"SINGULARITYENV_E1": "a", "APPTAINERENV_E1": "c"})
+    assert (res.returncode, res.stdout, res.stderr) == (0, "a\n", "")
