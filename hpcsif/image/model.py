@@ -141,7 +141,14 @@ class Image:
 
         if not self.layers:  # as Apptainer: a config alone is no root file system to run
             raise SourceError(f"image {self.source or self.manifest_digest} has no layers")
-        diff_ids = (self.config.get("rootfs") or {}).get("diff_ids") or []
+        rootfs = self.config.get("rootfs") or {}
+        diff_ids = rootfs.get("diff_ids") or [] if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+            # Apptainer's decoder refuses it too; read on, it would end in a traceback
+            raise SourceError(
+                f"image {self.source or self.manifest_digest}: config rootfs is not an object "
+                f"with a list of diff_id digests: {self.config.get('rootfs')!r:.80}"
+            )
         if diff_ids and len(diff_ids) != len(self.layers):
             raise SourceError(
                 f"image {self.source or self.manifest_digest}: config lists {len(diff_ids)} diff_ids "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,14 @@ class _Spec(ImageSpec):
         return cfg
 
 
-def _sif(tmp_path: Path, runtime: dict[str, Any]) -> Path:
+def _sif(tmp_path: Path, runtime: dict[str, Any], **top: Any) -> Path:
+    proc = _build(tmp_path, runtime, **top)
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "img.sif"
+
+
+def _build(tmp_path: Path, runtime: dict[str, Any], **top: Any) -> subprocess.CompletedProcess[str]:
+    """Build img.sif from an image with this runtime config and these other config members."""
     layout, sif = tmp_path / "layout", tmp_path / "img.sif"
     write_oci_layout(layout, _Spec(layers=[layer_tar([])], runtime=runtime))
     # the config as given, its keys in their order (compose writes them sorted)
@@ -37,11 +45,14 @@ def _sif(tmp_path: Path, runtime: dict[str, Any]) -> Path:
     blobs = layout / "blobs" / "sha256"
     manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
     config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
-    manifest["config"] = _blob(blobs, {**config, "config": runtime}, manifest["config"]["mediaType"])
+    manifest["config"] = _blob(blobs, {**config, "config": runtime, **top}, manifest["config"]["mediaType"])
     index["manifests"][0].update(_blob(blobs, manifest, index["manifests"][0]["mediaType"]))
     (layout / "index.json").write_text(json.dumps(index))
-    run_cli("build", str(sif), f"oci:{layout}")
-    return sif
+    return run_cli("build", str(sif), f"oci:{layout}", check=False)
+
+
+def _fatal(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if not line.startswith("INFO:")]
 
 
 def _blob(blobs: Path, doc: dict[str, Any], media_type: str) -> dict[str, Any]:
@@ -86,12 +97,9 @@ def test_json_nulls_in_string_lists_and_labels_are_empty_strings(tmp_path: Path)
 
 @pytest.mark.parametrize("value", [1, True, {"x": 1}, ["v"]])
 def test_a_label_that_is_no_string_refuses_the_image(tmp_path: Path, value: Any) -> None:
-    layout, sif = tmp_path / "layout", tmp_path / "img.sif"
-    write_oci_layout(layout, _Spec(layers=[layer_tar([])], runtime={"Labels": {"a": value}}))
-    proc = run_cli("build", str(sif), f"oci:{layout}", check=False)
-    assert proc.returncode != 0 and not sif.exists()
-    fatal = [line for line in proc.stderr.splitlines() if not line.startswith("INFO:")]
-    assert fatal == [f"FATAL:   image config: label 'a' is not a string: {value!r}"]
+    proc = _build(tmp_path, {"Labels": {"a": value}})
+    assert proc.returncode != 0 and not (tmp_path / "img.sif").exists()
+    assert _fatal(proc) == [f"FATAL:   image config: label 'a' is not a string: {value!r}"]
 
 
 def test_oci_config_maps_are_written_with_sorted_keys_as_go_writes_them(tmp_path: Path) -> None:
@@ -103,3 +111,11 @@ def test_oci_config_maps_are_written_with_sorted_keys_as_go_writes_them(tmp_path
     assert run_cli("sif", "dump", "3", str(_sif(tmp_path, runtime))).stdout == (
         '{"Labels":{"a":"2","z":"1"},"Volumes":{"/a":{},"/z":{}},"ExposedPorts":{"53/udp":{},"80/tcp":{}}}'
     )
+
+
+@pytest.mark.parametrize("rootfs", ["x", {"type": "layers", "diff_ids": [5]}, {"diff_ids": "x"}])
+def test_a_rootfs_of_the_wrong_shape_is_one_fatal_line(tmp_path: Path, rootfs: Any) -> None:
+    proc = _build(tmp_path, {"Cmd": ["true"]}, rootfs=rootfs)  # was a traceback (AttributeError)
+    assert proc.returncode != 0 and not (tmp_path / "img.sif").exists()
+    [line] = _fatal(proc)
+    assert "config rootfs is not an object with a list of diff_id digests" in line
