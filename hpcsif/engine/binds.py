@@ -243,7 +243,7 @@ def default_binds(
     it is bound at *cwd_dst* (default: *cwd*; the name ``$PWD`` gives it, see :func:`logical_cwd`).
 
     Under ``--contain`` the home directory is bound only when ``--home`` named one (*home_given*).
-    *no_mount* (``--no-mount``) leaves out ``home`` (unless named by ``--home``), ``tmp``,
+    *no_mount* (``--no-mount``) leaves out ``home`` (named by ``--home`` too, as there), ``tmp``,
     ``cwd``, ``bind-paths`` (``/etc/hosts``, ``/etc/localtime``) or a destination path.
     """
     binds = []
@@ -254,7 +254,7 @@ def default_binds(
         ]
     if not contain and "tmp" not in no_mount:
         binds += [Bind("/tmp", "/tmp", optional=True), Bind("/var/tmp", "/var/tmp", optional=True)]
-    if not no_home and (home_given or (not contain and "home" not in no_mount)):
+    if not no_home and "home" not in no_mount and (home_given or not contain):
         binds.append(Bind(home_src, home_dst, optional=not home_given))
     if cwd and not contain and "cwd" not in no_mount:
         binds.append(Bind(cwd, cwd_dst or cwd, optional=True))

@@ -234,7 +234,11 @@ class BwrapCommand:
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
         if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
             raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
-        reason = None if opts.pwd or opts.contain else self._cannot_enter(workdir)
+        reason = (
+            None
+            if opts.pwd or (opts.contain and "home" not in opts.no_mount)
+            else self._cannot_enter(workdir)
+        )
         if reason:
             # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback; a
             # home the container lacks too (a --writable sandbox with --no-home): the root
@@ -519,7 +523,7 @@ class BwrapCommand:
         bind is, and a user's bind or the home directory without its destination is an error.
         """
         kept = []
-        home_bound = not self.opts.no_home and (self.opts.home or "home" not in self.opts.no_mount)
+        home_bound = not self.opts.no_home and "home" not in self.opts.no_mount
 
         def in_bound_directory(b: Bind) -> bool:
             # below another bind of a host directory (the working directory in the host's

@@ -115,3 +115,19 @@ def test_env_flag_is_an_apptainerenv_value_against_singularityenv(run, images: I
     )
     res = run("exec", "--env", "E1=a", *show, env={"SINGULARITYENV_E1": "a", "APPTAINERENV_E1": "c"})
     assert (res.returncode, res.stdout, res.stderr) == (0, "a\n", "")
+
+
+def test_no_mount_home_wins_over_home(run, images: Images, pub_tmp: Path) -> None:
+    """--no-mount home leaves out the home directory that --home names too, as in Apptainer
+    (hpcsif bound it); under --contain the start falls back to / with Apptainer's warning."""
+    (pub_tmp / "marker").write_text("")
+    show = [str(images.sif), "sh", "-c", 'echo "$HOME"; pwd; ls /data/home 2>&1; true']
+    res = run("exec", "--home", f"{pub_tmp}:/data/home", "--no-mount", "home", "--pwd", "/", *show)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout == "/data/home\n/\nls: /data/home: No such file or directory\n"
+    res = run("exec", "--containall", "--home", f"{pub_tmp}:/data/home", "--no-mount", "home", *show)
+    assert res.stdout == "/data/home\n/\nls: /data/home: No such file or directory\n"
+    assert res.stderr == (
+        "WARNING: Error changing the container working directory. Using '/' instead: chdir /data/home:"
+        " no such file or directory\n"
+    )
