@@ -189,6 +189,7 @@ class _Layer:
         self.below: set[str] = set()
         self.late: set[str] = set()
         self.parents: set[str] = set()  # the directories the layer's visible entries lie in
+        self.deep_first: set[str] = set()  # … of those, the ones its first entry below was deeper in
         self.touched: dict[str, bool] = {}
         # targets in lower layers of hard links that a later entry of this layer replaced: the
         # link needs no content, yet extraction made it, so the target must be there
@@ -283,6 +284,7 @@ class _Repeats(NamedTuple):
     kept: dict[int, str] = {}
     absorbed: frozenset[int] = frozenset()
     retarget: dict[int, str] = {}
+    parents: frozenset[int] = frozenset()  # replaced non-directories that a member below replaces
 
 
 class _Symlinks(dict[str, str]):
@@ -395,6 +397,7 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
     kept: dict[int, str] = {}
     absorbed: set[int] = set()
     retarget: dict[int, str] = {}
+    parents: set[int] = set()
     # walking back: name -> the ordinal of its next occurrence, of its next non-directory
     following: dict[str, int] = {}
     following_nondir: dict[str, int] = {}
@@ -403,10 +406,14 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
         name, is_dir = names[i]
         # the member is gone at its next occurrence, at the next member below it (a directory
         # replaces it), or where a non-directory takes an ancestor
+        below = following_below.get(name, len(names) + 1)
         end = min(
-            [following.get(name, len(names)), following_below.get(name, len(names))]
+            [following.get(name, len(names)), below]
             + [following_nondir[anc] for anc in ancestors(name) if anc in following_nondir]
         )
+        # the directory made for a member right below it (before anything else ends it) takes
+        # its attributes
+        becomes_parent = end == below and posixpath.dirname(names[below][0]) == name
         following[name] = i
         if not is_dir:
             following_nondir[name] = i
@@ -415,13 +422,15 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
                 following_below[anc] = i
         if is_dir or i not in replaced:
             continue
+        if becomes_parent:
+            parents.add(i)
         keepers = [j for j in link_ordinals.get(name, ()) if i < j < end and j not in replaced]
         if keepers:
             host = names[keepers[0]][0]
             kept[i] = host
             absorbed.add(keepers[0])
             retarget.update((j, host) for j in keepers[1:])
-    return _Repeats(replaced, kept, frozenset(absorbed), retarget)
+    return _Repeats(replaced, kept, frozenset(absorbed), retarget, frozenset(parents))
 
 
 class _Merger:
@@ -439,6 +448,7 @@ class _Merger:
         self.dirs: dict[str, tuple[int, tarfile.TarInfo]] = {}  # explicit directory attributes
         self.hidden: set[str] = set()  # whiteouts of the layers above
         self.opaque: set[str] = set()
+        self.deep_first: set[str] = set()  # see _Layer.deep_first and _directory_from
         self.pending: dict[str, list[tuple[str, str]]] = {}  # lower link target -> [(name, layer)]
         self.required: dict[str, tuple[str, str]] = {}  # lower targets of replaced links (_Layer)
         self.links: list[tuple[str, str]] = []
@@ -492,7 +502,10 @@ class _Merger:
                     return reason or "shadowed"
                 # below a non-directory of its own layer: Apptainer's extraction replaces that
                 # with a directory (hpcsif refused the layer)
+                held = lay.held.get(anc)
                 self._take_back(lay, anc, False)
+                if held is not None and name.rpartition("/")[0] == anc:
+                    self._directory_from(lay, anc, *held)
                 lay.state.pop(anc, None)  # a directory now: a hard link to it fails
                 self.claims[anc] = lay.level * 2 + 1
                 lay.opaque.add(anc)  # what the layers below had there went with the non-directory
@@ -516,7 +529,9 @@ class _Merger:
     def _claim_parents(self, name: str, lay: _Layer) -> None:
         if lay.replaced_nondirs:  # the directory where a skipped non-directory was starts empty
             lay.opaque.update(anc for anc in ancestors(name) if anc in lay.replaced_nondirs)
-        if name.rpartition("/")[0] not in lay.parents:  # else all of them are there
+        parent = name.rpartition("/")[0]
+        if parent not in lay.parents:  # else all of them are there
+            lay.deep_first.update(intern(anc) for anc in ancestors(parent) if anc not in lay.parents)
             lay.parents.update(map(intern, ancestors(name)))
         for anc in ancestors(name):
             if anc not in self.claims:  # interned: a hostile layer's are kilobytes long, and many
@@ -664,8 +679,12 @@ class _Merger:
                 if name in lay.parents:  # … the layer's own ones too
                     self._take_back(lay, name, True)
                 lay.opaque.add(name)
+                if name not in self.deep_first:
+                    self._directory_from(lay, name, ti, kind)
             if is_dir and kind == "dir":
-                if name not in self.dirs:  # implicit upper directory: take these attributes
+                # an implicit upper directory (or one this layer's earlier entry gave them, which
+                # this one replaces): take these attributes
+                if self.dirs.get(name, (lay.level,))[0] == lay.level:
                     self.dirs[name] = (lay.level, ti)
                 return "merged"
             return "shadowed"
@@ -675,6 +694,15 @@ class _Merger:
             return "merged"
         self._take_back(lay, name, is_dir)
         return None
+
+    def _directory_from(self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str) -> None:
+        """The directory that entries below non-directory ``ti`` of layer ``lay`` (its own later
+        ones, or an upper layer's) imply at ``name`` takes the owner, mode and time of ``ti``, as
+        in Apptainer: its extraction (umoci) gives the parent of an entry, made in place of a
+        file, the attributes that file had (not where the first entry below lies deeper in).
+        An upper layer's own directory there keeps its attributes."""
+        if kind in ("reg", "fifo", "dev") and self.dirs.get(name, (lay.level,))[0] == lay.level:
+            self.dirs[name] = (lay.level, ti)  # not a directory entry (see _link_target)
 
     def _take_back(self, lay: _Layer, name: str, is_dir: bool) -> None:
         """Withdraw entry ``name`` of layer ``lay``, which a later entry of the layer replaces
@@ -784,8 +812,8 @@ class _Merger:
         seen = lay.state.get(target)
         if isinstance(seen, str):  # a hard link of the layer: the same file as its target
             target = seen
-        elif self.dirs.get(target, (0,))[0] == lay.level:
-            raise LayerError(error)
+        elif target in self.dirs and self.dirs[target][0] == lay.level and self.dirs[target][1].isdir():
+            raise LayerError(error)  # (a non-directory there only lends a directory its attributes)
         elif target in lay.parents or self.claims.get(target) == lay.level * 2 + 1:
             # a directory the layer's entries below it made, unless they went through a lower
             # symlink there (the link is then that symlink): the layers below tell
@@ -892,6 +920,8 @@ class _Merger:
         self.links += lay.links.items()
         self.hidden |= lay.whiteouts
         self.opaque |= lay.opaque
+        # the directories whose first entry in the nearest upper layer below them lay deeper
+        self.deep_first = {n for n in self.deep_first if n not in lay.parents} | lay.deep_first
         self.below.update(dict.fromkeys(lay.below, lay.level))
         self.touched.update((path, lay.level * 2 + is_dir) for path, is_dir in lay.touched.items())
         self.touched.update(dict.fromkeys(lay.whiteouts, lay.level * 2))
@@ -982,6 +1012,8 @@ class _Merger:
                         if not ti.isdir():  # a directory that replaces it later starts empty
                             lay.replaced_nondirs.add(name)
                             lay.skipped_live.add(name)
+                            if ordinal in lay.repeats.parents:
+                                self._directory_from(lay, name, ti, member_kind(ti))
                         host = lay.repeats.kept.get(ordinal)
                         if host is None:
                             self.stats.skip("duplicate")

@@ -150,18 +150,36 @@ class _BoundedTarInfo(tarfile.TarInfo):
     def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         """An extended header and the member it describes; its records are checked first as
         Go's archive/tar (Apptainer) checks them (tarfile read a record whose length is wrong,
-        or has no newline, as best it could, and a number it could not parse as 0)."""
-        if isinstance(tf.fileobj, LayerStream):
-            _check_pax_records(tf.fileobj.peek(self.size), self.offset)
-        return super()._proc_pax(tf)
+        or has no newline, as best it could, and a number it could not parse as 0), and its
+        GNU sparse records are applied as Go applies them (:func:`_apply_gnu_sparse`)."""
+        if not isinstance(tf.fileobj, LayerStream):
+            return super()._proc_pax(tf)
+        records = _check_pax_records(tf.fileobj.peek(self.size), self.offset)
+        member = super()._proc_pax(tf)
+        if self.type == tarfile.XHDTYPE:
+            _apply_gnu_sparse(member, records, tf.fileobj)
+        return member
+
+    # tarfile's own readings of the GNU sparse records differ from Go's (it failed on an empty
+    # map, took records Go ignores): :func:`_apply_gnu_sparse` does that work instead
+    def _proc_gnusparse_00(self, *_: object) -> None:
+        pass
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
 
     def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None:
         # as in Go's archive/tar, an empty record keeps the header's value (an empty path
-        # made the member the root, and the build failed)
-        kept = {key: value for key, value in pax_headers.items() if value != ""}
+        # made the member the root, and the build failed); the sparse ones are applied later
+        kept = {
+            key: value
+            for key, value in pax_headers.items()
+            if value != "" and not key.startswith(_SPARSE_RECORD)
+        }
         if self.type == tarfile.AREGTYPE and kept.get("path", "").endswith("/"):
             self.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
         super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]
+        if "mtime" in kept:  # tarfile's float rounded 1700000000.999999999 up a second
+            self.mtime = _pax_seconds(kept["mtime"])
         self.pax_headers = pax_headers.copy()
 
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
@@ -196,9 +214,11 @@ _PAX_NUMBERS = {b"uid": _PAX_INTEGER, b"gid": _PAX_INTEGER, b"size": _PAX_INTEGE
 _PAX_NUMBERS.update(dict.fromkeys((b"mtime", b"atime", b"ctime"), _PAX_TIME))
 
 
-def _check_pax_records(data: bytes, offset: int) -> None:
-    """Refuse the extended header ``data`` unless each record is ``LEN KEY=VALUE\\n`` with
-    LEN its exact length, and the numbers are numbers, as Go's archive/tar refuses it."""
+def _check_pax_records(data: bytes, offset: int) -> list[tuple[str, str]]:
+    """The records of the extended header ``data``, in order, as (key, value); refused unless
+    each record is ``LEN KEY=VALUE\\n`` with LEN its exact length, and the numbers are
+    numbers, as Go's archive/tar refuses it."""
+    records = []
     pos = 0
     while pos < len(data):
         length, space, _ = data[pos : pos + 24].partition(b" ")
@@ -210,7 +230,126 @@ def _check_pax_records(data: bytes, offset: int) -> None:
         number = _PAX_NUMBERS.get(key)
         if number is not None and value and not number.fullmatch(value):
             raise tarfile.ReadError(f"the PAX {key.decode()} record at offset {offset} is no number")
+        records.append((key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
         pos = end
+    return records
+
+
+def _pax_seconds(value: str) -> int:
+    """The whole seconds of the PAX time ``value`` (checked by :func:`_check_pax_records`),
+    as Go's archive/tar reads them and a file system keeps them: rounded down."""
+    seconds, _, fraction = value.partition(".")
+    whole = int(seconds)
+    return whole - 1 if seconds.startswith("-") and fraction.strip("0") else whole
+
+
+_SPARSE_RECORD = "GNU.sparse."
+# a PAX 1.0 sparse map is read whole into memory: refuse a bigger one (65535 regions, which
+# tar2sqfs takes at most, need under 3 MiB)
+_MAX_SPARSE_MAP = 16 << 20
+_HEADER_ONLY = frozenset(
+    {tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE}
+)
+
+
+def _go_int(text: str, what: str, offset: int) -> int:
+    """``text`` as Go's strconv.ParseInt reads a base-10 number, else the layer fails."""
+    if not _PAX_INTEGER.fullmatch(text.encode()):
+        raise tarfile.ReadError(f"the sparse file at offset {offset} has a {what} that is no number")
+    return int(text)
+
+
+def _sparse_version(records: dict[str, str]) -> str | None:
+    """The GNU sparse format (``0.x`` or ``1.0``) that Go's archive/tar reads in ``records``,
+    None where it takes the member for no sparse file."""
+    version = (records.get("GNU.sparse.major", ""), records.get("GNU.sparse.minor", ""))
+    if version in (("0", "0"), ("0", "1")):
+        return "0.x"
+    if version == ("1", "0"):
+        return "1.0"
+    if version == ("", "") and records.get("GNU.sparse.map"):
+        return "0.x"  # 0.0 and 0.1 have no version records
+    return None
+
+
+def _read_map_1x0(stream: LayerStream, room: int, offset: int) -> tuple[list[int], int]:
+    """The numbers of a PAX 1.0 sparse map at the start of a member's data, and the bytes
+    (whole blocks) the map takes there, read as Go's archive/tar reads them."""
+    text = b""
+    wanted = 1  # newlines: the count, then two per region
+    while text.count(b"\n") < wanted:
+        if len(text) + BLOCK > min(room, _MAX_SPARSE_MAP):
+            raise tarfile.ReadError(
+                f"the sparse map of the member at offset {offset} is cut short or too long"
+            )
+        text += stream.read(BLOCK)
+        if wanted == 1 and b"\n" in text:
+            count = _go_int(text.partition(b"\n")[0].decode("latin-1"), "region count", offset)
+            if count < 0:
+                raise tarfile.ReadError(f"the sparse file at offset {offset} has a negative region count")
+            wanted = 1 + 2 * count
+    tokens = text.split(b"\n")[1:wanted]
+    return [_go_int(t.decode("latin-1"), "sparse map entry", offset) for t in tokens], len(text)
+
+
+def _apply_gnu_sparse(member: tarfile.TarInfo, records: list[tuple[str, str]], stream: LayerStream) -> None:
+    """Make ``member`` the sparse file that the GNU sparse ``records`` of its extended header
+    describe, as Go's archive/tar (Apptainer) does: the map of format 0.0 (offset and numbytes
+    records), 0.1 (a map record) or 1.0 (at the start of the data), the name and real size;
+    records that Go takes for no sparse file are ignored, and a map that is malformed, or does
+    not cover the stored data exactly, fails the layer."""
+    latest: dict[str, str] = {}
+    numbers: list[str] = []
+    for key, value in records:
+        if key in ("GNU.sparse.offset", "GNU.sparse.numbytes"):  # format 0.0: pairs in order
+            expected = "GNU.sparse.numbytes" if len(numbers) % 2 else "GNU.sparse.offset"
+            if key != expected or "," in value:
+                raise tarfile.ReadError(
+                    f"the sparse records of the member at offset {member.offset} are out of order"
+                )
+            numbers.append(value)
+        else:
+            latest[key] = value
+    if numbers:
+        latest["GNU.sparse.map"] = ",".join(numbers)
+    version = _sparse_version(latest)
+    if version is None:
+        return
+    offset = member.offset
+    if latest.get("GNU.sparse.name"):
+        member.name = latest["GNU.sparse.name"]
+    stored = member.size
+    real = latest.get("GNU.sparse.size") or latest.get("GNU.sparse.realsize")
+    if real:
+        member.size = _go_int(real, "size", offset)
+    if version == "1.0":
+        stream.seek(member.offset_data)
+        values, used = _read_map_1x0(stream, stored, offset)
+        member.offset_data += used
+        stored -= used
+    else:
+        count = _go_int(latest.get("GNU.sparse.numblocks", ""), "region count", offset)
+        text = latest.get("GNU.sparse.map", "")
+        values = [_go_int(v, "sparse map entry", offset) for v in text.split(",")] if text else []
+        if count < 0 or len(values) != 2 * count:
+            raise tarfile.ReadError(
+                f"the sparse map of the member at offset {offset} has not {count} regions"
+            )
+    regions = list(zip(values[::2], values[1::2], strict=True))
+    end = 0
+    for start, length in regions:
+        if start < end or length < 0 or start + length > member.size:
+            raise tarfile.ReadError(
+                f"the sparse map of the member at offset {offset} is out of order or too long"
+            )
+        end = start + length
+    if member.type in _HEADER_ONLY or member.size < 0:
+        raise tarfile.ReadError(f"the member at offset {offset} is a sparse {member_kind(member)}")
+    if sum(length for _, length in regions) != stored:
+        raise tarfile.ReadError(
+            f"the sparse file at offset {offset} stores {stored} bytes, its map covers another number"
+        )
+    member.sparse = regions
 
 
 def _apply_gnu(member: tarfile.TarInfo) -> None:

@@ -90,12 +90,17 @@ def opaque(directory: str) -> E:
     return file(f"{directory}/.wh..wh..opq")
 
 
-def tar_bytes(entries: Sequence[E | tarfile.TarInfo], fmt: int = tarfile.PAX_FORMAT) -> bytes:
-    """An uncompressed tar archive of ``entries`` (TarInfo values are written as given)."""
+def tar_bytes(
+    entries: Sequence[E | tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]], fmt: int = tarfile.PAX_FORMAT
+) -> bytes:
+    """An uncompressed tar archive of ``entries`` (TarInfo values are written as given, with
+    zeros or the bytes paired with them as content)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
         for e in entries:
-            if isinstance(e, tarfile.TarInfo):
+            if isinstance(e, tuple):
+                tf.addfile(e[0], io.BytesIO(e[1]))
+            elif isinstance(e, tarfile.TarInfo):
                 tf.addfile(e, io.BytesIO(bytes(e.size)) if e.isreg() else None)
             else:
                 tf.addfile(e.tarinfo(), io.BytesIO(e.data) if e.kind == "file" else None)
@@ -127,7 +132,11 @@ def blob(directory: Path, raw_tar: bytes, compression: str = "gzip", *, digests:
     return LayerBlob(path, MEDIA[compression], digest if digests else None, sha(raw_tar) if digests else None)
 
 
-def layer(directory: Path, entries: Sequence[E | tarfile.TarInfo], compression: str = "gzip") -> LayerBlob:
+def layer(
+    directory: Path,
+    entries: Sequence[E | tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]],
+    compression: str = "gzip",
+) -> LayerBlob:
     """A layer blob holding ``entries``."""
     return blob(directory, tar_bytes(entries), compression)
 

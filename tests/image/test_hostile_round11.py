@@ -1,0 +1,221 @@
+"""Hostile layers, round 11: tar-level oddities through ``hpcsif build``, against Apptainer.
+
+A seeded fuzzer of PAX/GNU headers, sparse files, odd names and modes, compression variants
+and archive transports found these: GNU sparse PAX records that tarfile reads otherwise than
+Go's archive/tar (an empty map was an internal error), the directory that Apptainer's
+extraction (umoci) makes in place of a file, which takes that file's owner and mode, and PAX
+times with a fraction, which tarfile's float rounded up a second.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hpcsif.sif.reader import SIFImage
+from tests.image.tarbuild import E, blob, d, file, layer
+from tests.image.test_hostile_cli import _NOT_COMPARED, _archive, _build_and_compare
+from tests.image.test_hostile_round9 import _both_refuse
+
+
+@pytest.fixture
+def inflater() -> str:
+    """The CLI chooses its own inflater in its own process."""
+    return "cli"
+
+
+def _pax(name: str, records: dict[str, str], data: bytes = b"") -> tuple[tarfile.TarInfo, bytes]:
+    """A regular member ``name`` holding ``data``, with the extended header ``records``."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+    info.pax_headers = records
+    return info, data
+
+
+def _sparse_10(name: str, regions: str, realsize: int, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    """A GNU PAX 1.0 sparse member: the map ``regions`` ("count\\noffset\\nlength\\n…") starts
+    its data, then the stored ``data``."""
+    stored = regions.encode().ljust(512, b"\0") + data
+    records = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(realsize),
+    }
+    return _pax(f"GNUSparseFile.0/{name}", records, stored)
+
+
+# GNU sparse records as Go's archive/tar reads them: (member, the path it gives, mode and size)
+SPARSE_READ = {
+    # an empty map of format 0.1: a file all holes (tarfile failed: 'invalid literal for int()')
+    "empty-map": (
+        _pax(
+            "GNUSparseFile.0/a",
+            {
+                "GNU.sparse.major": "0",
+                "GNU.sparse.minor": "1",
+                "GNU.sparse.numblocks": "0",
+                "GNU.sparse.map": "",
+                "GNU.sparse.size": "100",
+                "GNU.sparse.name": "a",
+            },
+        ),
+        "/a",
+        "-rw-r--r-- 100",
+    ),
+    # no version and an empty map: Go takes it for no sparse file at all
+    "empty-map-no-version": (
+        _pax("GNUSparseFile.0/a", {"GNU.sparse.map": "", "GNU.sparse.size": "100", "GNU.sparse.name": "a"}),
+        "/GNUSparseFile.0/a",
+        "-rw-r--r-- 0",
+    ),
+    # a version Go does not know: neither (tarfile read the map, name and size)
+    "unknown-version": (
+        _pax(
+            "GNUSparseFile.0/q",
+            {
+                "GNU.sparse.major": "1",
+                "GNU.sparse.minor": "1",
+                "GNU.sparse.map": "1,2",
+                "GNU.sparse.name": "q",
+            },
+            b"abc",
+        ),
+        "/GNUSparseFile.0/q",
+        "-rw-r--r-- 3",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE_READ))
+def test_gnu_sparse_records_are_read_as_apptainer_reads_them(tmp_path: Path, case: str) -> None:
+    member, path, expected = SPARSE_READ[case]
+    tree = _build_and_compare(tmp_path, [layer(tmp_path, [member, file("k", "k")])], implied=True)
+    assert tree[path] == expected
+
+
+def _records_00(*pairs: tuple[str, str]) -> tarfile.TarInfo:
+    """A format 0.0 sparse member ``q`` of 300 bytes that stores 5: records in ``pairs`` order
+    (tarfile keeps one value per key in a dict: the header is written by hand)."""
+    body = b""
+    for key, value in [("GNU.sparse.size", "300"), ("GNU.sparse.numblocks", "2"), *pairs]:
+        record = f" {key}={value}\n".encode()
+        body += b"%d" % (len(record) + 2) + record  # all records here are 10 to 99 bytes
+    head = tarfile.TarInfo("PaxHeaders/q")
+    head.type, head.size = tarfile.XHDTYPE, len(body)
+    member = tarfile.TarInfo("GNUSparseFile.0/q")
+    member.size = 5
+    return head.tobuf(tarfile.USTAR_FORMAT) + body.ljust(512, b"\0") + member.tobuf(tarfile.USTAR_FORMAT)
+
+
+SPARSE_REFUSED = {
+    "regions-out-of-order": (
+        [_sparse_10("a", "2\n10\n5\n12\n5\n", 100, b"x" * 10)],
+        "is out of order or too long",
+        "invalid tar header",
+    ),
+    "region-past-the-end": (
+        [_sparse_10("a", "1\n98\n5\n", 100, b"x" * 5)],
+        "is out of order or too long",
+        "invalid tar header",
+    ),
+    "map-covers-more-than-stored": (
+        [_sparse_10("a", "1\n0\n9\n", 100, b"x" * 3)],
+        "its map covers another number",
+        "sparse file references non-existent data",
+    ),
+    "count-no-number": (
+        [_pax("q", {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.numblocks": " 1"})],
+        "has a region count that is no number",
+        "invalid tar header",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE_REFUSED))
+def test_malformed_gnu_sparse_maps_fail_the_layer(tmp_path: Path, case: str) -> None:
+    """tarfile expanded such maps as best it could (an out-of-order one overwrote its own data)."""
+    entries, ours, theirs = SPARSE_REFUSED[case]
+    _both_refuse(tmp_path, _archive(tmp_path, [layer(tmp_path, entries)]), [ours], theirs)
+
+
+def test_gnu_sparse_00_pairs_are_read_in_order_or_refused(tmp_path: Path) -> None:
+    """Format 0.0 repeats ``offset`` and ``numbytes`` records: tarfile read them from the raw
+    header with a regular expression, in any order."""
+    good = _records_00(
+        ("GNU.sparse.offset", "0"),
+        ("GNU.sparse.numbytes", "3"),
+        ("GNU.sparse.offset", "100"),
+        ("GNU.sparse.numbytes", "2"),
+    )
+    raw = good + b"abcde".ljust(512, b"\0") + bytes(1024)
+    tree = _build_and_compare(tmp_path / "good", [blob(_mk(tmp_path / "good"), raw)], implied=True)
+    assert tree["/GNUSparseFile.0/q"] == "-rw-r--r-- 300"
+    bad = _records_00(("GNU.sparse.numbytes", "3"), ("GNU.sparse.offset", "0"))
+    work = _mk(tmp_path / "bad")
+    raw = bad + b"abc".ljust(512, b"\0") + bytes(1024)
+    _both_refuse(work, _archive(work, [blob(work, raw)]), ["sparse records"], "invalid tar header")
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _listing(sif: Path) -> dict[str, str]:
+    """Path -> "owner date" of the SIF's root file system (unsquashfs, UTC, to the minute)."""
+    with SIFImage.open(sif) as img:
+        offset = img.primary_partition().offset
+    cmd = ["unsquashfs", "-o", str(offset), "-lln", "-UTC", "-d", "", str(sif)]
+    listing = subprocess.run(cmd, capture_output=True, text=True, check=True, errors="replace").stdout
+    out = {}
+    for line in listing.splitlines():
+        m = re.match(r"\S{10} (\d+/\d+)\s+\S+ (\S+ \S+) (/.*)", line)
+        if m and not _NOT_COMPARED.match(m[3]):
+            out[m[3].partition(" -> ")[0]] = f"{m[1]} {m[2]}"
+    return out
+
+
+def _listings(tmp_path: Path, layers: list) -> tuple[dict[str, str], dict[str, str] | None]:
+    """Owners and times of hpcsif's image (built with :func:`_build_and_compare`) and of
+    Apptainer's (None without Apptainer)."""
+    _build_and_compare(tmp_path, layers, implied=True)
+    theirs = tmp_path / "theirs.sif"
+    return _listing(tmp_path / "ours.sif"), _listing(theirs) if theirs.exists() else None
+
+
+# a directory that entries below a file's name need: (layers, the owner it gets)
+DIRECTORY_FOR_A_FILE = {
+    "same-layer": ([[file("a", "A", 0o600, uid=1000), file("a/y", "y")]], "1000/0"),
+    "empty-file-same-layer": ([[file("a", "", 0o600, uid=1000), file("a/y", "y")]], "1000/0"),
+    "fifo-same-layer": ([[E("a", "fifo", uid=7), file("a/y", "y"), file("a/z", "z")]], "7/0"),
+    "upper-layer": ([[file("a", "A", uid=1000)], [file("a/y", "y")]], "1000/0"),
+    "replaced-directory": ([[d("a", 0o700), file("a", "A", uid=7)], [file("a/y", "y")]], "7/0"),
+    # made for an entry deeper below: a new directory, as any parent the layers imply
+    "deeper-entry-first": ([[file("a", "A", uid=1000)], [file("a/b/c", "c"), file("a/y", "y")]], "0/0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIRECTORY_FOR_A_FILE))
+def test_a_directory_made_in_place_of_a_file_takes_its_owner(tmp_path: Path, case: str) -> None:
+    """umoci restores the parent's attributes after each entry, those the file had: hpcsif
+    gave the directory root's (or, where the file had replaced a directory, that one's)."""
+    entries, owner = DIRECTORY_FOR_A_FILE[case]
+    layers = [layer(tmp_path, es) for es in entries]
+    ours, theirs = _listings(tmp_path, layers)
+    assert ours["/a"].startswith(owner + " ")
+    if theirs is not None:
+        assert ours["/a"].split()[0] == theirs["/a"].split()[0]
+
+
+def test_pax_times_with_a_fraction_are_rounded_down(tmp_path: Path) -> None:
+    """22:13:59.999999999 is 22:13:59, as in Go's archive/tar; tarfile's float made it 22:14."""
+    member = _pax("f", {"mtime": "1700000039.999999999"}, b"x")
+    ours, theirs = _listings(tmp_path, [layer(tmp_path, [member])])
+    assert ours["/f"] == "0/0 2023-11-14 22:13"
+    if theirs is not None:
+        assert theirs["/f"] == ours["/f"]
