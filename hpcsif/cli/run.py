@@ -318,7 +318,7 @@ def _legacy_env_notices(args: argparse.Namespace) -> bool:
     from hpcsif.errors import UsageError
 
     try:
-        given = parse_assignments(args.env or [])
+        given = parse_assignments(args.env or [], quiet=True)
     except UsageError:
         given = {}  # (the launch says what is wrong)
     said = False

@@ -216,9 +216,7 @@ class BwrapCommand:
         if not self.interactive:
             # the payload cannot push characters into our terminal (TIOCSTI); and it dies with us
             args += ["--new-session", "--die-with-parent"]
-        dirs = [*(b.dst for b in self.binds), *self.scratch_tmpfs, *_NOT_UNDERLAID]
-        if opts.contain:
-            dirs += [self.home, *self.private]
+        dirs = [*(b.dst for b in self.binds), *self.scratch_tmpfs, *_NOT_UNDERLAID, *self.private]
         # as Apptainer, no /etc/passwd or /etc/group is made where the image has none (an entry
         # of any kind counts: a link out of the image still gets the made file)
         self.etc_files = [f for f in ("/etc/passwd", "/etc/group") if _has_entry(self.root, f)]
@@ -234,11 +232,7 @@ class BwrapCommand:
         workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
         if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
             raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
-        reason = (
-            None
-            if opts.pwd or (opts.contain and "home" not in opts.no_mount)
-            else self._cannot_enter(workdir)
-        )
+        reason = None if opts.pwd else self._cannot_enter(workdir)
         if reason:
             # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback; a
             # home the container lacks too (a --writable sandbox with --no-home): the root
@@ -657,7 +651,10 @@ class BwrapCommand:
         if walked is None:
             return "a symbolic link loop or not a directory"
         if walked[1]:
-            return "no such file or directory"
+            # made as the parent of a mount point (-B /x:/work/data: /work), as in Apptainer
+            below = path.rstrip("/") + "/"
+            made = any(d.startswith(below) for d, place in self.places.items() if place is not None)
+            return None if made else "no such file or directory"
         return None if os.path.isdir(self.root + walked[0]) else "not a directory"
 
     def _root(self, files: set[str]) -> list[str]:

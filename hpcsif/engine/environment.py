@@ -272,17 +272,22 @@ def host_environ() -> dict[str, str]:
     return env
 
 
-def parse_assignments(items: list[str], what: str = "--env") -> dict[str, str]:
+def parse_assignments(items: list[str], what: str = "--env", *, quiet: bool = False) -> dict[str, str]:
     """``--env`` values into a dict (later ones win), names checked.
 
     Each value is read as Apptainer's ``stringToString`` flag does: with a single ``=`` it is
     one ``KEY=VALUE`` (commas stay in the value, ``"`` at either end are dropped); with more,
     it is a CSV line of ``KEY=VALUE`` fields (``A=1,B=2``; quote a field holding a comma).
+    One without a name (``=x``) is left out with Apptainer's warning (none if *quiet*).
     """
     out: dict[str, str] = {}
     for item in items:
         for pair in _env_pairs(item, what):
             key, sep, value = pair.partition("=")
+            if sep and not key:
+                if not quiet:
+                    log.warning("Ignore environment variable %s: variable name missing", pair)
+                continue
             if not sep or not _NAME.match(key):
                 raise UsageError(f"invalid {what} value {pair!r} (expected NAME=VALUE)")
             out[key] = value

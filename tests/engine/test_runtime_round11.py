@@ -17,6 +17,17 @@ from tests.engine.conftest import Images, as_user, hpcsif_cmd
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def as_root(images: Images):
+    """``as_root(*args, env=…)``: hpcsif as root only, for what does not depend on the user."""
+
+    def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run(hpcsif_cmd(*args), capture_output=True, text=True, env=full_env, timeout=60)
+
+    return _run
+
+
 def run_in(run, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """hpcsif ARGS… started in *cwd*, as the user of the *run* fixture."""
     cmd, env = hpcsif_cmd(*args), dict(os.environ)
@@ -25,17 +36,19 @@ def run_in(run, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
 
 
-def test_prepend_and_append_path_are_expanded(run, images: Images) -> None:
+def test_prepend_and_append_path_are_expanded(as_root, images: Images) -> None:
     """PREPEND_PATH and APPEND_PATH given by --env or APPTAINERENV_ are expanded as every other
     such value (hpcsif put '$HOME/bin' on PATH literally); quotes and backslashes stay."""
     image_path = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
     show = ["sh", "-c", 'echo "$PATH"']
-    res = run("exec", "--env", "PREPEND_PATH=$HOME/p", "--env", 'APPEND_PATH=a"b\\c', str(images.sif), *show)
+    res = as_root(
+        "exec", "--env", "PREPEND_PATH=$HOME/p", "--env", 'APPEND_PATH=a"b\\c', str(images.sif), *show
+    )
     home = res.stdout.partition("/p:")[0]
     assert (res.returncode, res.stderr, res.stdout) == (0, "", f'{home}/p:{image_path}:a"b\\c\n')
     assert home.startswith("/")
     env = {"APPTAINERENV_PREPEND_PATH": "$(echo /x)", "APPTAINERENV_APPEND_PATH": "${NOSUCH:-/y}"}
-    res = run("exec", str(images.sif), *show, env=env)
+    res = as_root("exec", str(images.sif), *show, env=env)
     assert (res.returncode, res.stderr, res.stdout) == (0, "", f"/x:{image_path}:/y\n")
 
 
@@ -59,10 +72,10 @@ def test_current_directory_not_bound_over_what_shows_it(run, images: Images, pub
     assert not (work / "new").exists()
 
 
-def test_bind_variable_lists_every_destination_given(run, images: Images, pub_tmp: Path) -> None:
+def test_bind_variable_lists_every_destination_given(as_root, images: Images, pub_tmp: Path) -> None:
     """APPTAINER_BIND inside names every -B destination as given, a repeated one too, as in
     Apptainer (hpcsif left the repeat out); the repeat itself is still not bound."""
-    res = run(
+    res = as_root(
         "exec",
         "-B",
         f"{pub_tmp}:/mnt",
@@ -80,11 +93,11 @@ def test_bind_variable_lists_every_destination_given(run, images: Images, pub_tm
     assert res.stderr == warning + "\n"
 
 
-def test_empty_path_override_keeps_prepend_path(run, images: Images) -> None:
+def test_empty_path_override_keeps_prepend_path(as_root, images: Images) -> None:
     """An empty PATH given leaves the container's, and PREPEND_PATH/APPEND_PATH still go on it,
     as in Apptainer (hpcsif dropped them as it does for a PATH of the user's own)."""
     env = {"APPTAINERENV_PATH": "", "APPTAINERENV_PREPEND_PATH": "/p", "APPTAINERENV_APPEND_PATH": "/a"}
-    res = run("exec", str(images.sif), "sh", "-c", 'echo "$PATH"', env=env)
+    res = as_root("exec", str(images.sif), "sh", "-c", 'echo "$PATH"', env=env)
     image_path = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
     assert (res.returncode, res.stderr, res.stdout) == (0, "", f"/p:{image_path}:/a\n")
 
@@ -101,19 +114,19 @@ def test_contain_leaves_what_no_mount_names(run, images: Images, pub_tmp: Path) 
     assert sorted(p.name for p in pub_tmp.iterdir()) == ["home"]
 
 
-def test_env_flag_is_an_apptainerenv_value_against_singularityenv(run, images: Images) -> None:
+def test_env_flag_is_an_apptainerenv_value_against_singularityenv(as_root, images: Images) -> None:
     """--env X= is APPTAINERENV_X to Apptainer: a SINGULARITYENV_X beside it gets the two
     warnings where the values differ and nothing where they agree (hpcsif said the INFO line
     that APPTAINERENV_X is preferred, as if none were given)."""
     show = [str(images.sif), "sh", "-c", 'echo "$E1"']
-    res = run("exec", "--env", "E1=b", *show, env={"SINGULARITYENV_E1": "a"})
+    res = as_root("exec", "--env", "E1=b", *show, env={"SINGULARITYENV_E1": "a"})
     assert (res.returncode, res.stdout) == (0, "b\n")
     assert res.stderr == (
         "WARNING: SINGULARITYENV_E1 and APPTAINERENV_E1 have different values, using the latter\n"
         "WARNING: Skipping environment variable [SINGULARITYENV_E1=a], E1 is already overridden with"
         " different value [b]\n"
     )
-    res = run("exec", "--env", "E1=a", *show, env={"SINGULARITYENV_E1": "a", "APPTAINERENV_E1": "c"})
+    res = as_root("exec", "--env", "E1=a", *show, env={"SINGULARITYENV_E1": "a", "APPTAINERENV_E1": "c"})
     assert (res.returncode, res.stdout, res.stderr) == (0, "a\n", "")
 
 
@@ -131,3 +144,50 @@ def test_no_mount_home_wins_over_home(run, images: Images, pub_tmp: Path) -> Non
         "WARNING: Error changing the container working directory. Using '/' instead: chdir /data/home:"
         " no such file or directory\n"
     )
+
+
+def test_contain_without_its_home_starts_in_root(run, images: Images, pub_tmp: Path) -> None:
+    """--contain --no-home with a home the image lacks starts in / with Apptainer's warning
+    (hpcsif failed in bwrap's chdir); no directory is made for the home (it was, with an overlay)."""
+    show = [str(images.sif), "sh", "-c", "pwd; ls -d /home/u 2>&1; true"]
+    warning = (
+        "WARNING: Error changing the container working directory. Using '/' instead: chdir /home/u:"
+        " no such file or directory\n"
+    )
+    for extra in ([], ["--writable-tmpfs"]):
+        res = run("exec", "--contain", "--no-home", "--home", f"{pub_tmp}:/home/u", *extra, *show)
+        assert (res.returncode, res.stdout) == (0, "/\nls: /home/u: No such file or directory\n")
+        assert res.stderr == warning
+
+
+def test_pwd_to_the_parent_made_for_a_bind(run, images: Images, pub_tmp: Path) -> None:
+    """--pwd may name a directory the image lacks that is made as the parent of a bind's
+    destination (-B /x:/work/data --pwd /work), as in Apptainer (hpcsif refused it)."""
+    res = run(
+        "exec",
+        "-B",
+        f"{pub_tmp}:/work/data",
+        "--pwd",
+        "/work",
+        str(images.sif),
+        "sh",
+        "-c",
+        "pwd; ls -d data",
+    )
+    assert (res.returncode, res.stdout, res.stderr) == (0, "/work\ndata\n", "")
+    res = run("exec", "-B", f"{pub_tmp}:/work/data", "--pwd", "/other", str(images.sif), "true")
+    assert (res.returncode, res.stderr) == (
+        255,
+        "FATAL:   failed to set working directory: chdir /other: no such file or directory\n",
+    )
+
+
+def test_env_value_without_a_name_is_ignored_with_a_warning(as_root, images: Images) -> None:
+    """--env =x is left out with Apptainer's warning and the container runs (hpcsif refused the
+    run); a name the shell cannot hold stays one FATAL line (Apptainer's interpreter prints a
+    parse error and runs on)."""
+    res = as_root("exec", "--env", "A=1,=2", str(images.sif), "sh", "-c", 'echo "[$A]"')
+    assert (res.returncode, res.stdout) == (0, "[1]\n")
+    assert res.stderr == "WARNING: Ignore environment variable =2: variable name missing\n"
+    res = as_root("exec", "--env", "1X=y", str(images.sif), "true")
+    assert (res.returncode, res.stderr) == (2, "FATAL:   invalid --env value '1X=y' (expected NAME=VALUE)\n")
