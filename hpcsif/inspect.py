@@ -297,12 +297,16 @@ def gather(image: str | Path | ImageView, wanted: list[str], app: str | None = N
     top = [w for w in wanted if w != "apps" and not (app and w in APP_ATTRIBUTES)]
     attrs = inspect(view, top)
     apps: dict[str, Any] = {}
-    if "apps" in wanted:  # every app, with all of its attributes
-        for name in inspect(view, ["apps"])["apps"] or []:
-            apps[name] = present(inspect(view, APP_ATTRIBUTES, app=name), APP_ATTRIBUTES)
-    elif app:
+    names = inspect(view, ["apps"])["apps"] or [] if app or "apps" in wanted else []
+    if "apps" in wanted:
+        # every app with all of its attributes, as a SIF's metadata object gives them and as --all
+        # gathers them; Apptainer's --list-apps of a sandbox (or an older SIF) names them only
+        full = view.inspect_object is not None or set(ATTRIBUTE_ORDER) <= set(wanted)
+        for name in names:
+            apps[name] = present(inspect(view, APP_ATTRIBUTES, app=name), APP_ATTRIBUTES) if full else {}
+    if app:
         mine = present(inspect(view, [w for w in wanted if w in APP_ATTRIBUTES], app=app), APP_ATTRIBUTES)
-        if mine:
-            apps[app] = mine
+        if mine or app in names:  # an app of the image is shown, even with none of these attributes
+            apps[app] = {**apps.get(app, {}), **mine}
     attrs["apps"] = dict(sorted(apps.items()))
     return present(attrs, ATTRIBUTE_ORDER)

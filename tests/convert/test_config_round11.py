@@ -119,3 +119,33 @@ def test_a_rootfs_of_the_wrong_shape_is_one_fatal_line(tmp_path: Path, rootfs: A
     assert proc.returncode != 0 and not (tmp_path / "img.sif").exists()
     [line] = _fatal(proc)
     assert "config rootfs is not an object with a list of diff_id digests" in line
+
+
+def _attributes(*args: str) -> dict[str, Any]:
+    return json.loads(run_cli("inspect", "--json", *args).stdout)["data"]["attributes"]
+
+
+def test_inspect_apps_of_a_sandbox_and_of_a_sif_as_apptainer_shows_them(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    (box / ".singularity.d").mkdir(parents=True)
+    for app, help_text in (("foo", "foo help\n"), ("bar", None)):
+        scif = box / "scif" / "apps" / app / "scif"
+        scif.mkdir(parents=True)
+        (scif / "runscript").write_text(f"#!/bin/sh\necho {app}\n")
+        if help_text:
+            (scif / "runscript.help").write_text(help_text)
+    foo = {"runscript": "#!/bin/sh\necho foo", "helpfile": "foo help"}
+    # a sandbox is read inside it: --list-apps names the apps, --all gathers their attributes
+    assert _attributes("--list-apps", str(box)) == {"apps": {"bar": {}, "foo": {}}}
+    assert _attributes("--list-apps", "--app", "foo", "-H", str(box)) == {
+        "apps": {"bar": {}, "foo": {"helpfile": "foo help"}}
+    }
+    assert _attributes("--all", str(box))["apps"]["foo"] == foo
+    sif = tmp_path / "apps.sif"
+    run_cli("build", str(sif), str(box))
+    for image in (box, sif):
+        # an app of the image without the attributes asked for is still shown; one it lacks is not
+        assert _attributes("--app", "bar", "-H", str(image)) == {"apps": {"bar": {}}}
+        assert _attributes("--app", "nope", "-H", str(image)) == {}
+    # a SIF's metadata object holds every app's attributes
+    assert _attributes("--list-apps", str(sif))["apps"]["foo"] == foo
