@@ -118,7 +118,7 @@ for __k in @DEFAULT_DIRS@; do
   case ":$PATH:" in *":$__k:"*) ;; *) PATH="${PATH:+$PATH:}$__k" ;; esac
 done
 IFS=$__o; unset __o
-__nolibs=
+__nolibs= __path=
 for __k in $__HPCSIF_SET; do
   if eval "[ -n \"\${__HPCSIF_EXP_$__k+x}\" ]"; then
     eval "__v=\${__HPCSIF_EXP_$__k}"; eval "__v=\"$__v\""
@@ -126,9 +126,11 @@ for __k in $__HPCSIF_SET; do
     eval "__v=\${__HPCSIF_SET_$__k}"
   fi
   # as Apptainer: an empty PATH or PS1 leaves the one there was; with an empty LD_LIBRARY_PATH,
-  # /.singularity.d/libs is not added
+  # /.singularity.d/libs is not added; a PATH is set after the others are expanded (the
+  # container's PATH finds the commands of --env 'A=$(cmd)', and is their $PATH)
   case $__k${__v:+=} in
   PATH | PS1) ;;
+  PATH=) __path=$__v ;;
   LD_LIBRARY_PATH) __nolibs=1; export LD_LIBRARY_PATH= ;;
   *) eval "export $__k=\"\$__v\"" ;;
   esac
@@ -137,6 +139,7 @@ done
 # (as Apptainer's: given by --env or APPTAINERENV_, they are expanded too: PREPEND_PATH='$HOME/bin')
 [ -z "${__HPCSIF_EXP_PREPEND_PATH+x}" ] || eval "__HPCSIF_PREPEND_PATH=\"$__HPCSIF_EXP_PREPEND_PATH\""
 [ -z "${__HPCSIF_EXP_APPEND_PATH+x}" ] || eval "__HPCSIF_APPEND_PATH=\"$__HPCSIF_EXP_APPEND_PATH\""
+[ -z "$__path" ] || PATH=$__path
 [ -n "$__HPCSIF_PREPEND_PATH" ] && PATH="$__HPCSIF_PREPEND_PATH:$PATH"
 [ -n "$__HPCSIF_APPEND_PATH" ] && PATH="$PATH:$__HPCSIF_APPEND_PATH"
 [ -n "$__HPCSIF_LD_PATH" ] && LD_LIBRARY_PATH="$__HPCSIF_LD_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -152,7 +155,7 @@ else
 fi
 export PATH LD_LIBRARY_PATH PS1 PROMPT_COMMAND
 __a=$__HPCSIF_ACTION; __app=$__HPCSIF_APP; __ok=$__HPCSIF_RUNS
-unset __f __k __nolibs __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP __HPCSIF_RUNS
+unset __f __k __nolibs __path __HPCSIF_SET __HPCSIF_HOST __HPCSIF_ACTION __HPCSIF_APP __HPCSIF_RUNS
 unset __HPCSIF_PREPEND_PATH __HPCSIF_APPEND_PATH __HPCSIF_LD_PATH
 unset __HPCSIF_EXP_PREPEND_PATH __HPCSIF_EXP_APPEND_PATH
 # a script whose #! interpreter the image lacks, or a program whose ELF loader it lacks, fails

@@ -191,3 +191,13 @@ def test_env_value_without_a_name_is_ignored_with_a_warning(as_root, images: Ima
     assert res.stderr == "WARNING: Ignore environment variable =2: variable name missing\n"
     res = as_root("exec", "--env", "1X=y", str(images.sif), "true")
     assert (res.returncode, res.stderr) == (2, "FATAL:   invalid --env value '1X=y' (expected NAME=VALUE)\n")
+
+
+def test_path_given_is_set_after_the_other_values_are_expanded(as_root, images: Images) -> None:
+    """A PATH given with --env is set after the other --env values are expanded, as Apptainer
+    sets it last: their $(…) commands are found on the container's PATH, and their $PATH is it
+    (hpcsif expanded them under the new PATH: 'id: not found')."""
+    image_path = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+    flags = ["--env", "PATH=/nowhere", "--env", "E1=[$(id -u)]", "--env", "E2=$PATH"]
+    res = as_root("exec", *flags, str(images.sif), "/bin/sh", "-c", 'echo "$E1 $E2 $PATH"')
+    assert (res.returncode, res.stderr, res.stdout) == (0, "", f"[0] {image_path} /nowhere\n")
