@@ -111,6 +111,29 @@ class BwrapCommand:
         self.private = [d for d in ("/tmp", "/var/tmp") if "tmp" not in opts.no_mount] if opts.contain else []
         if opts.contain and not opts.no_home and not opts.home and "home" not in opts.no_mount:
             self.private.append(self.home)
+        given = [b for spec in opts.binds for b in parse_bind(spec)]
+        given += [parse_mount(spec) for spec in opts.mounts]
+        self.bind_dests = [b.dst for b in given]  # (APPTAINER_BIND inside: repeats too, as there)
+        self.env: dict[str, str] = {}  # (a probe does not read an --env-file twice)
+        if not probe:
+            from hpcsif.engine.environment import build_env, host_environ
+
+            # the environment's warnings and errors come before the mounts', as in Apptainer
+            self.env = build_env(
+                host_environ(),
+                action=opts.action,
+                cleanenv=opts.cleanenv,
+                env=opts.env,
+                env_files=opts.env_files,
+                image=str(image),
+                home=self.home,
+                app=opts.app,
+                pass_prefixes=contrib.pass_prefixes,
+                extra={**contrib.env, **_shell_env(opts.shell)},
+                ld_paths=contrib.ld_paths,
+                bind_dests=self.bind_dests,
+                no_eval=opts.no_eval,
+            )
         try:
             cwd: str | None = os.getcwd()
         except OSError:
@@ -146,9 +169,6 @@ class BwrapCommand:
             self.scratch_tmpfs.append(self.home)
         elif home_bind is not None and opts.home and not os.path.isdir(home_src):
             raise mount_failure(home_src, self.home, f"could not mount {home_src}: not a directory")
-        given = [b for spec in opts.binds for b in parse_bind(spec)]
-        given += [parse_mount(spec) for spec in opts.mounts]
-        self.bind_dests = [b.dst for b in given]  # (APPTAINER_BIND inside: repeats too, as there)
         user_binds = _first_per_destination(given)
         if any(b.image_src is not None for b in user_binds):
             from hpcsif.engine.data_images import resolve_image_binds
@@ -184,25 +204,7 @@ class BwrapCommand:
             if self.direct is None:
                 refuse_without_shell(image, opts.action, self.root if opts.sandbox else None)
         if probe:
-            self.env: dict[str, str] = {}  # (an --env-file is not read twice)
             return
-        from hpcsif.engine.environment import build_env, host_environ
-
-        self.env = build_env(
-            host_environ(),
-            action=opts.action,
-            cleanenv=opts.cleanenv,
-            env=opts.env,
-            env_files=opts.env_files,
-            image=str(image),
-            home=self.home,
-            app=opts.app,
-            pass_prefixes=contrib.pass_prefixes,
-            extra={**contrib.env, **_shell_env(opts.shell)},
-            ld_paths=contrib.ld_paths,
-            bind_dests=self.bind_dests,
-            no_eval=opts.no_eval,
-        )
         self.image = str(image)
         if self.direct is not None:
             from hpcsif.engine.environment import direct_env
