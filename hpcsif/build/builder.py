@@ -1,8 +1,8 @@
 """Build a SIF (or a sandbox) from a definition file, the way ``apptainer build`` does.
 
 Each stage: bootstrap a root tree (an image source, a local SIF/sandbox, or nothing) →
-``%setup`` on the host → ``%files`` → SCIF app layout → ``%post`` (and ``%appinstall``)
-inside the tree with bubblewrap as uid 0 → ``/.singularity.d``
+``%files from STAGE`` → ``%setup`` on the host → the host's ``%files`` → SCIF app layout →
+``%post`` (and ``%appinstall``) inside the tree with bubblewrap as uid 0 → ``/.singularity.d``
 metadata → ``%test``. The last stage's tree becomes the SIF or the sandbox.
 The tree under ``/.singularity.d`` is the source of truth: the SIF's metadata objects are
 read back from it at the end, as Apptainer's assembler does.
@@ -340,10 +340,12 @@ class _StageBuilder:
             if not os.path.lexists(path):
                 path.mkdir(mode=0o755, parents=True)
         runs = self.options.runs
+        if runs("files"):  # as Apptainer: what comes from other stages is there for %setup
+            self.copy_files(from_stage=True)
         if runs("setup"):
             self.setup()
         if runs("files"):
-            self.copy_files()
+            self.copy_files(from_stage=False)
         self.make_apps()
         if runs("post"):
             self.post()
@@ -380,6 +382,8 @@ class _StageBuilder:
             meta = md.for_image({}, bootstrap="scratch", source="", arch=arch)
             # no image, so no image Env and no ENTRYPOINT/CMD: Apptainer's empty runscript
             del meta.environment[f"{SD}/env/10-docker2singularity.sh"]
+            # nor a source: the "from" label comes only from a From: header, as in Apptainer
+            del meta.labels["org.label-schema.usage.singularity.deffile.from"]
             meta.runscript = "#!/bin/sh\n"
             extract_tree([], self.root, extra=meta.files())
             return {}, arch
@@ -513,9 +517,11 @@ class _StageBuilder:
         if rc.returncode != 0:
             raise BuildError(f"{self.where}:{sec.line}: %setup failed with exit status {rc.returncode}")
 
-    def copy_files(self) -> None:
-        """Copy every ``%files`` block's sources (host globs, or paths in an earlier stage)."""
+    def copy_files(self, from_stage: bool) -> None:
+        """Copy the ``%files from STAGE`` blocks' sources, or (``from_stage`` False) the host's."""
         for block in self.stage.files:
+            if (block.stage is not None) != from_stage:
+                continue
             src_root = None
             if block.stage is not None:
                 line = block.copies[0].line if block.copies else self.stage.line
@@ -523,52 +529,67 @@ class _StageBuilder:
                 src_root = self.root if index == self.index else self.earlier[index].root
             for copy in block.copies:
                 self.options.say(f"Copying {copy.src} to {copy.dst}")  # as Apptainer: blank dst too
-                self._copy(copy, src_root, copy.dst or copy.src, self.root)
+                self._copy(copy, src_root, self.root)
 
-    def _copy(self, copy: FileCopy, src_root: Path | None, dst: str, dst_base: Path) -> None:
+    def _copy(self, copy: FileCopy, src_root: Path | None, dst_base: Path) -> None:
+        """Copy one ``%files`` line into ``dst_base``, each match of a glob on its own, as
+        Apptainer does: a blank destination is the match's own path, and a destination that does
+        not exist is made (``dir/`` as a directory, else only its parent), so two matches
+        copied to ``/opt/x`` leave the last one there, and ``*.cfg`` alone lands each file at
+        its own path, not at one named ``*.cfg``."""
         if src_root is None:
             matches = sorted(glob.glob(copy.src)) if glob.has_magic(copy.src) else [copy.src]
-            sources = [Path(m) for m in matches if os.path.lexists(m)]
+            pairs = [(m, Path(m)) for m in matches if os.path.lexists(m)]
         else:
             pattern = str(src_root) + "/" + copy.src.lstrip("/")
             inner = sorted(glob.glob(pattern)) if glob.has_magic(copy.src) else [pattern]
-            sources = [resolve_inside(src_root, m[len(str(src_root)) :]) for m in inner]
-            sources = [s for s in sources if s.exists()]
-        if not sources:
+            rels = [m[len(str(src_root)) :] for m in inner]
+            pairs = [(rel, s) for rel in rels if (s := resolve_inside(src_root, rel)).exists()]
+        if not pairs:
             from hpcsif.refs import reason, stat_error
 
             error = stat_error(copy.src) if src_root is None else None  # why, if not only missing
             why = reason(error) if error else "no such file or directory"
             raise BuildError(f"{self.where}:{copy.line}: %files source {copy.src}: {why}")
-        target = resolve_inside(dst_base, dst)
-        into_dir = len(sources) > 1 or dst.endswith("/")
-        try:
-            (target if into_dir else target.parent).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BuildError(f"{self.where}:{copy.line}: cannot create {dst}: {exc.strerror}") from None
+        failed = []  # what cp said of each match it could not copy, for one FATAL line
+        for name, source in pairs:
+            dst = copy.dst or name
+            target = resolve_inside(dst_base, dst)
+            try:
+                if not os.path.lexists(target):
+                    (target if dst.endswith("/") else target.parent).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BuildError(f"{self.where}:{copy.line}: cannot create {dst}: {exc.strerror}") from None
+            failed += self._cp(source, target, from_stage=src_root is not None, name=Path(name).name)
+        if failed:
+            raise BuildError(f"{self.where}:{copy.line}: copying {copy.src}: {'; '.join(failed)}")
+
+    def _cp(self, source: Path, target: Path, *, from_stage: bool, name: str) -> list[str]:
+        """``cp`` one source to ``target`` (into it when it is a directory); returns cp's
+        complaint (at most 3 lines of it) when it failed."""
         # --remove-destination: a symlink already in the tree where a file lands is replaced, not
         # written through (Apptainer's plain cp -fLr writes through one pointing at a host file);
         # symlinks inside what is copied from a stage stay symlinks (as Apptainer copies them):
         # followed, one naming /etc/shadow would copy the host's into the image. From a stage,
-        # Apptainer keeps owners, modes, times and hard links, but makes each directory it copies
-        # anew (0755, now)
-        flags = ["-fLr"] if src_root is None else ["-fr", "--preserve=mode,ownership,timestamps,links"]
-        tops = [target / s.name if into_dir else target for s in sources if src_root and s.is_dir()]
-        made = [t for t in tops if not os.path.lexists(t)]
+        # Apptainer keeps owners, modes, times and hard links, but makes the directory it copies
+        # anew (0755, now), named as the source was named, not as its symlink resolved
+        flags = ["-fLr"] if not from_stage else ["-fr", "--preserve=mode,ownership,timestamps,links"]
+        if from_stage and target.is_dir() and not target.is_symlink():
+            target = target / name
+        made = from_stage and source.is_dir() and not os.path.lexists(target)
         proc = subprocess.run(
-            ["cp", *flags, "--remove-destination", "--", *map(str, sources), str(target)],
+            ["cp", *flags, "--remove-destination", "--", str(source), str(target)],
             capture_output=True,
             text=True,
             check=False,
             umask=BUILD_UMASK,
         )
         if proc.returncode != 0:
-            why = "; ".join(proc.stderr.split("\n")[:3]).strip("; ")  # one FATAL line, however many cp wrote
-            raise BuildError(f"{self.where}:{copy.line}: copying {copy.src}: {why}")
-        for top in made:
-            if top.is_dir() and not top.is_symlink():
-                os.chmod(top, 0o755)
-                os.utime(top)
+            return ["; ".join(proc.stderr.split("\n")[:3]).strip("; ")]
+        if made and target.is_dir() and not target.is_symlink():
+            os.chmod(target, 0o755)
+            os.utime(target)
+        return []
 
     # -- SCIF apps ----------------------------------------------------------------------------
 
@@ -608,7 +629,7 @@ class _StageBuilder:
         if app.body("help"):
             self._write(f"{meta}/runscript.help", app.body("help"), 0o644)
         for copy in app_files(app, self.where):
-            self._copy(copy, None, copy.dst or copy.src, resolve_inside(self.root, base))
+            self._copy(copy, None, resolve_inside(self.root, base))
         return global_env
 
     # -- %post ------------------------------------------------------------------------------
@@ -732,8 +753,7 @@ def _script(sec: Section, where: str, shebang: bool = False) -> str:
     """
     first, _, rest = sec.body.partition("\n")
     if shebang and first.strip().startswith("#!") and sec.args.split()[:1] != ["-c"]:
-        args = sec.args.split("#")[0].strip()  # Apptainer leaves out a comment after them
-        return f"{first.strip()}{' ' + args if args else ''}\n\n{rest}\n"
+        return f"{first.strip()}{' ' + sec.args if sec.args else ''}\n\n{rest}\n"
     return f"#!{' '.join(sec.interpreter(where))}\n\n{sec.body}\n"
 
 
@@ -773,6 +793,7 @@ def run_in_tree(
     binds: list[Any] | None = None,
     extra_env: dict[str, str] | None = None,
     fakeroot: bool = False,
+    command: str = "exec",
 ) -> int:
     """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0.
 
@@ -784,7 +805,8 @@ def run_in_tree(
     and ``/etc/resolv.conf``, ``/etc/hosts`` are bound from the host, then ``binds``
     (:class:`hpcsif.engine.binds.Bind`: ``-B``, ``--mount``, GPU files). A writable run gets
     empty throw-away ``/tmp`` and ``/var/tmp``; a read-only one a tmpfs ``/tmp``. Mount points the tree
-    lacks are made for the run and removed after it. ``extra_env`` adds variables.
+    lacks are made for the run and removed after it. ``extra_env`` adds variables;
+    ``command`` is ``$APPTAINER_COMMAND`` (``exec`` for ``%post``, ``test`` for ``%test``).
     The umask is Apptainer's :data:`BUILD_UMASK`. Returns the exit status.
     ``what`` (``FILE:LINE: %post``) starts error messages.
     """
@@ -812,8 +834,13 @@ def run_in_tree(
         "TERM": "xterm",
         "APPTAINER_ENVIRONMENT": f"{SD}/env/91-environment.sh",
         "SINGULARITY_ENVIRONMENT": f"{SD}/env/91-environment.sh",
-        **(extra_env or {}),
     }
+    # what Apptainer's %post and %test see of the container they run in (scripts test
+    # $APPTAINER_CONTAINER or $SINGULARITY_NAME to know they run in one)
+    running = {"CONTAINER": str(root), "NAME": root.name, "APPNAME": "", "COMMAND": command}
+    for key, value in running.items():
+        env[f"APPTAINER_{key}"] = env[f"SINGULARITY_{key}"] = value
+    env.update(extra_env or {})
     if any(b.dst.startswith(LIBS_DIR + "/") for b in binds):  # --nv/--rocm libraries, as at run time
         env["LD_LIBRARY_PATH"] = LIBS_DIR
     cmd = [bwrap, "--cap-add", "ALL", "--unshare-pid"]
@@ -892,12 +919,21 @@ def _run_test(root: Path, sec: Section, where: str, binds: list[Any], options: B
         overlay = overlay_mount(root)
         try:
             rc = run_in_tree(
-                overlay.acquire(), script, ["/bin/sh"], writable=True, what=what, binds=binds, fakeroot=fake
+                overlay.acquire(),
+                script,
+                ["/bin/sh"],
+                writable=True,
+                what=what,
+                binds=binds,
+                fakeroot=fake,
+                command="test",
             )
         finally:
             overlay.release()
     else:
-        rc = run_in_tree(root, script, ["/bin/sh"], writable=False, what=what, binds=binds, fakeroot=fake)
+        rc = run_in_tree(
+            root, script, ["/bin/sh"], writable=False, what=what, binds=binds, fakeroot=fake, command="test"
+        )
     if rc != 0:
         raise BuildError(f"{what} failed with exit status {rc}; no image was written")
 

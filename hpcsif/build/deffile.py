@@ -89,7 +89,11 @@ MAX_SIZE = 4 << 20
 #: the most stages a definition file may have: Apptainer has no limit, but builds each stage in
 #: full (2,000 empty stages take it 106 s), so 70,000 stages of a 4 MiB file would build for hours
 MAX_STAGES = 1000
-_STAGE_START = re.compile(r"^bootstrap\s*:", re.IGNORECASE | re.MULTILINE)
+#: where a stage starts, as Apptainer splits stages: "Bootstrap:" at the start of a line, no
+#: space before the colon ("Bootstrap : x" later in the file is text of the section above)
+_STAGE_START = re.compile(r"^bootstrap:", re.IGNORECASE | re.MULTILINE)
+#: a header line of the first stage, which may be indented or spaced ("  Bootstrap : docker")
+_HEADER_START = re.compile(r"^\s*bootstrap\s*:", re.IGNORECASE | re.MULTILINE)
 _TEMPLATE = re.compile(r"{{\s*(\w+)\s*}}")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -251,7 +255,7 @@ def is_definition_file(path: str | Path) -> bool:
     try:
         head.decode()
     except UnicodeDecodeError:  # text in another encoding is a definition if it has a header
-        return _STAGE_START.search(head.decode(errors="replace")) is not None
+        return _HEADER_START.search(head.decode(errors="replace")) is not None
     return True
 
 
@@ -288,7 +292,7 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
     starts = [m.start() for m in _STAGE_START.finditer(text)]
     content = [ln.strip() for ln in _lines(text[: starts[0] if starts else len(text)])]
     content = [ln for ln in content if ln and not ln.startswith("#")]
-    if content and _STAGE_START.match(content[0]):  # an indented first header: the file is the stage
+    if content and _HEADER_START.match(content[0]):  # an indented first header: the file is the stage
         starts.insert(0, 0)
     if not starts:
         if not any(line.strip() and not line.strip().startswith("#") for line in _lines(text)):
@@ -311,8 +315,10 @@ def parse(text: str, where: str = "<definition>", build_args: dict[str, str] | N
         if st.name and names[st.name] > 1:
             raise DefinitionError(f"{where}:{st.header_lines['stage']}: stage name {st.name!r} is used twice")
     unused = sorted(set(build_args or {}) - used)
+    # kept from the first stage on: the whole file when that stage's header is indented or
+    # spaced (Apptainer's stage split does not see it), comments before it included
     first = _STAGE_START.search(raw)
-    raw = raw[first.start() :] if first else raw
+    raw = raw[first.start() :] if first and starts[0] else raw
     definition = Definition(stages=stages, raw=raw, where=where, unused_build_args=unused)
     for i, st in enumerate(stages):
         for block in st.files:
@@ -385,7 +391,9 @@ def _parse_stage(text: str, first_line: int, where: str) -> Stage:
         if word.startswith("%"):
             if not chunks:
                 header_end = i
-            rest = line.strip()[len(word) :].strip()
+            # a "#" ends the arguments, as in Apptainer: "%post # install" runs /bin/sh -e -x,
+            # "%files # from the host" copies from the host
+            rest = line.strip()[len(word) :].split("#", 1)[0].strip()
             name = word.lstrip("%").lower()  # "%%labels" is %labels to Apptainer too
             # a repeated section continues the first one (Apptainer), which keeps its line and
             # arguments; %files blocks stay apart (each may copy from another stage)
