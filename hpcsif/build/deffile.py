@@ -339,14 +339,26 @@ def _lines(text: str, keepends: bool = False) -> list[str]:
 def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str]) -> str:
     """Replace ``{{ NAME }}`` with ``--build-arg`` values or the ``%arguments`` defaults.
 
-    The names replaced are added to ``used``.
+    As in Apptainer, each stage has its own defaults: a name only another stage's
+    ``%arguments`` sets is not defined. The names replaced are added to ``used``.
     """
     if not _TEMPLATE.search(text) and "%arguments" not in text.lower():
         return text
+    stages: list[list[tuple[int, str]]] = [[]]
+    for n, line in enumerate(_lines(text, keepends=True), 1):
+        if _STAGE_START.match(line) and stages[-1]:
+            stages.append([])
+        stages[-1].append((n, line))
+    return "".join(_substitute_stage(lines, where, build_args, used) for lines in stages)
+
+
+def _substitute_stage(
+    lines: list[tuple[int, str]], where: str, build_args: dict[str, str], used: set[str]
+) -> str:
+    """:func:`_substitute` for the numbered lines of one stage."""
     defaults: dict[str, str] = {}
-    lines = _lines(text, keepends=True)
     in_args = False
-    for line in lines:
+    for _, line in lines:
         word = line.split(maxsplit=1)[0] if line.strip() else ""
         if word.startswith("%"):
             in_args = word.lstrip("%").lower() == "arguments"
@@ -358,7 +370,7 @@ def _substitute(text: str, where: str, build_args: dict[str, str], used: set[str
     values = {**defaults, **build_args}
     out = []
     in_args = False
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         word = line.split(maxsplit=1)[0] if line.strip() else ""
         if word.startswith("%"):
             in_args = word.lstrip("%").lower() == "arguments"

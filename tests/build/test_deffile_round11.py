@@ -143,3 +143,24 @@ def test_post_and_test_see_the_container_variables(base: Path, tmp_path: Path) -
         container, twin = seen["CONTAINER"].split(":")
         assert container == twin and os.path.isabs(container)
         assert seen["NAME"] == f"{Path(container).name}:{Path(container).name}"
+
+
+def test_arguments_defaults_belong_to_their_stage(base: Path, tmp_path: Path) -> None:
+    """Each stage's ``{{ NAME }}`` takes its own ``%arguments`` defaults (hpcsif let the last
+    stage's default win in every stage, and a later stage use an earlier stage's names)."""
+    stage = "Bootstrap: localimage\nFrom: {base}\n{extra}%arguments\n    X={x}\n"
+    stage += "%post\n    echo {{{{ X }}}} > /x\n"
+    one = stage.format(base=base, extra="Stage: one\n", x=1)
+    two = stage.format(base=base, extra="%files from one\n    /x /x1\n", x=2)
+    out = build(tmp_path, one + "\n" + two)
+    assert (out / "x1").read_text() == "1\n" and (out / "x").read_text() == "2\n"
+    last = f"Bootstrap: localimage\nFrom: {base}\n%post\n    echo {{{{ X }}}} > /y\n"
+    (tmp_path / "t.def").write_text(f"{one}\n{last}")
+    proc = run_cli("build", "--sandbox", "out2", "t.def", cwd=tmp_path, check=False)
+    assert proc.returncode == 255 and not (tmp_path / "out2").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "FATAL:   t.def:12: build var X is not defined through either --build-arg (--build-arg-file) "
+        "or 'arguments' section"
+    )
+    run_cli("build", "--sandbox", "--build-arg", "X=9", "out3", "t.def", cwd=tmp_path)
+    assert (tmp_path / "out3/y").read_text() == "9\n"
