@@ -190,6 +190,9 @@ class _Layer:
         self.late: set[str] = set()
         self.parents: set[str] = set()  # the directories the layer's visible entries lie in
         self.deep_first: set[str] = set()  # … of those, the ones its first entry below was deeper in
+        # non-directories an upper layer makes directories: their attributes go to the directory
+        # if the first entry below them (of this layer, else of the upper ones) is right below
+        self.lent: dict[str, tuple[tarfile.TarInfo, str]] = {}
         self.touched: dict[str, bool] = {}
         # targets in lower layers of hard links that a later entry of this layer replaced: the
         # link needs no content, yet extraction made it, so the target must be there
@@ -554,6 +557,8 @@ class _Merger:
         """Merge one member of layer ``lay`` (``data`` streams its content)."""
         name = self._name(lay, ti)
         parent, base = posixpath.split(name)
+        if lay.lent and not base.startswith(WHITEOUT_PREFIX):
+            self._lend(lay, name, parent)
         if base.startswith(WHITEOUT_PREFIX):
             if base.startswith(_AUFS_META) and base != OPAQUE_MARKER:
                 return  # AUFS bookkeeping (.wh..wh.aufs, .wh..wh.plnk itself): never content
@@ -679,13 +684,13 @@ class _Merger:
                 if name in lay.parents:  # … the layer's own ones too
                     self._take_back(lay, name, True)
                 lay.opaque.add(name)
-                if name not in self.deep_first:
-                    self._directory_from(lay, name, ti, kind)
+                lay.lent[name] = (ti, kind)
             if is_dir and kind == "dir":
                 # an implicit upper directory (or one this layer's earlier entry gave them, which
                 # this one replaces): take these attributes
                 if self.dirs.get(name, (lay.level,))[0] == lay.level:
                     self.dirs[name] = (lay.level, ti)
+                lay.lent.pop(name, None)
                 return "merged"
             return "shadowed"
         # a duplicate in the same layer: the last one wins, as tar extraction does
@@ -703,6 +708,15 @@ class _Merger:
         An upper layer's own directory there keeps its attributes."""
         if kind in ("reg", "fifo", "dev") and self.dirs.get(name, (lay.level,))[0] == lay.level:
             self.dirs[name] = (lay.level, ti)  # not a directory entry (see _link_target)
+
+    def _lend(self, lay: _Layer, name: str, parent: str) -> None:
+        """Settle the non-directories of ``lay.lent`` that entry ``name`` of their layer lies
+        below (see :meth:`_directory_from`; whiteouts make no directory, and remove nothing of
+        their own layer)."""
+        for anc in ancestors(name):
+            lent = lay.lent.pop(anc, None)
+            if lent is not None and anc == parent:
+                self._directory_from(lay, anc, *lent)
 
     def _take_back(self, lay: _Layer, name: str, is_dir: bool) -> None:
         """Withdraw entry ``name`` of layer ``lay``, which a later entry of the layer replaces
@@ -917,6 +931,9 @@ class _Merger:
             )
         for name, (ti, kind) in lay.held.items():
             self.sink.emit(name, ti, kind, None, lay.label)
+        for name, (ti, kind) in lay.lent.items():  # no later entry of the layer below it
+            if name not in self.deep_first:
+                self._directory_from(lay, name, ti, kind)
         self.links += lay.links.items()
         self.hidden |= lay.whiteouts
         self.opaque |= lay.opaque

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hpcsif.sif.reader import SIFImage
-from tests.image.tarbuild import E, blob, d, file, layer
+from tests.image.tarbuild import E, blob, d, file, layer, whiteout
 from tests.image.test_hostile_cli import _NOT_COMPARED, _archive, _build_and_compare
 from tests.image.test_hostile_round9 import _both_refuse
 
@@ -195,6 +195,10 @@ DIRECTORY_FOR_A_FILE = {
     "fifo-same-layer": ([[E("a", "fifo", uid=7), file("a/y", "y"), file("a/z", "z")]], "7/0"),
     "upper-layer": ([[file("a", "A", uid=1000)], [file("a/y", "y")]], "1000/0"),
     "replaced-directory": ([[d("a", 0o700), file("a", "A", uid=7)], [file("a/y", "y")]], "7/0"),
+    # the first entry below it counts, of its own layer before the upper ones
+    "own-layer-first": ([[file("a", "A", uid=1000), file("a/y", "y")], [file("a/b/c", "c")]], "1000/0"),
+    # a whiteout removes nothing of its own layer
+    "whiteout-in-its-layer": ([[file("a", "A", uid=5), whiteout("a")], [file("a/y", "y")]], "5/0"),
     # made for an entry deeper below: a new directory, as any parent the layers imply
     "deeper-entry-first": ([[file("a", "A", uid=1000)], [file("a/b/c", "c"), file("a/y", "y")]], "0/0"),
 }
