@@ -128,9 +128,35 @@ BASE_TREE = [
     ExtraFile("singularity", symlink=".singularity.d/runscript", under=True),
 ]
 
+# sourced by every action, as Apptainer's 95-apps.sh in every image: with --app NAME, put the
+# app's bin/lib first and source its env; an app the image lacks is Apptainer's line and status 1
+APPS_ACTIVE_ENV = """#!/bin/sh
+# the environment of the app chosen with --app (APPTAINER_APPNAME / SINGULARITY_APPNAME)
+_hpcsif_app="${APPTAINER_APPNAME:-${SINGULARITY_APPNAME:-}}"
+if [ -n "$_hpcsif_app" ]; then
+    if [ ! -d "/scif/apps/$_hpcsif_app" ]; then
+        # Apptainer's words, and on standard output as Apptainer prints them
+        echo "Could not locate the container application: $_hpcsif_app"
+        exit 1
+    fi
+    SCIF_APPS=/scif/apps
+    SCIF_APPROOT="/scif/apps/$_hpcsif_app"
+    PATH="/scif/apps/$_hpcsif_app/bin:/scif/apps/$_hpcsif_app:$PATH"
+    LD_LIBRARY_PATH="/scif/apps/$_hpcsif_app/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export SCIF_APPS SCIF_APPROOT PATH LD_LIBRARY_PATH
+    for _hpcsif_env in "/scif/apps/$_hpcsif_app/scif/env/01-base.sh" \\
+        "/scif/apps/$_hpcsif_app/scif/env/90-environment.sh"; do
+        if [ -f "$_hpcsif_env" ]; then . "$_hpcsif_env"; fi
+    done
+    unset _hpcsif_env
+fi
+unset _hpcsif_app
+"""
+
 # env scripts every image gets; not part of what `inspect --environment` shows
 BASE_ENV = {
     f"{SD}/env/01-base.sh": ENV_BASE,
+    f"{SD}/env/95-apps.sh": APPS_ACTIVE_ENV,
     f"{SD}/env/99-base.sh": ENV_99,
     f"{SD}/env/99-runtimevars.sh": ENV_99_RUNTIME,
 }

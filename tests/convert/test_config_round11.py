@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from hpcsif.image.compose import ImageSpec, layer_tar, write_oci_layout
+from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
 from tests.conftest import run_cli
+from tests.services.images import busybox_binary
 
 
 @dataclass
@@ -30,16 +31,19 @@ class _Spec(ImageSpec):
         return cfg
 
 
-def _sif(tmp_path: Path, runtime: dict[str, Any], **top: Any) -> Path:
-    proc = _build(tmp_path, runtime, **top)
+def _sif(tmp_path: Path, runtime: dict[str, Any], layer: bytes | None = None, **top: Any) -> Path:
+    proc = _build(tmp_path, runtime, layer, **top)
     assert proc.returncode == 0, proc.stderr
     return tmp_path / "img.sif"
 
 
-def _build(tmp_path: Path, runtime: dict[str, Any], **top: Any) -> subprocess.CompletedProcess[str]:
-    """Build img.sif from an image with this runtime config and these other config members."""
+def _build(
+    tmp_path: Path, runtime: dict[str, Any], layer: bytes | None = None, **top: Any
+) -> subprocess.CompletedProcess[str]:
+    """Build img.sif from an image of this layer (an empty one) with this runtime config and
+    these other config members."""
     layout, sif = tmp_path / "layout", tmp_path / "img.sif"
-    write_oci_layout(layout, _Spec(layers=[layer_tar([])], runtime=runtime))
+    write_oci_layout(layout, _Spec(layers=[layer or layer_tar([])], runtime=runtime))
     # the config as given, its keys in their order (compose writes them sorted)
     index = json.loads((layout / "index.json").read_text())
     blobs = layout / "blobs" / "sha256"
@@ -115,7 +119,7 @@ def test_oci_config_maps_are_written_with_sorted_keys_as_go_writes_them(tmp_path
 
 @pytest.mark.parametrize("rootfs", ["x", {"type": "layers", "diff_ids": [5]}, {"diff_ids": "x"}])
 def test_a_rootfs_of_the_wrong_shape_is_one_fatal_line(tmp_path: Path, rootfs: Any) -> None:
-    proc = _build(tmp_path, {"Cmd": ["true"]}, rootfs=rootfs)  # was a traceback (AttributeError)
+    proc = _build(tmp_path, {"Cmd": ["true"]}, None, rootfs=rootfs)  # was a traceback (AttributeError)
     assert proc.returncode != 0 and not (tmp_path / "img.sif").exists()
     [line] = _fatal(proc)
     assert "config rootfs is not an object with a list of diff_id digests" in line
@@ -149,3 +153,21 @@ def test_inspect_apps_of_a_sandbox_and_of_a_sif_as_apptainer_shows_them(tmp_path
         assert _attributes("--app", "nope", "-H", str(image)) == {}
     # a SIF's metadata object holds every app's attributes
     assert _attributes("--list-apps", str(sif))["apps"]["foo"] == foo
+
+
+def _busybox_layer(*applets: str) -> bytes:
+    links = [Entry(f"bin/{a}", symlink="busybox") for a in applets]
+    return layer_tar(
+        [Entry("bin", mode=0o755), Entry("bin/busybox", busybox_binary().read_bytes(), 0o755), *links]
+    )
+
+
+@pytest.mark.parametrize("action", [["run"], ["exec"], ["test"], ["shell"]])
+def test_an_app_that_a_converted_image_lacks_is_apptainers_line(tmp_path: Path, action: list[str]) -> None:
+    sif = _sif(tmp_path, {"Cmd": ["echo", "cmd"]}, _busybox_layer("sh", "echo", "true"))
+    command = ["true"] if action == ["exec"] else []
+    proc = run_cli(*action, "--app", "nope", str(sif), *command, check=False, stdin=subprocess.DEVNULL)
+    # on standard output and with status 1, as Apptainer's 95-apps.sh in every image says it
+    # (run and test said "ERROR:   no runscript/No tests for contained app", exec ran the command)
+    assert (proc.returncode, proc.stdout) == (1, "Could not locate the container application: nope\n")
+    assert "app" not in proc.stderr
