@@ -39,11 +39,11 @@ EXEC_RESOLVED = r"""__c=$1
 case $__c in
 */*) ;;
 *)
-  __o=$IFS; IFS=:
+  __o=$IFS; IFS=:; set -f  # (a PATH entry is a directory's name, never a pattern)
   for __d in $PATH; do
     if [ -f "${__d:-.}/$1" ] && [ -x "${__d:-.}/$1" ]; then __c=${__d:-.}/$1; break; fi
   done
-  IFS=$__o
+  IFS=$__o; set +f
   case $__c in
   */*) ;;
   *) echo "FATAL:   \"$1\": executable file not found in \$PATH" >&2; exit 255 ;;

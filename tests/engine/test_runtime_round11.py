@@ -194,3 +194,16 @@ def test_path_given_is_set_after_the_other_values_are_expanded(as_root, images: 
     flags = ["--env", "PATH=/nowhere", "--env", "E1=[$(id -u)]", "--env", "E2=$PATH"]
     res = as_root("exec", *flags, str(images.sif), "/bin/sh", "-c", 'echo "$E1 $E2 $PATH"')
     assert (res.returncode, res.stderr, res.stdout) == (0, "", f"[0] {image_path} /nowhere\n")
+
+
+def test_path_entries_are_not_patterns(as_root, images: Images) -> None:
+    """A PATH entry is a directory's name, never a pattern: with PATH='*' in / the command is not
+    found, as in Apptainer (hpcsif's lookup expanded '*' to the image's bin and ran bin/sh)."""
+    res = as_root("exec", "--env", "PATH=*", "--pwd", "/", str(images.sif), "sh", "-c", "echo ran")
+    assert (res.returncode, res.stdout, res.stderr) == (
+        255,
+        "",
+        'FATAL:   "sh": executable file not found in $PATH\n',
+    )
+    res = as_root("exec", "--env", "PATH=bin", "--pwd", "/", str(images.sif), "sh", "-c", "echo ran")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "ran\n", "")
