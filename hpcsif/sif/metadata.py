@@ -29,7 +29,7 @@ from hpcsif.image.layers import ExtraFile
 log = logging.getLogger(__name__)
 
 SD = "/.singularity.d"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # (fullmatch: "$" would let "F\n" through)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 _SOURCE_ENV = f"""for _hpcsif_env in {SD}/env/*.sh; do
@@ -222,7 +222,7 @@ def env_script(env: Sequence[str]) -> str:
         raise IntegrityError(f"image config: Env must be a list of strings, not {env!r:.80}")
     for item in env:
         name, equals, value = item.partition("=")
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             continue  # not a shell variable name; Apptainer skips these too
         if name == "PATH":
             lines.append(f"export PATH={_dquote(value)}")

@@ -171,3 +171,13 @@ def test_an_app_that_a_converted_image_lacks_is_apptainers_line(tmp_path: Path, 
     # (run and test said "ERROR:   no runscript/No tests for contained app", exec ran the command)
     assert (proc.returncode, proc.stdout) == (1, "Could not locate the container application: nope\n")
     assert "app" not in proc.stderr
+
+
+def test_an_env_name_ending_in_a_newline_is_skipped_like_other_odd_names(tmp_path: Path) -> None:
+    env = ["F\n=6", "G\n", "A=1", "PATH=/bin"]
+    sif = _sif(tmp_path, {"Env": env}, _busybox_layer("sh", "env"))
+    # it was written as "export F" and a line the shell could not parse: every start failed
+    proc = run_cli("exec", str(sif), "env", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "A=1" in proc.stdout.splitlines()
+    assert not any(line.startswith(("F=", "G=", "=")) for line in proc.stdout.splitlines())
