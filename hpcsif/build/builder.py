@@ -227,9 +227,10 @@ def build_definition(
                 update = dest if options.update and i == len(definition.stages) - 1 else None
                 builder = _StageBuilder(definition, i, work / f"stage{i}", built, options, store, binds)
                 built.append(builder.build(update))
-                # every stage's %test runs when the stage is done, as in Apptainer
+                # every stage's %test runs when the stage is done, as in Apptainer; a section of
+                # blank lines runs too (Apptainer runs any section with a body)
                 test = stage.sections.get("test")
-                if test is not None and test.body.strip() and not options.notest and options.runs("test"):
+                if test is not None and test.body and not options.notest and options.runs("test"):
                     _run_test(built[-1].root, test, definition.where, binds, options)
                 if i < len(definition.stages) - 1 and i not in sources:  # no later %files needs it
                     shutil.rmtree(built[-1].root, ignore_errors=True)
@@ -503,7 +504,7 @@ class _StageBuilder:
     def setup(self) -> None:
         """Run ``%setup`` on the host with ``$APPTAINER_ROOTFS`` set to the tree."""
         sec = self.stage.sections.get("setup")
-        if sec is None or not sec.body.strip():
+        if sec is None or not sec.body:  # blank lines are a body: Apptainer runs them
             return
         self.options.say("Running setup scriptlet")
         with tempfile.NamedTemporaryFile(suffix=".sh", dir=self.root.parent, delete=False) as f:
@@ -635,15 +636,16 @@ class _StageBuilder:
     # -- %post ------------------------------------------------------------------------------
 
     def post(self) -> None:
-        """Run ``%post`` and then each ``%appinstall`` inside the tree as fake root."""
+        """Run ``%post`` and then each ``%appinstall`` inside the tree as fake root (or real root)."""
         sec = self.stage.sections.get("post")
         installs = [a for a in self.stage.apps.values() if "install" in a.sections]
         script = (sec.body if sec else "") + "".join(
             APP_INSTALL.format(root=f"/scif/apps/{a.name}", body=a.body("install")) for a in installs
         )
-        if not script.strip():
+        # as Apptainer: a %post of blank lines runs, and so does the apps' setup without one
+        if not ((sec is not None and sec.body) or self.stage.apps):
             return
-        line = sec.line if sec else installs[0].sections["install"].line
+        line = sec.line if sec else min(s.line for a in self.stage.apps.values() for s in a.sections.values())
         argv = sec.shell_argv(self.where) if sec else ["/bin/sh", "-e", "-x"]
         self.options.say("Running post scriptlet")
         what = f"{self.where}:{line}: %post"

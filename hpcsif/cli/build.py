@@ -390,12 +390,12 @@ def _build_args(args: argparse.Namespace) -> dict[str, str]:
                 shown = line.encode(errors="surrogateescape").decode(errors="replace")
                 log.warning("Skipping %r in build arg file: expected KEY=VALUE", shown)
                 continue
-            build_args[key.strip()] = value
+            build_args[key.strip()] = value.strip()  # Apptainer trims both
     for item in args.build_arg:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--build-arg {item!r}: expected KEY=VALUE")
-        build_args[key.strip()] = value
+        build_args[key.strip()] = value.strip()
     return build_args
 
 

@@ -164,3 +164,37 @@ def test_arguments_defaults_belong_to_their_stage(base: Path, tmp_path: Path) ->
     )
     run_cli("build", "--sandbox", "--build-arg", "X=9", "out3", "t.def", cwd=tmp_path)
     assert (tmp_path / "out3/y").read_text() == "9\n"
+
+
+def test_sections_of_blank_lines_run_as_in_apptainer(base: Path, tmp_path: Path) -> None:
+    """A ``%setup``, ``%post`` or ``%test`` of blank lines runs (hpcsif skipped them), and
+    apps without a ``%post`` still have their post step: Apptainer's build says so."""
+    blank = "".join(f"%{name}\n\n" for name in ("setup", "post", "test", "runscript", "help"))
+    (tmp_path / "t.def").write_text(f"Bootstrap: localimage\nFrom: {base}\n{blank}")
+    proc = run_cli("build", "--sandbox", "out", "t.def", cwd=tmp_path, timeout=120)
+    assert [line for line in proc.stderr.splitlines() if line.startswith("INFO")] == [
+        "INFO:    Starting build...",
+        f"INFO:    Verifying bootstrap image {base}",
+        "INFO:    Extracting local image...",
+        "INFO:    Running setup scriptlet",
+        "INFO:    Running post scriptlet",
+        "INFO:    Adding help info",
+        "INFO:    Adding runscript",
+        "INFO:    Adding testscript",
+        "INFO:    Running testscript",
+        "INFO:    Creating sandbox directory...",
+        "INFO:    Build complete: out",
+    ]
+    (tmp_path / "app.def").write_text(f"Bootstrap: localimage\nFrom: {base}\n%apprun tool\n    echo tool\n")
+    proc = run_cli("build", "--sandbox", "app", "app.def", cwd=tmp_path, timeout=120)
+    assert "INFO:    Running post scriptlet" in proc.stderr.splitlines()
+
+
+def test_build_arg_values_are_trimmed(base: Path, tmp_path: Path) -> None:
+    """``--build-arg`` and ``--build-arg-file`` values lose the blanks around them (and a
+    file's CR line ends), as in Apptainer."""
+    (tmp_path / "args.txt").write_bytes(b" A = spaced \r\nB=\t tab\n")
+    post = 'echo "[{{ A }}][{{ B }}][{{ C }}]" > /a'
+    text = f"Bootstrap: localimage\nFrom: {base}\n%post\n    {post}\n"
+    out = build(tmp_path, text, "--build-arg-file", "args.txt", "--build-arg", "C= x y ")
+    assert (out / "a").read_text() == "[spaced][tab][x y]\n"
