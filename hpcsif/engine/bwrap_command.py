@@ -238,7 +238,10 @@ class BwrapCommand:
         if reason:
             # not bound (--no-mount cwd, or the user may not enter it): Apptainer's fallback; a
             # home the container lacks too (a --writable sandbox with --no-home): the root
-            fallback = "/" if self._cannot_enter(self.home) else self.home
+            fallback = self.home
+            home_reason = reason if workdir == self.home else self._cannot_enter(self.home)
+            if home_reason:  # (as Apptainer, the warning then names the home and why)
+                fallback, workdir, reason = "/", self.home, home_reason
             log.warning(
                 "Error changing the container working directory. Using '%s' instead: chdir %s: %s",
                 fallback,

@@ -125,18 +125,23 @@ def test_env_flag_is_an_apptainerenv_value_against_singularityenv(as_root, image
 
 def test_no_mount_home_wins_over_home(run, images: Images, pub_tmp: Path) -> None:
     """--no-mount home leaves out the home directory that --home names too, as in Apptainer
-    (hpcsif bound it); under --contain the start falls back to / with Apptainer's warning."""
+    (hpcsif bound it); under --contain the start falls back to / with Apptainer's warning, which
+    names the home (hpcsif named the current directory that failed first)."""
     (pub_tmp / "marker").write_text("")
     show = [str(images.sif), "sh", "-c", 'echo "$HOME"; pwd; ls /data/home 2>&1; true']
     res = run("exec", "--home", f"{pub_tmp}:/data/home", "--no-mount", "home", "--pwd", "/", *show)
     assert (res.returncode, res.stderr) == (0, "")
     assert res.stdout == "/data/home\n/\nls: /data/home: No such file or directory\n"
-    res = run("exec", "--containall", "--home", f"{pub_tmp}:/data/home", "--no-mount", "home", *show)
-    assert res.stdout == "/data/home\n/\nls: /data/home: No such file or directory\n"
-    assert res.stderr == (
+    warning = (
         "WARNING: Error changing the container working directory. Using '/' instead: chdir /data/home:"
         " no such file or directory\n"
     )
+    res = run("exec", "--containall", "--home", f"{pub_tmp}:/data/home", "--no-mount", "home", *show)
+    assert res.stdout == "/data/home\n/\nls: /data/home: No such file or directory\n"
+    assert res.stderr == warning
+    # the current directory not bound either: the warning names the home, which failed last
+    res = run_in(run, pub_tmp, "exec", "--home", f"{pub_tmp}:/data/home", "--no-mount", "home,cwd,tmp", *show)
+    assert (res.stdout, res.stderr) == ("/data/home\n/\nls: /data/home: No such file or directory\n", warning)
 
 
 def test_contain_without_its_home_starts_in_root(run, images: Images, pub_tmp: Path) -> None:
