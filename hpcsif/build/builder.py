@@ -838,11 +838,11 @@ def run_in_tree(
         "SINGULARITY_ENVIRONMENT": f"{SD}/env/91-environment.sh",
     }
     # what Apptainer's %post and %test see of the container they run in (scripts test
-    # $APPTAINER_CONTAINER or $SINGULARITY_NAME to know they run in one)
-    running = {"CONTAINER": str(root), "NAME": root.name, "APPNAME": "", "COMMAND": command}
-    for key, value in running.items():
-        env[f"APPTAINER_{key}"] = env[f"SINGULARITY_{key}"] = value
-    env.update(extra_env or {})
+    # $APPTAINER_CONTAINER or $SINGULARITY_NAME to know they run in one); APPNAME and
+    # COMMAND have no SINGULARITY_ twins there
+    env["APPTAINER_CONTAINER"] = env["SINGULARITY_CONTAINER"] = str(root)
+    env["APPTAINER_NAME"] = env["SINGULARITY_NAME"] = root.name
+    env.update({"APPTAINER_APPNAME": "", "APPTAINER_COMMAND": command, **(extra_env or {})})
     if any(b.dst.startswith(LIBS_DIR + "/") for b in binds):  # --nv/--rocm libraries, as at run time
         env["LD_LIBRARY_PATH"] = LIBS_DIR
     cmd = [bwrap, "--cap-add", "ALL", "--unshare-pid"]

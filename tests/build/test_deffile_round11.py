@@ -128,8 +128,8 @@ def test_scratch_image_has_no_from_label(tmp_path: Path) -> None:
 
 
 def test_post_and_test_see_the_container_variables(base: Path, tmp_path: Path) -> None:
-    """``%post`` and ``%test`` see ``APPTAINER_CONTAINER``/``NAME``/``COMMAND``/``APPNAME`` and
-    their ``SINGULARITY_`` twins, as in Apptainer (``COMMAND`` is exec, then test)."""
+    """``%post`` and ``%test`` see ``APPTAINER_CONTAINER``/``NAME``/``COMMAND``/``APPNAME``,
+    the first two with ``SINGULARITY_`` twins, as in Apptainer (``COMMAND`` is exec, then test)."""
     keys = "CONTAINER NAME COMMAND APPNAME"
     show = f'for k in {keys}; do eval echo "$k=\\${{APPTAINER_$k-unset}}:\\${{SINGULARITY_$k-unset}}"; done'
     (tmp_path / "t.def").write_text(
@@ -139,7 +139,7 @@ def test_post_and_test_see_the_container_variables(base: Path, tmp_path: Path) -
     post = dict(line.split("=", 1) for line in (tmp_path / "out/post-env").read_text().splitlines())
     test = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     for seen, command in ((post, "exec"), (test, "test")):
-        assert seen["COMMAND"] == f"{command}:{command}" and seen["APPNAME"] == ":"
+        assert seen["COMMAND"] == f"{command}:unset" and seen["APPNAME"] == ":unset"
         container, twin = seen["CONTAINER"].split(":")
         assert container == twin and os.path.isabs(container)
         assert seen["NAME"] == f"{Path(container).name}:{Path(container).name}"
