@@ -109,22 +109,37 @@ class _BoundedTarInfo(tarfile.TarInfo):
     @classmethod
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
         obj = super().frombuf(buf, encoding, errors)
-        if buf[345:346] != b"\0" and buf[257:265] != b"ustar\x0000" and obj.type not in tarfile.GNU_TYPES:
+        posix = buf[257:265] == b"ustar\x0000"
+        old_style = buf[156:157] == tarfile.AREGTYPE
+        if old_style or (buf[345:346] != b"\0" and not posix and obj.type not in tarfile.GNU_TYPES):
             # only POSIX ustar headers have a name prefix there, as Go's archive/tar reads them:
-            # GNU ones keep times (incremental dumps), V7 ones nothing, yet tarfile joined it
-            obj.name = tarfile.nts(buf[:100], encoding, errors)
-            if obj.isdir():
+            # GNU ones keep times (incremental dumps), V7 ones nothing, yet tarfile joined it;
+            # and whether a type '\0' member is a directory waits for its final name
+            # (:func:`_old_style_directory`): tarfile decided on the header's own
+            prefix = tarfile.nts(buf[345:500], encoding, errors) if posix else ""
+            name = tarfile.nts(buf[:100], encoding, errors)
+            obj.name = f"{prefix}/{name}" if prefix else name
+            if old_style:
+                obj.type = tarfile.AREGTYPE
+            elif obj.isdir():
                 obj.name = obj.name.rstrip("/")
         return obj
 
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        depth = getattr(tf, "_hpcsif_depth", 0)  # extended headers read the member they describe
+        tf._hpcsif_depth = depth + 1  # type: ignore[attr-defined]
         try:
-            return super().fromtarfile(tf)
+            member = super().fromtarfile(tf)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
             # tarfile takes a bad header after the first member for the end of the archive,
             # which would drop the rest of the layer without a word
             raise tarfile.ReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
+        finally:
+            tf._hpcsif_depth = depth  # type: ignore[attr-defined]
+        if not depth:
+            _old_style_directory(member, tf)
+        return member
 
     # the GNU long name/link records of this member, field -> value (the later ones, see below)
     _gnu: dict[str, str] = {}
@@ -175,8 +190,6 @@ class _BoundedTarInfo(tarfile.TarInfo):
             for key, value in pax_headers.items()
             if value != "" and not key.startswith(_SPARSE_RECORD)
         }
-        if self.type == tarfile.AREGTYPE and kept.get("path", "").endswith("/"):
-            self.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
         super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]
         if "mtime" in kept:  # tarfile's float rounded 1700000000.999999999 up a second
             self.mtime = _pax_seconds(kept["mtime"])
@@ -317,6 +330,7 @@ def _apply_gnu_sparse(member: tarfile.TarInfo, records: list[tuple[str, str]], s
         return
     offset = member.offset
     if latest.get("GNU.sparse.name"):
+        member._name_before_sparse = member.name  # type: ignore[attr-defined]
         member.name = latest["GNU.sparse.name"]
     stored = member.size
     real = latest.get("GNU.sparse.size") or latest.get("GNU.sparse.realsize")
@@ -356,10 +370,23 @@ def _apply_gnu(member: tarfile.TarInfo) -> None:
     """Give ``member`` the GNU long name/link its records hold (:class:`_BoundedTarInfo`)."""
     for key, value in getattr(member, "_gnu", {}).items():
         setattr(member, key, value)
-    if member.type == tarfile.AREGTYPE and member.name.endswith("/"):
-        member.type = tarfile.DIRTYPE  # an old-style directory, as its ustar name would make it
     if member.isdir():
         member.name = member.name.removesuffix("/")
+
+
+def _old_style_directory(member: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+    """Make a type '\\0' member whose final name (its PAX path or GNU long name, where it has
+    one) ends in '/' a directory, with no data, as Go's archive/tar (Apptainer) does."""
+    if member.type != tarfile.AREGTYPE:
+        return
+    name = getattr(member, "_name_before_sparse", member.name)  # Go renames sparse files later
+    if not name.endswith("/"):
+        return
+    if member.sparse is not None:
+        raise tarfile.ReadError(f"the member at offset {member.offset} is a sparse directory")
+    member.type = tarfile.DIRTYPE
+    member.name = member.name.rstrip("/")
+    tf.offset = member.offset_data  # Go skips none of a directory's size
 
 
 def open_tar(stream: LayerStream) -> tarfile.TarFile:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hpcsif.sif.reader import SIFImage
-from tests.image.tarbuild import E, blob, d, file, layer, whiteout
+from tests.image.tarbuild import E, blob, d, file, layer, tar_bytes, whiteout
 from tests.image.test_hostile_cli import _NOT_COMPARED, _archive, _build_and_compare
 from tests.image.test_hostile_round9 import _both_refuse
 
@@ -223,3 +223,36 @@ def test_pax_times_with_a_fraction_are_rounded_down(tmp_path: Path) -> None:
     assert ours["/f"] == "0/0 2023-11-14 22:13"
     if theirs is not None:
         assert theirs["/f"] == ours["/f"]
+
+
+def _old_style_file(how: str) -> bytes:
+    """A type '\\0' member whose header name ends in '/' but whose PAX path or GNU long name
+    does not, holding one byte, then a file ``k``."""
+    old = tarfile.TarInfo("x")
+    old.type, old.size = tarfile.AREGTYPE, 1
+    if how == "pax":
+        old.pax_headers = {"path": "q"}
+        head = old.tobuf(tarfile.PAX_FORMAT)
+        head = head[:-512] + _with_name(head[-512:], b"q/")
+    else:
+        old.name = "a/" + "y" * 120
+        head = old.tobuf(tarfile.GNU_FORMAT)
+        head = head[:-512] + _with_name(head[-512:], b"a/" + b"y" * 97 + b"/")
+    return head + b"Z".ljust(512, b"\0") + tar_bytes([file("k", "k")])
+
+
+def _with_name(block: bytes, name: bytes) -> bytes:
+    """The header ``block`` with its name field ``name`` (and its checksum made right)."""
+    block = bytearray(block)
+    block[0:100] = name.ljust(100, b"\0")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+@pytest.mark.parametrize("how", ["pax", "gnu"])
+def test_old_style_member_whose_long_name_has_no_slash_is_a_file(tmp_path: Path, how: str) -> None:
+    """Go's archive/tar decides on the final name; tarfile made the member a directory from
+    its header's name (cut at 100 bytes, ending in '/' there) and dropped its content."""
+    tree = _build_and_compare(tmp_path, [blob(tmp_path, _old_style_file(how))], implied=True)
+    assert tree["/q" if how == "pax" else "/a/" + "y" * 120] == "-rw-r--r-- 1"
