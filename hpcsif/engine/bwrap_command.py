@@ -458,6 +458,8 @@ class BwrapCommand:
         needed: dict[Bind, set[str]] = {}
         targets = [(at[b.dst], b, f"mount {b.src}->{b.dst} error: destination {b.dst}") for b in self.binds]
         targets += [(at[d], None, f"scratch directory {d}") for d in self.scratch_tmpfs if at.get(d)]
+        # --contain's private tmpfs directories too (its home inside a -B of /home)
+        targets += [(at[d], None, f"directory {d}") for d in self.private if at.get(d) and d not in bound]
         for place, b, name in targets:
             found = self._lacking_bind(place, name)
             if found is None:

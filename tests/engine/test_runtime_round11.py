@@ -212,3 +212,18 @@ def test_path_entries_are_not_patterns(as_root, images: Images) -> None:
     )
     res = as_root("exec", "--env", "PATH=bin", "--pwd", "/", str(images.sif), "sh", "-c", "echo ran")
     assert (res.returncode, res.stdout, res.stderr) == (0, "ran\n", "")
+
+
+def test_contain_home_inside_a_read_only_bind_of_home(run, images: Images, pub_tmp: Path) -> None:
+    """--contain's private home inside a read-only -B of /home that lacks it gets its mount point
+    on a tmpfs, the host directory untouched, as other mount points there (hpcsif failed in
+    bwrap: "Can't mkdir /home/<user>: Read-only file system")."""
+    homes = pub_tmp / "homes"
+    homes.mkdir(mode=0o755)
+    (homes / "other").mkdir()
+    show = ["sh", "-c", 'cd && touch x && echo "$PWD wrote"; ls /home']
+    res = run("exec", "--contain", "-B", f"{homes}:/home:ro", str(images.sif), *show)
+    home = res.stdout.split()[0] if res.stdout else ""
+    assert (res.returncode, res.stderr) == (0, ""), res.stderr
+    assert res.stdout.startswith(f"{home} wrote\n") and "other" in res.stdout.split()
+    assert [p.name for p in homes.iterdir()] == ["other"]
