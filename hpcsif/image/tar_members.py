@@ -191,6 +191,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
             if value != "" and not key.startswith(_SPARSE_RECORD)
         }
         super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]
+        if self.type == tarfile.AREGTYPE and "path" in kept:  # its '/' tells (_old_style_directory)
+            self.name = kept["path"]
         if "mtime" in kept:  # tarfile's float rounded 1700000000.999999999 up a second
             self.mtime = _pax_seconds(kept["mtime"])
         self.pax_headers = pax_headers.copy()

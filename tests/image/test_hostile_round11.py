@@ -256,3 +256,12 @@ def test_old_style_member_whose_long_name_has_no_slash_is_a_file(tmp_path: Path,
     its header's name (cut at 100 bytes, ending in '/' there) and dropped its content."""
     tree = _build_and_compare(tmp_path, [blob(tmp_path, _old_style_file(how))], implied=True)
     assert tree["/q" if how == "pax" else "/a/" + "y" * 120] == "-rw-r--r-- 1"
+
+
+def test_old_style_directory_named_by_a_pax_path_alone(tmp_path: Path) -> None:
+    """A PAX path ending in '/' makes a type '\\0' member a directory without a child to imply it."""
+    old = tarfile.TarInfo("q")
+    old.type, old.mode, old.pax_headers = tarfile.AREGTYPE, 0o755, {"path": "q/"}
+    raw = old.tobuf(tarfile.PAX_FORMAT) + tar_bytes([file("k", "k")])
+    tree = _build_and_compare(tmp_path, [blob(tmp_path, raw)])
+    assert tree["/q"] == "drwxr-xr-x "
