@@ -134,6 +134,8 @@ class BwrapCommand:
                 bind_dests=self.bind_dests,
                 no_eval=opts.no_eval,
             )
+        # (the binds' warnings: after the environment's, before what the other options say)
+        user_binds = _first_per_destination(given)
         try:
             cwd: str | None = os.getcwd()
         except OSError:
@@ -169,7 +171,6 @@ class BwrapCommand:
             self.scratch_tmpfs.append(self.home)
         elif home_bind is not None and opts.home and not os.path.isdir(home_src):
             raise mount_failure(home_src, self.home, f"could not mount {home_src}: not a directory")
-        user_binds = _first_per_destination(given)
         if any(b.image_src is not None for b in user_binds):
             from hpcsif.engine.data_images import resolve_image_binds
 

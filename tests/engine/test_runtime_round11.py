@@ -80,9 +80,17 @@ def test_bind_variable_lists_every_destination_given(as_root, images: Images, pu
     show = ["sh", "-c", "echo $APPTAINER_BIND $SINGULARITY_BIND"]
     res = as_root("exec", *binds, "--env", "HOME=/x", str(images.sif), *show)
     assert res.stdout == "/mnt,/mnt /mnt,/mnt\n"
-    assert res.stderr == (
-        "WARNING: Overriding HOME environment variable with APPTAINERENV_HOME is not permitted\n"
+    repeated = (
         f"WARNING: While bind mounting '{images.base}:/mnt': destination is already in the mount point list\n"
+    )
+    assert res.stderr == (
+        "WARNING: Overriding HOME environment variable with APPTAINERENV_HOME is not permitted\n" + repeated
+    )
+    # and before what another option's check says (they came after)
+    res = as_root("exec", *binds, "--scratch", "rel", str(images.sif), "true")
+    assert res.stderr == repeated + (
+        "FATAL:   container creation failed: could not bind scratch directory rel into container: destination"
+        " must be an absolute path\n"
     )
 
 
