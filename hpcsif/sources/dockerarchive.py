@@ -83,8 +83,13 @@ def image_from_contents(contents: ArchiveContents, store: OCIStore, name: str | 
     """Build an OCI image in ``store`` from an ingested ``docker save`` archive."""
     try:
         manifest = json.loads(contents.document("manifest.json", where))
+        if not isinstance(manifest, list) or not all(isinstance(e, dict) for e in manifest):
+            raise TypeError("not a list of objects")
+        for tags in (e.get("RepoTags") for e in manifest):  # as containers/image (Apptainer) reads them
+            if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+                raise TypeError("RepoTags must be a list of names")
         entry = choose_entry(manifest, name, where)
-        config_name, layer_names = entry["Config"], entry.get("Layers") or []
+        config_name, layer_names = entry.get("Config"), entry.get("Layers") or []
         if not isinstance(config_name, str) or not isinstance(layer_names, list):
             raise TypeError("Config must be a path and Layers a list of paths")
         if not all(isinstance(n, str) for n in layer_names):

@@ -9,16 +9,19 @@ times with a fraction, which tarfile's float rounded up a second.
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hpcsif.sif.reader import SIFImage
-from tests.image.tarbuild import E, blob, d, file, layer, tar_bytes, whiteout
-from tests.image.test_hostile_cli import _NOT_COMPARED, _archive, _build_and_compare
+from tests.image.tarbuild import E, blob, d, file, layer, sha, tar_bytes, whiteout
+from tests.image.test_hostile_cli import _NOT_COMPARED, APPTAINER, PEER_NO_CACHE, _archive, _build_and_compare
 from tests.image.test_hostile_round9 import _both_refuse
 
 
@@ -265,3 +268,56 @@ def test_old_style_directory_named_by_a_pax_path_alone(tmp_path: Path) -> None:
     raw = old.tobuf(tarfile.PAX_FORMAT) + tar_bytes([file("k", "k")])
     tree = _build_and_compare(tmp_path, [blob(tmp_path, raw)])
     assert tree["/q"] == "drwxr-xr-x "
+
+
+def _docker_archive(work: Path, manifest: Callable[[dict], object]) -> Path:
+    """A ``docker save`` archive of one layer whose manifest.json is ``manifest(entry)``,
+    ``entry`` being the right one."""
+    raw = tar_bytes([file("a", "A")])
+    config = {"os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha(raw)]}}
+    entry = {"Config": "config.json", "RepoTags": ["test:latest"], "Layers": ["layer.tar"]}
+    members = {
+        "config.json": json.dumps(config).encode(),
+        "layer.tar": raw,
+        "manifest.json": json.dumps(manifest(entry)).encode(),
+    }
+    out = work / "docker.tar"
+    with tarfile.open(out, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+# manifest.json documents that containers/image (Apptainer) refuses: (document, our words)
+BAD_DOCKER_MANIFESTS = {
+    "an-object": (lambda e: e, "not a list of objects"),  # an internal error ('str' has no .get)
+    "a-list-of-names": (lambda e: ["config.json"], "not a list of objects"),
+    "tags-a-string": (lambda e: [dict(e, RepoTags="test:latest")], "RepoTags must be a list of names"),
+    "tags-numbers": (lambda e: [dict(e, RepoTags=[5])], "RepoTags must be a list of names"),
+    "no-config": (lambda e: [{"Layers": e["Layers"]}], "Config must be a path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DOCKER_MANIFESTS))
+def test_malformed_docker_manifests_fail_in_one_line(tmp_path: Path, case: str) -> None:
+    shape, words = BAD_DOCKER_MANIFESTS[case]
+    archive = _docker_archive(tmp_path, shape)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = ["hpcsif", "build", str(out / "x.sif"), f"docker-archive:{archive}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert p.returncode != 0 and len(fatal) == 1, p.stderr
+    assert f"malformed manifest.json ({words}" in fatal[0] and list(out.iterdir()) == []
+    if APPTAINER:
+        peer = [APPTAINER, "-s", "build", *PEER_NO_CACHE, str(out / "t.sif"), f"docker-archive:{archive}"]
+        assert subprocess.run(peer, capture_output=True, timeout=120).returncode != 0
+
+
+def test_a_well_formed_docker_manifest_builds(tmp_path: Path) -> None:
+    """The counterpart of the malformed ones: the same archive with the right document."""
+    archive = _docker_archive(tmp_path, lambda e: [e])
+    p = subprocess.run(["hpcsif", "build", str(tmp_path / "x.sif"), f"docker-archive:{archive}"], timeout=120)
+    assert p.returncode == 0
