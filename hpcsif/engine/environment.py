@@ -423,8 +423,7 @@ def build_env(
     # (--env and --env-file values are APPTAINERENV_ ones to Apptainer, also against SINGULARITYENV_)
     overrides.update(prefixed_overrides(host, {**files, **flags}))
     expand = set(overrides) - set(files)
-    if flags.pop("HOME", None) is not None:
-        log.warning("Overriding HOME environment variable with APPTAINERENV_HOME is not permitted")
+    flags.pop("HOME", None)  # (refused with a warning, as APPTAINERENV_HOME)
     overrides.update(files)
     overrides.update(flags)
     expand = set() if no_eval else (expand | set(flags)) - set(extra or {})
@@ -484,31 +483,42 @@ def prefixed_overrides(host: dict[str, str], given: dict[str, str] | None = None
     """The host's ``APPTAINERENV_*``/``SINGULARITYENV_*`` values by name, as Apptainer takes them:
     ``APPTAINERENV_`` wins where both are set (with its two warnings when they differ), and
     ``HOME`` is refused with a warning (``--home`` sets it). *given*: the values of ``--env`` and
-    ``--env-file``, which are ``APPTAINERENV_`` ones there (they win over the host's).
+    ``--env-file``, which are ``APPTAINERENV_`` ones there (they win over the host's). The
+    warnings come in Apptainer's order: values that differ, HOME refused, values skipped.
     """
     out: dict[str, str] = {}
+    given = given or {}
+    homes: list[str] = []
+    skipped: list[tuple[str, str, str, str]] = []
     for key, value in host.items():
         prefix, _, name = key.partition("ENV_")
         if f"{prefix}ENV_" not in _PREFIXES or not _NAME.match(name):
             continue
+        newer = given.get(name, host.get(f"APPTAINERENV_{name}"))
         if name == "HOME":
-            log.warning("Overriding HOME environment variable with %s is not permitted", key)
+            if prefix == "SINGULARITY" and newer is not None and newer != value:
+                log.warning("%s and APPTAINERENV_%s have different values, using the latter", key, name)
+            homes.append(key)
             continue
-        newer = (given or {}).get(name, host.get(f"APPTAINERENV_{name}"))
         if prefix == "SINGULARITY" and newer is not None:
             if newer != value:
                 log.warning("%s and APPTAINERENV_%s have different values, using the latter", key, name)
-                log.warning(
-                    "Skipping environment variable [%s=%s], %s is already overridden with different value"
-                    " [%s]",
-                    key,
-                    value,
-                    # (Apptainer's names for the PATH settings, in its message too)
-                    f"SING_USER_DEFINED_{name}" if name in ("PATH", "PREPEND_PATH", "APPEND_PATH") else name,
-                    newer,
-                )
+                skipped.append((key, value, name, newer))
             continue
         out[name] = value
+    if "HOME" in given:  # (--env HOME= is APPTAINERENV_HOME there, in place of the host's)
+        homes = [k for k in homes if k != "APPTAINERENV_HOME"] + ["APPTAINERENV_HOME"]
+    for key in homes:
+        log.warning("Overriding HOME environment variable with %s is not permitted", key)
+    for key, value, name, newer in skipped:
+        log.warning(
+            "Skipping environment variable [%s=%s], %s is already overridden with different value [%s]",
+            key,
+            value,
+            # (Apptainer's names for the PATH settings, in its message too)
+            f"SING_USER_DEFINED_{name}" if name in ("PATH", "PREPEND_PATH", "APPEND_PATH") else name,
+            newer,
+        )
     return out
 
 

@@ -129,6 +129,14 @@ def test_env_flag_is_an_apptainerenv_value_against_singularityenv(as_root, image
     )
     res = as_root("exec", "--env", "E1=a", *show, env={"SINGULARITYENV_E1": "a", "APPTAINERENV_E1": "c"})
     assert (res.returncode, res.stdout, res.stderr) == (0, "a\n", "")
+    # Apptainer's order: the values that differ, HOME refused, then the values skipped
+    res = as_root("exec", "--env", "E1=b", "--env", "HOME=/x", *show, env={"SINGULARITYENV_E1": "a"})
+    assert res.stderr == (
+        "WARNING: SINGULARITYENV_E1 and APPTAINERENV_E1 have different values, using the latter\n"
+        "WARNING: Overriding HOME environment variable with APPTAINERENV_HOME is not permitted\n"
+        "WARNING: Skipping environment variable [SINGULARITYENV_E1=a], E1 is already overridden with"
+        " different value [b]\n"
+    )
 
 
 def test_no_mount_home_wins_over_home(run, images: Images, pub_tmp: Path) -> None:
