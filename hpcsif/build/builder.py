@@ -595,8 +595,15 @@ class _StageBuilder:
     # -- SCIF apps ----------------------------------------------------------------------------
 
     def make_apps(self) -> None:
-        """Lay out ``/scif/apps/NAME`` and ``/scif/data/NAME`` with each app's metadata and files."""
+        """Lay out ``/scif/apps/NAME`` and ``/scif/data/NAME`` with each app's metadata and files.
+
+        Every image gets the apps' environment scripts, as Apptainer's do, so ``run --app`` of
+        an app the image lacks says so in Apptainer's words; a base image's are kept.
+        """
         if not self.stage.apps:
+            for name, text in (("94-appsbase.sh", ""), ("95-apps.sh", APPS_ACTIVE_ENV)):
+                if not os.path.lexists(resolve_inside(self.root, f"{SD}/env/{name}")):
+                    self._write(f"{SD}/env/{name}", text, 0o755)
             return
         global_env = []
         for app in self.stage.apps.values():
@@ -787,7 +794,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def run_in_tree(
     root: Path,
-    script: str,
+    script: str | None,
     argv: list[str],
     *,
     writable: bool,
@@ -797,7 +804,8 @@ def run_in_tree(
     fakeroot: bool = False,
     command: str = "exec",
 ) -> int:
-    """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0.
+    """Run ``script`` with ``argv`` (interpreter and flags) inside ``root`` as uid 0; with no
+    ``script``, run ``argv`` itself.
 
     As root the run is real root (every uid can own files, as ``apptainer build`` as root);
     otherwise, or with ``fakeroot``, it is fake root in a user namespace that maps only the
@@ -813,6 +821,7 @@ def run_in_tree(
     ``what`` (``FILE:LINE: %post``) starts error messages.
     """
     from hpcsif.engine.binds import check_sources
+    from hpcsif.engine.environment import PROMPT
     from hpcsif.engine.gpu import LIBS_DIR
 
     bwrap = shutil.which("bwrap")
@@ -825,11 +834,12 @@ def run_in_tree(
     created = [resolve_inside(root, h) for h in _HOST_BINDS if os.path.exists(h)]
     created = [p for p in created if not os.path.lexists(p)]
     script_path = root / _SCRIPT_NAME
-    # a new file: whatever the image put at that name (a symlink to a host file) is not followed
-    script_path.unlink(missing_ok=True)
-    fd = os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with open(fd, "wb") as f:
-        f.write(md.raw(script))
+    if script is not None:
+        # a new file: whatever the image put at that name (a symlink to a host file) is not followed
+        script_path.unlink(missing_ok=True)
+        fd = os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as f:
+            f.write(md.raw(script))
     env = {
         "PATH": POST_PATH,
         "HOME": "/root",
@@ -842,6 +852,9 @@ def run_in_tree(
     # COMMAND have no SINGULARITY_ twins there
     env["APPTAINER_CONTAINER"] = env["SINGULARITY_CONTAINER"] = str(root)
     env["APPTAINER_NAME"] = env["SINGULARITY_NAME"] = root.name
+    bound = [h for h in _HOST_BINDS if os.path.exists(h)] + [b.dst for b in binds]
+    env["APPTAINER_BIND"] = env["SINGULARITY_BIND"] = ",".join(bound)
+    env.update(PS1=PROMPT, PROMPT_COMMAND=f'PS1="{PROMPT}"; unset PROMPT_COMMAND')
     env.update({"APPTAINER_APPNAME": "", "APPTAINER_COMMAND": command, **(extra_env or {})})
     if any(b.dst.startswith(LIBS_DIR + "/") for b in binds):  # --nv/--rocm libraries, as at run time
         env["LD_LIBRARY_PATH"] = LIBS_DIR
@@ -874,10 +887,12 @@ def run_in_tree(
         cmd += ["--chdir", "/", "--clearenv"]
         for key, value in env.items():
             cmd += ["--setenv", key, value]
-        cmd += ["/bin/sh", "-c", _WITH_ENV, "hpcsif-build", *argv, f"/{_SCRIPT_NAME}"]
+        cmd += ["/bin/sh", "-c", _WITH_ENV, "hpcsif-build", *argv]
+        cmd += [f"/{_SCRIPT_NAME}"] if script is not None else []
         return subprocess.run(cmd, check=False, umask=BUILD_UMASK).returncode
     finally:
-        script_path.unlink(missing_ok=True)
+        if script is not None:
+            script_path.unlink(missing_ok=True)
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)
         # the mount points bwrap or the binds needed are not part of the image
@@ -908,11 +923,24 @@ def _mount_point(root: Path, dst: str, directory: bool) -> list[Path]:
 
 def _run_test(root: Path, sec: Section, where: str, binds: list[Any], options: BuildOptions) -> None:
     """Run the finished image's ``%test`` (read-only tree; with ``options.writable_tmpfs`` on a
-    throw-away overlay, as Apptainer's ``--writable-tmpfs``); a failure stops the build."""
+    throw-away overlay, as Apptainer's ``--writable-tmpfs``); a failure stops the build.
+
+    As Apptainer's, the test sees the caller's environment (``LANG`` …; not ``PATH``, which
+    becomes ``USER_PATH``), under the image's own, as ``hpcsif test`` would."""
+    from hpcsif.engine.environment import NOT_FROM_HOST, host_environ
+
     options.say("Running testscript")
     what = f"{where}:{sec.line}: %test"
-    script = f"exec {SD}/test\n"
-    fake = options.fakeroot
+    host = host_environ()
+    env = {
+        key: value
+        for key, value in host.items()
+        if key not in (*NOT_FROM_HOST, "HOME", "TERM")
+        and not key.startswith(("APPTAINER", "SINGULARITY", "__HPCSIF"))
+    }
+    if "PATH" in host:
+        env["USER_PATH"] = host["PATH"]
+    test = {"what": what, "binds": binds, "fakeroot": options.fakeroot, "command": "test", "extra_env": env}
     if options.writable_tmpfs:
         from hpcsif.engine.mounts import overlay_mount
 
@@ -920,22 +948,11 @@ def _run_test(root: Path, sec: Section, where: str, binds: list[Any], options: B
             raise MissingToolError("fuse-overlayfs", "fuse-overlayfs", "needed for --writable-tmpfs")
         overlay = overlay_mount(root)
         try:
-            rc = run_in_tree(
-                overlay.acquire(),
-                script,
-                ["/bin/sh"],
-                writable=True,
-                what=what,
-                binds=binds,
-                fakeroot=fake,
-                command="test",
-            )
+            rc = run_in_tree(overlay.acquire(), None, [f"{SD}/test"], writable=True, **test)
         finally:
             overlay.release()
     else:
-        rc = run_in_tree(
-            root, script, ["/bin/sh"], writable=False, what=what, binds=binds, fakeroot=fake, command="test"
-        )
+        rc = run_in_tree(root, None, [f"{SD}/test"], writable=False, **test)
     if rc != 0:
         raise BuildError(f"{what} failed with exit status {rc}; no image was written")
 

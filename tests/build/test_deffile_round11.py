@@ -198,3 +198,29 @@ def test_build_arg_values_are_trimmed(base: Path, tmp_path: Path) -> None:
     text = f"Bootstrap: localimage\nFrom: {base}\n%post\n    {post}\n"
     out = build(tmp_path, text, "--build-arg-file", "args.txt", "--build-arg", "C= x y ")
     assert (out / "a").read_text() == "[spaced][tab][x y]\n"
+
+
+def test_test_section_sees_the_callers_environment(base: Path, tmp_path: Path) -> None:
+    """``%test`` runs as ``apptainer test`` would: with the caller's variables (not its PATH,
+    which is ``USER_PATH``), while ``%post`` starts from a clean environment; no build script of
+    hpcsif's lies at the root of the tree while the test runs."""
+    show = 'echo "[$ROUND11_VAR] [$LANG] [$USER_PATH] [$APPTAINER_BIND] $PATH"'
+    text = f"Bootstrap: localimage\nFrom: {base}\n%post\n    {show} > /post-saw\n%test\n    {show}; ls -A /\n"
+    (tmp_path / "t.def").write_text(text)
+    env = {"ROUND11_VAR": "from host", "LANG": "C.UTF-8", "PATH": f"/round11/bin:{os.environ['PATH']}"}
+    proc = run_cli("build", "--sandbox", "out", "t.def", cwd=tmp_path, env=env, timeout=120)
+    out = proc.stdout.splitlines()
+    assert out[0].startswith(f"[from host] [C.UTF-8] [{env['PATH']}] [/etc/resolv.conf,/etc/hosts] /")
+    assert "/round11" not in out[0].split("] ")[-1]  # the container's PATH, not the caller's
+    assert not [name for name in out[1:] if "hpcsif" in name]
+    post = (tmp_path / "out/post-saw").read_text()
+    assert post.startswith("[] [C] [] [/etc/resolv.conf,/etc/hosts] /") and "/round11" not in post
+
+
+def test_run_of_an_app_the_image_lacks(base: Path, tmp_path: Path) -> None:
+    """Every built image has the apps' environment scripts, as Apptainer's have, so ``run --app``
+    of an app it lacks answers in Apptainer's words, on standard output."""
+    out = build(tmp_path, f"Bootstrap: localimage\nFrom: {base}\n%runscript\n    echo ran\n")
+    assert (out / ".singularity.d/env/94-appsbase.sh").read_text() == ""
+    proc = run_cli("run", "--app", "nope", str(out), check=False)
+    assert (proc.returncode, proc.stdout) == (1, "Could not locate the container application: nope\n")
