@@ -28,6 +28,8 @@ class Bind:
     image_src: str | None = None
     #: an image bind: the SIF object id of the data partition (``id=``)
     image_id: int | None = None
+    #: the destination as the user wrote it (``/data/``), which APPTAINER_BIND shows inside
+    given: str = dataclasses.field(default="", compare=False)
 
 
 def parse_bind(spec: str) -> list[Bind]:
@@ -101,7 +103,7 @@ def _bind(fields: list[str], entry: str) -> Bind:
         raise unable_to_add(src, "mount point must contain a destination")
     if not dst.startswith("/"):
         raise unable_to_add(src, "destination must be an absolute path")
-    return _image_bind(Bind(src, os.path.normpath(dst), readonly="ro" in opts), image)
+    return _image_bind(Bind(src, os.path.normpath(dst), readonly="ro" in opts, given=dst), image)
 
 
 def _image_bind(bind: Bind, image: dict[str, str]) -> Bind:
@@ -190,7 +192,8 @@ def parse_mount(spec: str) -> Bind:
     src = os.path.abspath(found["source"])
     if not found["destination"].startswith("/"):
         raise unable_to_add(src, "destination must be an absolute path")
-    return _image_bind(Bind(src, os.path.normpath(found["destination"]), readonly=readonly), image)
+    dst = found["destination"]
+    return _image_bind(Bind(src, os.path.normpath(dst), readonly=readonly, given=dst), image)
 
 
 def check_sources(binds: list[Bind]) -> list[Bind]:

@@ -106,6 +106,10 @@ class BwrapCommand:
         home_src, self.home = parse_home(opts.home, user.pw_dir or os.environ.get("HOME") or "/")
         if opts.fakeroot and not opts.home:
             self.home = self.user.pw_dir
+        # $HOME as --home wrote it: a trailing / stays, as in Apptainer
+        fields = (opts.home or "").split(":")
+        written = fields[1] if len(fields) > 1 and fields[1] else fields[0]
+        home_env = written if opts.home and os.path.normpath(written) == self.home else self.home
         # what --contain makes private (a tmpfs, or the work directory's), less what --no-mount
         # names: as in Apptainer, that is the image's own directory
         self.private = [d for d in ("/tmp", "/var/tmp") if "tmp" not in opts.no_mount] if opts.contain else []
@@ -113,7 +117,8 @@ class BwrapCommand:
             self.private.append(self.home)
         given = [b for spec in opts.binds for b in parse_bind(spec)]
         given += [parse_mount(spec) for spec in opts.mounts]
-        self.bind_dests = [b.dst for b in given]  # (APPTAINER_BIND inside: repeats too, as there)
+        # (APPTAINER_BIND inside: as written, repeats too, as there)
+        self.bind_dests = [b.given or b.dst for b in given]
         self.env: dict[str, str] = {}  # (a probe does not read an --env-file twice)
         if not probe:
             from hpcsif.engine.environment import build_env, host_environ
@@ -126,7 +131,7 @@ class BwrapCommand:
                 env=opts.env,
                 env_files=opts.env_files,
                 image=str(image),
-                home=self.home,
+                home=home_env,
                 app=opts.app,
                 pass_prefixes=contrib.pass_prefixes,
                 extra={**contrib.env, **_shell_env(opts.shell)},
@@ -232,7 +237,10 @@ class BwrapCommand:
         self._drop_unreachable()
         self._check_user_binds(covers)
         self._host_underlays(covers)
-        workdir = opts.pwd or (self.cwd if self.cwd and not opts.contain else self.home)
+        # (--pwd /tmp/ is /tmp, as Apptainer's filepath.Clean makes it)
+        workdir = (opts.pwd and os.path.normpath(opts.pwd)) or (
+            self.cwd if self.cwd and not opts.contain else self.home
+        )
         if opts.pwd and (reason := self._cannot_enter(opts.pwd)):
             raise EngineError(f"failed to set working directory: chdir {opts.pwd}: {reason}")
         reason = None if opts.pwd else self._cannot_enter(workdir)

@@ -243,3 +243,13 @@ def test_contain_home_inside_a_read_only_bind_of_home(run, images: Images, pub_t
     assert (res.returncode, res.stderr) == (0, ""), res.stderr
     assert res.stdout.startswith(f"{home} wrote\n") and "other" in res.stdout.split()
     assert [p.name for p in homes.iterdir()] == ["other"]
+
+
+def test_paths_as_written(as_root, images: Images, pub_tmp: Path) -> None:
+    """$HOME keeps a trailing / of --home and APPTAINER_BIND the -B/--mount destinations as
+    written, while --pwd /tmp/ is /tmp, as in Apptainer (hpcsif cleaned the first two and kept
+    the slash of the last)."""
+    show = ["sh", "-c", 'echo "$HOME|$APPTAINER_BIND|$(pwd)"']
+    binds = ["-B", f"{pub_tmp}:/mnt/x/", "--mount", f"type=bind,src={pub_tmp},dst=/mnt/../mnt/y"]
+    res = as_root("exec", "--home", f"{pub_tmp}:/data/h/", *binds, "--pwd", "/tmp/", str(images.sif), *show)
+    assert (res.returncode, res.stderr, res.stdout) == (0, "", "/data/h/|/mnt/x/,/mnt/../mnt/y|/tmp\n")
