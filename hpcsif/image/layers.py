@@ -570,7 +570,11 @@ class _Merger:
                 target = base[len(WHITEOUT_PREFIX) :]
                 if target in ("", ".", ".."):
                     raise LayerError(f"layer {lay.label}: invalid whiteout {ti.name!r}")
-                lay.whiteouts.add(posixpath.join(parent, target))
+                path = posixpath.join(parent, target)
+                if path in lay.parents:  # it keeps what the layer wrote below it, and so itself
+                    lay.opaque.add(path)
+                else:
+                    lay.whiteouts.add(path)
             return
         kind = member_kind(ti)
         if kind == "unknown":  # as Apptainer (umoci) does: never guess what such an entry is

@@ -321,3 +321,16 @@ def test_a_well_formed_docker_manifest_builds(tmp_path: Path) -> None:
     archive = _docker_archive(tmp_path, lambda e: [e])
     p = subprocess.run(["hpcsif", "build", str(tmp_path / "x.sif"), f"docker-archive:{archive}"], timeout=120)
     assert p.returncode == 0
+
+
+def test_a_whiteout_after_entries_below_its_name_keeps_the_directory(tmp_path: Path) -> None:
+    """Apptainer's extraction (umoci) removes only what the layer has not written: the
+    directory it wrote into stays, with its owner and mode, and loses its lower children
+    (hpcsif made a new root-owned directory)."""
+    lower = layer(tmp_path, [d("a", 0o1777, uid=3), file("a/old", "o"), d("b", uid=4)])
+    upper = layer(tmp_path, [file("a/new", "n"), whiteout("a"), whiteout("b"), file("b/new", "n")])
+    ours, theirs = _listings(tmp_path, [lower, upper])
+    assert ours["/a"].startswith("3/0 ") and "/a/old" not in ours and "/a/new" in ours
+    assert ours["/b"].startswith("0/0 ")  # removed first, then made anew
+    if theirs is not None:
+        assert {p: v.split()[0] for p, v in ours.items()} == {p: v.split()[0] for p, v in theirs.items()}
