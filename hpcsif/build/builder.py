@@ -758,10 +758,13 @@ def _script(sec: Section, where: str, shebang: bool = False) -> str:
     ``-c /bin/bash`` gives ``#!/bin/bash`` (Apptainer 1.4 writes ``#!/bin/sh -c /bin/bash``,
     which no shell runs). With ``shebang`` (``%runscript``, ``%startscript`` and ``%test``, not
     the apps' sections, as in Apptainer) a first line ``#!INTERPRETER`` is the script's own, the
-    section's arguments added (``%runscript -x`` over ``#!/bin/bash``: ``#!/bin/bash -x``).
+    section's arguments added (``%runscript -x`` over ``#!/bin/bash``: ``#!/bin/bash -x``); with
+    ``-c SHELL`` that line goes, as Apptainer leaves it out, and ``SHELL`` runs the script.
     """
     first, _, rest = sec.body.partition("\n")
-    if shebang and first.strip().startswith("#!") and sec.args.split()[:1] != ["-c"]:
+    if shebang and first.strip().startswith("#!"):
+        if sec.args.split()[:1] == ["-c"]:
+            return f"#!{' '.join(sec.interpreter(where))}\n\n{rest}\n"
         return f"{first.strip()}{' ' + sec.args if sec.args else ''}\n\n{rest}\n"
     return f"#!{' '.join(sec.interpreter(where))}\n\n{sec.body}\n"
 

@@ -224,3 +224,13 @@ def test_run_of_an_app_the_image_lacks(base: Path, tmp_path: Path) -> None:
     assert (out / ".singularity.d/env/94-appsbase.sh").read_text() == ""
     proc = run_cli("run", "--app", "nope", str(out), check=False)
     assert (proc.returncode, proc.stdout) == (1, "Could not locate the container application: nope\n")
+
+
+def test_shebang_line_goes_when_the_section_names_its_shell(base: Path, tmp_path: Path) -> None:
+    """``%runscript -c SHELL`` over a body whose first line is ``#!…``: Apptainer leaves that
+    line out of the script (hpcsif kept it under its own ``#!SHELL``)."""
+    body = "#!/bin/busybox sh\n    echo run\n"
+    text = f"Bootstrap: localimage\nFrom: {base}\n%runscript -c /bin/sh\n{body}%startscript -x\n{body}"
+    out = build(tmp_path, text)
+    assert (out / ".singularity.d/runscript").read_text() == "#!/bin/sh\n\n    echo run\n\n"
+    assert (out / ".singularity.d/startscript").read_text() == "#!/bin/busybox sh -x\n\n    echo run\n\n"
