@@ -370,7 +370,8 @@ class _StageBuilder:
                 if bare_filesystem(src):  # a squashfs or ext3 file: Apptainer verifies only a SIF
                     self.options.say("Extracting local image...")
                     return found
-                self.options.say(f"Verifying bootstrap image {src}")
+                if Path(src).is_file():  # Apptainer verifies no sandbox
+                    self.options.say(f"Verifying bootstrap image {src}")
                 if Path(src).is_file() and "fingerprints" not in stage.header:
                     from hpcsif.signing.verify import warn_unverified_base
 

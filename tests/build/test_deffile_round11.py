@@ -234,3 +234,16 @@ def test_shebang_line_goes_when_the_section_names_its_shell(base: Path, tmp_path
     out = build(tmp_path, text)
     assert (out / ".singularity.d/runscript").read_text() == "#!/bin/sh\n\n    echo run\n\n"
     assert (out / ".singularity.d/startscript").read_text() == "#!/bin/busybox sh -x\n\n    echo run\n\n"
+
+
+def test_a_sandbox_base_is_not_verified(base: Path, tmp_path: Path) -> None:
+    """``Bootstrap: localimage`` from a sandbox directory: Apptainer says nothing of verifying it."""
+    sandbox = build(tmp_path, f"Bootstrap: localimage\nFrom: {base}\n")
+    (tmp_path / "s.def").write_text(f"Bootstrap: localimage\nFrom: {sandbox}\n")
+    proc = run_cli("build", "--sandbox", "out2", "s.def", cwd=tmp_path, timeout=120)
+    assert [line for line in proc.stderr.splitlines() if line.startswith(("INFO", "WARNING"))] == [
+        "INFO:    Starting build...",
+        "INFO:    Extracting local image...",
+        "INFO:    Creating sandbox directory...",
+        "INFO:    Build complete: out2",
+    ]
