@@ -825,8 +825,8 @@ class _Merger:
         if target.startswith(name + "/"):  # extraction removes what is at name, target and all
             raise LayerError(f"layer {lay.label}: hard link {name!r} points at missing file {target!r}")
         error = f"layer {lay.label}: hard link {name!r} points at directory {target!r}"
-        if name.startswith(target + "/"):  # its directory is the target, or replaced it
-            raise LayerError(error)
+        if name.startswith(target + "/"):  # its directory is the target, or replaced it …
+            self.deferred.append(error)  # … unless a lower symlink there takes the link elsewhere
         seen = lay.state.get(target)
         if isinstance(seen, str):  # a hard link of the layer: the same file as its target
             target = seen

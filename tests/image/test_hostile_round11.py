@@ -334,3 +334,12 @@ def test_a_whiteout_after_entries_below_its_name_keeps_the_directory(tmp_path: P
     assert ours["/b"].startswith("0/0 ")  # removed first, then made anew
     if theirs is not None:
         assert {p: v.split()[0] for p, v in ours.items()} == {p: v.split()[0] for p, v in theirs.items()}
+
+
+def test_hard_link_below_a_lower_symlink_to_that_symlink(tmp_path: Path) -> None:
+    """``a -> s`` below; ``a/x/z`` hard-linked to ``a`` lies in ``s/x`` and is the symlink ``a``
+    (hpcsif failed at once: 'points at directory', as it must where ``a`` is a directory)."""
+    lower = layer(tmp_path, [E("a", "sym", target="s", mode=0o777), d("s")])
+    upper = layer(tmp_path, [E("a/x/z", "link", target="a")], "zstd")
+    tree = _build_and_compare(tmp_path, [lower, upper], implied=True)
+    assert tree["/s/x/z"] == tree["/a"] == "lrwxrwxrwx s"
