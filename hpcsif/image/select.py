@@ -153,7 +153,8 @@ def load_image(
             # a FIFO or device has no size to compare; its digest is still checked while streaming
             actual = st.st_size if stat.S_ISREG(st.st_mode) else layer.size
         else:
-            raise NotFoundError(f"{source}: layer {layer.digest} is missing from {store.root}")
+            # (the source names the archive or layout: the store may be the cache it went to)
+            raise NotFoundError(f"{source}: layer {layer.digest} is missing")
         if actual != layer.size:  # a lying size field; Apptainer refuses it too
             raise IntegrityError(f"{source}: layer {layer.digest} has {actual} bytes, not {layer.size}")
     return Image(

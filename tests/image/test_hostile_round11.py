@@ -21,7 +21,14 @@ import pytest
 
 from hpcsif.sif.reader import SIFImage
 from tests.image.tarbuild import E, blob, d, file, layer, sha, tar_bytes, whiteout
-from tests.image.test_hostile_cli import _NOT_COMPARED, APPTAINER, PEER_NO_CACHE, _archive, _build_and_compare
+from tests.image.test_hostile_cli import (
+    _NOT_COMPARED,
+    APPTAINER,
+    PEER_NO_CACHE,
+    _archive,
+    _build_and_compare,
+    _hpcsif_build,
+)
 from tests.image.test_hostile_round9 import _both_refuse
 
 
@@ -343,3 +350,23 @@ def test_hard_link_below_a_lower_symlink_to_that_symlink(tmp_path: Path) -> None
     upper = layer(tmp_path, [E("a/x/z", "link", target="a")], "zstd")
     tree = _build_and_compare(tmp_path, [lower, upper], implied=True)
     assert tree["/s/x/z"] == tree["/a"] == "lrwxrwxrwx s"
+
+
+def test_an_archive_without_a_layer_blob_names_the_archive(tmp_path: Path) -> None:
+    """The message named hpcsif's cache ('is missing from ~/.cache/hpcsif/oci'), where the
+    archive's blobs had gone, as if the cache were broken."""
+    lay = layer(tmp_path, [file("a", "A")])
+    archive = _archive(tmp_path, [lay])
+    with tarfile.open(archive) as src:
+        members = [(m, src.extractfile(m).read() if m.isfile() else None) for m in src.getmembers()]
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(broken, "w") as out:
+        for member, data in members:
+            if not member.name.endswith(lay.digest.split(":")[1]):
+                out.addfile(member, io.BytesIO(data) if data is not None else None)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    p = _hpcsif_build(out_dir / "x.sif", broken)
+    fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
+    assert p.returncode != 0 and len(fatal) == 1 and list(out_dir.iterdir()) == [], p.stderr
+    assert fatal[0].endswith(f"{broken}: layer {lay.digest} is missing"), fatal[0]
