@@ -8,11 +8,14 @@ directories with private empty ones and drops the current directory.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 from hpcsif.errors import EngineError, UsageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -200,10 +203,16 @@ def check_sources(binds: list[Bind]) -> list[Bind]:
     """Binds whose source exists; a missing required source raises :class:`EngineError`."""
     kept = []
     for b in binds:
-        if os.path.exists(b.src):
-            kept.append(b)
-        elif not b.optional:
-            raise mount_failure(b.src, b.dst, f"mount source {b.src} doesn't exist")
+        try:
+            os.stat(b.src)
+        except OSError as exc:
+            if not b.optional:
+                # (Apptainer's warning, in Go's words for the error, then its FATAL line)
+                why = (exc.strerror or str(exc)).lower()
+                log.warning("skipping mount of %s: stat %s: %s", b.src, b.src, why)
+                raise mount_failure(b.src, b.dst, f"mount source {b.src} doesn't exist") from None
+            continue
+        kept.append(b)
     return kept
 
 

@@ -342,8 +342,15 @@ def parse_env_file(path: str) -> dict[str, str]:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as exc:
-        why = "is a directory" if os.path.isdir(path) else (exc.strerror or str(exc)).lower()
-        raise EngineError(f'could not read environment file "{given}": {why}') from None
+        # (Apptainer's words: Go's open or read error, the path as given)
+        if os.path.isdir(path):
+            why = f"read {given}: is a directory"
+        else:
+            why = f"open {given}: " + (exc.strerror or str(exc)).lower()
+        raise EngineError(
+            f"while setting environment: while processing {given}: "
+            f'could not read environment file "{given}": {why}'
+        ) from None
     marker = b"\0__HPCSIF_ENV_FILE__\0"
     # (eval of the text and then `:`, where `. FILE` would fail on the last line's status; env
     # by its full path, which neither the file's PATH nor its `set --` changes)
