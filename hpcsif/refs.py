@@ -114,13 +114,13 @@ def _split_tag_digest(text: str, raw: str) -> tuple[str, str | None, str | None]
     digest = None
     if "@" in text:
         text, digest = text.split("@", 1)
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise ReferenceError(f"invalid digest {digest!r} in {raw!r}")
     tag = None
     last = text.rsplit("/", 1)[-1]
     if ":" in last:
         text, tag = text.rsplit(":", 1)
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise ReferenceError(f"invalid tag {tag!r} in {raw!r}")
     return text, tag, digest
 
@@ -145,8 +145,8 @@ def parse_docker_name(
     if registry == DOCKER_HUB and len(parts) == 1:
         parts = ["library", *parts]
     for comp in parts:
-        if not _COMPONENT.match(comp):
-            why = " (repository names must be lowercase)" if _COMPONENT.match(comp.lower()) else ""
+        if not _COMPONENT.fullmatch(comp):
+            why = " (repository names must be lowercase)" if _COMPONENT.fullmatch(comp.lower()) else ""
             raise ReferenceError(f"invalid repository name component {comp!r} in {raw!r}{why}")
     if len(name) > MAX_NAME:
         raise ReferenceError(
@@ -160,7 +160,7 @@ def parse_docker_name(
 
 
 def _valid_registry(registry: str) -> bool:
-    match = _DOMAIN.match(registry)
+    match = _DOMAIN.fullmatch(registry)
     if not match:
         return False
     ipv6, port = match.groups()

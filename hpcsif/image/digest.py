@@ -15,7 +15,7 @@ CHUNK = 1 << 20
 
 def check_digest(digest: str) -> str:
     """Return ``digest`` if it is a well-formed ``sha256:<64 hex>``, else raise IntegrityError."""
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
         raise IntegrityError(f"invalid or unsupported digest {digest!r} (expected sha256:<64 hex digits>)")
     return digest
 

@@ -264,7 +264,7 @@ class Keyring:
         return key
 
     def _free_name(self, name: str) -> str:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise UsageError(f"invalid key name {name!r} (letters, digits and ._@+- only)")
         if (self.root / f"{name}.pub").exists() or (self.root / f"{name}.key").exists():
             raise SignatureError(f"a key named {name!r} already exists in {self.root}")

@@ -252,7 +252,7 @@ def trusted_keys(config: Config) -> list[KeyInfo]:
     entries = config.get("cache.trusted_keys") or []
     if isinstance(entries, str):
         entries = [entries]
-    fingerprints = [e for e in entries if _FINGERPRINT.match(e)]
+    fingerprints = [e for e in entries if _FINGERPRINT.fullmatch(e)]
     paths = [e for e in entries if e not in fingerprints]
     try:
         keys = keys_from_paths(paths)

@@ -78,7 +78,7 @@ class ArchiveContents:
         """Spans of members named ``blobs/sha256/<hex>``, by digest."""
         out = {}
         for name, span in self.spans.items():
-            m = _BLOB_NAME.match(name)
+            m = _BLOB_NAME.fullmatch(name)
             if m:
                 out[f"sha256:{m.group(1)}"] = span
         return out
@@ -220,7 +220,7 @@ def _ingest_member(
     name = member_name(member.name)
     src = tar.extractfile(member)
     assert src is not None  # regular files always have data
-    m = _BLOB_NAME.match(name)
+    m = _BLOB_NAME.fullmatch(name)
     expected = f"sha256:{m.group(1)}" if m else None
     if member.size <= _SMALL:
         data = src.read()
@@ -242,7 +242,7 @@ def _ingest_member(
 
 def _keep_small(out: ArchiveContents, store: OCIStore, name: str, data: bytes) -> None:
     """Put a small member in the store (verified when named by its digest); keep a top document."""
-    m = _BLOB_NAME.match(name)
+    m = _BLOB_NAME.fullmatch(name)
     expected = f"sha256:{m.group(1)}" if m else None
     if name in _TOP_DOCUMENTS:
         out.documents[name] = data

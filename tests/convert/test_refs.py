@@ -89,3 +89,23 @@ def test_local_paths(tmp_path) -> None:
 def test_bad_references(text: str, message: str) -> None:
     with pytest.raises(ReferenceError, match=message):
         parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("docker://127.0.0.1:1/app:tag\n", "invalid tag"),
+        ("docker://127.0.0.1:1/app\n", "invalid repository name component"),
+        ("docker://127.0.0.1:1/app@sha256:" + "a" * 64 + "\n", "invalid digest"),
+        ("docker://127.0.0.1:1\n/app", "invalid registry"),
+    ],
+)
+def test_a_trailing_newline_is_no_part_of_a_name(text: str, message: str) -> None:
+    """A name ending in a newline is refused in one line before anything is fetched (a regular
+    expression's ``$`` matched before it, and the pull went on with the newline in its URLs)."""
+    from tests.conftest import run_cli
+
+    res = run_cli("pull", "/nonexistent-dir/x.sif", text, check=False)
+    assert res.returncode != 0
+    assert res.stderr.startswith("FATAL:   ") and message in res.stderr, res.stderr
+    assert "cannot reach" not in res.stderr
