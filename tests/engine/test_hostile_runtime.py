@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import error_lines
-from tests.engine.conftest import Images, build_rootfs, hpcsif_cmd, left_behind, make_sif
+from tests.engine.conftest import Images, build_rootfs, catch_child, hpcsif_cmd, left_behind, make_sif
 
 pytestmark = pytest.mark.slow
 
@@ -257,7 +257,11 @@ def test_concurrent_hostile_launches_leave_nothing_behind(hostile, host_dir: Pat
         )
         for i in range(24)
     ]
-    time.sleep(3)
+    # (each stuck one's bwrap is up, so its CLI handles SIGTERM: under load a fixed wait was too
+    # short, and a SIGTERM that came before Python's handler killed it with -15)
+    for p in procs[::2]:
+        assert catch_child(p.pid, "bwrap", stop=False), "a container never started"
+    time.sleep(0.5)
     for p in procs[::2]:  # the ones stuck in their image's env script: SIGTERM still ends them
         p.send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=60) for p in procs]
