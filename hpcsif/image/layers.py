@@ -577,18 +577,7 @@ class _Merger:
                     lay.whiteouts.add(path)
             return
         kind = member_kind(ti)
-        if kind == "unknown":  # as Apptainer (umoci) does: never guess what such an entry is
-            raise LayerError(f"layer {lay.label}: entry {ti.name!r} has an unknown type flag {ti.type!r}")
-        if (
-            kind == "sym"
-            and len(ti.linkname) >= PATH_MAX // 4
-            and len(ti.linkname.encode("utf-8", "surrogateescape")) >= PATH_MAX
-        ):
-            # symlink(2) refuses it (Apptainer fails there too); squashfuse reads it as an I/O error
-            longest = PATH_MAX - 1
-            raise LayerError(
-                f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
-            )
+        _check_extractable(lay, ti, kind)
         lay.note(name, kind == "dir")
         text = self._symlink_text(lay, ti, kind)
         if text is not None:
@@ -1029,6 +1018,7 @@ class _Merger:
                         else:
                             lay.note(name, ti.isdir())
                             kind = member_kind(ti)
+                            _check_extractable(lay, ti, kind)
                             lay.track_symlink(name, kind, self._symlink_text(lay, ti, kind))
                         if not ti.isdir():  # a directory that replaces it later starts empty
                             lay.replaced_nondirs.add(name)
@@ -1063,6 +1053,23 @@ class _Merger:
         self.end_layer(lay)
         if lay.rereads:
             self.reread(lay)
+
+
+def _check_extractable(lay: _Layer, ti: tarfile.TarInfo, kind: str) -> None:
+    """Fail where Apptainer's extraction (umoci) fails on member ``ti`` of ``lay`` itself, even
+    if a later member replaces it."""
+    if kind == "unknown":  # as Apptainer (umoci) does: never guess what such an entry is
+        raise LayerError(f"layer {lay.label}: entry {ti.name!r} has an unknown type flag {ti.type!r}")
+    if (
+        kind == "sym"
+        and len(ti.linkname) >= PATH_MAX // 4
+        and len(ti.linkname.encode("utf-8", "surrogateescape")) >= PATH_MAX
+    ):
+        # symlink(2) refuses it (Apptainer fails there too); squashfuse reads it as an I/O error
+        longest = PATH_MAX - 1
+        raise LayerError(
+            f"layer {lay.label}: symbolic link {ti.name!r:.200} has a target over {longest} bytes"
+        )
 
 
 def _extra_layer(merger: _Merger, extra: Sequence[ExtraFile], level: int) -> None:

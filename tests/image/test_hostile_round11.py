@@ -362,3 +362,19 @@ def test_an_archive_without_a_layer_blob_names_the_archive(tmp_path: Path) -> No
     fatal = [ln for ln in p.stderr.splitlines() if ln.startswith("FATAL:")]
     assert p.returncode != 0 and len(fatal) == 1 and list(out_dir.iterdir()) == [], p.stderr
     assert fatal[0].endswith(f"{broken}: layer {lay.digest} is missing"), fatal[0]
+
+
+@pytest.mark.parametrize("kind", ["unknown-type", "long-symlink"])
+def test_a_member_apptainer_cannot_extract_fails_even_if_replaced(tmp_path: Path, kind: str) -> None:
+    """Apptainer extracts member after member and fails at this one; hpcsif skipped it where
+    a later member of the layer has its name and the layer was read twice (``a`` written twice
+    made the second pass)."""
+    bad = tarfile.TarInfo("s")
+    if kind == "unknown-type":
+        bad.type = b"Z"
+        words, theirs = "has an unknown type flag b'Z'", "unknown typeflag"
+    else:
+        bad.type, bad.linkname = tarfile.SYMTYPE, "q" * 4096
+        words, theirs = "has a target over 4095 bytes", "symlink"
+    entries = [file("a", "1"), file("a", "2"), bad, file("s", "S")]
+    _both_refuse(tmp_path, _archive(tmp_path, [layer(tmp_path, entries)]), [words], theirs)
