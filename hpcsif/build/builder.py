@@ -330,7 +330,9 @@ class _StageBuilder:
         self.post_labels: dict[str, str] = {}  # written by %post to $APPTAINER_LABELS
 
     def build(self, update: Path | None = None) -> _Built:
-        """Bootstrap (or, with ``update``, copy that existing sandbox), then run the sections."""
+        """``%pre``, bootstrap (or, with ``update``, copy that existing sandbox), then the sections."""
+        if self.options.runs("pre"):
+            self.pre()
         if update is not None:
             self.options.say(f"Building into existing container: {os.path.abspath(update)}")
             oci_config, arch = self._local_image(update, self.stage.line)
@@ -502,12 +504,30 @@ class _StageBuilder:
 
     # -- host side: %setup and %files ------------------------------------------------------------
 
+    def pre(self) -> None:
+        """Run ``%pre`` on the host before the bootstrap, as Apptainer 1.4 still does: as
+        ``%setup``, with ``$APPTAINER_ROOTFS`` naming the tree, still empty then."""
+        sec = self.stage.sections.get("pre")
+        if sec is None or not sec.body:
+            return
+        self.root.mkdir()
+        self.host_script(sec)
+        try:
+            self.root.rmdir()  # the bootstrap makes the tree anew
+        except OSError:
+            raise BuildError(
+                f"{self.where}:{sec.line}: %pre wrote into $APPTAINER_ROOTFS, which only the bootstrap fills"
+            ) from None
+
     def setup(self) -> None:
         """Run ``%setup`` on the host with ``$APPTAINER_ROOTFS`` set to the tree."""
         sec = self.stage.sections.get("setup")
-        if sec is None or not sec.body:  # blank lines are a body: Apptainer runs them
-            return
-        self.options.say("Running setup scriptlet")
+        if sec is not None and sec.body:  # blank lines are a body: Apptainer runs them
+            self.host_script(sec)
+
+    def host_script(self, sec: Section) -> None:
+        """Run ``%pre`` or ``%setup`` on the host (``/bin/sh -e -x``, umask 0002)."""
+        self.options.say(f"Running {sec.name} scriptlet")
         with tempfile.NamedTemporaryFile(suffix=".sh", dir=self.root.parent, delete=False) as f:
             f.write(md.raw(sec.body))
         env = {**os.environ, "APPTAINER_ROOTFS": str(self.root), "SINGULARITY_ROOTFS": str(self.root)}
@@ -517,7 +537,7 @@ class _StageBuilder:
         finally:
             os.unlink(f.name)
         if rc.returncode != 0:
-            raise BuildError(f"{self.where}:{sec.line}: %setup failed with exit status {rc.returncode}")
+            raise BuildError(f"{self.where}:{sec.line}: %{sec.name} failed with exit status {rc.returncode}")
 
     def copy_files(self, from_stage: bool) -> None:
         """Copy the ``%files from STAGE`` blocks' sources, or (``from_stage`` False) the host's."""

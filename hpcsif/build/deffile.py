@@ -62,6 +62,7 @@ HEADER_KEYS = {
     "fingerprints",
 }
 SECTIONS = (
+    "pre",  # run on the host before the bootstrap: Apptainer 1.4 still runs it
     "help",
     "setup",
     "files",
@@ -499,8 +500,6 @@ def _add_section(stage: Stage, name: str, args: str, body: str, line: int, where
         app.sections[key] = Section(name, " ".join(words[1:]), body, line)
         return
     if name not in SECTIONS:
-        if name == "pre":
-            raise DefinitionError(f"{where}:{line}: %pre is not supported (Apptainer dropped it); use %setup")
         raise DefinitionError(f"{where}:{line}: invalid section(s) specified: {name}")
     stage.sections[name] = Section(name, args, body, line)
 

@@ -147,7 +147,6 @@ Stage: final
         ("hello\nBootstrap: docker\nFrom: a\n", 1, "comes before the 'Bootstrap:' header"),
         ("Bootstrap: docker\nFrom: a\n%apprun\n  x\n", 3, "%apprun needs an app name"),
         ("Bootstrap: docker\nFrom: a\n%files from nowhere\n  /a /b\n", 4, "no earlier stage named 'nowhere'"),
-        ("Bootstrap: docker\nFrom: a\n%pre\n  x\n", 3, "%pre is not supported"),
         ("Bootstrap: docker\nFrom: a\n%post\n  echo {{ missing }}\n", 4, "build var missing is not defined"),
         ("Bootstrap: docker\nFrom: a\n%appfiles foo\n  a b c\n", 4, "bad %files line"),
         ("%post\n  true\n", 1, "no bootstrap specification found"),

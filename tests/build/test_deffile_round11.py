@@ -247,3 +247,23 @@ def test_a_sandbox_base_is_not_verified(base: Path, tmp_path: Path) -> None:
         "INFO:    Creating sandbox directory...",
         "INFO:    Build complete: out2",
     ]
+
+
+def test_pre_runs_on_the_host_before_the_bootstrap(base: Path, tmp_path: Path) -> None:
+    """Apptainer 1.4 still runs ``%pre``: on the host, before the bootstrap, as ``%setup``
+    (``/bin/sh -e -x``, ``$APPTAINER_ROOTFS`` naming the still empty tree)."""
+    pre = 'ls -A "$APPTAINER_ROOTFS" > pre-saw; echo $- > pre-flags'
+    text = f"Bootstrap: localimage\nFrom: {base}\n%pre\n    {pre}\n"
+    (tmp_path / "t.def").write_text(text)
+    proc = run_cli("build", "--sandbox", "out", "t.def", cwd=tmp_path, timeout=120)
+    info = [line for line in proc.stderr.splitlines() if line.startswith("INFO")]
+    assert info[:3] == [
+        "INFO:    Starting build...",
+        "INFO:    Running pre scriptlet",
+        f"INFO:    Verifying bootstrap image {base}",
+    ]
+    assert (tmp_path / "pre-saw").read_text() == "" and (tmp_path / "pre-flags").read_text() == "xe\n"
+    (tmp_path / "t.def").write_text(f"Bootstrap: localimage\nFrom: {base}\n%pre\n    exit 3\n")
+    proc = run_cli("build", "--sandbox", "out2", "t.def", cwd=tmp_path, check=False)
+    assert proc.returncode == 255 and not (tmp_path / "out2").exists()
+    assert proc.stderr.strip().splitlines()[-1] == "FATAL:   t.def:3: %pre failed with exit status 3"
