@@ -365,14 +365,45 @@ def _int(flag: str, value: str) -> int:
         raise UsageError(f"--mksquashfs-args {flag} {value!r}: expected a number") from None
 
 
+def _go_quoted(text: str) -> str:
+    """``text`` as Go's ``%q`` shows it (Apptainer's messages): escapes for quotes, controls
+    and bytes that are not UTF-8 (kept as surrogates by ``surrogateescape``)."""
+    named = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch in named:
+            out.append(named[ch])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x80 and not ch.isprintable():
+            out.append(f"\\x{code:02x}")
+        elif not ch.isprintable():
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _not_a_pair(item: str) -> str | None:
+    """Apptainer's complaint about ``item`` as a ``KEY=VALUE`` pair (None: it is one)."""
+    key, sep, _ = item.partition("=")
+    if not sep:
+        return f"{_go_quoted(item)} is not a key=value pair"
+    return None if key.strip() else f"missing key portion in {_go_quoted(item)}"
+
+
 def _build_args(args: argparse.Namespace) -> dict[str, str]:
     """``--build-arg-file`` lines, then ``--build-arg`` values over them (Apptainer's order).
 
-    A file line that is not KEY=VALUE is skipped with Apptainer's warning; a bad ``--build-arg``
-    is an error.
+    A file line that is not KEY=VALUE (blank and comment lines too) is skipped with
+    Apptainer's warning; a bad ``--build-arg`` fails in Apptainer's words. Keys and values
+    are trimmed, as Apptainer trims them.
     """
     from hpcsif.build.deffile import MAX_SIZE
-    from hpcsif.errors import UsageError
+    from hpcsif.errors import DefinitionError, UsageError
 
     build_args = {}
     if args.build_arg_file:
@@ -384,17 +415,17 @@ def _build_args(args: argparse.Namespace) -> dict[str, str]:
         if len(data) > MAX_SIZE:
             raise UsageError(f"--build-arg-file {args.build_arg_file}: larger than {MAX_SIZE >> 20} MiB")
         # bytes that are not UTF-8 reach the scripts unchanged, as the definition file's own do
-        for line in filter(str.strip, data.decode(errors="surrogateescape").split("\n")):
-            key, sep, value = line.partition("=")
-            if not sep or not key.strip():
-                shown = line.encode(errors="surrogateescape").decode(errors="replace")
-                log.warning("Skipping %r in build arg file: expected KEY=VALUE", shown)
+        text = data.decode(errors="surrogateescape")
+        for line in text.removesuffix("\n").split("\n") if text else []:
+            if problem := _not_a_pair(line):
+                log.warning("Skipping %s in build arg file: %s", _go_quoted(line), problem)
                 continue
-            build_args[key.strip()] = value.strip()  # Apptainer trims both
+            key, _, value = line.partition("=")
+            build_args[key.strip()] = value.strip()
     for item in args.build_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--build-arg {item!r}: expected KEY=VALUE")
+        if problem := _not_a_pair(item):
+            raise DefinitionError(f"While processing the definition file: {problem}")
+        key, _, value = item.partition("=")
         build_args[key.strip()] = value.strip()
     return build_args
 

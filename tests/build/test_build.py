@@ -304,7 +304,8 @@ def test_arguments_and_build_arg(busybox_image: TestImage, tmp_path: Path) -> No
     run_cli("build", "--build-arg", "greeting=bonjour", str(tmp_path / "b.sif"), str(deffile))
     assert run_cli("run", str(tmp_path / "b.sif")).stdout == "bonjour\n"
     proc = run_cli("build", "--build-arg", "oops", str(tmp_path / "c.sif"), str(deffile), check=False)
-    assert proc.returncode == 2 and "expected KEY=VALUE" in proc.stderr
+    assert proc.returncode == 255
+    assert 'FATAL:   While processing the definition file: "oops" is not a key=value pair' in proc.stderr
 
 
 def test_failing_test_leaves_no_image(busybox_image: TestImage, tmp_path: Path) -> None:

@@ -138,7 +138,10 @@ def test_build_arg_file_not_utf8(base: Path, tmp_path: Path) -> None:
     args.write_bytes(b"\x00\xff\nX=v\xe9\n")
     sif = tmp_path / "args.sif"
     proc = run_cli("build", "--build-arg-file", str(args), str(sif), str(deffile))
-    assert "WARNING: Skipping '\\x00\ufffd' in build arg file" in proc.stderr
+    assert (
+        'WARNING: Skipping "\\x00\\xff" in build arg file: "\\x00\\xff" is not a key=value pair'
+        in proc.stderr
+    )
     assert "a: v\ufffd\n" in run_cli("inspect", "-l", str(sif)).stdout
     cmd = [sys.executable, "-m", "hpcsif.cli.main", "run", str(sif)]
     assert subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout == b"v\xe9\n"

@@ -77,7 +77,7 @@ def test_build_sandbox_binds_args_tmpfs_update_section(busybox_image: TestImage,
     proc = run_cli(*base, "-s", str(box), str(deffile), check=False)
     assert proc.returncode != 0 and "%test failed" in proc.stderr and not box.exists()
     proc = run_cli(*base, "-f", "--userns", "--writable-tmpfs", "-s", str(box), str(deffile))
-    assert "Skipping 'not a pair' in build arg file" in proc.stderr
+    assert 'Skipping "not a pair" in build arg file: "not a pair" is not a key=value pair' in proc.stderr
     assert (box / "opt/fromhost.txt").read_text() == "from the host\n"
     assert (box / "opt/a.txt").read_text() == "from-file\n"
     # neither the bind's mount point nor what %test wrote is left in the image
