@@ -80,29 +80,6 @@ SCIF_APPLIB_{var}=/scif/apps/{name}/lib
 
 export SCIF_APPDATA_{var} SCIF_APPMETA_{var} SCIF_APPROOT_{var} SCIF_APPBIN_{var} SCIF_APPLIB_{var}
 """
-# sourced by every action: with --app NAME, put the app's bin/lib first and source its env
-APPS_ACTIVE_ENV = """#!/bin/sh
-# the environment of the app chosen with --app (APPTAINER_APPNAME / SINGULARITY_APPNAME)
-_hpcsif_app="${APPTAINER_APPNAME:-${SINGULARITY_APPNAME:-}}"
-if [ -n "$_hpcsif_app" ]; then
-    if [ ! -d "/scif/apps/$_hpcsif_app" ]; then
-        # Apptainer's words, and on standard output as Apptainer prints them
-        echo "Could not locate the container application: $_hpcsif_app"
-        exit 1
-    fi
-    SCIF_APPS=/scif/apps
-    SCIF_APPROOT="/scif/apps/$_hpcsif_app"
-    PATH="/scif/apps/$_hpcsif_app/bin:/scif/apps/$_hpcsif_app:$PATH"
-    LD_LIBRARY_PATH="/scif/apps/$_hpcsif_app/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export SCIF_APPS SCIF_APPROOT PATH LD_LIBRARY_PATH
-    for _hpcsif_env in "/scif/apps/$_hpcsif_app/scif/env/01-base.sh" \\
-        "/scif/apps/$_hpcsif_app/scif/env/90-environment.sh"; do
-        if [ -f "$_hpcsif_env" ]; then . "$_hpcsif_env"; fi
-    done
-    unset _hpcsif_env
-fi
-unset _hpcsif_app
-"""
 APP_INSTALL = """
 cd /
 . {root}/scif/env/01-base.sh
@@ -622,7 +599,7 @@ class _StageBuilder:
         an app the image lacks says so in Apptainer's words; a base image's are kept.
         """
         if not self.stage.apps:
-            for name, text in (("94-appsbase.sh", ""), ("95-apps.sh", APPS_ACTIVE_ENV)):
+            for name, text in (("94-appsbase.sh", ""), ("95-apps.sh", md.APPS_ACTIVE_ENV)):
                 if not os.path.lexists(resolve_inside(self.root, f"{SD}/env/{name}")):
                     self._write(f"{SD}/env/{name}", text, 0o755)
             return
@@ -631,7 +608,7 @@ class _StageBuilder:
             log.info("Adding app %s", app.name)
             global_env.append(self._make_app(app))
         self._write(f"{SD}/env/94-appsbase.sh", "".join(global_env), 0o755)
-        self._write(f"{SD}/env/95-apps.sh", APPS_ACTIVE_ENV, 0o755)
+        self._write(f"{SD}/env/95-apps.sh", md.APPS_ACTIVE_ENV, 0o755)
 
     def _make_app(self, app: App) -> str:
         base, meta = f"/scif/apps/{app.name}", f"/scif/apps/{app.name}/scif"
