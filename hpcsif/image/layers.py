@@ -287,7 +287,8 @@ class _Repeats(NamedTuple):
     kept: dict[int, str] = {}
     absorbed: frozenset[int] = frozenset()
     retarget: dict[int, str] = {}
-    parents: frozenset[int] = frozenset()  # replaced non-directories that a member below replaces
+    # replaced non-directories that a member below replaces -> whether it lies right below
+    parents: dict[int, bool] = {}
 
 
 class _Symlinks(dict[str, str]):
@@ -400,7 +401,7 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
     kept: dict[int, str] = {}
     absorbed: set[int] = set()
     retarget: dict[int, str] = {}
-    parents: set[int] = set()
+    parents: dict[int, bool] = {}
     # walking back: name -> the ordinal of its next occurrence, of its next non-directory
     following: dict[str, int] = {}
     following_nondir: dict[str, int] = {}
@@ -414,9 +415,8 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
             [following.get(name, len(names)), below]
             + [following_nondir[anc] for anc in ancestors(name) if anc in following_nondir]
         )
-        # the directory made for a member right below it (before anything else ends it) takes
-        # its attributes
-        becomes_parent = end == below and posixpath.dirname(names[below][0]) == name
+        # a directory is made for a member below it (before anything else ends it)
+        becomes_parent = end == below
         following[name] = i
         if not is_dir:
             following_nondir[name] = i
@@ -425,15 +425,15 @@ def _scan_repeats(lay: _Layer, through: Callable[[str, _Layer], str | None] | No
                 following_below[anc] = i
         if is_dir or i not in replaced:
             continue
-        if becomes_parent:
-            parents.add(i)
+        if becomes_parent:  # … which takes its attributes if the member lies right below it
+            parents[i] = posixpath.dirname(names[below][0]) == name
         keepers = [j for j in link_ordinals.get(name, ()) if i < j < end and j not in replaced]
         if keepers:
             host = names[keepers[0]][0]
             kept[i] = host
             absorbed.add(keepers[0])
             retarget.update((j, host) for j in keepers[1:])
-    return _Repeats(replaced, kept, frozenset(absorbed), retarget, frozenset(parents))
+    return _Repeats(replaced, kept, frozenset(absorbed), retarget, parents)
 
 
 class _Merger:
@@ -507,8 +507,8 @@ class _Merger:
                 # with a directory (hpcsif refused the layer)
                 held = lay.held.get(anc)
                 self._take_back(lay, anc, False)
-                if held is not None and name.rpartition("/")[0] == anc:
-                    self._directory_from(lay, anc, *held)
+                if held is not None:
+                    self._directory_from(lay, anc, *held, right_below=name.rpartition("/")[0] == anc)
                 lay.state.pop(anc, None)  # a directory now: a hard link to it fails
                 self.claims[anc] = lay.level * 2 + 1
                 lay.opaque.add(anc)  # what the layers below had there went with the non-directory
@@ -693,14 +693,18 @@ class _Merger:
         self._take_back(lay, name, is_dir)
         return None
 
-    def _directory_from(self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str) -> None:
+    def _directory_from(
+        self, lay: _Layer, name: str, ti: tarfile.TarInfo, kind: str, *, right_below: bool = True
+    ) -> None:
         """The directory that entries below non-directory ``ti`` of layer ``lay`` (its own later
         ones, or an upper layer's) imply at ``name`` takes the owner, mode and time of ``ti``, as
         in Apptainer: its extraction (umoci) gives the parent of an entry, made in place of a
         file, the attributes that file had (not where the first entry below lies deeper in).
         An upper layer's own directory there keeps its attributes."""
         if kind in ("reg", "fifo", "dev") and self.dirs.get(name, (lay.level,))[0] == lay.level:
-            self.dirs[name] = (lay.level, ti)  # not a directory entry (see _link_target)
+            # not a directory entry (see _link_target); else a new directory: the attributes of
+            # the lower directories there went with the file
+            self.dirs[name] = (lay.level, ti if right_below else _ROOT_DEFAULT)
 
     def _lend(self, lay: _Layer, name: str, parent: str) -> None:
         """Settle the non-directories of ``lay.lent`` that entry ``name`` of their layer lies
@@ -708,8 +712,8 @@ class _Merger:
         their own layer)."""
         for anc in ancestors(name):
             lent = lay.lent.pop(anc, None)
-            if lent is not None and anc == parent:
-                self._directory_from(lay, anc, *lent)
+            if lent is not None:
+                self._directory_from(lay, anc, *lent, right_below=anc == parent)
 
     def _take_back(self, lay: _Layer, name: str, is_dir: bool) -> None:
         """Withdraw entry ``name`` of layer ``lay``, which a later entry of the layer replaces
@@ -925,8 +929,7 @@ class _Merger:
         for name, (ti, kind) in lay.held.items():
             self.sink.emit(name, ti, kind, None, lay.label)
         for name, (ti, kind) in lay.lent.items():  # no later entry of the layer below it
-            if name not in self.deep_first:
-                self._directory_from(lay, name, ti, kind)
+            self._directory_from(lay, name, ti, kind, right_below=name not in self.deep_first)
         self.links += lay.links.items()
         self.hidden |= lay.whiteouts
         self.opaque |= lay.opaque
@@ -1024,7 +1027,8 @@ class _Merger:
                             lay.replaced_nondirs.add(name)
                             lay.skipped_live.add(name)
                             if ordinal in lay.repeats.parents:
-                                self._directory_from(lay, name, ti, member_kind(ti))
+                                right_below = lay.repeats.parents[ordinal]
+                                self._directory_from(lay, name, ti, member_kind(ti), right_below=right_below)
                         host = lay.repeats.kept.get(ordinal)
                         if host is None:
                             self.stats.skip("duplicate")

@@ -205,6 +205,15 @@ DIRECTORY_FOR_A_FILE = {
     "whiteout-in-its-layer": ([[file("a", "A", uid=5), whiteout("a")], [file("a/y", "y")]], "5/0"),
     # made for an entry deeper below: a new directory, as any parent the layers imply
     "deeper-entry-first": ([[file("a", "A", uid=1000)], [file("a/b/c", "c"), file("a/y", "y")]], "0/0"),
+    # … not the attributes of a directory the file had replaced
+    "deeper-entry-first-over-a-directory": (
+        [[d("a", uid=1000)], [file("a", "A", uid=5)], [file("a/b/c", "c")]],
+        "0/0",
+    ),
+    "deeper-entry-first-in-its-layer": (
+        [[d("a", uid=1000)], [file("a", "A", uid=5), file("a/b/c", "c")]],
+        "0/0",
+    ),
 }
 
 
