@@ -10,25 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpcsif.image.compose import Entry, ImageSpec, layer_tar, write_oci_layout
+from hpcsif.image.compose import Entry, layer_tar, write_oci_layout
 from tests.conftest import run_cli
+from tests.convert.test_oci_config import _Spec
 from tests.services.images import busybox_binary
-
-
-@dataclass
-class _Spec(ImageSpec):
-    runtime: dict[str, Any] | None = None
-
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
-        cfg["config"] = self.runtime
-        return cfg
 
 
 def _sif(tmp_path: Path, runtime: dict[str, Any], layer: bytes | None = None, **top: Any) -> Path:
