@@ -46,12 +46,13 @@ class BwrapEngine(Engine):
         """True when bwrap is installed, and squashfuse or ``unsquashfs`` (a temporary sandbox)."""
         from hpcsif.config import get_config
         from hpcsif.engine.mounts import squashfuse_program
+        from hpcsif.engine.temporary_sandbox import stands_in
         from hpcsif.errors import MissingToolError
 
         try:
             squashfuse_program()
         except MissingToolError:
-            if get_config().get("engine.squashfuse") or not which("unsquashfs"):
+            if not stands_in():
                 return False
         return bool(which(get_config().get("engine.bwrap") or "bwrap"))
 

@@ -21,23 +21,31 @@ from hpcsif.errors import EngineError, MissingToolError
 log = logging.getLogger(__name__)
 
 
+def stands_in() -> bool:
+    """Whether a temporary sandbox may stand in for a missing squashfuse: none was configured
+    (a configured one that is missing stays an error: the admin named it) and ``unsquashfs`` is
+    installed."""
+    from hpcsif.config import get_config
+    from hpcsif.engine.base import which
+
+    return not get_config().get("engine.squashfuse") and bool(which("unsquashfs"))
+
+
 def needed(unsquash: bool, say: Callable[[str], None]) -> bool:
     """Whether to run from a temporary sandbox: asked for, or no squashfuse to mount with.
 
-    A configured ``engine.squashfuse`` that is missing stays an error (the admin named it);
-    with squashfuse and ``unsquashfs`` both missing, the error names squashfuse's package.
+    Where none can stand in (:func:`stands_in`), the missing squashfuse is the error, naming
+    its Debian package.
     """
     if unsquash:
         return True
-    from hpcsif.config import get_config
-    from hpcsif.engine.base import which
     from hpcsif.engine.mounts import squashfuse_program
 
     try:
         squashfuse_program()
         return False
     except MissingToolError:
-        if get_config().get("engine.squashfuse") or not which("unsquashfs"):
+        if not stands_in():
             raise
     say("squashfuse not found, will not be able to mount SIF or other squashfs files")
     return True
